@@ -1,0 +1,271 @@
+"""`EmuDvk`: the `Dvk` interface over a connection to an emulated node kernel (D7).
+
+Programs choose their node with `DVK_SOCKET` (a path) or `DVK_NODE` (a node id, socket
+`<rundir>/node<N>.sock`); with neither, the only node kernel in the run directory is used.
+Each thread gets its own connection (the kernel knows callers by TID), and memory for vcopy and
+proxy payloads comes from shared-memory arenas (`alloc`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+
+from .. import consts as C
+from .. import errors as E
+from ..api import Buffer, Dvk
+from ..info import DcInfo, DvsInfo, NodeInfo, ProcInfo
+from ..wire import Header, Message
+from . import protocol as P
+from .memory import ArenaAllocator
+from .server import default_rundir, socket_path
+
+
+class DvkUnavailable(OSError):
+    """No node kernel answers at the socket this process was pointed to."""
+
+
+def resolve_socket(path: str | None = None, nodeid: int | None = None) -> str:
+    """The node kernel socket for this process (argument, DVK_SOCKET, DVK_NODE, only one)."""
+    if path:
+        return path
+    if nodeid is not None:
+        return socket_path(nodeid)
+    if os.environ.get("DVK_SOCKET"):
+        return os.environ["DVK_SOCKET"]
+    if os.environ.get("DVK_NODE"):
+        return socket_path(int(os.environ["DVK_NODE"]))
+    rundir = default_rundir()
+    try:
+        found = sorted(f for f in os.listdir(rundir)
+                       if f.startswith("node") and f.endswith(".sock"))
+    except FileNotFoundError:
+        found = []
+    if len(found) == 1:
+        return os.path.join(rundir, found[0])
+    if not found:
+        raise DvkUnavailable(f"no DVK node kernel in {rundir} (start one with "
+                             f"'dvsctl node start N', or set DVK_SOCKET / DVK_NODE)")
+    raise DvkUnavailable(f"{len(found)} node kernels in {rundir}: choose one with DVK_NODE "
+                         f"or DVK_SOCKET")
+
+
+class EmuDvk(Dvk):
+    """A process's view of its emulated node kernel."""
+
+    backend = "emu"
+
+    def __init__(self, path: str | None = None, nodeid: int | None = None) -> None:
+        self.path = resolve_socket(path, nodeid)
+        self._pid = os.getpid()
+        self._local = threading.local()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._arena = ArenaAllocator(self._register_arena)
+        self._comm = os.path.basename(sys.argv[0] or "python")[:15] or "python"
+        self._conn()  # fail early when no kernel is there
+
+    # ------------------------------------------------------------------ transport
+    def _conn(self) -> socket.socket:
+        if os.getpid() != self._pid:  # forked: the child is a new process to the kernel
+            self._pid = os.getpid()
+            self._local = threading.local()
+            self._conns = []
+            self._arena = ArenaAllocator(self._register_arena)
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(self.path)
+        except OSError as exc:
+            conn.close()
+            raise DvkUnavailable(f"no DVK node kernel at {self.path}: {exc.strerror}") from None
+        hello = P.encode_request("HELLO", [P.VERSION, self._pid, threading.get_native_id(),
+                                           self._comm.encode()])
+        conn.sendall(hello)
+        status, values = self._reply(conn)
+        if status < 0:
+            conn.close()
+            raise E.DvkError.for_code(status, "node kernel refused the connection")
+        self._local.conn = conn
+        with self._lock:
+            self._conns.append(conn)
+        return conn
+
+    def _reply(self, conn: socket.socket) -> tuple[int, list]:
+        try:
+            body = P.recv_frame(conn)
+        except (OSError, P.ProtocolError):
+            body = None
+        if body is None:
+            self._drop(conn)
+            raise E.DvkError.for_code(E.EDVSSHUTDOWN, "the node kernel stopped")
+        return P.decode_reply(body)
+
+    def _drop(self, conn: socket.socket) -> None:
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        conn.close()
+
+    def _call(self, op: str, *args, fds: list[int] | None = None) -> list:
+        conn = self._conn()
+        data = P.encode_request(op, args)
+        try:
+            if fds:
+                socket.send_fds(conn, [data], fds)
+            else:
+                conn.sendall(data)
+        except OSError:
+            self._drop(conn)
+            raise E.DvkError.for_code(E.EDVSSHUTDOWN, "the node kernel stopped") from None
+        status, values = self._reply(conn)
+        if status < 0:
+            raise E.DvkError.for_code(status, op.lower())
+        return values
+
+    def _value(self, op: str, *args) -> int:
+        return self._call(op, *args)[0]
+
+    def close(self) -> None:
+        """Close every connection of this process (the kernel treats it as the tasks' exit)."""
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ memory
+    def _register_arena(self, fd: int, size: int) -> int:
+        return self._call("ARENA", size, fds=[fd])[0]
+
+    def alloc(self, size: int) -> Buffer:
+        view, addr = self._arena.alloc(size)
+        return Buffer(view, addr, self)
+
+    def proc_text(self, path: str) -> str:
+        """A /proc/dvs view rendered by the node kernel (e.g. "nodes", "DC0/procs")."""
+        return self._call("PROCFS", path)[1].decode()
+
+    def shutdown_kernel(self) -> None:
+        """Ask the node kernel to stop (every waiter gets an error)."""
+        self._call("SHUTDOWN")
+
+    # ------------------------------------------------------------------ administration
+    def dvs_init(self, nodeid: int, params: DvsInfo | None = None) -> int:
+        return self._value("DVS_INIT", nodeid, params.pack() if params else None)
+
+    def dvs_end(self) -> int:
+        return self._value("DVS_END")
+
+    def getdvsinfo(self) -> tuple[int, DvsInfo]:
+        nodeid, raw = self._call("GETDVSINFO")
+        return nodeid, DvsInfo.unpack(raw)
+
+    def dc_init(self, params: DcInfo) -> int:
+        return self._value("DC_INIT", params.pack())
+
+    def dc_end(self, dcid: int) -> int:
+        return self._value("DC_END", dcid)
+
+    def getdcinfo(self, dcid: int) -> DcInfo:
+        return DcInfo.unpack(self._call("GETDCINFO", dcid)[1])
+
+    def getnodeinfo(self, nodeid: int) -> NodeInfo:
+        return NodeInfo.unpack(self._call("GETNODEINFO", nodeid)[1])
+
+    def getprocinfo(self, dcid: int, p_nr: int) -> ProcInfo:
+        return ProcInfo.unpack(self._call("GETPROCINFO", dcid, p_nr)[1])
+
+    def getproxyinfo(self, pxid: int) -> tuple[ProcInfo, ProcInfo]:
+        _rc, s, r = self._call("GETPROXYINFO", pxid)
+        return ProcInfo.unpack(s), ProcInfo.unpack(r)
+
+    def add_node(self, dcid: int, nodeid: int) -> int:
+        return self._value("ADD_NODE", dcid, nodeid)
+
+    def del_node(self, dcid: int, nodeid: int) -> int:
+        return self._value("DEL_NODE", dcid, nodeid)
+
+    def proxies_bind(self, name: str, pxid: int, spid: int, rpid: int,
+                     maxcopybuf: int = C.MAXCOPYBUF) -> int:
+        return self._value("PROXIES_BIND", name.encode(), pxid, spid, rpid, maxcopybuf)
+
+    def proxies_unbind(self, pxid: int) -> int:
+        return self._value("PROXIES_UNBIND", pxid)
+
+    def node_up(self, name: str, nodeid: int, pxid: int) -> int:
+        return self._value("NODE_UP", name.encode(), nodeid, pxid)
+
+    def node_down(self, nodeid: int) -> int:
+        return self._value("NODE_DOWN", nodeid)
+
+    def proxy_conn(self, pxid: int, status: int) -> int:
+        return self._value("PROXY_CONN", pxid, status)
+
+    # ------------------------------------------------------------------ binding
+    def bind_X(self, cmd: int, dcid: int, pid: int, ep: int, nodeid: int,
+               name: str = "") -> int:
+        return self._value("BIND", cmd, dcid, pid, ep, nodeid, name.encode())
+
+    def unbind(self, dcid: int, ep: int, timeout: int = C.TIMEOUT_FOREVER) -> int:
+        return self._value("UNBIND", dcid, ep, timeout)
+
+    def wait4bindep_X(self, cmd: int, ep: int, timeout: int = C.TIMEOUT_FOREVER) -> int:
+        return self._value("WAIT4BIND", cmd, ep, timeout)
+
+    def getep(self, pid: int) -> int:
+        return self._value("GETEP", pid)
+
+    def migrate_X(self, cmd: int, pid: int, dcid: int, ep: int, nodeid: int) -> int:
+        return self._value("MIGRATE", cmd, pid, dcid, ep, nodeid)
+
+    # ------------------------------------------------------------------ IPC
+    def send(self, ep: int, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
+        self._call("SEND", ep, bytes(m), timeout)
+        return 0
+
+    def receive(self, ep: int, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
+        m.load(self._call("RECEIVE", ep, timeout)[1])
+        return 0
+
+    def sendrec(self, ep: int, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
+        m.load(self._call("SENDREC", ep, bytes(m), timeout)[1])
+        return 0
+
+    def rcvrqst(self, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
+        m.load(self._call("RCVRQST", timeout)[1])
+        return 0
+
+    def reply(self, ep: int, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
+        self._call("REPLY", ep, bytes(m), timeout)
+        return 0
+
+    def notify_X(self, src_nr: int, dst: int, value: int) -> int:
+        self._call("NOTIFY", src_nr, dst, value)
+        return 0
+
+    def vcopy(self, src_ep: int, saddr: int, dst_ep: int, daddr: int, nbytes: int) -> int:
+        return self._value("VCOPY", src_ep, saddr, dst_ep, daddr, nbytes)
+
+    def relay(self, ep: int, m: Message) -> int:
+        return self._value("RELAY", ep, bytes(m))
+
+    def wakeup(self, dcid: int, ep: int) -> int:
+        return self._value("WAKEUP", dcid, ep)
+
+    def getpriv(self, dcid: int, ep: int) -> bytes:
+        return self._call("GETPRIV", dcid, ep)[1]
+
+    def setpriv(self, dcid: int, ep: int, priv: bytes) -> int:
+        return self._value("SETPRIV", dcid, ep, priv)
+
+    # ------------------------------------------------------------------ proxies
+    def get2rmt(self, hdr: Header, payload: Buffer, timeout: int = C.HELLO_PERIOD) -> int:
+        hdr.load(self._call("GET2RMT", payload.addr, timeout)[1])
+        return 0
+
+    def put2lcl(self, hdr: Header, payload: Buffer | None) -> int:
+        return self._value("PUT2LCL", bytes(hdr.buf), payload.addr if payload else 0)

@@ -1,0 +1,103 @@
+"""Shared-memory arenas: the process memory that the emulated DVK copies between (D7).
+
+A client process creates an arena with `memfd_create`, maps it, and passes the descriptor to its
+node kernel over the Unix socket (SCM_RIGHTS).  The kernel maps the same memory and assigns the
+arena a 32-bit base address in that process's address space, so `vcopy` addresses, message
+pointer fields (`m1_p1`, ...) and proxy payload buffers are plain 32-bit values as on an i386
+DVK node, and bulk data never travels over the socket.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+#: Where the first arena of every process starts; addresses are below 4 GiB.
+ARENA_BASE = 0x10000000
+ARENA_ALIGN = 1 << 20
+ADDRESS_LIMIT = 1 << 32
+
+
+class AddressSpace:
+    """The arenas of one process as the node kernel sees them: base address -> mapping."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.arenas: list[tuple[int, int, mmap.mmap]] = []
+        self.next_base = ARENA_BASE
+
+    def add(self, fd: int, size: int) -> int:
+        """Map the arena behind `fd` (the kernel's own copy) and return its base address."""
+        base = self.next_base
+        if base + size > ADDRESS_LIMIT:
+            raise MemoryError("32-bit address space of the process is exhausted")
+        mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.arenas.append((base, size, mem))
+        self.next_base = base + (size + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
+        return base
+
+    def _find(self, addr: int, size: int) -> tuple[mmap.mmap, int]:
+        for base, length, mem in self.arenas:
+            if base <= addr and addr + size <= base + length:
+                return mem, addr - base
+        raise ValueError(f"address {addr:#x}+{size} is not mapped in process {self.pid}")
+
+    def read(self, addr: int, size: int) -> bytes:
+        mem, off = self._find(addr, size)
+        return mem[off:off + size]
+
+    def write(self, addr: int, data: bytes | memoryview) -> None:
+        mem, off = self._find(addr, len(data))
+        mem[off:off + len(data)] = data
+
+    def close(self) -> None:
+        for _base, _size, mem in self.arenas:
+            try:
+                mem.close()
+            except BufferError:  # a view is still exported; the GC releases it later
+                pass
+        self.arenas.clear()
+
+
+class ArenaAllocator:
+    """Client side: hands out `Buffer`-sized pieces of arenas registered with the node kernel.
+
+    Small requests share 4 MiB arenas (bump allocation, never freed: programs allocate their
+    buffers once); large ones get an arena of their own.  `register(fd, size)` is the callback that passes the arena
+    to the kernel and returns its base address.
+    """
+
+    CHUNK = 4 << 20
+
+    def __init__(self, register) -> None:
+        self._register = register
+        self._lock = threading.Lock()
+        self._current: tuple[int, mmap.mmap, int, int] | None = None  # base, mem, used, size
+        self._maps: list[mmap.mmap] = []
+
+    def _new_arena(self, size: int) -> tuple[int, mmap.mmap]:
+        fd = os.memfd_create("dvk-arena", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            base = self._register(fd, size)
+        finally:
+            os.close(fd)
+        self._maps.append(mem)
+        return base, mem
+
+    def alloc(self, size: int) -> tuple[memoryview, int]:
+        """A zeroed piece of shared memory of `size` bytes and its DVK address."""
+        size = max(1, size)
+        rounded = (size + 63) & ~63
+        with self._lock:
+            if rounded > self.CHUNK // 4:
+                base, mem = self._new_arena(rounded)
+                return memoryview(mem)[:size], base
+            if self._current is None or self._current[2] + rounded > self._current[3]:
+                base, mem = self._new_arena(self.CHUNK)
+                self._current = (base, mem, 0, self.CHUNK)
+            base, mem, used, total = self._current
+            self._current = (base, mem, used + rounded, total)
+            return memoryview(mem)[used:used + size], base + used

@@ -1,0 +1,82 @@
+"""Starting and stopping emulated node kernel processes (D6).
+
+`start_node()` runs `dvsctl node run N` as a child process (or detached, for daemons that must
+outlive their starter) and waits until its socket answers.  Tests, the cluster launcher and
+`dsp_proxy` (when it finds no kernel for its node) all start nodes this way, so a node kernel is
+always its own process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from .server import default_rundir, socket_path
+
+START_TIMEOUT = 15.0
+
+
+def node_command(nodeid: int, extra: list[str] | None = None) -> list[str]:
+    """The command line of a node kernel process."""
+    return [sys.executable, "-m", "dvs_apps.dvsctl", "node", "run", str(nodeid), *(extra or [])]
+
+
+def wait_for_socket(path: str, timeout: float = START_TIMEOUT,
+                    proc: subprocess.Popen | None = None) -> None:
+    """Wait until a node kernel accepts connections at `path`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"node kernel exited with status {proc.returncode} "
+                                   f"before serving {path}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no node kernel at {path} after {timeout:.0f} s") from None
+            time.sleep(0.05)
+        finally:
+            s.close()
+
+
+def start_node(nodeid: int, rundir: str | None = None, detach: bool = False,
+               log_path: str | None = None, extra: list[str] | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start node `nodeid`'s kernel and return once it serves; the caller stops it with
+    `stop_node` (a detached kernel is in its own session and survives its starter)."""
+    rundir = rundir or default_rundir()
+    os.makedirs(rundir, exist_ok=True)
+    child_env = dict(os.environ if env is None else env)
+    child_env["DVK_RUNDIR"] = rundir
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(node_command(nodeid, extra), env=child_env, stdout=out,
+                                stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL, start_new_session=detach)
+    finally:
+        if log_path:
+            out.close()
+    try:
+        wait_for_socket(socket_path(nodeid, rundir), proc=proc)
+    except Exception:
+        stop_node(proc)
+        raise
+    return proc
+
+
+def stop_node(proc: subprocess.Popen, timeout: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -1,0 +1,144 @@
+"""The emulated node kernel's socket protocol, version 1 (documented in docs/emulator.md).
+
+Transport: a Unix stream socket per node (`<rundir>/node<N>.sock`); every client thread opens
+its own connection, so the kernel knows the caller by its TID as the real module knows `current`.
+
+Framing, both directions: `u32 length` (little-endian, bytes that follow) then the body.
+- request body:  `u16 op`, then the arguments;
+- reply body:    `i32 status` (0 success, < 0 the EDVS code of the failure), then the results;
+  on success the first result is the call's return value (which may itself be negative, e.g. a
+  task endpoint returned by bind).
+Arguments and results are a sequence of tagged values: `b'i'` + i64, `b'b'` + u32 length + bytes,
+`b'n'` (None).  The first request of a connection is HELLO(version, pid, tid, comm); ARENA
+carries a memfd in SCM_RIGHTS ancillary data.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Sequence
+
+VERSION = 1
+
+_LEN = struct.Struct("<I")
+_OP = struct.Struct("<H")
+_RC = struct.Struct("<i")
+_INT = struct.Struct("<q")
+
+# Operations: the DVK calls by their C names, plus the emulator's own.
+OPS = [
+    "HELLO", "ARENA", "PROCFS", "SHUTDOWN",
+    "DVS_INIT", "DVS_END", "GETDVSINFO", "DC_INIT", "DC_END", "GETDCINFO", "GETNODEINFO",
+    "GETPROCINFO", "GETPROXYINFO", "ADD_NODE", "DEL_NODE", "PROXIES_BIND", "PROXIES_UNBIND",
+    "NODE_UP", "NODE_DOWN", "PROXY_CONN", "BIND", "UNBIND", "WAIT4BIND", "GETEP", "MIGRATE",
+    "SEND", "RECEIVE", "SENDREC", "RCVRQST", "REPLY", "NOTIFY", "VCOPY", "RELAY", "WAKEUP",
+    "GETPRIV", "SETPRIV", "GET2RMT", "PUT2LCL",
+]
+OP = {name: i for i, name in enumerate(OPS)}
+
+Value = int | bytes | None
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not protocol version 1."""
+
+
+def encode_values(values: Sequence[Value]) -> bytes:
+    out = []
+    for v in values:
+        if v is None:
+            out.append(b"n")
+        elif isinstance(v, int):
+            out.append(b"i" + _INT.pack(v))
+        elif isinstance(v, (bytes, bytearray, memoryview)):
+            out.append(b"b" + _LEN.pack(len(v)) + bytes(v))
+        elif isinstance(v, str):
+            raw = v.encode()
+            out.append(b"b" + _LEN.pack(len(raw)) + raw)
+        else:
+            raise TypeError(f"cannot encode {type(v).__name__}")
+    return b"".join(out)
+
+
+def decode_values(body: bytes | memoryview, pos: int) -> list[Value]:
+    values: list[Value] = []
+    end = len(body)
+    while pos < end:
+        tag = body[pos:pos + 1]
+        pos += 1
+        if tag == b"i":
+            values.append(_INT.unpack_from(body, pos)[0])
+            pos += 8
+        elif tag == b"b":
+            (n,) = _LEN.unpack_from(body, pos)
+            pos += 4
+            if pos + n > end:
+                raise ProtocolError("truncated bytes value")
+            values.append(bytes(body[pos:pos + n]))
+            pos += n
+        elif tag == b"n":
+            values.append(None)
+        else:
+            raise ProtocolError(f"bad value tag {tag!r}")
+    return values
+
+
+def encode_request(op: str, values: Sequence[Value]) -> bytes:
+    body = _OP.pack(OP[op]) + encode_values(values)
+    return _LEN.pack(len(body)) + body
+
+
+def decode_request(body: bytes) -> tuple[str, list[Value]]:
+    if len(body) < 2:
+        raise ProtocolError("short request")
+    (op,) = _OP.unpack_from(body, 0)
+    if op >= len(OPS):
+        raise ProtocolError(f"unknown operation {op}")
+    return OPS[op], decode_values(body, 2)
+
+
+def encode_reply(rc: int, values: Sequence[Value] = ()) -> bytes:
+    body = _RC.pack(rc) + encode_values(values)
+    return _LEN.pack(len(body)) + body
+
+
+def decode_reply(body: bytes) -> tuple[int, list[Value]]:
+    if len(body) < 4:
+        raise ProtocolError("short reply")
+    return _RC.unpack_from(body, 0)[0], decode_values(body, 4)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """Read exactly n bytes; None on a clean EOF before the first byte."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            if not buf:
+                return None
+            raise ProtocolError("connection closed inside a frame")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket, fds: list[int] | None = None) -> bytes | None:
+    """One frame body; file descriptors sent along with it are appended to `fds`."""
+    if fds is None:
+        head = recv_exact(sock, 4)
+    else:
+        head, got, _flags, _addr = socket.recv_fds(sock, 4, 4)
+        fds.extend(got)
+        if not head:
+            return None
+        if len(head) < 4:
+            head += recv_exact(sock, 4 - len(head)) or b""
+    if head is None:
+        return None
+    (n,) = _LEN.unpack(head)
+    if n > (64 << 20):
+        raise ProtocolError(f"frame of {n} bytes")
+    body = recv_exact(sock, n)
+    if body is None:
+        raise ProtocolError("connection closed inside a frame")
+    return body

@@ -1,0 +1,211 @@
+"""The i386 `cmd_t` / `message` layout: the DVS wire header and the emulator's ABI (D2).
+
+A frame on the wire is a 120-byte little-endian `cmd_t` (dvk_abi.md §2.3, i386 column) followed by
+`c_len` payload bytes.  `Header` and `Message` are views over bytearrays in that layout with
+named fields, so the proxy can read and rewrite a few fields without decoding the whole struct.
+Batches carry `c_batch_nr` further headers as the payload (`pack_batch` / `unpack_batch`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
+
+from . import consts as C
+
+HEADER_SIZE = 120
+MESSAGE_SIZE = 36
+VCOPY_SIZE = 24
+MSG_OFFSET = 60
+VCOPY_OFFSET = 96
+
+# The i386 message: m_source, m_type, then a 28-byte union (§2.1).  Field -> (offset, struct fmt).
+# Pointers and longs are 32-bit values here.
+I386_MESSAGE_FIELDS: dict[str, tuple[int, str]] = {
+    "m_source": (0, "i"), "m_type": (4, "i"),
+    "m1_i1": (8, "i"), "m1_i2": (12, "i"), "m1_i3": (16, "i"),
+    "m1_p1": (20, "I"), "m1_p2": (24, "I"), "m1_p3": (28, "I"),
+    "m2_i1": (8, "i"), "m2_i2": (12, "i"), "m2_i3": (16, "i"),
+    "m2_l1": (20, "i"), "m2_l2": (24, "i"), "m2_p1": (28, "I"),
+    "m3_i1": (8, "i"), "m3_i2": (12, "i"), "m3_p1": (16, "I"), "m3_ca1": (20, "14s"),
+    "m4_l1": (8, "i"), "m4_l2": (12, "i"), "m4_l3": (16, "i"), "m4_l4": (20, "i"),
+    "m4_l5": (24, "i"),
+    "m5_c1": (8, "h"), "m5_c2": (10, "h"), "m5_i1": (12, "i"), "m5_i2": (16, "i"),
+    "m5_l1": (20, "i"), "m5_l2": (24, "i"), "m5_l3": (28, "i"),
+    "m6_ca1": (8, "28s"),
+    "m7_i1": (8, "i"), "m7_i2": (12, "i"), "m7_i3": (16, "i"), "m7_i4": (20, "i"),
+    "m7_p1": (24, "I"), "m7_p2": (28, "I"),
+    "m8_i1": (8, "i"), "m8_i2": (12, "i"), "m8_p1": (16, "I"), "m8_p2": (20, "I"),
+    "m8_p3": (24, "I"), "m8_p4": (28, "I"),
+    "m9_i1": (8, "i"), "m9_l1": (12, "i"), "m9_t1_sec": (16, "i"), "m9_t1_nsec": (20, "i"),
+    "mA_dst": (8, "i"), "mA_nr": (12, "i"), "mA_ia": (16, "4i"),
+    "mB_nr": (8, "i"), "mB_md5": (12, "16s"),
+    "mC_i1": (8, "i"), "mC_i2": (12, "i"), "mC_i3": (16, "i"), "mC_i4": (20, "i"),
+    "mC_ca1": (24, "10s"),
+}
+
+# Header fields: name -> (offset, fmt), i386 column of §2.3.
+HEADER_FIELDS: dict[str, tuple[int, str]] = {
+    "c_cmd": (0, "i"), "c_dcid": (4, "i"), "c_src": (8, "i"), "c_dst": (12, "i"),
+    "c_snode": (16, "i"), "c_dnode": (20, "i"), "c_rcode": (24, "i"), "c_len": (28, "i"),
+    "c_pid": (32, "i"), "c_batch_nr": (36, "i"), "c_flags": (40, "I"), "c_snd_seq": (44, "I"),
+    "c_ack_seq": (48, "I"), "c_tv_sec": (52, "i"), "c_tv_nsec": (56, "i"),
+    "v_src": (96, "i"), "v_dst": (100, "i"), "v_rqtr": (104, "i"), "v_saddr": (108, "I"),
+    "v_daddr": (112, "I"), "v_bytes": (116, "i"),
+}
+
+#: The fixed-position integer fields of the header in one struct (the message is raw bytes).
+HEADER_STRUCT = struct.Struct("<10i3I2i36s3i2Ii")
+assert HEADER_STRUCT.size == HEADER_SIZE
+#: The first 11 fields, enough for routing decisions: c_cmd .. c_flags.
+ROUTE_STRUCT = struct.Struct("<10iI")
+
+
+def _field_property(offset: int, fmt: str) -> property:
+    """A property reading/writing one little-endian scalar at `offset` of `self.buf`."""
+    st = struct.Struct("<" + fmt)
+
+    def getter(self):
+        return st.unpack_from(self.buf, offset)[0]
+
+    def setter(self, value):
+        st.pack_into(self.buf, offset, value)
+    return property(getter, setter)
+
+
+class Message:
+    """A DVS `message` in the i386 layout (36 bytes), viewed over `buf` at offset `base`.
+
+    Field names are the C accessor macros (`m1_i1`, `m1_p1`, `m3_ca1`, ...).
+    """
+
+    SIZE: ClassVar[int] = MESSAGE_SIZE
+    FIELDS: ClassVar[dict[str, tuple[int, str]]] = I386_MESSAGE_FIELDS
+    __slots__ = ("buf", "base")
+
+    def __init__(self, buf: bytearray | memoryview | None = None, base: int = 0) -> None:
+        self.buf = bytearray(MESSAGE_SIZE) if buf is None else buf
+        self.base = base
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.buf[self.base:self.base + MESSAGE_SIZE])
+
+    def load(self, data: bytes) -> None:
+        """Overwrite the whole message with `data` (36 bytes)."""
+        self.buf[self.base:self.base + MESSAGE_SIZE] = data
+
+    def clear(self) -> None:
+        self.load(bytes(MESSAGE_SIZE))
+
+    def __repr__(self) -> str:
+        return (f"Message(source={self.m_source}, type={self.m_type:#x}, m1_i1={self.m1_i1}, "
+                f"m1_i2={self.m1_i2}, m1_i3={self.m1_i3}, m1_p1={self.m1_p1:#x}, "
+                f"m1_p2={self.m1_p2:#x}, m1_p3={self.m1_p3:#x})")
+
+
+def _install_message_fields(cls: type) -> None:
+    """Give `cls` one property per C accessor, relative to `self.base` (arrays as lists)."""
+    for name, (off, fmt) in I386_MESSAGE_FIELDS.items():
+        st = struct.Struct("<" + fmt)
+
+        def make(off=off, st=st, multi=fmt[0].isdigit() and fmt.endswith("i")):
+            def getter(self):
+                v = st.unpack_from(self.buf, self.base + off)
+                return list(v) if multi else v[0]
+
+            def setter(self, value):
+                if multi:
+                    st.pack_into(self.buf, self.base + off, *value)
+                else:
+                    st.pack_into(self.buf, self.base + off, value)
+            return property(getter, setter)
+        setattr(cls, name, make())
+
+
+_install_message_fields(Message)
+
+
+class Header:
+    """A `cmd_t` in the i386 wire layout (120 bytes) over a bytearray, with named fields.
+
+    `c_msg` is the embedded `Message`; `v_*` are the `c_vcopy` fields.
+    """
+
+    SIZE: ClassVar[int] = HEADER_SIZE
+    __slots__ = ("buf",)
+
+    def __init__(self, buf: bytearray | memoryview | bytes | None = None) -> None:
+        if buf is None:
+            buf = bytearray(HEADER_SIZE)
+        elif isinstance(buf, bytes):
+            buf = bytearray(buf)
+        if len(buf) != HEADER_SIZE:
+            raise ValueError(f"a header is {HEADER_SIZE} bytes, got {len(buf)}")
+        self.buf = buf
+
+    @property
+    def c_msg(self) -> Message:
+        return Message(self.buf, MSG_OFFSET)
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.buf)
+
+    def copy(self) -> Header:
+        return Header(bytearray(self.buf))
+
+    def load(self, data: bytes) -> None:
+        self.buf[:] = data
+
+    def fields(self) -> dict[str, int]:
+        """All scalar fields as a dict (for logs and tests)."""
+        return {name: getattr(self, name) for name in HEADER_FIELDS}
+
+    def route(self) -> tuple[int, ...]:
+        """(c_cmd, c_dcid, c_src, c_dst, c_snode, c_dnode, c_rcode, c_len, c_pid, c_batch_nr,
+        c_flags) in one unpack."""
+        return ROUTE_STRUCT.unpack_from(self.buf, 0)
+
+    def __repr__(self) -> str:
+        cmd = self.c_cmd
+        return (f"Header({C.CMD_NAMES.get(cmd, hex(cmd))} dcid={self.c_dcid} src={self.c_src}"
+                f"@{self.c_snode} dst={self.c_dst}@{self.c_dnode} rcode={self.c_rcode} "
+                f"len={self.c_len} pid={self.c_pid} flags={self.c_flags:#x} "
+                f"batch={self.c_batch_nr})")
+
+
+for _name, (_off, _fmt) in HEADER_FIELDS.items():
+    setattr(Header, _name, _field_property(_off, _fmt))
+
+
+def make_header(**fields: int) -> Header:
+    """A zeroed header with the given fields set."""
+    h = Header()
+    for k, v in fields.items():
+        setattr(h, k, v)
+    return h
+
+
+def hello_header(snode: int, dnode: int, pid: int = 0) -> Header:
+    """A clean HELLO (CMD_NONE, no payload) as the DSP sends it (dvk_abi.md §5)."""
+    return make_header(c_cmd=C.CMD_NONE, c_dcid=-1, c_src=C.NONE, c_dst=C.NONE,
+                       c_snode=snode, c_dnode=dnode, c_pid=pid)
+
+
+def pack_batch(headers: Iterable[Header | bytes]) -> bytes:
+    """The payload of a batch: the extra headers back to back."""
+    return b"".join(bytes(h) for h in headers)
+
+
+def unpack_batch(payload: bytes | memoryview, count: int) -> Iterator[Header]:
+    """The `count` headers of a batch payload; ValueError when the length disagrees."""
+    if count * HEADER_SIZE != len(payload):
+        raise ValueError(f"batch of {count} headers needs {count * HEADER_SIZE} bytes, "
+                         f"payload has {len(payload)}")
+    for i in range(count):
+        yield Header(bytearray(payload[i * HEADER_SIZE:(i + 1) * HEADER_SIZE]))
+
+
+def cmd_name(cmd: int) -> str:
+    """C name of a command code."""
+    return C.CMD_NAMES.get(cmd, f"CMD_{cmd:#x}")

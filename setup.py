@@ -1,0 +1,33 @@
+"""Packaging for the Distributed Service Proxy (DSP) and its DVK boundary."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dsp-proxy",
+    version="0.1.0",
+    description="Distributed Service Proxy for DVS clusters, with a user-space DVK emulator",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["dsp_proxy", "dsp_proxy.*", "dvk_cffi", "dvk_cffi.*",
+                                    "dvs_apps", "dvs_apps.*"]),
+    install_requires=[
+        "pyparsing>=3.1,<4",
+        "cffi>=1.16,<3",
+        "psutil>=5.9,<8",
+        "lz4>=4.3,<5",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4,<10", "pytest-timeout>=2.2,<3", "ruff>=0.4,<1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dsp_proxy=dsp_proxy.main:main",
+            "dvsctl=dvs_apps.dvsctl:main",
+            "latency_server=dvs_apps.latency:server_main",
+            "latency_client=dvs_apps.latency:client_main",
+            "m3ftpd=dvs_apps.m3ftp:server_main",
+            "m3ftp=dvs_apps.m3ftp:client_main",
+        ],
+    },
+)
