@@ -8,7 +8,7 @@ setup(
     description="Distributed Service Proxy for DVS clusters, with a user-space DVK emulator",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["dsp_proxy", "dsp_proxy.*", "dvk_cffi", "dvk_cffi.*",
                                     "dvs_apps", "dvs_apps.*"]),
     install_requires=[

@@ -54,7 +54,7 @@ class Dvk(abc.ABC):
         """A zeroed message in this backend's layout."""
         return Message()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for backends, a no-op by default
         """Release the connection to the DVK (a process exit does the same)."""
 
     # --- DVS, DC, node, proxy administration -----------------------------------------------------

@@ -108,8 +108,9 @@ def _install_message_fields(cls: type) -> None:
     """Give `cls` one property per C accessor, relative to `self.base` (arrays as lists)."""
     for name, (off, fmt) in I386_MESSAGE_FIELDS.items():
         st = struct.Struct("<" + fmt)
+        is_array = fmt[0].isdigit() and fmt.endswith("i")
 
-        def make(off=off, st=st, multi=fmt[0].isdigit() and fmt.endswith("i")):
+        def make(off=off, st=st, multi=is_array):
             def getter(self):
                 v = st.unpack_from(self.buf, self.base + off)
                 return list(v) if multi else v[0]

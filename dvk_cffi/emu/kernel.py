@@ -40,7 +40,7 @@ SPROXY_CALLS = frozenset({DVK_PROXYBIND, DVK_PROXYUNBIND, DVK_GET2RMT})
 RPROXY_CALLS = frozenset({DVK_PROXYBIND, DVK_PROXYUNBIND, DVK_PUT2LCL})
 
 #: How often a sleeping caller checks that its process is still there.
-LIVENESS_SLICE = 0.25
+LIVENESS_SLICE = 0.1
 
 
 class TaskGone(Exception):
@@ -222,7 +222,7 @@ class NodeKernel:
         """Exit the tasks that were bound without a connection and whose thread is gone."""
         with self.lock:
             for task in list(self.tasks.values()):
-                if not task.attached and not task.dead and not os.path.exists(f"/proc/{task.tid}"):
+                if not task.attached and not task.dead and not _alive(task.tid):
                     self._task_exit(task)
 
     def _task_exit(self, task: Task) -> None:
@@ -571,8 +571,11 @@ class NodeKernel:
             node.n_flags &= ~(C.NODE_SCONNECTED | C.NODE_RCONNECTED)
             self._node_end(nodeid)
         for desc in (pair.sproxy, pair.rproxy):
-            if desc is not None and desc.task is not None:
-                desc.task.proxy = None
+            if desc is not None:
+                desc.misc &= ~C.MIS_CONNECTED
+                self._wake(desc, E.EDVSNOTCONN)  # a get2rmt sleeper returns
+                if desc.task is not None:
+                    desc.task.proxy = None
         pair.sproxy = pair.rproxy = None
         pair.queue.clear()
         pair.info = ProxiesInfo(px_id=pair.info.px_id)
@@ -683,6 +686,8 @@ class NodeKernel:
                 if desc.is_free or desc.is_remote or desc.task is None:
                     continue
                 if self._waits_on_node(dc, desc, nodeid):
+                    if desc.rts & C.RMTOPER:
+                        self._dequeue(desc)  # its request must not leave after it gave up
                     desc.rts &= ~(C.SENDING | C.RECEIVING | C.ONCOPY | C.WAITUNBIND
                                   | C.WAITMIGR)
                     desc.misc &= ~C.MIS_ATOMIC
@@ -892,6 +897,9 @@ class NodeKernel:
                         raise E.DvkError.for_code(E.EDVSTIMEDOUT)
                     task.cond.wait(LIVENESS_SLICE if left is None else min(left, LIVENESS_SLICE))
                     if task.dead:
+                        raise TaskGone()
+                    if task.probe is not None and not task.probe():
+                        self._task_exit(task)  # its process died while it waited
                         raise TaskGone()
             finally:
                 self.bind_waiters.discard(task)
@@ -1656,6 +1664,15 @@ def _priv_bytes(desc: Desc) -> bytes:
     level = C.PROXY_PRIV if desc.misc & C.MIS_PROXY else (
         C.SERVER_PRIV if len(desc.allowed) > len(USER_CALLS) else C.USER_PRIV)
     return struct.pack("<hxxii", desc.priv_id, 0, level).ljust(52, b"\0")
+
+
+def _alive(tid: int) -> bool:
+    """The thread exists and is not a zombie (a zombie has exited: the kernel unbinds it)."""
+    try:
+        with open(f"/proc/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _signal(tid: int, sig: int) -> None:

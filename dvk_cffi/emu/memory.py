@@ -64,8 +64,8 @@ class ArenaAllocator:
     """Client side: hands out `Buffer`-sized pieces of arenas registered with the node kernel.
 
     Small requests share 4 MiB arenas (bump allocation, never freed: programs allocate their
-    buffers once); large ones get an arena of their own.  `register(fd, size)` is the callback that passes the arena
-    to the kernel and returns its base address.
+    buffers once); large ones get an arena of their own.  `register(fd, size)` is the
+    callback that passes the arena to the kernel and returns its base address.
     """
 
     CHUNK = 4 << 20

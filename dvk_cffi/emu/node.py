@@ -45,6 +45,17 @@ def wait_for_socket(path: str, timeout: float = START_TIMEOUT,
             s.close()
 
 
+def _answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def start_node(nodeid: int, rundir: str | None = None, detach: bool = False,
                log_path: str | None = None, extra: list[str] | None = None,
                env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -52,6 +63,9 @@ def start_node(nodeid: int, rundir: str | None = None, detach: bool = False,
     `stop_node` (a detached kernel is in its own session and survives its starter)."""
     rundir = rundir or default_rundir()
     os.makedirs(rundir, exist_ok=True)
+    path = socket_path(nodeid, rundir)
+    if _answers(path):
+        raise RuntimeError(f"a node kernel already serves {path}")
     child_env = dict(os.environ if env is None else env)
     child_env["DVK_RUNDIR"] = rundir
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
@@ -63,7 +77,7 @@ def start_node(nodeid: int, rundir: str | None = None, detach: bool = False,
         if log_path:
             out.close()
     try:
-        wait_for_socket(socket_path(nodeid, rundir), proc=proc)
+        wait_for_socket(path, proc=proc)
     except Exception:
         stop_node(proc)
         raise

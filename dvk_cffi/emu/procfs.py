@@ -18,7 +18,7 @@ def render(kernel, path: str) -> str:
     if path.startswith("proc/dvs/"):
         path = path[len("proc/dvs/"):]
     views = {"info": _info, "nodes": _nodes, "proxies/info": _proxies_info,
-             "proxies/procs": _proxies_procs}
+             "proxies/procs": _proxies_procs, "tasks": _tasks}
     if path in views:
         return views[path](kernel)
     if "/" in path:
@@ -42,6 +42,18 @@ def _info(k) -> str:
         ("sizeof(proc)", d.d_size_proc), ("sizeof(proc) aligned", d.d_size_proc),
         ("sizeof(dc)", 60), ("sizeof(node)", 56),
     ])
+
+
+def _tasks(k) -> str:
+    """Emulator only: the processes attached to this node kernel (their CPU is the node's
+    load, D11)."""
+    out = ["-pid- -tid- bound comm\n"]
+    for t in sorted(k.tasks.values(), key=lambda t: t.tid):
+        if t.dead:
+            continue
+        bound = "proxy" if t.proxy else (f"{t.desc.dcid}:{t.desc.endpoint}" if t.desc else "-")
+        out.append(f"{t.pid} {t.tid} {bound} {t.comm}\n")
+    return "".join(out)
 
 
 def _nodes(k) -> str:
