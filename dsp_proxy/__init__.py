@@ -1,0 +1,1 @@
+"""Distributed Service Proxy (DSP) for DVS clusters: a Python re-implementation of the C dsp_proxy."""
