@@ -103,7 +103,7 @@ def test_example_cluster_defaults():
     assert cfg.rport(1, 4) == 3004 and cfg.sport(1, 4) == 3001
     assert cfg.rport(3, 0) == 3000 and cfg.sport(3, 0) == 3003        # the LB node
     assert [(s.name, s.dcid, s.ext_ep, s.min_ep, s.max_ep, s.bind) for s in cfg.services] == [
-        ("latency", 0, 10, 10, 19, "external"), ("m3ftp", 0, 20, 20, 29, "external")]
+        ("latency", 0, 10, 10, 19, "external"), ("m3ftp", 0, 20, 20, 28, "external")]
     assert cfg.local_node_by_address(["10.0.0.1", "127.0.10.3"]).name == "node3"
     assert cfg.local_node_by_address(["127.0.0.1"]) is None
     with pytest.raises(ValueError):

@@ -794,6 +794,7 @@ class NodeKernel:
             target = desc.task
             if target is not None:
                 if desc.rts & (C.SENDING | C.RECEIVING):
+                    self._cancel(desc)  # out of the queues it waits in, like a timeout
                     self._wake(desc, E.EDVSSHUTDOWN)
                 _signal(target.tid, signal.SIGTERM)
             caller = task.desc
