@@ -1,1 +1,2 @@
-"""Distributed Service Proxy (DSP) for DVS clusters: a Python re-implementation of the C dsp_proxy."""
+"""Distributed Service Proxy (DSP) for DVS clusters, a Python re-implementation of the C
+dsp_proxy."""

@@ -1,0 +1,221 @@
+"""A whole DVS cluster on one machine: an emulated node kernel and a `dsp_proxy` per node.
+
+Every node of the config runs as its own pair of processes (D6) on its own loopback address
+(the config's `rname`, D9), so the standard ports work unchanged.  `Cluster` starts them, waits
+until every link is up, runs programs on any node, and stops everything, also when the caller
+fails (use it as a context manager).  `python -m dsp_proxy.cluster CONFIG` does the same for a
+human until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from dvk_cffi import consts as C
+from dvk_cffi.emu import node as emunode
+from dvk_cffi.emu.client import EmuDvk
+from dvk_cffi.emu.server import socket_path
+
+from . import config as cfgmod
+
+log = logging.getLogger("dsp.cluster")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LINKS_TIMEOUT = 30.0
+
+
+def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for the cluster's processes: this interpreter finds this source tree."""
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+    env.update(extra or {})
+    return env
+
+
+def render_config(template: str, net: str) -> str:
+    """A config text with `{net}` replaced by a test run's own 127.X.Y prefix (D9)."""
+    return template.replace("{net}", net)
+
+
+class Cluster:
+    """Node kernels and DSPs for the real nodes of one config."""
+
+    def __init__(self, config_path: str | os.PathLike, rundir: str | None = None,
+                 log_dir: str | None = None, dsp_args: Sequence[str] = (),
+                 log_level: str = "INFO") -> None:
+        self.config_path = str(config_path)
+        self.cfg = cfgmod.load(self.config_path)
+        self.own_rundir = rundir is None
+        self.rundir = rundir or tempfile.mkdtemp(prefix="dvk")
+        self.log_dir = log_dir or self.rundir
+        self.dsp_args = list(dsp_args)
+        self.log_level = log_level
+        self.nodes = [n.nodeid for n in self.cfg.nodes if n.nodeid != self._lb_id()]
+        self.kernels: dict[int, subprocess.Popen] = {}
+        self.dsps: dict[int, subprocess.Popen] = {}
+        self.killed: set[int] = set()
+        self._dvks: dict[int, EmuDvk] = {}
+
+    def _lb_id(self) -> int:
+        return self.cfg.lb.nodeid if self.cfg.lb is not None else -1
+
+    # ------------------------------------------------------------------ life cycle
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = LINKS_TIMEOUT) -> None:
+        for n in self.nodes:
+            self.start_kernel(n)
+        for n in self.nodes:
+            self.start_dsp(n)
+        self.wait_links_up(timeout)
+
+    def start_kernel(self, n: int) -> None:
+        self.kernels[n] = emunode.start_node(n, self.rundir,
+                                             log_path=self.log_path(f"kernel{n}"),
+                                             env=python_env())
+
+    def start_dsp(self, n: int) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", str(n),
+                "--log-level", self.log_level, *self.dsp_args, self.config_path]
+        with open(self.log_path(f"dsp{n}"), "ab") as out:
+            proc = subprocess.Popen(argv, env=python_env({"DVK_RUNDIR": self.rundir}),
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self.dsps[n] = proc
+        self.killed.discard(n)
+        return proc
+
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.log_dir, f"{name}.log")
+
+    def dvk(self, n: int) -> EmuDvk:
+        """A DVK handle on node n (for inspection from this process)."""
+        if n not in self._dvks:
+            self._dvks[n] = EmuDvk(path=socket_path(n, self.rundir))
+        return self._dvks[n]
+
+    def link_state(self) -> dict[tuple[int, int], bool]:
+        """(node, peer) -> both directions up, as each node's kernel reports it."""
+        state = {}
+        for n in self.nodes:
+            for p in self.nodes:
+                if p == n:
+                    continue
+                try:
+                    flags = self.dvk(n).getnodeinfo(p).n_flags
+                except Exception:  # a node kernel that is not there counts as down
+                    flags = 0
+                state[(n, p)] = flags & (C.NODE_SCONNECTED | C.NODE_RCONNECTED) == \
+                    (C.NODE_SCONNECTED | C.NODE_RCONNECTED)
+        return state
+
+    def wait_links_up(self, timeout: float = LINKS_TIMEOUT,
+                      pairs: Sequence[tuple[int, int]] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for n, proc in self.dsps.items():
+                if n not in self.killed and proc.poll() is not None:
+                    raise RuntimeError(f"dsp_proxy of node {n} exited with status "
+                                       f"{proc.returncode}; see {self.log_path(f'dsp{n}')}")
+            state = self.link_state()
+            down = [k for k, up in state.items() if not up and (pairs is None or k in pairs)]
+            if not down:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"links still down after {timeout:.0f} s: {down}")
+            time.sleep(0.1)
+
+    def kill_dsp(self, n: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.dsps.get(n)
+        self.killed.add(n)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(10)
+
+    def stop(self) -> None:
+        """Stop every DSP (SIGTERM, then SIGKILL) and every node kernel; remove the run dir."""
+        for dvk in self._dvks.values():
+            dvk.close()
+        self._dvks.clear()
+        for proc in self.dsps.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.dsps.values():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for proc in self.kernels.values():
+            emunode.stop_node(proc)
+        self.dsps.clear()
+        self.kernels.clear()
+        if self.own_rundir and self.log_dir != self.rundir:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ programs
+    def env(self, n: int) -> dict[str, str]:
+        """Environment of a program running on node n."""
+        return python_env({"DVK_RUNDIR": self.rundir, "DVK_NODE": str(n), "DVK_MODE": "emu"})
+
+    def popen(self, n: int, argv: Sequence[str], **kw) -> subprocess.Popen:
+        """Start a program on node n (argv[0] may be a module: 'dvs_apps.latency')."""
+        return subprocess.Popen(list(argv), env=self.env(n), stdin=subprocess.DEVNULL, **kw)
+
+    def run(self, n: int, argv: Sequence[str], timeout: float = 120.0,
+            **kw) -> subprocess.CompletedProcess:
+        """Run a program on node n to completion (killed when it outlives `timeout`)."""
+        return subprocess.run(list(argv), env=self.env(n), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def module_argv(module: str, *args: object) -> list[str]:
+    """Command line that runs one of the project's programs with this interpreter."""
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsp_proxy.cluster",
+                                description="run every node of CONFIG on this machine")
+    p.add_argument("config")
+    p.add_argument("--rundir", help="node kernel sockets and logs (default: a temp dir)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cluster = Cluster(args.config, rundir=args.rundir)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        cluster.start()
+        print(f"cluster up: nodes {cluster.nodes}; DVK_RUNDIR={cluster.rundir}")
+        print(f"run a program on node N with: DVK_RUNDIR={cluster.rundir} DVK_NODE=N ...")
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

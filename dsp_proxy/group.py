@@ -1,0 +1,471 @@
+"""The virtual load-balancer node: services, sessions, server choice, header rewriting.
+
+Clients address a service at (LB node, ext_ep).  The DSP that receives the request pins the
+client's session to one server and rewrites headers both ways (ARCHITECTURE §5):
+
+- local-client sessions: the client runs on this node; its requests come out of the LB pair
+  (`from_local`) and go to the server with `c_dnode`/`c_dst` rewritten and CHECK_HDR set; the
+  server replies to the client's real node, where `reverse()` rewrites them to come from
+  (LB node, ext_ep) and hands them to the put2lcl thread (D1).
+- relayed sessions (D13): a client node whose lb block `cltname` names an LB host H reaches the
+  LB node through H.  H forwards with `c_snode = H` and the client endpoint translated into the
+  `lb_eps` range, so equal endpoints on two client nodes do not collide on a server.
+
+Load: every node measures its CPU every `period` (`LoadMeter`) and reports it on every link
+(D11); a server is usable when both link directions are up, its first report arrived and it is
+not SATURATED.  Choice: lowest level, then fewest active sessions, then lowest CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
+from dvk_cffi.wire import Header, Message
+
+from .rproxy import error_ack
+
+log = logging.getLogger("dsp.group")
+
+#: m_type of the load report carried in a HELLO body (D11): m1_i1 cpu %, m1_i2 level,
+#: m1_i3 period (s), m_source the reporting node.
+MT_LOAD_REPORT = C.MT_LOAD_LEVEL
+REQUESTS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_NTFY_MSG})
+MESSAGE_CMDS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG, C.CMD_NTFY_MSG})
+LEVEL_NAMES = {C.LVL_NOTINIT: "NOTINIT", C.LVL_IDLE: "IDLE", C.LVL_BUSY: "BUSY",
+               C.LVL_SATURATED: "SATURATED"}
+
+
+@dataclass
+class Session:
+    """One client pinned to one server (the C `sess_entry`, with its fields used for real)."""
+
+    dcid: int
+    clt_node: int
+    clt_ep: int
+    clt_pid: int
+    lbclt_ep: int            # endpoint the client addressed (the service's ext_ep or in range)
+    lbsvr_ep: int            # the client as the server sees it (= clt_ep, or translated)
+    svr_node: int
+    svr_ep: int
+    service: object
+    relayed: bool
+    svr_pid: int = -1
+    pending: int = 0         # the client's unanswered request (SNDREC/SEND), for error replies
+    last_used: float = field(default_factory=time.monotonic)
+    messages: int = 0
+    bytes: int = 0
+
+    def key(self) -> tuple:
+        return (self.dcid, self.clt_node, self.clt_ep, self.service.ext_ep)
+
+    def reverse_key(self) -> tuple:
+        return (self.dcid, self.lbsvr_ep, self.svr_node, self.svr_ep)
+
+
+@dataclass
+class ServerState:
+    """What this DSP knows about one server node."""
+
+    nodeid: int
+    name: str
+    cpu: int = 0
+    level: int = C.LVL_NOTINIT
+    reported: float = 0.0
+    sessions: int = 0
+    messages: int = 0
+    bytes: int = 0
+    errors: int = 0
+
+
+class LoadMeter:
+    """CPU use of this node every `period`, with IDLE/BUSY/SATURATED hysteresis.
+
+    Under the emulator many nodes share one machine, so a node's CPU is the CPU time of the
+    processes attached to its node kernel, as a percentage of one core (capped at 100): an
+    emulated node is a one-CPU machine.  On a real DVK node it is the machine's CPU (psutil).
+    """
+
+    def __init__(self, low: int, high: int, pids=None) -> None:
+        self.low, self.high = low, high
+        self.margin = max(1, (high - low) // 5)
+        self.pids = pids            # callable -> set of pids, or None for the whole machine
+        self.level = C.LVL_IDLE
+        self.cpu = 0
+        self._last: tuple[float, dict[int, float]] | None = None
+        if pids is None:
+            psutil.cpu_percent(None)
+
+    def sample(self) -> tuple[int, int]:
+        """Measure now; returns (cpu %, level)."""
+        if self.pids is None:
+            cpu = int(psutil.cpu_percent(None))
+        else:
+            cpu = self._process_cpu()
+        self.cpu = cpu
+        self.level = self.classify(cpu, self.level)
+        return cpu, self.level
+
+    def classify(self, cpu: int, previous: int) -> int:
+        if cpu >= self.high:
+            return C.LVL_SATURATED
+        if previous == C.LVL_SATURATED and cpu >= self.high - self.margin:
+            return C.LVL_SATURATED
+        if cpu < self.low:
+            if previous in (C.LVL_BUSY, C.LVL_SATURATED) and cpu >= self.low - self.margin:
+                return C.LVL_BUSY
+            return C.LVL_IDLE
+        if previous == C.LVL_IDLE and cpu < self.low + self.margin:
+            return C.LVL_IDLE
+        return C.LVL_BUSY
+
+    def _process_cpu(self) -> int:
+        now = time.monotonic()
+        times: dict[int, float] = {}
+        for pid in self.pids():
+            try:
+                t = psutil.Process(pid).cpu_times()
+                times[pid] = t.user + t.system
+            except psutil.Error:
+                continue
+        last = self._last
+        self._last = (now, times)
+        if last is None or now <= last[0]:
+            return 0
+        used = sum(t - last[1].get(pid, t) for pid, t in times.items())
+        return max(0, min(100, int(100 * used / (now - last[0]))))
+
+
+class Group:
+    """The LB node as seen from one DSP: services, sessions, known servers and their load."""
+
+    def __init__(self, dsp) -> None:
+        self.dsp = dsp
+        self.cfg = dsp.cfg
+        self.lb = dsp.cfg.lb
+        self.lb_id = self.lb.nodeid
+        self.local = dsp.local
+        self.lock = threading.Lock()
+        self.sessions: dict[tuple, Session] = {}
+        self.by_reverse: dict[tuple, Session] = {}
+        self.per_dc: dict[int, int] = {}
+        self.servers = {n.nodeid: ServerState(n.nodeid, n.name) for n in self.cfg.servers
+                        if n.nodeid != self.local}
+        self.max_sessions = self.lb.max_sessions
+        self.session_timeout = self.lb.session_timeout
+        self.relay_host = dsp.relay_host
+        eps = self.lb.lb_eps
+        self.free_lb_eps = list(range(eps[0], eps[1] + 1)) if eps else []
+        self.meter = LoadMeter(self.lb.lowwater, self.lb.highwater, dsp.node_pids)
+        self._outbox: list[tuple[Header, bool]] = []
+        self.counters = {"sessions_started": 0, "sessions_ended": 0, "errors": 0,
+                         "no_server": 0, "no_service": 0, "table_full": 0}
+        self._last_check = time.monotonic()
+
+    # ------------------------------------------------------------------ services and servers
+    def service_for(self, dcid: int, ep: int):
+        for svc in self.cfg.services:
+            if svc.dcid not in (-1, dcid):
+                continue
+            if ep == svc.ext_ep or svc.min_ep <= ep <= svc.max_ep:
+                return svc
+        return None
+
+    def usable_servers(self, client_node: int) -> list[ServerState]:
+        """Servers with the link up both ways, a load report received, not SATURATED; never the
+        client's own node (the kernel refuses that, D1)."""
+        out = []
+        for s in self.servers.values():
+            if s.nodeid == client_node or s.level in (C.LVL_NOTINIT, C.LVL_SATURATED):
+                continue
+            link = self.dsp.links.get(s.nodeid)
+            if link is None or not link.up or not s.reported:
+                continue
+            out.append(s)
+        return out
+
+    def choose_server(self, client_node: int) -> ServerState | None:
+        candidates = self.usable_servers(client_node)
+        if not candidates:
+            return None
+        return min(candidates, key=lambda s: (s.level, s.sessions, s.cpu, s.nodeid))
+
+    # ------------------------------------------------------------------ client -> server
+    def from_local(self, h: Header, payload: bytes) -> None:
+        """A command a local process addressed to the LB node (the get2rmt thread)."""
+        self._forward(h, payload, relayed=False)
+
+    def from_network(self, h: Header, payload, link) -> None:
+        """A command for the LB node that arrived on a link: a relayed client (D13)."""
+        if self.relay_host != self.local:
+            self._reply_error(h, E.EDVSBADNODEID, relayed=True)
+            return
+        self._forward(h, bytes(payload[:h.c_len]), relayed=True)
+
+    def _forward(self, h: Header, payload: bytes, relayed: bool) -> None:
+        cmd = h.c_cmd
+        svc = self.service_for(h.c_dcid, h.c_dst)
+        if svc is None:
+            self.counters["no_service"] += 1
+            self._reply_error(h, E.EDVSDSTDIED, relayed)
+            return
+        key = (h.c_dcid, h.c_snode, h.c_src, svc.ext_ep)
+        with self.lock:
+            sess = self.sessions.get(key)
+            if sess is not None and cmd in REQUESTS and h.c_pid != sess.clt_pid \
+                    and h.c_pid > 0 and sess.clt_pid > 0:
+                log.info("session of client %d@%d: new PID %d (was %d), new session",
+                         sess.clt_ep, sess.clt_node, h.c_pid, sess.clt_pid)
+                self._end(sess, None)
+                sess = None
+            if sess is None:
+                if cmd not in REQUESTS:
+                    log.debug("no session for %r: dropped", h)
+                    return
+                sess, err = self._new_session(h, svc, relayed)
+                if sess is None:
+                    self.counters["errors"] += 1
+        if sess is None:
+            self._reply_error(h, err, relayed)
+            return
+        sess.last_used = time.monotonic()
+        if cmd in (C.CMD_SNDREC_MSG, C.CMD_SEND_MSG):
+            sess.pending = cmd
+        out = self._rewrite_forward(h, sess)
+        if not self.dsp.send_to_node(sess.svr_node, out, payload):
+            self._reply_error(h, E.EDVSNOTCONN, relayed)
+            return
+        srv = self.servers.get(sess.svr_node)
+        sess.messages += 1
+        sess.bytes += 120 + h.c_len
+        if srv is not None:
+            srv.messages += 1
+            srv.bytes += 120 + h.c_len
+
+    def _new_session(self, h: Header, svc, relayed: bool) -> tuple[Session | None, int]:
+        """Pick a server and create the session (lock held)."""
+        if self.per_dc.get(h.c_dcid, 0) >= self.max_sessions:
+            self.counters["table_full"] += 1
+            return None, E.EDVSNOSPC
+        srv = self.choose_server(h.c_snode if not relayed else -1)
+        if srv is None:
+            self.counters["no_server"] += 1
+            self.dsp.on_no_server()
+            return None, E.EDVSAGAIN
+        lbsvr_ep = h.c_src
+        if relayed:
+            if not self.free_lb_eps:
+                self.counters["table_full"] += 1
+                return None, E.EDVSNOSPC
+            lbsvr_ep = self.free_lb_eps.pop(0)
+        sess = Session(dcid=h.c_dcid, clt_node=h.c_snode, clt_ep=h.c_src, clt_pid=h.c_pid,
+                       lbclt_ep=h.c_dst, lbsvr_ep=lbsvr_ep, svr_node=srv.nodeid,
+                       svr_ep=h.c_dst, service=svc, relayed=relayed)
+        self.sessions[sess.key()] = sess
+        self.by_reverse[sess.reverse_key()] = sess
+        self.per_dc[h.c_dcid] = self.per_dc.get(h.c_dcid, 0) + 1
+        srv.sessions += 1
+        self.counters["sessions_started"] += 1
+        log.info("session: client %d@%d -> service %s (ep %d) on server node %d ep %d%s",
+                 sess.clt_ep, sess.clt_node, svc.name, sess.lbclt_ep, sess.svr_node,
+                 sess.svr_ep, f" as ep {lbsvr_ep}" if relayed else "")
+        return sess, 0
+
+    def _rewrite_forward(self, h: Header, sess: Session) -> Header:
+        out = h.copy()
+        out.c_dnode = sess.svr_node
+        out.c_flags |= C.FLAG_CHECK_HDR
+        _swap_eps(out, h.c_dst, sess.svr_ep, dst_field=True)
+        if sess.relayed:
+            out.c_snode = self.local
+            _swap_eps(out, h.c_src, sess.lbsvr_ep, dst_field=False)
+        return out
+
+    # ------------------------------------------------------------------ server -> client
+    def reverse(self, h: Header, payload, link) -> bool:
+        """A frame for this node: if it is a server's traffic in a session, rewrite it to come
+        from the LB node and deliver it to the client (True); else False."""
+        sess = self.by_reverse.get((h.c_dcid, h.c_dst, h.c_snode, h.c_src))
+        if sess is None:
+            return False
+        sess.last_used = time.monotonic()
+        if h.c_pid > 0 and sess.svr_pid != h.c_pid and h.c_cmd in MESSAGE_CMDS:
+            sess.svr_pid = h.c_pid
+        if h.c_cmd == C.CMD_SEND_MSG and sess.pending == C.CMD_SNDREC_MSG:
+            sess.pending = 0
+        elif h.c_cmd in (C.CMD_SEND_ACK, C.CMD_SNDREC_ACK):
+            sess.pending = 0
+        out = h.copy()
+        out.c_snode = self.lb_id
+        out.c_flags &= ~C.FLAG_CHECK_HDR
+        _swap_eps(out, sess.svr_ep, sess.lbclt_ep, dst_field=False)
+        data = bytes(payload[:h.c_len]) if h.c_len else b""
+        if sess.relayed:
+            out.c_dnode = sess.clt_node
+            _swap_eps(out, sess.lbsvr_ep, sess.clt_ep, dst_field=True)
+            self.dsp.send_to_node(sess.clt_node, out, data)
+        else:
+            self.dsp.put2lcl.put(out, data)
+        return True
+
+    # ------------------------------------------------------------------ errors and endings
+    def _reply_error(self, h: Header, rcode: int, relayed: bool) -> None:
+        """Every error a client causes comes back to it as an ACK with the code (§5)."""
+        ack = error_ack(h, rcode)
+        if ack is None:
+            return
+        ack.c_snode = self.lb_id
+        log.debug("error %s to client %d@%d", E.error_name(rcode), h.c_src, h.c_snode)
+        if relayed:
+            self.dsp.send_to_node(h.c_snode, ack)
+        else:
+            self.dsp.put2lcl.put(ack)
+
+    def _end(self, sess: Session, rcode: int | None) -> None:
+        """Remove a session (lock held); a client still waiting gets `rcode`."""
+        if self.sessions.get(sess.key()) is sess:
+            del self.sessions[sess.key()]
+        if self.by_reverse.get(sess.reverse_key()) is sess:
+            del self.by_reverse[sess.reverse_key()]
+        self.per_dc[sess.dcid] = max(0, self.per_dc.get(sess.dcid, 1) - 1)
+        srv = self.servers.get(sess.svr_node)
+        if srv is not None:
+            srv.sessions = max(0, srv.sessions - 1)
+        if sess.relayed:
+            self.free_lb_eps.append(sess.lbsvr_ep)
+        self.counters["sessions_ended"] += 1
+        if rcode is not None and sess.pending:
+            req = Header()
+            req.c_cmd, req.c_dcid = sess.pending, sess.dcid
+            req.c_src, req.c_dst = sess.clt_ep, sess.lbclt_ep
+            req.c_snode, req.c_dnode = sess.clt_node, self.lb_id
+            ack = error_ack(req, rcode)
+            ack.c_snode = self.lb_id
+            self._outbox.append((ack, sess.relayed))
+            sess.pending = 0
+        log.info("session ended: client %d@%d, server node %d%s", sess.clt_ep, sess.clt_node,
+                 sess.svr_node, f" ({E.error_name(rcode)})" if rcode is not None else "")
+
+    def _flush(self) -> None:
+        """Send the error replies queued while the session lock was held (never send under
+        the lock: a failing link calls back into the group)."""
+        with self.lock:
+            out, self._outbox = self._outbox, []
+        for ack, relayed in out:
+            if relayed:
+                self.dsp.send_to_node(ack.c_dnode, ack)
+            else:
+                self.dsp.put2lcl.put(ack)
+
+    def server_down(self, nodeid: int) -> None:
+        """A server failed: its sessions end and their waiting clients get EDVSNOTCONN."""
+        with self.lock:
+            srv = self.servers.get(nodeid)
+            if srv is not None:
+                srv.level, srv.reported = C.LVL_NOTINIT, 0.0
+            for sess in [s for s in self.sessions.values() if s.svr_node == nodeid]:
+                self._end(sess, E.EDVSNOTCONN)
+        self._flush()
+
+    def tick(self) -> None:
+        """Every second: expire idle sessions and those whose client unbound."""
+        now = time.monotonic()
+        with self.lock:
+            for sess in list(self.sessions.values()):
+                if now - sess.last_used > self.session_timeout:
+                    self._end(sess, E.EDVSTIMEDOUT)
+        self._flush()
+        if now - self._last_check >= min(self.lb.period, 5):
+            self._last_check = now
+            self._check_clients()
+
+    def _check_clients(self) -> None:
+        """D8: a session whose local client endpoint was unbound (or rebound by another
+        process) ends."""
+        for sess in list(self.sessions.values()):
+            if sess.relayed or sess.clt_node != self.local:
+                continue
+            try:
+                info = self.dsp.dvk.getprocinfo(sess.dcid, sess.clt_ep)
+                gone = bool(info.p_rts_flags & C.SLOT_FREE) or (
+                    sess.clt_pid > 0 and info.p_lpid != sess.clt_pid)
+            except E.DvkError as err:
+                gone = err.code in (E.EDVSNOTBIND, E.EDVSDSTDIED)
+            if gone:
+                with self.lock:
+                    self._end(sess, None)
+                self._flush()
+
+    # ------------------------------------------------------------------ load
+    def sample_load(self) -> None:
+        cpu, level = self.meter.sample()
+        log.debug("load: cpu %d%% level %s", cpu, LEVEL_NAMES[level])
+
+    def load_report(self) -> bytes:
+        m = Message()
+        m.m_source = self.local
+        m.m_type = MT_LOAD_REPORT
+        m.m1_i1, m.m1_i2, m.m1_i3 = self.meter.cpu, self.meter.level, self.lb.period
+        return bytes(m)
+
+    def on_control(self, link, h: Header) -> None:
+        m = h.c_msg
+        if m.m_type == MT_LOAD_REPORT and m.m_source == link.peer:
+            srv = self.servers.get(link.peer)
+            if srv is None:
+                return
+            cpu, level = m.m1_i1, m.m1_i2
+            if level not in LEVEL_NAMES or level == C.LVL_NOTINIT:
+                return
+            if level != srv.level:
+                log.info("server node %d load level %s -> %s (cpu %d%%)", srv.nodeid,
+                         LEVEL_NAMES[srv.level], LEVEL_NAMES[level], cpu)
+            srv.cpu, srv.level, srv.reported = cpu, level, time.monotonic()
+
+    def snapshot(self) -> dict:
+        """Figures for the statistics and the demo summary."""
+        with self.lock:
+            return {
+                "sessions": [
+                    {"dcid": s.dcid, "client": f"{s.clt_ep}@{s.clt_node}",
+                     "service": s.service.name, "server": f"{s.svr_ep}@{s.svr_node}",
+                     "relayed": s.relayed, "messages": s.messages, "bytes": s.bytes}
+                    for s in self.sessions.values()],
+                "servers": {n: {"name": s.name, "cpu": s.cpu, "level": LEVEL_NAMES[s.level],
+                                "sessions": s.sessions, "messages": s.messages,
+                                "bytes": s.bytes}
+                            for n, s in self.servers.items()},
+                "load": {"cpu": self.meter.cpu, "level": LEVEL_NAMES[self.meter.level]},
+                **self.counters,
+            }
+
+
+def _swap_eps(h: Header, old: int, new: int, dst_field: bool) -> None:
+    """Rewrite one endpoint everywhere the header names it: c_dst or c_src, m_source of
+    messages, and the vcopy sub-header (§2.4 table of lb_policies.md)."""
+    if old == new:
+        return
+    if dst_field:
+        if h.c_dst == old:
+            h.c_dst = new
+    else:
+        if h.c_src == old:
+            h.c_src = new
+        if h.c_cmd in MESSAGE_CMDS and h.c_msg.m_source == old:
+            h.c_msg.m_source = new
+    if h.c_cmd in (C.CMD_COPYIN_DATA, C.CMD_COPYOUT_RQST, C.CMD_COPYLCL_RQST,
+                   C.CMD_COPYRMT_RQST, C.CMD_COPYIN_RQST, C.CMD_COPYIN_ACK, C.CMD_COPYOUT_DATA,
+                   C.CMD_COPYLCL_ACK, C.CMD_COPYRMT_ACK):
+        if h.v_src == old:
+            h.v_src = new
+        if h.v_dst == old:
+            h.v_dst = new
+        if h.v_rqtr == old:
+            h.v_rqtr = new
+

@@ -1,0 +1,471 @@
+"""`dsp_proxy [options] CONFIG`: start-up order, threads, signals and the periodic tick.
+
+Start-up mirrors the C daemon: open the DVK, read the DVS info (the node id comes from the DVK),
+load and validate the config against it, then for every remote node create RPROXY and SPROXY
+with the TID handshake, `proxies_bind` + `node_up` the pair, and the same for the virtual LB
+node's pair (the get2rmt and put2lcl threads).  Then the DSP adds the nodes to the DCs its
+services name and binds the services' endpoints on client nodes (ARCHITECTURE §5, D5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from dvk_cffi import DvsInfo, open_dvk
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
+from dvk_cffi.api import Dvk
+from dvk_cffi.wire import Header
+
+from . import config as cfgmod
+from .link import Link, OutMonitor, PeerSpec
+from .misc import StartGate, is_local_address, resolve, set_log_node, setup_logging, start_thread
+from .rproxy import Acceptor, Put2lclThread, RProxy, error_ack
+from .sproxy import LbSender, SProxy, hello_frame
+
+log = logging.getLogger("dsp")
+
+SHUTDOWN_GRACE = 1.5
+
+
+class Dsp:
+    """One running DSP: the links to every peer, the LB pair, and what they share."""
+
+    def __init__(self, dvk: Dvk, cfg, local: int, dvs: DvsInfo,
+                 allow_any_peer: bool = False) -> None:
+        self.dvk = dvk
+        self.cfg = cfg
+        self.local = local
+        self.dvs = dvs
+        self.allow_any_peer = allow_any_peer
+        self.stopping = threading.Event()
+        lb = cfg.lb
+        self.lb_nodeid = lb.nodeid if lb is not None else -1
+        self.fd_interval_ms = lb.fd_interval if lb is not None else 500
+        fall = lb.fd_fall if lb is not None else 3
+        self.silence_timeout = max(1.0, self.fd_interval_ms * (fall + 1) / 1000.0)
+        self.user_timeout_ms = int(self.silence_timeout * 1000)
+        self.period = lb.period if lb is not None else 30
+        me = cfg.nodes_by_id.get(local)
+        self.bind_addr = _local_bind_address(me.rname) if me is not None else ""
+        self.monitor = OutMonitor()
+        self.links: dict[int, Link] = {}
+        self.acceptor = Acceptor(self)
+        self.threads: list[threading.Thread] = []
+        self.pairs: list[int] = []
+        self.put2lcl: Put2lclThread | None = None
+        self.group = None
+        self.relay_host = _relay_host(cfg)
+        self.node_pids = _node_pids(dvk)
+        self.errors: dict[int, int] = {}
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ start-up
+    @property
+    def relayed_client(self) -> bool:
+        """This node reaches the LB node through the LB host (D13)."""
+        me = self.cfg.nodes_by_id.get(self.local)
+        return (self.relay_host is not None and self.relay_host != self.local
+                and me is not None and me.role == "client")
+
+    def _peer_specs(self) -> list[PeerSpec]:
+        """The links of this node (D13: a relayed client has one, to the LB host, as its pair
+        for the LB node; other nodes leave relayed clients to the LB host)."""
+        cfg, local, lb = self.cfg, self.local, self.lb_nodeid
+        if self.relayed_client:
+            host = cfg.node(self.relay_host)
+            return [PeerSpec(nodeid=lb, name=cfg.lb.name, host=host.rname,
+                             sport=cfg.sport(local, host.nodeid), rport=cfg.rport(local, lb),
+                             batch=host.batch, compress=host.compress, autobind=True)]
+        specs = []
+        for node in cfg.peers(local):
+            if node.nodeid == lb:
+                continue
+            relayed_peer = (self.relay_host is not None and node.role == "client"
+                            and node.nodeid != self.relay_host)
+            if relayed_peer and local != self.relay_host:
+                continue
+            sport = 3000 + lb if relayed_peer else cfg.sport(local, node.nodeid)
+            specs.append(PeerSpec(nodeid=node.nodeid, name=node.name, host=node.rname,
+                                  sport=sport, rport=cfg.rport(local, node.nodeid),
+                                  batch=node.batch, compress=node.compress,
+                                  autobind=node.autobind))
+        return specs
+
+    def start(self) -> None:
+        if self.cfg.lb is not None and self.lb_nodeid != self.local and not self.relayed_client:
+            from .group import Group
+            self.group = Group(self)
+        for spec in self._peer_specs():
+            link = Link(spec, self.dvk, self.monitor)
+            self.links[spec.nodeid] = link
+            if self.group is not None and spec.nodeid in self.group.servers:
+                link.on_down.append(self.group.server_down)
+            rproxy = RProxy(self, link, StartGate())
+            sproxy = SProxy(self, link, StartGate())
+            self.acceptor.add(link)
+            self._start_pair(spec.name, spec.nodeid, (rproxy.name, rproxy),
+                             (sproxy.name, sproxy))
+        if self.group is not None:
+            self.put2lcl = Put2lclThread(self, StartGate())
+            sender = LbSender(self, StartGate())
+            self._start_pair(self.cfg.lb.name, self.lb_nodeid, ("put2lcl", self.put2lcl),
+                             ("get2rmt", sender))
+            for status in (C.CONNECT_RPROXY, C.CONNECT_SPROXY):
+                self.dvk.proxy_conn(self.lb_nodeid, status)
+        self._join_dcs()
+        self._bind_services()
+        self.threads.append(start_thread("acceptor", self.acceptor.run))
+
+    def _start_pair(self, name: str, nodeid: int, receiver, sender) -> None:
+        """The C start handshake: both threads report their TID, main registers the pair with
+        the kernel, then lets them run."""
+        started = []
+        for tname, obj in (receiver, sender):
+            self.threads.append(start_thread(tname, obj.run))
+            started.append(obj)
+        try:
+            rtid = started[0].gate.wait_tid()
+            stid = started[1].gate.wait_tid()
+            self.dvk.proxies_bind(name, nodeid, stid, rtid, C.MAXCOPYBUF)
+            self.dvk.node_up(name, nodeid, nodeid)
+        except BaseException:
+            for obj in started:
+                obj.gate.abort()
+            raise
+        self.pairs.append(nodeid)
+        for obj in started:
+            obj.gate.go()
+        log.debug("proxy pair %d (%s) registered: sender %d, receiver %d", nodeid, name,
+                  stid, rtid)
+
+    def _target_dcs(self) -> list[int]:
+        """The DCs the DSP joins the cluster's nodes to: those its services name, or every
+        running DC when a service names any DC (dcid -1) or no service is configured."""
+        dcids = {s.dcid for s in self.cfg.services}
+        if not dcids or -1 in dcids:
+            running = []
+            for d in range(self.dvs.d_nr_dcs):
+                try:
+                    if self.dvk.getdcinfo(d).dc_flags == C.DC_RUNNING:
+                        running.append(d)
+                except E.DvkError:
+                    continue
+            return running
+        return sorted(dcids)
+
+    def _join_dcs(self) -> None:
+        nodes = [n for n in self.pairs]
+        for dcid in self._target_dcs():
+            for nodeid in nodes:
+                try:
+                    self.dvk.add_node(dcid, nodeid)
+                except E.DvkError as err:
+                    if err.code != E.EDVSDCNODE:
+                        log.warning("add_node(DC %d, node %d): %s", dcid, nodeid, err)
+
+    def _bind_services(self) -> None:
+        """D5: on client nodes, each service's ext_ep is bound to the LB node."""
+        me = self.cfg.nodes_by_id.get(self.local)
+        if me is None or me.role != "client" or self.lb_nodeid < 0:
+            return
+        for svc in self.cfg.services:
+            dcids = [svc.dcid] if svc.dcid >= 0 else self._target_dcs()
+            for dcid in dcids:
+                try:
+                    info = self.dvk.getprocinfo(dcid, svc.ext_ep)
+                    if (info.p_rts_flags & C.REMOTE and info.p_nodeid == self.lb_nodeid):
+                        continue
+                    self.dvk.rmtbind(dcid, svc.name[:15], svc.ext_ep, self.lb_nodeid)
+                    log.info("service %s: endpoint %d of DC %d bound to LB node %d", svc.name,
+                             svc.ext_ep, dcid, self.lb_nodeid)
+                except E.DvkError as err:
+                    log.warning("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
+                                svc.ext_ep, dcid, err)
+
+    # ------------------------------------------------------------------ data path hooks
+    def route(self, h: Header, payload, deliverer, link: Link | None) -> None:
+        """ARCHITECTURE §5 routing of a command from the network."""
+        dnode = h.c_dnode
+        if dnode == self.local:
+            if self.group is not None and self.group.reverse(h, payload, link):
+                return
+            deliverer.deliver(h, payload, link.spec.autobind if link else True)
+        elif dnode == self.lb_nodeid and self.group is not None:
+            self.group.from_network(h, payload, link)
+        else:
+            self.count_error(h, E.EDVSBADNODEID)
+            ack = error_ack(h, E.EDVSBADNODEID)
+            if ack is not None:
+                self.send_to_node(h.c_snode, ack)
+
+    def from_local(self, h: Header, payload) -> None:
+        """A command local processes addressed to the LB node (the get2rmt thread)."""
+        if self.group is not None:
+            self.group.from_local(h, payload)
+            return
+        ack = error_ack(h, E.EDVSDSTDIED)
+        if ack is not None:
+            self.put2lcl.put(ack)
+
+    def send_to_node(self, nodeid: int, h: Header, data: bytes | memoryview = b"") -> bool:
+        """Write a frame to a peer's link (any thread may; the link's lock keeps frames whole)."""
+        link = self.links.get(nodeid)
+        if link is None or not link.up:
+            if nodeid == self.local and self.put2lcl is not None:
+                self.put2lcl.put(h, bytes(data))
+                return True
+            return False
+        parts = [h.buf] if not h.c_len else [h.buf, data[:h.c_len]]
+        try:
+            link.send(parts, link.generation)
+        except ConnectionError:
+            return False
+        link.last_tx = time.monotonic()
+        link.sent.count(h.c_cmd, len(h.buf) + h.c_len)
+        return True
+
+    def hello_for(self, peer: int, report: bool = False) -> Header:
+        """A HELLO for `peer`; with `report`, carrying this node's load report (D11)."""
+        body = self.meter_report() if report else None
+        return hello_frame(self.local, peer, body)
+
+    def meter_report(self) -> bytes | None:
+        return self.group.load_report() if self.group is not None else None
+
+    def on_no_server(self) -> None:
+        """A session found no usable server (the autoscaler's trigger)."""
+
+    def on_control(self, link: Link, h: Header) -> None:
+        if self.group is not None:
+            self.group.on_control(link, h)
+
+    def count_error(self, h: Header, code: int) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    # ------------------------------------------------------------------ running and stopping
+    def snapshot(self) -> dict:
+        """Everything an operator (or the demo) wants to see, as plain data."""
+        links = {}
+        for peer, link in self.links.items():
+            links[peer] = {
+                "name": link.spec.name, "up": link.up, "downs": link.downs,
+                "address": f"{link.spec.host}:{link.spec.sport}",
+                "sent": vars(link.sent) | {"by_cmd": dict(link.sent.by_cmd)},
+                "received": vars(link.received) | {"by_cmd": dict(link.received.by_cmd)},
+            }
+        return {
+            "node": self.local, "lb_node": self.lb_nodeid, "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1), "links": links,
+            "put2lcl_errors": {E.error_name(c): n for c, n in self.errors.items()},
+            "group": self.group.snapshot() if self.group is not None else None,
+        }
+
+    def write_status(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.snapshot(), f, indent=1, default=str)
+        os.replace(tmp, path)
+
+    def run(self, status_file: str | None = None) -> None:
+        next_sample = 0.0
+        while not self.stopping.wait(1.0):
+            if status_file:
+                try:
+                    self.write_status(status_file)
+                except OSError as exc:
+                    log.warning("cannot write %s: %s", status_file, exc)
+            if self.group is None:
+                continue
+            now = time.monotonic()
+            if now >= next_sample:
+                self.group.sample_load()
+                next_sample = now + self.period
+            self.group.tick()
+        if status_file:
+            try:
+                self.write_status(status_file)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def shutdown(self) -> None:
+        """Graceful stop: links disconnected, proxies unbound (the kernel wakes their
+        callers with EDVSNOTCONN)."""
+        self.stopping.set()
+        for link in self.links.values():
+            link.stop()
+        self.monitor.stop()
+        for pxid in self.pairs:
+            try:
+                self.dvk.proxies_unbind(pxid)
+            except E.DvkError as err:
+                log.debug("proxies_unbind(%d): %s", pxid, err)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        log.info("DSP of node %d stopped", self.local)
+
+
+def _relay_host(cfg) -> int | None:
+    """D13: the LB host is the node the lb block's `cltname` names, when it is a node of the
+    config; its clients then reach the LB node through it."""
+    if cfg.lb is None or not cfg.lb.cltname:
+        return None
+    for node in cfg.nodes:
+        if node.name == cfg.lb.cltname:
+            return node.nodeid
+    return None
+
+
+def _node_pids(dvk: Dvk):
+    """The processes whose CPU is this node's load: under the emulator, those attached to the
+    node kernel (D11); on a real DVK node None (= the whole machine)."""
+    if getattr(dvk, "backend", "") != "emu":
+        return None
+
+    def pids() -> set[int]:
+        try:
+            text = dvk.proc_text("tasks")
+        except (E.DvkError, OSError):
+            return set()
+        return {int(line.split()[0]) for line in text.splitlines()[1:] if line.strip()}
+    return pids
+
+
+def _local_bind_address(rname: str) -> str:
+    """The local node listens on and connects from its rname when that is a local address
+    (D9), on all interfaces otherwise."""
+    try:
+        addr = resolve(rname)
+    except OSError:
+        return ""
+    return addr if is_local_address(addr) else ""
+
+
+def _find_local_node(cfg_path: str) -> int | None:
+    """The config node whose rname is a local, non-loopback-range-wide address."""
+    try:
+        cfg = cfgmod.load(cfg_path)
+    except cfgmod.ConfigError:
+        return None
+    found = []
+    for node in cfg.nodes:
+        try:
+            addr = resolve(node.rname)
+        except OSError:
+            continue
+        if not addr.startswith("127.") and is_local_address(addr):
+            found.append(node.nodeid)
+    return found[0] if len(found) == 1 else None
+
+
+def open_node_dvk(mode: str, node: int | None, cfg_path: str) -> Dvk:
+    """Open the DVK; with the emulator find (or start, D6) this node's kernel."""
+    if mode == "kernel" or (mode == "auto" and os.path.exists(C.DVK_FILE_NAME)):
+        return open_dvk("kernel")
+    from dvk_cffi.emu import node as emunode
+    from dvk_cffi.emu.client import DvkUnavailable
+    from dvk_cffi.emu.server import socket_path
+    if node is None and os.environ.get("DVK_NODE"):
+        node = int(os.environ["DVK_NODE"])
+    if node is None and not os.environ.get("DVK_SOCKET"):
+        node = _find_local_node(cfg_path)
+    try:
+        return open_dvk("emu", node=node)
+    except DvkUnavailable:
+        if node is None:
+            raise
+    log.info("no DVK node kernel for node %d: starting one", node)
+    emunode.start_node(node, detach=True)
+    return open_dvk("emu", path=socket_path(node))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="dsp_proxy", description="Distributed Service Proxy")
+    p.add_argument("config", help="configuration file")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, print the cluster summary and exit")
+    p.add_argument("--dvk", choices=("auto", "kernel", "emu"), default="auto",
+                   help="DVK backend (auto: the kernel when /dev/dvk exists)")
+    p.add_argument("--node", type=int, default=None,
+                   help="emulated node kernel to attach to (default DVK_NODE, or the node "
+                        "whose rname is a local address)")
+    p.add_argument("--log-level", default=os.environ.get("DSP_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-file", default=None)
+    p.add_argument("--allow-any-peer", action="store_true",
+                   help="accept a peer's connection from any address (NAT)")
+    p.add_argument("--status-file", default=None,
+                   help="write the daemon's figures as JSON to this file every second")
+    return p.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> int:
+    try:
+        cfg = cfgmod.load(args.config, DvsInfo(), local_node=args.node)
+    except cfgmod.ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.config}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(cfgmod.format_summary(cfg, args.node))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.check:
+        return check(args)
+    setup_logging(args.log_level, args.log_file)
+    try:
+        dvk = open_node_dvk(args.dvk, args.node, args.config)
+        local, dvs = dvk.getdvsinfo()
+    except (OSError, E.DvkError, TimeoutError, RuntimeError) as exc:
+        log.error("cannot open the DVK: %s", exc)
+        return 1
+    if local < 0:
+        log.error("the DVS of this node is not initialised")
+        return 1
+    set_log_node(local)
+    try:
+        cfg = cfgmod.load(args.config, dvs, local_node=local)
+    except cfgmod.ConfigError as err:
+        for line in str(err).splitlines():
+            log.error("%s", line)
+        return 1
+    except OSError as exc:
+        log.error("%s: %s", args.config, exc.strerror)
+        return 1
+    for w in cfg.warnings:
+        log.warning("%s", w)
+    if cfg.nodes_by_id.get(local) is None:
+        log.error("node %d (this DVK) is not a node of %s", local, args.config)
+        return 1
+    dsp = Dsp(dvk, cfg, local, dvs, allow_any_peer=args.allow_any_peer)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: dsp.stop())
+    try:
+        dsp.start()
+    except (E.DvkError, TimeoutError) as exc:
+        log.error("start-up failed: %s", exc)
+        dsp.shutdown()
+        return 1
+    log.info("DSP of node %d running: %d peers, LB node %s", local, len(dsp.links),
+             dsp.lb_nodeid if dsp.lb_nodeid >= 0 else "none")
+    dsp.run(args.status_file)
+    dsp.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

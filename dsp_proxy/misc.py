@@ -1,0 +1,159 @@
+"""Small shared helpers of the DSP: logging, sockets, the thread start handshake, counters."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("dsp")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s node%(nodeid)s %(threadName)s: %(message)s"
+
+
+class _NodeIdFilter(logging.Filter):
+    """Stamps every record with the local node id, so interleaved logs of a cluster read well."""
+
+    nodeid: int | str = "?"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.nodeid = self.nodeid
+        return True
+
+
+_node_filter = _NodeIdFilter()
+
+
+def setup_logging(level: str = "INFO", path: str | None = None) -> None:
+    """One line per event with the node id (set later by `set_log_node`)."""
+    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_node_filter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def set_log_node(nodeid: int) -> None:
+    _node_filter.nodeid = nodeid
+
+
+# ------------------------------------------------------------------------------------ sockets
+def tune_socket(sock: socket.socket, user_timeout_ms: int | None = None) -> None:
+    """TCP_NODELAY always (§4 performance rules); TCP_USER_TIMEOUT so a dead peer's unacked
+    data fails the link instead of queueing forever (D10)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if user_timeout_ms and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def resolve(host: str) -> str:
+    """The IPv4 address of a peer name (IP literals are returned unchanged)."""
+    return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+
+
+def is_local_address(addr: str) -> bool:
+    """True when this machine can bind `addr` (all of 127/8 on Linux, plus its interfaces)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((addr, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class Backoff:
+    """Capped exponential backoff for reconnects (the C sender slept 5 s and never recovered)."""
+
+    def __init__(self, first: float = 0.05, cap: float = 2.0) -> None:
+        self.first, self.cap = first, cap
+        self.delay = first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def next(self) -> float:
+        d = self.delay
+        self.delay = min(self.cap, self.delay * 2)
+        return d
+
+
+# ------------------------------------------------------------------------ thread handshake
+class StartGate:
+    """The C start handshake on a Condition: a new thread reports its TID (after its first DVK
+    call, so the kernel knows it) and then waits until main has registered it with the kernel.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.tid: int | None = None
+        self.error: BaseException | None = None
+        self._go = False
+        self._abort = False
+
+    def report(self, tid: int) -> bool:
+        """Thread side: publish the TID, wait for main's go; False when start-up aborted."""
+        with self._cond:
+            self.tid = tid
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._go or self._abort)
+            return self._go
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self.error = exc
+            self._cond.notify_all()
+
+    def wait_tid(self, timeout: float = 10.0) -> int:
+        """Main side: the thread's TID (raises what the thread failed with)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.tid is not None or self.error, timeout):
+                raise TimeoutError("proxy thread did not start")
+            if self.error is not None:
+                raise self.error
+            return self.tid
+
+    def go(self) -> None:
+        with self._cond:
+            self._go = True
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._abort = True
+            self._cond.notify_all()
+
+
+def start_thread(name: str, target: Callable[..., None], *args) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    t.start()
+    return t
+
+
+# ------------------------------------------------------------------------------- counters
+@dataclass
+class Counters:
+    """Per-direction traffic figures of a link (and of the LB pair)."""
+
+    frames: int = 0
+    commands: int = 0
+    bytes: int = 0
+    errors: int = 0
+    hellos: int = 0
+    by_cmd: dict = field(default_factory=dict)
+
+    def count(self, cmd: int, nbytes: int, ncmds: int = 1) -> None:
+        self.frames += 1
+        self.commands += ncmds
+        self.bytes += nbytes
+        self.by_cmd[cmd] = self.by_cmd.get(cmd, 0) + 1
+
+
+def monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)

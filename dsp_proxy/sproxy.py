@@ -1,0 +1,164 @@
+"""Sender threads: SPROXY[P] for every remote node, and the get2rmt thread of the LB pair.
+
+SPROXY[P] takes the commands the kernel queued for node P (`get2rmt`), writes each as one frame
+on its outgoing connection, sends a HELLO (or a due load report) when the link was idle for
+`fd_interval`, and reconnects with capped backoff after any failure (the C sender could not).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
+from dvk_cffi.wire import Header, hello_header
+
+from .link import Link
+from .misc import Backoff, tune_socket
+
+log = logging.getLogger("dsp.sproxy")
+
+CONNECT_TIMEOUT = 2.0
+
+
+class SProxy:
+    """The sender of the link to one peer."""
+
+    def __init__(self, dsp, link: Link, gate) -> None:
+        self.dsp = dsp
+        self.link = link
+        self.gate = gate
+        self.name = f"SPROXY({link.peer})"
+
+    def run(self) -> None:
+        dsp, link = self.dsp, self.link
+        try:
+            dsp.dvk.getdvsinfo()  # opens this thread's DVK connection: the kernel knows the TID
+        except Exception as exc:  # reported to main, which aborts the start-up
+            self.gate.fail(exc)
+            return
+        if not self.gate.report(threading.get_native_id()):
+            return
+        self.hdr = Header()
+        self.payload = dsp.dvk.alloc(C.MAXCOPYBUF)
+        backoff = Backoff()
+        while not dsp.stopping.is_set():
+            sock = self._connect(backoff)
+            if sock is None:
+                return
+            if not link.set_out(sock):
+                return
+            while not dsp.stopping.is_set() and link.status and not link.up:
+                link.wait_up(0.5)
+            if not link.up:
+                continue
+            backoff.reset()
+            self._serve(link.generation)
+
+    def _connect(self, backoff: Backoff) -> socket.socket | None:
+        spec = self.link.spec
+        while not self.dsp.stopping.is_set():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                if self.dsp.bind_addr:
+                    sock.bind((self.dsp.bind_addr, 0))  # D9: leave from our own address
+                sock.settimeout(CONNECT_TIMEOUT)
+                sock.connect((spec.host, spec.sport))
+                sock.settimeout(None)
+                tune_socket(sock, self.dsp.user_timeout_ms)
+                log.debug("%s connected to %s:%d", self.name, spec.host, spec.sport)
+                return sock
+            except OSError as exc:
+                sock.close()
+                delay = backoff.next()
+                log.debug("%s connect to %s:%d failed (%s), retry in %.2f s", self.name,
+                          spec.host, spec.sport, exc, delay)
+                self.dsp.stopping.wait(delay)
+        return None
+
+    def _serve(self, gen: int) -> None:
+        dsp, link, hdr, payload = self.dsp, self.link, self.hdr, self.payload
+        interval = dsp.fd_interval_ms
+        next_report = 0.0
+        while link.up and link.generation == gen and not dsp.stopping.is_set():
+            now = time.monotonic()
+            if now >= next_report:  # D11: at link start and every period, busy or idle
+                self._hello(gen, report=True)
+                next_report = now + dsp.period
+            try:
+                dsp.dvk.get2rmt(hdr, payload, interval)
+            except E.DvkError as err:
+                if err.code == E.EDVSTIMEDOUT:
+                    if time.monotonic() - link.last_tx >= interval / 1000.0 * 0.8:
+                        self._hello(gen)
+                    continue
+                if err.code == E.EDVSNOTCONN:
+                    return
+                link.sent.errors += 1
+                log.debug("%s get2rmt: %s", self.name, err)
+                continue
+            if not self.send(hdr, payload.view, gen):
+                return
+
+    def send(self, hdr: Header, data: memoryview, gen: int) -> bool:
+        """Write one command (with its `c_len` payload bytes) to the peer."""
+        length = hdr.c_len
+        parts = [hdr.buf] if length == 0 else [hdr.buf, data[:length]]
+        try:
+            self.link.send(parts, gen)
+        except ConnectionError:
+            return False
+        self.link.last_tx = time.monotonic()
+        self.link.sent.count(hdr.c_cmd, 120 + length)
+        return True
+
+    def _hello(self, gen: int, report: bool = False) -> None:
+        h = self.dsp.hello_for(self.link.peer, report)
+        try:
+            self.link.send([h.buf], gen)
+            self.link.last_tx = time.monotonic()
+            self.link.sent.hellos += 1
+        except ConnectionError:
+            pass
+
+
+def hello_frame(local: int, peer: int, body: bytes | None = None) -> Header:
+    """A HELLO, optionally carrying a message body (load report or control, D11/D12)."""
+    h = hello_header(local, peer, threading.get_native_id())
+    if body:
+        h.c_msg.load(body)
+    return h
+
+
+class LbSender:
+    """The LB pair's sender (the get2rmt thread): every command local processes address to the
+    virtual LB node goes to the router; it never writes to a socket itself (D1)."""
+
+    def __init__(self, dsp, gate) -> None:
+        self.dsp = dsp
+        self.gate = gate
+
+    def run(self) -> None:
+        dsp = self.dsp
+        try:
+            dsp.dvk.getdvsinfo()
+        except Exception as exc:
+            self.gate.fail(exc)
+            return
+        if not self.gate.report(threading.get_native_id()):
+            return
+        hdr = Header()
+        payload = dsp.dvk.alloc(C.MAXCOPYBUF)
+        while not dsp.stopping.is_set():
+            try:
+                dsp.dvk.get2rmt(hdr, payload, 500)
+            except E.DvkError as err:
+                if err.code not in (E.EDVSTIMEDOUT, E.EDVSNOTCONN):
+                    log.debug("LB get2rmt: %s", err)
+                if err.code == E.EDVSNOTCONN:
+                    dsp.stopping.wait(0.5)
+                continue
+            dsp.from_local(hdr.copy(), bytes(payload.view[:hdr.c_len]))
