@@ -10,6 +10,7 @@ human until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from dvk_cffi.emu.client import EmuDvk
 from dvk_cffi.emu.server import socket_path
 
 from . import config as cfgmod
+from . import topology
 
 log = logging.getLogger("dsp.cluster")
 
@@ -96,7 +98,8 @@ class Cluster:
 
     def start_dsp(self, n: int) -> subprocess.Popen:
         argv = [sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", str(n),
-                "--log-level", self.log_level, *self.dsp_args, self.config_path]
+                "--log-level", self.log_level, "--status-file", self.status_path(n),
+                *self.dsp_args, self.config_path]
         with open(self.log_path(f"dsp{n}"), "ab") as out:
             proc = subprocess.Popen(argv, env=python_env({"DVK_RUNDIR": self.rundir}),
                                     stdout=out, stderr=subprocess.STDOUT,
@@ -104,6 +107,17 @@ class Cluster:
         self.dsps[n] = proc
         self.killed.discard(n)
         return proc
+
+    def status_path(self, n: int) -> str:
+        return os.path.join(self.rundir, f"dsp{n}.json")
+
+    def status(self, n: int) -> dict:
+        """The figures node n's DSP wrote last (see `dsp_proxy --status-file`)."""
+        try:
+            with open(self.status_path(n)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
 
     def log_path(self, name: str) -> str:
         return os.path.join(self.log_dir, f"{name}.log")
@@ -115,12 +129,11 @@ class Cluster:
         return self._dvks[n]
 
     def link_state(self) -> dict[tuple[int, int], bool]:
-        """(node, peer) -> both directions up, as each node's kernel reports it."""
+        """(node, peer) -> both directions up, as each node's kernel reports it, for every link
+        the topology gives the node (a relayed client's peer is the LB node)."""
         state = {}
         for n in self.nodes:
-            for p in self.nodes:
-                if p == n:
-                    continue
+            for p in (spec.nodeid for spec in topology.peer_specs(self.cfg, n)):
                 try:
                     flags = self.dvk(n).getnodeinfo(p).n_flags
                 except Exception:  # a node kernel that is not there counts as down

@@ -853,6 +853,7 @@ class _Checker:
                                              "(services are reached through the lb node)")
         if lb is not None:
             self._lb(lb, servers)
+            self._relay(lb, nodes)
         elif servers:
             for s in servers:
                 if "node_image" in s.values:
@@ -863,6 +864,18 @@ class _Checker:
         self._addresses(nodes)
         if not nodes and not self.errors:
             self.error(None, "no server or client block: the file defines no node to connect")
+
+    def _relay(self, lb: _Rec, nodes: Sequence[_Rec]) -> None:
+        """D13 relayed mode: `cltname` naming a node of the config makes it the LB host of the
+        client nodes, which then need the `lb_eps` range for their translated endpoints."""
+        host = next((n for n in nodes if n.name == lb.get("cltname")), None)
+        if host is None or "cltname" not in lb.values:
+            return
+        relayed = [n for n in nodes if n.kind == "client" and n is not host]
+        if relayed and "lb_eps" not in lb.values:
+            self.error(lb.vtok("cltname"), f"cltname '{host.name}' names a node: the client "
+                       f"nodes reach the lb through it (relayed mode), which needs lb_eps "
+                       f"MIN MAX for their translated endpoints")
 
     def _names(self, recs: Sequence[_Rec]) -> None:
         first: dict[str, _Rec] = {}
@@ -1162,13 +1175,17 @@ def format_summary(cfg: Config, local_node: int | None = None) -> str:
         extra = "".join(f"  {k} {getattr(lb, k)}" for k in ("cltname", "svrname")
                         if getattr(lb, k))
         eps = f"{lb.lb_eps[0]}..{lb.lb_eps[1]}" if lb.lb_eps else "none"
+        host = cfg.node_by_name(lb.cltname) if lb.cltname else None
+        mode = (f"relayed: client nodes reach the lb through {host.name} (node {host.nodeid})"
+                if host is not None else "local clients: each client node's DSP balances")
         out += [
             f"lb {lb.name}: virtual node {lb.nodeid}{extra}",
+            f"  sessions:  {mode}",
             f"  load:      lowwater {lb.lowwater}%  highwater {lb.highwater}%  "
             f"servers {lb.min_servers}..{lb.max_servers}",
             f"  timers:    period {lb.period}s  hello_time {lb.hello_time}s  start {lb.start}s  "
             f"stop {lb.stop}s",
-            f"  sessions:  timeout {lb.session_timeout}s  max {lb.max_sessions}/DC  "
+            f"  table:     timeout {lb.session_timeout}s  max {lb.max_sessions}/DC  "
             f"lb_eps {eps}",
             f"  liveness:  fd_interval {lb.fd_interval}ms  fd_fall {lb.fd_fall}  "
             f"fd_rise {lb.fd_rise}",

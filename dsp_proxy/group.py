@@ -38,6 +38,8 @@ log = logging.getLogger("dsp.group")
 MT_LOAD_REPORT = C.MT_LOAD_LEVEL
 REQUESTS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_NTFY_MSG})
 MESSAGE_CMDS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG, C.CMD_NTFY_MSG})
+#: Error ACKs from a server's kernel that mean the server endpoint is gone (D8).
+SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSNOTBIND})
 LEVEL_NAMES = {C.LVL_NOTINIT: "NOTINIT", C.LVL_IDLE: "IDLE", C.LVL_BUSY: "BUSY",
                C.LVL_SATURATED: "SATURATED"}
 
@@ -312,6 +314,9 @@ class Group:
             self.dsp.send_to_node(sess.clt_node, out, data)
         else:
             self.dsp.put2lcl.put(out, data)
+        if h.c_cmd & C.MASK_ACKNOWLEDGE and h.c_rcode in SERVER_GONE:
+            with self.lock:  # the server endpoint died or unbound: the session is over
+                self._end(sess, None)
         return True
 
     # ------------------------------------------------------------------ errors and endings

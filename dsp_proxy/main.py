@@ -25,7 +25,8 @@ from dvk_cffi.api import Dvk
 from dvk_cffi.wire import Header
 
 from . import config as cfgmod
-from .link import Link, OutMonitor, PeerSpec
+from . import topology
+from .link import Link, OutMonitor
 from .misc import StartGate, is_local_address, resolve, set_log_node, setup_logging, start_thread
 from .rproxy import Acceptor, Put2lclThread, RProxy, error_ack
 from .sproxy import LbSender, SProxy, hello_frame
@@ -62,48 +63,18 @@ class Dsp:
         self.pairs: list[int] = []
         self.put2lcl: Put2lclThread | None = None
         self.group = None
-        self.relay_host = _relay_host(cfg)
+        self.relay_host = topology.relay_host(cfg)
         self.node_pids = _node_pids(dvk)
         self.errors: dict[int, int] = {}
         self.started = time.time()
 
     # ------------------------------------------------------------------ start-up
-    @property
-    def relayed_client(self) -> bool:
-        """This node reaches the LB node through the LB host (D13)."""
-        me = self.cfg.nodes_by_id.get(self.local)
-        return (self.relay_host is not None and self.relay_host != self.local
-                and me is not None and me.role == "client")
-
-    def _peer_specs(self) -> list[PeerSpec]:
-        """The links of this node (D13: a relayed client has one, to the LB host, as its pair
-        for the LB node; other nodes leave relayed clients to the LB host)."""
-        cfg, local, lb = self.cfg, self.local, self.lb_nodeid
-        if self.relayed_client:
-            host = cfg.node(self.relay_host)
-            return [PeerSpec(nodeid=lb, name=cfg.lb.name, host=host.rname,
-                             sport=cfg.sport(local, host.nodeid), rport=cfg.rport(local, lb),
-                             batch=host.batch, compress=host.compress, autobind=True)]
-        specs = []
-        for node in cfg.peers(local):
-            if node.nodeid == lb:
-                continue
-            relayed_peer = (self.relay_host is not None and node.role == "client"
-                            and node.nodeid != self.relay_host)
-            if relayed_peer and local != self.relay_host:
-                continue
-            sport = 3000 + lb if relayed_peer else cfg.sport(local, node.nodeid)
-            specs.append(PeerSpec(nodeid=node.nodeid, name=node.name, host=node.rname,
-                                  sport=sport, rport=cfg.rport(local, node.nodeid),
-                                  batch=node.batch, compress=node.compress,
-                                  autobind=node.autobind))
-        return specs
-
     def start(self) -> None:
-        if self.cfg.lb is not None and self.lb_nodeid != self.local and not self.relayed_client:
+        relayed = topology.is_relayed_client(self.cfg, self.local)
+        if self.cfg.lb is not None and self.lb_nodeid != self.local and not relayed:
             from .group import Group
             self.group = Group(self)
-        for spec in self._peer_specs():
+        for spec in topology.peer_specs(self.cfg, self.local):
             link = Link(spec, self.dvk, self.monitor)
             self.links[spec.nodeid] = link
             if self.group is not None and spec.nodeid in self.group.servers:
@@ -314,17 +285,6 @@ class Dsp:
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
         log.info("DSP of node %d stopped", self.local)
-
-
-def _relay_host(cfg) -> int | None:
-    """D13: the LB host is the node the lb block's `cltname` names, when it is a node of the
-    config; its clients then reach the LB node through it."""
-    if cfg.lb is None or not cfg.lb.cltname:
-        return None
-    for node in cfg.nodes:
-        if node.name == cfg.lb.cltname:
-            return node.nodeid
-    return None
 
 
 def _node_pids(dvk: Dvk):

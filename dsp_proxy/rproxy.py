@@ -26,6 +26,8 @@ from .misc import resolve, tune_socket
 log = logging.getLogger("dsp.rproxy")
 
 READ_BUFFER = 1 << 18
+#: How long a delivery waits for a busy remote descriptor (EDVSENQUEUED) before it fails.
+ENQUEUED_PATIENCE = 2.0
 MAX_FRAME = HEADER_SIZE + C.MAXCOPYBUF
 VALID_CMDS = frozenset(c for c in C.CMD_NAMES if c != C.CMD_LAST_CMD)
 MESSAGE_CMDS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG})
@@ -155,6 +157,10 @@ class Deliverer:
             return dsp.dvk.put2lcl(h, self.payload)
         except E.DvkError as err:
             code = err.code
+        if code == E.EDVSENQUEUED:
+            code = self._retry_enqueued(h)
+            if code >= 0:
+                return code
         if code in BINDING_ERRORS and (autobind or h.c_flags & C.FLAG_CHECK_HDR):
             if self._bind_remote(h):
                 try:
@@ -175,6 +181,22 @@ class Deliverer:
             if ack is not None:
                 dsp.send_to_node(h.c_snode, ack)
         return code
+
+    def _retry_enqueued(self, h: Header) -> int:
+        """EDVSENQUEUED: the source's remote descriptor still holds the ACK of its previous
+        command (one pending command per descriptor, §4.6 row 11).  Many processes share one
+        remote endpoint (a server's replies to several clients, the LB's ext_ep), and the
+        sender proxy drains that ACK within moments, so wait for it instead of failing."""
+        delay, deadline = 0.0005, time.monotonic() + ENQUEUED_PATIENCE
+        while time.monotonic() < deadline and not self.dsp.stopping.is_set():
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+            try:
+                return self.dsp.dvk.put2lcl(h, self.payload)
+            except E.DvkError as err:
+                if err.code != E.EDVSENQUEUED:
+                    return err.code
+        return E.EDVSENQUEUED
 
     def _bind_remote(self, h: Header) -> bool:
         """Make c_src a REMOTE endpoint on c_snode (D4); never touches a LOCAL slot."""

@@ -19,6 +19,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
+
+from dvk_cffi import consts as C  # noqa: N812
+from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi.info import DcInfo, DvsInfo
+from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Header, Message
 from emu_helpers import (
     DC0,
     FIRST_USER,
@@ -32,11 +37,6 @@ from emu_helpers import (
     raises_code,
     wait_until,
 )
-
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
-from dvk_cffi.info import DcInfo, DvsInfo
-from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Header, Message
 
 # endpoints used by the proxy tests (node 1 is local, nodes 2 and 3 are remote, via pair 2)
 LSYS, LSYS2, LUSR = 10, 11, 40          # local system, local system, local user

@@ -14,6 +14,10 @@ import queue
 import time
 
 import pytest
+
+from dvk_cffi import consts as C  # noqa: N812
+from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi.wire import MESSAGE_SIZE, Header, Message
 from emu_helpers import (
     DC0,
     SHORT,
@@ -23,10 +27,6 @@ from emu_helpers import (
     raises_code,
     wait_until,
 )
-
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
-from dvk_cffi.wire import MESSAGE_SIZE, Header, Message
 
 SRV, CLT, SND = 20, 40, 11     # server on B (system), client on A (user), sender on A (system)
 

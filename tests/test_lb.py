@@ -1,0 +1,268 @@
+"""The virtual load-balancer node through real DSPs on emulated nodes (issue: the LB node)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster_helpers import Background, cluster_from, dvsctl, wait_bound
+from dsp_proxy.cluster import module_argv
+from dvk_cffi import Message
+from dvk_cffi import consts as C
+from dvk_cffi.errors import DvkError
+
+LB = """
+lb node0 {{ nodeid 0; period {period}; lowwater {low}; highwater {high};
+           max_sessions {maxs}; session_timeout 60; {extra} }};
+server node1 {{ nodeid 1; rname {{net}}.1; }};
+server node2 {{ nodeid 2; rname {{net}}.2; }};
+client node3 {{ nodeid 3; rname {{net}}.3; }};
+client node4 {{ nodeid 4; rname {{net}}.4; }};
+{more}
+service latency {{ dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; }};
+service m3ftp {{ dcid 0; ext_ep 20; min_ep 20; max_ep 28; bind external; }};
+"""
+
+
+def lb_config(period=30, low=30, high=70, maxs=157, extra="", more=""):
+    return LB.format(period=period, low=low, high=high, maxs=maxs, extra=extra, more=more) \
+        .replace("{{", "{").replace("}}", "}")
+
+
+LOOP_RE = re.compile(r"Time total elapsed in loop (\d+): ([0-9.]+)")
+
+
+@pytest.fixture
+def bg():
+    holder = []
+    yield holder
+    for b in holder:
+        b.close()
+
+
+def start_servers(cl, b, nodes=(1, 2), ep=10, module="dvs_apps.latency", env=None):
+    for n in nodes:
+        b.start(n, module, "server", 0, ep, env=env)
+    for n in nodes:
+        wait_bound(cl, n, 0, ep)
+
+
+def server_messages(cl, client_node) -> dict[int, int]:
+    """Commands the client node's DSP forwarded to each server."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        st = cl.status(client_node)
+        if st.get("group"):
+            return {int(k): v["messages"] for k, v in st["group"]["servers"].items()}
+        time.sleep(0.2)
+    raise AssertionError(f"no status from node {client_node}")
+
+
+def wait_status(cl, node, predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = cl.status(node)
+        if st and predicate(st):
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"node {node}: {what} not reached in {timeout} s: {cl.status(node)}")
+
+
+class Client:
+    """A client endpoint bound by the test process itself on a node (to see replies raw)."""
+
+    def __init__(self, cl, node, ep):
+        self.dvk = cl.dvk(node)
+        self.ep = self.dvk.bind(0, ep)
+
+    def call(self, dst, m_type=0x0A, timeout=5000):
+        m = Message()
+        m.m_type, m.m1_i1 = m_type, 1
+        t0 = time.monotonic()
+        try:
+            self.dvk.sendrec(dst, m, timeout)
+            return m, None, time.monotonic() - t0
+        except DvkError as err:
+            return m, err, time.monotonic() - t0
+
+    def close(self):
+        try:
+            self.dvk.unbind(0, self.ep)
+        except DvkError:
+            pass
+
+
+def test_seed_scenario_sessions_spread_over_two_servers(tmp_path, bg):
+    with cluster_from(lb_config(), tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        start_servers(cl, b)
+        for n in (3, 4):  # D5: the client nodes' DSPs bound the services to the LB node
+            info = cl.dvk(n).getprocinfo(0, 10)
+            assert info.p_rts_flags & C.REMOTE and info.p_nodeid == 0
+        # local-client sessions: the servers see the clients' own endpoints, which must
+        # therefore differ across client nodes (relayed mode translates them, see below)
+        procs = [(n, ep, cl.popen(n, module_argv("dvs_apps.latency", "client", 0, ep, 10, 40,
+                                                 0, 0), stdout=subprocess.PIPE, text=True))
+                 for n, ep in ((3, 50), (3, 51), (4, 52), (4, 53))]
+        for n, ep, p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, f"client {ep}@{n}: {out}"
+            assert [int(i) for i, _ in LOOP_RE.findall(out)] == list(range(40))
+        def spread():
+            total = {1: 0, 2: 0}
+            for n in (3, 4):
+                for srv, count in server_messages(cl, n).items():
+                    total[srv] += count
+            return total
+        deadline = time.monotonic() + 10
+        while min(spread().values()) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert min(spread().values()) > 0, spread()
+        # the reply comes from node 0 / endpoint 10 as far as the client is concerned
+        c = Client(cl, 3, 60)
+        try:
+            m, err, _ = c.call(10)
+            assert err is None
+            assert (m.m_source, m.m_type, m.m1_i1) == (10, 0x0B, 1)
+        finally:
+            c.close()
+
+
+def test_m3ftp_through_the_lb(tmp_path, bg):
+    with cluster_from(lb_config(), tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        shared = tmp_path / "export"  # both servers serve one directory (shared storage)
+        shared.mkdir()
+        start_servers(cl, b, ep=20, module="dvs_apps.m3ftp", env={"M3FTPD_DIR": str(shared)})
+        src = tmp_path / "data10M"
+        src.write_bytes(os.urandom(10 << 20))
+        put = cl.run(3, module_argv("dvs_apps.m3ftp", "-p", 0, 11, 20, "f10M", str(src)),
+                     timeout=180)
+        assert put.returncode == 0, put.stdout + put.stderr
+        assert "verified" in put.stdout
+        back = tmp_path / "back10M"
+        get = cl.run(4, module_argv("dvs_apps.m3ftp", "-g", 0, 11, 20, "f10M", str(back)),
+                     timeout=180)
+        assert get.returncode == 0, get.stdout + get.stderr
+        assert "verified" in get.stdout
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+        assert hashlib.sha256((shared / "f10M").read_bytes()).hexdigest() == digest
+
+
+BURNER = ("import os, time\n"
+          "from dvk_cffi import open_dvk\n"
+          "d = open_dvk('emu'); d.getdvsinfo()\n"
+          "end = time.time() + 90\n"
+          "while time.time() < end:\n"
+          "    pass\n")
+
+
+def msgs(st, server):
+    return st["group"]["servers"][str(server)]["messages"]
+
+
+def level_of(st, server):
+    return st["group"]["servers"][str(server)]["level"]
+
+
+def test_saturated_server_gets_no_new_sessions_until_it_recovers(tmp_path, bg):
+    with cluster_from(lb_config(period=1, low=40, high=85), tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        start_servers(cl, b)
+        wait_status(cl, 3, lambda st: level_of(st, 1) == "IDLE" and level_of(st, 2) == "IDLE",
+                    what="both servers IDLE")
+        burner = subprocess.Popen([sys.executable, "-c", BURNER], env=cl.env(1),
+                                  stdin=subprocess.DEVNULL)
+        try:
+            wait_status(cl, 3, lambda st: level_of(st, 1) == "SATURATED",
+                        what="server 1 SATURATED")
+            before = server_messages(cl, 3)
+            for ep in (50, 51, 52):
+                res = cl.run(3, module_argv("dvs_apps.latency", "client", 0, ep, 10, 5, 0, 0))
+                assert res.returncode == 0, res.stdout + res.stderr
+            st = wait_status(cl, 3, lambda st: msgs(st, 2) > before.get(2, 0),
+                             what="server 2 used")
+            assert msgs(st, 1) == before.get(1, 0), st["group"]["servers"]
+        finally:
+            burner.kill()
+            burner.wait()
+        wait_status(cl, 3, lambda st: level_of(st, 1) != "SATURATED",
+                    what="server 1 recovered")
+        before = server_messages(cl, 3)
+        procs = [cl.popen(3, module_argv("dvs_apps.latency", "client", 0, ep, 10, 10, 0, 0),
+                          stdout=subprocess.PIPE, text=True) for ep in (53, 54)]
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 0, out
+        wait_status(cl, 3, lambda st: msgs(st, 1) > before.get(1, 0), what="server 1 used")
+
+
+def test_relayed_clients_with_the_same_endpoint(tmp_path, bg):
+    cfg = lb_config(extra="cltname lbhost; lb_eps 100 150;",
+                    more="client lbhost { nodeid 5; rname {net}.5; };")
+    with cluster_from(cfg, tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        start_servers(cl, b)
+        procs = [(n, cl.popen(n, module_argv("dvs_apps.latency", "client", 0, 50, 10, 30, 0, 0),
+                              stdout=subprocess.PIPE, text=True)) for n in (3, 4)]
+        for n, p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, f"node {n}: {out}"
+            assert len(LOOP_RE.findall(out)) == 30
+        # the servers saw the clients as translated endpoints of the LB host (node 5)
+        seen = set()
+        for n in (1, 2):
+            for line in dvsctl(cl, n, "procs").stdout.splitlines()[1:]:
+                f = line.split()
+                if len(f) > 5 and f[4] == "5" and 100 <= int(f[1]) <= 150:
+                    seen.add(int(f[1]))
+        assert len(seen) >= 2, seen
+        wait_status(cl, 5, lambda st: st["group"]["sessions_started"] >= 2,
+                    what="2 relayed sessions on the LB host")
+
+
+def test_error_replies_reach_the_client_fast(tmp_path, bg):
+    with cluster_from(lb_config(maxs=2), tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        start_servers(cl, b)
+        # table full: two sessions held by slow clients, the third is refused
+        for ep in (50, 51):
+            b.start(4, "dvs_apps.latency", "client", 0, ep, 10, 100, 1, 0)
+        wait_status(cl, 4, lambda st: len(st["group"]["sessions"]) == 2, what="2 sessions")
+        c = Client(cl, 4, 60)
+        try:
+            _, err, took = c.call(10)
+            assert err is not None and err.name == "EDVSNOSPC", err
+            assert took < 1.0
+        finally:
+            c.close()
+        # an endpoint no service covers
+        dvsctl(cl, 3, "rmtbind", 0, 29, 0, "nosvc")
+        c = Client(cl, 3, 60)
+        try:
+            _, err, took = c.call(29)
+            assert err is not None and err.name == "EDVSDSTDIED", err
+            assert took < 1.0
+            # no server up
+            cl.kill_dsp(1, signal.SIGKILL)
+            cl.kill_dsp(2, signal.SIGKILL)
+            wait_status(cl, 3, lambda st: not st["links"]["1"]["up"]
+                        and not st["links"]["2"]["up"], what="servers down")
+            _, err, took = c.call(10)
+            assert err is not None and err.name == "EDVSAGAIN", err
+            assert took < 1.0
+        finally:
+            c.close()
