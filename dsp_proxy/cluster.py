@@ -191,9 +191,11 @@ class Cluster:
         """Environment of a program running on node n."""
         return python_env({"DVK_RUNDIR": self.rundir, "DVK_NODE": str(n), "DVK_MODE": "emu"})
 
-    def popen(self, n: int, argv: Sequence[str], **kw) -> subprocess.Popen:
-        """Start a program on node n (argv[0] may be a module: 'dvs_apps.latency')."""
-        return subprocess.Popen(list(argv), env=self.env(n), stdin=subprocess.DEVNULL, **kw)
+    def popen(self, n: int, argv: Sequence[str], env: dict[str, str] | None = None,
+              **kw) -> subprocess.Popen:
+        """Start a program on node n (`env` adds to the node's environment)."""
+        return subprocess.Popen(list(argv), env=self.env(n) | (env or {}),
+                                stdin=subprocess.DEVNULL, **kw)
 
     def run(self, n: int, argv: Sequence[str], timeout: float = 120.0,
             **kw) -> subprocess.CompletedProcess:
