@@ -200,7 +200,7 @@ class Dsp:
         except ConnectionError:
             return False
         link.last_tx = time.monotonic()
-        link.sent.count(h.c_cmd, len(h.buf) + h.c_len)
+        link.sent.count(h.c_cmd, len(h.buf) + h.c_len, 1, h.c_dcid, h.c_len)
         return True
 
     def hello_for(self, peer: int, report: bool = False) -> Header:
@@ -229,8 +229,8 @@ class Dsp:
             links[peer] = {
                 "name": link.spec.name, "up": link.up, "downs": link.downs,
                 "address": f"{link.spec.host}:{link.spec.sport}",
-                "sent": vars(link.sent) | {"by_cmd": dict(link.sent.by_cmd)},
-                "received": vars(link.received) | {"by_cmd": dict(link.received.by_cmd)},
+                "sent": link.sent.as_dict(),
+                "received": link.received.as_dict(),
             }
         return {
             "node": self.local, "lb_node": self.lb_nodeid, "pid": os.getpid(),

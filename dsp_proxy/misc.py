@@ -137,9 +137,22 @@ def start_thread(name: str, target: Callable[..., None], *args) -> threading.Thr
 
 
 # ------------------------------------------------------------------------------- counters
+MESSAGE_CMDS = frozenset({1, 3, 4})  # SEND, SNDREC, REPLY: what the C statistics called msgs
+DATA_CMDS = frozenset({5, 0x2006, 9})  # COPYIN_DATA, COPYOUT_DATA, COPYIN_RQST
+
+
+@dataclass
+class DcCounters:
+    """Traffic of one DC in one direction (the C dsp_pws columns nr_msgs, nr_data, nr_cmd)."""
+
+    messages: int = 0
+    data_bytes: int = 0
+    commands: int = 0
+
+
 @dataclass
 class Counters:
-    """Per-direction traffic figures of a link (and of the LB pair)."""
+    """Per-direction traffic figures of a link (and of the LB pair), also per DC."""
 
     frames: int = 0
     commands: int = 0
@@ -147,12 +160,30 @@ class Counters:
     errors: int = 0
     hellos: int = 0
     by_cmd: dict = field(default_factory=dict)
+    by_dc: dict = field(default_factory=dict)
 
-    def count(self, cmd: int, nbytes: int, ncmds: int = 1) -> None:
+    def count(self, cmd: int, nbytes: int, ncmds: int = 1, dcid: int = -1,
+              data: int = 0) -> None:
+        """One frame of `nbytes` carrying `ncmds` commands (the first is `cmd`) of DC `dcid`
+        and `data` payload bytes of copy data."""
         self.frames += 1
         self.commands += ncmds
         self.bytes += nbytes
         self.by_cmd[cmd] = self.by_cmd.get(cmd, 0) + 1
+        if dcid >= 0:
+            dc = self.by_dc.get(dcid)
+            if dc is None:
+                dc = self.by_dc[dcid] = DcCounters()
+            dc.commands += ncmds
+            if cmd in MESSAGE_CMDS:
+                dc.messages += 1
+            if cmd in DATA_CMDS:
+                dc.data_bytes += data
+
+    def as_dict(self) -> dict:
+        return {"frames": self.frames, "commands": self.commands, "bytes": self.bytes,
+                "errors": self.errors, "hellos": self.hellos, "by_cmd": dict(self.by_cmd),
+                "by_dc": {dc: vars(c).copy() for dc, c in self.by_dc.items()}}
 
 
 def monotonic_ms() -> int:

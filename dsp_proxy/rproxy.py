@@ -342,7 +342,8 @@ class RProxy:
                 hview, payload = reader.next(check)
                 link.last_rx = time.monotonic()
                 h = Header(bytearray(hview))
-                link.received.count(h.c_cmd, HEADER_SIZE + len(payload), 1 + h.c_batch_nr)
+                link.received.count(h.c_cmd, HEADER_SIZE + len(payload), 1 + h.c_batch_nr,
+                                    h.c_dcid, len(payload))
                 self.dispatch(h, payload)
         except FrameError as exc:
             log.warning("%s: bad frame, closing the link: %s", self.name, exc)

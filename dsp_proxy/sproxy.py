@@ -112,7 +112,7 @@ class SProxy:
         except ConnectionError:
             return False
         self.link.last_tx = time.monotonic()
-        self.link.sent.count(hdr.c_cmd, 120 + length)
+        self.link.sent.count(hdr.c_cmd, 120 + length, 1, hdr.c_dcid, length)
         return True
 
     def _hello(self, gen: int, report: bool = False) -> None:
