@@ -10,16 +10,22 @@ right: nobody waits on a lost wake-up).
 
 from __future__ import annotations
 
+import collections
 import logging
 import selectors
 import socket
+import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import lz4.frame
 
 from dvk_cffi import consts as C
 from dvk_cffi.api import Dvk
 from dvk_cffi.errors import DvkError
+from dvk_cffi.wire import HEADER_SIZE
 
 from .misc import Counters
 
@@ -27,6 +33,55 @@ log = logging.getLogger("dsp.link")
 
 SCONNECTED = 1 << C.PX_BIT_SCONNECTED
 RCONNECTED = 1 << C.PX_BIT_RCONNECTED
+
+#: At most this many extra headers in one batch frame (c_len = n x 120 <= MAXCOPYBUF).
+MAXBATCMD = C.MAXCOPYBUF // HEADER_SIZE
+#: COPY data frames: never batched; the only frames LZ4 compresses (ARCHITECTURE §4).
+COPY_DATA = frozenset({C.CMD_COPYIN_DATA, C.CMD_COPYOUT_DATA})
+#: A submitter that finds the writer busy and more than this much queued writes (waits) itself.
+QUEUE_HIGH_WATER = 512
+#: At most this many buffers in one sendmsg (IOV_MAX is 1024 on Linux).
+MAX_IOV = 1000
+_HEAD = struct.Struct("<iiiiiiiiiiI")        # c_cmd .. c_flags, as ROUTE_STRUCT
+_LEN_FLAGS_OFF = 28                          # c_len at 28, c_flags at 40
+_I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
+
+#: Per-thread cork: while set, `Link.submit` only queues and remembers the link; `uncork`
+#: writes every corked link's queue (one sendmsg, batches built from what is queued).
+_cork = threading.local()
+
+
+def cork() -> None:
+    """Start collecting this thread's frames (e.g. while a read buffer holds more frames)."""
+    if getattr(_cork, "links", None) is None:
+        _cork.links = {}
+
+
+def uncork() -> None:
+    """Write what this thread queued while corked (no-op when not corked)."""
+    links = getattr(_cork, "links", None)
+    if links is None:
+        return
+    _cork.links = None
+    for link in links:
+        link.flush()
+
+
+def corked() -> bool:
+    return getattr(_cork, "links", None) is not None
+
+
+def compress_frame(hbuf: bytearray, data, length: int):
+    """LZ4-frame compress COPY data when that shrinks it: sets c_len and FLAG_LZ4 in `hbuf`
+    and returns the bytes to send (else `data` unchanged).  lz4 releases the GIL; call it
+    outside any lock."""
+    packed = lz4.frame.compress(data[:length] if len(data) != length else data)
+    if len(packed) >= length:
+        return data
+    _I32.pack_into(hbuf, 28, len(packed))
+    _U32.pack_into(hbuf, 40, _U32.unpack_from(hbuf, 40)[0] | C.FLAG_LZ4)
+    return packed
 
 
 @dataclass
@@ -59,6 +114,9 @@ class Link:
         self.in_sock: socket.socket | None = None
         self.in_serial = 0               # bumped for every accepted connection
         self.send_lock = threading.Lock()
+        self.outq: collections.deque = collections.deque()
+        self.batch = spec.batch
+        self.compress = spec.compress
         self.stopping = False
         self.sent = Counters()
         self.received = Counters()
@@ -180,20 +238,129 @@ class Link:
 
     # ------------------------------------------------------------------ sending
     def send(self, parts: Sequence[bytes | bytearray | memoryview], generation: int) -> None:
-        """Write one frame (or batch) with a single sendmsg under the send lock; a failure
-        tears the link down and raises ConnectionError."""
-        with self.send_lock:
-            sock = self.out_sock
-            if sock is None or generation != self.generation or not self.up:
-                raise ConnectionError(f"link to node {self.peer} is down")
+        """Write one frame (header + payload) now; raises ConnectionError when the link is
+        down or the write failed (the link is then torn down)."""
+        hbuf = parts[0]
+        data = parts[1] if len(parts) > 1 else None
+        if not self.submit(hbuf, data, generation):
+            raise ConnectionError(f"link to node {self.peer} is down")
+
+    def submit(self, hbuf, data=None, generation: int | None = None,
+               copy: bool = True) -> bool:
+        """Queue one command (its 120-byte header and `c_len` payload bytes) for the peer and
+        write the queue unless this thread is corked or another thread is writing (that one
+        writes it).  Batchable commands that meet in the queue leave as one batch frame when
+        `batch YES`; COPY data is compressed first when `compress YES` and that shrinks it.
+        False when the link is down (the frame is dropped)."""
+        if generation is None:
+            generation = self.generation
+        if not self.up or generation != self.generation:
+            return False
+        f = _HEAD.unpack_from(hbuf, 0)
+        cmd, length = f[0], f[7]
+        if copy or self.compress:
+            hbuf = bytearray(hbuf)
+        if length:
+            if data is None or len(data) < length:
+                raise ValueError(f"c_len {length} but {0 if data is None else len(data)} "
+                                 "payload bytes")
+            if len(data) != length:
+                data = data[:length]
+            raw = length
+            if self.compress and cmd in COPY_DATA:
+                data = compress_frame(hbuf, data, length)
+                length = len(data)
+            if copy and not isinstance(data, bytes):
+                data = bytes(data)
+        else:
+            data, raw = None, 0
+        self.outq.append((hbuf, data, generation, cmd, f[1], length, raw))
+        links = getattr(_cork, "links", None)
+        if links is not None:
+            links[self] = None
+            return True
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write everything queued (flat combining: a thread that finds the writer busy
+        leaves its frames to it; the writer re-checks the queue after releasing the lock)."""
+        ok = True
+        outq, lock = self.outq, self.send_lock
+        while outq:
+            if not lock.acquire(blocking=len(outq) > QUEUE_HIGH_WATER):
+                return ok
             try:
-                total = sum(len(p) for p in parts)
-                sent = sock.sendmsg(parts)
-                if sent < total:
-                    _send_rest(sock, parts, sent)
-            except OSError as exc:
-                self.down(f"send failed: {exc}", generation)
-                raise ConnectionError(str(exc)) from None
+                ok = self._write_queued() and ok
+            finally:
+                lock.release()
+        return ok
+
+    def _write_queued(self) -> bool:
+        """(send lock held) Write the queue with as few sendmsg calls as possible."""
+        outq = self.outq
+        items = []
+        try:
+            while True:
+                items.append(outq.popleft())
+        except IndexError:
+            pass
+        gen = self.generation
+        sock = self.out_sock
+        if sock is None or not self.up:
+            return False
+        parts: list = []
+        sent = self.sent
+        batch = self.batch
+        i, n = 0, len(items)
+        while i < n:
+            hbuf, data, g, cmd, dcid, length, raw = items[i]
+            i += 1
+            if g != gen:
+                continue
+            if batch and not length and cmd != C.CMD_NONE:
+                j = i
+                while (j < n and j - i < MAXBATCMD and not items[j][5]
+                       and items[j][3] != C.CMD_NONE and items[j][2] == gen):
+                    j += 1
+                extra = j - i
+                if extra:
+                    head = bytearray(hbuf)
+                    _I32.pack_into(head, 28, extra * HEADER_SIZE)         # c_len
+                    _I32.pack_into(head, 36, extra)                        # c_batch_nr
+                    _U32.pack_into(head, 40, _U32.unpack_from(head, 40)[0] | C.FLAG_BATCH)
+                    parts.append(head)
+                    parts.extend(items[k][0] for k in range(i, j))
+                    sent.count(cmd, HEADER_SIZE * (extra + 1), extra + 1, dcid, 0)
+                    sent.batches += 1
+                    i = j
+                    continue
+            parts.append(hbuf)
+            if length:
+                parts.append(data)
+                if length != raw:
+                    sent.lz4_frames += 1
+                    sent.lz4_raw += raw
+                    sent.lz4_wire += length
+            if cmd == C.CMD_NONE:
+                sent.hellos += 1
+                sent.frames += 1
+                sent.bytes += HEADER_SIZE
+            else:
+                sent.count(cmd, HEADER_SIZE + length, 1, dcid, raw)
+        if not parts:
+            return True
+        try:
+            for k in range(0, len(parts), MAX_IOV):
+                chunk = parts[k:k + MAX_IOV]
+                total = sum(map(len, chunk))
+                done = sock.sendmsg(chunk)
+                if done < total:
+                    _send_rest(sock, chunk, done)
+        except OSError as exc:
+            self.down(f"send failed: {exc}", gen)
+            return False
+        self.last_tx = time.monotonic()
+        return True
 
 
 def _send_rest(sock: socket.socket, parts: Sequence, sent: int) -> None:

@@ -159,6 +159,10 @@ class Counters:
     bytes: int = 0
     errors: int = 0
     hellos: int = 0
+    batches: int = 0        # batch frames (each carries 1 + c_batch_nr commands)
+    lz4_frames: int = 0     # COPY data frames with an LZ4 payload
+    lz4_raw: int = 0        # their payload bytes before compression
+    lz4_wire: int = 0       # and on the wire
     by_cmd: dict = field(default_factory=dict)
     by_dc: dict = field(default_factory=dict)
 
@@ -182,7 +186,9 @@ class Counters:
 
     def as_dict(self) -> dict:
         return {"frames": self.frames, "commands": self.commands, "bytes": self.bytes,
-                "errors": self.errors, "hellos": self.hellos, "by_cmd": dict(self.by_cmd),
+                "errors": self.errors, "hellos": self.hellos, "batches": self.batches,
+                "lz4_frames": self.lz4_frames, "lz4_raw": self.lz4_raw,
+                "lz4_wire": self.lz4_wire, "by_cmd": dict(self.by_cmd),
                 "by_dc": {dc: vars(c).copy() for dc, c in self.by_dc.items()}}
 
 

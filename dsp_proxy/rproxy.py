@@ -13,19 +13,23 @@ import logging
 import queue
 import selectors
 import socket
+import struct
 import threading
 import time
+
+import lz4.frame
 
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import HEADER_SIZE, ROUTE_STRUCT, Header, unpack_batch
 
-from .link import Link
+from .link import COPY_DATA, Link, cork, uncork
 from .misc import resolve, tune_socket
 
 log = logging.getLogger("dsp.rproxy")
 
 READ_BUFFER = 1 << 18
+_I32 = struct.Struct("<i")
 #: How long a delivery waits for a busy remote descriptor (EDVSENQUEUED) before it fails.
 ENQUEUED_PATIENCE = 2.0
 MAX_FRAME = HEADER_SIZE + C.MAXCOPYBUF
@@ -101,11 +105,34 @@ class FrameReader:
                                            + (" inside a frame" if self.end > self.start else ""))
             self.end += n
 
+    def has_frame(self) -> bool:
+        """True when the buffer holds a whole frame (parse it without reading)."""
+        avail = self.end - self.start
+        if avail < HEADER_SIZE:
+            return False
+        n = _I32.unpack_from(self.buf, self.start + 28)[0]
+        return avail >= HEADER_SIZE + n or not 0 <= n <= C.MAXCOPYBUF  # bad: next() says so
+
+    def fill(self) -> None:
+        """Read once more (blocking) into the buffer: at least one byte."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif len(self.buf) - self.end < HEADER_SIZE + C.MAXCOPYBUF:
+            pending = self.end - self.start
+            self.buf[:pending] = self.buf[self.start:self.end]
+            self.start, self.end = 0, pending
+        n = self.sock.recv_into(self.view[self.end:])
+        if n == 0:
+            raise ConnectionResetError("the peer closed the connection"
+                                       + (" inside a frame" if self.end > self.start else ""))
+        self.end += n
+
     def next(self, check) -> tuple[memoryview, memoryview]:
-        """The next (header, payload) views; valid until the next call."""
+        """The next (header, payload) views; valid until the next call.  `self.fields` holds
+        the header's first 11 fields (ROUTE_STRUCT)."""
         if self.end - self.start < HEADER_SIZE:
             self._fill(HEADER_SIZE)
-        fields = ROUTE_STRUCT.unpack_from(self.buf, self.start)
+        self.fields = fields = ROUTE_STRUCT.unpack_from(self.buf, self.start)
         check(fields)
         total = HEADER_SIZE + fields[7]
         if self.end - self.start < total:
@@ -230,6 +257,18 @@ class Acceptor:
     def add(self, link: Link) -> None:
         self.pending.append(link)
 
+    def remove(self, link: Link) -> None:
+        """Stop listening for a peer a config reload removed (called from the main thread:
+        the listener is unregistered before it is closed, so `run` never sees it again)."""
+        self.pending = [x for x in self.pending if x is not link]
+        for key in list(self.sel.get_map().values()):
+            if key.data is link:
+                try:
+                    self.sel.unregister(key.fileobj)
+                except (KeyError, ValueError):
+                    pass
+                key.fileobj.close()
+
     def run(self) -> None:
         dsp = self.dsp
         while not dsp.stopping.is_set():
@@ -337,14 +376,24 @@ class RProxy:
         def check(fields):
             check_header(fields, peer, nr_nodes, nr_dcs, lb)
 
+        received = link.received
+        dispatch = self.dispatch
+        monotonic = time.monotonic
         try:
             while link.generation == gen and link.up:
+                if not reader.has_frame():
+                    uncork()         # write what the frames of the last read produced
+                    reader.fill()
+                    link.last_rx = monotonic()
+                    cork()
                 hview, payload = reader.next(check)
-                link.last_rx = time.monotonic()
                 h = Header(bytearray(hview))
-                link.received.count(h.c_cmd, HEADER_SIZE + len(payload), 1 + h.c_batch_nr,
-                                    h.c_dcid, len(payload))
-                self.dispatch(h, payload)
+                f = reader.fields
+                length = f[7]
+                received.count(f[0], HEADER_SIZE + length, 1 + f[9], f[1], length)
+                if f[10] & C.FLAG_LZ4:
+                    payload = self._decompress(h, payload)
+                dispatch(h, payload)
         except FrameError as exc:
             log.warning("%s: bad frame, closing the link: %s", self.name, exc)
             link.down(f"bad frame: {exc}", gen)
@@ -352,6 +401,26 @@ class RProxy:
             link.down(f"nothing received for {dsp.silence_timeout:.1f} s", gen)
         except OSError as exc:
             link.down(str(exc) or type(exc).__name__, gen)
+        finally:
+            uncork()
+
+    def _decompress(self, h: Header, payload: memoryview) -> memoryview:
+        """An LZ4 frame payload, whatever this node's own `compress` setting (the flag says
+        what the frame is; the C receiver passed it raw unless its own option was on)."""
+        if h.c_cmd not in COPY_DATA:
+            raise FrameError(f"LZ4 flag on {C.CMD_NAMES.get(h.c_cmd, h.c_cmd)}")
+        try:
+            raw = lz4.frame.decompress(payload)
+        except RuntimeError as exc:
+            raise FrameError(f"LZ4 payload does not decompress: {exc}") from None
+        if len(raw) > C.MAXCOPYBUF or len(raw) != h.v_bytes:
+            raise FrameError(f"LZ4 payload of {len(raw)} bytes, v_bytes {h.v_bytes}")
+        self.link.received.lz4_frames += 1
+        self.link.received.lz4_raw += len(raw)
+        self.link.received.lz4_wire += len(payload)
+        h.c_len = len(raw)
+        h.c_flags &= ~C.FLAG_LZ4
+        return memoryview(raw)
 
     def dispatch(self, h: Header, payload: memoryview) -> None:
         """Route one frame (ARCHITECTURE §5): HELLO/control, local delivery, the LB, relays."""

@@ -264,8 +264,11 @@ class EmuDvk(Dvk):
 
     # ------------------------------------------------------------------ proxies
     def get2rmt(self, hdr: Header, payload: Buffer, timeout: int = C.HELLO_PERIOD) -> int:
-        hdr.load(self._call("GET2RMT", payload.addr, timeout)[1])
-        return 0
+        """Returns how many more commands were queued for this proxy (a hint for batching;
+        0 when the kernel did not say)."""
+        values = self._call("GET2RMT", payload.addr, timeout)
+        hdr.load(values[1])
+        return values[2] if len(values) > 2 else 0
 
     def put2lcl(self, hdr: Header, payload: Buffer | None) -> int:
         return self._value("PUT2LCL", bytes(hdr.buf), payload.addr if payload else 0)

@@ -1289,6 +1289,12 @@ class NodeKernel:
     # ================================================================ get2rmt / put2lcl
     def get2rmt(self, task: Task, payload_addr: int, tout: int) -> bytes:
         """Next command of this sender proxy's FIFO, data copied to `payload_addr`."""
+        return self.get2rmt_more(task, payload_addr, tout)[0]
+
+    def get2rmt_more(self, task: Task, payload_addr: int, tout: int) -> tuple[bytes, int]:
+        """`get2rmt`, plus how many commands were still queued for the proxy afterwards (an
+        upper bound: a proxy batches only when it knows more is waiting, so a lone command is
+        never delayed by an extra call)."""
         with self.lock:
             px = self._proxy_caller(task, DVK_GET2RMT)
             pair = self.proxies[px.nr]
@@ -1305,7 +1311,7 @@ class NodeKernel:
                             raise
                         continue
                     if out is not None:
-                        return out
+                        return out, len(pair.queue)
                 if not px.misc & C.MIS_CONNECTED:
                     raise E.DvkError.for_code(E.EDVSNOTCONN)
                 left = None if deadline is None else deadline - time.monotonic()

@@ -216,7 +216,7 @@ class NodeServer:
             "WAKEUP": lambda t, a, f: k.wakeup(t, a[0], a[1]),
             "GETPRIV": lambda t, a, f: (0, k.getpriv(t, a[0], a[1])),
             "SETPRIV": lambda t, a, f: k.setpriv(t, a[0], a[1], a[2]),
-            "GET2RMT": lambda t, a, f: (0, k.get2rmt(t, a[0], a[1])),
+            "GET2RMT": lambda t, a, f: (0, *k.get2rmt_more(t, a[0], a[1])),
             "PUT2LCL": lambda t, a, f: k.put2lcl(t, a[0], a[1]),
         }
 

@@ -1,0 +1,1 @@
+"""Benchmarks of the DSP data path (`make bench`); not part of `make test`."""

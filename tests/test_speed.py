@@ -1,0 +1,208 @@
+"""Batching and LZ4 compression on the wire (issue: speed): the link's writer, the receiver,
+and whole clusters with `batch YES` / `compress YES`, also mismatched between the two ends."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import lz4.frame
+
+from cluster_helpers import Background, cluster_from, dvsctl, wait_bound
+from dsp_proxy.cluster import module_argv
+from dsp_proxy.link import Link, PeerSpec, cork, uncork
+from dsp_proxy.rproxy import FrameReader
+from dvk_cffi import consts as C
+from dvk_cffi.wire import make_header, unpack_batch
+
+
+def _link(batch=False, compress=False):
+    spec = PeerSpec(nodeid=2, name="n2", host="127.0.0.1", sport=1, rport=1, batch=batch,
+                    compress=compress)
+    link = Link(spec, dvk=None)
+    a, b = socket.socketpair()
+    link.out_sock, link.up, link.generation = a, True, 1
+    return link, b
+
+
+def _read_frames(sock, n):
+    sock.settimeout(2)
+    r = FrameReader(sock)
+    return [(bytes(h), bytes(p)) for h, p in (r.next(lambda f: None) for _ in range(n))]
+
+
+def _cmds(frames):
+    """Unbatch like RPROXY: (c_cmd, c_src) of every command in order."""
+    out = []
+    for hb, pay in frames:
+        h = make_header()
+        h.buf[:] = hb
+        out.append((h.c_cmd, h.c_src))
+        if h.c_flags & C.FLAG_BATCH:
+            out.extend((s.c_cmd, s.c_src) for s in unpack_batch(pay, h.c_batch_nr))
+    return out
+
+
+def test_queued_commands_leave_as_one_batch_in_order_copy_data_alone():
+    link, peer = _link(batch=True)
+    data = os.urandom(1000)
+    cork()
+    for i in range(5):
+        link.submit(make_header(c_cmd=C.CMD_SEND_MSG, c_src=100 + i).buf)
+    link.submit(make_header(c_cmd=C.CMD_COPYIN_DATA, c_src=200, c_len=1000).buf, data)
+    for i in range(3):
+        link.submit(make_header(c_cmd=C.CMD_SNDREC_MSG, c_src=300 + i,
+                                c_flags=C.FLAG_CHECK_HDR).buf)
+    uncork()
+    frames = _read_frames(peer, 3)
+    assert _cmds(frames) == [(C.CMD_SEND_MSG, 100 + i) for i in range(5)] + \
+        [(C.CMD_COPYIN_DATA, 200)] + [(C.CMD_SNDREC_MSG, 300 + i) for i in range(3)]
+    first = make_header()
+    first.buf[:] = frames[2][0]
+    assert first.c_flags == C.FLAG_BATCH | C.FLAG_CHECK_HDR  # the C code lost CHECK_HDR
+    assert frames[1][1] == data
+    assert (link.sent.frames, link.sent.commands, link.sent.batches) == (3, 9, 2)
+
+
+def test_a_lone_command_is_written_at_once_and_batch_no_never_batches():
+    link, peer = _link(batch=True)
+    link.submit(make_header(c_cmd=C.CMD_SEND_MSG, c_src=7).buf)
+    assert _cmds(_read_frames(peer, 1)) == [(C.CMD_SEND_MSG, 7)]
+    link, peer = _link(batch=False)
+    cork()
+    for i in range(4):
+        link.submit(make_header(c_cmd=C.CMD_SEND_MSG, c_src=i).buf)
+    uncork()
+    assert len(_read_frames(peer, 4)) == 4
+    assert link.sent.batches == 0
+
+
+def test_copy_data_is_compressed_only_when_it_shrinks():
+    link, peer = _link(compress=True)
+    text = b"all work and no play " * 3000
+    text = text[:C.MAXCOPYBUF]
+    noise = os.urandom(C.MAXCOPYBUF)
+    for payload in (text, noise):
+        link.submit(make_header(c_cmd=C.CMD_COPYIN_DATA, c_len=len(payload),
+                                v_bytes=len(payload)).buf, payload)
+    (h1, p1), (h2, p2) = _read_frames(peer, 2)
+    a, b = make_header(), make_header()
+    a.buf[:], b.buf[:] = h1, h2
+    assert a.c_flags & C.FLAG_LZ4 and a.c_len == len(p1) < len(text)
+    assert lz4.frame.decompress(p1) == text
+    assert not b.c_flags & C.FLAG_LZ4 and p2 == noise
+    assert link.sent.lz4_frames == 1 and link.sent.lz4_wire < link.sent.lz4_raw
+    # never a non-COPY payload or a HELLO
+    link.submit(make_header(c_cmd=C.CMD_NONE).buf)
+    (h3, _), = _read_frames(peer, 1)
+    assert h3[40] == 0
+
+
+TWO = """
+server node1 {{ nodeid 1; rname {{net}}.1; autobind YES; {opt1} }};
+server node2 {{ nodeid 2; rname {{net}}.2; autobind YES; {opt2} }};
+"""
+
+
+def _config(opt1, opt2):
+    return TWO.format(opt1=opt1, opt2=opt2).replace("{{", "{").replace("}}", "}")
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _sent(cl, node, peer, settle=3.0):
+    time.sleep(settle)  # the status file is rewritten every second
+    return cl.status(node)["links"][str(peer)]["sent"]
+
+
+def _run_clients(cl, node, eps, svr_ep, loops):
+    procs = [cl.popen(node, module_argv("dvs_apps.latency", "client", 0, ep, svr_ep, loops,
+                                        0, 0), stdout=subprocess.PIPE, text=True)
+             for ep in eps]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+        assert f"Total average latency in {loops} loops" in out
+
+
+def _ftp(cl, node, tmp_path, srvdir, name, data):
+    src = tmp_path / f"{name}.src"
+    src.write_bytes(data)
+    put = cl.run(node, module_argv("dvs_apps.m3ftp", "-p", 0, 11, 20, name, str(src)),
+                 timeout=120)
+    assert put.returncode == 0, put.stdout + put.stderr
+    assert _sha(srvdir / name) == _sha(src)
+    back = tmp_path / f"{name}.back"
+    get = cl.run(node, module_argv("dvs_apps.m3ftp", "-g", 0, 11, 20, name, str(back)),
+                 timeout=120)
+    assert get.returncode == 0, get.stdout + get.stderr
+    assert _sha(back) == _sha(src)
+
+
+def _servers(cl, b, tmp_path):
+    b.start(2, "dvs_apps.latency", "server", 0, 10)
+    srvdir = tmp_path / "srv"
+    srvdir.mkdir()
+    b.start(2, "dvs_apps.m3ftp", "server", 0, 20, env={"M3FTPD_DIR": str(srvdir)})
+    wait_bound(cl, 2, 0, 10)
+    wait_bound(cl, 2, 0, 20)
+    dvsctl(cl, 1, "rmtbind", 0, 10, 2, "latency")
+    dvsctl(cl, 1, "rmtbind", 0, 20, 2, "m3ftpd")
+    return srvdir
+
+
+def test_batch_and_compress_yes_between_two_nodes(tmp_path):
+    cfg = _config("batch YES; compress YES;", "batch YES; compress YES;")
+    with cluster_from(cfg, tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        try:
+            srvdir = _servers(cl, b, tmp_path)
+            # 12 concurrent clients, each checks its loops come back in order; node 1's DSP
+            # is paused a moment so that their requests queue up in its kernel
+            procs = [cl.popen(1, module_argv("dvs_apps.latency", "client", 0, ep, 10, 40, 0, 0),
+                              stdout=subprocess.PIPE, text=True) for ep in range(50, 62)]
+            time.sleep(1.0)
+            cl.dsps[1].send_signal(signal.SIGSTOP)
+            time.sleep(0.3)
+            cl.dsps[1].send_signal(signal.SIGCONT)
+            for p in procs:
+                out, _ = p.communicate(timeout=120)
+                assert p.returncode == 0, out
+                assert "Total average latency in 40 loops" in out
+            batched = _sent(cl, 1, 2, settle=1.5)
+            assert batched["batches"] > 0 and batched["frames"] < batched["commands"]
+            back = _sent(cl, 2, 1, settle=0)
+            before = _sent(cl, 1, 2, settle=0)
+            _ftp(cl, 1, tmp_path, srvdir, "text", b"compressible line of text\n" * 160000)
+            st1, st2 = _sent(cl, 1, 2), _sent(cl, 2, 1)
+            assert st1["lz4_frames"] > before["lz4_frames"]           # PUT data compressed
+            assert st2["lz4_frames"] > back["lz4_frames"]             # GET data compressed
+            assert st1["lz4_wire"] * 4 < st1["lz4_raw"]
+            _ftp(cl, 1, tmp_path, srvdir, "noise", os.urandom(2 << 20))
+            after = _sent(cl, 1, 2)
+            assert after["lz4_frames"] == st1["lz4_frames"]            # random data sent raw
+        finally:
+            b.close()
+
+
+def test_mismatched_batch_and_compress_lose_nothing(tmp_path):
+    # links to node 2 batch and compress, links to node 1 do not: each receiver takes what
+    # the flags say, whatever its own setting
+    cfg = _config("", "batch YES; compress YES;")
+    with cluster_from(cfg, tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        try:
+            srvdir = _servers(cl, b, tmp_path)
+            _run_clients(cl, 1, range(50, 56), 10, 40)
+            _ftp(cl, 1, tmp_path, srvdir, "text", b"0123456789abcdef" * 65536)
+            to2, to1 = _sent(cl, 1, 2), _sent(cl, 2, 1)
+            assert to2["lz4_frames"] > 0
+            assert to1["lz4_frames"] == 0 and to1["batches"] == 0
+        finally:
+            b.close()
