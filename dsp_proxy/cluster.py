@@ -55,7 +55,7 @@ class Cluster:
 
     def __init__(self, config_path: str | os.PathLike, rundir: str | None = None,
                  log_dir: str | None = None, dsp_args: Sequence[str] = (),
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", only: Sequence[int] | None = None) -> None:
         self.config_path = str(config_path)
         self.cfg = cfgmod.load(self.config_path)
         self.own_rundir = rundir is None
@@ -63,7 +63,8 @@ class Cluster:
         self.log_dir = log_dir or self.rundir
         self.dsp_args = list(dsp_args)
         self.log_level = log_level
-        self.nodes = [n.nodeid for n in self.cfg.nodes if n.nodeid != self._lb_id()]
+        self.nodes = [n.nodeid for n in self.cfg.nodes
+                      if n.nodeid != self._lb_id() and (only is None or n.nodeid in only)]
         self.kernels: dict[int, subprocess.Popen] = {}
         self.dsps: dict[int, subprocess.Popen] = {}
         self.killed: set[int] = set()
@@ -133,7 +134,8 @@ class Cluster:
         the topology gives the node (a relayed client's peer is the LB node)."""
         state = {}
         for n in self.nodes:
-            for p in (spec.nodeid for spec in topology.peer_specs(self.cfg, n)):
+            for p in (spec.nodeid for spec in topology.peer_specs(self.cfg, n)
+                      if spec.nodeid in self.nodes or spec.nodeid == self._lb_id()):
                 try:
                     flags = self.dvk(n).getnodeinfo(p).n_flags
                 except Exception:  # a node kernel that is not there counts as down

@@ -29,6 +29,7 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import Header, Message
 
+from .elastic import MT_SVC_START, MT_SVC_STOP, control_message
 from .rproxy import error_ack
 
 log = logging.getLogger("dsp.group")
@@ -36,6 +37,8 @@ log = logging.getLogger("dsp.group")
 #: m_type of the load report carried in a HELLO body (D11): m1_i1 cpu %, m1_i2 level,
 #: m1_i3 period (s), m_source the reporting node.
 MT_LOAD_REPORT = C.MT_LOAD_LEVEL
+#: How long a session waits for the server's DSP to start its program (5 s bind + slack).
+START_PATIENCE = 8.0
 REQUESTS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_NTFY_MSG})
 MESSAGE_CMDS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG, C.CMD_NTFY_MSG})
 #: Error ACKs from a server's kernel that mean the server endpoint is gone (D8).
@@ -55,7 +58,6 @@ class Session:
     lbclt_ep: int            # endpoint the client addressed (the service's ext_ep or in range)
     lbsvr_ep: int            # the client as the server sees it (= clt_ep, or translated)
     svr_node: int
-    svr_ep: int
     service: object
     relayed: bool
     svr_pid: int = -1
@@ -63,12 +65,23 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     messages: int = 0
     bytes: int = 0
+    to_server: dict = field(default_factory=dict)   # endpoint the client addressed -> server's
+    to_client: dict = field(default_factory=dict)   # server endpoint -> what the client sees
+    starting: int = 0        # request id while a prog service is being started for it
+    started_at: float = 0.0
+    parked: list = field(default_factory=list)      # frames waiting for the program's bind
+    prog_ep: int = -1        # endpoint of the program started for this session
 
     def key(self) -> tuple:
         return (self.dcid, self.clt_node, self.clt_ep, self.service.ext_ep)
 
-    def reverse_key(self) -> tuple:
-        return (self.dcid, self.lbsvr_ep, self.svr_node, self.svr_ep)
+    def reverse_keys(self) -> list[tuple]:
+        return [(self.dcid, self.lbsvr_ep, self.svr_node, ep) for ep in self.to_client]
+
+    @property
+    def auto_run(self) -> bool:
+        """A `prog` service: the LB starts one program per session (lb_policies §4.5)."""
+        return bool(self.service.prog) and self.service.bind != "external"
 
 
 @dataclass
@@ -84,6 +97,9 @@ class ServerState:
     messages: int = 0
     bytes: int = 0
     errors: int = 0
+    activity: int = 0        # commands its DSP moved in its last report period
+    rise_base: int = -1      # link frame count at its first report after the link came up
+    failed: bool = False     # went DOWN since the DSP started: it must rise again
 
 
 class LoadMeter:
@@ -166,6 +182,9 @@ class Group:
         self.free_lb_eps = list(range(eps[0], eps[1] + 1)) if eps else []
         self.meter = LoadMeter(self.lb.lowwater, self.lb.highwater, dsp.node_pids)
         self._outbox: list[tuple[Header, bool]] = []
+        self._controls: list[tuple[int, bytes]] = []
+        self.starting: dict[int, Session] = {}
+        self._req_id = 0
         self.counters = {"sessions_started": 0, "sessions_ended": 0, "errors": 0,
                          "no_server": 0, "no_service": 0, "table_full": 0}
         self._last_check = time.monotonic()
@@ -182,15 +201,25 @@ class Group:
     def usable_servers(self, client_node: int) -> list[ServerState]:
         """Servers with the link up both ways, a load report received, not SATURATED; never the
         client's own node (the kernel refuses that, D1)."""
-        out = []
-        for s in self.servers.values():
-            if s.nodeid == client_node or s.level in (C.LVL_NOTINIT, C.LVL_SATURATED):
-                continue
-            link = self.dsp.links.get(s.nodeid)
-            if link is None or not link.up or not s.reported:
-                continue
-            out.append(s)
-        return out
+        return [s for s in self.servers.values()
+                if s.nodeid != client_node and s.level != C.LVL_SATURATED and self.is_live(s)]
+
+    def is_live(self, s: ServerState) -> bool:
+        """D11: a server is running when both link directions are up and its first load
+        report arrived; one that went DOWN must also be heard `fd_rise` times again (UP after
+        fd_rise good ones), as HAProxy's rise.  At start-up servers are UP at once."""
+        link = self.dsp.links.get(s.nodeid)
+        if link is None or not link.up or not s.reported or s.level == C.LVL_NOTINIT:
+            return False
+        return not s.failed or link.received.frames - s.rise_base >= self.lb.fd_rise - 1
+
+    def levels(self) -> dict[int, int]:
+        return {n: s.level for n, s in self.servers.items() if self.is_live(s)}
+
+    def quiet(self, nodeid: int) -> bool:
+        """No session of this DSP on the server and no traffic reported by it."""
+        s = self.servers.get(nodeid)
+        return s is not None and s.sessions == 0 and s.activity == 0
 
     def choose_server(self, client_node: int) -> ServerState | None:
         candidates = self.usable_servers(client_node)
@@ -239,6 +268,18 @@ class Group:
         sess.last_used = time.monotonic()
         if cmd in (C.CMD_SNDREC_MSG, C.CMD_SEND_MSG):
             sess.pending = cmd
+        if sess.starting:
+            with self.lock:
+                sess.parked.append((h.copy(), payload))
+                first = len(sess.parked) == 1 and not sess.started_at
+                if first:
+                    sess.started_at = time.monotonic()
+            if first:
+                self._ask_start(sess)
+            return
+        self._send_forward(sess, h, payload, relayed)
+
+    def _send_forward(self, sess: Session, h: Header, payload: bytes, relayed: bool) -> None:
         out = self._rewrite_forward(h, sess)
         if not self.dsp.send_to_node(sess.svr_node, out, payload):
             self._reply_error(h, E.EDVSNOTCONN, relayed)
@@ -257,6 +298,10 @@ class Group:
             return None, E.EDVSNOSPC
         srv = self.choose_server(h.c_snode if not relayed else -1)
         if srv is None:
+            log.info("no usable server for client %d@%d: %s", h.c_src, h.c_snode,
+                     ", ".join(f"node {s.nodeid} {LEVEL_NAMES[s.level]}"
+                               f"{'' if self.is_live(s) else ' (down)'}"
+                               for s in self.servers.values()) or "none configured")
             self.counters["no_server"] += 1
             self.dsp.on_no_server()
             return None, E.EDVSAGAIN
@@ -268,22 +313,39 @@ class Group:
             lbsvr_ep = self.free_lb_eps.pop(0)
         sess = Session(dcid=h.c_dcid, clt_node=h.c_snode, clt_ep=h.c_src, clt_pid=h.c_pid,
                        lbclt_ep=h.c_dst, lbsvr_ep=lbsvr_ep, svr_node=srv.nodeid,
-                       svr_ep=h.c_dst, service=svc, relayed=relayed)
+                       service=svc, relayed=relayed)
         self.sessions[sess.key()] = sess
-        self.by_reverse[sess.reverse_key()] = sess
+        if sess.auto_run:
+            self._req_id += 1
+            sess.starting = self._req_id
+            self.starting[sess.starting] = sess
+        else:
+            self._map(sess, h.c_dst, h.c_dst)
         self.per_dc[h.c_dcid] = self.per_dc.get(h.c_dcid, 0) + 1
         srv.sessions += 1
         self.counters["sessions_started"] += 1
-        log.info("session: client %d@%d -> service %s (ep %d) on server node %d ep %d%s",
+        log.info("session: client %d@%d -> service %s (ep %d) on server node %d%s",
                  sess.clt_ep, sess.clt_node, svc.name, sess.lbclt_ep, sess.svr_node,
-                 sess.svr_ep, f" as ep {lbsvr_ep}" if relayed else "")
+                 f" as ep {lbsvr_ep}" if relayed else "")
         return sess, 0
+
+    def _map(self, sess: Session, client_side: int, server_side: int) -> None:
+        """Route `client_side` (an endpoint the client addresses at the LB) to `server_side`
+        on the session's server, and replies from it back (lock held)."""
+        sess.to_server[client_side] = server_side
+        sess.to_client[server_side] = client_side
+        self.by_reverse[(sess.dcid, sess.lbsvr_ep, sess.svr_node, server_side)] = sess
 
     def _rewrite_forward(self, h: Header, sess: Session) -> Header:
         out = h.copy()
         out.c_dnode = sess.svr_node
         out.c_flags |= C.FLAG_CHECK_HDR
-        _swap_eps(out, h.c_dst, sess.svr_ep, dst_field=True)
+        target = sess.to_server.get(h.c_dst)
+        if target is None:  # another endpoint of the service's range, addressed as it is
+            with self.lock:
+                self._map(sess, h.c_dst, h.c_dst)
+            target = h.c_dst
+        _swap_eps(out, h.c_dst, target, dst_field=True)
         if sess.relayed:
             out.c_snode = self.local
             _swap_eps(out, h.c_src, sess.lbsvr_ep, dst_field=False)
@@ -306,7 +368,7 @@ class Group:
         out = h.copy()
         out.c_snode = self.lb_id
         out.c_flags &= ~C.FLAG_CHECK_HDR
-        _swap_eps(out, sess.svr_ep, sess.lbclt_ep, dst_field=False)
+        _swap_eps(out, h.c_src, sess.to_client.get(h.c_src, h.c_src), dst_field=False)
         data = bytes(payload[:h.c_len]) if h.c_len else b""
         if sess.relayed:
             out.c_dnode = sess.clt_node
@@ -336,8 +398,15 @@ class Group:
         """Remove a session (lock held); a client still waiting gets `rcode`."""
         if self.sessions.get(sess.key()) is sess:
             del self.sessions[sess.key()]
-        if self.by_reverse.get(sess.reverse_key()) is sess:
-            del self.by_reverse[sess.reverse_key()]
+        for key in sess.reverse_keys():
+            if self.by_reverse.get(key) is sess:
+                del self.by_reverse[key]
+        self.starting.pop(sess.starting, None)
+        if sess.prog_ep >= 0:  # the program started for this session stops with it
+            stop = control_message(MT_SVC_STOP, m1_i1=sess.dcid, m1_i2=sess.prog_ep,
+                                   m1_p1=sess.service.ext_ep, m_source=self.local)
+            self._controls.append((sess.svr_node, stop))
+            sess.prog_ep = -1
         self.per_dc[sess.dcid] = max(0, self.per_dc.get(sess.dcid, 1) - 1)
         srv = self.servers.get(sess.svr_node)
         if srv is not None:
@@ -362,18 +431,22 @@ class Group:
         the lock: a failing link calls back into the group)."""
         with self.lock:
             out, self._outbox = self._outbox, []
+            controls, self._controls = self._controls, []
         for ack, relayed in out:
             if relayed:
                 self.dsp.send_to_node(ack.c_dnode, ack)
             else:
                 self.dsp.put2lcl.put(ack)
+        for node, body in controls:
+            self.dsp.send_control(node, body)
 
     def server_down(self, nodeid: int) -> None:
         """A server failed: its sessions end and their waiting clients get EDVSNOTCONN."""
         with self.lock:
             srv = self.servers.get(nodeid)
             if srv is not None:
-                srv.level, srv.reported = C.LVL_NOTINIT, 0.0
+                srv.level, srv.reported, srv.rise_base = C.LVL_NOTINIT, 0.0, -1
+                srv.failed = True
             for sess in [s for s in self.sessions.values() if s.svr_node == nodeid]:
                 self._end(sess, E.EDVSNOTCONN)
         self._flush()
@@ -385,6 +458,11 @@ class Group:
             for sess in list(self.sessions.values()):
                 if now - sess.last_used > self.session_timeout:
                     self._end(sess, E.EDVSTIMEDOUT)
+                elif sess.starting and sess.started_at and \
+                        now - sess.started_at > START_PATIENCE:
+                    log.warning("service %s: no program started on node %d", sess.service.name,
+                                sess.svr_node)
+                    self._end(sess, E.EDVSAGAIN)
         self._flush()
         if now - self._last_check >= min(self.lb.period, 5):
             self._last_check = now
@@ -417,6 +495,7 @@ class Group:
         m.m_source = self.local
         m.m_type = MT_LOAD_REPORT
         m.m1_i1, m.m1_i2, m.m1_i3 = self.meter.cpu, self.meter.level, self.lb.period
+        m.m1_p1 = self.dsp.activity()
         return bytes(m)
 
     def on_control(self, link, h: Header) -> None:
@@ -431,7 +510,41 @@ class Group:
             if level != srv.level:
                 log.info("server node %d load level %s -> %s (cpu %d%%)", srv.nodeid,
                          LEVEL_NAMES[srv.level], LEVEL_NAMES[level], cpu)
+            if not srv.reported:
+                srv.rise_base = link.received.frames
             srv.cpu, srv.level, srv.reported = cpu, level, time.monotonic()
+            srv.activity = m.m1_p1
+        elif m.m_type == MT_SVC_START | C.MT_ACKNOWLEDGE:
+            self._started(link.peer, m.m1_p2, m.m1_i1)
+
+    def _ask_start(self, sess: Session) -> None:
+        """Ask the server's DSP to start the service's program for this session (D12)."""
+        clt_node = self.local if sess.relayed else sess.clt_node
+        body = control_message(MT_SVC_START, m1_i1=sess.dcid, m1_i2=sess.lbsvr_ep,
+                               m1_i3=clt_node, m1_p1=sess.service.ext_ep,
+                               m1_p2=sess.starting, m_source=self.local)
+        if not self.dsp.send_control(sess.svr_node, body):
+            self._started(sess.svr_node, sess.starting, E.EDVSNOTCONN)
+
+    def _started(self, node: int, req: int, result: int) -> None:
+        """The server's answer: forward the parked frames to the program, or fail them."""
+        with self.lock:
+            sess = self.starting.pop(req, None)
+            if sess is None or sess.svr_node != node:
+                return
+            sess.starting = 0
+            if result < 0:
+                log.warning("service %s: node %d could not start a program: %s",
+                            sess.service.name, node, E.error_name(result))
+                self._end(sess, E.EDVSAGAIN)
+                parked = []
+            else:
+                sess.prog_ep = result
+                self._map(sess, sess.lbclt_ep, result)
+                parked, sess.parked = sess.parked, []
+        self._flush()
+        for h, payload in parked:
+            self._send_forward(sess, h, payload, sess.relayed)
 
     def snapshot(self) -> dict:
         """Figures for the statistics and the demo summary."""
@@ -439,12 +552,14 @@ class Group:
             return {
                 "sessions": [
                     {"dcid": s.dcid, "client": f"{s.clt_ep}@{s.clt_node}",
-                     "service": s.service.name, "server": f"{s.svr_ep}@{s.svr_node}",
+                     "service": s.service.name,
+                     "server": f"{s.to_server.get(s.lbclt_ep, '?')}@{s.svr_node}",
                      "relayed": s.relayed, "messages": s.messages, "bytes": s.bytes}
                     for s in self.sessions.values()],
                 "servers": {n: {"name": s.name, "cpu": s.cpu, "level": LEVEL_NAMES[s.level],
-                                "sessions": s.sessions, "messages": s.messages,
-                                "bytes": s.bytes}
+                                "live": self.is_live(s), "sessions": s.sessions,
+                                "activity": s.activity,
+                                "messages": s.messages, "bytes": s.bytes}
                             for n, s in self.servers.items()},
                 "load": {"cpu": self.meter.cpu, "level": LEVEL_NAMES[self.meter.level]},
                 **self.counters,

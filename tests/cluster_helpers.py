@@ -33,6 +33,7 @@ def cluster_from(template: str, tmp_path: Path, **kw):
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
     cluster = Cluster(cfg, rundir=rundir, log_dir=str(logs), **kw)
+    cluster.cfg_path = cfg
     cluster.net = net
     try:
         cluster.start()

@@ -1,0 +1,407 @@
+"""Elastic servers: VM commands, the autoscaler, and service programs started on demand.
+
+- `CommandRunner` runs the lb block's `vm_start` / `vm_stop` / `vm_status` commands, locally
+  or on `ssh_host` as `ssh_user` over ssh (paramiko): key authentication first (the key in
+  $DSP_SSH_KEY, the agent, ~/.ssh), `ssh_pass` only as a fallback handed to paramiko — never
+  put on a command line, never logged.  Every command has a timeout.
+- `Autoscaler` runs on one DSP only (D12: the node `svrname` names, else the lowest-id live
+  server) and keeps between `min_servers` and `max_servers` servers running.
+- `ServiceRunner` runs on every server: when a client's DSP asks it (a control frame), it
+  starts the configured `prog` of a configured service for one session, on a free endpoint of
+  `min_ep..max_ep`, waits until the program bound it, and stops it when the session ends.
+
+Command contract (documented in docs/operations.md): `<vm_start> <node_image> <node name>
+<node id>`, the same for `vm_stop`; `<vm_status> <node_image> <node name> <node id>` exits 0
+when the node is running and 1 when it is stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
+from dvk_cffi.wire import Message
+
+log = logging.getLogger("dsp.elastic")
+
+COMMAND_TIMEOUT = 30.0
+BIND_WAIT = 5.0          # the dvs_lb contract: wait up to 5 s for the program's bind
+RETRY_AFTER = 10.0       # a failed VM command is tried again after this long
+
+# Control frames (CMD_NONE with these m_type tags, D12); replies OR in MT_ACKNOWLEDGE.
+#   MT_SVC_START: m1_i1 dcid, m1_i2 client endpoint and m1_i3 client node as the server sees
+#                 them, m1_p1 the service's ext_ep, m1_p2 request id.
+#                 reply: m1_i1 the server endpoint (or a negative EDVS code), m1_p2 request id.
+#   MT_SVC_STOP:  m1_i1 dcid, m1_i2 server endpoint, m1_p1 ext_ep.
+MT_SVC_START = 0x10
+MT_SVC_STOP = 0x11
+
+
+def control_message(m_type: int, **fields: int) -> bytes:
+    m = Message()
+    m.m_type = m_type
+    for name, value in fields.items():
+        setattr(m, name, value & 0xFFFFFFFF if name.startswith("m1_p") else value)
+    return bytes(m)
+
+
+# ------------------------------------------------------------------------------ commands
+@dataclass
+class CommandResult:
+    status: int            # exit status; -1 for a timeout or a failure to run
+    output: str
+
+
+class CommandRunner:
+    """Runs VM commands locally or over ssh, with a timeout, never exposing the password."""
+
+    def __init__(self, lb, timeout: float = COMMAND_TIMEOUT) -> None:
+        self.host = lb.ssh_host
+        self.user = lb.ssh_user or os.environ.get("USER", "root")
+        self._password = lb.ssh_pass
+        self.timeout = timeout
+        self.port = int(os.environ.get("DSP_SSH_PORT", "22"))
+
+    def run(self, command: str, args: list[str]) -> CommandResult:
+        argv = shlex.split(command) + [str(a) for a in args]
+        shown = " ".join(shlex.quote(a) for a in argv)
+        where = f"{self.user}@{self.host}" if self.host else "locally"
+        log.info("running %s %s", where, shown)
+        if self.host:
+            return self._ssh(shown)
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout,
+                                 stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            log.warning("command timed out after %.0f s: %s", self.timeout, shown)
+            return CommandResult(-1, "timeout")
+        except OSError as exc:
+            log.warning("command failed to run: %s: %s", shown, exc)
+            return CommandResult(-1, str(exc))
+        if res.returncode != 0:
+            log.warning("command exited with status %d: %s: %s", res.returncode, shown,
+                        (res.stderr or res.stdout).strip()[-200:])
+        return CommandResult(res.returncode, res.stdout)
+
+    def _ssh(self, command: str) -> CommandResult:
+        import paramiko
+        client = paramiko.SSHClient()
+        known = os.environ.get("DSP_SSH_KNOWN_HOSTS")
+        if known:
+            client.load_host_keys(known)
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        else:
+            client.load_system_host_keys()
+            client.set_missing_host_key_policy(paramiko.WarningPolicy())
+        key = os.environ.get("DSP_SSH_KEY")
+        try:
+            client.connect(self.host, port=self.port, username=self.user,
+                           key_filename=key or None, password=self._password,
+                           look_for_keys=key is None, allow_agent=True,
+                           timeout=self.timeout, banner_timeout=self.timeout,
+                           auth_timeout=self.timeout)
+            _stdin, stdout, stderr = client.exec_command(command, timeout=self.timeout)
+            out = stdout.read().decode(errors="replace")
+            err = stderr.read().decode(errors="replace")
+            status = stdout.channel.recv_exit_status()
+        except (OSError, paramiko.SSHException) as exc:
+            log.warning("ssh to %s@%s failed: %s", self.user, self.host, type(exc).__name__
+                        if self._password and self._password in str(exc) else exc)
+            return CommandResult(-1, "")
+        finally:
+            client.close()
+        if status != 0:
+            log.warning("remote command exited with status %d: %s", status, err.strip()[-200:])
+        return CommandResult(status, out)
+
+
+# ---------------------------------------------------------------------------- autoscaler
+@dataclass
+class VmState:
+    nodeid: int
+    name: str
+    image: str | None
+    starting_since: float = 0.0
+    stopping_since: float = 0.0
+    idle_since: float = 0.0
+    failed_at: float = 0.0
+    starts: int = 0
+    stops: int = 0
+
+
+class Autoscaler:
+    """Keeps min_servers..max_servers servers running (only servers with node_image are
+    started or stopped); runs on the deciding DSP only."""
+
+    def __init__(self, dsp, runner: CommandRunner | None = None) -> None:
+        self.dsp = dsp
+        self.lb = dsp.cfg.lb
+        self.runner = runner or CommandRunner(self.lb)
+        self.vms = {n.nodeid: VmState(n.nodeid, n.name, n.node_image)
+                    for n in dsp.cfg.servers}
+        self.no_server = False
+        self.lock = threading.Lock()
+        self.busy = False       # one VM command at a time, on its own thread
+
+    def reload(self, cfg) -> None:
+        """SIGHUP: new thresholds, timers, commands and servers apply from the next tick."""
+        self.lb = cfg.lb
+        self.runner = CommandRunner(cfg.lb)
+        old = self.vms
+        self.vms = {n.nodeid: old.get(n.nodeid) or VmState(n.nodeid, n.name, n.node_image)
+                    for n in cfg.servers}
+        for n in cfg.servers:
+            self.vms[n.nodeid].image = n.node_image
+
+    def decider(self) -> int | None:
+        """D12: the node `svrname` names, else the lowest-id live server."""
+        lb = self.lb
+        named = self.dsp.cfg.node_by_name(lb.svrname) if lb.svrname else None
+        if named is not None:
+            return named.nodeid
+        live = self.running()
+        return min(live) if live else None
+
+    def running(self) -> set[int]:
+        """Servers that count as running: links up both ways and reporting (D11); this node
+        counts itself when it is a server."""
+        group = self.dsp.group
+        out = set()
+        me = self.dsp.cfg.nodes_by_id.get(self.dsp.local)
+        if me is not None and me.role == "server":
+            out.add(self.dsp.local)
+        if group is not None:
+            out |= {s.nodeid for s in group.servers.values() if group.is_live(s)}
+        return out
+
+    def tick(self) -> None:
+        if self.decider() != self.dsp.local or self.busy:
+            return
+        now = time.monotonic()
+        running = self.running()
+        lb = self.lb
+        for vm in self.vms.values():
+            if vm.nodeid in running:
+                vm.starting_since = 0.0
+            if vm.stopping_since and vm.nodeid not in running:
+                vm.stopping_since = 0.0
+            if vm.starting_since and now - vm.starting_since > lb.start:
+                log.warning("server node %d did not come up within %d s", vm.nodeid, lb.start)
+                vm.starting_since, vm.failed_at = 0.0, now
+        starting = [v for v in self.vms.values() if v.starting_since]
+        group = self.dsp.group
+        levels = group.levels() if group is not None else {}
+        if self.dsp.local in running and group is not None:
+            levels[self.dsp.local] = group.meter.level
+        count = len(running) + len(starting)
+        all_saturated = bool(running) and all(levels.get(n) == C.LVL_SATURATED
+                                              for n in running)
+        want_more = count < lb.min_servers or (
+            (all_saturated or self.no_server) and count < lb.max_servers)
+        self.no_server = False
+        if want_more and not starting:
+            vm = self._candidate(running, now)
+            if vm is not None:
+                self._act(vm, "start")
+                return
+        self._maybe_stop(running, levels, now)
+
+    def _candidate(self, running: set[int], now: float) -> VmState | None:
+        for vm in sorted(self.vms.values(), key=lambda v: v.nodeid):
+            if (vm.image and vm.nodeid not in running and not vm.stopping_since
+                    and now - vm.failed_at > RETRY_AFTER):
+                return vm
+        return None
+
+    def _maybe_stop(self, running: set[int], levels: dict[int, int], now: float) -> None:
+        group = self.dsp.group
+        for vm in self.vms.values():
+            if (vm.nodeid not in running or not vm.image or vm.stopping_since
+                    or vm.nodeid == self.dsp.local):  # the deciding node never stops itself
+                vm.idle_since = 0.0
+                continue
+            idle = levels.get(vm.nodeid) == C.LVL_IDLE and group is not None \
+                and group.quiet(vm.nodeid)
+            if not idle:
+                vm.idle_since = 0.0
+                continue
+            if not vm.idle_since:
+                vm.idle_since = now
+            if now - vm.idle_since >= self.lb.stop and len(running) > self.lb.min_servers:
+                self._act(vm, "stop")
+                return
+
+    def _act(self, vm: VmState, what: str) -> None:
+        command = self.lb.vm_start if what == "start" else self.lb.vm_stop
+        if not command:
+            return
+        now = time.monotonic()
+        if what == "start":
+            vm.starting_since, vm.starts = now, vm.starts + 1
+        else:
+            vm.stopping_since, vm.idle_since, vm.stops = now, 0.0, vm.stops + 1
+        log.info("autoscaler: %s server node %d (%s)", what, vm.nodeid, vm.name)
+        self.busy = True
+
+        def work() -> None:
+            try:
+                res = self.runner.run(command, [vm.image, vm.name, vm.nodeid])
+                if res.status != 0:
+                    vm.failed_at = time.monotonic()
+                    if what == "start":
+                        vm.starting_since = 0.0
+                    else:
+                        vm.stopping_since = 0.0
+            finally:
+                self.busy = False
+        threading.Thread(target=work, name=f"vm-{what}-{vm.nodeid}", daemon=True).start()
+
+    def status(self, vm: VmState) -> bool | None:
+        """vm_status: True running, False stopped, None unknown."""
+        if not self.lb.vm_status or not vm.image:
+            return None
+        res = self.runner.run(self.lb.vm_status, [vm.image, vm.name, vm.nodeid])
+        return {0: True, 1: False}.get(res.status)
+
+    def snapshot(self) -> dict:
+        now = time.monotonic()
+        return {n: {"name": v.name, "starting": bool(v.starting_since),
+                    "stopping": bool(v.stopping_since), "starts": v.starts, "stops": v.stops,
+                    "idle_for": round(now - v.idle_since, 1) if v.idle_since else 0,
+                    "command_running": self.busy}
+                for n, v in self.vms.items()}
+
+
+# ----------------------------------------------------------------------- service programs
+class ServiceRunner:
+    """Server side of `prog` services: start one program per session, stop it at the end."""
+
+    def __init__(self, dsp) -> None:
+        self.dsp = dsp
+        self.lock = threading.Lock()
+        self.procs: dict[tuple[int, int], subprocess.Popen] = {}
+        self.reserved: set[tuple[int, int]] = set()
+
+    def handle(self, link, m: Message) -> None:
+        """A control frame from a client's DSP (runs the work on a thread of its own)."""
+        if m.m_type == MT_SVC_START:
+            args = (link.peer, m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1, m.m1_p2)
+            threading.Thread(target=self._start, args=args, name="svc-start",
+                             daemon=True).start()
+        elif m.m_type == MT_SVC_STOP:
+            self.stop(m.m1_i1, m.m1_i2)
+
+    def _service(self, dcid: int, ext_ep: int):
+        for svc in self.dsp.cfg.services:
+            if svc.ext_ep == ext_ep and svc.dcid in (-1, dcid) and svc.prog \
+                    and svc.bind != "external":
+                return svc
+        return None
+
+    def _start(self, peer: int, dcid: int, clt_ep: int, clt_node: int, ext_ep: int,
+               req: int) -> None:
+        result = self.start(dcid, ext_ep, clt_ep, clt_node)
+        body = control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=result, m1_p2=req,
+                               m_source=self.dsp.local)
+        self.dsp.send_control(peer, body)
+
+    def start(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int) -> int:
+        """Start the service's program for one client; returns its endpoint or an error."""
+        svc = self._service(dcid, ext_ep)
+        if svc is None:
+            log.warning("refused to start a program for unknown service ep %d of DC %d",
+                        ext_ep, dcid)
+            return E.EDVSBADREQUEST
+        ep = self._reserve(dcid, svc)
+        if ep is None:
+            return E.EDVSAGAIN
+        argv = shlex.split(svc.prog) + [str(dcid), str(ep), str(clt_node), str(clt_ep)]
+        out = os.path.join(tempfile.gettempdir(), f"{svc.name}_{self.dsp.local}_{ep}.out")
+        env = dict(os.environ, DVK_NODE=str(self.dsp.local))
+        try:
+            with open(out, "ab") as f:
+                proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True)
+        except OSError as exc:
+            log.warning("service %s: cannot run %s: %s", svc.name, argv[0], exc)
+            self._release(dcid, ep)
+            return E.EDVSNOEXEC
+        with self.lock:
+            self.procs[(dcid, ep)] = proc
+        deadline = time.monotonic() + BIND_WAIT
+        while time.monotonic() < deadline:
+            if self._bound(dcid, ep):
+                log.info("service %s: program on endpoint %d for client %d@%d", svc.name, ep,
+                         clt_ep, clt_node)
+                self._release(dcid, ep)
+                return ep
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        log.warning("service %s: the program did not bind endpoint %d within %.0f s",
+                    svc.name, ep, BIND_WAIT)
+        self.stop(dcid, ep)
+        self._release(dcid, ep)
+        return E.EDVSTIMEDOUT
+
+    def _bound(self, dcid: int, ep: int) -> bool:
+        try:
+            return not self.dsp.dvk.getprocinfo(dcid, ep).p_rts_flags & C.SLOT_FREE
+        except E.DvkError:
+            return False
+
+    def _reserve(self, dcid: int, svc) -> int | None:
+        with self.lock:
+            for ep in range(svc.min_ep, svc.max_ep + 1):
+                if (dcid, ep) in self.reserved or (dcid, ep) in self.procs:
+                    continue
+                if not self._bound(dcid, ep):
+                    self.reserved.add((dcid, ep))
+                    return ep
+        return None
+
+    def _release(self, dcid: int, ep: int) -> None:
+        with self.lock:
+            self.reserved.discard((dcid, ep))
+
+    def stop(self, dcid: int, ep: int) -> None:
+        """Stop the program serving endpoint `ep` (its exit unbinds the endpoint)."""
+        with self.lock:
+            proc = self.procs.pop((dcid, ep), None)
+        if proc is None:
+            return
+        log.info("stopping the program on endpoint %d of DC %d", ep, dcid)
+        _terminate(proc)
+
+    def stop_all(self) -> None:
+        with self.lock:
+            procs, self.procs = list(self.procs.values()), {}
+        for proc in procs:
+            _terminate(proc)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except OSError:
+        proc.terminate()
+    try:
+        proc.wait(2)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+        proc.wait()

@@ -1,0 +1,226 @@
+"""Elastic servers: failure detection, VM start/stop by command, service programs on demand."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster_helpers import Background, cluster_from, wait_bound
+from dsp_proxy.cluster import module_argv
+
+HERE = Path(__file__).resolve().parent / "elastic"
+
+BASE = """
+lb node0 {{ nodeid 0; period 1; lowwater 40; highwater 85; {lb} }};
+server node1 {{ nodeid 1; rname {{net}}.1; }};
+server node2 {{ nodeid 2; rname {{net}}.2; {node2} }};
+client node3 {{ nodeid 3; rname {{net}}.3; }};
+{service}
+"""
+LATENCY = "service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };"
+
+
+def config(lb="", node2="", service=LATENCY):
+    return BASE.format(lb=lb, node2=node2, service=service) \
+        .replace("{{", "{").replace("}}", "}")
+
+
+@pytest.fixture
+def bg():
+    holder = []
+    yield holder
+    for b in holder:
+        b.close()
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+def servers_of(cl, node):
+    return ((cl.status(node) or {}).get("group") or {}).get("servers", {})
+
+
+def session_server(cl, node, client):
+    for s in ((cl.status(node) or {}).get("group") or {}).get("sessions", []):
+        if s["client"] == client:
+            return int(s["server"].split("@")[1])
+    return None
+
+
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+def test_failed_server_detected_sessions_fail_over(tmp_path, bg, how):
+    with cluster_from(config(), tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        servers = {n: b.start(n, "dvs_apps.latency", "server", 0, 10) for n in (1, 2)}
+        for n in (1, 2):
+            wait_bound(cl, n, 0, 10)
+        wait_for(lambda: [v.get("live") for v in servers_of(cl, 3).values()] == [True, True],
+                 15, "both servers live")
+        # a client blocked in a 4-second request when its server fails
+        slow = cl.popen(3, module_argv("dvs_apps.latency", "client", 0, 50, 10, 1, 0, 4),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            victim = wait_for(lambda: session_server(cl, 3, "50@3"), 10, "the session")
+        except AssertionError:
+            slow.kill()
+            raise AssertionError(f"no session; client said: {slow.communicate()[0]}; "
+                                 f"status {cl.status(3)}") from None
+        other = 3 - victim
+        time.sleep(0.5)
+        dsp = cl.dsps[victim]
+        t0 = time.monotonic()
+        if how == "kill":
+            cl.kill_dsp(victim, signal.SIGKILL)
+        else:
+            dsp.send_signal(signal.SIGSTOP)  # frozen: TCP stays open, nothing is received
+        try:
+            out, _ = slow.communicate(timeout=20)
+            detected = time.monotonic() - t0
+            assert "EDVSNOTCONN" in out, out
+            assert detected < 3.0, f"failure noticed after {detected:.2f} s"
+            assert not servers_of(cl, 3)[str(victim)]["live"] or wait_for(
+                lambda: not servers_of(cl, 3)[str(victim)]["live"], 3, "server DOWN")
+            # new sessions go to the other server
+            res = cl.run(3, module_argv("dvs_apps.latency", "client", 0, 51, 10, 5, 0, 0))
+            assert res.returncode == 0, res.stdout + res.stderr
+            wait_for(lambda: servers_of(cl, 3)[str(other)]["messages"] > 0, 5,
+                     "the other server used")
+        finally:
+            if how == "freeze":
+                dsp.send_signal(signal.SIGCONT)
+        if how == "kill":
+            cl.start_dsp(victim)
+        wait_for(lambda: servers_of(cl, 3).get(str(victim), {}).get("live"), 20,
+                 "the server UP again")
+        # latency_server, like the C one, exits when its reply cannot be sent: restart it
+        if servers[victim].poll() is not None or how == "kill":
+            servers[victim].wait(10)
+            b.start(victim, "dvs_apps.latency", "server", 0, 10)
+            wait_bound(cl, victim, 0, 10)
+        before = servers_of(cl, 3)[str(victim)]["messages"]
+        procs = [cl.popen(3, module_argv("dvs_apps.latency", "client", 0, ep, 10, 10, 0, 0),
+                          stdout=subprocess.PIPE, text=True) for ep in (52, 53)]
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 0, out
+        wait_for(lambda: servers_of(cl, 3)[str(victim)]["messages"] > before, 5,
+                 "the recovered server used again")
+
+
+BURNER = ("import time\n"
+          "from dvk_cffi import open_dvk\n"
+          "d = open_dvk('emu'); d.getdvsinfo()\n"
+          "end = time.time() + 60\n"
+          "while time.time() < end:\n"
+          "    pass\n")
+
+
+def _image(tmp_path, cl) -> Path:
+    image = tmp_path / "node2.image"
+    image.write_text(f'PYTHON="{sys.executable}"\nPYTHONPATH="{cl.env(1)["PYTHONPATH"]}"\n'
+                     f'RUNDIR="{cl.rundir}"\nCONFIG="{cl.config_path}"\n'
+                     f'LOGDIR="{tmp_path / "logs"}"\nVMLOG="{tmp_path / "vm.log"}"\n')
+    return image
+
+
+def test_second_server_started_when_saturated_and_stopped_when_idle(tmp_path, bg):
+    image = tmp_path / "node2.image"
+    lb = (f'start 20; stop 3; min_servers 1; max_servers 2; vm_start "{HERE}/start_vm.sh"; '
+          f'vm_stop "{HERE}/stop_vm.sh"; vm_status "{HERE}/status_vm.sh";')
+    cfg = config(lb=lb, node2=f'node_image "{image}";')
+    vmlog = tmp_path / "vm.log"
+    with cluster_from(cfg, tmp_path, only=[1, 3]) as cl:
+        _image(tmp_path, cl)
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        try:
+            b.start(1, "dvs_apps.latency", "server", 0, 10)
+            wait_bound(cl, 1, 0, 10)
+            time.sleep(3)
+            assert not vmlog.exists(), "a server was started without need"
+            burner = subprocess.Popen([sys.executable, "-c", BURNER], env=cl.env(1),
+                                      stdin=subprocess.DEVNULL)
+            try:
+                wait_for(lambda: vmlog.exists() and "start node2 2" in vmlog.read_text(), 20,
+                         "vm_start of node 2")
+                wait_for(lambda: servers_of(cl, 3).get("2", {}).get("live"), 20,
+                         "node 2 up, linked and reporting")
+                res = cl.run(3, module_argv("dvs_apps.latency", "client", 0, 50, 10, 5, 0, 0))
+                assert res.returncode == 0, res.stdout + res.stderr
+                time.sleep(2)
+                assert vmlog.read_text().count("start") == 1  # never more than max_servers
+            finally:
+                burner.kill()
+                burner.wait()
+            try:
+                wait_for(lambda: "stop node2 2" in vmlog.read_text(), 30, "vm_stop of node 2")
+            except AssertionError:
+                st = cl.status(1)
+                raise AssertionError(f"no vm_stop: {st.get('autoscaler')} "
+                                     f"{st.get('group', {}).get('servers')}") from None
+            assert vmlog.read_text().count("start") == 1
+            time.sleep(2)
+            assert "stop node1" not in vmlog.read_text()  # never fewer than min_servers
+        finally:
+            subprocess.run([str(HERE / "stop_vm.sh"), str(image), "node2", "2"],
+                           env=cl.env(1), timeout=30)
+
+
+def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkeypatch):
+    monkeypatch.setenv("DSP_TEST_PYTHON", sys.executable)
+    svc = (f'service latency {{ dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind replica; '
+           f'prog "{HERE}/run_latency.sh"; }};')
+    cfg = BASE.format(lb="", node2="", service=svc).replace("{{", "{").replace("}}", "}")
+    with cluster_from(cfg.replace("period 1;", "period 1; session_timeout 30;"),
+                      tmp_path) as cl:
+        res = cl.run(3, module_argv("dvs_apps.latency", "client", 0, 50, 10, 20, 0, 0))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.count("Time total elapsed") == 20
+        # the program ran on an endpoint of min_ep..max_ep of one server
+        def messages(n):
+            return servers_of(cl, 3).get(str(n), {}).get("messages", 0)
+        wait_for(lambda: messages(1) or messages(2), 5, "a server used")
+        used = [n for n in (1, 2) if messages(n) > 0]
+        assert len(used) == 1
+        node = used[0]
+        # and is stopped once the session ended (the client process is gone)
+        wait_for(lambda: all(cl.dvk(node).getprocinfo(0, ep).p_rts_flags & 0x1
+                             for ep in range(10, 20)), 15, "the program's endpoint unbound")
+        ps = subprocess.run(["pgrep", "-f", "run_latency.sh|latency server 0 1[0-9]"],
+                            capture_output=True, text=True)
+        mine = [pid for pid in ps.stdout.split() if _env_has(pid, cl.rundir)]
+        assert not mine, f"service programs still running: {mine}"
+
+
+def _env_has(pid: str, text: str) -> bool:
+    try:
+        return text.encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
+def test_vm_command_timeout_and_failure_are_logged(tmp_path):
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import CommandRunner
+    cfg = parse_text('lb l { nodeid 0; vm_start "x"; vm_stop "x"; vm_status "x"; }; '
+                     'server s { nodeid 1; node_image "img"; };')
+    runner = CommandRunner(cfg.lb, timeout=1)
+    res = runner.run("sleep", ["5"])
+    assert res.status == -1 and res.output == "timeout"
+    res = runner.run(str(HERE / "status_vm.sh"), [str(tmp_path / "none"), "s", "1"])
+    assert res.status != 0
+    assert os.path.exists(HERE / "status_vm.sh")
