@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test test-deps lint bench clean
 
 venv: $(STAMP)
 
@@ -17,8 +17,14 @@ $(STAMP): setup.py
 run: $(STAMP)
 	$(BIN)/python -m dsp_proxy.demo
 
-test: $(STAMP)
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q
+
+# The ssh tests drive a real sshd on 127.0.0.1 (their own config, keys and port).
+test-deps:
+	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || \
+	  { apt-get install -y -q openssh-server >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q openssh-server >/dev/null; }; }
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -16,6 +16,7 @@ setup(
         "cffi>=1.16,<3",
         "psutil>=5.9,<8",
         "lz4>=4.3,<5",
+        "paramiko>=3.4,<5",  # vm_start/vm_stop/vm_status on the hypervisor host over ssh
     ],
     extras_require={
         "test": ["pytest>=7.4,<10", "pytest-timeout>=2.2,<3", "ruff>=0.4,<1"],

@@ -1,0 +1,199 @@
+"""VM commands over ssh: a real sshd on 127.0.0.1 with key authentication, and paramiko's
+server mode for password authentication (D16: no system account or /etc file is touched)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from cluster_helpers import cluster_from
+from dsp_proxy.config import parse_text
+from dsp_proxy.elastic import CommandRunner
+
+HERE = Path(__file__).resolve().parent / "elastic"
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+PASSWORD = "Xq7-not-a-real-password-41"
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def lb_config(ssh: str) -> object:
+    return parse_text(f'lb l {{ nodeid 0; {ssh} vm_start "x"; vm_stop "x"; vm_status "x"; }};'
+                      ' server s { nodeid 1; node_image "img"; };').lb
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A real sshd on 127.0.0.1 with its own config, host key and authorized key."""
+    if not os.path.exists(SSHD):
+        pytest.fail("sshd is not installed (make test installs openssh-server)")
+    d = tmp_path / "sshd"
+    d.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
+                       check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
+        f"PidFile {d / 'sshd.pid'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PubkeyAuthentication yes\nPermitRootLogin yes\nStrictModes no\nUsePAM no\n")
+    host_pub = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("sshd did not start: "
+                                       + (d / "sshd.log").read_text()) from None
+                time.sleep(0.05)
+        yield {"port": port, "key": str(d / "client_key"), "known": str(d / "known_hosts")}
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_vm_start_and_stop_through_a_real_sshd(tmp_path, sshd, monkeypatch):
+    monkeypatch.setenv("DSP_SSH_PORT", str(sshd["port"]))
+    monkeypatch.setenv("DSP_SSH_KEY", sshd["key"])
+    monkeypatch.setenv("DSP_SSH_KNOWN_HOSTS", sshd["known"])
+    runner = CommandRunner(lb_config("ssh_host 127.0.0.1; ssh_user root;"))
+    cfg = """
+lb node0 { nodeid 0; period 1; };
+server node1 { nodeid 1; rname {net}.1; };
+server node2 { nodeid 2; rname {net}.2; };
+service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
+"""
+    with cluster_from(cfg, tmp_path, only=[1]) as cl:
+        image = tmp_path / "node2.image"
+        vmlog = tmp_path / "vm.log"
+        image.write_text(f'PYTHON="{__import__("sys").executable}"\n'
+                         f'PYTHONPATH="{cl.env(1)["PYTHONPATH"]}"\nRUNDIR="{cl.rundir}"\n'
+                         f'CONFIG="{cl.config_path}"\nLOGDIR="{tmp_path / "logs"}"\n'
+                         f'VMLOG="{vmlog}"\n')
+        try:
+            res = runner.run(str(HERE / "start_vm.sh"), [str(image), "node2", 2])
+            assert res.status == 0, res.output
+            deadline = time.monotonic() + 20
+            while not (cl.status(1).get("links", {}).get("2", {}).get("up")):
+                assert time.monotonic() < deadline, "node 2 did not come up over ssh"
+                time.sleep(0.1)
+            assert runner.run(str(HERE / "status_vm.sh"), [str(image), "node2", 2]).status == 0
+        finally:
+            res = runner.run(str(HERE / "stop_vm.sh"), [str(image), "node2", 2])
+        assert res.status == 0
+        assert runner.run(str(HERE / "status_vm.sh"), [str(image), "node2", 2]).status == 1
+        assert vmlog.read_text().splitlines() == ["start node2 2", "stop node2 2"]
+
+
+class _PasswordServer(paramiko.ServerInterface):
+    """paramiko's server mode: password authentication, runs the command it is given."""
+
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+        self.command = threading.Event()
+
+    def check_auth_password(self, username, password):
+        return paramiko.AUTH_SUCCESSFUL if password == PASSWORD else paramiko.AUTH_FAILED
+
+    def get_allowed_auths(self, username):
+        return "password"
+
+    def check_channel_request(self, kind, chanid):
+        return paramiko.OPEN_SUCCEEDED if kind == "session" else \
+            paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_exec_request(self, channel, command):
+        cmd = command.decode()
+        self.seen.append(cmd)
+
+        def run():
+            res = subprocess.run(cmd, shell=True, capture_output=True, timeout=20)
+            channel.sendall(res.stdout)
+            channel.sendall_stderr(res.stderr)
+            channel.send_exit_status(res.returncode)
+            channel.close()
+        threading.Thread(target=run, daemon=True).start()
+        return True
+
+
+@pytest.fixture
+def password_server():
+    host_key = paramiko.Ed25519Key.generate() if hasattr(paramiko.Ed25519Key, "generate") \
+        else paramiko.RSAKey.generate(2048)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(0.5)
+    seen: list[str] = []
+    stop = threading.Event()
+    transports = []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            t = paramiko.Transport(conn)
+            t.add_server_key(host_key)
+            t.start_server(server=_PasswordServer(seen))
+            transports.append(t)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    yield {"port": listener.getsockname()[1], "seen": seen}
+    stop.set()
+    th.join(5)
+    for t in transports:
+        t.close()
+    listener.close()
+
+
+@pytest.mark.filterwarnings("ignore:Unknown ssh")  # WarningPolicy without known_hosts
+def test_password_fallback_never_shows_the_password(tmp_path, password_server, monkeypatch,
+                                                     caplog, capfd):
+    monkeypatch.setenv("DSP_SSH_PORT", str(password_server["port"]))
+    monkeypatch.delenv("DSP_SSH_KEY", raising=False)
+    monkeypatch.delenv("DSP_SSH_KNOWN_HOSTS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh keys: the password is the way in
+    caplog.set_level(logging.DEBUG)
+    lb = lb_config(f"ssh_host 127.0.0.1; ssh_user operator; ssh_pass {PASSWORD};")
+    runner = CommandRunner(lb)
+    marker = tmp_path / "ran"
+    res = runner.run("touch", [str(marker)])
+    assert res.status == 0 and marker.exists()
+    res = runner.run("sh -c", ["exit 3"])
+    assert res.status == 3
+    bad = CommandRunner(lb_config("ssh_host 127.0.0.1; ssh_user operator; ssh_pass wrong;"))
+    assert bad.run("true", []).status == -1
+    out, err = capfd.readouterr()
+    seen = password_server["seen"]
+    assert seen and all(PASSWORD not in cmd for cmd in seen)  # never on a command line
+    assert PASSWORD not in caplog.text
+    assert PASSWORD not in out + err
+    assert PASSWORD not in repr(lb)
