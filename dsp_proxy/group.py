@@ -19,6 +19,7 @@ not SATURATED.  Choice: lowest level, then fewest active sessions, then lowest C
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,20 @@ MESSAGE_CMDS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG, C.C
 SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSNOTBIND})
 LEVEL_NAMES = {C.LVL_NOTINIT: "NOTINIT", C.LVL_IDLE: "IDLE", C.LVL_BUSY: "BUSY",
                C.LVL_SATURATED: "SATURATED"}
+#: Commands whose vcopy sub-header names endpoints (rewritten with c_src/c_dst).
+VCOPY_CMDS = frozenset({C.CMD_COPYIN_DATA, C.CMD_COPYOUT_RQST, C.CMD_COPYLCL_RQST,
+                        C.CMD_COPYRMT_RQST, C.CMD_COPYIN_RQST, C.CMD_COPYIN_ACK,
+                        C.CMD_COPYOUT_DATA, C.CMD_COPYLCL_ACK, C.CMD_COPYRMT_ACK})
+ACK_CMDS = frozenset({C.CMD_SEND_ACK, C.CMD_SNDREC_ACK})
+#: Header offsets used by the buffer-level fast path (i386 cmd_t, dvk_abi.md §2.3).
+_SRC, _DST, _SNODE, _DNODE, _FLAGS, _M_SOURCE = 8, 12, 16, 20, 40, 60
+_V_SRC, _V_DST, _V_RQTR = 96, 100, 104
+_I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
+_V3 = struct.Struct("<3i")
+#: Entries of the (dcid, endpoint) -> service cache before it is cleared (bounded memory).
+SERVICE_CACHE_MAX = 4096
+_NO_SERVICE = object()
 
 
 @dataclass
@@ -178,8 +193,12 @@ class Group:
         self.max_sessions = self.lb.max_sessions
         self.session_timeout = self.lb.session_timeout
         self.relay_host = dsp.relay_host
-        eps = self.lb.lb_eps
-        self.free_lb_eps = list(range(eps[0], eps[1] + 1)) if eps else []
+        # translated client endpoints (relayed mode): one pool per DC, because an endpoint
+        # names a process of one DC only (the same number in two DCs is two processes)
+        self.lb_eps_range = self.lb.lb_eps
+        self.free_lb_eps: dict[int, list[int]] = {}
+        self._svc_cache: dict[tuple[int, int], object] = {}
+        self._svc_cfg = None
         self.meter = LoadMeter(self.lb.lowwater, self.lb.highwater, dsp.node_pids)
         self._outbox: list[tuple[Header, bool]] = []
         self._controls: list[tuple[int, bytes]] = []
@@ -191,6 +210,26 @@ class Group:
 
     # ------------------------------------------------------------------ services and servers
     def service_for(self, dcid: int, ep: int):
+        """The service a client addressing (dcid, ep) at the LB node means (cached per
+        (dcid, ep); the cache is dropped when a reload replaces the config)."""
+        cache = self._svc_cache
+        if self._svc_cfg is not self.cfg or len(cache) > SERVICE_CACHE_MAX:
+            cache.clear()
+            self._svc_cfg = self.cfg
+        svc = cache.get((dcid, ep))
+        if svc is None:
+            svc = cache[(dcid, ep)] = self._find_service(dcid, ep) or _NO_SERVICE
+        return None if svc is _NO_SERVICE else svc
+
+    def lb_eps_pool(self, dcid: int) -> list[int]:
+        """The free translated endpoints of DC `dcid` (lock held)."""
+        pool = self.free_lb_eps.get(dcid)
+        if pool is None:
+            eps = self.lb_eps_range
+            pool = self.free_lb_eps[dcid] = list(range(eps[0], eps[1] + 1)) if eps else []
+        return pool
+
+    def _find_service(self, dcid: int, ep: int):
         for svc in self.cfg.services:
             if svc.dcid not in (-1, dcid):
                 continue
@@ -239,7 +278,63 @@ class Group:
             return
         self._forward(h, bytes(payload[:h.c_len]), relayed=True)
 
+    def fast_path(self, hbuf, f: tuple, payload) -> bool:
+        """RPROXY's per-frame path on the raw header (`f` = its ROUTE_STRUCT fields, no
+        Header object): a server's traffic in a session, or a relayed client's command in an
+        established session.  False when the frame needs the full path (nothing was done)."""
+        dnode = f[5]
+        if dnode == self.local:
+            return self._reverse_buf(hbuf, f, payload)
+        if dnode == self.lb_id and self.relay_host == self.local:
+            return self._forward_fast(hbuf, f, payload, True)
+        return False
+
+    def _forward_fast(self, hbuf, f: tuple, payload, relayed: bool) -> bool:
+        """A command in an established session whose endpoint is mapped and whose server's
+        link is up: rewrite a copy of the header with struct and queue it on the link, without
+        the session lock (dict reads are atomic; the slow path below creates, restarts and
+        parks sessions under the lock).  False, with nothing done, in every other case."""
+        cmd, dcid, src, dst, snode, _dnode, _rcode, length, pid = f[:9]
+        svc = self.service_for(dcid, dst)
+        if svc is None:
+            return False
+        sess = self.sessions.get((dcid, snode, src, svc.ext_ep))
+        if sess is None or sess.starting:
+            return False
+        if cmd in REQUESTS and pid != sess.clt_pid and pid > 0 and sess.clt_pid > 0:
+            return False
+        target = sess.to_server.get(dst)
+        if target is None:
+            return False
+        link = self.dsp.links.get(sess.svr_node)
+        if link is None or not link.up:
+            return False
+        sess.last_used = time.monotonic()
+        if cmd == C.CMD_SNDREC_MSG or cmd == C.CMD_SEND_MSG:
+            sess.pending = cmd
+        out = bytearray(hbuf)
+        _I32.pack_into(out, _DNODE, sess.svr_node)
+        _U32.pack_into(out, _FLAGS, f[10] | C.FLAG_CHECK_HDR)
+        _swap_buf(out, cmd, dst, target, True)
+        if sess.relayed:
+            _I32.pack_into(out, _SNODE, self.local)
+            _swap_buf(out, cmd, src, sess.lbsvr_ep, False)
+        data = bytes(payload[:length]) if length else None
+        if not link.submit(out, data, copy=False):
+            self._reply_error(Header(bytearray(hbuf)), E.EDVSNOTCONN, relayed)
+            return True
+        n = 120 + length
+        sess.messages += 1
+        sess.bytes += n
+        srv = self.servers.get(sess.svr_node)
+        if srv is not None:
+            srv.messages += 1
+            srv.bytes += n
+        return True
+
     def _forward(self, h: Header, payload: bytes, relayed: bool) -> None:
+        if self._forward_fast(h.buf, h.route(), payload, relayed):
+            return
         cmd = h.c_cmd
         svc = self.service_for(h.c_dcid, h.c_dst)
         if svc is None:
@@ -307,10 +402,11 @@ class Group:
             return None, E.EDVSAGAIN
         lbsvr_ep = h.c_src
         if relayed:
-            if not self.free_lb_eps:
+            pool = self.lb_eps_pool(h.c_dcid)
+            if not pool:
                 self.counters["table_full"] += 1
                 return None, E.EDVSNOSPC
-            lbsvr_ep = self.free_lb_eps.pop(0)
+            lbsvr_ep = pool.pop(0)
         sess = Session(dcid=h.c_dcid, clt_node=h.c_snode, clt_ep=h.c_src, clt_pid=h.c_pid,
                        lbclt_ep=h.c_dst, lbsvr_ep=lbsvr_ep, svr_node=srv.nodeid,
                        service=svc, relayed=relayed)
@@ -355,28 +451,37 @@ class Group:
     def reverse(self, h: Header, payload, link) -> bool:
         """A frame for this node: if it is a server's traffic in a session, rewrite it to come
         from the LB node and deliver it to the client (True); else False."""
-        sess = self.by_reverse.get((h.c_dcid, h.c_dst, h.c_snode, h.c_src))
+        return self._reverse_buf(h.buf, h.route(), payload)
+
+    def _reverse_buf(self, hbuf, f: tuple, payload) -> bool:
+        """`reverse` on the raw header (`f` = its ROUTE_STRUCT fields); a copy is rewritten."""
+        cmd, dcid, src, dst, snode, _dnode, rcode, length, pid = f[:9]
+        sess = self.by_reverse.get((dcid, dst, snode, src))
         if sess is None:
             return False
         sess.last_used = time.monotonic()
-        if h.c_pid > 0 and sess.svr_pid != h.c_pid and h.c_cmd in MESSAGE_CMDS:
-            sess.svr_pid = h.c_pid
-        if h.c_cmd == C.CMD_SEND_MSG and sess.pending == C.CMD_SNDREC_MSG:
+        if pid > 0 and sess.svr_pid != pid and cmd in MESSAGE_CMDS:
+            sess.svr_pid = pid
+        if cmd == C.CMD_SEND_MSG and sess.pending == C.CMD_SNDREC_MSG:
             sess.pending = 0
-        elif h.c_cmd in (C.CMD_SEND_ACK, C.CMD_SNDREC_ACK):
+        elif cmd in ACK_CMDS:
             sess.pending = 0
-        out = h.copy()
-        out.c_snode = self.lb_id
-        out.c_flags &= ~C.FLAG_CHECK_HDR
-        _swap_eps(out, h.c_src, sess.to_client.get(h.c_src, h.c_src), dst_field=False)
-        data = bytes(payload[:h.c_len]) if h.c_len else b""
+        out = bytearray(hbuf)
+        _I32.pack_into(out, _SNODE, self.lb_id)
+        _U32.pack_into(out, _FLAGS, f[10] & ~C.FLAG_CHECK_HDR)
+        _swap_buf(out, cmd, src, sess.to_client.get(src, src), False)
+        data = bytes(payload[:length]) if length else b""
         if sess.relayed:
-            out.c_dnode = sess.clt_node
-            _swap_eps(out, sess.lbsvr_ep, sess.clt_ep, dst_field=True)
-            self.dsp.send_to_node(sess.clt_node, out, data)
+            _I32.pack_into(out, _DNODE, sess.clt_node)
+            _swap_buf(out, cmd, sess.lbsvr_ep, sess.clt_ep, True)
+            link = self.dsp.links.get(sess.clt_node)
+            if link is not None and link.up:
+                link.submit(out, data or None, copy=False)
+            else:
+                self.dsp.send_to_node(sess.clt_node, Header(out), data)
         else:
-            self.dsp.put2lcl.put(out, data)
-        if h.c_cmd & C.MASK_ACKNOWLEDGE and h.c_rcode in SERVER_GONE:
+            self.dsp.put2lcl.put(Header(out), data)
+        if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVER_GONE:
             with self.lock:  # the server endpoint died or unbound: the session is over
                 self._end(sess, None)
         return True
@@ -412,7 +517,7 @@ class Group:
         if srv is not None:
             srv.sessions = max(0, srv.sessions - 1)
         if sess.relayed:
-            self.free_lb_eps.append(sess.lbsvr_ep)
+            self.lb_eps_pool(sess.dcid).append(sess.lbsvr_ep)
         self.counters["sessions_ended"] += 1
         if rcode is not None and sess.pending:
             req = Header()
@@ -562,6 +667,7 @@ class Group:
                                 "messages": s.messages, "bytes": s.bytes}
                             for n, s in self.servers.items()},
                 "load": {"cpu": self.meter.cpu, "level": LEVEL_NAMES[self.meter.level]},
+                "sessions_per_dc": {dc: n for dc, n in self.per_dc.items() if n},
                 **self.counters,
             }
 
@@ -569,23 +675,22 @@ class Group:
 def _swap_eps(h: Header, old: int, new: int, dst_field: bool) -> None:
     """Rewrite one endpoint everywhere the header names it: c_dst or c_src, m_source of
     messages, and the vcopy sub-header (§2.4 table of lb_policies.md)."""
+    _swap_buf(h.buf, h.c_cmd, old, new, dst_field)
+
+
+def _swap_buf(buf, cmd: int, old: int, new: int, dst_field: bool) -> None:
+    """`_swap_eps` on a raw 120-byte header of command `cmd`."""
     if old == new:
         return
     if dst_field:
-        if h.c_dst == old:
-            h.c_dst = new
+        if _I32.unpack_from(buf, _DST)[0] == old:
+            _I32.pack_into(buf, _DST, new)
     else:
-        if h.c_src == old:
-            h.c_src = new
-        if h.c_cmd in MESSAGE_CMDS and h.c_msg.m_source == old:
-            h.c_msg.m_source = new
-    if h.c_cmd in (C.CMD_COPYIN_DATA, C.CMD_COPYOUT_RQST, C.CMD_COPYLCL_RQST,
-                   C.CMD_COPYRMT_RQST, C.CMD_COPYIN_RQST, C.CMD_COPYIN_ACK, C.CMD_COPYOUT_DATA,
-                   C.CMD_COPYLCL_ACK, C.CMD_COPYRMT_ACK):
-        if h.v_src == old:
-            h.v_src = new
-        if h.v_dst == old:
-            h.v_dst = new
-        if h.v_rqtr == old:
-            h.v_rqtr = new
-
+        if _I32.unpack_from(buf, _SRC)[0] == old:
+            _I32.pack_into(buf, _SRC, new)
+        if cmd in MESSAGE_CMDS and _I32.unpack_from(buf, _M_SOURCE)[0] == old:
+            _I32.pack_into(buf, _M_SOURCE, new)
+    if cmd in VCOPY_CMDS:
+        v = _V3.unpack_from(buf, _V_SRC)
+        if old in v:
+            _V3.pack_into(buf, _V_SRC, *(new if x == old else x for x in v))

@@ -253,3 +253,19 @@ def test_c_header_peer_talks_to_a_running_dsp(tmp_path, bg):
         assert re.search(r"^\s*0\s+50\s+50\s+-1/-1\s+2\s+1000\b", procs, re.M), procs
         for s in (out, back, listener):
             s.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_daemon_cleanly(tmp_path, sig):
+    with cluster_from(TWO, tmp_path) as cl:
+        proc = cl.dsps[2]
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        assert proc.wait(10) == 0
+        took = time.monotonic() - t0
+        assert took < 2.0, f"stopping took {took:.2f} s"
+        cl.killed.add(2)
+        # its proxies are unbound: node 2's kernel no longer knows a pair for node 1
+        assert cl.dvk(2).getnodeinfo(1).n_flags == 0
+        log = (tmp_path / "logs" / "dsp2.log").read_text()
+        assert "DSP of node 2 stopped" in log

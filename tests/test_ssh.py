@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,6 +36,30 @@ def free_port() -> int:
 def lb_config(ssh: str) -> object:
     return parse_text(f'lb l {{ nodeid 0; {ssh} vm_start "x"; vm_stop "x"; vm_status "x"; }};'
                       ' server s { nodeid 1; node_image "img"; };').lb
+
+
+VM_CLUSTER = """
+lb node0 { nodeid 0; period 1; };
+server node1 { nodeid 1; rname {net}.1; };
+server node2 { nodeid 2; rname {net}.2; };
+service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
+"""
+
+
+def write_image(tmp_path: Path, cl) -> tuple[Path, Path]:
+    """The 'VM image' of node 2 for the test hypervisor scripts in tests/elastic."""
+    image, vmlog = tmp_path / "node2.image", tmp_path / "vm.log"
+    image.write_text(f'PYTHON="{sys.executable}"\nPYTHONPATH="{cl.env(1)["PYTHONPATH"]}"\n'
+                     f'RUNDIR="{cl.rundir}"\nCONFIG="{cl.config_path}"\n'
+                     f'LOGDIR="{tmp_path / "logs"}"\nVMLOG="{vmlog}"\n')
+    return image, vmlog
+
+
+def wait_link(cl, node: int, peer: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cl.status(node).get("links", {}).get(str(peer), {}).get("up"):
+        assert time.monotonic() < deadline, f"node {peer} did not come up"
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -81,26 +106,12 @@ def test_vm_start_and_stop_through_a_real_sshd(tmp_path, sshd, monkeypatch):
     monkeypatch.setenv("DSP_SSH_KEY", sshd["key"])
     monkeypatch.setenv("DSP_SSH_KNOWN_HOSTS", sshd["known"])
     runner = CommandRunner(lb_config("ssh_host 127.0.0.1; ssh_user root;"))
-    cfg = """
-lb node0 { nodeid 0; period 1; };
-server node1 { nodeid 1; rname {net}.1; };
-server node2 { nodeid 2; rname {net}.2; };
-service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
-"""
-    with cluster_from(cfg, tmp_path, only=[1]) as cl:
-        image = tmp_path / "node2.image"
-        vmlog = tmp_path / "vm.log"
-        image.write_text(f'PYTHON="{__import__("sys").executable}"\n'
-                         f'PYTHONPATH="{cl.env(1)["PYTHONPATH"]}"\nRUNDIR="{cl.rundir}"\n'
-                         f'CONFIG="{cl.config_path}"\nLOGDIR="{tmp_path / "logs"}"\n'
-                         f'VMLOG="{vmlog}"\n')
+    with cluster_from(VM_CLUSTER, tmp_path, only=[1]) as cl:
+        image, vmlog = write_image(tmp_path, cl)
         try:
             res = runner.run(str(HERE / "start_vm.sh"), [str(image), "node2", 2])
             assert res.status == 0, res.output
-            deadline = time.monotonic() + 20
-            while not (cl.status(1).get("links", {}).get("2", {}).get("up")):
-                assert time.monotonic() < deadline, "node 2 did not come up over ssh"
-                time.sleep(0.1)
+            wait_link(cl, 1, 2)
             assert runner.run(str(HERE / "status_vm.sh"), [str(image), "node2", 2]).status == 0
         finally:
             res = runner.run(str(HERE / "stop_vm.sh"), [str(image), "node2", 2])
@@ -191,6 +202,15 @@ def test_password_fallback_never_shows_the_password(tmp_path, password_server, m
     assert res.status == 3
     bad = CommandRunner(lb_config("ssh_host 127.0.0.1; ssh_user operator; ssh_pass wrong;"))
     assert bad.run("true", []).status == -1
+    # the same VM start/stop of an emulated node as with key authentication
+    with cluster_from(VM_CLUSTER, tmp_path, only=[1]) as cl:
+        image, vmlog = write_image(tmp_path, cl)
+        try:
+            assert runner.run(str(HERE / "start_vm.sh"), [str(image), "node2", 2]).status == 0
+            wait_link(cl, 1, 2)
+        finally:
+            assert runner.run(str(HERE / "stop_vm.sh"), [str(image), "node2", 2]).status == 0
+        assert vmlog.read_text().splitlines() == ["start node2 2", "stop node2 2"]
     out, err = capfd.readouterr()
     seen = password_server["seen"]
     assert seen and all(PASSWORD not in cmd for cmd in seen)  # never on a command line
