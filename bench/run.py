@@ -8,7 +8,12 @@
      mode (installed with apt-get when missing) and a minimal threaded Python forwarder, and
      with no relay at all.  Every figure is the median of --runs runs, measured in one run side
      by side.
-4.-5. End to end on an emulated cluster and scale: NOT WRITTEN YET (see docs/performance.md).
+4.   End to end on an emulated cluster (bench/e2e.py): latency_client p50 and messages/s,
+     m3ftp PUT/GET MB/s (compressible and random files) through the virtual LB in relayed
+     mode, with and without LZ4, beside the same programs with no LB in the same cluster.
+5.   Scale (bench/e2e.py): start-up of an N-node cluster and memory per daemon; many
+     concurrent sessions through one LB host (node kernels with several DCs).
+     `--full`: 100 MiB files, 32 nodes, 1,000 sessions (8 DCs x 125).
 
 Every process the benchmark starts is stopped; it fails with a message when an anchor cannot
 run.
@@ -31,6 +36,7 @@ from pathlib import Path
 
 from dsp_proxy.cluster import Cluster, python_env
 
+from . import e2e as E2E
 from . import wire_peers as W
 
 HAPROXY_PORT = 4000
@@ -302,7 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4000, help="max ping-pong rounds per run")
     p.add_argument("--full", action="store_true",
                    help="100 MiB transfers, 32 nodes, 1000 sessions")
-    p.add_argument("--only", default="hop", help="hop (e2e and scale: not written yet)")
+    p.add_argument("--only", default="hop,e2e,scale", help="parts: hop,e2e,scale")
+    p.add_argument("--e2e-loops", type=int, default=500, help="latency_client loops (part 4)")
+    p.add_argument("--e2e-mib", type=int, default=16, help="m3ftp file size (part 4)")
+    p.add_argument("--scale-nodes", type=int, default=8, help="cluster size (part 5)")
+    p.add_argument("--sess-dcs", type=int, default=2, help="DCs for the sessions (part 5)")
+    p.add_argument("--sess-per-dc", type=int, default=100, help="sessions per DC (part 5)")
+    p.add_argument("--sess-rounds", type=int, default=10, help="sendrec per session")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     parts = set(args.only.split(","))
@@ -314,9 +326,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== 1-3. one proxy hop (median of {args.runs} runs)", flush=True)
             out["hop"] = summarize_hops(hop_benchmarks(args, tmp))
             out["hop_table"] = print_hops(out["hop"])
-        if "e2e" in parts or "scale" in parts:
-            raise BenchError("parts 4 (end to end) and 5 (scale) are not implemented yet")
-    except BenchError as exc:
+        if "e2e" in parts:
+            print(f"\n== 4. end to end on an emulated cluster (median of {args.runs} runs)",
+                  flush=True)
+            out["e2e"] = E2E.e2e_benchmarks(args, tmp)
+            out["e2e_table"] = E2E.print_e2e(out["e2e"])
+        if "scale" in parts:
+            print("\n== 5. scale", flush=True)
+            out["scale"] = E2E.scale_benchmarks(args, tmp)
+            out["scale_table"] = E2E.print_scale(out["scale"])
+    except (BenchError, RuntimeError, TimeoutError) as exc:
         print(f"BENCHMARK FAILED: {exc}", file=sys.stderr)
         return 1
     finally:

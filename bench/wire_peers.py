@@ -294,18 +294,26 @@ def stream(hop: Hop, blob: bytes, secs: float, unit: int) -> tuple[float, float]
     t_end = [0.0]
 
     def sink():
+        # a short timeout: the sink may have read everything before the sender set `total`
         buf = bytearray(1 << 20)
         n = 0
         while True:
-            k = s_rx.recv_into(buf)
+            try:
+                k = s_rx.recv_into(buf)
+            except TimeoutError:
+                if total[0] is not None and n >= total[0]:
+                    break
+                continue
             if not k:
                 break
             n += k
             got[0] = n
+            t_end[0] = time.perf_counter()      # the last byte received
             if total[0] is not None and n >= total[0]:
                 break
-        t_end[0] = time.perf_counter()
         done.set()
+    old_timeout = s_rx.gettimeout()
+    s_rx.settimeout(0.1)
     with hop.quiet():
         t = threading.Thread(target=sink, daemon=True)
         t.start()
@@ -319,5 +327,6 @@ def stream(hop: Hop, blob: bytes, secs: float, unit: int) -> tuple[float, float]
         if not done.wait(15):
             raise TimeoutError(f"{hop.name}: only {got[0]} of {sent} bytes arrived")
         t.join(1)
+    s_rx.settimeout(old_timeout)
     elapsed = t_end[0] - t0
     return sent / unit / elapsed, sent / elapsed

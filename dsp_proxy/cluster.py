@@ -55,13 +55,15 @@ class Cluster:
 
     def __init__(self, config_path: str | os.PathLike, rundir: str | None = None,
                  log_dir: str | None = None, dsp_args: Sequence[str] = (),
-                 log_level: str = "INFO", only: Sequence[int] | None = None) -> None:
+                 log_level: str = "INFO", only: Sequence[int] | None = None,
+                 kernel_args: Sequence[str] = ()) -> None:
         self.config_path = str(config_path)
         self.cfg = cfgmod.load(self.config_path)
         self.own_rundir = rundir is None
         self.rundir = rundir or tempfile.mkdtemp(prefix="dvk")
         self.log_dir = log_dir or self.rundir
         self.dsp_args = list(dsp_args)
+        self.kernel_args = list(kernel_args)   # e.g. ["--dcs", "8"] (dvsctl node run)
         self.log_level = log_level
         self.nodes = [n.nodeid for n in self.cfg.nodes
                       if n.nodeid != self._lb_id() and (only is None or n.nodeid in only)]
@@ -95,7 +97,7 @@ class Cluster:
     def start_kernel(self, n: int) -> None:
         self.kernels[n] = emunode.start_node(n, self.rundir,
                                              log_path=self.log_path(f"kernel{n}"),
-                                             env=python_env())
+                                             env=python_env(), extra=self.kernel_args)
 
     def start_dsp(self, n: int) -> subprocess.Popen:
         argv = [sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", str(n),

@@ -379,6 +379,9 @@ class RProxy:
         received = link.received
         dispatch = self.dispatch
         monotonic = time.monotonic
+        group = dsp.group
+        fast = group.fast_path if group is not None else None
+        slow_flags = C.FLAG_LZ4 | C.FLAG_BATCH
         try:
             while link.generation == gen and link.up:
                 if not reader.has_frame():
@@ -387,10 +390,15 @@ class RProxy:
                     link.last_rx = monotonic()
                     cork()
                 hview, payload = reader.next(check)
-                h = Header(bytearray(hview))
                 f = reader.fields
                 length = f[7]
                 received.count(f[0], HEADER_SIZE + length, 1 + f[9], f[1], length)
+                # LB traffic in an established session: routed on the raw header (no Header
+                # object); everything else, batches and LZ4 frames take the full path
+                if fast is not None and not f[10] & slow_flags and f[0] != C.CMD_NONE \
+                        and fast(hview, f, payload):
+                    continue
+                h = Header(bytearray(hview))
                 if f[10] & C.FLAG_LZ4:
                     payload = self._decompress(h, payload)
                 dispatch(h, payload)
@@ -429,8 +437,20 @@ class RProxy:
             h.c_flags &= ~C.FLAG_BATCH
             count, h.c_batch_nr, h.c_len = h.c_batch_nr, 0, 0
             self.dispatch(h, memoryview(b""))
-            for sub in unpack_batch(extra, count):
-                self.dispatch(sub, memoryview(b""))
+            group = self.dsp.group
+            if group is None:
+                for sub in unpack_batch(extra, count):
+                    self.dispatch(sub, memoryview(b""))
+                return
+            fast, empty = group.fast_path, memoryview(b"")
+            if count * HEADER_SIZE != len(extra):
+                raise FrameError(f"batch of {count} headers in {len(extra)} bytes")
+            for off in range(0, count * HEADER_SIZE, HEADER_SIZE):
+                sub = extra[off:off + HEADER_SIZE]
+                f = ROUTE_STRUCT.unpack_from(sub)
+                if f[10] & (C.FLAG_LZ4 | C.FLAG_BATCH) or f[0] == C.CMD_NONE \
+                        or not fast(sub, f, empty):
+                    self.dispatch(Header(bytearray(sub)), empty)
             return
         if h.c_cmd == C.CMD_NONE:
             self.link.received.hellos += 1

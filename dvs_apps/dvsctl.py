@@ -3,7 +3,8 @@
     dvsctl [--dvk auto|kernel|emu] [--node N] [--rundir DIR] COMMAND ...
 
 Emulated node kernels (ARCHITECTURE D6):
-    node run N [params]       run node N's kernel in the foreground (log on stderr)
+    node run N [params]       run node N's kernel in the foreground (log on stderr);
+                              --dcs N creates DC0..DC(N-1) (default DC0 only)
     node start N [params]     the same, detached; prints its pid
     node stop N               ask node N's kernel to stop
     node list                 the node kernels of the run directory
@@ -24,6 +25,7 @@ Errors print `dvsctl: <NAME> (<code>): <message>` and exit with status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -112,6 +114,21 @@ def _dc0_info(args, dvs: DvsInfo) -> DcInfo:
     return info
 
 
+def _dc_infos(args, dvs: DvsInfo) -> list[DcInfo]:
+    """DC0 (`_dc0_info`) and, with `--dcs N`, DC1..DC(N-1) with the same parameters."""
+    n = getattr(args, "dcs", 1) or 1
+    if not 1 <= n <= dvs.d_nr_dcs:
+        raise CtlError(f"--dcs {n}: must be 1..{dvs.d_nr_dcs} (d_nr_dcs)")
+    dc0 = _dc0_info(args, dvs)
+    out = [dc0]
+    for dcid in range(1, n):
+        dc = dataclasses.replace(dc0, dc_dcid=dcid)
+        if dc0.dc_name == "DC0":
+            dc.dc_name = f"DC{dcid}"
+        out.append(dc)
+    return out
+
+
 def _forward(args, params) -> list[str]:
     """The options of `params` that were given, as command-line words again."""
     out: list[str] = []
@@ -183,7 +200,7 @@ def cmd_node_run(args) -> int:
         level=getattr(logging, args.log_level.upper(), logging.INFO), stream=sys.stderr,
         format=f"%(asctime)s node{args.nodeid} %(name)s %(levelname)s: %(message)s")
     dvs = _dvs_info(args)
-    dcs = [] if args.no_dc else [_dc0_info(args, dvs)]
+    dcs = [] if args.no_dc else _dc_infos(args, dvs)
     path = args.socket or socket_path(args.nodeid)
     try:
         return run_node(args.nodeid, path=path, dvs=dvs, dcs=dcs)
@@ -200,6 +217,8 @@ def cmd_node_start(args) -> int:
     extra = _forward(args, DVS_PARAMS) + _forward(args, DC0_PARAMS)
     if args.no_dc:
         extra.append("--no-dc")
+    if args.dcs != 1:
+        extra += ["--dcs", str(args.dcs)]
     extra += ["--log-level", args.log_level]
     path = socket_path(args.nodeid, rundir)
     running = _peer_pid(path)
@@ -406,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_params(np_, DVS_PARAMS, "DVS parameters (dvs_init)")
         _add_params(np_, DC0_PARAMS, "DC0 parameters (dc_init)")
         np_.add_argument("--no-dc", action="store_true", help="do not create DC0")
+        np_.add_argument("--dcs", type=_int, default=1, metavar="N",
+                         help="create DC0..DC(N-1), each with DC0's parameters (default 1)")
         np_.add_argument("--log-level", default="INFO",
                          help="DEBUG, INFO, WARNING, ... (default INFO)")
         if action == "run":

@@ -325,6 +325,30 @@ def test_dvsctl_node_start_stop(apps):
                 os.kill(pid, 9)
 
 
+def test_dvsctl_node_start_with_several_dcs(apps):
+    pids = []
+    try:
+        r = apps.run("dvsctl", "node", "start", 4, "--dcs", 3, "--dc-nr-procs", 100,
+                     node=None, timeout=30)
+        assert r.returncode == 0, r.stderr
+        pids.append(int(r.stdout.strip()))
+        for dcid in range(3):
+            dc = apps.run("dvsctl", "dcinfo", dcid, node=4)
+            assert dc.returncode == 0, dc.stderr
+            assert dc.stdout.startswith(f"dcid={dcid}\n") and f"dc_name=DC{dcid}\n" in dc.stdout
+            assert "nr_procs=100\n" in dc.stdout
+        missing = apps.run("dvsctl", "dcinfo", 3, node=4)
+        assert missing.returncode != 0 or not missing.stdout.startswith("dcid=3\n")
+        bad = apps.run("dvsctl", "node", "run", 5, "--dcs", 99, node=None, timeout=30)
+        assert bad.returncode == 1 and "--dcs 99" in bad.stderr
+        r = apps.run("dvsctl", "node", "stop", 4, node=None, timeout=30)
+        assert r.returncode == 0
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)
+
+
 def _alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:

@@ -1,0 +1,397 @@
+"""Benchmarks 4 and 5: end to end on an emulated cluster, and scale.
+
+4. A cluster of node kernels and DSPs on this run's own 127.X.Y addresses, in relayed mode (D13)
+   like the C set-up (client node -> LB host -> server node): node 3 a relayed client, node 5
+   `lbhost` the LB host of the virtual LB node 0, node 1 the server.  `latency_client` and
+   m3ftp PUT/GET (compressible text and random data, verified by SHA-256) through the LB, with
+   and without `compress YES`, side by side with their anchors in the same cluster: the same
+   programs from node 5 to node 1 with no LB (`direct`, one DSP pair), and node 5's own
+   clients through the LB (local-client sessions).
+5. Scale: (a) an N-node cluster (`--full`: 32 = the LB node and 31 real nodes, NR_NODES):
+   time until every link is up, memory per DSP and node kernel; (b) many concurrent sessions
+   through one LB host: node kernels with several DCs (`dvsctl node run --dcs N`), a service
+   in every DC, one client process per DC on the relayed client node holding `per_dc` bound
+   endpoints in a sendrec loop each (bench/many_clients.py), two servers; the LB host's DSP
+   holds every session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from dsp_proxy.cluster import Cluster, module_argv
+
+LAT_RE = re.compile(r"Time total elapsed in loop \d+: ([0-9.]+)")
+RATE_RE = re.compile(r"Message throughput in \d+ loops: ([0-9.]+)")
+FTP_RE = re.compile(r"(\d+) bytes in ([0-9.]+) s, (\d+) bytes/s")
+
+E2E_CONFIG = """
+lb node0 {{ nodeid 0; cltname lbhost; lb_eps 100 200; max_sessions 150; session_timeout 600;
+           period 30; }};
+server node1 {{ nodeid 1; rname {net}.1; autobind YES; {opts} }};
+client node3 {{ nodeid 3; rname {net}.3; {opts} }};
+client lbhost {{ nodeid 5; rname {net}.5; autobind YES; {opts} }};
+service latency {{ dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; }};
+service m3ftp {{ dcid 0; ext_ep 20; min_ep 20; max_ep 24; bind external; }};
+"""
+SRV, CLT, HOST = 1, 3, 5
+DIRECT_LAT_EP, DIRECT_FTP_EP = 25, 27   # system endpoints outside both services
+
+
+def _net(offset: int) -> str:
+    pid = os.getpid()
+    return f"127.{60 + (pid + offset) % 100}.{(pid // 100 + 3 * offset) % 250 + 1}"
+
+
+class Programs:
+    """Background programs on cluster nodes, all stopped at the end."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, node: int, *argv, env=None, **kw) -> subprocess.Popen:
+        p = self.cluster.popen(node, module_argv(*argv), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, **kw)
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+
+def wait_bound(cluster: Cluster, node: int, dcid: int, ep: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    dvk = cluster.dvk(node)
+    while time.monotonic() < deadline:
+        try:
+            if not dvk.getprocinfo(dcid, ep).p_rts_flags & 0x1:   # not SLOT_FREE
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"endpoint {ep} of DC {dcid} not bound on node {node}")
+
+
+def _ctl(cluster: Cluster, node: int, *args) -> None:
+    res = cluster.run(node, module_argv("dvs_apps.dvsctl", *args), timeout=30)
+    if res.returncode != 0:
+        raise RuntimeError(f"dvsctl {args} on node {node}: {res.stdout}{res.stderr}")
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- part 4
+def latency(cluster: Cluster, node: int, clt_ep: int, svr_ep: int, loops: int) -> dict:
+    res = cluster.run(node, module_argv("dvs_apps.latency", "client", 0, clt_ep, svr_ep, loops,
+                                        0, 0), timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"latency_client on node {node} -> {svr_ep}: "
+                           f"{res.stdout[-500:]}{res.stderr[-500:]}")
+    rtts = [float(x) for x in LAT_RE.findall(res.stdout)]
+    rate = float(RATE_RE.search(res.stdout).group(1))
+    return {"p50_us": statistics.median(rtts) * 1e6, "msgs_per_s": rate}
+
+
+def ftp(cluster: Cluster, node: int, op: str, clt_ep: int, svr_ep: int, rmt: str,
+        lcl: Path) -> float:
+    res = cluster.run(node, module_argv("dvs_apps.m3ftp", op, 0, clt_ep, svr_ep, rmt,
+                                        str(lcl)), timeout=600)
+    m = FTP_RE.search(res.stdout)
+    if res.returncode != 0 or m is None or "verified" not in res.stdout:
+        raise RuntimeError(f"m3ftp {op} on node {node} -> {svr_ep}: "
+                           f"{res.stdout[-500:]}{res.stderr[-500:]}")
+    return int(m.group(3)) / 1e6
+
+
+def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args) -> dict:
+    d = tmp / label
+    d.mkdir()
+    cfg = d / "e2e.cfg"
+    cfg.write_text(E2E_CONFIG.format(net=_net(offset), opts=opts))
+    size = (100 if args.full else args.e2e_mib) << 20
+    files = {"text": d / "text.src", "random": d / "random.src"}
+    line = b"compressible line of text for the m3ftp benchmark, 0123456789\n"
+    with open(files["text"], "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write((line * ((1 << 20) // len(line) + 1))[:1 << 20])
+    with open(files["random"], "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+    srvdir = d / "srv"
+    srvdir.mkdir()
+    out: dict = {"latency": {}, "ftp": {}, "size_mib": size >> 20}
+    with Cluster(cfg, rundir=str(d), log_level="WARNING") as cl:
+        progs = Programs(cl)
+        try:
+            for ep in (10, DIRECT_LAT_EP):
+                progs.start(SRV, "dvs_apps.latency", "server", 0, ep)
+            for ep in (20, DIRECT_FTP_EP):
+                progs.start(SRV, "dvs_apps.m3ftp", "server", 0, ep,
+                            env={"M3FTPD_DIR": str(srvdir)})
+            for ep in (10, DIRECT_LAT_EP, 20, DIRECT_FTP_EP):
+                wait_bound(cl, SRV, 0, ep)
+            _ctl(cl, HOST, "rmtbind", 0, DIRECT_LAT_EP, SRV, "latdirect")
+            _ctl(cl, HOST, "rmtbind", 0, DIRECT_FTP_EP, SRV, "ftpdirect")
+            paths = {"direct (node 5 -> node 1, no LB)": (HOST, DIRECT_LAT_EP, DIRECT_FTP_EP),
+                     "LB, local client (node 5 -> LB -> node 1)": (HOST, 10, 20),
+                     "LB, relayed (node 3 -> lbhost -> node 1)": (CLT, 10, 20)}
+            latency(cl, CLT, 50, 10, 20)   # warm-up: sessions, autobinds
+            latency(cl, HOST, 51, 10, 20)
+            for _run in range(args.runs):
+                for i, (name, (node, lep, _fep)) in enumerate(paths.items()):
+                    r = latency(cl, node, 50 + i, lep, args.e2e_loops)
+                    out["latency"].setdefault(name, []).append(r)
+            for _run in range(max(1, args.runs if not args.full else 1)):
+                for i, (name, (node, _lep, fep)) in enumerate(paths.items()):
+                    for kind, src in files.items():
+                        rmt = f"{kind}{i}"
+                        back = d / f"{kind}{i}.back"
+                        put = ftp(cl, node, "-p", 60 + i, fep, rmt, src)
+                        get = ftp(cl, node, "-g", 60 + i, fep, rmt, back)
+                        if _sha(back) != _sha(src):
+                            raise RuntimeError(f"m3ftp GET {rmt}: content differs")
+                        back.unlink()
+                        (srvdir / rmt).unlink()
+                        out["ftp"].setdefault(f"{name} {kind}", []).append(
+                            {"put_MBps": put, "get_MBps": get})
+            st = cl.status(HOST)
+            link = st.get("links", {}).get(str(SRV), {}).get("sent", {})
+            out["lbhost_to_server"] = {k: link.get(k) for k in
+                                       ("frames", "commands", "batches", "lz4_frames",
+                                        "lz4_raw", "lz4_wire")}
+        finally:
+            progs.close()
+    for f in files.values():
+        f.unlink()
+    return out
+
+
+def e2e_benchmarks(args, tmp: Path) -> dict:
+    res = {}
+    for i, (label, opts) in enumerate((("compress NO", ""), ("compress YES", "compress YES;"))):
+        print(f"   cluster with {label} ...", flush=True)
+        res[label] = e2e_cluster(tmp, label.replace(" ", "_"), opts, 10 + i, args)
+    return res
+
+
+def _med(xs: list[dict], key: str) -> float:
+    return statistics.median(x[key] for x in xs)
+
+
+def print_e2e(res: dict) -> str:
+    lines = ["| path | compression | latency p50 µs | msgs/s | ratio p50 vs direct |",
+             "|---|---|---|---|---|"]
+    for label, r in res.items():
+        lat = r["latency"]
+        direct = _med(next(iter(lat.values())), "p50_us")
+        for name, runs in lat.items():
+            p50 = _med(runs, "p50_us")
+            lines.append(f"| {name} | {label} | {p50:,.0f} | {_med(runs, 'msgs_per_s'):,.0f} | "
+                         f"{p50 / direct:.2f}x |")
+    size = next(iter(res.values()))["size_mib"]
+    lines += ["", f"| m3ftp {size} MiB: path, file | compression | PUT MB/s | GET MB/s | "
+              "PUT vs direct |", "|---|---|---|---|---|"]
+    for label, r in res.items():
+        f = r["ftp"]
+        names = list(f)
+        for name in names:
+            kind = name.rsplit(" ", 1)[1]
+            direct = next(n for n in names if n.startswith("direct") and n.endswith(kind))
+            put = _med(f[name], "put_MBps")
+            lines.append(f"| {name} | {label} | {put:,.1f} | {_med(f[name], 'get_MBps'):,.1f} | "
+                         f"{put / _med(f[direct], 'put_MBps'):.2f}x |")
+    for label, r in res.items():
+        lines.append(f"\n{label}: LB host -> server link: {r['lbhost_to_server']}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+# ---------------------------------------------------------------------------------- part 5
+def scale_startup(args, tmp: Path, nodes: int) -> dict:
+    """An N-node cluster: LB node 0, servers and clients 1..N-1 in full mesh."""
+    d = tmp / f"mesh{nodes}"
+    d.mkdir()
+    net = _net(20)
+    text = "lb node0 { nodeid 0; period 30; max_sessions 150; };\n"
+    for n in range(1, nodes):
+        role = "server" if n <= (nodes - 1) // 2 else "client"
+        text += f"{role} node{n} {{ nodeid {n}; rname {net}.{n}; }};\n"
+    text += "service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };\n"
+    cfg = d / "mesh.cfg"
+    cfg.write_text(text)
+    cl = Cluster(cfg, rundir=str(d), log_level="WARNING")
+    try:
+        t0 = time.monotonic()
+        for n in cl.nodes:
+            cl.start_kernel(n)
+        t1 = time.monotonic()
+        for n in cl.nodes:
+            cl.start_dsp(n)
+        cl.wait_links_up(timeout=600)
+        t2 = time.monotonic()
+        time.sleep(2)      # settle: every thread started
+        dsp = [psutil.Process(p.pid) for p in cl.dsps.values()]
+        ker = [psutil.Process(p.pid) for p in cl.kernels.values()]
+        rss = [p.memory_info().rss / 2**20 for p in dsp]
+        uss = [p.memory_full_info().uss / 2**20 for p in dsp]
+        krss = [p.memory_info().rss / 2**20 for p in ker]
+        links = sum(1 for up in cl.link_state().values() if up)
+        return {"nodes": nodes, "real_nodes": len(cl.nodes), "links_up": links,
+                "kernels_s": t1 - t0, "links_up_s": t2 - t1, "total_s": t2 - t0,
+                "dsp_rss_mib": statistics.median(rss), "dsp_rss_max_mib": max(rss),
+                "dsp_uss_mib": statistics.median(uss),
+                "dsp_threads": statistics.median(p.num_threads() for p in dsp),
+                "kernel_rss_mib": statistics.median(krss)}
+    finally:
+        cl.stop()
+
+
+SESS_CONFIG = """
+lb node0 {{ nodeid 0; cltname lbhost; lb_eps 29 220; max_sessions 157; session_timeout 600;
+           period 30; }};
+server node1 {{ nodeid 1; rname {net}.1; autobind YES; }};
+server node2 {{ nodeid 2; rname {net}.2; autobind YES; }};
+client node3 {{ nodeid 3; rname {net}.3; }};
+client lbhost {{ nodeid 5; rname {net}.5; }};
+service latency {{ ext_ep 10; min_ep 10; max_ep 19; bind external; }};
+"""
+FIRST_CLT_EP = 30
+
+
+def scale_sessions(args, tmp: Path, dcs: int, per_dc: int, rounds: int) -> dict:
+    d = tmp / "sessions"
+    d.mkdir()
+    cfg = d / "sess.cfg"
+    cfg.write_text(SESS_CONFIG.format(net=_net(30)))
+    clients: list[subprocess.Popen] = []
+    with Cluster(cfg, rundir=str(d), log_level="WARNING",
+                 kernel_args=["--dcs", str(dcs)]) as cl:
+        progs = Programs(cl)
+        try:
+            for dc in range(dcs):
+                for n in (1, 2):
+                    progs.start(n, "dvs_apps.latency", "server", dc, 10)
+            for dc in range(dcs):
+                for n in (1, 2):
+                    wait_bound(cl, n, dc, 10)
+                wait_bound(cl, CLT, dc, 10)      # D5: ext_ep bound to the LB node
+            lb = psutil.Process(cl.dsps[HOST].pid)
+            cpu0, t0 = lb.cpu_times(), time.monotonic()
+            rss0 = lb.memory_info().rss / 2**20
+            for dc in range(dcs):
+                clients.append(subprocess.Popen(
+                    module_argv("bench.many_clients", dc, FIRST_CLT_EP, per_dc, 10, rounds),
+                    env=cl.env(CLT), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True))
+            results = []
+            for p in clients:
+                line = p.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"many_clients exited: {p.stderr.read()[-1000:]}")
+                results.append(json.loads(line))
+            t1 = time.monotonic()
+            cpu1 = lb.cpu_times()
+            rss1 = lb.memory_info().rss / 2**20
+            # every client still holds its endpoints: the LB host's table must hold them all
+            deadline = time.monotonic() + 5
+            held = 0
+            while time.monotonic() < deadline:
+                st = cl.status(HOST)
+                held = len((st.get("group") or {}).get("sessions") or ())
+                if held >= dcs * per_dc:
+                    break
+                time.sleep(0.5)
+            busy = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0)
+            lbst = cl.status(HOST).get("group") or {}
+            out = {"dcs": dcs, "per_dc": per_dc, "sessions": dcs * per_dc, "rounds": rounds,
+                   "bound": sum(r["bound"] for r in results),
+                   "served_clients": sum(r["served_clients"] for r in results),
+                   "replies": sum(r["replies"] for r in results),
+                   "failed": sum(r["failed"] for r in results),
+                   "errors": [e for r in results for e in r["errors"]][:5],
+                   "held_in_lb_table": held,
+                   "sessions_started": lbst.get("sessions_started"),
+                   "seconds": max(r["seconds"] for r in results),
+                   "p50_ms": statistics.median(r["p50_ms"] for r in results if r["p50_ms"]),
+                   "lb_cpu_pct": 100 * busy, "lb_rss_before_mib": rss0,
+                   "lb_rss_mib": rss1,
+                   "per_server": {n: s.get("sessions") for n, s in
+                                  (lbst.get("servers") or {}).items()}}
+            out["round_trips_per_s"] = out["replies"] / out["seconds"] if out["seconds"] else 0
+            return out
+        finally:
+            for p in clients:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+            for p in clients:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            progs.close()
+
+
+def scale_benchmarks(args, tmp: Path) -> dict:
+    nodes = 32 if args.full else args.scale_nodes
+    print(f"   {nodes}-node cluster start-up ...", flush=True)
+    res = {"startup": scale_startup(args, tmp, nodes)}
+    dcs, per_dc = (8, 125) if args.full else (args.sess_dcs, args.sess_per_dc)
+    print(f"   {dcs * per_dc} concurrent sessions ({dcs} DCs x {per_dc}) ...", flush=True)
+    res["sessions"] = scale_sessions(args, tmp, dcs, per_dc, args.sess_rounds)
+    return res
+
+
+def print_scale(res: dict) -> str:
+    s, c = res["startup"], res["sessions"]
+    lines = [
+        "| scale | figure |", "|---|---|",
+        f"| {s['nodes']}-node cluster ({s['real_nodes']} node kernels + DSPs, "
+        f"{s['links_up']} node->peer links) | node kernels up {s['kernels_s']:.1f} s, then all "
+        f"links up {s['links_up_s']:.1f} s after the DSPs started (total {s['total_s']:.1f} s) |",
+        f"| memory per DSP | RSS {s['dsp_rss_mib']:.1f} MiB median (max "
+        f"{s['dsp_rss_max_mib']:.1f}), USS {s['dsp_uss_mib']:.1f} MiB, "
+        f"{s['dsp_threads']:.0f} threads |",
+        f"| memory per node kernel | RSS {s['kernel_rss_mib']:.1f} MiB median |",
+        f"| {c['sessions']} concurrent sessions through one LB host ({c['dcs']} DCs x "
+        f"{c['per_dc']}, {c['rounds']} sendrec each) | {c['served_clients']}/{c['sessions']} "
+        f"clients served, {c['replies']} replies, {c['failed']} failed; "
+        f"{c['held_in_lb_table']} sessions held in the LB table; "
+        f"{c['round_trips_per_s']:,.0f} round trips/s, p50 {c['p50_ms']:.1f} ms |",
+        f"| the LB host's DSP during it | CPU {c['lb_cpu_pct']:.0f} % of one core; RSS "
+        f"{c['lb_rss_before_mib']:.1f} -> {c['lb_rss_mib']:.1f} MiB; sessions per server "
+        f"{c['per_server']} |",
+    ]
+    if c["errors"]:
+        lines.append(f"\nerrors: {c['errors']}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
