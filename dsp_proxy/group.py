@@ -126,14 +126,18 @@ class LoadMeter:
     """
 
     def __init__(self, low: int, high: int, pids=None) -> None:
-        self.low, self.high = low, high
-        self.margin = max(1, (high - low) // 5)
+        self.set_thresholds(low, high)
         self.pids = pids            # callable -> set of pids, or None for the whole machine
         self.level = C.LVL_IDLE
         self.cpu = 0
         self._last: tuple[float, dict[int, float]] | None = None
         if pids is None:
             psutil.cpu_percent(None)
+
+    def set_thresholds(self, low: int, high: int) -> None:
+        """lowwater/highwater, and the hysteresis margin: a fifth of the span between them."""
+        self.low, self.high = low, high
+        self.margin = max(1, (high - low) // 5)
 
     def sample(self) -> tuple[int, int]:
         """Measure now; returns (cpu %, level)."""
@@ -544,6 +548,26 @@ class Group:
                 self.dsp.put2lcl.put(ack)
         for node, body in controls:
             self.dsp.send_control(node, body)
+
+    def reload(self, cfg) -> None:
+        """SIGHUP: services, thresholds, timers and the set of servers change live."""
+        lb = cfg.lb
+        servers = {n.nodeid: n for n in cfg.servers if n.nodeid != self.local}
+        gone = [nid for nid in self.servers if nid not in servers]
+        for nid in gone:
+            self.server_down(nid)
+        with self.lock:
+            self.cfg, self.lb = cfg, lb
+            self.max_sessions = lb.max_sessions
+            self.session_timeout = lb.session_timeout
+            self.meter.set_thresholds(lb.lowwater, lb.highwater)
+            for nid in gone:
+                self.servers.pop(nid, None)
+            for nid, node in servers.items():
+                if nid not in self.servers:
+                    self.servers[nid] = ServerState(nid, node.name)
+                else:
+                    self.servers[nid].name = node.name
 
     def server_down(self, nodeid: int) -> None:
         """A server failed: its sessions end and their waiting clients get EDVSNOTCONN."""

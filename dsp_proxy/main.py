@@ -394,10 +394,9 @@ class Dsp:
         self.cfg = new
         self._set_timers(new)
         if self.group is not None:
-            self._reload_group(new)
-        hook = getattr(getattr(self, "autoscaler", None), "reload", None)
-        if hook is not None:  # the autoscaler takes its lb settings over when it can
-            hook(new)
+            self.group.reload(new)
+        if self.autoscaler is not None:
+            self.autoscaler.reload(new)
         for spec in added:
             try:
                 self._start_peer(spec)
@@ -449,29 +448,6 @@ class Dsp:
             elif t in self.threads:
                 self.threads.remove(t)
         log.info("reload: link to node %d removed", peer)
-
-    def _reload_group(self, new) -> None:
-        """Services, thresholds and timers of the LB group, and its set of servers."""
-        from .group import ServerState
-        g, lb = self.group, new.lb
-        servers = {n.nodeid: n for n in new.servers if n.nodeid != self.local}
-        gone = [nid for nid in g.servers if nid not in servers]
-        for nid in gone:
-            g.server_down(nid)
-        with g.lock:
-            g.cfg, g.lb = new, lb
-            g.max_sessions = lb.max_sessions
-            g.session_timeout = lb.session_timeout
-            m = g.meter
-            m.low, m.high = lb.lowwater, lb.highwater
-            m.margin = max(1, (lb.highwater - lb.lowwater) // 5)
-            for nid in gone:
-                g.servers.pop(nid, None)
-            for nid, node in servers.items():
-                if nid not in g.servers:
-                    g.servers[nid] = ServerState(nid, node.name)
-                else:
-                    g.servers[nid].name = node.name
 
     def _unbind_services(self, services) -> None:
         """Undo D5 for services a reload removed (or moved): on a client node, the service's

@@ -105,6 +105,16 @@ class StartGate:
             self._cond.wait_for(lambda: self._go or self._abort)
             return self._go
 
+    def enter(self, dvk) -> bool:
+        """Thread side, first thing: make this thread known to the kernel (its first DVK
+        call opens its connection), report the TID and wait for main; False: do not run."""
+        try:
+            dvk.getdvsinfo()
+        except Exception as exc:  # main re-raises it and aborts the start-up
+            self.fail(exc)
+            return False
+        return self.report(threading.get_native_id())
+
     def fail(self, exc: BaseException) -> None:
         with self._cond:
             self.error = exc

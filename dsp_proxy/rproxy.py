@@ -14,7 +14,6 @@ import queue
 import selectors
 import socket
 import struct
-import threading
 import time
 
 import lz4.frame
@@ -332,12 +331,7 @@ class RProxy:
 
     def run(self) -> None:
         dsp = self.dsp
-        try:
-            dsp.dvk.getdvsinfo()  # opens this thread's DVK connection: the kernel knows the TID
-        except Exception as exc:
-            self.gate.fail(exc)
-            return
-        if not self.gate.report(threading.get_native_id()):
+        if not self.gate.enter(dsp.dvk):
             return
         self.deliverer = Deliverer(dsp)
         serial = 0
@@ -472,12 +466,7 @@ class Put2lclThread:
 
     def run(self) -> None:
         dsp = self.dsp
-        try:
-            dsp.dvk.getdvsinfo()
-        except Exception as exc:
-            self.gate.fail(exc)
-            return
-        if not self.gate.report(threading.get_native_id()):
+        if not self.gate.enter(dsp.dvk):
             return
         deliverer = Deliverer(dsp)
         while not dsp.stopping.is_set():

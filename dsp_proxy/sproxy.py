@@ -37,12 +37,7 @@ class SProxy:
 
     def run(self) -> None:
         dsp, link = self.dsp, self.link
-        try:
-            dsp.dvk.getdvsinfo()  # opens this thread's DVK connection: the kernel knows the TID
-        except Exception as exc:  # reported to main, which aborts the start-up
-            self.gate.fail(exc)
-            return
-        if not self.gate.report(threading.get_native_id()):
+        if not self.gate.enter(dsp.dvk):
             return
         self.hdr = Header()
         self.payload = dsp.dvk.alloc(C.MAXCOPYBUF)
@@ -162,12 +157,7 @@ class LbSender:
 
     def run(self) -> None:
         dsp = self.dsp
-        try:
-            dsp.dvk.getdvsinfo()
-        except Exception as exc:
-            self.gate.fail(exc)
-            return
-        if not self.gate.report(threading.get_native_id()):
+        if not self.gate.enter(dsp.dvk):
             return
         hdr = Header()
         payload = dsp.dvk.alloc(C.MAXCOPYBUF)
