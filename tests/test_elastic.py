@@ -182,6 +182,7 @@ def test_second_server_started_when_saturated_and_stopped_when_idle(tmp_path, bg
 
 def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkeypatch):
     monkeypatch.setenv("DSP_TEST_PYTHON", sys.executable)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the DSP puts the programs' output
     svc = (f'service latency {{ dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind replica; '
            f'prog "{HERE}/run_latency.sh"; }};')
     cfg = BASE.format(lb="", node2="", service=svc).replace("{{", "{").replace("}}", "}")
