@@ -197,6 +197,7 @@ class Autoscaler:
             if vm.starting_since and now - vm.starting_since > lb.start:
                 log.warning("server node %d did not come up within %d s", vm.nodeid, lb.start)
                 vm.starting_since, vm.failed_at = 0.0, now
+                self._check_status(vm)
         starting = [v for v in self.vms.values() if v.starting_since]
         group = self.dsp.group
         levels = group.levels() if group is not None else {}
@@ -264,6 +265,17 @@ class Autoscaler:
             finally:
                 self.busy = False
         threading.Thread(target=work, name=f"vm-{what}-{vm.nodeid}", daemon=True).start()
+
+    def _check_status(self, vm: VmState) -> None:
+        """After a start that did not bring the node: ask vm_status why (on a thread)."""
+        def work() -> None:
+            running = self.status(vm)
+            if running is True:
+                log.warning("server node %d: its VM runs but its DSP never connected",
+                            vm.nodeid)
+            elif running is False:
+                log.warning("server node %d: its VM is not running", vm.nodeid)
+        threading.Thread(target=work, name=f"vm-status-{vm.nodeid}", daemon=True).start()
 
     def status(self, vm: VmState) -> bool | None:
         """vm_status: True running, False stopped, None unknown."""

@@ -1,0 +1,114 @@
+"""The autoscaler's rules on a stand-in DSP (the cluster tests show the same with real nodes)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from dsp_proxy.config import parse_text
+from dsp_proxy.elastic import Autoscaler, CommandResult
+from dvk_cffi import consts as C
+
+CFG = """
+lb lb0 {{ nodeid 0; start 1; stop 1; min_servers {min}; max_servers {max};
+         vm_start "vmstart"; vm_stop "vmstop"; vm_status "vmstatus"; }};
+server a {{ nodeid 1; }};
+server b {{ nodeid 2; node_image "img-b"; }};
+server c {{ nodeid 3; node_image "img-c"; }};
+client d {{ nodeid 4; }};
+"""
+
+
+class Runner:
+    """Records commands instead of running them; vm_status answers `status_rc`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list]] = []
+        self.status_rc = 1
+
+    def run(self, command, args):
+        self.calls.append((command, [str(a) for a in args]))
+        return CommandResult(self.status_rc if command == "vmstatus" else 0, "")
+
+
+class Group:
+    def __init__(self, levels, quiet=True):
+        self._levels, self._quiet = levels, quiet
+        self.servers = {}
+        self.meter = SimpleNamespace(level=C.LVL_IDLE)
+
+    def levels(self):
+        return dict(self._levels)
+
+    def quiet(self, nodeid):
+        return self._quiet
+
+
+def scaler(levels, min_servers=1, max_servers=3, local=1):
+    cfg = parse_text(CFG.format(min=min_servers, max=max_servers))
+    dsp = SimpleNamespace(cfg=cfg, local=local, group=Group(levels))
+    runner = Runner()
+    a = Autoscaler(dsp, runner)
+    a.running = lambda: set(levels) | {local}
+    return a, runner, dsp
+
+
+def wait_idle(a):
+    deadline = time.monotonic() + 5
+    while a.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_starts_when_every_running_server_is_saturated_one_at_a_time():
+    a, runner, dsp = scaler({1: C.LVL_SATURATED})
+    dsp.group.meter.level = C.LVL_SATURATED
+    a.tick()
+    wait_idle(a)
+    assert runner.calls == [("vmstart", ["img-b", "b", "2"])]
+    a.tick()  # a start is pending: no second one
+    wait_idle(a)
+    assert len(runner.calls) == 1
+
+
+def test_no_start_while_one_server_has_room_and_never_beyond_max():
+    a, runner, dsp = scaler({1: C.LVL_SATURATED, 2: C.LVL_BUSY})
+    a.tick()
+    assert runner.calls == []
+    a, runner, dsp = scaler({1: C.LVL_SATURATED, 2: C.LVL_SATURATED}, max_servers=2)
+    dsp.group.meter.level = C.LVL_SATURATED
+    a.tick()
+    assert runner.calls == []
+
+
+def test_start_below_min_servers_and_status_after_a_failed_start():
+    a, runner, dsp = scaler({}, min_servers=2)
+    a.tick()
+    wait_idle(a)
+    assert runner.calls == [("vmstart", ["img-b", "b", "2"])]
+    a.vms[2].starting_since = time.monotonic() - 5  # `start` (1 s) passed, node 2 never came
+    a.tick()
+    deadline = time.monotonic() + 5
+    while not any(c == "vmstatus" for c, _ in runner.calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ("vmstatus", ["img-b", "b", "2"]) in runner.calls
+
+
+def test_idle_server_stopped_after_stop_seconds_but_not_below_min():
+    a, runner, dsp = scaler({1: C.LVL_IDLE, 2: C.LVL_IDLE})
+    a.tick()
+    assert runner.calls == []  # idle, but not yet for `stop` seconds
+    a.vms[2].idle_since = time.monotonic() - 2
+    a.tick()
+    wait_idle(a)
+    assert runner.calls == [("vmstop", ["img-b", "b", "2"])]
+    a, runner, dsp = scaler({1: C.LVL_IDLE, 2: C.LVL_IDLE}, min_servers=2)
+    a.vms[2].idle_since = time.monotonic() - 2
+    a.tick()
+    assert runner.calls == []
+
+
+def test_only_the_deciding_node_acts():
+    a, runner, dsp = scaler({1: C.LVL_SATURATED, 2: C.LVL_SATURATED}, local=2)
+    a.running = lambda: {1, 2}
+    a.tick()  # node 1, the lowest-id live server, decides
+    assert a.decider() == 1 and runner.calls == []
