@@ -6,8 +6,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Sequence
 
-from dvk_cffi import Dvk, open_dvk
+from dvk_cffi import Dvk, DvkError, open_dvk
 
 #: Environment variable that chooses the DVK backend of the programs (auto, kernel, emu).
 MODE_ENV = "DVK_MODE"
@@ -76,3 +77,36 @@ def error_text(err: BaseException) -> str:
 def print_error(text: str) -> None:
     """The C programs' `ERROR: ...` line, on stderr."""
     print(f"ERROR: {text}", file=sys.stderr, flush=True)
+
+
+def run_program(name: str, argv: list[str] | None, parse: Callable[[list[str]], Sequence],
+                body: Callable[..., int], errors: tuple = (),
+                interrupted: int = 0) -> int:
+    """The frame every DVS program shares: parse the C command line (`parse` raises
+    UsageError), open the DVK, run `body(dvk, *parsed)`, print `ERROR: ...` and return 1 on a
+    DVK, OS or listed error, return `interrupted` on SIGTERM/SIGINT, and always close the DVK.
+    `argv` is None for the real program (sys.argv; signals installed, process renamed)."""
+    program = argv is None
+    if program:
+        argv = sys.argv[1:]
+    try:
+        args = parse(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if program:
+        install_signals()
+    dvk = None
+    try:
+        dvk = open_program_dvk(name if program else None)
+        return body(dvk, *args)
+    except Terminated:
+        if interrupted:
+            print_error("interrupted")
+        return interrupted
+    except (DvkError, OSError, *errors) as err:
+        print_error(error_text(err))
+        return 1
+    finally:
+        if dvk is not None:
+            dvk.close()

@@ -27,14 +27,12 @@ from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi.errors import EDVSERRCODE, EDVSTIMEDOUT, DvkError
 
 from .common import (
-    Terminated,
     UsageError,
     debug,
     error_text,
-    install_signals,
-    open_program_dvk,
     parse_int,
     print_error,
+    run_program,
 )
 
 REQUEST_TYPE = 0x0A
@@ -83,33 +81,15 @@ def serve(dvk, dcid: int, svr_nr: int) -> int:
             return 1
 
 
+def _server_args(argv: list[str]) -> tuple[int, int]:
+    if len(argv) != 2:
+        raise UsageError(SERVER_USAGE)
+    return parse_int(argv[0], "dcid"), parse_int(argv[1], "ep")
+
+
 def server_main(argv: list[str] | None = None) -> int:
     """`latency_server <dcid> <ep>`; `argv` without the program name (None: sys.argv)."""
-    program = argv is None
-    if program:
-        argv = sys.argv[1:]
-    try:
-        if len(argv) != 2:
-            raise UsageError(SERVER_USAGE)
-        dcid = parse_int(argv[0], "dcid")
-        svr_nr = parse_int(argv[1], "ep")
-    except UsageError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    if program:
-        install_signals()
-    dvk = None
-    try:
-        dvk = open_program_dvk("latency_server" if program else None)
-        return serve(dvk, dcid, svr_nr)
-    except Terminated:
-        return 0
-    except (DvkError, OSError) as err:
-        print_error(error_text(err))
-        return 1
-    finally:
-        if dvk is not None:
-            dvk.close()
+    return run_program("latency_server", argv, _server_args, serve)
 
 
 # ================================================================================== client
@@ -160,45 +140,29 @@ def run_client(dvk, dcid: int, clt_nr: int, svr_ep: int, loops: int, secs: int,
     return 1 if failed else 0
 
 
+def _client_args(argv: list[str]) -> tuple[int, int, int, int, int, int]:
+    if len(argv) not in (4, 6):
+        raise UsageError(CLIENT_USAGE)
+    dcid = parse_int(argv[0], "dcid")
+    clt_nr = parse_int(argv[1], "clt_ep")
+    svr_ep = parse_int(argv[2], "svr_ep")
+    loops = parse_int(argv[3], "loops")
+    if loops < 1:
+        raise UsageError("loops must be at least 1")
+    secs, cpu_secs = 1, 0
+    if len(argv) == 6:
+        secs = parse_int(argv[4], "secs")
+        cpu_secs = parse_int(argv[5], "cpu_secs")
+        if secs < 0:
+            secs = 1
+        if cpu_secs < 0:
+            cpu_secs = random.randrange(-cpu_secs)
+    return dcid, clt_nr, svr_ep, loops, secs, cpu_secs
+
+
 def client_main(argv: list[str] | None = None) -> int:
     """`latency_client <dcid> <clt_ep> <svr_ep> <loops> [<secs> <cpu_secs>]`."""
-    program = argv is None
-    if program:
-        argv = sys.argv[1:]
-    try:
-        if len(argv) not in (4, 6):
-            raise UsageError(CLIENT_USAGE)
-        dcid = parse_int(argv[0], "dcid")
-        clt_nr = parse_int(argv[1], "clt_ep")
-        svr_ep = parse_int(argv[2], "svr_ep")
-        loops = parse_int(argv[3], "loops")
-        if loops < 1:
-            raise UsageError("loops must be at least 1")
-        secs, cpu_secs = 1, 0
-        if len(argv) == 6:
-            secs = parse_int(argv[4], "secs")
-            cpu_secs = parse_int(argv[5], "cpu_secs")
-            if secs < 0:
-                secs = 1
-            if cpu_secs < 0:
-                cpu_secs = random.randrange(-cpu_secs)
-    except UsageError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    if program:
-        install_signals()
-    dvk = None
-    try:
-        dvk = open_program_dvk("latency_client" if program else None)
-        return run_client(dvk, dcid, clt_nr, svr_ep, loops, secs, cpu_secs)
-    except Terminated:
-        return 0
-    except (DvkError, OSError) as err:
-        print_error(error_text(err))
-        return 1
-    finally:
-        if dvk is not None:
-            dvk.close()
+    return run_program("latency_client", argv, _client_args, run_client)
 
 
 def main(argv: list[str] | None = None) -> int:

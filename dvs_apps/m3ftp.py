@@ -55,14 +55,12 @@ from dvk_cffi import errors as E  # noqa: N812
 from dvk_cffi.errors import DvkError
 
 from .common import (
-    Terminated,
     UsageError,
     debug,
     error_text,
-    install_signals,
-    open_program_dvk,
     parse_int,
     print_error,
+    run_program,
 )
 
 FTP_NONE, FTP_GET, FTP_PUT, FTP_GNEXT, FTP_PNEXT, FTP_CANCEL, FTP_SUM = range(7)
@@ -343,37 +341,23 @@ class Server:
             self._stats("FTP_PUT", t_start, time.time(), total)
 
 
+def _server_args(argv: list[str]) -> tuple[int, int]:
+    if len(argv) != 2:
+        raise UsageError(SERVER_USAGE)
+    return parse_int(argv[0], "dcid"), parse_int(argv[1], "srv_ep")
+
+
+def _serve(dvk, dcid: int, srv_nr: int) -> int:
+    server = Server(dvk, dcid, srv_nr)
+    print(f"m3ftpd: DC {dcid} endpoint {server.ep} on node {server.nodeid}, "
+          f"serving {server.directory}", flush=True)
+    server.serve_forever()
+    return 0
+
+
 def server_main(argv: list[str] | None = None) -> int:
     """`m3ftpd <dcid> <srv_ep>`; `argv` without the program name (None: sys.argv)."""
-    program = argv is None
-    if program:
-        argv = sys.argv[1:]
-    try:
-        if len(argv) != 2:
-            raise UsageError(SERVER_USAGE)
-        dcid = parse_int(argv[0], "dcid")
-        srv_nr = parse_int(argv[1], "srv_ep")
-    except UsageError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    if program:
-        install_signals()
-    dvk = None
-    try:
-        dvk = open_program_dvk("m3ftpd" if program else None)
-        server = Server(dvk, dcid, srv_nr)
-        print(f"m3ftpd: DC {dcid} endpoint {server.ep} on node {server.nodeid}, "
-              f"serving {server.directory}", flush=True)
-        server.serve_forever()
-        return 0
-    except Terminated:
-        return 0
-    except (DvkError, OSError) as err:
-        print_error(error_text(err))
-        return 1
-    finally:
-        if dvk is not None:
-            dvk.close()
+    return run_program("m3ftpd", argv, _server_args, _serve)
 
 
 # ================================================================================== client
@@ -532,37 +516,17 @@ def run_client(dvk, op: str, dcid: int, clt_nr: int, srv_ep: int, rmt_name: str,
     return 1
 
 
+def _client_args(argv: list[str]) -> tuple:
+    if len(argv) != 6 or argv[0] not in ("-p", "-g"):
+        raise UsageError(CLIENT_USAGE)
+    return (argv[0], parse_int(argv[1], "dcid"), parse_int(argv[2], "clt_ep"),
+            parse_int(argv[3], "srv_ep"), argv[4], argv[5])
+
+
 def client_main(argv: list[str] | None = None) -> int:
     """`m3ftp {-p|-g} <dcid> <clt_ep> <srv_ep> <rmt_fname> <lcl_fname>`."""
-    program = argv is None
-    if program:
-        argv = sys.argv[1:]
-    try:
-        if len(argv) != 6 or argv[0] not in ("-p", "-g"):
-            raise UsageError(CLIENT_USAGE)
-        op = argv[0]
-        dcid = parse_int(argv[1], "dcid")
-        clt_nr = parse_int(argv[2], "clt_ep")
-        srv_ep = parse_int(argv[3], "srv_ep")
-        rmt_name, lcl_name = argv[4], argv[5]
-    except UsageError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    if program:
-        install_signals()
-    dvk = None
-    try:
-        dvk = open_program_dvk("m3ftp" if program else None)
-        return run_client(dvk, op, dcid, clt_nr, srv_ep, rmt_name, lcl_name)
-    except Terminated:
-        print_error("interrupted")
-        return 1
-    except (DvkError, OSError, TransferError) as err:
-        print_error(error_text(err))
-        return 1
-    finally:
-        if dvk is not None:
-            dvk.close()
+    return run_program("m3ftp", argv, _client_args, run_client, errors=(TransferError,),
+                       interrupted=1)
 
 
 def main(argv: list[str] | None = None) -> int:
