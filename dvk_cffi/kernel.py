@@ -25,7 +25,6 @@ import dataclasses
 import errno as _errno
 import logging
 import os
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -161,35 +160,7 @@ def _message_class(fields: dict[str, tuple[int, str]], size: int) -> type[Messag
         FIELDS = fields
         __slots__ = ()
 
-        def __init__(self, buf: bytearray | memoryview | None = None, base: int = 0) -> None:
-            self.buf = bytearray(size) if buf is None else buf
-            self.base = base
-
-        def __bytes__(self) -> bytes:
-            return bytes(self.buf[self.base:self.base + size])
-
-        def load(self, data: bytes) -> None:
-            self.buf[self.base:self.base + size] = data
-
-        def clear(self) -> None:
-            self.load(bytes(size))
-
-    for name, (off, fmt) in fields.items():
-        st = struct.Struct("<" + fmt)
-        multi = fmt[0].isdigit() and not fmt.endswith("s")
-
-        def make(off: int = off, st: struct.Struct = st, multi: bool = multi) -> property:
-            def getter(self):
-                v = st.unpack_from(self.buf, self.base + off)
-                return list(v) if multi else v[0]
-
-            def setter(self, value):
-                if multi:
-                    st.pack_into(self.buf, self.base + off, *value)
-                else:
-                    st.pack_into(self.buf, self.base + off, value)
-            return property(getter, setter)
-        setattr(NativeMessage, name, make())
+    wire.install_message_fields(NativeMessage)
     return NativeMessage
 
 

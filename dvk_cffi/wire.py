@@ -85,18 +85,18 @@ class Message:
     __slots__ = ("buf", "base")
 
     def __init__(self, buf: bytearray | memoryview | None = None, base: int = 0) -> None:
-        self.buf = bytearray(MESSAGE_SIZE) if buf is None else buf
+        self.buf = bytearray(self.SIZE) if buf is None else buf
         self.base = base
 
     def __bytes__(self) -> bytes:
-        return bytes(self.buf[self.base:self.base + MESSAGE_SIZE])
+        return bytes(self.buf[self.base:self.base + self.SIZE])
 
     def load(self, data: bytes) -> None:
-        """Overwrite the whole message with `data` (36 bytes)."""
-        self.buf[self.base:self.base + MESSAGE_SIZE] = data
+        """Overwrite the whole message with `data` (SIZE bytes)."""
+        self.buf[self.base:self.base + self.SIZE] = data
 
     def clear(self) -> None:
-        self.load(bytes(MESSAGE_SIZE))
+        self.load(bytes(self.SIZE))
 
     def __repr__(self) -> str:
         return (f"Message(source={self.m_source}, type={self.m_type:#x}, m1_i1={self.m1_i1}, "
@@ -104,11 +104,12 @@ class Message:
                 f"m1_p2={self.m1_p2:#x}, m1_p3={self.m1_p3:#x})")
 
 
-def _install_message_fields(cls: type) -> None:
-    """Give `cls` one property per C accessor, relative to `self.base` (arrays as lists)."""
-    for name, (off, fmt) in I386_MESSAGE_FIELDS.items():
+def install_message_fields(cls: type) -> None:
+    """Give `cls` one property per C accessor of `cls.FIELDS`, relative to `self.base`
+    (integer arrays as lists); a message class of another layout calls it too."""
+    for name, (off, fmt) in cls.FIELDS.items():
         st = struct.Struct("<" + fmt)
-        is_array = fmt[0].isdigit() and fmt.endswith("i")
+        is_array = fmt[0].isdigit() and not fmt.endswith("s")
 
         def make(off=off, st=st, multi=is_array):
             def getter(self):
@@ -124,7 +125,7 @@ def _install_message_fields(cls: type) -> None:
         setattr(cls, name, make())
 
 
-_install_message_fields(Message)
+install_message_fields(Message)
 
 
 class Header:
