@@ -230,6 +230,26 @@ class Server:
             print_error(f"cannot write {self.log_path}: {exc.strerror}")
         print(f"m3ftpd: {op} {total} bytes in {t_total:.6f} s ({rate:.0f} bytes/s)", flush=True)
 
+    def _next_chunk(self, ftp_ep: int, lpid: int, req: Message, op: int,
+                    name: str) -> int | None:
+        """Receive the client's next GNEXT/PNEXT and return its chunk length; None ends the
+        transfer (the client cancelled, asked something else, or sent a bad length — each
+        answered as the C server does)."""
+        if not self.receive_from(ftp_ep, lpid, req):
+            return None
+        if req.m_type == FTP_CANCEL:
+            self.reply(ftp_ep, req, FTP_CANCEL)
+            what = "FTP_GET" if op == FTP_GNEXT else "FTP_PUT"
+            print(f"m3ftpd: {what} {name!r} cancelled by {ftp_ep}", flush=True)
+            return None
+        if req.m_type != op:
+            self.reply(ftp_ep, req, E.EDVSINVAL)
+            return None
+        if not 0 <= req.m1_i2 <= MAXBUFLEN:
+            self.reply(ftp_ep, req, E.EDVSMSGSIZE)
+            return None
+        return req.m1_i2
+
     def do_get(self, m: Message, ftp_ep: int, lpid: int, name: str, path: str) -> None:
         try:
             f = open(path, "rb")
@@ -244,18 +264,8 @@ class Server:
             total = 0
             req = self.dvk.message()
             while True:
-                if not self.receive_from(ftp_ep, lpid, req):
-                    return
-                if req.m_type == FTP_CANCEL:
-                    self.reply(ftp_ep, req, FTP_CANCEL)
-                    print(f"m3ftpd: FTP_GET {name!r} cancelled by {ftp_ep}", flush=True)
-                    return
-                if req.m_type != FTP_GNEXT:
-                    self.reply(ftp_ep, req, E.EDVSINVAL)
-                    return
-                want = req.m1_i2
-                if not 0 <= want <= MAXBUFLEN:
-                    self.reply(ftp_ep, req, E.EDVSMSGSIZE)
+                want = self._next_chunk(ftp_ep, lpid, req, FTP_GNEXT, name)
+                if want is None:
                     return
                 try:
                     if req.m1_i3 != f.tell():
@@ -295,18 +305,8 @@ class Server:
                 return
             req = self.dvk.message()
             while True:
-                if not self.receive_from(ftp_ep, lpid, req):
-                    return
-                if req.m_type == FTP_CANCEL:
-                    self.reply(ftp_ep, req, FTP_CANCEL)
-                    print(f"m3ftpd: FTP_PUT {name!r} cancelled by {ftp_ep}", flush=True)
-                    return
-                if req.m_type != FTP_PNEXT:
-                    self.reply(ftp_ep, req, E.EDVSINVAL)
-                    return
-                n = req.m1_i2
-                if not 0 <= n <= MAXBUFLEN:
-                    self.reply(ftp_ep, req, E.EDVSMSGSIZE)
+                n = self._next_chunk(ftp_ep, lpid, req, FTP_PNEXT, name)
+                if n is None:
                     return
                 if n == 0:                  # end of the file: close, answer once
                     rc = 0
