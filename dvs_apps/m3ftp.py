@@ -426,15 +426,7 @@ class Client:
         pos = 0
         with out:
             while True:
-                m.clear()
-                m.m_type = FTP_GNEXT
-                m.m1_p2 = self.data.addr
-                m.m1_i2 = MAXBUFLEN
-                m.m1_i3 = pos
-                self.request(ep, m)
-                if m.m_type != 0:
-                    raise DvkError.for_code(m.m_type, "FTP_GNEXT") if m.m_type < 0 else \
-                        TransferError(f"FTP_GNEXT: unexpected answer {m.m_type}")
+                self._chunk(ep, m, FTP_GNEXT, MAXBUFLEN, pos)
                 n = m.m1_i2
                 if not 0 <= n <= MAXBUFLEN:
                     raise DvkError.for_code(E.EDVSMSGSIZE, f"FTP_GNEXT length {n}")
@@ -443,6 +435,16 @@ class Client:
                 if n < MAXBUFLEN:
                     break
         return pos
+
+    def _chunk(self, ep: int, m: Message, op: int, length: int, pos: int) -> None:
+        """One GNEXT/PNEXT round trip on the data buffer; raises unless the server said 0."""
+        m.clear()
+        m.m_type, m.m1_p2, m.m1_i2, m.m1_i3 = op, self.data.addr, length, pos
+        self.request(ep, m)
+        if m.m_type != 0:
+            what = "FTP_GNEXT" if op == FTP_GNEXT else "FTP_PNEXT"
+            raise DvkError.for_code(m.m_type, what) if m.m_type < 0 else \
+                TransferError(f"{what}: unexpected answer {m.m_type}")
 
     def put(self, rmt_name: str, lcl_name: str) -> int:
         try:
@@ -461,15 +463,7 @@ class Client:
                 except OSError as exc:
                     self.cancel(ep)
                     raise TransferError(f"reading {lcl_name}: {exc.strerror}") from None
-                m.clear()
-                m.m_type = FTP_PNEXT
-                m.m1_p2 = self.data.addr
-                m.m1_i2 = n
-                m.m1_i3 = pos
-                self.request(ep, m)
-                if m.m_type != 0:
-                    raise DvkError.for_code(m.m_type, "FTP_PNEXT") if m.m_type < 0 else \
-                        TransferError(f"FTP_PNEXT: unexpected answer {m.m_type}")
+                self._chunk(ep, m, FTP_PNEXT, n, pos)
                 pos += n
                 if n == 0:
                     break

@@ -115,3 +115,17 @@ class Background:
 
 def python() -> str:
     return sys.executable
+
+
+def start_latency_and_m3ftp(cl: Cluster, b: Background, tmp_path: Path) -> Path:
+    """latency_server (ep 10) and m3ftpd (ep 20) on node 2, bound remote on node 1; returns
+    the m3ftpd directory."""
+    b.start(2, "dvs_apps.latency", "server", 0, 10)
+    srvdir = tmp_path / "srv"
+    srvdir.mkdir()
+    b.start(2, "dvs_apps.m3ftp", "server", 0, 20, env={"M3FTPD_DIR": str(srvdir)})
+    wait_bound(cl, 2, 0, 10)
+    wait_bound(cl, 2, 0, 20)
+    dvsctl(cl, 1, "rmtbind", 0, 10, 2, "latency")
+    dvsctl(cl, 1, "rmtbind", 0, 20, 2, "m3ftpd")
+    return srvdir

@@ -13,7 +13,13 @@ import time
 
 import pytest
 
-from cluster_helpers import Background, cluster_from, dvsctl, wait_bound
+from cluster_helpers import (
+    Background,
+    cluster_from,
+    dvsctl,
+    start_latency_and_m3ftp,
+    wait_bound,
+)
 from dsp_proxy.cluster import module_argv
 
 PLAIN = """
@@ -52,14 +58,7 @@ def test_latency_and_m3ftp_between_two_nodes(tmp_path, bg):
     with cluster_from(TWO, tmp_path) as cl:
         b = Background(cl, tmp_path)
         bg.append(b)
-        b.start(2, "dvs_apps.latency", "server", 0, 10)
-        srvdir = tmp_path / "srv"
-        srvdir.mkdir()
-        b.start(2, "dvs_apps.m3ftp", "server", 0, 20, env={"M3FTPD_DIR": str(srvdir)})
-        wait_bound(cl, 2, 0, 10)
-        wait_bound(cl, 2, 0, 20)
-        dvsctl(cl, 1, "rmtbind", 0, 10, 2, "latency")
-        dvsctl(cl, 1, "rmtbind", 0, 20, 2, "m3ftpd")
+        srvdir = start_latency_and_m3ftp(cl, b, tmp_path)
 
         res = latency(cl, 1, 50, 10, 100)
         assert res.returncode == 0, res.stdout + res.stderr

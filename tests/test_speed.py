@@ -12,7 +12,7 @@ import time
 
 import lz4.frame
 
-from cluster_helpers import Background, cluster_from, dvsctl, wait_bound
+from cluster_helpers import Background, cluster_from, start_latency_and_m3ftp
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.link import Link, PeerSpec, cork, uncork
 from dsp_proxy.rproxy import FrameReader
@@ -145,24 +145,12 @@ def _ftp(cl, node, tmp_path, srvdir, name, data):
     assert _sha(back) == _sha(src)
 
 
-def _servers(cl, b, tmp_path):
-    b.start(2, "dvs_apps.latency", "server", 0, 10)
-    srvdir = tmp_path / "srv"
-    srvdir.mkdir()
-    b.start(2, "dvs_apps.m3ftp", "server", 0, 20, env={"M3FTPD_DIR": str(srvdir)})
-    wait_bound(cl, 2, 0, 10)
-    wait_bound(cl, 2, 0, 20)
-    dvsctl(cl, 1, "rmtbind", 0, 10, 2, "latency")
-    dvsctl(cl, 1, "rmtbind", 0, 20, 2, "m3ftpd")
-    return srvdir
-
-
 def test_batch_and_compress_yes_between_two_nodes(tmp_path):
     cfg = _config("batch YES; compress YES;", "batch YES; compress YES;")
     with cluster_from(cfg, tmp_path) as cl:
         b = Background(cl, tmp_path)
         try:
-            srvdir = _servers(cl, b, tmp_path)
+            srvdir = start_latency_and_m3ftp(cl, b, tmp_path)
             # 12 concurrent clients, each checks its loops come back in order; node 1's DSP
             # is paused a moment so that their requests queue up in its kernel
             procs = [cl.popen(1, module_argv("dvs_apps.latency", "client", 0, ep, 10, 40, 0, 0),
@@ -198,7 +186,7 @@ def test_mismatched_batch_and_compress_lose_nothing(tmp_path):
     with cluster_from(cfg, tmp_path) as cl:
         b = Background(cl, tmp_path)
         try:
-            srvdir = _servers(cl, b, tmp_path)
+            srvdir = start_latency_and_m3ftp(cl, b, tmp_path)
             _run_clients(cl, 1, range(50, 56), 10, 40)
             _ftp(cl, 1, tmp_path, srvdir, "text", b"0123456789abcdef" * 65536)
             to2, to1 = _sent(cl, 1, 2), _sent(cl, 2, 1)
