@@ -1228,3 +1228,11 @@ def format_summary(cfg: Config, local_node: int | None = None) -> str:
         out.append(f"{len(cfg.warnings)} warning(s):")
         out += [f"  {w}" for w in cfg.warnings]
     return "\n".join(out)
+
+
+def liveness(cfg: Config) -> tuple[int, int, int]:
+    """The failure-detection settings in force: (fd_interval ms, fd_fall, fd_rise)."""
+    lb = cfg.lb
+    if lb is not None:
+        return lb.fd_interval, lb.fd_fall, lb.fd_rise
+    return LbConfig.fd_interval, LbConfig.fd_fall, LbConfig.fd_rise

@@ -31,28 +31,13 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import Message
 
+from .group import MT_SVC_START, MT_SVC_STOP, control_message
+
 log = logging.getLogger("dsp.elastic")
 
 COMMAND_TIMEOUT = 30.0
 BIND_WAIT = 5.0          # the dvs_lb contract: wait up to 5 s for the program's bind
 RETRY_AFTER = 10.0       # a failed VM command is tried again after this long
-
-# Control frames (CMD_NONE with these m_type tags, D12); replies OR in MT_ACKNOWLEDGE.
-#   MT_SVC_START: m1_i1 dcid, m1_i2 client endpoint and m1_i3 client node as the server sees
-#                 them, m1_p1 the service's ext_ep, m1_p2 request id.
-#                 reply: m1_i1 the server endpoint (or a negative EDVS code), m1_p2 request id.
-#   MT_SVC_STOP:  m1_i1 dcid, m1_i2 server endpoint, m1_p1 ext_ep.
-MT_SVC_START = 0x10
-MT_SVC_STOP = 0x11
-
-
-def control_message(m_type: int, **fields: int) -> bytes:
-    m = Message()
-    m.m_type = m_type
-    for name, value in fields.items():
-        setattr(m, name, value & 0xFFFFFFFF if name.startswith("m1_p") else value)
-    return bytes(m)
-
 
 # ------------------------------------------------------------------------------ commands
 @dataclass

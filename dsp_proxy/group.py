@@ -1,65 +1,102 @@
-"""The virtual load-balancer node: services, sessions, server choice, header rewriting.
+"""The router and the virtual load-balancer node: decisions only (docs/design.md, "Router").
 
-Clients address a service at (LB node, ext_ep).  The DSP that receives the request pins the
-client's session to one server and rewrites headers both ways (ARCHITECTURE §5):
+Nothing here touches a socket, a link or the DVK.  The threads hand the router a frame (a raw
+120-byte header, its routing fields and its payload), a tick, a control message or "link to node
+N went down", and the router returns ACTIONS that the calling thread carries out
+(dsp_proxy/executor.py), outside any router lock:
 
-- local-client sessions: the client runs on this node; its requests come out of the LB pair
-  (`from_local`) and go to the server with `c_dnode`/`c_dst` rewritten and CHECK_HDR set; the
-  server replies to the client's real node, where `reverse()` rewrites them to come from
-  (LB node, ext_ep) and hands them to the put2lcl thread (D1).
-- relayed sessions (D13): a client node whose lb block `cltname` names an LB host H reaches the
-  LB node through H.  H forwards with `c_snode = H` and the client endpoint translated into the
-  `lb_eps` range, so equal endpoints on two client nodes do not collide on a server.
+- `(SEND, node, header, payload, request, relayed)`: queue the frame on the link to `node`; when
+  the link refuses it, `Router.send_failed(request, relayed, code)` gives the error reply for the
+  client (`request` is the client's original header, None when nobody waits for the frame);
+- `(LOCAL, header, payload)`: hand the frame to the put2lcl thread (session traffic rewritten to
+  come from the LB node, and error replies for local clients);
+- `(DELIVER, header, payload, autobind)`: plain traffic for this node: the receiving thread
+  delivers it itself (put2lcl with the binding repairs);
+- `(CONTROL, node, body)`: send a control message (a HELLO with a body) to `node`;
+- `(NO_SERVER,)`: a session found no usable server (the autoscaler's trigger).
 
-Load: every node measures its CPU every `period` (`LoadMeter`) and reports it on every link
-(D11); a server is usable when both link directions are up, its first report arrived and it is
-not SATURATED.  Choice: lowest level, then fewest active sessions, then lowest CPU.
+A method returns None, one action tuple (the hot paths: no list per frame) or a list of them.
+
+The LB (`Group`): clients address a service at (LB node, ext_ep); the DSP that receives the
+request pins the client's session to one server and rewrites headers both ways.  Local-client
+sessions: the client runs on this node, its requests come out of the LB pair and go to the server
+with `c_dnode`/`c_dst` rewritten and CHECK_HDR set; the server replies to the client's node, where
+they are rewritten to come from (LB node, ext_ep).  Relayed sessions: a client node reaches the LB
+node through the LB host, which forwards with `c_snode` = itself and the client endpoint
+translated into the `lb_eps` range.  All session and server state changes under `Group.lock`,
+held for short sections that allocate nothing but the rewritten header.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import psutil
 
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
-from dvk_cffi.wire import Header, Message
-
-from .elastic import MT_SVC_START, MT_SVC_STOP, control_message
-from .rproxy import error_ack
+from dvk_cffi.wire import (
+    MESSAGE_BODY_CMDS,
+    ROUTE_STRUCT,
+    Header,
+    Message,
+    error_ack,
+    set_dnode,
+    set_flags,
+    set_snode,
+    swap_endpoint,
+)
 
 log = logging.getLogger("dsp.group")
 
-#: m_type of the load report carried in a HELLO body (D11): m1_i1 cpu %, m1_i2 level,
-#: m1_i3 period (s), m_source the reporting node.
+# Action kinds (the first element of an action tuple).
+SEND, LOCAL, DELIVER, CONTROL, NO_SERVER = range(5)
+
+#: m_type of the load report carried in a HELLO body: m1_i1 cpu %, m1_i2 level, m1_i3 period
+#: (s), m1_p1 commands moved in the last period, m1_p2 bitmap of the configured services bound
+#: on the reporting node (bit i = the i-th service of the config), m_source the reporting node.
 MT_LOAD_REPORT = C.MT_LOAD_LEVEL
+#: Control frames (their m_type tags): start / stop a service program for a session, and "a
+#: session found no server" sent to the autoscaling DSP.  Replies OR in MT_ACKNOWLEDGE.
+MT_SVC_START = 0x10
+MT_SVC_STOP = 0x11
+MT_NEED_SERVER = 0x12
 #: How long a session waits for the server's DSP to start its program (5 s bind + slack).
 START_PATIENCE = 8.0
 REQUESTS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_NTFY_MSG})
-MESSAGE_CMDS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG, C.CMD_NTFY_MSG})
-#: Error ACKs from a server's kernel that mean the server endpoint is gone (D8).
+ACK_CMDS = frozenset({C.CMD_SEND_ACK, C.CMD_SNDREC_ACK})
+#: Error ACKs from a server's kernel that mean the server endpoint is gone: the session ends.
 SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSNOTBIND})
+#: Error ACKs to a session's first request that mark the service unavailable on that server
+#: (the program is not there) and re-dispatch the request once to another server.
+SERVICE_DOWN = frozenset({E.EDVSDSTDIED, E.EDVSNOTBIND, E.EDVSNOTREADY})
 LEVEL_NAMES = {C.LVL_NOTINIT: "NOTINIT", C.LVL_IDLE: "IDLE", C.LVL_BUSY: "BUSY",
                C.LVL_SATURATED: "SATURATED"}
-#: Commands whose vcopy sub-header names endpoints (rewritten with c_src/c_dst).
-VCOPY_CMDS = frozenset({C.CMD_COPYIN_DATA, C.CMD_COPYOUT_RQST, C.CMD_COPYLCL_RQST,
-                        C.CMD_COPYRMT_RQST, C.CMD_COPYIN_RQST, C.CMD_COPYIN_ACK,
-                        C.CMD_COPYOUT_DATA, C.CMD_COPYLCL_ACK, C.CMD_COPYRMT_ACK})
-ACK_CMDS = frozenset({C.CMD_SEND_ACK, C.CMD_SNDREC_ACK})
-#: Header offsets used by the buffer-level fast path (i386 cmd_t, dvk_abi.md §2.3).
-_SRC, _DST, _SNODE, _DNODE, _FLAGS, _M_SOURCE = 8, 12, 16, 20, 40, 60
-_V_SRC, _V_DST, _V_RQTR = 96, 100, 104
-_I32 = struct.Struct("<i")
-_U32 = struct.Struct("<I")
-_V3 = struct.Struct("<3i")
 #: Entries of the (dcid, endpoint) -> service cache before it is cleared (bounded memory).
 SERVICE_CACHE_MAX = 4096
 _NO_SERVICE = object()
+
+
+def control_message(m_type: int, **fields: int) -> bytes:
+    """The body of a control frame (a message with the given fields)."""
+    m = Message()
+    m.m_type = m_type
+    for name, value in fields.items():
+        setattr(m, name, value & 0xFFFFFFFF if name.startswith("m1_p") else value)
+    return bytes(m)
+
+
+class PeerView(Protocol):
+    """What the router may know of the links: nothing but these two queries."""
+
+    def up(self, node: int) -> bool: ...
+
+    def frames(self, node: int) -> int: ...
 
 
 @dataclass
@@ -86,6 +123,8 @@ class Session:
     started_at: float = 0.0
     parked: list = field(default_factory=list)      # frames waiting for the program's bind
     prog_ep: int = -1        # endpoint of the program started for this session
+    first: tuple | None = None   # the first request (header, payload) until it is answered
+    redispatched: bool = False
 
     def key(self) -> tuple:
         return (self.dcid, self.clt_node, self.clt_ep, self.service.ext_ep)
@@ -95,7 +134,7 @@ class Session:
 
     @property
     def auto_run(self) -> bool:
-        """A `prog` service: the LB starts one program per session (lb_policies §4.5)."""
+        """A `prog` service: the LB starts one program per session."""
         return bool(self.service.prog) and self.service.bind != "external"
 
 
@@ -115,6 +154,7 @@ class ServerState:
     activity: int = 0        # commands its DSP moved in its last report period
     rise_base: int = -1      # link frame count at its first report after the link came up
     failed: bool = False     # went DOWN since the DSP started: it must rise again
+    services_down: set = field(default_factory=set)  # names of services not bound there
 
 
 class LoadMeter:
@@ -179,50 +219,114 @@ class LoadMeter:
         return max(0, min(100, int(100 * used / (now - last[0]))))
 
 
+def find_service(cfg, dcid: int, ep: int):
+    """The service a client addressing (dcid, ep) at the LB node means (None: no service)."""
+    for svc in cfg.services:
+        if svc.dcid not in (-1, dcid):
+            continue
+        if ep == svc.ext_ep or svc.min_ep <= ep <= svc.max_ep:
+            return svc
+    return None
+
+
+def _add(acts, act):
+    """Collect `act` (None, a tuple or a list) into the list `acts`."""
+    if act is None:
+        return
+    if type(act) is list:
+        acts.extend(act)
+    else:
+        acts.append(act)
+
+
+class Router:
+    """The routing rule for every frame from the network and every command local processes
+    address to the LB node (docs/design.md, "Router")."""
+
+    def __init__(self, local: int, lb_node: int, group: Group | None) -> None:
+        self.local = local
+        self.lb_node = lb_node
+        self.group = group
+
+    def from_network(self, hbuf, f: tuple, payload, peer: int, autobind: bool):
+        """A frame that arrived on the link to `peer` (`f` = its ROUTE_STRUCT fields)."""
+        dnode = f[5]
+        group = self.group
+        if dnode == self.local:
+            if group is not None:
+                act = group.reverse(hbuf, f, payload)
+                if act is not None:
+                    return act
+            return (DELIVER, hbuf, payload, autobind)
+        if dnode == self.lb_node and group is not None:
+            return group.from_network(hbuf, f, payload, peer)
+        return self.reply_error(hbuf, E.EDVSBADNODEID, peer)
+
+    def from_local(self, hbuf, payload):
+        """A command a local process addressed to the LB node (the get2rmt thread)."""
+        if self.group is not None:
+            return self.group.from_local(hbuf, payload)
+        ack = error_ack(Header(bytearray(hbuf)), E.EDVSDSTDIED)
+        return None if ack is None else (LOCAL, ack.buf, b"")
+
+    def reply_error(self, hbuf, rcode: int, peer: int):
+        """The error reply to a frame from the link to `peer` that cannot be routed."""
+        ack = error_ack(Header(bytearray(hbuf)), rcode)
+        return None if ack is None else (SEND, peer, ack.buf, None, None, False)
+
+    def send_failed(self, request, relayed: bool, code: int):
+        """A SEND action's frame was refused by its link (down or full): the error reply for
+        the client whose `request` it was."""
+        if request is None or self.group is None:
+            return None
+        return self.group.error_reply(Header(bytearray(request)), code, relayed)
+
+
 class Group:
     """The LB node as seen from one DSP: services, sessions, known servers and their load."""
 
-    def __init__(self, dsp) -> None:
-        self.dsp = dsp
-        self.cfg = dsp.cfg
-        self.lb = dsp.cfg.lb
+    def __init__(self, cfg, local: int, peers: PeerView, relay_host: int | None,
+                 node_pids: Callable[[], set[int]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.lb = cfg.lb
         self.lb_id = self.lb.nodeid
-        self.local = dsp.local
+        self.local = local
+        self.peers = peers
+        self.clock = clock
         self.lock = threading.Lock()
         self.sessions: dict[tuple, Session] = {}
         self.by_reverse: dict[tuple, Session] = {}
         self.per_dc: dict[int, int] = {}
-        self.servers = {n.nodeid: ServerState(n.nodeid, n.name) for n in self.cfg.servers
-                        if n.nodeid != self.local}
+        self.servers = {n.nodeid: ServerState(n.nodeid, n.name) for n in cfg.servers
+                        if n.nodeid != local}
         self.max_sessions = self.lb.max_sessions
         self.session_timeout = self.lb.session_timeout
-        self.relay_host = dsp.relay_host
+        self.relay_host = relay_host
         # translated client endpoints (relayed mode): one pool per DC, because an endpoint
         # names a process of one DC only (the same number in two DCs is two processes)
         self.lb_eps_range = self.lb.lb_eps
         self.free_lb_eps: dict[int, list[int]] = {}
         self._svc_cache: dict[tuple[int, int], object] = {}
-        self._svc_cfg = None
-        self.meter = LoadMeter(self.lb.lowwater, self.lb.highwater, dsp.node_pids)
-        self._outbox: list[tuple[Header, bool]] = []
-        self._controls: list[tuple[int, bytes]] = []
+        self.meter = LoadMeter(self.lb.lowwater, self.lb.highwater, node_pids)
+        self.local_services = 0      # bitmap of the configured services bound on this node
         self.starting: dict[int, Session] = {}
         self._req_id = 0
         self.counters = {"sessions_started": 0, "sessions_ended": 0, "errors": 0,
-                         "no_server": 0, "no_service": 0, "table_full": 0}
-        self._last_check = time.monotonic()
+                         "no_server": 0, "no_service": 0, "table_full": 0,
+                         "redispatched": 0, "refused": 0}
+        self._last_check = clock()
 
     # ------------------------------------------------------------------ services and servers
     def service_for(self, dcid: int, ep: int):
         """The service a client addressing (dcid, ep) at the LB node means (cached per
-        (dcid, ep); the cache is dropped when a reload replaces the config)."""
+        (dcid, ep); the cache is replaced when a reload replaces the config)."""
         cache = self._svc_cache
-        if self._svc_cfg is not self.cfg or len(cache) > SERVICE_CACHE_MAX:
-            cache.clear()
-            self._svc_cfg = self.cfg
         svc = cache.get((dcid, ep))
         if svc is None:
-            svc = cache[(dcid, ep)] = self._find_service(dcid, ep) or _NO_SERVICE
+            if len(cache) > SERVICE_CACHE_MAX:
+                cache.clear()
+            svc = cache[(dcid, ep)] = find_service(self.cfg, dcid, ep) or _NO_SERVICE
         return None if svc is _NO_SERVICE else svc
 
     def lb_eps_pool(self, dcid: int) -> list[int]:
@@ -233,28 +337,23 @@ class Group:
             pool = self.free_lb_eps[dcid] = list(range(eps[0], eps[1] + 1)) if eps else []
         return pool
 
-    def _find_service(self, dcid: int, ep: int):
-        for svc in self.cfg.services:
-            if svc.dcid not in (-1, dcid):
-                continue
-            if ep == svc.ext_ep or svc.min_ep <= ep <= svc.max_ep:
-                return svc
-        return None
-
-    def usable_servers(self, client_node: int) -> list[ServerState]:
-        """Servers with the link up both ways, a load report received, not SATURATED; never the
-        client's own node (the kernel refuses that, D1)."""
+    def usable_servers(self, client_node: int, svc=None, exclude: int = -1) -> list[ServerState]:
+        """Servers with the link up both ways, a load report received, not SATURATED, and the
+        service not known to be missing there; never the client's own node (its kernel would
+        refuse a server on the client's node)."""
+        name = svc.name if svc is not None else None
         return [s for s in self.servers.values()
-                if s.nodeid != client_node and s.level != C.LVL_SATURATED and self.is_live(s)]
+                if s.nodeid != client_node and s.nodeid != exclude
+                and s.level != C.LVL_SATURATED and name not in s.services_down
+                and self.is_live(s)]
 
     def is_live(self, s: ServerState) -> bool:
-        """D11: a server is running when both link directions are up and its first load
-        report arrived; one that went DOWN must also be heard `fd_rise` times again (UP after
-        fd_rise good ones), as HAProxy's rise.  At start-up servers are UP at once."""
-        link = self.dsp.links.get(s.nodeid)
-        if link is None or not link.up or not s.reported or s.level == C.LVL_NOTINIT:
+        """A server is running when both link directions are up and its first load report
+        arrived; one that went DOWN must also be heard `fd_rise` times again.  At start-up
+        servers are UP at once."""
+        if not s.reported or s.level == C.LVL_NOTINIT or not self.peers.up(s.nodeid):
             return False
-        return not s.failed or link.received.frames - s.rise_base >= self.lb.fd_rise - 1
+        return not s.failed or self.peers.frames(s.nodeid) - s.rise_base >= self.lb.fd_rise - 1
 
     def levels(self) -> dict[int, int]:
         return {n: s.level for n, s in self.servers.items() if self.is_live(s)}
@@ -264,69 +363,80 @@ class Group:
         s = self.servers.get(nodeid)
         return s is not None and s.sessions == 0 and s.activity == 0
 
-    def choose_server(self, client_node: int) -> ServerState | None:
-        candidates = self.usable_servers(client_node)
+    def choose_server(self, client_node: int, svc=None, exclude: int = -1) -> ServerState | None:
+        candidates = self.usable_servers(client_node, svc, exclude)
         if not candidates:
             return None
         return min(candidates, key=lambda s: (s.level, s.sessions, s.cpu, s.nodeid))
 
     # ------------------------------------------------------------------ client -> server
-    def from_local(self, h: Header, payload: bytes) -> None:
+    def from_local(self, hbuf, payload):
         """A command a local process addressed to the LB node (the get2rmt thread)."""
-        self._forward(h, payload, relayed=False)
+        return self._forward(hbuf, ROUTE_STRUCT.unpack_from(hbuf), payload, relayed=False)
 
-    def from_network(self, h: Header, payload, link) -> None:
-        """A command for the LB node that arrived on a link: a relayed client (D13)."""
-        if self.relay_host != self.local:
-            self._reply_error(h, E.EDVSBADNODEID, relayed=True)
-            return
-        self._forward(h, bytes(payload[:h.c_len]), relayed=True)
+    def from_network(self, hbuf, f: tuple, payload, peer: int):
+        """A command for the LB node that arrived on a link: a relayed client's.  Only the LB
+        host relays, and only for the clients that reach it (the link's peer)."""
+        if self.relay_host != self.local or f[4] != peer:
+            return self.error_reply(Header(bytearray(hbuf)), E.EDVSBADNODEID, True)
+        return self._forward(hbuf, f, payload, relayed=True)
 
-    def fast_path(self, hbuf, f: tuple, payload) -> bool:
-        """RPROXY's per-frame path on the raw header (`f` = its ROUTE_STRUCT fields, no
-        Header object): a server's traffic in a session, or a relayed client's command in an
-        established session.  False when the frame needs the full path (nothing was done)."""
-        dnode = f[5]
-        if dnode == self.local:
-            return self._reverse_buf(hbuf, f, payload)
-        if dnode == self.lb_id and self.relay_host == self.local:
-            return self._forward_fast(hbuf, f, payload, True)
-        return False
-
-    def _forward_fast(self, hbuf, f: tuple, payload, relayed: bool) -> bool:
-        """A command in an established session whose endpoint is mapped and whose server's
-        link is up: rewrite a copy of the header with struct and queue it on the link, without
-        the session lock (dict reads are atomic; the slow path below creates, restarts and
-        parks sessions under the lock).  False, with nothing done, in every other case."""
+    def _forward(self, hbuf, f: tuple, payload, relayed: bool):
+        """Forward a client's command to its session's server (creating the session)."""
         cmd, dcid, src, dst, snode, _dnode, _rcode, length, pid = f[:9]
         svc = self.service_for(dcid, dst)
         if svc is None:
-            return False
-        sess = self.sessions.get((dcid, snode, src, svc.ext_ep))
-        if sess is None or sess.starting:
-            return False
-        if cmd in REQUESTS and pid != sess.clt_pid and pid > 0 and sess.clt_pid > 0:
-            return False
+            self.counters["no_service"] += 1
+            return self.error_reply(Header(bytearray(hbuf)), E.EDVSDSTDIED, relayed)
+        key = (dcid, snode, src, svc.ext_ep)
+        acts: list = []
+        with self.lock:
+            sess = self.sessions.get(key)
+            if sess is not None and cmd in REQUESTS and pid != sess.clt_pid \
+                    and pid > 0 and sess.clt_pid > 0:
+                log.info("session of client %d@%d: new PID %d (was %d), new session",
+                         sess.clt_ep, sess.clt_node, pid, sess.clt_pid)
+                self._end(sess, None, acts)
+                sess = None
+            if sess is None:
+                if cmd not in REQUESTS:
+                    log.debug("no session for command %#x of %d@%d: dropped", cmd, src, snode)
+                    return acts or None
+                sess, err = self._new_session(f, svc, relayed)
+                if sess is None:
+                    self.counters["errors"] += 1
+                    if err == E.EDVSAGAIN:
+                        acts.append((NO_SERVER,))
+                    _add(acts, self.error_reply(Header(bytearray(hbuf)), err, relayed))
+                    return acts
+                data = bytes(payload[:length]) if length else b""
+                sess.first = (bytes(hbuf), data)
+            sess.last_used = self.clock()
+            if cmd == C.CMD_SNDREC_MSG or cmd == C.CMD_SEND_MSG:
+                sess.pending = cmd
+            if sess.starting:
+                sess.parked.append((bytes(hbuf), bytes(payload[:length]) if length else b""))
+                if len(sess.parked) == 1 and not sess.started_at:
+                    sess.started_at = self.clock()
+                    acts.append(self._ask_start(sess))
+                return acts
+            _add(acts, self._send_forward(sess, hbuf, cmd, dst, src, length, payload))
+        return acts if len(acts) != 1 else acts[0]
+
+    def _send_forward(self, sess: Session, hbuf, cmd: int, dst: int, src: int, length: int,
+                      payload):
+        """(lock held) The SEND action of one client command in session `sess`."""
         target = sess.to_server.get(dst)
-        if target is None:
-            return False
-        link = self.dsp.links.get(sess.svr_node)
-        if link is None or not link.up:
-            return False
-        sess.last_used = time.monotonic()
-        if cmd == C.CMD_SNDREC_MSG or cmd == C.CMD_SEND_MSG:
-            sess.pending = cmd
+        if target is None:  # another endpoint of the service's range, addressed as it is
+            self._map(sess, dst, dst)
+            target = dst
         out = bytearray(hbuf)
-        _I32.pack_into(out, _DNODE, sess.svr_node)
-        _U32.pack_into(out, _FLAGS, f[10] | C.FLAG_CHECK_HDR)
-        _swap_buf(out, cmd, dst, target, True)
+        set_dnode(out, sess.svr_node)
+        set_flags(out, ROUTE_STRUCT.unpack_from(out)[10] | C.FLAG_CHECK_HDR)
+        swap_endpoint(out, cmd, dst, target, True)
         if sess.relayed:
-            _I32.pack_into(out, _SNODE, self.local)
-            _swap_buf(out, cmd, src, sess.lbsvr_ep, False)
-        data = bytes(payload[:length]) if length else None
-        if not link.submit(out, data, copy=False):
-            self._reply_error(Header(bytearray(hbuf)), E.EDVSNOTCONN, relayed)
-            return True
+            set_snode(out, self.local)
+            swap_endpoint(out, cmd, src, sess.lbsvr_ep, False)
         n = 120 + length
         sess.messages += 1
         sess.bytes += n
@@ -334,94 +444,44 @@ class Group:
         if srv is not None:
             srv.messages += 1
             srv.bytes += n
-        return True
+        data = bytes(payload[:length]) if length else None
+        return (SEND, sess.svr_node, out, data, hbuf if cmd in REQUESTS else None,
+                sess.relayed)
 
-    def _forward(self, h: Header, payload: bytes, relayed: bool) -> None:
-        if self._forward_fast(h.buf, h.route(), payload, relayed):
-            return
-        cmd = h.c_cmd
-        svc = self.service_for(h.c_dcid, h.c_dst)
-        if svc is None:
-            self.counters["no_service"] += 1
-            self._reply_error(h, E.EDVSDSTDIED, relayed)
-            return
-        key = (h.c_dcid, h.c_snode, h.c_src, svc.ext_ep)
-        with self.lock:
-            sess = self.sessions.get(key)
-            if sess is not None and cmd in REQUESTS and h.c_pid != sess.clt_pid \
-                    and h.c_pid > 0 and sess.clt_pid > 0:
-                log.info("session of client %d@%d: new PID %d (was %d), new session",
-                         sess.clt_ep, sess.clt_node, h.c_pid, sess.clt_pid)
-                self._end(sess, None)
-                sess = None
-            if sess is None:
-                if cmd not in REQUESTS:
-                    log.debug("no session for %r: dropped", h)
-                    return
-                sess, err = self._new_session(h, svc, relayed)
-                if sess is None:
-                    self.counters["errors"] += 1
-        if sess is None:
-            self._reply_error(h, err, relayed)
-            return
-        sess.last_used = time.monotonic()
-        if cmd in (C.CMD_SNDREC_MSG, C.CMD_SEND_MSG):
-            sess.pending = cmd
-        if sess.starting:
-            with self.lock:
-                sess.parked.append((h.copy(), payload))
-                first = len(sess.parked) == 1 and not sess.started_at
-                if first:
-                    sess.started_at = time.monotonic()
-            if first:
-                self._ask_start(sess)
-            return
-        self._send_forward(sess, h, payload, relayed)
-
-    def _send_forward(self, sess: Session, h: Header, payload: bytes, relayed: bool) -> None:
-        out = self._rewrite_forward(h, sess)
-        if not self.dsp.send_to_node(sess.svr_node, out, payload):
-            self._reply_error(h, E.EDVSNOTCONN, relayed)
-            return
-        srv = self.servers.get(sess.svr_node)
-        sess.messages += 1
-        sess.bytes += 120 + h.c_len
-        if srv is not None:
-            srv.messages += 1
-            srv.bytes += 120 + h.c_len
-
-    def _new_session(self, h: Header, svc, relayed: bool) -> tuple[Session | None, int]:
+    def _new_session(self, f: tuple, svc, relayed: bool,
+                     exclude: int = -1) -> tuple[Session | None, int]:
         """Pick a server and create the session (lock held)."""
-        if self.per_dc.get(h.c_dcid, 0) >= self.max_sessions:
+        cmd, dcid, src, dst, snode, _dnode, _rcode, _length, pid = f[:9]
+        if self.per_dc.get(dcid, 0) >= self.max_sessions:
             self.counters["table_full"] += 1
             return None, E.EDVSNOSPC
-        srv = self.choose_server(h.c_snode if not relayed else -1)
+        srv = self.choose_server(snode if not relayed else -1, svc, exclude)
         if srv is None:
-            log.info("no usable server for client %d@%d: %s", h.c_src, h.c_snode,
+            log.info("no usable server for client %d@%d: %s", src, snode,
                      ", ".join(f"node {s.nodeid} {LEVEL_NAMES[s.level]}"
                                f"{'' if self.is_live(s) else ' (down)'}"
+                               f"{' (service down)' if svc.name in s.services_down else ''}"
                                for s in self.servers.values()) or "none configured")
             self.counters["no_server"] += 1
-            self.dsp.on_no_server()
             return None, E.EDVSAGAIN
-        lbsvr_ep = h.c_src
+        lbsvr_ep = src
         if relayed:
-            pool = self.lb_eps_pool(h.c_dcid)
+            pool = self.lb_eps_pool(dcid)
             if not pool:
                 self.counters["table_full"] += 1
                 return None, E.EDVSNOSPC
             lbsvr_ep = pool.pop(0)
-        sess = Session(dcid=h.c_dcid, clt_node=h.c_snode, clt_ep=h.c_src, clt_pid=h.c_pid,
-                       lbclt_ep=h.c_dst, lbsvr_ep=lbsvr_ep, svr_node=srv.nodeid,
-                       service=svc, relayed=relayed)
+        sess = Session(dcid=dcid, clt_node=snode, clt_ep=src, clt_pid=pid, lbclt_ep=dst,
+                       lbsvr_ep=lbsvr_ep, svr_node=srv.nodeid, service=svc, relayed=relayed,
+                       last_used=self.clock())
         self.sessions[sess.key()] = sess
         if sess.auto_run:
             self._req_id += 1
             sess.starting = self._req_id
             self.starting[sess.starting] = sess
         else:
-            self._map(sess, h.c_dst, h.c_dst)
-        self.per_dc[h.c_dcid] = self.per_dc.get(h.c_dcid, 0) + 1
+            self._map(sess, dst, dst)
+        self.per_dc[dcid] = self.per_dc.get(dcid, 0) + 1
         srv.sessions += 1
         self.counters["sessions_started"] += 1
         log.info("session: client %d@%d -> service %s (ep %d) on server node %d%s",
@@ -436,77 +496,91 @@ class Group:
         sess.to_client[server_side] = client_side
         self.by_reverse[(sess.dcid, sess.lbsvr_ep, sess.svr_node, server_side)] = sess
 
-    def _rewrite_forward(self, h: Header, sess: Session) -> Header:
-        out = h.copy()
-        out.c_dnode = sess.svr_node
-        out.c_flags |= C.FLAG_CHECK_HDR
-        target = sess.to_server.get(h.c_dst)
-        if target is None:  # another endpoint of the service's range, addressed as it is
-            with self.lock:
-                self._map(sess, h.c_dst, h.c_dst)
-            target = h.c_dst
-        _swap_eps(out, h.c_dst, target, dst_field=True)
-        if sess.relayed:
-            out.c_snode = self.local
-            _swap_eps(out, h.c_src, sess.lbsvr_ep, dst_field=False)
-        return out
-
     # ------------------------------------------------------------------ server -> client
-    def reverse(self, h: Header, payload, link) -> bool:
-        """A frame for this node: if it is a server's traffic in a session, rewrite it to come
-        from the LB node and deliver it to the client (True); else False."""
-        return self._reverse_buf(h.buf, h.route(), payload)
-
-    def _reverse_buf(self, hbuf, f: tuple, payload) -> bool:
-        """`reverse` on the raw header (`f` = its ROUTE_STRUCT fields); a copy is rewritten."""
+    def reverse(self, hbuf, f: tuple, payload):
+        """A frame for this node: if it is a server's traffic in a session, the action that
+        delivers it rewritten to come from the LB node; None when it is not."""
         cmd, dcid, src, dst, snode, _dnode, rcode, length, pid = f[:9]
-        sess = self.by_reverse.get((dcid, dst, snode, src))
-        if sess is None:
-            return False
-        sess.last_used = time.monotonic()
-        if pid > 0 and sess.svr_pid != pid and cmd in MESSAGE_CMDS:
-            sess.svr_pid = pid
-        if cmd == C.CMD_SEND_MSG and sess.pending == C.CMD_SNDREC_MSG:
-            sess.pending = 0
-        elif cmd in ACK_CMDS:
-            sess.pending = 0
-        out = bytearray(hbuf)
-        _I32.pack_into(out, _SNODE, self.lb_id)
-        _U32.pack_into(out, _FLAGS, f[10] & ~C.FLAG_CHECK_HDR)
-        _swap_buf(out, cmd, src, sess.to_client.get(src, src), False)
-        data = bytes(payload[:length]) if length else b""
-        if sess.relayed:
-            _I32.pack_into(out, _DNODE, sess.clt_node)
-            _swap_buf(out, cmd, sess.lbsvr_ep, sess.clt_ep, True)
-            link = self.dsp.links.get(sess.clt_node)
-            if link is not None and link.up:
-                link.submit(out, data or None, copy=False)
+        with self.lock:
+            sess = self.by_reverse.get((dcid, dst, snode, src))
+            if sess is None:
+                return None
+            sess.last_used = self.clock()
+            acts: list = []
+            if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVICE_DOWN and sess.first is not None:
+                redo = self._redispatch(sess, rcode, acts)
+                if redo:
+                    return acts
+            if cmd in ACK_CMDS or cmd in MESSAGE_BODY_CMDS:
+                sess.first = None    # answered: the session is established
+            if pid > 0 and sess.svr_pid != pid and cmd in MESSAGE_BODY_CMDS:
+                sess.svr_pid = pid
+            if cmd == C.CMD_SEND_MSG and sess.pending == C.CMD_SNDREC_MSG:
+                sess.pending = 0
+            elif cmd in ACK_CMDS:
+                sess.pending = 0
+            out = bytearray(hbuf)
+            set_snode(out, self.lb_id)
+            set_flags(out, f[10] & ~C.FLAG_CHECK_HDR)
+            swap_endpoint(out, cmd, src, sess.to_client.get(src, src), False)
+            data = bytes(payload[:length]) if length else b""
+            if sess.relayed:
+                set_dnode(out, sess.clt_node)
+                swap_endpoint(out, cmd, sess.lbsvr_ep, sess.clt_ep, True)
+                acts.append((SEND, sess.clt_node, out, data or None, None, True))
             else:
-                self.dsp.send_to_node(sess.clt_node, Header(out), data)
-        else:
-            self.dsp.put2lcl.put(Header(out), data)
-        if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVER_GONE:
-            with self.lock:  # the server endpoint died or unbound: the session is over
-                self._end(sess, None)
+                acts.append((LOCAL, out, data))
+            if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVER_GONE:
+                self._end(sess, None, acts)   # the server endpoint died or unbound
+        return acts[0] if len(acts) == 1 else acts
+
+    def _redispatch(self, sess: Session, rcode: int, acts: list) -> bool:
+        """(lock held) The server answered the session's first request with "no such
+        service here": mark the service down on that server and, once per session, send the
+        request to another server instead of failing it.  True when re-dispatched."""
+        srv = self.servers.get(sess.svr_node)
+        name = sess.service.name
+        if srv is not None and name not in srv.services_down:
+            srv.services_down.add(name)
+            log.warning("service %s is not available on server node %d (%s): no new sessions "
+                        "there until it is bound again", name, sess.svr_node,
+                        E.error_name(rcode))
+        if sess.redispatched or sess.auto_run:
+            return False
+        hbuf, data = sess.first
+        f = ROUTE_STRUCT.unpack_from(hbuf)
+        self._end(sess, None, acts)
+        new, _err = self._new_session(f, sess.service, sess.relayed, exclude=sess.svr_node)
+        if new is None:
+            _add(acts, self.error_reply(Header(bytearray(hbuf)), rcode, sess.relayed))
+            return True
+        new.redispatched = True
+        new.first = (hbuf, data)
+        new.pending = sess.pending
+        self.counters["redispatched"] += 1
+        log.info("session of client %d@%d re-dispatched to server node %d", new.clt_ep,
+                 new.clt_node, new.svr_node)
+        acts.append(self._send_forward(new, hbuf, f[0], f[3], f[2], f[7], data))
         return True
 
     # ------------------------------------------------------------------ errors and endings
-    def _reply_error(self, h: Header, rcode: int, relayed: bool) -> None:
-        """Every error a client causes comes back to it as an ACK with the code (§5)."""
+    def error_reply(self, h: Header, rcode: int, relayed: bool):
+        """Every error a client causes comes back to it as an ACK with the code."""
         ack = error_ack(h, rcode)
         if ack is None:
-            return
+            return None
         ack.c_snode = self.lb_id
         log.debug("error %s to client %d@%d", E.error_name(rcode), h.c_src, h.c_snode)
         if relayed:
-            self.dsp.send_to_node(h.c_snode, ack)
-        else:
-            self.dsp.put2lcl.put(ack)
+            return (SEND, h.c_snode, ack.buf, None, None, False)
+        return (LOCAL, ack.buf, b"")
 
-    def _end(self, sess: Session, rcode: int | None) -> None:
+    def _end(self, sess: Session, rcode: int | None, acts: list) -> None:
         """Remove a session (lock held); a client still waiting gets `rcode`."""
         if self.sessions.get(sess.key()) is sess:
             del self.sessions[sess.key()]
+        else:
+            return
         for key in sess.reverse_keys():
             if self.by_reverse.get(key) is sess:
                 del self.by_reverse[key]
@@ -514,7 +588,7 @@ class Group:
         if sess.prog_ep >= 0:  # the program started for this session stops with it
             stop = control_message(MT_SVC_STOP, m1_i1=sess.dcid, m1_i2=sess.prog_ep,
                                    m1_p1=sess.service.ext_ep, m_source=self.local)
-            self._controls.append((sess.svr_node, stop))
+            acts.append((CONTROL, sess.svr_node, stop))
             sess.prog_ep = -1
         self.per_dc[sess.dcid] = max(0, self.per_dc.get(sess.dcid, 1) - 1)
         srv = self.servers.get(sess.svr_node)
@@ -528,152 +602,159 @@ class Group:
             req.c_cmd, req.c_dcid = sess.pending, sess.dcid
             req.c_src, req.c_dst = sess.clt_ep, sess.lbclt_ep
             req.c_snode, req.c_dnode = sess.clt_node, self.lb_id
-            ack = error_ack(req, rcode)
-            ack.c_snode = self.lb_id
-            self._outbox.append((ack, sess.relayed))
+            _add(acts, self.error_reply(req, rcode, sess.relayed))
             sess.pending = 0
         log.info("session ended: client %d@%d, server node %d%s", sess.clt_ep, sess.clt_node,
                  sess.svr_node, f" ({E.error_name(rcode)})" if rcode is not None else "")
 
-    def _flush(self) -> None:
-        """Send the error replies queued while the session lock was held (never send under
-        the lock: a failing link calls back into the group)."""
-        with self.lock:
-            out, self._outbox = self._outbox, []
-            controls, self._controls = self._controls, []
-        for ack, relayed in out:
-            if relayed:
-                self.dsp.send_to_node(ack.c_dnode, ack)
-            else:
-                self.dsp.put2lcl.put(ack)
-        for node, body in controls:
-            self.dsp.send_control(node, body)
-
-    def reload(self, cfg) -> None:
+    def reload(self, cfg) -> list:
         """SIGHUP: services, thresholds, timers and the set of servers change live."""
         lb = cfg.lb
         servers = {n.nodeid: n for n in cfg.servers if n.nodeid != self.local}
-        gone = [nid for nid in self.servers if nid not in servers]
-        for nid in gone:
-            self.server_down(nid)
+        acts: list = []
+        for nid in [nid for nid in self.servers if nid not in servers]:
+            _add(acts, self.server_down(nid))
         with self.lock:
             self.cfg, self.lb = cfg, lb
+            self._svc_cache = {}
             self.max_sessions = lb.max_sessions
             self.session_timeout = lb.session_timeout
             self.meter.set_thresholds(lb.lowwater, lb.highwater)
-            for nid in gone:
+            for nid in [nid for nid in self.servers if nid not in servers]:
                 self.servers.pop(nid, None)
             for nid, node in servers.items():
                 if nid not in self.servers:
                     self.servers[nid] = ServerState(nid, node.name)
                 else:
                     self.servers[nid].name = node.name
+        return acts
 
-    def server_down(self, nodeid: int) -> None:
+    def server_down(self, nodeid: int) -> list:
         """A server failed: its sessions end and their waiting clients get EDVSNOTCONN."""
+        acts: list = []
         with self.lock:
             srv = self.servers.get(nodeid)
             if srv is not None:
                 srv.level, srv.reported, srv.rise_base = C.LVL_NOTINIT, 0.0, -1
                 srv.failed = True
             for sess in [s for s in self.sessions.values() if s.svr_node == nodeid]:
-                self._end(sess, E.EDVSNOTCONN)
-        self._flush()
+                self._end(sess, E.EDVSNOTCONN, acts)
+        return acts
 
-    def tick(self) -> None:
-        """Every second: expire idle sessions and those whose client unbound."""
-        now = time.monotonic()
+    def client_gone(self, dcid: int, clt_ep: int) -> list:
+        """The local client endpoint was unbound (or rebound by another process): its
+        sessions end (the main loop polls the bindings of local clients)."""
+        acts: list = []
+        with self.lock:
+            for sess in [s for s in self.sessions.values()
+                         if s.dcid == dcid and s.clt_ep == clt_ep and not s.relayed
+                         and s.clt_node == self.local]:
+                self._end(sess, None, acts)
+        return acts
+
+    def local_clients(self) -> list[tuple[int, int, int]]:
+        """(dcid, endpoint, pid) of the local clients with sessions, for the binding poll."""
+        with self.lock:
+            return [(s.dcid, s.clt_ep, s.clt_pid) for s in self.sessions.values()
+                    if not s.relayed and s.clt_node == self.local]
+
+    def tick(self) -> list:
+        """Every second: expire idle sessions and programs that never started."""
+        now = self.clock()
+        acts: list = []
         with self.lock:
             for sess in list(self.sessions.values()):
                 if now - sess.last_used > self.session_timeout:
-                    self._end(sess, E.EDVSTIMEDOUT)
+                    self._end(sess, E.EDVSTIMEDOUT, acts)
                 elif sess.starting and sess.started_at and \
                         now - sess.started_at > START_PATIENCE:
                     log.warning("service %s: no program started on node %d", sess.service.name,
                                 sess.svr_node)
-                    self._end(sess, E.EDVSAGAIN)
-        self._flush()
-        if now - self._last_check >= min(self.lb.period, 5):
-            self._last_check = now
-            self._check_clients()
+                    self._end(sess, E.EDVSAGAIN, acts)
+        return acts
 
-    def _check_clients(self) -> None:
-        """D8: a session whose local client endpoint was unbound (or rebound by another
-        process) ends."""
-        for sess in list(self.sessions.values()):
-            if sess.relayed or sess.clt_node != self.local:
-                continue
-            try:
-                info = self.dsp.dvk.getprocinfo(sess.dcid, sess.clt_ep)
-                gone = bool(info.p_rts_flags & C.SLOT_FREE) or (
-                    sess.clt_pid > 0 and info.p_lpid != sess.clt_pid)
-            except E.DvkError as err:
-                gone = err.code in (E.EDVSNOTBIND, E.EDVSDSTDIED)
-            if gone:
-                with self.lock:
-                    self._end(sess, None)
-                self._flush()
-
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ load and control
     def sample_load(self) -> None:
         cpu, level = self.meter.sample()
         log.debug("load: cpu %d%% level %s", cpu, LEVEL_NAMES[level])
 
-    def load_report(self) -> bytes:
-        m = Message()
-        m.m_source = self.local
-        m.m_type = MT_LOAD_REPORT
-        m.m1_i1, m.m1_i2, m.m1_i3 = self.meter.cpu, self.meter.level, self.lb.period
-        m.m1_p1 = self.dsp.activity()
-        return bytes(m)
+    def load_report(self, activity: int) -> bytes:
+        """The body of this node's load report."""
+        return control_message(MT_LOAD_REPORT, m_source=self.local, m1_i1=self.meter.cpu,
+                               m1_i2=self.meter.level, m1_i3=self.lb.period,
+                               m1_p1=max(0, activity), m1_p2=self.local_services)
 
-    def on_control(self, link, h: Header) -> None:
-        m = h.c_msg
-        if m.m_type == MT_LOAD_REPORT and m.m_source == link.peer:
-            srv = self.servers.get(link.peer)
+    def services_bitmap(self, bound: Callable[[object], bool]) -> int:
+        """Bitmap of the configured services for which `bound(service)` holds (prog services
+        count as available: their programs are started on demand)."""
+        bits = 0
+        for i, svc in enumerate(self.cfg.services[:32]):
+            if (svc.prog and svc.bind != "external") or bound(svc):
+                bits |= 1 << i
+        return bits
+
+    def on_control(self, peer: int, m: Message):
+        """A control message from an announced DSP peer."""
+        if m.m_type == MT_LOAD_REPORT and m.m_source == peer:
+            self._load_report(peer, m)
+            return None
+        if m.m_type == MT_SVC_START | C.MT_ACKNOWLEDGE:
+            return self._started(peer, m.m1_p2, m.m1_i1)
+        return None
+
+    def _load_report(self, peer: int, m: Message) -> None:
+        cpu, level = m.m1_i1, m.m1_i2
+        if level not in LEVEL_NAMES or level == C.LVL_NOTINIT:
+            return
+        with self.lock:
+            srv = self.servers.get(peer)
             if srv is None:
-                return
-            cpu, level = m.m1_i1, m.m1_i2
-            if level not in LEVEL_NAMES or level == C.LVL_NOTINIT:
                 return
             if level != srv.level:
                 log.info("server node %d load level %s -> %s (cpu %d%%)", srv.nodeid,
                          LEVEL_NAMES[srv.level], LEVEL_NAMES[level], cpu)
             if not srv.reported:
-                srv.rise_base = link.received.frames
-            srv.cpu, srv.level, srv.reported = cpu, level, time.monotonic()
+                srv.rise_base = self.peers.frames(peer)
+            srv.cpu, srv.level, srv.reported = cpu, level, self.clock()
             srv.activity = m.m1_p1
-        elif m.m_type == MT_SVC_START | C.MT_ACKNOWLEDGE:
-            self._started(link.peer, m.m1_p2, m.m1_i1)
+            bits = m.m1_p2
+            for i, svc in enumerate(self.cfg.services[:32]):
+                if bits & (1 << i) and svc.name in srv.services_down:
+                    srv.services_down.discard(svc.name)
+                    log.info("service %s is bound on server node %d again", svc.name, peer)
 
-    def _ask_start(self, sess: Session) -> None:
-        """Ask the server's DSP to start the service's program for this session (D12)."""
+    def _ask_start(self, sess: Session) -> tuple:
+        """Ask the server's DSP to start the service's program for this session."""
         clt_node = self.local if sess.relayed else sess.clt_node
         body = control_message(MT_SVC_START, m1_i1=sess.dcid, m1_i2=sess.lbsvr_ep,
                                m1_i3=clt_node, m1_p1=sess.service.ext_ep,
                                m1_p2=sess.starting, m_source=self.local)
-        if not self.dsp.send_control(sess.svr_node, body):
-            self._started(sess.svr_node, sess.starting, E.EDVSNOTCONN)
+        return (CONTROL, sess.svr_node, body)
 
-    def _started(self, node: int, req: int, result: int) -> None:
+    def _started(self, node: int, req: int, result: int) -> list:
         """The server's answer: forward the parked frames to the program, or fail them."""
+        acts: list = []
         with self.lock:
             sess = self.starting.pop(req, None)
             if sess is None or sess.svr_node != node:
-                return
+                return acts
             sess.starting = 0
             if result < 0:
                 log.warning("service %s: node %d could not start a program: %s",
                             sess.service.name, node, E.error_name(result))
-                self._end(sess, E.EDVSAGAIN)
-                parked = []
-            else:
-                sess.prog_ep = result
-                self._map(sess, sess.lbclt_ep, result)
-                parked, sess.parked = sess.parked, []
-        self._flush()
-        for h, payload in parked:
-            self._send_forward(sess, h, payload, sess.relayed)
+                self._end(sess, E.EDVSAGAIN, acts)
+                return acts
+            sess.prog_ep = result
+            self._map(sess, sess.lbclt_ep, result)
+            parked, sess.parked = sess.parked, []
+            for hbuf, data in parked:
+                f = ROUTE_STRUCT.unpack_from(hbuf)
+                acts.append(self._send_forward(sess, hbuf, f[0], f[3], f[2], f[7], data))
+        return acts
+
+    def start_failed(self, node: int, req: int) -> list:
+        """The start request could not be sent to the server."""
+        return self._started(node, req, E.EDVSNOTCONN)
 
     def snapshot(self) -> dict:
         """Figures for the statistics and the demo summary."""
@@ -688,33 +769,10 @@ class Group:
                 "servers": {n: {"name": s.name, "cpu": s.cpu, "level": LEVEL_NAMES[s.level],
                                 "live": self.is_live(s), "sessions": s.sessions,
                                 "activity": s.activity,
-                                "messages": s.messages, "bytes": s.bytes}
+                                "messages": s.messages, "bytes": s.bytes,
+                                "services_down": sorted(s.services_down)}
                             for n, s in self.servers.items()},
                 "load": {"cpu": self.meter.cpu, "level": LEVEL_NAMES[self.meter.level]},
                 "sessions_per_dc": {dc: n for dc, n in self.per_dc.items() if n},
                 **self.counters,
             }
-
-
-def _swap_eps(h: Header, old: int, new: int, dst_field: bool) -> None:
-    """Rewrite one endpoint everywhere the header names it: c_dst or c_src, m_source of
-    messages, and the vcopy sub-header (§2.4 table of lb_policies.md)."""
-    _swap_buf(h.buf, h.c_cmd, old, new, dst_field)
-
-
-def _swap_buf(buf, cmd: int, old: int, new: int, dst_field: bool) -> None:
-    """`_swap_eps` on a raw 120-byte header of command `cmd`."""
-    if old == new:
-        return
-    if dst_field:
-        if _I32.unpack_from(buf, _DST)[0] == old:
-            _I32.pack_into(buf, _DST, new)
-    else:
-        if _I32.unpack_from(buf, _SRC)[0] == old:
-            _I32.pack_into(buf, _SRC, new)
-        if cmd in MESSAGE_CMDS and _I32.unpack_from(buf, _M_SOURCE)[0] == old:
-            _I32.pack_into(buf, _M_SOURCE, new)
-    if cmd in VCOPY_CMDS:
-        v = _V3.unpack_from(buf, _V_SRC)
-        if old in v:
-            _V3.pack_into(buf, _V_SRC, *(new if x == old else x for x in v))

@@ -1,11 +1,15 @@
-"""A `Link` is both TCP directions between this node and one peer (D10).
+"""A `Link` is both TCP directions between this node and one peer (docs/design.md, "Links").
 
-SPROXY[P] owns the outgoing connection, RPROXY[P] the incoming one.  The link carries traffic
-only when both are up: the second direction to come up reports CONNECT_RPROXY and CONNECT_SPROXY
-to the kernel; losing either direction tears down both (DISCONNECT_SPROXY, DISCONNECT_RPROXY, both
-sockets closed), so blocked callers get EDVSNOTCONN and both threads start over.  The state lives
-under one `threading.Condition` (the C `px_conn_mtx` with bits SCONNECTED/RCONNECTED, done
-right: nobody waits on a lost wake-up).
+SPROXY[P] owns the outgoing connection, RPROXY[P] the incoming one.  Their state is the machine of
+linkstate.py, carried out here under one `threading.Condition` (the C connection mutex with the
+SCONNECTED/RCONNECTED bits, done right: nobody waits on a lost wake-up, no state waits for ever).
+
+Sending: any thread may queue a frame for the peer, none ever blocks on the peer's socket.  The
+outgoing socket is non-blocking; the thread that queues writes what the socket takes at once
+(one `sendmsg` for everything queued, batches built from it), and what does not fit waits in the
+link until the `OutMonitor` sees the socket writable.  The queue is bounded: a full queue refuses
+new frames with EDVSAGAIN, and their senders get an error reply (a frozen peer delays only its own
+traffic).  A refused frame of a link that is down gets EDVSNOTCONN.
 """
 
 from __future__ import annotations
@@ -14,41 +18,41 @@ import collections
 import logging
 import selectors
 import socket
-import struct
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import lz4.frame
 
 from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.api import Dvk
 from dvk_cffi.errors import DvkError
-from dvk_cffi.wire import HEADER_SIZE
+from dvk_cffi.wire import HEADER_SIZE, ROUTE_STRUCT, set_batch, set_lz4
 
+from .linkstate import HALF_OPEN, Effect, Event, State, transition
 from .misc import Counters
 
 log = logging.getLogger("dsp.link")
 
-SCONNECTED = 1 << C.PX_BIT_SCONNECTED
-RCONNECTED = 1 << C.PX_BIT_RCONNECTED
-
 #: At most this many extra headers in one batch frame (c_len = n x 120 <= MAXCOPYBUF).
 MAXBATCMD = C.MAXCOPYBUF // HEADER_SIZE
-#: COPY data frames: never batched; the only frames LZ4 compresses (ARCHITECTURE §4).
+#: COPY data frames: never batched; the only frames LZ4 compresses.
 COPY_DATA = frozenset({C.CMD_COPYIN_DATA, C.CMD_COPYOUT_DATA})
-#: A submitter that finds the writer busy and more than this much queued writes (waits) itself.
-QUEUE_HIGH_WATER = 512
+#: Bounds of a link's output queue (frames and bytes not yet taken by the socket).
+QUEUE_MAX_FRAMES = 4096
+QUEUE_MAX_BYTES = 8 << 20
 #: At most this many buffers in one sendmsg (IOV_MAX is 1024 on Linux).
 MAX_IOV = 1000
-_HEAD = struct.Struct("<iiiiiiiiiiI")        # c_cmd .. c_flags, as ROUTE_STRUCT
-_LEN_FLAGS_OFF = 28                          # c_len at 28, c_flags at 40
-_I32 = struct.Struct("<i")
-_U32 = struct.Struct("<I")
+#: Silence after which a peer that never announced itself as a DSP of this project (a C DSP,
+#: which HELLOs only after 30 s idle) is declared dead: three of its HELLO periods.
+C_PEER_SILENCE = 95.0
+
+OK = 0
 
 #: Per-thread cork: while set, `Link.submit` only queues and remembers the link; `uncork`
-#: writes every corked link's queue (one sendmsg, batches built from what is queued).
+#: writes every corked link's queue (one sendmsg per link, batches built from what is queued).
 _cork = threading.local()
 
 
@@ -68,19 +72,14 @@ def uncork() -> None:
         link.flush()
 
 
-def corked() -> bool:
-    return getattr(_cork, "links", None) is not None
-
-
 def compress_frame(hbuf: bytearray, data, length: int):
-    """LZ4-frame compress COPY data when that shrinks it: sets c_len and FLAG_LZ4 in `hbuf`
+    """LZ4-frame compress COPY data when that shrinks it: sets c_len and the LZ4 flag in `hbuf`
     and returns the bytes to send (else `data` unchanged).  lz4 releases the GIL; call it
     outside any lock."""
     packed = lz4.frame.compress(data[:length] if len(data) != length else data)
     if len(packed) >= length:
         return data
-    _I32.pack_into(hbuf, 28, len(packed))
-    _U32.pack_into(hbuf, 40, _U32.unpack_from(hbuf, 40)[0] | C.FLAG_LZ4)
+    set_lz4(hbuf, len(packed))
     return packed
 
 
@@ -96,18 +95,23 @@ class PeerSpec:
     batch: bool = False
     compress: bool = False
     autobind: bool = False
+    addresses: frozenset = field(default_factory=frozenset)  # where its connections come from
 
 
 class Link:
     """Connection state and the send side of the link to one peer."""
 
-    def __init__(self, spec: PeerSpec, dvk: Dvk, monitor: OutMonitor | None = None) -> None:
+    def __init__(self, spec: PeerSpec, dvk: Dvk | None, monitor: OutMonitor | None = None,
+                 post: Callable[[tuple], None] | None = None,
+                 fd_silence: float = 1.5) -> None:
         self.spec = spec
         self.peer = spec.nodeid
         self.dvk = dvk
         self.monitor = monitor
+        self.post = post
         self.cond = threading.Condition()
-        self.status = 0                  # SCONNECTED | RCONNECTED
+        self.state = State.DOWN
+        self.since = time.monotonic()    # when the state last changed
         self.up = False
         self.generation = 0              # bumped on every link-up and link-down
         self.out_sock: socket.socket | None = None
@@ -115,6 +119,8 @@ class Link:
         self.in_serial = 0               # bumped for every accepted connection
         self.send_lock = threading.Lock()
         self.outq: collections.deque = collections.deque()
+        self.queued_bytes = 0
+        self.unsent: list = []           # what the socket has not taken yet, in order
         self.batch = spec.batch
         self.compress = spec.compress
         self.stopping = False
@@ -124,96 +130,129 @@ class Link:
         self.last_rx = 0.0
         self.last_tx = 0.0
         self.downs = 0
-        self.on_down: list = []          # callbacks(peer) after a link-up ended
-        self._down_pending = False
+        self.refused_full = 0            # frames refused because the queue was full
+        self._full_episode = False
+        self.announced = False           # the peer said it is a DSP of this project
+        self.fd_silence = fd_silence     # silence limit for announced peers
 
-    # ------------------------------------------------------------------ state changes
-    def set_out(self, sock: socket.socket) -> bool:
-        """SPROXY connected; False when the link is shutting down."""
+    # ------------------------------------------------------------------ state machine
+    @property
+    def status(self) -> int:
+        """The C bits: SCONNECTED | RCONNECTED (for the statistics)."""
+        bits = 0
+        if self.out_sock is not None:
+            bits |= 1 << C.PX_BIT_SCONNECTED
+        if self.in_sock is not None:
+            bits |= 1 << C.PX_BIT_RCONNECTED
+        return bits
+
+    def event(self, event: Event, sock: socket.socket | None = None, reason: str = "") -> bool:
+        """Apply one event of the state machine; False when it was stale (a socket that is no
+        longer the link's) or refused because the link stops.  Sockets the event hands over
+        and the link does not keep are closed."""
         with self.cond:
-            if self.stopping:
-                sock.close()
-                return False
-            self.out_sock = sock
-            self.status |= SCONNECTED
-            if self.monitor is not None:
-                self.monitor.watch(sock, self)
-            self._maybe_up()
+            kept = self._apply(event, sock, reason)
             self.cond.notify_all()
-        self.fire_down()
+        if sock is not None and not kept and event in (Event.OUT_CONNECTED, Event.IN_ACCEPTED):
+            _close(sock)
+        return kept
+
+    def _apply(self, event: Event, sock: socket.socket | None, reason: str) -> bool:
+        """(cond held) The transition and its effects."""
+        if self.stopping and event in (Event.OUT_CONNECTED, Event.IN_ACCEPTED):
+            return False
+        if event is Event.OUT_LOST and sock is not None and sock is not self.out_sock:
+            return False
+        if event is Event.IN_LOST and sock is not None and sock is not self.in_sock:
+            return False
+        was = self.state
+        new, effects = transition(was, event)
+        if new is was and not effects:
+            return False
+        self.state, self.since = new, time.monotonic()
+        for eff in effects:
+            if eff is Effect.KEEP_OUT:
+                self.out_sock = sock
+                sock.setblocking(False)
+                if self.monitor is not None:
+                    self.monitor.watch(sock, self)
+            elif eff is Effect.KEEP_IN:
+                self.in_sock = sock
+                self.in_serial += 1
+            elif eff is Effect.CLOSE_OUT:
+                self._close_out()
+            elif eff is Effect.CLOSE_IN:
+                if self.in_sock is not None:
+                    _close(self.in_sock)
+                self.in_sock = None
+            elif eff is Effect.CONNECT:
+                self._connect_kernel()
+            elif eff is Effect.DISCONNECT:
+                self._disconnect_kernel(reason)
+            elif eff is Effect.REPORT_DOWN and self.post is not None:
+                self.post(("link_down", self.peer, reason))
+        if new is not State.UP and was is not State.UP and new is State.DOWN:
+            log.debug("link to node %d half-open (%s), closed: %s", self.peer, was.value,
+                      reason)
         return True
 
-    def set_in(self, sock: socket.socket) -> bool:
-        """RPROXY accepted the peer; False when the link is shutting down."""
-        with self.cond:
-            if self.stopping:
-                sock.close()
-                return False
-            if self.in_sock is not None:  # the peer reconnected: the old link is dead
-                self._down("the peer opened a new connection")
-            self.in_sock = sock
-            self.in_serial += 1
-            self.status |= RCONNECTED
-            self._maybe_up()
-            self.cond.notify_all()
-        self.fire_down()
-        return True
-
-    def _maybe_up(self) -> None:
-        if self.up or self.status != SCONNECTED | RCONNECTED:
-            return
+    def _connect_kernel(self) -> None:
         try:
-            self.dvk.proxy_conn(self.peer, C.CONNECT_RPROXY)
-            self.dvk.proxy_conn(self.peer, C.CONNECT_SPROXY)
+            if self.dvk is not None:
+                self.dvk.proxy_conn(self.peer, C.CONNECT_RPROXY)
+                self.dvk.proxy_conn(self.peer, C.CONNECT_SPROXY)
         except DvkError as err:
             log.error("link to node %d: kernel refused the connection: %s", self.peer, err)
-            self._down("kernel refused proxy_conn")
+            self.up = True   # so that the teardown below disconnects what was connected
+            self._apply(Event.KERNEL_REFUSED, None, f"kernel refused proxy_conn: {err}")
             return
         self.up = True
         self.generation += 1
+        self.announced = False
         log.info("link to node %d (%s) up", self.peer, self.spec.name)
+
+    def _disconnect_kernel(self, reason: str) -> None:
+        self.up = False
+        self.generation += 1  # frames queued for the old connections are dropped
+        self.downs += 1
+        self.outq.clear()
+        self.queued_bytes = 0
+        self.unsent = []
+        if self.dvk is not None:
+            for status in (C.DISCONNECT_SPROXY, C.DISCONNECT_RPROXY):
+                try:
+                    self.dvk.proxy_conn(self.peer, status)
+                except DvkError as err:
+                    log.debug("proxy_conn(%d, %d): %s", self.peer, status, err)
+        log.info("link to node %d (%s) down: %s", self.peer, self.spec.name, reason)
+
+    def _close_out(self) -> None:
+        sock = self.out_sock
+        if sock is not None:
+            if self.monitor is not None:
+                self.monitor.forget(sock)
+            _close(sock)
+        self.out_sock = None
 
     def down(self, reason: str, generation: int | None = None) -> None:
         """Tear down both directions (no-op for a stale generation)."""
         with self.cond:
             if generation is not None and generation != self.generation:
                 return
-            self._down(reason)
+            event = Event.IN_LOST if self.state is not State.OUT_ONLY else Event.OUT_LOST
+            self._apply(event, None, reason)
             self.cond.notify_all()
-        self.fire_down()
 
-    def _down(self, reason: str) -> None:
-        if not self.status and not self.up:
-            return
-        was_up = self.up
-        self.up = False
-        self.status = 0
-        self.generation += 1  # a late down() for the old connections must not hit new ones
-        for sock in (self.out_sock, self.in_sock):
-            if sock is not None:
-                if self.monitor is not None:
-                    self.monitor.forget(sock)
-                _close(sock)
-        self.out_sock = self.in_sock = None
-        if was_up:
-            self.downs += 1
-            self._down_pending = True
-            for status in (C.DISCONNECT_SPROXY, C.DISCONNECT_RPROXY):
-                try:
-                    self.dvk.proxy_conn(self.peer, status)
-                except DvkError as err:
-                    log.debug("proxy_conn(%d, %d): %s", self.peer, status, err)
-            log.info("link to node %d (%s) down: %s", self.peer, self.spec.name, reason)
-        else:
-            log.debug("link to node %d half-open, closed: %s", self.peer, reason)
+    def half_open_for(self) -> float:
+        """Seconds the link has been half-open (0 when it is not)."""
+        if self.state in HALF_OPEN:
+            return time.monotonic() - self.since
+        return 0.0
 
-    def fire_down(self) -> None:
-        """Run the link-down callbacks outside the state lock (they may take other locks)."""
-        with self.cond:
-            pending, self._down_pending = self._down_pending, False
-        if pending:
-            for cb in self.on_down:
-                cb(self.peer)
+    def silence_limit(self) -> float:
+        """Silence after which the peer is dead: the failure-detection bound for a peer that
+        announced itself as a DSP of this project, the C cadence bound for any other."""
+        return self.fd_silence if self.announced else C_PEER_SILENCE
 
     def wait_in(self, serial: int, timeout: float) -> tuple[socket.socket | None, int]:
         """RPROXY side: the accepted connection newer than `serial` (None on timeout)."""
@@ -227,37 +266,39 @@ class Link:
     def wait_up(self, timeout: float) -> bool:
         """Wait until both directions are up (or the link went down/stopped)."""
         with self.cond:
-            self.cond.wait_for(lambda: self.up or self.stopping or not self.status, timeout)
+            self.cond.wait_for(lambda: self.up or self.stopping
+                               or self.state is State.DOWN, timeout)
             return self.up
+
+    def wait_room(self, timeout: float) -> bool:
+        """The peer's own sender waits (bounded) until its queue has room again."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.up or self.stopping
+                                      or (len(self.outq) < QUEUE_MAX_FRAMES
+                                          and self.queued_bytes < QUEUE_MAX_BYTES), timeout)
 
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
-            self._down("shutting down")
+            self._apply(Event.STOP, None, "shutting down")
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ sending
-    def send(self, parts: Sequence[bytes | bytearray | memoryview], generation: int) -> None:
-        """Write one frame (header + payload) now; raises ConnectionError when the link is
-        down or the write failed (the link is then torn down)."""
-        hbuf = parts[0]
-        data = parts[1] if len(parts) > 1 else None
-        if not self.submit(hbuf, data, generation):
-            raise ConnectionError(f"link to node {self.peer} is down")
-
     def submit(self, hbuf, data=None, generation: int | None = None,
-               copy: bool = True) -> bool:
+               copy: bool = True) -> int:
         """Queue one command (its 120-byte header and `c_len` payload bytes) for the peer and
         write the queue unless this thread is corked or another thread is writing (that one
-        writes it).  Batchable commands that meet in the queue leave as one batch frame when
-        `batch YES`; COPY data is compressed first when `compress YES` and that shrinks it.
-        False when the link is down (the frame is dropped)."""
+        writes it).  Returns 0, EDVSNOTCONN (the link is down or `generation` is over) or
+        EDVSAGAIN (the queue is full); a refused frame is dropped."""
         if generation is None:
             generation = self.generation
         if not self.up or generation != self.generation:
-            return False
-        f = _HEAD.unpack_from(hbuf, 0)
+            return E.EDVSNOTCONN
+        f = ROUTE_STRUCT.unpack_from(hbuf, 0)
         cmd, length = f[0], f[7]
+        if len(self.outq) >= QUEUE_MAX_FRAMES or self.queued_bytes >= QUEUE_MAX_BYTES:
+            return self._refuse_full()
+        self._full_episode = False
         if copy or self.compress:
             hbuf = bytearray(hbuf)
         if length:
@@ -274,29 +315,55 @@ class Link:
                 data = bytes(data)
         else:
             data, raw = None, 0
+        self.queued_bytes += HEADER_SIZE + length
         self.outq.append((hbuf, data, generation, cmd, f[1], length, raw))
         links = getattr(_cork, "links", None)
         if links is not None:
             links[self] = None
-            return True
-        return self.flush()
+            return OK
+        self.flush()
+        return OK
 
-    def flush(self) -> bool:
-        """Write everything queued (flat combining: a thread that finds the writer busy
-        leaves its frames to it; the writer re-checks the queue after releasing the lock)."""
-        ok = True
+    def _refuse_full(self) -> int:
+        self.refused_full += 1
+        self.sent.errors += 1
+        if not self._full_episode:
+            self._full_episode = True
+            log.warning("link to node %d: output queue full (%d frames, %d bytes): new frames "
+                        "are refused with EDVSAGAIN until it drains", self.peer,
+                        len(self.outq), self.queued_bytes)
+        return E.EDVSAGAIN
+
+    def flush(self) -> None:
+        """Write what the socket takes now (flat combining: a thread that finds the writer busy
+        leaves its frames to it; the writer re-checks the queue after releasing the lock).
+        Never blocks on the socket: the rest waits for the monitor's writable event."""
         outq, lock = self.outq, self.send_lock
-        while outq:
-            if not lock.acquire(blocking=len(outq) > QUEUE_HIGH_WATER):
-                return ok
+        while (outq or self.unsent) and lock.acquire(blocking=False):
             try:
-                ok = self._write_queued() and ok
+                blocked = self._write_queued()
             finally:
                 lock.release()
-        return ok
+            if blocked:
+                return
 
     def _write_queued(self) -> bool:
-        """(send lock held) Write the queue with as few sendmsg calls as possible."""
+        """(send lock held) Write the unsent rest and then the queue, with as few sendmsg calls
+        as possible; True when the socket is full (the rest waits in `unsent`)."""
+        sock = self.out_sock
+        if sock is None or not self.up:
+            return False
+        if self.unsent:
+            if self._send(sock, self.unsent):
+                return True
+        parts = self._frames_to_parts()
+        if not parts:
+            return False
+        return self._send(sock, parts)
+
+    def _frames_to_parts(self) -> list:
+        """(send lock held) Take the queue and turn it into the buffers to write: batch frames
+        where `batch YES` lets commands that meet in the queue travel together."""
         outq = self.outq
         items = []
         try:
@@ -305,16 +372,15 @@ class Link:
         except IndexError:
             pass
         gen = self.generation
-        sock = self.out_sock
-        if sock is None or not self.up:
-            return False
         parts: list = []
         sent = self.sent
         batch = self.batch
         i, n = 0, len(items)
+        taken = 0
         while i < n:
             hbuf, data, g, cmd, dcid, length, raw = items[i]
             i += 1
+            taken += HEADER_SIZE + length
             if g != gen:
                 continue
             if batch and not length and cmd != C.CMD_NONE:
@@ -325,13 +391,12 @@ class Link:
                 extra = j - i
                 if extra:
                     head = bytearray(hbuf)
-                    _I32.pack_into(head, 28, extra * HEADER_SIZE)         # c_len
-                    _I32.pack_into(head, 36, extra)                        # c_batch_nr
-                    _U32.pack_into(head, 40, _U32.unpack_from(head, 40)[0] | C.FLAG_BATCH)
+                    set_batch(head, extra)
                     parts.append(head)
                     parts.extend(items[k][0] for k in range(i, j))
                     sent.count(cmd, HEADER_SIZE * (extra + 1), extra + 1, dcid, 0)
                     sent.batches += 1
+                    taken += HEADER_SIZE * extra
                     i = j
                     continue
             parts.append(hbuf)
@@ -347,25 +412,46 @@ class Link:
                 sent.bytes += HEADER_SIZE
             else:
                 sent.count(cmd, HEADER_SIZE + length, 1, dcid, raw)
-        if not parts:
-            return True
+        self.queued_bytes = max(0, self.queued_bytes - taken)
+        return parts
+
+    def _send(self, sock: socket.socket, parts: list) -> bool:
+        """(send lock held) sendmsg without blocking; True when the socket took less than all
+        (the rest is kept in `unsent` and the monitor waits for room)."""
+        gen = self.generation
         try:
             for k in range(0, len(parts), MAX_IOV):
                 chunk = parts[k:k + MAX_IOV]
+                try:
+                    done = sock.sendmsg(chunk)
+                except BlockingIOError:
+                    done = 0
                 total = sum(map(len, chunk))
-                done = sock.sendmsg(chunk)
                 if done < total:
-                    _send_rest(sock, chunk, done)
+                    self.unsent = _rest(chunk, done) + parts[k + MAX_IOV:]
+                    if self.monitor is not None:
+                        self.monitor.want_write(sock, self)
+                    return True
         except OSError as exc:
+            self.unsent = []
             self.down(f"send failed: {exc}", gen)
             return False
+        self.unsent = []
         self.last_tx = time.monotonic()
-        return True
+        if self._full_episode:   # the peer's sender may wait for room
+            with self.cond:
+                self.cond.notify_all()
+        return False
 
 
-def _send_rest(sock: socket.socket, parts: Sequence, sent: int) -> None:
-    data = b"".join(bytes(p) for p in parts)[sent:]
-    sock.sendall(data)
+def _rest(parts: list, done: int) -> list:
+    """The buffers of `parts` after the first `done` bytes (views, no copies)."""
+    for i, p in enumerate(parts):
+        n = len(p)
+        if done < n:
+            return [memoryview(p)[done:]] + parts[i + 1:]
+        done -= n
+    return []
 
 
 def _close(sock: socket.socket) -> None:
@@ -377,22 +463,35 @@ def _close(sock: socket.socket) -> None:
 
 
 class OutMonitor:
-    """Watches every outgoing socket for EOF or data, so a peer that closed its receiver is
-    noticed at once (the C SPROXY never read its socket and sat in CLOSE_WAIT)."""
+    """Watches every outgoing socket: for EOF or data, so a peer that closed its receiver is
+    noticed at once (the C sender never read its socket and sat in CLOSE_WAIT), and for room
+    when a link has unsent output, which it then writes."""
 
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="outmon", daemon=True)
-        self.thread.start()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self.thread: threading.Thread | None = None
 
     def watch(self, sock: socket.socket, link: Link) -> None:
         with self.lock:
             try:
-                self.sel.register(sock, selectors.EVENT_READ, (link, link.generation))
+                self.sel.register(sock, selectors.EVENT_READ, link)
             except (KeyError, ValueError):
                 pass
+        self._wake()
+
+    def want_write(self, sock: socket.socket, link: Link) -> None:
+        with self.lock:
+            try:
+                self.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+            except (KeyError, ValueError):
+                return
+        self._wake()
 
     def forget(self, sock: socket.socket) -> None:
         with self.lock:
@@ -403,32 +502,53 @@ class OutMonitor:
 
     def stop(self) -> None:
         self.stopping.set()
+        self._wake()
 
-    def _run(self) -> None:
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def run(self) -> None:
         while not self.stopping.is_set():
-            with self.lock:
-                empty = not self.sel.get_map()
-            if empty:
-                self.stopping.wait(0.1)
-                continue
             try:
-                events = self.sel.select(0.1)
+                events = self.sel.select(0.5)
             except (OSError, ValueError):
+                time.sleep(0.01)
                 continue
-            for key, _mask in events:
-                link, _gen = key.data
-                sock = key.fileobj
-                try:
-                    data = sock.recv(1, socket.MSG_DONTWAIT)
-                    reason = ("the peer closed the connection" if not data
-                              else "the peer wrote on a send-only connection")
-                except BlockingIOError:
+            for key, mask in events:
+                link = key.data
+                if link is None:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except OSError:
+                        pass
                     continue
-                except OSError as exc:
-                    reason = f"connection error: {exc}"
-                self.forget(sock)
-                with link.cond:
-                    if link.out_sock is sock:
-                        link._down(reason)
-                        link.cond.notify_all()
-                link.fire_down()
+                if mask & selectors.EVENT_WRITE:
+                    self._writable(key.fileobj, link)
+                if mask & selectors.EVENT_READ:
+                    self._readable(key.fileobj, link)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _writable(self, sock: socket.socket, link: Link) -> None:
+        with self.lock:
+            try:
+                self.sel.modify(sock, selectors.EVENT_READ, link)
+            except (KeyError, ValueError):
+                return
+        link.flush()
+
+    def _readable(self, sock: socket.socket, link: Link) -> None:
+        try:
+            data = sock.recv(1, socket.MSG_DONTWAIT)
+            reason = ("the peer closed the connection" if not data
+                      else "the peer wrote on a send-only connection")
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            reason = f"connection error: {exc}"
+        self.forget(sock)
+        link.event(Event.OUT_LOST, sock, reason)

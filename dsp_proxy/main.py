@@ -1,10 +1,16 @@
-"""`dsp_proxy [options] CONFIG`: start-up order, threads, signals and the periodic tick.
+"""`dsp_proxy [options] CONFIG`: start-up order, threads, the main loop that supervises them.
 
 Start-up mirrors the C daemon: open the DVK, read the DVS info (the node id comes from the DVK),
 load and validate the config against it, then for every remote node create RPROXY and SPROXY
 with the TID handshake, `proxies_bind` + `node_up` the pair, and the same for the virtual LB
 node's pair (the get2rmt and put2lcl threads).  Then the DSP adds the nodes to the DCs its
-services name and binds the services' endpoints on client nodes (ARCHITECTURE §5, D5).
+services name and binds the services' endpoints on client nodes (docs/design.md).
+
+After start-up the main thread runs one loop (docs/design.md, "Supervision"): signal handlers
+only post an event; thread deaths, link downs and signals are events the loop dispatches to
+`handle_<event>`, and every TICK it runs the periodic work.  A dead proxy thread is logged with
+its traceback and its peer's pair is restarted with backoff (given up after repeated deaths); a
+lost DVK or a dead LB pair makes the daemon exit non-zero, so init or systemd restarts it.
 """
 
 from __future__ import annotations
@@ -13,35 +19,103 @@ import argparse
 import json
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from dvk_cffi import DvsInfo, open_dvk
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.api import Dvk
-from dvk_cffi.wire import Header
+from dvk_cffi.emu.client import DvkUnavailable
+from dvk_cffi.wire import Header, Message, hello_header
 
 from . import config as cfgmod
 from . import stats as statsmod
 from . import topology
-from .elastic import MT_SVC_START, MT_SVC_STOP, Autoscaler, ServiceRunner, control_message
+from .acceptor import Acceptor
+from .elastic import Autoscaler, ServiceRunner
+from .executor import Executor
+from .group import (
+    LEVEL_NAMES,
+    MT_NEED_SERVER,
+    MT_SVC_START,
+    MT_SVC_STOP,
+    Group,
+    Router,
+    control_message,
+)
 from .link import Link, OutMonitor, PeerSpec
-from .misc import StartGate, is_local_address, resolve, set_log_node, setup_logging, start_thread
-from .rproxy import Acceptor, Put2lclThread, RProxy, error_ack
-from .sproxy import LbSender, SProxy, hello_frame
+from .linkstate import HALF_OPEN_LIMIT, Event
+from .misc import (
+    StartGate,
+    is_local_address,
+    peer_addresses,
+    reopen_logs,
+    resolve,
+    set_log_node,
+    setup_logging,
+)
+from .rproxy import Put2lclThread, RProxy, WireLimits
+from .sproxy import LbSender, SProxy
 
 log = logging.getLogger("dsp")
 
 SHUTDOWN_GRACE = 1.5
-#: Control frame: a session found no server (sent to the autoscaling DSP, D12).
-MT_NEED_SERVER = 0x12
+#: The main loop's periodic work runs this often (seconds).
+TICK = 0.5
+#: A peer whose threads died more than MAX_RESTARTS times in RESTART_WINDOW s is marked failed.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+#: First delay before a dead pair is restarted (doubled per recent death, at most 5 s).
+RESTART_BACKOFF = 0.2
+
+
+@dataclass
+class ProxyContext:
+    """What a proxy thread may use (docs/design.md, "Threads"): one per peer, whose `stopping`
+    is that peer's own (set when the daemon stops or the peer's pair is restarted)."""
+
+    dvk: Dvk
+    stopping: threading.Event
+    local: int
+    lb_node: int
+    limits: WireLimits
+    router: Router
+    execute: Executor
+    control: Callable[[int, Message], None]
+    count_error: Callable[[int], None]
+    learn_dc: Callable[[int], None]
+    hello: Callable[[int, bool], Header]
+    source_addr: str
+    user_timeout_ms: int
+    fd_interval_ms: int
+    period: float
+
+
+@dataclass
+class Pair:
+    """The threads of one peer's proxy pair, and how often they died lately."""
+
+    spec: PeerSpec
+    stopping: threading.Event
+    threads: list = field(default_factory=list)
+    deaths: list = field(default_factory=list)     # monotonic times of thread deaths
+    restart_at: float = 0.0
+    failed: bool = False
+
+
+class DvkLost(Exception):
+    """The DVK (the node kernel) is gone: the daemon exits non-zero."""
 
 
 class Dsp:
-    """One running DSP: the links to every peer, the LB pair, and what they share."""
+    """One running DSP: the links to every peer, the LB pair, the router, and the main loop
+    that supervises them (signals, thread deaths, link downs, the periodic tick)."""
 
     def __init__(self, dvk: Dvk, cfg, local: int, dvs: DvsInfo,
                  allow_any_peer: bool = False) -> None:
@@ -51,88 +125,123 @@ class Dsp:
         self.dvs = dvs
         self.allow_any_peer = allow_any_peer
         self.stopping = threading.Event()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
         lb = cfg.lb
         self.lb_nodeid = lb.nodeid if lb is not None else -1
+        self.links: dict[int, Link] = {}
         self._set_timers(cfg)
         me = cfg.nodes_by_id.get(local)
-        self.bind_addr = _local_bind_address(me.rname) if me is not None else ""
+        self.bind_addr = _local_bind_address(me) if me is not None else ""
         self.monitor = OutMonitor()
-        self.links: dict[int, Link] = {}
-        self.acceptor = Acceptor(self)
+        self.pairs: dict[int, Pair] = {}
+        self.registered: list[int] = []           # proxy pairs registered with the kernel
         self.threads: list[threading.Thread] = []
-        self.pairs: list[int] = []
-        self.put2lcl: Put2lclThread | None = None
-        self.group = None
+        self.acceptor = Acceptor(self.bind_addr, self.stopping, allow_any_peer)
         self.relay_host = topology.relay_host(cfg)
         self.node_pids = _node_pids(dvk)
+        self.limits = WireLimits(dvs.d_nr_nodes, dvs.d_nr_dcs)
+        self.group: Group | None = None
+        relayed = topology.is_relayed_client(cfg, local)
+        if lb is not None and self.lb_nodeid != local and not relayed:
+            self.group = Group(cfg, local, _LinkView(self.links), self.relay_host,
+                               self.node_pids)
+        self.router = Router(local, self.lb_nodeid, self.group)
+        self.put2lcl: Put2lclThread | None = None
+        self.execute = Executor(local, self.links, self.router, self._put_local,
+                                self.on_no_server)
         self.services = ServiceRunner(self)
-        self.autoscaler: Autoscaler | None = None
+        self.autoscaler: Autoscaler | None = Autoscaler(self) if self.group else None
         self._need_sent = 0.0
         self._activity_mark = 0
         self.errors: dict[int, int] = {}
         self.started = time.time()
-        self.scopes: dict[int, PeerScope] = {}     # a peer's threads see the DSP through it
-        self.reload_requested = threading.Event()
         self.reloads = {"ok": 0, "failed": 0, "last": None, "last_error": None}
         self.stats_address: str | None = None
+        self.exit_code = 0
+        self.config_path: str | None = None
+        self._next_sample = 0.0
+        self._next_client_check = time.monotonic() + min(self.period, 5)
 
     def _set_timers(self, cfg) -> None:
-        """Timers that come from the lb block (at start and on a reload)."""
-        lb = cfg.lb
-        self.fd_interval_ms = lb.fd_interval if lb is not None else 500
-        fall = lb.fd_fall if lb is not None else 3
-        # D11: DOWN after fd_fall intervals with nothing received (HELLOs keep idle links
+        """Liveness and load timers (at start and on a reload)."""
+        self.fd_interval_ms, fall, self.fd_rise = cfgmod.liveness(cfg)
+        # DOWN after fd_fall intervals with nothing received (HELLOs keep idle links
         # talking), so a frozen peer is noticed, not only a closed socket
         self.silence_timeout = self.fd_interval_ms * fall / 1000.0
         self.user_timeout_ms = int(self.silence_timeout * 1000)
-        self.period = lb.period if lb is not None else 30
+        self.period = cfg.lb.period if cfg.lb is not None else 30
+        for link in self.links.values():
+            link.fd_silence = self.silence_timeout
+
+    def post(self, event: tuple) -> None:
+        """Hand an event to the main loop (safe from any thread and from signal handlers)."""
+        self.events.put(event)
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> None:
-        relayed = topology.is_relayed_client(self.cfg, self.local)
-        if self.cfg.lb is not None and self.lb_nodeid != self.local and not relayed:
-            from .group import Group
-            self.group = Group(self)
-            self.autoscaler = Autoscaler(self)
+        self.threads.append(self.supervised("outmon", self.monitor.run))
         for spec in topology.peer_specs(self.cfg, self.local):
             self._start_peer(spec)
         if self.group is not None:
-            self.put2lcl = Put2lclThread(self, StartGate())
-            sender = LbSender(self, StartGate())
-            self._start_pair(self.cfg.lb.name, self.lb_nodeid, ("put2lcl", self.put2lcl),
-                             ("get2rmt", sender))
+            ctx = self._context(self.stopping)
+            self.put2lcl = Put2lclThread(ctx, StartGate())
+            sender = LbSender(ctx, StartGate())
+            self.threads.extend(self._start_pair(self.cfg.lb.name, self.lb_nodeid,
+                                                 ("put2lcl", self.put2lcl),
+                                                 ("get2rmt", sender), peer=self.lb_nodeid))
             for status in (C.CONNECT_RPROXY, C.CONNECT_SPROXY):
                 self.dvk.proxy_conn(self.lb_nodeid, status)
         self._join_dcs()
         self._bind_services()
-        self.threads.append(start_thread("acceptor", self.acceptor.run))
+        self.threads.append(self.supervised("acceptor", self.acceptor.run))
+
+    def _context(self, stopping: threading.Event) -> ProxyContext:
+        return ProxyContext(
+            dvk=self.dvk, stopping=stopping, local=self.local, lb_node=self.lb_nodeid,
+            limits=self.limits, router=self.router, execute=self.execute,
+            control=self.on_control, count_error=self.count_error, learn_dc=self.learn_dc,
+            hello=self.hello_for, source_addr=self.bind_addr,
+            user_timeout_ms=self.user_timeout_ms, fd_interval_ms=self.fd_interval_ms,
+            period=self.period)
 
     def _start_peer(self, spec: PeerSpec) -> Link:
-        """The link to one peer and its RPROXY/SPROXY pair (at start-up and on a reload)."""
-        link = Link(spec, self.dvk, self.monitor)
-        scope = PeerScope(self, spec.nodeid)
+        """The link to one peer and its RPROXY/SPROXY pair (at start-up, on a reload and when
+        the supervisor restarts the pair)."""
+        spec = replace(spec, addresses=self._peer_addresses(spec))
+        link = Link(spec, self.dvk, self.monitor, self.post, self.silence_timeout)
+        pair = self.pairs.get(spec.nodeid)
+        stopping = threading.Event()
+        if pair is None:
+            pair = self.pairs[spec.nodeid] = Pair(spec, stopping)
+        pair.spec, pair.stopping, pair.restart_at = spec, stopping, 0.0
         if self.stopping.is_set():
-            scope.stopping.set()
-        self.scopes[spec.nodeid] = scope
+            stopping.set()
         self.links[spec.nodeid] = link
-        if self.group is not None and spec.nodeid in self.group.servers:
-            link.on_down.append(self.group.server_down)
-        rproxy = RProxy(scope, link, StartGate())
-        sproxy = SProxy(scope, link, StartGate())
+        ctx = self._context(stopping)
+        rproxy = RProxy(ctx, link, StartGate())
+        sproxy = SProxy(ctx, link, StartGate())
         self.acceptor.add(link)
-        scope.pair_threads = self._start_pair(spec.name, spec.nodeid, (rproxy.name, rproxy),
-                                              (sproxy.name, sproxy))
+        pair.threads = self._start_pair(spec.name, spec.nodeid, (rproxy.name, rproxy),
+                                        (sproxy.name, sproxy), peer=spec.nodeid)
         return link
 
-    def _start_pair(self, name: str, nodeid: int, receiver, sender) -> list[threading.Thread]:
+    def _peer_addresses(self, spec: PeerSpec) -> frozenset:
+        """Where the peer's connections may come from: every address of its name, plus the
+        extra addresses the config lists for it."""
+        node = self.cfg.nodes_by_id.get(spec.nodeid)
+        if node is None and spec.nodeid == self.lb_nodeid and self.relay_host is not None:
+            node = self.cfg.nodes_by_id.get(self.relay_host)
+        return peer_addresses(spec.host, getattr(node, "extra_addrs", ()))
+
+    def _start_pair(self, name: str, nodeid: int, receiver, sender,
+                    peer: int) -> list[threading.Thread]:
         """The C start handshake: both threads report their TID, main registers the pair with
         the kernel, then lets them run."""
         started = []
         threads = []
         for tname, obj in (receiver, sender):
-            threads.append(start_thread(tname, obj.run))
+            threads.append(self.supervised(tname, obj.run, peer))
             started.append(obj)
-        self.threads.extend(threads)
         try:
             rtid = started[0].gate.wait_tid()
             stid = started[1].gate.wait_tid()
@@ -142,12 +251,30 @@ class Dsp:
             for obj in started:
                 obj.gate.abort()
             raise
-        self.pairs.append(nodeid)
+        if nodeid not in self.registered:
+            self.registered.append(nodeid)
         for obj in started:
             obj.gate.go()
         log.debug("proxy pair %d (%s) registered: sender %d, receiver %d", nodeid, name,
                   stid, rtid)
         return threads
+
+    def supervised(self, name: str, target: Callable[[], None],
+                   peer: int | None = None) -> threading.Thread:
+        """Run `target` on a thread whose unexpected death is logged with its traceback and
+        reported to the main loop."""
+        def body() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - every death is reported
+                if self.stopping.is_set():
+                    log.debug("thread %s ended while stopping: %r", name, exc)
+                    return
+                log.error("thread %s died: %r", name, exc, exc_info=exc)
+                self.post(("thread_died", name, peer, exc))
+        t = threading.Thread(target=body, name=name, daemon=True)
+        t.start()
+        return t
 
     def _target_dcs(self) -> list[int]:
         """The DCs the DSP joins the cluster's nodes to: those its services name, or every
@@ -165,23 +292,25 @@ class Dsp:
         return sorted(dcids)
 
     def _join_dcs(self) -> None:
-        nodes = [n for n in self.pairs]
         for dcid in self._target_dcs():
-            for nodeid in nodes:
+            for nodeid in list(self.registered):
                 try:
                     self.dvk.add_node(dcid, nodeid)
                 except E.DvkError as err:
                     if err.code != E.EDVSDCNODE:
                         log.warning("add_node(DC %d, node %d): %s", dcid, nodeid, err)
 
+    def _service_dcs(self, svc) -> list[int]:
+        return [svc.dcid] if svc.dcid >= 0 else self._target_dcs()
+
     def _bind_services(self) -> None:
-        """D5: on client nodes, each service's ext_ep is bound to the LB node."""
+        """On client nodes, each service's ext_ep is bound to the LB node (no server of the
+        service runs there); on other nodes an operator binds by hand."""
         me = self.cfg.nodes_by_id.get(self.local)
         if me is None or me.role != "client" or self.lb_nodeid < 0:
             return
         for svc in self.cfg.services:
-            dcids = [svc.dcid] if svc.dcid >= 0 else self._target_dcs()
-            for dcid in dcids:
+            for dcid in self._service_dcs(svc):
                 try:
                     info = self.dvk.getprocinfo(dcid, svc.ext_ep)
                     if (info.p_rts_flags & C.REMOTE and info.p_nodeid == self.lb_nodeid):
@@ -193,48 +322,30 @@ class Dsp:
                     log.warning("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
                                 svc.ext_ep, dcid, err)
 
-    # ------------------------------------------------------------------ data path hooks
-    def route(self, h: Header, payload, deliverer, link: Link | None) -> None:
-        """ARCHITECTURE §5 routing of a command from the network."""
-        dnode = h.c_dnode
-        if dnode == self.local:
-            if self.group is not None and self.group.reverse(h, payload, link):
-                return
-            deliverer.deliver(h, payload, link.spec.autobind if link else True)
-        elif dnode == self.lb_nodeid and self.group is not None:
-            self.group.from_network(h, payload, link)
-        else:
-            self.count_error(h, E.EDVSBADNODEID)
-            ack = error_ack(h, E.EDVSBADNODEID)
-            if ack is not None:
-                self.send_to_node(h.c_snode, ack)
-
-    def from_local(self, h: Header, payload) -> None:
-        """A command local processes addressed to the LB node (the get2rmt thread)."""
-        if self.group is not None:
-            self.group.from_local(h, payload)
+    # ------------------------------------------------------------------ what the threads use
+    def learn_dc(self, dcid: int) -> None:
+        """The endpoint range of a DC, for the checks of received headers: the DC's own when
+        it runs on this node, the DVS limits otherwise (put2lcl then refuses the frame)."""
+        if not 0 <= dcid < self.dvs.d_nr_dcs:
             return
-        ack = error_ack(h, E.EDVSDSTDIED)
-        if ack is not None:
-            self.put2lcl.put(ack)
+        rng = (self.dvs.d_nr_tasks, self.dvs.d_nr_procs)
+        try:
+            info = self.dvk.getdcinfo(dcid)
+            if info.dc_flags == C.DC_RUNNING:
+                rng = (info.dc_nr_tasks, info.dc_nr_procs)
+        except E.DvkError:
+            pass
+        self.limits.dc_ranges[dcid] = rng
 
-    def send_to_node(self, nodeid: int, h: Header, data: bytes | memoryview = b"") -> bool:
-        """Write a frame to a peer's link (any thread may; the link's lock keeps frames whole)."""
-        link = self.links.get(nodeid)
-        if link is None or not link.up:
-            if nodeid == self.local and self.put2lcl is not None:
-                self.put2lcl.put(h, bytes(data))
-                return True
-            return False
-        return link.submit(h.buf, data)
+    def _put_local(self, h: Header, data) -> bool:
+        return self.put2lcl is not None and self.put2lcl.put(h, bytes(data) if data else b"")
 
     def hello_for(self, peer: int, report: bool = False) -> Header:
-        """A HELLO for `peer`; with `report`, carrying this node's load report (D11)."""
-        body = self.meter_report() if report else None
-        return hello_frame(self.local, peer, body)
-
-    def meter_report(self) -> bytes | None:
-        return self.group.load_report() if self.group is not None else None
+        """A HELLO for `peer`; with `report`, carrying this node's load report."""
+        h = hello_header(self.local, peer, threading.get_native_id())
+        if report and self.group is not None:
+            h.c_msg.load(self.group.load_report(self.activity()))
+        return h
 
     def on_no_server(self) -> None:
         """A session found no usable server: the autoscaler's trigger, wherever it runs."""
@@ -248,8 +359,8 @@ class Dsp:
             self.send_control(decider, control_message(MT_NEED_SERVER, m_source=self.local))
 
     def send_control(self, nodeid: int, body: bytes) -> bool:
-        """A control frame (a HELLO with a message body, D12) to a peer."""
-        return self.send_to_node(nodeid, hello_frame(self.local, nodeid, body))
+        """A control frame (a HELLO with a message body) to a peer."""
+        return self.execute.control(nodeid, body)
 
     def activity(self) -> int:
         """Commands this DSP moved since the last call (carried in load reports)."""
@@ -259,18 +370,185 @@ class Dsp:
         moved, self._activity_mark = total - self._activity_mark, total
         return max(0, moved)  # a reload that removed a link lowers the total
 
-    def on_control(self, link: Link, h: Header) -> None:
-        m_type = h.c_msg.m_type
+    def on_control(self, peer: int, m: Message) -> None:
+        """A control message from a peer that announced itself as a DSP of this project."""
+        m_type = m.m_type
         if m_type in (MT_SVC_START, MT_SVC_STOP):
-            self.services.handle(link, h.c_msg)
+            self.services.handle(peer, m)
         elif m_type == MT_NEED_SERVER:
             if self.autoscaler is not None:
                 self.autoscaler.no_server = True
         elif self.group is not None:
-            self.group.on_control(link, h)
+            self.execute(self.group.on_control(peer, m))
 
-    def count_error(self, h: Header, code: int) -> None:
+    def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
+
+    # ------------------------------------------------------------------ the main loop
+    def run(self, status_file: str | None = None, config_path: str | None = None) -> int:
+        """Dispatch events until stopped; returns the exit status (non-zero when the DVK or
+        the LB pair was lost)."""
+        self.config_path = config_path
+        self.status_file = status_file
+        next_tick = 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now >= next_tick:
+                try:
+                    self.tick()
+                except DvkLost as exc:
+                    self._fatal(str(exc))
+                    break
+                except Exception:  # noqa: BLE001 - the loop outlives a bug in the tick
+                    log.exception("main loop: the periodic work failed")
+                next_tick = now + TICK
+            try:
+                event = self.events.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                continue
+            try:
+                getattr(self, "handle_" + event[0])(*event[1:])
+            except DvkLost as exc:
+                self._fatal(str(exc))
+            except Exception:  # noqa: BLE001 - the loop outlives a bug in one handler
+                log.exception("main loop: event %s failed", event[0])
+        if status_file:
+            try:
+                self.write_status(status_file)
+            except OSError:
+                pass
+        return self.exit_code
+
+    def _fatal(self, why: str) -> None:
+        log.critical("%s: the DSP exits (status 1) so that init or systemd restarts it", why)
+        self.exit_code = 1
+        self.stop()
+
+    def handle_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            self.stop()
+        elif signum == signal.SIGHUP:
+            reopen_logs()
+            if self.config_path:
+                self.reload(self.config_path)
+        elif signum == signal.SIGUSR1:
+            reopen_logs()
+
+    def handle_link_down(self, peer: int, reason: str) -> None:
+        if self.group is not None and peer in self.group.servers:
+            self.execute(self.group.server_down(peer))
+
+    def handle_thread_died(self, name: str, peer: int | None, exc: BaseException) -> None:
+        if _dvk_lost(exc):
+            raise DvkLost(f"thread {name} lost the DVK ({exc})")
+        if peer is None:
+            target = {"acceptor": self.acceptor.run, "outmon": self.monitor.run}.get(name)
+            if target is not None:
+                log.warning("restarting the %s thread", name)
+                self.threads.append(self.supervised(name, target))
+            return
+        if peer == self.lb_nodeid:
+            raise DvkLost(f"the LB pair's thread {name} died")
+        pair = self.pairs.get(peer)
+        if pair is None or pair.failed or pair.restart_at:
+            return
+        now = time.monotonic()
+        pair.deaths = [t for t in pair.deaths if now - t < RESTART_WINDOW] + [now]
+        if len(pair.deaths) > MAX_RESTARTS:
+            pair.failed = True
+            log.error("link to node %d: its threads died %d times in %.0f s: marked failed, "
+                      "not restarted (reload the config or restart the DSP)", peer,
+                      len(pair.deaths), RESTART_WINDOW)
+            self._remove_peer(peer, keep_pair=True)
+            return
+        delay = min(RESTART_BACKOFF * 2 ** (len(pair.deaths) - 1), 5.0)
+        pair.restart_at = now + delay
+        pair.stopping.set()
+        link = self.links.get(peer)
+        if link is not None:
+            link.stop()
+        log.warning("link to node %d: restarting its proxy pair in %.1f s", peer, delay)
+
+    def tick(self) -> None:
+        """Every TICK: liveness of the DVK, pair restarts, half-open links, the status file,
+        load, sessions, the autoscaler."""
+        try:
+            self.dvk.getdvsinfo()
+        except (E.DvkError, OSError) as exc:
+            if _dvk_lost(exc):
+                raise DvkLost(f"the DVK does not answer ({exc})") from None
+        now = time.monotonic()
+        for peer, pair in list(self.pairs.items()):
+            if pair.restart_at and now >= pair.restart_at and not self.stopping.is_set():
+                self._remove_peer(peer, keep_pair=True)
+                try:
+                    self._start_peer(pair.spec)
+                    log.info("link to node %d: proxy pair restarted", peer)
+                except (E.DvkError, TimeoutError) as exc:
+                    log.error("link to node %d: restart failed: %s", peer, exc)
+                    pair.restart_at = now + 5.0
+        for link in list(self.links.values()):
+            if link.half_open_for() > HALF_OPEN_LIMIT:
+                link.event(Event.TIMEOUT, None, f"half-open for more than {HALF_OPEN_LIMIT:.0f} s")
+        if self.status_file:
+            try:
+                self.write_status(self.status_file)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.status_file, exc)
+        if now >= self._next_client_check:
+            self.limits.dc_ranges.clear()    # a DC may have started or stopped
+        if self.group is None:
+            return
+        if now >= self._next_sample:
+            before = self.group.meter.level
+            self.group.sample_load()
+            after = self.group.meter.level
+            if after != before:
+                log.info("this node's load level %s -> %s (cpu %d%%)",
+                         LEVEL_NAMES.get(before, before), LEVEL_NAMES.get(after, after),
+                         self.group.meter.cpu)
+            self._next_sample = now + self.period
+        self._check_services()
+        self.execute(self.group.tick())
+        if now >= self._next_client_check:
+            self._next_client_check = now + min(self.period, 5)
+            self._check_clients()
+        self.autoscaler.tick()
+
+    def _check_services(self) -> None:
+        """Which configured services are bound here; a change is reported to every peer at
+        once (the LB then sends new sessions to a service that came back)."""
+        bits = self.group.services_bitmap(self._service_bound)
+        if bits == self.group.local_services:
+            return
+        self.group.local_services = bits
+        for peer, link in list(self.links.items()):
+            if link.up:
+                h = self.hello_for(peer, report=True)
+                link.submit(h.buf, None, copy=False)
+
+    def _service_bound(self, svc) -> bool:
+        for dcid in self._service_dcs(svc):
+            try:
+                info = self.dvk.getprocinfo(dcid, svc.ext_ep)
+            except E.DvkError:
+                continue
+            if not info.p_rts_flags & (C.SLOT_FREE | C.REMOTE):
+                return True
+        return False
+
+    def _check_clients(self) -> None:
+        """A session whose local client endpoint was unbound (or rebound by another process)
+        ends."""
+        for dcid, ep, pid in self.group.local_clients():
+            try:
+                info = self.dvk.getprocinfo(dcid, ep)
+                gone = bool(info.p_rts_flags & C.SLOT_FREE) or (pid > 0 and info.p_lpid != pid)
+            except E.DvkError as err:
+                gone = err.code in (E.EDVSNOTBIND, E.EDVSDSTDIED)
+            if gone:
+                self.execute(self.group.client_gone(dcid, ep))
 
     # ------------------------------------------------------------------ running and stopping
     def snapshot(self) -> dict:
@@ -278,10 +556,12 @@ class Dsp:
         links = {}
         for peer, link in sorted(list(self.links.items())):
             links[peer] = {
-                "name": link.spec.name, "up": link.up, "downs": link.downs,
-                "generation": link.generation,
+                "name": link.spec.name, "up": link.up, "state": link.state.value,
+                "downs": link.downs, "generation": link.generation,
+                "announced": link.announced,
                 "address": f"{link.spec.host}:{link.spec.sport}",
                 "listen_port": link.spec.rport,
+                "queued": len(link.outq), "refused_full": link.refused_full,
                 "sent": link.sent.as_dict(),
                 "received": link.received.as_dict(),
             }
@@ -289,6 +569,8 @@ class Dsp:
             "node": self.local, "lb_node": self.lb_nodeid, "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 1), "links": links,
             "put2lcl_errors": {E.error_name(c): n for c, n in list(self.errors.items())},
+            "failed_pairs": sorted(p for p, pair in self.pairs.items() if pair.failed),
+            "refused_connections": self.acceptor.refusals.total,
             "group": self.group.snapshot() if self.group is not None else None,
             "autoscaler": self.autoscaler.snapshot() if self.autoscaler is not None else None,
             "config": config_view(self.cfg),
@@ -302,44 +584,14 @@ class Dsp:
             json.dump(self.snapshot(), f, indent=1, default=str)
         os.replace(tmp, path)
 
-    def run(self, status_file: str | None = None, config_path: str | None = None) -> None:
-        next_sample = 0.0
-        while not self.stopping.wait(1.0):
-            if self.reload_requested.is_set():
-                self.reload_requested.clear()
-                if config_path:
-                    self.reload(config_path)
-                    next_sample = 0.0
-            if status_file:
-                try:
-                    self.write_status(status_file)
-                except OSError as exc:
-                    log.warning("cannot write %s: %s", status_file, exc)
-            if self.group is None:
-                continue
-            now = time.monotonic()
-            if now >= next_sample:
-                from .group import LEVEL_NAMES
-                before = self.group.meter.level
-                self.group.sample_load()
-                after = self.group.meter.level
-                if after != before:
-                    log.info("this node's load level %s -> %s (cpu %d%%)",
-                             LEVEL_NAMES.get(before, before), LEVEL_NAMES.get(after, after),
-                             self.group.meter.cpu)
-                next_sample = now + self.period
-            self.group.tick()
-            self.autoscaler.tick()
-        if status_file:
-            try:
-                self.write_status(status_file)
-            except OSError:
-                pass
-
     def stop(self) -> None:
         self.stopping.set()
-        for scope in list(self.scopes.values()):
-            scope.stopping.set()
+        for pair in list(self.pairs.values()):
+            pair.stopping.set()
+        self.post(("wake",))
+
+    def handle_wake(self) -> None:
+        """Nothing to do: the loop re-checks `stopping`."""
 
     def shutdown(self) -> None:
         """Graceful stop: links disconnected, proxies unbound (the kernel wakes their
@@ -349,13 +601,13 @@ class Dsp:
         for link in self.links.values():
             link.stop()
         self.monitor.stop()
-        for pxid in self.pairs:
+        for pxid in self.registered:
             try:
                 self.dvk.proxies_unbind(pxid)
-            except E.DvkError as err:
+            except (E.DvkError, OSError) as err:
                 log.debug("proxies_unbind(%d): %s", pxid, err)
         deadline = time.monotonic() + SHUTDOWN_GRACE
-        for t in self.threads:
+        for t in self.threads + [t for p in self.pairs.values() for t in p.threads]:
             t.join(max(0.0, deadline - time.monotonic()))
         log.info("DSP of node %d stopped", self.local)
 
@@ -394,7 +646,7 @@ class Dsp:
         self.cfg = new
         self._set_timers(new)
         if self.group is not None:
-            self.group.reload(new)
+            self.execute(self.group.reload(new))
         if self.autoscaler is not None:
             self.autoscaler.reload(new)
         for spec in added:
@@ -421,43 +673,42 @@ class Dsp:
         log.error("reload of %s failed: the running configuration is kept", path)
         return False
 
-    def _remove_peer(self, peer: int) -> None:
-        """A peer left the config: its link goes down, its threads end, its listener closes,
-        its proxy pair is unbound (the kernel ends the node: REMOTE slots unbound, DCs left)."""
+    def _remove_peer(self, peer: int, keep_pair: bool = False) -> None:
+        """A peer's link goes down, its threads end, its listener closes, its proxy pair is
+        unbound (the kernel ends the node: REMOTE slots unbound, DCs left).  `keep_pair`: the
+        supervisor restarts (or gave up on) the pair; a reload that removed the peer forgets
+        it."""
         link = self.links.pop(peer, None)
-        scope = self.scopes.pop(peer, None)
-        if scope is not None:
-            scope.stopping.set()
+        pair = self.pairs.get(peer) if keep_pair else self.pairs.pop(peer, None)
+        if pair is not None:
+            pair.stopping.set()
         if link is not None:
             link.stop()
             self.acceptor.remove(link)
         if self.group is not None and peer in self.group.servers:
-            self.group.server_down(peer)
-        if peer in self.pairs:
-            self.pairs.remove(peer)
+            self.execute(self.group.server_down(peer))
+        if peer in self.registered:
+            self.registered.remove(peer)
             try:
                 self.dvk.proxies_unbind(peer)
             except E.DvkError as err:
                 log.debug("proxies_unbind(%d): %s", peer, err)
-        threads = scope.pair_threads if scope is not None else []
+        threads = pair.threads if pair is not None else []
         deadline = time.monotonic() + SHUTDOWN_GRACE * 2
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
             if t.is_alive():
-                log.warning("reload: thread %s of node %d did not end", t.name, peer)
-            elif t in self.threads:
-                self.threads.remove(t)
-        log.info("reload: link to node %d removed", peer)
+                log.warning("thread %s of node %d did not end", t.name, peer)
+        log.info("%s: link to node %d removed", "supervisor" if keep_pair else "reload", peer)
 
     def _unbind_services(self, services) -> None:
-        """Undo D5 for services a reload removed (or moved): on a client node, the service's
-        ext_ep bound to the LB node is unbound."""
+        """Undo the client node's service bindings for services a reload removed (or moved):
+        the service's ext_ep bound to the LB node is unbound."""
         me = self.cfg.nodes_by_id.get(self.local)
         if me is None or me.role != "client" or self.lb_nodeid < 0:
             return
         for svc in services:
-            dcids = [svc.dcid] if svc.dcid >= 0 else self._target_dcs()
-            for dcid in dcids:
+            for dcid in self._service_dcs(svc):
                 try:
                     info = self.dvk.getprocinfo(dcid, svc.ext_ep)
                     if info.p_rts_flags & C.REMOTE and info.p_nodeid == self.lb_nodeid:
@@ -469,19 +720,26 @@ class Dsp:
                               svc.ext_ep, dcid, err)
 
 
-class PeerScope:
-    """The DSP as one peer's RPROXY/SPROXY see it: every attribute is the DSP's, except
-    `stopping`, the peer's own event, set when the DSP stops or a reload removes the peer
-    (so those two threads end while the others keep running)."""
+class _LinkView:
+    """The router's only view of the links: is a node's link up, how many frames came."""
 
-    def __init__(self, dsp: Dsp, peer: int) -> None:
-        self._dsp = dsp
-        self._peer = peer
-        self.stopping = threading.Event()
-        self.pair_threads: list[threading.Thread] = []
+    def __init__(self, links: dict[int, Link]) -> None:
+        self.links = links
 
-    def __getattr__(self, name: str):
-        return getattr(self._dsp, name)
+    def up(self, node: int) -> bool:
+        link = self.links.get(node)
+        return link is not None and link.up
+
+    def frames(self, node: int) -> int:
+        link = self.links.get(node)
+        return link.received.frames if link is not None else 0
+
+
+def _dvk_lost(exc: BaseException) -> bool:
+    """An exception that means the DVK itself is gone."""
+    if isinstance(exc, E.DvkError):
+        return exc.code == E.EDVSSHUTDOWN
+    return isinstance(exc, (ConnectionError, DvkUnavailable))
 
 
 def restart_needed(old, new, local: int) -> str | None:
@@ -534,11 +792,14 @@ def _node_pids(dvk: Dvk):
     return pids
 
 
-def _local_bind_address(rname: str) -> str:
-    """The local node listens on and connects from its rname when that is a local address
-    (D9), on all interfaces otherwise."""
+def _local_bind_address(me) -> str:
+    """Where the local node listens and leaves from: its `rname` when the config names one
+    explicitly and it is a local address (several nodes on one machine); otherwise all
+    interfaces and the default route, as the C daemon does."""
+    if not getattr(me, "rname_explicit", False):
+        return ""
     try:
-        addr = resolve(rname)
+        addr = resolve(me.rname)
     except OSError:
         return ""
     return addr if is_local_address(addr) else ""
@@ -660,9 +921,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("node %d (this DVK) is not a node of %s", local, args.config)
         return 1
     dsp = Dsp(dvk, cfg, local, dvs, allow_any_peer=args.allow_any_peer)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: dsp.stop())
-    signal.signal(signal.SIGHUP, lambda *_: dsp.reload_requested.set())
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, _frame: dsp.post(("signal", signum)))
     server = None
     try:
         if stats_addr is not None:
@@ -679,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("DSP of node %d running: %d peers, LB node %s", local, len(dsp.links),
              dsp.lb_nodeid if dsp.lb_nodeid >= 0 else "none")
     try:
-        dsp.run(args.status_file, os.path.abspath(args.config))
+        status = dsp.run(args.status_file, os.path.abspath(args.config))
         dsp.shutdown()
     finally:
         if server is not None:
@@ -687,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
             server.server_close()
         if args.pidfile:
             remove_pidfile(args.pidfile)
-    return 0
+    return status
 
 
 def write_pidfile(path: str) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,13 +28,27 @@ _node_filter = _NodeIdFilter()
 
 
 def setup_logging(level: str = "INFO", path: str | None = None) -> None:
-    """One line per event with the node id (set later by `set_log_node`)."""
-    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler()
+    """One line per event with the node id (set later by `set_log_node`).  A log file is
+    opened in append mode and reopened by `reopen_logs` (after a rotation)."""
+    handler: logging.Handler = (logging.handlers.WatchedFileHandler(path) if path
+                                else logging.StreamHandler())
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(_node_filter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def reopen_logs() -> None:
+    """Reopen the log file (SIGUSR1 and SIGHUP, after logrotate moved it away)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                handler.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()
 
 
 def set_log_node(nodeid: int) -> None:
@@ -54,6 +68,19 @@ def tune_socket(sock: socket.socket, user_timeout_ms: int | None = None) -> None
 def resolve(host: str) -> str:
     """The IPv4 address of a peer name (IP literals are returned unchanged)."""
     return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+
+
+def peer_addresses(host: str, extra=()) -> frozenset[str]:
+    """Every IPv4 address `host` resolves to, plus `extra` (names or literals): where a peer's
+    connections may come from (a multi-homed peer may leave from any of them)."""
+    found: set[str] = set()
+    for name in (host, *extra):
+        try:
+            found.update(info[4][0] for info in socket.getaddrinfo(
+                name, None, socket.AF_INET, socket.SOCK_STREAM))
+        except OSError:
+            continue
+    return frozenset(found)
 
 
 def is_local_address(addr: str) -> bool:
@@ -201,6 +228,3 @@ class Counters:
                 "lz4_wire": self.lz4_wire, "by_cmd": dict(self.by_cmd),
                 "by_dc": {dc: vars(c).copy() for dc, c in self.by_dc.items()}}
 
-
-def monotonic_ms() -> int:
-    return int(time.monotonic() * 1000)

@@ -1,22 +1,24 @@
 """Sender threads: SPROXY[P] for every remote node, and the get2rmt thread of the LB pair.
 
-SPROXY[P] takes the commands the kernel queued for node P (`get2rmt`), writes each as one frame
-on its outgoing connection, sends a HELLO (or a due load report) when the link was idle for
-`fd_interval`, and reconnects with capped backoff after any failure (the C sender could not).
+SPROXY[P] takes the commands the kernel queued for node P (`get2rmt`), queues each on the link
+(written at once when the socket takes it), sends a HELLO (or a due load report) when the link was
+idle for `fd_interval`, and reconnects with capped backoff after any failure (the C sender could
+not).  When the link's output queue is full it waits for room: it is P's own sender, so only P's
+traffic waits (the kernel holds the rest).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
-from dvk_cffi.wire import Header, hello_header
+from dvk_cffi.wire import Header
 
 from .link import MAXBATCMD, Link, cork, uncork
+from .linkstate import Event, State
 from .misc import Backoff, tune_socket
 
 log = logging.getLogger("dsp.sproxy")
@@ -29,43 +31,47 @@ MAX_DRAIN = MAXBATCMD
 class SProxy:
     """The sender of the link to one peer."""
 
-    def __init__(self, dsp, link: Link, gate) -> None:
-        self.dsp = dsp
+    def __init__(self, ctx, link: Link, gate) -> None:
+        self.ctx = ctx
         self.link = link
         self.gate = gate
         self.name = f"SPROXY({link.peer})"
 
     def run(self) -> None:
-        dsp, link = self.dsp, self.link
-        if not self.gate.enter(dsp.dvk):
+        ctx, link = self.ctx, self.link
+        if not self.gate.enter(ctx.dvk):
             return
         self.hdr = Header()
-        self.payload = dsp.dvk.alloc(C.MAXCOPYBUF)
+        self.payload = ctx.dvk.alloc(C.MAXCOPYBUF)
         backoff = Backoff()
-        while not dsp.stopping.is_set():
+        while not ctx.stopping.is_set():
             sock = self._connect(backoff)
             if sock is None:
                 return
-            if not link.set_out(sock):
-                return
-            while not dsp.stopping.is_set() and link.status and not link.up:
+            if not link.event(Event.OUT_CONNECTED, sock):
+                if link.stopping:
+                    return
+                continue
+            while not ctx.stopping.is_set() and link.state is State.OUT_ONLY:
                 link.wait_up(0.5)
             if not link.up:
+                ctx.stopping.wait(backoff.next())
                 continue
             backoff.reset()
             self._serve(link.generation)
 
     def _connect(self, backoff: Backoff) -> socket.socket | None:
         spec = self.link.spec
-        while not self.dsp.stopping.is_set():
+        ctx = self.ctx
+        while not ctx.stopping.is_set():
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                if self.dsp.bind_addr:
-                    sock.bind((self.dsp.bind_addr, 0))  # D9: leave from our own address
+                if ctx.source_addr:
+                    sock.bind((ctx.source_addr, 0))  # leave from our own address
                 sock.settimeout(CONNECT_TIMEOUT)
                 sock.connect((spec.host, spec.sport))
                 sock.settimeout(None)
-                tune_socket(sock, self.dsp.user_timeout_ms)
+                tune_socket(sock, ctx.user_timeout_ms)
                 log.debug("%s connected to %s:%d", self.name, spec.host, spec.sport)
                 return sock
             except OSError as exc:
@@ -73,27 +79,40 @@ class SProxy:
                 delay = backoff.next()
                 log.debug("%s connect to %s:%d failed (%s), retry in %.2f s", self.name,
                           spec.host, spec.sport, exc, delay)
-                self.dsp.stopping.wait(delay)
+                ctx.stopping.wait(delay)
         return None
 
+    def _submit(self, gen: int) -> bool:
+        """Queue the fetched command; waits for room while the queue is full.  False when
+        the link is down."""
+        link = self.link
+        while True:
+            code = link.submit(self.hdr.buf, self.view, gen)
+            if code != E.EDVSAGAIN:
+                return code == 0
+            uncork()
+            if not link.wait_room(0.5) and self.ctx.stopping.is_set():
+                return False
+
     def _serve(self, gen: int) -> None:
-        """get2rmt loop.  Every command is written at once, unless the kernel says more are
+        """get2rmt loop.  Every command is queued at once, unless the kernel says more are
         queued for this link: then those are fetched too (without waiting) and the lot is
         written together, as one batch frame of the batchable ones when `batch YES`.  A lone
         command is never delayed."""
-        dsp, link, hdr, payload = self.dsp, self.link, self.hdr, self.payload
-        interval = dsp.fd_interval_ms
+        ctx, link, hdr, payload = self.ctx, self.link, self.hdr, self.payload
+        interval = ctx.fd_interval_ms
         hello_after = interval / 1000.0 * 0.8
         next_report = 0.0
-        get2rmt, view = dsp.dvk.get2rmt, payload.view
+        get2rmt = ctx.dvk.get2rmt
+        self.view = payload.view
         # The emulator tells how many commands wait; on a real DVK, drain like the C sender.
-        hinted = getattr(dsp.dvk, "backend", "") == "emu"
+        hinted = getattr(ctx.dvk, "backend", "") == "emu"
         monotonic = time.monotonic
-        while link.up and link.generation == gen and not dsp.stopping.is_set():
+        while link.up and link.generation == gen and not ctx.stopping.is_set():
             now = monotonic()
-            if now >= next_report:  # D11: at link start and every period, busy or idle
+            if now >= next_report:  # at link start and every period, busy or idle
                 self._hello(gen, report=True)
-                next_report = now + dsp.period
+                next_report = now + ctx.period
             try:
                 more = get2rmt(hdr, payload, interval)
             except E.DvkError as err:
@@ -109,12 +128,13 @@ class SProxy:
             if not hinted:
                 more = MAX_DRAIN if link.batch else 0
             if not more:
-                if not link.submit(hdr.buf, view, gen):
+                if not self._submit(gen):
                     return
                 continue
             cork()
             try:
-                link.submit(hdr.buf, view, gen)
+                if not self._submit(gen):
+                    return
                 drained = 0
                 while more > 0 and drained < MAX_DRAIN:
                     try:
@@ -124,50 +144,41 @@ class SProxy:
                             return
                         break
                     drained += 1
-                    link.submit(hdr.buf, view, gen)
+                    if not self._submit(gen):
+                        return
             finally:
                 uncork()
             if not link.up:
                 return
 
-    def send(self, hdr: Header, data: memoryview, gen: int) -> bool:
-        """Write one command (with its `c_len` payload bytes) to the peer."""
-        return self.link.submit(hdr.buf, data, gen)
-
     def _hello(self, gen: int, report: bool = False) -> None:
-        h = self.dsp.hello_for(self.link.peer, report)
+        h = self.ctx.hello(self.link.peer, report)
         self.link.submit(h.buf, None, gen, copy=False)
-
-
-def hello_frame(local: int, peer: int, body: bytes | None = None) -> Header:
-    """A HELLO, optionally carrying a message body (load report or control, D11/D12)."""
-    h = hello_header(local, peer, threading.get_native_id())
-    if body:
-        h.c_msg.load(body)
-    return h
 
 
 class LbSender:
     """The LB pair's sender (the get2rmt thread): every command local processes address to the
-    virtual LB node goes to the router; it never writes to a socket itself (D1)."""
+    virtual LB node goes to the router; it writes to no socket itself."""
 
-    def __init__(self, dsp, gate) -> None:
-        self.dsp = dsp
+    def __init__(self, ctx, gate) -> None:
+        self.ctx = ctx
         self.gate = gate
 
     def run(self) -> None:
-        dsp = self.dsp
-        if not self.gate.enter(dsp.dvk):
+        ctx = self.ctx
+        if not self.gate.enter(ctx.dvk):
             return
         hdr = Header()
-        payload = dsp.dvk.alloc(C.MAXCOPYBUF)
-        while not dsp.stopping.is_set():
+        payload = ctx.dvk.alloc(C.MAXCOPYBUF)
+        view = payload.view
+        route, execute = ctx.router.from_local, ctx.execute
+        while not ctx.stopping.is_set():
             try:
-                dsp.dvk.get2rmt(hdr, payload, 500)
+                ctx.dvk.get2rmt(hdr, payload, 500)
             except E.DvkError as err:
                 if err.code not in (E.EDVSTIMEDOUT, E.EDVSNOTCONN):
                     log.debug("LB get2rmt: %s", err)
                 if err.code == E.EDVSNOTCONN:
-                    dsp.stopping.wait(0.5)
+                    ctx.stopping.wait(0.5)
                 continue
-            dsp.from_local(hdr.copy(), bytes(payload.view[:hdr.c_len]))
+            execute(route(hdr.buf, view[:hdr.c_len]))

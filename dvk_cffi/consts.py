@@ -65,6 +65,23 @@ FLAG_CHECK_HDR_BIT = 2
 FLAG_BATCH = 1 << FLAG_BATCH_BIT
 FLAG_LZ4 = 1 << FLAG_LZ4_BIT
 FLAG_CHECK_HDR = 1 << FLAG_CHECK_HDR_BIT
+#: Set by this project's DSPs on every CMD_NONE frame they send (HELLO, load report, control):
+#: the announcement that the sender is such a DSP.  A C DSP's HELLO always has c_flags 0, so a
+#: stale HELLO body can never pass for a control frame.
+FLAG_DSP_PEER_BIT = 12
+FLAG_DSP_PEER = 1 << FLAG_DSP_PEER_BIT
+
+# --- requests and the ACKs that answer them ------------------------------------------------------
+#: The error ACK a proxy sends back for a request that could not be delivered: what the
+#: requester waits for (a sendrec caller waits in receive and needs CMD_SNDREC_ACK; a send or
+#: reply caller needs CMD_SEND_ACK; a copy requester its copy ACK).  NTFY has none: a notify
+#: caller does not wait.
+ERROR_ACK_CMD = {
+    CMD_SEND_MSG: CMD_SEND_ACK, CMD_REPLY_MSG: CMD_SEND_ACK,
+    CMD_SNDREC_MSG: CMD_SNDREC_ACK, CMD_COPYIN_DATA: CMD_COPYIN_ACK,
+    CMD_COPYOUT_RQST: CMD_COPYOUT_DATA, CMD_COPYLCL_RQST: CMD_COPYLCL_ACK,
+    CMD_COPYRMT_RQST: CMD_COPYRMT_ACK, CMD_COPYIN_RQST: CMD_COPYRMT_ACK,
+}
 
 # --- proxy pair status px_flags (§3.3) ---------------------------------------------------------
 PX_BIT_INUSE = 0

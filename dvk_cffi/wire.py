@@ -1,6 +1,6 @@
-"""The i386 `cmd_t` / `message` layout: the DVS wire header and the emulator's ABI (D2).
+"""The i386 `cmd_t` / `message` layout: the DVS wire header and the emulator's ABI.
 
-A frame on the wire is a 120-byte little-endian `cmd_t` (dvk_abi.md §2.3, i386 column) followed by
+A frame on the wire is a 120-byte little-endian `cmd_t` (docs/design.md, "The wire") followed by
 `c_len` payload bytes.  `Header` and `Message` are views over bytearrays in that layout with
 named fields, so the proxy can read and rewrite a few fields without decoding the whole struct.
 Batches carry `c_batch_nr` further headers as the payload (`pack_batch` / `unpack_batch`).
@@ -9,6 +9,7 @@ Batches carry `c_batch_nr` further headers as the payload (`pack_batch` / `unpac
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
@@ -189,9 +190,27 @@ def make_header(**fields: int) -> Header:
 
 
 def hello_header(snode: int, dnode: int, pid: int = 0) -> Header:
-    """A clean HELLO (CMD_NONE, no payload) as the DSP sends it (dvk_abi.md §5)."""
+    """A clean HELLO (CMD_NONE, no payload) as this project's DSP sends it: the C HELLO's
+    fields (c_dcid -1, endpoints NONE, the sender thread's id, the time of sending) plus the
+    FLAG_DSP_PEER announcement (docs/design.md, "Liveness")."""
+    now = time.time()
     return make_header(c_cmd=C.CMD_NONE, c_dcid=-1, c_src=C.NONE, c_dst=C.NONE,
-                       c_snode=snode, c_dnode=dnode, c_pid=pid)
+                       c_snode=snode, c_dnode=dnode, c_pid=pid, c_flags=C.FLAG_DSP_PEER,
+                       c_tv_sec=int(now), c_tv_nsec=int((now % 1) * 1e9))
+
+
+def error_ack(h: Header, rcode: int) -> Header | None:
+    """The ACK that answers request `h` with error `rcode` (None when nobody waits for one):
+    addressed back to the requester, with the vcopy sub-header by which it finds its copy."""
+    cmd = C.ERROR_ACK_CMD.get(h.c_cmd)
+    if cmd is None:
+        return None
+    a = Header()
+    a.buf[VCOPY_OFFSET:HEADER_SIZE] = h.buf[VCOPY_OFFSET:HEADER_SIZE]
+    a.c_cmd, a.c_dcid, a.c_src, a.c_dst = cmd, h.c_dcid, h.c_dst, h.c_src
+    a.c_snode, a.c_dnode, a.c_rcode = h.c_dnode, h.c_snode, rcode
+    a.v_bytes = 0
+    return a
 
 
 def pack_batch(headers: Iterable[Header | bytes]) -> bytes:
@@ -211,3 +230,72 @@ def unpack_batch(payload: bytes | memoryview, count: int) -> Iterator[Header]:
 def cmd_name(cmd: int) -> str:
     """C name of a command code."""
     return C.CMD_NAMES.get(cmd, f"CMD_{cmd:#x}")
+
+
+# ------------------------------------------------------------------ raw-header helpers
+# The proxy's hot paths rewrite a few fields of a raw 120-byte header without a Header object;
+# these helpers are the only place (besides HEADER_FIELDS) that knows their offsets.
+_I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
+_V3 = struct.Struct("<3i")
+_OFF = {name: off for name, (off, _fmt) in HEADER_FIELDS.items()}
+_C_SRC, _C_DST, _C_SNODE, _C_DNODE = _OFF["c_src"], _OFF["c_dst"], _OFF["c_snode"], _OFF["c_dnode"]
+_C_LEN, _C_BATCH_NR, _C_FLAGS = _OFF["c_len"], _OFF["c_batch_nr"], _OFF["c_flags"]
+_M_SOURCE = MSG_OFFSET + I386_MESSAGE_FIELDS["m_source"][0]
+_V_SRC = _OFF["v_src"]
+#: Commands whose message body is a real message (m_source names the sender).
+MESSAGE_BODY_CMDS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG,
+                               C.CMD_NTFY_MSG})
+#: Commands whose vcopy sub-header names endpoints (v_src, v_dst, v_rqtr).
+VCOPY_CMDS = frozenset({C.CMD_COPYIN_DATA, C.CMD_COPYOUT_RQST, C.CMD_COPYLCL_RQST,
+                        C.CMD_COPYRMT_RQST, C.CMD_COPYIN_RQST, C.CMD_COPYIN_ACK,
+                        C.CMD_COPYOUT_DATA, C.CMD_COPYLCL_ACK, C.CMD_COPYRMT_ACK})
+
+
+def frame_length(buf, offset: int = 0) -> int:
+    """`c_len` of the header at `offset` of `buf`."""
+    return _I32.unpack_from(buf, offset + _C_LEN)[0]
+
+
+def set_snode(buf, node: int) -> None:
+    _I32.pack_into(buf, _C_SNODE, node)
+
+
+def set_dnode(buf, node: int) -> None:
+    _I32.pack_into(buf, _C_DNODE, node)
+
+
+def set_flags(buf, flags: int) -> None:
+    _U32.pack_into(buf, _C_FLAGS, flags & 0xFFFFFFFF)
+
+
+def set_batch(buf, extra: int) -> None:
+    """Make the header the first of a batch frame carrying `extra` more headers."""
+    _I32.pack_into(buf, _C_LEN, extra * HEADER_SIZE)
+    _I32.pack_into(buf, _C_BATCH_NR, extra)
+    _U32.pack_into(buf, _C_FLAGS, _U32.unpack_from(buf, _C_FLAGS)[0] | C.FLAG_BATCH)
+
+
+def set_lz4(buf, length: int) -> None:
+    """Mark the header's payload as an LZ4 frame of `length` bytes."""
+    _I32.pack_into(buf, _C_LEN, length)
+    _U32.pack_into(buf, _C_FLAGS, _U32.unpack_from(buf, _C_FLAGS)[0] | C.FLAG_LZ4)
+
+
+def swap_endpoint(buf, cmd: int, old: int, new: int, dst_field: bool) -> None:
+    """Rewrite endpoint `old` as `new` everywhere a header of command `cmd` names it: `c_dst`
+    (with `dst_field`) or `c_src` and the message's `m_source`, and the vcopy endpoints."""
+    if old == new:
+        return
+    if dst_field:
+        if _I32.unpack_from(buf, _C_DST)[0] == old:
+            _I32.pack_into(buf, _C_DST, new)
+    else:
+        if _I32.unpack_from(buf, _C_SRC)[0] == old:
+            _I32.pack_into(buf, _C_SRC, new)
+        if cmd in MESSAGE_BODY_CMDS and _I32.unpack_from(buf, _M_SOURCE)[0] == old:
+            _I32.pack_into(buf, _M_SOURCE, new)
+    if cmd in VCOPY_CMDS:
+        v = _V3.unpack_from(buf, _V_SRC)
+        if old in v:
+            _V3.pack_into(buf, _V_SRC, *(new if x == old else x for x in v))

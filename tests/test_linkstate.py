@@ -1,0 +1,117 @@
+"""The link state machine as a table (docs/design.md, "Links"), and `Link` carrying it out."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from dsp_proxy.link import Link, PeerSpec
+from dsp_proxy.linkstate import TABLE, Effect, Event, State, transition
+from dvk_cffi import consts as C
+
+S, Ev, F = State, Event, Effect
+
+EXPECTED = {
+    (S.DOWN, Ev.OUT_CONNECTED): (S.OUT_ONLY, {F.KEEP_OUT}),
+    (S.DOWN, Ev.IN_ACCEPTED): (S.IN_ONLY, {F.KEEP_IN}),
+    (S.OUT_ONLY, Ev.IN_ACCEPTED): (S.UP, {F.KEEP_IN, F.CONNECT}),
+    (S.OUT_ONLY, Ev.OUT_CONNECTED): (S.OUT_ONLY, {F.CLOSE_OUT, F.KEEP_OUT}),
+    (S.OUT_ONLY, Ev.OUT_LOST): (S.DOWN, {F.CLOSE_OUT, F.CLOSE_IN}),
+    (S.OUT_ONLY, Ev.TIMEOUT): (S.DOWN, {F.CLOSE_OUT, F.CLOSE_IN}),
+    (S.OUT_ONLY, Ev.STOP): (S.DOWN, {F.CLOSE_OUT, F.CLOSE_IN}),
+    (S.IN_ONLY, Ev.OUT_CONNECTED): (S.UP, {F.KEEP_OUT, F.CONNECT}),
+    (S.IN_ONLY, Ev.IN_ACCEPTED): (S.IN_ONLY, {F.CLOSE_IN, F.KEEP_IN}),
+    (S.IN_ONLY, Ev.IN_LOST): (S.DOWN, {F.CLOSE_OUT, F.CLOSE_IN}),
+    (S.IN_ONLY, Ev.TIMEOUT): (S.DOWN, {F.CLOSE_OUT, F.CLOSE_IN}),
+    (S.IN_ONLY, Ev.STOP): (S.DOWN, {F.CLOSE_OUT, F.CLOSE_IN}),
+    (S.UP, Ev.OUT_LOST): (S.DOWN, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN, F.REPORT_DOWN}),
+    (S.UP, Ev.IN_LOST): (S.DOWN, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN, F.REPORT_DOWN}),
+    (S.UP, Ev.KERNEL_REFUSED): (S.DOWN, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN,
+                                         F.REPORT_DOWN}),
+    (S.UP, Ev.STOP): (S.DOWN, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN, F.REPORT_DOWN}),
+    (S.UP, Ev.IN_ACCEPTED): (S.IN_ONLY, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN, F.KEEP_IN,
+                                         F.REPORT_DOWN}),
+    (S.UP, Ev.OUT_CONNECTED): (S.OUT_ONLY, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN,
+                                            F.KEEP_OUT, F.REPORT_DOWN}),
+}
+
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("event", list(Event))
+def test_every_transition(state, event):
+    new, effects = transition(state, event)
+    want_state, want_effects = EXPECTED.get((state, event), (state, set()))
+    assert (new, set(effects)) == (want_state, want_effects)
+
+
+def test_the_table_has_nothing_else_and_no_state_waits_for_ever():
+    assert set(TABLE) == set(EXPECTED)
+    # every state but DOWN is left by a loss or by the half-open timeout
+    for state in (S.OUT_ONLY, S.IN_ONLY):
+        assert transition(state, Ev.TIMEOUT)[0] is S.DOWN
+    assert transition(S.UP, Ev.IN_LOST)[0] is S.DOWN
+    # sockets are closed before a new one is kept, the kernel told before sockets close
+    for (_s, _e), (_n, effects) in TABLE.items():
+        if F.KEEP_IN in effects and F.CLOSE_IN in effects:
+            assert effects.index(F.CLOSE_IN) < effects.index(F.KEEP_IN)
+        if F.DISCONNECT in effects:
+            assert effects.index(F.DISCONNECT) < effects.index(F.CLOSE_OUT)
+
+
+class FakeKernel:
+    def __init__(self, refuse=False):
+        self.calls = []
+        self.refuse = refuse
+
+    def proxy_conn(self, peer, status):
+        self.calls.append(status)
+        if self.refuse and status == C.CONNECT_RPROXY:
+            from dvk_cffi.errors import DvkError
+            raise DvkError.for_code(-1)
+
+
+def _pair():
+    a, b = socket.socketpair()
+    return a, b
+
+
+def test_link_carries_out_the_table():
+    events = []
+    kernel = FakeKernel()
+    link = Link(PeerSpec(2, "n2", "127.0.0.1", 1, 1), kernel, post=events.append)
+    out, out_peer = _pair()
+    inn, in_peer = _pair()
+    assert link.event(Ev.OUT_CONNECTED, out) and link.state is S.OUT_ONLY
+    assert link.half_open_for() >= 0 and not link.up
+    assert link.event(Ev.IN_ACCEPTED, inn) and link.state is S.UP and link.up
+    assert kernel.calls == [C.CONNECT_RPROXY, C.CONNECT_SPROXY]
+    gen = link.generation
+    # a loss reported for a socket that is not the link's is stale: nothing happens
+    other, _o = _pair()
+    assert not link.event(Ev.IN_LOST, other) and link.up
+    assert link.event(Ev.IN_LOST, inn, "test") and link.state is S.DOWN
+    assert kernel.calls[-2:] == [C.DISCONNECT_SPROXY, C.DISCONNECT_RPROXY]
+    assert events == [("link_down", 2, "test")] and link.generation > gen
+    assert out.fileno() == -1 and inn.fileno() == -1          # both closed
+    for s in (out_peer, in_peer, other, _o):
+        s.close()
+
+
+def test_kernel_refusal_tears_the_link_down():
+    link = Link(PeerSpec(2, "n2", "127.0.0.1", 1, 1), FakeKernel(refuse=True))
+    out, p1 = _pair()
+    inn, p2 = _pair()
+    link.event(Ev.OUT_CONNECTED, out)
+    link.event(Ev.IN_ACCEPTED, inn)
+    assert link.state is S.DOWN and not link.up
+    p1.close()
+    p2.close()
+
+
+def test_a_stopping_link_refuses_new_connections():
+    link = Link(PeerSpec(2, "n2", "127.0.0.1", 1, 1), FakeKernel())
+    link.stop()
+    s, p = _pair()
+    assert not link.event(Ev.IN_ACCEPTED, s) and s.fileno() == -1
+    p.close()

@@ -1,0 +1,248 @@
+"""The router alone (docs/design.md, "Router"): frames in, actions out, no sockets, no links,
+no daemon.  The LB's view of the links is a two-method object the test controls."""
+
+from __future__ import annotations
+
+from dsp_proxy import config as cfgmod
+from dsp_proxy import topology
+from dsp_proxy.group import (
+    CONTROL,
+    DELIVER,
+    LOCAL,
+    MT_LOAD_REPORT,
+    MT_SVC_START,
+    NO_SERVER,
+    SEND,
+    Group,
+    Router,
+    control_message,
+)
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
+from dvk_cffi.wire import Header, Message, make_header
+
+RELAYED = """
+lb node0 { nodeid 0; cltname lbhost; lb_eps 100 101; max_sessions 150; period 30; };
+server node1 { nodeid 1; rname 127.0.0.1; };
+server node2 { nodeid 2; rname 127.0.0.2; };
+client node3 { nodeid 3; rname 127.0.0.3; };
+client lbhost { nodeid 5; rname 127.0.0.5; };
+service latency { ext_ep 10; min_ep 10; max_ep 19; bind external; };
+service spawned { ext_ep 30; min_ep 30; max_ep 39; bind local; prog "/bin/true"; };
+"""
+LOCAL_CLIENTS = RELAYED.replace("cltname lbhost; lb_eps 100 101; ", "")
+
+
+class Peers:
+    """The router's view of the links."""
+
+    def __init__(self, up=(1, 2)):
+        self.up_nodes = set(up)
+        self.heard = {}
+
+    def up(self, node):
+        return node in self.up_nodes
+
+    def frames(self, node):
+        return self.heard.get(node, 0)
+
+
+def _router(text=RELAYED, local=5, up=(1, 2), reports=(1, 2)):
+    cfg = cfgmod.parse_text(text)
+    peers = Peers(up)
+    clock = [100.0]
+    group = Group(cfg, local, peers, topology.relay_host(cfg), node_pids=lambda: set(),
+                  clock=lambda: clock[0])
+    for node in reports:
+        _report(group, node)
+    return Router(local, 0, group), group, peers, clock
+
+
+def _report(group, node, cpu=0, level=C.LVL_IDLE, services=0xFFFFFFFF):
+    m = Message()
+    m.load(control_message(MT_LOAD_REPORT, m_source=node, m1_i1=cpu, m1_i2=level,
+                           m1_i3=30, m1_p2=services))
+    return group.on_control(node, m)
+
+
+def _req(cmd=C.CMD_SNDREC_MSG, dcid=0, src=50, dst=10, snode=3, dnode=0, pid=77, **kw):
+    h = make_header(c_cmd=cmd, c_dcid=dcid, c_src=src, c_dst=dst, c_snode=snode, c_dnode=dnode,
+                    c_pid=pid, **kw)
+    h.c_msg.m_source, h.c_msg.m_type = src, 0x0A
+    return h
+
+
+def _net(router, h, payload=b"", peer=None):
+    return router.from_network(bytes(h.buf), h.route(), memoryview(payload),
+                               h.c_snode if peer is None else peer, False)
+
+
+def _acts(result):
+    return [] if result is None else result if isinstance(result, list) else [result]
+
+
+def _sent(result):
+    (act,) = [a for a in _acts(result) if a[0] == SEND]
+    return act[1], Header(bytearray(act[2])), act[3]
+
+
+def test_plain_traffic_for_this_node_is_delivered_by_the_receiver():
+    router, _, _, _ = _router()
+    h = _req(dnode=5, snode=1, src=10, dst=50)
+    (act,) = _acts(_net(router, h))
+    assert act[0] == DELIVER and bytes(act[1]) == bytes(h.buf) and act[3] is False
+
+
+def test_frames_for_another_real_node_get_an_error_ack_on_their_link():
+    router, _, _, _ = _router()
+    node, ack, _ = _sent(_net(router, _req(dnode=2, snode=1, src=60, dst=10)))
+    assert node == 1 and ack.c_cmd == C.CMD_SNDREC_ACK and ack.c_rcode == E.EDVSBADNODEID
+    assert (ack.c_dst, ack.c_dnode) == (60, 1)
+
+
+def test_relayed_request_is_rewritten_and_sent_to_the_chosen_server():
+    router, group, _, _ = _router()
+    node, out, data = _sent(_net(router, _req()))
+    assert node == 1 and data is None
+    assert (out.c_snode, out.c_dnode, out.c_src, out.c_dst, out.c_msg.m_source) == \
+        (5, 1, 100, 10, 100)
+    assert out.c_flags & C.FLAG_CHECK_HDR
+    assert group.sessions[(0, 3, 50, 10)].lbsvr_ep == 100
+    # a COPY frame in the session: vcopy endpoints translated, the payload goes along
+    cp = _req(cmd=C.CMD_COPYIN_DATA, c_len=5, v_src=50, v_dst=10, v_rqtr=50, v_bytes=5)
+    node, out, data = _sent(_net(router, cp, b"hello"))
+    assert node == 1 and data == b"hello" and (out.v_src, out.v_dst, out.v_rqtr) == \
+        (100, 10, 100)
+
+
+def test_server_reply_goes_back_to_the_relayed_client_from_the_lb_node():
+    router, group, _, _ = _router()
+    _net(router, _req())
+    rep = _req(cmd=C.CMD_SEND_MSG, src=10, dst=100, snode=1, dnode=5, pid=88)
+    node, out, _ = _sent(_net(router, rep, peer=1))
+    assert node == 3
+    assert (out.c_snode, out.c_dnode, out.c_src, out.c_dst) == (0, 3, 10, 50)
+    assert not out.c_flags & C.FLAG_CHECK_HDR
+    assert group.sessions[(0, 3, 50, 10)].svr_pid == 88
+
+
+def test_local_client_sessions_reply_through_the_put2lcl_thread():
+    router, group, _, _ = _router(LOCAL_CLIENTS, local=3)
+    node, out, _ = _sent(router.from_local(bytes(_req().buf), memoryview(b"")))
+    assert node == 1 and (out.c_snode, out.c_src) == (3, 50)      # the client's real id
+    rep = _req(cmd=C.CMD_SEND_MSG, src=10, dst=50, snode=1, dnode=3)
+    (act,) = _acts(_net(router, rep, peer=1))
+    assert act[0] == LOCAL
+    assert Header(bytearray(act[1])).c_snode == 0
+
+
+def test_least_loaded_server_and_no_server_when_all_down():
+    router, group, peers, _ = _router()
+    _report(group, 1, cpu=90, level=C.LVL_SATURATED)
+    node, _, _ = _sent(_net(router, _req(src=51)))
+    assert node == 2
+    peers.up_nodes.clear()
+    acts = _acts(_net(router, _req(src=52)))
+    assert (NO_SERVER,) in acts
+    node, ack, _ = _sent(acts)
+    assert node == 3 and ack.c_rcode == E.EDVSAGAIN and ack.c_snode == 0
+
+
+def test_refused_send_turns_into_an_error_reply_for_the_client():
+    router, _, _, _ = _router()
+    req = _req()
+    (act,) = _acts(_net(router, req))
+    assert act[0] == SEND and act[4] is not None and act[5] is True
+    node, ack, _ = _sent(router.send_failed(act[4], act[5], E.EDVSAGAIN))
+    assert node == 3 and ack.c_cmd == C.CMD_SNDREC_ACK and ack.c_rcode == E.EDVSAGAIN
+
+
+def test_server_down_ends_its_sessions_with_an_error_for_waiting_clients():
+    router, group, peers, _ = _router()
+    _net(router, _req())
+    peers.up_nodes.discard(1)
+    node, ack, _ = _sent(group.server_down(1))
+    assert node == 3 and ack.c_rcode == E.EDVSNOTCONN and not group.sessions
+
+
+def test_first_request_answered_service_missing_is_redispatched_once():
+    router, group, _, _ = _router()
+    req = _req()
+    node, _, _ = _sent(_net(router, req))
+    assert node == 1
+    # server 1's kernel: no such endpoint there
+    ack = _req(cmd=C.CMD_SNDREC_ACK, src=10, dst=100, snode=1, dnode=5, c_rcode=E.EDVSNOTBIND)
+    node, out, _ = _sent(_net(router, ack, peer=1))
+    assert node == 2 and out.c_cmd == C.CMD_SNDREC_MSG        # the request, to server 2
+    assert group.counters["redispatched"] == 1
+    assert "latency" in group.servers[1].services_down
+    # new sessions avoid server 1 until its report says the service is bound again
+    node, _, _ = _sent(_net(router, _req(src=51)))
+    assert node == 2
+    _report(group, 1, services=0)
+    assert "latency" in group.servers[1].services_down
+    _report(group, 1, services=0b1)
+    assert not group.servers[1].services_down
+
+
+def test_error_inside_an_established_session_reaches_the_client():
+    router, group, _, _ = _router()
+    _net(router, _req())
+    _net(router, _req(cmd=C.CMD_SEND_MSG, src=10, dst=100, snode=1, dnode=5), peer=1)  # answer
+    ack = _req(cmd=C.CMD_SNDREC_ACK, src=10, dst=100, snode=1, dnode=5, c_rcode=E.EDVSNOTBIND)
+    node, out, _ = _sent(_net(router, ack, peer=1))
+    assert node == 3 and out.c_rcode == E.EDVSNOTBIND and group.counters["redispatched"] == 0
+    assert not group.sessions                    # the server endpoint is gone: session over
+
+
+def test_prog_service_asks_the_server_and_parks_until_started():
+    router, group, _, _ = _router()
+    acts = _acts(_net(router, _req(dst=30)))
+    (ctl,) = [a for a in acts if a[0] == CONTROL]
+    m = Message()
+    m.load(ctl[2])
+    assert m.m_type == MT_SVC_START and ctl[1] == 1
+    reply = Message()
+    reply.load(control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=33, m1_p2=m.m1_p2))
+    node, out, _ = _sent(group.on_control(1, reply))
+    assert node == 1 and out.c_dst == 33
+
+
+def test_relayed_endpoints_are_a_pool_per_dc_and_come_back():
+    router, group, _, _ = _router()
+    for dcid in (0, 1):
+        for src in (50, 51):
+            _net(router, _req(dcid=dcid, src=src))
+    assert sorted((s.dcid, s.lbsvr_ep) for s in group.sessions.values()) == \
+        [(0, 100), (0, 101), (1, 100), (1, 101)]
+    node, ack, _ = _sent(_net(router, _req(dcid=0, src=52)))
+    assert ack.c_rcode == E.EDVSNOSPC
+    with group.lock:
+        group._end(group.sessions[(0, 3, 50, 10)], None, [])
+    _net(router, _req(dcid=0, src=52))
+    assert group.sessions[(0, 3, 52, 10)].lbsvr_ep == 100
+
+
+def test_only_the_lb_host_relays_and_only_for_the_link_peer():
+    router, _, _, _ = _router(local=2, reports=(1,))
+    node, ack, _ = _sent(_net(router, _req()))          # node 2 is not the LB host
+    assert ack.c_rcode == E.EDVSBADNODEID and node == 3
+    router, _, _, _ = _router()
+    node, ack, _ = _sent(_net(router, _req(), peer=1))   # c_snode 3 on node 1's link
+    assert ack.c_rcode == E.EDVSBADNODEID
+
+
+def test_idle_sessions_expire_with_an_error_for_a_waiting_client():
+    router, group, _, clock = _router()
+    _net(router, _req())
+    clock[0] += group.session_timeout + 1
+    node, ack, _ = _sent(group.tick())
+    assert ack.c_rcode == E.EDVSTIMEDOUT and not group.sessions
+
+
+def test_group_module_does_no_io():
+    import dsp_proxy.group as g
+    src = open(g.__file__).read()
+    for name in ("import socket", "import selectors", "from .link", "from .rproxy",
+                 "from .sproxy", "from .main", "import dsp_proxy.link"):
+        assert name not in src
