@@ -288,10 +288,10 @@ class ServiceRunner:
         self.procs: dict[tuple[int, int], subprocess.Popen] = {}
         self.reserved: set[tuple[int, int]] = set()
 
-    def handle(self, link, m: Message) -> None:
+    def handle(self, peer: int, m: Message) -> None:
         """A control frame from a client's DSP (runs the work on a thread of its own)."""
         if m.m_type == MT_SVC_START:
-            args = (link.peer, m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1, m.m1_p2)
+            args = (peer, m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1, m.m1_p2)
             threading.Thread(target=self._start, args=args, name="svc-start",
                              daemon=True).start()
         elif m.m_type == MT_SVC_STOP:

@@ -201,7 +201,7 @@ class Link:
             if self.dvk is not None:
                 self.dvk.proxy_conn(self.peer, C.CONNECT_RPROXY)
                 self.dvk.proxy_conn(self.peer, C.CONNECT_SPROXY)
-        except DvkError as err:
+        except (DvkError, OSError) as err:
             log.error("link to node %d: kernel refused the connection: %s", self.peer, err)
             self.up = True   # so that the teardown below disconnects what was connected
             self._apply(Event.KERNEL_REFUSED, None, f"kernel refused proxy_conn: {err}")
@@ -222,7 +222,7 @@ class Link:
             for status in (C.DISCONNECT_SPROXY, C.DISCONNECT_RPROXY):
                 try:
                     self.dvk.proxy_conn(self.peer, status)
-                except DvkError as err:
+                except (DvkError, OSError) as err:   # OSError: the DVK itself is gone
                     log.debug("proxy_conn(%d, %d): %s", self.peer, status, err)
         log.info("link to node %d (%s) down: %s", self.peer, self.spec.name, reason)
 

@@ -691,7 +691,7 @@ class Dsp:
             self.registered.remove(peer)
             try:
                 self.dvk.proxies_unbind(peer)
-            except E.DvkError as err:
+            except (E.DvkError, OSError) as err:
                 log.debug("proxies_unbind(%d): %s", peer, err)
         threads = pair.threads if pair is not None else []
         deadline = time.monotonic() + SHUTDOWN_GRACE * 2

@@ -1,0 +1,173 @@
+"""The main loop supervises its threads (docs/design.md, "Supervision"): an exception in any
+proxy thread is logged with its traceback and the peer's link comes back and carries traffic;
+the LB pair's death or a lost DVK ends the daemon with a non-zero status within 2 s.
+
+Node 1's DSP runs inside the test process (so that an exception can be injected into one of its
+threads); node 2's DSP and every node kernel are real processes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from cluster_helpers import Background, cluster_from, wait_bound
+from dsp_proxy import config as cfgmod
+from dsp_proxy.acceptor import Acceptor
+from dsp_proxy.cluster import module_argv
+from dsp_proxy.main import Dsp
+from dsp_proxy.misc import Counters
+from dsp_proxy.rproxy import Deliverer
+from dsp_proxy.sproxy import SProxy
+from dvk_cffi.emu import node as emunode
+from dvk_cffi.emu.client import EmuDvk
+from dvk_cffi.emu.server import socket_path
+
+CFG = """
+lb node0 { nodeid 0; period 1; };
+client node1 { nodeid 1; rname {net}.1; };
+server node2 { nodeid 2; rname {net}.2; };
+service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
+"""
+
+
+class InProcess:
+    """Node 1's DSP on threads of the test process."""
+
+    def __init__(self, cl):
+        cl.kill_dsp(1)
+        dvk = EmuDvk(path=socket_path(1, cl.rundir))
+        local, dvs = dvk.getdvsinfo()
+        cfg = cfgmod.load(cl.cfg_path, dvs, local_node=local)
+        self.dsp = Dsp(dvk, cfg, local, dvs)
+        self.dsp.start()
+        self.status = None
+        self.thread = threading.Thread(target=self._run, name="test-main-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self.status = self.dsp.run()
+
+    def close(self):
+        self.dsp.stop()
+        self.thread.join(10)
+        self.dsp.shutdown()
+
+
+@pytest.fixture
+def node1(tmp_path):
+    with cluster_from(CFG, tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        inproc = None
+        try:
+            b.start(2, "dvs_apps.latency", "server", 0, 10)
+            wait_bound(cl, 2, 0, 10)
+            inproc = InProcess(cl)
+            cl.wait_links_up(30)
+            yield cl, inproc
+        finally:
+            if inproc is not None:
+                inproc.close()
+            b.close()
+
+
+def _traffic(cl, inproc, loops=5):
+    """Latency requests from node 1 through the LB to node 2, once node 1 sees node 2 as a
+    live server again (after a link comes back, a server must be heard fd_rise times)."""
+    _wait(lambda: 2 in inproc.dsp.group.levels(), 15, "server 2 live")
+    res = cl.run(1, module_argv("dvs_apps.latency", "client", 0, 50, 10, loops, 0, 0),
+                 timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"Total average latency in {loops} loops" in res.stdout
+
+
+def _once(thread_name, exc=RuntimeError("injected fault")):
+    """A wrapper of a method that raises `exc` once, in the thread called `thread_name`."""
+    fired = threading.Event()
+
+    def wrap(original):
+        def method(*args, **kw):
+            if threading.current_thread().name == thread_name and not fired.is_set():
+                fired.set()
+                raise exc
+            return original(*args, **kw)
+        return method
+    return wrap, fired
+
+
+def _wait(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached in {timeout} s")
+
+
+@pytest.mark.parametrize("thread_name, cls, method", [
+    ("RPROXY(2)", Counters, "count"),        # runs for every frame from node 2
+    ("SPROXY(2)", SProxy, "_hello"),         # runs for every HELLO to node 2
+])
+def test_a_dead_proxy_thread_is_logged_and_its_pair_restarted(node1, monkeypatch, caplog,
+                                                               thread_name, cls, method):
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    wrap, fired = _once(thread_name)
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(cls, method, wrap(getattr(cls, method)))
+    _wait(fired.is_set, 10, "the injected fault")
+    _wait(lambda: "proxy pair restarted" in caplog.text, 15, "the restart")
+    died = [r for r in caplog.records if f"thread {thread_name} died" in r.getMessage()]
+    assert died and died[0].exc_info is not None          # the traceback is in the log
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+    assert inproc.thread.is_alive()
+
+
+def test_a_dead_acceptor_is_restarted(node1, monkeypatch, caplog):
+    cl, inproc = node1
+    wrap, fired = _once("acceptor")
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(Acceptor, "_accept_all", wrap(Acceptor._accept_all))
+    # make node 2 connect again: its DSP restarts, node 1's acceptor takes the connection
+    cl.kill_dsp(2)
+    cl.start_dsp(2)
+    _wait(fired.is_set, 20, "the injected fault")
+    _wait(lambda: "restarting the acceptor thread" in caplog.text, 10, "the restart")
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+
+
+@pytest.mark.parametrize("thread_name", ["get2rmt", "put2lcl"])
+def test_the_lb_pair_dying_ends_the_daemon_non_zero(node1, monkeypatch, thread_name):
+    cl, inproc = node1
+    wrap, fired = _once(thread_name)
+    client = None
+    try:
+        if thread_name == "get2rmt":
+            dvk = inproc.dsp.dvk
+            monkeypatch.setattr(dvk, "get2rmt", wrap(dvk.get2rmt))
+        else:
+            # the put2lcl thread delivers the server's replies to the client
+            monkeypatch.setattr(Deliverer, "deliver", wrap(Deliverer.deliver))
+            client = cl.popen(1, module_argv("dvs_apps.latency", "client", 0, 51, 10, 3, 0, 0))
+        _wait(fired.is_set, 10, "the injected fault")
+        t0 = time.monotonic()
+        inproc.thread.join(5)
+        assert not inproc.thread.is_alive() and time.monotonic() - t0 < 2.5
+        assert inproc.status == 1
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+
+
+def test_a_lost_dvk_ends_the_daemon_non_zero(node1):
+    cl, inproc = node1
+    t0 = time.monotonic()
+    emunode.stop_node(cl.kernels[1])
+    inproc.thread.join(5)
+    assert not inproc.thread.is_alive() and time.monotonic() - t0 < 2.5
+    assert inproc.status == 1
