@@ -149,7 +149,7 @@ def _summary(cluster, up_time, lat_rows, ftp, mib, same, status, links, srv_node
     for n in clt_nodes:
         group = (status.get(n) or {}).get("group") or {}
         per = group.get("servers", {})
-        spread = ", ".join(f"node {s}: {v['messages']} cmds" for s, v in sorted(per.items()))
+        spread = ", ".join(f"node {s}: {v['commands']} cmds" for s, v in sorted(per.items()))
         print(f"  node {n}: {group.get('sessions_started', 0)} sessions started; {spread}")
     print("\nServer load as last reported:")
     for s in srv_nodes:
