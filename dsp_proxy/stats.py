@@ -568,8 +568,14 @@ def cluster_rows(snap: dict, nodes: list[dict]) -> tuple[list[str], list[list]]:
             link = "-"
         srv = servers.get(nid)
         state = server_state(srv) if srv else ("this node" if nid == me else "-")
-        if nid == me and snap.get("group"):
-            state = str(((snap.get("group") or {}).get("load") or {}).get("level", "-"))
+        group = snap.get("group")
+        if nid == me and group:
+            state = str((group.get("load") or {}).get("level", "-"))
+        if n.get("role") == "lb" and group:
+            # this DSP balances its own clients: the virtual node's figures are its own
+            link, state = "this node", "UP"
+            srv = {"cpu": "-", "sessions": len(group.get("sessions") or ()),
+                   "commands": sum(v.get("commands", 0) for v in servers.values())}
         rows.append([nid, n.get("name", ""), n.get("role", ""), n.get("rname", "") or "-",
                      link, state, srv.get("cpu", 0) if srv else "-",
                      srv.get("sessions", 0) if srv else "-",
