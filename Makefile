@@ -1,4 +1,4 @@
-# Set-up and everyday commands.  Every target depends on the virtualenv (D16).
+# Set-up and everyday commands.  Every target but `install` works in the virtualenv .venv.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin

@@ -1,10 +1,11 @@
 """A whole DVS cluster on one machine: an emulated node kernel and a `dsp_proxy` per node.
 
-Every node of the config runs as its own pair of processes (D6) on its own loopback address
-(the config's `rname`, D9), so the standard ports work unchanged.  `Cluster` starts them, waits
-until every link is up, runs programs on any node, and stops everything, also when the caller
-fails (use it as a context manager).  `python -m dsp_proxy.cluster CONFIG` does the same for a
-human until Ctrl-C (`--stats` gives every DSP its statistics server).
+Every node of the config runs as its own pair of processes (node kernel and DSP) on its own
+loopback address (the config's `rname`), so the standard ports work unchanged.  `Cluster`
+starts them, waits until every link is up, runs programs on any node, and stops everything,
+also when the caller fails (use it as a context manager).  `python -m dsp_proxy.cluster
+CONFIG` does the same for a human until Ctrl-C (`--stats` gives every DSP its statistics
+server).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def render_config(template: str, net: str) -> str:
-    """A config text with `{net}` replaced by a test run's own 127.X.Y prefix (D9)."""
+    """A config text with `{net}` replaced by a test run's own 127.X.Y prefix."""
     return template.replace("{net}", net)
 
 

@@ -1,7 +1,7 @@
 """Operations (issue: init.d/dvs, signals and live reload, statistics server, logging).
 
 Real clusters of emulated nodes (tests/cluster_helpers.py) on this run's own loopback
-addresses; the init script runs in a temporary DVS_ROOT (D16), never against /etc.
+addresses; the init script runs in a temporary DVS_ROOT, never against /etc.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def test_sighup_reload(tmp_path):
         lb = st["config"]["lb"]
         assert (lb["lowwater"], lb["highwater"], lb["session_timeout"]) == (20, 90, 45)
         assert st["reloads"]["last_error"] is None
-        # D5 on the client node: the new service's ext_ep is bound to the LB node
+        # on the client node the new service's ext_ep is bound to the LB node
         wait_for(lambda: cl.dvk(3).getprocinfo(0, 20).p_nodeid == 0, what="ext_ep 20 bound")
         assert st["links"]["1"]["generation"] == gen1 and st["links"]["1"]["downs"] == downs1
         assert st["links"]["2"]["generation"] == gen2
