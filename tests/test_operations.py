@@ -222,7 +222,9 @@ def test_stats_server_metrics_json_html_and_cli(tmp_path, bg):
         assert cli.returncode == 0, cli.stderr
         assert "DSP node 3" in cli.stdout and "links:" in cli.stdout
         assert re.search(r"^1\s+node1\s+UP", cli.stdout, re.M), cli.stdout
-        assert "sessions:" in cli.stdout and "50@3" in cli.stdout
+        # the client has exited: its session may have ended already, but it was counted
+        assert "sessions:" in cli.stdout
+        assert re.search(r"sessions [01] active, [1-9]\d* started", cli.stdout), cli.stdout
         dead = subprocess.run(module_argv("dsp_proxy", "stats", "127.0.0.1:1"),
                               env=python_env(), capture_output=True, text=True, timeout=30)
         assert dead.returncode == 1 and "cannot read" in dead.stderr
