@@ -52,7 +52,7 @@ def pid_of_thread(tid: int) -> int | None:
 
 
 def pidfile_owner(path: str | None) -> int | None:
-    """The pid in `path` when that process is alive and is not this one."""
+    """The pid in `path` when that process is alive, is a dsp_proxy and is not this one."""
     if not path:
         return None
     try:
@@ -63,12 +63,11 @@ def pidfile_owner(path: str | None) -> int | None:
     if pid == os.getpid() or pid <= 0:
         return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            alive = b"dsp_proxy" in f.read()  # a stale pidfile's pid may be reused
+    except OSError:
         return None
-    except PermissionError:
-        return pid
-    return pid
+    return pid if alive else None
 
 
 def proxy_holder(dvk, pxids: Iterable[int]) -> int | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from cluster_helpers import fresh_net
+from dsp_proxy import daemon
 from dsp_proxy.cluster import REPO_ROOT, python_env, render_config
 from dvk_cffi.emu import node as emunode
 
@@ -182,6 +183,13 @@ def test_second_daemon_says_already_running(make_root, tmp_path):
     assert f"a dsp_proxy of node 1 is already running (pid {pid})" in second.stderr, \
         second.stderr
     assert "EDVSRSCBUSY" not in second.stderr
+    # the pidfile check: the live daemon counts; a stale pid, or one reused by another
+    # program, does not
+    assert daemon.pidfile_owner(str(r.pidfile)) == pid
+    stale = tmp_path / "stale.pid"
+    for other in (1, 999999):
+        stale.write_text(f"{other}\n")
+        assert daemon.pidfile_owner(str(stale)) is None
     assert r.run("stop").returncode == 0
 
 
