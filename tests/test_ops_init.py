@@ -221,6 +221,12 @@ def test_log_rotation_with_sigusr1_and_the_shipped_logrotate_snippet(make_root):
                    env=r.env, check=True, capture_output=True, timeout=60)
     assert rotated.read_text() == before  # logrotate moved the live file to .1
     wait_for(lambda: "reopened" in r.log(), what="reopen after logrotate")
+    # SIGHUP reopens too: `reload` after a move finds the verdict in the new file
+    second = r.logfile.with_name("dsp_proxy.log.moved")
+    r.logfile.rename(second)
+    res = r.run("reload")
+    assert res.returncode == 0 and "reloaded" in res.stdout, res.stdout + res.stderr
+    assert "reload of" in r.log() and "reload of" not in second.read_text()
     assert r.run("stop").returncode == 0
     assert "DSP of node 1 stopped" in r.log()
     assert "DSP of node 1 stopped" not in rotated.read_text()

@@ -262,6 +262,19 @@ def test_live_stats_server_metrics_cluster_view_dead_server_and_idle_connections
                 except (TimeoutError, OSError):
                     pass
             assert closed == 50
+            # every connection has a timeout: the newest idle one is closed after
+            # IDLE_TIMEOUT, one that sent half a request after REQUEST_TIMEOUT per read
+            slow = socket.create_connection((host, int(port)), timeout=5)
+            idle.append(slow)
+            slow.sendall(b"GET / HTTP/1.0\r\n")
+            t0 = time.monotonic()
+            for s, bound in ((idle[-2], statsmod.IDLE_TIMEOUT), (slow, statsmod.REQUEST_TIMEOUT)):
+                s.settimeout(bound + 10)
+                assert s.recv(1) == b""
+            took = time.monotonic() - t0
+            print(f"idle connection closed after {took:.1f} s (IDLE_TIMEOUT "
+                  f"{statsmod.IDLE_TIMEOUT:.0f} s)")
+            assert took >= statsmod.IDLE_TIMEOUT - 2
         finally:
             for s in idle:
                 s.close()
