@@ -500,8 +500,8 @@ def _duration(seconds) -> str:
 
 
 def link_rows(snap: dict) -> tuple[list[str], list[list]]:
-    head = ["peer", "name", "state", "downs", "frames out", "cmds out", "bytes out",
-            "frames in", "cmds in", "bytes in", "errors"]
+    head = ["peer", "name", "state", "downs", "frames out", "commands out", "bytes out",
+            "frames in", "commands in", "bytes in", "errors"]
     rows = []
     for peer, link in sorted((snap.get("links") or {}).items(), key=lambda kv: int(kv[0])):
         s, r = link.get("sent") or {}, link.get("received") or {}
