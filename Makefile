@@ -1,10 +1,10 @@
-# Set-up and everyday commands.  Every target depends on the virtualenv (D16).
+# Set-up and everyday commands.  Every target but `install` works in the virtualenv .venv.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv run test test-deps lint bench clean
+.PHONY: venv run test test-deps lint bench clean install
 
 venv: $(STAMP)
 
@@ -28,6 +28,13 @@ test-deps:
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# The init script, /etc/default/dvs, the logrotate snippet, the systemd unit and the guide,
+# below $(DVS_ROOT) (empty: the real root); runs update-rc.d when present.  The program itself
+# is installed with pip (`pip install .`).
+DVS_ROOT ?=
+install:
+	DVS_ROOT="$(DVS_ROOT)" sh init.d/dvs install
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

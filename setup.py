@@ -1,10 +1,15 @@
 """Packaging for the Distributed Service Proxy (DSP) and its DVK boundary."""
 
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    open("dsp_proxy/__init__.py", encoding="utf-8").read()).group(1)
 
 setup(
     name="dsp-proxy",
-    version="0.1.0",
+    version=VERSION,
     description="Distributed Service Proxy for DVS clusters, with a user-space DVK emulator",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -19,7 +24,8 @@ setup(
         "paramiko>=3.4,<5",  # vm_start/vm_stop/vm_status on the hypervisor host over ssh
     ],
     extras_require={
-        "test": ["pytest>=7.4,<10", "pytest-timeout>=2.2,<3", "ruff>=0.4,<1"],
+        "test": ["pytest>=7.4,<10", "pytest-timeout>=2.2,<3", "ruff>=0.4,<1",
+                 "prometheus_client>=0.17,<1"],  # the /metrics test parses with its parser
     },
     entry_points={
         "console_scripts": [

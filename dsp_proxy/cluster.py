@@ -1,10 +1,11 @@
 """A whole DVS cluster on one machine: an emulated node kernel and a `dsp_proxy` per node.
 
-Every node of the config runs as its own pair of processes (D6) on its own loopback address
-(the config's `rname`, D9), so the standard ports work unchanged.  `Cluster` starts them, waits
-until every link is up, runs programs on any node, and stops everything, also when the caller
-fails (use it as a context manager).  `python -m dsp_proxy.cluster CONFIG` does the same for a
-human until Ctrl-C.
+Every node of the config runs as its own pair of processes (node kernel and DSP) on its own
+loopback address (the config's `rname`), so the standard ports work unchanged.  `Cluster`
+starts them, waits until every link is up, runs programs on any node, and stops everything,
+also when the caller fails (use it as a context manager).  `python -m dsp_proxy.cluster
+CONFIG` does the same for a human until Ctrl-C (`--stats` gives every DSP its statistics
+server).
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from dvk_cffi.emu.server import socket_path
 
 from . import config as cfgmod
 from . import topology
+from .misc import resolve
 
 log = logging.getLogger("dsp.cluster")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LINKS_TIMEOUT = 30.0
+#: The C statistics servers listened on 4000 + node id; so do the cluster's (`--stats`).
+STATS_BASE = 4000
 
 
 def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -46,7 +50,7 @@ def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def render_config(template: str, net: str) -> str:
-    """A config text with `{net}` replaced by a test run's own 127.X.Y prefix (D9)."""
+    """A config text with `{net}` replaced by a test run's own 127.X.Y prefix."""
     return template.replace("{net}", net)
 
 
@@ -56,7 +60,7 @@ class Cluster:
     def __init__(self, config_path: str | os.PathLike, rundir: str | None = None,
                  log_dir: str | None = None, dsp_args: Sequence[str] = (),
                  log_level: str = "INFO", only: Sequence[int] | None = None,
-                 kernel_args: Sequence[str] = ()) -> None:
+                 kernel_args: Sequence[str] = (), stats_base: int | None = None) -> None:
         self.config_path = str(config_path)
         self.cfg = cfgmod.load(self.config_path)
         self.own_rundir = rundir is None
@@ -65,6 +69,7 @@ class Cluster:
         self.dsp_args = list(dsp_args)
         self.kernel_args = list(kernel_args)   # e.g. ["--dcs", "8"] (dvsctl node run)
         self.log_level = log_level
+        self.stats_base = stats_base           # node N serves statistics on its rname:base+N
         self.nodes = [n.nodeid for n in self.cfg.nodes
                       if n.nodeid != self._lb_id() and (only is None or n.nodeid in only)]
         self.kernels: dict[int, subprocess.Popen] = {}
@@ -102,7 +107,7 @@ class Cluster:
     def start_dsp(self, n: int) -> subprocess.Popen:
         argv = [sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", str(n),
                 "--log-level", self.log_level, "--status-file", self.status_path(n),
-                *self.dsp_args, self.config_path]
+                *self.stats_args(n), *self.dsp_args, self.config_path]
         with open(self.log_path(f"dsp{n}"), "ab") as out:
             proc = subprocess.Popen(argv, env=python_env({"DVK_RUNDIR": self.rundir}),
                                     stdout=out, stderr=subprocess.STDOUT,
@@ -110,6 +115,16 @@ class Cluster:
         self.dsps[n] = proc
         self.killed.discard(n)
         return proc
+
+    def stats_address(self, n: int) -> str | None:
+        """`ADDR:PORT` of node n's statistics server (its rname, port base + n), or None."""
+        if self.stats_base is None:
+            return None
+        return f"{resolve(self.cfg.nodes_by_id[n].rname)}:{self.stats_base + n}"
+
+    def stats_args(self, n: int) -> list[str]:
+        addr = self.stats_address(n)
+        return ["--stats", addr] if addr else []
 
     def status_path(self, n: int) -> str:
         return os.path.join(self.rundir, f"dsp{n}.json")
@@ -217,22 +232,46 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsp_proxy.cluster",
                                 description="run every node of CONFIG on this machine")
     p.add_argument("config")
-    p.add_argument("--rundir", help="node kernel sockets and logs (default: a temp dir)")
+    p.add_argument("--rundir", help="node kernel sockets and status files (default: a temp "
+                   "dir)")
+    p.add_argument("--log-dir", help="the logs of the node kernels and DSPs (default: the "
+                   "run dir)")
+    p.add_argument("--stats", nargs="?", type=int, const=STATS_BASE, default=None,
+                   metavar="BASE", help="every DSP serves statistics on its rname at port "
+                   f"BASE + node id (default BASE {STATS_BASE})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cluster = Cluster(args.config, rundir=args.rundir)
+    try:
+        cluster = Cluster(args.config, rundir=args.rundir, log_dir=args.log_dir,
+                          stats_base=args.stats)
+    except cfgmod.ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    print(f"logs: {cluster.log_dir}/dspN.log and kernelN.log; status files: "
+          f"{cluster.rundir}/dspN.json (N = node id)", flush=True)
     try:
         cluster.start()
         print(f"cluster up: nodes {cluster.nodes}; DVK_RUNDIR={cluster.rundir}")
+        for n in cluster.nodes:
+            if cluster.stats_address(n):
+                print(f"node {n}: statistics on http://{cluster.stats_address(n)}/ "
+                      f"(/cluster: every node as it knows them)")
         print(f"run a program on node N with: DVK_RUNDIR={cluster.rundir} DVK_NODE=N ...")
+        print("Ctrl-C stops the cluster", flush=True)
         while not stop:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"the cluster did not come up: {exc}", file=sys.stderr)
+        return 1
     finally:
         cluster.stop()
+        print("cluster stopped", flush=True)
     return 0
 
 

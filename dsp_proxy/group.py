@@ -115,7 +115,7 @@ class Session:
     svr_pid: int = -1
     pending: int = 0         # the client's unanswered request (SNDREC/SEND), for error replies
     last_used: float = field(default_factory=time.monotonic)
-    messages: int = 0
+    commands: int = 0        # commands forwarded in the session, both ways
     bytes: int = 0
     to_server: dict = field(default_factory=dict)   # endpoint the client addressed -> server's
     to_client: dict = field(default_factory=dict)   # server endpoint -> what the client sees
@@ -148,7 +148,7 @@ class ServerState:
     level: int = C.LVL_NOTINIT
     reported: float = 0.0
     sessions: int = 0
-    messages: int = 0
+    commands: int = 0        # commands this DSP forwarded to it
     bytes: int = 0
     errors: int = 0
     activity: int = 0        # commands its DSP moved in its last report period
@@ -438,11 +438,11 @@ class Group:
             set_snode(out, self.local)
             swap_endpoint(out, cmd, src, sess.lbsvr_ep, False)
         n = 120 + length
-        sess.messages += 1
+        sess.commands += 1
         sess.bytes += n
         srv = self.servers.get(sess.svr_node)
         if srv is not None:
-            srv.messages += 1
+            srv.commands += 1
             srv.bytes += n
         data = bytes(payload[:length]) if length else None
         return (SEND, sess.svr_node, out, data, hbuf if cmd in REQUESTS else None,
@@ -764,12 +764,12 @@ class Group:
                     {"dcid": s.dcid, "client": f"{s.clt_ep}@{s.clt_node}",
                      "service": s.service.name,
                      "server": f"{s.to_server.get(s.lbclt_ep, '?')}@{s.svr_node}",
-                     "relayed": s.relayed, "messages": s.messages, "bytes": s.bytes}
+                     "relayed": s.relayed, "commands": s.commands, "bytes": s.bytes}
                     for s in self.sessions.values()],
                 "servers": {n: {"name": s.name, "cpu": s.cpu, "level": LEVEL_NAMES[s.level],
                                 "live": self.is_live(s), "sessions": s.sessions,
                                 "activity": s.activity,
-                                "messages": s.messages, "bytes": s.bytes,
+                                "commands": s.commands, "bytes": s.bytes,
                                 "services_down": sorted(s.services_down)}
                             for n, s in self.servers.items()},
                 "load": {"cpu": self.meter.cpu, "level": LEVEL_NAMES[self.meter.level]},

@@ -34,9 +34,9 @@ from dvk_cffi.api import Dvk
 from dvk_cffi.emu.client import DvkUnavailable
 from dvk_cffi.wire import Header, Message, hello_header
 
+from . import __version__, daemon, topology
 from . import config as cfgmod
 from . import stats as statsmod
-from . import topology
 from .acceptor import Acceptor
 from .elastic import Autoscaler, ServiceRunner
 from .executor import Executor
@@ -52,6 +52,7 @@ from .group import (
 from .link import Link, OutMonitor, PeerSpec
 from .linkstate import HALF_OPEN_LIMIT, Event
 from .misc import (
+    SYSLOG_SOCKET,
     StartGate,
     is_local_address,
     peer_addresses,
@@ -567,6 +568,8 @@ class Dsp:
             }
         return {
             "node": self.local, "lb_node": self.lb_nodeid, "pid": os.getpid(),
+            "version": __version__,
+            "taken": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "uptime": round(time.time() - self.started, 1), "links": links,
             "put2lcl_errors": {E.error_name(c): n for c, n in list(self.errors.items())},
             "failed_pairs": sorted(p for p, pair in self.pairs.items() if pair.failed),
@@ -838,13 +841,15 @@ def open_node_dvk(mode: str, node: int | None, cfg_path: str) -> Dvk:
     except DvkUnavailable:
         if node is None:
             raise
-    log.info("no DVK node kernel for node %d: starting one", node)
-    emunode.start_node(node, detach=True)
+    log.info("no DVK node kernel for node %d: starting one (it stops with this daemon)", node)
+    proc = emunode.start_node(node, detach=True)
+    daemon.stop_with_this_process(proc, f"the node kernel of node {node}")
     return open_dvk("emu", path=socket_path(node))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dsp_proxy", description="Distributed Service Proxy")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("config", help="configuration file")
     p.add_argument("--check", action="store_true",
                    help="validate the config, print the cluster summary and exit")
@@ -853,13 +858,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--node", type=int, default=None,
                    help="emulated node kernel to attach to (default DVK_NODE, or the node "
                         "whose rname is a local address)")
-    p.add_argument("--log-level", default=os.environ.get("DSP_LOG_LEVEL", "INFO"))
-    p.add_argument("--log-file", default=None)
+    p.add_argument("--log-level", type=daemon.log_level_option,
+                   default=os.environ.get("DSP_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default $DSP_LOG_LEVEL or INFO)")
+    log_to = p.add_mutually_exclusive_group()
+    log_to.add_argument("--log-file", default=None,
+                        help="log to this file (reopened on SIGUSR1 and SIGHUP, for "
+                             "logrotate); default stderr")
+    log_to.add_argument("--syslog", nargs="?", const=SYSLOG_SOCKET, default=None,
+                        metavar="SOCKET",
+                        help=f"log to the local syslog (facility daemon) at SOCKET "
+                             f"(default {SYSLOG_SOCKET})")
     p.add_argument("--allow-any-peer", action="store_true",
                    help="accept a peer's connection from any address (NAT)")
     p.add_argument("--status-file", default=None,
                    help="write the daemon's figures as JSON to this file every second")
-    p.add_argument("--stats", default=None, metavar="[ADDR:]PORT",
+    p.add_argument("--stats", default=None, metavar="[ADDR:]PORT", type=daemon.stats_option,
                    help="serve statistics over HTTP (/, /stats.json, /metrics); ADDR "
                         "defaults to 127.0.0.1, port 0 picks a free one; off by default")
     p.add_argument("--pidfile", default=None,
@@ -888,14 +902,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.check:
         return check(args)
-    stats_addr = None
-    if args.stats:
-        try:
-            stats_addr = statsmod.parse_address(args.stats)
-        except ValueError as exc:
-            print(f"dsp_proxy: --stats: {exc}", file=sys.stderr)
-            return 2
-    setup_logging(args.log_level, args.log_file)
+    stats_addr = args.stats
+    try:
+        setup_logging(args.log_level, args.log_file, args.syslog)
+    except OSError as exc:
+        where = "--log-file" if args.log_file else "--syslog"
+        print(f"dsp_proxy: {where} {exc.filename or args.log_file or args.syslog}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    log.info("dsp_proxy %s (pid %d) starting with %s", __version__, os.getpid(),
+             os.path.abspath(args.config))
     try:
         dvk = open_node_dvk(args.dvk, args.node, args.config)
         local, dvs = dvk.getdvsinfo()
@@ -919,6 +935,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", w)
     if cfg.nodes_by_id.get(local) is None:
         log.error("node %d (this DVK) is not a node of %s", local, args.config)
+        return 1
+    other = daemon.already_running(dvk, [s.nodeid for s in topology.peer_specs(cfg, local)],
+                                   args.pidfile)
+    if other is not None:
+        log.error("a dsp_proxy of node %d is already running (pid %d)", local, other)
         return 1
     dsp = Dsp(dvk, cfg, local, dvs, allow_any_peer=args.allow_any_peer)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):

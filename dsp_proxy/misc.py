@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import socket
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger("dsp")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s node%(nodeid)s %(threadName)s: %(message)s"
+#: syslog adds the time and the host itself
+SYSLOG_FORMAT = "%(levelname)s node%(nodeid)s %(threadName)s: %(message)s"
 
 
 class _NodeIdFilter(logging.Filter):
@@ -27,28 +29,57 @@ class _NodeIdFilter(logging.Filter):
 _node_filter = _NodeIdFilter()
 
 
-def setup_logging(level: str = "INFO", path: str | None = None) -> None:
-    """One line per event with the node id (set later by `set_log_node`).  A log file is
-    opened in append mode and reopened by `reopen_logs` (after a rotation)."""
-    handler: logging.Handler = (logging.handlers.WatchedFileHandler(path) if path
-                                else logging.StreamHandler())
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Where `--syslog` sends by default: the local syslog daemon's socket.
+SYSLOG_SOCKET = "/dev/log"
+
+
+def log_level(text: str) -> str:
+    """`--log-level` value check (argparse type): one of LOG_LEVELS, any case."""
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def setup_logging(level: str = "INFO", path: str | None = None,
+                  syslog: str | None = None) -> None:
+    """One line per event with the node id (set later by `set_log_node`), to stderr, to the
+    file `path` (reopened by `reopen_logs`, for logrotate) or to the syslog socket `syslog`.
+    Raises OSError when the file or the socket cannot be opened."""
+    handler: logging.Handler
+    if syslog:
+        handler = logging.handlers.SysLogHandler(
+            address=syslog, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter(f"dsp_proxy[{os.getpid()}]: {SYSLOG_FORMAT}"))
+    elif path:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(_node_filter)
     root = logging.getLogger()
+    for old in root.handlers:
+        old.close()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
-def reopen_logs() -> None:
-    """Reopen the log file (SIGUSR1 and SIGHUP, after logrotate moved it away)."""
+def reopen_logs(*_signal) -> None:
+    """Close and reopen the log file (SIGUSR1, as nginx; also SIGHUP), so that after
+    logrotate's `mv` the next line goes to a new file of the old name.  Safe in a signal
+    handler: the handler's lock is reentrant, and the file is reopened at the next line."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.acquire()
             try:
-                handler.close()
-                handler.stream = handler._open()
+                if handler.stream is not None:
+                    handler.stream.close()
+                    handler.stream = None  # FileHandler.emit opens it again
             finally:
                 handler.release()
+            log.info("log file %s reopened", handler.baseFilename)
 
 
 def set_log_node(nodeid: int) -> None:
@@ -58,7 +89,7 @@ def set_log_node(nodeid: int) -> None:
 # ------------------------------------------------------------------------------------ sockets
 def tune_socket(sock: socket.socket, user_timeout_ms: int | None = None) -> None:
     """TCP_NODELAY always (§4 performance rules); TCP_USER_TIMEOUT so a dead peer's unacked
-    data fails the link instead of queueing forever (D10)."""
+    data fails the link instead of queueing forever."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if user_timeout_ms and hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
@@ -166,11 +197,6 @@ class StartGate:
             self._abort = True
             self._cond.notify_all()
 
-
-def start_thread(name: str, target: Callable[..., None], *args) -> threading.Thread:
-    t = threading.Thread(target=target, args=args, name=name, daemon=True)
-    t.start()
-    return t
 
 
 # ------------------------------------------------------------------------------- counters

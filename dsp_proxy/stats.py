@@ -3,9 +3,23 @@
 `dsp_proxy --stats [ADDR:]PORT` serves, on 127.0.0.1 unless ADDR says otherwise:
 
 - `/`            a human page: links (state, frames, commands, bytes, errors per direction and
-                 per DC), put2lcl errors, LB sessions and servers (load levels), uptime;
+                 per DC), put2lcl errors, LB sessions and servers (load levels), uptime; it
+                 reloads itself every REFRESH seconds (`?pause=1` stops that);
+- `/cluster`     every node of the config as this DSP knows it: its link, load and sessions
+                 (on the LB host: the whole cluster on one page);
 - `/stats.json`  the same figures as JSON (`Dsp.snapshot()`, the status file's content);
 - `/metrics`     the Prometheus text exposition format (version 0.0.4), written here by hand.
+
+Counts use one vocabulary everywhere (page, JSON, metrics, `dsp_proxy stats`, the demo):
+*frames* are what crosses a TCP link; *commands* are DVK commands (one 120-byte header each:
+requests, replies, copies, ACKs; a batch frame carries several); *messages* are the commands
+that carry a message (SEND, SNDREC, REPLY: the C `nr_msgs`); a *round trip* is a request and
+its reply; a *session* is one client endpoint pinned to one server.
+
+The server is a bounded pool: one thread accepts, one waits (with a selector, no thread per
+connection) until a connection has sent something, HANDLERS threads answer; at most
+MAX_WAITING connections wait, each at most IDLE_TIMEOUT seconds, and a handler gives a slow
+client at most REQUEST_TIMEOUT seconds per read.
 
 No output carries a secret: the snapshot holds no ssh_* value of the config at all.
 
@@ -21,11 +35,16 @@ import html
 import json
 import logging
 import os
+import queue
+import selectors
+import socket
 import sys
 import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 log = logging.getLogger("dsp.stats")
 
@@ -33,6 +52,12 @@ DEFAULT_HOST = "127.0.0.1"
 #: The C statistics servers listened on 4000 + node id (sender); the default of the client.
 DEFAULT_ADDRESS = "127.0.0.1:4000"
 LEVELS = {"NOTINIT": -1, "IDLE": 0, "BUSY": 1, "SATURATED": 2}
+#: Seconds between the page's own reloads.
+REFRESH = 2
+HANDLERS = 4
+MAX_WAITING = 64
+IDLE_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 5.0
 DIRECTIONS = (("sent", "out"), ("received", "in"))
 
 
@@ -55,19 +80,28 @@ def parse_address(text: str) -> tuple[str, int]:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "dsp_proxy"
     protocol_version = "HTTP/1.0"
+    timeout = REQUEST_TIMEOUT
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server naming
-        path = self.path.split("?", 1)[0]
-        snapshot = self.server.dsp.snapshot()
+        url = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(url.query)
+        path = url.path
+        dsp = self.server.dsp
+        snapshot = dsp.snapshot()
         if path in ("/", "/index.html"):
-            body, ctype = render_html(snapshot), "text/html; charset=utf-8"
+            paused = query.get("pause", ["0"])[0] not in ("", "0")
+            body, ctype = render_html(snapshot, paused), "text/html; charset=utf-8"
+        elif path == "/cluster":
+            paused = query.get("pause", ["0"])[0] not in ("", "0")
+            body = render_cluster(snapshot, config_nodes(dsp), paused)
+            ctype = "text/html; charset=utf-8"
         elif path == "/stats.json":
             body = json.dumps(snapshot, indent=1, default=str, sort_keys=True)
             ctype = "application/json"
         elif path == "/metrics":
             body, ctype = render_metrics(snapshot), "text/plain; version=0.0.4; charset=utf-8"
         else:
-            self.send_error(404, "not found (try /, /stats.json, /metrics)")
+            self.send_error(404, "not found (try /, /cluster, /stats.json, /metrics)")
             return
         data = body.encode()
         self.send_response(200)
@@ -81,25 +115,125 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("stats %s: " + fmt, self.client_address[0], *args)
 
 
-class StatsServer(ThreadingHTTPServer):
-    daemon_threads = True
+class StatsServer(HTTPServer):
+    """HTTP with a fixed number of threads however many clients connect (see the module
+    docstring): idle connections wait in a selector and are closed after IDLE_TIMEOUT."""
+
     allow_reuse_address = True
+    request_queue_size = 64
 
     def __init__(self, dsp, address: tuple[str, int]) -> None:
         self.dsp = dsp
-        super().__init__(address, _Handler)
+        self._stop = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        self._waiting: dict[socket.socket, tuple[float, object]] = {}
+        self._wlock = threading.Lock()
+        self._ready: queue.Queue = queue.Queue(maxsize=MAX_WAITING)
+        try:
+            super().__init__(address, _Handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"statistics server on {address[0]}:{address[1]}: "
+                                     f"{exc.strerror}") from None
+        self._threads = [threading.Thread(target=self._wait_loop, name="stats-wait",
+                                          daemon=True)]
+        self._threads += [threading.Thread(target=self._handle_loop, name=f"stats-{i}",
+                                           daemon=True) for i in range(HANDLERS)]
+        for t in self._threads:
+            t.start()
+
+    def process_request(self, request, client_address) -> None:
+        """Accepting thread: park the connection until it has sent something."""
+        with self._wlock:
+            if len(self._waiting) >= MAX_WAITING:
+                oldest = min(self._waiting, key=lambda s: self._waiting[s][0])
+                self._drop(oldest)
+            self._waiting[request] = (time.monotonic(), client_address)
+            self._selector.register(request, selectors.EVENT_READ)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._waiting.pop(sock, None)
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        self.shutdown_request(sock)
+
+    def _wait_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._wlock:
+                empty = not self._waiting
+            if empty:
+                self._stop.wait(0.05)
+                continue
+            events = self._selector.select(0.2)
+            now = time.monotonic()
+            with self._wlock:
+                for key, _ in events:
+                    sock = key.fileobj
+                    if sock not in self._waiting:
+                        continue
+                    _, addr = self._waiting.pop(sock)
+                    self._selector.unregister(sock)
+                    try:
+                        self._ready.put_nowait((sock, addr))
+                    except queue.Full:
+                        self.shutdown_request(sock)
+                for sock in [s for s, (t, _) in self._waiting.items()
+                             if now - t > IDLE_TIMEOUT]:
+                    self._drop(sock)
+
+    def _handle_loop(self) -> None:
+        while True:
+            item = self._ready.get()
+            if item is None:
+                return
+            sock, addr = item
+            try:
+                self.finish_request(sock, addr)
+            except Exception:  # one bad client costs its connection, never the thread
+                log.debug("stats: request from %s failed", addr[0], exc_info=True)
+            finally:
+                self.shutdown_request(sock)
+
+    def shutdown(self) -> None:
+        """Stop accepting, end the waiting and handler threads, close parked connections."""
+        super().shutdown()
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        for _ in range(HANDLERS):
+            self._ready.put(None)
+        for t in self._threads:
+            t.join(2.0)
+        with self._wlock:
+            for sock in list(self._waiting):
+                self._drop(sock)
+        self._selector.close()
 
 
 def serve(dsp, host: str = DEFAULT_HOST, port: int = 0) -> StatsServer:
     """Start the statistics server on a daemon thread; `dsp` needs only `snapshot()` (and gets
-    `stats_address`).  Raises OSError when the address cannot be bound."""
+    `stats_address`).  Raises OSError naming the address when it cannot be bound."""
     server = StatsServer(dsp, (host, port))
     addr = f"{server.server_address[0]}:{server.server_address[1]}"
     dsp.stats_address = addr
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                      name="stats", daemon=True).start()
-    log.info("statistics on http://%s/ (/stats.json, /metrics)", addr)
+    log.info("statistics on http://%s/ (/cluster, /stats.json, /metrics)", addr)
     return server
+
+
+def config_nodes(dsp) -> list[dict]:
+    """The nodes of the running config (id, name, role, rname) for the /cluster view."""
+    cfg = getattr(dsp, "cfg", None)
+    if cfg is None:
+        return []
+    nodes = [{"node": n.nodeid, "name": n.name, "role": n.role, "rname": n.rname}
+             for n in cfg.nodes]
+    if cfg.lb is not None:
+        nodes.append({"node": cfg.lb.nodeid, "name": cfg.lb.name, "role": "lb",
+                      "rname": ""})
+    return sorted(nodes, key=lambda n: n["node"])
 
 
 # ------------------------------------------------------------------------------ Prometheus
@@ -151,15 +285,16 @@ def _number(value) -> str:
 def render_metrics(snap: dict) -> str:
     m = _Metrics()
     node = snap.get("node")
-    m.add("dsp_info", "gauge", "Constant 1, labelled with this DSP's node and LB node.", 1,
-          node=node, lb_node=snap.get("lb_node"))
+    m.add("dsp_info", "gauge", "Constant 1, labelled with this DSP's node, LB node and "
+          "version.", 1, node=node, lb_node=snap.get("lb_node"),
+          version=snap.get("version", ""))
     m.add("dsp_uptime_seconds", "gauge", "Seconds since this dsp_proxy started.",
           float(snap.get("uptime", 0)))
     reloads = snap.get("reloads") or {}
     for result in ("ok", "failed"):
         m.add("dsp_config_reloads_total", "counter", "Configuration reloads (SIGHUP) by result.",
               reloads.get(result, 0), result=result)
-    m.add("dsp_config_last_reload_ok", "gauge",
+    m.add("dsp_config_last_reload_successful", "gauge",
           "1 when the last reload succeeded (or none was tried), 0 when it failed.",
           0 if reloads.get("last_error") else 1)
     links = snap.get("links") or {}
@@ -174,7 +309,8 @@ def render_metrics(snap: dict) -> str:
                  "frame carries several)."),
                 ("bytes", "dsp_link_bytes_total", "Bytes on the link, headers included."),
                 ("errors", "dsp_link_errors_total", "Errors on the link's sender or receiver."),
-                ("hellos", "dsp_link_hellos_total", "HELLO and load-report frames."))
+                ("hellos", "dsp_link_hellos_total", "HELLO and load-report frames (no DC "
+                 "traffic)."))
     for key, name, help_text in counters:
         for peer, link in links.items():
             for field, direction in DIRECTIONS:
@@ -182,7 +318,7 @@ def render_metrics(snap: dict) -> str:
                 m.add(name, "counter", help_text + " direction=out: sent to the peer.",
                       figures.get(key, 0), peer=peer, direction=direction)
     per_dc = (("messages", "dsp_dc_messages_total",
-               "SEND/SNDREC/REPLY messages per DC (the C nr_msgs)."),
+               "Commands that carry a message (SEND, SNDREC, REPLY) per DC (the C nr_msgs)."),
               ("data_bytes", "dsp_dc_data_bytes_total",
                "COPYIN/COPYOUT payload bytes per DC (the C nr_data)."),
               ("commands", "dsp_dc_commands_total", "Commands per DC (the C nr_cmd)."))
@@ -194,8 +330,6 @@ def render_metrics(snap: dict) -> str:
                     m.add(name, "counter", help_text, fig.get(key, 0), peer=peer,
                           direction=direction, dcid=dcid)
     errors = snap.get("put2lcl_errors") or {}
-    m.add("dsp_put2lcl_errors", "gauge", "Kinds of put2lcl errors seen (labels: code).",
-          len(errors))
     for code, n in sorted(errors.items()):
         m.add("dsp_put2lcl_errors_total", "counter",
               "put2lcl deliveries that failed, by EDVS error code.", n, code=code)
@@ -217,6 +351,10 @@ def render_metrics(snap: dict) -> str:
               "This node's load level (-1 NOTINIT, 0 IDLE, 1 BUSY, 2 SATURATED).",
               LEVELS.get(load.get("level"), -1))
         servers = group.get("servers") or {}
+        for sid, srv in servers.items():
+            m.add("dsp_server_up", "gauge", "1 when the server is usable (link up, load "
+                  "reported), 0 when it is DOWN.", bool(srv.get("live")), server=sid,
+                  name=srv.get("name", ""))
         gauges = (("dsp_server_load_level", "level",
                    "Reported load level of a server (-1 NOTINIT, 0 IDLE, 1 BUSY, 2 SATURATED)."),
                   ("dsp_server_cpu_percent", "cpu", "Reported CPU use of a server."),
@@ -226,52 +364,91 @@ def render_metrics(snap: dict) -> str:
                 value = LEVELS.get(srv.get(key), -1) if key == "level" else srv.get(key, 0)
                 m.add(name, "gauge", help_text, value, server=sid, name=srv.get("name", ""))
         for name, key, help_text in (
-                ("dsp_server_messages_total", "messages", "Commands forwarded to a server."),
-                ("dsp_server_bytes_total", "bytes", "Bytes forwarded to a server.")):
+                ("dsp_server_commands_total", "commands",
+                 "Commands of clients this DSP forwarded to a server."),
+                ("dsp_server_bytes_total", "bytes",
+                 "Bytes (headers included) this DSP forwarded to a server.")):
             for sid, srv in servers.items():
                 m.add(name, "counter", help_text, srv.get(key, 0), server=sid)
     return m.text()
 
 
 # ------------------------------------------------------------------------------ HTML page
-_CSS = """body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin:.5em 0}
+_CSS = """body{font-family:sans-serif;margin:1em;color:#222}
+table{border-collapse:collapse;margin:.3em 0 1em}
+caption{text-align:left;font-weight:bold;padding:.2em 0}
 td,th{border:1px solid #999;padding:2px 8px;text-align:right}th{background:#ddd}
-td.l,th.l{text-align:left}.up{color:#070}.down{color:#a00}"""
+td.l,th.l{text-align:left}
+.up,.IDLE{background:#cfc;color:#060;font-weight:bold}
+.down,.DOWN,.SATURATED{background:#fcc;color:#a00;font-weight:bold}
+.BUSY{background:#fe9;color:#850;font-weight:bold}.NOTINIT,.self{color:#777}
+.meta{color:#555}nav a{margin-right:1em}"""
+
+#: States that get a colour: (text, CSS class) cells.
+STATE_CLASSES = {"UP": "up", "DOWN": "down", "IDLE": "IDLE", "BUSY": "BUSY",
+                 "SATURATED": "SATURATED", "NOTINIT": "NOTINIT", "this node": "self"}
 
 
-def _table(head: list[str], rows: list[list]) -> str:
+def _cell(x, first: bool) -> str:
+    text = str(x)
+    cls = STATE_CLASSES.get(text)
+    if cls is None and (first or isinstance(x, str)):
+        cls = "l"
+    elif cls is not None:
+        cls = f"l {cls}"
+    attr = f' class="{cls}"' if cls else ""
+    return f"<td{attr}>{html.escape(text)}</td>"
+
+
+def _table(head: list[str], rows: list[list], caption: str = "") -> str:
     h = "".join(f"<th>{html.escape(str(x))}</th>" for x in head)
-    body = []
-    for row in rows:
-        cells = []
-        for i, x in enumerate(row):
-            cls = ' class="l"' if i == 0 or isinstance(x, str) else ""
-            cells.append(f"<td{cls}>{html.escape(str(x))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{h}</tr>{''.join(body)}</table>"
+    body = ["<tr>" + "".join(_cell(x, i == 0) for i, x in enumerate(row)) + "</tr>"
+            for row in rows]
+    if not rows:
+        body.append(f"<tr><td class='l' colspan='{len(head)}'>(none)</td></tr>")
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<tr>{h}</tr>{''.join(body)}</table>"
 
 
-def render_html(snap: dict) -> str:
+def _page(title: str, snap: dict, paused: bool, here: str, body: list[str]) -> str:
+    """The frame of every page: title, refresh (unless paused), when the data was taken."""
+    e = html.escape
+    refresh = "" if paused else f"<meta http-equiv='refresh' content='{REFRESH}'>"
+    toggle = (f"<a href='{here}'>resume auto-refresh</a> (paused)" if paused else
+              f"<a href='{here}?pause=1'>pause</a> (refreshes every {REFRESH} s)")
+    taken = snap.get("taken") or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return "\n".join(
+        [f"<!DOCTYPE html><html><head><meta charset='utf-8'>{refresh}"
+         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+         f"<h1>{e(title)}</h1>",
+         f"<p class='meta'>data taken at <time id='taken'>{e(str(taken))}</time> &middot; "
+         f"{toggle}</p>",
+         "<nav><a href='/'>this node</a><a href='/cluster'>cluster</a>"
+         "<a href='/stats.json'>/stats.json</a><a href='/metrics'>/metrics</a></nav>",
+         *body, "</body></html>"])
+
+
+def render_html(snap: dict, paused: bool = False) -> str:
     e = html.escape
     node = snap.get("node")
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
-             f"<title>DSP node {e(str(node))}</title><style>{_CSS}</style></head><body>",
-             f"<h1>DSP of node {e(str(node))}</h1>",
-             f"<p>LB node {e(str(snap.get('lb_node')))} &middot; pid {e(str(snap.get('pid')))}"
-             f" &middot; up {e(_duration(snap.get('uptime', 0)))} &middot; config "
+    parts = [f"<p>LB node {e(str(snap.get('lb_node')))} &middot; pid {e(str(snap.get('pid')))}"
+             f" &middot; up {e(_duration(snap.get('uptime', 0)))} &middot; version "
+             f"{e(str(snap.get('version', '?')))} &middot; config "
              f"{e(str((snap.get('config') or {}).get('path', '')))}</p>"]
     reloads = snap.get("reloads") or {}
     parts.append(f"<p>reloads: {reloads.get('ok', 0)} ok, {reloads.get('failed', 0)} failed"
                  + (f" (last error: {e(str(reloads['last_error']))})"
                     if reloads.get("last_error") else "") + "</p>")
     parts.append("<h2>Links</h2>")
-    parts.append(_table(*link_rows(snap)))
+    parts.append(_table(*link_rows(snap), caption="Links to the peers: frames, commands and "
+                        "bytes each way"))
     parts.append("<h2>Traffic per DC</h2>")
-    parts.append(_table(*dc_rows(snap)))
+    parts.append(_table(*dc_rows(snap), caption="Per DC and direction (the C dsp_pws table)"))
     errors = snap.get("put2lcl_errors") or {}
     if errors:
         parts.append("<h2>put2lcl errors</h2>")
-        parts.append(_table(["code", "count"], [[k, v] for k, v in sorted(errors.items())]))
+        parts.append(_table(["code", "count"], [[k, v] for k, v in sorted(errors.items())],
+                            caption="Local deliveries that failed, by error code"))
     group = snap.get("group")
     if group:
         parts.append("<h2>Load balancer</h2>")
@@ -280,11 +457,18 @@ def render_html(snap: dict) -> str:
                      f"{e(str(load.get('level')))}; sessions started "
                      f"{group.get('sessions_started', 0)}, ended {group.get('sessions_ended', 0)}"
                      f", no server {group.get('no_server', 0)}</p>")
-        parts.append(_table(*server_rows(snap)))
-        parts.append(_table(*session_rows(snap)))
-    parts.append("<p><a href='/stats.json'>/stats.json</a> &middot; "
-                 "<a href='/metrics'>/metrics</a></p></body></html>")
-    return "\n".join(parts)
+        parts.append(_table(*server_rows(snap), caption="Servers as this DSP knows them"))
+        parts.append(_table(*session_rows(snap), caption="Active sessions"))
+    return _page(f"DSP of node {node}", snap, paused, "/", parts)
+
+
+def render_cluster(snap: dict, nodes: list[dict], paused: bool = False) -> str:
+    """Every node of the config as this DSP knows it (its links and the servers' loads)."""
+    parts = ["<p>Each node's link is this DSP's link to it; the load of a server is the one it "
+             "last reported to this DSP.</p>",
+             _table(*cluster_rows(snap, nodes), caption="Nodes of the cluster")]
+    return _page(f"DVS cluster seen from node {snap.get('node')}", snap, paused, "/cluster",
+                 parts)
 
 
 # ------------------------------------------------------------------------------ tables
@@ -297,8 +481,8 @@ def _duration(seconds) -> str:
 
 
 def link_rows(snap: dict) -> tuple[list[str], list[list]]:
-    head = ["peer", "name", "state", "downs", "frames out", "cmds out", "bytes out",
-            "frames in", "cmds in", "bytes in", "errors"]
+    head = ["peer", "name", "state", "downs", "frames out", "commands out", "bytes out",
+            "frames in", "commands in", "bytes in", "errors"]
     rows = []
     for peer, link in sorted((snap.get("links") or {}).items(), key=lambda kv: int(kv[0])):
         s, r = link.get("sent") or {}, link.get("received") or {}
@@ -324,21 +508,59 @@ def dc_rows(snap: dict) -> tuple[list[str], list[list]]:
     return head, rows
 
 
+def server_state(srv: dict) -> str:
+    """A server's state for people: DOWN when it is not usable, else its load level."""
+    return str(srv.get("level", "")) if srv.get("live", True) else "DOWN"
+
+
 def server_rows(snap: dict) -> tuple[list[str], list[list]]:
-    head = ["server", "name", "level", "cpu %", "sessions", "messages", "bytes"]
+    head = ["server", "name", "state", "cpu %", "sessions", "commands", "bytes"]
     servers = ((snap.get("group") or {}).get("servers") or {})
-    rows = [[str(sid), s.get("name", ""), s.get("level", ""), s.get("cpu", 0),
-             s.get("sessions", 0), s.get("messages", 0), s.get("bytes", 0)]
+    rows = [[str(sid), s.get("name", ""), server_state(s), s.get("cpu", 0),
+             s.get("sessions", 0), s.get("commands", 0), s.get("bytes", 0)]
             for sid, s in sorted(servers.items(), key=lambda kv: int(kv[0]))]
     return head, rows
 
 
 def session_rows(snap: dict) -> tuple[list[str], list[list]]:
-    head = ["client", "dcid", "service", "server", "relayed", "messages", "bytes"]
+    head = ["client", "dcid", "service", "server", "relayed", "commands", "bytes"]
     sessions = ((snap.get("group") or {}).get("sessions") or [])
     rows = [[s.get("client", ""), s.get("dcid", 0), s.get("service", ""), s.get("server", ""),
-             "yes" if s.get("relayed") else "no", s.get("messages", 0), s.get("bytes", 0)]
+             "yes" if s.get("relayed") else "no", s.get("commands", 0), s.get("bytes", 0)]
             for s in sessions]
+    return head, rows
+
+
+def cluster_rows(snap: dict, nodes: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per node of the config: role, this DSP's link to it, its reported load."""
+    head = ["node", "name", "role", "address", "link", "state", "cpu %", "sessions",
+            "commands"]
+    links = {str(k): v for k, v in (snap.get("links") or {}).items()}
+    servers = {str(k): v for k, v in ((snap.get("group") or {}).get("servers") or {}).items()}
+    me = str(snap.get("node"))
+    rows = []
+    for n in nodes:
+        nid = str(n["node"])
+        if nid == me:
+            link = "this node"
+        elif nid in links:
+            link = "UP" if links[nid].get("up") else "DOWN"
+        else:
+            link = "-"
+        srv = servers.get(nid)
+        state = server_state(srv) if srv else ("this node" if nid == me else "-")
+        group = snap.get("group")
+        if nid == me and group:
+            state = str((group.get("load") or {}).get("level", "-"))
+        if n.get("role") == "lb" and group:
+            # this DSP balances its own clients: the virtual node's figures are its own
+            link, state = "this node", "UP"
+            srv = {"cpu": "-", "sessions": len(group.get("sessions") or ()),
+                   "commands": sum(v.get("commands", 0) for v in servers.values())}
+        rows.append([nid, n.get("name", ""), n.get("role", ""), n.get("rname", "") or "-",
+                     link, state, srv.get("cpu", 0) if srv else "-",
+                     srv.get("sessions", 0) if srv else "-",
+                     srv.get("commands", 0) if srv else "-"])
     return head, rows
 
 

@@ -97,7 +97,7 @@ def test_failed_server_detected_sessions_fail_over(tmp_path, bg, how):
             # new sessions go to the other server
             res = cl.run(3, module_argv("dvs_apps.latency", "client", 0, 51, 10, 5, 0, 0))
             assert res.returncode == 0, res.stdout + res.stderr
-            wait_for(lambda: servers_of(cl, 3)[str(other)]["messages"] > 0, 5,
+            wait_for(lambda: servers_of(cl, 3)[str(other)]["commands"] > 0, 5,
                      "the other server used")
         finally:
             if how == "freeze":
@@ -111,13 +111,13 @@ def test_failed_server_detected_sessions_fail_over(tmp_path, bg, how):
             servers[victim].wait(10)
             b.start(victim, "dvs_apps.latency", "server", 0, 10)
             wait_bound(cl, victim, 0, 10)
-        before = servers_of(cl, 3)[str(victim)]["messages"]
+        before = servers_of(cl, 3)[str(victim)]["commands"]
         procs = [cl.popen(3, module_argv("dvs_apps.latency", "client", 0, ep, 10, 10, 0, 0),
                           stdout=subprocess.PIPE, text=True) for ep in (52, 53)]
         for p in procs:
             out, _ = p.communicate(timeout=60)
             assert p.returncode == 0, out
-        wait_for(lambda: servers_of(cl, 3)[str(victim)]["messages"] > before, 5,
+        wait_for(lambda: servers_of(cl, 3)[str(victim)]["commands"] > before, 5,
                  "the recovered server used again")
 
 
@@ -193,7 +193,7 @@ def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkey
         assert res.stdout.count("Time total elapsed") == 20
         # the program ran on an endpoint of min_ep..max_ep of one server
         def messages(n):
-            return servers_of(cl, 3).get(str(n), {}).get("messages", 0)
+            return servers_of(cl, 3).get(str(n), {}).get("commands", 0)
         wait_for(lambda: messages(1) or messages(2), 5, "a server used")
         used = [n for n in (1, 2) if messages(n) > 0]
         assert len(used) == 1

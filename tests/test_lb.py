@@ -60,7 +60,7 @@ def server_messages(cl, client_node) -> dict[int, int]:
     while time.monotonic() < deadline:
         st = cl.status(client_node)
         if st.get("group"):
-            return {int(k): v["messages"] for k, v in st["group"]["servers"].items()}
+            return {int(k): v["commands"] for k, v in st["group"]["servers"].items()}
         time.sleep(0.2)
     raise AssertionError(f"no status from node {client_node}")
 
@@ -168,7 +168,7 @@ BURNER = ("import os, time\n"
 
 
 def msgs(st, server):
-    return st["group"]["servers"][str(server)]["messages"]
+    return st["group"]["servers"][str(server)]["commands"]
 
 
 def level_of(st, server):

@@ -1,7 +1,7 @@
 """Operations (issue: init.d/dvs, signals and live reload, statistics server, logging).
 
 Real clusters of emulated nodes (tests/cluster_helpers.py) on this run's own loopback
-addresses; the init script runs in a temporary DVS_ROOT (D16), never against /etc.
+addresses; the init script runs in a temporary DVS_ROOT, never against /etc.
 """
 
 from __future__ import annotations
@@ -222,7 +222,9 @@ def test_stats_server_metrics_json_html_and_cli(tmp_path, bg):
         assert cli.returncode == 0, cli.stderr
         assert "DSP node 3" in cli.stdout and "links:" in cli.stdout
         assert re.search(r"^1\s+node1\s+UP", cli.stdout, re.M), cli.stdout
-        assert "sessions:" in cli.stdout and "50@3" in cli.stdout
+        # the client has exited: its session may have ended already, but it was counted
+        assert "sessions:" in cli.stdout
+        assert re.search(r"sessions [01] active, [1-9]\d* started", cli.stdout), cli.stdout
         dead = subprocess.run(module_argv("dsp_proxy", "stats", "127.0.0.1:1"),
                               env=python_env(), capture_output=True, text=True, timeout=30)
         assert dead.returncode == 1 and "cannot read" in dead.stderr
@@ -276,7 +278,7 @@ def test_sighup_reload(tmp_path):
         lb = st["config"]["lb"]
         assert (lb["lowwater"], lb["highwater"], lb["session_timeout"]) == (20, 90, 45)
         assert st["reloads"]["last_error"] is None
-        # D5 on the client node: the new service's ext_ep is bound to the LB node
+        # on the client node the new service's ext_ep is bound to the LB node
         wait_for(lambda: cl.dvk(3).getprocinfo(0, 20).p_nodeid == 0, what="ext_ep 20 bound")
         assert st["links"]["1"]["generation"] == gen1 and st["links"]["1"]["downs"] == downs1
         assert st["links"]["2"]["generation"] == gen2

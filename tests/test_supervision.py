@@ -83,15 +83,15 @@ def _traffic(cl, inproc, loops=5):
     assert f"Total average latency in {loops} loops" in res.stdout
 
 
-def _once(thread_name, exc=RuntimeError("injected fault")):
-    """A wrapper of a method that raises `exc` once, in the thread called `thread_name`."""
+def _once(thread_name):
+    """A wrapper of a method that raises once, in the thread called `thread_name`."""
     fired = threading.Event()
 
     def wrap(original):
         def method(*args, **kw):
             if threading.current_thread().name == thread_name and not fired.is_set():
                 fired.set()
-                raise exc
+                raise RuntimeError("injected fault")
             return original(*args, **kw)
         return method
     return wrap, fired

@@ -1,0 +1,297 @@
+"""The statistics server as an operator and a Prometheus server see it: the /metrics families
+read by the real `prometheus_client` parser, the page's structure (refresh, pause, time of the
+data, coloured states, captions), the /cluster view, and a bounded number of threads however
+many idle connections arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from cluster_helpers import cluster_from
+from dsp_proxy import stats as statsmod
+from dsp_proxy.cluster import REPO_ROOT
+
+parser = pytest.importorskip("prometheus_client.parser")
+
+OPS = """
+lb node0 { nodeid 0; period 2; };
+server node1 { nodeid 1; rname {net}.1; };
+server node2 { nodeid 2; rname {net}.2; };
+client node3 { nodeid 3; rname {net}.3; };
+service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
+"""
+
+#: Every family /metrics may carry, with its type.
+FAMILIES = {
+    "dsp_info": "gauge", "dsp_uptime_seconds": "gauge", "dsp_config_reloads": "counter",
+    "dsp_config_last_reload_successful": "gauge", "dsp_link_up": "gauge",
+    "dsp_link_downs": "counter", "dsp_link_frames": "counter", "dsp_link_commands": "counter",
+    "dsp_link_bytes": "counter", "dsp_link_errors": "counter", "dsp_link_hellos": "counter",
+    "dsp_dc_messages": "counter", "dsp_dc_data_bytes": "counter", "dsp_dc_commands": "counter",
+    "dsp_put2lcl_errors": "counter", "dsp_sessions": "gauge", "dsp_sessions_started": "counter",
+    "dsp_sessions_ended": "counter", "dsp_lb_failures": "counter",
+    "dsp_load_cpu_percent": "gauge", "dsp_load_level": "gauge", "dsp_server_up": "gauge",
+    "dsp_server_load_level": "gauge", "dsp_server_cpu_percent": "gauge",
+    "dsp_server_sessions": "gauge", "dsp_server_commands": "counter",
+    "dsp_server_bytes": "counter",
+}
+
+FULL = {
+    "node": 3, "lb_node": 0, "pid": 42, "version": "0.2.0", "taken": "2026-11-30 03:00:00 UTC",
+    "uptime": 12.5, "reloads": {"ok": 1, "failed": 1, "last_error": "x.cfg:1:1: error: y"},
+    "links": {
+        "1": {"name": "node1", "up": True, "downs": 0,
+              "sent": {"frames": 5, "commands": 6, "bytes": 700, "errors": 0, "hellos": 1,
+                       "by_dc": {"0": {"messages": 2, "data_bytes": 9, "commands": 4}}},
+              "received": {"frames": 4, "by_dc": {"0": {"messages": 2, "data_bytes": 0,
+                                                         "commands": 3}}}},
+        "2": {"name": "node2", "up": False, "downs": 3, "sent": {}, "received": {}},
+    },
+    "put2lcl_errors": {"EDVSNOTBIND": 3, "EDVSDSTDIED": 1},
+    "group": {
+        "sessions": [{"dcid": 0, "client": "50@3", "service": "latency", "server": "10@1",
+                      "relayed": False, "commands": 7, "bytes": 840}],
+        "servers": {"1": {"name": "node1", "cpu": 12, "level": "BUSY", "live": True,
+                          "sessions": 1, "commands": 7, "bytes": 840},
+                    "2": {"name": "node2", "cpu": 0, "level": "NOTINIT", "live": False,
+                          "sessions": 0, "commands": 0, "bytes": 0}},
+        "load": {"cpu": 3, "level": "IDLE"}, "sessions_started": 4, "sessions_ended": 3,
+        "errors": 0, "no_server": 1, "no_service": 0, "table_full": 0,
+    },
+}
+NODES = [{"node": 0, "name": "node0", "role": "lb", "rname": ""},
+         {"node": 1, "name": "node1", "role": "server", "rname": "127.0.0.1"},
+         {"node": 2, "name": "node2", "role": "server", "rname": "127.0.0.2"},
+         {"node": 3, "name": "node3", "role": "client", "rname": "127.0.0.3"}]
+
+
+def families_of(text: str) -> dict[str, object]:
+    """The families as Prometheus reads them; a name twice is an error of the exposition."""
+    seen: dict[str, object] = {}
+    for fam in parser.text_string_to_metric_families(text):
+        assert fam.name not in seen, f"two families named {fam.name}"
+        seen[fam.name] = fam
+    return seen
+
+
+def check_families(text: str) -> dict[str, object]:
+    fams = families_of(text)
+    docs = (Path(REPO_ROOT) / "docs" / "operations.md").read_text()
+    for name, fam in fams.items():
+        assert name in FAMILIES, f"unexpected family {name}"
+        assert fam.type == FAMILIES[name], (name, fam.type)
+        assert fam.documentation.strip(), f"{name} has no HELP"
+        exposed = name + "_total" if fam.type == "counter" else name
+        assert f"`{exposed}" in docs, f"{exposed} is not documented in docs/operations.md"
+        for sample in fam.samples:
+            if fam.type == "counter":
+                assert sample.name == name + "_total", sample.name
+            else:
+                assert not sample.name.endswith("_total"), sample.name
+        if "bytes" in name:
+            assert name.endswith("_bytes"), name
+    return fams
+
+
+def test_metrics_parse_as_prometheus_families_with_help_and_types():
+    fams = check_families(statsmod.render_metrics(FULL))
+    assert set(fams) == set(FAMILIES)  # FULL carries every family
+    put2lcl = {s.labels["code"]: s.value for s in fams["dsp_put2lcl_errors"].samples}
+    assert put2lcl == {"EDVSNOTBIND": 3, "EDVSDSTDIED": 1}
+    up = {s.labels["server"]: s.value for s in fams["dsp_server_up"].samples}
+    assert up == {"1": 1, "2": 0}
+    assert [s.value for s in fams["dsp_config_last_reload_successful"].samples] == [0]
+    info = fams["dsp_info"].samples[0].labels
+    assert info == {"node": "3", "lb_node": "0", "version": "0.2.0"}
+    # and an empty DSP (no links, no LB) is valid too
+    check_families(statsmod.render_metrics({"node": 1, "lb_node": -1}))
+
+
+class _Page(HTMLParser):
+    """The parts of a page the tests look at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta_refresh = None
+        self.headings: list[str] = []
+        self.tables = 0
+        self.captions: list[str] = []
+        self.cells: list[tuple[str, str]] = []   # (class, text)
+        self.links: list[str] = []
+        self.time = ""
+        self._in: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "meta" and a.get("http-equiv") == "refresh":
+            self.meta_refresh = a.get("content")
+        if tag == "table":
+            self.tables += 1
+        if tag == "a":
+            self.links.append(a.get("href", ""))
+        if tag != "meta":
+            self._in.append((tag, a))
+
+    def handle_endtag(self, tag):
+        while self._in:
+            if self._in.pop()[0] == tag:
+                break
+
+    def handle_data(self, data):
+        if not self._in or not data.strip():
+            return
+        tag, a = self._in[-1]
+        if tag in ("h1", "h2"):
+            self.headings.append(data.strip())
+        elif tag == "caption":
+            self.captions.append(data.strip())
+        elif tag == "td":
+            self.cells.append((a.get("class", ""), data.strip()))
+        elif tag == "time":
+            self.time = data.strip()
+
+
+def parse_page(text: str) -> _Page:
+    p = _Page()
+    p.feed(text)
+    return p
+
+
+def classes_of(page: _Page, text: str) -> list[str]:
+    return [cls for cls, t in page.cells if t == text]
+
+
+def test_page_structure_refresh_time_colours_and_captions():
+    page = parse_page(statsmod.render_html(FULL))
+    assert page.meta_refresh == str(statsmod.REFRESH)
+    assert "/?pause=1" in page.links and "/cluster" in page.links
+    assert page.time == "2026-11-30 03:00:00 UTC"
+    assert page.headings[:2] == ["DSP of node 3", "Links"]
+    assert {"Traffic per DC", "put2lcl errors", "Load balancer"} <= set(page.headings)
+    assert page.tables == len(page.captions) == 5  # every table is labelled
+    assert "Active sessions" in page.captions and "Servers as this DSP knows them" in \
+        page.captions
+    # link states coloured; the dead server is DOWN (not its stale NOTINIT), coloured too
+    assert all("up" in c.split() for c in classes_of(page, "UP"))
+    assert len(classes_of(page, "DOWN")) == 2  # link 2 and server 2
+    assert all("down" in c.split() or "DOWN" in c.split() for c in classes_of(page, "DOWN"))
+    assert classes_of(page, "BUSY") == ["l BUSY"]
+    assert not classes_of(page, "NOTINIT")
+    paused = parse_page(statsmod.render_html(FULL, paused=True))
+    assert paused.meta_refresh is None and "/" in paused.links
+
+
+def test_cluster_view_lists_every_node_with_its_link_and_load():
+    page = parse_page(statsmod.render_cluster(FULL, NODES))
+    assert page.captions == ["Nodes of the cluster"] and page.meta_refresh
+    head, rows = statsmod.cluster_rows(FULL, NODES)
+    by_node = {r[0]: dict(zip(head, r)) for r in rows}
+    assert set(by_node) == {"0", "1", "2", "3"}
+    assert (by_node["1"]["link"], by_node["1"]["state"], by_node["1"]["cpu %"]) == \
+        ("UP", "BUSY", 12)
+    assert (by_node["2"]["link"], by_node["2"]["state"]) == ("DOWN", "DOWN")
+    assert (by_node["3"]["link"], by_node["3"]["state"]) == ("this node", "IDLE")
+    assert by_node["0"]["sessions"] == 1 and by_node["0"]["commands"] == 7
+
+
+# ------------------------------------------------------------------------------ live
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"^Threads:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def test_live_stats_server_metrics_cluster_view_dead_server_and_idle_connections(tmp_path):
+    with cluster_from(OPS, tmp_path, dsp_args=["--stats", "127.0.0.1:0"]) as cl:
+        def snapshot():
+            with open(cl.status_path(3)) as f:
+                return json.load(f)
+        deadline = time.monotonic() + 20
+        while not (cl.status(3).get("stats") and all(
+                s.get("live") for s in (cl.status(3).get("group") or {})
+                .get("servers", {}).values()) and cl.status(3)["group"]["servers"]):
+            assert time.monotonic() < deadline, cl.status(3)
+            time.sleep(0.2)
+        base = f"http://{snapshot()['stats']}"
+        check_families(get(base + "/metrics"))
+        # JSON and page carry the same figures under the same names
+        snap = json.loads(get(base + "/stats.json"))
+        assert set(snap["group"]["servers"]["1"]) >= {"commands", "bytes", "live", "level"}
+        assert "messages" not in snap["group"]["servers"]["1"]
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", snap["taken"])
+        cluster_page = parse_page(get(base + "/cluster"))
+        assert {"node0", "node1", "node2", "node3"} <= {t for _, t in cluster_page.cells}
+
+        # 300 idle connections: the thread count stays bounded and the page still answers
+        pid = cl.dsps[3].pid
+        before = threads_of(pid)
+        host, port = snapshot()["stats"].split(":")
+        idle = []
+        try:
+            for _ in range(300):
+                s = socket.create_connection((host, int(port)), timeout=5)
+                idle.append(s)
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            page = get(base + "/")
+            took = time.monotonic() - t0
+            during = threads_of(pid)
+            print(f"threads: {before} before, {during} with 300 idle connections; "
+                  f"page answered in {took:.3f} s")
+            assert "DSP of node 3" in page
+            assert during <= before + 2, (before, during)
+            # the oldest idle connections were closed to keep at most MAX_WAITING waiting
+            closed = 0
+            for s in idle[:50]:
+                s.settimeout(2)
+                try:
+                    closed += s.recv(1) == b""
+                except (TimeoutError, OSError):
+                    pass
+            assert closed == 50
+            # every connection has a timeout: the newest idle one is closed after
+            # IDLE_TIMEOUT, one that sent half a request after REQUEST_TIMEOUT per read
+            slow = socket.create_connection((host, int(port)), timeout=5)
+            idle.append(slow)
+            slow.sendall(b"GET / HTTP/1.0\r\n")
+            t0 = time.monotonic()
+            for s, bound in ((idle[-2], statsmod.IDLE_TIMEOUT), (slow, statsmod.REQUEST_TIMEOUT)):
+                s.settimeout(bound + 10)
+                assert s.recv(1) == b""
+            took = time.monotonic() - t0
+            print(f"idle connection closed after {took:.1f} s (IDLE_TIMEOUT "
+                  f"{statsmod.IDLE_TIMEOUT:.0f} s)")
+            assert took >= statsmod.IDLE_TIMEOUT - 2
+        finally:
+            for s in idle:
+                s.close()
+
+        # a dead server: DOWN on the page and in /cluster, coloured
+        cl.kill_dsp(2)
+        deadline = time.monotonic() + 20
+        while cl.status(3)["group"]["servers"]["2"]["live"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        page = parse_page(get(base + "/?pause=1"))
+        assert page.meta_refresh is None
+        down = classes_of(page, "DOWN")
+        assert len(down) == 2 and all("down" in c.split() or "DOWN" in c.split()
+                                      for c in down), page.cells
+        head, rows = statsmod.cluster_rows(json.loads(get(base + "/stats.json")),
+                                           statsmod.config_nodes(cl))  # reads .cfg
+        assert dict(zip(head, rows[2]))["link"] == dict(zip(head, rows[2]))["state"] == "DOWN"
+        cells = parse_page(get(base + "/cluster")).cells
+        assert cells.count(("l down", "DOWN")) == 2, cells  # node 2: link and state
