@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
-import struct
 import threading
 import time
 
@@ -26,8 +25,6 @@ log = logging.getLogger("dsp.rproxy")
 BACKLOG = 128
 #: Refused connections of one source address are logged at most once per this many seconds.
 REFUSAL_LOG_INTERVAL = 60.0
-#: SO_LINGER on, 0 s: a refused connection is reset at once and leaves no TIME_WAIT behind.
-_LINGER_RESET = struct.pack("ii", 1, 0)
 #: At most this many source addresses are remembered for the refusal log.
 REFUSAL_SOURCES_MAX = 1024
 
@@ -144,7 +141,6 @@ class Acceptor:
                 self.refusals.refused(addr, f"port {link.spec.rport} is node {link.peer}'s, "
                                             f"which connects from "
                                             f"{', '.join(sorted(link.spec.addresses)) or '?'}")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 sock.close()
                 continue
             sock.setblocking(True)
