@@ -142,8 +142,7 @@ class Dsp:
         self.node_pids = _node_pids(dvk)
         self.limits = WireLimits(dvs.d_nr_nodes, dvs.d_nr_dcs)
         self.group: Group | None = None
-        relayed = topology.is_relayed_client(cfg, local)
-        if lb is not None and self.lb_nodeid != local and not relayed:
+        if topology.role(cfg, local) in ("server", "client", "lb host"):
             self.group = Group(cfg, local, _LinkView(self.links), self.relay_host,
                                self.node_pids)
         self.router = Router(local, self.lb_nodeid, self.group)
@@ -933,9 +932,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for w in cfg.warnings:
         log.warning("%s", w)
-    if cfg.nodes_by_id.get(local) is None:
-        log.error("node %d (this DVK) is not a node of %s", local, args.config)
-        return 1
+    role = topology.role(cfg, local)
+    if role == "proxy":
+        log.warning("node %d (this DVK) has no block of its own in %s%s: it runs as a plain "
+                    "proxy for every configured node, as the C daemon does", local,
+                    args.config, " and is the LB node's id" if local == cfg.lb_nodeid else "")
     other = daemon.already_running(dvk, [s.nodeid for s in topology.peer_specs(cfg, local)],
                                    args.pidfile)
     if other is not None:
