@@ -45,7 +45,7 @@ def nodelay(s: socket.socket) -> socket.socket:
 
 def hello(snode: int, dnode: int, report: bool = False) -> bytes:
     h = make_header(c_cmd=C.CMD_NONE, c_dcid=-1, c_src=C.NONE, c_dst=C.NONE, c_snode=snode,
-                    c_dnode=dnode, c_pid=os.getpid())
+                    c_dnode=dnode, c_pid=os.getpid(), c_flags=C.FLAG_DSP_PEER)
     if report:
         m = h.c_msg
         m.m_source, m.m_type, m.m1_i1, m.m1_i2, m.m1_i3 = snode, C.MT_LOAD_LEVEL, 1, \
