@@ -587,6 +587,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("config", help="configuration file")
     p.add_argument("--check", action="store_true",
                    help="validate the config, print the cluster summary and exit")
+    p.add_argument("--strict", action="store_true",
+                   help="with --check: every warning is an error (exit status 1)")
     p.add_argument("--dvk", choices=("auto", "kernel", "emu"), default="auto",
                    help="DVK backend (auto: the kernel when /dev/dvk exists)")
     p.add_argument("--node", type=int, default=None,
@@ -607,16 +609,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check(args: argparse.Namespace) -> int:
+    """`--check`: validate, print the summary (stdout) or the issues (stderr); 0 = valid.
+
+    Output is plain ASCII (anything else escaped), so it prints on any terminal encoding, and a
+    reader that stops early (`| head`) ends the output quietly."""
     try:
-        cfg = cfgmod.load(args.config, DvsInfo(), local_node=args.node)
+        cfg = cfgmod.load(args.config, DvsInfo(), local_node=args.node,
+                          strict=getattr(args, "strict", False))
+        stream, text, status = sys.stdout, cfgmod.format_summary(cfg, args.node), 0
     except cfgmod.ConfigError as err:
-        print(err, file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{args.config}: {exc.strerror}", file=sys.stderr)
-        return 1
-    print(cfgmod.format_summary(cfg, args.node))
-    return 0
+        stream, text, status = sys.stderr, str(err), 1
+    data = (text + "\n").encode("ascii", "backslashreplace")
+    try:
+        stream.flush()
+        stream.buffer.write(data)
+        stream.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)   # no second error when Python exits
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
