@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv run test test-deps lint bench clean
+.PHONY: venv run test test-deps lint bench clean fuzz-config
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ test-deps:
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# 10,000 mutated config files (and 1 MB shapes): only Config or ConfigError, figures printed.
+fuzz-config: $(STAMP)
+	$(BIN)/python -m fuzz.config_fuzz --count 10000 --big
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,25 +1,29 @@
-"""DSP configuration: the C config language, parsed with pyparsing, checked, frozen.
+"""DSP configuration: the C config language, read as the C daemon reads it, checked, frozen.
 
-The language is the one of the C `dsp_proxy` (Kees J. Bot's `configfile` reader, see
-`dsp_behaviour.md` §1): blocks ``lb NAME { ... };``, ``server NAME { ... };``,
-``client NAME { ... };`` and ``service NAME { ... };`` holding ``keyword value;`` statements,
-``#`` comments, quoted strings.  The C reader was silently wrong in many ways (a forgotten ``;``
-dropped settings, duplicate node ids overwrote each other, unknown keywords were warnings); this
-module is strict instead (ARCHITECTURE D15) and reports *every* error of a file at once, each
-with ``file:line:column``, so an operator fixes a file in one round.
+The language is the one of the C `dsp_proxy` (Kees J. Bot's `configfile` reader): blocks
+``lb NAME { ... };``, ``server NAME { ... };``, ``client NAME { ... };`` and
+``service NAME { ... };`` holding ``keyword value;`` statements, ``#`` comments, quoted strings.
+A file the C daemon starts on is accepted with the same meaning, and everything dubious in it
+gets a ``file:line:column`` warning; where the C reading silently loses or changes a setting
+(a forgotten ``;`` swallowing the next statement, a block overwriting another one, a number
+``atoi()`` turns into another), the error says what the C daemon would have done.  Every issue
+of a file is reported at once, so an operator fixes a file in one round; ``strict`` turns the
+warnings into errors.  docs/config.md is the parameter reference and lists the differences.
 
 Public API
 ----------
-``load(path, dvs=None, local_node=None) -> Config`` and ``parse_text(text, path, dvs,
-local_node) -> Config`` raise ``ConfigError`` (a list of ``Issue``) on any error; warnings are
-returned in ``Config.warnings``.  ``format_summary(cfg, local_node=None)`` renders a one-screen
-overview (never showing ``ssh_pass``).  ``docs/config.md`` is the parameter reference.
+``load(path, dvs=None, local_node=None, strict=False) -> Config`` and ``parse_text(text, path,
+dvs, local_node, strict) -> Config`` raise ``ConfigError`` (a list of ``Issue``) on any error,
+and nothing else; warnings are returned in ``Config.warnings``.  ``Config.role(node)`` says what
+a node's DSP runs.  ``format_summary(cfg, local_node=None)`` renders a one-screen overview.  No
+message, summary or log line ever shows text of an ``ssh_pass`` statement.
 
-How it works: a pyparsing grammar turns the text into blocks of statements made of located
-tokens.  The grammar is deliberately tolerant (stray characters, unterminated strings, a missing
-``;`` after ``}``, an unclosed block are parsed into error markers instead of stopping), because
-pyparsing would otherwise stop at the first problem; the checker then walks the tree, converts
-values, applies the keyword tables and the global checks, and collects every issue.
+How it works: one regular expression splits the text into located tokens with the C reader's
+rules; a loop (no recursion, so any nesting depth is fine) groups them into blocks and
+statements, keeping error markers (unclosed block, missing ``;``) instead of stopping; the
+checker walks that tree, applies the C daemon's reading of each statement (first keyword of the
+statement, value after it), converts values, applies the keyword tables and the global checks,
+and collects every issue (at most 100 of each kind are kept).
 """
 
 from __future__ import annotations
@@ -308,7 +312,7 @@ class Config:
         """Address of node `nodeid`: its `rname`, else its block name."""
         return self.node(nodeid).rname
 
-    # -- ports (ARCHITECTURE §7, D9) ----------------------------------------------------------
+    # -- ports (docs/config.md, Ports) -------------------------------------------------------
     def rport(self, local_id: int, peer_id: int) -> int:
         """Port on which node `local_id` listens for `peer_id`: explicit rport, else 3000+peer."""
         node = self._by_id.get(peer_id)
@@ -815,12 +819,16 @@ class _Checker:
         end = self.text.find("\n", loc)
         return len(self.text) if end < 0 else end
 
-    def _find_secrets(self, items: Sequence[Any]) -> None:
+    def _find_secrets(self, items: Sequence[Any], toks: Sequence[_Tok]) -> None:
         """Mark the tokens no message may show: an ssh_pass statement's, and when it is not a
-        clean `ssh_pass VALUE;` (a value with ';', '{', '}' or spaces) the rest of its line."""
+        clean `ssh_pass VALUE;` (a value with ';', '{', '}' or spaces) the rest of its line;
+        also any token with 'ssh_pass' inside (e.g. an unclosed quote before the keyword)."""
+        self._hidden_locs.update(t.loc for t in toks
+                                 if "ssh_pass" in t.text and t.text != "ssh_pass")
         spans: list[tuple[int, int]] = []
         for stmt in self._all_statements(items):
-            toks = stmt.toks
+            toks = stmt.toks if not any(isinstance(t, _Sub) for t in stmt.toks) else tuple(
+                _flat(stmt.toks))
             k = next((i for i, t in enumerate(toks) if isinstance(t, _Tok)
                       and t.kind in ("word", "string") and t.value in _SECRET), None)
             if k is None:
@@ -888,9 +896,9 @@ class _Checker:
         return "(not shown)" if self.hidden(tok) else _clip(tok.value or tok.text)
 
     # -- parse tree walk ----------------------------------------------------------------------
-    def run(self, items: Sequence[Any], odd: Sequence[_Tok]) -> None:
+    def run(self, items: Sequence[Any], toks: Sequence[_Tok], odd: Sequence[_Tok]) -> None:
         if "ssh_pass" in self.text:
-            self._find_secrets(items)
+            self._find_secrets(items, toks)
         for tok in odd:
             self._lexical(tok)
         blocks_after = [False] * (len(items) + 1)
@@ -1191,6 +1199,10 @@ class _Checker:
         after = (f"; ignored up to '{kwtok.value}', which is read" if kwtok is not None
                  else "; the statement is ignored")
         after += f" (as by {_CWORD})"
+        if isinstance(head, _Sub):
+            self.warn(head.lbrace, f"a '{{ ... }}' sub-list without a keyword in {rec.desc}"
+                                   f"{after}")
+            return
         if self.hidden(head):
             self.warn(head, f"unknown keyword (not shown) in {rec.desc}{after}")
             return
@@ -1686,7 +1698,7 @@ def _parse(text: str, path: str, dvs: DvsInfo | None, local_node: int | None,
     gc.disable()
     try:
         toks, odd = _tokenize(text)
-        checker.run(_structure(toks, len(text)), odd)
+        checker.run(_structure(toks, len(text)), toks, odd)
     finally:
         if collecting:
             gc.enable()

@@ -1,5 +1,5 @@
 """Tests of dsp_proxy.config: the project's examples, the C reference files, and broken configs
-whose every error must name its file, line and column (ARCHITECTURE §8, D15)."""
+whose every error must name its file, line and column (docs/config.md)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_example_cluster_defaults():
         (1, "server", "127.0.10.1"), (2, "server", "127.0.10.2"),
         (3, "client", "127.0.10.3"), (4, "client", "127.0.10.4")]
     assert all(n.rport is None and n.sport is None for n in cfg.nodes)
-    # D9 defaults: L listens for P on 3000+P, reaches P at P:3000+L
+    # default ports: L listens for P on 3000+P, reaches P at P:3000+L
     assert cfg.rport(3, 1) == 3001 and cfg.sport(3, 1) == 3003
     assert cfg.rport(1, 4) == 3004 and cfg.sport(1, 4) == 3001
     assert cfg.rport(3, 0) == 3000 and cfg.sport(3, 0) == 3003        # the LB node
