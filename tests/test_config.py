@@ -4,7 +4,6 @@ whose every error must name its file, line and column (docs/config.md)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 import textwrap
 from pathlib import Path
@@ -19,12 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 
-def reference_dir() -> Path:
-    env = os.environ.get("DSP_REFERENCE_CONFIGS")
-    folder = Path(env) if env else Path(__file__).resolve().parents[2] / "shared/reference/configs"
-    if not folder.is_dir():
-        pytest.skip(f"reference configs not available ({folder})")
-    return folder
+DATA = REPO / "tests" / "data"          # configs in the shapes of the C daemon's own files
 
 
 def parse(text: str, **kw) -> cfgmod.Config:
@@ -129,30 +123,50 @@ def test_examples_are_frozen():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,local", [("dsp_node1.cfg", 1), ("dsp_node2.cfg", 2)])
-def test_reference_node_files_pass(name, local):
-    cfg = load(reference_dir() / name, local_node=local)
+@pytest.mark.parametrize("name,local,sport", [("c_node1.cfg", 1, 3001),
+                                               ("c_node2.cfg", 2, 3002)])
+def test_c_shaped_node_files_pass(name, local, sport):
+    cfg = load(DATA / name, local_node=local)
     assert len(cfg.servers) == 2 and len(cfg.clients) == 3 and len(cfg.services) == 2
-    assert cfg.lb.ssh_pass == "mendieta" and cfg.lb.max_servers == 2
-    assert cfg.node(1).node_image == r"E:\NODE1\node1.vmx"
-    assert cfg.services[0].prog == "/usr/src/dvs/dvs-apps/dvs_lb/run_latency.sh"
-    texts = [w.message for w in cfg.warnings]
-    assert any("'cltdev' is obsolete" in t for t in texts)
-    assert any("'svrdev' is obsolete" in t for t in texts)
-    assert not any("port scheme" in t for t in texts)
+    assert cfg.lb.ssh_pass == "tatooine" and cfg.lb.max_servers == 2
+    assert (cfg.lb.lowwater, cfg.lb.highwater, cfg.lb.period, cfg.lb.hello_time) == (25, 75, 20,
+                                                                                      20)
+    assert cfg.node(1).node_image == r"D:\VMS\alpha1.vmx"
+    assert {n.sport for n in cfg.peers(local)} == {sport}
+    echo, files = cfg.services
+    assert (echo.prog, echo.bind, files.bind, files.max_ep) == (
+        "/opt/dvs/bin/start_echo.sh", "replica", "external", 29)
+    texts = [(w.line, w.message) for w in cfg.warnings]
+    assert [t for _, t in texts if "obsolete" in t] == ["'cltdev' is obsolete and ignored",
+                                                        "'svrdev' is obsolete and ignored"]
+    assert any("cltname 'front0' names no node of this file" in t for _, t in texts)
+    assert any(line == 106 and "29..29 are not system endpoints" in t for line, t in texts)
+    assert not any("port scheme" in t for _, t in texts) and len(texts) == 4
+    with pytest.raises(ConfigError):
+        load(DATA / name, local_node=local, strict=True)
 
 
-def test_reference_seed_sample_duplicate_ids():
-    path = reference_dir() / "seed_sample.cfg"
+def test_c_shaped_balancer_file_passes():
+    cfg = load(DATA / "c_lb_dvs.cfg")
+    assert [n.nodeid for n in cfg.nodes] == [1, 2, 11, 12, 13]
+    assert cfg.node(2).node_image == r"D:\VMS\Ubuntu 22.04.vmx"
+    assert all(n.rport is None and n.sport is None and not n.batch for n in cfg.nodes)
+    assert cfg.services[0].prog == "/opt/dvs/bin/start_echo.sh"
+
+
+def test_c_shaped_seed_sample_duplicate_ids():
+    path = DATA / "c_seed.cfg"
     with pytest.raises(ConfigError) as info:
         load(path)
     errs = info.value.issues
-    assert [(e.line, e.col) for e in errs] == [(42, 11), (79, 11)]
-    assert "duplicate node id 1" in errs[0].message and "line 30" in errs[0].message
-    assert "'node1'" in errs[0].message and "'node2'" in errs[0].message
-    assert "duplicate node id 12" in errs[1].message and "line 68" in errs[1].message
-    assert "'client12'" in errs[1].message and "'client13'" in errs[1].message
-    assert f"{path}:42:11: error: duplicate node id 1" in str(info.value)
+    assert [(e.line, e.col) for e in errs] == [(43, 11), (80, 11)]
+    assert "duplicate node id 1" in errs[0].message and "line 31" in errs[0].message
+    assert "'alpha1'" in errs[0].message and "'alpha2'" in errs[0].message
+    assert "duplicate node id 12" in errs[1].message and "line 69" in errs[1].message
+    assert "'gamma12'" in errs[1].message and "'gamma13'" in errs[1].message
+    assert "the C daemon would let this block silently overwrite 'gamma12'" in errs[1].message
+    assert f"{path}:43:11: error: duplicate node id 1" in str(info.value)
+    assert [w.line for w in info.value.warnings if "proxyid" in w.message] == [31, 43]
     copy = pickle.loads(pickle.dumps(info.value))
     assert copy.issues == info.value.issues and str(copy) == str(info.value)
 
