@@ -1103,26 +1103,40 @@ class _Checker:
         return isinstance(item, _Tok) and item.kind in ("word", "string") and item.value in table
 
     def _statement(self, rec: _Rec, items: Sequence[Any]) -> None:
+        """One `;`-statement, read as the C daemon reads it; after a missing `;` the keywords
+        that follow are read too (a loop: a statement may hold any number of them)."""
         items = [t for t in items if not (isinstance(t, _Tok) and t.kind == "badchar")]
         if not items or self._stray_secret(items):
             return
         table = _KEYWORDS[rec.kind]
-        k = next((i for i, t in enumerate(items) if self._is_kw(t, table)), None)
-        if k != 0:
-            self._ignored(rec, items[:k] if k is not None else items,
+        start: int | None = 0
+        while start is not None:
+            start = self._keyword(rec, table, items, start)
+
+    def _next_kw(self, table: Mapping[str, _Kw], items: Sequence[Any], i: int) -> int | None:
+        return next((j for j in range(i, len(items)) if self._is_kw(items[j], table)), None)
+
+    def _keyword(self, rec: _Rec, table: Mapping[str, _Kw], items: Sequence[Any],
+                 start: int) -> int | None:
+        """Read the keyword at or after items[start]; the index to go on from, or None."""
+        k = self._next_kw(table, items, start)
+        if k != start:
+            self._ignored(rec, items[start:k] if k is not None else items[start:],
                           items[k] if k is not None else None)
             if k is None:
-                return
+                return None
         head = items[k]
         kw = head.value
         spec = table[kw]
-        rest = items[k + 1:]
+        n = len(items)
         if spec.type == _ADDRS:
-            nvals = next((i for i, t in enumerate(rest)
-                          if isinstance(t, _Sub) or self._is_kw(t, table)), len(rest))
+            e = k + 1
+            while e < n and not isinstance(items[e], _Sub) and not self._is_kw(items[e], table):
+                e += 1
+            nvals = e - k - 1
         else:
             nvals = 2 if spec.type == _PAIR else 1
-        vals = rest[:nvals]
+        vals = items[k + 1:k + 1 + nvals]
         secret = kw in _SECRET
         if rec.kind in _C_KEYWORDS and kw in _C_KEYWORDS[rec.kind] and rec.first_c_kw is None:
             rec.first_c_kw = head
@@ -1130,36 +1144,39 @@ class _Checker:
             self.error(head, f"'{kw}' expects a value, found '{{' ({_CWORD} stops reading the "
                              "file here)")
             rec.seen.setdefault(kw, head)
-            return
-        if vals and self._is_kw(vals[0], table) and len(rest) > 1:
+            return None
+        if vals and self._is_kw(vals[0], table) and n > k + 2:
             # "ssh_pass" alone on its line, then "vm_start x;": the value and ';' are missing
             took = "it" if secret else f"'{vals[0].value}'"
             self.error(head, f"'{kw}' needs a value ({_CWORD} would take {took} as the value "
                              "and ignore the rest of the statement; is a ';' missing?)")
             rec.seen.setdefault(kw, head)
-            self._statement(rec, rest)
-            return
+            return k + 1
         if len(vals) < max(nvals, 1):
             self.error(head, f"'{kw}' needs two values: MIN MAX" if nvals == 2 else
                              f"'{kw}' needs a value")
             rec.seen.setdefault(kw, head)
-            return
-        extra = rest[len(vals):]
-        if extra:
-            self._extra(rec, kw, spec, vals, extra)
+            return None
+        e = k + 1 + len(vals)
+        nxt = self._next_kw(table, items, e) if e < n else None
+        if e < n:
+            self._extra(rec, kw, spec, vals, items, e, nxt)
         value = self._convert(rec, kw, spec, vals)
         self._store(rec, kw, head, value, vals)
         if spec.type == _OBSOLETE:
             self.warn(head, f"'{kw}' is obsolete and ignored")
-        kpos = next((i for i, t in enumerate(extra) if self._is_kw(t, table)), None)
-        if kpos is not None:
-            self._statement(rec, extra[kpos:])
+        return nxt
 
     def _extra(self, rec: _Rec, kw: str, spec: _Kw, vals: Sequence[_Tok],
-               extra: Sequence[Any]) -> None:
+               items: Sequence[Any], e: int, nxt: int | None) -> None:
+        """Words from items[e] on, after a value: C ignores them (a keyword among them, also in
+        a sub-list, is a lost setting)."""
         table = _KEYWORDS[rec.kind]
-        lost = next((t for t in _flat(extra) if self._is_kw(t, table)), None)
-        first = extra[0]
+        first = items[e]
+        if nxt is not None:
+            lost: _Tok | None = items[nxt]
+        else:
+            lost = next((t for t in _flat(items[e:]) if self._is_kw(t, table)), None)
         where = first.lbrace if isinstance(first, _Sub) else first
         if kw in _SECRET:
             self.error(where, f"expected ';' after the value of '{kw}' (values not shown; "

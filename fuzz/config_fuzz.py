@@ -100,7 +100,8 @@ def _m_number(rng: random.Random, t: str) -> str:
 
 def _m_repeat(rng: random.Random, t: str) -> str:
     p = _pos(rng, t)
-    unit = rng.choice(["x;", "{", "}", "{ ", ";", "a ", '"', "# c\n", "nodeid 1;", "\\\n"])
+    unit = rng.choice(["x;", "{", "}", "{ ", ";", "a ", '"', "# c\n", "nodeid 1;", "\\\n",
+                       "batch YES ", "ssh_pass ", "nodeid ", "a { } ", "addrs 1.2.3.4 "])
     return t[:p] + unit * rng.choice([10, 1000, 20000]) + t[p:]
 
 
@@ -123,6 +124,8 @@ def big_shapes() -> Iterator[tuple[str, str]]:
     yield "1MB of '}'", "}" * 1_000_000
     yield "1MB of config", base * (1_000_000 // len(base) + 1)
     yield "1MB number", "server s { nodeid " + "9" * 1_000_000 + "; };"
+    yield "1MB statement of keywords", "server s { nodeid 1; " + "batch YES " * 100_000 + "};"
+    yield "1MB of 'ssh_pass '", "lb l { nodeid 0; " + "ssh_pass " * 110_000 + "};"
     yield "1MB of NUL", "\x00" * 1_000_000
 
 

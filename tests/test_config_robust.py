@@ -64,6 +64,9 @@ def test_bad_utf8_and_nul_bytes_in_a_file(tmp_path):
     "{" * 5000, "}" * 5000, "server a " + "{" * 5000, "x;" * 5000,
     "lb l { nodeid 0; " + "x;" * 5000 + "};\nserver s { nodeid 1; };",
     'server a { nodeid 1; rname "' + "\\" * 5001, "server a { nodeid 1; rname " + "a" * 100000,
+    "server s { nodeid 1; " + "batch YES " * 20000 + "};",          # no recursion per keyword
+    "lb l { nodeid 0; " + "ssh_pass " * 20000 + "};\nserver s { nodeid 1; };",
+    "server s { nodeid 1; " + "batch YES { } " * 10000 + "};",
 ])
 def test_pathological_shapes_give_bounded_reports(text):
     try:
