@@ -774,6 +774,7 @@ class _Checker:
         self.warnings: list[Issue] = []
         self.more_errors = 0
         self.more_warnings = 0
+        self.truncated = False              # checks skipped once the file is refused anyway
         self.recs: list[_Rec] = []
         self.top = _Rec("top", "", _marker("top", 0), None, "the top level (outside blocks)")
         self._starts = [0] + [m.end() for m in re.finditer("\n", text)]
@@ -1470,6 +1471,7 @@ class _Checker:
     def _services(self, services: Sequence[_Rec]) -> None:
         lo_user = self.dvs.d_nr_sysprocs - self.dvs.d_nr_tasks
         done: list[tuple[_Rec, int, int, int, int]] = []
+        by_dc: dict[int, list[tuple[_Rec, int, int, int, int]]] = {}
         names: dict[str, _Rec] = {}
         for rec in services:
             key = rec.name.lower()
@@ -1520,9 +1522,15 @@ class _Checker:
                           f"endpoints (>= d_nr_sysprocs - d_nr_tasks = {lo_user}); servers "
                           "bound there could not receive client requests")
             dcid = rec.get("dcid", ANY_DC)
-            for prev, pdc, plo, phi, pext in done:
-                if ANY_DC not in (dcid, pdc) and dcid != pdc:
-                    continue
+            if len(self.errors) >= _MAX_ISSUES:
+                cands: Sequence[tuple[_Rec, int, int, int, int]] = ()  # refused anyway
+                self.truncated = True
+            elif dcid == ANY_DC:
+                cands = done
+            else:                   # the same DC and the any-DC services, in file order
+                cands = sorted(by_dc.get(dcid, []) + by_dc.get(ANY_DC, []),
+                               key=lambda c: c[0].kind_tok.loc)
+            for prev, pdc, plo, phi, pext in cands:
                 if ext == pext:
                     self.error(rec.vtok("ext_ep"), f"duplicate ext_ep {ext} in DC "
                                f"{_dc(dcid, pdc)}: service '{prev.name}' (line "
@@ -1542,6 +1550,7 @@ class _Checker:
                                          "it)")
                     break
             done.append((rec, dcid, lo, hi, ext))
+            by_dc.setdefault(dcid, []).append(done[-1])
 
     def _lb(self, lb: _Rec, servers: Sequence[_Rec]) -> None:
         def later(*kws: str) -> _Tok:
@@ -1720,8 +1729,10 @@ def _parse(text: str, path: str, dvs: DvsInfo | None, local_node: int | None,
         if collecting:
             gc.enable()
     errors, warnings = checker.errors, checker.warnings
-    if checker.more_errors:
-        errors.append(Issue(path, 0, 0, f"{checker.more_errors} more errors not shown"))
+    if checker.more_errors or checker.truncated:
+        more = f"{checker.more_errors} more errors not shown" if checker.more_errors else ""
+        skipped = "some checks were skipped after 100 errors" if checker.truncated else ""
+        errors.append(Issue(path, 0, 0, "; ".join(x for x in (more, skipped) if x)))
     if checker.more_warnings:
         warnings.append(Issue(path, 0, 0, f"{checker.more_warnings} more warnings not shown",
                               "warning"))
