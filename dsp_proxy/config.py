@@ -1415,6 +1415,8 @@ class _Checker:
 
     def _lb_names(self, lb: _Rec, nodes: Sequence[_Rec]) -> None:
         """`cltname`/`svrname` that name no node of the file: a warning with a suggestion."""
+        if len(self.errors) >= _MAX_ISSUES:
+            return                      # refused anyway; spare the name comparisons
         known = [lb.name] + [n.name for n in nodes]
         for kw in ("cltname", "svrname"):
             value = lb.get(kw)

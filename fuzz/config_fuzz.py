@@ -126,6 +126,10 @@ def big_shapes() -> Iterator[tuple[str, str]]:
     yield "1MB number", "server s { nodeid " + "9" * 1_000_000 + "; };"
     yield "1MB statement of keywords", "server s { nodeid 1; " + "batch YES " * 100_000 + "};"
     yield "1MB of 'ssh_pass '", "lb l { nodeid 0; " + "ssh_pass " * 110_000 + "};"
+    yield "1MB of services", "lb l { nodeid 0; };\nserver s { nodeid 1; };\n" + "".join(
+        f"service s{i} {{ dcid {i % 32}; ext_ep {i // 32 % 221}; }};\n" for i in range(27_000))
+    yield "1MB of node blocks", "lb l { nodeid 0; cltname x; };\n" + "".join(
+        f"server node{i} {{ nodeid {i % 32}; rport {3000 + i % 32}; }};\n" for i in range(22_000))
     yield "1MB of NUL", "\x00" * 1_000_000
 
 
