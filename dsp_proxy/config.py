@@ -823,9 +823,9 @@ class _Checker:
     def _find_secrets(self, items: Sequence[Any], toks: Sequence[_Tok]) -> None:
         """Mark the tokens no message may show: an ssh_pass statement's, and when it is not a
         clean `ssh_pass VALUE;` (a value with ';', '{', '}' or spaces) the rest of its line;
-        also any token with 'ssh_pass' inside (e.g. an unclosed quote before the keyword)."""
+        also any string with 'ssh_pass' inside (e.g. an unclosed quote before the keyword)."""
         self._hidden_locs.update(t.loc for t in toks
-                                 if "ssh_pass" in t.text and t.text != "ssh_pass")
+                                 if t.kind in ("string", "badstring") and "ssh_pass" in t.text)
         spans: list[tuple[int, int]] = []
         for stmt in self._all_statements(items):
             toks = stmt.toks if not any(isinstance(t, _Sub) for t in stmt.toks) else tuple(

@@ -10,7 +10,7 @@ from fuzz import config_fuzz
 
 
 def test_mutated_configs_give_only_config_errors():
-    figures = config_fuzz.run(count=3000, seconds=50, seed=12)
+    figures = config_fuzz.run(count=3000, seconds=40, seed=12)
     print(figures.line())
     assert figures.tried >= 1000, figures.line()        # thousands on an idle machine
     assert figures.accepted and figures.rejected
