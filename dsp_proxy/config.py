@@ -795,13 +795,13 @@ class _Checker:
         if len(self.errors) >= _MAX_ISSUES:
             self.more_errors += 1
             return
-        self.errors.append(Issue(self.path, *self.pos(where), msg))
+        self.errors.append(Issue(self.path, *self.pos(where), _printable(msg)))
 
     def warn(self, where: _Tok | int | None, msg: str) -> None:
         if len(self.warnings) >= _MAX_ISSUES:
             self.more_warnings += 1
             return
-        self.warnings.append(Issue(self.path, *self.pos(where), msg, "warning"))
+        self.warnings.append(Issue(self.path, *self.pos(where), _printable(msg), "warning"))
 
     def line(self, tok: _Tok | None) -> int:
         return self.pos(tok)[0]

@@ -52,6 +52,12 @@ def test_control_characters_rejected_everywhere(text, where, part):
     assert all("\x00" not in str(e) and "\x1b" not in str(e) for e in errs)
 
 
+def test_messages_never_hold_control_characters():
+    err = issues_of(BASE + "service \x1bsvc { ext_ep 5; };\nservice '\x1bsvc' { ext_ep 5; };\n")
+    assert len(err.issues) >= 3
+    assert all(text.isprintable() for text in map(str, err.issues + err.warnings))
+
+
 def test_bad_utf8_and_nul_bytes_in_a_file(tmp_path):
     p = tmp_path / "bad.cfg"
     p.write_bytes(b"server node1 { nodeid 1; rname \xff\xfe; };\x00\n")
