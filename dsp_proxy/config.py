@@ -723,10 +723,6 @@ def _flat(items: Iterable[Any]) -> Iterable[_Tok]:
             yield it
 
 
-def _first_loc(item: Any) -> int:
-    return item.lbrace.loc if isinstance(item, _Sub) else item.loc
-
-
 # --------------------------------------------------------------------------------------------
 # The checker
 # --------------------------------------------------------------------------------------------
@@ -890,7 +886,6 @@ class _Checker:
             return "end of file"
         return self.show(_Tok("word", m.group(), tok.loc, m.group()))
 
-    found = show
 
     def name(self, tok: _Tok) -> str:
         """A token's text for a message (quoted by the caller)."""
@@ -952,19 +947,6 @@ class _Checker:
                 for b in item.body:
                     if isinstance(b, _Stmt):
                         yield b
-
-    def _all_tokens(self, items: Sequence[Any]) -> Iterable[_Tok]:
-        for item in items:
-            if isinstance(item, _Tok):
-                yield item
-            elif isinstance(item, _Junk):
-                yield from item.toks
-            elif isinstance(item, _Block):
-                yield from item.head
-                yield from item.trail
-                for b in item.body:
-                    if isinstance(b, _Stmt):
-                        yield from _flat(b.toks)
 
     def _junk(self, junk: _Junk, blocks_after: bool) -> None:
         toks = [t for t in junk.toks if t.kind != "badchar"]
