@@ -886,7 +886,6 @@ class _Checker:
             return "end of file"
         return self.show(_Tok("word", m.group(), tok.loc, m.group()))
 
-
     def name(self, tok: _Tok) -> str:
         """A token's text for a message (quoted by the caller)."""
         return "(not shown)" if self.hidden(tok) else _clip(tok.value or tok.text)
