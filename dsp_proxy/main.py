@@ -619,15 +619,23 @@ def check(args: argparse.Namespace) -> int:
         stream, text, status = sys.stdout, cfgmod.format_summary(cfg, args.node), 0
     except cfgmod.ConfigError as err:
         stream, text, status = sys.stderr, str(err), 1
+    if stream is None:                  # no stream at all: the status still tells
+        return status
     data = (text + "\n").encode("ascii", "backslashreplace")
     try:
         stream.flush()
-        stream.buffer.write(data)
+        raw = getattr(stream, "buffer", None)
+        if raw is None:
+            stream.write(data.decode("ascii"))
+        else:
+            raw.write(data)
         stream.flush()
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)   # no second error when Python exits
         os.dup2(devnull, stream.fileno())
         os.close(devnull)
+    except OSError:                     # nowhere to write (closed, full): the status tells
+        pass
     return status
 
 
