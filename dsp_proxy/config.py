@@ -959,6 +959,10 @@ class _Checker:
                                  "file at a statement outside a block and would miss the blocks "
                                  "after it (put it at the end of the file)")
             return
+        if first.kind == "word" and first.text == "include":
+            self.error(first, "'include' is not supported: copy the blocks of that file here "
+                              f"({_CWORD}'s reader would splice it in)")
+            return
         if first.kind == "word" and first.text in KINDS:
             where = toks[2] if len(toks) > 2 else junk.end
             what = " ".join(self.name(t) for t in toks[:2])

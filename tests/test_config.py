@@ -760,6 +760,11 @@ COMPAT = [
         client client1 { nodeid 11; };
         """, "warning", "cltname 'client0' names no node of this file (did you mean 'client1'?)",
      1, 30, lambda c: c.lb.cltname == "client0"),
+    ("include", """\
+        include other.cfg;
+        server node1 { nodeid 1; };
+        """, "error", "'include' is not supported: copy the blocks of that file here", 1, 1,
+     None),
     ("liveness-at-top-level-first", """\
         fd_interval 200;
         server node1 { nodeid 1; };
