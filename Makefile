@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv run test test-deps lint bench clean install
+.PHONY: venv run test test-deps lint bench clean install fuzz fuzz-config fuzz-frames chaos
 
 venv: $(STAMP)
 
@@ -35,6 +35,13 @@ bench: $(STAMP)
 DVS_ROOT ?=
 install:
 	DVS_ROOT="$(DVS_ROOT)" sh init.d/dvs install
+
+# The long fuzzers (bounded versions run in `make test`); each prints its figures.
+fuzz: fuzz-config fuzz-frames
+
+# 10,000 mutated config files (and 1 MB shapes): only Config or ConfigError, figures printed.
+fuzz-config: $(STAMP)
+	$(BIN)/python -m fuzz.config_fuzz --count 10000 --big
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

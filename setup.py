@@ -17,7 +17,6 @@ setup(
     packages=find_packages(include=["dsp_proxy", "dsp_proxy.*", "dvk_cffi", "dvk_cffi.*",
                                     "dvs_apps", "dvs_apps.*"]),
     install_requires=[
-        "pyparsing>=3.1,<4",
         "cffi>=1.16,<3",
         "psutil>=5.9,<8",
         "lz4>=4.3,<5",

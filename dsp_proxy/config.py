@@ -1,31 +1,37 @@
-"""DSP configuration: the C config language, parsed with pyparsing, checked, frozen.
+"""DSP configuration: the C config language, read as the C daemon reads it, checked, frozen.
 
-The language is the one of the C `dsp_proxy` (Kees J. Bot's `configfile` reader, see
-`dsp_behaviour.md` §1): blocks ``lb NAME { ... };``, ``server NAME { ... };``,
-``client NAME { ... };`` and ``service NAME { ... };`` holding ``keyword value;`` statements,
-``#`` comments, quoted strings.  The C reader was silently wrong in many ways (a forgotten ``;``
-dropped settings, duplicate node ids overwrote each other, unknown keywords were warnings); this
-module is strict instead (ARCHITECTURE D15) and reports *every* error of a file at once, each
-with ``file:line:column``, so an operator fixes a file in one round.
+The language is the one of the C `dsp_proxy` (Kees J. Bot's `configfile` reader): blocks
+``lb NAME { ... };``, ``server NAME { ... };``, ``client NAME { ... };`` and
+``service NAME { ... };`` holding ``keyword value;`` statements, ``#`` comments, quoted strings.
+A file the C daemon starts on is accepted with the same meaning, and everything dubious in it
+gets a ``file:line:column`` warning; where the C reading silently loses or changes a setting
+(a forgotten ``;`` swallowing the next statement, a block overwriting another one, a number
+``atoi()`` turns into another), the error says what the C daemon would have done.  Every issue
+of a file is reported at once, so an operator fixes a file in one round; ``strict`` turns the
+warnings into errors.  docs/config.md is the parameter reference and lists the differences.
 
 Public API
 ----------
-``load(path, dvs=None, local_node=None) -> Config`` and ``parse_text(text, path, dvs,
-local_node) -> Config`` raise ``ConfigError`` (a list of ``Issue``) on any error; warnings are
-returned in ``Config.warnings``.  ``format_summary(cfg, local_node=None)`` renders a one-screen
-overview (never showing ``ssh_pass``).  ``docs/config.md`` is the parameter reference.
+``load(path, dvs=None, local_node=None, strict=False) -> Config`` and ``parse_text(text, path,
+dvs, local_node, strict) -> Config`` raise ``ConfigError`` (a list of ``Issue``) on any error,
+and nothing else; warnings are returned in ``Config.warnings``.  ``Config.role(node)`` says what
+a node's DSP runs.  ``format_summary(cfg, local_node=None)`` renders a one-screen overview.  No
+message, summary or log line ever shows text of an ``ssh_pass`` statement.
 
-How it works: a pyparsing grammar turns the text into blocks of statements made of located
-tokens.  The grammar is deliberately tolerant (stray characters, unterminated strings, a missing
-``;`` after ``}``, an unclosed block are parsed into error markers instead of stopping), because
-pyparsing would otherwise stop at the first problem; the checker then walks the tree, converts
-values, applies the keyword tables and the global checks, and collects every issue.
+How it works: one regular expression splits the text into located tokens with the C reader's
+rules; a loop (no recursion, so any nesting depth is fine) groups them into blocks and
+statements, keeping error markers (unclosed block, missing ``;``) instead of stopping; the
+checker walks that tree, applies the C daemon's reading of each statement (first keyword of the
+statement, value after it), converts values, applies the keyword tables and the global checks,
+and collects every issue (at most 100 of each kind are kept).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import difflib
+import gc
 import ipaddress
 import logging
 import re
@@ -34,9 +40,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pyparsing as pp
+from typing import Any, NamedTuple
 
 from dvk_cffi import consts as C
 from dvk_cffi.info import DvsInfo
@@ -44,7 +48,7 @@ from dvk_cffi.info import DvsInfo
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BASE_PORT", "BIND_TYPES", "Config", "ConfigError", "Issue", "LbConfig", "NodeConfig",
+    "BASE_PORT", "BIND_TYPES", "Config", "ConfigError", "Issue", "LbConfig", "NodeConfig", "Role",
     "ServiceConfig", "format_summary", "load", "parse_text",
 ]
 
@@ -76,7 +80,8 @@ class Issue:
     severity: str = "error"
 
     def __str__(self) -> str:
-        where = f"{self.path}:{self.line}:{self.col}" if self.line else self.path
+        path = _printable(self.path)
+        where = f"{path}:{self.line}:{self.col}" if self.line else path
         return f"{where}: {self.severity}: {self.message}"
 
 
@@ -137,6 +142,11 @@ class LbConfig:
     line: int = field(default=0, compare=False)
     col: int = field(default=0, compare=False)
 
+    @property
+    def kernel_name(self) -> str:
+        """The virtual node's kernel name (cut to 15 bytes, as in C)."""
+        return _kernel_name(self.name)
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -147,6 +157,7 @@ class NodeConfig:
     nodeid: int
     rname: str                      # peer address (host name or IP); default: the block name
     rname_explicit: bool = False
+    extra_addrs: tuple[str, ...] = ()   # more addresses the peer's connections may come from
     proto: str = "tcp"
     rport: int | None = None
     sport: int | None = None
@@ -160,6 +171,11 @@ class NodeConfig:
     @property
     def is_server(self) -> bool:
         return self.role == "server"
+
+    @property
+    def kernel_name(self) -> str:
+        """The name the kernel gets (names longer than 15 bytes are cut, as in C)."""
+        return _kernel_name(self.name)
 
     @property
     def is_client(self) -> bool:
@@ -198,6 +214,34 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class Role:
+    """What the DSP of one node runs with a config: the choice the C daemon makes there."""
+
+    node: int
+    kind: str                       # "server" | "client" | "no-block" | "lb-id"
+    peers: tuple[int, ...]          # real nodes it runs a proxy pair for
+    lb_node: int | None             # the LB node's id (None: no lb block)
+    lb_pair: bool                   # whether it runs the LB node's pair (and balances)
+    block: str | None = None        # its own block's name
+    relay: str | None = None        # client of relayed mode: the LB host's name
+
+    def describe(self) -> str:
+        """One line for `--check` and the start-up log."""
+        ids = ", ".join(str(p) for p in self.peers) or "none"
+        lb = (f" and the LB node {self.lb_node}" if self.lb_pair
+              else "" if self.lb_node is None else f", none for the LB node {self.lb_node}")
+        pairs = f"proxy pairs for nodes {ids}{lb}"
+        if self.kind == "lb-id":
+            return (f"node {self.node} is the LB node's id: {pairs}, as the C daemon does there "
+                    "(this node does not balance)")
+        if self.kind == "no-block":
+            return (f"node {self.node} has no block of its own: {pairs} (every configured node, "
+                    "as the C daemon does)")
+        via = f"; sessions relayed through {self.relay}" if self.relay else ""
+        return f"node {self.node} is {self.kind} '{self.block}': {pairs}{via}"
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated DSP configuration (file order kept in `nodes` and `services`)."""
 
@@ -208,6 +252,9 @@ class Config:
     warnings: tuple[Issue, ...] = ()
     local_node: int | None = None
     dvs: DvsInfo = field(default_factory=DvsInfo, repr=False, compare=False)
+    fd_interval: int = 500          # effective liveness settings (lb block, else top level)
+    fd_fall: int = 3
+    fd_rise: int = 2
     _by_id: Mapping[int, NodeConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -242,6 +289,21 @@ class Config:
     def lb_nodeid(self) -> int | None:
         return self.lb.nodeid if self.lb else None
 
+    def role(self, local_id: int) -> Role:
+        """The role node `local_id` gets (also a node without a block, or the LB node's id)."""
+        lb = self.lb_nodeid
+        peers = tuple(n.nodeid for n in self.nodes if n.nodeid != local_id)
+        if lb is not None and local_id == lb:
+            return Role(local_id, "lb-id", peers, lb, False)
+        own = self._by_id.get(local_id)
+        if own is None:
+            return Role(local_id, "no-block", peers, lb, lb is not None)
+        relay = None
+        if own.is_client and self.lb is not None and self.lb.cltname:
+            host = self.node_by_name(self.lb.cltname)
+            relay = host.name if host is not None and host.nodeid != local_id else None
+        return Role(local_id, own.role, peers, lb, lb is not None, own.name, relay)
+
     def peers(self, local_id: int) -> tuple[NodeConfig, ...]:
         """Every configured real node except `local_id` (the nodes that get a proxy pair)."""
         return tuple(n for n in self.nodes if n.nodeid != local_id)
@@ -250,7 +312,7 @@ class Config:
         """Address of node `nodeid`: its `rname`, else its block name."""
         return self.node(nodeid).rname
 
-    # -- ports (ARCHITECTURE §7, D9) ----------------------------------------------------------
+    # -- ports (docs/config.md, Ports) -------------------------------------------------------
     def rport(self, local_id: int, peer_id: int) -> int:
         """Port on which node `local_id` listens for `peer_id`: explicit rport, else 3000+peer."""
         node = self._by_id.get(peer_id)
@@ -323,22 +385,28 @@ def _resolve(name: str) -> set[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Lexical level and grammar (pyparsing)
+# Lexical level and structure (a hand-written reader; C reader rules)
 # --------------------------------------------------------------------------------------------
 
 # Word characters of the C reader: letters, digits, bytes >= 0x80 and ! # $ % & * + - . / : < =
-# > ? [ \ ] ^ _ | ~ -- but a '#' that starts a token starts a comment.
+# > ? [ \ ] ^ _ | ~.  A '#' right after white space (or at the start of the file) starts a
+# comment; anywhere else it is a word character, as in the C reader.
 _WORD_CHARS = r"A-Za-z0-9\u0080-\U0010ffff!#$%&*+\-./:<=>?\[\\\]^_|~"
-_WORD_RE = rf"[{_WORD_CHARS.replace('#', '')}][{_WORD_CHARS}]*"
+_WORD_RE = rf"[{_WORD_CHARS}]+"
 _STRING_RE = r'"(?:[^"\\\n]|\\[\s\S])*"|' + r"'(?:[^'\\\n]|\\[\s\S])*'"
-_KIND_RE = rf"(?:lb|server|client|service)(?![{_WORD_CHARS}])"
 _WS = " \t\r\n\f\v"
+# White space and comments before each token are skipped by the same match.
+_TOKEN_RE = re.compile(
+    rf"(?:[{_WS}]|(?<=[{_WS}])#[^\n]*|^#[^\n]*)*(?:(?P<word>{_WORD_RE})"
+    rf"|(?P<string>{_STRING_RE})|(?P<badstring>[\"'][^\n]*)|(?P<semi>;)|(?P<lbrace>\{{)"
+    rf"|(?P<rbrace>\}})|(?P<badchar>[^{_WORD_CHARS}{_WS}\"';{{}}]+)|$)")
 _SIMPLE_ESCAPES = {"a": "\a", "b": "\b", "e": "\x1b", "f": "\f", "n": "\n", "r": "\r",
                    "s": " ", "t": "\t", "v": "\v"}
+_ATOMS = frozenset({"word", "string", "badstring", "badchar"})
+_ESCAPE_RE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(x)|[^\S]\s*|([\s\S])|$)")
 
 
-@dataclass(frozen=True)
-class _Tok:
+class _Tok(NamedTuple):
     kind: str          # word string badstring badchar lbrace rbrace semi | markers: end nosemi
     text: str          # source text                                       unclosed
     loc: int
@@ -346,136 +414,210 @@ class _Tok:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class _Stmt:
+class _Sub(NamedTuple):
+    """A `{ ... }` sub-list inside a statement (legal for the C reader, never a value here)."""
+
+    lbrace: _Tok
+    toks: tuple[_Tok, ...]        # every token inside, nested braces included
+    closed: bool
+
+
+class _Stmt(NamedTuple):
+    toks: tuple[Any, ...]         # _Tok atoms and _Sub
+    end: _Tok
+
+
+class _Junk(NamedTuple):                      # top-level tokens that do not form a block
     toks: tuple[_Tok, ...]
     end: _Tok
 
 
-@dataclass(frozen=True)
-class _Junk:                      # top-level tokens that do not form a block
-    toks: tuple[_Tok, ...]
-    end: _Tok
-
-
-@dataclass(frozen=True)
-class _Body:
-    items: tuple[Any, ...]        # _Stmt | _Tok(semi) | _Tok(lbrace: stray)
-
-
-@dataclass(frozen=True)
-class _Block:
+class _Block(NamedTuple):
     head: tuple[_Tok, ...]
     lbrace: _Tok
-    body: tuple[Any, ...]
+    body: tuple[Any, ...]         # _Stmt | _Tok(semi) | _Tok(lbrace: stray)
     close: tuple[_Tok, ...]       # (rbrace, semi) | (rbrace, nosemi) | (unclosed,)
+    trail: tuple[_Tok, ...] = ()  # words after the '}' before ';' (ignored, as in C)
 
 
 def _unescape(body: str) -> tuple[str, str | None]:
     """Process the C reader's escapes; returns (text, error message or None)."""
-    out: list[str] = []
-    err = None
-    i, n = 0, len(body)
-    while i < n:
-        c = body[i]
-        i += 1
-        if c != "\\":
-            out.append(c)
+    if "\\" not in body:
+        return body, None
+    bad: list[bool] = []
+
+    def one(m: re.Match[str]) -> str:
+        octal, hexa, badx, other = m.groups()
+        if octal:
+            return chr(int(octal, 8))
+        if hexa:
+            return chr(int(hexa, 16))
+        if badx:
+            bad.append(True)
+            return ""
+        if other is not None:
+            return _SIMPLE_ESCAPES.get(other, other)
+        return "\\" if m.group() == "\\" else ""         # a final '\' / a continuation
+
+    text = _ESCAPE_RE.sub(one, body)
+    return text, ("bad escape '\\x': expected one or two hexadecimal digits" if bad else None)
+
+
+def _tokenize(text: str) -> tuple[list[_Tok], list[_Tok]]:
+    """Split `text` into located tokens (white space and comments dropped).
+
+    Also returns the tokens that need a closer look (bad characters, strings, words with
+    characters that are not printable): the rest pass the lexical checks as they are."""
+    toks: list[_Tok] = []
+    odd: list[_Tok] = []
+    add = toks.append
+    new = tuple.__new__
+    for m in _TOKEN_RE.finditer(text):
+        kind = m.lastgroup
+        if kind is None:
             continue
-        if i >= n:
-            out.append("\\")
-            break
-        c = body[i]
-        i += 1
-        if c.isspace():                         # line continuation: skip the white space
-            while i < n and body[i].isspace():
-                i += 1
-        elif c in "01234567":
-            j = i
-            while j < n and j < i + 2 and body[j] in "01234567":
-                j += 1
-            out.append(chr(int(body[i - 1:j], 8)))
-            i = j
-        elif c == "x":
-            m = re.match(r"[0-9A-Fa-f]{1,2}", body[i:])
-            if not m:
-                err = err or "bad escape '\\x': expected one or two hexadecimal digits"
-                continue
-            out.append(chr(int(m.group(), 16)))
-            i += m.end()
+        s = m.group(kind)
+        loc = m.start(kind)
+        if kind == "word":
+            tok = new(_Tok, (kind, s, loc, s, None))
+            if not s.isprintable():
+                odd.append(tok)
+        elif kind == "string":
+            value, err = _unescape(s[1:-1])
+            tok = _Tok("string", s, loc, value, err)
+            odd.append(tok)
+        elif kind == "badstring":
+            value, _ = _unescape(s[1:])
+            tok = _Tok("badstring", s, loc, value.rstrip(),
+                       "string not closed before the end of line")
+            odd.append(tok)
         else:
-            out.append(_SIMPLE_ESCAPES.get(c, c))
-    return "".join(out), err
+            tok = new(_Tok, (kind, s, loc, s, None))
+            if kind == "badchar":
+                odd.append(tok)
+        add(tok)
+    return toks, odd
 
 
-def _act_string(s: str, loc: int, t: pp.ParseResults) -> _Tok:
-    value, err = _unescape(t[0][1:-1])
-    return _Tok("string", t[0], loc, value, err)
+def _marker(kind: str, loc: int) -> _Tok:
+    return _Tok(kind, "", loc)
 
 
-def _act_badstring(s: str, loc: int, t: pp.ParseResults) -> _Tok:
-    value, _ = _unescape(t[0][1:])
-    return _Tok("badstring", t[0], loc, value.rstrip(), "string not closed before the end of line")
+def _block_start(toks: Sequence[_Tok], j: int) -> bool:
+    """Lookahead: does `KIND NAME {` start at toks[j]? (recovers from a missing '}')."""
+    return (j + 2 < len(toks) and toks[j].kind == "word" and toks[j].text in KINDS
+            and toks[j + 1].kind in ("word", "string") and toks[j + 2].kind == "lbrace")
 
 
-def _act_block(t: pp.ParseResults) -> _Block:
-    items = list(t)
-    i = next(k for k, x in enumerate(items) if isinstance(x, _Tok) and x.kind == "lbrace")
-    return _Block(tuple(items[:i]), items[i], items[i + 1].items, tuple(items[i + 2:]))
+def _sub(toks: Sequence[_Tok], j: int) -> tuple[_Sub, int]:
+    """Read the balanced sub-list opening at toks[j] (iteratively: nesting depth is unbounded)."""
+    depth, k, n = 0, j, len(toks)
+    while k < n:
+        kind = toks[k].kind
+        if kind == "lbrace":
+            depth += 1
+        elif kind == "rbrace":
+            depth -= 1
+            if depth == 0:
+                return _Sub(toks[j], tuple(toks[j + 1:k]), True), k + 1
+        k += 1
+    return _Sub(toks[j], tuple(toks[j + 1:]), False), n
 
 
-def _build_grammar() -> pp.ParserElement:
-    def ws(e: pp.ParserElement) -> pp.ParserElement:
-        return e.set_whitespace_chars(_WS, copy_defaults=False)
+def _block(toks: Sequence[_Tok], head: Sequence[_Tok], j: int, end: int) -> tuple[_Block, int]:
+    lbrace = toks[j]
+    j += 1
+    n = len(toks)
+    body: list[Any] = []
+    stmt: list[Any] = []
 
-    def tok(kind: str) -> Callable[[str, int, pp.ParseResults], _Tok]:
-        return lambda s, loc, t: _Tok(kind, t[0], loc, t[0])
+    def flush(end_tok: _Tok) -> None:
+        if stmt:
+            body.append(_Stmt(tuple(stmt), end_tok))
+            stmt.clear()
 
-    def marker(kind: str) -> pp.ParserElement:
-        return ws(pp.Empty()).set_parse_action(lambda s, loc, t: _Tok(kind, "", loc))
+    while True:
+        if j >= n:
+            flush(_marker("end", end))
+            return _Block(tuple(head), lbrace, tuple(body), (_marker("unclosed", end),)), j
+        t = toks[j]
+        kind = t.kind
+        if kind == "semi":
+            if stmt:
+                flush(t)
+            else:
+                body.append(t)
+            j += 1
+        elif kind == "rbrace":
+            flush(_marker("end", t.loc))
+            j += 1
+            if j < n and toks[j].kind == "semi":
+                return _Block(tuple(head), lbrace, tuple(body), (t, toks[j])), j + 1
+            # C glues what follows onto this statement: plain words up to ';' are ignored
+            k = j
+            while k < n and toks[k].kind in _ATOMS and not _block_start(toks, k):
+                k += 1
+            if k > j and (k >= n or toks[k].kind in ("semi", "rbrace")):
+                trail = tuple(toks[j:k])
+                if k < n and toks[k].kind == "semi":
+                    return _Block(tuple(head), lbrace, tuple(body), (t, toks[k]), trail), k + 1
+                return _Block(tuple(head), lbrace, tuple(body),
+                              (t, _marker("nosemi", toks[k].loc if k < n else end)), trail), k
+            nxt = toks[j].loc if j < n else end
+            return _Block(tuple(head), lbrace, tuple(body), (t, _marker("nosemi", nxt))), j
+        elif kind == "lbrace":
+            if stmt:
+                sub, j = _sub(toks, j)
+                stmt.append(sub)
+                if not sub.closed:
+                    flush(_marker("end", end))
+                    return _Block(tuple(head), lbrace, tuple(body),
+                                  (_marker("unclosed", end),)), j
+            else:
+                body.append(t)
+                j += 1
+        elif kind == "word" and t.text in KINDS and _block_start(toks, j):
+            flush(_marker("end", t.loc))
+            return _Block(tuple(head), lbrace, tuple(body), (_marker("unclosed", t.loc),)), j
+        else:
+            stmt.append(t)
+            j += 1
 
-    word = ws(pp.Regex(_WORD_RE)).set_parse_action(tok("word")).set_name("word")
-    qstring = ws(pp.Regex(_STRING_RE)).set_parse_action(_act_string).set_name("string")
-    badstring = ws(pp.Regex(r"[\"'][^\n]*")).set_parse_action(_act_badstring)
-    badchar = ws(pp.Regex(r"[^\s{};]")).set_parse_action(tok("badchar"))
-    lbrace = ws(pp.Literal("{")).set_parse_action(tok("lbrace"))
-    rbrace = ws(pp.Literal("}")).set_parse_action(tok("rbrace"))
-    semi = ws(pp.Literal(";")).set_parse_action(tok("semi"))
-    # lookahead only: "KIND NAME {" starts a new block (used to recover from a missing '}')
-    block_start = (ws(pp.Regex(_KIND_RE)) + (ws(pp.Regex(_WORD_RE)) | ws(pp.Regex(_STRING_RE)))
-                   + ws(pp.Literal("{")))
 
-    atom = word | qstring | badstring | badchar
-    inner_atom = ~block_start + atom
-    stmt = (pp.OneOrMore(inner_atom) + (semi | marker("end"))).set_parse_action(
-        lambda t: _Stmt(tuple(t)[:-1], t[-1]))
-    body = pp.ZeroOrMore(semi | stmt | lbrace).set_parse_action(lambda t: _Body(tuple(t)))
-    close = (rbrace + (semi | marker("nosemi"))) | marker("unclosed")
-    block = (pp.ZeroOrMore(atom) + lbrace + body + close).set_parse_action(_act_block)
-    junk = (pp.OneOrMore(atom) + (semi | marker("end"))).set_parse_action(
-        lambda t: _Junk(tuple(t)[:-1], t[-1]))
-    grammar = pp.ZeroOrMore(semi | block | junk | rbrace) + ws(pp.StringEnd())
-    grammar.ignore(pp.Suppress(ws(pp.Regex(r"#[^\n]*"))))
-    grammar.parse_with_tabs()
-    return grammar
-
-
-_GRAMMAR: pp.ParserElement | None = None
-
-
-def _grammar() -> pp.ParserElement:
-    global _GRAMMAR
-    if _GRAMMAR is None:
-        _GRAMMAR = _build_grammar()
-    return _GRAMMAR
+def _structure(toks: Sequence[_Tok], end: int) -> list[Any]:
+    """Group tokens into top-level blocks, junk statements, stray ';' and '}' (no recursion)."""
+    items: list[Any] = []
+    i, n = 0, len(toks)
+    while i < n:
+        t = toks[i]
+        if t.kind == "semi":
+            i += 1
+            continue
+        if t.kind == "rbrace":
+            items.append(t)
+            i += 1
+            continue
+        j = i
+        while j < n and toks[j].kind in _ATOMS:
+            j += 1
+        if j < n and toks[j].kind == "lbrace":
+            blk, i = _block(toks, toks[i:j], j, end)
+            items.append(blk)
+        elif j < n and toks[j].kind == "semi":
+            items.append(_Junk(tuple(toks[i:j]), toks[j]))
+            i = j + 1
+        else:
+            items.append(_Junk(tuple(toks[i:j]), _marker("end", toks[j].loc if j < n else end)))
+            i = j
+    return items
 
 
 # --------------------------------------------------------------------------------------------
 # Keyword tables
 # --------------------------------------------------------------------------------------------
 
-_INT, _BOOL, _TEXT, _STRING, _PROTO, _BIND, _PAIR, _OBSOLETE = (
-    "int", "yes/no", "text", "string", "proto", "bind", "pair", "obsolete")
+_INT, _BOOL, _TEXT, _STRING, _PROTO, _BIND, _PAIR, _OBSOLETE, _ADDRS = (
+    "int", "yes/no", "text", "string", "proto", "bind", "pair", "obsolete", "addresses")
 _Range = Callable[[DvsInfo], tuple[int, int]]
 
 
@@ -496,6 +638,13 @@ _EP = _Kw(_INT, lambda d: (0, d.d_nr_procs - 1), " (d_nr_procs - 1)")
 _SECS = _Kw(_INT, _fixed(1, 3600))
 _COUNT = _Kw(_INT, _fixed(1, 100))
 
+_TOP_KW: dict[str, _Kw] = {
+    "fd_interval": _Kw(_INT, _fixed(50, 60000)), "fd_fall": _COUNT, "fd_rise": _COUNT,
+}
+LIVENESS_DEFAULTS: Mapping[str, int] = types.MappingProxyType(
+    {"fd_interval": 500, "fd_fall": 3, "fd_rise": 2})
+"""Liveness keywords (lb block or top level) and their defaults."""
+
 _LB_KW: dict[str, _Kw] = {
     "nodeid": _NODEID, "proxyid": _NODEID,
     "lowwater": _Kw(_INT, _fixed(0, 100)), "highwater": _Kw(_INT, _fixed(0, 100)),
@@ -508,14 +657,14 @@ _LB_KW: dict[str, _Kw] = {
     "session_timeout": _Kw(_INT, _fixed(1, 86400)),
     "max_sessions": _Kw(_INT, lambda d: (1, d.d_nr_procs - d.d_nr_sysprocs),
                         " (d_nr_procs - d_nr_sysprocs)"),
-    "fd_interval": _Kw(_INT, _fixed(50, 60000)), "fd_fall": _COUNT, "fd_rise": _COUNT,
+    **_TOP_KW,
     "lb_eps": _Kw(_PAIR, lambda d: (d.d_nr_sysprocs - d.d_nr_tasks, d.d_nr_procs - 1),
                   " (d_nr_sysprocs - d_nr_tasks .. d_nr_procs - 1: user endpoints)"),
     "cltdev": _Kw(_OBSOLETE), "svrdev": _Kw(_OBSOLETE),
 }
 _CLIENT_KW: dict[str, _Kw] = {
-    "nodeid": _NODEID, "proxyid": _NODEID, "rname": _Kw(_TEXT), "proto": _Kw(_PROTO),
-    "rport": _PORT, "sport": _PORT,
+    "nodeid": _NODEID, "proxyid": _NODEID, "rname": _Kw(_TEXT), "addrs": _Kw(_ADDRS),
+    "proto": _Kw(_PROTO), "rport": _PORT, "sport": _PORT,
     "compress": _Kw(_BOOL), "batch": _Kw(_BOOL), "autobind": _Kw(_BOOL),
 }
 _SERVER_KW: dict[str, _Kw] = {**_CLIENT_KW, "node_image": _Kw(_TEXT)}
@@ -524,10 +673,54 @@ _SERVICE_KW: dict[str, _Kw] = {
     "ext_ep": _EP, "min_ep": _EP, "max_ep": _EP,
     "bind": _Kw(_BIND), "prog": _Kw(_STRING),
 }
-_KEYWORDS = {"lb": _LB_KW, "server": _SERVER_KW, "client": _CLIENT_KW, "service": _SERVICE_KW}
-_ALIASES = {"proxyid": "nodeid"}
+_KEYWORDS = {"lb": _LB_KW, "server": _SERVER_KW, "client": _CLIENT_KW, "service": _SERVICE_KW,
+             "top": _TOP_KW}
+# The keywords the C daemon knows (it requires `nodeid` before any other of them).
+_C_KEYWORDS = {
+    "lb": frozenset({"nodeid", "lowwater", "highwater", "period", "start", "stop", "vm_start",
+                     "vm_stop", "vm_status", "cltname", "svrname", "cltdev", "svrdev",
+                     "ssh_host", "ssh_user", "ssh_pass", "min_servers", "max_servers",
+                     "hello_time"}),
+    "server": frozenset({"nodeid", "proto", "rport", "sport", "compress", "batch", "autobind",
+                         "node_image"}),
+    "client": frozenset({"nodeid", "proto", "rport", "sport", "compress", "batch", "autobind"}),
+}
 _SECRET = frozenset({"ssh_pass"})      # never echoed in messages
-_INT_RE = re.compile(r"[+-]?[0-9]+")
+_ATOI_RE = re.compile(r"[+-]?[0-9]+")
+_MAX_DIGITS = 9                        # longer numbers are out of every range: never converted
+_MAX_ISSUES = 100                      # issues kept per kind; the rest are counted
+_SHOWN = 40                            # characters of a token echoed in a message
+_HOST_RE = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+_CWORD = "the C daemon"
+
+
+def _printable(text: str) -> str:
+    """`text` with every non-printable character escaped (never a raw control character)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace")
+                   .decode("ascii") for c in text)
+
+
+def _clip(text: str) -> str:
+    text = _printable(text)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
+def _kernel_name(name: str) -> str:
+    """The name the kernel stores: at most MAX_NAME bytes (the C daemon truncates likewise)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    return raw[:MAX_NAME].decode("utf-8", "ignore") if len(raw) > MAX_NAME else name
+
+
+def _flat(items: Iterable[Any]) -> Iterable[_Tok]:
+    for it in items:
+        if isinstance(it, _Sub):
+            yield it.lbrace
+            yield from it.toks
+        else:
+            yield it
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,12 +743,10 @@ class _Rec:
     name: str
     kind_tok: _Tok
     name_tok: _Tok | None
+    desc: str = ""
     values: dict[str, _Val] = field(default_factory=dict)
     seen: dict[str, _Tok] = field(default_factory=dict)
-
-    @property
-    def desc(self) -> str:
-        return f"{self.kind} block '{self.name}'"
+    first_c_kw: _Tok | None = None
 
     def get(self, kw: str, default: Any = None) -> Any:
         v = self.values.get(kw)
@@ -577,8 +768,16 @@ class _Checker:
         self.local = local_node
         self.errors: list[Issue] = []
         self.warnings: list[Issue] = []
+        self.more_errors = 0
+        self.more_warnings = 0
+        self.truncated = False              # checks skipped once the file is refused anyway
         self.recs: list[_Rec] = []
+        self.top = _Rec("top", "", _marker("top", 0), None, "the top level (outside blocks)")
         self._starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        self._hidden_locs: set[int] = set()     # tokens of ssh_pass statements
+        self._span_starts: list[int] = []       # rest-of-line spans after a malformed ssh_pass
+        self._span_ends: list[int] = []
+        self._stray_reported: set[int] = set()
 
     # -- issues -------------------------------------------------------------------------------
     def pos(self, where: _Tok | int | None) -> tuple[int, int]:
@@ -589,98 +788,219 @@ class _Checker:
         return line, loc - self._starts[line - 1] + 1
 
     def error(self, where: _Tok | int | None, msg: str) -> None:
-        self.errors.append(Issue(self.path, *self.pos(where), msg))
+        if len(self.errors) >= _MAX_ISSUES:
+            self.more_errors += 1
+            return
+        self.errors.append(Issue(self.path, *self.pos(where), _printable(msg)))
 
     def warn(self, where: _Tok | int | None, msg: str) -> None:
-        self.warnings.append(Issue(self.path, *self.pos(where), msg, "warning"))
+        if len(self.warnings) >= _MAX_ISSUES:
+            self.more_warnings += 1
+            return
+        self.warnings.append(Issue(self.path, *self.pos(where), _printable(msg), "warning"))
 
     def line(self, tok: _Tok | None) -> int:
         return self.pos(tok)[0]
 
-    def found(self, tok: _Tok) -> str:
+    # -- secrets ------------------------------------------------------------------------------
+    def hidden(self, tok: _Tok) -> bool:
+        """True for text of an ssh_pass statement, or after a malformed one on its line."""
+        if not self._hidden_locs:
+            return False
+        if tok.loc in self._hidden_locs:
+            return True
+        i = bisect.bisect_right(self._span_starts, tok.loc) - 1
+        return i >= 0 and tok.loc < self._span_ends[i]
+
+    def _eol(self, loc: int) -> int:
+        end = self.text.find("\n", loc)
+        return len(self.text) if end < 0 else end
+
+    def _find_secrets(self, items: Sequence[Any], toks: Sequence[_Tok]) -> None:
+        """Mark the tokens no message may show: an ssh_pass statement's, and when it is not a
+        clean `ssh_pass VALUE;` (a value with ';', '{', '}' or spaces) the rest of its line;
+        also any string with 'ssh_pass' inside (e.g. an unclosed quote before the keyword)."""
+        self._hidden_locs.update(t.loc for t in toks
+                                 if t.kind in ("string", "badstring") and "ssh_pass" in t.text)
+        spans: list[tuple[int, int]] = []
+        for stmt in self._all_statements(items):
+            toks = stmt.toks if not any(isinstance(t, _Sub) for t in stmt.toks) else tuple(
+                _flat(stmt.toks))
+            k = next((i for i, t in enumerate(toks) if isinstance(t, _Tok)
+                      and t.kind in ("word", "string") and t.value in _SECRET), None)
+            if k is None:
+                continue
+            own = list(_flat(toks[k:]))
+            self._hidden_locs.update(t.loc for t in own)
+            end = stmt.end
+            clean = (len(toks) == k + 2 and isinstance(toks[k + 1], _Tok)
+                     and toks[k + 1].kind in ("word", "string")
+                     and (end.kind == "semi" and self._spaced_after(end.loc)
+                          or end.kind == "end" and self._spaced_before(end.loc)))
+            if not clean:
+                last = max(own[-1].loc, end.loc)
+                spans.append((toks[k].loc, self._eol(last)))
+        spans.sort()
+        for start, stop in spans:
+            if self._span_ends and start <= self._span_ends[-1]:
+                self._span_ends[-1] = max(stop, self._span_ends[-1])
+            else:
+                self._span_starts.append(start)
+                self._span_ends.append(stop)
+
+    def _spaced_after(self, loc: int) -> bool:
+        nxt = self.text[loc + 1:loc + 2]
+        return nxt == "" or nxt in _WS
+
+    def _spaced_before(self, loc: int) -> bool:
+        nxt = self.text[loc + 1:loc + 2]           # '}' then ';' (a block's end) is clean too
+        return loc == 0 or self.text[loc - 1] in _WS or nxt in ("", ";") or nxt in _WS
+
+    def _stray_secret(self, toks: Iterable[Any]) -> bool:
+        """Report (once per line) tokens after a malformed ssh_pass; True if there were any."""
+        if not self._span_starts:
+            return False
+        for t in _flat(toks):
+            if t.kind in _ATOMS and t.loc not in self._hidden_locs and self.hidden(t):
+                i = bisect.bisect_right(self._span_starts, t.loc) - 1
+                if i not in self._stray_reported:
+                    self._stray_reported.add(i)
+                    self.error(t, "the rest of the line after 'ssh_pass' is taken as part of "
+                                  "its value and not shown: quote a password that contains "
+                                  "';', '{', '}', '#' or white space")
+                return True
+        return False
+
+    def show(self, tok: _Tok) -> str:
         """How to name what was found at `tok` in an 'expected X, found Y' message."""
-        if tok.kind in ("word", "badchar"):
-            return f"'{tok.text}'"
+        if tok.kind in _ATOMS and self.hidden(tok):
+            return "a value that is not shown"
+        if tok.kind in ("word", "badchar", "semi", "lbrace", "rbrace"):
+            return f"'{_clip(tok.text)}'"
         if tok.kind in ("string", "badstring"):
-            return f"string {tok.text}"
-        if tok.kind in ("semi", "lbrace", "rbrace"):
-            return f"'{tok.text}'"
+            return f"string {_clip(tok.text)}"
         if tok.loc >= len(self.text):
             return "end of file"
         m = re.compile(rf"{_WORD_RE}|{_STRING_RE}|\S").match(self.text, tok.loc)
-        return f"'{m.group()}'" if m else "end of file"
+        if m is None:
+            return "end of file"
+        return self.show(_Tok("word", m.group(), tok.loc, m.group()))
+
+    def name(self, tok: _Tok) -> str:
+        """A token's text for a message (quoted by the caller)."""
+        return "(not shown)" if self.hidden(tok) else _clip(tok.value or tok.text)
 
     # -- parse tree walk ----------------------------------------------------------------------
-    def run(self, items: Sequence[Any]) -> None:
-        for tok in self._all_tokens(items):
-            if tok.kind == "badchar":
-                self.error(tok, f"unexpected character '{tok.text}' (not part of a word; "
-                                "quote values that contain it)")
-            elif tok.error:
-                self.error(tok, tok.error)
-        for item in items:
+    def run(self, items: Sequence[Any], toks: Sequence[_Tok], odd: Sequence[_Tok]) -> None:
+        if "ssh_pass" in self.text:
+            self._find_secrets(items, toks)
+        for tok in odd:
+            self._lexical(tok)
+        blocks_after = [False] * (len(items) + 1)
+        for i in range(len(items) - 1, -1, -1):
+            blocks_after[i] = blocks_after[i + 1] or isinstance(items[i], _Block)
+        for i, item in enumerate(items):
             if isinstance(item, _Block):
-                self._block(item)
+                nxt = items[i + 1] if i + 1 < len(items) else None
+                self._block(item, nxt)
             elif isinstance(item, _Junk):
-                self._junk(item)
+                if len(self.errors) >= _MAX_ISSUES and item.toks[0].value not in _TOP_KW:
+                    self.more_errors += 1       # refused anyway: no need to look closer
+                    continue
+                self._junk(item, blocks_after[i + 1])
             elif item.kind == "rbrace":
-                self.error(item, "unmatched '}'")
+                self.error(item, "unmatched '}' (the C daemon stops with a parse error)")
         self._global_checks()
 
-    def _all_tokens(self, items: Sequence[Any]) -> Iterable[_Tok]:
-        for item in items:
-            if isinstance(item, _Tok):
-                yield item
-            elif isinstance(item, (_Stmt, _Junk)):
-                yield from item.toks
-            elif isinstance(item, _Block):
-                yield from item.head
-                yield from self._all_tokens(item.body)
+    def _lexical(self, tok: _Tok) -> None:
+        hidden = tok.kind in _ATOMS and self.hidden(tok)
+        if tok.kind == "badchar":
+            if hidden:
+                self.error(tok, "unexpected character (not shown: it follows 'ssh_pass')")
+            elif not tok.text[0].isprintable():
+                self.error(tok, f"unexpected control character {_printable(tok.text[0])} (the "
+                                "C daemon stops with a parse error)")
+            else:
+                self.error(tok, f"unexpected character '{tok.text[0]}' (not part of a word; "
+                                "quote values that contain it)")
+            return
+        if tok.error:
+            self.error(tok, tok.error)
+        value = tok.value if tok.kind in ("string", "badstring") else tok.text
+        if tok.kind in ("word", "string", "badstring") and not value.isprintable():
+            bad = next(c for c in value if not c.isprintable())
+            what = "a value that is not shown" if hidden else f"'{_clip(value)}'"
+            if "\udc80" <= bad <= "\udcff":
+                self.error(tok, f"{what} is not valid UTF-8 (byte 0x{ord(bad) - 0xdc00:02X}): "
+                                "names and values must be UTF-8 text")
+            else:
+                code = "" if hidden else f" U+{ord(bad):04X}"
+                self.error(tok, f"control character{code} in {what}: control characters are "
+                                "not allowed in names and values")
 
-    def _junk(self, junk: _Junk) -> None:
+    def _all_statements(self, items: Sequence[Any]) -> Iterable[_Stmt | _Junk]:
+        for item in items:
+            if isinstance(item, _Junk):
+                yield item
+            elif isinstance(item, _Block):
+                for b in item.body:
+                    if isinstance(b, _Stmt):
+                        yield b
+
+    def _junk(self, junk: _Junk, blocks_after: bool) -> None:
         toks = [t for t in junk.toks if t.kind != "badchar"]
-        if not toks:
+        if not toks or self._stray_secret(toks):
             return
         first = toks[0]
+        if first.kind in ("word", "string") and first.value in _TOP_KW:
+            self._statement(self.top, toks)
+            if blocks_after:
+                self.warn(first, f"'{first.value}' outside a block: {_CWORD} stops reading the "
+                                 "file at a statement outside a block and would miss the blocks "
+                                 "after it (put it at the end of the file)")
+            return
+        if first.kind == "word" and first.text == "include":
+            self.error(first, "'include' is not supported: copy the blocks of that file here "
+                              f"({_CWORD}'s reader would splice it in)")
+            return
         if first.kind == "word" and first.text in KINDS:
             where = toks[2] if len(toks) > 2 else junk.end
-            what = " ".join(t.text for t in toks[:2])
-            self.error(where, f"expected '{{' after '{what}', found {self.found(where)}")
+            what = " ".join(self.name(t) for t in toks[:2])
+            self.error(where, f"expected '{{' after '{what}', found {self.show(where)}")
         else:
             self.error(first, "expected a block ('lb', 'server', 'client' or 'service' NAME "
-                              f"{{ ... }};), found {self.found(first)}")
+                              f"{{ ... }};), found {self.show(first)} ({_CWORD} stops reading "
+                              "the file here)")
 
-    def _block(self, blk: _Block) -> None:
+    def _block(self, blk: _Block, nxt: Any) -> None:
         head = [t for t in blk.head if t.kind != "badchar"]
+        if self._stray_secret(head):
+            return
         rec = None
         if not head:
             self.error(blk.lbrace, "'{' without a block kind: expected 'lb', 'server', "
                                    "'client' or 'service' and a NAME before it")
             what = "block"
-        elif head[0].kind != "word" or head[0].text not in KINDS:
+        elif head[0].kind not in ("word", "string") or head[0].value not in KINDS:
             hint = (" (the multi_proxy 'proxy' block is not part of the DSP language; use "
                     "'server' or 'client')" if head[0].text == "proxy" else "")
-            self.error(head[0], f"unknown block kind {self.found(head[0])}: expected 'lb', "
+            self.error(head[0], f"unknown block kind {self.show(head[0])}: expected 'lb', "
                                 f"'server', 'client' or 'service'{hint}")
-            what = f"block '{head[0].text}'"
+            what = f"block '{self.name(head[0])}'"
         else:
-            kind = head[0].text
+            kind = head[0].value
             if len(head) < 2:
                 self.error(blk.lbrace, f"expected a name after '{kind}', found '{{'")
-                rec = _Rec(kind, "?", head[0], None)
+                rec = _Rec(kind, "?", head[0], None, f"{kind} block '?'")
             else:
-                rec = _Rec(kind, head[1].value, head[0], head[1])
+                rec = _Rec(kind, head[1].value, head[0], head[1],
+                           f"{kind} block '{self.name(head[1])}'")
                 if len(head) > 2:
-                    self.error(head[2], f"expected '{{' after '{kind} {head[1].text}', found "
-                                        f"{self.found(head[2])}")
+                    self.error(head[2], f"expected '{{' after '{kind} {self.name(head[1])}', "
+                                        f"found {self.show(head[2])}")
                 self._check_name(rec)
             what = rec.desc
-        if blk.close[0].kind == "unclosed":
-            self.error(blk.close[0], f"expected '}}' to close {what} (opened at line "
-                                     f"{self.line(blk.lbrace)}), found {self.found(blk.close[0])}")
-        elif blk.close[1].kind == "nosemi":
-            self.error(blk.close[1], f"expected ';' after the '}}' of {what}, found "
-                                     f"{self.found(blk.close[1])}")
+        self._close(blk, what, nxt)
         if rec is None:
             return
         self.recs.append(rec)
@@ -690,92 +1010,234 @@ class _Checker:
             elif item.kind == "lbrace":
                 self.error(item, f"unexpected '{{' inside {rec.desc} (blocks do not nest; is "
                                  "a '}' missing?)")
+        self._finish(rec)
+
+    def _close(self, blk: _Block, what: str, nxt: Any) -> None:
+        close = blk.close
+        if close[0].kind == "unclosed":
+            self.error(close[0], f"expected '}}' to close {what} (opened at line "
+                                 f"{self.line(blk.lbrace)}), found {self.show(close[0])}")
+            return
+        if blk.trail and not self._stray_secret(blk.trail):
+            self.warn(blk.trail[0], f"text after the '}}' of {what} is ignored, as by {_CWORD} "
+                                    f"(found {self.show(blk.trail[0])}; is a ';' missing?)")
+        if close[1].kind != "nosemi":
+            return
+        if isinstance(nxt, _Block):
+            self.error(close[1], f"expected ';' after the '}}' of {what}, found "
+                                 f"{self.show(close[1])} ({_CWORD} would take the block that "
+                                 "follows as part of this statement and ignore it)")
+        elif close[1].loc >= len(self.text):
+            self.warn(close[1], f"expected ';' after the '}}' of {what}, found end of file "
+                                f"(accepted, as by {_CWORD})")
 
     def _check_name(self, rec: _Rec) -> None:
+        tok = rec.name_tok
         if rec.kind == "service":
             if not rec.name:
-                self.error(rec.name_tok, "empty service name")
+                self.error(tok, "empty service name")
             return
         if not rec.name or any(c.isspace() for c in rec.name):
-            self.error(rec.name_tok, f"bad node name {rec.name_tok.text}: it must be a "
-                                     "non-empty word")
-        elif len(rec.name) > MAX_NAME:
-            self.error(rec.name_tok, f"node name '{rec.name}' is too long: at most {MAX_NAME} "
-                                     f"characters (the kernel's names are {C.MAXNODENAME} bytes)")
+            self.error(tok, f"bad node name {self.show(tok)}: it must be a non-empty word")
+        elif len(rec.name.encode("utf-8", "surrogateescape")) > MAX_NAME and rec.name.isprintable():
+            self.warn(tok, f"node name '{self.name(tok)}' is too long: at most {MAX_NAME} "
+                           f"characters (the kernel's names are {C.MAXNODENAME} bytes); the "
+                           f"kernel gets '{_kernel_name(rec.name)}', as with {_CWORD}")
+
+    def _finish(self, rec: _Rec) -> None:
+        """After a block: `proxyid` (the old spelling) and the C daemon's keyword order."""
+        if "proxyid" in rec.seen:
+            ptok = rec.seen.pop("proxyid")
+            pval = rec.values.pop("proxyid", None)
+            if "nodeid" in rec.seen:
+                self.warn(ptok, f"'proxyid' is ignored: 'nodeid' is given at line "
+                                f"{self.line(rec.seen['nodeid'])} ({_CWORD} does not know "
+                                "proxyid)")
+            else:
+                rec.seen["nodeid"] = ptok
+                if pval is not None:
+                    rec.values["nodeid"] = pval
+                self.warn(ptok, "'proxyid' is the old multi_proxy spelling of 'nodeid': read "
+                                f"as nodeid here, but {_CWORD} does not know it")
+        first = rec.first_c_kw
+        if first is not None and first.value != "nodeid" and "nodeid" in rec.seen \
+                and rec.seen["nodeid"].value == "nodeid":
+            self.warn(first, f"'nodeid' should be the first keyword of {rec.desc}: {_CWORD} "
+                             f"stops reading the file at '{first.value}'")
 
     # -- statements ---------------------------------------------------------------------------
-    def _statements(self, rec: _Rec, toks: Sequence[_Tok]) -> None:
+    def _statements(self, rec: _Rec, toks: Sequence[Any]) -> None:
+        if len(toks) == 1:
+            t = toks[0]
+            if (len(self.warnings) >= _MAX_ISSUES and t.kind == "word"
+                    and t.value not in _KEYWORDS[rec.kind]):
+                self.more_warnings += 1     # a lone unknown word: counted only
+            else:
+                self._statement(rec, toks)
+            return
         # An unterminated string runs to the end of its line: what follows is a new statement.
         start = 0
         for i, t in enumerate(toks):
-            if t.kind == "badstring":
+            if isinstance(t, _Tok) and t.kind == "badstring":
                 self._statement(rec, toks[start:i + 1])
                 start = i + 1
         if start < len(toks):
             self._statement(rec, toks[start:])
 
-    def _statement(self, rec: _Rec, toks: Sequence[_Tok]) -> None:
-        toks = [t for t in toks if t.kind != "badchar"]
-        if not toks:
+    @staticmethod
+    def _is_kw(item: Any, table: Mapping[str, _Kw]) -> bool:
+        return isinstance(item, _Tok) and item.kind in ("word", "string") and item.value in table
+
+    def _statement(self, rec: _Rec, items: Sequence[Any]) -> None:
+        """One `;`-statement, read as the C daemon reads it; after a missing `;` the keywords
+        that follow are read too (a loop: a statement may hold any number of them)."""
+        items = [t for t in items if not (isinstance(t, _Tok) and t.kind == "badchar")]
+        if not items or self._stray_secret(items):
             return
         table = _KEYWORDS[rec.kind]
-        head = toks[0]
-        if head.kind != "word" or head.text not in table:
-            self._unknown_keyword(rec, head)
-            return
-        kw = head.text
+        start: int | None = 0
+        while start is not None:
+            start = self._keyword(rec, table, items, start)
+
+    def _next_kw(self, table: Mapping[str, _Kw], items: Sequence[Any], i: int) -> int | None:
+        return next((j for j in range(i, len(items)) if self._is_kw(items[j], table)), None)
+
+    def _keyword(self, rec: _Rec, table: Mapping[str, _Kw], items: Sequence[Any],
+                 start: int) -> int | None:
+        """Read the keyword at or after items[start]; the index to go on from, or None."""
+        k = self._next_kw(table, items, start)
+        if k != start:
+            self._ignored(rec, items[start:k] if k is not None else items[start:],
+                          items[k] if k is not None else None)
+            if k is None:
+                return None
+        head = items[k]
+        kw = head.value
         spec = table[kw]
-        nvals = 2 if spec.type == _PAIR else 1
-        vals = toks[1:1 + nvals]
-        canon = _ALIASES.get(kw, kw)
-        if vals and vals[0].kind == "word" and vals[0].text in table and len(toks) > 2:
-            # "ssh_pass" alone on its line, then "vm_start x;": the value and ';' are missing
-            self.error(head, f"'{kw}' needs a value")
-            rec.seen.setdefault(canon, head)
-            self._statement(rec, toks[1:])
-            return
-        if len(vals) < nvals:
-            self.error(head, f"'{kw}' needs a value" if nvals == 1 else
-                             f"'{kw}' needs two values: MIN MAX")
-            rec.seen.setdefault(canon, head)
-            return
-        extra = toks[1 + nvals:]
-        if extra and canon in _SECRET:
-            self.error(extra[0], f"expected ';' after the value of '{kw}' (values not shown)")
-        elif extra:
-            shown = " ".join(v.text for v in vals)
-            self.error(extra[0], f"expected ';' after '{kw} {shown}', found "
-                                 f"{self.found(extra[0])}")
-        value = self._convert(rec, kw, spec, vals)
-        if canon in rec.seen:
-            first = rec.seen[canon]
-            also = f" (as '{first.text}')" if first.text != kw else ""
-            self.error(head, f"'{kw}' is set twice in {rec.desc}: first at line "
-                             f"{self.line(first)}{also}")
+        n = len(items)
+        if spec.type == _ADDRS:
+            e = k + 1
+            while e < n and not isinstance(items[e], _Sub) and not self._is_kw(items[e], table):
+                e += 1
+            nvals = e - k - 1
         else:
-            rec.seen[canon] = head
-            if value is not _BAD:
-                rec.values[canon] = _Val(value, head, tuple(vals))
+            nvals = 2 if spec.type == _PAIR else 1
+        vals = items[k + 1:k + 1 + nvals]
+        secret = kw in _SECRET
+        if rec.kind in _C_KEYWORDS and kw in _C_KEYWORDS[rec.kind] and rec.first_c_kw is None:
+            rec.first_c_kw = head
+        if any(isinstance(v, _Sub) for v in vals):
+            self.error(head, f"'{kw}' expects a value, found '{{' ({_CWORD} stops reading the "
+                             "file here)")
+            rec.seen.setdefault(kw, head)
+            return None
+        if vals and self._is_kw(vals[0], table) and n > k + 2:
+            # "ssh_pass" alone on its line, then "vm_start x;": the value and ';' are missing
+            took = "it" if secret else f"'{vals[0].value}'"
+            self.error(head, f"'{kw}' needs a value ({_CWORD} would take {took} as the value "
+                             "and ignore the rest of the statement; is a ';' missing?)")
+            rec.seen.setdefault(kw, head)
+            return k + 1
+        if len(vals) < max(nvals, 1):
+            self.error(head, f"'{kw}' needs two values: MIN MAX" if nvals == 2 else
+                             f"'{kw}' needs a value")
+            rec.seen.setdefault(kw, head)
+            return None
+        e = k + 1 + len(vals)
+        nxt = self._next_kw(table, items, e) if e < n else None
+        if e < n:
+            self._extra(rec, kw, spec, vals, items, e, nxt)
+        value = self._convert(rec, kw, spec, vals)
+        self._store(rec, kw, head, value, vals)
         if spec.type == _OBSOLETE:
             self.warn(head, f"'{kw}' is obsolete and ignored")
-        if extra and extra[0].kind == "word" and extra[0].text in table:
-            self._statement(rec, extra)
+        return nxt
 
-    def _unknown_keyword(self, rec: _Rec, head: _Tok) -> None:
+    def _extra(self, rec: _Rec, kw: str, spec: _Kw, vals: Sequence[_Tok],
+               items: Sequence[Any], e: int, nxt: int | None) -> None:
+        """Words from items[e] on, after a value: C ignores them (a keyword among them, also in
+        a sub-list, is a lost setting)."""
         table = _KEYWORDS[rec.kind]
-        names = [k for k, s in table.items() if k not in _ALIASES and s.type != _OBSOLETE]
-        if head.kind != "word":
-            self.error(head, f"expected a keyword of the {rec.kind} block, found "
-                             f"{self.found(head)}")
+        first = items[e]
+        if nxt is not None:
+            lost: _Tok | None = items[nxt]
+        else:
+            lost = next((t for t in _flat(items[e:]) if self._is_kw(t, table)), None)
+        where = first.lbrace if isinstance(first, _Sub) else first
+        if kw in _SECRET:
+            self.error(where, f"expected ';' after the value of '{kw}' (values not shown; "
+                              f"{_CWORD} would take only the first word as the password)")
             return
-        close = difflib.get_close_matches(head.text, list(table), n=1)
-        other = [k for k, t in _KEYWORDS.items() if head.text in t and k != rec.kind]
+        shown = " ".join(_clip(v.text) for v in vals)
+        msg = f"expected ';' after '{kw} {shown}', found {self.show(where)}"
+        if lost is not None:
+            self.error(where, f"{msg} ({_CWORD} reads one keyword per statement and would "
+                              f"ignore '{self.name(lost)}')")
+        elif spec.type in (_TEXT, _STRING):
+            self.error(where, f"{msg} ({_CWORD} would take only '{shown}' as the value; quote "
+                              "a value with spaces)")
+        else:
+            self.warn(where, f"{msg}: the rest of the statement is ignored, as by {_CWORD}")
+
+    def _store(self, rec: _Rec, kw: str, head: _Tok, value: Any, vals: Sequence[_Tok]) -> None:
+        if kw in rec.seen:
+            first = rec.seen[kw]
+            msg = f"'{kw}' is set twice in {rec.desc}: first at line {self.line(first)}"
+            if kw in ("nodeid", "proxyid"):
+                self.error(head, f"{msg} ({_CWORD} stops reading the file here)")
+                return
+            self.warn(head, f"{msg}; the later value is used, as by {_CWORD}")
+        rec.seen[kw] = head
+        if value is _BAD or value is None:
+            rec.values.pop(kw, None)
+        else:
+            rec.values[kw] = _Val(value, head, tuple(vals))
+
+    def _ignored(self, rec: _Rec, lead: Sequence[Any], kwtok: _Tok | None) -> None:
+        """Words before a statement's keyword (or a statement without one): C warns, ignores."""
+        if len(self.warnings) >= _MAX_ISSUES:
+            self.more_warnings += 1
+            return
+        head = lead[0]
+        after = (f"; ignored up to '{kwtok.value}', which is read" if kwtok is not None
+                 else "; the statement is ignored")
+        after += f" (as by {_CWORD})"
+        if isinstance(head, _Sub):
+            self.warn(head.lbrace, f"a '{{ ... }}' sub-list without a keyword in {rec.desc}"
+                                   f"{after}")
+            return
+        if self.hidden(head):
+            self.warn(head, f"unknown keyword (not shown) in {rec.desc}{after}")
+            return
+        if head.kind == "word" and head.text.startswith("#"):
+            self.warn(head, f"'{_clip(head.text)}' is not a comment: '#' starts one only after "
+                            f"white space{after}")
+            return
+        if head.kind == "word" and head.text.startswith("//"):
+            self.warn(head, f"'//' does not start a comment (use '#'): the words up to "
+                            f"{'the keyword' if kwtok else 'the next'} "
+                            f"'{kwtok.value if kwtok else ';'}' are ignored, as by {_CWORD}")
+            return
+        if head.kind != "word":
+            self.warn(head, f"expected a keyword of the {rec.kind} block, found "
+                            f"{self.show(head)}{after}")
+            return
+        table = _KEYWORDS[rec.kind]
+        names = [k for k, s in table.items() if k != "proxyid" and s.type != _OBSOLETE]
+        other = [k for k, t in _KEYWORDS.items()
+                 if head.text in t and k not in (rec.kind, "top")]
+        if head.text in _TOP_KW and rec.kind != "top":
+            other.append("top level")
         if other:
             hint = f" (it belongs in {' or '.join(other)} blocks)"
+        elif self.more_warnings:
+            hint = ""
         else:
+            close = difflib.get_close_matches(head.text, list(table), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-        self.error(head, f"unknown keyword '{head.text}' in {rec.desc}{hint}; expected one of: "
-                         + ", ".join(names))
+        where = "at the top level" if rec.kind == "top" else f"in {rec.desc}"
+        self.warn(head, f"unknown keyword '{_clip(head.text)}' {where}{hint}; expected one "
+                        f"of: {', '.join(names)}{after}")
 
     def _convert(self, rec: _Rec, kw: str, spec: _Kw, vals: Sequence[_Tok]) -> Any:
         v = vals[0]
@@ -789,47 +1251,94 @@ class _Checker:
                 self.error(vals[1], f"'{kw}' MAX {nums[1]} is smaller than MIN {nums[0]}")
                 return _BAD
             return nums[0], nums[1]
+        if spec.type == _ADDRS:
+            return self._addrs(kw, vals)
         text = v.value
+        low = text.lower()
         if spec.type == _BOOL:
-            if text.lower() in ("yes", "no"):
-                return text.lower() == "yes"
-            self.error(v, f"'{kw}' expects YES or NO, found {self.found(v)}")
+            if low in ("yes", "no"):
+                return low == "yes"
+            if low.startswith(("yes", "no")):
+                flag = low.startswith("yes")
+                self.warn(v, f"'{kw}' expects YES or NO, found {self.show(v)}: read as "
+                             f"{_yn(flag)}, as {_CWORD} does (it compares only the first "
+                             "letters)")
+                return flag
+            self.error(v, f"'{kw}' expects YES or NO, found {self.show(v)}")
             return _BAD
         if spec.type == _PROTO:
-            if text.lower() == "tcp":
+            if low == "tcp":
                 return "tcp"
-            if text.lower() in ("udp", "tipc"):
-                self.warn(v, f"proto {text} is not supported: treated as tcp")
-                return "tcp"
-            self.error(v, f"'proto' expects tcp, found {self.found(v)}")
-            return _BAD
+            for p in ("tcp", "udp", "tipc"):
+                if low.startswith(p):
+                    note = "" if p == "tcp" else ": treated as tcp"
+                    if low == p:
+                        self.warn(v, f"proto {text} is not supported{note}")
+                    else:
+                        self.warn(v, f"proto {self.show(v)} is read as {p}, as by {_CWORD}"
+                                     f"{' (not supported' + note + ')' if note else ''}")
+                    return "tcp"
+            self.warn(v, f"'proto' expects tcp, found {self.show(v)}: ignored, tcp is used (as "
+                         f"by {_CWORD})")
+            return "tcp"
         if spec.type == _BIND:
             if text in BIND_TYPES:
                 return text
             self.error(v, f"'bind' expects replica, local, backup or external, found "
-                          f"{self.found(v)}")
+                          f"{self.show(v)} ({_CWORD} exits with 'Configuration Error')")
             return _BAD
         if spec.type == _STRING and v.kind not in ("string", "badstring"):
-            self.error(v, f"'{kw}' expects a quoted string, found {self.found(v)}")
+            self.error(v, f"'{kw}' expects a quoted string, found {self.show(v)}")
             return _BAD
         if not text:
-            self.error(v, f"'{kw}' must not be empty")
-            return _BAD
+            self.warn(v, f"'{kw}' must not be empty: treated as not set")
+            return None
         return text
 
-    def _int(self, kw: str, spec: _Kw, tok: _Tok) -> Any:
-        text = tok.value.strip()
-        if not _INT_RE.fullmatch(text):
-            why = (" (only decimal numbers are accepted)"
-                   if re.fullmatch(r"[+-]?0[xX][0-9A-Fa-f]+", text) else "")
-            self.error(tok, f"'{kw}' expects a decimal integer, found {self.found(tok)}{why}")
+    def _addrs(self, kw: str, vals: Sequence[_Tok]) -> Any:
+        out: list[str] = []
+        for v in vals:
+            for a in v.value.split():
+                if _norm_ip(a) is None and not _HOST_RE.fullmatch(a):
+                    self.error(v, f"'{kw}': '{_clip(a)}' is neither an IP address nor a host "
+                                  "name")
+                    return _BAD
+                out.append(a)
+        if not out:
+            self.error(vals[0], f"'{kw}' needs at least one address")
             return _BAD
-        n = int(text)
-        if spec.rng is not None:
-            lo, hi = spec.rng(self.dvs)
-            if not lo <= n <= hi:
-                self.error(tok, f"'{kw}' value {n} is out of range {lo}..{hi}{spec.why}")
+        return tuple(out)
+
+    def _int(self, kw: str, spec: _Kw, tok: _Tok) -> Any:
+        text = tok.value.lstrip(_WS)
+        m = _ATOI_RE.match(text)
+        if m is None:
+            self.error(tok, f"'{kw}' expects a decimal integer, found {self.show(tok)} "
+                            f"({_CWORD} would read it as 0)")
+            return _BAD
+        digits = m.group()
+        rest = text[m.end():]
+        lo, hi = spec.rng(self.dvs) if spec.rng is not None else (None, None)
+        if len(digits.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+            self.error(tok, f"'{kw}' value {self.show(tok)} is out of range {lo}..{hi}"
+                            f"{spec.why}")
+            return _BAD
+        n = int(digits)
+        if rest:
+            if digits.lstrip("+-") == "0" and rest[0] in "xX":
+                self.error(tok, f"'{kw}' expects a decimal integer, found {self.show(tok)} "
+                                f"(only decimal numbers are accepted; {_CWORD} would read it "
+                                "as 0)")
                 return _BAD
+            if re.match(r"[.,eE][0-9]", rest):
+                self.error(tok, f"'{kw}' expects a decimal integer, found {self.show(tok)} "
+                                f"({_CWORD} would read it as {n}: write a whole number)")
+                return _BAD
+            self.warn(tok, f"'{kw}' expects a decimal integer, found {self.show(tok)}: read as "
+                           f"{n}, as {_CWORD}'s atoi() does")
+        if lo is not None and not lo <= n <= hi:
+            self.error(tok, f"'{kw}' value {n} is out of range {lo}..{hi}{spec.why}")
+            return _BAD
         return n
 
     # -- global checks ------------------------------------------------------------------------
@@ -854,19 +1363,31 @@ class _Checker:
         if lb is not None:
             self._lb(lb, servers)
             self._relay(lb, nodes)
+            self._lb_names(lb, nodes)
         elif servers:
             for s in servers:
                 if "node_image" in s.values:
                     self.error(s.values["node_image"].kw, f"{s.desc} has node_image but there "
                                "is no lb block with vm_start/vm_stop/vm_status to start it")
+        self._liveness(lb)
         self._ports(nodes)
         self._local(lb, nodes)
         self._addresses(nodes)
         if not nodes and not self.errors:
             self.error(None, "no server or client block: the file defines no node to connect")
 
+    def _liveness(self, lb: _Rec | None) -> None:
+        """Liveness keywords may be given outside the blocks too; the lb block's win."""
+        if lb is None:
+            return
+        for kw in _TOP_KW:
+            if kw in self.top.seen and kw in lb.seen:
+                self.warn(self.top.seen[kw], f"'{kw}' is given both at the top level and in "
+                          f"{lb.desc} (line {self.line(lb.seen[kw])}): the lb block's value "
+                          "is used")
+
     def _relay(self, lb: _Rec, nodes: Sequence[_Rec]) -> None:
-        """D13 relayed mode: `cltname` naming a node of the config makes it the LB host of the
+        """Relayed mode: `cltname` naming a node of the config makes it the LB host of the
         client nodes, which then need the `lb_eps` range for their translated endpoints."""
         host = next((n for n in nodes if n.name == lb.get("cltname")), None)
         if host is None or "cltname" not in lb.values:
@@ -877,17 +1398,44 @@ class _Checker:
                        f"nodes reach the lb through it (relayed mode), which needs lb_eps "
                        f"MIN MAX for their translated endpoints")
 
+    def _lb_names(self, lb: _Rec, nodes: Sequence[_Rec]) -> None:
+        """`cltname`/`svrname` that name no node of the file: a warning with a suggestion."""
+        if len(self.errors) >= _MAX_ISSUES:
+            return                      # refused anyway; spare the name comparisons
+        known = [lb.name] + [n.name for n in nodes]
+        for kw in ("cltname", "svrname"):
+            value = lb.get(kw)
+            if value is None or value in known:
+                continue
+            close = difflib.get_close_matches(value, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.warn(lb.vtok(kw), f"{kw} '{_clip(value)}' names no node of this file{hint}: "
+                      + ("client nodes balance their own sessions (no relayed mode)"
+                         if kw == "cltname" else
+                         "the lowest-id live server makes the autoscaling decisions"))
+
     def _names(self, recs: Sequence[_Rec]) -> None:
         first: dict[str, _Rec] = {}
+        kernel: dict[str, _Rec] = {}
         for rec in recs:
             if rec.name_tok is None:
                 continue
             if rec.name in first:
                 prev = first[rec.name]
-                self.error(rec.name_tok, f"duplicate node name '{rec.name}': already used by "
-                                         f"{prev.kind} block at line {self.line(prev.kind_tok)}")
-            else:
-                first[rec.name] = rec
+                self.warn(rec.name_tok, f"duplicate node name '{self.name(rec.name_tok)}': "
+                          f"already used by {prev.kind} block at line "
+                          f"{self.line(prev.kind_tok)} (both blocks are kept, as by {_CWORD}; "
+                          "they reach the same host)")
+                continue
+            first[rec.name] = rec
+            kname = _kernel_name(rec.name)
+            if kname in kernel and kernel[kname].name != rec.name:
+                prev = kernel[kname]
+                self.error(rec.name_tok, f"node names '{self.name(rec.name_tok)}' and "
+                           f"'{self.name(prev.name_tok)}' (line {self.line(prev.kind_tok)}) "
+                           f"are the same in their first {MAX_NAME} bytes: the kernel (and "
+                           f"{_CWORD}) would see two nodes named '{kname}'")
+            kernel.setdefault(kname, rec)
 
     def _node_ids(self, recs: Sequence[_Rec]) -> None:
         first: dict[int, _Rec] = {}
@@ -897,28 +1445,38 @@ class _Checker:
                 continue
             if nid in first:
                 prev = first[nid]
-                self.error(rec.vtok("nodeid"), f"duplicate node id {nid}: {rec.desc} reuses "
-                           f"the id given to {prev.desc} at line {self.line(prev.vtok('nodeid'))}")
+                msg = (f"duplicate node id {nid}: {rec.desc} reuses the id given to "
+                       f"{prev.desc} at line {self.line(prev.vtok('nodeid'))}")
+                both = all(r.values["nodeid"].kw.value == "nodeid" for r in (rec, prev))
+                if both and "lb" not in (rec.kind, prev.kind):
+                    msg += (f" ({_CWORD} would let this block silently overwrite "
+                            f"'{self.name(prev.name_tok)}')") if prev.name_tok else ""
+                self.error(rec.vtok("nodeid"), msg)
             else:
                 first[nid] = rec
 
     def _services(self, services: Sequence[_Rec]) -> None:
         lo_user = self.dvs.d_nr_sysprocs - self.dvs.d_nr_tasks
-        done: list[tuple[_Rec, int, int, int]] = []
+        done: list[tuple[_Rec, int, int, int, int]] = []
+        by_dc: dict[int, list[tuple[_Rec, int, int, int, int]]] = {}
         names: dict[str, _Rec] = {}
         for rec in services:
             key = rec.name.lower()
             if rec.name_tok is not None and key in names:
                 prev = names[key]
-                self.error(rec.name_tok, f"duplicate service name '{rec.name}': service "
-                           f"'{prev.name}' is at line {self.line(prev.kind_tok)} (names are "
-                           "case-insensitive)")
+                self.error(rec.name_tok, f"duplicate service name '{self.name(rec.name_tok)}': "
+                           f"service '{prev.name}' is at line {self.line(prev.kind_tok)} (names "
+                           "are case-insensitive)")
             names.setdefault(key, rec)
             bind, prog = rec.get("bind"), rec.get("prog")
             if bind not in (None, "external") and "prog" not in rec.seen:
-                self.error(rec.vtok("bind"), f"bind {bind} needs a 'prog' to start the service "
-                                             "(or use bind external)")
-            elif prog is not None and bind in (None, "external"):
+                self.warn(rec.vtok("bind"), f"bind {bind} needs a 'prog' to start the service: "
+                          f"without one the service is external (started by hand), as with "
+                          f"{_CWORD}")
+                rec.values["bind"] = _Val("external", rec.values["bind"].kw,
+                                          rec.values["bind"].toks)
+            elif prog is not None and bind in (None, "external") and (
+                    "bind" not in rec.seen or bind is not None):
                 self.warn(rec.vtok("prog"), f"service '{rec.name}': prog is never run because "
                           "bind is external (give bind replica, local or backup)")
             ext = rec.get("ext_ep")
@@ -937,12 +1495,13 @@ class _Checker:
             if not has_min:
                 lo = hi = ext
             if lo > hi:
-                self.error(rec.vtok("min_ep"), f"min_ep {lo} is greater than max_ep {hi}")
-                continue
-            if not lo <= ext <= hi:
-                self.error(rec.vtok("ext_ep"), f"ext_ep {ext} is outside min_ep..max_ep "
-                                               f"{lo}..{hi}")
-                continue
+                self.warn(rec.vtok("min_ep"), f"min_ep {lo} is greater than max_ep {hi}: the "
+                          f"range is empty, only ext_ep {ext} is served ({_CWORD} does not "
+                          "check it)")
+                lo = hi = ext
+            elif not lo <= ext <= hi:
+                self.warn(rec.vtok("ext_ep"), f"ext_ep {ext} is outside min_ep..max_ep "
+                          f"{lo}..{hi} ({_CWORD} does not check it; both are served)")
             if hi >= lo_user:
                 first_user = max(lo, lo_user)
                 self.warn(rec.vtok("max_ep") or rec.vtok("ext_ep"),
@@ -950,22 +1509,35 @@ class _Checker:
                           f"endpoints (>= d_nr_sysprocs - d_nr_tasks = {lo_user}); servers "
                           "bound there could not receive client requests")
             dcid = rec.get("dcid", ANY_DC)
-            for prev, pdc, plo, phi in done:
-                if ANY_DC not in (dcid, pdc) and dcid != pdc:
-                    continue
-                pext = prev.get("ext_ep")
+            if len(self.errors) >= _MAX_ISSUES:
+                cands: Sequence[tuple[_Rec, int, int, int, int]] = ()  # refused anyway
+                self.truncated = True
+            elif dcid == ANY_DC:
+                cands = done
+            else:                   # the same DC and the any-DC services, in file order
+                cands = sorted(by_dc.get(dcid, []) + by_dc.get(ANY_DC, []),
+                               key=lambda c: c[0].kind_tok.loc)
+            for prev, pdc, plo, phi, pext in cands:
                 if ext == pext:
                     self.error(rec.vtok("ext_ep"), f"duplicate ext_ep {ext} in DC "
                                f"{_dc(dcid, pdc)}: service '{prev.name}' (line "
                                f"{self.line(prev.kind_tok)}) uses it")
                     break
                 if lo <= phi and plo <= hi:
-                    self.error(rec.vtok("min_ep") or rec.vtok("ext_ep"),
-                               f"endpoints {lo}..{hi} of service '{rec.name}' overlap "
-                               f"{plo}..{phi} of service '{prev.name}' (line "
-                               f"{self.line(prev.kind_tok)}) in DC {_dc(dcid, pdc)}")
+                    msg = (f"endpoints {lo}..{hi} of service '{rec.name}' overlap "
+                           f"{plo}..{phi} of service '{prev.name}' (line "
+                           f"{self.line(prev.kind_tok)}) in DC {_dc(dcid, pdc)}")
+                    where = rec.vtok("min_ep") or rec.vtok("ext_ep")
+                    if plo <= ext <= phi or lo <= pext <= hi:
+                        self.error(where, f"{msg}: one's ext_ep lies in the other's range, so "
+                                          "requests to it could reach the wrong service")
+                    else:
+                        self.warn(where, f"{msg}: an endpoint in both belongs to "
+                                         f"'{prev.name}', the first ({_CWORD} does not check "
+                                         "it)")
                     break
-            done.append((rec, dcid, lo, hi))
+            done.append((rec, dcid, lo, hi, ext))
+            by_dc.setdefault(dcid, []).append(done[-1])
 
     def _lb(self, lb: _Rec, servers: Sequence[_Rec]) -> None:
         def later(*kws: str) -> _Tok:
@@ -995,7 +1567,7 @@ class _Checker:
                 self.error(lb.vtok("min_servers"), f"min_servers {mn} is greater than "
                                                    f"{what} {mx}")
         imaged = [s for s in servers if "node_image" in s.values]
-        missing = [k for k in ("vm_start", "vm_stop", "vm_status") if k not in lb.seen]
+        missing = [k for k in ("vm_start", "vm_stop", "vm_status") if k not in lb.values]
         if imaged and missing:
             s = imaged[0]
             self.error(lb.kind_tok, f"{lb.desc} must set {', '.join(missing)}: {s.desc} (line "
@@ -1032,10 +1604,12 @@ class _Checker:
             self.error(None, f"local node id {local} is out of range 0..{self.dvs.d_nr_nodes - 1}")
             return
         if lb is not None and lb.get("nodeid") == local:
-            self.error(lb.vtok("nodeid"), f"the local node {local} cannot be the lb's virtual "
-                                          "node id")
-        if not any(r.get("nodeid") == local for r in nodes):
-            self.warn(None, f"local node {local} has no server or client block in this file")
+            self.warn(lb.vtok("nodeid"), f"the local node {local} is the lb's virtual node id: "
+                      "it runs proxies for every configured node and no LB pair, as "
+                      f"{_CWORD} does there (it does not balance)")
+        elif not any(r.get("nodeid") == local for r in nodes):
+            self.warn(None, f"local node {local} has no server or client block in this file: "
+                      f"it runs proxies for every configured node, as {_CWORD} does")
         for rec in nodes:
             peer = rec.get("nodeid")
             if peer is None or peer == local:
@@ -1068,10 +1642,13 @@ class _Checker:
         nodes: list[NodeConfig] = []
         services: list[ServiceConfig] = []
         nsrv = sum(1 for r in self.recs if r.kind == "server")
+        lbrec = next((r for r in self.recs if r.kind == "lb"), None)
+        live = {k: (lbrec.get(k) if lbrec is not None and k in lbrec.values
+                    else self.top.get(k, d)) for k, d in LIVENESS_DEFAULTS.items()}
         for rec in self.recs:
             line, col = self.pos(rec.kind_tok)
             g = rec.get
-            if rec.kind == "lb" and lb is None:
+            if rec is lbrec:
                 period = g("period", 30)
                 lb = LbConfig(
                     name=rec.name, nodeid=g("nodeid"), lowwater=g("lowwater", 30),
@@ -1084,25 +1661,30 @@ class _Checker:
                     ssh_pass=g("ssh_pass"), session_timeout=g("session_timeout", 300),
                     max_sessions=g("max_sessions",
                                    self.dvs.d_nr_procs - self.dvs.d_nr_sysprocs),
-                    fd_interval=g("fd_interval", 500), fd_fall=g("fd_fall", 3),
-                    fd_rise=g("fd_rise", 2), lb_eps=g("lb_eps"), line=line, col=col)
+                    fd_interval=live["fd_interval"], fd_fall=live["fd_fall"],
+                    fd_rise=live["fd_rise"], lb_eps=g("lb_eps"), line=line, col=col)
             elif rec.kind in ("server", "client"):
                 nodes.append(NodeConfig(
                     name=rec.name, role=rec.kind, nodeid=g("nodeid"),
                     rname=g("rname", rec.name), rname_explicit="rname" in rec.values,
+                    extra_addrs=g("addrs", ()),
                     proto=g("proto", "tcp"), rport=g("rport"), sport=g("sport"),
                     compress=g("compress", False), batch=g("batch", False),
                     autobind=g("autobind", False), node_image=g("node_image"),
                     line=line, col=col))
             elif rec.kind == "service":
                 ext = g("ext_ep")
+                lo, hi = g("min_ep", ext), g("max_ep", ext)
+                if lo > hi:
+                    lo = hi = ext
                 services.append(ServiceConfig(
-                    name=rec.name, ext_ep=ext, min_ep=g("min_ep", ext), max_ep=g("max_ep", ext),
+                    name=rec.name, ext_ep=ext, min_ep=lo, max_ep=hi,
                     dcid=g("dcid", ANY_DC), bind=g("bind", "external"), prog=g("prog"),
                     line=line, col=col))
         return Config(path=self.path, lb=lb, nodes=tuple(nodes), services=tuple(services),
                       warnings=tuple(_sorted(self.warnings)), local_node=self.local,
-                      dvs=self.dvs)
+                      dvs=self.dvs, fd_interval=live["fd_interval"], fd_fall=live["fd_fall"],
+                      fd_rise=live["fd_rise"])
 
 
 def _dc(a: int, b: int) -> str:
@@ -1115,38 +1697,78 @@ def _dc(a: int, b: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_text(text: str, path: str = "<string>", dvs: DvsInfo | None = None,
-               local_node: int | None = None) -> Config:
-    """Parse and check config `text`; raise ConfigError listing every error found.
+MAX_FILE_SIZE = 16 * 1024 * 1024
+"""Larger config files are refused unread (a real one is a few KB)."""
 
-    `dvs` supplies the kernel limits (DVK defaults when None); `local_node`, when known, enables
-    the port-scheme warnings and the local-node checks."""
+
+def _parse(text: str, path: str, dvs: DvsInfo | None, local_node: int | None,
+           strict: bool) -> Config:
+    """The reader and checker proper: ConfigError for every problem in `text`."""
     checker = _Checker(text, path, dvs or DvsInfo(), local_node)
+    # A large file makes a million small tuples, none of them cyclic: without the cyclic
+    # collector running over and over meanwhile, reading is several times faster.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        items = list(_grammar().parse_string(text, parse_all=True))
-    except pp.ParseBaseException as exc:   # the grammar accepts any input; this is a safeguard
-        line, col = checker.pos(exc.loc)
-        raise ConfigError([Issue(path, line, col, f"syntax error: {exc.msg}")]) from None
-    checker.run(items)
-    if checker.errors:
-        raise ConfigError(_sorted(checker.errors), _sorted(checker.warnings))
+        toks, odd = _tokenize(text)
+        checker.run(_structure(toks, len(text)), toks, odd)
+    finally:
+        if collecting:
+            gc.enable()
+    errors, warnings = checker.errors, checker.warnings
+    if checker.more_errors or checker.truncated:
+        more = f"{checker.more_errors} more errors not shown" if checker.more_errors else ""
+        skipped = "some checks were skipped after 100 errors" if checker.truncated else ""
+        errors.append(Issue(path, 0, 0, "; ".join(x for x in (more, skipped) if x)))
+    if checker.more_warnings:
+        warnings.append(Issue(path, 0, 0, f"{checker.more_warnings} more warnings not shown",
+                              "warning"))
+    if strict and warnings:
+        errors = errors + [dataclasses.replace(w, severity="error") for w in warnings]
+        warnings = []
+    if errors:
+        raise ConfigError(_sorted(errors), _sorted(warnings))
     cfg = checker.build()
     log.debug("config %s: lb=%s, %d nodes, %d services, %d warnings", path,
               cfg.lb_nodeid, len(cfg.nodes), len(cfg.services), len(cfg.warnings))
     return cfg
 
 
-def load(path: str | Path, dvs: DvsInfo | None = None,
-         local_node: int | None = None) -> Config:
+def parse_text(text: str, path: str = "<string>", dvs: DvsInfo | None = None,
+               local_node: int | None = None, strict: bool = False) -> Config:
+    """Parse and check config `text`; raise ConfigError listing every error found.
+
+    `dvs` supplies the kernel limits (DVK defaults when None); `local_node`, when known, enables
+    the port-scheme warnings and the local-node checks; `strict` makes every warning an error.
+    Nothing but ConfigError leaves this function: a checker bug is logged with its traceback
+    and reported as a config error, so a reload keeps the running configuration."""
+    try:
+        return _parse(text, path, dvs, local_node, strict)
+    except ConfigError:
+        raise
+    except Exception as exc:            # a bug of this module must not end the daemon
+        log.exception("internal error while checking %s", path)
+        raise ConfigError([Issue(path, 0, 0, "internal error of the config checker "
+                                             f"({type(exc).__name__}); see the log")]) from None
+
+
+def load(path: str | Path, dvs: DvsInfo | None = None, local_node: int | None = None,
+         strict: bool = False) -> Config:
     """Read and check the config file `path` (see parse_text); unreadable file -> ConfigError."""
     p = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_SIZE + 1)
     except OSError as exc:
-        raise ConfigError([Issue(p, 0, 0, f"cannot read the config file: {exc.strerror}")]) \
-            from None
-    # Bytes >= 0x80 are word characters; undecodable ones survive as surrogate escapes.
-    return parse_text(raw.decode("utf-8", errors="surrogateescape"), p, dvs, local_node)
+        raise ConfigError([Issue(p, 0, 0, f"cannot read the config file: "
+                                          f"{exc.strerror or exc}")]) from None
+    except ValueError as exc:           # e.g. a NUL in the path
+        raise ConfigError([Issue(p, 0, 0, f"cannot read the config file: {exc}")]) from None
+    if len(raw) > MAX_FILE_SIZE:
+        raise ConfigError([Issue(p, 0, 0, f"the config file is larger than {MAX_FILE_SIZE} "
+                                          "bytes")])
+    # Undecodable bytes survive as surrogate escapes, which the checker reports.
+    return parse_text(raw.decode("utf-8", errors="surrogateescape"), p, dvs, local_node, strict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1166,8 +1788,10 @@ def _table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
 def format_summary(cfg: Config, local_node: int | None = None) -> str:
     """A one-screen overview of the cluster for `--check` and logs; never shows `ssh_pass`."""
     local = cfg.local_node if local_node is None else local_node
-    out = [f"DSP configuration {cfg.path}"
+    out = [f"DSP configuration {_printable(cfg.path)}"
            + (f" (local node {local})" if local is not None else "")]
+    if local is not None:
+        out.append(f"role: {cfg.role(local).describe()}")
     lb = cfg.lb
     if lb is None:
         out.append("no lb block: plain proxy between the configured nodes")
@@ -1229,10 +1853,3 @@ def format_summary(cfg: Config, local_node: int | None = None) -> str:
         out += [f"  {w}" for w in cfg.warnings]
     return "\n".join(out)
 
-
-def liveness(cfg: Config) -> tuple[int, int, int]:
-    """The failure-detection settings in force: (fd_interval ms, fd_fall, fd_rise)."""
-    lb = cfg.lb
-    if lb is not None:
-        return lb.fd_interval, lb.fd_fall, lb.fd_rise
-    return LbConfig.fd_interval, LbConfig.fd_fall, LbConfig.fd_rise

@@ -142,7 +142,7 @@ class Dsp:
         self.node_pids = _node_pids(dvk)
         self.limits = WireLimits(dvs.d_nr_nodes, dvs.d_nr_dcs)
         self.group: Group | None = None
-        if topology.role(cfg, local) in ("server", "client", "lb host"):
+        if cfg.role(local).lb_pair and not topology.is_relayed_client(cfg, local):
             self.group = Group(cfg, local, _LinkView(self.links), self.relay_host,
                                self.node_pids)
         self.router = Router(local, self.lb_nodeid, self.group)
@@ -164,12 +164,12 @@ class Dsp:
 
     def _set_timers(self, cfg) -> None:
         """Liveness and load timers (at start and on a reload)."""
-        self.fd_interval_ms, fall, self.fd_rise = cfgmod.liveness(cfg)
+        self.fd_interval_ms, fall, self.fd_rise = cfg.fd_interval, cfg.fd_fall, cfg.fd_rise
         # DOWN after fd_fall intervals with nothing received (HELLOs keep idle links
         # talking), so a frozen peer is noticed, not only a closed socket
         self.silence_timeout = self.fd_interval_ms * fall / 1000.0
         self.user_timeout_ms = int(self.silence_timeout * 1000)
-        self.period = cfg.lb.period if cfg.lb is not None else 30
+        self.period = (cfg.lb or cfgmod.LbConfig).period
         for link in self.links.values():
             link.fd_silence = self.silence_timeout
 
@@ -852,6 +852,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("config", help="configuration file")
     p.add_argument("--check", action="store_true",
                    help="validate the config, print the cluster summary and exit")
+    p.add_argument("--strict", action="store_true",
+                   help="with --check: every warning is an error (exit status 1)")
     p.add_argument("--dvk", choices=("auto", "kernel", "emu"), default="auto",
                    help="DVK backend (auto: the kernel when /dev/dvk exists)")
     p.add_argument("--node", type=int, default=None,
@@ -881,16 +883,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check(args: argparse.Namespace) -> int:
+    """`--check`: validate, print the summary (stdout) or the issues (stderr); 0 = valid.
+
+    Output is plain ASCII (anything else escaped), so it prints on any terminal encoding, and a
+    reader that stops early (`| head`) ends the output quietly."""
     try:
-        cfg = cfgmod.load(args.config, DvsInfo(), local_node=args.node)
+        cfg = cfgmod.load(args.config, DvsInfo(), local_node=args.node,
+                          strict=getattr(args, "strict", False))
+        stream, text, status = sys.stdout, cfgmod.format_summary(cfg, args.node), 0
     except cfgmod.ConfigError as err:
-        print(err, file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{args.config}: {exc.strerror}", file=sys.stderr)
-        return 1
-    print(cfgmod.format_summary(cfg, args.node))
-    return 0
+        stream, text, status = sys.stderr, str(err), 1
+    if stream is None:                  # no stream at all: the status still tells
+        return status
+    data = (text + "\n").encode("ascii", "backslashreplace")
+    try:
+        stream.flush()
+        raw = getattr(stream, "buffer", None)
+        if raw is None:
+            stream.write(data.decode("ascii"))
+        else:
+            raw.write(data)
+        stream.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)   # no second error when Python exits
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except OSError:                     # nowhere to write (closed, full): the status tells
+        pass
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -932,11 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for w in cfg.warnings:
         log.warning("%s", w)
-    role = topology.role(cfg, local)
-    if role == "proxy":
-        log.warning("node %d (this DVK) has no block of its own in %s%s: it runs as a plain "
-                    "proxy for every configured node, as the C daemon does", local,
-                    args.config, " and is the LB node's id" if local == cfg.lb_nodeid else "")
+    log.info("%s", cfg.role(local).describe())
     other = daemon.already_running(dvk, [s.nodeid for s in topology.peer_specs(cfg, local)],
                                    args.pidfile)
     if other is not None:

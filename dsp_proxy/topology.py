@@ -28,24 +28,6 @@ def is_relayed_client(cfg: Config, nodeid: int) -> bool:
     return host is not None and nodeid != host and node is not None and node.role == "client"
 
 
-def role(cfg: Config, nodeid: int) -> str:
-    """What node `nodeid` does with this config: "server" or "client" (its block's role; a
-    DSP that balances its own clients), "lb host" (relays other client nodes' sessions),
-    "relayed client" (reaches the LB node through the LB host), or "proxy": a node without a
-    block of its own (or on the LB node's id) only carries traffic between the configured
-    nodes, as the C daemon does there."""
-    node = cfg.nodes_by_id.get(nodeid)
-    if node is None or (cfg.lb is not None and nodeid == cfg.lb.nodeid):
-        return "proxy"
-    if cfg.lb is None:
-        return node.role
-    if relay_host(cfg) == nodeid:
-        return "lb host"
-    if is_relayed_client(cfg, nodeid):
-        return "relayed client"
-    return node.role
-
-
 def peer_specs(cfg: Config, local: int) -> list[PeerSpec]:
     """The links of node `local`, one PeerSpec each (the LB node's id for a relayed client's
     link to the LB host)."""

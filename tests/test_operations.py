@@ -259,12 +259,12 @@ def test_sighup_reload(tmp_path):
         gen2 = st["links"]["2"]["generation"]
 
         # 1. a broken config: the old one keeps running, the error is logged with file:line:col
-        write_config(cl, OPS.replace("session_timeout 60;", "session_timeout 60; bogus 1;"))
+        write_config(cl, OPS.replace("session_timeout 60;", "session_timeout 60; max_sessions 0;"))
         hup(cl, 3)
         st = status_when(cl, 3, lambda s: s["reloads"]["failed"] == 1, "failed reload")
-        assert st["reloads"]["ok"] == 0 and "bogus" in st["reloads"]["last_error"]
+        assert st["reloads"]["ok"] == 0 and "max_sessions" in st["reloads"]["last_error"]
         log3 = Path(cl.log_path("dsp3")).read_text()
-        assert re.search(r"ERROR node3 .*reload: .*cluster\.cfg:2:\d+: error: .*bogus", log3)
+        assert re.search(r"ERROR node3 .*reload: .*cluster\.cfg:2:\d+: error: .*max_sessions", log3)
         assert "the running configuration is kept" in log3
         assert [s["name"] for s in st["config"]["services"]] == ["latency"]
         assert all(link["up"] for link in st["links"].values())
@@ -365,7 +365,7 @@ def test_init_script_start_status_reload_stop(tmp_path, ssd):
         res = run_init(root, env, "start")
         assert res.returncode == 6 and "no configuration" in res.stdout
         # a config that --check refuses: not started
-        cfg.write_text(render_config(INIT_CFG, net).replace("nodeid 2;", "nodeid 2; x 1;"))
+        cfg.write_text(render_config(INIT_CFG, net).replace("nodeid 2;", "nodeid 2; batch maybe;"))
         res = run_init(root, env, "start")
         assert res.returncode == 6, res.stdout + res.stderr
         assert "dsp_proxy.cfg:3:" in res.stderr and not pidfile.exists()

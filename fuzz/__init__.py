@@ -1,0 +1,1 @@
+"""Fuzzers of the project's inputs (run with ``python -m fuzz.<name>``)."""
