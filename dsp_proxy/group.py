@@ -41,7 +41,6 @@ import psutil
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import (
-    MESSAGE_BODY_CMDS,
     ROUTE_STRUCT,
     Header,
     Message,
@@ -68,8 +67,6 @@ MT_SVC_STOP = 0x11
 MT_NEED_SERVER = 0x12
 #: How long a session waits for the server's DSP to start its program (5 s bind + slack).
 START_PATIENCE = 8.0
-REQUESTS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_NTFY_MSG})
-ACK_CMDS = frozenset({C.CMD_SEND_ACK, C.CMD_SNDREC_ACK})
 #: Error ACKs from a server's kernel that mean the server endpoint is gone: the session ends.
 SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSNOTBIND})
 #: Error ACKs to a session's first request that mark the service unavailable on that server
@@ -392,14 +389,14 @@ class Group:
         acts: list = []
         with self.lock:
             sess = self.sessions.get(key)
-            if sess is not None and cmd in REQUESTS and pid != sess.clt_pid \
+            if sess is not None and cmd in C.REQUEST_CMDS and pid != sess.clt_pid \
                     and pid > 0 and sess.clt_pid > 0:
                 log.info("session of client %d@%d: new PID %d (was %d), new session",
                          sess.clt_ep, sess.clt_node, pid, sess.clt_pid)
                 self._end(sess, None, acts)
                 sess = None
             if sess is None:
-                if cmd not in REQUESTS:
+                if cmd not in C.REQUEST_CMDS:
                     log.debug("no session for command %#x of %d@%d: dropped", cmd, src, snode)
                     return acts or None
                 sess, err = self._new_session(f, svc, relayed)
@@ -445,7 +442,7 @@ class Group:
             srv.commands += 1
             srv.bytes += n
         data = bytes(payload[:length]) if length else None
-        return (SEND, sess.svr_node, out, data, hbuf if cmd in REQUESTS else None,
+        return (SEND, sess.svr_node, out, data, hbuf if cmd in C.REQUEST_CMDS else None,
                 sess.relayed)
 
     def _new_session(self, f: tuple, svc, relayed: bool,
@@ -511,13 +508,13 @@ class Group:
                 redo = self._redispatch(sess, rcode, acts)
                 if redo:
                     return acts
-            if cmd in ACK_CMDS or cmd in MESSAGE_BODY_CMDS:
+            if cmd in C.MESSAGE_ACK_CMDS or cmd in C.MESSAGE_BODY_CMDS:
                 sess.first = None    # answered: the session is established
-            if pid > 0 and sess.svr_pid != pid and cmd in MESSAGE_BODY_CMDS:
+            if pid > 0 and sess.svr_pid != pid and cmd in C.MESSAGE_BODY_CMDS:
                 sess.svr_pid = pid
             if cmd == C.CMD_SEND_MSG and sess.pending == C.CMD_SNDREC_MSG:
                 sess.pending = 0
-            elif cmd in ACK_CMDS:
+            elif cmd in C.MESSAGE_ACK_CMDS:
                 sess.pending = 0
             out = bytearray(hbuf)
             set_snode(out, self.lb_id)

@@ -38,8 +38,6 @@ log = logging.getLogger("dsp.link")
 
 #: At most this many extra headers in one batch frame (c_len = n x 120 <= MAXCOPYBUF).
 MAXBATCMD = C.MAXCOPYBUF // HEADER_SIZE
-#: COPY data frames: never batched; the only frames LZ4 compresses.
-COPY_DATA = frozenset({C.CMD_COPYIN_DATA, C.CMD_COPYOUT_DATA})
 #: Bounds of a link's output queue (frames and bytes not yet taken by the socket).
 QUEUE_MAX_FRAMES = 4096
 QUEUE_MAX_BYTES = 8 << 20
@@ -308,7 +306,7 @@ class Link:
             if len(data) != length:
                 data = data[:length]
             raw = length
-            if self.compress and cmd in COPY_DATA:
+            if self.compress and cmd in C.COPY_DATA_CMDS:
                 data = compress_frame(hbuf, data, length)
                 length = len(data)
             if copy and not isinstance(data, bytes):

@@ -9,6 +9,8 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
+from dvk_cffi import consts as C
+
 log = logging.getLogger("dsp")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s node%(nodeid)s %(threadName)s: %(message)s"
@@ -200,8 +202,6 @@ class StartGate:
 
 
 # ------------------------------------------------------------------------------- counters
-MESSAGE_CMDS = frozenset({1, 3, 4})  # SEND, SNDREC, REPLY: what the C statistics called msgs
-DATA_CMDS = frozenset({5, 0x2006, 9})  # COPYIN_DATA, COPYOUT_DATA, COPYIN_RQST
 
 
 @dataclass
@@ -242,9 +242,9 @@ class Counters:
             if dc is None:
                 dc = self.by_dc[dcid] = DcCounters()
             dc.commands += ncmds
-            if cmd in MESSAGE_CMDS:
+            if cmd in C.MESSAGE_CMDS:
                 dc.messages += 1
-            if cmd in DATA_CMDS:
+            if cmd in C.DATA_CMDS:
                 dc.data_bytes += data
 
     def as_dict(self) -> dict:

@@ -31,7 +31,7 @@ from dvk_cffi.wire import (
 )
 
 from .group import DELIVER, SEND
-from .link import COPY_DATA, Link, cork, uncork
+from .link import Link, cork, uncork
 from .linkstate import Event
 
 log = logging.getLogger("dsp.rproxy")
@@ -46,7 +46,6 @@ PARK_RETRY = 0.002
 #: At most this many frames wait for the put2lcl thread; more are refused (counted, logged).
 PUT2LCL_QUEUE_MAX = 8192
 MAX_FRAME = HEADER_SIZE + C.MAXCOPYBUF
-VALID_CMDS = frozenset(c for c in C.CMD_NAMES if c != C.CMD_LAST_CMD)
 #: put2lcl errors for which the kernel itself queued an error ACK to the requester.
 KERNEL_ACKED = frozenset({E.EDVSTRAPDENIED, E.EDVSRMTPROC, E.EDVSDSTDIED, E.EDVSMIGRATE})
 KERNEL_ACKED_COPY = {
@@ -78,7 +77,7 @@ def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = F
     relayed client's link to the LB host has the LB node's id).  `batched`: a sub-header of a
     batch, which has no payload of its own."""
     cmd, dcid, src, dst, snode, dnode, _rc, length, _pid, batch_nr, flags = fields
-    if cmd not in VALID_CMDS:
+    if cmd not in C.VALID_CMDS:
         raise FrameError(f"unknown command {cmd:#x}")
     if batched:
         if length or batch_nr or flags & (C.FLAG_BATCH | C.FLAG_LZ4):
@@ -403,7 +402,7 @@ class RProxy:
     def _decompress(self, h: Header, payload: memoryview) -> memoryview:
         """An LZ4 frame payload, whatever this node's own `compress` setting (the flag says
         what the frame is)."""
-        if h.c_cmd not in COPY_DATA:
+        if h.c_cmd not in C.COPY_DATA_CMDS:
             raise FrameError(f"LZ4 flag on {C.CMD_NAMES.get(h.c_cmd, h.c_cmd)}")
         try:
             raw = lz4.frame.decompress(payload)

@@ -50,6 +50,23 @@ CMD_NAMES = {
 #: Commands that carry a payload of `c_len` data bytes on the wire.
 DATA_CMDS = frozenset({CMD_COPYIN_DATA, CMD_COPYOUT_DATA, CMD_COPYIN_RQST})
 
+#: The message commands (what the C statistics count as messages).
+MESSAGE_CMDS = frozenset({CMD_SEND_MSG, CMD_SNDREC_MSG, CMD_REPLY_MSG})
+#: Commands whose message body is a real message (its m_source names the sender).
+MESSAGE_BODY_CMDS = MESSAGE_CMDS | {CMD_NTFY_MSG}
+#: A client's requests: what opens (or, with a new PID, restarts) a balanced session.
+REQUEST_CMDS = frozenset({CMD_SEND_MSG, CMD_SNDREC_MSG, CMD_NTFY_MSG})
+#: The ACKs that answer a client's SEND or SNDREC.
+MESSAGE_ACK_CMDS = frozenset({CMD_SEND_ACK, CMD_SNDREC_ACK})
+#: COPY data frames: never batched; the only frames LZ4 compresses.
+COPY_DATA_CMDS = frozenset({CMD_COPYIN_DATA, CMD_COPYOUT_DATA})
+#: Commands whose vcopy sub-header names endpoints (v_src, v_dst, v_rqtr).
+VCOPY_CMDS = frozenset({CMD_COPYIN_DATA, CMD_COPYOUT_RQST, CMD_COPYLCL_RQST, CMD_COPYRMT_RQST,
+                        CMD_COPYIN_RQST, CMD_COPYIN_ACK, CMD_COPYOUT_DATA, CMD_COPYLCL_ACK,
+                        CMD_COPYRMT_ACK})
+#: Every command code a frame may carry.
+VALID_CMDS = frozenset(CMD_NAMES)
+
 #: Commands put2lcl accepts (§4.6 step 17); everything else is EDVSBADREQUEST.
 PUT2LCL_CMDS = frozenset({
     CMD_SEND_MSG, CMD_SNDREC_MSG, CMD_REPLY_MSG, CMD_NTFY_MSG, CMD_COPYIN_DATA,

@@ -243,14 +243,6 @@ _C_SRC, _C_DST, _C_SNODE, _C_DNODE = _OFF["c_src"], _OFF["c_dst"], _OFF["c_snode
 _C_LEN, _C_BATCH_NR, _C_FLAGS = _OFF["c_len"], _OFF["c_batch_nr"], _OFF["c_flags"]
 _M_SOURCE = MSG_OFFSET + I386_MESSAGE_FIELDS["m_source"][0]
 _V_SRC = _OFF["v_src"]
-#: Commands whose message body is a real message (m_source names the sender).
-MESSAGE_BODY_CMDS = frozenset({C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG,
-                               C.CMD_NTFY_MSG})
-#: Commands whose vcopy sub-header names endpoints (v_src, v_dst, v_rqtr).
-VCOPY_CMDS = frozenset({C.CMD_COPYIN_DATA, C.CMD_COPYOUT_RQST, C.CMD_COPYLCL_RQST,
-                        C.CMD_COPYRMT_RQST, C.CMD_COPYIN_RQST, C.CMD_COPYIN_ACK,
-                        C.CMD_COPYOUT_DATA, C.CMD_COPYLCL_ACK, C.CMD_COPYRMT_ACK})
-
 
 def frame_length(buf, offset: int = 0) -> int:
     """`c_len` of the header at `offset` of `buf`."""
@@ -293,9 +285,9 @@ def swap_endpoint(buf, cmd: int, old: int, new: int, dst_field: bool) -> None:
     else:
         if _I32.unpack_from(buf, _C_SRC)[0] == old:
             _I32.pack_into(buf, _C_SRC, new)
-        if cmd in MESSAGE_BODY_CMDS and _I32.unpack_from(buf, _M_SOURCE)[0] == old:
+        if cmd in C.MESSAGE_BODY_CMDS and _I32.unpack_from(buf, _M_SOURCE)[0] == old:
             _I32.pack_into(buf, _M_SOURCE, new)
-    if cmd in VCOPY_CMDS:
+    if cmd in C.VCOPY_CMDS:
         v = _V3.unpack_from(buf, _V_SRC)
         if old in v:
             _V3.pack_into(buf, _V_SRC, *(new if x == old else x for x in v))
