@@ -41,6 +41,13 @@ import psutil
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import (
+    R_CMD,
+    R_DNODE,
+    R_DST,
+    R_FLAGS,
+    R_LEN,
+    R_SNODE,
+    R_SRC,
     ROUTE_STRUCT,
     Header,
     Message,
@@ -247,7 +254,7 @@ class Router:
 
     def from_network(self, hbuf, f: tuple, payload, peer: int, autobind: bool):
         """A frame that arrived on the link to `peer` (`f` = its ROUTE_STRUCT fields)."""
-        dnode = f[5]
+        dnode = f[R_DNODE]
         group = self.group
         if dnode == self.local:
             if group is not None:
@@ -374,13 +381,13 @@ class Group:
     def from_network(self, hbuf, f: tuple, payload, peer: int):
         """A command for the LB node that arrived on a link: a relayed client's.  Only the LB
         host relays, and only for the clients that reach it (the link's peer)."""
-        if self.relay_host != self.local or f[4] != peer:
+        if self.relay_host != self.local or f[R_SNODE] != peer:
             return self.error_reply(Header(bytearray(hbuf)), E.EDVSBADNODEID, True)
         return self._forward(hbuf, f, payload, relayed=True)
 
     def _forward(self, hbuf, f: tuple, payload, relayed: bool):
         """Forward a client's command to its session's server (creating the session)."""
-        cmd, dcid, src, dst, snode, _dnode, _rcode, length, pid = f[:9]
+        cmd, dcid, src, dst, snode, _dnode, _rcode, length, pid, _nr, _flags = f
         svc = self.service_for(dcid, dst)
         if svc is None:
             self.counters["no_service"] += 1
@@ -417,12 +424,13 @@ class Group:
                     sess.started_at = self.clock()
                     acts.append(self._ask_start(sess))
                 return acts
-            _add(acts, self._send_forward(sess, hbuf, cmd, dst, src, length, payload))
+            _add(acts, self._send_forward(sess, hbuf, f, payload))
         return acts if len(acts) != 1 else acts[0]
 
-    def _send_forward(self, sess: Session, hbuf, cmd: int, dst: int, src: int, length: int,
-                      payload):
-        """(lock held) The SEND action of one client command in session `sess`."""
+    def _send_forward(self, sess: Session, hbuf, f: tuple, payload):
+        """(lock held) The SEND action of one client command in session `sess` (`f`: its
+        ROUTE_STRUCT fields)."""
+        cmd, src, dst, length = f[R_CMD], f[R_SRC], f[R_DST], f[R_LEN]
         target = sess.to_server.get(dst)
         if target is None:  # another endpoint of the service's range, addressed as it is
             self._map(sess, dst, dst)
@@ -448,7 +456,7 @@ class Group:
     def _new_session(self, f: tuple, svc, relayed: bool,
                      exclude: int = -1) -> tuple[Session | None, int]:
         """Pick a server and create the session (lock held)."""
-        cmd, dcid, src, dst, snode, _dnode, _rcode, _length, pid = f[:9]
+        cmd, dcid, src, dst, snode, _dnode, _rcode, _length, pid, _nr, _flags = f
         if self.per_dc.get(dcid, 0) >= self.max_sessions:
             self.counters["table_full"] += 1
             return None, E.EDVSNOSPC
@@ -497,7 +505,7 @@ class Group:
     def reverse(self, hbuf, f: tuple, payload):
         """A frame for this node: if it is a server's traffic in a session, the action that
         delivers it rewritten to come from the LB node; None when it is not."""
-        cmd, dcid, src, dst, snode, _dnode, rcode, length, pid = f[:9]
+        cmd, dcid, src, dst, snode, _dnode, rcode, length, pid, _nr, flags = f
         with self.lock:
             sess = self.by_reverse.get((dcid, dst, snode, src))
             if sess is None:
@@ -518,7 +526,7 @@ class Group:
                 sess.pending = 0
             out = bytearray(hbuf)
             set_snode(out, self.lb_id)
-            set_flags(out, f[10] & ~C.FLAG_CHECK_HDR)
+            set_flags(out, f[R_FLAGS] & ~C.FLAG_CHECK_HDR)
             swap_endpoint(out, cmd, src, sess.to_client.get(src, src), False)
             data = bytes(payload[:length]) if length else b""
             if sess.relayed:
@@ -557,7 +565,7 @@ class Group:
         self.counters["redispatched"] += 1
         log.info("session of client %d@%d re-dispatched to server node %d", new.clt_ep,
                  new.clt_node, new.svr_node)
-        acts.append(self._send_forward(new, hbuf, f[0], f[3], f[2], f[7], data))
+        acts.append(self._send_forward(new, hbuf, f, data))
         return True
 
     # ------------------------------------------------------------------ errors and endings
@@ -745,8 +753,7 @@ class Group:
             self._map(sess, sess.lbclt_ep, result)
             parked, sess.parked = sess.parked, []
             for hbuf, data in parked:
-                f = ROUTE_STRUCT.unpack_from(hbuf)
-                acts.append(self._send_forward(sess, hbuf, f[0], f[3], f[2], f[7], data))
+                acts.append(self._send_forward(sess, hbuf, ROUTE_STRUCT.unpack_from(hbuf), data))
         return acts
 
     def start_failed(self, node: int, req: int) -> list:

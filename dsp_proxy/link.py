@@ -29,7 +29,7 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.api import Dvk
 from dvk_cffi.errors import DvkError
-from dvk_cffi.wire import HEADER_SIZE, ROUTE_STRUCT, set_batch, set_lz4
+from dvk_cffi.wire import HEADER_SIZE, R_CMD, R_DCID, R_LEN, ROUTE_STRUCT, set_batch, set_lz4
 
 from .linkstate import HALF_OPEN, Effect, Event, State, transition
 from .misc import Counters
@@ -293,7 +293,7 @@ class Link:
         if not self.up or generation != self.generation:
             return E.EDVSNOTCONN
         f = ROUTE_STRUCT.unpack_from(hbuf, 0)
-        cmd, length = f[0], f[7]
+        cmd, length = f[R_CMD], f[R_LEN]
         if len(self.outq) >= QUEUE_MAX_FRAMES or self.queued_bytes >= QUEUE_MAX_BYTES:
             return self._refuse_full()
         self._full_episode = False
@@ -314,7 +314,7 @@ class Link:
         else:
             data, raw = None, 0
         self.queued_bytes += HEADER_SIZE + length
-        self.outq.append((hbuf, data, generation, cmd, f[1], length, raw))
+        self.outq.append((hbuf, data, generation, cmd, f[R_DCID], length, raw))
         links = getattr(_cork, "links", None)
         if links is not None:
             links[self] = None

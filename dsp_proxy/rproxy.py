@@ -24,6 +24,11 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import (
     HEADER_SIZE,
+    R_BATCH_NR,
+    R_CMD,
+    R_DCID,
+    R_FLAGS,
+    R_LEN,
     ROUTE_STRUCT,
     Header,
     error_ack,
@@ -163,7 +168,7 @@ class FrameReader:
             self._fill(HEADER_SIZE)
         self.fields = fields = ROUTE_STRUCT.unpack_from(self.buf, self.start)
         check(fields)
-        total = HEADER_SIZE + fields[7]
+        total = HEADER_SIZE + fields[R_LEN]
         if self.end - self.start < total:
             self._fill(total)
         s = self.start
@@ -337,8 +342,8 @@ class RProxy:
         limits = ctx.limits
 
         def check(fields):
-            if fields[0] and fields[1] not in limits.dc_ranges:
-                ctx.learn_dc(fields[1])
+            if fields[R_CMD] and fields[R_DCID] not in limits.dc_ranges:
+                ctx.learn_dc(fields[R_DCID])
             check_header(fields, peer, limits)
 
         self.check = check
@@ -361,8 +366,10 @@ class RProxy:
                     cork()
                 hview, payload = reader.next(check)
                 f = reader.fields
-                received.count(f[0], HEADER_SIZE + f[7], 1 + f[9], f[1], f[7])
-                if f[0] == C.CMD_NONE or f[10] & slow:
+                length = f[R_LEN]
+                received.count(f[R_CMD], HEADER_SIZE + length, 1 + f[R_BATCH_NR], f[R_DCID],
+                               length)
+                if f[R_CMD] == C.CMD_NONE or f[R_FLAGS] & slow:
                     dispatch(hview, f, payload)
                     continue
                 act = route(hview, f, payload, peer, autobind)
@@ -420,15 +427,15 @@ class RProxy:
     def dispatch(self, hview, f: tuple, payload) -> None:
         """The frames the hot path leaves: HELLO/control, batches, LZ4 payloads."""
         ctx, link = self.ctx, self.link
-        if f[0] == C.CMD_NONE:
-            if f[10] & C.FLAG_BATCH:
+        if f[R_CMD] == C.CMD_NONE:
+            if f[R_FLAGS] & C.FLAG_BATCH:
                 raise FrameError("HELLO at the head of a batch")
             link.received.hellos += 1
-            if f[10] & C.FLAG_DSP_PEER:
+            if f[R_FLAGS] & C.FLAG_DSP_PEER:
                 link.announced = True
                 ctx.control(link.peer, Header(bytearray(hview)).c_msg)
             return
-        if f[10] & C.FLAG_BATCH:
+        if f[R_FLAGS] & C.FLAG_BATCH:
             extra = bytes(payload)
             first = bytearray(hview)
             h = Header(first)
@@ -438,10 +445,10 @@ class RProxy:
             for off in range(0, len(extra), HEADER_SIZE):
                 sub = memoryview(extra)[off:off + HEADER_SIZE]
                 fields = ROUTE_STRUCT.unpack_from(sub)
-                if fields[1] not in ctx.limits.dc_ranges and fields[0]:
-                    ctx.learn_dc(fields[1])
+                if fields[R_DCID] not in ctx.limits.dc_ranges and fields[R_CMD]:
+                    ctx.learn_dc(fields[R_DCID])
                 check_header(fields, link.peer, ctx.limits, batched=True)
-                if fields[0] == C.CMD_NONE:
+                if fields[R_CMD] == C.CMD_NONE:
                     raise FrameError("HELLO inside a batch")
                 subs.append((sub, fields))
             for sub, fields in subs:

@@ -61,6 +61,9 @@ HEADER_STRUCT = struct.Struct("<10i3I2i36s3i2Ii")
 assert HEADER_STRUCT.size == HEADER_SIZE
 #: The first 11 fields, enough for routing decisions: c_cmd .. c_flags.
 ROUTE_STRUCT = struct.Struct("<10iI")
+#: Indices of the fields in a ROUTE_STRUCT tuple.
+(R_CMD, R_DCID, R_SRC, R_DST, R_SNODE, R_DNODE, R_RCODE, R_LEN, R_PID, R_BATCH_NR,
+ R_FLAGS) = range(11)
 
 
 def _field_property(offset: int, fmt: str) -> property:
