@@ -520,8 +520,8 @@ class Group:
                 sess.first = None    # answered: the session is established
             if pid > 0 and sess.svr_pid != pid and cmd in C.MESSAGE_BODY_CMDS:
                 sess.svr_pid = pid
-            if cmd == C.CMD_SEND_MSG and sess.pending == C.CMD_SNDREC_MSG:
-                sess.pending = 0
+            if cmd in (C.CMD_SEND_MSG, C.CMD_REPLY_MSG) and sess.pending == C.CMD_SNDREC_MSG:
+                sess.pending = 0    # the sendrec caller got its reply
             elif cmd in C.MESSAGE_ACK_CMDS:
                 sess.pending = 0
             out = bytearray(hbuf)
@@ -664,7 +664,8 @@ class Group:
                     if not s.relayed and s.clt_node == self.local]
 
     def tick(self) -> list:
-        """Every second: expire idle sessions and programs that never started."""
+        """Every tick of the main loop: expire idle sessions and programs that never
+        started."""
         now = self.clock()
         acts: list = []
         with self.lock:

@@ -72,6 +72,8 @@ TICK = 0.5
 #: A peer whose threads died more than MAX_RESTARTS times in RESTART_WINDOW s is marked failed.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+#: How often the endpoint ranges of the DCs are read again from the DVK (seconds).
+DC_RECHECK = 5.0
 #: First delay before a dead pair is restarted (doubled per recent death, at most 5 s).
 RESTART_BACKOFF = 0.2
 
@@ -161,6 +163,7 @@ class Dsp:
         self.config_path: str | None = None
         self._next_sample = 0.0
         self._next_client_check = time.monotonic() + min(self.period, 5)
+        self._next_dc_check = 0.0
 
     def _set_timers(self, cfg) -> None:
         """Liveness and load timers (at start and on a reload)."""
@@ -484,6 +487,7 @@ class Dsp:
                 self._remove_peer(peer, keep_pair=True)
                 try:
                     self._start_peer(pair.spec)
+                    self._join_dcs()    # unbinding the old pair took the node out of the DCs
                     log.info("link to node %d: proxy pair restarted", peer)
                 except (E.DvkError, TimeoutError) as exc:
                     log.error("link to node %d: restart failed: %s", peer, exc)
@@ -496,8 +500,9 @@ class Dsp:
                 self.write_status(self.status_file)
             except OSError as exc:
                 log.warning("cannot write %s: %s", self.status_file, exc)
-        if now >= self._next_client_check:
+        if now >= self._next_dc_check:
             self.limits.dc_ranges.clear()    # a DC may have started or stopped
+            self._next_dc_check = now + DC_RECHECK
         if self.group is None:
             return
         if now >= self._next_sample:

@@ -124,6 +124,8 @@ def test_a_dead_proxy_thread_is_logged_and_its_pair_restarted(node1, monkeypatch
     cl.wait_links_up(30)
     _traffic(cl, inproc)
     assert inproc.thread.is_alive()
+    # the restarted pair's node is a member of the DC again (plain traffic needs it)
+    _wait(lambda: cl.dvk(1).getdcinfo(0).dc_nodes & (1 << 2), 5, "node 2 in DC 0 on node 1")
 
 
 def test_a_dead_acceptor_is_restarted(node1, monkeypatch, caplog):
