@@ -56,7 +56,7 @@ class Cluster:
     def __init__(self, config_path: str | os.PathLike, rundir: str | None = None,
                  log_dir: str | None = None, dsp_args: Sequence[str] = (),
                  log_level: str = "INFO", only: Sequence[int] | None = None,
-                 kernel_args: Sequence[str] = ()) -> None:
+                 kernel_args: Sequence[str] = (), dvk_mode: str = "emu") -> None:
         self.config_path = str(config_path)
         self.cfg = cfgmod.load(self.config_path)
         self.own_rundir = rundir is None
@@ -64,6 +64,7 @@ class Cluster:
         self.log_dir = log_dir or self.rundir
         self.dsp_args = list(dsp_args)
         self.kernel_args = list(kernel_args)   # e.g. ["--dcs", "8"] (dvsctl node run)
+        self.dvk_mode = dvk_mode               # the DSPs' --dvk: emu, or emu-ioctl
         self.log_level = log_level
         self.nodes = [n.nodeid for n in self.cfg.nodes
                       if n.nodeid != self._lb_id() and (only is None or n.nodeid in only)]
@@ -100,7 +101,7 @@ class Cluster:
                                              env=python_env(), extra=self.kernel_args)
 
     def start_dsp(self, n: int) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", str(n),
+        argv = [sys.executable, "-m", "dsp_proxy", "--dvk", self.dvk_mode, "--node", str(n),
                 "--log-level", self.log_level, "--status-file", self.status_path(n),
                 *self.dsp_args, self.config_path]
         with open(self.log_path(f"dsp{n}"), "ab") as out:

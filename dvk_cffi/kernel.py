@@ -288,33 +288,47 @@ class _DeviceParams:
 
     SIZE = 2048   # the largest call (getproxyinfo: two proc_usr_t and the parm) fits many times
 
-    __slots__ = ("ffi", "block", "raw", "local", "used", "mask")
+    __slots__ = ("ffi", "block", "raw", "local", "used", "mask", "types", "uintptr")
 
-    def __init__(self, ffi: Any, block: Buffer, address_bits: int) -> None:
+    _ZEROS = bytes(SIZE)
+
+    def __init__(self, ffi: Any, block: Buffer, address_bits: int,
+                 types: dict[str, tuple[Any, int]]) -> None:
         self.ffi = ffi
         self.block = block
         self.raw = ffi.from_buffer(block.view, require_writable=True)
-        self.local = int(ffi.cast("uintptr_t", self.raw))
+        self.uintptr = ffi.typeof("uintptr_t")
+        self.local = int(ffi.cast(self.uintptr, self.raw))
         self.used = 0
         self.mask = (1 << address_bits) - 1
+        self.types = types         # ctype text -> (pointer ctype, size), shared by the pool
+
+    def _type(self, ctype: str) -> tuple[Any, int]:
+        ffi = self.ffi
+        t = ffi.typeof(ctype)
+        if t.kind == "pointer":
+            entry = (t, ffi.sizeof(t.item))
+        else:
+            entry = (ffi.typeof(t.item.cname + " *"), ffi.sizeof(t))
+        self.types[ctype] = entry
+        return entry
 
     def new(self, ctype: str, init: dict[str, Any] | None = None) -> Any:
         """A zeroed `ctype` ("T *" or "char[N]") in the block, fields from `init`."""
-        ffi = self.ffi
-        t = ffi.typeof(ctype)
-        size = ffi.sizeof(t.item) if t.kind == "pointer" else ffi.sizeof(t)
+        ptr, size = self.types.get(ctype) or self._type(ctype)
         off = self.used
-        if off + size > len(self.block.view):
-            raise MemoryError(f"DVK call parameters exceed {len(self.block.view)} bytes")
+        if off + size > self.SIZE:
+            raise MemoryError(f"DVK call parameters exceed {self.SIZE} bytes")
         self.used = (off + size + 7) & ~7
-        self.block.view[off:off + size] = bytes(size)
-        p = ffi.cast(ctype if t.kind == "pointer" else t.item.cname + " *", self.raw + off)
-        for name, v in (init or {}).items():
-            setattr(p, name, v)
+        p = self.ffi.cast(ptr, self.raw + off)
+        self.ffi.memmove(p, self._ZEROS, size)
+        if init:
+            for name, v in init.items():
+                setattr(p, name, v)
         return p
 
     def ref(self, p: Any) -> int:
-        return self.block.addr + int(self.ffi.cast("uintptr_t", p)) - self.local
+        return self.block.addr + int(self.ffi.cast(self.uintptr, p)) - self.local
 
     def at(self, addr: int) -> int:
         return addr & self.mask
@@ -382,6 +396,7 @@ class KernelDvk(Dvk):
         self._ulong_mask = (1 << (8 * self.ffi.sizeof("unsigned long" if device is None
                                                       else "uint32_t"))) - 1
         self._pool: list[_DeviceParams] = []
+        self._param_types: dict[str, tuple[Any, int]] = {}
         self._pool_lock = threading.Lock()
         self._pool_pid = os.getpid()
 
@@ -446,7 +461,7 @@ class KernelDvk(Dvk):
                 params.used = 0
                 return params
         return _DeviceParams(self.ffi, self._device.alloc(_DeviceParams.SIZE),
-                             self._address_bits)
+                             self._address_bits, self._param_types)
 
     def _ulong(self, value: int) -> int:
         """A C `unsigned long` parameter from a possibly negative value (TIMEOUT_FOREVER)."""
@@ -740,9 +755,11 @@ class KernelDvk(Dvk):
             parm = mem.new("vcopy_t *", {
                 "v_src": src_ep, "v_dst": dst_ep, "v_rqtr": C.SELF, "v_saddr": mem.at(saddr),
                 "v_daddr": mem.at(daddr), "v_bytes": nbytes})
-            return self._check(self._call(DVK_VCOPY, mem.arg(parm)),
-                               f"vcopy(src={src_ep}, saddr={saddr:#x}, dst={dst_ep}, "
-                               f"daddr={daddr:#x}, bytes={nbytes})")
+            rc = self._call(DVK_VCOPY, mem.arg(parm))
+        if rc < 0:
+            raise self._fail(rc, f"vcopy(src={src_ep}, saddr={saddr:#x}, dst={dst_ep}, "
+                                 f"daddr={daddr:#x}, bytes={nbytes})")
+        return rc
 
     def relay(self, ep: int, m: Message) -> int:
         with self._params() as mem:
@@ -809,8 +826,9 @@ class KernelDvk(Dvk):
             parm = mem.new("parm_get2rmt_t *", {
                 "parm_cmd": cmd, "parm_pay": mem.at(payload.addr),
                 "parm_tout": self._ulong(timeout)})
-            rc = self._check(self._call(DVK_GET2RMT, mem.arg(parm)),
-                             f"get2rmt(timeout={timeout})")
+            rc = self._call(DVK_GET2RMT, mem.arg(parm))
+            if rc < 0:
+                raise self._fail(rc, f"get2rmt(timeout={timeout})")
             if back is not None:
                 back()
         return rc
@@ -822,7 +840,10 @@ class KernelDvk(Dvk):
             cmd, _ = self._cmd(mem, hdr)
             pay = mem.at(0 if payload is None else payload.addr)
             parm = mem.new("parm_put2lcl_t *", {"parm_cmd": cmd, "parm_pay": pay})
-            return self._check(self._call(DVK_PUT2LCL, mem.arg(parm)), f"put2lcl({hdr!r})")
+            rc = self._call(DVK_PUT2LCL, mem.arg(parm))
+        if rc < 0:            # the header's text only for a failure: this is the hot path
+            raise self._fail(rc, f"put2lcl({hdr!r})")
+        return rc
 
 
 def _nothing() -> None:

@@ -69,8 +69,8 @@ def test_latency_client_and_server_on_the_ioctl_path(start_node, apps):
     start_node(1)
     ioctl_server = apps.spawn("latency", "server", 0, 10, env=IOCTL)
     plain_server = apps.spawn("latency", "server", 0, 11, env={"DVK_MODE": "emu"})
-    apps.wait_bound(0, 10, proc=ioctl_server)
-    apps.wait_bound(0, 11, proc=plain_server)
+    apps.wait_bound(0, 10, proc=ioctl_server, timeout=60)
+    apps.wait_bound(0, 11, proc=plain_server, timeout=60)
     loops = 300
     dvk, seen = counting_kernel_dvk(1)
     out = io.StringIO()
@@ -101,7 +101,7 @@ def test_m3ftp_put_get_on_the_ioctl_path(start_node, apps, tmp_path):
     srv_dir = tmp_path / "srv"
     srv_dir.mkdir()
     server = apps.spawn("m3ftp", "server", 0, 20, env={**IOCTL, "M3FTPD_DIR": str(srv_dir)})
-    apps.wait_bound(0, 20, proc=server)
+    apps.wait_bound(0, 20, proc=server, timeout=60)
     src = tmp_path / "ten.dat"
     data = os.urandom(10 << 20)
     src.write_bytes(data)

@@ -75,6 +75,7 @@ class EmuDevice:
         self._map: tuple[list[int], list[tuple[int, memoryview]]] = ([], [])
         self._fds: set[int] = set()
         self._next_fd = _FIRST_FD
+        self._types: dict[str, tuple[Any, int]] = {}
         self._handlers: dict[int, Callable[[int], int]] = {
             K.DVK_VOID1: self._void, K.DVK_DCINIT: self._dc_init, K.DVK_SEND: self._send,
             K.DVK_RECEIVE: self._receive, K.DVK_NOTIFY: self._notify,
@@ -162,8 +163,12 @@ class EmuDevice:
         raise _Fault(code, f"address {addr:#x}+{size} is not this process's DVK memory")
 
     def _struct(self, ctype: str, addr: int, code: int = E.EDVSFAULT) -> Any:
-        return self.ffi.from_buffer(ctype + " *", self._span(addr, self.ffi.sizeof(ctype), code),
-                                    require_writable=True)
+        ptr, size = self._types.get(ctype) or self._type(ctype)
+        return self.ffi.from_buffer(ptr, self._span(addr, size, code), require_writable=True)
+
+    def _type(self, ctype: str) -> tuple[Any, int]:
+        entry = self._types[ctype] = (self.ffi.typeof(ctype + " *"), self.ffi.sizeof(ctype))
+        return entry
 
     def _parm(self, ctype: str, addr: int) -> Any:
         """The ioctl parameter struct at `addr` (the module copies it in first)."""
