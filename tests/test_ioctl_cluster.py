@@ -88,6 +88,7 @@ def test_latency_and_m3ftp_through_the_lb(tmp_path, bg, mode):
                 break
             time.sleep(0.2)
         assert min(spread.values()) > 0, spread
+        levels = {srv: v["level"] for srv, v in cl.status(3)["group"]["servers"].items()}
         # m3ftp: PUT from node 3, GET from node 4, through the LB node
         src = tmp_path / "data10M"
         src.write_bytes(os.urandom(10 << 20))
@@ -106,7 +107,7 @@ def test_latency_and_m3ftp_through_the_lb(tmp_path, bg, mode):
     RESULTS[mode] = sum(times) / len(times)
     print(f"\n{mode}: latency through the LB, {len(times)} round trips: average "
           f"{RESULTS[mode] * 1e6:.0f} us, median {times[len(times) // 2] * 1e6:.0f} us; "
-          f"m3ftp {put_line.split(': ', 1)[1]}")
+          f"m3ftp {put_line.split(': ', 1)[1]}; server load levels seen by node 3 {levels}")
     if len(RESULTS) == 2:
         print("latency through the LB: " + ", ".join(f"{m} {v * 1e6:.0f} us"
                                                       for m, v in RESULTS.items()))
