@@ -4,8 +4,8 @@ through the emulator's ioctl device (the i386 layout, real traffic) at the end.
 The fake receives exactly what libc's ioctl would: (fd, request, arg) with `arg` a `void *`
 to the parameter struct or a `long` value.  It decodes the struct through `ffi_native` at call
 time, can write output structs through the pointers, and reports errors glibc-style (errno set
-through `ffi_native.errno`, result -1).  Request numbers below are transcribed from the table of
-dvk_abi.md §1.2.
+through `ffi_native.errno`, result -1).  Request numbers below are transcribed from the module's
+request table (dvk_calls.h numbers, `_IOW`/`_IOR`/`_IO` with magic 0xE3).
 """
 
 from __future__ import annotations
