@@ -8,8 +8,8 @@ as the `DvkError` subclass of that code; success values are returned as the stub
 Two devices carry the calls:
 
 * `/dev/dvk` through libc's `ioctl` (the default): structs in the host's native layout
-  (`cdefs.ffi_native`) in C memory.  The wire and the emulator use the i386 layout (see
-  docs/design.md).  On an i386 host the native layout is that one and every call works.  On a
+  (`cdefs.ffi_native`) in C memory.  The wire and the emulator use the i386 layout.  On an
+  i386 host the native layout is that one and every call works.  On a
   64-bit host no DVK exists; this class still serves the inspection calls (getdvsinfo,
   getdcinfo, getnodeinfo, getprocinfo, getproxyinfo) and the calls that carry no pointer
   through a 32-bit field, but `get2rmt` and `put2lcl` refuse (the message union can not be
