@@ -33,8 +33,8 @@ import errno as _errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import consts as C  # noqa: N812
@@ -278,30 +278,52 @@ class _NativeParams:
         """The ioctl argument that passes a plain value."""
         return ffi_native.cast("long", v)
 
+    def __enter__(self) -> _NativeParams:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Nothing to give back: cffi frees the structs with their last reference."""
+
 
 _NATIVE_PARAMS = _NativeParams()
 
 
 class _DeviceParams:
     """Parameter memory of a call through an `IoctlDevice`: a block of the device's memory,
-    carved per struct (the block goes back to the pool after the call)."""
+    carved per struct.  The block is mapped into cffi only while a call uses it (`with`), then
+    released and given back to the pool: no cffi view of the memory outlives the call, so
+    garbage collection can never free the memory under one."""
 
     SIZE = 2048   # the largest call (getproxyinfo: two proc_usr_t and the parm) fits many times
 
-    __slots__ = ("ffi", "block", "raw", "local", "used", "mask", "types", "uintptr")
+    __slots__ = ("ffi", "block", "raw", "local", "used", "mask", "types", "uintptr", "pool",
+                 "generation")
 
     _ZEROS = bytes(SIZE)
 
     def __init__(self, ffi: Any, block: Buffer, address_bits: int,
-                 types: dict[str, tuple[Any, int]]) -> None:
+                 types: dict[str, tuple[Any, int]], pool: _ParamsPool) -> None:
+        self.pool = pool
+        self.generation = pool.generation
         self.ffi = ffi
         self.block = block
-        self.raw = ffi.from_buffer(block.view, require_writable=True)
+        self.raw: Any = None
+        self.local = 0
         self.uintptr = ffi.typeof("uintptr_t")
-        self.local = int(ffi.cast(self.uintptr, self.raw))
         self.used = 0
         self.mask = (1 << address_bits) - 1
         self.types = types         # ctype text -> (pointer ctype, size), shared by the pool
+
+    def __enter__(self) -> _DeviceParams:
+        self.raw = self.ffi.from_buffer(self.block.view, require_writable=True)
+        self.local = int(self.ffi.cast(self.uintptr, self.raw))
+        self.used = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        raw, self.raw = self.raw, None
+        self.ffi.release(raw)
+        self.pool.give(self)
 
     def _type(self, ctype: str) -> tuple[Any, int]:
         ffi = self.ffi
@@ -337,6 +359,38 @@ class _DeviceParams:
 
     def value(self, v: int) -> int:
         return v & self.mask
+
+
+class _ParamsPool:
+    """The parameter blocks of one `KernelDvk` over a device: one per call in progress, reused
+    by the next calls (a forked child drops its parent's: they are not its memory)."""
+
+    def __init__(self, ffi: Any, device: IoctlDevice) -> None:
+        self.ffi = ffi
+        self.device = device
+        self.free: list[_DeviceParams] = []
+        self.lock = threading.Lock()
+        self.generation = 0            # bumped in a forked child
+        self.types: dict[str, tuple[Any, int]] = {}
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (pool := ref()) and pool._forked())
+
+    def _forked(self) -> None:
+        self.lock = threading.Lock()
+        self.free = []
+        self.generation += 1
+
+    def take(self) -> _DeviceParams:
+        with self.lock:
+            if self.free:
+                return self.free.pop()
+        return _DeviceParams(self.ffi, self.device.alloc(_DeviceParams.SIZE),
+                             self.device.address_bits, self.types, self)
+
+    def give(self, params: _DeviceParams) -> None:
+        with self.lock:
+            if params.generation == self.generation:
+                self.free.append(params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,10 +449,7 @@ class KernelDvk(Dvk):
         self._message_cls = NativeMessage if device is None else Message
         self._ulong_mask = (1 << (8 * self.ffi.sizeof("unsigned long" if device is None
                                                       else "uint32_t"))) - 1
-        self._pool: list[_DeviceParams] = []
-        self._param_types: dict[str, tuple[Any, int]] = {}
-        self._pool_lock = threading.Lock()
-        self._pool_pid = os.getpid()
+        self._pool = _ParamsPool(self.ffi, device) if device is not None else None
 
     @staticmethod
     def _open_path(path: str) -> int:
@@ -437,31 +488,10 @@ class KernelDvk(Dvk):
             log.debug("ioctl nr=%d req=%#x rc=%d", nr, REQUESTS[nr], rc)
         return rc
 
-    @contextmanager
-    def _params(self) -> Iterator[Any]:
-        """Memory for one call's structs: C memory, or a pooled block of the device's."""
-        if self._device is None:
-            yield _NATIVE_PARAMS
-            return
-        params = self._take_params()
-        try:
-            yield params
-        finally:
-            with self._pool_lock:
-                if self._pool_pid == os.getpid():
-                    self._pool.append(params)
-
-    def _take_params(self) -> _DeviceParams:
-        with self._pool_lock:
-            if self._pool_pid != os.getpid():     # a forked child: the blocks are not its own
-                self._pool_pid = os.getpid()
-                self._pool.clear()
-            if self._pool:
-                params = self._pool.pop()
-                params.used = 0
-                return params
-        return _DeviceParams(self.ffi, self._device.alloc(_DeviceParams.SIZE),
-                             self._address_bits, self._param_types)
+    def _params(self) -> _NativeParams | _DeviceParams:
+        """Memory for one call's structs (a context manager): C memory, or a pooled block of
+        the device's memory."""
+        return _NATIVE_PARAMS if self._pool is None else self._pool.take()
 
     def _ulong(self, value: int) -> int:
         """A C `unsigned long` parameter from a possibly negative value (TIMEOUT_FOREVER)."""

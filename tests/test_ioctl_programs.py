@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -39,6 +40,15 @@ def counting_kernel_dvk(nodeid: int) -> tuple[KernelDvk, collections.Counter]:
         return real(fd, request, arg)
     device.ioctl = ioctl
     return KernelDvk(device=device), seen
+
+
+def on_new_thread(fn, *args):
+    """`fn(*args)` in a thread of its own, i.e. a new task to the node kernel.  Each client here
+    opens its own DVK connection; run from one thread after another connection of that thread
+    was closed, the node kernel could still be tearing down the old connection's task (the
+    same TID) while the new one binds."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result(timeout=600)
 
 
 def average(text: str, loops: int) -> float:
@@ -72,20 +82,27 @@ def test_latency_client_and_server_on_the_ioctl_path(start_node, apps):
     apps.wait_bound(0, 10, proc=ioctl_server, timeout=60)
     apps.wait_bound(0, 11, proc=plain_server, timeout=60)
     loops = 300
-    dvk, seen = counting_kernel_dvk(1)
     out = io.StringIO()
-    try:
-        assert latency.run_client(dvk, 0, 50, 10, loops, 0, 0, out) == 0
-    finally:
-        dvk.close()
+
+    def ioctl_client() -> collections.Counter:
+        dvk, seen = counting_kernel_dvk(1)
+        try:
+            assert latency.run_client(dvk, 0, 50, 10, loops, 0, 0, out) == 0
+        finally:
+            dvk.close()
+        return seen
+    seen = on_new_thread(ioctl_client)
     assert seen[REQUESTS[DVK_SENDREC]] == loops
     ioctl_avg = average(out.getvalue(), loops)
-    plain = EmuDvk(nodeid=1)
     out = io.StringIO()
-    try:
-        assert latency.run_client(plain, 0, 51, 11, loops, 0, 0, out) == 0
-    finally:
-        plain.close()
+
+    def plain_client() -> None:
+        plain = EmuDvk(nodeid=1)
+        try:
+            assert latency.run_client(plain, 0, 51, 11, loops, 0, 0, out) == 0
+        finally:
+            plain.close()
+    on_new_thread(plain_client)
     plain_avg = average(out.getvalue(), loops)
     print(f"\nlocal latency, {loops} loops: kernel backend over the ioctl device "
           f"{ioctl_avg * 1e6:.0f} us, emulator backend {plain_avg * 1e6:.0f} us")
@@ -109,13 +126,15 @@ def test_m3ftp_put_get_on_the_ioctl_path(start_node, apps, tmp_path):
     back = tmp_path / "back.dat"
     out = io.StringIO()
     seen: collections.Counter = collections.Counter()
-    for op, ep, local in (("-p", 21, src), ("-g", 22, back)):   # two client programs
+    def client(op: str, ep: int, local) -> collections.Counter:
         dvk, calls = counting_kernel_dvk(1)
         try:
             assert m3ftp.run_client(dvk, op, 0, ep, 20, "ten-remote.dat", str(local), out) == 0
         finally:
             dvk.close()
-        seen += calls
+        return calls
+    for op, ep, local in (("-p", 21, src), ("-g", 22, back)):   # two client programs
+        seen += on_new_thread(client, op, ep, local)
     assert out.getvalue().count("verified") == 2, out.getvalue()
     assert hashlib.sha256((srv_dir / "ten-remote.dat").read_bytes()).hexdigest() == digest
     assert hashlib.sha256(back.read_bytes()).hexdigest() == digest

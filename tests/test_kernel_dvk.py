@@ -814,4 +814,22 @@ def test_device_parameter_blocks_are_reused_across_threads(kdev):
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: kdev.getnodeinfo(1), range(200)))
-    assert 1 <= len(kdev._pool) <= 4
+    assert 1 <= len(kdev._pool.free) <= 4
+
+
+def test_device_in_a_forked_child_uses_its_own_memory(kdev):
+    """A forked child is a new process to the node kernel: the parent's parameter blocks and
+    buffers are not its memory, so it allocates its own and its calls work."""
+    assert kdev.bind(0, 10) == 10
+    assert kdev._pool.free
+    pid = os.fork()
+    if pid == 0:                                              # pragma: no cover - the child
+        ok = False
+        try:
+            ok = (not kdev._pool.free and kdev.bind(0, 12) == 12
+                  and kdev.getprocinfo(0, 12).p_lpid == os.getpid())
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert kdev.getprocinfo(0, 10).p_endpoint == 10           # the parent goes on as before

@@ -23,6 +23,7 @@ import bisect
 import errno as _errno
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -70,12 +71,13 @@ class EmuDevice:
         self._own_emu = emu is None
         self.emu = emu if emu is not None else EmuDvk(path=path, nodeid=nodeid)
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         # (sorted bases, [(base, view)]) of the memory this process allocated, swapped whole
         self._map: tuple[list[int], list[tuple[int, memoryview]]] = ([], [])
         self._fds: set[int] = set()
         self._next_fd = _FIRST_FD
         self._types: dict[str, tuple[Any, int]] = {}
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (dev := ref()) and dev._forked())
         self._handlers: dict[int, Callable[[int], int]] = {
             K.DVK_VOID1: self._void, K.DVK_DCINIT: self._dc_init, K.DVK_SEND: self._send,
             K.DVK_RECEIVE: self._receive, K.DVK_NOTIFY: self._notify,
@@ -118,7 +120,6 @@ class EmuDevice:
             return -_errno.EBADF
         if (request >> 8) & 0xFF != C.DVK_IOC_MAGIC or request & 0xFF >= NR_DVK_CALLS:
             return -_errno.ENOTTY
-        self._forked()
         try:
             return self._handlers[request & 0xFF](arg & 0xFFFFFFFF)
         except DvkError as err:
@@ -129,7 +130,6 @@ class EmuDevice:
     # ------------------------------------------------------------------ memory
     def alloc(self, size: int) -> Buffer:
         """Memory of this process the device (and the node kernel) can address."""
-        self._forked()
         buf = self.emu.alloc(size)
         with self._lock:
             bases, spans = self._map
@@ -143,11 +143,9 @@ class EmuDevice:
         return self.emu.proc_text(path)
 
     def _forked(self) -> None:
-        """A forked child is a new process to the node kernel: the parent's memory is not its."""
-        if os.getpid() != self._pid:
-            with self._lock:
-                self._pid = os.getpid()
-                self._map = ([], [])
+        """In a forked child: a new process to the node kernel, the parent's memory not its."""
+        self._lock = threading.Lock()
+        self._map = ([], [])
 
     def _span(self, addr: int, size: int, code: int = E.EDVSFAULT) -> memoryview:
         """The caller's `size` bytes at `addr` (from `addr` to the end of its allocation when
