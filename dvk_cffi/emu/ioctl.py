@@ -78,23 +78,6 @@ class EmuDevice:
         self._types: dict[str, tuple[Any, int]] = {}
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (dev := ref()) and dev._forked())
-        self._handlers: dict[int, Callable[[int], int]] = {
-            K.DVK_VOID1: self._void, K.DVK_DCINIT: self._dc_init, K.DVK_SEND: self._send,
-            K.DVK_RECEIVE: self._receive, K.DVK_NOTIFY: self._notify,
-            K.DVK_SENDREC: self._sendrec, K.DVK_RCVRQST: self._rcvrqst, K.DVK_REPLY: self._reply,
-            K.DVK_DCEND: self._dc_end, K.DVK_BIND: self._bind, K.DVK_UNBIND: self._unbind,
-            K.DVK_GETPRIV: self._getpriv, K.DVK_SETPRIV: self._setpriv, K.DVK_VCOPY: self._vcopy,
-            K.DVK_GETDCINFO: self._getdcinfo, K.DVK_GETPROCINFO: self._getprocinfo,
-            K.DVK_RELAY: self._relay, K.DVK_PROXYBIND: self._proxies_bind,
-            K.DVK_PROXYUNBIND: self._proxies_unbind, K.DVK_GETNODEINFO: self._getnodeinfo,
-            K.DVK_PUT2LCL: self._put2lcl, K.DVK_GET2RMT: self._get2rmt,
-            K.DVK_ADDNODE: self._add_node, K.DVK_DELNODE: self._del_node,
-            K.DVK_DVSINIT: self._dvs_init, K.DVK_DVSEND: self._dvs_end, K.DVK_GETEP: self._getep,
-            K.DVK_GETDVSINFO: self._getdvsinfo, K.DVK_PROXYCONN: self._proxy_conn,
-            K.DVK_WAIT4BIND: self._wait4bind, K.DVK_MIGRATE: self._migrate,
-            K.DVK_NODEUP: self._node_up, K.DVK_NODEDOWN: self._node_down,
-            K.DVK_GETPROXYINFO: self._getproxyinfo, K.DVK_WAKEUPEP: self._wakeup,
-        }
 
     # ------------------------------------------------------------------ the device file
     def open(self) -> int:
@@ -121,7 +104,7 @@ class EmuDevice:
         if (request >> 8) & 0xFF != C.DVK_IOC_MAGIC or request & 0xFF >= NR_DVK_CALLS:
             return -_errno.ENOTTY
         try:
-            return self._handlers[request & 0xFF](arg & 0xFFFFFFFF)
+            return _HANDLERS[request & 0xFF](self, arg & 0xFFFFFFFF)
         except DvkError as err:
             return err.code
         except _Fault as fault:
@@ -376,3 +359,23 @@ class EmuDevice:
         hdr = Header(bytearray(self._read(cmd, HEADER_SIZE)))
         payload = Buffer(self._span(pay, -1), pay) if pay else None
         return self.emu.put2lcl(hdr, payload)
+
+
+#: DVK_ call number -> the method that decodes and performs it (unbound: no reference cycle
+#: through the device, whose memory views must be freed in order).
+_D = EmuDevice
+_HANDLERS: dict[int, Callable[[EmuDevice, int], int]] = {
+    K.DVK_VOID1: _D._void, K.DVK_DCINIT: _D._dc_init, K.DVK_SEND: _D._send,
+    K.DVK_RECEIVE: _D._receive, K.DVK_NOTIFY: _D._notify, K.DVK_SENDREC: _D._sendrec,
+    K.DVK_RCVRQST: _D._rcvrqst, K.DVK_REPLY: _D._reply, K.DVK_DCEND: _D._dc_end,
+    K.DVK_BIND: _D._bind, K.DVK_UNBIND: _D._unbind, K.DVK_GETPRIV: _D._getpriv,
+    K.DVK_SETPRIV: _D._setpriv, K.DVK_VCOPY: _D._vcopy, K.DVK_GETDCINFO: _D._getdcinfo,
+    K.DVK_GETPROCINFO: _D._getprocinfo, K.DVK_RELAY: _D._relay,
+    K.DVK_PROXYBIND: _D._proxies_bind, K.DVK_PROXYUNBIND: _D._proxies_unbind,
+    K.DVK_GETNODEINFO: _D._getnodeinfo, K.DVK_PUT2LCL: _D._put2lcl, K.DVK_GET2RMT: _D._get2rmt,
+    K.DVK_ADDNODE: _D._add_node, K.DVK_DELNODE: _D._del_node, K.DVK_DVSINIT: _D._dvs_init,
+    K.DVK_DVSEND: _D._dvs_end, K.DVK_GETEP: _D._getep, K.DVK_GETDVSINFO: _D._getdvsinfo,
+    K.DVK_PROXYCONN: _D._proxy_conn, K.DVK_WAIT4BIND: _D._wait4bind,
+    K.DVK_MIGRATE: _D._migrate, K.DVK_NODEUP: _D._node_up, K.DVK_NODEDOWN: _D._node_down,
+    K.DVK_GETPROXYINFO: _D._getproxyinfo, K.DVK_WAKEUPEP: _D._wakeup,
+}
