@@ -787,7 +787,7 @@ def config_view(cfg) -> dict:
 def _node_pids(dvk: Dvk):
     """The processes whose CPU is this node's load: under the emulator, those attached to the
     node kernel (D11); on a real DVK node None (= the whole machine)."""
-    if getattr(dvk, "backend", "") != "emu":
+    if getattr(dvk, "backend", "") != "emu" and not getattr(dvk, "emulated", False):
         return None
 
     def pids() -> set[int]:
@@ -830,25 +830,31 @@ def _find_local_node(cfg_path: str) -> int | None:
 
 
 def open_node_dvk(mode: str, node: int | None, cfg_path: str) -> Dvk:
-    """Open the DVK; with the emulator find (or start, D6) this node's kernel."""
+    """Open the DVK; with the emulator (emu, or emu-ioctl: the kernel backend over the
+    emulator's ioctl device) find this node's kernel, or start one as a process of its own."""
     if mode == "kernel" or (mode == "auto" and os.path.exists(C.DVK_FILE_NAME)):
         return open_dvk("kernel")
     from dvk_cffi.emu import node as emunode
     from dvk_cffi.emu.client import DvkUnavailable
     from dvk_cffi.emu.server import socket_path
+    backend = "emu-ioctl" if mode == "emu-ioctl" else "emu"
     if node is None and os.environ.get("DVK_NODE"):
         node = int(os.environ["DVK_NODE"])
     if node is None and not os.environ.get("DVK_SOCKET"):
         node = _find_local_node(cfg_path)
     try:
-        return open_dvk("emu", node=node)
+        dvk = open_dvk(backend, node=node)
     except DvkUnavailable:
         if node is None:
             raise
-    log.info("no DVK node kernel for node %d: starting one (it stops with this daemon)", node)
-    proc = emunode.start_node(node, detach=True)
-    daemon.stop_with_this_process(proc, f"the node kernel of node {node}")
-    return open_dvk("emu", path=socket_path(node))
+        log.info("no DVK node kernel for node %d: starting one (it stops with this daemon)",
+                 node)
+        proc = emunode.start_node(node, detach=True)
+        daemon.stop_with_this_process(proc, f"the node kernel of node {node}")
+        dvk = open_dvk(backend, path=socket_path(node))
+    if backend == "emu-ioctl":
+        log.info("DVK: the kernel backend, through the emulated node's ioctl device")
+    return dvk
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -859,8 +865,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="validate the config, print the cluster summary and exit")
     p.add_argument("--strict", action="store_true",
                    help="with --check: every warning is an error (exit status 1)")
-    p.add_argument("--dvk", choices=("auto", "kernel", "emu"), default="auto",
-                   help="DVK backend (auto: the kernel when /dev/dvk exists)")
+    p.add_argument("--dvk", choices=("auto", "kernel", "emu", "emu-ioctl"), default="auto",
+                   help="DVK backend (auto: the kernel when /dev/dvk exists; emu-ioctl: the "
+                        "kernel backend driving an emulated node through its ioctl device)")
     p.add_argument("--node", type=int, default=None,
                    help="emulated node kernel to attach to (default DVK_NODE, or the node "
                         "whose rname is a local address)")

@@ -2,6 +2,8 @@
 
 `open_dvk("auto")` gives `KernelDvk` (ioctl on /dev/dvk) when the device exists, else `EmuDvk`,
 a connection to the user-space node kernel that stands in for the module on machines without it.
+`open_dvk("emu-ioctl")` gives `KernelDvk` driving an emulated node through `EmuDevice`, the
+emulator's ioctl-level entry: the kernel backend's code path without the kernel module.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from .wire import Header, Message
 __all__ = ["Buffer", "DcInfo", "Dvk", "DvkError", "DvsInfo", "Header", "Message", "NodeInfo",
            "ProcInfo", "ProxiesInfo", "consts", "errors", "open_dvk"]
 
-MODES = ("auto", "kernel", "emu")
+MODES = ("auto", "kernel", "emu", "emu-ioctl")
 
 
 def open_dvk(mode: str = "auto", node: int | None = None, path: str | None = None) -> Dvk:
     """Open this node's DVK.  `mode` auto = the kernel when /dev/dvk exists, else the emulator;
-    `node`/`path` choose the emulated node kernel (default: DVK_SOCKET, DVK_NODE, the only one).
+    emu-ioctl = `KernelDvk` over the emulator's ioctl-level device; `node`/`path` choose the
+    emulated node kernel (default: DVK_SOCKET, DVK_NODE, the only one).
     """
     if mode not in MODES:
         raise ValueError(f"DVK mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -31,5 +34,9 @@ def open_dvk(mode: str = "auto", node: int | None = None, path: str | None = Non
     if mode == "kernel":
         from .kernel import KernelDvk
         return KernelDvk()
+    if mode == "emu-ioctl":
+        from .emu.ioctl import EmuDevice
+        from .kernel import KernelDvk
+        return KernelDvk(device=EmuDevice(path=path, nodeid=node))
     from .emu.client import EmuDvk
     return EmuDvk(path=path, nodeid=node)

@@ -169,7 +169,7 @@ def _dc_name(dvk, dc: str | None) -> str:
 def _proc_view(dvk, path: str) -> str:
     """The text of /proc/dvs/<path>: the node kernel renders it under the emulator, the real
     file is read with the kernel module."""
-    if dvk.backend == "emu":
+    if dvk.backend == "emu" or getattr(dvk, "emulated", False):
         return dvk.proc_text(path)
     try:
         with open(os.path.join(PROC_DVS, path)) as f:
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Administer a DVS node: emulated node kernels, DVS/DC set-up, "
         "bindings and the /proc/dvs views.")
-    p.add_argument("--dvk", choices=("auto", "kernel", "emu"),
+    p.add_argument("--dvk", choices=("auto", "kernel", "emu", "emu-ioctl"),
                    default=os.environ.get("DVK_MODE") or "auto",
                    help="DVK backend: the kernel module (/dev/dvk) or the emulator "
                         "(default: DVK_MODE, else auto = kernel when /dev/dvk exists)")

@@ -1,10 +1,11 @@
-"""KernelDvk against a fake ioctl at the cffi boundary (no /dev/dvk on these machines).
+"""KernelDvk against a fake ioctl at the cffi boundary (no /dev/dvk on these machines), and
+through the emulator's ioctl device (the i386 layout, real traffic) at the end.
 
 The fake receives exactly what libc's ioctl would: (fd, request, arg) with `arg` a `void *`
 to the parameter struct or a `long` value.  It decodes the struct through `ffi_native` at call
 time, can write output structs through the pointers, and reports errors glibc-style (errno set
-through `ffi_native.errno`, result -1).  Request numbers below are transcribed from the table of
-dvk_abi.md §1.2.
+through `ffi_native.errno`, result -1).  Request numbers below are transcribed from the module's
+request table (dvk_calls.h numbers, `_IOW`/`_IOR`/`_IO` with magic 0xE3).
 """
 
 from __future__ import annotations
@@ -638,7 +639,7 @@ def test_get2rmt_put2lcl_refused_on_64bit(kd, fake):
     pay = kd.alloc(C.MAXCOPYBUF)
     with pytest.raises(E.EDVSNOSYS_Error, match="i386"):
         kd.get2rmt(wire.Header(), pay)
-    with pytest.raises(E.EDVSNOSYS_Error, match="D2"):
+    with pytest.raises(E.EDVSNOSYS_Error, match="layout is i386"):
         kd.put2lcl(wire.Header(), None)
     assert fake.calls == []
     # the inspection calls work on the same object
@@ -717,3 +718,118 @@ def test_header_to_native_used_by_put2lcl_matches(kdp):
     h = wire.make_header(c_cmd=C.CMD_COPYOUT_DATA, v_saddr=0x1234, v_bytes=9)
     p = header_to_native(h)
     assert addr(p.c_vcopy.v_saddr) == 0x1234 and p.c_vcopy.v_bytes == 9
+
+
+# --- through the emulator's ioctl device (i386 structs at 32-bit addresses) ------------------
+
+@pytest.fixture
+def kdev(start_node):
+    """KernelDvk driving emulated node 1 through EmuDevice."""
+    from dvk_cffi.emu.ioctl import EmuDevice
+    start_node(1)
+    kd = KernelDvk(device=EmuDevice(nodeid=1))
+    try:
+        yield kd
+    finally:
+        kd.close()
+
+
+def test_device_layout_is_i386_and_proxies(kdev):
+    assert kdev.ffi.sizeof("cmd_t") == wire.HEADER_SIZE
+    assert kdev.proxy_capable and kdev.emulated
+    assert type(kdev.message()) is wire.Message
+    assert kdev.fd >= 0
+    buf = kdev.alloc(64)
+    assert buf.addr < 1 << 32 and len(buf) == 64
+
+
+def test_device_info_and_binding_calls(kdev):
+    import threading
+    node, dvs = kdev.getdvsinfo()
+    assert node == 1 and dvs.d_nr_procs == 221
+    dc = kdev.getdcinfo(0)
+    assert (dc.dc_name, dc.dc_nr_sysprocs, dc.dc_flags) == ("DC0", 64, C.DC_RUNNING)
+    assert kdev.dc_init(DcInfo(dc_dcid=2, dc_name="DC2", dc_nr_procs=100)) == 1
+    assert kdev.getdcinfo(2).dc_nr_procs == 100
+    assert kdev.dc_end(2) == 0
+    assert kdev.getnodeinfo(1).n_name == "node1"
+    assert kdev.bind(0, 10) == 10
+    p = kdev.getprocinfo(0, 10)
+    assert (p.p_endpoint, p.p_lpid, p.p_nodeid) == (10, threading.get_native_id(), 1)
+    assert kdev.getep(threading.get_native_id()) == 10
+    raw = kdev.getpriv(0, 10)
+    assert len(raw) == 52
+    assert kdev.setpriv(0, 10, raw) == 0
+    with pytest.raises(E.EDVSTIMEDOUT_Error):
+        kdev.wait4bindep(12, 20)
+    with pytest.raises(E.EDVSNOTBIND_Error):
+        kdev.unbind(0, 11, 0)
+    assert kdev.unbind(0, 10) == 0
+
+
+def test_device_proxy_pair_rmtbind_put2lcl_get2rmt(kdev):
+    """A proxy pair for node 2 run by two threads of this test, all on KernelDvk."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    sproxy, rproxy = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    try:
+        stid = sproxy.submit(lambda: (kdev.getdvsinfo(), threading.get_native_id())[1]).result(10)
+        rtid = rproxy.submit(lambda: (kdev.getdvsinfo(), threading.get_native_id())[1]).result(10)
+        assert kdev.proxies_bind("node2", 2, stid, rtid) == 0
+        assert kdev.node_up("node2", 2, 2) == 0
+        kdev.proxy_conn(2, C.CONNECT_SPROXY)
+        kdev.proxy_conn(2, C.CONNECT_RPROXY)
+        s, r = kdev.getproxyinfo(2)
+        assert (s.p_lpid, r.p_lpid) == (stid, rtid)
+        assert kdev.add_node(0, 2) == 0
+        assert kdev.rmtbind(0, "rsender", 20, 2) == 20      # the name through parm_pid
+        info = kdev.getprocinfo(0, 20)
+        assert info.p_rts_flags & C.REMOTE and (info.p_nodeid, info.p_name) == (2, "rsender")
+        assert kdev.bind(0, 10) == 10
+        h = wire.make_header(c_cmd=C.CMD_SEND_MSG, c_dcid=0, c_src=20, c_dst=10, c_snode=2,
+                             c_dnode=1, c_pid=99)
+        h.c_msg.m_source, h.c_msg.m_type = 20, 0x0A
+        pay = kdev.alloc(C.MAXCOPYBUF)
+        assert rproxy.submit(kdev.put2lcl, h, pay).result(10) >= 0
+        m = kdev.message()
+        kdev.receive(20, m, 5000)
+        assert (m.m_source, m.m_type) == (20, 0x0A)
+        got = wire.Header()
+        spay = kdev.alloc(C.MAXCOPYBUF)
+        assert sproxy.submit(kdev.get2rmt, got, spay, 5000).result(10) == 0
+        assert (got.c_cmd, got.c_src, got.c_dst, got.c_dnode) == (C.CMD_SEND_ACK, 10, 20, 2)
+        with pytest.raises(E.EDVSTIMEDOUT_Error):
+            sproxy.submit(kdev.get2rmt, got, spay, C.TIMEOUT_NOWAIT).result(10)
+        assert kdev.del_node(0, 2) == 0
+        assert kdev.node_down(2) == 0
+        assert kdev.proxies_unbind(2) == 0
+    finally:
+        sproxy.shutdown()
+        rproxy.shutdown()
+
+
+def test_device_parameter_blocks_are_reused_across_threads(kdev):
+    """Each call borrows a block of device memory for its structs and gives it back: many
+    calls from several threads use as many blocks as ran at once, not one per call."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: kdev.getnodeinfo(1), range(200)))
+    assert 1 <= len(kdev._pool.free) <= 4
+
+
+def test_device_in_a_forked_child_uses_its_own_memory(kdev):
+    """A forked child is a new process to the node kernel: the parent's parameter blocks and
+    buffers are not its memory, so it allocates its own and its calls work."""
+    assert kdev.bind(0, 10) == 10
+    assert kdev._pool.free
+    pid = os.fork()
+    if pid == 0:                                              # pragma: no cover - the child
+        ok = False
+        try:
+            ok = (not kdev._pool.free and kdev.bind(0, 12) == 12
+                  and kdev.getprocinfo(0, 12).p_lpid == os.getpid())
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert kdev.getprocinfo(0, 10).p_endpoint == 10           # the parent goes on as before
