@@ -241,7 +241,8 @@ def assert_nothing_started(tmp_path: Path, cl) -> None:
 def test_idle_link_to_c_peer_survives_its_hello_cadence(tmp_path, c_node):
     cl, peer, _b, sender = c_node
     latency_both_ways(cl)
-    downs = link3(wait_status(cl)).get("downs")
+    wait_status(cl)
+    downs = link3(cl).get("downs")
     before = lb_view(cl)
     # the last command node 3 sends before going idle is a message of type MT_SVC_START whose
     # fields name the spy service: every HELLO of the idle time carries it as its body
