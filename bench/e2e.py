@@ -128,7 +128,36 @@ def ftp(cluster: Cluster, node: int, op: str, clt_ep: int, svr_ep: int, rmt: str
     return int(m.group(3)) / 1e6
 
 
-def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args) -> dict:
+def concurrent_clients(cluster: Cluster, node: int, svr_ep: int, count: int,
+                       loops: int) -> dict:
+    """`count` latency_client processes on `node` at once, `loops` sendrec each (endpoints 70
+    and up): p50/p99 of every loop time of every client."""
+    procs = [cluster.popen(node, module_argv("dvs_apps.latency", "client", 0, 70 + i, svr_ep,
+                                             loops, 0, 0),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(count)]
+    times: list[float] = []
+    failed = 0
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=600)
+            got = [float(x) for x in LAT_RE.findall(out)]
+            times += got
+            failed += (p.returncode != 0) + (loops - len(got))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    times.sort()
+    return {"clients": count, "loops": loops, "failed": failed,
+            "p50_us": statistics.median(times) * 1e6 if times else float("nan"),
+            "p99_us": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6
+            if times else float("nan")}
+
+
+def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
+                with_clients: bool = False) -> dict:
     d = tmp / label
     d.mkdir()
     cfg = d / "e2e.cfg"
@@ -166,7 +195,11 @@ def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args) -> dict:
                 for i, (name, (node, lep, _fep)) in enumerate(paths.items()):
                     r = latency(cl, node, 50 + i, lep, args.e2e_loops)
                     out["latency"].setdefault(name, []).append(r)
-            for _run in range(max(1, args.runs if not args.full else 1)):
+            if with_clients and args.clients:
+                out["clients"] = concurrent_clients(cl, CLT, 10, args.clients,
+                                                    args.client_loops)
+            ftp_runs = 1 if args.full or size >= 64 << 20 else max(1, args.runs)
+            for _run in range(ftp_runs):
                 for i, (name, (node, _lep, fep)) in enumerate(paths.items()):
                     for kind, src in files.items():
                         rmt = f"{kind}{i}"
@@ -195,7 +228,8 @@ def e2e_benchmarks(args, tmp: Path) -> dict:
     res = {}
     for i, (label, opts) in enumerate((("compress NO", ""), ("compress YES", "compress YES;"))):
         print(f"   cluster with {label} ...", flush=True)
-        res[label] = e2e_cluster(tmp, label.replace(" ", "_"), opts, 10 + i, args)
+        res[label] = e2e_cluster(tmp, label.replace(" ", "_"), opts, 10 + i, args,
+                                 with_clients=not opts)
     return res
 
 
@@ -227,6 +261,11 @@ def print_e2e(res: dict) -> str:
                          f"{put / _med(f[direct], 'put_MBps'):.2f}x |")
     for label, r in res.items():
         lines.append(f"\n{label}: LB host -> server link: {r['lbhost_to_server']}")
+        c = r.get("clients")
+        if c:
+            lines.append(f"{label}: {c['clients']} concurrent relayed clients x {c['loops']} "
+                         f"sendrec: p50 {c['p50_us']:,.0f} µs, p99 {c['p99_us']:,.0f} µs, "
+                         f"{c['failed']} failed")
     text = "\n".join(lines)
     print(text, flush=True)
     return text
