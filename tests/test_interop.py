@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from dsp_proxy.group import MT_LOAD_REPORT
 from dsp_proxy.main import MT_NEED_SERVER
 from dvk_cffi import consts as C
 from dvk_cffi.emu.server import socket_path
+from dvk_cffi.wire import HEADER_SIZE, Header, hello_header, make_header
 
 FD_INTERVAL_MS, FD_FALL = 500, 3
 
@@ -310,3 +312,68 @@ def test_python_peer_detected_dead_within_fd_interval_times_fall(tmp_path, bg):
             os.kill(proc.pid, signal.SIGCONT)
         assert elapsed <= bound, f"frozen Python peer declared dead after {elapsed:.2f} s " \
                                  f"(bound {bound:.1f} s)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_exact(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return buf
+
+
+def test_c_peer_itself_behaves_as_the_c_dsp(start_node, dvk_rundir):
+    """The tool checked on its own: HELLO fields and cadence, one connect and never another after
+    the other side closed, a receiver that drops a connection on a put2lcl error and accepts
+    the next one."""
+    start_node(3)
+    lst = socket.create_server(("127.0.0.1", 0))
+    lst.settimeout(10)
+    rport = _free_port()
+    peer = CPeer(socket_path(3, dvk_rundir), 1, "node1", "127.0.0.1",
+                 sport=lst.getsockname()[1], rport=rport, listen_host="127.0.0.1",
+                 hello_period_ms=300, connect_sleep=0.1)
+    try:
+        peer.start()
+        conn, _ = lst.accept()
+        conn.settimeout(5)
+        stamps = []
+        for _ in range(3):
+            h = Header(bytearray(_read_exact(conn, HEADER_SIZE)))
+            stamps.append(time.monotonic())
+            assert (h.c_cmd, h.c_dcid, h.c_src, h.c_dst, h.c_snode, h.c_dnode, h.c_len,
+                    h.c_flags, h.c_batch_nr) == (C.CMD_NONE, -1, C.NONE, C.NONE, 3, 1, 0, 0, 0)
+            assert h.c_pid == peer.hellos_sent[0].c_pid > 0
+            assert abs(h.c_tv_sec + h.c_tv_nsec / 1e9 - time.time()) < 5
+        assert all(b - a >= 0.25 for a, b in zip(stamps, stamps[1:])), stamps
+        # the receiver: a HELLO is only recorded, a failing put2lcl ends the connection
+        assert peer.listening.wait(5)
+        for attempt in range(2):
+            with socket.create_connection(("127.0.0.1", rport), timeout=5) as rx:
+                hello = hello_header(1, 3)
+                rx.sendall(bytes(hello.buf))
+                bad = make_header(c_cmd=C.CMD_SEND_MSG, c_dcid=0, c_src=60, c_dst=61,
+                                  c_snode=1, c_dnode=3)
+                rx.sendall(bytes(bad.buf))
+                assert rx.recv(1) == b"", "the C receiver kept a connection after put2lcl failed"
+            assert len(peer.hellos_received) == attempt + 1
+        assert peer.accepts == 2 and peer.disconnects[0].startswith("put2lcl")
+        # the sender: the other side closes; the C sender never connects again
+        assert peer.send_failures == 0
+        conn.close()
+        lst.settimeout(2)
+        with pytest.raises(TimeoutError):
+            lst.accept()
+        # its HELLOs now fail (counted, the connection kept, as C with batch NO), no reconnect
+        assert peer.send_failures >= 1 and peer.connects == 1 and not peer.sender_gone.is_set()
+    finally:
+        peer.stop()
+        lst.close()
