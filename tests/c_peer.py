@@ -81,6 +81,7 @@ class CPeer:
         self.frames_sent = 0
         self.frames_received = 0
         self.send_failures = 0
+        self.hello_failures = 0
         self.connects = 0
         self.connect_errors: list[int] = []
         self.accepts = 0
@@ -214,8 +215,10 @@ class CPeer:
         hdr.c_pid, hdr.c_batch_nr, hdr.c_flags = self._tids["sender"], 0, 0
         now = time.clock_gettime_ns(time.CLOCK_REALTIME)
         hdr.c_tv_sec, hdr.c_tv_nsec = now // 1_000_000_000, now % 1_000_000_000
-        if self._send(sock, hdr, None):     # a failure is only printed by C
+        if self._send(sock, hdr, None):
             self.hellos_sent.append(hdr.copy())
+        else:                               # C only prints it; the connection is kept
+            self.hello_failures += 1
 
     def _send(self, sock: socket.socket, hdr: Header, data) -> bool:
         hdr.c_snd_seq, hdr.c_ack_seq = self.snd_seq, self.ack_seq

@@ -366,14 +366,17 @@ def test_c_peer_itself_behaves_as_the_c_dsp(start_node, dvk_rundir):
                 assert rx.recv(1) == b"", "the C receiver kept a connection after put2lcl failed"
             assert len(peer.hellos_received) == attempt + 1
         assert peer.accepts == 2 and peer.disconnects[0].startswith("put2lcl")
-        # the sender: the other side closes; the C sender never connects again
-        assert peer.send_failures == 0
+        # the sender: the other side closes; the C sender never connects again.  A receiver
+        # connection re-opens the HELLO gate (closed by the receiver's disconnects, as in C)
+        assert peer.hello_failures == 0
+        rx = socket.create_connection(("127.0.0.1", rport), timeout=5)
         conn.close()
         lst.settimeout(2)
         with pytest.raises(TimeoutError):
             lst.accept()
         # its HELLOs now fail (counted, the connection kept, as C with batch NO), no reconnect
-        assert peer.send_failures >= 1 and peer.connects == 1 and not peer.sender_gone.is_set()
+        rx.close()
+        assert peer.hello_failures >= 1 and peer.connects == 1 and not peer.sender_gone.is_set()
     finally:
         peer.stop()
         lst.close()
