@@ -88,6 +88,7 @@ class CPeer:
         self.disconnects: list[str] = []
         self.sender_gone = threading.Event()
         self.listening = threading.Event()
+        self.error: OSError | None = None
         self._tids: dict[str, int] = {}
         self._ready = threading.Condition()
         self._go = threading.Event()
@@ -145,6 +146,9 @@ class CPeer:
                 body()
             except E.DvkError as err:   # the node kernel went away (end of a test)
                 log.debug("C peer %s: %s", name, err)
+            except OSError as exc:      # e.g. the listener's port is taken: C exits here
+                self.error = exc
+                log.error("C peer %s: %s", name, exc)
 
     @property
     def connected(self) -> bool:
@@ -310,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", default="", help="listen address (default all interfaces)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    local, _ = EmuDvk(path=args.socket).getdvsinfo()
+    probe = EmuDvk(path=args.socket)
+    local, _ = probe.getdvsinfo()
+    probe.close()
     peer = CPeer(args.socket, args.peer, args.name or f"node{args.peer}", args.peer_host,
                  args.sport or 3000 + local, args.rport or 3000 + args.peer, args.listen)
     peer.start()

@@ -189,7 +189,7 @@ def wait_link(cl, peer: CPeer, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"link 1-3 not up after {timeout} s; C peer: connects "
                                  f"{peer.connects}, accepts {peer.accepts}, "
-                                 f"disconnects {peer.disconnects}")
+                                 f"disconnects {peer.disconnects}, error {peer.error}")
         time.sleep(0.1)
 
 
