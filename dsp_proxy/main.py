@@ -34,7 +34,7 @@ from dvk_cffi.api import Dvk
 from dvk_cffi.emu.client import DvkUnavailable
 from dvk_cffi.wire import Header, Message, hello_header
 
-from . import __version__, daemon, topology
+from . import __version__, addresses, daemon, topology
 from . import config as cfgmod
 from . import stats as statsmod
 from .acceptor import Acceptor
@@ -55,7 +55,6 @@ from .misc import (
     SYSLOG_SOCKET,
     StartGate,
     is_local_address,
-    peer_addresses,
     reopen_logs,
     resolve,
     set_log_node,
@@ -134,7 +133,7 @@ class Dsp:
         self.links: dict[int, Link] = {}
         self._set_timers(cfg)
         me = cfg.nodes_by_id.get(local)
-        self.bind_addr = _local_bind_address(me) if me is not None else ""
+        self.bind_addr = addresses.listen_address(me)
         self.monitor = OutMonitor()
         self.pairs: dict[int, Pair] = {}
         self.registered: list[int] = []           # proxy pairs registered with the kernel
@@ -233,8 +232,8 @@ class Dsp:
         extra addresses the config lists for it."""
         node = self.cfg.nodes_by_id.get(spec.nodeid)
         if node is None and spec.nodeid == self.lb_nodeid and self.relay_host is not None:
-            node = self.cfg.nodes_by_id.get(self.relay_host)
-        return peer_addresses(spec.host, getattr(node, "extra_addrs", ()))
+            node = self.cfg.nodes_by_id.get(self.relay_host)     # a relayed client's LB host
+        return addresses.peer_addresses(node)
 
     def _start_pair(self, name: str, nodeid: int, receiver, sender,
                     peer: int) -> list[threading.Thread]:
@@ -797,19 +796,6 @@ def _node_pids(dvk: Dvk):
             return set()
         return {int(line.split()[0]) for line in text.splitlines()[1:] if line.strip()}
     return pids
-
-
-def _local_bind_address(me) -> str:
-    """Where the local node listens and leaves from: its `rname` when the config names one
-    explicitly and it is a local address (several nodes on one machine); otherwise all
-    interfaces and the default route, as the C daemon does."""
-    if not getattr(me, "rname_explicit", False):
-        return ""
-    try:
-        addr = resolve(me.rname)
-    except OSError:
-        return ""
-    return addr if is_local_address(addr) else ""
 
 
 def _find_local_node(cfg_path: str) -> int | None:

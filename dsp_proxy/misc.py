@@ -103,19 +103,6 @@ def resolve(host: str) -> str:
     return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
 
 
-def peer_addresses(host: str, extra=()) -> frozenset[str]:
-    """Every IPv4 address `host` resolves to, plus `extra` (names or literals): where a peer's
-    connections may come from (a multi-homed peer may leave from any of them)."""
-    found: set[str] = set()
-    for name in (host, *extra):
-        try:
-            found.update(info[4][0] for info in socket.getaddrinfo(
-                name, None, socket.AF_INET, socket.SOCK_STREAM))
-        except OSError:
-            continue
-    return frozenset(found)
-
-
 def is_local_address(addr: str) -> bool:
     """True when this machine can bind `addr` (all of 127/8 on Linux, plus its interfaces)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
