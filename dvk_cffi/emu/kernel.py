@@ -244,7 +244,12 @@ class NodeKernel:
 
     def add_arena(self, task: Task, fd: int, size: int) -> int:
         with self.lock:
-            return task.space.add(fd, size)
+            try:
+                return task.space.add(fd, size)
+            except MemoryError:
+                raise E.DvkError.for_code(E.EDVSNOMEM) from None
+            except (OSError, ValueError):
+                raise E.DvkError.for_code(E.EDVSBADF) from None
 
     # ================================================================ sleeping and waking
     def _sleep(self, task: Task, tout: int, timeout_rc: int = E.EDVSTIMEDOUT) -> int:
@@ -1236,8 +1241,8 @@ class NodeKernel:
                 for d in involved:
                     d.rts &= ~C.ONCOPY
 
-    def _space(self, desc: Desc) -> AddressSpace:
-        if desc.task is None:
+    def _space(self, desc: Desc | None) -> AddressSpace:
+        if desc is None or desc.is_free or desc.is_remote or desc.task is None:
             raise E.DvkError.for_code(E.EDVSBADPROC)
         return desc.task.space
 
@@ -1586,6 +1591,8 @@ class NodeKernel:
             return 0
         if cmd == C.CMD_COPYLCL_RQST:
             src, dst = dc.slot(_ep_p(h.v_src)), dc.slot(_ep_p(h.v_dst))
+            if src is None or dst is None:  # no slot: nothing to ACK, the proxy answers
+                raise E.DvkError.for_code(E.EDVSRANGE)
             rc = 0
             try:
                 self._space(dst).write(h.v_daddr, self._space(src).read(h.v_saddr, h.v_bytes))
@@ -1648,7 +1655,10 @@ class NodeKernel:
     def proc_text(self, path: str) -> str:
         from . import procfs
         with self.lock:
-            return procfs.render(self, path)
+            try:
+                return procfs.render(self, path)
+            except ValueError:
+                raise E.DvkError.for_code(E.EDVSINVAL) from None
 
 
 def _bits(mask: int):

@@ -38,6 +38,8 @@ class AddressSpace:
         return base
 
     def _find(self, addr: int, size: int) -> tuple[mmap.mmap, int]:
+        if size < 0:
+            raise ValueError(f"negative size {size}")
         for base, length, mem in self.arenas:
             if base <= addr and addr + size <= base + length:
                 return mem, addr - base

@@ -19,6 +19,8 @@ import socket
 import struct
 from collections.abc import Sequence
 
+from ..wire import HEADER_SIZE, MESSAGE_SIZE
+
 VERSION = 1
 
 _LEN = struct.Struct("<I")
@@ -37,11 +39,58 @@ OPS = [
 ]
 OP = {name: i for i, name in enumerate(OPS)}
 
+#: The arguments each operation takes, one letter per value: `i` a C int (32-bit signed),
+#: `u` an address or size (32-bit unsigned), `b` bytes, `B` bytes or None, `m` a message
+#: (MESSAGE_SIZE bytes), `h` a cmd_t header (HEADER_SIZE bytes).  The node kernel answers a
+#: request that does not match with EDVSINVAL before any kernel code runs.
+SIGNATURES = {
+    "HELLO": "iiiB", "ARENA": "u", "PROCFS": "b", "SHUTDOWN": "",
+    "DVS_INIT": "iB", "DVS_END": "", "GETDVSINFO": "", "DC_INIT": "b", "DC_END": "i",
+    "GETDCINFO": "i", "GETNODEINFO": "i", "GETPROCINFO": "ii", "GETPROXYINFO": "i",
+    "ADD_NODE": "ii", "DEL_NODE": "ii", "PROXIES_BIND": "biiii", "PROXIES_UNBIND": "i",
+    "NODE_UP": "bii", "NODE_DOWN": "i", "PROXY_CONN": "ii", "BIND": "iiiiiB",
+    "UNBIND": "iii", "WAIT4BIND": "iii", "GETEP": "i", "MIGRATE": "iiiii",
+    "SEND": "imi", "RECEIVE": "ii", "SENDREC": "imi", "RCVRQST": "i", "REPLY": "imi",
+    "NOTIFY": "iii", "VCOPY": "iuiui", "RELAY": "im", "WAKEUP": "ii", "GETPRIV": "ii",
+    "SETPRIV": "iib", "GET2RMT": "ui", "PUT2LCL": "hu",
+}
+assert set(SIGNATURES) == set(OPS)
+
+_INT32 = range(-(1 << 31), 1 << 31)
+_UINT32 = range(0, 1 << 32)
+
 Value = int | bytes | None
 
 
 class ProtocolError(Exception):
     """The peer sent something that is not protocol version 1."""
+
+
+class UnknownOperation(ProtocolError):
+    """A well-framed request with an operation number this version does not have."""
+
+
+def args_match(op: str, args: Sequence[Value]) -> bool:
+    """Whether `args` are what `op` takes (count, types, integer ranges, fixed lengths)."""
+    sig = SIGNATURES[op]
+    if len(args) != len(sig):
+        return False
+    for kind, v in zip(sig, args):
+        if kind == "i":
+            ok = isinstance(v, int) and v in _INT32
+        elif kind == "u":
+            ok = isinstance(v, int) and v in _UINT32
+        elif kind == "B":
+            ok = v is None or isinstance(v, bytes)
+        elif kind == "m":
+            ok = isinstance(v, bytes) and len(v) == MESSAGE_SIZE
+        elif kind == "h":
+            ok = isinstance(v, bytes) and len(v) == HEADER_SIZE
+        else:
+            ok = isinstance(v, bytes)
+        if not ok:
+            return False
+    return True
 
 
 def encode_values(values: Sequence[Value]) -> bytes:
@@ -68,9 +117,13 @@ def decode_values(body: bytes | memoryview, pos: int) -> list[Value]:
         tag = body[pos:pos + 1]
         pos += 1
         if tag == b"i":
+            if pos + 8 > end:
+                raise ProtocolError("truncated integer value")
             values.append(_INT.unpack_from(body, pos)[0])
             pos += 8
         elif tag == b"b":
+            if pos + 4 > end:
+                raise ProtocolError("truncated bytes length")
             (n,) = _LEN.unpack_from(body, pos)
             pos += 4
             if pos + n > end:
@@ -94,7 +147,7 @@ def decode_request(body: bytes) -> tuple[str, list[Value]]:
         raise ProtocolError("short request")
     (op,) = _OP.unpack_from(body, 0)
     if op >= len(OPS):
-        raise ProtocolError(f"unknown operation {op}")
+        raise UnknownOperation(f"unknown operation {op}")
     return OPS[op], decode_values(body, 2)
 
 

@@ -114,29 +114,19 @@ class NodeServer:
     def _serve_conn(self, conn: socket.socket) -> None:
         task: Task | None = None
         try:
-            body = P.recv_frame(conn)
-            if body is None:
-                return
-            op, args = P.decode_request(body)
-            if op != "HELLO" or len(args) != 4 or args[0] != P.VERSION:
-                conn.sendall(P.encode_reply(E.EDVSBADVALUE))
-                return
-            _version, _pid, tid, comm = args
-            pid = _peer_pid(conn)
-            task = self.kernel.attach(pid, int(tid), (comm or b"").decode(errors="replace"),
-                                      probe=_probe(conn))
-            conn.sendall(P.encode_reply(0, [self.kernel.local_nodeid]))
-            while not self.stopping.is_set():
+            task = self._hello(conn)
+            while task is not None and not self.stopping.is_set():
                 fds: list[int] = []
                 body = P.recv_frame(conn, fds)
                 if body is None:
                     return
-                op, args = P.decode_request(body)
-                rc, results = self._call(task, op, args, fds)
-                for fd in fds:
-                    os.close(fd)
-                conn.sendall(P.encode_reply(rc, results))
-                if op == "SHUTDOWN":
+                try:
+                    op, rc, results = self._request(task, body, fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                conn.sendall(_reply(op, rc, results))
+                if op == "SHUTDOWN" and rc == 0:
                     self.stop()
         except TaskGone:
             pass
@@ -150,17 +140,61 @@ class NodeServer:
             if task is not None:
                 self.kernel.detach(task)
 
+    def _hello(self, conn: socket.socket) -> Task | None:
+        """Answer requests until a valid HELLO attaches the caller; None when it hangs up."""
+        while not self.stopping.is_set():
+            fds: list[int] = []
+            body = P.recv_frame(conn, fds)
+            for fd in fds:
+                os.close(fd)
+            if body is None:
+                return None
+            try:
+                op, args = P.decode_request(body)
+            except P.ProtocolError:
+                op, args = "", []
+            if op != "HELLO" or not P.args_match(op, args) or args[0] != P.VERSION:
+                conn.sendall(P.encode_reply(E.EDVSBADVALUE))
+                continue
+            _version, _pid, tid, comm = args
+            task = self.kernel.attach(_peer_pid(conn), tid,
+                                      (comm or b"").decode(errors="replace"),
+                                      probe=_probe(conn))
+            conn.sendall(P.encode_reply(0, [self.kernel.local_nodeid]))
+            return task
+        return None
+
+    def _request(self, task: Task, body: bytes, fds: list[int]) -> tuple[str, int, list]:
+        """Decode and run one request: (operation, status, results), whatever the bytes were."""
+        try:
+            op, args = P.decode_request(body)
+        except P.UnknownOperation as exc:
+            log.warning("task %d: %s", task.tid, exc)
+            return "", E.EDVSNOSYS, []
+        except P.ProtocolError as exc:
+            log.warning("task %d: malformed request: %s", task.tid, exc)
+            return "", E.EDVSINVAL, []
+        rc, results = self._call(task, op, args, fds)
+        return op, rc, results
+
     def _call(self, task: Task, op: str, args: list, fds: list[int]) -> tuple[int, list]:
+        """Run one call; a bad request is EDVSINVAL, a fault of the kernel code EDVSGENERIC
+        (logged with its traceback): a call never costs the connection."""
         handler = self.handlers.get(op)
         if handler is None:
             return E.EDVSNOSYS, []
+        if not P.args_match(op, args):
+            log.warning("task %d: bad arguments for %s", task.tid, op)
+            return E.EDVSINVAL, []
         try:
             result = handler(task, args, fds)
         except E.DvkError as err:
             return err.code, []
-        except (TypeError, ValueError, IndexError) as exc:
-            log.warning("bad %s request from task %d: %s", op, task.tid, exc)
-            return E.EDVSINVAL, []
+        except TaskGone:
+            raise
+        except Exception:
+            log.exception("node kernel fault in %s of task %d", op, task.tid)
+            return E.EDVSGENERIC, []
         return 0, list(result) if isinstance(result, tuple) else [result]
 
     # ------------------------------------------------------------------ dispatch table
@@ -181,13 +215,13 @@ class NodeServer:
 
         return {
             "ARENA": arena,
-            "PROCFS": lambda t, a, f: (0, k.proc_text(a[0].decode()).encode()),
+            "PROCFS": lambda t, a, f: (0, k.proc_text(a[0].decode(errors="replace")).encode()),
             "SHUTDOWN": shutdown,
             "DVS_INIT": lambda t, a, f: k.dvs_init(
-                t, a[0], DvsInfo.unpack(a[1]) if a[1] is not None else None),
+                t, a[0], _unpack(DvsInfo, a[1]) if a[1] is not None else None),
             "DVS_END": lambda t, a, f: k.dvs_end(t),
             "GETDVSINFO": lambda t, a, f: info_reply(k.getdvsinfo(t)),
-            "DC_INIT": lambda t, a, f: k.dc_init(t, DcInfo.unpack(a[0])),
+            "DC_INIT": lambda t, a, f: k.dc_init(t, _unpack(DcInfo, a[0])),
             "DC_END": lambda t, a, f: k.dc_end(t, a[0]),
             "GETDCINFO": lambda t, a, f: (0, k.getdcinfo(t, a[0]).pack()),
             "GETNODEINFO": lambda t, a, f: (0, k.getnodeinfo(t, a[0]).pack()),
@@ -195,12 +229,13 @@ class NodeServer:
             "GETPROXYINFO": lambda t, a, f: (0, *[i.pack() for i in k.getproxyinfo(t, a[0])]),
             "ADD_NODE": lambda t, a, f: k.add_node(t, a[0], a[1]),
             "DEL_NODE": lambda t, a, f: k.del_node(t, a[0], a[1]),
-            "PROXIES_BIND": lambda t, a, f: k.proxies_bind(t, a[0].decode(), *a[1:5]),
+            "PROXIES_BIND": lambda t, a, f: k.proxies_bind(t, a[0].decode(errors="replace"),
+                                                           *a[1:5]),
             "PROXIES_UNBIND": lambda t, a, f: k.proxies_unbind(t, a[0]),
-            "NODE_UP": lambda t, a, f: k.node_up(t, a[0].decode(), a[1], a[2]),
+            "NODE_UP": lambda t, a, f: k.node_up(t, a[0].decode(errors="replace"), a[1], a[2]),
             "NODE_DOWN": lambda t, a, f: k.node_down(t, a[0]),
             "PROXY_CONN": lambda t, a, f: k.proxy_conn(t, a[0], a[1]),
-            "BIND": lambda t, a, f: k.bind(t, *a[0:5], (a[5] or b"").decode()),
+            "BIND": lambda t, a, f: k.bind(t, *a[0:5], (a[5] or b"").decode(errors="replace")),
             "UNBIND": lambda t, a, f: k.unbind(t, a[0], a[1], a[2]),
             "WAIT4BIND": lambda t, a, f: k.wait4bind(t, a[0], a[1], a[2]),
             "GETEP": lambda t, a, f: k.getep(t, a[0]),
@@ -219,6 +254,22 @@ class NodeServer:
             "GET2RMT": lambda t, a, f: (0, *k.get2rmt_more(t, a[0], a[1])),
             "PUT2LCL": lambda t, a, f: k.put2lcl(t, a[0], a[1]),
         }
+
+
+def _unpack(cls, raw: bytes):
+    """An info struct from a request; EDVSINVAL when the bytes are not one."""
+    if len(raw) != cls.STRUCT.size:
+        raise E.DvkError.for_code(E.EDVSINVAL)
+    return cls.unpack(raw)
+
+
+def _reply(op: str, rc: int, results: list) -> bytes:
+    """The reply frame; results that cannot be encoded are a kernel fault (EDVSGENERIC)."""
+    try:
+        return P.encode_reply(rc, results)
+    except (TypeError, struct.error):
+        log.exception("node kernel fault encoding the result of %s", op)
+        return P.encode_reply(E.EDVSGENERIC)
 
 
 def _nosys(task, args, fds):
