@@ -1,4 +1,4 @@
-"""Shared-memory arenas: the process memory that the emulated DVK copies between (D7).
+"""Shared-memory arenas: the process memory that the emulated DVK copies between.
 
 A client process creates an arena with `memfd_create`, maps it, and passes the descriptor to its
 node kernel over the Unix socket (SCM_RIGHTS).  The kernel maps the same memory and assigns the

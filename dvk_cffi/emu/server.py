@@ -1,4 +1,4 @@
-"""The node kernel process: a `NodeKernel` served on a Unix socket (D6).
+"""The node kernel process: a `NodeKernel` served on a Unix socket.
 
 `run_node()` is what `dvsctl node start` runs: it initialises the DVS with the given node id
 and DC0 with the reference parameters, then serves every process of the node until SIGTERM,
