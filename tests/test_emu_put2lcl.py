@@ -289,3 +289,18 @@ def test_put2lcl_needs_the_receiver_proxy(k):
         assert info.value.code == code
     run(k.kern.proxy_conn(k.rproxy, 2, C.DISCONNECT_RPROXY))
     assert put_code(k) == E.EDVSNOTCONN
+
+
+def test_kernel_and_proxy_error_ack_tables_differ_only_where_documented():
+    """The kernel's error ACK table and the proxy's differ in the SNDREC and NTFY rows only."""
+    differ = {cmd for cmd in C.KERNEL_ERROR_ACK.keys() | C.PROXY_ERROR_ACK.keys()
+              if C.KERNEL_ERROR_ACK.get(cmd) != C.PROXY_ERROR_ACK.get(cmd)}
+    assert differ == {C.CMD_SNDREC_MSG, C.CMD_NTFY_MSG}
+    assert set(C.KERNEL_ERROR_ACK) == C.RQST_CMDS
+    assert C.PROXY_ERROR_ACK[C.CMD_SNDREC_MSG] == C.CMD_SNDREC_ACK
+
+
+def test_refused_sndrec_error_ack_is_a_send_ack(k):
+    """The kernel's own ACK for a refused sendrec is a SEND_ACK (as the module's)."""
+    check_row(k, dict(c_cmd=C.CMD_SNDREC_MSG, c_dst=FREE_EP), E.EDVSDSTDIED,
+              (C.CMD_SEND_ACK, FREE_EP, RSYS, -1))

@@ -10,7 +10,6 @@ from .. import consts as C
 from .. import errors as E
 from ..info import DcInfo, DvsInfo, NodeInfo, ProcInfo
 from .model import (
-    ALL_CALLS,
     DC,
     ProxyPair,
     Task,
@@ -225,7 +224,7 @@ class Admin:
                 raise E.DvkError.for_code(E.EDVSNOTBIND)
             level = int.from_bytes(priv[8:12], "little", signed=True)
             if level >= C.SERVER_PRIV:
-                desc.allowed = ALL_CALLS
+                desc.allowed = C.DVK_ALL_CALLS
             return 0
 
     def proc_text(self, path: str) -> str:

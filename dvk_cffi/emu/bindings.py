@@ -11,10 +11,8 @@ from .. import consts as C
 from .. import errors as E
 from ..wire import Header
 from .model import (
-    ALL_CALLS,
     DC,
     LIVENESS_SLICE,
-    USER_CALLS,
     Desc,
     Task,
     TaskGone,
@@ -74,7 +72,7 @@ class Bindings:
             desc.getfrom = desc.sendto = desc.waitmigr = desc.waitunbind = C.NONE
             desc.proxy = C.NONE
             desc.lclsent = desc.rmtsent = desc.lclcopy = desc.rmtcopy = 0
-            desc.allowed = ALL_CALLS if is_sys else USER_CALLS
+            desc.allowed = C.DVK_ALL_CALLS if is_sys else C.DVK_USER_CALLS
             desc.priv_id = p_nr + dc.info.dc_nr_tasks if is_sys else dc.info.dc_nr_sysprocs
             desc.senders.clear()
             desc.notify_pending.clear()

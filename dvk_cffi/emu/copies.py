@@ -9,7 +9,6 @@ from .. import errors as E
 from .memory import AddressSpace
 from .model import (
     DC,
-    DVK_VCOPY,
     Desc,
     Task,
     ep_p,
@@ -24,7 +23,7 @@ class Copies:
     def vcopy(self, task: Task, src_ep: int, saddr: int, dst_ep: int, daddr: int,
               nbytes: int) -> int:
         with self.lock:
-            dc, caller = self._caller(task, DVK_VCOPY)
+            dc, caller = self._caller(task, C.DVK_VCOPY)
             if nbytes < 0 or nbytes > self.dvs.d_max_copylen:
                 raise E.DvkError.for_code(E.EDVS2BIG if nbytes > 0 else E.EDVSINVAL)
             if src_ep == C.SELF:

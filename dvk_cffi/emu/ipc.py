@@ -10,12 +10,6 @@ from .. import errors as E
 from ..wire import MESSAGE_SIZE, Message
 from .model import (
     DC,
-    DVK_NOTIFY,
-    DVK_RCVRQST,
-    DVK_RECEIVE,
-    DVK_REPLY,
-    DVK_SEND,
-    DVK_SENDREC,
     Desc,
     Task,
     ep_p,
@@ -30,7 +24,7 @@ class Ipc:
 
     def send(self, task: Task, ep: int, msg: bytes, tout: int) -> int:
         with self.lock:
-            dc, caller = self._caller(task, DVK_SEND)
+            dc, caller = self._caller(task, C.DVK_SEND)
             dst = self._dest(dc, caller, ep, E.EDVSDSTDIED, self_rc=E.EDVSBADDEST)
             msg = with_source(msg, caller.endpoint)
             if dst.is_remote:
@@ -51,7 +45,7 @@ class Ipc:
     def sendrec(self, task: Task, ep: int, msg: bytes, tout: int) -> bytes:
         """Send `msg` and wait for the reply, which is returned."""
         with self.lock:
-            dc, caller = self._caller(task, DVK_SENDREC)
+            dc, caller = self._caller(task, C.DVK_SENDREC)
             dst = self._dest(dc, caller, ep, E.EDVSDEADSRCDST)
             msg = with_source(msg, caller.endpoint)
             task.inbox = None
@@ -87,7 +81,7 @@ class Ipc:
     def receive(self, task: Task, src: int, tout: int, rqst_only: bool = False) -> bytes:
         """Receive from `src` (or ANY); `rqst_only` is rcvrqst (no notifications)."""
         with self.lock:
-            dc, caller = self._caller(task, DVK_RCVRQST if rqst_only else DVK_RECEIVE)
+            dc, caller = self._caller(task, C.DVK_RCVRQST if rqst_only else C.DVK_RECEIVE)
             if not rqst_only:
                 if caller.misc & C.MIS_WOKENUP and src == C.ANY:
                     caller.misc &= ~C.MIS_WOKENUP
@@ -130,7 +124,7 @@ class Ipc:
 
     def reply(self, task: Task, ep: int, msg: bytes, tout: int) -> int:
         with self.lock:
-            dc, caller = self._caller(task, DVK_REPLY)
+            dc, caller = self._caller(task, C.DVK_REPLY)
             dst = self._dest(dc, caller, ep, E.EDVSDSTDIED)
             msg = with_source(msg, caller.endpoint)
             if dst.is_remote:
@@ -144,7 +138,7 @@ class Ipc:
 
     def notify(self, task: Task, src_nr: int, ep: int, value: int) -> int:
         with self.lock:
-            dc, caller = self._caller(task, DVK_NOTIFY)
+            dc, caller = self._caller(task, C.DVK_NOTIFY)
             if src_nr == C.SELF:
                 src_nr = caller.nr
             src = dc.slot(src_nr) if src_nr != C.HARDWARE else None

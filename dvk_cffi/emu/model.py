@@ -17,15 +17,6 @@ from ..info import DcInfo, ProcInfo, ProxiesInfo
 from ..wire import MESSAGE_SIZE, Header, Message
 from .memory import AddressSpace
 
-# DVK call numbers (dvk_calls.h) used in the allowed-calls bitmaps.
-DVK_SEND, DVK_RECEIVE, DVK_NOTIFY, DVK_SENDREC, DVK_RCVRQST, DVK_REPLY = 2, 3, 4, 5, 6, 7
-DVK_UNBIND, DVK_VCOPY, DVK_GETEP, DVK_WAIT4BIND = 10, 13, 26, 29
-DVK_PROXYBIND, DVK_PROXYUNBIND, DVK_PUT2LCL, DVK_GET2RMT = 17, 18, 20, 21
-ALL_CALLS = frozenset(range(35))
-USER_CALLS = frozenset({DVK_SENDREC, DVK_UNBIND, DVK_GETEP, DVK_WAIT4BIND})
-SPROXY_CALLS = frozenset({DVK_PROXYBIND, DVK_PROXYUNBIND, DVK_GET2RMT})
-RPROXY_CALLS = frozenset({DVK_PROXYBIND, DVK_PROXYUNBIND, DVK_PUT2LCL})
-
 #: How often a sleeping caller checks that its process is still there.
 LIVENESS_SLICE = 0.1
 
@@ -165,7 +156,7 @@ def with_source(msg: bytes, ep: int) -> bytes:
 
 def priv_bytes(desc: Desc) -> bytes:
     level = C.PROXY_PRIV if desc.misc & C.MIS_PROXY else (
-        C.SERVER_PRIV if len(desc.allowed) > len(USER_CALLS) else C.USER_PRIV)
+        C.SERVER_PRIV if len(desc.allowed) > len(C.DVK_USER_CALLS) else C.USER_PRIV)
     return struct.pack("<hxxii", desc.priv_id, 0, level).ljust(52, b"\0")
 
 

@@ -12,10 +12,7 @@ from ..info import NodeInfo, ProxiesInfo
 from ..wire import HEADER_SIZE, Header
 from .model import (
     DC,
-    DVK_GET2RMT,
     LIVENESS_SLICE,
-    RPROXY_CALLS,
-    SPROXY_CALLS,
     Desc,
     ProxyPair,
     Task,
@@ -50,7 +47,8 @@ class Proxies:
             pair.info = ProxiesInfo(px_id=pxid, px_flags=C.PROXIES_INUSE, px_maxbytes=maxbytes,
                                     px_name=name[:C.MAXPROXYNAME - 1])
             pair.queue.clear()
-            for role, t, calls in (("s", stask, SPROXY_CALLS), ("r", rtask, RPROXY_CALLS)):
+            for role, t, calls in (("s", stask, C.DVK_SPROXY_CALLS),
+                                   ("r", rtask, C.DVK_RPROXY_CALLS)):
                 desc = Desc(nr=pxid, dcid=C.PROXY_NO_DC, endpoint=C.NONE, rts=0,
                             misc=C.MIS_PROXY, lpid=t.tid, vpid=t.tid,
                             nodeid=self.local_nodeid, name=(t.comm or name)[:15],
@@ -285,7 +283,7 @@ class Proxies:
         upper bound: a proxy batches only when it knows more is waiting, so a lone command is
         never delayed by an extra call)."""
         with self.lock:
-            px = self._proxy_caller(task, DVK_GET2RMT)
+            px = self._proxy_caller(task, C.DVK_GET2RMT)
             pair = self.proxies[px.nr]
             deadline = None if tout < 0 else time.monotonic() + tout / 1000.0
             while True:
@@ -337,7 +335,7 @@ class Proxies:
         data = None
         if not desc.is_remote:
             h.c_pid = desc.lpid
-            if cmd in (C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG, C.CMD_NTFY_MSG):
+            if cmd in C.MSG_CMDS:
                 h.c_msg.m_source = desc.endpoint
             if cmd == C.CMD_SNDREC_MSG:
                 desc.rts &= ~C.SENDING
@@ -359,11 +357,11 @@ class Proxies:
                         h.c_rcode, h.c_len = err.code, 0
                 if src is not None:
                     src.rts &= ~C.ONCOPY
-            elif cmd in (C.CMD_COPYIN_ACK, C.CMD_COPYLCL_ACK, C.CMD_COPYRMT_ACK):
+            elif cmd in C.COPY_ACK_CMDS:
                 dst = dc.slot(ep_p(h.v_dst))
                 if dst is not None and not dst.is_remote:
                     dst.rts &= ~C.ONCOPY
-            elif cmd not in (C.CMD_SEND_ACK, C.CMD_SNDREC_ACK):
+            elif cmd not in C.MSG_ACK_CMDS:
                 raise E.DvkError.for_code(E.EDVSINVAL)
         if data is not None:
             h.c_len = len(data)

@@ -10,12 +10,6 @@ from .. import errors as E
 from ..wire import MESSAGE_SIZE, Header
 from .model import (
     DC,
-    DVK_NOTIFY,
-    DVK_PUT2LCL,
-    DVK_REPLY,
-    DVK_SEND,
-    DVK_SENDREC,
-    DVK_VCOPY,
     Desc,
     Task,
     ep_p,
@@ -29,7 +23,7 @@ class Put2lcl:
 
     def put2lcl(self, task: Task, hdr: bytes, payload_addr: int) -> int:
         with self.lock:
-            self._proxy_caller(task, DVK_PUT2LCL)
+            self._proxy_caller(task, C.DVK_PUT2LCL)
             h = Header(bytearray(hdr))
             return self._put2lcl(task, h, payload_addr)
 
@@ -64,10 +58,7 @@ class Put2lcl:
             return self._put_error(dc, h, rmt, lcl, E.EDVSTRAPDENIED)
         if not rmt.is_remote and not rmt.misc & C.MIS_REPLICATED:               # 10
             raise E.DvkError.for_code(E.EDVSLCLPROC)
-        is_request = cmd in (C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG,
-                             C.CMD_NTFY_MSG, C.CMD_COPYIN_DATA, C.CMD_COPYOUT_RQST,
-                             C.CMD_COPYLCL_RQST, C.CMD_COPYRMT_RQST, C.CMD_COPYIN_RQST)
-        if is_request and rmt.rts & (C.RMTOPER | C.SENDING):                   # 11
+        if cmd in C.RQST_CMDS and rmt.rts & (C.RMTOPER | C.SENDING):            # 11
             raise E.DvkError.for_code(E.EDVSENQUEUED)
         if lcl.is_remote:                                                       # 12
             return self._put_error(dc, h, rmt, lcl, E.EDVSRMTPROC)
@@ -77,15 +68,11 @@ class Put2lcl:
             raise E.DvkError.for_code(E.EDVSENDPOINT)
         if lcl.rts & C.MIGRATING or lcl.nodeid != self.local_nodeid:            # 15
             return self._put_error(dc, h, rmt, lcl, E.EDVSMIGRATE)
-        needed = {C.CMD_SEND_MSG: DVK_SEND, C.CMD_SNDREC_MSG: DVK_SENDREC,
-                  C.CMD_REPLY_MSG: DVK_REPLY, C.CMD_NTFY_MSG: DVK_NOTIFY}.get(cmd)
-        if cmd in (C.CMD_COPYIN_DATA, C.CMD_COPYOUT_RQST, C.CMD_COPYLCL_RQST,
-                   C.CMD_COPYRMT_RQST, C.CMD_COPYIN_RQST):
-            needed = DVK_VCOPY
+        if cmd in C.COPY_RQST_CMDS:
             rqtr = dc.slot(ep_p(h.v_rqtr))
-            if rqtr is not None and not rqtr.is_free and DVK_VCOPY not in rqtr.allowed:
+            if rqtr is not None and not rqtr.is_free and C.DVK_VCOPY not in rqtr.allowed:
                 raise E.DvkError.for_code(E.EDVSBADCALL)                        # 16
-        elif needed is not None and needed not in rmt.allowed:
+        elif cmd in C.CMD_CALL and C.CMD_CALL[cmd] not in rmt.allowed:
             raise E.DvkError.for_code(E.EDVSBADCALL)                            # 16
         if cmd not in C.PUT2LCL_CMDS:                                           # 17
             raise E.DvkError.for_code(E.EDVSBADREQUEST)
@@ -96,12 +83,9 @@ class Put2lcl:
         return rc
 
     def _put_error(self, dc: DC, h: Header, rmt: Desc, lcl: Desc, rc: int) -> int:
-        """A put2lcl check that the kernel answers with an error ACK (the rows that ACK)."""
-        ack = {C.CMD_SEND_MSG: C.CMD_SEND_ACK, C.CMD_SNDREC_MSG: C.CMD_SEND_ACK,
-               C.CMD_REPLY_MSG: C.CMD_SEND_ACK, C.CMD_NTFY_MSG: C.CMD_SEND_ACK,
-               C.CMD_COPYIN_DATA: C.CMD_COPYIN_ACK, C.CMD_COPYOUT_RQST: C.CMD_COPYOUT_DATA,
-               C.CMD_COPYLCL_RQST: C.CMD_COPYLCL_ACK, C.CMD_COPYRMT_RQST: C.CMD_COPYRMT_ACK,
-               C.CMD_COPYIN_RQST: C.CMD_COPYRMT_ACK}.get(h.c_cmd)
+        """A put2lcl check that the kernel answers with an error ACK (`C.KERNEL_ERROR_ACK`;
+        consts.py says why it differs from the ACK a proxy sends)."""
+        ack = C.KERNEL_ERROR_ACK.get(h.c_cmd)
         if ack is not None and rmt.is_remote:
             self._queue_ack(rmt, ack, h.c_dst, rc, dc, lcl.lpid)
             a = rmt.rmtcmd
@@ -112,7 +96,7 @@ class Put2lcl:
     def _dispatch(self, task: Task, dc: DC, h: Header, rmt: Desc, lcl: Desc,
                   payload_addr: int) -> int:
         cmd = h.c_cmd
-        if cmd in (C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG):
+        if cmd in C.MSG_DELIVER_CMDS:
             msg = bytes(h.c_msg)
             if self._waiting_for(lcl, rmt.endpoint):
                 self._deliver(lcl, msg)
@@ -208,7 +192,7 @@ class Put2lcl:
                     rc = E.EDVSFAULT
             self._wake(rqtr, rc)
             return h.v_bytes if rc == 0 else 0
-        if cmd in (C.CMD_COPYIN_ACK, C.CMD_COPYLCL_ACK, C.CMD_COPYRMT_ACK):
+        if cmd in C.COPY_ACK_CMDS:
             rqtr = lcl
             if not rqtr.rts & C.ONCOPY:
                 raise E.DvkError.for_code(E.EDVSPROCSTS)
