@@ -1,10 +1,10 @@
 """The emulated DVK node kernel: the DVK's calls and their semantics in user space.
 
 One `NodeKernel` is one DVS node.  It keeps the kernel's object model (model.py: DCs with slot
-tables of process descriptors, nodes, proxy pairs with their outgoing FIFO), and every call
-runs under one kernel lock, the way the module serialises on its own locks.  A caller that must
-block sleeps on its task's condition variable; the call that satisfies it wakes it with a
-result code.
+tables of process descriptors, nodes, proxy pairs with their outgoing FIFO).  Calls run one
+at a time (the server's loop holds `lock` while it runs them), the way the module serialises on
+its own locks.  A call that must block is a generator that yields until the call that satisfies
+it wakes its task with a result code (tasks.py); the kernel code touches no socket.
 
 The calls are grouped by subsystem, one module each, all working on the state held here:
 tasks.py (threads, exit, sleeping), checks.py (shared checks), admin.py (DVS, DCs, nodes, info
@@ -56,4 +56,5 @@ class NodeKernel(Tasks, Checks, Admin, Proxies, Bindings, Ipc, Copies, Put2lcl):
         self.tasks: dict[int, Task] = {}
         self.spaces: dict[int, AddressSpace] = {}
         self.bind_waiters: set[Task] = set()
+        self.runnable: set[Task] = set()   # tasks woken since the server last looked
         self.started = time.time()

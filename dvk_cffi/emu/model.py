@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import consts as C
 from ..info import DcInfo, ProcInfo, ProxiesInfo
 from ..wire import MESSAGE_SIZE, Header, Message
 from .memory import AddressSpace
 
-#: How often a sleeping caller checks that its process is still there.
-LIVENESS_SLICE = 0.1
+#: A call that may block: a generator that yields the monotonic time until which it may sleep
+#: (None: no limit) and returns the call's result (tasks.py explains the protocol).
+Parked = Generator[float | None, None, Any]
 
 
 class TaskGone(Exception):
@@ -33,7 +35,6 @@ class Task:
     pid: int
     comm: str = ""
     space: AddressSpace | None = None
-    cond: threading.Condition | None = None
     desc: Desc | None = None            # bound DC slot, if any
     proxy: Desc | None = None           # proxy descriptor, if this task is a proxy
     woken: bool = False
@@ -41,7 +42,7 @@ class Task:
     inbox: bytes | None = None          # message delivered while it slept
     dead: bool = False
     attached: bool = False              # has a live connection
-    probe: object = None                # callable -> bool: is the peer still there?
+    parked: list = field(default_factory=list)  # its blocked calls (server-side objects)
 
 
 @dataclass(eq=False)

@@ -12,8 +12,8 @@ from ..info import NodeInfo, ProxiesInfo
 from ..wire import HEADER_SIZE, Header
 from .model import (
     DC,
-    LIVENESS_SLICE,
     Desc,
+    Parked,
     ProxyPair,
     Task,
     TaskGone,
@@ -29,46 +29,44 @@ class Proxies:
 
     def proxies_bind(self, task: Task, name: str, pxid: int, spid: int, rpid: int,
                      maxbytes: int) -> int:
-        with self.lock:
-            self._require_init()
-            if not 0 <= pxid < self.dvs.d_nr_nodes:
-                raise E.DvkError.for_code(E.EDVSBADNODEID)
-            stask, rtask = self._lookup_task(spid), self._lookup_task(rpid)
-            if stask is None or rtask is None:
+        self._require_init()
+        if not 0 <= pxid < self.dvs.d_nr_nodes:
+            raise E.DvkError.for_code(E.EDVSBADNODEID)
+        stask, rtask = self._lookup_task(spid), self._lookup_task(rpid)
+        if stask is None or rtask is None:
+            raise E.DvkError.for_code(E.EDVSBADPID)
+        pair = self.proxies[pxid]
+        if pair.in_use:
+            raise E.DvkError.for_code(E.EDVSRSCBUSY)
+        if maxbytes > C.MAXCOPYBUF:
+            raise E.DvkError.for_code(E.EDVS2BIG)
+        for t in (stask, rtask):
+            if t.proxy is not None or t.desc is not None:
                 raise E.DvkError.for_code(E.EDVSBADPID)
-            pair = self.proxies[pxid]
-            if pair.in_use:
-                raise E.DvkError.for_code(E.EDVSRSCBUSY)
-            if maxbytes > C.MAXCOPYBUF:
-                raise E.DvkError.for_code(E.EDVS2BIG)
-            for t in (stask, rtask):
-                if t.proxy is not None or t.desc is not None:
-                    raise E.DvkError.for_code(E.EDVSBADPID)
-            pair.info = ProxiesInfo(px_id=pxid, px_flags=C.PROXIES_INUSE, px_maxbytes=maxbytes,
-                                    px_name=name[:C.MAXPROXYNAME - 1])
-            pair.queue.clear()
-            for role, t, calls in (("s", stask, C.DVK_SPROXY_CALLS),
-                                   ("r", rtask, C.DVK_RPROXY_CALLS)):
-                desc = Desc(nr=pxid, dcid=C.PROXY_NO_DC, endpoint=C.NONE, rts=0,
-                            misc=C.MIS_PROXY, lpid=t.tid, vpid=t.tid,
-                            nodeid=self.local_nodeid, name=(t.comm or name)[:15],
-                            task=t, allowed=calls, priv_id=C.PROXY_PRIV)
-                t.proxy = desc
-                if role == "s":
-                    pair.sproxy = desc
-                else:
-                    pair.rproxy = desc
-                self._wake(desc, C.NONE)  # a proxy polling wait4bind(SELF) may go on
-            return 0
+        pair.info = ProxiesInfo(px_id=pxid, px_flags=C.PROXIES_INUSE, px_maxbytes=maxbytes,
+                                px_name=name[:C.MAXPROXYNAME - 1])
+        pair.queue.clear()
+        for role, t, calls in (("s", stask, C.DVK_SPROXY_CALLS),
+                               ("r", rtask, C.DVK_RPROXY_CALLS)):
+            desc = Desc(nr=pxid, dcid=C.PROXY_NO_DC, endpoint=C.NONE, rts=0,
+                        misc=C.MIS_PROXY, lpid=t.tid, vpid=t.tid,
+                        nodeid=self.local_nodeid, name=(t.comm or name)[:15],
+                        task=t, allowed=calls, priv_id=C.PROXY_PRIV)
+            t.proxy = desc
+            if role == "s":
+                pair.sproxy = desc
+            else:
+                pair.rproxy = desc
+            self._wake(desc, C.NONE)  # a proxy polling wait4bind(SELF) may go on
+        return 0
 
     def proxies_unbind(self, task: Task, pxid: int) -> int:
-        with self.lock:
-            self._require_init()
-            pair = self._pair(pxid)
-            if not pair.in_use:
-                raise E.DvkError.for_code(E.EDVSPROXYFREE)
-            self._proxies_unbind(pair)
-            return 0
+        self._require_init()
+        pair = self._pair(pxid)
+        if not pair.in_use:
+            raise E.DvkError.for_code(E.EDVSPROXYFREE)
+        self._proxies_unbind(pair)
+        return 0
 
     def _proxy_exit(self, desc: Desc) -> None:
         pair = self.proxies[desc.nr]
@@ -106,74 +104,71 @@ class Proxies:
         self.nodes[nodeid] = NodeInfo(n_nodeid=nodeid)
 
     def node_up(self, task: Task, name: str, nodeid: int, pxid: int) -> int:
-        with self.lock:
-            self._require_init()
-            if not 0 <= nodeid < self.dvs.d_nr_nodes:
-                raise E.DvkError.for_code(E.EDVSBADNODEID)
-            pair = self._pair(pxid)
-            if not pair.in_use:
-                raise E.DvkError.for_code(E.EDVSPROXYFREE)
-            for desc in (pair.sproxy, pair.rproxy):
-                desc.nodemap |= 1 << nodeid
-            node = self.nodes[nodeid]
-            node.n_flags = C.NODE_ATTACHED
-            if pair.info.px_flags & C.PROXIES_SCONNECTED:
-                node.n_flags |= C.NODE_SCONNECTED
-            if pair.info.px_flags & C.PROXIES_RCONNECTED:
-                node.n_flags |= C.NODE_RCONNECTED
-            node.n_proxies = pxid
-            node.n_name = name[:C.MAXNODENAME - 1]
-            return 0
+        self._require_init()
+        if not 0 <= nodeid < self.dvs.d_nr_nodes:
+            raise E.DvkError.for_code(E.EDVSBADNODEID)
+        pair = self._pair(pxid)
+        if not pair.in_use:
+            raise E.DvkError.for_code(E.EDVSPROXYFREE)
+        for desc in (pair.sproxy, pair.rproxy):
+            desc.nodemap |= 1 << nodeid
+        node = self.nodes[nodeid]
+        node.n_flags = C.NODE_ATTACHED
+        if pair.info.px_flags & C.PROXIES_SCONNECTED:
+            node.n_flags |= C.NODE_SCONNECTED
+        if pair.info.px_flags & C.PROXIES_RCONNECTED:
+            node.n_flags |= C.NODE_RCONNECTED
+        node.n_proxies = pxid
+        node.n_name = name[:C.MAXNODENAME - 1]
+        return 0
 
     def node_down(self, task: Task, nodeid: int) -> int:
         """The kernel's test is inverted: only a node the pair does not serve is
         cleared.  Reproduced: it loses no message and hangs nobody."""
-        with self.lock:
-            self._require_init()
-            if not 0 <= nodeid < self.dvs.d_nr_nodes:
-                raise E.DvkError.for_code(E.EDVSBADNODEID)
-            node = self.nodes[nodeid]
-            if node.n_proxies >= 0:
-                pair = self.proxies[node.n_proxies]
-                if pair.sproxy is None or not pair.sproxy.nodemap & (1 << nodeid):
-                    self.nodes[nodeid] = NodeInfo(n_nodeid=nodeid)
-            return 0
+        self._require_init()
+        if not 0 <= nodeid < self.dvs.d_nr_nodes:
+            raise E.DvkError.for_code(E.EDVSBADNODEID)
+        node = self.nodes[nodeid]
+        if node.n_proxies >= 0:
+            pair = self.proxies[node.n_proxies]
+            if pair.sproxy is None or not pair.sproxy.nodemap & (1 << nodeid):
+                self.nodes[nodeid] = NodeInfo(n_nodeid=nodeid)
+        return 0
 
     def proxy_conn(self, task: Task, pxid: int, status: int) -> int:
-        with self.lock:
-            self._require_init()
-            pair = self._pair(pxid)
-            if not pair.in_use:
-                raise E.DvkError.for_code(E.EDVSPROXYFREE)
-            if pair.sproxy is None or pair.rproxy is None:
-                raise E.DvkError.for_code(E.EDVSNOPROXY)
-            nodes = list(bits(pair.sproxy.nodemap))
-            if status == C.CONNECT_SPROXY:
-                pair.info.px_flags |= C.PROXIES_SCONNECTED
-                pair.sproxy.misc |= C.MIS_CONNECTED
-                for n in nodes:
-                    self.nodes[n].n_flags |= C.NODE_SCONNECTED
-            elif status == C.CONNECT_RPROXY:
-                pair.info.px_flags |= C.PROXIES_RCONNECTED
-                pair.rproxy.misc |= C.MIS_CONNECTED
-                for n in nodes:
-                    self.nodes[n].n_flags |= C.NODE_RCONNECTED
-            elif status == C.DISCONNECT_SPROXY:
-                pair.info.px_flags &= ~C.PROXIES_SCONNECTED
-                pair.sproxy.misc &= ~C.MIS_CONNECTED
-                for n in nodes:
-                    self.nodes[n].n_flags &= ~C.NODE_SCONNECTED
-                    self._flush_sender(pair, n)
-                self._wake(pair.sproxy, E.EDVSNOTCONN)
-            elif status == C.DISCONNECT_RPROXY:
-                pair.info.px_flags &= ~C.PROXIES_RCONNECTED
-                pair.rproxy.misc &= ~C.MIS_CONNECTED
-                for n in nodes:
-                    self.nodes[n].n_flags &= ~C.NODE_RCONNECTED
-                    self._flush_waiting(n)
-            else:
-                raise E.DvkError.for_code(E.EDVSBADVALUE)
-            return 0
+        self._require_init()
+        pair = self._pair(pxid)
+        if not pair.in_use:
+            raise E.DvkError.for_code(E.EDVSPROXYFREE)
+        if pair.sproxy is None or pair.rproxy is None:
+            raise E.DvkError.for_code(E.EDVSNOPROXY)
+        nodes = list(bits(pair.sproxy.nodemap))
+        if status == C.CONNECT_SPROXY:
+            pair.info.px_flags |= C.PROXIES_SCONNECTED
+            pair.sproxy.misc |= C.MIS_CONNECTED
+            for n in nodes:
+                self.nodes[n].n_flags |= C.NODE_SCONNECTED
+        elif status == C.CONNECT_RPROXY:
+            pair.info.px_flags |= C.PROXIES_RCONNECTED
+            pair.rproxy.misc |= C.MIS_CONNECTED
+            for n in nodes:
+                self.nodes[n].n_flags |= C.NODE_RCONNECTED
+        elif status == C.DISCONNECT_SPROXY:
+            pair.info.px_flags &= ~C.PROXIES_SCONNECTED
+            pair.sproxy.misc &= ~C.MIS_CONNECTED
+            for n in nodes:
+                self.nodes[n].n_flags &= ~C.NODE_SCONNECTED
+                self._flush_sender(pair, n)
+            self._wake(pair.sproxy, E.EDVSNOTCONN)
+        elif status == C.DISCONNECT_RPROXY:
+            pair.info.px_flags &= ~C.PROXIES_RCONNECTED
+            pair.rproxy.misc &= ~C.MIS_CONNECTED
+            for n in nodes:
+                self.nodes[n].n_flags &= ~C.NODE_RCONNECTED
+                self._flush_waiting(n)
+        else:
+            raise E.DvkError.for_code(E.EDVSBADVALUE)
+        return 0
 
     def _flush_sender(self, pair: ProxyPair, nodeid: int) -> None:
         """Empty the sender FIFO of the commands for `nodeid`: local requesters get EDVSNOTCONN,
@@ -274,43 +269,36 @@ class Proxies:
         h.c_pid = lpid
         self._enqueue(rdesc, pair)
 
-    def get2rmt(self, task: Task, payload_addr: int, tout: int) -> bytes:
-        """Next command of this sender proxy's FIFO, data copied to `payload_addr`."""
-        return self.get2rmt_more(task, payload_addr, tout)[0]
-
-    def get2rmt_more(self, task: Task, payload_addr: int, tout: int) -> tuple[bytes, int]:
-        """`get2rmt`, plus how many commands were still queued for the proxy afterwards (an
+    def get2rmt_more(self, task: Task, payload_addr: int, tout: int) -> Parked:
+        """get2rmt: the next command of this sender proxy's FIFO (data copied to
+        `payload_addr`), and how many commands were still queued for the proxy afterwards (an
         upper bound: a proxy batches only when it knows more is waiting, so a lone command is
         never delayed by an extra call)."""
-        with self.lock:
-            px = self._proxy_caller(task, C.DVK_GET2RMT)
-            pair = self.proxies[px.nr]
-            deadline = None if tout < 0 else time.monotonic() + tout / 1000.0
-            while True:
-                while pair.queue:
-                    desc = pair.queue.popleft()
-                    try:
-                        out = self._take_command(pair, desc, task, payload_addr)
-                    except E.DvkError as err:
-                        if not desc.is_remote:
-                            desc.rts &= ~(C.SENDING | C.RECEIVING | C.RMTOPER)
-                            self._wake(desc, err.code)
-                            raise
-                        continue
-                    if out is not None:
-                        return out, len(pair.queue)
-                if not px.misc & C.MIS_CONNECTED:
-                    raise E.DvkError.for_code(E.EDVSNOTCONN)
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise E.DvkError.for_code(E.EDVSTIMEDOUT)
-                task.woken = False
-                task.cond.wait(LIVENESS_SLICE if left is None else min(left, LIVENESS_SLICE))
-                if task.dead:
-                    raise TaskGone()
-                if task.probe is not None and not task.woken and not task.probe():
-                    self._task_exit(task)
-                    raise TaskGone()
+        px = self._proxy_caller(task, C.DVK_GET2RMT)
+        pair = self.proxies[px.nr]
+        deadline = None if tout < 0 else time.monotonic() + tout / 1000.0
+        while True:
+            while pair.queue:
+                desc = pair.queue.popleft()
+                try:
+                    out = self._take_command(pair, desc, task, payload_addr)
+                except E.DvkError as err:
+                    if not desc.is_remote:
+                        desc.rts &= ~(C.SENDING | C.RECEIVING | C.RMTOPER)
+                        self._wake(desc, err.code)
+                        raise
+                    continue
+                if out is not None:
+                    return out, len(pair.queue)
+            if not px.misc & C.MIS_CONNECTED:
+                raise E.DvkError.for_code(E.EDVSNOTCONN)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise E.DvkError.for_code(E.EDVSTIMEDOUT)
+            task.woken = False
+            yield deadline
+            if task.dead:
+                raise TaskGone()
 
     def _take_command(self, pair: ProxyPair, desc: Desc, task: Task,
                       payload_addr: int) -> bytes | None:

@@ -22,10 +22,9 @@ class Put2lcl:
     """Mixin of `NodeKernel`; the kernel state lives on the kernel object (see kernel.py)."""
 
     def put2lcl(self, task: Task, hdr: bytes, payload_addr: int) -> int:
-        with self.lock:
-            self._proxy_caller(task, C.DVK_PUT2LCL)
-            h = Header(bytearray(hdr))
-            return self._put2lcl(task, h, payload_addr)
+        self._proxy_caller(task, C.DVK_PUT2LCL)
+        h = Header(bytearray(hdr))
+        return self._put2lcl(task, h, payload_addr)
 
     def _put2lcl(self, task: Task, h: Header, payload_addr: int) -> int:
         cmd, dcid = h.c_cmd, h.c_dcid

@@ -2,19 +2,30 @@
 
 `run_node()` is what `dvsctl node start` runs: it initialises the DVS with the given node id
 and DC0 with the reference parameters, then serves every process of the node until SIGTERM,
-SIGINT or a SHUTDOWN request.  One thread serves each client connection (each client thread has
-its own); a caller that blocks in the kernel blocks that thread only.
+SIGINT or a SHUTDOWN request.
+
+One thread serves every connection from one selector loop (each client thread has its own
+connection).  A call that must block is parked (the kernel hands back a generator, tasks.py)
+and resumed when a later call wakes its task or when its timeout, kept in a heap, expires; the
+kernel code itself never touches a socket.  The loop holds the kernel lock while it works, so
+another thread of the same process (the tests) may look at the kernel state under that lock.
 """
 
 from __future__ import annotations
 
+import array
+import heapq
+import itertools
 import logging
 import os
+import selectors
 import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
+from types import GeneratorType
 
 from .. import consts as C
 from .. import errors as E
@@ -25,6 +36,12 @@ from .kernel import NodeKernel, Task, TaskGone
 log = logging.getLogger("dvk.emu.server")
 
 REAP_INTERVAL = 1.0
+#: Bytes read per recvmsg, and ancillary space for the descriptors an ARENA request carries.
+READ_SIZE = 1 << 16
+ANC_SPACE = socket.CMSG_SPACE(16 * 4)
+MAX_FRAME = 64 << 20
+#: Connections accepted per readiness of the listener (the next select takes the rest).
+ACCEPT_BURST = 64
 
 
 def default_rundir() -> str:
@@ -41,15 +58,36 @@ def socket_path(nodeid: int, rundir: str | None = None) -> str:
     return os.path.join(rundir or default_rundir(), f"node{nodeid}.sock")
 
 
+class _Conn:
+    """One client connection: its buffers, its task and the call it has parked, if any."""
+
+    __slots__ = ("sock", "rbuf", "wbuf", "fds", "task", "call", "shape", "op", "seq",
+                 "closed", "events")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.rbuf = bytearray()
+        self.wbuf = bytearray()
+        self.fds: list[int] = []
+        self.task: Task | None = None
+        self.call = None                 # the parked generator
+        self.shape: Callable | None = None
+        self.op = ""
+        self.seq = 0                     # which park a timer entry belongs to
+        self.closed = False
+        self.events = selectors.EVENT_READ
+
+
 class NodeServer:
-    """Accepts connections on `path` and runs each client's calls on its own thread."""
+    """Serves `kernel` on the Unix socket `path` from one selector loop."""
 
     def __init__(self, kernel: NodeKernel, path: str) -> None:
         self.kernel = kernel
         self.path = path
         self.stopping = threading.Event()
-        self.conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
+        self.conns: set[_Conn] = set()
+        self.timers: list[tuple[float, int, _Conn, int]] = []
+        self._tick = itertools.count()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -64,31 +102,53 @@ class NodeServer:
         self.listener.bind(path)
         os.chmod(path, 0o600)
         self.listener.listen(128)
+        self.listener.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
         self.handlers = self._handlers()
 
-    # ------------------------------------------------------------------ serving
+    # ------------------------------------------------------------------ the loop
     def serve_forever(self) -> None:
-        reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
-        reaper.start()
-        self.listener.settimeout(0.5)
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self.stopping.is_set():
-                    break
-                raise
-            conn.settimeout(None)
-            with self._lock:
-                self.conns.add(conn)
-            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True,
-                             name="conn").start()
-        self._close()
+        next_reap = time.monotonic() + REAP_INTERVAL
+        k = self.kernel
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                wait = next_reap - now
+                if self.timers:
+                    wait = min(wait, self.timers[0][0] - now)
+                events = self.selector.select(max(0.0, wait))
+                with k.lock:
+                    for key, mask in events:
+                        data = key.data
+                        if data == "accept":
+                            self._accept()
+                        elif data == "wakeup":
+                            _drain(self._wake_r)
+                        else:
+                            if mask & selectors.EVENT_WRITE:
+                                self._flush(data)
+                            if mask & selectors.EVENT_READ:
+                                self._read(data)
+                    now = time.monotonic()
+                    self._expire(now)
+                    if now >= next_reap:
+                        k.reap()
+                        next_reap = now + REAP_INTERVAL
+                    self._run_woken()
+        finally:
+            self._close()
 
     def stop(self) -> None:
         self.stopping.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
 
     def _close(self) -> None:
         try:
@@ -97,108 +157,270 @@ class NodeServer:
             if os.path.exists(self.path):
                 os.unlink(self.path)
         with self.kernel.lock:
-            for task in list(self.kernel.tasks.values()):
-                task.dead = True
-                task.cond.notify_all()
-        with self._lock:
             for conn in list(self.conns):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                if conn.task is not None:
+                    conn.task.dead = True
+            for conn in list(self.conns):
+                self._drop(conn)
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
-    def _reap_loop(self) -> None:
-        while not self.stopping.wait(REAP_INTERVAL):
-            self.kernel.reap()
-
-    def _serve_conn(self, conn: socket.socket) -> None:
-        task: Task | None = None
-        try:
-            task = self._hello(conn)
-            while task is not None and not self.stopping.is_set():
-                fds: list[int] = []
-                body = P.recv_frame(conn, fds)
-                if body is None:
-                    return
-                try:
-                    op, rc, results = self._request(task, body, fds)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                conn.sendall(_reply(op, rc, results))
-                if op == "SHUTDOWN" and rc == 0:
-                    self.stop()
-        except TaskGone:
-            pass
-        except (OSError, P.ProtocolError) as exc:
-            if not self.stopping.is_set():
-                log.debug("connection of task %s closed: %s", task and task.tid, exc)
-        finally:
-            with self._lock:
-                self.conns.discard(conn)
-            conn.close()
-            if task is not None:
-                self.kernel.detach(task)
-
-    def _hello(self, conn: socket.socket) -> Task | None:
-        """Answer requests until a valid HELLO attaches the caller; None when it hangs up."""
-        while not self.stopping.is_set():
-            fds: list[int] = []
-            body = P.recv_frame(conn, fds)
-            for fd in fds:
-                os.close(fd)
-            if body is None:
-                return None
+    # ------------------------------------------------------------------ sockets
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BURST):
             try:
-                op, args = P.decode_request(body)
-            except P.ProtocolError:
-                op, args = "", []
-            if op != "HELLO" or not P.args_match(op, args) or args[0] != P.VERSION:
-                conn.sendall(P.encode_reply(E.EDVSBADVALUE))
-                continue
-            _version, _pid, tid, comm = args
-            task = self.kernel.attach(_peer_pid(conn), tid,
-                                      (comm or b"").decode(errors="replace"),
-                                      probe=_probe(conn))
-            conn.sendall(P.encode_reply(0, [self.kernel.local_nodeid]))
-            return task
-        return None
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept: %s", exc)
+                return
+            sock.setblocking(False)
+            conn = _Conn(sock)
+            self.conns.add(conn)
+            self.selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _request(self, task: Task, body: bytes, fds: list[int]) -> tuple[str, int, list]:
-        """Decode and run one request: (operation, status, results), whatever the bytes were."""
+    def _read(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        try:
+            data, anc, _flags, _addr = conn.sock.recvmsg(READ_SIZE, ANC_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("connection of task %s: %s", conn.task and conn.task.tid, exc)
+            self._drop(conn)
+            return
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+                conn.fds.extend(fds)
+        if not data:
+            self._drop(conn)  # the thread exited (or closed its connection)
+            return
+        conn.rbuf += data
+        self._serve(conn)
+
+    def _serve(self, conn: _Conn) -> None:
+        """Run the complete requests in the connection's buffer, one at a time: a parked call
+        holds the ones behind it until it is answered."""
+        buf = conn.rbuf
+        while conn.call is None and not conn.closed and len(buf) >= 4:
+            (n,) = struct.unpack_from("<I", buf, 0)
+            if n > MAX_FRAME:
+                log.warning("connection of task %s: frame of %d bytes",
+                            conn.task and conn.task.tid, n)
+                self._drop(conn)
+                return
+            if len(buf) < 4 + n:
+                return
+            body = bytes(buf[4:4 + n])
+            del buf[:4 + n]
+            fds, conn.fds = conn.fds, []
+            try:
+                if conn.task is None:
+                    self._hello(conn, body)
+                else:
+                    self._request(conn, body, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _send(self, conn: _Conn, data: bytes) -> None:
+        if conn.closed:
+            return
+        if not conn.wbuf:
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._drop(conn)
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        conn.wbuf += data
+        self._want_write(conn, True)
+
+    def _flush(self, conn: _Conn) -> None:
+        if conn.closed or not conn.wbuf:
+            return
+        try:
+            sent = conn.sock.send(conn.wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        del conn.wbuf[:sent]
+        if not conn.wbuf:
+            self._want_write(conn, False)
+
+    def _want_write(self, conn: _Conn, on: bool) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        if events != conn.events:
+            conn.events = events
+            self.selector.modify(conn.sock, events, conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        """Close a connection: its thread is gone, so is its task (the kernel's exit hook)."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self.conns.discard(conn)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        for fd in conn.fds:
+            os.close(fd)
+        conn.fds = []
+        call, conn.call = conn.call, None
+        task = conn.task
+        if task is not None:
+            if conn in task.parked:
+                task.parked.remove(conn)
+            self.kernel.detach(task)
+        if call is not None:
+            try:
+                call.close()
+            except Exception:
+                log.exception("node kernel fault unwinding %s of task %d", conn.op,
+                              task.tid if task else -1)
+
+    # ------------------------------------------------------------------ requests
+    def _hello(self, conn: _Conn, body: bytes) -> None:
+        """The first request must be a valid HELLO; anything else is refused (kept open)."""
+        try:
+            op, args = P.decode_request(body)
+        except P.ProtocolError:
+            op, args = "", []
+        if op != "HELLO" or not P.args_match(op, args) or args[0] != P.VERSION:
+            self._send(conn, P.encode_reply(E.EDVSBADVALUE))
+            return
+        _version, _pid, tid, comm = args
+        try:
+            pid = _peer_pid(conn.sock)
+        except OSError:
+            self._drop(conn)
+            return
+        conn.task = self.kernel.attach(pid, tid, (comm or b"").decode(errors="replace"))
+        self._send(conn, P.encode_reply(0, [self.kernel.local_nodeid]))
+
+    def _request(self, conn: _Conn, body: bytes, fds: list[int]) -> None:
+        """Decode and start one call; whatever the bytes were, it is answered (or parked)."""
+        task = conn.task
         try:
             op, args = P.decode_request(body)
         except P.UnknownOperation as exc:
             log.warning("task %d: %s", task.tid, exc)
-            return "", E.EDVSNOSYS, []
+            self._answer(conn, "", E.EDVSNOSYS, [])
+            return
         except P.ProtocolError as exc:
             log.warning("task %d: malformed request: %s", task.tid, exc)
-            return "", E.EDVSINVAL, []
-        rc, results = self._call(task, op, args, fds)
-        return op, rc, results
-
-    def _call(self, task: Task, op: str, args: list, fds: list[int]) -> tuple[int, list]:
-        """Run one call; a bad request is EDVSINVAL, a fault of the kernel code EDVSGENERIC
-        (logged with its traceback): a call never costs the connection."""
-        handler = self.handlers.get(op)
-        if handler is None:
-            return E.EDVSNOSYS, []
+            self._answer(conn, "", E.EDVSINVAL, [])
+            return
+        entry = self.handlers.get(op)
+        if entry is None:
+            self._answer(conn, op, E.EDVSNOSYS, [])
+            return
         if not P.args_match(op, args):
             log.warning("task %d: bad arguments for %s", task.tid, op)
-            return E.EDVSINVAL, []
+            self._answer(conn, op, E.EDVSINVAL, [])
+            return
+        handler, shape = entry
+        conn.op, conn.shape = op, shape
         try:
             result = handler(task, args, fds)
         except E.DvkError as err:
-            return err.code, []
+            self._answer(conn, op, err.code, [])
+            return
         except TaskGone:
-            raise
+            self._drop(conn)
+            return
         except Exception:
             log.exception("node kernel fault in %s of task %d", op, task.tid)
-            return E.EDVSGENERIC, []
-        return 0, list(result) if isinstance(result, tuple) else [result]
+            self._answer(conn, op, E.EDVSGENERIC, [])
+            return
+        if isinstance(result, GeneratorType):
+            self._step(conn, result)
+        else:
+            self._done(conn, result)
+
+    def _step(self, conn: _Conn, call) -> None:
+        """Run a blocking call until it parks again or ends (then it is answered)."""
+        task = conn.task
+        try:
+            deadline = call.send(None)
+        except StopIteration as stop:
+            self._unpark(conn)
+            self._done(conn, stop.value)
+            return
+        except E.DvkError as err:
+            self._unpark(conn)
+            self._answer(conn, conn.op, err.code, [])
+            return
+        except TaskGone:
+            self._unpark(conn)
+            self._drop(conn)
+            return
+        except Exception:
+            self._unpark(conn)
+            log.exception("node kernel fault in %s of task %d", conn.op, task.tid)
+            self._answer(conn, conn.op, E.EDVSGENERIC, [])
+            return
+        conn.call = call
+        conn.seq += 1
+        if conn not in task.parked:
+            task.parked.append(conn)
+        if deadline is not None:
+            heapq.heappush(self.timers, (deadline, next(self._tick), conn, conn.seq))
+
+    def _unpark(self, conn: _Conn) -> None:
+        conn.call = None
+        task = conn.task
+        if task is not None and conn in task.parked:
+            task.parked.remove(conn)
+
+    def _done(self, conn: _Conn, result) -> None:
+        if conn.shape is not None:
+            result = conn.shape(result)
+        self._answer(conn, conn.op, 0, list(result) if isinstance(result, tuple) else [result])
+
+    def _answer(self, conn: _Conn, op: str, rc: int, results: list) -> None:
+        self._send(conn, _reply(op, rc, results))
+        if op == "SHUTDOWN" and rc == 0:
+            self.stop()
+        if conn.rbuf and conn.call is None:
+            self._serve(conn)
+
+    def _expire(self, now: float) -> None:
+        """Resume the parked calls whose time has come."""
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            _deadline, _tick, conn, seq = heapq.heappop(timers)
+            if conn.call is not None and conn.seq == seq and not conn.closed:
+                self._step(conn, conn.call)
+
+    def _run_woken(self) -> None:
+        """Resume the parked calls of the tasks that calls woke, until none is left."""
+        runnable = self.kernel.runnable
+        while runnable:
+            tasks = list(runnable)
+            runnable.clear()
+            for task in tasks:
+                for conn in list(task.parked):
+                    if conn.call is not None and not conn.closed:
+                        self._step(conn, conn.call)
 
     # ------------------------------------------------------------------ dispatch table
-    def _handlers(self) -> dict[str, Callable]:
+    def _handlers(self) -> dict[str, tuple[Callable, Callable | None]]:
+        """op -> (call, shape): `call(task, args, fds)` returns the kernel's result or a
+        blocking call (generator); `shape` turns that result into the reply's values."""
         k = self.kernel
 
         def info_reply(nodeid_and_info):
@@ -214,46 +436,68 @@ class NodeServer:
             return 0
 
         return {
-            "ARENA": arena,
-            "PROCFS": lambda t, a, f: (0, k.proc_text(a[0].decode(errors="replace")).encode()),
-            "SHUTDOWN": shutdown,
-            "DVS_INIT": lambda t, a, f: k.dvs_init(
-                t, a[0], _unpack(DvsInfo, a[1]) if a[1] is not None else None),
-            "DVS_END": lambda t, a, f: k.dvs_end(t),
-            "GETDVSINFO": lambda t, a, f: info_reply(k.getdvsinfo(t)),
-            "DC_INIT": lambda t, a, f: k.dc_init(t, _unpack(DcInfo, a[0])),
-            "DC_END": lambda t, a, f: k.dc_end(t, a[0]),
-            "GETDCINFO": lambda t, a, f: (0, k.getdcinfo(t, a[0]).pack()),
-            "GETNODEINFO": lambda t, a, f: (0, k.getnodeinfo(t, a[0]).pack()),
-            "GETPROCINFO": lambda t, a, f: (0, k.getprocinfo(t, a[0], a[1]).pack()),
-            "GETPROXYINFO": lambda t, a, f: (0, *[i.pack() for i in k.getproxyinfo(t, a[0])]),
-            "ADD_NODE": lambda t, a, f: k.add_node(t, a[0], a[1]),
-            "DEL_NODE": lambda t, a, f: k.del_node(t, a[0], a[1]),
-            "PROXIES_BIND": lambda t, a, f: k.proxies_bind(t, a[0].decode(errors="replace"),
-                                                           *a[1:5]),
-            "PROXIES_UNBIND": lambda t, a, f: k.proxies_unbind(t, a[0]),
-            "NODE_UP": lambda t, a, f: k.node_up(t, a[0].decode(errors="replace"), a[1], a[2]),
-            "NODE_DOWN": lambda t, a, f: k.node_down(t, a[0]),
-            "PROXY_CONN": lambda t, a, f: k.proxy_conn(t, a[0], a[1]),
-            "BIND": lambda t, a, f: k.bind(t, *a[0:5], (a[5] or b"").decode(errors="replace")),
-            "UNBIND": lambda t, a, f: k.unbind(t, a[0], a[1], a[2]),
-            "WAIT4BIND": lambda t, a, f: k.wait4bind(t, a[0], a[1], a[2]),
-            "GETEP": lambda t, a, f: k.getep(t, a[0]),
-            "MIGRATE": _nosys,
-            "SEND": lambda t, a, f: k.send(t, a[0], a[1], a[2]),
-            "RECEIVE": lambda t, a, f: (0, k.receive(t, a[0], a[1])),
-            "SENDREC": lambda t, a, f: (0, k.sendrec(t, a[0], a[1], a[2])),
-            "RCVRQST": lambda t, a, f: (0, k.receive(t, C.ANY, a[0], rqst_only=True)),
-            "REPLY": lambda t, a, f: k.reply(t, a[0], a[1], a[2]),
-            "NOTIFY": lambda t, a, f: k.notify(t, a[0], a[1], a[2]),
-            "VCOPY": lambda t, a, f: k.vcopy(t, *a[0:5]),
-            "RELAY": lambda t, a, f: 0,
-            "WAKEUP": lambda t, a, f: k.wakeup(t, a[0], a[1]),
-            "GETPRIV": lambda t, a, f: (0, k.getpriv(t, a[0], a[1])),
-            "SETPRIV": lambda t, a, f: k.setpriv(t, a[0], a[1], a[2]),
-            "GET2RMT": lambda t, a, f: (0, *k.get2rmt_more(t, a[0], a[1])),
-            "PUT2LCL": lambda t, a, f: k.put2lcl(t, a[0], a[1]),
+            "ARENA": (arena, None),
+            "PROCFS": (lambda t, a, f: (0, k.proc_text(_text(a[0])).encode()), None),
+            "SHUTDOWN": (shutdown, None),
+            "DVS_INIT": (lambda t, a, f: k.dvs_init(
+                t, a[0], _unpack(DvsInfo, a[1]) if a[1] is not None else None), None),
+            "DVS_END": (lambda t, a, f: k.dvs_end(t), None),
+            "GETDVSINFO": (lambda t, a, f: info_reply(k.getdvsinfo(t)), None),
+            "DC_INIT": (lambda t, a, f: k.dc_init(t, _unpack(DcInfo, a[0])), None),
+            "DC_END": (lambda t, a, f: k.dc_end(t, a[0]), None),
+            "GETDCINFO": (lambda t, a, f: (0, k.getdcinfo(t, a[0]).pack()), None),
+            "GETNODEINFO": (lambda t, a, f: (0, k.getnodeinfo(t, a[0]).pack()), None),
+            "GETPROCINFO": (lambda t, a, f: (0, k.getprocinfo(t, a[0], a[1]).pack()), None),
+            "GETPROXYINFO": (lambda t, a, f: (0, *[i.pack() for i in k.getproxyinfo(t, a[0])]),
+                             None),
+            "ADD_NODE": (lambda t, a, f: k.add_node(t, a[0], a[1]), None),
+            "DEL_NODE": (lambda t, a, f: k.del_node(t, a[0], a[1]), None),
+            "PROXIES_BIND": (lambda t, a, f: k.proxies_bind(t, _text(a[0]), *a[1:5]), None),
+            "PROXIES_UNBIND": (lambda t, a, f: k.proxies_unbind(t, a[0]), None),
+            "NODE_UP": (lambda t, a, f: k.node_up(t, _text(a[0]), a[1], a[2]), None),
+            "NODE_DOWN": (lambda t, a, f: k.node_down(t, a[0]), None),
+            "PROXY_CONN": (lambda t, a, f: k.proxy_conn(t, a[0], a[1]), None),
+            "BIND": (lambda t, a, f: k.bind(t, *a[0:5], _text(a[5] or b"")), None),
+            "UNBIND": (lambda t, a, f: k.unbind(t, a[0], a[1], a[2]), None),
+            "WAIT4BIND": (lambda t, a, f: k.wait4bind(t, a[0], a[1], a[2]), None),
+            "GETEP": (lambda t, a, f: k.getep(t, a[0]), None),
+            "MIGRATE": (_nosys, None),
+            "SEND": (lambda t, a, f: k.send(t, a[0], a[1], a[2]), None),
+            "RECEIVE": (lambda t, a, f: k.receive(t, a[0], a[1]), _after_status),
+            "SENDREC": (lambda t, a, f: k.sendrec(t, a[0], a[1], a[2]), _after_status),
+            "RCVRQST": (lambda t, a, f: k.receive(t, C.ANY, a[0], rqst_only=True),
+                        _after_status),
+            "REPLY": (lambda t, a, f: k.reply(t, a[0], a[1], a[2]), None),
+            "NOTIFY": (lambda t, a, f: k.notify(t, a[0], a[1], a[2]), None),
+            "VCOPY": (lambda t, a, f: k.vcopy(t, *a[0:5]), None),
+            "RELAY": (lambda t, a, f: 0, None),
+            "WAKEUP": (lambda t, a, f: k.wakeup(t, a[0], a[1]), None),
+            "GETPRIV": (lambda t, a, f: (0, k.getpriv(t, a[0], a[1])), None),
+            "SETPRIV": (lambda t, a, f: k.setpriv(t, a[0], a[1], a[2]), None),
+            "GET2RMT": (lambda t, a, f: k.get2rmt_more(t, a[0], a[1]), _status_first),
+            "PUT2LCL": (lambda t, a, f: k.put2lcl(t, a[0], a[1]), None),
         }
+
+def _text(raw: bytes) -> str:
+    return raw.decode(errors="replace")
+
+
+def _after_status(result):
+    """The reply values of a call that returns a message: status 0, then the message."""
+    return 0, result
+
+
+def _status_first(result: tuple):
+    """The reply values of get2rmt: status 0, the header, the queued count."""
+    return (0, *result)
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
 
 
 def _unpack(cls, raw: bytes):
@@ -280,18 +524,6 @@ def _nosys(task, args, fds):
 def _peer_pid(conn: socket.socket) -> int:
     cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", cred)[0]
-
-
-def _probe(conn: socket.socket) -> Callable[[], bool]:
-    """A check that the client end of `conn` is still open (used while its caller sleeps)."""
-    def alive() -> bool:
-        try:
-            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-    return alive
 
 
 def run_node(nodeid: int, path: str | None = None, dvs: DvsInfo | None = None,
