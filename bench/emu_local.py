@@ -48,6 +48,13 @@ def _percentiles(samples: list[int]) -> dict:
             "rounds": len(xs)}
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _timed(step, seconds: float) -> list[int]:
     for _ in range(WARMUP):
         step()
@@ -117,7 +124,11 @@ def emu_sendrec(tmp: str, seconds: float) -> dict:
             m.m_type = 0x0A
             dvk.sendrec(SERVER_EP, m)
 
+        cpu0 = {"kernel": _cpu_s(node.pid), "server": _cpu_s(server.pid),
+                "client": time.process_time()}
         samples = _timed(step, seconds)
+        cpu1 = {"kernel": _cpu_s(node.pid), "server": _cpu_s(server.pid),
+                "client": time.process_time()}
     finally:
         if dvk is not None:
             dvk.close()
@@ -125,7 +136,10 @@ def emu_sendrec(tmp: str, seconds: float) -> dict:
             server.terminate()
             server.wait(10)
         emu_node.stop_node(node)
-    return _percentiles(samples)
+    res = _percentiles(samples)
+    rounds = len(samples) + WARMUP
+    res["cpu_us_per_round"] = {k: (cpu1[k] - cpu0[k]) * 1e6 / rounds for k in cpu0}
+    return res
 
 
 def run(seconds: float = 6.0) -> dict:
@@ -148,6 +162,8 @@ def main(argv: list[str]) -> int:
           f"  ({raw['rounds']} round trips)")
     print(f"emulated local sendrec     p50 {emu['p50_us']:8.1f} us  p99 {emu['p99_us']:8.1f} us"
           f"  ({emu['rounds']} round trips)")
+    cpu = emu["cpu_us_per_round"]
+    print("CPU per sendrec round trip: " + ", ".join(f"{k} {v:.1f} us" for k, v in cpu.items()))
     verdict = "PASS" if res["ratio_p50"] <= res["target_ratio"] else "FAIL"
     print(f"ratio p50 {res['ratio_p50']:.2f} (target <= {res['target_ratio']:.0f}) {verdict}")
     return 0

@@ -162,36 +162,33 @@ def decode_reply(body: bytes) -> tuple[int, list[Value]]:
     return _RC.unpack_from(body, 0)[0], decode_values(body, 4)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    """Read exactly n bytes; None on a clean EOF before the first byte."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            if not buf:
-                return None
-            raise ProtocolError("connection closed inside a frame")
-        buf += chunk
-    return bytes(buf)
-
-
 def recv_frame(sock: socket.socket, fds: list[int] | None = None) -> bytes | None:
-    """One frame body; file descriptors sent along with it are appended to `fds`."""
+    """One frame body from a peer that sends one frame and then waits (a reply, or a request
+    of a client): read with as few calls as it takes, usually one.  File descriptors sent
+    along with it are appended to `fds`.  None on EOF before the first byte."""
     if fds is None:
-        head = recv_exact(sock, 4)
+        data = sock.recv(65536)
     else:
-        head, got, _flags, _addr = socket.recv_fds(sock, 4, 4)
+        data, got, _flags, _addr = socket.recv_fds(sock, 65536, 16)
         fds.extend(got)
-        if not head:
-            return None
-        if len(head) < 4:
-            head += recv_exact(sock, 4 - len(head)) or b""
-    if head is None:
+    if not data:
         return None
-    (n,) = _LEN.unpack(head)
+    while len(data) < 4:
+        more = sock.recv(65536)
+        if not more:
+            raise ProtocolError("connection closed inside a frame")
+        data += more
+    (n,) = _LEN.unpack_from(data, 0)
     if n > (64 << 20):
         raise ProtocolError(f"frame of {n} bytes")
-    body = recv_exact(sock, n)
-    if body is None:
-        raise ProtocolError("connection closed inside a frame")
-    return body
+    if len(data) < 4 + n:
+        buf = bytearray(data)
+        while len(buf) < 4 + n:
+            more = sock.recv(4 + n - len(buf))
+            if not more:
+                raise ProtocolError("connection closed inside a frame")
+            buf += more
+        data = bytes(buf)
+    if len(data) != 4 + n:
+        raise ProtocolError("bytes after the frame")
+    return data[4:]

@@ -392,6 +392,9 @@ class NodeServer:
         self._answer(conn, conn.op, 0, list(result) if isinstance(result, tuple) else [result])
 
     def _answer(self, conn: _Conn, op: str, rc: int, results: list) -> None:
+        # The calls this one woke are answered first: a woken caller (a sendrec waiting for
+        # its reply) is usually the one somebody waits for, the caller of this one is not.
+        self._run_woken()
         self._send(conn, _reply(op, rc, results))
         if op == "SHUTDOWN" and rc == 0:
             self.stop()
