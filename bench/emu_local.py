@@ -89,13 +89,17 @@ def raw_pingpong(tmp: str, seconds: float) -> dict:
             while got < 64:
                 got += len(conn.recv(4096))
 
+        cpu0 = time.process_time()
         samples = _timed(step, seconds)
+        cpu = (time.process_time() - cpu0) * 1e6 / (len(samples) + WARMUP)
         conn.close()
     finally:
         ls.close()
         echo.terminate()
         echo.wait(10)
-    return _percentiles(samples)
+    res = _percentiles(samples)
+    res["cpu_us_per_round"] = {"client": cpu}
+    return res
 
 
 def emu_sendrec(tmp: str, seconds: float) -> dict:
@@ -159,7 +163,8 @@ def main(argv: list[str]) -> int:
     res = run(seconds)
     raw, emu = res["raw"], res["emu"]
     print(f"raw Unix-socket ping-pong  p50 {raw['p50_us']:8.1f} us  p99 {raw['p99_us']:8.1f} us"
-          f"  ({raw['rounds']} round trips)")
+          f"  ({raw['rounds']} round trips, CPU {raw['cpu_us_per_round']['client']:.1f} us"
+          f" per round trip on this side)")
     print(f"emulated local sendrec     p50 {emu['p50_us']:8.1f} us  p99 {emu['p99_us']:8.1f} us"
           f"  ({emu['rounds']} round trips)")
     cpu = emu["cpu_us_per_round"]

@@ -27,6 +27,11 @@ _LEN = struct.Struct("<I")
 _OP = struct.Struct("<H")
 _RC = struct.Struct("<i")
 _INT = struct.Struct("<q")
+_HEAD = struct.Struct("<IH")        # frame length, then a request's op
+_REPLY_HEAD = struct.Struct("<Ii")  # frame length, then a reply's status
+_TAG_INT = struct.Struct("<Bq")
+_TAG_LEN = struct.Struct("<BI")
+_T_INT, _T_BYTES, _T_NONE = b"i"[0], b"b"[0], b"n"[0]
 
 # Operations: the DVK calls by their C names, plus the emulator's own.
 OPS = [
@@ -70,76 +75,118 @@ class UnknownOperation(ProtocolError):
     """A well-framed request with an operation number this version does not have."""
 
 
+_TYPE_OF_KIND = {"i": int, "u": int, "b": bytes, "B": bytes, "m": bytes, "h": bytes}
+#: Per operation: the argument types of a request that passes without a closer look, and the
+#: (index, kind) of the arguments whose range or length is to be checked.
+_FAST = {
+    op: (tuple(_TYPE_OF_KIND[k] for k in sig),
+         tuple((i, k) for i, k in enumerate(sig) if k in "iumh"))
+    for op, sig in SIGNATURES.items()
+}
+
+
 def args_match(op: str, args: Sequence[Value]) -> bool:
     """Whether `args` are what `op` takes (count, types, integer ranges, fixed lengths)."""
+    types, checks = _FAST[op]
+    if tuple(map(type, args)) != types:
+        return _args_match_slow(op, args)
+    for i, kind in checks:
+        v = args[i]
+        if kind == "i":
+            if not -0x80000000 <= v <= 0x7FFFFFFF:
+                return False
+        elif kind == "u":
+            if not 0 <= v <= 0xFFFFFFFF:
+                return False
+        elif len(v) != (MESSAGE_SIZE if kind == "m" else HEADER_SIZE):
+            return False
+    return True
+
+
+def _args_match_slow(op: str, args: Sequence[Value]) -> bool:
     sig = SIGNATURES[op]
     if len(args) != len(sig):
         return False
     for kind, v in zip(sig, args):
         if kind == "i":
-            ok = isinstance(v, int) and v in _INT32
+            ok = type(v) is int and v in _INT32
         elif kind == "u":
-            ok = isinstance(v, int) and v in _UINT32
+            ok = type(v) is int and v in _UINT32
         elif kind == "B":
-            ok = v is None or isinstance(v, bytes)
+            ok = v is None or type(v) is bytes
         elif kind == "m":
-            ok = isinstance(v, bytes) and len(v) == MESSAGE_SIZE
+            ok = type(v) is bytes and len(v) == MESSAGE_SIZE
         elif kind == "h":
-            ok = isinstance(v, bytes) and len(v) == HEADER_SIZE
+            ok = type(v) is bytes and len(v) == HEADER_SIZE
         else:
-            ok = isinstance(v, bytes)
+            ok = type(v) is bytes
         if not ok:
             return False
     return True
 
 
-def encode_values(values: Sequence[Value]) -> bytes:
-    out = []
+def _encode_into(out: bytearray, values: Sequence[Value]) -> None:
     for v in values:
-        if v is None:
-            out.append(b"n")
+        t = type(v)
+        if t is int:
+            out += _TAG_INT.pack(_T_INT, v)
+        elif t is bytes:
+            out += _TAG_LEN.pack(_T_BYTES, len(v))
+            out += v
+        elif v is None:
+            out += b"n"
         elif isinstance(v, int):
-            out.append(b"i" + _INT.pack(v))
-        elif isinstance(v, (bytes, bytearray, memoryview)):
-            out.append(b"b" + _LEN.pack(len(v)) + bytes(v))
+            out += _TAG_INT.pack(_T_INT, int(v))
+        elif isinstance(v, (bytearray, memoryview)):
+            out += _TAG_LEN.pack(_T_BYTES, len(v))
+            out += v
         elif isinstance(v, str):
             raw = v.encode()
-            out.append(b"b" + _LEN.pack(len(raw)) + raw)
+            out += _TAG_LEN.pack(_T_BYTES, len(raw))
+            out += raw
         else:
             raise TypeError(f"cannot encode {type(v).__name__}")
-    return b"".join(out)
+
+
+def encode_values(values: Sequence[Value]) -> bytes:
+    out = bytearray()
+    _encode_into(out, values)
+    return bytes(out)
 
 
 def decode_values(body: bytes | memoryview, pos: int) -> list[Value]:
     values: list[Value] = []
+    append = values.append
     end = len(body)
     while pos < end:
-        tag = body[pos:pos + 1]
+        tag = body[pos]
         pos += 1
-        if tag == b"i":
+        if tag == _T_INT:
             if pos + 8 > end:
                 raise ProtocolError("truncated integer value")
-            values.append(_INT.unpack_from(body, pos)[0])
+            append(_INT.unpack_from(body, pos)[0])
             pos += 8
-        elif tag == b"b":
+        elif tag == _T_BYTES:
             if pos + 4 > end:
                 raise ProtocolError("truncated bytes length")
             (n,) = _LEN.unpack_from(body, pos)
             pos += 4
             if pos + n > end:
                 raise ProtocolError("truncated bytes value")
-            values.append(bytes(body[pos:pos + n]))
+            append(bytes(body[pos:pos + n]))
             pos += n
-        elif tag == b"n":
-            values.append(None)
+        elif tag == _T_NONE:
+            append(None)
         else:
-            raise ProtocolError(f"bad value tag {tag!r}")
+            raise ProtocolError(f"bad value tag {bytes([tag])!r}")
     return values
 
 
 def encode_request(op: str, values: Sequence[Value]) -> bytes:
-    body = _OP.pack(OP[op]) + encode_values(values)
-    return _LEN.pack(len(body)) + body
+    out = bytearray(_HEAD.pack(0, OP[op]))
+    _encode_into(out, values)
+    _LEN.pack_into(out, 0, len(out) - 4)
+    return bytes(out)
 
 
 def decode_request(body: bytes) -> tuple[str, list[Value]]:
@@ -152,8 +199,10 @@ def decode_request(body: bytes) -> tuple[str, list[Value]]:
 
 
 def encode_reply(rc: int, values: Sequence[Value] = ()) -> bytes:
-    body = _RC.pack(rc) + encode_values(values)
-    return _LEN.pack(len(body)) + body
+    out = bytearray(_REPLY_HEAD.pack(0, rc))
+    _encode_into(out, values)
+    _LEN.pack_into(out, 0, len(out) - 4)
+    return bytes(out)
 
 
 def decode_reply(body: bytes) -> tuple[int, list[Value]]:

@@ -4,7 +4,7 @@
 and DC0 with the reference parameters, then serves every process of the node until SIGTERM,
 SIGINT or a SHUTDOWN request.
 
-One thread serves every connection from one selector loop (each client thread has its own
+One thread serves every connection from one epoll loop (each client thread has its own
 connection).  A call that must block is parked (the kernel hands back a generator, tasks.py)
 and resumed when a later call wakes its task or when its timeout, kept in a heap, expires; the
 kernel code itself never touches a socket.  The loop holds the kernel lock while it works, so
@@ -18,7 +18,7 @@ import heapq
 import itertools
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
@@ -42,6 +42,9 @@ ANC_SPACE = socket.CMSG_SPACE(16 * 4)
 MAX_FRAME = 64 << 20
 #: Connections accepted per readiness of the listener (the next select takes the rest).
 ACCEPT_BURST = 64
+_IN = select.EPOLLIN
+_LEN = struct.Struct("<I")
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 
 
 def default_rundir() -> str:
@@ -75,7 +78,7 @@ class _Conn:
         self.op = ""
         self.seq = 0                     # which park a timer entry belongs to
         self.closed = False
-        self.events = selectors.EVENT_READ
+        self.events = _IN
 
 
 class NodeServer:
@@ -106,9 +109,11 @@ class NodeServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
-        self.selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
+        self.epoll = select.epoll()
+        self.fdmap: dict[int, object] = {self.listener.fileno(): "accept",
+                                         self._wake_r.fileno(): "wakeup"}
+        for fd in self.fdmap:
+            self.epoll.register(fd, _IN)
         self.handlers = self._handlers()
 
     # ------------------------------------------------------------------ the loop
@@ -121,18 +126,20 @@ class NodeServer:
                 wait = next_reap - now
                 if self.timers:
                     wait = min(wait, self.timers[0][0] - now)
-                events = self.selector.select(max(0.0, wait))
+                events = self.epoll.poll(max(0.0, wait))
                 with k.lock:
-                    for key, mask in events:
-                        data = key.data
+                    for fd, mask in events:
+                        data = self.fdmap.get(fd)
+                        if data is None:
+                            continue
                         if data == "accept":
                             self._accept()
                         elif data == "wakeup":
                             _drain(self._wake_r)
                         else:
-                            if mask & selectors.EVENT_WRITE:
+                            if mask & select.EPOLLOUT:
                                 self._flush(data)
-                            if mask & selectors.EVENT_READ:
+                            if mask & _READABLE:
                                 self._read(data)
                     now = time.monotonic()
                     self._expire(now)
@@ -162,7 +169,7 @@ class NodeServer:
                     conn.task.dead = True
             for conn in list(self.conns):
                 self._drop(conn)
-        self.selector.close()
+        self.epoll.close()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -179,7 +186,8 @@ class NodeServer:
             sock.setblocking(False)
             conn = _Conn(sock)
             self.conns.add(conn)
-            self.selector.register(sock, selectors.EVENT_READ, conn)
+            self.fdmap[sock.fileno()] = conn
+            self.epoll.register(sock.fileno(), _IN)
 
     def _read(self, conn: _Conn) -> None:
         if conn.closed:
@@ -200,6 +208,15 @@ class NodeServer:
         if not data:
             self._drop(conn)  # the thread exited (or closed its connection)
             return
+        if not conn.rbuf and conn.call is None and conn.task is not None and len(data) >= 4 \
+                and _LEN.unpack_from(data, 0)[0] == len(data) - 4:
+            fds, conn.fds = conn.fds, []  # the usual case: one whole request
+            try:
+                self._request(conn, data[4:], fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            return
         conn.rbuf += data
         self._serve(conn)
 
@@ -208,7 +225,7 @@ class NodeServer:
         holds the ones behind it until it is answered."""
         buf = conn.rbuf
         while conn.call is None and not conn.closed and len(buf) >= 4:
-            (n,) = struct.unpack_from("<I", buf, 0)
+            (n,) = _LEN.unpack_from(buf, 0)
             if n > MAX_FRAME:
                 log.warning("connection of task %s: frame of %d bytes",
                             conn.task and conn.task.tid, n)
@@ -260,10 +277,10 @@ class NodeServer:
             self._want_write(conn, False)
 
     def _want_write(self, conn: _Conn, on: bool) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        events = _IN | (select.EPOLLOUT if on else 0)
         if events != conn.events:
             conn.events = events
-            self.selector.modify(conn.sock, events, conn)
+            self.epoll.modify(conn.sock.fileno(), events)
 
     def _drop(self, conn: _Conn) -> None:
         """Close a connection: its thread is gone, so is its task (the kernel's exit hook)."""
@@ -271,9 +288,11 @@ class NodeServer:
             return
         conn.closed = True
         self.conns.discard(conn)
+        fd = conn.sock.fileno()
+        self.fdmap.pop(fd, None)
         try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
             pass
         conn.sock.close()
         for fd in conn.fds:
