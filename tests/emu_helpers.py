@@ -21,6 +21,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from concurrent.futures import Future
 
 from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu.client import EmuDvk
 from dvk_cffi.emu.kernel import NodeKernel, Task
 from dvk_cffi.emu.node import wait_for_socket
@@ -192,6 +194,33 @@ class ProcNode:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+# ================================================================================ raw protocol
+class Raw:
+    """A hand-driven connection to a node kernel: requests built byte by byte."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(CALL_TIMEOUT)
+        self.sock.connect(path)
+
+    def body(self, body: bytes) -> tuple[int, list]:
+        self.sock.sendall(struct.pack("<I", len(body)) + body)
+        reply = P.recv_frame(self.sock)
+        assert reply is not None, "the node kernel closed the connection"
+        return P.decode_reply(reply)
+
+    def call(self, op: str, *args) -> tuple[int, list]:
+        return self.body(struct.pack("<H", P.OP[op]) + P.encode_values(args))
+
+    def hello(self) -> None:
+        rc, _ = self.call("HELLO", P.VERSION, os.getpid(), threading.get_native_id(), b"raw")
+        assert rc == 0
+
+    def close(self) -> None:
+        self.sock.close()
+
 
 
 # ================================================================================ threads

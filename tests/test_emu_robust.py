@@ -9,11 +9,8 @@ COPYLCL_RQST connection runs a real node kernel process.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import struct
-import threading
 import time
 
 import pytest
@@ -27,6 +24,7 @@ from emu_helpers import (
     DC0,
     SHORT,
     FakeProxy,
+    Raw,
     make_world,
     raises_code,
     wait_until,
@@ -40,31 +38,6 @@ NO_SLOT_EP = 5000          # an endpoint whose process number has no slot in DC0
 def world():
     with make_world() as w:
         yield w
-
-
-class Raw:
-    """A hand-driven protocol connection: frames built byte by byte."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(CALL_TIMEOUT)
-        self.sock.connect(path)
-
-    def body(self, body: bytes) -> tuple[int, list]:
-        self.sock.sendall(struct.pack("<I", len(body)) + body)
-        reply = P.recv_frame(self.sock)
-        assert reply is not None, "the node kernel closed the connection"
-        return P.decode_reply(reply)
-
-    def call(self, op: str, *args) -> tuple[int, list]:
-        return self.body(struct.pack("<H", P.OP[op]) + P.encode_values(args))
-
-    def hello(self) -> None:
-        rc, _ = self.call("HELLO", P.VERSION, os.getpid(), threading.get_native_id(), b"raw")
-        assert rc == 0
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _op(name: str) -> bytes:
