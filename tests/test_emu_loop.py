@@ -143,3 +143,31 @@ def test_parked_caller_that_hangs_up_is_unbound(world):
     raw.close()
     wait_until(lambda: d.getprocinfo(DC0, 10).p_rts_flags & C.SLOT_FREE, what="unbound")
     assert d.getdvsinfo()[0] == 1
+
+
+def test_pipelined_requests_are_all_answered(world):
+    """A client that sends thousands of requests at once, reads none of the replies for a while
+    and then all of them: each one answered in order, the kernel alive (no recursion per
+    queued request, no unbounded reply buffer)."""
+    node = world.proc_node(1)
+    raw = Raw(node.path)
+    try:
+        raw.hello()
+        n = 5000
+        bodies = [struct.pack("<H", P.OP["GETNODEINFO"]) + P.encode_values([i % 3 - 1])
+                  for i in range(n)]
+        blob = b"".join(struct.pack("<I", len(b)) + b for b in bodies)
+        sender = threading.Thread(target=raw.sock.sendall, args=(blob,), daemon=True)
+        sender.start()
+        time.sleep(0.3)
+        got = []
+        for _ in range(n):
+            rc, _values = P.decode_reply(_frame(raw))
+            got.append(rc)
+        sender.join(CALL_TIMEOUT)
+        assert got == [0] * n
+    finally:
+        raw.close()
+    assert node.proc.poll() is None
+    d = world.dvk(node)
+    assert d.getdvsinfo()[0] == 1

@@ -42,6 +42,8 @@ ANC_SPACE = socket.CMSG_SPACE(16 * 4)
 MAX_FRAME = 64 << 20
 #: Connections accepted per readiness of the listener (the next select takes the rest).
 ACCEPT_BURST = 64
+#: Replies a client may leave unread before its requests are no longer read.
+WBUF_LIMIT = 1 << 20
 _IN = select.EPOLLIN
 _LEN = struct.Struct("<I")
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
@@ -90,6 +92,8 @@ class NodeServer:
         self.stopping = threading.Event()
         self.conns: set[_Conn] = set()
         self.timers: list[tuple[float, int, _Conn, int]] = []
+        self.backlog: set[_Conn] = set()
+        self._resuming = False
         self._tick = itertools.count()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
@@ -137,18 +141,35 @@ class NodeServer:
                         elif data == "wakeup":
                             _drain(self._wake_r)
                         else:
-                            if mask & select.EPOLLOUT:
-                                self._flush(data)
-                            if mask & _READABLE:
-                                self._read(data)
+                            self._event(data, mask)
                     now = time.monotonic()
-                    self._expire(now)
                     if now >= next_reap:
-                        k.reap()
                         next_reap = now + REAP_INTERVAL
-                    self._run_woken()
+                        self._guarded(k.reap)
+                    self._guarded(self._expire, now)
+                    self._guarded(self._run_woken)
+                    self._guarded(self._run_backlog)
         finally:
             self._close()
+
+    def _event(self, conn: _Conn, mask: int) -> None:
+        """One connection's readiness; a fault of the server code costs that connection only."""
+        try:
+            if mask & select.EPOLLOUT:
+                self._flush(conn)
+            if mask & _READABLE:
+                self._read(conn)
+        except Exception:
+            log.exception("node kernel fault serving task %s; its connection is closed",
+                          conn.task and conn.task.tid)
+            self._drop(conn)
+
+    def _guarded(self, fn, *args) -> None:
+        """Run one of the loop's own steps; a fault is logged and the loop goes on."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("node kernel fault in %s", getattr(fn, "__name__", fn))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -224,7 +245,8 @@ class NodeServer:
         """Run the complete requests in the connection's buffer, one at a time: a parked call
         holds the ones behind it until it is answered."""
         buf = conn.rbuf
-        while conn.call is None and not conn.closed and len(buf) >= 4:
+        while conn.call is None and not conn.closed and len(buf) >= 4 \
+                and len(conn.wbuf) <= WBUF_LIMIT:
             (n,) = _LEN.unpack_from(buf, 0)
             if n > MAX_FRAME:
                 log.warning("connection of task %s: frame of %d bytes",
@@ -260,7 +282,7 @@ class NodeServer:
                 return
             data = data[sent:]
         conn.wbuf += data
-        self._want_write(conn, True)
+        self._update_events(conn)
 
     def _flush(self, conn: _Conn) -> None:
         if conn.closed or not conn.wbuf:
@@ -273,11 +295,19 @@ class NodeServer:
             self._drop(conn)
             return
         del conn.wbuf[:sent]
-        if not conn.wbuf:
-            self._want_write(conn, False)
+        self._update_events(conn)
+        if conn.rbuf and conn.call is None and len(conn.wbuf) <= WBUF_LIMIT:
+            self.backlog.add(conn)
 
-    def _want_write(self, conn: _Conn, on: bool) -> None:
-        events = _IN | (select.EPOLLOUT if on else 0)
+    def _update_events(self, conn: _Conn) -> None:
+        """Wait for room to write while replies are pending; stop reading from a client that
+        does not read its replies until they are below WBUF_LIMIT."""
+        if not conn.wbuf:
+            events = _IN
+        elif len(conn.wbuf) > WBUF_LIMIT:
+            events = select.EPOLLOUT
+        else:
+            events = _IN | select.EPOLLOUT
         if events != conn.events:
             conn.events = events
             self.epoll.modify(conn.sock.fileno(), events)
@@ -303,7 +333,10 @@ class NodeServer:
         if task is not None:
             if conn in task.parked:
                 task.parked.remove(conn)
-            self.kernel.detach(task)
+            try:
+                self.kernel.detach(task)
+            except Exception:
+                log.exception("node kernel fault in the exit of task %d", task.tid)
         if call is not None:
             try:
                 call.close()
@@ -404,6 +437,8 @@ class NodeServer:
         task = conn.task
         if task is not None and conn in task.parked:
             task.parked.remove(conn)
+        if conn.rbuf:
+            self.backlog.add(conn)  # requests that waited behind the parked call
 
     def _done(self, conn: _Conn, result) -> None:
         if conn.shape is not None:
@@ -417,8 +452,6 @@ class NodeServer:
         self._send(conn, _reply(op, rc, results))
         if op == "SHUTDOWN" and rc == 0:
             self.stop()
-        if conn.rbuf and conn.call is None:
-            self._serve(conn)
 
     def _expire(self, now: float) -> None:
         """Resume the parked calls whose time has come."""
@@ -429,15 +462,30 @@ class NodeServer:
                 self._step(conn, conn.call)
 
     def _run_woken(self) -> None:
-        """Resume the parked calls of the tasks that calls woke, until none is left."""
-        runnable = self.kernel.runnable
-        while runnable:
-            tasks = list(runnable)
-            runnable.clear()
-            for task in tasks:
-                for conn in list(task.parked):
-                    if conn.call is not None and not conn.closed:
-                        self._step(conn, conn.call)
+        """Resume the parked calls of the tasks that calls woke, until none is left (one level:
+        a call answered meanwhile leaves its wake-ups to the loop already running)."""
+        if self._resuming:
+            return
+        self._resuming = True
+        try:
+            runnable = self.kernel.runnable
+            while runnable:
+                tasks = list(runnable)
+                runnable.clear()
+                for task in tasks:
+                    for conn in list(task.parked):
+                        if conn.call is not None and not conn.closed:
+                            self._step(conn, conn.call)
+        finally:
+            self._resuming = False
+
+    def _run_backlog(self) -> None:
+        """Serve the requests that waited behind calls which have ended."""
+        while self.backlog:
+            conn = self.backlog.pop()
+            if not conn.closed:
+                self._serve(conn)
+            self._run_woken()
 
     # ------------------------------------------------------------------ dispatch table
     def _handlers(self) -> dict[str, tuple[Callable, Callable | None]]:
