@@ -193,3 +193,29 @@ def test_bad_copylcl_keeps_the_proxy_pair(world):
     fut.result(CALL_TIMEOUT)
     assert m.m_type == 8
     assert node.proc.poll() is None
+
+
+def test_fault_in_the_server_loop_costs_one_connection(world, caplog, monkeypatch):
+    """An exception in the loop's own code (here: decoding) closes that connection with a
+    logged traceback; the node kernel goes on serving the others."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    other = world.actor("other")
+    assert other.call(d.getdvsinfo)[0] == 1         # connected before the fault
+
+    def broken(_body):
+        raise RuntimeError("injected fault")
+
+    caplog.set_level(logging.ERROR, logger="dvk.emu.server")
+    raw = Raw(node.path)
+    try:
+        raw.hello()
+        monkeypatch.setattr(P, "decode_request", broken)
+        raw.sock.sendall(struct.pack("<I", 2) + b"\0\0")
+        assert raw.sock.recv(16) == b""             # that connection is closed
+    finally:
+        raw.close()
+        monkeypatch.undo()
+    assert any(r.exc_info and "injected fault" in str(r.exc_info[1]) for r in caplog.records)
+    assert other.call(d.getdvsinfo)[0] == 1         # the others are still served
+    assert node.thread.is_alive()
