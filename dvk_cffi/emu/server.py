@@ -38,7 +38,8 @@ log = logging.getLogger("dvk.emu.server")
 REAP_INTERVAL = 1.0
 #: Bytes read per recvmsg, and ancillary space for the descriptors an ARENA request carries.
 READ_SIZE = 1 << 16
-ANC_SPACE = socket.CMSG_SPACE(16 * 4)
+MAX_FDS = 16
+ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 MAX_FRAME = 64 << 20
 #: Connections accepted per readiness of the listener (the next select takes the rest).
 ACCEPT_BURST = 64
@@ -226,6 +227,8 @@ class NodeServer:
                 fds = array.array("i")
                 fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
                 conn.fds.extend(fds)
+        while len(conn.fds) > MAX_FDS:  # more than any request carries: not kept open
+            os.close(conn.fds.pop())
         if not data:
             self._drop(conn)  # the thread exited (or closed its connection)
             return
