@@ -1,4 +1,4 @@
-"""Shared helpers for the emulator tests (test_emu_kernel.py, test_emu_relay.py).
+"""Shared helpers for the emulator tests (test_emu_*.py).
 
 - `InProcNode`: a `NodeKernel` served on a Unix socket by a thread of the test process (so a
   test can also look at the kernel's state); `ProcNode`: a node kernel in a child process
@@ -8,6 +8,7 @@
 - `Child`: a small DVK program in a child process (bind, then sleep/receive/sendrec/...), for
   the process-exit paths (kill -9) and the cross-process vcopy.
 - `FakeProxy`: the test process playing the proxy pair of a remote node (get2rmt / put2lcl).
+- `Raw`: a connection to a node kernel driven by hand, for requests no `EmuDvk` would send.
 
 Everything started here is stopped by `Cleanup`, also when a test fails.
 """
@@ -42,7 +43,7 @@ from dvk_cffi.wire import Header, Message, make_header
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DC0 = 0
-#: DC0 defaults (ARCHITECTURE D6): nr_procs 221, nr_tasks 34, nr_sysprocs 64.
+#: DC0 defaults of a node kernel process: nr_procs 221, nr_tasks 34, nr_sysprocs 64.
 NR_PROCS, NR_TASKS, NR_SYSPROCS = 221, 34, 64
 FIRST_USER = NR_SYSPROCS - NR_TASKS  # 30: first user process number
 CALL_TIMEOUT = 20.0                  # s, how long a test waits for any one call
