@@ -171,3 +171,31 @@ def test_pipelined_requests_are_all_answered(world):
     assert node.proc.poll() is None
     d = world.dvk(node)
     assert d.getdvsinfo()[0] == 1
+
+
+def test_timer_entries_of_ended_calls_do_not_pile_up(world):
+    """Thousands of receives with a long timeout that end at once leave a bounded timer heap."""
+    from dvk_cffi.emu.server import TIMER_COMPACT
+
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    server, client = world.actor("server"), world.actor("client")
+    server.call(d.bind, DC0, 10)
+    client.call(d.bind, DC0, 11)
+    rounds = TIMER_COMPACT * 2
+
+    def serve():
+        m = Message()
+        for _ in range(rounds):
+            d.receive(C.ANY, m, 30000)
+            d.send(11, m, 30000)
+
+    fut = server.submit(serve)
+    m = Message()
+    deadline = time.monotonic() + 60
+    for _ in range(rounds):
+        client.call(d.sendrec, 10, m, 30000)
+        assert time.monotonic() < deadline
+    fut.result(CALL_TIMEOUT)
+    with node.kernel.lock:
+        assert len(node.server.timers) <= 2 * TIMER_COMPACT + 10

@@ -43,6 +43,8 @@ ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 MAX_FRAME = 64 << 20
 #: Connections accepted per readiness of the listener (the next select takes the rest).
 ACCEPT_BURST = 64
+#: Timer entries kept before the ones of ended calls are swept out.
+TIMER_COMPACT = 4096
 #: Replies a client may leave unread before its requests are no longer read.
 WBUF_LIMIT = 1 << 20
 _IN = select.EPOLLIN
@@ -94,6 +96,7 @@ class NodeServer:
         self.conns: set[_Conn] = set()
         self.timers: list[tuple[float, int, _Conn, int]] = []
         self.backlog: set[_Conn] = set()
+        self._compact_at = TIMER_COMPACT
         self._resuming = False
         self._tick = itertools.count()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -434,6 +437,16 @@ class NodeServer:
             task.parked.append(conn)
         if deadline is not None:
             heapq.heappush(self.timers, (deadline, next(self._tick), conn, conn.seq))
+            if len(self.timers) > self._compact_at:
+                self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Drop the entries of calls that ended before their timeout (a server receiving with
+        a 30 s timeout thousands of times a second would otherwise pile them up)."""
+        self.timers = [t for t in self.timers
+                       if t[2].call is not None and t[2].seq == t[3] and not t[2].closed]
+        heapq.heapify(self.timers)
+        self._compact_at = max(TIMER_COMPACT, 2 * len(self.timers))
 
     def _unpark(self, conn: _Conn) -> None:
         conn.call = None
