@@ -516,13 +516,13 @@ class Group:
                 redo = self._redispatch(sess, rcode, acts)
                 if redo:
                     return acts
-            if cmd in C.MESSAGE_ACK_CMDS or cmd in C.MESSAGE_BODY_CMDS:
+            if cmd in C.MSG_ACK_CMDS or cmd in C.MSG_CMDS:
                 sess.first = None    # answered: the session is established
-            if pid > 0 and sess.svr_pid != pid and cmd in C.MESSAGE_BODY_CMDS:
+            if pid > 0 and sess.svr_pid != pid and cmd in C.MSG_CMDS:
                 sess.svr_pid = pid
             if cmd in (C.CMD_SEND_MSG, C.CMD_REPLY_MSG) and sess.pending == C.CMD_SNDREC_MSG:
                 sess.pending = 0    # the sendrec caller got its reply
-            elif cmd in C.MESSAGE_ACK_CMDS:
+            elif cmd in C.MSG_ACK_CMDS:
                 sess.pending = 0
             out = bytearray(hbuf)
             set_snode(out, self.lb_id)

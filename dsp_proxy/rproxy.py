@@ -178,7 +178,7 @@ class FrameReader:
 
 def needs_dsp_ack(cmd: int, code: int) -> bool:
     """The DSP answers the put2lcl failures for which the kernel sent no ACK."""
-    if cmd not in C.ERROR_ACK_CMD or code in KERNEL_ACKED:
+    if cmd not in C.PROXY_ERROR_ACK or code in KERNEL_ACKED:
         return False
     return code not in KERNEL_ACKED_COPY.get(cmd, ())
 

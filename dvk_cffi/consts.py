@@ -52,12 +52,8 @@ DATA_CMDS = frozenset({CMD_COPYIN_DATA, CMD_COPYOUT_DATA, CMD_COPYIN_RQST})
 
 #: The message commands (what the C statistics count as messages).
 MESSAGE_CMDS = frozenset({CMD_SEND_MSG, CMD_SNDREC_MSG, CMD_REPLY_MSG})
-#: Commands whose message body is a real message (its m_source names the sender).
-MESSAGE_BODY_CMDS = MESSAGE_CMDS | {CMD_NTFY_MSG}
 #: A client's requests: what opens (or, with a new PID, restarts) a balanced session.
 REQUEST_CMDS = frozenset({CMD_SEND_MSG, CMD_SNDREC_MSG, CMD_NTFY_MSG})
-#: The ACKs that answer a client's SEND or SNDREC.
-MESSAGE_ACK_CMDS = frozenset({CMD_SEND_ACK, CMD_SNDREC_ACK})
 #: COPY data frames: never batched; the only frames LZ4 compresses.
 COPY_DATA_CMDS = frozenset({CMD_COPYIN_DATA, CMD_COPYOUT_DATA})
 #: Commands whose vcopy sub-header names endpoints (v_src, v_dst, v_rqtr).
@@ -88,17 +84,6 @@ FLAG_CHECK_HDR = 1 << FLAG_CHECK_HDR_BIT
 FLAG_DSP_PEER_BIT = 12
 FLAG_DSP_PEER = 1 << FLAG_DSP_PEER_BIT
 
-# --- requests and the ACKs that answer them ------------------------------------------------------
-#: The error ACK a proxy sends back for a request that could not be delivered: what the
-#: requester waits for (a sendrec caller waits in receive and needs CMD_SNDREC_ACK; a send or
-#: reply caller needs CMD_SEND_ACK; a copy requester its copy ACK).  NTFY has none: a notify
-#: caller does not wait.
-ERROR_ACK_CMD = {
-    CMD_SEND_MSG: CMD_SEND_ACK, CMD_REPLY_MSG: CMD_SEND_ACK,
-    CMD_SNDREC_MSG: CMD_SNDREC_ACK, CMD_COPYIN_DATA: CMD_COPYIN_ACK,
-    CMD_COPYOUT_RQST: CMD_COPYOUT_DATA, CMD_COPYLCL_RQST: CMD_COPYLCL_ACK,
-    CMD_COPYRMT_RQST: CMD_COPYRMT_ACK, CMD_COPYIN_RQST: CMD_COPYRMT_ACK,
-}
 
 # --- proxy pair status px_flags (§3.3) ---------------------------------------------------------
 PX_BIT_INUSE = 0
@@ -291,3 +276,63 @@ DEFAULT_DVS = dict(
 DEFAULT_DC0 = dict(
     dc_dcid=0, dc_nr_procs=221, dc_nr_tasks=34, dc_nr_sysprocs=64, dc_nr_nodes=32, dc_name="DC0",
 )
+
+# ================================================================================================
+# --- the emulated node kernel's command sets and ACK tables (dvk_cffi/emu) ----------------------
+# Appended as one section; the emulator takes these from here and from nowhere else.
+
+#: DVK call numbers (dvk_calls.h) used in a descriptor's allowed-calls set.
+DVK_SEND, DVK_RECEIVE, DVK_NOTIFY, DVK_SENDREC, DVK_RCVRQST, DVK_REPLY = 2, 3, 4, 5, 6, 7
+DVK_UNBIND, DVK_VCOPY, DVK_GETEP, DVK_WAIT4BIND = 10, 13, 26, 29
+DVK_PROXYBIND, DVK_PROXYUNBIND, DVK_PUT2LCL, DVK_GET2RMT = 17, 18, 20, 21
+#: What a system process, a user process and each half of a proxy pair may call.
+DVK_ALL_CALLS = frozenset(range(35))
+DVK_USER_CALLS = frozenset({DVK_SENDREC, DVK_UNBIND, DVK_GETEP, DVK_WAIT4BIND})
+DVK_SPROXY_CALLS = frozenset({DVK_PROXYBIND, DVK_PROXYUNBIND, DVK_GET2RMT})
+DVK_RPROXY_CALLS = frozenset({DVK_PROXYBIND, DVK_PROXYUNBIND, DVK_PUT2LCL})
+
+#: Commands that carry an IPC message (`c_msg`).
+MSG_CMDS = frozenset({CMD_SEND_MSG, CMD_SNDREC_MSG, CMD_REPLY_MSG, CMD_NTFY_MSG})
+#: Message commands whose message lands in the receiver's buffer (a notify is made there).
+MSG_DELIVER_CMDS = MESSAGE_CMDS
+#: ACKs that end a message sender's wait.
+MSG_ACK_CMDS = frozenset({CMD_SEND_ACK, CMD_SNDREC_ACK})
+#: Requests of a copy (one chunk of a remote vcopy each).
+COPY_RQST_CMDS = frozenset({CMD_COPYIN_DATA, CMD_COPYOUT_RQST, CMD_COPYLCL_RQST,
+                            CMD_COPYRMT_RQST, CMD_COPYIN_RQST})
+#: Requests: commands a remote process sends and then waits on (put2lcl row 11 refuses a new one
+#: while the requester still has one under way).
+RQST_CMDS = MSG_CMDS | COPY_RQST_CMDS
+#: ACKs that end a copy requester's wait.
+COPY_ACK_CMDS = frozenset({CMD_COPYIN_ACK, CMD_COPYLCL_ACK, CMD_COPYRMT_ACK})
+#: The DVK call a message command needs in the remote sender's allowed set (put2lcl row 16);
+#: copy requests need DVK_VCOPY in the requester's.
+CMD_CALL = {CMD_SEND_MSG: DVK_SEND, CMD_SNDREC_MSG: DVK_SENDREC, CMD_REPLY_MSG: DVK_REPLY,
+            CMD_NTFY_MSG: DVK_NOTIFY}
+
+#: The error ACK the node kernel's put2lcl queues itself for a request it refuses in the rows
+#: that ACK (destination denied, remote, dead or migrating).
+#:
+#: It differs from the ACK a proxy sends for a put2lcl failure the kernel did not ACK
+#: (`PROXY_ERROR_ACK`) in two rows, on purpose:
+#: - SNDREC_MSG: the kernel answers with a SEND_ACK, as the module does.  At the origin that
+#:   requester left SENDING when its sender proxy took the command, so the SEND_ACK is refused
+#:   with EDVSACKDST there; the proxy delivering it then turns it into a SNDREC_ACK, which ends
+#:   the sendrec with the error.  A proxy that answers a failure itself sends SNDREC_ACK at once.
+#: - NTFY_MSG: the kernel queues a SEND_ACK, as the module does; a notifier never waits (it
+#:   returned when its sender proxy took the command), so the origin refuses it and nothing
+#:   changes.  A proxy sends nothing for a failed notify.
+KERNEL_ERROR_ACK = {
+    CMD_SEND_MSG: CMD_SEND_ACK, CMD_SNDREC_MSG: CMD_SEND_ACK, CMD_REPLY_MSG: CMD_SEND_ACK,
+    CMD_NTFY_MSG: CMD_SEND_ACK, CMD_COPYIN_DATA: CMD_COPYIN_ACK,
+    CMD_COPYOUT_RQST: CMD_COPYOUT_DATA, CMD_COPYLCL_RQST: CMD_COPYLCL_ACK,
+    CMD_COPYRMT_RQST: CMD_COPYRMT_ACK, CMD_COPYIN_RQST: CMD_COPYRMT_ACK,
+}
+#: The error ACK a proxy sends for a request whose put2lcl failed without a kernel ACK (the
+#: requester waits for one).  Same as the kernel's table but SNDREC_MSG -> SNDREC_ACK and no
+#: NTFY_MSG row (see `KERNEL_ERROR_ACK`).
+PROXY_ERROR_ACK = {
+    **{cmd: ack for cmd, ack in KERNEL_ERROR_ACK.items() if cmd != CMD_NTFY_MSG},
+    CMD_SNDREC_MSG: CMD_SNDREC_ACK,
+}
+# ================================================================================================

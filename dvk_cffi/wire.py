@@ -205,7 +205,7 @@ def hello_header(snode: int, dnode: int, pid: int = 0) -> Header:
 def error_ack(h: Header, rcode: int) -> Header | None:
     """The ACK that answers request `h` with error `rcode` (None when nobody waits for one):
     addressed back to the requester, with the vcopy sub-header by which it finds its copy."""
-    cmd = C.ERROR_ACK_CMD.get(h.c_cmd)
+    cmd = C.PROXY_ERROR_ACK.get(h.c_cmd)
     if cmd is None:
         return None
     a = Header()
@@ -288,7 +288,7 @@ def swap_endpoint(buf, cmd: int, old: int, new: int, dst_field: bool) -> None:
     else:
         if _I32.unpack_from(buf, _C_SRC)[0] == old:
             _I32.pack_into(buf, _C_SRC, new)
-        if cmd in C.MESSAGE_BODY_CMDS and _I32.unpack_from(buf, _M_SOURCE)[0] == old:
+        if cmd in C.MSG_CMDS and _I32.unpack_from(buf, _M_SOURCE)[0] == old:
             _I32.pack_into(buf, _M_SOURCE, new)
     if cmd in C.VCOPY_CMDS:
         v = _V3.unpack_from(buf, _V_SRC)

@@ -1,4 +1,4 @@
-"""Shared helpers for the emulator tests (test_emu_kernel.py, test_emu_relay.py).
+"""Shared helpers for the emulator tests (test_emu_*.py).
 
 - `InProcNode`: a `NodeKernel` served on a Unix socket by a thread of the test process (so a
   test can also look at the kernel's state); `ProcNode`: a node kernel in a child process
@@ -8,6 +8,7 @@
 - `Child`: a small DVK program in a child process (bind, then sleep/receive/sendrec/...), for
   the process-exit paths (kill -9) and the cross-process vcopy.
 - `FakeProxy`: the test process playing the proxy pair of a remote node (get2rmt / put2lcl).
+- `Raw`: a connection to a node kernel driven by hand, for requests no `EmuDvk` would send.
 
 Everything started here is stopped by `Cleanup`, also when a test fails.
 """
@@ -21,6 +22,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,7 @@ from concurrent.futures import Future
 
 from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu.client import EmuDvk
 from dvk_cffi.emu.kernel import NodeKernel, Task
 from dvk_cffi.emu.node import wait_for_socket
@@ -40,7 +43,7 @@ from dvk_cffi.wire import Header, Message, make_header
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DC0 = 0
-#: DC0 defaults (ARCHITECTURE D6): nr_procs 221, nr_tasks 34, nr_sysprocs 64.
+#: DC0 defaults of a node kernel process: nr_procs 221, nr_tasks 34, nr_sysprocs 64.
 NR_PROCS, NR_TASKS, NR_SYSPROCS = 221, 34, 64
 FIRST_USER = NR_SYSPROCS - NR_TASKS  # 30: first user process number
 CALL_TIMEOUT = 20.0                  # s, how long a test waits for any one call
@@ -192,6 +195,33 @@ class ProcNode:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+# ================================================================================ raw protocol
+class Raw:
+    """A hand-driven connection to a node kernel: requests built byte by byte."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(CALL_TIMEOUT)
+        self.sock.connect(path)
+
+    def body(self, body: bytes) -> tuple[int, list]:
+        self.sock.sendall(struct.pack("<I", len(body)) + body)
+        reply = P.recv_frame(self.sock)
+        assert reply is not None, "the node kernel closed the connection"
+        return P.decode_reply(reply)
+
+    def call(self, op: str, *args) -> tuple[int, list]:
+        return self.body(struct.pack("<H", P.OP[op]) + P.encode_values(args))
+
+    def hello(self) -> None:
+        rc, _ = self.call("HELLO", P.VERSION, os.getpid(), threading.get_native_id(), b"raw")
+        assert rc == 0
+
+    def close(self) -> None:
+        self.sock.close()
+
 
 
 # ================================================================================ threads

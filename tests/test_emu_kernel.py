@@ -1,12 +1,12 @@
-"""The emulated DVK node kernel (dvk_cffi/emu/kernel.py) against dvk_abi.md §4.
+"""The emulated DVK node kernel (dvk_cffi/emu) against the DVK module's call semantics.
 
 Every call goes through the real path: `EmuDvk` clients (one connection per thread) talking to a
-node kernel served on a Unix socket.  The kernel is served by threads of the test process
+node kernel served on a Unix socket.  The kernel is served by a thread of the test process
 (`InProcNode`), so a test can also look at its state; programs that must die (kill -9) are child
 processes, and the node-stop tests also run the kernel as a process of its own.
 
-Layout: DVS/DC set-up (§4.2), nodes and proxies (§4.2), binding (§4.3), local IPC (§4.4), vcopy,
-process and kernel exit, the sender side of remote IPC (§4.5), and put2lcl row by row (§4.6).
+Layout: DVS/DC set-up, nodes and proxies, binding, local IPC, vcopy, process and kernel exit,
+the sender side of remote IPC (get2rmt), and put2lcl row by row.
 Endpoints follow the DC0 defaults: p_nr < 30 are system processes, 30.. user processes.
 """
 
@@ -92,7 +92,7 @@ def missing_pid() -> int:
     return pid
 
 
-# ================================================================================ §4.2 DVS / DC
+# ================================================================================ DVS / DC
 def test_dvs_init_returns_node_then_busy(world):
     node = world.inproc_node(3, init=False)
     d = world.dvk(node)
@@ -292,7 +292,7 @@ def test_node_up_and_proxy_conn_flags(world, d):
     assert d.getnodeinfo(2).n_flags == 0xE and px_flags() == 0x7
     assert d.getproxyinfo(2)[1].p_misc_flags == C.MIS_PROXY | C.MIS_CONNECTED
     d.add_node(DC0, 2)
-    # /proc/dvs/nodes and /proc/dvs/proxies/info, formats of dvk_abi.md §4.9
+    # /proc/dvs/nodes and /proc/dvs/proxies/info, in the module's formats
     nodes = d.proc_text("nodes").splitlines()
     assert nodes[0] == "ID Flags Proxies -pxsent- -pxrcvd- 10987654321098765432109876543210 Name"
     assert nodes[1].rstrip() == " 1     6      -1        0        0 " + "-" * 31 + "X node1"
@@ -305,7 +305,7 @@ def test_node_up_and_proxy_conn_flags(world, d):
     d.proxy_conn(2, C.DISCONNECT_RPROXY)
     assert d.getnodeinfo(2).n_flags == C.NODE_ATTACHED and px_flags() == C.PROXIES_INUSE
     assert d.getproxyinfo(2)[0].p_misc_flags == C.MIS_PROXY
-    # node_down quirk (§4.2): a node the pair serves is not cleared, the call returns 0
+    # node_down quirk: a node the pair serves is not cleared, the call returns 0
     assert d.node_down(2) == 0
     assert d.getnodeinfo(2).n_flags == C.NODE_ATTACHED
 
@@ -329,7 +329,7 @@ def test_proxies_unbind_ends_the_node(world, d, node):
     assert d.proxies_bind("node2", 2, px.sproxy.tid, px.rproxy.tid) == 0
 
 
-# ================================================================================ §4.3 bind
+# ================================================================================ bind
 def test_bind_self_local(world, d, node):
     a = bound(world, d, LSYS)
     p = d.getprocinfo(DC0, LSYS)
@@ -553,7 +553,7 @@ def test_migrate_is_not_emulated(d):
         d.migrate_X(C.MIGR_START, -1, DC0, LSYS, -1)
 
 
-# ================================================================================ §4.4 local IPC
+# ================================================================================ local IPC
 def test_send_receive_content_and_source(world, d, node):
     rcv, m, fut = blocked_receiving(world, node, d, LSYS)
     snd = bound(world, d, LSYS2)
@@ -649,7 +649,7 @@ def test_sendrec_and_reply(world, d, node):
 
 
 def test_user_process_may_only_sendrec(world, d, node):
-    """p_nr >= nr_sysprocs - nr_tasks (30 in DC0) is a user process (§1.5)."""
+    """p_nr >= nr_sysprocs - nr_tasks (30 in DC0) is a user process."""
     assert FIRST_USER == 30
     srv = bound(world, d, LSYS)
     last_sys = bound(world, d, FIRST_USER - 1)
@@ -731,7 +731,7 @@ def test_notify_pending_and_direct(world, d, node):
     src.call(d.notify, LSYS)
     fut.result(5)
     assert (m.m_source, m.m_type) == (LSYS2, C.NOTIFY_FROM(LSYS2))
-    # a pending notify is delivered by receive(src) whatever src is (§4.10 quirk)
+    # a pending notify is delivered by receive(src) whatever src is (a module quirk)
     src.call(d.notify, LSYS)
     bound(world, d, 13)
     rcv.call(d.receive, 13, m, C.TIMEOUT_NOWAIT)
@@ -898,7 +898,7 @@ def check_hdr(h: Header, **want) -> None:
     assert got == want, f"{h!r}"
 
 
-# ----------------------------------------------------------------------------- get2rmt (§4.5)
+# ----------------------------------------------------------------------------- get2rmt
 def test_get2rmt_requires_connected_sender_proxy(world, node, d):
     px = FakeProxy(world, node, d, 2, connect=())
     with raises_code(E.EDVSNOTCONN):
@@ -964,7 +964,7 @@ def test_remote_sendrec_reply_and_ackdst_quirk(env):
     fut = U.submit(d.sendrec, RSYS, req)
     h = px.get()
     check_hdr(h, c_cmd=C.CMD_SNDREC_MSG, c_src=LUSR, c_dst=RSYS, c_pid=U.tid)
-    # an error SEND_ACK aimed at a sendrec caller is refused (§4.7.8, kept by D3)
+    # an error SEND_ACK aimed at a sendrec caller is refused (a module quirk the DSP relies on)
     with raises_code(E.EDVSACKDST):
         px.put(c_cmd=C.CMD_SEND_ACK, c_src=RSYS, c_dst=LUSR, c_rcode=E.EDVSDSTDIED)
     assert not fut.done()
@@ -975,7 +975,7 @@ def test_remote_sendrec_reply_and_ackdst_quirk(env):
     assert (req.m_source, req.m_type, req.m1_i1) == (RSYS, 4, 99)
     check_hdr(px.get(), c_cmd=C.CMD_SEND_ACK, c_src=LUSR, c_dst=RSYS, c_rcode=0, c_dnode=2,
               c_pid=U.tid)
-    # a SNDREC_ACK ends a sendrec with its code (what the DSP sends, D3)
+    # a SNDREC_ACK ends a sendrec with its code (what the DSP sends for it)
     fut = U.submit(d.sendrec, RSYS, Message())
     px.get()
     assert px.put(c_cmd=C.CMD_SNDREC_ACK, c_src=RSYS, c_dst=LUSR,
@@ -1378,7 +1378,7 @@ def test_unbind_of_other_process_takes_it_out_of_queues(world, d, node):
 
 def test_sendrec_restart_case(world, d, node):
     """sendrec to a process that is itself queued sending to the caller takes its message
-    as the reply (§4.4)."""
+    as the reply."""
     a, b = bound(world, d, LSYS), bound(world, d, LSYS2)
     fb = b.submit(d.send, LSYS, msg(m_type=21))
     wait_rts(node, LSYS2, C.SENDING)
@@ -1404,7 +1404,7 @@ def test_rcvrqst_takes_requests_not_notifications(env):
 
 def test_proxy_process_exit_ends_the_node(world, node, d):
     """The proxies' connections close (their process exits): the pair is freed, waiters for
-    the node get EDVSNOTCONN, its remote endpoints are unbound (§4.2 proxies_unbind)."""
+    the node get EDVSNOTCONN, its remote endpoints are unbound (proxies_unbind)."""
     dp = world.dvk(node)                            # the "proxy process"
     px = FakeProxy(world, node, dp, 2)
     d.add_node(DC0, 2)
@@ -1421,7 +1421,7 @@ def test_proxy_process_exit_ends_the_node(world, node, d):
 
 
 def test_unbind_sends_error_acks_to_remote_partners(env):
-    """do_unbind (§4.3): queued remote senders get SEND_ACK(EDVSDSTDIED), or EDVSDEADSRCDST
+    """do_unbind: queued remote senders get SEND_ACK(EDVSDSTDIED), or EDVSDEADSRCDST
     for a sendrec; a remote waiting for a reply gets SEND_ACK(EDVSSRCDIED)."""
     d, px, L, A, node = env.d, env.px, env.L, env.A, env.node
     assert px.put(m_type=1) == 0                                            # RSYS: send

@@ -1,11 +1,11 @@
-"""Two emulated nodes joined by a minimal relay: remote IPC end to end (dvk_abi.md §4.5–4.7).
+"""Two emulated nodes joined by a minimal relay: remote IPC end to end.
 
 Nodes 1 (A) and 2 (B) are node kernel processes with their own sockets.  For each direction a
 sender-proxy thread on the source node takes commands with get2rmt and hands header + payload
 bytes to a receiver-proxy thread on the destination node, which copies the payload into its own
 payload buffer and calls put2lcl — what a proxy does, minus the network.  Every header that
 crosses and every put2lcl result is recorded, so the tests check the exact command sequences of
-§4.7 (latency pattern, send + ACK, notify, vcopy chunks, error ACKs).
+remote IPC (latency pattern, send + ACK, notify, vcopy chunks, error ACKs).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def test_remote_sendrec_latency_pattern(cl):
     assert srv.call(cl.dB.send, CLT, msg(m_type=0x78, m1_i1=1235)) == 0   # after SEND_ACK
     cfut.result(10)
     assert (req.m_source, req.m_type, req.m1_i1) == (SRV, 0x78, 1235)
-    # the three headers of §4.7.1, no payload
+    # the three headers of a remote sendrec, no payload
     (h1, rc1), (h3, rc3) = cl.ab.wait(2)
     ((h2, rc2),) = cl.ba.wait(1)
     check(h1, c_cmd=C.CMD_SNDREC_MSG, c_src=CLT, c_dst=SRV, c_snode=1, c_dnode=2, c_len=0,
@@ -292,7 +292,7 @@ def test_error_ack_when_destination_not_bound(cl):
           c_rcode=E.EDVSDSTDIED, c_len=0)
     assert rc == 0
     # a sendrec caller: the error ACK comes back as SEND_ACK and is refused (EDVSACKDST,
-    # §4.7.8, kept by ARCHITECTURE D3); the caller times out
+    # a module quirk the DSP relies on); the caller times out
     cl.dB.rmtbind(DC0, "client", CLT, 1)
     clt = cl.on(cl.dA, CLT, "clt")
     with raises_code(E.EDVSTIMEDOUT):

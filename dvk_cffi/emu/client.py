@@ -1,4 +1,4 @@
-"""`EmuDvk`: the `Dvk` interface over a connection to an emulated node kernel (D7).
+"""`EmuDvk`: the `Dvk` interface over a connection to an emulated node kernel.
 
 Programs choose their node with `DVK_SOCKET` (a path) or `DVK_NODE` (a node id, socket
 `<rundir>/node<N>.sock`); with neither, the only node kernel in the run directory is used.

@@ -1,4 +1,4 @@
-"""Shared-memory arenas: the process memory that the emulated DVK copies between (D7).
+"""Shared-memory arenas: the process memory that the emulated DVK copies between.
 
 A client process creates an arena with `memfd_create`, maps it, and passes the descriptor to its
 node kernel over the Unix socket (SCM_RIGHTS).  The kernel maps the same memory and assigns the
@@ -38,6 +38,8 @@ class AddressSpace:
         return base
 
     def _find(self, addr: int, size: int) -> tuple[mmap.mmap, int]:
+        if size < 0:
+            raise ValueError(f"negative size {size}")
         for base, length, mem in self.arenas:
             if base <= addr and addr + size <= base + length:
                 return mem, addr - base

@@ -1,4 +1,4 @@
-"""Starting and stopping emulated node kernel processes (D6).
+"""Starting and stopping emulated node kernel processes.
 
 `start_node()` runs `dvsctl node run N` as a child process (or detached, for daemons that must
 outlive their starter) and waits until its socket answers.  Tests, the cluster launcher and

@@ -1,4 +1,4 @@
-"""The /proc/dvs views of dvk_abi.md §4.9, rendered from an emulated node kernel.
+"""The /proc/dvs views of the DVK module, rendered from an emulated node kernel.
 
 Same columns and formats as the module, so an operator's scripts and eyes keep working:
 `info`, `nodes`, `proxies/info`, `proxies/procs`, `<DC>/info`, `<DC>/procs`, `<DC>/stats`.
@@ -46,7 +46,7 @@ def _info(k) -> str:
 
 def _tasks(k) -> str:
     """Emulator only: the processes attached to this node kernel (their CPU is the node's
-    load, D11)."""
+    load)."""
     out = ["-pid- -tid- bound comm\n"]
     for t in sorted(k.tasks.values(), key=lambda t: t.tid):
         if t.dead:

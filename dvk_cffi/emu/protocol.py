@@ -19,12 +19,19 @@ import socket
 import struct
 from collections.abc import Sequence
 
+from ..wire import HEADER_SIZE, MESSAGE_SIZE
+
 VERSION = 1
 
 _LEN = struct.Struct("<I")
 _OP = struct.Struct("<H")
 _RC = struct.Struct("<i")
 _INT = struct.Struct("<q")
+_HEAD = struct.Struct("<IH")        # frame length, then a request's op
+_REPLY_HEAD = struct.Struct("<Ii")  # frame length, then a reply's status
+_TAG_INT = struct.Struct("<Bq")
+_TAG_LEN = struct.Struct("<BI")
+_T_INT, _T_BYTES, _T_NONE = b"i"[0], b"b"[0], b"n"[0]
 
 # Operations: the DVK calls by their C names, plus the emulator's own.
 OPS = [
@@ -37,6 +44,26 @@ OPS = [
 ]
 OP = {name: i for i, name in enumerate(OPS)}
 
+#: The arguments each operation takes, one letter per value: `i` a C int (32-bit signed),
+#: `u` an address or size (32-bit unsigned), `b` bytes, `B` bytes or None, `m` a message
+#: (MESSAGE_SIZE bytes), `h` a cmd_t header (HEADER_SIZE bytes).  The node kernel answers a
+#: request that does not match with EDVSINVAL before any kernel code runs.
+SIGNATURES = {
+    "HELLO": "iiiB", "ARENA": "u", "PROCFS": "b", "SHUTDOWN": "",
+    "DVS_INIT": "iB", "DVS_END": "", "GETDVSINFO": "", "DC_INIT": "b", "DC_END": "i",
+    "GETDCINFO": "i", "GETNODEINFO": "i", "GETPROCINFO": "ii", "GETPROXYINFO": "i",
+    "ADD_NODE": "ii", "DEL_NODE": "ii", "PROXIES_BIND": "biiii", "PROXIES_UNBIND": "i",
+    "NODE_UP": "bii", "NODE_DOWN": "i", "PROXY_CONN": "ii", "BIND": "iiiiiB",
+    "UNBIND": "iii", "WAIT4BIND": "iii", "GETEP": "i", "MIGRATE": "iiiii",
+    "SEND": "imi", "RECEIVE": "ii", "SENDREC": "imi", "RCVRQST": "i", "REPLY": "imi",
+    "NOTIFY": "iii", "VCOPY": "iuiui", "RELAY": "im", "WAKEUP": "ii", "GETPRIV": "ii",
+    "SETPRIV": "iib", "GET2RMT": "ui", "PUT2LCL": "hu",
+}
+assert set(SIGNATURES) == set(OPS)
+
+_INT32 = range(-(1 << 31), 1 << 31)
+_UINT32 = range(0, 1 << 32)
+
 Value = int | bytes | None
 
 
@@ -44,49 +71,122 @@ class ProtocolError(Exception):
     """The peer sent something that is not protocol version 1."""
 
 
-def encode_values(values: Sequence[Value]) -> bytes:
-    out = []
+class UnknownOperation(ProtocolError):
+    """A well-framed request with an operation number this version does not have."""
+
+
+_TYPE_OF_KIND = {"i": int, "u": int, "b": bytes, "B": bytes, "m": bytes, "h": bytes}
+#: Per operation: the argument types of a request that passes without a closer look, and the
+#: (index, kind) of the arguments whose range or length is to be checked.
+_FAST = {
+    op: (tuple(_TYPE_OF_KIND[k] for k in sig),
+         tuple((i, k) for i, k in enumerate(sig) if k in "iumh"))
+    for op, sig in SIGNATURES.items()
+}
+
+
+def args_match(op: str, args: Sequence[Value]) -> bool:
+    """Whether `args` are what `op` takes (count, types, integer ranges, fixed lengths)."""
+    types, checks = _FAST[op]
+    if tuple(map(type, args)) != types:
+        return _args_match_slow(op, args)
+    for i, kind in checks:
+        v = args[i]
+        if kind == "i":
+            if not -0x80000000 <= v <= 0x7FFFFFFF:
+                return False
+        elif kind == "u":
+            if not 0 <= v <= 0xFFFFFFFF:
+                return False
+        elif len(v) != (MESSAGE_SIZE if kind == "m" else HEADER_SIZE):
+            return False
+    return True
+
+
+def _args_match_slow(op: str, args: Sequence[Value]) -> bool:
+    sig = SIGNATURES[op]
+    if len(args) != len(sig):
+        return False
+    for kind, v in zip(sig, args):
+        if kind == "i":
+            ok = type(v) is int and v in _INT32
+        elif kind == "u":
+            ok = type(v) is int and v in _UINT32
+        elif kind == "B":
+            ok = v is None or type(v) is bytes
+        elif kind == "m":
+            ok = type(v) is bytes and len(v) == MESSAGE_SIZE
+        elif kind == "h":
+            ok = type(v) is bytes and len(v) == HEADER_SIZE
+        else:
+            ok = type(v) is bytes
+        if not ok:
+            return False
+    return True
+
+
+def _encode_into(out: bytearray, values: Sequence[Value]) -> None:
     for v in values:
-        if v is None:
-            out.append(b"n")
+        t = type(v)
+        if t is int:
+            out += _TAG_INT.pack(_T_INT, v)
+        elif t is bytes:
+            out += _TAG_LEN.pack(_T_BYTES, len(v))
+            out += v
+        elif v is None:
+            out += b"n"
         elif isinstance(v, int):
-            out.append(b"i" + _INT.pack(v))
-        elif isinstance(v, (bytes, bytearray, memoryview)):
-            out.append(b"b" + _LEN.pack(len(v)) + bytes(v))
+            out += _TAG_INT.pack(_T_INT, int(v))
+        elif isinstance(v, (bytearray, memoryview)):
+            out += _TAG_LEN.pack(_T_BYTES, len(v))
+            out += v
         elif isinstance(v, str):
             raw = v.encode()
-            out.append(b"b" + _LEN.pack(len(raw)) + raw)
+            out += _TAG_LEN.pack(_T_BYTES, len(raw))
+            out += raw
         else:
             raise TypeError(f"cannot encode {type(v).__name__}")
-    return b"".join(out)
+
+
+def encode_values(values: Sequence[Value]) -> bytes:
+    out = bytearray()
+    _encode_into(out, values)
+    return bytes(out)
 
 
 def decode_values(body: bytes | memoryview, pos: int) -> list[Value]:
     values: list[Value] = []
+    append = values.append
     end = len(body)
     while pos < end:
-        tag = body[pos:pos + 1]
+        tag = body[pos]
         pos += 1
-        if tag == b"i":
-            values.append(_INT.unpack_from(body, pos)[0])
+        if tag == _T_INT:
+            if pos + 8 > end:
+                raise ProtocolError("truncated integer value")
+            append(_INT.unpack_from(body, pos)[0])
             pos += 8
-        elif tag == b"b":
+        elif tag == _T_BYTES:
+            if pos + 4 > end:
+                raise ProtocolError("truncated bytes length")
             (n,) = _LEN.unpack_from(body, pos)
             pos += 4
             if pos + n > end:
                 raise ProtocolError("truncated bytes value")
-            values.append(bytes(body[pos:pos + n]))
+            append(bytes(body[pos:pos + n]))
             pos += n
-        elif tag == b"n":
-            values.append(None)
+        elif tag == _T_NONE:
+            append(None)
         else:
-            raise ProtocolError(f"bad value tag {tag!r}")
+            raise ProtocolError(f"bad value tag {bytes([tag])!r}")
     return values
 
 
 def encode_request(op: str, values: Sequence[Value]) -> bytes:
-    body = _OP.pack(OP[op]) + encode_values(values)
-    return _LEN.pack(len(body)) + body
+    out = bytearray(_HEAD.pack(0, OP[op]))
+    _encode_into(out, values)
+    _LEN.pack_into(out, 0, len(out) - 4)
+    return bytes(out)
 
 
 def decode_request(body: bytes) -> tuple[str, list[Value]]:
@@ -94,13 +194,15 @@ def decode_request(body: bytes) -> tuple[str, list[Value]]:
         raise ProtocolError("short request")
     (op,) = _OP.unpack_from(body, 0)
     if op >= len(OPS):
-        raise ProtocolError(f"unknown operation {op}")
+        raise UnknownOperation(f"unknown operation {op}")
     return OPS[op], decode_values(body, 2)
 
 
 def encode_reply(rc: int, values: Sequence[Value] = ()) -> bytes:
-    body = _RC.pack(rc) + encode_values(values)
-    return _LEN.pack(len(body)) + body
+    out = bytearray(_REPLY_HEAD.pack(0, rc))
+    _encode_into(out, values)
+    _LEN.pack_into(out, 0, len(out) - 4)
+    return bytes(out)
 
 
 def decode_reply(body: bytes) -> tuple[int, list[Value]]:
@@ -109,36 +211,33 @@ def decode_reply(body: bytes) -> tuple[int, list[Value]]:
     return _RC.unpack_from(body, 0)[0], decode_values(body, 4)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    """Read exactly n bytes; None on a clean EOF before the first byte."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            if not buf:
-                return None
-            raise ProtocolError("connection closed inside a frame")
-        buf += chunk
-    return bytes(buf)
-
-
 def recv_frame(sock: socket.socket, fds: list[int] | None = None) -> bytes | None:
-    """One frame body; file descriptors sent along with it are appended to `fds`."""
+    """One frame body from a peer that sends one frame and then waits (a reply, or a request
+    of a client): read with as few calls as it takes, usually one.  File descriptors sent
+    along with it are appended to `fds`.  None on EOF before the first byte."""
     if fds is None:
-        head = recv_exact(sock, 4)
+        data = sock.recv(65536)
     else:
-        head, got, _flags, _addr = socket.recv_fds(sock, 4, 4)
+        data, got, _flags, _addr = socket.recv_fds(sock, 65536, 16)
         fds.extend(got)
-        if not head:
-            return None
-        if len(head) < 4:
-            head += recv_exact(sock, 4 - len(head)) or b""
-    if head is None:
+    if not data:
         return None
-    (n,) = _LEN.unpack(head)
+    while len(data) < 4:
+        more = sock.recv(65536)
+        if not more:
+            raise ProtocolError("connection closed inside a frame")
+        data += more
+    (n,) = _LEN.unpack_from(data, 0)
     if n > (64 << 20):
         raise ProtocolError(f"frame of {n} bytes")
-    body = recv_exact(sock, n)
-    if body is None:
-        raise ProtocolError("connection closed inside a frame")
-    return body
+    if len(data) < 4 + n:
+        buf = bytearray(data)
+        while len(buf) < 4 + n:
+            more = sock.recv(4 + n - len(buf))
+            if not more:
+                raise ProtocolError("connection closed inside a frame")
+            buf += more
+        data = bytes(buf)
+    if len(data) != 4 + n:
+        raise ProtocolError("bytes after the frame")
+    return data[4:]

@@ -1,20 +1,31 @@
-"""The node kernel process: a `NodeKernel` served on a Unix socket (D6).
+"""The node kernel process: a `NodeKernel` served on a Unix socket.
 
 `run_node()` is what `dvsctl node start` runs: it initialises the DVS with the given node id
 and DC0 with the reference parameters, then serves every process of the node until SIGTERM,
-SIGINT or a SHUTDOWN request.  One thread serves each client connection (each client thread has
-its own); a caller that blocks in the kernel blocks that thread only.
+SIGINT or a SHUTDOWN request.
+
+One thread serves every connection from one epoll loop (each client thread has its own
+connection).  A call that must block is parked (the kernel hands back a generator, tasks.py)
+and resumed when a later call wakes its task or when its timeout, kept in a heap, expires; the
+kernel code itself never touches a socket.  The loop holds the kernel lock while it works, so
+another thread of the same process (the tests) may look at the kernel state under that lock.
 """
 
 from __future__ import annotations
 
+import array
+import heapq
+import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
+from types import GeneratorType
 
 from .. import consts as C
 from .. import errors as E
@@ -25,6 +36,20 @@ from .kernel import NodeKernel, Task, TaskGone
 log = logging.getLogger("dvk.emu.server")
 
 REAP_INTERVAL = 1.0
+#: Bytes read per recvmsg, and ancillary space for the descriptors an ARENA request carries.
+READ_SIZE = 1 << 16
+MAX_FDS = 16
+ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+MAX_FRAME = 64 << 20
+#: Connections accepted per readiness of the listener (the next select takes the rest).
+ACCEPT_BURST = 64
+#: Timer entries kept before the ones of ended calls are swept out.
+TIMER_COMPACT = 4096
+#: Replies a client may leave unread before its requests are no longer read.
+WBUF_LIMIT = 1 << 20
+_IN = select.EPOLLIN
+_LEN = struct.Struct("<I")
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 
 
 def default_rundir() -> str:
@@ -41,15 +66,39 @@ def socket_path(nodeid: int, rundir: str | None = None) -> str:
     return os.path.join(rundir or default_rundir(), f"node{nodeid}.sock")
 
 
+class _Conn:
+    """One client connection: its buffers, its task and the call it has parked, if any."""
+
+    __slots__ = ("sock", "rbuf", "wbuf", "fds", "task", "call", "shape", "op", "seq",
+                 "closed", "events")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.rbuf = bytearray()
+        self.wbuf = bytearray()
+        self.fds: list[int] = []
+        self.task: Task | None = None
+        self.call = None                 # the parked generator
+        self.shape: Callable | None = None
+        self.op = ""
+        self.seq = 0                     # which park a timer entry belongs to
+        self.closed = False
+        self.events = _IN
+
+
 class NodeServer:
-    """Accepts connections on `path` and runs each client's calls on its own thread."""
+    """Serves `kernel` on the Unix socket `path` from one selector loop."""
 
     def __init__(self, kernel: NodeKernel, path: str) -> None:
         self.kernel = kernel
         self.path = path
         self.stopping = threading.Event()
-        self.conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
+        self.conns: set[_Conn] = set()
+        self.timers: list[tuple[float, int, _Conn, int]] = []
+        self.backlog: set[_Conn] = set()
+        self._compact_at = TIMER_COMPACT
+        self._resuming = False
+        self._tick = itertools.count()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -64,31 +113,74 @@ class NodeServer:
         self.listener.bind(path)
         os.chmod(path, 0o600)
         self.listener.listen(128)
+        self.listener.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.epoll = select.epoll()
+        self.fdmap: dict[int, object] = {self.listener.fileno(): "accept",
+                                         self._wake_r.fileno(): "wakeup"}
+        for fd in self.fdmap:
+            self.epoll.register(fd, _IN)
         self.handlers = self._handlers()
 
-    # ------------------------------------------------------------------ serving
+    # ------------------------------------------------------------------ the loop
     def serve_forever(self) -> None:
-        reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
-        reaper.start()
-        self.listener.settimeout(0.5)
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self.stopping.is_set():
-                    break
-                raise
-            conn.settimeout(None)
-            with self._lock:
-                self.conns.add(conn)
-            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True,
-                             name="conn").start()
-        self._close()
+        next_reap = time.monotonic() + REAP_INTERVAL
+        k = self.kernel
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                wait = next_reap - now
+                if self.timers:
+                    wait = min(wait, self.timers[0][0] - now)
+                events = self.epoll.poll(max(0.0, wait))
+                with k.lock:
+                    for fd, mask in events:
+                        data = self.fdmap.get(fd)
+                        if data is None:
+                            continue
+                        if data == "accept":
+                            self._accept()
+                        elif data == "wakeup":
+                            _drain(self._wake_r)
+                        else:
+                            self._event(data, mask)
+                    now = time.monotonic()
+                    if now >= next_reap:
+                        next_reap = now + REAP_INTERVAL
+                        self._guarded(k.reap)
+                    self._guarded(self._expire, now)
+                    self._guarded(self._run_woken)
+                    self._guarded(self._run_backlog)
+        finally:
+            self._close()
+
+    def _event(self, conn: _Conn, mask: int) -> None:
+        """One connection's readiness; a fault of the server code costs that connection only."""
+        try:
+            if mask & select.EPOLLOUT:
+                self._flush(conn)
+            if mask & _READABLE:
+                self._read(conn)
+        except Exception:
+            log.exception("node kernel fault serving task %s; its connection is closed",
+                          conn.task and conn.task.tid)
+            self._drop(conn)
+
+    def _guarded(self, fn, *args) -> None:
+        """Run one of the loop's own steps; a fault is logged and the loop goes on."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("node kernel fault in %s", getattr(fn, "__name__", fn))
 
     def stop(self) -> None:
         self.stopping.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
 
     def _close(self) -> None:
         try:
@@ -97,74 +189,324 @@ class NodeServer:
             if os.path.exists(self.path):
                 os.unlink(self.path)
         with self.kernel.lock:
-            for task in list(self.kernel.tasks.values()):
-                task.dead = True
-                task.cond.notify_all()
-        with self._lock:
             for conn in list(self.conns):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                if conn.task is not None:
+                    conn.task.dead = True
+            for conn in list(self.conns):
+                self._drop(conn)
+        self.epoll.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
-    def _reap_loop(self) -> None:
-        while not self.stopping.wait(REAP_INTERVAL):
-            self.kernel.reap()
+    # ------------------------------------------------------------------ sockets
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BURST):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept: %s", exc)
+                return
+            sock.setblocking(False)
+            conn = _Conn(sock)
+            self.conns.add(conn)
+            self.fdmap[sock.fileno()] = conn
+            self.epoll.register(sock.fileno(), _IN)
 
-    def _serve_conn(self, conn: socket.socket) -> None:
-        task: Task | None = None
+    def _read(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
         try:
-            body = P.recv_frame(conn)
-            if body is None:
-                return
-            op, args = P.decode_request(body)
-            if op != "HELLO" or len(args) != 4 or args[0] != P.VERSION:
-                conn.sendall(P.encode_reply(E.EDVSBADVALUE))
-                return
-            _version, _pid, tid, comm = args
-            pid = _peer_pid(conn)
-            task = self.kernel.attach(pid, int(tid), (comm or b"").decode(errors="replace"),
-                                      probe=_probe(conn))
-            conn.sendall(P.encode_reply(0, [self.kernel.local_nodeid]))
-            while not self.stopping.is_set():
-                fds: list[int] = []
-                body = P.recv_frame(conn, fds)
-                if body is None:
-                    return
-                op, args = P.decode_request(body)
-                rc, results = self._call(task, op, args, fds)
+            data, anc, _flags, _addr = conn.sock.recvmsg(READ_SIZE, ANC_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("connection of task %s: %s", conn.task and conn.task.tid, exc)
+            self._drop(conn)
+            return
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+                conn.fds.extend(fds)
+        while len(conn.fds) > MAX_FDS:  # more than any request carries: not kept open
+            os.close(conn.fds.pop())
+        if not data:
+            self._drop(conn)  # the thread exited (or closed its connection)
+            return
+        if not conn.rbuf and conn.call is None and conn.task is not None and len(data) >= 4 \
+                and _LEN.unpack_from(data, 0)[0] == len(data) - 4:
+            fds, conn.fds = conn.fds, []  # the usual case: one whole request
+            try:
+                self._request(conn, data[4:], fds)
+            finally:
                 for fd in fds:
                     os.close(fd)
-                conn.sendall(P.encode_reply(rc, results))
-                if op == "SHUTDOWN":
-                    self.stop()
-        except TaskGone:
-            pass
-        except (OSError, P.ProtocolError) as exc:
-            if not self.stopping.is_set():
-                log.debug("connection of task %s closed: %s", task and task.tid, exc)
-        finally:
-            with self._lock:
-                self.conns.discard(conn)
-            conn.close()
-            if task is not None:
-                self.kernel.detach(task)
+            return
+        conn.rbuf += data
+        self._serve(conn)
 
-    def _call(self, task: Task, op: str, args: list, fds: list[int]) -> tuple[int, list]:
-        handler = self.handlers.get(op)
-        if handler is None:
-            return E.EDVSNOSYS, []
+    def _serve(self, conn: _Conn) -> None:
+        """Run the complete requests in the connection's buffer, one at a time: a parked call
+        holds the ones behind it until it is answered."""
+        buf = conn.rbuf
+        while conn.call is None and not conn.closed and len(buf) >= 4 \
+                and len(conn.wbuf) <= WBUF_LIMIT:
+            (n,) = _LEN.unpack_from(buf, 0)
+            if n > MAX_FRAME:
+                log.warning("connection of task %s: frame of %d bytes",
+                            conn.task and conn.task.tid, n)
+                self._drop(conn)
+                return
+            if len(buf) < 4 + n:
+                return
+            body = bytes(buf[4:4 + n])
+            del buf[:4 + n]
+            fds, conn.fds = conn.fds, []
+            try:
+                if conn.task is None:
+                    self._hello(conn, body)
+                else:
+                    self._request(conn, body, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _send(self, conn: _Conn, data: bytes) -> None:
+        if conn.closed:
+            return
+        if not conn.wbuf:
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._drop(conn)
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        conn.wbuf += data
+        self._update_events(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        if conn.closed or not conn.wbuf:
+            return
+        try:
+            sent = conn.sock.send(conn.wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        del conn.wbuf[:sent]
+        self._update_events(conn)
+        if conn.rbuf and conn.call is None and len(conn.wbuf) <= WBUF_LIMIT:
+            self.backlog.add(conn)
+
+    def _update_events(self, conn: _Conn) -> None:
+        """Wait for room to write while replies are pending; stop reading from a client that
+        does not read its replies until they are below WBUF_LIMIT."""
+        if not conn.wbuf:
+            events = _IN
+        elif len(conn.wbuf) > WBUF_LIMIT:
+            events = select.EPOLLOUT
+        else:
+            events = _IN | select.EPOLLOUT
+        if events != conn.events:
+            conn.events = events
+            self.epoll.modify(conn.sock.fileno(), events)
+
+    def _drop(self, conn: _Conn) -> None:
+        """Close a connection: its thread is gone, so is its task (the kernel's exit hook)."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self.conns.discard(conn)
+        fd = conn.sock.fileno()
+        self.fdmap.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        conn.sock.close()
+        for fd in conn.fds:
+            os.close(fd)
+        conn.fds = []
+        call, conn.call = conn.call, None
+        task = conn.task
+        if task is not None:
+            if conn in task.parked:
+                task.parked.remove(conn)
+            try:
+                self.kernel.detach(task)
+            except Exception:
+                log.exception("node kernel fault in the exit of task %d", task.tid)
+        if call is not None:
+            try:
+                call.close()
+            except Exception:
+                log.exception("node kernel fault unwinding %s of task %d", conn.op,
+                              task.tid if task else -1)
+
+    # ------------------------------------------------------------------ requests
+    def _hello(self, conn: _Conn, body: bytes) -> None:
+        """The first request must be a valid HELLO; anything else is refused (kept open)."""
+        try:
+            op, args = P.decode_request(body)
+        except P.ProtocolError:
+            op, args = "", []
+        if op != "HELLO" or not P.args_match(op, args) or args[0] != P.VERSION:
+            self._send(conn, P.encode_reply(E.EDVSBADVALUE))
+            return
+        _version, _pid, tid, comm = args
+        try:
+            pid = _peer_pid(conn.sock)
+        except OSError:
+            self._drop(conn)
+            return
+        conn.task = self.kernel.attach(pid, tid, (comm or b"").decode(errors="replace"))
+        self._send(conn, P.encode_reply(0, [self.kernel.local_nodeid]))
+
+    def _request(self, conn: _Conn, body: bytes, fds: list[int]) -> None:
+        """Decode and start one call; whatever the bytes were, it is answered (or parked)."""
+        task = conn.task
+        try:
+            op, args = P.decode_request(body)
+        except P.UnknownOperation as exc:
+            log.warning("task %d: %s", task.tid, exc)
+            self._answer(conn, "", E.EDVSNOSYS, [])
+            return
+        except P.ProtocolError as exc:
+            log.warning("task %d: malformed request: %s", task.tid, exc)
+            self._answer(conn, "", E.EDVSINVAL, [])
+            return
+        entry = self.handlers.get(op)
+        if entry is None:
+            self._answer(conn, op, E.EDVSNOSYS, [])
+            return
+        if not P.args_match(op, args):
+            log.warning("task %d: bad arguments for %s", task.tid, op)
+            self._answer(conn, op, E.EDVSINVAL, [])
+            return
+        handler, shape = entry
+        conn.op, conn.shape = op, shape
         try:
             result = handler(task, args, fds)
         except E.DvkError as err:
-            return err.code, []
-        except (TypeError, ValueError, IndexError) as exc:
-            log.warning("bad %s request from task %d: %s", op, task.tid, exc)
-            return E.EDVSINVAL, []
-        return 0, list(result) if isinstance(result, tuple) else [result]
+            self._answer(conn, op, err.code, [])
+            return
+        except TaskGone:
+            self._drop(conn)
+            return
+        except Exception:
+            log.exception("node kernel fault in %s of task %d", op, task.tid)
+            self._answer(conn, op, E.EDVSGENERIC, [])
+            return
+        if isinstance(result, GeneratorType):
+            self._step(conn, result)
+        else:
+            self._done(conn, result)
+
+    def _step(self, conn: _Conn, call) -> None:
+        """Run a blocking call until it parks again or ends (then it is answered)."""
+        task = conn.task
+        try:
+            deadline = call.send(None)
+        except StopIteration as stop:
+            self._unpark(conn)
+            self._done(conn, stop.value)
+            return
+        except E.DvkError as err:
+            self._unpark(conn)
+            self._answer(conn, conn.op, err.code, [])
+            return
+        except TaskGone:
+            self._unpark(conn)
+            self._drop(conn)
+            return
+        except Exception:
+            self._unpark(conn)
+            log.exception("node kernel fault in %s of task %d", conn.op, task.tid)
+            self._answer(conn, conn.op, E.EDVSGENERIC, [])
+            return
+        conn.call = call
+        conn.seq += 1
+        if conn not in task.parked:
+            task.parked.append(conn)
+        if deadline is not None:
+            heapq.heappush(self.timers, (deadline, next(self._tick), conn, conn.seq))
+            if len(self.timers) > self._compact_at:
+                self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Drop the entries of calls that ended before their timeout (a server receiving with
+        a 30 s timeout thousands of times a second would otherwise pile them up)."""
+        self.timers = [t for t in self.timers
+                       if t[2].call is not None and t[2].seq == t[3] and not t[2].closed]
+        heapq.heapify(self.timers)
+        self._compact_at = max(TIMER_COMPACT, 2 * len(self.timers))
+
+    def _unpark(self, conn: _Conn) -> None:
+        conn.call = None
+        task = conn.task
+        if task is not None and conn in task.parked:
+            task.parked.remove(conn)
+        if conn.rbuf:
+            self.backlog.add(conn)  # requests that waited behind the parked call
+
+    def _done(self, conn: _Conn, result) -> None:
+        if conn.shape is not None:
+            result = conn.shape(result)
+        self._answer(conn, conn.op, 0, list(result) if isinstance(result, tuple) else [result])
+
+    def _answer(self, conn: _Conn, op: str, rc: int, results: list) -> None:
+        # The calls this one woke are answered first: a woken caller (a sendrec waiting for
+        # its reply) is usually the one somebody waits for, the caller of this one is not.
+        self._run_woken()
+        self._send(conn, _reply(op, rc, results))
+        if op == "SHUTDOWN" and rc == 0:
+            self.stop()
+
+    def _expire(self, now: float) -> None:
+        """Resume the parked calls whose time has come."""
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            _deadline, _tick, conn, seq = heapq.heappop(timers)
+            if conn.call is not None and conn.seq == seq and not conn.closed:
+                self._step(conn, conn.call)
+
+    def _run_woken(self) -> None:
+        """Resume the parked calls of the tasks that calls woke, until none is left (one level:
+        a call answered meanwhile leaves its wake-ups to the loop already running)."""
+        if self._resuming:
+            return
+        self._resuming = True
+        try:
+            runnable = self.kernel.runnable
+            while runnable:
+                tasks = list(runnable)
+                runnable.clear()
+                for task in tasks:
+                    for conn in list(task.parked):
+                        if conn.call is not None and not conn.closed:
+                            self._step(conn, conn.call)
+        finally:
+            self._resuming = False
+
+    def _run_backlog(self) -> None:
+        """Serve the requests that waited behind calls which have ended."""
+        while self.backlog:
+            conn = self.backlog.pop()
+            if not conn.closed:
+                self._serve(conn)
+            self._run_woken()
 
     # ------------------------------------------------------------------ dispatch table
-    def _handlers(self) -> dict[str, Callable]:
+    def _handlers(self) -> dict[str, tuple[Callable, Callable | None]]:
+        """op -> (call, shape): `call(task, args, fds)` returns the kernel's result or a
+        blocking call (generator); `shape` turns that result into the reply's values."""
         k = self.kernel
 
         def info_reply(nodeid_and_info):
@@ -180,45 +522,84 @@ class NodeServer:
             return 0
 
         return {
-            "ARENA": arena,
-            "PROCFS": lambda t, a, f: (0, k.proc_text(a[0].decode()).encode()),
-            "SHUTDOWN": shutdown,
-            "DVS_INIT": lambda t, a, f: k.dvs_init(
-                t, a[0], DvsInfo.unpack(a[1]) if a[1] is not None else None),
-            "DVS_END": lambda t, a, f: k.dvs_end(t),
-            "GETDVSINFO": lambda t, a, f: info_reply(k.getdvsinfo(t)),
-            "DC_INIT": lambda t, a, f: k.dc_init(t, DcInfo.unpack(a[0])),
-            "DC_END": lambda t, a, f: k.dc_end(t, a[0]),
-            "GETDCINFO": lambda t, a, f: (0, k.getdcinfo(t, a[0]).pack()),
-            "GETNODEINFO": lambda t, a, f: (0, k.getnodeinfo(t, a[0]).pack()),
-            "GETPROCINFO": lambda t, a, f: (0, k.getprocinfo(t, a[0], a[1]).pack()),
-            "GETPROXYINFO": lambda t, a, f: (0, *[i.pack() for i in k.getproxyinfo(t, a[0])]),
-            "ADD_NODE": lambda t, a, f: k.add_node(t, a[0], a[1]),
-            "DEL_NODE": lambda t, a, f: k.del_node(t, a[0], a[1]),
-            "PROXIES_BIND": lambda t, a, f: k.proxies_bind(t, a[0].decode(), *a[1:5]),
-            "PROXIES_UNBIND": lambda t, a, f: k.proxies_unbind(t, a[0]),
-            "NODE_UP": lambda t, a, f: k.node_up(t, a[0].decode(), a[1], a[2]),
-            "NODE_DOWN": lambda t, a, f: k.node_down(t, a[0]),
-            "PROXY_CONN": lambda t, a, f: k.proxy_conn(t, a[0], a[1]),
-            "BIND": lambda t, a, f: k.bind(t, *a[0:5], (a[5] or b"").decode()),
-            "UNBIND": lambda t, a, f: k.unbind(t, a[0], a[1], a[2]),
-            "WAIT4BIND": lambda t, a, f: k.wait4bind(t, a[0], a[1], a[2]),
-            "GETEP": lambda t, a, f: k.getep(t, a[0]),
-            "MIGRATE": _nosys,
-            "SEND": lambda t, a, f: k.send(t, a[0], a[1], a[2]),
-            "RECEIVE": lambda t, a, f: (0, k.receive(t, a[0], a[1])),
-            "SENDREC": lambda t, a, f: (0, k.sendrec(t, a[0], a[1], a[2])),
-            "RCVRQST": lambda t, a, f: (0, k.receive(t, C.ANY, a[0], rqst_only=True)),
-            "REPLY": lambda t, a, f: k.reply(t, a[0], a[1], a[2]),
-            "NOTIFY": lambda t, a, f: k.notify(t, a[0], a[1], a[2]),
-            "VCOPY": lambda t, a, f: k.vcopy(t, *a[0:5]),
-            "RELAY": lambda t, a, f: 0,
-            "WAKEUP": lambda t, a, f: k.wakeup(t, a[0], a[1]),
-            "GETPRIV": lambda t, a, f: (0, k.getpriv(t, a[0], a[1])),
-            "SETPRIV": lambda t, a, f: k.setpriv(t, a[0], a[1], a[2]),
-            "GET2RMT": lambda t, a, f: (0, *k.get2rmt_more(t, a[0], a[1])),
-            "PUT2LCL": lambda t, a, f: k.put2lcl(t, a[0], a[1]),
+            "ARENA": (arena, None),
+            "PROCFS": (lambda t, a, f: (0, k.proc_text(_text(a[0])).encode()), None),
+            "SHUTDOWN": (shutdown, None),
+            "DVS_INIT": (lambda t, a, f: k.dvs_init(
+                t, a[0], _unpack(DvsInfo, a[1]) if a[1] is not None else None), None),
+            "DVS_END": (lambda t, a, f: k.dvs_end(t), None),
+            "GETDVSINFO": (lambda t, a, f: info_reply(k.getdvsinfo(t)), None),
+            "DC_INIT": (lambda t, a, f: k.dc_init(t, _unpack(DcInfo, a[0])), None),
+            "DC_END": (lambda t, a, f: k.dc_end(t, a[0]), None),
+            "GETDCINFO": (lambda t, a, f: (0, k.getdcinfo(t, a[0]).pack()), None),
+            "GETNODEINFO": (lambda t, a, f: (0, k.getnodeinfo(t, a[0]).pack()), None),
+            "GETPROCINFO": (lambda t, a, f: (0, k.getprocinfo(t, a[0], a[1]).pack()), None),
+            "GETPROXYINFO": (lambda t, a, f: (0, *[i.pack() for i in k.getproxyinfo(t, a[0])]),
+                             None),
+            "ADD_NODE": (lambda t, a, f: k.add_node(t, a[0], a[1]), None),
+            "DEL_NODE": (lambda t, a, f: k.del_node(t, a[0], a[1]), None),
+            "PROXIES_BIND": (lambda t, a, f: k.proxies_bind(t, _text(a[0]), *a[1:5]), None),
+            "PROXIES_UNBIND": (lambda t, a, f: k.proxies_unbind(t, a[0]), None),
+            "NODE_UP": (lambda t, a, f: k.node_up(t, _text(a[0]), a[1], a[2]), None),
+            "NODE_DOWN": (lambda t, a, f: k.node_down(t, a[0]), None),
+            "PROXY_CONN": (lambda t, a, f: k.proxy_conn(t, a[0], a[1]), None),
+            "BIND": (lambda t, a, f: k.bind(t, *a[0:5], _text(a[5] or b"")), None),
+            "UNBIND": (lambda t, a, f: k.unbind(t, a[0], a[1], a[2]), None),
+            "WAIT4BIND": (lambda t, a, f: k.wait4bind(t, a[0], a[1], a[2]), None),
+            "GETEP": (lambda t, a, f: k.getep(t, a[0]), None),
+            "MIGRATE": (_nosys, None),
+            "SEND": (lambda t, a, f: k.send(t, a[0], a[1], a[2]), None),
+            "RECEIVE": (lambda t, a, f: k.receive(t, a[0], a[1]), _after_status),
+            "SENDREC": (lambda t, a, f: k.sendrec(t, a[0], a[1], a[2]), _after_status),
+            "RCVRQST": (lambda t, a, f: k.receive(t, C.ANY, a[0], rqst_only=True),
+                        _after_status),
+            "REPLY": (lambda t, a, f: k.reply(t, a[0], a[1], a[2]), None),
+            "NOTIFY": (lambda t, a, f: k.notify(t, a[0], a[1], a[2]), None),
+            "VCOPY": (lambda t, a, f: k.vcopy(t, *a[0:5]), None),
+            "RELAY": (lambda t, a, f: 0, None),
+            "WAKEUP": (lambda t, a, f: k.wakeup(t, a[0], a[1]), None),
+            "GETPRIV": (lambda t, a, f: (0, k.getpriv(t, a[0], a[1])), None),
+            "SETPRIV": (lambda t, a, f: k.setpriv(t, a[0], a[1], a[2]), None),
+            "GET2RMT": (lambda t, a, f: k.get2rmt_more(t, a[0], a[1]), _status_first),
+            "PUT2LCL": (lambda t, a, f: k.put2lcl(t, a[0], a[1]), None),
         }
+
+def _text(raw: bytes) -> str:
+    return raw.decode(errors="replace")
+
+
+def _after_status(result):
+    """The reply values of a call that returns a message: status 0, then the message."""
+    return 0, result
+
+
+def _status_first(result: tuple):
+    """The reply values of get2rmt: status 0, the header, the queued count."""
+    return (0, *result)
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _unpack(cls, raw: bytes):
+    """An info struct from a request; EDVSINVAL when the bytes are not one."""
+    if len(raw) != cls.STRUCT.size:
+        raise E.DvkError.for_code(E.EDVSINVAL)
+    return cls.unpack(raw)
+
+
+def _reply(op: str, rc: int, results: list) -> bytes:
+    """The reply frame; results that cannot be encoded are a kernel fault (EDVSGENERIC)."""
+    try:
+        return P.encode_reply(rc, results)
+    except (TypeError, struct.error):
+        log.exception("node kernel fault encoding the result of %s", op)
+        return P.encode_reply(E.EDVSGENERIC)
 
 
 def _nosys(task, args, fds):
@@ -229,18 +610,6 @@ def _nosys(task, args, fds):
 def _peer_pid(conn: socket.socket) -> int:
     cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", cred)[0]
-
-
-def _probe(conn: socket.socket) -> Callable[[], bool]:
-    """A check that the client end of `conn` is still open (used while its caller sleeps)."""
-    def alive() -> bool:
-        try:
-            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-    return alive
 
 
 def run_node(nodeid: int, path: str | None = None, dvs: DvsInfo | None = None,

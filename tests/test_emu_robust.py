@@ -1,0 +1,221 @@
+"""Hostile input to the node kernel: every request is answered, no connection or proxy is lost.
+
+A malformed request (bad endpoints, lengths or types, unknown operations, truncated values) is
+answered with an EDVS error on the same connection; a fault of the kernel code inside one call
+is logged with its traceback and answered EDVSGENERIC.  The regression test of the dead
+COPYLCL_RQST connection runs a real node kernel process.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+import time
+
+import pytest
+
+from dvk_cffi import consts as C  # noqa: N812
+from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi.emu import protocol as P
+from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Message
+from emu_helpers import (
+    CALL_TIMEOUT,
+    DC0,
+    SHORT,
+    FakeProxy,
+    Raw,
+    make_world,
+    raises_code,
+    wait_until,
+)
+
+LSYS, RSYS = 10, 20
+NO_SLOT_EP = 5000          # an endpoint whose process number has no slot in DC0
+
+
+@pytest.fixture
+def world():
+    with make_world() as w:
+        yield w
+
+
+def _op(name: str) -> bytes:
+    return struct.pack("<H", P.OP[name])
+
+
+MALFORMED = [
+    ("unknown_op", struct.pack("<H", 60000), E.EDVSNOSYS),
+    ("unknown_op_next", struct.pack("<H", len(P.OPS)), E.EDVSNOSYS),
+    ("short_body", b"\x01", E.EDVSINVAL),
+    ("truncated_int", _op("GETNODEINFO") + b"i\x01\x00", E.EDVSINVAL),
+    ("truncated_bytes_len", _op("PROCFS") + b"b\x05", E.EDVSINVAL),
+    ("truncated_bytes", _op("PROCFS") + b"b" + struct.pack("<I", 100) + b"abc", E.EDVSINVAL),
+    ("bad_tag", _op("GETNODEINFO") + b"x", E.EDVSINVAL),
+    ("too_few_args", _op("GETPROCINFO") + P.encode_values([0]), E.EDVSINVAL),
+    ("too_many_args", _op("GETDVSINFO") + P.encode_values([1]), E.EDVSINVAL),
+    ("bytes_for_int", _op("GETNODEINFO") + P.encode_values([b"1"]), E.EDVSINVAL),
+    ("int_for_bytes", _op("PROCFS") + P.encode_values([7]), E.EDVSINVAL),
+    ("none_for_int", _op("DC_END") + P.encode_values([None]), E.EDVSINVAL),
+    ("int_out_of_range", _op("GETNODEINFO") + P.encode_values([1 << 40]), E.EDVSINVAL),
+    ("negative_address", _op("GET2RMT") + P.encode_values([-1, 0]), E.EDVSINVAL),
+    ("short_message", _op("SEND") + P.encode_values([LSYS, b"\0" * 10, 0]), E.EDVSINVAL),
+    ("long_header", _op("PUT2LCL") + P.encode_values([b"\0" * (HEADER_SIZE + 1), 0]),
+     E.EDVSINVAL),
+    ("short_dcinfo", _op("DC_INIT") + P.encode_values([b"\0" * 7]), E.EDVSINVAL),
+    ("short_dvsinfo", _op("DVS_INIT") + P.encode_values([1, b"\0" * 3]), E.EDVSINVAL),
+    ("bad_procfs_view", _op("PROCFS") + P.encode_values([b"no/such/view"]), E.EDVSINVAL),
+    ("undecodable_name", _op("PROCFS") + P.encode_values([b"\xff\xfe"]), E.EDVSINVAL),
+    ("arena_without_fd", _op("ARENA") + P.encode_values([4096]), E.EDVSBADF),
+    ("second_hello", _op("HELLO") + P.encode_values([1, 1, 1, b"x"]), E.EDVSNOSYS),
+    ("bad_endpoint_send", _op("SEND") + P.encode_values([1 << 30, bytes(MESSAGE_SIZE), 0]),
+     E.EDVSNOTBIND),
+]
+
+
+def test_malformed_requests_are_answered_on_the_same_connection(world):
+    node = world.proc_node(1)
+    raw = Raw(node.path)
+    try:
+        rc, _ = raw.call("GETDVSINFO")
+        assert rc == E.EDVSBADVALUE                # before HELLO: refused, connection kept
+        raw.hello()
+        for name, body, code in MALFORMED:
+            rc, values = raw.body(body)
+            assert (rc, values) == (code, []), name
+        rc, values = raw.call("GETDVSINFO")         # the connection still serves
+        assert rc == 0 and values[0] == 1
+    finally:
+        raw.close()
+    assert node.proc.poll() is None
+
+
+def test_random_requests_never_cost_the_connection(world):
+    """Mutated and random requests (bounded in count and time), every one answered."""
+    node = world.proc_node(1)
+    rng = random.Random(1162)
+    safe = [op for op in P.OPS if op not in ("SHUTDOWN", "DVS_END", "DC_END", "WAIT4BIND",
+                                               "UNBIND", "RECEIVE", "RCVRQST", "GET2RMT",
+                                               "DVS_INIT", "ARENA")]
+    raw = Raw(node.path)
+    deadline = time.monotonic() + 30
+    answered = 0
+    try:
+        raw.hello()
+        for _ in range(3000):
+            if time.monotonic() > deadline:
+                break
+            op = rng.choice(safe)
+            args = []
+            for kind in P.SIGNATURES[op]:
+                args.append(rng.choice([rng.randrange(-40, 300), rng.randrange(-(1 << 31), 1 << 31),
+                                        None, rng.randbytes(rng.choice([0, 4, MESSAGE_SIZE,
+                                                                        HEADER_SIZE]))])
+                            if rng.random() < 0.3 else
+                            (rng.randrange(-40, 300) if kind in "iu" else
+                             rng.randbytes({"m": MESSAGE_SIZE, "h": HEADER_SIZE}.get(kind, 8))))
+            body = _op(op) + P.encode_values(args)
+            if rng.random() < 0.2:
+                body = body[:rng.randrange(1, len(body) + 1)]
+            rc, _ = raw.body(body)
+            assert rc <= 0 or op in ("GETEP",)
+            answered += 1
+        rc, values = raw.call("GETDVSINFO")
+        assert rc == 0 and values[0] == 1
+    finally:
+        raw.close()
+    assert answered >= 100 and node.proc.poll() is None
+
+
+def test_fault_in_the_kernel_code_is_logged_and_answered_generic(world, caplog):
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+
+    def broken(*_args, **_kw):
+        raise AttributeError("'NoneType' object has no attribute 'task'")
+
+    node.kernel.getnodeinfo = broken
+    caplog.set_level(logging.ERROR, logger="dvk.emu.server")
+    with raises_code(E.EDVSGENERIC):
+        d.getnodeinfo(1)
+    assert any(r.exc_info and "GETNODEINFO" in r.getMessage() for r in caplog.records)
+    assert d.getdvsinfo()[0] == 1                   # same thread, same connection, still served
+
+
+def test_bad_copylcl_keeps_the_proxy_pair(world):
+    """A COPYLCL_RQST whose v_dst has no slot: an error for that put2lcl, the pair keeps
+    working, and once the proxy's connections close the pair can be registered again."""
+    node = world.proc_node(1)
+    d = world.dvk(node)
+    pd = world.dvk(node)                            # the proxy's own connections
+    px = FakeProxy(world, node, pd, 2)
+    d.add_node(DC0, 2)
+    d.rmtbind(DC0, "rsys", RSYS, 2)
+    server = world.actor("server")
+    assert server.call(d.bind, DC0, LSYS) == LSYS
+    with raises_code(E.EDVSRANGE):
+        px.put(c_cmd=C.CMD_COPYLCL_RQST, v_src=LSYS, v_dst=NO_SLOT_EP, v_rqtr=RSYS,
+               v_bytes=16)
+    with raises_code(E.EDVSRANGE):
+        px.put(c_cmd=C.CMD_COPYLCL_RQST, v_src=NO_SLOT_EP, v_dst=LSYS, v_rqtr=RSYS,
+               v_bytes=16)
+    # the pair still carries traffic both ways
+    m = Message()
+    fut = server.submit(d.receive, C.ANY, m)
+    wait_until(lambda: d.getprocinfo(DC0, LSYS).p_rts_flags & C.RECEIVING, what="receiving")
+    assert px.put(m_type=7) == MESSAGE_SIZE
+    fut.result(CALL_TIMEOUT)
+    assert m.m_type == 7 and m.m_source == RSYS
+    h = px.get()
+    assert (h.c_cmd, h.c_rcode, h.c_dst) == (C.CMD_SEND_ACK, 0, RSYS)
+    px.assert_nothing(SHORT)
+    # the proxy process goes away: the pair is freed and a new pair registers on the same id
+    pd.close()
+    sproxy, rproxy = world.actor("sproxy2"), world.actor("rproxy2")
+    sproxy.call(d.getdvsinfo)
+    deadline = time.monotonic() + CALL_TIMEOUT
+    while True:
+        try:
+            d.proxies_bind("node2", 2, sproxy.tid, rproxy.tid, C.MAXCOPYBUF)
+            break
+        except E.DvkError as err:
+            assert err.code == E.EDVSRSCBUSY and time.monotonic() < deadline
+            time.sleep(0.02)
+    d.node_up("node2", 2, 2)
+    d.proxy_conn(2, C.CONNECT_SPROXY)
+    d.proxy_conn(2, C.CONNECT_RPROXY)
+    assert d.getproxyinfo(2)[0].p_lpid == sproxy.tid
+    d.add_node(DC0, 2)                              # the old pair's end dropped node 2
+    d.rmtbind(DC0, "rsys", RSYS, 2)
+    fut = server.submit(d.receive, C.ANY, m)
+    wait_until(lambda: d.getprocinfo(DC0, LSYS).p_rts_flags & C.RECEIVING, what="receiving")
+    assert rproxy.call(d.put2lcl, px.header(m_type=8), d.alloc(C.MAXCOPYBUF)) == MESSAGE_SIZE
+    fut.result(CALL_TIMEOUT)
+    assert m.m_type == 8
+    assert node.proc.poll() is None
+
+
+def test_fault_in_the_server_loop_costs_one_connection(world, caplog, monkeypatch):
+    """An exception in the loop's own code (here: decoding) closes that connection with a
+    logged traceback; the node kernel goes on serving the others."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    other = world.actor("other")
+    assert other.call(d.getdvsinfo)[0] == 1         # connected before the fault
+
+    def broken(_body):
+        raise RuntimeError("injected fault")
+
+    caplog.set_level(logging.ERROR, logger="dvk.emu.server")
+    raw = Raw(node.path)
+    try:
+        raw.hello()
+        monkeypatch.setattr(P, "decode_request", broken)
+        raw.sock.sendall(struct.pack("<I", 2) + b"\0\0")
+        assert raw.sock.recv(16) == b""             # that connection is closed
+    finally:
+        raw.close()
+        monkeypatch.undo()
+    assert any(r.exc_info and "injected fault" in str(r.exc_info[1]) for r in caplog.records)
+    assert other.call(d.getdvsinfo)[0] == 1         # the others are still served
+    assert node.thread.is_alive()
