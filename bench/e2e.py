@@ -1,6 +1,6 @@
 """Benchmarks 4 and 5: end to end on an emulated cluster, and scale.
 
-4. A cluster of node kernels and DSPs on this run's own 127.X.Y addresses, in relayed mode (D13)
+4. A cluster of node kernels and DSPs on this run's own 127.X.Y addresses, in relayed mode
    like the C set-up (client node -> LB host -> server node): node 3 a relayed client, node 5
    `lbhost` the LB host of the virtual LB node 0, node 1 the server.  `latency_client` and
    m3ftp PUT/GET (compressible text and random data, verified by SHA-256) through the LB, with
@@ -350,7 +350,7 @@ def scale_sessions(args, tmp: Path, dcs: int, per_dc: int, rounds: int) -> dict:
             for dc in range(dcs):
                 for n in (1, 2):
                     wait_bound(cl, n, dc, 10)
-                wait_bound(cl, CLT, dc, 10)      # D5: ext_ep bound to the LB node
+                wait_bound(cl, CLT, dc, 10)      # ext_ep bound to the LB node
             lb = psutil.Process(cl.dsps[HOST].pid)
             cpu0, t0 = lb.cpu_times(), time.monotonic()
             rss0 = lb.memory_info().rss / 2**20

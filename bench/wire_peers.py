@@ -1,10 +1,10 @@
 """Wire-level peers for the one-hop benchmarks, and the load loops shared by every hop.
 
-`DspHop` runs one DSP (with its emulated node kernel) as the LB host of relayed mode (D13):
+`DspHop` runs one DSP (with its emulated node kernel) as the LB host of relayed mode:
 node 5 `lbhost` hosts the balancer of the virtual LB node 0; a wire-level *client* peer
 (relayed client node 3) and a wire-level *server* peer (node 1) speak the DSP wire protocol to
-it directly from this process: their own connections in both directions (D10), source
-addresses bound (D9), HELLOs, the server's load report (D11).  A client request goes
+it directly from this process: their own connections in both directions, source
+addresses bound, HELLOs, the server's load report.  A client request goes
 client -> DSP -> server with the LB rewrite, the reply server -> DSP -> client: one proxy hop
 each way, with the session lookup and header rewrite the DSP does for real traffic.
 

@@ -4,7 +4,7 @@
   or on `ssh_host` as `ssh_user` over ssh (paramiko): key authentication first (the key in
   $DSP_SSH_KEY, the agent, ~/.ssh), `ssh_pass` only as a fallback handed to paramiko — never
   put on a command line, never logged.  Every command has a timeout.
-- `Autoscaler` runs on one DSP only (D12: the node `svrname` names, else the lowest-id live
+- `Autoscaler` runs on one DSP only (the node `svrname` names, else the lowest-id live
   server) and keeps between `min_servers` and `max_servers` servers running.
 - `ServiceRunner` runs on every server: when a client's DSP asks it (a control frame), it
   starts the configured `prog` of a configured service for one session, on a free endpoint of
@@ -148,7 +148,7 @@ class Autoscaler:
             self.vms[n.nodeid].image = n.node_image
 
     def decider(self) -> int | None:
-        """D12: the node `svrname` names, else the lowest-id live server."""
+        """The deciding DSP: the node `svrname` names, else the lowest-id live server."""
         lb = self.lb
         named = self.dsp.cfg.node_by_name(lb.svrname) if lb.svrname else None
         if named is not None:
@@ -157,7 +157,7 @@ class Autoscaler:
         return min(live) if live else None
 
     def running(self) -> set[int]:
-        """Servers that count as running: links up both ways and reporting (D11); this node
+        """Servers that count as running: links up both ways and reporting; this node
         counts itself when it is a server."""
         group = self.dsp.group
         out = set()

@@ -785,7 +785,7 @@ def config_view(cfg) -> dict:
 
 def _node_pids(dvk: Dvk):
     """The processes whose CPU is this node's load: under the emulator, those attached to the
-    node kernel (D11); on a real DVK node None (= the whole machine)."""
+    node kernel; on a real DVK node None (= the whole machine)."""
     if getattr(dvk, "backend", "") != "emu" and not getattr(dvk, "emulated", False):
         return None
 

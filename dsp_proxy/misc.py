@@ -90,7 +90,7 @@ def set_log_node(nodeid: int) -> None:
 
 # ------------------------------------------------------------------------------------ sockets
 def tune_socket(sock: socket.socket, user_timeout_ms: int | None = None) -> None:
-    """TCP_NODELAY always (§4 performance rules); TCP_USER_TIMEOUT so a dead peer's unacked
+    """TCP_NODELAY always (one small frame must not wait); TCP_USER_TIMEOUT so a dead peer's unacked
     data fails the link instead of queueing forever."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if user_timeout_ms and hasattr(socket, "TCP_USER_TIMEOUT"):

@@ -1,4 +1,4 @@
-"""Which links a node has (ARCHITECTURE §7, D13).
+"""Which links a node has (docs/design.md, "Sessions" and "Addresses and ports").
 
 Every node links to every other real node of the config, except in relayed mode: when the lb
 block's `cltname` names a node H of the config (the LB host), every `client` node other than H

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     lay = sub.add_parser(
         "layout", help="print struct sizes and field offsets",
         description="Print the size and field offsets of every struct passed to the DVK "
-                    "(dvk_abi.md §2), in this machine's native layout or, with --i386, in the "
+                    "in this machine's native layout or, with --i386, in the "
                     "i386 layout used on the wire and by the emulator.")
     lay.add_argument("--i386", action="store_true",
                      help="show the i386 wire/emulator layout instead of the native one")

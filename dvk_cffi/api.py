@@ -1,8 +1,8 @@
 """The one Python interface to a DVK, implemented by `KernelDvk` (ioctl on /dev/dvk) and
 `EmuDvk` (the user-space node kernel).
 
-Method names are the C stub names without the `dvk_` prefix (dvk_abi.md §1.2).  Return values
-follow the stub conventions of §1.3 (endpoint for bind/getep, local node id for the init/info
+Method names are the C stub names without the `dvk_` prefix.  Return values
+follow the C stub conventions (endpoint for bind/getep, local node id for the init/info
 calls, 0 otherwise); a negative EDVS result raises `DvkError` instead of being returned.
 Timeouts are milliseconds (TIMEOUT_FOREVER = -1, TIMEOUT_NOWAIT = 0).
 
@@ -169,7 +169,7 @@ class Dvk(abc.ABC):
 
     @abc.abstractmethod
     def put2lcl(self, hdr: Header, payload: Buffer | None) -> int:
-        """Deliver a command from the network to this node (dvk_abi.md §4.6)."""
+        """Deliver a command from the network to this node (its check order: docs/emulator.md)."""
 
     # --- the C convenience macros (stub_dvkcall.h) ---------------------------------------------
     def bind(self, dcid: int, ep: int) -> int:

@@ -1,6 +1,6 @@
 """cffi declarations (ABI mode, no compiler) of every struct that crosses the DVK boundary.
 
-Two FFI objects are built from one template of the C declarations (dvk_abi.md §2, field order
+Two FFI objects are built from one template of the C declarations (the module's headers; field order
 and names as in the C headers `ipc.h`, `cmd.h`, `proxy_usr.h`, `*_usr.h`, `dvk_ioparm.h`):
 
 * `ffi_native` -- the real C types (`long`, pointers, `struct timespec` of longs), so cffi lays
@@ -8,11 +8,11 @@ and names as in the C headers `ipc.h`, `cmd.h`, `proxy_usr.h`, `*_usr.h`, `dvk_i
   It also declares libc's `ioctl`, used by `KernelDvk`.
 * `ffi_i386` -- the same structs with `long` -> `int32_t`, `unsigned long` and every pointer ->
   `uint32_t`, so the i386 layout results on any host.  That is the wire and emulator layout
-  (ARCHITECTURE D2) and the layout of every deployed DVK node.
+  and the layout of every deployed DVK node.
 
 `ffi_i386` also declares the kernel-side i386 variants of `dc_usr_t` / `proc_usr_t`
 (`dc_kusr_t`, `proc_kusr_t`: 4-byte `cpumask_t` instead of the 128-byte user `cpu_set_t`),
-which are the sizes the kernel copies (60 / 92, §2.6, §2.9) and the sizes `info.py` encodes.
+which are the sizes the kernel copies (60 / 92) and the sizes `info.py` encodes.
 
 The header codec between the 120-byte wire `Header` and a native `cmd_t` lives here too
 (`header_to_native`, `header_from_native`) so that `wire.py` stays free of cffi.
@@ -328,7 +328,7 @@ def _render(template: str, *, i386: bool, extra: dict[str, int]) -> str:
 
 
 def _build(i386: bool) -> cffi.FFI:
-    """One FFI with every struct of dvk_abi.md §2, in the i386 or the native layout."""
+    """One FFI with every struct of the DVK interface, in the i386 or the native layout."""
     ffi = cffi.FFI()
     if i386:
         ffi.cdef(_PRELUDE_I386)
@@ -348,13 +348,13 @@ def _build(i386: bool) -> cffi.FFI:
 
 #: Host layout (real C types); also declares libc `ioctl`.
 ffi_native: cffi.FFI = _build(i386=False)
-#: i386 layout on any host (the wire / emulator ABI, D2).
+#: i386 layout on any host (the wire / emulator ABI).
 ffi_i386: cffi.FFI = _build(i386=True)
 
 
 def native_is_i386() -> bool:
     """True when the host's native layout is the i386 one (cmd_t of 120 bytes): the only case
-    in which a real DVK can proxy (D2)."""
+    in which a real DVK can proxy."""
     return (ffi_native.sizeof("cmd_t") == wire.HEADER_SIZE
             and ffi_native.sizeof("message") == wire.MESSAGE_SIZE)
 
@@ -474,7 +474,7 @@ def header_to_native(h: wire.Header, ffi: cffi.FFI = ffi_native) -> Any:
     Every scalar field and `c_vcopy` is copied (32-bit wire addresses become pointers);
     of `c_msg` only `m_source` and `m_type`, plus the union body when the layout is the i386
     one (then identical bytes).  On a 64-bit layout the union stays zero: its variants put
-    pointers and longs at other offsets, so nothing can convert it (ARCHITECTURE D2).
+    pointers and longs at other offsets, so nothing can convert it (docs/design.md, "The wire").
     """
     p = ffi.new("cmd_t *")
     for name, path, is_ptr in _header_leaves(ffi):
@@ -493,7 +493,7 @@ def header_to_native(h: wire.Header, ffi: cffi.FFI = ffi_native) -> Any:
 
 
 def _fits(name: str, value: int, fmt: str) -> int:
-    """Check that a native value fits the 32-bit wire field (D2: no 64-bit proxying)."""
+    """Check that a native value fits the 32-bit wire field (no 64-bit proxying)."""
     lo, hi = ((-(1 << 31), (1 << 31) - 1) if fmt == "i" else (0, (1 << 32) - 1))
     if not lo <= value <= hi:
         raise OverflowError(f"{name}={value:#x} does not fit the 32-bit i386 wire field")

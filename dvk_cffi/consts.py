@@ -1,15 +1,15 @@
-"""DVK constants (dvk_abi.md §3): commands, flags, limits, endpoints, bind types.
+"""DVK constants (the module's headers): commands, flags, limits, endpoints, bind types.
 
 Names follow the C headers so a reader of `cmd.h`, `proxy_usr.h`, `com.h` finds them.
 """
 
-# --- device and ioctl (§1.1, §1.2) -------------------------------------------------------------
+# --- device and ioctl -------------------------------------------------------------------------
 DVK_FILE_NAME = "/dev/dvk"
 DVK_MAJOR = 33
 DVK_IOC_MAGIC = 0xE3
 DVK_IOC_MAXNR = 35
 
-# --- commands (§3.1) ---------------------------------------------------------------------------
+# --- commands ---------------------------------------------------------------------------------
 BIT_ACKNOWLEDGE = 13
 MASK_ACKNOWLEDGE = 1 << BIT_ACKNOWLEDGE
 
@@ -63,7 +63,7 @@ VCOPY_CMDS = frozenset({CMD_COPYIN_DATA, CMD_COPYOUT_RQST, CMD_COPYLCL_RQST, CMD
 #: Every command code a frame may carry.
 VALID_CMDS = frozenset(CMD_NAMES)
 
-#: Commands put2lcl accepts (§4.6 step 17); everything else is EDVSBADREQUEST.
+#: Commands put2lcl accepts; everything else is EDVSBADREQUEST.
 PUT2LCL_CMDS = frozenset({
     CMD_SEND_MSG, CMD_SNDREC_MSG, CMD_REPLY_MSG, CMD_NTFY_MSG, CMD_COPYIN_DATA,
     CMD_COPYIN_RQST, CMD_COPYOUT_RQST, CMD_COPYLCL_RQST, CMD_COPYRMT_RQST,
@@ -71,7 +71,7 @@ PUT2LCL_CMDS = frozenset({
     CMD_COPYRMT_ACK,
 })
 
-# --- c_flags bits (§3.2) -----------------------------------------------------------------------
+# --- c_flags bits -----------------------------------------------------------------------------
 FLAG_BATCH_BIT = 0
 FLAG_LZ4_BIT = 1
 FLAG_CHECK_HDR_BIT = 2
@@ -85,7 +85,7 @@ FLAG_DSP_PEER_BIT = 12
 FLAG_DSP_PEER = 1 << FLAG_DSP_PEER_BIT
 
 
-# --- proxy pair status px_flags (§3.3) ---------------------------------------------------------
+# --- proxy pair status px_flags ---------------------------------------------------------------
 PX_BIT_INUSE = 0
 PX_BIT_SCONNECTED = 1
 PX_BIT_RCONNECTED = 2
@@ -96,7 +96,7 @@ PROXIES_RCONNECTED = 0x4
 NO_PROXIES = -1
 PROXY_NO_DC = -1
 
-# --- node flags n_flags (§3.4) -----------------------------------------------------------------
+# --- node flags n_flags -----------------------------------------------------------------------
 NODE_FREE = 0
 NODE_RUNNING = 0
 NODE_BIT_ATTACHED = 1
@@ -107,7 +107,7 @@ NODE_SCONNECTED = 1 << NODE_BIT_SCONNECTED
 NODE_RCONNECTED = 1 << NODE_BIT_RCONNECTED
 MAXNODENAME = 16
 
-# --- p_misc_flags (§3.5) -----------------------------------------------------------------------
+# --- p_misc_flags -----------------------------------------------------------------------------
 MIS_PROXY = 0x1
 MIS_CONNECTED = 0x2
 MIS_NOTIFY = 0x4
@@ -125,7 +125,7 @@ MIS_BIT_ATOMIC = 13
 MIS_ATOMIC = 1 << MIS_BIT_ATOMIC
 MIS_ENQUEUED = 0x4000
 
-# --- p_rts_flags (§3.6) ------------------------------------------------------------------------
+# --- p_rts_flags ------------------------------------------------------------------------------
 SLOT_FREE = 0x1
 NO_MAP = 0x2
 SENDING = 0x4
@@ -144,7 +144,7 @@ WAITMIGR = 0x8000
 WAITUNBIND = 0x20000
 WAITBIND = 0x40000
 
-# --- DVS / DC flags (§3.7) ---------------------------------------------------------------------
+# --- DVS / DC flags ---------------------------------------------------------------------------
 DVS_RUNNING = 0
 DVS_NO_INIT = -1
 DVK_IPC = 0x1
@@ -157,7 +157,7 @@ DC_FREE = 1 << BIT_DC_FREE
 MAXDCNAME = 16
 DVS_VERSION = 202202
 
-# --- proxy_conn status (§3.8) ------------------------------------------------------------------
+# --- proxy_conn status ------------------------------------------------------------------------
 CONNECT_SPROXY = 1
 CONNECT_RPROXY = 2
 DISCONNECT_SPROXY = 3
@@ -166,7 +166,7 @@ PROXY_NO_REPLY = 0
 PROXY_REPLY = 1
 MAXPROXYNAME = 16
 
-# --- timeouts (§3.9), milliseconds -------------------------------------------------------------
+# --- timeouts, milliseconds -------------------------------------------------------------------
 TIMEOUT_NOWAIT = 0
 TIMEOUT_FOREVER = -1
 TIMEOUT_MOLCALL = 30000
@@ -174,7 +174,7 @@ TIMEOUT_MS = 60000
 HELLO_PERIOD = 30000
 RETRY_MS = 2000
 
-# --- limits (§3.10) ----------------------------------------------------------------------------
+# --- limits -----------------------------------------------------------------------------------
 _NR_FIXED_TASKS = 3
 NR_NODES = 32
 NR_SYSTASKS = NR_NODES
@@ -192,7 +192,7 @@ MC_STRING = 10
 MD5_SIZE = 16
 SLOTS_BY_MSG = 4
 
-# --- endpoints (§3.11) -------------------------------------------------------------------------
+# --- endpoints --------------------------------------------------------------------------------
 ANY = 0x7ACE
 NONE = 0x6ACE
 SELF = 0x8ACE
@@ -249,7 +249,7 @@ SYSTEM_PRIV = 3
 KERNEL_PRIV = 4
 PROXY_PRIV = 5
 
-# --- HELLO message types (§5) ------------------------------------------------------------------
+# --- HELLO message types ----------------------------------------------------------------------
 MT_CLT_WAIT_BIND = 1
 MT_CLT_WAIT_UNBIND = 2
 MT_SVR_WAIT_UNBIND = 3

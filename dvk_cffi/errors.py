@@ -1,4 +1,4 @@
-"""EDVS error codes (dvk_abi.md §3.12) and the exception raised for them.
+"""EDVS error codes (the module's list) and the exception raised for them.
 
 Every failing DVK call raises `DvkError`; `DvkError.for_code(code)` builds the per-code
 subclass (`DvkError.classes[code]`, named like the C constant, e.g. `EDVSNOTCONN_Error`), so a caller
@@ -278,7 +278,7 @@ ERRORS: dict[int, tuple[str, str]] = {
     EDVSRESTARTSYS: ("EDVSRESTARTSYS", "restart the system call"),
 }
 
-# Linux errnos the kernel may return instead of an EDVS code (§1.3).
+# Linux errnos the kernel may return instead of an EDVS code.
 LINUX_ERRORS: dict[int, tuple[str, str]] = {
     -4: ("EINTR", "interrupted system call"),
     -14: ("EFAULT", "bad address"),
@@ -342,7 +342,7 @@ def check(rc: int, context: str = "") -> int:
 
 
 def check_ep(rc: int, context: str = "") -> int:
-    """Like `check` for calls whose success value is an endpoint, which may be negative (§1.3)."""
+    """Like `check` for calls whose success value is an endpoint, which may be negative."""
     if rc < EDVSERRCODE:
         raise DvkError.for_code(rc, context)
     return rc

@@ -1,8 +1,8 @@
 """The DVK info structs (`dvs_usr_t`, `dc_usr_t`, `node_usr_t`, `proxies_usr_t`, `proc_usr_t`)
-as Python dataclasses, with their i386 kernel-size encodings (dvk_abi.md §2.5–2.9).
+as Python dataclasses, with their i386 kernel-size encodings.
 
 Both backends return these: `KernelDvk` converts its native cffi structs, the emulator sends the
-i386 bytes over its socket (D2).
+i386 bytes over its socket.
 """
 
 from __future__ import annotations

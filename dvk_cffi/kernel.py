@@ -115,7 +115,7 @@ def _IOR(nr: int) -> int:
     return _ioc(_IOC_READ, nr)
 
 
-#: DVK_ call number -> ioctl request (the table of §1.2; DVK_VOID1 has none).
+#: DVK_ call number -> ioctl request (DVK_VOID1 has none).
 REQUESTS: dict[int, int] = {
     DVK_DCINIT: _IOW(DVK_DCINIT), DVK_SEND: _IOW(DVK_SEND), DVK_RECEIVE: _IOW(DVK_RECEIVE),
     DVK_NOTIFY: _IOW(DVK_NOTIFY), DVK_SENDREC: _IOW(DVK_SENDREC),
@@ -725,7 +725,7 @@ class KernelDvk(Dvk):
         return E.check_ep(rc, f"wait4bindep_X(cmd={cmd}, ep={ep})")
 
     def getep(self, pid: int) -> int:
-        """The endpoint bound by `pid`; any value above EDVSERRCODE is an endpoint (§1.3)."""
+        """The endpoint bound by `pid`; any value above EDVSERRCODE is an endpoint."""
         with self._params() as mem:
             return E.check_ep(self._call(DVK_GETEP, mem.value(pid)), f"getep({pid})")
 
@@ -762,7 +762,7 @@ class KernelDvk(Dvk):
         return self._ipc(DVK_REPLY, "reply", ep, m, timeout)
 
     def rcvrqst(self, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
-        """Returns the kernel's value (normally 0), as the stub does (§1.3)."""
+        """Returns the kernel's value (normally 0), as the stub does."""
         with self._params() as mem:
             mptr, after = self._msg(mem, m)
             parm = mem.new("parm_rcvrqst_t *", {"parm_mptr": mptr,

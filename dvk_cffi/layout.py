@@ -1,7 +1,7 @@
 """Struct sizes and field offsets of the DVK boundary, as cffi lays them out.
 
-An operator runs `python -m dvk_cffi layout` on a DVS node to compare this build with the kernel
-(dvk_abi.md §2 lists the i386 and x86_64 values); `--i386` shows the wire/emulator layout (D2).
+An operator runs `python -m dvk_cffi layout` on a DVS node to compare this build with the kernel;
+`--i386` shows the wire/emulator layout.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def layouts(i386: bool = False, names: Iterable[str] | None = None,
 
 def describe_host(i386: bool) -> str:
     if i386:
-        return "i386 (wire / emulator layout, ARCHITECTURE D2; long and pointers = 4 bytes)"
+        return "i386 (wire / emulator layout; long and pointers = 4 bytes)"
     return (f"native ({platform.machine() or 'unknown machine'}; long = "
             f"{ffi_native.sizeof('long')} bytes, pointer = {ffi_native.sizeof('void *')} bytes)")
 

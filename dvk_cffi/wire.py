@@ -21,7 +21,7 @@ VCOPY_SIZE = 24
 MSG_OFFSET = 60
 VCOPY_OFFSET = 96
 
-# The i386 message: m_source, m_type, then a 28-byte union (§2.1).  Field -> (offset, struct fmt).
+# The i386 message: m_source, m_type, then a 28-byte union.  Field -> (offset, struct fmt).
 # Pointers and longs are 32-bit values here.
 I386_MESSAGE_FIELDS: dict[str, tuple[int, str]] = {
     "m_source": (0, "i"), "m_type": (4, "i"),
@@ -46,7 +46,7 @@ I386_MESSAGE_FIELDS: dict[str, tuple[int, str]] = {
     "mC_ca1": (24, "10s"),
 }
 
-# Header fields: name -> (offset, fmt), i386 column of §2.3.
+# Header fields: name -> (offset, fmt), the i386 layout.
 HEADER_FIELDS: dict[str, tuple[int, str]] = {
     "c_cmd": (0, "i"), "c_dcid": (4, "i"), "c_src": (8, "i"), "c_dst": (12, "i"),
     "c_snode": (16, "i"), "c_dnode": (20, "i"), "c_rcode": (24, "i"), "c_len": (28, "i"),

@@ -2,7 +2,7 @@
 
     dvsctl [--dvk auto|kernel|emu] [--node N] [--rundir DIR] COMMAND ...
 
-Emulated node kernels (ARCHITECTURE D6):
+Emulated node kernels (docs/emulator.md):
     node run N [params]       run node N's kernel in the foreground (log on stderr);
                               --dcs N creates DC0..DC(N-1) (default DC0 only)
     node start N [params]     the same, detached; prints its pid

@@ -1,4 +1,4 @@
-"""The latency test pair of dvk_abi.md §7.1-7.2: round-trip times of `sendrec`.
+"""The latency test pair of the C tests: round-trip times of `sendrec`.
 
     latency_server <dcid> <ep>
     latency_client <dcid> <clt_ep> <svr_ep> <loops> [<secs> <cpu_secs>]

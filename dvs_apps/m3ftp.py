@@ -1,4 +1,4 @@
-"""m3ftp / m3ftpd: file transfer through M3-IPC and vcopy (dvk_abi.md §7.3).
+"""m3ftp / m3ftpd: file transfer through M3-IPC and vcopy (the C test pair's protocol).
 
     m3ftpd <dcid> <srv_ep>
     m3ftp {-p|-g} <dcid> <clt_ep> <srv_ep> <rmt_fname> <lcl_fname>
@@ -6,7 +6,7 @@
 
 Messages carry only requests and results; the path and the file data move by `vcopy` between
 1 MiB buffers that both programs get from `dvk.alloc` (shared memory under the emulator, so the
-data never crosses the node kernel's socket; ARCHITECTURE D7).  Request fields (m3ftp.h):
+data never crosses the node kernel's socket).  Request fields (m3ftp.h):
 
     FTPOPER = m_type   FTPPATH = m1_p1 (client address of the path)   FTPPLEN = m1_i1
     FTPDATA = m1_p2 (client address of its 1 MiB buffer)   FTPDLEN = m1_i2   FTPPOS = m1_i3

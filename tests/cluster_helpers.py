@@ -18,7 +18,7 @@ _counter = itertools.count()
 
 
 def fresh_net() -> str:
-    """A 127.X.Y prefix of this test alone (D9: runs isolate themselves by address)."""
+    """A 127.X.Y prefix of this test alone (runs isolate themselves by address)."""
     n = next(_counter)
     return f"127.{100 + os.getpid() % 100}.{(os.getpid() // 100 + 7 * n) % 250 + 1}"
 

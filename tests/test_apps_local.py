@@ -2,7 +2,7 @@
 
 latency_server/latency_client, m3ftpd/m3ftp (PUT and GET, sizes that are and are not multiples
 of 1 MiB, content verified three ways), dvsctl (node kernels, bindings, views, errors), and
-ARCHITECTURE D7: file data moves through shared memory, not through the node kernel's socket.
+File data moves through shared memory, not through the node kernel's socket.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_m3ftp_errors(start_node, apps, tmp_path):
 
 
 def test_m3ftp_data_stays_off_the_socket(start_node, tmp_path, monkeypatch):
-    """D7: a 10 MiB PUT and GET move (far) less than 1 MiB through the node kernel's socket.
+    """A 10 MiB PUT and GET move (far) less than 1 MiB through the node kernel's socket.
     Client and server run in this process (two threads) so every frame is counted."""
     from dvk_cffi.emu.client import EmuDvk
     from dvs_apps import m3ftp

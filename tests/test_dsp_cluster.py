@@ -196,7 +196,7 @@ def test_garbage_frames_close_only_that_link(tmp_path, junk, reason):
             s.close()
 
 
-# The C header, written only from the layout table of dvk_abi.md §2.3 (i386), not the codec:
+# The C header, written only from the i386 layout table (docs/design.md, "The wire"), not the codec:
 # 10 ints, 3 unsigned, timespec (2 ints), message (m_source, m_type, m1_i1..3, m1_p1..3 + 4
 # spare bytes), vcopy (3 ints, 2 pointers, 1 int).
 C_HEADER = struct.Struct("<iiiiiiiiii III ii ii iii III 4x iii II i")

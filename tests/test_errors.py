@@ -1,4 +1,4 @@
-"""EDVS error codes (dvk_abi.md §3.12) and DvkError behaviour."""
+"""EDVS error codes (the module's list) and DvkError behaviour."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from dvk_cffi import errors as E  # noqa: N812
 from dvk_cffi.errors import DvkError
 
-# dvk_abi.md §3.12, transcribed (name code; ...)
+# the module's error list, transcribed (name code; ...)
 SPEC = """
 EDVSGENERIC -99; EDVSPERM -1; EDVSNOENT -2; EDVSSRCH -3; EDVSINTR -4; EDVSIO -5; EDVSNXIO -6;
 EDVS2BIG -7; EDVSNOEXEC -8; EDVSBADF -9; EDVSCHILD -10; EDVSAGAIN -11; EDVSNOMEM -12; EDVSACCES

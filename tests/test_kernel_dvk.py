@@ -27,7 +27,7 @@ from dvk_cffi.kernel import KernelDvk
 HOST_64 = ffi.sizeof("void *") == 8
 ULONG_MAX = (1 << (8 * ffi.sizeof("unsigned long"))) - 1
 
-# request -> (name, parameter struct or None for a plain value); dvk_abi.md §1.2
+# request -> (name, parameter struct or None for a plain value); the module's request table
 REQUESTS = {
     0x4004E301: ("DVK_DCINIT", "dc_usr_t"),
     0x4004E302: ("DVK_SEND", "parm_ipc_t"),

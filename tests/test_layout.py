@@ -1,6 +1,7 @@
-"""Struct layouts of the DVK boundary against the tables of dvk_abi.md §2.
+"""Struct layouts of the DVK boundary against the layout tables of the DVK module's headers.
 
-The expected values below are transcribed from dvk_abi.md (verified there against gcc -m32/-m64
+The expected values below are transcribed from the module's i386 and x86_64 layouts (verified
+against gcc -m32/-m64
 DWARF), never computed from the code under test.  `ffi_i386` is always checked against the i386
 column; `ffi_native` against the column of the host (chosen by sizeof(long)).  The hand-written
 struct formats of wire.py and info.py are checked against `ffi_i386`.
@@ -23,7 +24,7 @@ from dvk_cffi.cdefs import ffi_i386, ffi_native, message_fields, native_message_
 HOST_64 = ffi_native.sizeof("long") == 8
 NATIVE_COL = 1 if HOST_64 else 0  # column index into (i386, x86_64) pairs
 
-# --- §2.1 message: top level and union variants (offsets relative to m_u) -----------------------
+# --- message: top level and union variants (offsets relative to m_u) -----------------------
 MESSAGE_SIZE = (36, 48)
 MESSAGE_TOP = {"m_source": (0, 0), "m_type": (4, 4), "m_u": (8, 8)}
 M_U_SIZE = (28, 40)
@@ -50,7 +51,7 @@ MESS_VARIANTS = {
              (0, 4, 8, 12, 16), (0, 4, 8, 12, 16), 28, 28),
 }
 
-# --- §2.2 .. §2.10: struct -> ((size i386, size x86_64), {field: (off i386, off x86_64)}) ------
+# --- the other structs: struct -> ((size i386, size x86_64), {field: (off i386, off x86_64)}) ------
 STRUCTS = {
     "vcopy_t": ((24, 40), {
         "v_src": (0, 0), "v_dst": (4, 4), "v_rqtr": (8, 8), "v_saddr": (12, 16),
@@ -90,7 +91,7 @@ STRUCTS = {
         "priv_id": (0, 0), "priv_warn": (4, 4), "priv_level": (8, 8),
         "priv_trap_mask": (12, 12), "priv_ipc_from": (14, 14), "priv_ipc_to": (22, 22),
         "priv_dvk_allowed": (30, 30), "priv_alarm_timer": (36, 40)}),
-    # §2.11 ioctl parameter structs
+    # ioctl parameter structs
     "parm_rcvrqst_t": ((8, 16), {"parm_mptr": (0, 0), "parm_tout": (4, 8)}),
     "parm_getdcinfo_t": ((8, 16), {"parm_dcid": (0, 0), "parm_dc": (4, 8)}),
     "parm_getnodeinfo_t": ((8, 16), {"parm_nodeid": (0, 0), "parm_node": (4, 8)}),
@@ -128,9 +129,9 @@ MEMBER_SIZES = {
     ("priv_usr_t", "priv_ipc_to"): (8, 8), ("priv_usr_t", "priv_dvk_allowed"): (6, 6),
     ("priv_usr_t", "priv_alarm_timer"): (16, 32),
 }
-# i386 kernel sizes (§2.6, §2.9): the CPU mask is 4 bytes in the kernel
+# i386 kernel sizes: the CPU mask is 4 bytes in the kernel
 I386_KERNEL_SIZES = {"dc_kusr_t": 60, "proc_kusr_t": 92}
-MAXBATCMD = (546, 390)  # §2.4
+MAXBATCMD = (546, 390)
 
 LAYOUTS = [pytest.param(ffi_i386, 0, id="i386"),
            pytest.param(ffi_native, NATIVE_COL, id="native-x86_64" if HOST_64 else "native-i386")]
@@ -291,7 +292,7 @@ def test_info_structs_match_i386(cls, cname):
 
 
 def test_info_kernel_sizes_from_doc():
-    # §2.5-2.9 kernel sizes on i386
+    # kernel sizes on i386
     assert [c.STRUCT.size for c in (info.DvsInfo, info.DcInfo, info.NodeInfo, info.ProxiesInfo,
                                     info.ProcInfo)] == [60, 60, 56, 32, 92]
 

@@ -104,7 +104,7 @@ def test_seed_scenario_sessions_spread_over_two_servers(tmp_path, bg):
         b = Background(cl, tmp_path)
         bg.append(b)
         start_servers(cl, b)
-        for n in (3, 4):  # D5: the client nodes' DSPs bound the services to the LB node
+        for n in (3, 4):  # the client nodes' DSPs bound the services to the LB node
             info = cl.dvk(n).getprocinfo(0, 10)
             assert info.p_rts_flags & C.REMOTE and info.p_nodeid == 0
         # local-client sessions: the servers see the clients' own endpoints, which must

@@ -1,5 +1,5 @@
 """VM commands over ssh: a real sshd on 127.0.0.1 with key authentication, and paramiko's
-server mode for password authentication (D16: no system account or /etc file is touched)."""
+server mode for password authentication (no system account or /etc file is touched)."""
 
 from __future__ import annotations
 

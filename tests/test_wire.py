@@ -1,6 +1,7 @@
 """The i386 wire codec (wire.py) and the wire <-> native header conversion (cdefs.py).
 
-Hand-made frames are built with `struct.pack` at the offsets of dvk_abi.md §2.1 / §2.3
+Hand-made frames are built with `struct.pack` at the offsets of the i386 layout
+(docs/design.md, "The wire")
 (i386 column), transcribed here, so the codec is checked against the spec, not against itself.
 """
 
@@ -16,7 +17,7 @@ from dvk_cffi.cdefs import ffi_i386, ffi_native, header_from_native, header_to_n
 
 HOST_64 = ffi_native.sizeof("void *") == 8
 
-# dvk_abi.md §2.3, i386 column: field -> (offset, struct code)
+# the i386 cmd_t: field -> (offset, struct code)
 CMD_I386 = {
     "c_cmd": (0, "i"), "c_dcid": (4, "i"), "c_src": (8, "i"), "c_dst": (12, "i"),
     "c_snode": (16, "i"), "c_dnode": (20, "i"), "c_rcode": (24, "i"), "c_len": (28, "i"),
@@ -24,11 +25,11 @@ CMD_I386 = {
     "c_ack_seq": (48, "I"), "c_tv_sec": (52, "i"), "c_tv_nsec": (56, "i"),
 }
 C_MSG = 60
-# §2.2 vcopy_t, i386, relative to c_vcopy at 96
+# vcopy_t, i386, relative to c_vcopy at 96
 VCOPY_I386 = {"v_src": (0, "i"), "v_dst": (4, "i"), "v_rqtr": (8, "i"), "v_saddr": (12, "I"),
               "v_daddr": (16, "I"), "v_bytes": (20, "i")}
 C_VCOPY = 96
-# §2.1 mess_1 in the i386 message (m_u at +8)
+# mess_1 in the i386 message (m_u at +8)
 MESS1_I386 = {"m1_i1": (8, "i"), "m1_i2": (12, "i"), "m1_i3": (16, "i"),
               "m1_p1": (20, "I"), "m1_p2": (24, "I"), "m1_p3": (28, "I")}
 
@@ -83,7 +84,7 @@ def test_encode_matches_hand_made_frame():
 
 
 def test_hand_made_message_variants():
-    """A few other union variants at their §2.1 i386 offsets (m_u at 8)."""
+    """A few other union variants at their i386 offsets (m_u at 8)."""
     buf = bytearray(36)
     struct.pack_into("<ii", buf, 0, 7, 0x1000)
     struct.pack_into("<i", buf, 8 + 0, 5)            # m9i1
@@ -208,7 +209,7 @@ def test_native_roundtrip_scalars_and_vcopy():
     assert back.fields() == SAMPLE
     assert (back.c_msg.m_source, back.c_msg.m_type) == (50, 0x0A)
     if HOST_64:
-        # D2: the union body is not converted between layouts
+        # the union body is not converted between layouts
         assert p.c_msg.m_u.m_m1.m1i1 == 0
         assert bytes(back.c_msg)[8:] == bytes(28)
     else:  # pragma: no cover - i386 host
