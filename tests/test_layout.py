@@ -51,7 +51,7 @@ MESS_VARIANTS = {
              (0, 4, 8, 12, 16), (0, 4, 8, 12, 16), 28, 28),
 }
 
-# --- the other structs: struct -> ((size i386, size x86_64), {field: (off i386, off x86_64)}) ------
+# --- the other structs: struct -> ((size i386, size x86_64), {field: (off i386, off x86_64)})
 STRUCTS = {
     "vcopy_t": ((24, 40), {
         "v_src": (0, 0), "v_dst": (4, 4), "v_rqtr": (8, 8), "v_saddr": (12, 16),
