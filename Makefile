@@ -20,11 +20,15 @@ run: $(STAMP)
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q
 
-# The ssh tests drive a real sshd on 127.0.0.1 (their own config, keys and port).
+# Debian packages the tests drive for real: sshd on 127.0.0.1 (the ssh tests, with their own
+# config, keys and port) and logrotate (the shipped logrotate snippet, in a temporary root).
 test-deps:
-	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || \
-	  { apt-get install -y -q openssh-server >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null && apt-get install -y -q openssh-server >/dev/null; }; }
+	@missing=""; \
+	{ command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd; } || missing="openssh-server"; \
+	command -v logrotate >/dev/null 2>&1 || test -x /usr/sbin/logrotate || \
+	  missing="$$missing logrotate"; \
+	test -z "$$missing" || apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; }
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
