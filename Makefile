@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv run test test-deps lint bench clean
+.PHONY: venv run test test-deps lint bench clean fuzz-frames chaos
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ test-deps:
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# 100,000 hostile frames from the peers' own addresses against a 3-node cluster; prints figures.
+fuzz-frames: $(STAMP)
+	$(BIN)/python -m fuzz.frame_fuzz --frames 100000 --seconds 1500
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

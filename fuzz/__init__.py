@@ -1,0 +1,1 @@
+"""Robustness harnesses: frame fuzzer, config fuzzer and chaos run against real DSP clusters."""
