@@ -38,6 +38,7 @@ import lz4.frame
 
 from dsp_proxy import topology
 from dsp_proxy.cluster import Cluster
+from dsp_proxy.config import ConfigError
 from dsp_proxy.misc import resolve
 from dvk_cffi import consts as C
 from dvk_cffi.errors import DvkError
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         with local_cluster(CONFIG, args.workdir) as cl:
             print(f"cluster up: nodes {cl.nodes} on {cl.net}.x, logs in {cl.log_dir}")
             report = run(cl, Path(cl.log_dir), args.frames, args.seconds, seed)
-    except (RuntimeError, TimeoutError, DvkError, OSError) as exc:
+    except (RuntimeError, TimeoutError, DvkError, OSError, ConfigError) as exc:
         print(f"frame fuzzer: cannot run: {exc}", file=sys.stderr)
         return 2
     for line in report.lines():

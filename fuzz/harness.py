@@ -50,14 +50,16 @@ def local_cluster(template: str, workdir: str | None = None,
     rundir = tempfile.mkdtemp(prefix="dvk")
     logs = Path(workdir) / "logs"
     logs.mkdir(exist_ok=True)
-    cluster = Cluster(cfg, rundir=rundir, log_dir=str(logs), **kw)
-    cluster.cfg_path = cfg
-    cluster.net = net
+    cluster = None
     try:
+        cluster = Cluster(cfg, rundir=rundir, log_dir=str(logs), **kw)
+        cluster.cfg_path = cfg
+        cluster.net = net
         cluster.start()
         yield cluster
     finally:
-        cluster.stop()
+        if cluster is not None:
+            cluster.stop()
         shutil.rmtree(rundir, ignore_errors=True)
 
 
