@@ -33,6 +33,10 @@ bench: $(STAMP)
 fuzz-frames: $(STAMP)
 	$(BIN)/python -m fuzz.frame_fuzz --frames 100000 --seconds 1500
 
+# Six healed faults under four looping clients through the LB, then 8 clients x 10,000 sendrec.
+chaos: $(STAMP)
+	$(BIN)/python -m fuzz.chaos --sessions 20 --soak 10000
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -145,6 +146,13 @@ class FakeRelayedClient:
         h.c_msg.m_source, h.c_msg.m_type, h.c_msg.m1_i1 = clt_ep, 0x0A, seq
         return bytes(h.buf)
 
+    @staticmethod
+    def data_frame(clt_ep: int, n: int) -> bytes:
+        h = make_header(c_cmd=C.CMD_COPYIN_DATA, c_dcid=0, c_src=clt_ep, c_dst=10, c_snode=3,
+                        c_dnode=0, c_pid=4243, c_len=n, v_src=clt_ep, v_dst=10, v_rqtr=clt_ep,
+                        v_bytes=n)
+        return bytes(h.buf) + os.urandom(n)
+
     def send(self, data: bytes) -> None:
         with self.lock:
             self.out.sendall(data)
@@ -165,6 +173,16 @@ class FakeRelayedClient:
             t.join(2)
 
 
+def send_queue(src: str, dst: str) -> int | None:
+    """Bytes queued on the TCP connections from src to dst (ss), None without ss."""
+    try:
+        out = subprocess.run(["ss", "-tnH", "src", src, "dst", dst], capture_output=True,
+                             text=True, timeout=10).stdout
+    except OSError:
+        return None
+    return sum(int(line.split()[2]) for line in out.splitlines() if line.split()[2:3])
+
+
 def session_server(cl, client: str) -> int | None:
     for s in ((cl.status(LB_HOST) or {}).get("group") or {}).get("sessions", []):
         if s["client"] == client:
@@ -173,10 +191,14 @@ def session_server(cl, client: str) -> int | None:
 
 
 def test_frozen_server_with_a_full_socket_does_not_stall_the_other(tmp_path):
-    """A relayed client floods its session on server A, whose whole node is then frozen, so
-    the LB host's socket to A fills; a client of node 4 served by server B keeps its normal
-    latency meanwhile."""
-    with cluster_from(CONFIG, tmp_path, only=[1, 2, 4, 5]) as cl:
+    """A relayed client floods its session on server A with COPY data while A's whole node is
+    frozen, so the LB host's socket to A fills; a client of node 4 served by server B keeps its
+    normal latency meanwhile, and so does the flooding client's own session on B (a frozen peer
+    delays only its own traffic: no thread blocks on another peer's socket)."""
+    # failure detection after 5 s: a thread blocked on A's socket stays blocked that long
+    slow_fd = CONFIG.replace("fd_interval 500; fd_fall 3;", "fd_interval 1000; fd_fall 5;")
+    assert slow_fd != CONFIG
+    with cluster_from(slow_fd, tmp_path, only=[1, 2, 4, 5]) as cl:
         chaos = Chaos(cl, tmp_path)
         fake = None
         try:
@@ -191,31 +213,47 @@ def test_frozen_server_with_a_full_socket_does_not_stall_the_other(tmp_path):
             both = C.NODE_SCONNECTED | C.NODE_RCONNECTED
             wait_for(lambda: cl.dvk(LB_HOST).getnodeinfo(3).n_flags & both == both, 10,
                      "the fake client's link up at the LB host")
-            # sessions of the fake client until one sits on the other server
-            ep, srv_a = 60, None
-            while ep < 70:
+            # sessions of the fake client: one on A (not node 4's server), one on B
+            by_server: dict[int, int] = {}
+            for ep in range(60, 70):
                 fake.call(ep, 1)
-                srv_a = session_server(cl, f"{ep}@3")
-                if srv_a is not None and srv_a != srv_b:
+                srv = wait_for(lambda ep=ep: session_server(cl, f"{ep}@3"), 5,
+                               f"the session of {ep}@3 in the LB host's figures")
+                by_server.setdefault(srv, ep)
+                if len(by_server) == 2:
                     break
-                ep += 1
-            assert srv_a is not None and srv_a != srv_b, "no session of the fake client on A"
+            assert len(by_server) == 2, f"the fake client's sessions: {by_server}"
+            srv_a = next(n for n in by_server if n != srv_b)
+            ep, ep_b = by_server[srv_a], by_server[srv_b]
             time.sleep(3)
             t_freeze = time.monotonic()
             victims = [chaos.servers[srv_a], cl.dsps[srv_a], cl.kernels[srv_a]]
             for p in victims:
                 p.send_signal(signal.SIGSTOP)
             try:
-                flood = fake.frame(C.CMD_SNDREC_MSG, ep, seq=2) * 1000
+                # COPY data in A's session: 64 KiB a frame, so the socket to A fills soon;
+                # what is left once A's session ended is dropped (data opens no session)
+                flood = fake.data_frame(ep, C.MAXCOPYBUF)
                 sent = 0
                 fake.out.settimeout(0.5)
                 t_end = time.monotonic() + 4
-                while time.monotonic() < t_end and sent < 80_000:
+                while time.monotonic() < t_end and sent < 500:
                     try:
                         fake.send(flood)
                     except TimeoutError:
                         break  # the LB host stopped reading this link
-                    sent += 1000
+                    sent += 1
+                queued = send_queue(resolve(cl.cfg.nodes_by_id[LB_HOST].rname),
+                                    resolve(cl.cfg.nodes_by_id[srv_a].rname))
+                # the flooder's own session on B: its requests must not wait behind A's socket
+                fake.out.settimeout(10)
+                own_b = []
+                for i in range(5):
+                    try:
+                        own_b.append(fake.call(ep_b, 100 + i, timeout=10))
+                    except (TimeoutError, AssertionError):
+                        own_b.append(float("inf"))
+                    time.sleep(0.1)
                 time.sleep(max(0.0, t_freeze + 5 - time.monotonic()))
             finally:
                 for p in reversed(victims):
@@ -233,11 +271,15 @@ def test_frozen_server_with_a_full_socket_does_not_stall_the_other(tmp_path):
             p99 = before[int(len(before) * 0.99)]
             bound = max(0.75, 5 * p99)
             worst = max(d for d, _ in during)
-            print(f"flood {sent} frames to server {srv_a}; node 4 client on server {srv_b}: "
+            print(f"flood {sent} x 64 KiB to server {srv_a}; node 4 client on server {srv_b}: "
                   f"p99 before {p99 * 1000:.1f} ms, worst while frozen {worst * 1000:.1f} ms "
-                  f"({len(during)} requests), error ACKs to the flooder {fake.error_acks}")
+                  f"({len(during)} requests), error ACKs to the flooder {fake.error_acks}, "
+                  f"LB host -> A send queue {queued} bytes; the flooder's own requests to B: "
+                  f"{', '.join(f'{x * 1000:.0f}' for x in own_b)} ms")
             assert all(r == "ok" for _, r in during), [r for _, r in during if r != "ok"][:5]
             assert worst < bound, f"worst {worst:.3f} s while A was frozen (bound {bound:.3f})"
+            assert max(own_b) < bound, \
+                f"the flooding client's session on B waited {max(own_b):.3f} s (bound {bound:.3f})"
         finally:
             if fake is not None:
                 fake.close()
