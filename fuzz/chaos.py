@@ -256,6 +256,9 @@ class Chaos:
             self.servers[v].kill()
             self.servers[v].wait()
 
+        def restart_program(v):
+            self.start_server(v)
+
         def noop(v):
             pass
 
@@ -275,32 +278,32 @@ class Chaos:
         return [("kill -9 server DSP", 1, kill_dsp, restart_dsp, True),
                 ("SIGSTOP server DSP", 2, stop_dsp, cont_dsp, False),
                 ("kill server node kernel", 1, kill_kernel, restart_kernel, True),
-                ("kill server program", 2, kill_program, noop, True),
+                ("kill server program", 2, kill_program, restart_program, True),
                 ("SIGSTOP whole server node", 1, stop_node, cont_node, False),
                 ("restart LB host DSP", LB_HOST, restart_lb_host, noop, False)]
 
     def recovered(self, v: int) -> bool:
-        """The victim is back: links up, and for a server its program bound (restarted when
-        it exited, as latency_server does when a reply fails) and live at the LB host; for the
-        LB host its new DSP reports both servers live."""
+        """The victim is back: links up; every server program running (one that exited, as
+        latency_server does when a reply fails, is started again and noted), bound and live
+        at the LB host, as the LB host's current DSP reports."""
         if not _links_up(self.cl, v):
             return False
-        if v in SERVERS:
-            prog = self.servers[v]
+        for n in SERVERS:
+            prog = self.servers[n]
             if prog.poll() is not None:
-                self.current.notes.append(f"server program exited ({prog.returncode}): "
-                                          "restarted")
-                self.start_server(v)
+                self.current.notes.append(f"server program on node {n} exited "
+                                          f"({prog.returncode}): restarted")
+                self.start_server(n)
                 return False
-            return self.server_bound(v) and self.server_live(v)
-        return all(self.server_live(s) for s in SERVERS)
+        return all(self.server_bound(n) and self.server_live(n) for n in SERVERS)
 
     def run_fault(self, name: str, v: int, inject, heal, down: bool) -> FaultResult:
         r = self.current = FaultResult(name, v, time.monotonic())
         r0 = self.redispatch_count()
         self.say(f"-- {name} (node {v})")
         inject(v)
-        hold = self.hold_stop if "SIGSTOP" in name else self.hold_kill
+        hold = (self.hold_stop if "SIGSTOP" in name else 0.0 if "restart" in name
+                else self.hold_kill)
         if down and v in SERVERS:
             time.sleep(DETECTION_BOUND + 0.5)
             r.during = self.new_sessions(max(3, self.sessions // 2))
