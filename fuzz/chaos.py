@@ -275,12 +275,22 @@ class Chaos:
             Path(cl.status_path(v)).unlink(missing_ok=True)  # no stale figures
             cl.start_dsp(v)
 
-        return [("kill -9 server DSP", 1, kill_dsp, restart_dsp, True),
-                ("SIGSTOP server DSP", 2, stop_dsp, cont_dsp, False),
-                ("kill server node kernel", 1, kill_kernel, restart_kernel, True),
-                ("kill server program", 2, kill_program, restart_program, True),
-                ("SIGSTOP whole server node", 1, stop_node, cont_node, False),
+        # victim 0: the server that serves most loop clients when the fault starts
+        return [("kill -9 server DSP", 0, kill_dsp, restart_dsp, True),
+                ("SIGSTOP server DSP", 0, stop_dsp, cont_dsp, False),
+                ("kill server node kernel", 0, kill_kernel, restart_kernel, True),
+                ("kill server program", 0, kill_program, restart_program, True),
+                ("SIGSTOP whole server node", 0, stop_node, cont_node, False),
                 ("restart LB host DSP", LB_HOST, restart_lb_host, noop, False)]
+
+    def busiest_server(self) -> int:
+        """The server with most sessions of the loop clients at the LB host (ties: the one
+        that was not the last victim)."""
+        group = (self.cl.status(LB_HOST) or {}).get("group") or {}
+        count = Counter(int(s["server"].split("@")[1]) for s in group.get("sessions", [])
+                        if int(s["client"].split("@")[0]) in (50, 51))
+        last = self.results[-1].victim if self.results else 0
+        return max(SERVERS, key=lambda n: (count.get(n, 0), n != last))
 
     def recovered(self, v: int) -> bool:
         """The victim is back: links up; every server program running (one that exited, as
@@ -298,6 +308,7 @@ class Chaos:
         return all(self.server_bound(n) and self.server_live(n) for n in SERVERS)
 
     def run_fault(self, name: str, v: int, inject, heal, down: bool) -> FaultResult:
+        v = v or self.busiest_server()
         r = self.current = FaultResult(name, v, time.monotonic())
         r0 = self.redispatch_count()
         self.say(f"-- {name} (node {v})")
