@@ -21,6 +21,9 @@ from dvk_cffi.wire import HEADER_SIZE, hello_header, make_header
 from fuzz.chaos import CONFIG, LB_HOST, SERVERS, Chaos, soak
 from fuzz.loadclient import read_records
 
+#: COPY data frames (64 KiB) the flooding client sends: enough to fill the LB host's socket
+#: to a frozen server (about 4 MiB queued there, the rest in the frozen node's receive buffer).
+FLOOD_FRAMES = 160
 #: Requests per client of the 8-client test (`make chaos` runs 10,000 with --soak).
 SOAK_REQUESTS = int(os.environ.get("DSP_SOAK_REQUESTS", "1000"))
 
@@ -233,20 +236,25 @@ def test_frozen_server_with_a_full_socket_does_not_stall_the_other(tmp_path):
             try:
                 # COPY data in A's session: 64 KiB a frame, so the socket to A fills soon;
                 # what is left once A's session ended is dropped (data opens no session)
+                # whole frames only (blocking sends), from a thread of their own: while the LB
+                # host does not read this link, the flooder's other requests wait behind them
                 flood = fake.data_frame(ep, C.MAXCOPYBUF)
-                sent = 0
-                fake.out.settimeout(0.5)
-                t_end = time.monotonic() + 4
-                while time.monotonic() < t_end and sent < 500:
-                    try:
-                        fake.send(flood)
-                    except TimeoutError:
-                        break  # the LB host stopped reading this link
-                    sent += 1
+                sent = [0]
+
+                def flooder():
+                    t_end = time.monotonic() + 2.0
+                    while time.monotonic() < t_end and sent[0] < FLOOD_FRAMES:
+                        try:
+                            fake.send(flood)
+                        except OSError:
+                            return
+                        sent[0] += 1
+                flood_thread = threading.Thread(target=flooder, daemon=True)
+                flood_thread.start()
+                time.sleep(2.5)
                 queued = send_queue(resolve(cl.cfg.nodes_by_id[LB_HOST].rname),
                                     resolve(cl.cfg.nodes_by_id[srv_a].rname))
                 # the flooder's own session on B: its requests must not wait behind A's socket
-                fake.out.settimeout(10)
                 own_b = []
                 for i in range(5):
                     try:
@@ -255,6 +263,7 @@ def test_frozen_server_with_a_full_socket_does_not_stall_the_other(tmp_path):
                         own_b.append(float("inf"))
                     time.sleep(0.1)
                 time.sleep(max(0.0, t_freeze + 5 - time.monotonic()))
+                flood_thread.join(10)
             finally:
                 for p in reversed(victims):
                     p.send_signal(signal.SIGCONT)
@@ -271,7 +280,7 @@ def test_frozen_server_with_a_full_socket_does_not_stall_the_other(tmp_path):
             p99 = before[int(len(before) * 0.99)]
             bound = max(0.75, 5 * p99)
             worst = max(d for d, _ in during)
-            print(f"flood {sent} x 64 KiB to server {srv_a}; node 4 client on server {srv_b}: "
+            print(f"flood {sent[0]} x 64 KiB to server {srv_a}; node 4 client on server {srv_b}: "
                   f"p99 before {p99 * 1000:.1f} ms, worst while frozen {worst * 1000:.1f} ms "
                   f"({len(during)} requests), error ACKs to the flooder {fake.error_acks}, "
                   f"LB host -> A send queue {queued} bytes; the flooder's own requests to B: "
