@@ -25,6 +25,7 @@ prints p50/p99 and the lost count.  Exit status 0 when every rule held.
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import subprocess
 import sys
@@ -480,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for f in failures:
         print(f"FAIL: {f}")
-    print("chaos: all rules held" if not failures else f"chaos: {len(failures)} rules broken")
+    print("chaos: all rules held" if not failures else f"chaos: {len(failures)} rules broken; "
+          f"logs kept in {workdir}")
+    if not failures and args.workdir is None:
+        shutil.rmtree(workdir.parent, ignore_errors=True)
     return 1 if failures else 0
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import socket
 import struct
 import sys
@@ -479,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"frame fuzzer: {args.frames} frames, at most {args.seconds:.0f} s, seed {seed}")
     try:
         with local_cluster(CONFIG, args.workdir) as cl:
+            workdir = Path(cl.log_dir).parent
             print(f"cluster up: nodes {cl.nodes} on {cl.net}.x, logs in {cl.log_dir}")
             report = run(cl, Path(cl.log_dir), args.frames, args.seconds, seed)
     except (RuntimeError, TimeoutError, DvkError, OSError, ConfigError) as exc:
@@ -486,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in report.lines():
         print(line)
+    if report.failures:
+        print(f"logs kept in {workdir}")
+    elif args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 1 if report.failures else 0
 
 
