@@ -83,15 +83,15 @@ class FaultResult:
     misrouted: int = 0
     lost: int = 0
 
-    def failures(self) -> list[str]:
+    def failures(self, wait_bound: float = DETECTION_BOUND) -> list[str]:
         out = []
         if self.misrouted:
             out.append(f"{self.name}: {self.misrouted} misrouted")
         if self.lost:
             out.append(f"{self.name}: {self.lost} lost")
-        if self.longest > DETECTION_BOUND:
+        if self.longest > wait_bound:
             out.append(f"{self.name}: a client waited {self.longest:.2f} s "
-                       f"(bound {DETECTION_BOUND:.1f} s)")
+                       f"(bound {wait_bound:.1f} s)")
         if self.recover is None:
             out.append(f"{self.name}: not recovered within {RECOVER_BOUND:.0f} s")
         if self.during is not None and self.during[0] != self.during[1]:
@@ -396,8 +396,9 @@ class Chaos:
                 lines.append(f"{'':28} note: {note}")
         return lines
 
-    def failures(self) -> list[str]:
-        return [f for r in self.results for f in r.failures()]
+    def failures(self, wait_bound: float = DETECTION_BOUND) -> list[str]:
+        """Every broken rule; `wait_bound` is the longest client wait allowed."""
+        return [f for r in self.results for f in r.failures(wait_bound)]
 
 
 def _links_up(cl: Cluster, node: int) -> bool:

@@ -7,7 +7,10 @@ sessions must all succeed while one healthy server remains and after healing."""
 from __future__ import annotations
 
 from cluster_helpers import cluster_from
-from fuzz.chaos import CONFIG, Chaos
+from fuzz.chaos import CONFIG, DETECTION_BOUND, Chaos
+
+#: `make chaos` holds clients to the detection bound itself; a shared CI machine gets 1.5 s more.
+WAIT_SLACK = 1.5
 
 
 def test_short_chaos_run(tmp_path):
@@ -20,5 +23,5 @@ def test_short_chaos_run(tmp_path):
         table = "\n".join(chaos.table())
         print(table)
         assert sum(r.requests for r in chaos.results) > 100, table
-        failures = chaos.failures()
+        failures = chaos.failures(DETECTION_BOUND + WAIT_SLACK)
         assert not failures, table + "\n" + "\n".join(failures)
