@@ -47,6 +47,14 @@ fuzz: fuzz-config fuzz-frames
 fuzz-config: $(STAMP)
 	$(BIN)/python -m fuzz.config_fuzz --count 10000 --big
 
+# 100,000 hostile frames from the peers' own addresses against a 3-node cluster; prints figures.
+fuzz-frames: $(STAMP)
+	$(BIN)/python -m fuzz.frame_fuzz --frames 100000 --seconds 1500
+
+# Six healed faults under four looping clients through the LB, then 8 clients x 10,000 sendrec.
+chaos: $(STAMP)
+	$(BIN)/python -m fuzz.chaos --sessions 20 --soak 10000
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -1,0 +1,229 @@
+"""Pieces the frame fuzzer, the chaos run and their tests share: a cluster on this run's own
+loopback subnet, per-process figures from /proc, and link probes that send one request over a
+link and wait for its reply.
+
+Everything here drives real processes (emulated node kernels, `dsp_proxy`, the demo programs);
+nothing is simulated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from dsp_proxy.cluster import Cluster, module_argv, render_config
+from dvk_cffi import Message
+from dvk_cffi import consts as C
+from dvk_cffi.errors import DvkError
+
+#: Endpoint of the probe server on node n (system endpoints are 0..28; the services of the
+#: harness configs use 10..19, so 20 + n stays outside them).
+PROBE_SERVER_BASE = 20
+#: Endpoint the harness process binds on node n to send probes from.
+PROBE_CLIENT_BASE = 90
+REQUEST_TYPE, REPLY_TYPE = 0x0A, 0x0B
+
+
+def run_net() -> str:
+    """A 127.X.Y prefix for a command-line run (tests take theirs from cluster_helpers)."""
+    pid = os.getpid()
+    return f"127.{200 + pid % 50}.{(pid // 50) % 250 + 1}"
+
+
+@contextlib.contextmanager
+def local_cluster(template: str, workdir: str | None = None,
+                  **kw) -> Iterator[Cluster]:
+    """Write `template` for a fresh subnet, run the cluster, always stop it.  Logs stay in
+    `workdir` (a new temporary directory when None, printed by the callers)."""
+    workdir = workdir or tempfile.mkdtemp(prefix="dspfuzz")
+    os.makedirs(workdir, exist_ok=True)
+    net = run_net()
+    cfg = Path(workdir) / "cluster.cfg"
+    cfg.write_text(render_config(template, net))
+    rundir = tempfile.mkdtemp(prefix="dvk")
+    logs = Path(workdir) / "logs"
+    logs.mkdir(exist_ok=True)
+    cluster = None
+    try:
+        cluster = Cluster(cfg, rundir=rundir, log_dir=str(logs), **kw)
+        cluster.cfg_path = cfg
+        cluster.net = net
+        cluster.start()
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ process figures
+def proc_figures(pid: int) -> tuple[int, int]:
+    """(RSS in KiB, thread count) of a live process."""
+    rss = threads = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Threads:"):
+                threads = int(line.split()[1])
+    return rss, threads
+
+
+def dsp_figures(cluster: Cluster, samples: int = 3) -> dict[int, tuple[int, int, int]]:
+    """node -> (RSS KiB max, threads min, threads max) over a few samples 0.2 s apart."""
+    out: dict[int, tuple[int, int, int]] = {}
+    for _ in range(samples):
+        for n, proc in cluster.dsps.items():
+            if proc.poll() is not None:
+                continue
+            rss, threads = proc_figures(proc.pid)
+            r, lo, hi = out.get(n, (0, threads, threads))
+            out[n] = (max(r, rss), min(lo, threads), max(hi, threads))
+        time.sleep(0.2)
+    return out
+
+
+def log_text(cluster: Cluster, name: str) -> str:
+    try:
+        return Path(cluster.log_path(name)).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------ link probes
+class Probes:
+    """A probe server on every node (the latency server at 20 + n) and one client endpoint per
+    node bound by this process (90 + n); `probe(a, b)` is one sendrec from node a to node b.
+
+    The bindings the probes need (server on b known on a, client of a known on b) are made
+    here and re-made when they are missing: the harness measures links, not bindings that a
+    fuzzed frame was allowed to change (the tests check the protected bindings separately).
+    """
+
+    def __init__(self, cluster: Cluster, nodes: list[int], out_dir: Path) -> None:
+        self.cluster = cluster
+        self.nodes = list(nodes)
+        self.out_dir = out_dir
+        self.servers: dict[int, subprocess.Popen] = {}
+        self.restarts = 0
+        self.repairs = 0
+        self.bound: set[int] = set()
+        self.seq = 0
+
+    def start(self) -> None:
+        for n in self.nodes:
+            self._start_server(n)
+        for n in self.nodes:
+            self._wait_server(n)
+        for a in self.nodes:
+            self.cluster.dvk(a).bind(0, PROBE_CLIENT_BASE + a)
+            self.bound.add(a)
+        self.fix_bindings()
+
+    def _start_server(self, n: int) -> None:
+        out = open(self.out_dir / f"probe_server{n}.out", "ab")
+        try:
+            self.servers[n] = self.cluster.popen(
+                n, module_argv("dvs_apps.latency", "server", 0, PROBE_SERVER_BASE + n),
+                stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            out.close()
+
+    def _wait_server(self, n: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        dvk = self.cluster.dvk(n)
+        while time.monotonic() < deadline:
+            try:
+                if not dvk.getprocinfo(0, PROBE_SERVER_BASE + n).p_rts_flags & C.SLOT_FREE:
+                    return
+            except DvkError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"probe server of node {n} not bound")
+
+    def restart_dead_servers(self) -> int:
+        """Start again the probe servers that exited (a failed reply ends the program)."""
+        dead = [n for n, p in self.servers.items() if p.poll() is not None]
+        for n in dead:
+            self._start_server(n)
+            self.restarts += 1
+        for n in dead:
+            self._wait_server(n)
+        return len(dead)
+
+    def _ensure_remote(self, node: int, ep: int, where: int) -> None:
+        dvk = self.cluster.dvk(node)
+        try:
+            info = dvk.getprocinfo(0, ep)
+            if not info.p_rts_flags & C.SLOT_FREE:
+                if not info.p_rts_flags & C.REMOTE or info.p_nodeid == where:
+                    return  # right already, or a local process's: never taken away
+                dvk.unbind(0, ep)
+            dvk.rmtbind(0, f"probe{ep}", ep, where)
+            self.repairs += 1
+        except DvkError:
+            pass
+
+    def fix_bindings(self) -> None:
+        for a in self.nodes:
+            for b in self.nodes:
+                if a != b:
+                    self._ensure_remote(a, PROBE_SERVER_BASE + b, b)
+                    self._ensure_remote(b, PROBE_CLIENT_BASE + a, a)
+
+    def probe(self, a: int, b: int, timeout_ms: int = 3000) -> str:
+        """One request from node a's probe client to node b's probe server: 'ok' or the
+        error's name (a wrong reply is 'misrouted')."""
+        self.seq += 1
+        m = Message()
+        m.m_source, m.m_type, m.m1_i1, m.m1_i3 = PROBE_CLIENT_BASE + a, REQUEST_TYPE, \
+            self.seq, 7000 + b
+        try:
+            self.cluster.dvk(a).sendrec(PROBE_SERVER_BASE + b, m, timeout_ms)
+        except DvkError as err:
+            return err.name
+        if m.m_type != REPLY_TYPE or m.m1_i1 != self.seq or m.m1_i3 != 7000 + b:
+            return "misrouted"
+        return "ok"
+
+    def all_links(self, timeout: float) -> tuple[float | None, dict[tuple[int, int], str]]:
+        """Probe every ordered pair until each carried a request or `timeout` passed; returns
+        (seconds until the last pair succeeded or None, last outcome per pair)."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        last: dict[tuple[int, int], str] = {}
+        pending = [(a, b) for a in self.nodes for b in self.nodes if a != b]
+        while pending and time.monotonic() < deadline:
+            self.restart_dead_servers()
+            self.fix_bindings()
+            for pair in list(pending):
+                last[pair] = self.probe(*pair, timeout_ms=2000)
+                if last[pair] == "ok":
+                    pending.remove(pair)
+            if pending:
+                time.sleep(0.2)
+        return (None if pending else time.monotonic() - t0), last
+
+    def close(self) -> None:
+        for a in list(self.bound):
+            try:
+                self.cluster.dvk(a).unbind(0, PROBE_CLIENT_BASE + a)
+            except (DvkError, OSError):
+                pass
+        self.bound.clear()
+        for p in self.servers.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.servers.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

@@ -1,0 +1,417 @@
+"""Regression tests of the hostile-input findings (frames and connections), each against the real
+daemon: a frame or a connection may cost at most that frame or that one link, never a thread,
+a binding this node owns, or the daemon."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from cluster_helpers import cluster_from
+from dsp_proxy import topology
+from dsp_proxy.cluster import module_argv
+from dsp_proxy.misc import resolve
+from dvk_cffi import Message
+from dvk_cffi import consts as C
+from dvk_cffi.errors import DvkError
+from dvk_cffi.wire import HEADER_SIZE, hello_header, make_header, pack_batch
+from fuzz.harness import Probes
+
+CONFIG = """
+lb node0 { nodeid 0; period 1; fd_interval 250; fd_fall 4; fd_rise 1; };
+server node1 { nodeid 1; rname {net}.1; };
+server node2 { nodeid 2; rname {net}.2; };
+client node3 { nodeid 3; rname {net}.3; };
+service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
+"""
+LB, EXT_EP = 0, 10
+#: fd_interval x fd_fall of CONFIG, and the slack the tests allow on top of it.
+SILENCE = 1.0
+SLACK = 5.0
+
+
+def addr(cl, n: int) -> str:
+    return resolve(cl.cfg.nodes_by_id[n].rname)
+
+
+def spec_of(cl, target: int, peer: int):
+    """Node `target`'s link spec for `peer` (where it listens for it, where it connects)."""
+    return next(s for s in topology.peer_specs(cl.cfg, target) if s.nodeid == peer)
+
+
+def log_of(cl, n: int) -> str:
+    with open(cl.log_path(f"dsp{n}"), errors="replace") as f:
+        return f.read()
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+class FakePeer:
+    """Poses as node `peer` towards node `target` from the peer's own address, in both
+    directions (the real peer's DSP must be down): accepts the target's SPROXY connection,
+    opens the one the target's RPROXY reads, and keeps the link alive with HELLOs."""
+
+    def __init__(self, cl, target: int, peer: int) -> None:
+        self.cl, self.target, self.peer = cl, target, peer
+        spec = spec_of(cl, target, peer)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((addr(cl, peer), spec.sport))
+        self.listener.listen(4)
+        self.listener.settimeout(15)
+        self.back, _ = self.listener.accept()
+        self.back.setblocking(False)
+        self.out = socket.socket()
+        self.out.bind((addr(cl, peer), 0))
+        self.out.connect((addr(cl, target), spec.rport))
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._keepalive, daemon=True)
+        self.thread.start()
+
+    def _keepalive(self) -> None:
+        hello = bytes(hello_header(self.peer, self.target, 4242).buf)
+        while not self.stop.wait(0.1):
+            try:
+                with self.lock:
+                    self.out.sendall(hello)
+                while self.back.recv(1 << 16):
+                    pass
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.out.sendall(data)
+
+    def link_up(self) -> bool:
+        return self.cl.link_state()[(self.target, self.peer)]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        for s in (self.out, self.back, self.listener):
+            s.close()
+
+
+def request(snode: int, dnode: int, src: int, dst: int, flags: int = 0,
+            cmd: int = C.CMD_SNDREC_MSG, length: int = 0) -> bytes:
+    h = make_header(c_cmd=cmd, c_dcid=0, c_src=src, c_dst=dst, c_snode=snode, c_dnode=dnode,
+                    c_pid=4242, c_flags=flags, c_len=length)
+    h.c_msg.m_source, h.c_msg.m_type, h.c_msg.m1_i1 = src, 0x0A, 1
+    return bytes(h.buf)
+
+
+@pytest.fixture
+def probes_of():
+    made = []
+
+    def make(cl, tmp_path, nodes):
+        p = Probes(cl, nodes, tmp_path)
+        made.append(p)
+        p.start()
+        took, last = p.all_links(20)
+        assert took is not None, f"links carry no requests before the test: {last}"
+        return p
+    yield make
+    for p in made:
+        p.close()
+
+
+def links_carry(probes: Probes, pairs, timeout: float) -> float:
+    """Seconds until every (a, b) in `pairs` carried a request (AssertionError after
+    `timeout`)."""
+    t0 = time.monotonic()
+    pending = list(pairs)
+    last = {}
+    while pending and time.monotonic() - t0 < timeout:
+        probes.restart_dead_servers()
+        probes.fix_bindings()
+        for pair in list(pending):
+            last[pair] = probes.probe(*pair, timeout_ms=1500)
+            if last[pair] == "ok":
+                pending.remove(pair)
+        if pending:
+            time.sleep(0.1)
+    assert not pending, f"no request over {pending} within {timeout} s: {last}"
+    return time.monotonic() - t0
+
+
+# --------------------------------------------------------------------------- finding 1
+def test_connection_bursts_from_the_peer_address_never_wedge_the_link(tmp_path, probes_of):
+    """3-5 connections from the peer's own address within 0.25 s, ten times: after each burst
+    the link carries traffic both ways again within a few seconds."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        probes = probes_of(cl, tmp_path, [1, 2])
+        spec = spec_of(cl, 1, 2)
+        times = []
+        for burst in range(10):
+            socks = []
+            for _ in range(3 + burst % 3):
+                s = socket.socket()
+                s.bind((addr(cl, 2), 0))
+                s.settimeout(2)
+                try:
+                    s.connect((addr(cl, 1), spec.rport))
+                    s.sendall(bytes(hello_header(2, 1, 4242).buf))
+                except OSError:
+                    pass
+                socks.append(s)
+                time.sleep(0.25 / 5)
+            for s in socks:
+                s.close()
+            times.append(links_carry(probes, [(1, 2), (2, 1)], 15))
+        print(f"recovery after each burst: {', '.join(f'{t:.2f}' for t in times)} s")
+        assert max(times) < 15
+
+
+# --------------------------------------------------------------------------- finding 2
+def test_batch_sub_header_with_payload_closes_only_that_link(tmp_path, probes_of):
+    """A batch whose sub-header says c_len != 0: that link closes with a logged reason, the
+    other links stay, the link comes back with the real peer, and failure detection of that
+    peer still works afterwards."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        probes = probes_of(cl, tmp_path, [1, 2, 3])
+        cl.kill_dsp(2, signal.SIGKILL)
+        cl.wait_links_up(15, pairs=[(1, 3), (3, 1)])
+        fake = FakePeer(cl, 1, 2)
+        try:
+            wait_for(fake.link_up, 10, "the fake peer's link up")
+            subs = [request(2, 1, 60, 61), request(2, 1, 60, 61, length=HEADER_SIZE)]
+            head = make_header(c_cmd=C.CMD_SNDREC_MSG, c_dcid=0, c_src=60, c_dst=61,
+                               c_snode=2, c_dnode=1, c_len=2 * HEADER_SIZE, c_batch_nr=2,
+                               c_flags=C.FLAG_BATCH)
+            before = log_of(cl, 1)
+            fake.send(bytes(head.buf) + pack_batch(subs))
+            wait_for(lambda: not fake.link_up(), SILENCE + SLACK, "the link closed")
+            new = log_of(cl, 1)[len(before):]
+            reasons = [ln for ln in new.splitlines() if "bad frame" in ln
+                       and re.search(r"batch|c_len|sub-header", ln)]
+            assert reasons, f"no logged reason for the bad batch:\n{new}"
+        finally:
+            fake.close()
+        links_carry(probes, [(1, 3), (3, 1)], 10)
+        cl.start_dsp(2)
+        links_carry(probes, [(1, 2), (2, 1), (2, 3), (3, 2)], 20)
+        # failure detection of node 2 still works on node 1
+        cl.dsps[2].send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            wait_for(lambda: not cl.link_state()[(1, 2)], SILENCE + SLACK,
+                     "node 1 noticing the frozen node 2")
+            print(f"frozen peer noticed after {time.monotonic() - t0:.2f} s")
+        finally:
+            cl.dsps[2].send_signal(signal.SIGCONT)
+        links_carry(probes, [(1, 2), (2, 1)], 20)
+
+
+# --------------------------------------------------------------------------- finding 3
+def test_check_hdr_frame_cannot_steal_the_service_endpoint(tmp_path, probes_of):
+    """A CHECK_HDR frame with c_src = the service's ext_ep, to an endpoint nobody bound, must
+    leave the client node's ext_ep -> LB binding alone; then 20/20 requests through the LB."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        servers = [cl.popen(n, module_argv("dvs_apps.latency", "server", 0, EXT_EP),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for n in (1, 2)]
+        try:
+            def binding():
+                info = cl.dvk(3).getprocinfo(0, EXT_EP)
+                return info.p_rts_flags, info.p_nodeid
+            flags, node = binding()
+            assert flags & C.REMOTE and node == LB, (hex(flags), node)
+            cl.kill_dsp(1, signal.SIGKILL)
+            fake = FakePeer(cl, 3, 1)
+            cl.dvk(3).bind(0, 25)
+            try:
+                wait_for(fake.link_up, 10, "the fake peer's link up")
+                for dst in (27, 28, 200):
+                    fake.send(request(1, 3, EXT_EP, dst, flags=C.FLAG_CHECK_HDR))
+                # a valid frame after them: once it arrived, they were read
+                fake.send(request(1, 3, 40, 25, flags=C.FLAG_CHECK_HDR))
+                m = _receive(cl, 3, 25, 3000)
+                assert m is not None and m.m_source == 40, f"the valid frame after: {m}"
+                flags, node = binding()
+                assert flags & C.REMOTE and node == LB, \
+                    f"ext_ep {EXT_EP} on node 3 now flags {flags:#x} node {node}"
+            finally:
+                fake.close()
+                cl.dvk(3).unbind(0, 25)
+            cl.start_dsp(1)
+            cl.wait_links_up(20)
+            res = cl.run(3, module_argv("dvs_apps.latency", "client", 0, 50, EXT_EP, 20, 0, 0),
+                         timeout=60)
+            loops = re.findall(r"Time total elapsed in loop", res.stdout)
+            assert res.returncode == 0 and len(loops) == 20, res.stdout + res.stderr
+        finally:
+            for p in servers:
+                p.kill()
+                p.wait()
+
+
+# --------------------------------------------------------------------------- finding 5
+def _receive(cl, node: int, ep: int, timeout_ms: int):
+    """Bind `ep` on `node` in this process and receive once: the message or None."""
+    dvk = cl.dvk(node)
+    m = Message()
+    try:
+        dvk.receive(C.ANY, m, timeout_ms)
+        return m
+    except DvkError as err:
+        assert err.name == "EDVSTIMEDOUT", err
+        return None
+
+
+@pytest.mark.parametrize("autobind", ["NO", "YES"])
+def test_out_of_range_endpoints_and_foreign_lb_node_are_refused(tmp_path, autobind):
+    """c_src outside the DC's endpoint range is never delivered; c_snode = the LB node from a
+    peer that does not relay for it is refused (and binds nothing).  A valid frame before and
+    after shows the fake peer's frames are read."""
+    cfg = CONFIG.replace("server node2 { nodeid 2; rname {net}.2; }",
+                         f"server node2 {{ nodeid 2; rname {{net}}.2; autobind {autobind}; }}")
+    with cluster_from(cfg, tmp_path) as cl:
+        dvk = cl.dvk(2)
+        dvk.bind(0, 25)
+        fake = None
+        try:
+            cl.kill_dsp(1, signal.SIGKILL)
+            fake = FakePeer(cl, 2, 1)
+            wait_for(fake.link_up, 10, "the fake peer's link up")
+
+            def control(src: int) -> None:
+                fake.send(request(1, 2, src, 25, flags=C.FLAG_CHECK_HDR))
+                m = _receive(cl, 2, 25, 3000)
+                assert m is not None and m.m_source == src, f"a valid frame from {src}@1: {m}"
+            control(40)
+            delivered = []
+            for src in (C.NR_PROCS, C.NR_PROCS + 1, 5000, -C.NR_TASKS - 1, 2**31 - 1):
+                for flags in (0, C.FLAG_CHECK_HDR):
+                    fake.send(request(1, 2, src, 25, flags=flags))
+                    m = _receive(cl, 2, 25, 700)
+                    if m is not None:
+                        delivered.append((src, flags, m.m_source))
+                    if not fake.link_up():  # refusing by closing the link is allowed too
+                        fake.close()
+                        fake = FakePeer(cl, 2, 1)
+                        wait_for(fake.link_up, 10, "the fake peer's link up again")
+            # the LB node as source, from node 1 (no relay in this config)
+            lb_delivered = []
+            for flags in (0, C.FLAG_CHECK_HDR):
+                fake.send(request(LB, 2, 26, 25, flags=flags))
+                m = _receive(cl, 2, 25, 700)
+                if m is not None:
+                    lb_delivered.append((flags, m.m_source))
+                if not fake.link_up():
+                    fake.close()
+                    fake = FakePeer(cl, 2, 1)
+                    wait_for(fake.link_up, 10, "the fake peer's link up again")
+            control(41)
+            info = dvk.getprocinfo(0, 26)
+            assert not delivered, f"out-of-range c_src delivered: {delivered}"
+            assert not lb_delivered, f"c_snode = LB node from node 1 delivered: {lb_delivered}"
+            assert info.p_rts_flags & C.SLOT_FREE or info.p_nodeid != LB, \
+                f"endpoint 26 bound to the LB node on node 2: {info.p_rts_flags:#x}"
+        finally:
+            if fake is not None:
+                fake.close()
+            try:
+                dvk.unbind(0, 25)
+            except DvkError:
+                pass
+
+
+# --------------------------------------------------------------------------- finding 9
+STRANGERS = 3000
+
+
+def _stranger_burst(target: tuple[str, int], sources: list[str], total: int,
+                    stop: threading.Event, counts: dict) -> None:
+    lock = threading.Lock()
+
+    def one(src: str, n: int) -> None:
+        for _ in range(n):
+            if stop.is_set():
+                return
+            s = socket.socket()
+            s.settimeout(3)
+            try:
+                s.bind((src, 0))
+                s.connect(target)
+                key = "connected"
+            except OSError:
+                key = "failed"
+            finally:
+                s.close()
+            with lock:
+                counts[key] = counts.get(key, 0) + 1
+    per = total // 8
+    threads = [threading.Thread(target=one, args=(sources[i % len(sources)], per), daemon=True)
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+
+def test_stranger_burst_is_rate_logged_and_the_peer_still_connects(tmp_path):
+    """3,000 connections from strangers: at most one log line a minute per source address,
+    and the real peer's link comes up during the burst within a bound."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        net = cl.net
+        sources = [f"{net}.77", f"{net}.78"]
+        spec = spec_of(cl, 1, 2)
+        counts: dict = {}
+        stop = threading.Event()
+        burst = threading.Thread(target=_stranger_burst,
+                                 args=((addr(cl, 1), spec.rport), sources, STRANGERS, stop,
+                                       counts), daemon=True)
+        t0 = time.monotonic()
+        burst.start()
+        try:
+            time.sleep(0.5)
+            cl.kill_dsp(2, signal.SIGKILL)
+            cl.start_dsp(2)
+            t_restart = time.monotonic()
+            cl.wait_links_up(30, pairs=[(1, 2), (2, 1)])
+            came_up = time.monotonic() - t_restart
+        finally:
+            burst.join(150)
+            stop.set()
+        took = time.monotonic() - t0
+        text = log_of(cl, 1)
+        per_source = {s: [ln for ln in text.splitlines() if "refused" in ln and s in ln]
+                      for s in sources}
+        print(f"burst: {counts} in {took:.1f} s; peer link up {came_up:.2f} s after its "
+              f"restart; refusal lines per source: "
+              f"{ {s: len(v) for s, v in per_source.items()} }")
+        for s, lines in per_source.items():
+            assert 1 <= len(lines) <= 2, f"{len(lines)} log lines for {s}: {lines[:3]}"
+        assert came_up < 30
+
+
+def test_listen_backlog_is_at_least_128(tmp_path):
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read the listen backlog")
+    with cluster_from(CONFIG, tmp_path) as cl:
+        spec = spec_of(cl, 1, 2)
+        out = subprocess.run(["ss", "-ltnH", f"src {addr(cl, 1)}:{spec.rport}"],
+                             capture_output=True, text=True, timeout=10).stdout
+        fields = out.split()
+        assert fields and fields[0] == "LISTEN", out
+        assert int(fields[2]) >= 128, f"backlog {fields[2]}: {out}"
