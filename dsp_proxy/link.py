@@ -131,6 +131,8 @@ class Link:
         self.refused_full = 0            # frames refused because the queue was full
         self._full_episode = False
         self.announced = False           # the peer said it is a DSP of this project
+        self.retired_in: list[socket.socket] = []    # shut down, to be closed by RPROXY
+        self.retired_out: list[socket.socket] = []   # shut down, to be closed by SPROXY
         self.fd_silence = fd_silence     # silence limit for announced peers
 
     # ------------------------------------------------------------------ state machine
@@ -181,7 +183,7 @@ class Link:
                 self._close_out()
             elif eff is Effect.CLOSE_IN:
                 if self.in_sock is not None:
-                    _close(self.in_sock)
+                    self.retired_in.append(_shut(self.in_sock))
                 self.in_sock = None
             elif eff is Effect.CONNECT:
                 self._connect_kernel()
@@ -229,8 +231,27 @@ class Link:
         if sock is not None:
             if self.monitor is not None:
                 self.monitor.forget(sock)
-            _close(sock)
+            self.retired_out.append(_shut(sock))
         self.out_sock = None
+
+    def close_retired(self, incoming: bool) -> None:
+        """Close the incoming (RPROXY's) or outgoing (SPROXY's) sockets the link gave up.  The
+        link only shuts a socket down, which wakes a thread blocked on it; the socket's own
+        thread closes it at a point where it does not use it, because a descriptor closed
+        under a thread that is about to read it may already be a new connection's when that
+        thread does (writers write under the send lock, which is held here)."""
+        with self.send_lock, self.cond:
+            if incoming:
+                retired, self.retired_in = self.retired_in, []
+            else:
+                retired, self.retired_out = self.retired_out, []
+        if not incoming and self.monitor is not None:
+            with self.monitor.lock:        # the monitor never touches a closed descriptor
+                for sock in retired:
+                    sock.close()
+            return
+        for sock in retired:
+            sock.close()
 
     def down(self, reason: str, generation: int | None = None) -> None:
         """Tear down both directions (no-op for a stale generation)."""
@@ -280,6 +301,8 @@ class Link:
             self.stopping = True
             self._apply(Event.STOP, None, "shutting down")
             self.cond.notify_all()
+        self.close_retired(incoming=False)
+        self.close_retired(incoming=True)
 
     # ------------------------------------------------------------------ sending
     def submit(self, hbuf, data=None, generation: int | None = None,
@@ -452,12 +475,17 @@ def _rest(parts: list, done: int) -> list:
     return []
 
 
-def _close(sock: socket.socket) -> None:
+def _shut(sock: socket.socket) -> socket.socket:
+    """Shut a socket down both ways (a thread blocked on it wakes up); it stays open."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-    sock.close()
+    return sock
+
+
+def _close(sock: socket.socket) -> None:
+    _shut(sock).close()
 
 
 class OutMonitor:
@@ -540,13 +568,19 @@ class OutMonitor:
         link.flush()
 
     def _readable(self, sock: socket.socket, link: Link) -> None:
-        try:
-            data = sock.recv(1, socket.MSG_DONTWAIT)
-            reason = ("the peer closed the connection" if not data
-                      else "the peer wrote on a send-only connection")
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            reason = f"connection error: {exc}"
-        self.forget(sock)
+        with self.lock:      # still watched: not closed (closing takes this lock)
+            if self.sel.get_map().get(sock.fileno()) is None:
+                return
+            try:
+                data = sock.recv(1, socket.MSG_DONTWAIT)
+                reason = ("the peer closed the connection" if not data
+                          else "the peer wrote on a send-only connection")
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                reason = f"connection error: {exc}"
+            try:
+                self.sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
         link.event(Event.OUT_LOST, sock, reason)

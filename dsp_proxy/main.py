@@ -566,6 +566,7 @@ class Dsp:
                 "address": f"{link.spec.host}:{link.spec.sport}",
                 "listen_port": link.spec.rport,
                 "queued": len(link.outq), "refused_full": link.refused_full,
+                "connections": _connections(link),
                 "sent": link.sent.as_dict(),
                 "received": link.received.as_dict(),
             }
@@ -724,6 +725,18 @@ class Dsp:
                 except E.DvkError as err:
                     log.debug("service %s: unbind of %d in DC %d: %s", svc.name,
                               svc.ext_ep, dcid, err)
+
+
+def _connections(link: Link) -> dict:
+    """The link's sockets as local -> remote address:port (which TCP connection is which)."""
+    out = {}
+    for name, sock in (("out", link.out_sock), ("in", link.in_sock)):
+        try:
+            a, b = sock.getsockname(), sock.getpeername()
+            out[name] = f"{a[0]}:{a[1]} -> {b[0]}:{b[1]}"
+        except (OSError, AttributeError):
+            out[name] = None
+    return out
 
 
 class _LinkView:

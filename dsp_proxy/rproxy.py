@@ -310,6 +310,7 @@ class RProxy:
         self.deliverer = Deliverer(ctx, self.link.peer)
         serial = 0
         while not ctx.stopping.is_set():
+            self.link.close_retired(incoming=True)     # this thread uses no socket now
             sock, serial = self.link.wait_in(serial, 0.5)
             if sock is not None and self._wait_up(sock):
                 self._serve(sock, self.link.generation)

@@ -45,6 +45,7 @@ class SProxy:
         self.payload = ctx.dvk.alloc(C.MAXCOPYBUF)
         backoff = Backoff()
         while not ctx.stopping.is_set():
+            link.close_retired(incoming=False)
             sock = self._connect(backoff)
             if sock is None:
                 return

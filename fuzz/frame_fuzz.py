@@ -32,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,15 @@ from dvk_cffi import consts as C
 from dvk_cffi.errors import DvkError
 from dvk_cffi.wire import HEADER_FIELDS, HEADER_SIZE, make_header, pack_batch
 
-from .harness import PROBE_CLIENT_BASE, PROBE_SERVER_BASE, Probes, dsp_figures, local_cluster
+from .harness import (
+    CHECK_CLIENT_BASE,
+    CHECK_SERVER_BASE,
+    PROBE_CLIENT_BASE,
+    PROBE_SERVER_BASE,
+    Probes,
+    dsp_figures,
+    local_cluster,
+)
 
 CONFIG = """
 lb node0 { nodeid 0; period 2; fd_interval 250; fd_fall 4; fd_rise 1; };
@@ -421,12 +430,18 @@ def run(cluster: Cluster, out_dir: Path, frames: int, seconds: float, seed: int,
         recover_bound: float = RECOVER_BOUND) -> Report:
     """Fuzz a started cluster of CONFIG and check it afterwards (every link must carry a
     request within `recover_bound` seconds of the last frame)."""
-    probes = Probes(cluster, cluster.nodes, out_dir)
+    probes = Probes(cluster, cluster.nodes, out_dir)        # what the fuzzed frames hit
+    check = Probes(cluster, cluster.nodes, out_dir, CHECK_SERVER_BASE, CHECK_CLIENT_BASE)
+    # a thread binds one endpoint per node: the check probes live on a thread of their own
+    checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="check-probes")
     try:
         probes.start()
-        took, first = probes.all_links(RECOVER_BOUND)
-        if took is None:
-            raise RuntimeError(f"links do not carry requests before fuzzing: {first}")
+        checker.submit(check.start).result()
+        for p in (probes, check):
+            took, first = (p.all_links(RECOVER_BOUND) if p is probes else
+                           checker.submit(p.all_links, RECOVER_BOUND).result())
+            if took is None:
+                raise RuntimeError(f"links do not carry requests before fuzzing: {first}")
         before = dsp_figures(cluster)
         downs0 = link_downs(cluster)
         stats, elapsed = fuzz(cluster, frames, seconds, seed)
@@ -437,7 +452,7 @@ def run(cluster: Cluster, out_dir: Path, frames: int, seconds: float, seed: int,
         except (TimeoutError, RuntimeError) as exc:
             failures.append(f"links after the fuzzing: {exc}")
         left = max(1.0, recover_bound - (time.monotonic() - t0))
-        _, last = probes.all_links(left)
+        _, last = checker.submit(check.all_links, left).result()
         recover = time.monotonic() - t0 if all(v == "ok" for v in last.values()) else None
         if recover is None:
             failures.append(f"links that carried no request within {recover_bound:.0f} s: "
@@ -463,8 +478,11 @@ def run(cluster: Cluster, out_dir: Path, frames: int, seconds: float, seed: int,
         downs1 = link_downs(cluster)
         return Report(stats, elapsed, recover, recover_bound, last, dead, before, after,
                       {n: downs1.get(n, 0) - downs0.get(n, 0) for n in downs1}, binding,
-                      probes.restarts, probes.repairs, failures)
+                      probes.restarts + check.restarts, probes.repairs + check.repairs,
+                      failures)
     finally:
+        checker.submit(check.close).result()
+        checker.shutdown()
         probes.close()
 
 

@@ -28,6 +28,13 @@ from dvk_cffi.errors import DvkError
 PROBE_SERVER_BASE = 20
 #: Endpoint the harness process binds on node n to send probes from.
 PROBE_CLIENT_BASE = 90
+#: The probes that check the links after a fuzzing run use endpoints no fuzzed frame names.  A
+#: well-formed fuzzed frame from a peer speaks for a process of that peer (the probe endpoints
+#: above), and the kernel takes it as such: it may leave that process's descriptor waiting for an
+#: answer that never comes.  What must hold is that every link carries requests again, which
+#: these fresh endpoints show.  (Servers must be system endpoints: 0..28.)
+CHECK_SERVER_BASE = 24
+CHECK_CLIENT_BASE = 100
 REQUEST_TYPE, REPLY_TYPE = 0x0A, 0x0B
 
 
@@ -107,7 +114,10 @@ class Probes:
     fuzzed frame was allowed to change (the tests check the protected bindings separately).
     """
 
-    def __init__(self, cluster: Cluster, nodes: list[int], out_dir: Path) -> None:
+    def __init__(self, cluster: Cluster, nodes: list[int], out_dir: Path,
+                 server_base: int = PROBE_SERVER_BASE,
+                 client_base: int = PROBE_CLIENT_BASE) -> None:
+        self.server_base, self.client_base = server_base, client_base
         self.cluster = cluster
         self.nodes = list(nodes)
         self.out_dir = out_dir
@@ -123,15 +133,15 @@ class Probes:
         for n in self.nodes:
             self._wait_server(n)
         for a in self.nodes:
-            self.cluster.dvk(a).bind(0, PROBE_CLIENT_BASE + a)
+            self.cluster.dvk(a).bind(0, self.client_base + a)
             self.bound.add(a)
         self.fix_bindings()
 
     def _start_server(self, n: int) -> None:
-        out = open(self.out_dir / f"probe_server{n}.out", "ab")
+        out = open(self.out_dir / f"probe_server{n}_{self.server_base + n}.out", "ab")
         try:
             self.servers[n] = self.cluster.popen(
-                n, module_argv("dvs_apps.latency", "server", 0, PROBE_SERVER_BASE + n),
+                n, module_argv("dvs_apps.latency", "server", 0, self.server_base + n),
                 stdout=out, stderr=subprocess.STDOUT)
         finally:
             out.close()
@@ -141,7 +151,7 @@ class Probes:
         dvk = self.cluster.dvk(n)
         while time.monotonic() < deadline:
             try:
-                if not dvk.getprocinfo(0, PROBE_SERVER_BASE + n).p_rts_flags & C.SLOT_FREE:
+                if not dvk.getprocinfo(0, self.server_base + n).p_rts_flags & C.SLOT_FREE:
                     return
             except DvkError:
                 pass
@@ -175,18 +185,18 @@ class Probes:
         for a in self.nodes:
             for b in self.nodes:
                 if a != b:
-                    self._ensure_remote(a, PROBE_SERVER_BASE + b, b)
-                    self._ensure_remote(b, PROBE_CLIENT_BASE + a, a)
+                    self._ensure_remote(a, self.server_base + b, b)
+                    self._ensure_remote(b, self.client_base + a, a)
 
     def probe(self, a: int, b: int, timeout_ms: int = 3000) -> str:
         """One request from node a's probe client to node b's probe server: 'ok' or the
         error's name (a wrong reply is 'misrouted')."""
         self.seq += 1
         m = Message()
-        m.m_source, m.m_type, m.m1_i1, m.m1_i3 = PROBE_CLIENT_BASE + a, REQUEST_TYPE, \
+        m.m_source, m.m_type, m.m1_i1, m.m1_i3 = self.client_base + a, REQUEST_TYPE, \
             self.seq, 7000 + b
         try:
-            self.cluster.dvk(a).sendrec(PROBE_SERVER_BASE + b, m, timeout_ms)
+            self.cluster.dvk(a).sendrec(self.server_base + b, m, timeout_ms)
         except DvkError as err:
             return err.name
         if m.m_type != REPLY_TYPE or m.m1_i1 != self.seq or m.m1_i3 != 7000 + b:
@@ -214,7 +224,7 @@ class Probes:
     def close(self) -> None:
         for a in list(self.bound):
             try:
-                self.cluster.dvk(a).unbind(0, PROBE_CLIENT_BASE + a)
+                self.cluster.dvk(a).unbind(0, self.client_base + a)
             except (DvkError, OSError):
                 pass
         self.bound.clear()

@@ -93,7 +93,12 @@ def test_link_carries_out_the_table():
     assert link.event(Ev.IN_LOST, inn, "test") and link.state is S.DOWN
     assert kernel.calls[-2:] == [C.DISCONNECT_SPROXY, C.DISCONNECT_RPROXY]
     assert events == [("link_down", 2, "test")] and link.generation > gen
-    assert out.fileno() == -1 and inn.fileno() == -1          # both closed
+    # both shut down at once, closed by their own threads when they no longer use them
+    assert link.retired_out == [out] and link.retired_in == [inn]
+    assert out_peer.recv(1) == b"" and in_peer.recv(1) == b""
+    link.close_retired(incoming=False)
+    link.close_retired(incoming=True)
+    assert out.fileno() == -1 and inn.fileno() == -1
     for s in (out_peer, in_peer, other, _o):
         s.close()
 
