@@ -38,9 +38,9 @@ def wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"{what} not reached within {timeout} s")
 
 
-def messages(cl, server: int) -> int:
+def commands(cl, server: int) -> int:
     group = (cl.status(LB_HOST) or {}).get("group") or {}
-    return group.get("servers", {}).get(str(server), {}).get("messages", 0)
+    return group.get("servers", {}).get(str(server), {}).get("commands", 0)
 
 
 def ready(chaos: Chaos) -> None:
@@ -64,14 +64,14 @@ def test_dead_service_program_new_sessions_use_the_other_server(tmp_path):
             assert ok == tried, f"new sessions with server 1's program dead: {ok}/{tried}"
             chaos.start_server(1)
             wait_for(lambda: chaos.server_bound(1), 15, "server 1 bound again")
-            before = messages(cl, 1)
+            before = commands(cl, 1)
             deadline = time.monotonic() + 20
             results = []
-            while messages(cl, 1) == before and time.monotonic() < deadline:
+            while commands(cl, 1) == before and time.monotonic() < deadline:
                 results.append(chaos.new_sessions(4))
                 time.sleep(0.5)
             assert all(ok == tried for ok, tried in results), results
-            assert messages(cl, 1) > before, "no new session reached server 1 again"
+            assert commands(cl, 1) > before, "no new session reached server 1 again"
         finally:
             chaos.close()
 
