@@ -314,7 +314,28 @@ class Link:
         else:
             data, raw = None, 0
         self.queued_bytes += HEADER_SIZE + length
-        self.outq.append((hbuf, data, generation, cmd, f[R_DCID], length, raw))
+        self.outq.append((hbuf, data, generation, cmd, f[R_DCID], length, raw, 1))
+        links = getattr(_cork, "links", None)
+        if links is not None:
+            links[self] = None
+            return OK
+        self.flush()
+        return OK
+
+    def submit_run(self, block: bytearray) -> int:
+        """Queue a run of payload-less commands (whole 120-byte headers, all with the routing
+        fields of the first) that the caller hands over (no copy): one queue entry, written
+        as one buffer (or as batch frames).  Same results as `submit`."""
+        generation = self.generation
+        if not self.up:
+            return E.EDVSNOTCONN
+        if len(self.outq) >= QUEUE_MAX_FRAMES or self.queued_bytes >= QUEUE_MAX_BYTES:
+            return self._refuse_full()
+        self._full_episode = False
+        f = ROUTE_STRUCT.unpack_from(block, 0)
+        self.queued_bytes += len(block)
+        self.outq.append((block, None, generation, f[R_CMD], f[R_DCID], 0, 0,
+                          len(block) // HEADER_SIZE))
         links = getattr(_cork, "links", None)
         if links is not None:
             links[self] = None
@@ -376,14 +397,17 @@ class Link:
         i, n = 0, len(items)
         taken = 0
         while i < n:
-            hbuf, data, g, cmd, dcid, length, raw = items[i]
+            hbuf, data, g, cmd, dcid, length, raw, nframes = items[i]
             i += 1
-            taken += HEADER_SIZE + length
+            taken += HEADER_SIZE + length if nframes == 1 else len(hbuf)
             if g != gen:
+                continue
+            if nframes > 1:
+                self._run_to_parts(hbuf, nframes, cmd, dcid, parts)
                 continue
             if batch and not length and cmd != C.CMD_NONE:
                 j = i
-                while (j < n and j - i < MAXBATCMD and not items[j][5]
+                while (j < n and j - i < MAXBATCMD and not items[j][5] and items[j][7] == 1
                        and items[j][3] != C.CMD_NONE and items[j][2] == gen):
                     j += 1
                 extra = j - i
@@ -412,6 +436,28 @@ class Link:
                 sent.count(cmd, HEADER_SIZE + length, 1, dcid, raw)
         self.queued_bytes = max(0, self.queued_bytes - taken)
         return parts
+
+    def _run_to_parts(self, block, nframes: int, cmd: int, dcid: int, parts: list) -> None:
+        """(send lock held) The buffers of a run of payload-less commands: the block as it is,
+        or with `batch YES` batch frames of up to 1 + MAXBATCMD commands (a copied first
+        header with the batch fields, then a view of the others)."""
+        sent = self.sent
+        if not self.batch:
+            parts.append(block)
+            sent.count(cmd, len(block), nframes, dcid, 0, nframes)
+            return
+        view = memoryview(block)
+        for k in range(0, nframes, MAXBATCMD + 1):
+            m = min(nframes - k, MAXBATCMD + 1)
+            base = k * HEADER_SIZE
+            head = bytearray(view[base:base + HEADER_SIZE])
+            if m > 1:
+                set_batch(head, m - 1)
+                sent.batches += 1
+            parts.append(head)
+            if m > 1:
+                parts.append(view[base + HEADER_SIZE:base + m * HEADER_SIZE])
+            sent.count(cmd, HEADER_SIZE * m, m, dcid, 0)
 
     def _send(self, sock: socket.socket, parts: list) -> bool:
         """(send lock held) sendmsg without blocking; True when the socket took less than all

@@ -12,6 +12,7 @@ in order per remote descriptor: the receiver never sleeps.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import queue
 import socket
@@ -29,7 +30,9 @@ from dvk_cffi.wire import (
     R_DCID,
     R_FLAGS,
     R_LEN,
+    ROUTE_SIZE,
     ROUTE_STRUCT,
+    RUN_KEY,
     Header,
     error_ack,
     frame_length,
@@ -51,6 +54,8 @@ PARK_RETRY = 0.002
 #: At most this many frames wait for the put2lcl thread; more are refused (counted, logged).
 PUT2LCL_QUEUE_MAX = 8192
 MAX_FRAME = HEADER_SIZE + C.MAXCOPYBUF
+#: At most this many payload-less frames with equal routing fields are routed as one run.
+MAX_RUN = 4096
 #: put2lcl errors for which the kernel itself queued an error ACK to the requester.
 KERNEL_ACKED = frozenset({E.EDVSTRAPDENIED, E.EDVSRMTPROC, E.EDVSDSTDIED, E.EDVSMIGRATE})
 KERNEL_ACKED_COPY = {
@@ -174,6 +179,21 @@ class FrameReader:
         s = self.start
         self.start += total
         return self.view[s:s + HEADER_SIZE], self.view[s + HEADER_SIZE:s + total]
+
+
+    def take_run(self, first: memoryview) -> int:
+        """After `next` returned the payload-less header `first`: take the whole frames that
+        follow it in the buffer with the same routing fields (so they too are payload-less and
+        pass the same checks); returns how many.  Compared in C, no loop per frame."""
+        start = self.start
+        n = min((self.end - start) // HEADER_SIZE, MAX_RUN)
+        if not n:
+            return 0
+        key = (bytes(first[:ROUTE_SIZE]),)
+        heads = RUN_KEY.iter_unpack(self.view[start:start + n * HEADER_SIZE])
+        k = len(list(itertools.takewhile(key.__eq__, heads)))
+        self.start = start + k * HEADER_SIZE
+        return k
 
 
 def needs_dsp_ack(cmd: int, code: int) -> bool:
@@ -351,6 +371,7 @@ class RProxy:
         dispatch = self.dispatch
         monotonic = time.monotonic
         route = ctx.router.from_network
+        route_run = ctx.router.from_network_run
         execute = ctx.execute
         deliverer = self.deliverer
         autobind = link.spec.autobind
@@ -367,11 +388,21 @@ class RProxy:
                 hview, payload = reader.next(check)
                 f = reader.fields
                 length = f[R_LEN]
-                received.count(f[R_CMD], HEADER_SIZE + length, 1 + f[R_BATCH_NR], f[R_DCID],
-                               length)
                 if f[R_CMD] == C.CMD_NONE or f[R_FLAGS] & slow:
+                    received.count(f[R_CMD], HEADER_SIZE + length, 1 + f[R_BATCH_NR],
+                                   f[R_DCID], length)
                     dispatch(hview, f, payload)
                     continue
+                if not length and reader.end - reader.start >= HEADER_SIZE:
+                    s0 = reader.start - HEADER_SIZE
+                    more = reader.take_run(hview)
+                    if more:
+                        n = more + 1
+                        received.count(f[R_CMD], HEADER_SIZE * n, n, f[R_DCID], 0, n)
+                        execute(route_run(reader.view[s0:s0 + n * HEADER_SIZE], f, n, peer,
+                                          autobind), deliverer)
+                        continue
+                received.count(f[R_CMD], HEADER_SIZE + length, 1, f[R_DCID], length)
                 act = route(hview, f, payload, peer, autobind)
                 if act is not None:
                     if type(act) is tuple and act[0] == DELIVER:

@@ -17,6 +17,7 @@ from dsp_proxy.cluster import module_argv
 from dsp_proxy.link import Link, PeerSpec, cork, uncork
 from dsp_proxy.rproxy import FrameReader
 from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.wire import make_header, unpack_batch
 
 
@@ -79,6 +80,49 @@ def test_a_lone_command_is_written_at_once_and_batch_no_never_batches():
     uncork()
     assert len(_read_frames(peer, 4)) == 4
     assert link.sent.batches == 0
+
+
+def test_a_run_of_headers_leaves_as_it_is_or_as_batches_and_is_counted_per_command():
+    run = b"".join(bytes(make_header(c_cmd=C.CMD_SEND_MSG, c_src=i).buf) for i in range(600))
+    link, peer = _link(batch=False)
+    assert link.submit_run(bytearray(run)) == 0
+    assert [c for c in _cmds(_read_frames(peer, 600))] == \
+        [(C.CMD_SEND_MSG, i) for i in range(600)]
+    assert (link.sent.frames, link.sent.commands, link.sent.batches) == (600, 600, 0)
+    assert link.sent.by_cmd[C.CMD_SEND_MSG] == 600
+    link, peer = _link(batch=True)
+    cork()
+    link.submit(make_header(c_cmd=C.CMD_SEND_MSG, c_src=1000).buf)
+    assert link.submit_run(bytearray(run)) == 0
+    uncork()
+    # the lone command before the run is not merged into it; the run is split at 547 commands
+    frames = _read_frames(peer, 3)
+    assert _cmds(frames) == [(C.CMD_SEND_MSG, 1000)] + [(C.CMD_SEND_MSG, i) for i in range(600)]
+    assert (link.sent.frames, link.sent.commands, link.sent.batches) == (3, 601, 2)
+    # a link that is down refuses the run
+    link.up = False
+    assert link.submit_run(bytearray(run)) == E.EDVSNOTCONN
+
+
+def test_reader_takes_a_run_of_equal_routing_fields_and_stops_at_the_first_difference():
+    a, b = socket.socketpair()
+    with a, b:
+        same = make_header(c_cmd=C.CMD_SEND_MSG, c_src=5, c_dst=6)
+        other = make_header(c_cmd=C.CMD_SEND_MSG, c_src=5, c_dst=6, c_len=3)
+        seq = bytearray(same.buf)
+        seq[44] = 9              # c_snd_seq differs: not a routing field, still one run
+        a.sendall(bytes(same.buf) * 3 + bytes(seq) + bytes(other.buf) + b"xyz"
+                  + bytes(same.buf))
+        r = FrameReader(b)
+        r.fill()
+        while r.end - r.start < 6 * 120 + 3:
+            r.fill()
+        h, _ = r.next(lambda f: None)
+        assert r.take_run(h) == 3
+        h, p = r.next(lambda f: None)
+        assert r.fields[7] == 3 and bytes(p) == b"xyz"
+        h, _ = r.next(lambda f: None)
+        assert r.take_run(h) == 0
 
 
 def test_copy_data_is_compressed_only_when_it_shrinks():
