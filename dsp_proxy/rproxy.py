@@ -16,6 +16,7 @@ import itertools
 import logging
 import queue
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -314,6 +315,15 @@ class Deliverer:
             return False
 
 
+def _recv_timeout(sock: socket.socket, timeout: float) -> None:
+    """A blocking socket whose reads give up after `timeout` (SO_RCVTIMEO, BlockingIOError
+    then): one recv per read, where a Python socket timeout polls before every recv."""
+    sock.settimeout(None)
+    sec = int(timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("@ll", sec, int((timeout - sec) * 1e6)))
+
+
 class RProxy:
     """The receiver of the link to one peer."""
 
@@ -428,14 +438,14 @@ class RProxy:
                 deliverer.retry_parked()
             timeout = PARK_RETRY if deliverer.parked else link.silence_limit()
             if timeout != self._timeout:
-                sock.settimeout(timeout)
+                _recv_timeout(sock, timeout)
                 self._timeout = timeout
             try:
                 reader.fill()
                 return
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 if time.monotonic() - link.last_rx >= link.silence_limit():
-                    raise
+                    raise TimeoutError from None
 
     def _decompress(self, h: Header, payload: memoryview) -> memoryview:
         """An LZ4 frame payload, whatever this node's own `compress` setting (the flag says
