@@ -488,12 +488,13 @@ class Group:
                     sess.started_at = self.clock()
                     acts.append(self._ask_start(sess))
                 return acts
-            _add(acts, self._send_forward(sess, hbuf, f, payload))
+            _add(acts, self._send_forward(sess, hbuf, f, payload, not relayed))
         return acts if len(acts) != 1 else acts[0]
 
-    def _send_forward(self, sess: Session, hbuf, f: tuple, payload):
+    def _send_forward(self, sess: Session, hbuf, f: tuple, payload, copy: bool = True):
         """(lock held) The SEND action of one client command in session `sess` (`f`: its
-        ROUTE_STRUCT fields)."""
+        ROUTE_STRUCT fields).  `copy` False: the payload is handed over as it is (a receiver's
+        read buffer, which it leaves to the link until the frame is written)."""
         cmd, src, dst, length = f[R_CMD], f[R_SRC], f[R_DST], f[R_LEN]
         target = sess.to_server.get(dst)
         if target is None:  # another endpoint of the service's range, addressed as it is
@@ -513,7 +514,7 @@ class Group:
         if srv is not None:
             srv.commands += 1
             srv.bytes += n
-        data = bytes(payload[:length]) if length else None
+        data = (bytes(payload[:length]) if copy else payload[:length]) if length else None
         return (SEND, sess.svr_node, out, data, hbuf if cmd in C.REQUEST_CMDS else None,
                 sess.relayed)
 
@@ -592,13 +593,13 @@ class Group:
             set_snode(out, self.lb_id)
             set_flags(out, f[R_FLAGS] & ~C.FLAG_CHECK_HDR)
             swap_endpoint(out, cmd, src, sess.to_client.get(src, src), False)
-            data = bytes(payload[:length]) if length else b""
-            if sess.relayed:
+            if sess.relayed:      # the receiver hands its buffer over to the link
                 set_dnode(out, sess.clt_node)
                 swap_endpoint(out, cmd, sess.lbsvr_ep, sess.clt_ep, True)
-                acts.append((SEND, sess.clt_node, out, data or None, None, True))
-            else:
-                acts.append((LOCAL, out, data))
+                acts.append((SEND, sess.clt_node, out, payload[:length] if length else None,
+                             None, True))
+            else:                 # another thread delivers it: a copy
+                acts.append((LOCAL, out, bytes(payload[:length]) if length else b""))
             if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVER_GONE:
                 self._end(sess, None, acts)   # the server endpoint died or unbound
         return acts[0] if len(acts) == 1 else acts

@@ -60,14 +60,19 @@ def cork() -> None:
         _cork.links = {}
 
 
-def uncork() -> None:
-    """Write what this thread queued while corked (no-op when not corked)."""
+def uncork() -> bool:
+    """Write what this thread queued while corked (no-op when not corked).  True when every
+    link it touched took everything queued: then no queued frame refers to the caller's
+    buffers any more (a receiver that queued views of its read buffer may reuse it)."""
     links = getattr(_cork, "links", None)
     if links is None:
-        return
+        return True
     _cork.links = None
+    done = True
     for link in links:
-        link.flush()
+        if not link.flush():
+            done = False
+    return done
 
 
 def compress_frame(hbuf: bytearray, data, length: int):
@@ -353,10 +358,11 @@ class Link:
                         len(self.outq), self.queued_bytes)
         return E.EDVSAGAIN
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         """Write what the socket takes now (flat combining: a thread that finds the writer busy
         leaves its frames to it; the writer re-checks the queue after releasing the lock).
-        Never blocks on the socket: the rest waits for the monitor's writable event."""
+        Never blocks on the socket: the rest waits for the monitor's writable event.  True
+        when nothing is left queued or unsent."""
         outq, lock = self.outq, self.send_lock
         while (outq or self.unsent) and lock.acquire(blocking=False):
             try:
@@ -364,7 +370,8 @@ class Link:
             finally:
                 lock.release()
             if blocked:
-                return
+                return False
+        return not (outq or self.unsent)
 
     def _write_queued(self) -> bool:
         """(send lock held) Write the unsent rest and then the queue, with as few sendmsg calls

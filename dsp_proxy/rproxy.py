@@ -145,6 +145,15 @@ class FrameReader:
                                            + (" inside a frame" if self.end > self.start else ""))
             self.end += n
 
+    def detach(self) -> None:
+        """Leave the buffer to the views still queued on links and read on into a new one
+        (with the bytes not parsed yet): payloads are handed over, never copied."""
+        pending = self.end - self.start
+        buf = bytearray(READ_BUFFER)
+        buf[:pending] = self.view[self.start:self.end]
+        self.buf, self.view = buf, memoryview(buf)
+        self.start, self.end = 0, pending
+
     def has_frame(self) -> bool:
         """True when the buffer holds a whole frame (parse it without reading)."""
         avail = self.end - self.start
@@ -391,7 +400,10 @@ class RProxy:
         try:
             while link.generation == gen and link.up:
                 if not reader.has_frame():
-                    uncork()         # write what the frames of the last read produced
+                    # write what the frames of the last read produced; payloads travel as
+                    # views of the read buffer, so if a link kept some, read into a new one
+                    if not uncork():
+                        reader.detach()
                     self._fill(reader, sock, deliverer)
                     link.last_rx = monotonic()
                     cork()
