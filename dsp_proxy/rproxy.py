@@ -489,23 +489,31 @@ class RProxy:
                 ctx.control(link.peer, Header(bytearray(hview)).c_msg)
             return
         if f[R_FLAGS] & C.FLAG_BATCH:
-            extra = bytes(payload)
+            extra = memoryview(bytes(payload))
             first = bytearray(hview)
             h = Header(first)
             h.c_flags &= ~C.FLAG_BATCH
             h.c_batch_nr, h.c_len = 0, 0
-            subs = [(first, ROUTE_STRUCT.unpack_from(first))]
-            for off in range(0, len(extra), HEADER_SIZE):
-                sub = memoryview(extra)[off:off + HEADER_SIZE]
-                fields = ROUTE_STRUCT.unpack_from(sub)
+            # the sub-headers in runs of equal routing fields: each run checked once
+            runs = [(first, ROUTE_STRUCT.unpack_from(first), 1)]
+            off = 0
+            for (key,), same in itertools.groupby(RUN_KEY.iter_unpack(extra)):
+                fields = ROUTE_STRUCT.unpack(key)
                 if fields[R_DCID] not in ctx.limits.dc_ranges and fields[R_CMD]:
                     ctx.learn_dc(fields[R_DCID])
                 check_header(fields, link.peer, ctx.limits, batched=True)
                 if fields[R_CMD] == C.CMD_NONE:
                     raise FrameError("HELLO inside a batch")
-                subs.append((sub, fields))
-            for sub, fields in subs:
-                self._route_one(sub, fields, memoryview(b""))
+                n = sum(1 for _ in same)
+                runs.append((extra[off:off + n * HEADER_SIZE], fields, n))
+                off += n * HEADER_SIZE
+            router, peer, autobind = ctx.router, link.peer, link.spec.autobind
+            for block, fields, n in runs:
+                if n == 1:
+                    self._route_one(block, fields, memoryview(b""))
+                else:
+                    ctx.execute(router.from_network_run(block, fields, n, peer, autobind),
+                                self.deliverer)
             return
         h = Header(bytearray(hview))
         payload = self._decompress(h, payload)
