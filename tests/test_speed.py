@@ -125,6 +125,48 @@ def test_reader_takes_a_run_of_equal_routing_fields_and_stops_at_the_first_diffe
         assert r.take_run(h) == 0
 
 
+def test_a_receiver_leaves_its_read_buffer_to_the_views_a_link_still_holds():
+    """Forwarded payloads are views of the read buffer: when a link could not write them all,
+    the receiver reads on into a new buffer and the queued frames keep their bytes."""
+    link, peer = _link()
+    link.out_sock.setblocking(False)     # as the link keeps its outgoing socket
+    a, b = socket.socketpair()
+    with a, b, peer:
+        payload = os.urandom(60000)
+        hdr = make_header(c_cmd=C.CMD_COPYIN_DATA, c_len=len(payload)).buf
+        a.sendall(bytes(hdr) + payload)
+        r = FrameReader(b)
+        while not r.has_frame():
+            r.fill()
+        h, p = r.next(lambda f: None)
+        cork()
+        for _ in range(40):            # 2.4 MB: more than the socket takes at once
+            assert link.submit(h, p, copy=False) == 0
+        assert uncork() is False
+        old = r.buf
+        r.detach()
+        assert r.buf is not old
+        a.sendall(bytes(hdr) + bytes(len(payload)))   # the next read goes to the new buffer
+        while not r.has_frame():
+            r.fill()
+        assert bytes(r.next(lambda f: None)[1]) == bytes(len(payload))
+        got = bytearray()
+        peer.setblocking(False)
+        want = 40 * (120 + len(payload))
+        deadline = time.monotonic() + 10
+        while len(got) < want and time.monotonic() < deadline:
+            link.flush()
+            try:
+                got += peer.recv(1 << 20)
+            except BlockingIOError:
+                time.sleep(0.001)
+        assert len(got) == want
+        for k in range(40):
+            base = k * (120 + len(payload))
+            assert got[base + 120:base + 120 + len(payload)] == payload
+    link.out_sock.close()
+
+
 def test_copy_data_is_compressed_only_when_it_shrinks():
     link, peer = _link(compress=True)
     text = b"all work and no play " * 3000
