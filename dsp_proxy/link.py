@@ -48,6 +48,10 @@ MAX_IOV = 1000
 C_PEER_SILENCE = 95.0
 
 OK = 0
+#: Receivers wait (bounded) for a half-full queue whose socket wrote within PROGRESS_WINDOW.
+PROGRESS_WINDOW = 0.05
+EASE_LIMIT = 0.5
+EASE_STEP = 0.0005
 
 #: Per-thread cork: while set, `Link.submit` only queues and remembers the link; `uncork`
 #: writes every corked link's queue (one sendmsg per link, batches built from what is queued).
@@ -60,19 +64,31 @@ def cork() -> None:
         _cork.links = {}
 
 
-def uncork() -> bool:
-    """Write what this thread queued while corked (no-op when not corked).  True when every
-    link it touched took everything queued: then no queued frame refers to the caller's
-    buffers any more (a receiver that queued views of its read buffer may reuse it)."""
+def uncork() -> list:
+    """Write what this thread queued while corked (no-op when not corked).  Returns the links
+    that kept frames; when none did, no queued frame refers to the caller's buffers any more
+    (a receiver that queued views of its read buffer may reuse it)."""
     links = getattr(_cork, "links", None)
     if links is None:
-        return True
+        return []
     _cork.links = None
-    done = True
+    return [link for link in links if not link.flush()]
+
+
+def ease(links: list) -> None:
+    """Bounded backpressure for a receiver that fed `links`: while one of them is more than
+    half full and its socket still takes data (it wrote within PROGRESS_WINDOW), wait before
+    reading more, at most EASE_LIMIT.  A peer that stopped taking data is not waited for: its
+    queue fills and refuses, so a frozen peer delays only its own traffic."""
+    deadline = None
     for link in links:
-        if not link.flush():
-            done = False
-    return done
+        while link.backlogged() and time.monotonic() - link.last_progress < PROGRESS_WINDOW:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + EASE_LIMIT
+            elif now >= deadline:
+                return
+            time.sleep(EASE_STEP)
 
 
 def compress_frame(hbuf: bytearray, data, length: int):
@@ -132,6 +148,7 @@ class Link:
         self.peer_addr: str | None = None
         self.last_rx = 0.0
         self.last_tx = 0.0
+        self.last_progress = 0.0         # when the socket last took bytes
         self.downs = 0
         self.refused_full = 0            # frames refused because the queue was full
         self._full_episode = False
@@ -348,6 +365,11 @@ class Link:
         self.flush()
         return OK
 
+    def backlogged(self) -> bool:
+        """More than half of the queue's bound is used."""
+        return (self.queued_bytes >= QUEUE_MAX_BYTES // 2
+                or len(self.outq) >= QUEUE_MAX_FRAMES // 2) and self.up
+
     def _refuse_full(self) -> int:
         self.refused_full += 1
         self.sent.errors += 1
@@ -477,6 +499,8 @@ class Link:
                     done = sock.sendmsg(chunk)
                 except BlockingIOError:
                     done = 0
+                if done:
+                    self.last_progress = time.monotonic()
                 total = sum(map(len, chunk))
                 if done < total:
                     self.unsent = _rest(chunk, done) + parts[k + MAX_IOV:]

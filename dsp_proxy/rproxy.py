@@ -40,7 +40,7 @@ from dvk_cffi.wire import (
 )
 
 from .group import DELIVER, SEND
-from .link import Link, cork, uncork
+from .link import Link, cork, ease, uncork
 from .linkstate import Event
 
 log = logging.getLogger("dsp.rproxy")
@@ -402,8 +402,10 @@ class RProxy:
                 if not reader.has_frame():
                     # write what the frames of the last read produced; payloads travel as
                     # views of the read buffer, so if a link kept some, read into a new one
-                    if not uncork():
+                    kept = uncork()
+                    if kept:
                         reader.detach()
+                        ease(kept)
                     self._fill(reader, sock, deliverer)
                     link.last_rx = monotonic()
                     cork()
