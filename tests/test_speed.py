@@ -14,7 +14,16 @@ import lz4.frame
 
 from cluster_helpers import Background, cluster_from, start_latency_and_m3ftp
 from dsp_proxy.cluster import module_argv
-from dsp_proxy.link import Link, PeerSpec, cork, uncork
+from dsp_proxy.link import (
+    EASE_LIMIT,
+    PROGRESS_WINDOW,
+    QUEUE_MAX_BYTES,
+    Link,
+    PeerSpec,
+    cork,
+    ease,
+    uncork,
+)
 from dsp_proxy.rproxy import FrameReader
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
@@ -164,6 +173,26 @@ def test_a_receiver_leaves_its_read_buffer_to_the_views_a_link_still_holds():
         for k in range(40):
             base = k * (120 + len(payload))
             assert got[base + 120:base + 120 + len(payload)] == payload
+    link.out_sock.close()
+
+
+def test_a_receiver_eases_off_only_for_a_half_full_link_that_still_writes():
+    link, peer = _link()
+    with peer:
+        link.queued_bytes = QUEUE_MAX_BYTES // 2
+        link.last_progress = 0.0               # stalled: not waited for
+        t0 = time.monotonic()
+        ease([link])
+        assert time.monotonic() - t0 < 0.2
+        link.last_progress = time.monotonic()  # moving: waited for, at most EASE_LIMIT
+        t0 = time.monotonic()
+        ease([link])
+        assert PROGRESS_WINDOW * 0.5 <= time.monotonic() - t0 <= EASE_LIMIT + 1
+        link.queued_bytes = 0                  # not backlogged
+        link.last_progress = time.monotonic()
+        t0 = time.monotonic()
+        ease([link])
+        assert time.monotonic() - t0 < 0.2
     link.out_sock.close()
 
 
