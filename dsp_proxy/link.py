@@ -365,6 +365,15 @@ class Link:
         self.flush()
         return OK
 
+    def settle(self) -> None:
+        """After a receiver queued views of its read buffer: make sure no frame of this link
+        refers to it any more before the buffer is reused.  Writes what the socket takes
+        (waiting for a writer that holds the send lock; writers never block on the socket) and
+        copies what is left unsent (bounded by the queue's bound)."""
+        with self.send_lock:
+            self._write_queued()
+            self.unsent = [bytes(p) if type(p) is memoryview else p for p in self.unsent]
+
     def backlogged(self) -> bool:
         """More than half of the queue's bound is used."""
         return (self.queued_bytes >= QUEUE_MAX_BYTES // 2

@@ -145,15 +145,6 @@ class FrameReader:
                                            + (" inside a frame" if self.end > self.start else ""))
             self.end += n
 
-    def detach(self) -> None:
-        """Leave the buffer to the views still queued on links and read on into a new one
-        (with the bytes not parsed yet): payloads are handed over, never copied."""
-        pending = self.end - self.start
-        buf = bytearray(READ_BUFFER)
-        buf[:pending] = self.view[self.start:self.end]
-        self.buf, self.view = buf, memoryview(buf)
-        self.start, self.end = 0, pending
-
     def has_frame(self) -> bool:
         """True when the buffer holds a whole frame (parse it without reading)."""
         avail = self.end - self.start
@@ -401,10 +392,11 @@ class RProxy:
             while link.generation == gen and link.up:
                 if not reader.has_frame():
                     # write what the frames of the last read produced; payloads travel as
-                    # views of the read buffer, so if a link kept some, read into a new one
+                    # views of the read buffer, so a link that kept some copies the rest
                     kept = uncork()
                     if kept:
-                        reader.detach()
+                        for k in kept:
+                            k.settle()
                         ease(kept)
                     self._fill(reader, sock, deliverer)
                     link.last_rx = monotonic()
