@@ -26,8 +26,11 @@ from dvk_cffi.wire import make_header
 H = 120
 HELLO_EVERY = 0.25
 
+#: fd_fall 30 (a 30 s silence limit): a measurement pauses the peers' HELLOs while the server
+#: peer sends nothing (the 64 KiB and 120-byte streams back to back, with their drains); with a
+#: 5 s limit the DSP rightly declared the server dead mid-stream and the rate came out negative.
 CONFIG = """
-lb node0 {{ nodeid 0; cltname lbhost; lb_eps 100 200; fd_interval 1000; fd_fall 5;
+lb node0 {{ nodeid 0; cltname lbhost; lb_eps 100 200; fd_interval 1000; fd_fall 30;
            period 30; max_sessions 150; }};
 server node1 {{ nodeid 1; rname {net}.1; {opts} }};
 client node3 {{ nodeid 3; rname {net}.3; {opts} }};

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from dvk_cffi import errors as E
-from dvk_cffi.wire import Header, hello_header
+from dvk_cffi.wire import HEADER_SIZE, Header, hello_header
 
 from .group import CONTROL, DELIVER, LOCAL, MT_SVC_START, NO_SERVER, SEND, Router
 
@@ -45,11 +45,17 @@ class Executor:
         kind = act[0]
         if kind == SEND:
             _kind, node, hbuf, data, request, relayed = act
-            code = self.submit(node, hbuf, data)
+            if len(hbuf) > HEADER_SIZE:    # a run of payload-less frames
+                link = self.links.get(node)
+                code = E.EDVSNOTCONN if link is None else link.submit_run(hbuf)
+            else:
+                code = self.submit(node, hbuf, data)
             if code and request is not None:
-                self(self.router.send_failed(request, relayed, code), deliverer)
+                for off in range(0, len(request), HEADER_SIZE):
+                    self(self.router.send_failed(request[off:off + HEADER_SIZE], relayed,
+                                                 code), deliverer)
             elif code:
-                self.dropped += 1
+                self.dropped += len(hbuf) // HEADER_SIZE
         elif kind == LOCAL:
             if self.put2lcl is None or not self.put2lcl(Header(act[1]), act[2]):
                 self.dropped += 1

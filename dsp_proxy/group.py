@@ -54,8 +54,12 @@ from dvk_cffi.wire import (
     error_ack,
     set_dnode,
     set_flags,
+    set_run_dnode,
+    set_run_flags,
+    set_run_snode,
     set_snode,
     swap_endpoint,
+    swap_endpoint_run,
 )
 
 log = logging.getLogger("dsp.group")
@@ -266,6 +270,21 @@ class Router:
             return group.from_network(hbuf, f, payload, peer)
         return self.reply_error(hbuf, E.EDVSBADNODEID, peer)
 
+    def from_network_run(self, block, f: tuple, n: int, peer: int, autobind: bool):
+        """A run of `n` payload-less frames from the link to `peer` whose routing fields are
+        all `f` (`block`: their n x 120 header bytes).  The relayed client traffic the LB host
+        forwards is routed with one session lookup and one rewrite of the whole run; anything
+        else frame by frame.  Returns a list of actions."""
+        group = self.group
+        if f[R_DNODE] == self.lb_node != self.local and group is not None:
+            acts = group.from_network_run(block, f, n, peer)
+            if acts is not None:
+                return acts
+        acts = []
+        for off in range(0, n * 120, 120):
+            _add(acts, self.from_network(block[off:off + 120], f, b"", peer, autobind))
+        return acts
+
     def from_local(self, hbuf, payload):
         """A command a local process addressed to the LB node (the get2rmt thread)."""
         if self.group is not None:
@@ -385,6 +404,51 @@ class Group:
             return self.error_reply(Header(bytearray(hbuf)), E.EDVSBADNODEID, True)
         return self._forward(hbuf, f, payload, relayed=True)
 
+    def from_network_run(self, block, f: tuple, n: int, peer: int):
+        """A run of `n` equal-routed payload-less commands of a relayed client
+        (`Router.from_network_run`): one lookup and one rewrite for all of them when the
+        client's session exists and runs; None when they must go one by one."""
+        cmd, dcid, src, dst, snode, _dnode, _rcode, _length, pid, _nr, _flags = f
+        if self.relay_host != self.local or snode != peer:
+            return None
+        svc = self.service_for(dcid, dst)
+        if svc is None:
+            return None
+        with self.lock:
+            sess = self.sessions.get((dcid, snode, src, svc.ext_ep))
+            if sess is None or sess.starting or (cmd in C.REQUEST_CMDS and pid != sess.clt_pid
+                                                 and pid > 0 and sess.clt_pid > 0):
+                return None
+            sess.last_used = self.clock()
+            if cmd == C.CMD_SNDREC_MSG or cmd == C.CMD_SEND_MSG:
+                sess.pending = cmd
+            return [self._send_forward_run(sess, block, f, n)]
+
+    def _send_forward_run(self, sess: Session, block, f: tuple, n: int) -> tuple:
+        """(lock held) `_send_forward` of a run of `n` payload-less commands with the same
+        routing fields `f`: one copy of the run, every header rewritten with strided writes."""
+        cmd, src, dst = f[R_CMD], f[R_SRC], f[R_DST]
+        target = sess.to_server.get(dst)
+        if target is None:
+            self._map(sess, dst, dst)
+            target = dst
+        out = bytearray(block)
+        set_run_dnode(out, n, sess.svr_node)
+        set_run_flags(out, n, f[R_FLAGS] | C.FLAG_CHECK_HDR)
+        swap_endpoint_run(out, n, cmd, dst, target, True)
+        if sess.relayed:
+            set_run_snode(out, n, self.local)
+            swap_endpoint_run(out, n, cmd, src, sess.lbsvr_ep, False)
+        nbytes = 120 * n
+        sess.commands += n
+        sess.bytes += nbytes
+        srv = self.servers.get(sess.svr_node)
+        if srv is not None:
+            srv.commands += n
+            srv.bytes += nbytes
+        return (SEND, sess.svr_node, out, None, block if cmd in C.REQUEST_CMDS else None,
+                sess.relayed)
+
     def _forward(self, hbuf, f: tuple, payload, relayed: bool):
         """Forward a client's command to its session's server (creating the session)."""
         cmd, dcid, src, dst, snode, _dnode, _rcode, length, pid, _nr, _flags = f
@@ -424,12 +488,13 @@ class Group:
                     sess.started_at = self.clock()
                     acts.append(self._ask_start(sess))
                 return acts
-            _add(acts, self._send_forward(sess, hbuf, f, payload))
+            _add(acts, self._send_forward(sess, hbuf, f, payload, not relayed))
         return acts if len(acts) != 1 else acts[0]
 
-    def _send_forward(self, sess: Session, hbuf, f: tuple, payload):
+    def _send_forward(self, sess: Session, hbuf, f: tuple, payload, copy: bool = True):
         """(lock held) The SEND action of one client command in session `sess` (`f`: its
-        ROUTE_STRUCT fields)."""
+        ROUTE_STRUCT fields).  `copy` False: the payload is handed over as it is (a receiver's
+        read buffer, which it leaves to the link until the frame is written)."""
         cmd, src, dst, length = f[R_CMD], f[R_SRC], f[R_DST], f[R_LEN]
         target = sess.to_server.get(dst)
         if target is None:  # another endpoint of the service's range, addressed as it is
@@ -449,7 +514,7 @@ class Group:
         if srv is not None:
             srv.commands += 1
             srv.bytes += n
-        data = bytes(payload[:length]) if length else None
+        data = (bytes(payload[:length]) if copy else payload[:length]) if length else None
         return (SEND, sess.svr_node, out, data, hbuf if cmd in C.REQUEST_CMDS else None,
                 sess.relayed)
 
@@ -528,13 +593,13 @@ class Group:
             set_snode(out, self.lb_id)
             set_flags(out, f[R_FLAGS] & ~C.FLAG_CHECK_HDR)
             swap_endpoint(out, cmd, src, sess.to_client.get(src, src), False)
-            data = bytes(payload[:length]) if length else b""
-            if sess.relayed:
+            if sess.relayed:      # the receiver hands its buffer over to the link
                 set_dnode(out, sess.clt_node)
                 swap_endpoint(out, cmd, sess.lbsvr_ep, sess.clt_ep, True)
-                acts.append((SEND, sess.clt_node, out, data or None, None, True))
-            else:
-                acts.append((LOCAL, out, data))
+                acts.append((SEND, sess.clt_node, out, payload[:length] if length else None,
+                             None, True))
+            else:                 # another thread delivers it: a copy
+                acts.append((LOCAL, out, bytes(payload[:length]) if length else b""))
             if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVER_GONE:
                 self._end(sess, None, acts)   # the server endpoint died or unbound
         return acts[0] if len(acts) == 1 else acts

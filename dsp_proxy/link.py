@@ -48,6 +48,10 @@ MAX_IOV = 1000
 C_PEER_SILENCE = 95.0
 
 OK = 0
+#: Receivers wait (bounded) for a half-full queue whose socket wrote within PROGRESS_WINDOW.
+PROGRESS_WINDOW = 0.05
+EASE_LIMIT = 0.5
+EASE_STEP = 0.0005
 
 #: Per-thread cork: while set, `Link.submit` only queues and remembers the link; `uncork`
 #: writes every corked link's queue (one sendmsg per link, batches built from what is queued).
@@ -60,14 +64,31 @@ def cork() -> None:
         _cork.links = {}
 
 
-def uncork() -> None:
-    """Write what this thread queued while corked (no-op when not corked)."""
+def uncork() -> list:
+    """Write what this thread queued while corked (no-op when not corked).  Returns the links
+    that kept frames; when none did, no queued frame refers to the caller's buffers any more
+    (a receiver that queued views of its read buffer may reuse it)."""
     links = getattr(_cork, "links", None)
     if links is None:
-        return
+        return []
     _cork.links = None
+    return [link for link in links if not link.flush()]
+
+
+def ease(links: list) -> None:
+    """Bounded backpressure for a receiver that fed `links`: while one of them is more than
+    half full and its socket still takes data (it wrote within PROGRESS_WINDOW), wait before
+    reading more, at most EASE_LIMIT.  A peer that stopped taking data is not waited for: its
+    queue fills and refuses, so a frozen peer delays only its own traffic."""
+    deadline = None
     for link in links:
-        link.flush()
+        while link.backlogged() and time.monotonic() - link.last_progress < PROGRESS_WINDOW:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + EASE_LIMIT
+            elif now >= deadline:
+                return
+            time.sleep(EASE_STEP)
 
 
 def compress_frame(hbuf: bytearray, data, length: int):
@@ -127,6 +148,7 @@ class Link:
         self.peer_addr: str | None = None
         self.last_rx = 0.0
         self.last_tx = 0.0
+        self.last_progress = 0.0         # when the socket last took bytes
         self.downs = 0
         self.refused_full = 0            # frames refused because the queue was full
         self._full_episode = False
@@ -337,13 +359,48 @@ class Link:
         else:
             data, raw = None, 0
         self.queued_bytes += HEADER_SIZE + length
-        self.outq.append((hbuf, data, generation, cmd, f[R_DCID], length, raw))
+        self.outq.append((hbuf, data, generation, cmd, f[R_DCID], length, raw, 1))
         links = getattr(_cork, "links", None)
         if links is not None:
             links[self] = None
             return OK
         self.flush()
         return OK
+
+    def submit_run(self, block: bytearray) -> int:
+        """Queue a run of payload-less commands (whole 120-byte headers, all with the routing
+        fields of the first) that the caller hands over (no copy): one queue entry, written
+        as one buffer (or as batch frames).  Same results as `submit`."""
+        generation = self.generation
+        if not self.up:
+            return E.EDVSNOTCONN
+        if len(self.outq) >= QUEUE_MAX_FRAMES or self.queued_bytes >= QUEUE_MAX_BYTES:
+            return self._refuse_full()
+        self._full_episode = False
+        f = ROUTE_STRUCT.unpack_from(block, 0)
+        self.queued_bytes += len(block)
+        self.outq.append((block, None, generation, f[R_CMD], f[R_DCID], 0, 0,
+                          len(block) // HEADER_SIZE))
+        links = getattr(_cork, "links", None)
+        if links is not None:
+            links[self] = None
+            return OK
+        self.flush()
+        return OK
+
+    def settle(self) -> None:
+        """After a receiver queued views of its read buffer: make sure no frame of this link
+        refers to it any more before the buffer is reused.  Writes what the socket takes
+        (waiting for a writer that holds the send lock; writers never block on the socket) and
+        copies what is left unsent (bounded by the queue's bound)."""
+        with self.send_lock:
+            self._write_queued()
+            self.unsent = [bytes(p) if type(p) is memoryview else p for p in self.unsent]
+
+    def backlogged(self) -> bool:
+        """More than half of the queue's bound is used."""
+        return (self.queued_bytes >= QUEUE_MAX_BYTES // 2
+                or len(self.outq) >= QUEUE_MAX_FRAMES // 2) and self.up
 
     def _refuse_full(self) -> int:
         self.refused_full += 1
@@ -355,10 +412,11 @@ class Link:
                         len(self.outq), self.queued_bytes)
         return E.EDVSAGAIN
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         """Write what the socket takes now (flat combining: a thread that finds the writer busy
         leaves its frames to it; the writer re-checks the queue after releasing the lock).
-        Never blocks on the socket: the rest waits for the monitor's writable event."""
+        Never blocks on the socket: the rest waits for the monitor's writable event.  True
+        when nothing is left queued or unsent."""
         outq, lock = self.outq, self.send_lock
         while (outq or self.unsent) and lock.acquire(blocking=False):
             try:
@@ -366,7 +424,8 @@ class Link:
             finally:
                 lock.release()
             if blocked:
-                return
+                return False
+        return not (outq or self.unsent)
 
     def _write_queued(self) -> bool:
         """(send lock held) Write the unsent rest and then the queue, with as few sendmsg calls
@@ -399,14 +458,17 @@ class Link:
         i, n = 0, len(items)
         taken = 0
         while i < n:
-            hbuf, data, g, cmd, dcid, length, raw = items[i]
+            hbuf, data, g, cmd, dcid, length, raw, nframes = items[i]
             i += 1
-            taken += HEADER_SIZE + length
+            taken += HEADER_SIZE + length if nframes == 1 else len(hbuf)
             if g != gen:
+                continue
+            if nframes > 1:
+                self._run_to_parts(hbuf, nframes, cmd, dcid, parts)
                 continue
             if batch and not length and cmd != C.CMD_NONE:
                 j = i
-                while (j < n and j - i < MAXBATCMD and not items[j][5]
+                while (j < n and j - i < MAXBATCMD and not items[j][5] and items[j][7] == 1
                        and items[j][3] != C.CMD_NONE and items[j][2] == gen):
                     j += 1
                 extra = j - i
@@ -436,6 +498,28 @@ class Link:
         self.queued_bytes = max(0, self.queued_bytes - taken)
         return parts
 
+    def _run_to_parts(self, block, nframes: int, cmd: int, dcid: int, parts: list) -> None:
+        """(send lock held) The buffers of a run of payload-less commands: the block as it is,
+        or with `batch YES` batch frames of up to 1 + MAXBATCMD commands (a copied first
+        header with the batch fields, then a view of the others)."""
+        sent = self.sent
+        if not self.batch:
+            parts.append(block)
+            sent.count(cmd, len(block), nframes, dcid, 0, nframes)
+            return
+        view = memoryview(block)
+        for k in range(0, nframes, MAXBATCMD + 1):
+            m = min(nframes - k, MAXBATCMD + 1)
+            base = k * HEADER_SIZE
+            head = bytearray(view[base:base + HEADER_SIZE])
+            if m > 1:
+                set_batch(head, m - 1)
+                sent.batches += 1
+            parts.append(head)
+            if m > 1:
+                parts.append(view[base + HEADER_SIZE:base + m * HEADER_SIZE])
+            sent.count(cmd, HEADER_SIZE * m, m, dcid, 0)
+
     def _send(self, sock: socket.socket, parts: list) -> bool:
         """(send lock held) sendmsg without blocking; True when the socket took less than all
         (the rest is kept in `unsent` and the monitor waits for room)."""
@@ -447,6 +531,8 @@ class Link:
                     done = sock.sendmsg(chunk)
                 except BlockingIOError:
                     done = 0
+                if done:
+                    self.last_progress = time.monotonic()
                 total = sum(map(len, chunk))
                 if done < total:
                     self.unsent = _rest(chunk, done) + parts[k + MAX_IOV:]

@@ -217,20 +217,21 @@ class Counters:
     by_dc: dict = field(default_factory=dict)
 
     def count(self, cmd: int, nbytes: int, ncmds: int = 1, dcid: int = -1,
-              data: int = 0) -> None:
-        """One frame of `nbytes` carrying `ncmds` commands (the first is `cmd`) of DC `dcid`
-        and `data` payload bytes of copy data."""
-        self.frames += 1
+              data: int = 0, nframes: int = 1) -> None:
+        """`nframes` frames (one, or a run of equal headers counted at once) of `nbytes` in
+        all, carrying `ncmds` commands (the first of each frame is `cmd`) of DC `dcid` and
+        `data` payload bytes of copy data."""
+        self.frames += nframes
         self.commands += ncmds
         self.bytes += nbytes
-        self.by_cmd[cmd] = self.by_cmd.get(cmd, 0) + 1
+        self.by_cmd[cmd] = self.by_cmd.get(cmd, 0) + nframes
         if dcid >= 0:
             dc = self.by_dc.get(dcid)
             if dc is None:
                 dc = self.by_dc[dcid] = DcCounters()
             dc.commands += ncmds
             if cmd in C.MESSAGE_CMDS:
-                dc.messages += 1
+                dc.messages += nframes
             if cmd in C.DATA_CMDS:
                 dc.data_bytes += data
 

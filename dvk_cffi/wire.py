@@ -294,3 +294,56 @@ def swap_endpoint(buf, cmd: int, old: int, new: int, dst_field: bool) -> None:
         v = _V3.unpack_from(buf, _V_SRC)
         if old in v:
             _V3.pack_into(buf, _V_SRC, *(new if x == old else x for x in v))
+
+
+# ---------------------------------------------------------------------------- runs of headers
+#: The routing fields of a header (c_cmd .. c_flags): frames whose first ROUTE_SIZE bytes are
+#: equal are checked and routed as one run.
+ROUTE_SIZE = ROUTE_STRUCT.size
+RUN_KEY = struct.Struct(f"{ROUTE_SIZE}s{HEADER_SIZE - ROUTE_SIZE}x")
+
+
+def _lanes_equal(block, n: int, off: int, packed: bytes) -> bool:
+    """(helper) The 4-byte field at `off` of every one of the `n` headers of `block` holds
+    `packed` (four strided byte compares in C, no loop per header)."""
+    return all(block[off + k::HEADER_SIZE] == packed[k:k + 1] * n for k in range(4))
+
+
+def set_run_field(block: bytearray, n: int, off: int, packed: bytes) -> None:
+    """Write the 4 bytes `packed` at `off` in each of the `n` headers of `block`."""
+    for k in range(4):
+        block[off + k::HEADER_SIZE] = packed[k:k + 1] * n
+
+
+def set_run_snode(block: bytearray, n: int, node: int) -> None:
+    set_run_field(block, n, _C_SNODE, _I32.pack(node))
+
+
+def set_run_dnode(block: bytearray, n: int, node: int) -> None:
+    set_run_field(block, n, _C_DNODE, _I32.pack(node))
+
+
+def set_run_flags(block: bytearray, n: int, flags: int) -> None:
+    set_run_field(block, n, _C_FLAGS, _U32.pack(flags & 0xFFFFFFFF))
+
+
+def swap_endpoint_run(block: bytearray, n: int, cmd: int, old: int, new: int,
+                      dst_field: bool) -> None:
+    """`swap_endpoint` on each of the `n` headers of command `cmd` in `block`: a field that
+    holds `old` in every header is rewritten with strided writes, a field that holds it in
+    only some headers header by header."""
+    if old == new:
+        return
+    po, pn = _I32.pack(old), _I32.pack(new)
+    offs = [_C_DST] if dst_field else [_C_SRC]
+    if not dst_field and cmd in C.MSG_CMDS:
+        offs.append(_M_SOURCE)
+    if cmd in C.VCOPY_CMDS:
+        offs += [_V_SRC, _V_SRC + 4, _V_SRC + 8]
+    for off in offs:
+        if _lanes_equal(block, n, off, po):
+            set_run_field(block, n, off, pn)
+            continue
+        for base in range(off, n * HEADER_SIZE, HEADER_SIZE):
+            if block[base:base + 4] == po:
+                block[base:base + 4] = pn

@@ -115,6 +115,50 @@ def test_relayed_request_is_rewritten_and_sent_to_the_chosen_server():
         (100, 10, 100)
 
 
+def test_a_run_of_equal_requests_is_rewritten_like_each_frame_alone():
+    """The run path (one lookup, strided rewrite) gives the bytes the frame path gives."""
+    for cmd, extra in ((C.CMD_SEND_MSG, {}), (C.CMD_COPYOUT_RQST,
+                                              {"v_src": 50, "v_dst": 10, "v_rqtr": 50})):
+        frames = []
+        for i in range(5):
+            h = _req(cmd=cmd, **extra)
+            h.c_snd_seq = i
+            if i == 3:
+                h.c_msg.m_source = 7        # only some headers name the client: one by one
+            frames.append(bytes(h.buf))
+        one, group1, _, _ = _router()
+        _net(one, _req())                    # the session exists
+        expected = [bytes(_sent(one.from_network(fr, Header(bytearray(fr)).route(),
+                                                 memoryview(b""), 3, False))[1].buf)
+                    for fr in frames]
+        run, group2, _, _ = _router()
+        _net(run, _req())
+        f = Header(bytearray(frames[0])).route()
+        acts = run.from_network_run(memoryview(b"".join(frames)), f, 5, 3, False)
+        (act,) = acts
+        assert act[0] == SEND and act[1] == 1 and act[3] is None
+        assert bytes(act[2]) == b"".join(expected)
+        s1, s2 = group1.sessions[(0, 3, 50, 10)], group2.sessions[(0, 3, 50, 10)]
+        assert (s2.commands, s2.bytes, s2.pending) == (s1.commands, s1.bytes, s1.pending)
+        assert group2.servers[1].commands == group1.servers[1].commands
+
+
+def test_a_run_without_a_session_or_not_for_the_lb_goes_frame_by_frame():
+    router, group, _, _ = _router()
+    frames = bytes(_req().buf) * 3
+    f = _req().route()
+    acts = router.from_network_run(memoryview(frames), f, 3, 3, False)
+    # the first request makes the session, the next two follow it
+    assert [a[0] for a in acts] == [SEND] * 3 and len(group.sessions) == 1
+    h = _req(dnode=5, snode=1, src=10, dst=50)
+    acts = router.from_network_run(memoryview(bytes(h.buf) * 2), h.route(), 2, 1, True)
+    assert [a[0] for a in acts] == [DELIVER] * 2 and acts[0][3] is True
+    h = _req(dnode=2, snode=1, src=60, dst=10)
+    acts = router.from_network_run(memoryview(bytes(h.buf) * 2), h.route(), 2, 1, False)
+    assert [(a[0], Header(bytearray(a[2])).c_rcode) for a in acts] == \
+        [(SEND, E.EDVSBADNODEID)] * 2
+
+
 def test_server_reply_goes_back_to_the_relayed_client_from_the_lb_node():
     router, group, _, _ = _router()
     _net(router, _req())

@@ -14,9 +14,19 @@ import lz4.frame
 
 from cluster_helpers import Background, cluster_from, start_latency_and_m3ftp
 from dsp_proxy.cluster import module_argv
-from dsp_proxy.link import Link, PeerSpec, cork, uncork
+from dsp_proxy.link import (
+    EASE_LIMIT,
+    PROGRESS_WINDOW,
+    QUEUE_MAX_BYTES,
+    Link,
+    PeerSpec,
+    cork,
+    ease,
+    uncork,
+)
 from dsp_proxy.rproxy import FrameReader
 from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.wire import make_header, unpack_batch
 
 
@@ -79,6 +89,109 @@ def test_a_lone_command_is_written_at_once_and_batch_no_never_batches():
     uncork()
     assert len(_read_frames(peer, 4)) == 4
     assert link.sent.batches == 0
+
+
+def test_a_run_of_headers_leaves_as_it_is_or_as_batches_and_is_counted_per_command():
+    run = b"".join(bytes(make_header(c_cmd=C.CMD_SEND_MSG, c_src=i).buf) for i in range(600))
+    link, peer = _link(batch=False)
+    assert link.submit_run(bytearray(run)) == 0
+    assert [c for c in _cmds(_read_frames(peer, 600))] == \
+        [(C.CMD_SEND_MSG, i) for i in range(600)]
+    assert (link.sent.frames, link.sent.commands, link.sent.batches) == (600, 600, 0)
+    assert link.sent.by_cmd[C.CMD_SEND_MSG] == 600
+    link, peer = _link(batch=True)
+    cork()
+    link.submit(make_header(c_cmd=C.CMD_SEND_MSG, c_src=1000).buf)
+    assert link.submit_run(bytearray(run)) == 0
+    uncork()
+    # the lone command before the run is not merged into it; the run is split at 547 commands
+    frames = _read_frames(peer, 3)
+    assert _cmds(frames) == [(C.CMD_SEND_MSG, 1000)] + [(C.CMD_SEND_MSG, i) for i in range(600)]
+    assert (link.sent.frames, link.sent.commands, link.sent.batches) == (3, 601, 2)
+    # a link that is down refuses the run
+    link.up = False
+    assert link.submit_run(bytearray(run)) == E.EDVSNOTCONN
+
+
+def test_reader_takes_a_run_of_equal_routing_fields_and_stops_at_the_first_difference():
+    a, b = socket.socketpair()
+    with a, b:
+        same = make_header(c_cmd=C.CMD_SEND_MSG, c_src=5, c_dst=6)
+        other = make_header(c_cmd=C.CMD_SEND_MSG, c_src=5, c_dst=6, c_len=3)
+        seq = bytearray(same.buf)
+        seq[44] = 9              # c_snd_seq differs: not a routing field, still one run
+        a.sendall(bytes(same.buf) * 3 + bytes(seq) + bytes(other.buf) + b"xyz"
+                  + bytes(same.buf))
+        r = FrameReader(b)
+        r.fill()
+        while r.end - r.start < 6 * 120 + 3:
+            r.fill()
+        h, _ = r.next(lambda f: None)
+        assert r.take_run(h) == 3
+        h, p = r.next(lambda f: None)
+        assert r.fields[7] == 3 and bytes(p) == b"xyz"
+        h, _ = r.next(lambda f: None)
+        assert r.take_run(h) == 0
+
+
+def test_a_receiver_leaves_its_read_buffer_to_the_views_a_link_still_holds():
+    """Forwarded payloads are views of the read buffer: when a link could not write them all,
+    it copies what is left before the receiver reads on, and the frames keep their bytes."""
+    link, peer = _link()
+    link.out_sock.setblocking(False)     # as the link keeps its outgoing socket
+    a, b = socket.socketpair()
+    with a, b, peer:
+        payload = os.urandom(60000)
+        hdr = make_header(c_cmd=C.CMD_COPYIN_DATA, c_len=len(payload)).buf
+        a.sendall(bytes(hdr) + payload)
+        r = FrameReader(b)
+        while not r.has_frame():
+            r.fill()
+        h, p = r.next(lambda f: None)
+        cork()
+        for _ in range(40):            # 2.4 MB: more than the socket takes at once
+            assert link.submit(h, p, copy=False) == 0
+        assert uncork() == [link]
+        link.settle()
+        a.sendall(bytes(hdr) + bytes(len(payload)))   # the next read reuses the buffer
+        while not r.has_frame():
+            r.fill()
+        assert bytes(r.next(lambda f: None)[1]) == bytes(len(payload))
+        got = bytearray()
+        peer.setblocking(False)
+        want = 40 * (120 + len(payload))
+        deadline = time.monotonic() + 10
+        while len(got) < want and time.monotonic() < deadline:
+            link.flush()
+            try:
+                got += peer.recv(1 << 20)
+            except BlockingIOError:
+                time.sleep(0.001)
+        assert len(got) == want
+        for k in range(40):
+            base = k * (120 + len(payload))
+            assert got[base + 120:base + 120 + len(payload)] == payload
+    link.out_sock.close()
+
+
+def test_a_receiver_eases_off_only_for_a_half_full_link_that_still_writes():
+    link, peer = _link()
+    with peer:
+        link.queued_bytes = QUEUE_MAX_BYTES // 2
+        link.last_progress = 0.0               # stalled: not waited for
+        t0 = time.monotonic()
+        ease([link])
+        assert time.monotonic() - t0 < 0.2
+        link.last_progress = time.monotonic()  # moving: waited for, at most EASE_LIMIT
+        t0 = time.monotonic()
+        ease([link])
+        assert PROGRESS_WINDOW * 0.5 <= time.monotonic() - t0 <= EASE_LIMIT + 1
+        link.queued_bytes = 0                  # not backlogged
+        link.last_progress = time.monotonic()
+        t0 = time.monotonic()
+        ease([link])
+        assert time.monotonic() - t0 < 0.2
+    link.out_sock.close()
 
 
 def test_copy_data_is_compressed_only_when_it_shrinks():
