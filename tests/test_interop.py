@@ -349,6 +349,9 @@ def test_c_peer_itself_behaves_as_the_c_dsp(start_node, dvk_rundir):
         for _ in range(3):
             h = Header(bytearray(_read_exact(conn, HEADER_SIZE)))
             stamps.append(time.monotonic())
+            deadline = time.monotonic() + 5     # the peer records a HELLO after sending it
+            while not peer.hellos_sent and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert (h.c_cmd, h.c_dcid, h.c_src, h.c_dst, h.c_snode, h.c_dnode, h.c_len,
                     h.c_flags, h.c_batch_nr) == (C.CMD_NONE, -1, C.NONE, C.NONE, 3, 1, 0, 0, 0)
             assert h.c_pid == peer.hellos_sent[0].c_pid > 0
