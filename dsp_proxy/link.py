@@ -589,21 +589,22 @@ class OutMonitor:
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self.thread: threading.Thread | None = None
 
-    def watch(self, sock: socket.socket, link: Link) -> None:
+    def _set(self, sock: socket.socket, events: int, link: Link, register: bool = False) -> bool:
+        """Register `sock` or change its events; False when it is not (or already) watched."""
         with self.lock:
             try:
-                self.sel.register(sock, selectors.EVENT_READ, link)
+                (self.sel.register if register else self.sel.modify)(sock, events, link)
             except (KeyError, ValueError):
-                pass
+                return False
+        return True
+
+    def watch(self, sock: socket.socket, link: Link) -> None:
+        self._set(sock, selectors.EVENT_READ, link, register=True)
         self._wake()
 
     def want_write(self, sock: socket.socket, link: Link) -> None:
-        with self.lock:
-            try:
-                self.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
-            except (KeyError, ValueError):
-                return
-        self._wake()
+        if self._set(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link):
+            self._wake()
 
     def forget(self, sock: socket.socket) -> None:
         with self.lock:
@@ -646,12 +647,8 @@ class OutMonitor:
         self._wake_w.close()
 
     def _writable(self, sock: socket.socket, link: Link) -> None:
-        with self.lock:
-            try:
-                self.sel.modify(sock, selectors.EVENT_READ, link)
-            except (KeyError, ValueError):
-                return
-        link.flush()
+        if self._set(sock, selectors.EVENT_READ, link):
+            link.flush()
 
     def _readable(self, sock: socket.socket, link: Link) -> None:
         with self.lock:      # still watched: not closed (closing takes this lock)
