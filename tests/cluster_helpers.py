@@ -48,6 +48,19 @@ def cluster_from(template: str, tmp_path: Path, **kw):
         os.rmdir(rundir)
 
 
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
+    """Poll `predicate` until it returns something true (returned) or `timeout` s passed (the
+    test fails, with the last value)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout} s (last: {last!r})")
+
+
 def dump_logs(logs: Path) -> None:
     """On failure, print the tail of every daemon log (pytest shows it with the failure)."""
     for f in sorted(logs.glob("*.log")):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import Background, cluster_from, wait_bound
+from cluster_helpers import Background, cluster_from, wait_bound, wait_for
 from dsp_proxy.cluster import module_argv
 
 HERE = Path(__file__).resolve().parent / "elastic"
@@ -37,16 +37,6 @@ def bg():
     yield holder
     for b in holder:
         b.close()
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout} s")
 
 
 def servers_of(cl, node):

@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 
-from cluster_helpers import cluster_from
+from cluster_helpers import cluster_from, wait_for
 from dsp_proxy import topology
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.misc import resolve
@@ -26,16 +26,6 @@ from fuzz.loadclient import read_records
 FLOOD_FRAMES = 160
 #: Requests per client of the 8-client test (`make chaos` runs 10,000 with --soak).
 SOAK_REQUESTS = int(os.environ.get("DSP_SOAK_REQUESTS", "1000"))
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout} s")
 
 
 def commands(cl, server: int) -> int:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from cluster_helpers import cluster_from
+from cluster_helpers import cluster_from, wait_for
 from dsp_proxy import topology
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.misc import resolve
@@ -49,16 +49,6 @@ def spec_of(cl, target: int, peer: int):
 def log_of(cl, n: int) -> str:
     with open(cl.log_path(f"dsp{n}"), errors="replace") as f:
         return f.read()
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout} s")
 
 
 class FakePeer:

@@ -14,13 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from cluster_helpers import Background, cluster_from, fresh_net, wait_bound
+from cluster_helpers import Background, cluster_from, fresh_net, wait_bound, wait_for
 from dsp_proxy import stats as statsmod
 from dsp_proxy.cluster import REPO_ROOT, module_argv, python_env, render_config
 from dvk_cffi import consts as C
@@ -39,17 +38,6 @@ service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
 
 
 # ------------------------------------------------------------------------------ helpers
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout} s (last: {last!r})")
-
-
 def status_when(cl, node, predicate, what, timeout=15.0) -> dict:
     def check():
         st = cl.status(node)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import fresh_net
+from cluster_helpers import fresh_net, wait_for
 from dsp_proxy import daemon
 from dsp_proxy.cluster import REPO_ROOT, python_env, render_config
 from dvk_cffi.emu import node as emunode
@@ -113,16 +113,6 @@ def make_root(tmp_path):
     yield make
     for r in made:
         r.cleanup()
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout} s")
 
 
 # ------------------------------------------------------------------------------ start-up
