@@ -359,13 +359,7 @@ class Link:
         else:
             data, raw = None, 0
         self.queued_bytes += HEADER_SIZE + length
-        self.outq.append((hbuf, data, generation, cmd, f[R_DCID], length, raw, 1))
-        links = getattr(_cork, "links", None)
-        if links is not None:
-            links[self] = None
-            return OK
-        self.flush()
-        return OK
+        return self._enqueue((hbuf, data, generation, cmd, f[R_DCID], length, raw, 1))
 
     def submit_run(self, block: bytearray) -> int:
         """Queue a run of payload-less commands (whole 120-byte headers, all with the routing
@@ -379,13 +373,17 @@ class Link:
         self._full_episode = False
         f = ROUTE_STRUCT.unpack_from(block, 0)
         self.queued_bytes += len(block)
-        self.outq.append((block, None, generation, f[R_CMD], f[R_DCID], 0, 0,
-                          len(block) // HEADER_SIZE))
+        return self._enqueue((block, None, generation, f[R_CMD], f[R_DCID], 0, 0,
+                              len(block) // HEADER_SIZE))
+
+    def _enqueue(self, item: tuple) -> int:
+        """Queue one entry; write the queue now unless this thread is corked."""
+        self.outq.append(item)
         links = getattr(_cork, "links", None)
         if links is not None:
             links[self] = None
-            return OK
-        self.flush()
+        else:
+            self.flush()
         return OK
 
     def settle(self) -> None:
