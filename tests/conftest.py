@@ -7,6 +7,7 @@
 - `start_node` (alias `node_kernel`): factory `start_node(nodeid, extra=None) -> Popen` that
   starts node kernels with `dvk_cffi.emu.node.start_node` (log in tmp_path/node<N>.log) and
   always stops them at teardown, also when the test failed.
+- `bg`: a list the test appends `Background` program sets to; each is closed at teardown.
 - `apps`: runs the programs (`latency`, `m3ftp`, `dvsctl`) as `python -m dvs_apps.<module>`
   subprocesses with DVK_NODE set: `apps.run(...)` waits with a timeout (the child is killed on
   timeout), `apps.spawn(...)` starts a background one that teardown always kills.
@@ -164,3 +165,13 @@ def apps(dvk_rundir, tmp_path):
         yield runner
     finally:
         runner.cleanup()
+
+
+@pytest.fixture
+def bg():
+    """Background program sets (cluster_helpers.Background) a test starts; all closed at the
+    end, also when the test failed."""
+    holder: list = []
+    yield holder
+    for b in holder:
+        b.close()

@@ -46,14 +46,6 @@ def sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-@pytest.fixture
-def bg():
-    holder = []
-    yield holder
-    for b in holder:
-        b.close()
-
-
 def test_latency_and_m3ftp_between_two_nodes(tmp_path, bg):
     with cluster_from(TWO, tmp_path) as cl:
         b = Background(cl, tmp_path)

@@ -31,14 +31,6 @@ def config(lb="", node2="", service=LATENCY):
         .replace("{{", "{").replace("}}", "}")
 
 
-@pytest.fixture
-def bg():
-    holder = []
-    yield holder
-    for b in holder:
-        b.close()
-
-
 def servers_of(cl, node):
     return ((cl.status(node) or {}).get("group") or {}).get("servers", {})
 

@@ -27,9 +27,19 @@ from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Header, Message
 from emu_helpers import (
     DC0,
     FIRST_USER,
+    FREE_EP,
+    L_PID,
+    LSYS,
+    LSYS2,
+    LUSR,
     NR_PROCS,
     NR_TASKS,
+    PUT2LCL_ROWS,
+    RSYS,
+    RSYS3,
+    RUSR,
     SHORT,
+    U_PID,
     FakeProxy,
     error_of,
     make_world,
@@ -37,11 +47,6 @@ from emu_helpers import (
     raises_code,
     wait_until,
 )
-
-# endpoints used by the proxy tests (node 1 is local, nodes 2 and 3 are remote, via pair 2)
-LSYS, LSYS2, LUSR = 10, 11, 40          # local system, local system, local user
-RSYS, RUSR, RSYS3 = 20, 50, 21          # remote system (node 2), remote user (node 2), node 3
-FREE_EP = 12                            # never bound
 
 
 @pytest.fixture
@@ -1186,39 +1191,8 @@ def test_vcopy_with_queued_remote_party_is_busy(env):
 
 
 # ----------------------------------------------------------------------------- put2lcl rows
-U_PID, L_PID = "U", "L"   # placeholders for the lpid of the local destination
 
 # id, header fields, error, expected ACK (c_cmd, c_src, c_dst, c_pid) or None
-ROWS = [
-    ("01_dcid_range", dict(c_dcid=32), E.EDVSBADDCID, None),
-    ("01_dcid_negative", dict(c_dcid=-1), E.EDVSBADDCID, None),
-    ("02_dc_not_running", dict(c_dcid=1), E.EDVSDCNOTRUN, None),
-    ("03_src_range", dict(c_src=NR_PROCS), E.EDVSRANGE, None),
-    ("03_dst_range", dict(c_dst=-NR_TASKS - 1), E.EDVSRANGE, None),
-    ("04_snode_not_in_dc", dict(c_snode=5), E.EDVSNODCNODE, None),
-    ("05_dnode_not_local", dict(c_dnode=3), E.EDVSBADNODEID, None),
-    ("06_src_not_bound", dict(c_src=22), E.EDVSNOTBIND, None),
-    ("07_src_endpoint", dict(c_src=C._ENDPOINT(1, RSYS)), E.EDVSENDPOINT, None),
-    ("08_src_other_node", dict(c_snode=3), E.EDVSNONODE, None),
-    ("09_user_to_user", dict(c_src=RUSR, c_dst=LUSR), E.EDVSTRAPDENIED,
-     (C.CMD_SEND_ACK, LUSR, RUSR, U_PID)),
-    ("10_src_is_local", dict(c_src=LSYS2), E.EDVSLCLPROC, None),
-    ("12_dst_is_remote", dict(c_dst=RSYS3), E.EDVSRMTPROC, (C.CMD_SEND_ACK, RSYS3, RSYS, -1)),
-    ("13_dst_free", dict(c_dst=FREE_EP), E.EDVSDSTDIED, (C.CMD_SEND_ACK, FREE_EP, RSYS, -1)),
-    ("14_dst_endpoint", dict(c_dst=C._ENDPOINT(1, LSYS)), E.EDVSENDPOINT, None),
-    ("16_user_send", dict(c_src=RUSR), E.EDVSBADCALL, None),
-    ("16_user_notify", dict(c_src=RUSR, c_cmd=C.CMD_NTFY_MSG), E.EDVSBADCALL, None),
-    ("16_user_reply", dict(c_src=RUSR, c_cmd=C.CMD_REPLY_MSG), E.EDVSBADCALL, None),
-    ("16_user_vcopy", dict(c_src=RUSR, c_cmd=C.CMD_COPYIN_DATA, v_rqtr=RUSR), E.EDVSBADCALL,
-     None),
-    ("17_cmd_none", dict(c_cmd=C.CMD_NONE), E.EDVSBADREQUEST, None),
-    ("17_cmd_hello", dict(c_cmd=C.CMD_HELLO), E.EDVSBADREQUEST, None),
-    ("17_cmd_shutdown", dict(c_cmd=C.CMD_SHUTDOWN), E.EDVSBADREQUEST, None),
-    ("17_ntfy_ack", dict(c_cmd=C.CMD_NTFY_ACK), E.EDVSBADREQUEST, None),
-    ("17_reply_ack", dict(c_cmd=C.CMD_REPLY_ACK), E.EDVSBADREQUEST, None),
-    ("17_procinfo", dict(c_cmd=C.CMD_PROCINFO), E.EDVSBADREQUEST, None),
-    ("17_unknown", dict(c_cmd=0x1234), E.EDVSBADREQUEST, None),
-]
 
 
 def check_row(env, fields: dict, code: int, ack) -> None:
@@ -1236,7 +1210,7 @@ def check_row(env, fields: dict, code: int, ack) -> None:
     px.assert_nothing()
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+@pytest.mark.parametrize("row", PUT2LCL_ROWS, ids=[r[0] for r in PUT2LCL_ROWS])
 def test_put2lcl_check_table(env, row):
     _id, fields, code, ack = row
     check_row(env, fields, code, ack)

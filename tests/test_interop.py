@@ -130,14 +130,6 @@ class StaleSender:
 
 
 @pytest.fixture
-def bg():
-    holder = []
-    yield holder
-    for b in holder:
-        b.close()
-
-
-@pytest.fixture
 def c_node(tmp_path, bg):
     """Node 1 with its Python DSP, node 3 with the C-like peer, the programs' endpoints bound
     as the C operator binds them; yields (cluster, cpeer, background, stale sender)."""

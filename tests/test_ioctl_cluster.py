@@ -24,14 +24,6 @@ LOOPS = 40
 RESULTS: dict[str, float] = {}
 
 
-@pytest.fixture
-def bg():
-    holder = []
-    yield holder
-    for b in holder:
-        b.close()
-
-
 def run_to_end(cl, node: int, argv: list[str], env: dict[str, str], timeout: float = 180):
     """A program on `node` with `env` added, run to completion (killed after `timeout`)."""
     proc = cl.popen(node, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -10,8 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from cluster_helpers import Background, cluster_from, dvsctl, wait_bound
 from dsp_proxy.cluster import module_argv
 from dvk_cffi import Message
@@ -37,14 +35,6 @@ def lb_config(period=30, low=30, high=70, maxs=157, extra="", more=""):
 
 
 LOOP_RE = re.compile(r"Time total elapsed in loop (\d+): ([0-9.]+)")
-
-
-@pytest.fixture
-def bg():
-    holder = []
-    yield holder
-    for b in holder:
-        b.close()
 
 
 def start_servers(cl, b, nodes=(1, 2), ep=10, module="dvs_apps.latency", env=None):

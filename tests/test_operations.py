@@ -127,14 +127,6 @@ def metric(samples: dict, name: str, /, **labels) -> float:
     return sum(found)
 
 
-@pytest.fixture
-def bg():
-    holder = []
-    yield holder
-    for b in holder:
-        b.close()
-
-
 # ------------------------------------------------------------------------------ unit tests
 def test_parse_address():
     assert statsmod.parse_address("4000") == ("127.0.0.1", 4000)
