@@ -45,11 +45,13 @@ class Executor:
         kind = act[0]
         if kind == SEND:
             _kind, node, hbuf, data, request, relayed = act
-            if len(hbuf) > HEADER_SIZE:    # a run of payload-less frames
-                link = self.links.get(node)
-                code = E.EDVSNOTCONN if link is None else link.submit_run(hbuf)
+            link = self.links.get(node)
+            if link is None:
+                code = E.EDVSNOTCONN
+            elif len(hbuf) > HEADER_SIZE:    # a run of payload-less frames
+                code = link.submit_run(hbuf)
             else:
-                code = self.submit(node, hbuf, data)
+                code = link.submit(hbuf, data, copy=False)
             if code and request is not None:
                 for off in range(0, len(request), HEADER_SIZE):
                     self(self.router.send_failed(request[off:off + HEADER_SIZE], relayed,

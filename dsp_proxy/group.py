@@ -52,12 +52,10 @@ from dvk_cffi.wire import (
     Header,
     Message,
     error_ack,
-    set_dnode,
-    set_flags,
+    set_route,
     set_run_dnode,
     set_run_flags,
     set_run_snode,
-    set_snode,
     swap_endpoint,
     swap_endpoint_run,
 )
@@ -501,11 +499,11 @@ class Group:
             self._map(sess, dst, dst)
             target = dst
         out = bytearray(hbuf)
-        set_dnode(out, sess.svr_node)
-        set_flags(out, ROUTE_STRUCT.unpack_from(out)[10] | C.FLAG_CHECK_HDR)
+        relayed = sess.relayed
+        set_route(out, self.local if relayed else f[R_SNODE], sess.svr_node,
+                  f[R_FLAGS] | C.FLAG_CHECK_HDR)
         swap_endpoint(out, cmd, dst, target, True)
-        if sess.relayed:
-            set_snode(out, self.local)
+        if relayed:
             swap_endpoint(out, cmd, src, sess.lbsvr_ep, False)
         n = 120 + length
         sess.commands += 1
@@ -590,11 +588,11 @@ class Group:
             elif cmd in C.MSG_ACK_CMDS:
                 sess.pending = 0
             out = bytearray(hbuf)
-            set_snode(out, self.lb_id)
-            set_flags(out, f[R_FLAGS] & ~C.FLAG_CHECK_HDR)
+            relayed = sess.relayed
+            set_route(out, self.lb_id, sess.clt_node if relayed else f[R_DNODE],
+                      flags & ~C.FLAG_CHECK_HDR)
             swap_endpoint(out, cmd, src, sess.to_client.get(src, src), False)
-            if sess.relayed:      # the receiver hands its buffer over to the link
-                set_dnode(out, sess.clt_node)
+            if relayed:           # the receiver hands its buffer over to the link
                 swap_endpoint(out, cmd, sess.lbsvr_ep, sess.clt_ep, True)
                 acts.append((SEND, sess.clt_node, out, payload[:length] if length else None,
                              None, True))

@@ -72,7 +72,11 @@ def uncork() -> list:
     if links is None:
         return []
     _cork.links = None
-    return [link for link in links if not link.flush()]
+    kept = []
+    for link in links:
+        if not link.flush():
+            kept.append(link)
+    return kept
 
 
 def ease(links: list) -> None:
@@ -443,12 +447,8 @@ class Link:
         """(send lock held) Take the queue and turn it into the buffers to write: batch frames
         where `batch YES` lets commands that meet in the queue travel together."""
         outq = self.outq
-        items = []
-        try:
-            while True:
-                items.append(outq.popleft())
-        except IndexError:
-            pass
+        popleft = outq.popleft
+        items = [popleft() for _ in range(len(outq))]   # the writer is the only consumer
         gen = self.generation
         parts: list = []
         sent = self.sent
@@ -524,15 +524,14 @@ class Link:
         gen = self.generation
         try:
             for k in range(0, len(parts), MAX_IOV):
-                chunk = parts[k:k + MAX_IOV]
+                chunk = parts[k:k + MAX_IOV] if len(parts) > MAX_IOV else parts
                 try:
                     done = sock.sendmsg(chunk)
                 except BlockingIOError:
                     done = 0
-                if done:
-                    self.last_progress = time.monotonic()
-                total = sum(map(len, chunk))
-                if done < total:
+                if done < sum(map(len, chunk)):
+                    if done:
+                        self.last_progress = time.monotonic()
                     self.unsent = _rest(chunk, done) + parts[k + MAX_IOV:]
                     if self.monitor is not None:
                         self.monitor.want_write(sock, self)
@@ -541,8 +540,9 @@ class Link:
             self.unsent = []
             self.down(f"send failed: {exc}", gen)
             return False
-        self.unsent = []
-        self.last_tx = time.monotonic()
+        if self.unsent:
+            self.unsent = []
+        self.last_tx = self.last_progress = time.monotonic()
         if self._full_episode:   # the peer's sender may wait for room
             with self.cond:
                 self.cond.notify_all()
