@@ -486,8 +486,11 @@ class Group:
                     sess.started_at = self.clock()
                     acts.append(self._ask_start(sess))
                 return acts
-            _add(acts, self._send_forward(sess, hbuf, f, payload, not relayed))
-        return acts if len(acts) != 1 else acts[0]
+            act = self._send_forward(sess, hbuf, f, payload, not relayed)
+            if not acts:
+                return act
+            acts.append(act)
+        return acts
 
     def _send_forward(self, sess: Session, hbuf, f: tuple, payload, copy: bool = True):
         """(lock held) The SEND action of one client command in session `sess` (`f`: its

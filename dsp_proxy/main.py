@@ -91,7 +91,6 @@ class ProxyContext:
     execute: Executor
     control: Callable[[int, Message], None]
     count_error: Callable[[int], None]
-    learn_dc: Callable[[int], None]
     hello: Callable[[int, bool], Header]
     source_addr: str
     user_timeout_ms: int
@@ -141,7 +140,7 @@ class Dsp:
         self.acceptor = Acceptor(self.bind_addr, self.stopping, allow_any_peer)
         self.relay_host = topology.relay_host(cfg)
         self.node_pids = _node_pids(dvk)
-        self.limits = WireLimits(dvs.d_nr_nodes, dvs.d_nr_dcs)
+        self.limits = WireLimits(dvs.d_nr_nodes, dvs.d_nr_dcs, learn=self.learn_dc)
         self.group: Group | None = None
         if cfg.role(local).lb_pair and not topology.is_relayed_client(cfg, local):
             self.group = Group(cfg, local, _LinkView(self.links), self.relay_host,
@@ -201,7 +200,7 @@ class Dsp:
         return ProxyContext(
             dvk=self.dvk, stopping=stopping, local=self.local, lb_node=self.lb_nodeid,
             limits=self.limits, router=self.router, execute=self.execute,
-            control=self.on_control, count_error=self.count_error, learn_dc=self.learn_dc,
+            control=self.on_control, count_error=self.count_error,
             hello=self.hello_for, source_addr=self.bind_addr,
             user_timeout_ms=self.user_timeout_ms, fd_interval_ms=self.fd_interval_ms,
             period=self.period)

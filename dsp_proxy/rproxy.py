@@ -12,12 +12,14 @@ in order per remote descriptor: the receiver never sleeps.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import queue
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lz4.frame
@@ -79,6 +81,8 @@ class WireLimits:
     nr_nodes: int
     nr_dcs: int
     dc_ranges: dict = field(default_factory=dict)   # dcid -> (nr_tasks, nr_procs) or None
+    #: Reads a DC's range into `dc_ranges` the first time a header names it.
+    learn: Callable[[int], None] | None = None
 
 
 def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = False) -> None:
@@ -116,6 +120,9 @@ def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = F
     if not 0 <= dcid < limits.nr_dcs:
         raise FrameError(f"dcid {dcid} out of range")
     rng = limits.dc_ranges.get(dcid)
+    if rng is None and limits.learn is not None:
+        limits.learn(dcid)
+        rng = limits.dc_ranges.get(dcid)
     if rng is None:
         raise FrameError(f"DC {dcid} is not running on this node")
     p_src, p_dst = C._ENDPOINT_P(src), C._ENDPOINT_P(dst)
@@ -370,14 +377,7 @@ class RProxy:
         ctx, link = self.ctx, self.link
         reader = FrameReader(sock)
         peer = link.peer
-        limits = ctx.limits
-
-        def check(fields):
-            if fields[R_CMD] and fields[R_DCID] not in limits.dc_ranges:
-                ctx.learn_dc(fields[R_DCID])
-            check_header(fields, peer, limits)
-
-        self.check = check
+        check = functools.partial(check_header, peer=peer, limits=ctx.limits)
         received = link.received
         dispatch = self.dispatch
         monotonic = time.monotonic
@@ -494,8 +494,6 @@ class RProxy:
             off = 0
             for (key,), same in itertools.groupby(RUN_KEY.iter_unpack(extra)):
                 fields = ROUTE_STRUCT.unpack(key)
-                if fields[R_DCID] not in ctx.limits.dc_ranges and fields[R_CMD]:
-                    ctx.learn_dc(fields[R_DCID])
                 check_header(fields, link.peer, ctx.limits, batched=True)
                 if fields[R_CMD] == C.CMD_NONE:
                     raise FrameError("HELLO inside a batch")
