@@ -577,6 +577,7 @@ class Dsp:
             "put2lcl_errors": {E.error_name(c): n for c, n in list(self.errors.items())},
             "failed_pairs": sorted(p for p, pair in self.pairs.items() if pair.failed),
             "refused_connections": self.acceptor.refusals.total,
+            "dropped_frames": self.execute.dropped,
             "group": self.group.snapshot() if self.group is not None else None,
             "autoscaler": self.autoscaler.snapshot() if self.autoscaler is not None else None,
             "config": config_view(self.cfg),

@@ -54,8 +54,11 @@ ENQUEUED_PATIENCE = 2.0
 MAX_PARKED = 1024
 #: Retry interval of parked deliveries while the socket is quiet.
 PARK_RETRY = 0.002
-#: At most this many frames wait for the put2lcl thread; more are refused (counted, logged).
+#: At most this many frames wait for the put2lcl thread.
 PUT2LCL_QUEUE_MAX = 8192
+#: How long a thread waits for room in the put2lcl thread's full queue before the frame is
+#: dropped (counted, logged once per episode).
+PUT2LCL_WAIT = 0.5
 MAX_FRAME = HEADER_SIZE + C.MAXCOPYBUF
 #: At most this many payload-less frames with equal routing fields are routed as one run.
 MAX_RUN = 4096
@@ -523,7 +526,9 @@ class RProxy:
 class Put2lclThread:
     """The LB pair's receiver: delivers what the router queued for local processes (session
     traffic rewritten to come from the LB node, error replies for local clients).  The queue is
-    bounded: a frame that does not fit is counted and dropped, logged once per episode."""
+    bounded: a full queue holds the thread that queues back (the put2lcl thread drains it at the
+    kernel's pace, so the link behind that thread slows down instead of losing frames); a frame
+    that finds no room within PUT2LCL_WAIT is counted and dropped, logged once per episode."""
 
     def __init__(self, ctx, gate) -> None:
         self.ctx = ctx
@@ -533,14 +538,16 @@ class Put2lclThread:
         self._full = False
 
     def put(self, h: Header, data=b"") -> bool:
+        """Queue a frame for a local process; False when it was dropped."""
         try:
-            self.queue.put_nowait((h, data))
+            self.queue.put((h, data), timeout=PUT2LCL_WAIT)
         except queue.Full:
             self.refused += 1
             if not self._full:
                 self._full = True
-                log.warning("put2lcl queue full (%d frames): frames for local processes are "
-                            "dropped until it drains", PUT2LCL_QUEUE_MAX)
+                log.warning("put2lcl queue full (%d frames) for %.1f s: frames for local "
+                            "processes are dropped until it drains", PUT2LCL_QUEUE_MAX,
+                            PUT2LCL_WAIT)
             return False
         self._full = False
         return True

@@ -333,6 +333,9 @@ def render_metrics(snap: dict) -> str:
     for code, n in sorted(errors.items()):
         m.add("dsp_put2lcl_errors_total", "counter",
               "put2lcl deliveries that failed, by EDVS error code.", n, code=code)
+    m.add("dsp_dropped_frames_total", "counter",
+          "Routed frames with nowhere to go: refused by a link with no request to answer, "
+          "or by the full put2lcl queue.", snap.get("dropped_frames", 0))
     group = snap.get("group")
     if group:
         m.add("dsp_sessions", "gauge", "Active LB sessions held by this DSP.",
@@ -589,7 +592,8 @@ def format_text(snap: dict) -> str:
            "", "traffic per DC:", _text_table(*dc_rows(snap))]
     errors = snap.get("put2lcl_errors") or {}
     out += ["", "put2lcl errors: " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
-                                      or "none")]
+                                      or "none"),
+            f"dropped frames: {snap.get('dropped_frames', 0)}"]
     group = snap.get("group")
     if group:
         load = group.get("load") or {}

@@ -298,3 +298,38 @@ def test_eight_clients_through_the_lb_lose_nothing(tmp_path):
             chaos.close()
         assert fig["lost"] == 0 and fig["misrouted"] == 0, fig
         assert fig["ok"] == fig["expected"], fig
+
+
+def test_a_full_put2lcl_queue_holds_the_receiver_back_and_drops_only_after_the_bound(
+        monkeypatch):
+    """Frames for local processes are not dropped while the put2lcl thread drains its queue:
+    the thread that queues waits for room (so the link behind it slows down); only a queue that
+    stays full for PUT2LCL_WAIT drops the frame, counted."""
+    from dsp_proxy import rproxy
+    monkeypatch.setattr(rproxy, "PUT2LCL_QUEUE_MAX", 4)
+    p = rproxy.Put2lclThread(ctx=None, gate=None)
+    h = make_header(c_cmd=C.CMD_SEND_MSG)
+    for _ in range(4):
+        assert p.put(h)
+    drained = []
+
+    def drain_slowly():
+        for _ in range(6):
+            time.sleep(0.05)
+            drained.append(p.queue.get())
+
+    t = threading.Thread(target=drain_slowly)
+    t.start()
+    try:
+        assert all(p.put(h) for _ in range(2))     # each waited for a slot, none dropped
+        assert p.refused == 0
+    finally:
+        t.join(5)
+    assert len(drained) == 6 and p.queue.qsize() == 0
+    for _ in range(4):
+        assert p.put(h)
+    t0 = time.monotonic()
+    assert not p.put(h)                            # nobody drains: dropped after the bound
+    waited = time.monotonic() - t0
+    assert rproxy.PUT2LCL_WAIT * 0.9 <= waited < rproxy.PUT2LCL_WAIT + 5
+    assert p.refused == 1

@@ -37,7 +37,8 @@ FAMILIES = {
     "dsp_link_downs": "counter", "dsp_link_frames": "counter", "dsp_link_commands": "counter",
     "dsp_link_bytes": "counter", "dsp_link_errors": "counter", "dsp_link_hellos": "counter",
     "dsp_dc_messages": "counter", "dsp_dc_data_bytes": "counter", "dsp_dc_commands": "counter",
-    "dsp_put2lcl_errors": "counter", "dsp_sessions": "gauge", "dsp_sessions_started": "counter",
+    "dsp_put2lcl_errors": "counter", "dsp_dropped_frames": "counter", "dsp_sessions": "gauge",
+    "dsp_sessions_started": "counter",
     "dsp_sessions_ended": "counter", "dsp_lb_failures": "counter",
     "dsp_load_cpu_percent": "gauge", "dsp_load_level": "gauge", "dsp_server_up": "gauge",
     "dsp_server_load_level": "gauge", "dsp_server_cpu_percent": "gauge",
@@ -57,6 +58,7 @@ FULL = {
         "2": {"name": "node2", "up": False, "downs": 3, "sent": {}, "received": {}},
     },
     "put2lcl_errors": {"EDVSNOTBIND": 3, "EDVSDSTDIED": 1},
+    "dropped_frames": 2,
     "group": {
         "sessions": [{"dcid": 0, "client": "50@3", "service": "latency", "server": "10@1",
                       "relayed": False, "commands": 7, "bytes": 840}],
@@ -107,6 +109,7 @@ def test_metrics_parse_as_prometheus_families_with_help_and_types():
     assert set(fams) == set(FAMILIES)  # FULL carries every family
     put2lcl = {s.labels["code"]: s.value for s in fams["dsp_put2lcl_errors"].samples}
     assert put2lcl == {"EDVSNOTBIND": 3, "EDVSDSTDIED": 1}
+    assert [s.value for s in fams["dsp_dropped_frames"].samples] == [2]
     up = {s.labels["server"]: s.value for s in fams["dsp_server_up"].samples}
     assert up == {"1": 1, "2": 0}
     assert [s.value for s in fams["dsp_config_last_reload_successful"].samples] == [0]
