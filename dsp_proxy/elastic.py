@@ -26,12 +26,15 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
+from dvk_cffi.api import Dvk
 from dvk_cffi.wire import Message
 
-from .group import MT_SVC_START, MT_SVC_STOP, control_message
+from .config import Config
+from .group import MT_SVC_START, MT_SVC_STOP, Group, control_message
 
 log = logging.getLogger("dsp.elastic")
 
@@ -123,16 +126,29 @@ class VmState:
     stops: int = 0
 
 
+class Host(Protocol):
+    """What the autoscaler and the service runner use of the daemon, and nothing more: the
+    node id, the config and LB group in force (a reload replaces both, so they are read at
+    each use), the DVK, and control frames to peers."""
+
+    local: int
+    cfg: Config
+    group: Group | None
+    dvk: Dvk
+
+    def send_control(self, nodeid: int, body: bytes) -> bool: ...
+
+
 class Autoscaler:
     """Keeps min_servers..max_servers servers running (only servers with node_image are
     started or stopped); runs on the deciding DSP only."""
 
-    def __init__(self, dsp, runner: CommandRunner | None = None) -> None:
-        self.dsp = dsp
-        self.lb = dsp.cfg.lb
+    def __init__(self, host: Host, runner: CommandRunner | None = None) -> None:
+        self.host = host
+        self.lb = host.cfg.lb
         self.runner = runner or CommandRunner(self.lb)
         self.vms = {n.nodeid: VmState(n.nodeid, n.name, n.node_image)
-                    for n in dsp.cfg.servers}
+                    for n in host.cfg.servers}
         self.no_server = False
         self.lock = threading.Lock()
         self.busy = False       # one VM command at a time, on its own thread
@@ -150,7 +166,7 @@ class Autoscaler:
     def decider(self) -> int | None:
         """The deciding DSP: the node `svrname` names, else the lowest-id live server."""
         lb = self.lb
-        named = self.dsp.cfg.node_by_name(lb.svrname) if lb.svrname else None
+        named = self.host.cfg.node_by_name(lb.svrname) if lb.svrname else None
         if named is not None:
             return named.nodeid
         live = self.running()
@@ -159,17 +175,17 @@ class Autoscaler:
     def running(self) -> set[int]:
         """Servers that count as running: links up both ways and reporting; this node
         counts itself when it is a server."""
-        group = self.dsp.group
+        group = self.host.group
         out = set()
-        me = self.dsp.cfg.nodes_by_id.get(self.dsp.local)
+        me = self.host.cfg.nodes_by_id.get(self.host.local)
         if me is not None and me.role == "server":
-            out.add(self.dsp.local)
+            out.add(self.host.local)
         if group is not None:
             out |= {s.nodeid for s in group.servers.values() if group.is_live(s)}
         return out
 
     def tick(self) -> None:
-        if self.decider() != self.dsp.local or self.busy:
+        if self.decider() != self.host.local or self.busy:
             return
         now = time.monotonic()
         running = self.running()
@@ -184,10 +200,10 @@ class Autoscaler:
                 vm.starting_since, vm.failed_at = 0.0, now
                 self._check_status(vm)
         starting = [v for v in self.vms.values() if v.starting_since]
-        group = self.dsp.group
+        group = self.host.group
         levels = group.levels() if group is not None else {}
-        if self.dsp.local in running and group is not None:
-            levels[self.dsp.local] = group.meter.level
+        if self.host.local in running and group is not None:
+            levels[self.host.local] = group.meter.level
         count = len(running) + len(starting)
         all_saturated = bool(running) and all(levels.get(n) == C.LVL_SATURATED
                                               for n in running)
@@ -209,10 +225,10 @@ class Autoscaler:
         return None
 
     def _maybe_stop(self, running: set[int], levels: dict[int, int], now: float) -> None:
-        group = self.dsp.group
+        group = self.host.group
         for vm in self.vms.values():
             if (vm.nodeid not in running or not vm.image or vm.stopping_since
-                    or vm.nodeid == self.dsp.local):  # the deciding node never stops itself
+                    or vm.nodeid == self.host.local):  # the deciding node never stops itself
                 vm.idle_since = 0.0
                 continue
             idle = levels.get(vm.nodeid) == C.LVL_IDLE and group is not None \
@@ -282,8 +298,8 @@ class Autoscaler:
 class ServiceRunner:
     """Server side of `prog` services: start one program per session, stop it at the end."""
 
-    def __init__(self, dsp) -> None:
-        self.dsp = dsp
+    def __init__(self, host: Host) -> None:
+        self.host = host
         self.lock = threading.Lock()
         self.procs: dict[tuple[int, int], subprocess.Popen] = {}
         self.reserved: set[tuple[int, int]] = set()
@@ -298,7 +314,7 @@ class ServiceRunner:
             self.stop(m.m1_i1, m.m1_i2)
 
     def _service(self, dcid: int, ext_ep: int):
-        for svc in self.dsp.cfg.services:
+        for svc in self.host.cfg.services:
             if svc.ext_ep == ext_ep and svc.dcid in (-1, dcid) and svc.prog \
                     and svc.bind != "external":
                 return svc
@@ -308,8 +324,8 @@ class ServiceRunner:
                req: int) -> None:
         result = self.start(dcid, ext_ep, clt_ep, clt_node)
         body = control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=result, m1_p2=req,
-                               m_source=self.dsp.local)
-        self.dsp.send_control(peer, body)
+                               m_source=self.host.local)
+        self.host.send_control(peer, body)
 
     def start(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int) -> int:
         """Start the service's program for one client; returns its endpoint or an error."""
@@ -322,8 +338,8 @@ class ServiceRunner:
         if ep is None:
             return E.EDVSAGAIN
         argv = shlex.split(svc.prog) + [str(dcid), str(ep), str(clt_node), str(clt_ep)]
-        out = os.path.join(tempfile.gettempdir(), f"{svc.name}_{self.dsp.local}_{ep}.out")
-        env = dict(os.environ, DVK_NODE=str(self.dsp.local))
+        out = os.path.join(tempfile.gettempdir(), f"{svc.name}_{self.host.local}_{ep}.out")
+        env = dict(os.environ, DVK_NODE=str(self.host.local))
         try:
             with open(out, "ab") as f:
                 proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
@@ -353,7 +369,7 @@ class ServiceRunner:
 
     def _bound(self, dcid: int, ep: int) -> bool:
         try:
-            return not self.dsp.dvk.getprocinfo(dcid, ep).p_rts_flags & C.SLOT_FREE
+            return not self.host.dvk.getprocinfo(dcid, ep).p_rts_flags & C.SLOT_FREE
         except E.DvkError:
             return False
 
