@@ -29,6 +29,7 @@ from dvk_cffi.errors import EDVSERRCODE, EDVSTIMEDOUT, DvkError
 from .common import (
     UsageError,
     debug,
+    debug_enabled,
     error_text,
     parse_int,
     print_error,
@@ -57,6 +58,7 @@ def serve(dvk, dcid: int, svr_nr: int) -> int:
     if ep < EDVSERRCODE:   # a backend returning codes instead of raising
         raise DvkError.for_code(ep, "bind")
     debug(f"latency.py:server:SERVER before LOOP server_ep={ep}")
+    verbose = debug_enabled()  # the request line's repr is built only when it is printed
     m = dvk.message()
     while True:
         try:
@@ -67,7 +69,8 @@ def serve(dvk, dcid: int, svr_nr: int) -> int:
                 continue
             print_error(f"dvk_receive_T: {error_text(err)}")
             return 1
-        debug(f"latency.py:server:SERVER REQUEST msg: {m!r}")
+        if verbose:
+            debug(f"latency.py:server:SERVER REQUEST msg: {m!r}")
         if m.m1_i2 > 0:
             _busy(m.m1_i2)
         m.m_type = REPLY_TYPE
