@@ -94,6 +94,9 @@ def test_packed_requests_are_the_general_encoding(a, b):
         assert P.encode_imi(P.OP[op], a, msg, b) == P.encode_request(op, [a, msg, b])
     assert P.encode_ii(P.OP["RECEIVE"], a, b) == P.encode_request("RECEIVE", [a, b])
     assert P.encode_i(P.OP["RCVRQST"], a) == P.encode_request("RCVRQST", [a])
+    assert P.encode_ii(P.OP["GET2RMT"], a, b) == P.encode_request("GET2RMT", [a, b])
+    hdr = bytes(range(HEADER_SIZE))
+    assert P.encode_hu(P.OP["PUT2LCL"], hdr, a) == P.encode_request("PUT2LCL", [hdr, a])
 
 
 def _general_reply(rc: int, values: list) -> bytes:
@@ -105,7 +108,9 @@ def _general_reply(rc: int, values: list) -> bytes:
 REPLIES = [
     (0, []), (-305, []), (0, [7]), (0, [-(1 << 63)]), (-1, [(1 << 63) - 1]),
     (0, [0, bytes(range(MESSAGE_SIZE))]), (0, [3, b"x" * (MESSAGE_SIZE - 1)]),
-    (0, [3, b"x" * HEADER_SIZE, 2]), (0, [None]), (0, [b"text"]), (0, [1, 2]),
+    (0, [3, b"x" * HEADER_SIZE, 2]), (0, [0, bytes(HEADER_SIZE), -(1 << 63)]),
+    (0, [0, b"x" * (HEADER_SIZE + 1), 2]), (0, [0, bytes(HEADER_SIZE), None]),
+    (0, [None]), (0, [b"text"]), (0, [1, 2]),
     (0, (5, bytes(MESSAGE_SIZE))),
 ]
 

@@ -18,12 +18,13 @@ from .. import consts as C
 from .. import errors as E
 from ..api import Buffer, Dvk
 from ..info import DcInfo, DvsInfo, NodeInfo, ProcInfo
-from ..wire import MESSAGE_SIZE, Header, Message
+from ..wire import HEADER_SIZE, MESSAGE_SIZE, Header, Message
 from . import protocol as P
 from .memory import ArenaAllocator
 from .server import default_rundir, socket_path
 
 _RECEIVE, _RCVRQST = P.OP["RECEIVE"], P.OP["RCVRQST"]
+_GET2RMT, _PUT2LCL = P.OP["GET2RMT"], P.OP["PUT2LCL"]
 
 
 class DvkUnavailable(OSError):
@@ -284,9 +285,13 @@ class EmuDvk(Dvk):
     def get2rmt(self, hdr: Header, payload: Buffer, timeout: int = C.HELLO_PERIOD) -> int:
         """Returns how many more commands were queued for this proxy (a hint for batching;
         0 when the kernel did not say)."""
-        values = self._call("GET2RMT", payload.addr, timeout)
+        values = self._rpc(P.encode_ii(_GET2RMT, payload.addr, timeout), "GET2RMT")
         hdr.load(values[1])
         return values[2] if len(values) > 2 else 0
 
     def put2lcl(self, hdr: Header, payload: Buffer | None) -> int:
-        return self._value("PUT2LCL", bytes(hdr.buf), payload.addr if payload else 0)
+        raw = bytes(hdr.buf)
+        addr = payload.addr if payload else 0
+        if len(raw) != HEADER_SIZE:
+            return self._value("PUT2LCL", raw, addr)
+        return self._rpc(P.encode_hu(_PUT2LCL, raw, addr), "PUT2LCL")[0]

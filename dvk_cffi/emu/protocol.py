@@ -129,10 +129,14 @@ _REPLY_INT = struct.Struct("<IiBq")
 _REPLY_INT_MSG = struct.Struct(f"<IiBqBI{MESSAGE_SIZE}s")
 _INT_BODY = struct.Struct("<iBq")
 _INT_MSG_BODY = struct.Struct(f"<iBqBI{MESSAGE_SIZE}s")
+#: The reply of get2rmt: status, return value, the header, the queued count.
+_REPLY_INT_HDR_INT = struct.Struct(f"<IiBqBI{HEADER_SIZE}sBq")
+_INT_HDR_INT_BODY = struct.Struct(f"<iBqBI{HEADER_SIZE}sBq")
 #: Requests of the message calls, framed: (ep, message, timeout) and (a, b) and (a).
 _REQ_IMI = struct.Struct(f"<IHBqBI{MESSAGE_SIZE}sBq")
 _REQ_II = struct.Struct("<IHBqBq")
 _REQ_I = struct.Struct("<IHBq")
+_REQ_HU = struct.Struct(f"<IHBI{HEADER_SIZE}sBq")
 
 
 def encode_imi(op: int, a: int, msg: bytes, b: int) -> bytes:
@@ -145,6 +149,12 @@ def encode_imi(op: int, a: int, msg: bytes, b: int) -> bytes:
 def encode_ii(op: int, a: int, b: int) -> bytes:
     """The request frame of operation number `op` taking two integers."""
     return _REQ_II.pack(_REQ_II.size - 4, op, _T_INT, a, _T_INT, b)
+
+
+def encode_hu(op: int, hdr: bytes, a: int) -> bytes:
+    """The request frame of operation number `op` taking (header, address); `hdr` must be
+    HEADER_SIZE bytes."""
+    return _REQ_HU.pack(_REQ_HU.size - 4, op, _T_BYTES, HEADER_SIZE, hdr, _T_INT, a)
 
 
 def encode_i(op: int, a: int) -> bytes:
@@ -305,6 +315,10 @@ def encode_reply(rc: int, values: Sequence[Value] = ()) -> bytes:
         if n == 2 and type(second) is bytes and len(second) == MESSAGE_SIZE:
             return _REPLY_INT_MSG.pack(_REPLY_INT_MSG.size - 4, rc, _T_INT, first,
                                        _T_BYTES, MESSAGE_SIZE, second)
+        if n == 3 and type(second) is bytes and len(second) == HEADER_SIZE \
+                and type(values[2]) is int:
+            return _REPLY_INT_HDR_INT.pack(_REPLY_INT_HDR_INT.size - 4, rc, _T_INT, first,
+                                           _T_BYTES, HEADER_SIZE, second, _T_INT, values[2])
     out = bytearray(_REPLY_HEAD.pack(0, rc))
     _encode_into(out, values)
     _LEN.pack_into(out, 0, len(out) - 4)
@@ -320,6 +334,11 @@ def decode_reply(body: bytes) -> tuple[int, list[Value]]:
     elif n == _INT_BODY.size and body[4] == _T_INT:
         rc, _t, value = _INT_BODY.unpack(body)
         return rc, [value]
+    elif n == _INT_HDR_INT_BODY.size and body[4] == _T_INT and body[13] == _T_BYTES \
+            and body[18 + HEADER_SIZE] == _T_INT:
+        rc, _t, value, _t2, size, hdr, _t3, more = _INT_HDR_INT_BODY.unpack(body)
+        if size == HEADER_SIZE:
+            return rc, [value, hdr, more]
     if n < 4:
         raise ProtocolError("short reply")
     return _RC.unpack_from(body, 0)[0], decode_values(body, 4)
