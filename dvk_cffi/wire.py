@@ -246,7 +246,6 @@ _C_SRC, _C_DST, _C_SNODE, _C_DNODE = _OFF["c_src"], _OFF["c_dst"], _OFF["c_snode
 _C_LEN, _C_BATCH_NR, _C_FLAGS = _OFF["c_len"], _OFF["c_batch_nr"], _OFF["c_flags"]
 _M_SOURCE = MSG_OFFSET + I386_MESSAGE_FIELDS["m_source"][0]
 _V_SRC = _OFF["v_src"]
-_MSG_SOURCE = I386_MESSAGE_FIELDS["m_source"][0]
 
 def frame_length(buf, offset: int = 0) -> int:
     """`c_len` of the header at `offset` of `buf`."""
@@ -276,6 +275,9 @@ def set_lz4(buf, length: int) -> None:
     """Mark the header's payload as an LZ4 frame of `length` bytes."""
     _I32.pack_into(buf, _C_LEN, length)
     _U32.pack_into(buf, _C_FLAGS, _U32.unpack_from(buf, _C_FLAGS)[0] | C.FLAG_LZ4)
+
+
+_MSG_SOURCE = I386_MESSAGE_FIELDS["m_source"][0]
 
 
 def message_with_source(msg: bytes, ep: int) -> bytes:
