@@ -286,6 +286,15 @@ def set_lz4(buf, length: int) -> None:
     _U32.pack_into(buf, _C_FLAGS, _U32.unpack_from(buf, _C_FLAGS)[0] | C.FLAG_LZ4)
 
 
+_MSG_SOURCE = I386_MESSAGE_FIELDS["m_source"][0]
+
+
+def message_with_source(msg: bytes, ep: int) -> bytes:
+    """A copy of the raw message `msg` whose `m_source` is `ep` (what the kernel stamps on
+    every message it passes on), without a Message object."""
+    return msg[:_MSG_SOURCE] + _I32.pack(ep) + msg[_MSG_SOURCE + 4:]
+
+
 def swap_endpoint(buf, cmd: int, old: int, new: int, dst_field: bool) -> None:
     """Rewrite endpoint `old` as `new` everywhere a header of command `cmd` names it: `c_dst`
     (with `dst_field`) or `c_src` and the message's `m_source`, and the vcopy endpoints."""

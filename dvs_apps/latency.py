@@ -9,7 +9,8 @@ request from ANY (30 s timeouts are retried), busy-loops `m1_i2` seconds when th
 and sends the message back with `m_type` 0x0B.  The client binds `clt_ep` (a user endpoint is
 enough: it only uses sendrec) and times `loops` sendrec calls (`m_type` 0x0A, `m1_i1` = loop,
 `m1_i2` = cpu_secs, `m1_i3` = 3, `m1_p1` = 4), sleeping `secs` (default 1, like C; tests pass 0)
-after each one; it prints each loop's time and then the average latency and the message rate.
+after each one; it prints each loop's time (flushed per loop only when paced, so unpaced
+loops are not interleaved with pipe writes) and then the average latency and the message rate.
 `cpu_secs` < 0 picks a random value in [0, |cpu_secs|) once.
 
 Exit status: 0, or 1 on a fatal error (bad arguments, bind failure, server receive/send error)
@@ -29,6 +30,7 @@ from dvk_cffi.errors import EDVSERRCODE, EDVSTIMEDOUT, DvkError
 from .common import (
     UsageError,
     debug,
+    debug_enabled,
     error_text,
     parse_int,
     print_error,
@@ -57,6 +59,7 @@ def serve(dvk, dcid: int, svr_nr: int) -> int:
     if ep < EDVSERRCODE:   # a backend returning codes instead of raising
         raise DvkError.for_code(ep, "bind")
     debug(f"latency.py:server:SERVER before LOOP server_ep={ep}")
+    verbose = debug_enabled()  # the request line's repr is built only when it is printed
     m = dvk.message()
     while True:
         try:
@@ -67,7 +70,8 @@ def serve(dvk, dcid: int, svr_nr: int) -> int:
                 continue
             print_error(f"dvk_receive_T: {error_text(err)}")
             return 1
-        debug(f"latency.py:server:SERVER REQUEST msg: {m!r}")
+        if verbose:
+            debug(f"latency.py:server:SERVER REQUEST msg: {m!r}")
         if m.m1_i2 > 0:
             _busy(m.m1_i2)
         m.m_type = REPLY_TYPE
@@ -126,7 +130,8 @@ def run_client(dvk, dcid: int, clt_nr: int, svr_ep: int, loops: int, secs: int,
             failed += 1
         elapsed = t1 - t0
         out.write(f"Time total elapsed in loop {i}: {elapsed:.10f} \n")
-        out.flush()
+        if secs:  # paced loops show each line at once; unpaced ones buffer like C's stdio
+            out.flush()
         total += elapsed
         if secs:
             time.sleep(secs)

@@ -3,6 +3,7 @@ requests of a connection whose call is parked, and no thread per connection."""
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -199,3 +200,26 @@ def test_timer_entries_of_ended_calls_do_not_pile_up(world):
     fut.result(CALL_TIMEOUT)
     with node.kernel.lock:
         assert len(node.server.timers) <= 2 * TIMER_COMPACT + 10
+
+
+def test_forked_child_is_a_new_process_to_the_kernel(world):
+    """After fork the library's connections are the parent's: the child's first call opens its
+    own (the kernel sees a new task of the child's pid) and the parent's binding is untouched."""
+    node = world.proc_node(1)
+    d = world.dvk(node)
+    assert d.bind(DC0, 11) == 11
+    pid = os.fork()
+    if pid == 0:                                              # pragma: no cover - the child
+        ok = False
+        try:
+            ok = (d.bind(DC0, 12) == 12 and d.getprocinfo(DC0, 12).p_lpid == os.getpid()
+                  and d.getprocinfo(DC0, 11).p_lpid == os.getppid())
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert d.getprocinfo(DC0, 11).p_lpid == os.getpid()       # the parent goes on as before
+    m = Message()
+    with pytest.raises(E.DvkError) as exc:                    # and its connection still works
+        d.receive(C.ANY, m, 0)
+    assert exc.value.code == E.EDVSAGAIN

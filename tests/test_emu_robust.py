@@ -203,14 +203,14 @@ def test_fault_in_the_server_loop_costs_one_connection(world, caplog, monkeypatc
     other = world.actor("other")
     assert other.call(d.getdvsinfo)[0] == 1         # connected before the fault
 
-    def broken(_body):
+    def broken(_body, _pos=0):
         raise RuntimeError("injected fault")
 
     caplog.set_level(logging.ERROR, logger="dvk.emu.server")
     raw = Raw(node.path)
     try:
         raw.hello()
-        monkeypatch.setattr(P, "decode_request", broken)
+        monkeypatch.setattr(P, "decode_checked", broken)
         raw.sock.sendall(struct.pack("<I", 2) + b"\0\0")
         assert raw.sock.recv(16) == b""             # that connection is closed
     finally:

@@ -12,15 +12,19 @@ import os
 import socket
 import sys
 import threading
+import weakref
 
 from .. import consts as C
 from .. import errors as E
 from ..api import Buffer, Dvk
 from ..info import DcInfo, DvsInfo, NodeInfo, ProcInfo
-from ..wire import Header, Message
+from ..wire import HEADER_SIZE, MESSAGE_SIZE, Header, Message
 from . import protocol as P
 from .memory import ArenaAllocator
 from .server import default_rundir, socket_path
+
+_RECEIVE, _RCVRQST = P.OP["RECEIVE"], P.OP["RCVRQST"]
+_GET2RMT, _PUT2LCL = P.OP["GET2RMT"], P.OP["PUT2LCL"]
 
 
 class DvkUnavailable(OSError):
@@ -65,15 +69,20 @@ class EmuDvk(Dvk):
         self._lock = threading.Lock()
         self._arena = ArenaAllocator(self._register_arena)
         self._comm = os.path.basename(sys.argv[0] or "python")[:15] or "python"
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (dvk := ref()) and dvk._forked())
         self._conn()  # fail early when no kernel is there
+
+    def _forked(self) -> None:
+        """In a forked child: a new process to the kernel, with connections of its own."""
+        self._pid = os.getpid()
+        self._local = threading.local()
+        self._conns = []
+        self._lock = threading.Lock()
+        self._arena = ArenaAllocator(self._register_arena)
 
     # ------------------------------------------------------------------ transport
     def _conn(self) -> socket.socket:
-        if os.getpid() != self._pid:  # forked: the child is a new process to the kernel
-            self._pid = os.getpid()
-            self._local = threading.local()
-            self._conns = []
-            self._arena = ArenaAllocator(self._register_arena)
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
@@ -111,8 +120,11 @@ class EmuDvk(Dvk):
         conn.close()
 
     def _call(self, op: str, *args, fds: list[int] | None = None) -> list:
-        conn = self._conn()
-        data = P.encode_request(op, args)
+        return self._rpc(P.encode_request(op, args), op, fds)
+
+    def _rpc(self, data: bytes, op: str, fds: list[int] | None = None) -> list:
+        """Send one request frame and return the reply's values (DvkError on a failure)."""
+        conn = getattr(self._local, "conn", None) or self._conn()
         try:
             if fds:
                 socket.send_fds(conn, [data], fds)
@@ -125,6 +137,13 @@ class EmuDvk(Dvk):
         if status < 0:
             raise E.DvkError.for_code(status, op.lower())
         return values
+
+    def _msg_call(self, op: str, ep: int, m: Message, timeout: int) -> list:
+        """A call taking (endpoint, message, timeout), framed in one pack."""
+        raw = bytes(m)
+        if len(raw) != MESSAGE_SIZE:
+            return self._call(op, ep, raw, timeout)
+        return self._rpc(P.encode_imi(P.OP[op], ep, raw, timeout), op)
 
     def _value(self, op: str, *args) -> int:
         return self._call(op, *args)[0]
@@ -224,23 +243,23 @@ class EmuDvk(Dvk):
 
     # ------------------------------------------------------------------ IPC
     def send(self, ep: int, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
-        self._call("SEND", ep, bytes(m), timeout)
+        self._msg_call("SEND", ep, m, timeout)
         return 0
 
     def receive(self, ep: int, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
-        m.load(self._call("RECEIVE", ep, timeout)[1])
+        m.load(self._rpc(P.encode_ii(_RECEIVE, ep, timeout), "RECEIVE")[1])
         return 0
 
     def sendrec(self, ep: int, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
-        m.load(self._call("SENDREC", ep, bytes(m), timeout)[1])
+        m.load(self._msg_call("SENDREC", ep, m, timeout)[1])
         return 0
 
     def rcvrqst(self, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
-        m.load(self._call("RCVRQST", timeout)[1])
+        m.load(self._rpc(P.encode_i(_RCVRQST, timeout), "RCVRQST")[1])
         return 0
 
     def reply(self, ep: int, m: Message, timeout: int = C.TIMEOUT_FOREVER) -> int:
-        self._call("REPLY", ep, bytes(m), timeout)
+        self._msg_call("REPLY", ep, m, timeout)
         return 0
 
     def notify_X(self, src_nr: int, dst: int, value: int) -> int:
@@ -266,9 +285,13 @@ class EmuDvk(Dvk):
     def get2rmt(self, hdr: Header, payload: Buffer, timeout: int = C.HELLO_PERIOD) -> int:
         """Returns how many more commands were queued for this proxy (a hint for batching;
         0 when the kernel did not say)."""
-        values = self._call("GET2RMT", payload.addr, timeout)
+        values = self._rpc(P.encode_ii(_GET2RMT, payload.addr, timeout), "GET2RMT")
         hdr.load(values[1])
         return values[2] if len(values) > 2 else 0
 
     def put2lcl(self, hdr: Header, payload: Buffer | None) -> int:
-        return self._value("PUT2LCL", bytes(hdr.buf), payload.addr if payload else 0)
+        raw = bytes(hdr.buf)
+        addr = payload.addr if payload else 0
+        if len(raw) != HEADER_SIZE:
+            return self._value("PUT2LCL", raw, addr)
+        return self._rpc(P.encode_hu(_PUT2LCL, raw, addr), "PUT2LCL")[0]

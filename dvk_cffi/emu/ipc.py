@@ -7,14 +7,13 @@ import time
 
 from .. import consts as C
 from .. import errors as E
-from ..wire import MESSAGE_SIZE, Message
+from ..wire import MESSAGE_SIZE, Message, message_with_source
 from .model import (
     DC,
     Desc,
     Parked,
     Task,
     ep_p,
-    with_source,
 )
 
 log = logging.getLogger("dvk.emu")
@@ -26,7 +25,7 @@ class Ipc:
     def send(self, task: Task, ep: int, msg: bytes, tout: int) -> Parked:
         dc, caller = self._caller(task, C.DVK_SEND)
         dst = self._dest(dc, caller, ep, E.EDVSDSTDIED, self_rc=E.EDVSBADDEST)
-        msg = with_source(msg, caller.endpoint)
+        msg = message_with_source(msg, caller.endpoint)
         if dst.is_remote:
             return (yield from self._remote_request(task, dc, caller, dst, C.CMD_SEND_MSG,
                                                     msg, tout))
@@ -47,7 +46,7 @@ class Ipc:
         """Send `msg` and wait for the reply, which is returned."""
         dc, caller = self._caller(task, C.DVK_SENDREC)
         dst = self._dest(dc, caller, ep, E.EDVSDEADSRCDST)
-        msg = with_source(msg, caller.endpoint)
+        msg = message_with_source(msg, caller.endpoint)
         task.inbox = None
         caller.misc |= C.MIS_ATOMIC
         try:
@@ -125,7 +124,7 @@ class Ipc:
     def reply(self, task: Task, ep: int, msg: bytes, tout: int) -> Parked:
         dc, caller = self._caller(task, C.DVK_REPLY)
         dst = self._dest(dc, caller, ep, E.EDVSDSTDIED)
-        msg = with_source(msg, caller.endpoint)
+        msg = message_with_source(msg, caller.endpoint)
         if dst.is_remote:
             return (yield from self._remote_request(task, dc, caller, dst, C.CMD_REPLY_MSG,
                                                     msg, tout))

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import consts as C
 from ..info import DcInfo, ProcInfo, ProxiesInfo
-from ..wire import MESSAGE_SIZE, Header, Message
+from ..wire import MESSAGE_SIZE, Header
 from .memory import AddressSpace
 
 #: A call that may block: a generator that yields the monotonic time until which it may sleep
@@ -147,12 +147,6 @@ def bits(mask: int):
             yield i
         mask >>= 1
         i += 1
-
-
-def with_source(msg: bytes, ep: int) -> bytes:
-    m = Message(bytearray(msg))
-    m.m_source = ep
-    return bytes(m)
 
 
 def priv_bytes(desc: Desc) -> bytes:

@@ -15,9 +15,10 @@ carries a memfd in SCM_RIGHTS ancillary data.
 
 from __future__ import annotations
 
+import operator
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..wire import HEADER_SIZE, MESSAGE_SIZE
 
@@ -83,6 +84,82 @@ _FAST = {
          tuple((i, k) for i, k in enumerate(sig) if k in "iumh"))
     for op, sig in SIGNATURES.items()
 }
+
+
+#: The tagged layout of one argument of a fixed size: tag, then the value (or its length and
+#: the bytes).  An operation whose arguments all have one is decoded by a single unpack.
+_FIXED_FMT = {"i": "Bq", "u": "Bq", "m": f"BI{MESSAGE_SIZE}s", "h": f"BI{HEADER_SIZE}s"}
+_FIXED_TAGS = {"i": (_T_INT,), "u": (_T_INT,), "m": (_T_BYTES, MESSAGE_SIZE),
+               "h": (_T_BYTES, HEADER_SIZE)}
+
+
+def _picker(idx: Sequence[int]) -> Callable[[tuple], tuple]:
+    """A function that takes the items at `idx` of a tuple, as a tuple."""
+    if len(idx) > 1:
+        return operator.itemgetter(*idx)
+    if idx:
+        i = idx[0]
+        return lambda vals: (vals[i],)
+    return lambda vals: ()
+
+
+def _fixed_layout(sig: str) -> tuple | None:
+    """(layout with the op in front, tags picker, expected tags and lengths, values picker,
+    indexes of C ints, indexes of unsigned values) of a signature of fixed-size arguments."""
+    if any(k not in _FIXED_FMT for k in sig):
+        return None
+    fmt, tag_at, expected, value_at, int_at, uint_at = "<H", [], [], [], [], []
+    pos = 1
+    for kind in sig:
+        fmt += _FIXED_FMT[kind]
+        tags = _FIXED_TAGS[kind]
+        tag_at += range(pos, pos + len(tags))
+        expected += tags
+        pos += len(tags)
+        value_at.append(pos)
+        (int_at if kind == "i" else uint_at if kind == "u" else []).append(pos)
+        pos += 1
+    return (struct.Struct(fmt), _picker(tag_at), tuple(expected), _picker(value_at),
+            tuple(int_at), tuple(uint_at))
+
+
+_FIXED = [_fixed_layout(SIGNATURES[op]) for op in OPS]
+#: Replies of one integer, and of an integer and a message (send, sendrec, receive, ...).
+_REPLY_INT = struct.Struct("<IiBq")
+_REPLY_INT_MSG = struct.Struct(f"<IiBqBI{MESSAGE_SIZE}s")
+_INT_BODY = struct.Struct("<iBq")
+_INT_MSG_BODY = struct.Struct(f"<iBqBI{MESSAGE_SIZE}s")
+#: The reply of get2rmt: status, return value, the header, the queued count.
+_REPLY_INT_HDR_INT = struct.Struct(f"<IiBqBI{HEADER_SIZE}sBq")
+_INT_HDR_INT_BODY = struct.Struct(f"<iBqBI{HEADER_SIZE}sBq")
+#: Requests of the message calls, framed: (ep, message, timeout) and (a, b) and (a).
+_REQ_IMI = struct.Struct(f"<IHBqBI{MESSAGE_SIZE}sBq")
+_REQ_II = struct.Struct("<IHBqBq")
+_REQ_I = struct.Struct("<IHBq")
+_REQ_HU = struct.Struct(f"<IHBI{HEADER_SIZE}sBq")
+
+
+def encode_imi(op: int, a: int, msg: bytes, b: int) -> bytes:
+    """The request frame of operation number `op` taking (int, message, int), as
+    `encode_request` builds it; `msg` must be MESSAGE_SIZE bytes."""
+    return _REQ_IMI.pack(_REQ_IMI.size - 4, op, _T_INT, a, _T_BYTES, MESSAGE_SIZE, msg,
+                         _T_INT, b)
+
+
+def encode_ii(op: int, a: int, b: int) -> bytes:
+    """The request frame of operation number `op` taking two integers."""
+    return _REQ_II.pack(_REQ_II.size - 4, op, _T_INT, a, _T_INT, b)
+
+
+def encode_hu(op: int, hdr: bytes, a: int) -> bytes:
+    """The request frame of operation number `op` taking (header, address); `hdr` must be
+    HEADER_SIZE bytes."""
+    return _REQ_HU.pack(_REQ_HU.size - 4, op, _T_BYTES, HEADER_SIZE, hdr, _T_INT, a)
+
+
+def encode_i(op: int, a: int) -> bytes:
+    """The request frame of operation number `op` taking one integer."""
+    return _REQ_I.pack(_REQ_I.size - 4, op, _T_INT, a)
 
 
 def args_match(op: str, args: Sequence[Value]) -> bool:
@@ -198,7 +275,50 @@ def decode_request(body: bytes) -> tuple[str, list[Value]]:
     return OPS[op], decode_values(body, 2)
 
 
+def decode_checked(body: bytes | memoryview, pos: int = 0) -> tuple[str, Sequence[Value], bool]:
+    """`decode_request` and `args_match` in one step, for the body at `pos` of `body`: the
+    operation, its arguments and whether they are what it takes.  A request whose arguments
+    are all integers or fixed-size bytes is checked with one unpack of its whole layout; any
+    other (or one that does not match that layout) takes the general path, so the verdict is
+    always `args_match`'s."""
+    if len(body) - pos < 2:
+        raise ProtocolError("short request")
+    (op,) = _OP.unpack_from(body, pos)
+    fixed = _FIXED[op] if op < len(_FIXED) else None
+    if fixed is not None and len(body) - pos == fixed[0].size:
+        layout, tags, expected, values, int_at, uint_at = fixed
+        vals = layout.unpack_from(body, pos)
+        if tags(vals) == expected:
+            for i in int_at:
+                if not -0x80000000 <= vals[i] <= 0x7FFFFFFF:
+                    return OPS[op], values(vals), False
+            for i in uint_at:
+                if not 0 <= vals[i] <= 0xFFFFFFFF:
+                    return OPS[op], values(vals), False
+            return OPS[op], values(vals), True
+    if op >= len(OPS):
+        raise UnknownOperation(f"unknown operation {op}")
+    name = OPS[op]
+    args = decode_values(body, pos + 2)
+    return name, args, args_match(name, args)
+
+
 def encode_reply(rc: int, values: Sequence[Value] = ()) -> bytes:
+    n = len(values)
+    if n == 0:
+        return _REPLY_HEAD.pack(4, rc)
+    first = values[0]
+    if type(first) is int:
+        if n == 1:
+            return _REPLY_INT.pack(_REPLY_INT.size - 4, rc, _T_INT, first)
+        second = values[1]
+        if n == 2 and type(second) is bytes and len(second) == MESSAGE_SIZE:
+            return _REPLY_INT_MSG.pack(_REPLY_INT_MSG.size - 4, rc, _T_INT, first,
+                                       _T_BYTES, MESSAGE_SIZE, second)
+        if n == 3 and type(second) is bytes and len(second) == HEADER_SIZE \
+                and type(values[2]) is int:
+            return _REPLY_INT_HDR_INT.pack(_REPLY_INT_HDR_INT.size - 4, rc, _T_INT, first,
+                                           _T_BYTES, HEADER_SIZE, second, _T_INT, values[2])
     out = bytearray(_REPLY_HEAD.pack(0, rc))
     _encode_into(out, values)
     _LEN.pack_into(out, 0, len(out) - 4)
@@ -206,7 +326,20 @@ def encode_reply(rc: int, values: Sequence[Value] = ()) -> bytes:
 
 
 def decode_reply(body: bytes) -> tuple[int, list[Value]]:
-    if len(body) < 4:
+    n = len(body)
+    if n == _INT_MSG_BODY.size and body[4] == _T_INT and body[13] == _T_BYTES:
+        rc, _t, value, _t2, size, msg = _INT_MSG_BODY.unpack(body)
+        if size == MESSAGE_SIZE:
+            return rc, [value, msg]
+    elif n == _INT_BODY.size and body[4] == _T_INT:
+        rc, _t, value = _INT_BODY.unpack(body)
+        return rc, [value]
+    elif n == _INT_HDR_INT_BODY.size and body[4] == _T_INT and body[13] == _T_BYTES \
+            and body[18 + HEADER_SIZE] == _T_INT:
+        rc, _t, value, _t2, size, hdr, _t3, more = _INT_HDR_INT_BODY.unpack(body)
+        if size == HEADER_SIZE:
+            return rc, [value, hdr, more]
+    if n < 4:
         raise ProtocolError("short reply")
     return _RC.unpack_from(body, 0)[0], decode_values(body, 4)
 

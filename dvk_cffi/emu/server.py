@@ -24,7 +24,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import GeneratorType
 
 from .. import consts as C
@@ -50,6 +50,8 @@ WBUF_LIMIT = 1 << 20
 _IN = select.EPOLLIN
 _LEN = struct.Struct("<I")
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_EPOLLOUT = select.EPOLLOUT
+_NO_FDS: tuple[int, ...] = ()
 
 
 def default_rundir() -> str:
@@ -126,40 +128,43 @@ class NodeServer:
 
     # ------------------------------------------------------------------ the loop
     def serve_forever(self) -> None:
-        next_reap = time.monotonic() + REAP_INTERVAL
+        monotonic = time.monotonic
+        next_reap = monotonic() + REAP_INTERVAL
         k = self.kernel
+        poll, fdmap, event, stopping = self.epoll.poll, self.fdmap, self._event, self.stopping
         try:
-            while not self.stopping.is_set():
-                now = time.monotonic()
+            while not stopping.is_set():
+                now = monotonic()
                 wait = next_reap - now
                 if self.timers:
                     wait = min(wait, self.timers[0][0] - now)
-                events = self.epoll.poll(max(0.0, wait))
+                events = poll(wait if wait > 0.0 else 0.0)
                 with k.lock:
                     for fd, mask in events:
-                        data = self.fdmap.get(fd)
-                        if data is None:
-                            continue
-                        if data == "accept":
+                        data = fdmap.get(fd)
+                        if data.__class__ is _Conn:
+                            event(data, mask)
+                        elif data == "accept":
                             self._accept()
                         elif data == "wakeup":
                             _drain(self._wake_r)
-                        else:
-                            self._event(data, mask)
-                    now = time.monotonic()
+                    now = monotonic()
                     if now >= next_reap:
                         next_reap = now + REAP_INTERVAL
                         self._guarded(k.reap)
-                    self._guarded(self._expire, now)
-                    self._guarded(self._run_woken)
-                    self._guarded(self._run_backlog)
+                    if self.timers and self.timers[0][0] <= now:
+                        self._guarded(self._expire, now)
+                    if k.runnable:
+                        self._guarded(self._run_woken)
+                    if self.backlog:
+                        self._guarded(self._run_backlog)
         finally:
             self._close()
 
     def _event(self, conn: _Conn, mask: int) -> None:
         """One connection's readiness; a fault of the server code costs that connection only."""
         try:
-            if mask & select.EPOLLOUT:
+            if mask & _EPOLLOUT:
                 self._flush(conn)
             if mask & _READABLE:
                 self._read(conn)
@@ -237,9 +242,12 @@ class NodeServer:
             return
         if not conn.rbuf and conn.call is None and conn.task is not None and len(data) >= 4 \
                 and _LEN.unpack_from(data, 0)[0] == len(data) - 4:
-            fds, conn.fds = conn.fds, []  # the usual case: one whole request
+            if not conn.fds:  # the usual case: one whole request
+                self._request(conn, data, 4, _NO_FDS)
+                return
+            fds, conn.fds = conn.fds, []
             try:
-                self._request(conn, data[4:], fds)
+                self._request(conn, data, 4, fds)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -268,7 +276,7 @@ class NodeServer:
                 if conn.task is None:
                     self._hello(conn, body)
                 else:
-                    self._request(conn, body, fds)
+                    self._request(conn, body, 0, fds)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -369,11 +377,12 @@ class NodeServer:
         conn.task = self.kernel.attach(pid, tid, (comm or b"").decode(errors="replace"))
         self._send(conn, P.encode_reply(0, [self.kernel.local_nodeid]))
 
-    def _request(self, conn: _Conn, body: bytes, fds: list[int]) -> None:
-        """Decode and start one call; whatever the bytes were, it is answered (or parked)."""
+    def _request(self, conn: _Conn, body: bytes, pos: int, fds: Sequence[int]) -> None:
+        """Decode and start the call at `pos` of `body`; whatever the bytes were, it is
+        answered (or parked)."""
         task = conn.task
         try:
-            op, args = P.decode_request(body)
+            op, args, ok = P.decode_checked(body, pos)
         except P.UnknownOperation as exc:
             log.warning("task %d: %s", task.tid, exc)
             self._answer(conn, "", E.EDVSNOSYS, [])
@@ -386,7 +395,7 @@ class NodeServer:
         if entry is None:
             self._answer(conn, op, E.EDVSNOSYS, [])
             return
-        if not P.args_match(op, args):
+        if not ok:
             log.warning("task %d: bad arguments for %s", task.tid, op)
             self._answer(conn, op, E.EDVSINVAL, [])
             return
@@ -404,7 +413,7 @@ class NodeServer:
             log.exception("node kernel fault in %s of task %d", op, task.tid)
             self._answer(conn, op, E.EDVSGENERIC, [])
             return
-        if isinstance(result, GeneratorType):
+        if result.__class__ is GeneratorType:
             self._step(conn, result)
         else:
             self._done(conn, result)
@@ -415,7 +424,8 @@ class NodeServer:
         try:
             deadline = call.send(None)
         except StopIteration as stop:
-            self._unpark(conn)
+            if conn.call is not None:
+                self._unpark(conn)
             self._done(conn, stop.value)
             return
         except E.DvkError as err:
@@ -459,12 +469,13 @@ class NodeServer:
     def _done(self, conn: _Conn, result) -> None:
         if conn.shape is not None:
             result = conn.shape(result)
-        self._answer(conn, conn.op, 0, list(result) if isinstance(result, tuple) else [result])
+        self._answer(conn, conn.op, 0, result if result.__class__ is tuple else (result,))
 
-    def _answer(self, conn: _Conn, op: str, rc: int, results: list) -> None:
+    def _answer(self, conn: _Conn, op: str, rc: int, results: Sequence) -> None:
         # The calls this one woke are answered first: a woken caller (a sendrec waiting for
         # its reply) is usually the one somebody waits for, the caller of this one is not.
-        self._run_woken()
+        if self.kernel.runnable:
+            self._run_woken()
         self._send(conn, _reply(op, rc, results))
         if op == "SHUTDOWN" and rc == 0:
             self.stop()
@@ -593,7 +604,7 @@ def _unpack(cls, raw: bytes):
     return cls.unpack(raw)
 
 
-def _reply(op: str, rc: int, results: list) -> bytes:
+def _reply(op: str, rc: int, results: Sequence) -> bytes:
     """The reply frame; results that cannot be encoded are a kernel fault (EDVSGENERIC)."""
     try:
         return P.encode_reply(rc, results)
