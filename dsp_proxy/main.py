@@ -55,6 +55,7 @@ from .misc import (
     SYSLOG_SOCKET,
     StartGate,
     is_local_address,
+    name_os_thread,
     reopen_logs,
     resolve,
     set_log_node,
@@ -265,6 +266,7 @@ class Dsp:
         """Run `target` on a thread whose unexpected death is logged with its traceback and
         reported to the main loop."""
         def body() -> None:
+            name_os_thread(name)
             try:
                 target()
             except BaseException as exc:  # noqa: BLE001 - every death is reported

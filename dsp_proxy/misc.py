@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import logging.handlers
 import os
@@ -29,6 +30,24 @@ class _NodeIdFilter(logging.Filter):
 
 
 _node_filter = _NodeIdFilter()
+
+
+#: prctl option that names the calling thread (linux/prctl.h); the kernel keeps 15 bytes.
+_PR_SET_NAME = 15
+_libc = None
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` in the kernel too (what `top -H`, `ps -L` and
+    /proc/PID/task/TID/comm show), so an operator sees which proxy thread uses the CPU.
+    Best effort: a system without prctl keeps the process name."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(_PR_SET_NAME, name.encode(errors="replace")[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

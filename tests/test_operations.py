@@ -275,6 +275,7 @@ def test_sighup_reload(tmp_path):
         assert st["links"]["1"]["generation"] == gen1 and st["links"]["1"]["downs"] == downs1
         threads = subprocess.run(["ps", "-L", "-o", "comm=", "-p", str(cl.dsps[3].pid)],
                                  capture_output=True, text=True).stdout
+        assert "RPROXY(1)" in threads and "SPROXY(1)" in threads, threads  # named threads
         assert "PROXY(2)" not in threads, threads
 
         # 4. the peer added back: its link comes up again, node 1's link is untouched
