@@ -448,7 +448,12 @@ class Link:
         where `batch YES` lets commands that meet in the queue travel together."""
         outq = self.outq
         popleft = outq.popleft
-        items = [popleft() for _ in range(len(outq))]   # the writer is the only consumer
+        items = []
+        try:
+            for _ in range(len(outq)):
+                items.append(popleft())
+        except IndexError:    # the link went down meanwhile, which empties the queue
+            pass
         gen = self.generation
         parts: list = []
         sent = self.sent

@@ -3,6 +3,7 @@ and whole clusters with `batch YES` / `compress YES`, also mismatched between th
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import signal
@@ -307,3 +308,23 @@ def test_mismatched_batch_and_compress_lose_nothing(tmp_path):
             assert to1["lz4_frames"] == 0 and to1["batches"] == 0
         finally:
             b.close()
+
+
+def test_writer_survives_the_queue_emptied_by_a_link_down_while_it_takes_it():
+    """A link going down clears its queue from another thread while the writer is taking it:
+    the writer takes what is left and does not fail."""
+
+    class ClearedMidway(collections.deque):
+        def popleft(self):
+            item = super().popleft()
+            self.clear()          # what _disconnect_kernel does on another thread
+            return item
+
+    link, peer = _link()
+    cork()
+    for i in range(3):
+        link.submit(make_header(c_cmd=C.CMD_SEND_MSG, c_src=100 + i).buf)
+    link.outq = ClearedMidway(link.outq)
+    uncork()
+    assert _cmds(_read_frames(peer, 1)) == [(C.CMD_SEND_MSG, 100)]
+    assert not link.outq
