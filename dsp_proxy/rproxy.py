@@ -528,7 +528,9 @@ class Put2lclThread:
     traffic rewritten to come from the LB node, error replies for local clients).  The queue is
     bounded: a full queue holds the thread that queues back (the put2lcl thread drains it at the
     kernel's pace, so the link behind that thread slows down instead of losing frames); a frame
-    that finds no room within PUT2LCL_WAIT is counted and dropped, logged once per episode."""
+    that finds no room within PUT2LCL_WAIT is counted and dropped, logged once per episode, and
+    until a frame fits again the others are dropped at once (a stuck queue costs the threads
+    that feed it one wait, not one per frame)."""
 
     def __init__(self, ctx, gate) -> None:
         self.ctx = ctx
@@ -540,7 +542,10 @@ class Put2lclThread:
     def put(self, h: Header, data=b"") -> bool:
         """Queue a frame for a local process; False when it was dropped."""
         try:
-            self.queue.put((h, data), timeout=PUT2LCL_WAIT)
+            if self._full:
+                self.queue.put_nowait((h, data))
+            else:
+                self.queue.put((h, data), timeout=PUT2LCL_WAIT)
         except queue.Full:
             self.refused += 1
             if not self._full:

@@ -245,7 +245,8 @@ _NODES = struct.Struct("<2i")      # c_snode, c_dnode (adjacent)
 _OFF = {name: off for name, (off, _fmt) in HEADER_FIELDS.items()}
 _C_SRC, _C_DST, _C_SNODE, _C_DNODE = _OFF["c_src"], _OFF["c_dst"], _OFF["c_snode"], _OFF["c_dnode"]
 _C_LEN, _C_BATCH_NR, _C_FLAGS = _OFF["c_len"], _OFF["c_batch_nr"], _OFF["c_flags"]
-_M_SOURCE = MSG_OFFSET + I386_MESSAGE_FIELDS["m_source"][0]
+_M_SOURCE_IN_MSG = I386_MESSAGE_FIELDS["m_source"][0]
+_M_SOURCE = MSG_OFFSET + _M_SOURCE_IN_MSG
 _V_SRC = _OFF["v_src"]
 assert _C_DNODE == _C_SNODE + 4
 
@@ -286,13 +287,10 @@ def set_lz4(buf, length: int) -> None:
     _U32.pack_into(buf, _C_FLAGS, _U32.unpack_from(buf, _C_FLAGS)[0] | C.FLAG_LZ4)
 
 
-_MSG_SOURCE = I386_MESSAGE_FIELDS["m_source"][0]
-
-
 def message_with_source(msg: bytes, ep: int) -> bytes:
     """A copy of the raw message `msg` whose `m_source` is `ep` (what the kernel stamps on
     every message it passes on), without a Message object."""
-    return msg[:_MSG_SOURCE] + _I32.pack(ep) + msg[_MSG_SOURCE + 4:]
+    return msg[:_M_SOURCE_IN_MSG] + _I32.pack(ep) + msg[_M_SOURCE_IN_MSG + 4:]
 
 
 def swap_endpoint(buf, cmd: int, old: int, new: int, dst_field: bool) -> None:

@@ -304,7 +304,8 @@ def test_a_full_put2lcl_queue_holds_the_receiver_back_and_drops_only_after_the_b
         monkeypatch):
     """Frames for local processes are not dropped while the put2lcl thread drains its queue:
     the thread that queues waits for room (so the link behind it slows down); only a queue that
-    stays full for PUT2LCL_WAIT drops the frame, counted."""
+    stays full for PUT2LCL_WAIT drops the frame, counted, and then drops without waiting until
+    a frame fits again."""
     from dsp_proxy import rproxy
     monkeypatch.setattr(rproxy, "PUT2LCL_QUEUE_MAX", 4)
     p = rproxy.Put2lclThread(ctx=None, gate=None)
@@ -333,3 +334,10 @@ def test_a_full_put2lcl_queue_holds_the_receiver_back_and_drops_only_after_the_b
     waited = time.monotonic() - t0
     assert rproxy.PUT2LCL_WAIT * 0.9 <= waited < rproxy.PUT2LCL_WAIT + 5
     assert p.refused == 1
+    t0 = time.monotonic()
+    assert not p.put(h)                            # still full: dropped without a second wait
+    assert time.monotonic() - t0 < rproxy.PUT2LCL_WAIT * 0.5
+    assert p.refused == 2
+    p.queue.get()
+    assert p.put(h)                                # room again: queued, the episode is over
+    assert not p._full
