@@ -54,9 +54,12 @@ def scaler(levels, min_servers=1, max_servers=3, local=1):
 
 
 def wait_idle(a):
+    """The VM command a tick started (on a thread of its own) has finished: only then do the
+    recorded calls say what the tick did, also when they say it did nothing."""
     deadline = time.monotonic() + 5
     while a.busy and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert not a.busy, "a VM command still running after 5 s"
 
 
 def test_starts_when_every_running_server_is_saturated_one_at_a_time():
@@ -73,10 +76,12 @@ def test_starts_when_every_running_server_is_saturated_one_at_a_time():
 def test_no_start_while_one_server_has_room_and_never_beyond_max():
     a, runner, dsp = scaler({1: C.LVL_SATURATED, 2: C.LVL_BUSY})
     a.tick()
+    wait_idle(a)
     assert runner.calls == []
     a, runner, dsp = scaler({1: C.LVL_SATURATED, 2: C.LVL_SATURATED}, max_servers=2)
     dsp.group.meter.level = C.LVL_SATURATED
     a.tick()
+    wait_idle(a)
     assert runner.calls == []
 
 
@@ -96,6 +101,7 @@ def test_start_below_min_servers_and_status_after_a_failed_start():
 def test_idle_server_stopped_after_stop_seconds_but_not_below_min():
     a, runner, dsp = scaler({1: C.LVL_IDLE, 2: C.LVL_IDLE})
     a.tick()
+    wait_idle(a)
     assert runner.calls == []  # idle, but not yet for `stop` seconds
     a.vms[2].idle_since = time.monotonic() - 2
     a.tick()
@@ -104,6 +110,7 @@ def test_idle_server_stopped_after_stop_seconds_but_not_below_min():
     a, runner, dsp = scaler({1: C.LVL_IDLE, 2: C.LVL_IDLE}, min_servers=2)
     a.vms[2].idle_since = time.monotonic() - 2
     a.tick()
+    wait_idle(a)
     assert runner.calls == []
 
 
@@ -111,4 +118,5 @@ def test_only_the_deciding_node_acts():
     a, runner, dsp = scaler({1: C.LVL_SATURATED, 2: C.LVL_SATURATED}, local=2)
     a.running = lambda: {1, 2}
     a.tick()  # node 1, the lowest-id live server, decides
+    wait_idle(a)
     assert a.decider() == 1 and runner.calls == []
