@@ -22,4 +22,10 @@ def test_fuzzed_frames_cost_at_most_a_link(tmp_path):
         print(text)
         assert report.stats.frames > 500, text
         assert report.stats.connections > 50, text
+        # the frames reached the DSPs' frame checks (a connection the acceptor refused, or one
+        # nobody reads, would leave "nothing went wrong" below without meaning)
+        for n in cl.nodes:
+            with open(cl.log_path(f"dsp{n}"), errors="replace") as f:
+                rejected = sum("bad frame, closing the link" in line for line in f)
+            assert rejected > 0, f"node {n}'s DSP refused no fuzzed frame\n{text}"
         assert not report.failures, text
