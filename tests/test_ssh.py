@@ -214,6 +214,7 @@ def test_password_fallback_never_shows_the_password(tmp_path, password_server, m
     out, err = capfd.readouterr()
     seen = password_server["seen"]
     assert seen and all(PASSWORD not in cmd for cmd in seen)  # never on a command line
+    assert "running operator@127.0.0.1" in caplog.text  # the runner's log was captured
     assert PASSWORD not in caplog.text
     assert PASSWORD not in out + err
     assert PASSWORD not in repr(lb)
