@@ -275,6 +275,10 @@ def test_frozen_server_with_a_full_socket_does_not_stall_the_other(tmp_path):
                   f"({len(during)} requests), error ACKs to the flooder {fake.error_acks}, "
                   f"LB host -> A send queue {queued} bytes; the flooder's own requests to B: "
                   f"{', '.join(f'{x * 1000:.0f}' for x in own_b)} ms")
+            # the fault was delivered: the LB host's socket to A filled (else nothing below
+            # would show that a full socket stalls no one)
+            assert queued is not None and queued >= 1 << 20, \
+                f"LB host -> A send queue {queued} bytes: the flood did not fill it"
             assert all(r == "ok" for _, r in during), [r for _, r in during if r != "ok"][:5]
             assert worst < bound, f"worst {worst:.3f} s while A was frozen (bound {bound:.3f})"
             assert max(own_b) < bound, \
