@@ -148,24 +148,24 @@ def test_m3ftp_data_stays_off_the_socket(start_node, tmp_path, monkeypatch):
     monkeypatch.setenv("DVK_NODE", "1")
     counted = {"bytes": 0, "frames": 0}
     lock = threading.Lock()
-    real_encode, real_recv = protocol.encode_request, protocol.recv_frame
+    real_rpc, real_recv = EmuDvk._rpc, protocol.recv_frame
 
     def count(n: int) -> None:
         with lock:
             counted["bytes"] += n
             counted["frames"] += 1
 
-    def encode_request(op, values):
-        data = real_encode(op, values)
+    # every request frame, whichever encoder built it (the message calls have fast ones)
+    def rpc(self, data, op, fds=None):
         count(len(data))
-        return data
+        return real_rpc(self, data, op, fds)
 
     def recv_frame(sock, fds=None):
         body = real_recv(sock, fds)
         count(4 + len(body or b""))
         return body
 
-    monkeypatch.setattr(protocol, "encode_request", encode_request)
+    monkeypatch.setattr(EmuDvk, "_rpc", rpc)
     monkeypatch.setattr(protocol, "recv_frame", recv_frame)
 
     srv_dir = tmp_path / "srv"
