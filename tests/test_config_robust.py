@@ -124,6 +124,7 @@ def test_ssh_pass_text_is_never_shown(stmt, caplog):
             shown = str(err) + repr(err.issues) + repr(err.warnings)
         else:
             shown = format_summary(cfg, 1) + repr(cfg) + "\n".join(map(str, cfg.warnings))
+            assert "config t.cfg" in caplog.text  # the parser's own log is captured
         for part in ("Zq9", "SECRET"):
             assert part not in shown, shown
             assert part not in caplog.text
