@@ -129,7 +129,11 @@ def world():
 
 @pytest.fixture
 def cl(world):
-    return Cluster(world)
+    c = Cluster(world)
+    yield c
+    # a proxy loop that died left its direction silent: "nothing was sent" meant nothing
+    for lp in (c.ab.sender, c.ab.receiver, c.ba.sender, c.ba.receiver):
+        assert lp.error is None, f"proxy loop {lp.thread.name} died: {lp.error!r}"
 
 
 def check(h: Header, **want) -> None:
