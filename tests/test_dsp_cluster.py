@@ -3,6 +3,7 @@ on this run's own loopback addresses (issue: the DSP daemon)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -138,14 +139,12 @@ def _node_addr(cl, n):
 
 
 def test_connection_from_a_stranger_is_refused(tmp_path):
-    with cluster_from(TWO, tmp_path) as cl:
+    with cluster_from(TWO, tmp_path) as cl, socket.socket() as s:
         # node 1's RPROXY for node 2 listens on node1:3002; connect from another address
-        s = socket.socket()
         s.bind((f"{cl.net}.77", 0))
         s.settimeout(5)
         s.connect((_node_addr(cl, 1), 3002))
         assert s.recv(1) == b""  # closed by the DSP at once
-        s.close()
         log = (tmp_path / "logs" / "dsp1.log").read_text()
         assert "refused a connection from" in log
         assert all(cl.link_state().values())
@@ -157,17 +156,18 @@ def test_connection_from_a_stranger_is_refused(tmp_path):
     (bytes(57), "closed the connection inside a frame"),
 ])
 def test_garbage_frames_close_only_that_link(tmp_path, junk, reason):
-    with cluster_from(THREE, tmp_path) as cl:
+    with cluster_from(THREE, tmp_path) as cl, contextlib.ExitStack() as sockets:
         # pose as node 2 towards node 1: node 2's DSP must be gone first
         cl.kill_dsp(2, signal.SIGKILL)
         cl.wait_links_up(30, pairs=[(1, 3), (3, 1)])
-        listener = socket.socket()
+        listener = sockets.enter_context(socket.socket())
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((_node_addr(cl, 2), 3001))  # node 1's SPROXY connects here
         listener.listen(1)
         listener.settimeout(10)
         back, _ = listener.accept()
-        out = socket.socket()
+        sockets.enter_context(back)
+        out = sockets.enter_context(socket.socket())
         out.bind((_node_addr(cl, 2), 0))
         out.connect((_node_addr(cl, 1), 3002))
         deadline = time.monotonic() + 10
@@ -184,8 +184,6 @@ def test_garbage_frames_close_only_that_link(tmp_path, junk, reason):
         log = (tmp_path / "logs" / "dsp1.log").read_text()
         assert reason in log
         assert cl.link_state()[(1, 3)] and cl.link_state()[(3, 1)]
-        for s in (out, back, listener):
-            s.close()
 
 
 # The C header, written only from the i386 layout table (docs/design.md, "The wire"), not the codec:
