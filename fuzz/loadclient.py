@@ -26,6 +26,7 @@ stopped.  In session mode the thread field is the session's endpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -98,16 +99,31 @@ def should_stop(stop: threading.Event, until: str | None, deadline: float) -> bo
                                                             and os.path.exists(until))
 
 
-def loop_thread(dvk, rec: Recorder, ep: int, args, stop: threading.Event,
-                deadline: float) -> None:
+@contextlib.contextmanager
+def bound(dvk, rec: Recorder, ep: int):
+    """Endpoint `ep` bound for the block, which gets the client's uid; None when the bind
+    failed (recorded as this endpoint's outcome)."""
     try:
         dvk.bind(0, ep)
     except DvkError as err:
         rec.done(ep, 0, time.monotonic(), f"bind-{err.name}")
+        yield None
         return
-    uid = (os.getpid() % 30000) * 64 + ep % 64
-    seq = 0
     try:
+        yield (os.getpid() % 30000) * 64 + ep % 64
+    finally:
+        try:
+            dvk.unbind(0, ep)
+        except DvkError:
+            pass
+
+
+def loop_thread(dvk, rec: Recorder, ep: int, args, stop: threading.Event,
+                deadline: float) -> None:
+    with bound(dvk, rec, ep) as uid:
+        if uid is None:
+            return
+        seq = 0
         while not should_stop(stop, args.until, deadline):
             if args.requests and seq >= args.requests:
                 break
@@ -116,11 +132,6 @@ def loop_thread(dvk, rec: Recorder, ep: int, args, stop: threading.Event,
                 time.sleep(args.pause_on_error)
             elif args.pause:
                 time.sleep(args.pause)
-    finally:
-        try:
-            dvk.unbind(0, ep)
-        except DvkError:
-            pass
 
 
 def session_thread(dvk, rec: Recorder, args, stop: threading.Event, deadline: float) -> None:
@@ -128,20 +139,11 @@ def session_thread(dvk, rec: Recorder, args, stop: threading.Event, deadline: fl
         if should_stop(stop, args.until, deadline):
             return
         ep = args.ep_base + k
-        try:
-            dvk.bind(0, ep)
-        except DvkError as err:
-            rec.done(ep, 0, time.monotonic(), f"bind-{err.name}")
-            continue
-        uid = (os.getpid() % 30000) * 64 + ep % 64
-        try:
+        with bound(dvk, rec, ep) as uid:
+            if uid is None:
+                continue
             for seq in range(1, args.per_session + 1):
                 one_request(dvk, rec, ep, seq, args.svr, uid, args.timeout_ms)
-        finally:
-            try:
-                dvk.unbind(0, ep)
-            except DvkError:
-                pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,23 +141,31 @@ def test_clean_ssh_pass_on_one_line_with_other_statements():
 # --------------------------------------------------------------------------------------------
 
 
+def run_closing(cmd: list[str], closed: str, env: dict | None = None) -> tuple[int, bytes]:
+    """Run `cmd` with the reader of its `closed` stream ("stdout" or "stderr") gone before
+    anything is written; returns the exit status and what the other stream carried."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    gone, kept = (proc.stdout, proc.stderr) if closed == "stdout" else (proc.stderr, proc.stdout)
+    try:
+        gone.close()
+        out = kept.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kept.close()
+    return proc.returncode, out
+
+
 def run_check(path: Path, *extra: str, env: dict | None = None,
               close_stdout: bool = False) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "dsp_proxy", "--check", str(path), *extra]
     full_env = {**os.environ, **(env or {})}
     if not close_stdout:
         return subprocess.run(cmd, capture_output=True, env=full_env, timeout=60)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
-    try:
-        proc.stdout.close()                      # the reader is gone before anything is written
-        err = proc.stderr.read()
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    return subprocess.CompletedProcess(cmd, proc.returncode, b"", err)
+    rc, err = run_closing(cmd, "stdout", full_env)
+    return subprocess.CompletedProcess(cmd, rc, b"", err)
 
 
 def test_check_survives_a_closed_pipe(tmp_path):
@@ -174,18 +182,8 @@ def test_check_survives_a_closed_pipe(tmp_path):
     wrapper = ("import sys\nfrom dsp_proxy.main import main\ntry:\n    rc = main(sys.argv[1:])\n"
                "except BaseException as exc:\n    print('ESCAPED', repr(exc), flush=True)\n"
                "    rc = 99\nprint('STATUS', rc, flush=True)\nsys.exit(rc)\n")
-    proc = subprocess.Popen([sys.executable, "-c", wrapper, "--check", str(bad)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        proc.stderr.close()
-        out = proc.stdout.read()
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    assert out == b"STATUS 1\n" and proc.returncode == 1, (out, proc.returncode)
+    rc, out = run_closing([sys.executable, "-c", wrapper, "--check", str(bad)], "stderr")
+    assert out == b"STATUS 1\n" and rc == 1, (out, rc)
 
 
 def test_check_prints_on_any_terminal_encoding(tmp_path):
