@@ -3,10 +3,11 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+RELAY   := $(VENV)/.fastrelay
 
 .PHONY: venv run test test-deps lint bench clean install fuzz fuzz-config fuzz-frames chaos
 
-venv: $(STAMP)
+venv: $(STAMP) $(RELAY)
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,10 +15,15 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# The compiled relay of established sessions (cffi; the Python path runs without it).
+$(RELAY): $(STAMP) dsp_proxy/fastrelay.c dsp_proxy/fastrelay_build.py
+	$(BIN)/python -m dsp_proxy.fastrelay_build
+	touch $(RELAY)
+
+run: venv
 	$(BIN)/python -m dsp_proxy.demo
 
-test: $(STAMP) test-deps
+test: venv test-deps
 	$(BIN)/python -m pytest -q
 
 # Debian packages the tests drive for real: sshd on 127.0.0.1 (the ssh tests, with their own
@@ -30,7 +36,7 @@ test-deps:
 	test -z "$$missing" || apt-get install -y -q $$missing >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; }
 
-bench: $(STAMP)
+bench: venv
 	$(BIN)/python -m bench.run
 
 # The init script, /etc/default/dvs, the logrotate snippet, the systemd unit and the guide,
@@ -44,18 +50,18 @@ install:
 fuzz: fuzz-config fuzz-frames
 
 # 10,000 mutated config files (and 1 MB shapes): only Config or ConfigError, figures printed.
-fuzz-config: $(STAMP)
+fuzz-config: venv
 	$(BIN)/python -m fuzz.config_fuzz --count 10000 --big
 
 # 100,000 hostile frames from the peers' own addresses against a 3-node cluster; prints figures.
-fuzz-frames: $(STAMP)
+fuzz-frames: venv
 	$(BIN)/python -m fuzz.frame_fuzz --frames 100000 --seconds 1500
 
 # Six healed faults under four looping clients through the LB, then 8 clients x 10,000 sendrec.
-chaos: $(STAMP)
+chaos: venv
 	$(BIN)/python -m fuzz.chaos --sessions 20 --soak 10000
 
-lint: $(STAMP)
+lint: venv
 	$(BIN)/ruff check .
 
 clean:

@@ -131,6 +131,7 @@ class Session:
     prog_ep: int = -1        # endpoint of the program started for this session
     first: tuple | None = None   # the first request (header, payload) until it is answered
     redispatched: bool = False
+    fast_sid: int = -1       # its id in the compiled relay while it carries the session
 
     def key(self) -> tuple:
         return (self.dcid, self.clt_node, self.clt_ep, self.service.ext_ep)
@@ -337,6 +338,8 @@ class Group:
                          "no_server": 0, "no_service": 0, "table_full": 0,
                          "redispatched": 0, "refused": 0}
         self._last_check = clock()
+        #: The compiled relay (dsp_proxy/fastpath.py) of the LB host, None without it.
+        self.fast = None
 
     # ------------------------------------------------------------------ services and servers
     def service_for(self, dcid: int, ep: int):
@@ -417,10 +420,13 @@ class Group:
             if sess is None or sess.starting or (cmd in C.REQUEST_CMDS and pid != sess.clt_pid
                                                  and pid > 0 and sess.clt_pid > 0):
                 return None
+            self._fast_take(sess)
             sess.last_used = self.clock()
             if cmd == C.CMD_SNDREC_MSG or cmd == C.CMD_SEND_MSG:
                 sess.pending = cmd
-            return [self._send_forward_run(sess, block, f, n)]
+            act = self._send_forward_run(sess, block, f, n)
+            self._fast_give(sess)
+            return [act]
 
     def _send_forward_run(self, sess: Session, block, f: tuple, n: int) -> tuple:
         """(lock held) `_send_forward` of a run of `n` payload-less commands with the same
@@ -458,6 +464,8 @@ class Group:
         acts: list = []
         with self.lock:
             sess = self.sessions.get(key)
+            if sess is not None:
+                self._fast_take(sess)
             if sess is not None and cmd in C.REQUEST_CMDS and pid != sess.clt_pid \
                     and pid > 0 and sess.clt_pid > 0:
                 log.info("session of client %d@%d: new PID %d (was %d), new session",
@@ -487,6 +495,7 @@ class Group:
                     acts.append(self._ask_start(sess))
                 return acts
             act = self._send_forward(sess, hbuf, f, payload, not relayed)
+            self._fast_give(sess)
             if not acts:
                 return act
             acts.append(act)
@@ -576,6 +585,7 @@ class Group:
             sess = self.by_reverse.get((dcid, dst, snode, src))
             if sess is None:
                 return None
+            self._fast_take(sess)
             sess.last_used = self.clock()
             acts: list = []
             if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVICE_DOWN and sess.first is not None:
@@ -603,6 +613,8 @@ class Group:
                 acts.append((LOCAL, out, bytes(payload[:length]) if length else b""))
             if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVER_GONE:
                 self._end(sess, None, acts)   # the server endpoint died or unbound
+            else:
+                self._fast_give(sess)
         return acts[0] if len(acts) == 1 else acts
 
     def _redispatch(self, sess: Session, rcode: int, acts: list) -> bool:
@@ -634,6 +646,56 @@ class Group:
         acts.append(self._send_forward(new, hbuf, f, data))
         return True
 
+    # ------------------------------------------------------------------ the compiled relay
+    def _fast_give(self, sess: Session) -> None:
+        """(lock held) Hand an established relayed session to the compiled relay, which then
+        carries its frames while they need no decision of the router."""
+        if (self.fast is not None and sess.fast_sid < 0 and sess.relayed and sess.first is None
+                and not sess.starting and self.sessions.get(sess.key()) is sess):
+            sess.fast_sid = self.fast.give(sess)
+
+    def _fast_take(self, sess: Session, keep: bool = False) -> None:
+        """(lock held) Bring what the compiled relay did in the session into it (pending
+        request, last use, counters); unless `keep`, the router carries the session again."""
+        if sess.fast_sid < 0:
+            return
+        pending, uses, cmds, nbytes = self.fast.take(sess.fast_sid, not keep)
+        if not keep:
+            sess.fast_sid = -1
+        sess.pending = pending
+        if uses:
+            sess.last_used = self.clock()
+        if cmds:
+            sess.commands += cmds
+            sess.bytes += nbytes
+            srv = self.servers.get(sess.svr_node)
+            if srv is not None:
+                srv.commands += cmds
+                srv.bytes += nbytes
+
+    def _fast_sync(self) -> None:
+        """(lock held) Every session's state from the compiled relay, which keeps them."""
+        for sess in self.sessions.values():
+            self._fast_take(sess, keep=True)
+
+    def fast_refused(self, hbuf: bytes, code: int):
+        """A frame the compiled relay rewrote for a server was refused by the link: the
+        error reply the client would have had from the router's path (the frame is turned
+        back into the client's request first)."""
+        f = ROUTE_STRUCT.unpack_from(hbuf)
+        cmd, dcid, src, dst, _snode, dnode = f[:6]
+        if cmd not in C.REQUEST_CMDS:
+            return None
+        with self.lock:
+            sess = self.by_reverse.get((dcid, src, dnode, dst))
+            if sess is None:
+                return None
+            out = bytearray(hbuf)
+            set_route(out, sess.clt_node, self.lb_id, f[R_FLAGS] & ~C.FLAG_CHECK_HDR)
+            swap_endpoint(out, cmd, dst, sess.to_client.get(dst, dst), True)
+            swap_endpoint(out, cmd, sess.lbsvr_ep, sess.clt_ep, False)
+        return self.error_reply(Header(out), code, True)
+
     # ------------------------------------------------------------------ errors and endings
     def error_reply(self, h: Header, rcode: int, relayed: bool):
         """Every error a client causes comes back to it as an ACK with the code."""
@@ -652,6 +714,7 @@ class Group:
             del self.sessions[sess.key()]
         else:
             return
+        self._fast_take(sess)
         for key in sess.reverse_keys():
             if self.by_reverse.get(key) is sess:
                 del self.by_reverse[key]
@@ -686,6 +749,8 @@ class Group:
         for nid in [nid for nid in self.servers if nid not in servers]:
             _add(acts, self.server_down(nid))
         with self.lock:
+            for sess in self.sessions.values():   # the services may change: the router
+                self._fast_take(sess)              # sees every frame until it hands over again
             self.cfg, self.lb = cfg, lb
             self._svc_cache = {}
             self.max_sessions = lb.max_sessions
@@ -732,9 +797,10 @@ class Group:
     def tick(self) -> list:
         """Every tick of the main loop: expire idle sessions and programs that never
         started."""
-        now = self.clock()
         acts: list = []
         with self.lock:
+            self._fast_sync()
+            now = self.clock()
             for sess in list(self.sessions.values()):
                 if now - sess.last_used > self.session_timeout:
                     self._end(sess, E.EDVSTIMEDOUT, acts)
@@ -830,6 +896,7 @@ class Group:
     def snapshot(self) -> dict:
         """Figures for the statistics and the demo summary."""
         with self.lock:
+            self._fast_sync()
             return {
                 "sessions": [
                     {"dcid": s.dcid, "client": f"{s.clt_ep}@{s.clt_node}",
@@ -845,5 +912,6 @@ class Group:
                             for n, s in self.servers.items()},
                 "load": {"cpu": self.meter.cpu, "level": LEVEL_NAMES[self.meter.level]},
                 "sessions_per_dc": {dc: n for dc, n in self.per_dc.items() if n},
+                "fast_sessions": sum(1 for s in self.sessions.values() if s.fast_sid >= 0),
                 **self.counters,
             }

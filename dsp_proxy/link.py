@@ -79,6 +79,15 @@ def uncork() -> list:
     return kept
 
 
+def _corked(link) -> bool:
+    """When this thread is corked, remember `link` for `uncork` and say so."""
+    links = getattr(_cork, "links", None)
+    if links is None:
+        return False
+    links[link] = None
+    return True
+
+
 def ease(links: list) -> None:
     """Bounded backpressure for a receiver that fed `links`: while one of them is more than
     half full and its socket still takes data (it wrote within PROGRESS_WINDOW), wait before
@@ -380,13 +389,35 @@ class Link:
         return self._enqueue((block, None, generation, f[R_CMD], f[R_DCID], 0, 0,
                               len(block) // HEADER_SIZE))
 
+    def submit_span(self, span, nframes: int) -> int:
+        """Whole frames the compiled relay rewrote in a receiver's read buffer and counted
+        itself (dsp_proxy/fastpath.py), written as they are: at once when nothing waits before
+        them, else queued as one entry (the receiver's cork and `settle` keep the buffer
+        valid).  Same results as `submit`."""
+        if not self.up:
+            return E.EDVSNOTCONN
+        if not (self.outq or self.unsent) and self.send_lock.acquire(blocking=False):
+            try:
+                sock = self.out_sock
+                direct = sock is not None and not (self.outq or self.unsent)
+                if direct and self._send(sock, [span]):
+                    _corked(self)         # the unsent rest is a view: settled by uncork
+            finally:
+                self.send_lock.release()
+            if direct:
+                if self.outq:             # queued meanwhile by a thread that left it to us
+                    self.flush()
+                return OK
+        if len(self.outq) >= QUEUE_MAX_FRAMES or self.queued_bytes >= QUEUE_MAX_BYTES:
+            return self._refuse_full()
+        self._full_episode = False
+        self.queued_bytes += len(span)
+        return self._enqueue((span, None, self.generation, -1, -1, 0, 0, 0))
+
     def _enqueue(self, item: tuple) -> int:
         """Queue one entry; write the queue now unless this thread is corked."""
         self.outq.append(item)
-        links = getattr(_cork, "links", None)
-        if links is not None:
-            links[self] = None
-        else:
+        if not _corked(self):
             self.flush()
         return OK
 
@@ -394,10 +425,17 @@ class Link:
         """After a receiver queued views of its read buffer: make sure no frame of this link
         refers to it any more before the buffer is reused.  Writes what the socket takes
         (waiting for a writer that holds the send lock; writers never block on the socket) and
-        copies what is left unsent (bounded by the queue's bound)."""
+        copies what is left unsent or queued (bounded by the queue's bound)."""
         with self.send_lock:
             self._write_queued()
-            self.unsent = [bytes(p) if type(p) is memoryview else p for p in self.unsent]
+            self.unsent = [_own(p) for p in self.unsent]
+            outq = self.outq      # a full socket leaves the queue as it was: its views too
+            try:                  # (others only append meanwhile, or a link-down empties it)
+                for i, item in enumerate(list(outq)):
+                    if type(item[0]) is memoryview or type(item[1]) is memoryview:
+                        outq[i] = (_own(item[0]), _own(item[1])) + item[2:]
+            except IndexError:
+                pass
 
     def backlogged(self) -> bool:
         """More than half of the queue's bound is used."""
@@ -465,6 +503,9 @@ class Link:
             i += 1
             taken += HEADER_SIZE + length if nframes == 1 else len(hbuf)
             if g != gen:
+                continue
+            if not nframes:     # a span of the compiled relay, counted by it
+                parts.append(hbuf)
                 continue
             if nframes > 1:
                 self._run_to_parts(hbuf, nframes, cmd, dcid, parts)
@@ -552,6 +593,11 @@ class Link:
             with self.cond:
                 self.cond.notify_all()
         return False
+
+
+def _own(buf):
+    """A copy of a view (of a receiver's read buffer); anything else as it is."""
+    return bytes(buf) if type(buf) is memoryview else buf
 
 
 def _rest(parts: list, done: int) -> list:

@@ -34,7 +34,7 @@ from dvk_cffi.api import Dvk
 from dvk_cffi.emu.client import DvkUnavailable
 from dvk_cffi.wire import Header, Message, hello_header
 
-from . import __version__, addresses, daemon, topology
+from . import __version__, addresses, daemon, fastpath, topology
 from . import config as cfgmod
 from . import stats as statsmod
 from .acceptor import Acceptor
@@ -45,6 +45,8 @@ from .group import (
     MT_NEED_SERVER,
     MT_SVC_START,
     MT_SVC_STOP,
+    SERVER_GONE,
+    SERVICE_DOWN,
     Group,
     Router,
     control_message,
@@ -97,6 +99,7 @@ class ProxyContext:
     user_timeout_ms: int
     fd_interval_ms: int
     period: float
+    fast: fastpath.FlowTable | None = None
 
 
 @dataclass
@@ -143,9 +146,17 @@ class Dsp:
         self.node_pids = _node_pids(dvk)
         self.limits = WireLimits(dvs.d_nr_nodes, dvs.d_nr_dcs, learn=self.learn_dc)
         self.group: Group | None = None
+        self.fast: fastpath.FlowTable | None = None
         if cfg.role(local).lb_pair and not topology.is_relayed_client(cfg, local):
-            self.group = Group(cfg, local, _LinkView(self.links), self.relay_host,
-                               self.node_pids)
+            self.group = Group(cfg, local, _LinkView(self.links, self.fold_fast),
+                               self.relay_host, self.node_pids)
+            if self.relay_host == local and fastpath.enabled():
+                try:
+                    self.fast = fastpath.FlowTable(local, self.lb_nodeid, dvs.d_nr_nodes,
+                                                   dvs.d_nr_dcs, SERVER_GONE | SERVICE_DOWN)
+                except ValueError as exc:
+                    log.info("the compiled relay is not used: %s", exc)
+                self.group.fast = self.fast
         self.router = Router(local, self.lb_nodeid, self.group)
         self.put2lcl: Put2lclThread | None = None
         self.execute = Executor(local, self.links, self.router, self._put_local,
@@ -204,7 +215,7 @@ class Dsp:
             control=self.on_control, count_error=self.count_error,
             hello=self.hello_for, source_addr=self.bind_addr,
             user_timeout_ms=self.user_timeout_ms, fd_interval_ms=self.fd_interval_ms,
-            period=self.period)
+            period=self.period, fast=self.fast)
 
     def _start_peer(self, spec: PeerSpec) -> Link:
         """The link to one peer and its RPROXY/SPROXY pair (at start-up, on a reload and when
@@ -219,6 +230,8 @@ class Dsp:
         if self.stopping.is_set():
             stopping.set()
         self.links[spec.nodeid] = link
+        if self.fast is not None:
+            self.fast.set_raw_ok(spec.nodeid, not (spec.batch or spec.compress))
         ctx = self._context(stopping)
         rproxy = RProxy(ctx, link, StartGate())
         sproxy = SProxy(ctx, link, StartGate())
@@ -339,6 +352,8 @@ class Dsp:
         except E.DvkError:
             pass
         self.limits.dc_ranges[dcid] = rng
+        if self.fast is not None:
+            self.fast.set_dc(dcid, rng)
 
     def _put_local(self, h: Header, data) -> bool:
         return self.put2lcl is not None and self.put2lcl.put(h, bytes(data) if data else b"")
@@ -367,11 +382,20 @@ class Dsp:
 
     def activity(self) -> int:
         """Commands this DSP moved since the last call (carried in load reports)."""
+        self.fold_fast()
         total = sum(dc.commands for link in list(self.links.values())
                     for counters in (link.sent, link.received)
                     for dc in list(counters.by_dc.values()))  # DC traffic only: not HELLOs
         moved, self._activity_mark = total - self._activity_mark, total
         return max(0, moved)  # a reload that removed a link lowers the total
+
+    def fold_fast(self, node: int | None = None) -> None:
+        """Add what the compiled relay counted to the link counters (of `node`, or all)."""
+        if self.fast is None:
+            return
+        for peer, link in list(self.links.items()):
+            if node is None or peer == node:
+                self.fast.fold(peer, link.received, link.sent)
 
     def on_control(self, peer: int, m: Message) -> None:
         """A control message from a peer that announced itself as a DSP of this project."""
@@ -501,6 +525,8 @@ class Dsp:
             except OSError as exc:
                 log.warning("cannot write %s: %s", self.status_file, exc)
         if now >= self._next_dc_check:
+            if self.fast is not None:        # first: it learns again from the Python check
+                self.fast.forget_dcs()
             self.limits.dc_ranges.clear()    # a DC may have started or stopped
             self._next_dc_check = now + DC_RECHECK
         if self.group is None:
@@ -558,6 +584,7 @@ class Dsp:
     # ------------------------------------------------------------------ running and stopping
     def snapshot(self) -> dict:
         """Everything an operator (or the demo) wants to see, as plain data."""
+        self.fold_fast()
         links = {}
         for peer, link in sorted(list(self.links.items())):
             links[peer] = {
@@ -580,6 +607,7 @@ class Dsp:
             "failed_pairs": sorted(p for p, pair in self.pairs.items() if pair.failed),
             "refused_connections": self.acceptor.refusals.total,
             "dropped_frames": self.execute.dropped,
+            "fast_relay": self.fast is not None,
             "group": self.group.snapshot() if self.group is not None else None,
             "autoscaler": self.autoscaler.snapshot() if self.autoscaler is not None else None,
             "config": config_view(self.cfg),
@@ -744,14 +772,16 @@ def _connections(link: Link) -> dict:
 class _LinkView:
     """The router's only view of the links: is a node's link up, how many frames came."""
 
-    def __init__(self, links: dict[int, Link]) -> None:
+    def __init__(self, links: dict[int, Link], fold: Callable[[int], None]) -> None:
         self.links = links
+        self.fold = fold
 
     def up(self, node: int) -> bool:
         link = self.links.get(node)
         return link is not None and link.up
 
     def frames(self, node: int) -> int:
+        self.fold(node)
         link = self.links.get(node)
         return link.received.frames if link is not None else 0
 

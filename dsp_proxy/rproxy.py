@@ -41,6 +41,7 @@ from dvk_cffi.wire import (
     frame_length,
 )
 
+from .fastpath import Relay
 from .group import DELIVER, SEND
 from .link import Link, cork, ease, uncork
 from .linkstate import Event
@@ -390,6 +391,11 @@ class RProxy:
         deliverer = self.deliverer
         autobind = link.spec.autobind
         slow = C.FLAG_LZ4 | C.FLAG_BATCH
+        relay = None
+        read = reader.fill
+        if ctx.fast is not None:
+            relay = Relay(ctx.fast, reader, peer, ctx.execute.links, self._refused)
+            read = relay.read
         link.last_rx = monotonic()
         self._timeout = None
         try:
@@ -402,9 +408,13 @@ class RProxy:
                         for k in kept:
                             k.settle()
                         ease(kept)
-                    self._fill(reader, sock, deliverer)
+                    whole = self._fill(read, sock, deliverer)
                     link.last_rx = monotonic()
                     cork()
+                    if relay is not None and not whole:
+                        continue    # the compiled relay carried every whole frame
+                elif relay is not None and not relay():
+                    continue
                 hview, payload = reader.next(check)
                 f = reader.fields
                 length = f[R_LEN]
@@ -439,9 +449,17 @@ class RProxy:
         finally:
             uncork()
 
-    def _fill(self, reader: FrameReader, sock: socket.socket, deliverer: Deliverer) -> None:
-        """Read more (blocking); meanwhile retry parked deliveries.  TimeoutError when the
-        peer has been silent for the link's silence limit."""
+    def _refused(self, hbuf: bytes, code: int) -> None:
+        """A frame of the compiled relay that its link refused: the client's error reply."""
+        ctx = self.ctx
+        if ctx.router.group is not None:
+            ctx.execute(ctx.router.group.fast_refused(hbuf, code), self.deliverer)
+
+    def _fill(self, read: Callable[[], object], sock: socket.socket,
+              deliverer: Deliverer) -> object:
+        """Read more (blocking) with `read` (the reader's, or the compiled relay's, which
+        also relays what came); meanwhile retry parked deliveries.  Returns what `read`
+        returns; TimeoutError when the peer has been silent for the link's silence limit."""
         link = self.link
         while True:
             if deliverer.parked:
@@ -451,8 +469,7 @@ class RProxy:
                 _recv_timeout(sock, timeout)
                 self._timeout = timeout
             try:
-                reader.fill()
-                return
+                return read()
             except (TimeoutError, BlockingIOError):
                 if time.monotonic() - link.last_rx >= link.silence_limit():
                     raise TimeoutError from None

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from cluster_helpers import Background, cluster_from, dvsctl, wait_bound
 from dsp_proxy.cluster import module_argv
 from dvk_cffi import Message
@@ -198,7 +200,11 @@ def test_saturated_server_gets_no_new_sessions_until_it_recovers(tmp_path, bg):
         wait_status(cl, 3, lambda st: msgs(st, 1) > before.get(1, 0), what="server 1 used")
 
 
-def test_relayed_clients_with_the_same_endpoint(tmp_path, bg):
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["compiled-relay", "python-path"])
+def test_relayed_clients_with_the_same_endpoint(tmp_path, bg, monkeypatch, fast):
+    """Also the LB host's two paths: with the compiled relay carrying the established
+    sessions (counted in the link figures like the router's frames) and without it."""
+    monkeypatch.setenv("DSP_FASTPATH", fast)
     cfg = lb_config(extra="cltname lbhost; lb_eps 100 150;",
                     more="client lbhost { nodeid 5; rname {net}.5; };")
     with cluster_from(cfg, tmp_path) as cl:
@@ -219,8 +225,13 @@ def test_relayed_clients_with_the_same_endpoint(tmp_path, bg):
                 if len(f) > 5 and f[4] == "5" and 100 <= int(f[1]) <= 150:
                     seen.add(int(f[1]))
         assert len(seen) >= 2, seen
-        wait_status(cl, 5, lambda st: st["group"]["sessions_started"] >= 2,
-                    what="2 relayed sessions on the LB host")
+        st = wait_status(cl, 5, lambda st: st["group"]["sessions_started"] >= 2,
+                         what="2 relayed sessions on the LB host")
+        assert st["fast_relay"] is (fast == "1")
+        assert (st["group"]["fast_sessions"] == 2) is (fast == "1")
+        requests = sum(st["links"][str(n)]["sent"]["by_cmd"].get(str(C.CMD_SNDREC_MSG), 0)
+                       for n in (1, 2))
+        assert requests == 60, st["links"]
 
 
 def test_error_replies_reach_the_client_fast(tmp_path, bg):

@@ -1,0 +1,226 @@
+"""The compiled relay of established relayed sessions on the LB host (docs/performance.md,
+"The compiled relay").
+
+The router stays the one place of the session rules.  It hands a relayed session to the
+`FlowTable` once the session is established (its first request answered, no program being
+started), and takes it back, with the state the relay kept (pending request, last use,
+counters), before its own path reads or changes the session.  Meanwhile each receiver's
+`Relay` walks its read buffer in C: every frame of a handed-over session is checked, rewritten
+in place and queued on the output link as a view of the buffer; the first frame it is not sure
+of stops the walk and takes the Python path.  Without the compiled module (not built, or
+`DSP_FASTPATH=0`) every frame takes the Python path, which is complete on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
+from dvk_cffi.wire import HEADER_SIZE, frame_length
+
+from .link import cork
+from .misc import Counters, DcCounters
+
+try:
+    from ._fastrelay import ffi, lib
+except ImportError:           # not built: the Python path only
+    ffi = lib = None
+
+log = logging.getLogger("dsp.fastpath")
+
+#: "0" turns the compiled relay off (the Python path then carries every frame).
+ENV = "DSP_FASTPATH"
+#: Segments (runs of frames for one node) one walk may produce.
+MAX_SEGS = 256
+
+# Command classes of fastrelay.c.
+K_VALID, K_DATA, K_REQUEST, K_MSG, K_MSG_ACK, K_VCOPY, K_MESSAGE = (1 << i for i in range(7))
+
+
+def enabled() -> bool:
+    """The compiled relay is built and not turned off."""
+    return lib is not None and os.environ.get(ENV, "1") != "0"
+
+
+def _cmd_class(cmd: int) -> int:
+    """The classes of a command, from the sets the Python path uses."""
+    return (K_VALID
+            | (K_DATA if cmd in C.DATA_CMDS else 0)
+            | (K_REQUEST if cmd in C.REQUEST_CMDS else 0)
+            | (K_MSG if cmd in C.MSG_CMDS else 0)
+            | (K_MSG_ACK if cmd in C.MSG_ACK_CMDS else 0)
+            | (K_VCOPY if cmd in C.VCOPY_CMDS else 0)
+            | (K_MESSAGE if cmd in C.MESSAGE_CMDS else 0))
+
+
+def _slot(cmd: int) -> int:
+    """The index of a command in the relay's per-command counters."""
+    return (cmd & 0x1F) | (32 if cmd & C.MASK_ACKNOWLEDGE else 0)
+
+
+class FlowTable:
+    """The relay's sessions and flows, and its share of the link counters."""
+
+    def __init__(self, local: int, lb_id: int, nr_nodes: int, nr_dcs: int,
+                 session_ending_codes: Iterable[int]) -> None:
+        table = lib.rt_new(local, lb_id, nr_nodes, nr_dcs, C.NR_TASKS, C._ENDPOINT_GEN_SIZE,
+                           C.BIT_ACKNOWLEDGE, C.MAXCOPYBUF, C.FLAG_BATCH, C.FLAG_LZ4,
+                           C.FLAG_CHECK_HDR, C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG)
+        if table == ffi.NULL:
+            raise ValueError(f"no compiled relay for {nr_nodes} nodes and {nr_dcs} DCs")
+        self.table = ffi.gc(table, lib.rt_free)
+        self.nr_dcs = nr_dcs
+        self._slots = {_slot(cmd): cmd for cmd in C.VALID_CMDS}
+        for cmd in C.VALID_CMDS:
+            if lib.rt_set_cmd(table, cmd, _cmd_class(cmd)):
+                raise ValueError(f"command {cmd:#x} has no slot in the compiled relay")
+        for code in sorted(set(session_ending_codes)):
+            if lib.rt_set_code(table, code):
+                raise ValueError("too many session-ending codes for the compiled relay")
+        self._take = ffi.new("int64_t[4]")
+
+    # ------------------------------------------------------------------ what the DSP sets
+    def set_dc(self, dcid: int, rng: tuple[int, int] | None) -> None:
+        """The endpoint range of a DC, as the Python check knows it (None: unknown)."""
+        if rng is None:
+            lib.rt_set_dc(self.table, dcid, 0, 0, 0)
+        else:
+            lib.rt_set_dc(self.table, dcid, 1, rng[0], rng[1])
+
+    def forget_dcs(self) -> None:
+        """Every DC unknown again: their frames take the Python path until it learned them."""
+        for dcid in range(self.nr_dcs):
+            lib.rt_set_dc(self.table, dcid, 0, 0, 0)
+
+    def set_raw_ok(self, node: int, ok: bool) -> None:
+        """Whether the link to `node` takes frames as they are (no batching, no LZ4)."""
+        lib.rt_set_raw_ok(self.table, node, ok)
+
+    # ------------------------------------------------------------------ what the router does
+    def give(self, sess) -> int:
+        """Hand an established relayed session over (router lock held): its id, or -1 when
+        the table is full or a link of the session does not take raw frames."""
+        t = self.table
+        sid = lib.rt_give(t, sess.clt_node, sess.svr_node, sess.dcid, sess.clt_ep,
+                          sess.lbsvr_ep, sess.clt_pid, sess.svr_pid, sess.pending)
+        if sid < 0:
+            return -1
+        for client_side, server_side in sess.to_server.items():
+            if lib.rt_map(t, sid, client_side, server_side):
+                self.take(sid, True)
+                return -1
+        return sid
+
+    def take(self, sid: int, drop: bool) -> tuple[int, int, int, int]:
+        """The session's (pending, uses, commands, bytes) since the last take; `drop`: the
+        session and its flows leave the table."""
+        out = self._take
+        if lib.rt_take(self.table, sid, drop, out):
+            raise KeyError(f"no session {sid} in the compiled relay")
+        return out[0], out[1], out[2], out[3]
+
+    # ------------------------------------------------------------------ counters
+    def fold(self, node: int, received: Counters | None, sent: Counters | None) -> None:
+        """Add what the relay counted for the link to `node` to its counters."""
+        y = ffi.new("relay_tally *")
+        for direction, counters in ((0, received), (1, sent)):
+            if counters is None:
+                continue
+            lib.rt_fold(self.table, node, direction, y)
+            if not (y.frames or y.bytes):
+                continue
+            counters.frames += y.frames
+            counters.commands += y.frames
+            counters.bytes += y.bytes
+            for slot, n in enumerate(ffi.unpack(y.by_cmd, 64)):
+                if n:
+                    cmd = self._slots[slot]
+                    counters.by_cmd[cmd] = counters.by_cmd.get(cmd, 0) + n
+            figures = zip(ffi.unpack(y.dc_cmds, 32), ffi.unpack(y.dc_msgs, 32),
+                          ffi.unpack(y.dc_data, 32))
+            for dcid, (cmds, msgs, data) in enumerate(figures):
+                if cmds or msgs or data:
+                    dc = counters.by_dc.get(dcid)
+                    if dc is None:
+                        dc = counters.by_dc[dcid] = DcCounters()
+                    dc.commands += cmds
+                    dc.messages += msgs
+                    dc.data_bytes += data
+
+    def untally(self, node: int, span) -> None:
+        """Frames the relay counted as sent to `node` that its link refused."""
+        lib.rt_untally(self.table, node, ffi.from_buffer(span), len(span))
+
+
+class Relay:
+    """One receiver's use of the compiled relay on its read buffer."""
+
+    def __init__(self, table: FlowTable, reader, peer: int, links: dict,
+                 refused: Callable[[bytes, int], None]) -> None:
+        self.table = table.table
+        self.flows = table
+        self.reader = reader
+        self.cbuf = ffi.from_buffer(reader.buf)    # the buffer is never resized
+        self.peer = peer
+        self.links = links
+        self.refused = refused
+        self.segs = ffi.new("relay_seg[]", MAX_SEGS)
+        self.nsegs = ffi.new("int *")
+        self.python = ffi.new("int *")
+        self.pos = ffi.new("int[2]")
+
+    def read(self) -> bool:
+        """`FrameReader.fill` done in C, followed by the relay of what came: one read
+        (blocking, within the socket's timeout).  True when a whole frame for the Python path
+        is next.  Raises as `recv_into` would (BlockingIOError when the timeout passed)."""
+        reader, pos = self.reader, self.pos
+        pos[0], pos[1] = reader.start, reader.end
+        got = lib.rt_pump(self.table, self.peer, reader.sock.fileno(), self.cbuf,
+                          len(reader.buf), pos, pos + 1, self.segs, MAX_SEGS, self.nsegs,
+                          self.python)
+        reader.start, reader.end = pos[0], pos[1]
+        if got <= 0:
+            if got == 0:
+                raise ConnectionResetError("the peer closed the connection" + (
+                    " inside a frame" if reader.end > reader.start else ""))
+            raise OSError(-got, os.strerror(-got))
+        if self.nsegs[0]:
+            cork()      # what a socket does not take stays a view of the buffer until uncork
+            self._write()
+        return bool(self.python[0])
+
+    def __call__(self) -> bool:
+        """Relay the frames at the head of the buffer that belong to handed-over sessions,
+        written to their links as views of the buffer (what a socket does not take at once
+        is queued; the receiver's cork keeps it valid).  True when a whole frame for the
+        Python path is next in the buffer."""
+        reader = self.reader
+        start = reader.start
+        new = lib.rt_relay(self.table, self.peer, self.cbuf, start, reader.end, self.segs,
+                           MAX_SEGS, self.nsegs, self.python)
+        if new != start:
+            reader.start = new
+            self._write()
+        return bool(self.python[0])
+
+    def _write(self) -> None:
+        view, links, segs = self.reader.view, self.links, self.segs
+        for i in range(self.nsegs[0]):
+            seg = segs[i]
+            span = view[seg.off:seg.off + seg.len]
+            link = links.get(seg.node)
+            code = E.EDVSNOTCONN if link is None else link.submit_span(span, seg.nframes)
+            if code:
+                self._refused(seg.node, span, code)
+
+    def _refused(self, node: int, span, code: int) -> None:
+        """The link refused a segment: take its count back and answer its requests."""
+        self.flows.untally(node, span)
+        off = 0
+        while off < len(span):
+            header = bytes(span[off:off + HEADER_SIZE])
+            self.refused(header, code)
+            off += HEADER_SIZE + frame_length(header)

@@ -1,0 +1,561 @@
+/*
+ * The LB host's compiled relay for established relayed sessions (docs/performance.md,
+ * "The compiled relay").
+ *
+ * The Python router decides every rule; this file only repeats, for frames of sessions the
+ * router handed over, the rewrite the router would do, so that the steady state of a session
+ * costs no Python per frame.  Anything it is not certain of (a header the Python check might
+ * refuse, a flag, an unknown flow, a PID change, an error code that ends a session, an output
+ * link that compresses or batches) stops the walk: the receiver hands that frame, and only
+ * that one, to the Python path, which may then take the session back.
+ *
+ * One mutex guards the whole table: the receivers walk their buffers under it, the router
+ * changes sessions and flows under it.  Built by dsp_proxy/fastrelay_build.py (cffi).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#include <errno.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+
+#define RT_HEADER 120
+#define RT_MAX_NODES 64
+#define RT_MAX_DCS 32
+#define RT_CMD_SLOTS 64
+#define RT_FLOW_CAP 16384          /* power of two */
+#define RT_SESS_CAP 8192
+#define RT_MAX_CODES 16
+
+/* Header offsets (the i386 layout of the wire header). */
+enum { O_CMD = 0, O_DCID = 4, O_SRC = 8, O_DST = 12, O_SNODE = 16, O_DNODE = 20, O_RCODE = 24,
+       O_LEN = 28, O_PID = 32, O_BATCH_NR = 36, O_FLAGS = 40, O_M_SOURCE = 60, O_V = 96 };
+
+/* Command classes, filled from the Python sets so the rules have one source. */
+enum { K_VALID = 1, K_DATA = 2, K_REQUEST = 4, K_MSG = 8, K_MSG_ACK = 16, K_VCOPY = 32,
+       K_MESSAGE = 64 };
+
+typedef struct {
+    int32_t node, off, len, nframes;
+} relay_seg;
+
+typedef struct {
+    int64_t frames, bytes;         /* signed: a refused frame is taken back (rt_untally) */
+    int64_t by_cmd[RT_CMD_SLOTS];
+    int64_t dc_cmds[RT_MAX_DCS], dc_msgs[RT_MAX_DCS], dc_data[RT_MAX_DCS];
+} relay_tally;
+
+typedef struct {
+    int32_t used, dir, peer, dcid, src, dst;   /* key; used: 0 empty, 1 used, 2 deleted */
+    int32_t sid, new_ep;                        /* session, endpoint the key's side becomes */
+} flow;
+
+typedef struct {
+    int32_t used, clt_node, svr_node, dcid, clt_ep, lbsvr_ep, clt_pid, svr_pid, pending;
+    uint64_t uses, cmds, bytes;
+} fsess;
+
+typedef struct relay_table {
+    pthread_mutex_t lock;
+    int32_t local, lb_id, nr_nodes, nr_dcs, nr_tasks, gen_size, ack_bit, maxcopybuf;
+    int32_t flag_batch, flag_lz4, flag_check;
+    int32_t cmd_send, cmd_sndrec, cmd_reply;
+    uint8_t cls[RT_CMD_SLOTS];
+    int32_t dc_known[RT_MAX_DCS], dc_lo[RT_MAX_DCS], dc_hi[RT_MAX_DCS];
+    uint8_t raw_ok[RT_MAX_NODES];
+    int32_t ncodes, codes[RT_MAX_CODES];       /* ACK rcodes the Python path must see */
+    int32_t nflows, ndeleted, nsess;
+    flow flows[RT_FLOW_CAP];
+    fsess sess[RT_SESS_CAP];
+    relay_tally tally[2][RT_MAX_NODES];         /* [0] received from, [1] sent to */
+} relay_table;
+
+static int relay_walk(relay_table *t, int peer, unsigned char *buf, int start, int end,
+                      relay_seg *segs, int maxsegs, int *nsegs, int *python);
+
+static inline int32_t rd(const unsigned char *h, int off)
+{
+    int32_t v;
+    memcpy(&v, h + off, 4);
+    return v;
+}
+
+static inline void wr(unsigned char *h, int off, int32_t v)
+{
+    memcpy(h + off, &v, 4);
+}
+
+/* The slot of a command code in the class and tally arrays; -1 for codes outside them. */
+static inline int cmd_slot(const relay_table *t, int32_t cmd)
+{
+    int32_t ack = (int32_t)1 << t->ack_bit;
+    if (cmd & ~(0x1F | ack))
+        return -1;
+    return (cmd & 0x1F) | ((cmd & ack) ? 32 : 0);
+}
+
+static inline int endpoint_ok(const relay_table *t, int32_t ep, int32_t lo, int32_t hi)
+{
+    int64_t p = ((int64_t)ep + t->nr_tasks) % t->gen_size;
+    if (p < 0)
+        p += t->gen_size;
+    p -= t->nr_tasks;
+    return -lo <= p && p < hi;
+}
+
+static inline uint32_t flow_hash(int32_t dir, int32_t peer, int32_t dcid, int32_t src, int32_t dst)
+{
+    uint64_t x = ((uint64_t)(uint32_t)src << 32) ^ (uint32_t)dst;
+    x ^= ((uint64_t)(uint32_t)(dir * 131 + peer) << 40) ^ ((uint64_t)(uint32_t)dcid << 20);
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return (uint32_t)x & (RT_FLOW_CAP - 1);
+}
+
+static flow *flow_find(relay_table *t, int32_t dir, int32_t peer, int32_t dcid, int32_t src,
+                       int32_t dst)
+{
+    uint32_t i = flow_hash(dir, peer, dcid, src, dst);
+    for (int n = 0; n < RT_FLOW_CAP; n++, i = (i + 1) & (RT_FLOW_CAP - 1)) {
+        flow *f = &t->flows[i];
+        if (f->used == 0)
+            return NULL;
+        if (f->used == 1 && f->dir == dir && f->peer == peer && f->dcid == dcid &&
+            f->src == src && f->dst == dst)
+            return f;
+    }
+    return NULL;
+}
+
+/* Rebuild the flow table without its deleted slots (they lengthen every probe). */
+static void flow_rehash(relay_table *t)
+{
+    flow *keep = malloc(sizeof t->flows);
+    int n = 0;
+    if (keep == NULL)
+        return;
+    for (int i = 0; i < RT_FLOW_CAP; i++)
+        if (t->flows[i].used == 1)
+            keep[n++] = t->flows[i];
+    memset(t->flows, 0, sizeof t->flows);
+    for (int k = 0; k < n; k++) {
+        flow *f = &keep[k];
+        uint32_t i = flow_hash(f->dir, f->peer, f->dcid, f->src, f->dst);
+        while (t->flows[i].used)
+            i = (i + 1) & (RT_FLOW_CAP - 1);
+        t->flows[i] = *f;
+    }
+    t->nflows = n;
+    t->ndeleted = 0;
+    free(keep);
+}
+
+static int flow_put(relay_table *t, int32_t dir, int32_t peer, int32_t dcid, int32_t src,
+                    int32_t dst, int32_t sid, int32_t new_ep)
+{
+    flow *f = flow_find(t, dir, peer, dcid, src, dst);
+    if (f != NULL) {
+        f->sid = sid;
+        f->new_ep = new_ep;
+        return 0;
+    }
+    if (t->nflows + 1 > RT_FLOW_CAP / 2)
+        return -1;
+    if (t->nflows + t->ndeleted + 1 > RT_FLOW_CAP / 2)
+        flow_rehash(t);
+    if (t->nflows + t->ndeleted + 1 > RT_FLOW_CAP * 3 / 4)
+        return -1;
+    uint32_t i = flow_hash(dir, peer, dcid, src, dst);
+    while (t->flows[i].used == 1)
+        i = (i + 1) & (RT_FLOW_CAP - 1);
+    if (t->flows[i].used == 2)
+        t->ndeleted--;
+    f = &t->flows[i];
+    f->used = 1;
+    f->dir = dir;
+    f->peer = peer;
+    f->dcid = dcid;
+    f->src = src;
+    f->dst = dst;
+    f->sid = sid;
+    f->new_ep = new_ep;
+    t->nflows++;
+    return 0;
+}
+
+relay_table *rt_new(int local, int lb_id, int nr_nodes, int nr_dcs, int nr_tasks, int gen_size,
+                    int ack_bit, int maxcopybuf, int flag_batch, int flag_lz4, int flag_check,
+                    int cmd_send, int cmd_sndrec, int cmd_reply)
+{
+    if (nr_nodes <= 0 || nr_nodes > RT_MAX_NODES || nr_dcs <= 0 || nr_dcs > RT_MAX_DCS ||
+        gen_size <= 0 || ack_bit < 6 || ack_bit > 30)
+        return NULL;
+    relay_table *t = calloc(1, sizeof *t);
+    if (t == NULL)
+        return NULL;
+    pthread_mutex_init(&t->lock, NULL);
+    t->local = local;
+    t->lb_id = lb_id;
+    t->nr_nodes = nr_nodes;
+    t->nr_dcs = nr_dcs;
+    t->nr_tasks = nr_tasks;
+    t->gen_size = gen_size;
+    t->ack_bit = ack_bit;
+    t->maxcopybuf = maxcopybuf;
+    t->flag_batch = flag_batch;
+    t->flag_lz4 = flag_lz4;
+    t->flag_check = flag_check;
+    t->cmd_send = cmd_send;
+    t->cmd_sndrec = cmd_sndrec;
+    t->cmd_reply = cmd_reply;
+    return t;
+}
+
+void rt_free(relay_table *t)
+{
+    if (t != NULL) {
+        pthread_mutex_destroy(&t->lock);
+        free(t);
+    }
+}
+
+int rt_set_cmd(relay_table *t, int cmd, int cls)
+{
+    int s = cmd_slot(t, cmd);
+    if (s < 0)
+        return -1;
+    t->cls[s] = (uint8_t)cls;
+    return 0;
+}
+
+int rt_set_code(relay_table *t, int code)
+{
+    if (t->ncodes >= RT_MAX_CODES)
+        return -1;
+    t->codes[t->ncodes++] = code;
+    return 0;
+}
+
+void rt_set_dc(relay_table *t, int dcid, int known, int lo, int hi)
+{
+    if (dcid < 0 || dcid >= RT_MAX_DCS)
+        return;
+    pthread_mutex_lock(&t->lock);
+    t->dc_known[dcid] = known;
+    t->dc_lo[dcid] = lo;
+    t->dc_hi[dcid] = hi;
+    pthread_mutex_unlock(&t->lock);
+}
+
+void rt_set_raw_ok(relay_table *t, int node, int ok)
+{
+    if (node >= 0 && node < RT_MAX_NODES)
+        t->raw_ok[node] = (uint8_t)(ok != 0);
+}
+
+int rt_give(relay_table *t, int clt_node, int svr_node, int dcid, int clt_ep, int lbsvr_ep,
+            int clt_pid, int svr_pid, int pending)
+{
+    if (clt_node < 0 || clt_node >= RT_MAX_NODES || svr_node < 0 || svr_node >= RT_MAX_NODES ||
+        !t->raw_ok[clt_node] || !t->raw_ok[svr_node])
+        return -1;
+    pthread_mutex_lock(&t->lock);
+    int sid = -1;
+    for (int i = 0; i < RT_SESS_CAP; i++)
+        if (!t->sess[i].used) {
+            sid = i;
+            break;
+        }
+    if (sid >= 0) {
+        fsess *s = &t->sess[sid];
+        memset(s, 0, sizeof *s);
+        s->used = 1;
+        s->clt_node = clt_node;
+        s->svr_node = svr_node;
+        s->dcid = dcid;
+        s->clt_ep = clt_ep;
+        s->lbsvr_ep = lbsvr_ep;
+        s->clt_pid = clt_pid;
+        s->svr_pid = svr_pid;
+        s->pending = pending;
+        t->nsess++;
+    }
+    pthread_mutex_unlock(&t->lock);
+    return sid;
+}
+
+/* Route `client_side` (an endpoint the client addresses) to `server_side`, and back. */
+int rt_map(relay_table *t, int sid, int client_side, int server_side)
+{
+    if (sid < 0 || sid >= RT_SESS_CAP)
+        return -1;
+    pthread_mutex_lock(&t->lock);
+    fsess *s = &t->sess[sid];
+    int rc = -1;
+    if (s->used)
+        rc = flow_put(t, 0, s->clt_node, s->dcid, s->clt_ep, client_side, sid, server_side) ||
+             flow_put(t, 1, s->svr_node, s->dcid, server_side, s->lbsvr_ep, sid, client_side);
+    pthread_mutex_unlock(&t->lock);
+    return rc ? -1 : 0;
+}
+
+/* A session's state since the last call: out = {pending, uses, cmds, bytes} (the three
+ * counters are zeroed).  drop: remove the session and its flows (the Python path owns it). */
+int rt_take(relay_table *t, int sid, int drop, int64_t *out)
+{
+    if (sid < 0 || sid >= RT_SESS_CAP)
+        return -1;
+    pthread_mutex_lock(&t->lock);
+    fsess *s = &t->sess[sid];
+    int rc = -1;
+    if (s->used) {
+        out[0] = s->pending;
+        out[1] = (int64_t)s->uses;
+        out[2] = (int64_t)s->cmds;
+        out[3] = (int64_t)s->bytes;
+        s->uses = s->cmds = s->bytes = 0;
+        if (drop) {
+            for (int i = 0; i < RT_FLOW_CAP; i++)
+                if (t->flows[i].used == 1 && t->flows[i].sid == sid) {
+                    t->flows[i].used = 2;
+                    t->nflows--;
+                    t->ndeleted++;
+                }
+            s->used = 0;
+            t->nsess--;
+        }
+        rc = 0;
+    }
+    pthread_mutex_unlock(&t->lock);
+    return rc;
+}
+
+static inline void tally_add(relay_tally *y, const relay_table *t, int slot, int dcid,
+                             int64_t len, int64_t sign)
+{
+    uint8_t c = t->cls[slot];
+    y->frames += sign;
+    y->bytes += sign * (RT_HEADER + len);
+    y->by_cmd[slot] += sign;
+    y->dc_cmds[dcid] += sign;
+    if (c & K_MESSAGE)
+        y->dc_msgs[dcid] += sign;
+    if (c & K_DATA)
+        y->dc_data[dcid] += sign * len;
+}
+
+/* The link counters of node `node` (dir 0: received from it, 1: sent to it) since the last
+ * call, which zeroes them. */
+void rt_fold(relay_table *t, int node, int dir, relay_tally *out)
+{
+    if (node < 0 || node >= RT_MAX_NODES || dir < 0 || dir > 1) {
+        memset(out, 0, sizeof *out);
+        return;
+    }
+    pthread_mutex_lock(&t->lock);
+    *out = t->tally[dir][node];
+    memset(&t->tally[dir][node], 0, sizeof t->tally[dir][node]);
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* Frames relayed to `node` that its link refused: they were not sent after all. */
+void rt_untally(relay_table *t, int node, const unsigned char *buf, int len)
+{
+    if (node < 0 || node >= RT_MAX_NODES)
+        return;
+    pthread_mutex_lock(&t->lock);
+    for (int off = 0; off + RT_HEADER <= len;) {
+        const unsigned char *h = buf + off;
+        int32_t clen = rd(h, O_LEN), dcid = rd(h, O_DCID);
+        int slot = cmd_slot(t, rd(h, O_CMD));
+        if (slot >= 0 && dcid >= 0 && dcid < t->nr_dcs)
+            tally_add(&t->tally[1][node], t, slot, dcid, clen, -1);
+        off += RT_HEADER + clen;
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* Rewrite endpoint `old` as `new` where a header of command class `c` names it: c_dst
+ * (dst_side) or c_src and the message's m_source, and the vcopy endpoints. */
+static inline void swap_ep(unsigned char *h, uint8_t c, int32_t old, int32_t new, int dst_side)
+{
+    if (old == new)
+        return;
+    if (dst_side) {
+        if (rd(h, O_DST) == old)
+            wr(h, O_DST, new);
+    } else {
+        if (rd(h, O_SRC) == old)
+            wr(h, O_SRC, new);
+        if ((c & K_MSG) && rd(h, O_M_SOURCE) == old)
+            wr(h, O_M_SOURCE, new);
+    }
+    if (c & K_VCOPY)
+        for (int k = 0; k < 3; k++)
+            if (rd(h, O_V + 4 * k) == old)
+                wr(h, O_V + 4 * k, new);
+}
+
+/* Relay the whole frames of buf[start:end] that arrived on the link to `peer`, rewriting each
+ * in place, until one needs the Python path (or the buffer ends).  Each run of consecutive
+ * frames for one node becomes a segment.  Returns the offset of the first frame not relayed;
+ * *python is 1 when that frame is whole (the Python path takes it), 0 when more must be read
+ * (a bad c_len counts as whole: the Python check refuses it). */
+int rt_relay(relay_table *t, int peer, unsigned char *buf, int start, int end, relay_seg *segs,
+             int maxsegs, int *nsegs, int *python)
+{
+    int off = start, n = 0;
+    *nsegs = 0;
+    *python = 0;
+    if (peer < 0 || peer >= t->nr_nodes) {
+        *python = end - start >= RT_HEADER;
+        return start;
+    }
+    pthread_mutex_lock(&t->lock);
+    off = relay_walk(t, peer, buf, start, end, segs, maxsegs, &n, python);
+    pthread_mutex_unlock(&t->lock);
+    *nsegs = n;
+    return off;
+}
+
+/* One read of the link to `peer` into buf (blocking, as the socket's timeout allows), then
+ * rt_relay of what is there.  The unread frames buf[*start:*end] are moved to the front first
+ * when the room after them could not hold a whole frame (the caller guarantees no queued
+ * frame refers to the buffer then).  Returns the bytes read, 0 when the peer closed the
+ * connection, or -errno. */
+int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *start, int *end,
+            relay_seg *segs, int maxsegs, int *nsegs, int *python)
+{
+    int s = *start, e = *end;
+    *nsegs = 0;
+    *python = 0;
+    if (s == e) {
+        s = e = 0;
+    } else if (cap - e < RT_HEADER + t->maxcopybuf) {
+        memmove(buf, buf + s, (size_t)(e - s));
+        e -= s;
+        s = 0;
+    }
+    *start = s;
+    *end = e;
+    ssize_t got;
+    do
+        got = recv(fd, buf + e, (size_t)(cap - e), 0);
+    while (got < 0 && errno == EINTR);
+    if (got <= 0)
+        return got < 0 ? -errno : 0;
+    *end = e + (int)got;
+    *start = rt_relay(t, peer, buf, s, *end, segs, maxsegs, nsegs, python);
+    return (int)got;
+}
+
+/* (lock held) The walk of rt_relay; *nsegs is the number of segments filled. */
+static int relay_walk(relay_table *t, int peer, unsigned char *buf, int start, int end,
+                      relay_seg *segs, int maxsegs, int *nsegs, int *python)
+{
+    int off = start, n = 0;
+    while (end - off >= RT_HEADER) {
+        *python = 1;
+        unsigned char *h = buf + off;
+        int32_t cmd = rd(h, O_CMD), dcid = rd(h, O_DCID), src = rd(h, O_SRC),
+                dst = rd(h, O_DST), snode = rd(h, O_SNODE), dnode = rd(h, O_DNODE),
+                rcode = rd(h, O_RCODE), len = rd(h, O_LEN), pid = rd(h, O_PID),
+                batch_nr = rd(h, O_BATCH_NR);
+        uint32_t flags = (uint32_t)rd(h, O_FLAGS);
+        /* the checks of a received header; anything doubtful goes to the Python path */
+        if (len < 0 || len > t->maxcopybuf)
+            break;
+        if (end - off < RT_HEADER + len) {
+            *python = 0;
+            break;
+        }
+        int slot = cmd_slot(t, cmd);
+        if (slot < 0 || cmd == 0)
+            break;
+        uint8_t c = t->cls[slot];
+        if (!(c & K_VALID) || batch_nr || (flags & (uint32_t)(t->flag_batch | t->flag_lz4)) ||
+            (len && !(c & K_DATA)))
+            break;
+        if (snode != peer || dnode < 0 || dnode >= t->nr_nodes || dcid < 0 ||
+            dcid >= t->nr_dcs || !t->dc_known[dcid] ||
+            !endpoint_ok(t, src, t->dc_lo[dcid], t->dc_hi[dcid]) ||
+            !endpoint_ok(t, dst, t->dc_lo[dcid], t->dc_hi[dcid]))
+            break;
+        /* the session's flow */
+        int dir;
+        if (dnode == t->lb_id && t->lb_id != t->local)
+            dir = 0;
+        else if (dnode == t->local)
+            dir = 1;
+        else
+            break;
+        flow *f = flow_find(t, dir, peer, dcid, src, dst);
+        if (f == NULL)
+            break;
+        fsess *s = &t->sess[f->sid];
+        int32_t out;
+        if (dir == 0) {
+            if ((c & K_REQUEST) && pid > 0 && s->clt_pid > 0 && pid != s->clt_pid)
+                break;
+            out = s->svr_node;
+        } else {
+            if ((cmd >> t->ack_bit) & 1) {
+                int gone = 0;
+                for (int k = 0; k < t->ncodes; k++)
+                    gone |= rcode == t->codes[k];
+                if (gone)
+                    break;
+            }
+            if ((c & K_MSG) && pid > 0 && pid != s->svr_pid)
+                break;
+            out = s->clt_node;
+        }
+        if (!t->raw_ok[out])
+            break;
+        if (n > 0 && segs[n - 1].node == out && segs[n - 1].off + segs[n - 1].len == off) {
+            segs[n - 1].len += RT_HEADER + len;
+            segs[n - 1].nframes++;
+        } else if (n < maxsegs) {
+            segs[n].node = out;
+            segs[n].off = off;
+            segs[n].len = RT_HEADER + len;
+            segs[n].nframes = 1;
+            n++;
+        } else {
+            break;
+        }
+        /* the rewrite and the session's bookkeeping, as the router does them */
+        if (dir == 0) {
+            wr(h, O_SNODE, t->local);
+            wr(h, O_DNODE, s->svr_node);
+            wr(h, O_FLAGS, (int32_t)(flags | (uint32_t)t->flag_check));
+            swap_ep(h, c, dst, f->new_ep, 1);
+            swap_ep(h, c, src, s->lbsvr_ep, 0);
+            if (cmd == t->cmd_sndrec || cmd == t->cmd_send)
+                s->pending = cmd;
+            s->cmds++;
+            s->bytes += RT_HEADER + len;
+        } else {
+            wr(h, O_SNODE, t->lb_id);
+            wr(h, O_DNODE, s->clt_node);
+            wr(h, O_FLAGS, (int32_t)(flags & ~(uint32_t)t->flag_check));
+            swap_ep(h, c, src, f->new_ep, 0);
+            swap_ep(h, c, s->lbsvr_ep, s->clt_ep, 1);
+            if ((cmd == t->cmd_send || cmd == t->cmd_reply) && s->pending == t->cmd_sndrec)
+                s->pending = 0;
+            else if (c & K_MSG_ACK)
+                s->pending = 0;
+        }
+        s->uses++;
+        tally_add(&t->tally[0][peer], t, slot, dcid, len, 1);
+        tally_add(&t->tally[1][out], t, slot, dcid, len, 1);
+        off += RT_HEADER + len;
+        *python = 0;
+    }
+    *nsegs = n;
+    return off;
+}

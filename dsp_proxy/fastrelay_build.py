@@ -1,0 +1,79 @@
+"""Builds `dsp_proxy._fastrelay`, the compiled relay of dsp_proxy/fastrelay.c, with cffi.
+
+`python -m dsp_proxy.fastrelay_build` (the Makefile's `venv` target runs it) compiles the
+module next to this file.  Without it the DSP runs the pure-Python path, which is complete on
+its own (docs/performance.md, "The compiled relay").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import cffi
+
+HERE = Path(__file__).resolve().parent
+
+CDEF = """
+typedef struct { int32_t node, off, len, nframes; } relay_seg;
+typedef struct {
+    int64_t frames, bytes;
+    int64_t by_cmd[64];
+    int64_t dc_cmds[32], dc_msgs[32], dc_data[32];
+} relay_tally;
+typedef struct relay_table relay_table;
+
+relay_table *rt_new(int local, int lb_id, int nr_nodes, int nr_dcs, int nr_tasks, int gen_size,
+                    int ack_bit, int maxcopybuf, int flag_batch, int flag_lz4, int flag_check,
+                    int cmd_send, int cmd_sndrec, int cmd_reply);
+void rt_free(relay_table *t);
+int rt_set_cmd(relay_table *t, int cmd, int cls);
+int rt_set_code(relay_table *t, int code);
+void rt_set_dc(relay_table *t, int dcid, int known, int lo, int hi);
+void rt_set_raw_ok(relay_table *t, int node, int ok);
+int rt_give(relay_table *t, int clt_node, int svr_node, int dcid, int clt_ep, int lbsvr_ep,
+            int clt_pid, int svr_pid, int pending);
+int rt_map(relay_table *t, int sid, int client_side, int server_side);
+int rt_take(relay_table *t, int sid, int drop, int64_t *out);
+void rt_fold(relay_table *t, int node, int dir, relay_tally *out);
+void rt_untally(relay_table *t, int node, const unsigned char *buf, int len);
+int rt_relay(relay_table *t, int peer, unsigned char *buf, int start, int end, relay_seg *segs,
+             int maxsegs, int *nsegs, int *python);
+int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *start, int *end,
+            relay_seg *segs, int maxsegs, int *nsegs, int *python);
+"""
+
+
+def builder() -> cffi.FFI:
+    """The cffi builder of the module (source: fastrelay.c)."""
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source("dsp_proxy._fastrelay", (HERE / "fastrelay.c").read_text(encoding="utf-8"),
+                   extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+                   libraries=["pthread"])
+    return ffi
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            built = Path(builder().compile(tmpdir=tmp, verbose=False))
+        except Exception as exc:   # no compiler: the pure-Python path runs
+            logging.warning("the compiled relay was not built (%s); the DSP uses the Python "
+                            "path", exc)
+            return 0
+        target = HERE / built.name
+        staged = HERE / (built.name + ".new")
+        shutil.copyfile(built, staged)
+        os.replace(staged, target)    # processes that loaded the old one keep their copy
+    logging.info("built %s", target.relative_to(HERE.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
