@@ -5,9 +5,11 @@ The router stays the one place of the session rules.  It hands a relayed session
 `FlowTable` once the session is established (its first request answered, no program being
 started), and takes it back, with the state the relay kept (pending request, last use,
 counters), before its own path reads or changes the session.  Meanwhile each receiver's
-`Relay` walks its read buffer in C: every frame of a handed-over session is checked, rewritten
-in place and queued on the output link as a view of the buffer; the first frame it is not sure
-of stops the walk and takes the Python path.  Without the compiled module (not built, or
+`Relay` reads its link and walks its read buffer in C: every frame of a handed-over session is
+checked, rewritten in place and written to its output link's socket by the relay itself while
+that link has nothing of its own waiting (`Wire`: the link's send lock is the relay's too),
+else handed to the link as a view of the buffer; the first frame the relay is not sure of
+stops the walk and takes the Python path.  Without the compiled module (not built, or
 `DSP_FASTPATH=0`) every frame takes the Python path, which is complete on its own.
 """
 
@@ -35,6 +37,9 @@ log = logging.getLogger("dsp.fastpath")
 ENV = "DSP_FASTPATH"
 #: Segments (runs of frames for one node) one walk may produce.
 MAX_SEGS = 256
+#: How long the relay may read and write in C before the receiver's loop runs again (its
+#: silence and state checks, parked deliveries, the link's last receive time).
+PUMP_BUDGET = 0.02
 
 # Command classes of fastrelay.c.
 K_VALID, K_DATA, K_REQUEST, K_MSG, K_MSG_ACK, K_VCOPY, K_MESSAGE = (1 << i for i in range(7))
@@ -71,7 +76,7 @@ class FlowTable:
                            C.FLAG_CHECK_HDR, C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_REPLY_MSG)
         if table == ffi.NULL:
             raise ValueError(f"no compiled relay for {nr_nodes} nodes and {nr_dcs} DCs")
-        self.table = ffi.gc(table, lib.rt_free)
+        self.table = table     # lives as long as the process: receivers may be in it
         self.nr_dcs = nr_dcs
         self._slots = {_slot(cmd): cmd for cmd in C.VALID_CMDS}
         for cmd in C.VALID_CMDS:
@@ -154,15 +159,64 @@ class FlowTable:
         """Frames the relay counted as sent to `node` that its link refused."""
         lib.rt_untally(self.table, node, ffi.from_buffer(span), len(span))
 
+    def wire(self, node: int) -> Wire:
+        """The send lock and socket of the link to `node`, shared with the relay."""
+        return Wire(self.table, node)
+
+
+class Wire:
+    """The relay's side of one link's socket.  The link uses it as its send lock (a mutex
+    of the relay's table, same use as a `threading.Lock`), publishes the socket the relay may
+    write while the link is up, and says when frames of its own wait (queued or unsent): the
+    relay then hands its frames to the link, behind them, instead of writing them itself."""
+
+    def __init__(self, table, node: int) -> None:
+        self.table = table
+        self.node = node
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if blocking:
+            lib.rt_wire_lock(self.table, self.node)
+            return True
+        return bool(lib.rt_wire_trylock(self.table, self.node))
+
+    def release(self) -> None:
+        lib.rt_wire_unlock(self.table, self.node)
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def publish(self, sock) -> None:
+        """The socket the relay may write (None: none).  A socket withdrawn here is closed
+        only under the send lock, so the relay never writes a descriptor after its close."""
+        lib.rt_wire_fd(self.table, self.node, -1 if sock is None else sock.fileno())
+
+    def enqueued(self) -> None:
+        """The link queued a frame (any thread, no lock)."""
+        lib.rt_wire_enqueued(self.table, self.node)
+
+    def seq(self) -> int:
+        """How many frames the link queued so far: read before looking at the queue."""
+        return lib.rt_wire_seq(self.table, self.node)
+
+    def settled(self, seq: int, empty: bool) -> None:
+        """(send lock held) After a write: nothing of the link waits (`empty`), and nothing
+        was queued since `seq`: the relay may write again."""
+        lib.rt_wire_settled(self.table, self.node, seq, empty)
+
 
 class Relay:
     """One receiver's use of the compiled relay on its read buffer."""
 
     def __init__(self, table: FlowTable, reader, peer: int, links: dict,
-                 refused: Callable[[bytes, int], None]) -> None:
+                 refused: Callable[[bytes, int], None], link=None) -> None:
         self.table = table.table
         self.flows = table
         self.reader = reader
+        self.link = link           # the link read (its last receive time is kept)
         self.cbuf = ffi.from_buffer(reader.buf)    # the buffer is never resized
         self.peer = peer
         self.links = links
@@ -171,17 +225,25 @@ class Relay:
         self.nsegs = ffi.new("int *")
         self.python = ffi.new("int *")
         self.pos = ffi.new("int[2]")
+        self.held = ffi.new("int *", -1)
+        self.sent = ffi.new("int *")
+        self.last_rx = ffi.new("double *")
 
-    def read(self) -> bool:
-        """`FrameReader.fill` done in C, followed by the relay of what came: one read
-        (blocking, within the socket's timeout).  True when a whole frame for the Python path
-        is next.  Raises as `recv_into` would (BlockingIOError when the timeout passed)."""
-        reader, pos = self.reader, self.pos
+    def read(self, budget: float = PUMP_BUDGET) -> bool:
+        """`FrameReader.fill` done in C with the relay of what comes: reads, relays and
+        writes until a frame needs the Python path, frames are left for the links, or
+        `budget` seconds passed (0: one read).  True when a whole frame for the Python path is
+        next.  Raises as `recv_into` would (BlockingIOError when the socket's timeout
+        passed)."""
+        reader, pos, last_rx = self.reader, self.pos, self.last_rx
         pos[0], pos[1] = reader.start, reader.end
+        last_rx[0] = 0.0
         got = lib.rt_pump(self.table, self.peer, reader.sock.fileno(), self.cbuf,
                           len(reader.buf), pos, pos + 1, self.segs, MAX_SEGS, self.nsegs,
-                          self.python)
+                          self.python, self.held, self.sent, last_rx, budget)
         reader.start, reader.end = pos[0], pos[1]
+        if last_rx[0] and self.link is not None:
+            self.link.last_rx = last_rx[0]
         if got <= 0:
             if got == 0:
                 raise ConnectionResetError("the peer closed the connection" + (
@@ -208,7 +270,17 @@ class Relay:
 
     def _write(self) -> None:
         view, links, segs = self.reader.view, self.links, self.segs
-        for i in range(self.nsegs[0]):
+        first = 0
+        node = self.held[0]
+        if node >= 0:      # the relay wrote part of segs[0] and holds that link's send lock
+            self.held[0] = -1
+            seg, link = segs[0], links[node]
+            try:
+                link.keep_unsent(view[seg.off + self.sent[0]:seg.off + seg.len])
+            finally:
+                link.send_lock.release()
+            first = 1
+        for i in range(first, self.nsegs[0]):
             seg = segs[i]
             span = view[seg.off:seg.off + seg.len]
             link = links.get(seg.node)

@@ -10,7 +10,14 @@
  * that one, to the Python path, which may then take the session back.
  *
  * One mutex guards the whole table: the receivers walk their buffers under it, the router
- * changes sessions and flows under it.  Built by dsp_proxy/fastrelay_build.py (cffi).
+ * changes sessions and flows under it.
+ *
+ * The wire of each link: its send lock is a mutex here, which the link's Python writers take
+ * as their send lock and the relay takes to write relayed frames itself.  The relay writes
+ * only while the link has nothing of its own waiting ("quiet", kept by the writers with a
+ * sequence number of the link's queue), and only to the descriptor the link publishes while
+ * it is up; the link closes a socket only under the send lock, after withdrawing it.
+ * Built by dsp_proxy/fastrelay_build.py (cffi).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -19,6 +26,7 @@
 #include <errno.h>
 #include <sys/types.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define RT_HEADER 120
 #define RT_MAX_NODES 64
@@ -64,6 +72,10 @@ typedef struct relay_table {
     uint8_t cls[RT_CMD_SLOTS];
     int32_t dc_known[RT_MAX_DCS], dc_lo[RT_MAX_DCS], dc_hi[RT_MAX_DCS];
     uint8_t raw_ok[RT_MAX_NODES];
+    pthread_mutex_t wire[RT_MAX_NODES];         /* the links' send locks */
+    int32_t fd[RT_MAX_NODES];                   /* where the relay may write, -1 nowhere */
+    int32_t quiet[RT_MAX_NODES];                /* the link has nothing queued or unsent */
+    uint64_t seq[RT_MAX_NODES];                 /* frames the link queued so far */
     int32_t ncodes, codes[RT_MAX_CODES];       /* ACK rcodes the Python path must see */
     int32_t nflows, ndeleted, nsess;
     flow flows[RT_FLOW_CAP];
@@ -198,6 +210,10 @@ relay_table *rt_new(int local, int lb_id, int nr_nodes, int nr_dcs, int nr_tasks
     if (t == NULL)
         return NULL;
     pthread_mutex_init(&t->lock, NULL);
+    for (int i = 0; i < RT_MAX_NODES; i++) {
+        pthread_mutex_init(&t->wire[i], NULL);
+        t->fd[i] = -1;
+    }
     t->local = local;
     t->lb_id = lb_id;
     t->nr_nodes = nr_nodes;
@@ -219,8 +235,69 @@ void rt_free(relay_table *t)
 {
     if (t != NULL) {
         pthread_mutex_destroy(&t->lock);
+        for (int i = 0; i < RT_MAX_NODES; i++)
+            pthread_mutex_destroy(&t->wire[i]);
         free(t);
     }
+}
+
+static inline int node_ok(int node)
+{
+    return node >= 0 && node < RT_MAX_NODES;
+}
+
+void rt_wire_lock(relay_table *t, int node)
+{
+    if (node_ok(node))
+        pthread_mutex_lock(&t->wire[node]);
+}
+
+int rt_wire_trylock(relay_table *t, int node)
+{
+    return node_ok(node) && pthread_mutex_trylock(&t->wire[node]) == 0;
+}
+
+void rt_wire_unlock(relay_table *t, int node)
+{
+    if (node_ok(node))
+        pthread_mutex_unlock(&t->wire[node]);
+}
+
+void rt_wire_fd(relay_table *t, int node, int fd)
+{
+    if (node_ok(node))
+        __atomic_store_n(&t->fd[node], fd, __ATOMIC_SEQ_CST);
+}
+
+/* A writer queued a frame: the relay hands its own to the link until the link is quiet. */
+void rt_wire_enqueued(relay_table *t, int node)
+{
+    if (node_ok(node)) {
+        __atomic_add_fetch(&t->seq[node], 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&t->quiet[node], 0, __ATOMIC_SEQ_CST);
+    }
+}
+
+uint64_t rt_wire_seq(relay_table *t, int node)
+{
+    return node_ok(node) ? __atomic_load_n(&t->seq[node], __ATOMIC_SEQ_CST) : 0;
+}
+
+/* (send lock held) After a write: the link is quiet when nothing of it waits and nothing was
+ * queued since `seq` was read (before the queue was looked at). */
+void rt_wire_settled(relay_table *t, int node, uint64_t seq, int empty)
+{
+    if (!node_ok(node))
+        return;
+    int q = empty && __atomic_load_n(&t->seq[node], __ATOMIC_SEQ_CST) == seq;
+    __atomic_store_n(&t->quiet[node], q, __ATOMIC_SEQ_CST);
+}
+
+static double monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 int rt_set_cmd(relay_table *t, int cmd, int cls)
@@ -422,35 +499,88 @@ int rt_relay(relay_table *t, int peer, unsigned char *buf, int start, int end, r
     return off;
 }
 
-/* One read of the link to `peer` into buf (blocking, as the socket's timeout allows), then
- * rt_relay of what is there.  The unread frames buf[*start:*end] are moved to the front first
- * when the room after them could not hold a whole frame (the caller guarantees no queued
- * frame refers to the buffer then).  Returns the bytes read, 0 when the peer closed the
- * connection, or -errno. */
-int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *start, int *end,
-            relay_seg *segs, int maxsegs, int *nsegs, int *python)
+/* Write the relayed segments whose links are quiet, in order, while each is taken whole.
+ * Stops at the first one the relay may not write or the socket does not take whole: that one
+ * and the rest stay for the caller (moved to the front of segs).  A segment written in part
+ * keeps its link's send lock for the caller (*held = its node, *sent = bytes written), who
+ * keeps the rest as the link's unsent bytes and releases it.  Returns the segments left. */
+static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *segs, int n,
+                          int *held, int *sent)
 {
-    int s = *start, e = *end;
-    *nsegs = 0;
-    *python = 0;
-    if (s == e) {
-        s = e = 0;
-    } else if (cap - e < RT_HEADER + t->maxcopybuf) {
-        memmove(buf, buf + s, (size_t)(e - s));
-        e -= s;
-        s = 0;
+    int k;
+    for (k = 0; k < n; k++) {
+        int node = segs[k].node;
+        if (pthread_mutex_trylock(&t->wire[node]) != 0)
+            break;
+        int fd = __atomic_load_n(&t->fd[node], __ATOMIC_SEQ_CST);
+        if (fd < 0 || !__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST)) {
+            pthread_mutex_unlock(&t->wire[node]);
+            break;
+        }
+        ssize_t w;
+        do
+            w = send(fd, buf + segs[k].off, (size_t)segs[k].len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        while (w < 0 && errno == EINTR);
+        if (w == segs[k].len) {
+            pthread_mutex_unlock(&t->wire[node]);
+            continue;
+        }
+        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            pthread_mutex_unlock(&t->wire[node]);   /* the link's own write reports it */
+            break;
+        }
+        __atomic_store_n(&t->quiet[node], 0, __ATOMIC_SEQ_CST);
+        *held = node;
+        *sent = w < 0 ? 0 : (int)w;
+        break;
     }
-    *start = s;
-    *end = e;
-    ssize_t got;
-    do
-        got = recv(fd, buf + e, (size_t)(cap - e), 0);
-    while (got < 0 && errno == EINTR);
-    if (got <= 0)
-        return got < 0 ? -errno : 0;
-    *end = e + (int)got;
-    *start = rt_relay(t, peer, buf, s, *end, segs, maxsegs, nsegs, python);
-    return (int)got;
+    if (k > 0)
+        memmove(segs, segs + k, sizeof(relay_seg) * (size_t)(n - k));
+    return n - k;
+}
+
+/* The receiver's loop in C: read the link to `peer` into buf (blocking, as the socket's
+ * timeout allows), relay what came and write it (write_segments), and read again, until a
+ * frame needs the Python path, a segment is left for the caller, `budget` seconds have passed
+ * or a read fails.  The unread frames buf[*start:*end] are moved to the front first when the
+ * room after them could not hold a whole frame (no queued frame refers to the buffer then:
+ * the caller settled its links, and the relay's own writes were whole).  *last_rx is the time
+ * of the last read (CLOCK_MONOTONIC).  Returns the bytes of the last read, 0 when the peer
+ * closed the connection, or -errno. */
+int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *start, int *end,
+            relay_seg *segs, int maxsegs, int *nsegs, int *python, int *held, int *sent,
+            double *last_rx, double budget)
+{
+    double until = budget > 0 ? monotonic_now() + budget : 0;
+    *held = -1;
+    *sent = 0;
+    for (;;) {
+        int s = *start, e = *end;
+        *nsegs = 0;
+        *python = 0;
+        if (s == e) {
+            s = e = 0;
+        } else if (cap - e < RT_HEADER + t->maxcopybuf) {
+            memmove(buf, buf + s, (size_t)(e - s));
+            e -= s;
+            s = 0;
+        }
+        *start = s;
+        *end = e;
+        ssize_t got;
+        do
+            got = recv(fd, buf + e, (size_t)(cap - e), 0);
+        while (got < 0 && errno == EINTR);
+        if (got <= 0)
+            return got < 0 ? -errno : 0;
+        *last_rx = monotonic_now();
+        *end = e + (int)got;
+        *start = rt_relay(t, peer, buf, s, *end, segs, maxsegs, nsegs, python);
+        if (*nsegs)
+            *nsegs = write_segments(t, buf, segs, *nsegs, held, sent);
+        if (*nsegs || *python || *last_rx >= until)
+            return (int)got;
+    }
 }
 
 /* (lock held) The walk of rt_relay; *nsegs is the number of segments filled. */

@@ -135,7 +135,7 @@ class Link:
 
     def __init__(self, spec: PeerSpec, dvk: Dvk | None, monitor: OutMonitor | None = None,
                  post: Callable[[tuple], None] | None = None,
-                 fd_silence: float = 1.5) -> None:
+                 fd_silence: float = 1.5, wire=None) -> None:
         self.spec = spec
         self.peer = spec.nodeid
         self.dvk = dvk
@@ -149,7 +149,10 @@ class Link:
         self.out_sock: socket.socket | None = None
         self.in_sock: socket.socket | None = None
         self.in_serial = 0               # bumped for every accepted connection
-        self.send_lock = threading.Lock()
+        #: The compiled relay's side of the socket (dsp_proxy/fastpath.py `Wire`), whose lock
+        #: is then the send lock; None without the relay.
+        self.wire = wire
+        self.send_lock = wire if wire is not None else threading.Lock()
         self.outq: collections.deque = collections.deque()
         self.queued_bytes = 0
         self.unsent: list = []           # what the socket has not taken yet, in order
@@ -229,6 +232,8 @@ class Link:
         if new is not State.UP and was is not State.UP and new is State.DOWN:
             log.debug("link to node %d half-open (%s), closed: %s", self.peer, was.value,
                       reason)
+        if self.wire is not None:
+            self.wire.publish(self.out_sock if self.up else None)
         return True
 
     def _connect_kernel(self) -> None:
@@ -417,6 +422,8 @@ class Link:
     def _enqueue(self, item: tuple) -> int:
         """Queue one entry; write the queue now unless this thread is corked."""
         self.outq.append(item)
+        if self.wire is not None:
+            self.wire.enqueued()
         if not _corked(self):
             self.flush()
         return OK
@@ -564,9 +571,27 @@ class Link:
                 parts.append(view[base + HEADER_SIZE:base + m * HEADER_SIZE])
             sent.count(cmd, HEADER_SIZE * m, m, dcid, 0)
 
+    def keep_unsent(self, rest) -> None:
+        """(send lock held) The compiled relay wrote part of a span: the rest goes first, and
+        the monitor waits for room."""
+        self.unsent = [rest]
+        if self.monitor is not None and self.out_sock is not None:
+            self.monitor.want_write(self.out_sock, self)
+        _corked(self)
+
     def _send(self, sock: socket.socket, parts: list) -> bool:
         """(send lock held) sendmsg without blocking; True when the socket took less than all
-        (the rest is kept in `unsent` and the monitor waits for room)."""
+        (the rest is kept in `unsent` and the monitor waits for room).  With the compiled
+        relay, tell it afterwards whether the link is quiet."""
+        wire = self.wire
+        if wire is None:
+            return self._sendmsg(sock, parts)
+        seq = wire.seq()
+        blocked = self._sendmsg(sock, parts)
+        wire.settled(seq, not (blocked or self.unsent or self.outq))
+        return blocked
+
+    def _sendmsg(self, sock: socket.socket, parts: list) -> bool:
         gen = self.generation
         try:
             for k in range(0, len(parts), MAX_IOV):

@@ -221,7 +221,8 @@ class Dsp:
         """The link to one peer and its RPROXY/SPROXY pair (at start-up, on a reload and when
         the supervisor restarts the pair)."""
         spec = replace(spec, addresses=self._peer_addresses(spec))
-        link = Link(spec, self.dvk, self.monitor, self.post, self.silence_timeout)
+        wire = self.fast.wire(spec.nodeid) if self.fast is not None else None
+        link = Link(spec, self.dvk, self.monitor, self.post, self.silence_timeout, wire)
         pair = self.pairs.get(spec.nodeid)
         stopping = threading.Event()
         if pair is None:

@@ -394,7 +394,7 @@ class RProxy:
         relay = None
         read = reader.fill
         if ctx.fast is not None:
-            relay = Relay(ctx.fast, reader, peer, ctx.execute.links, self._refused)
+            relay = Relay(ctx.fast, reader, peer, ctx.execute.links, self._refused, link)
             read = relay.read
         link.last_rx = monotonic()
         self._timeout = None

@@ -335,11 +335,16 @@ def test_relayed_copy_data_keeps_every_byte_while_the_server_reads_slowly(tmp_pa
                     (C.CMD_COPYIN_DATA, W.HOST, W.SRV, W.EXT_EP), k
                 assert data == frame[HEADER_SIZE:], f"frame {k} changed on the way"
             sender.join(20)
-        st = cluster.status(W.HOST)
+        deadline = time.monotonic() + 10     # the status file is written every tick
+        while True:
+            st = cluster.status(W.HOST)
+            sent = st["links"][str(W.SRV)]["sent"]["by_cmd"].get(str(C.CMD_COPYIN_DATA))
+            if sent == len(frames) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert sent == len(frames)
         assert st["fast_relay"] is (fast == "1")
         assert st["group"]["fast_sessions"] == (fast == "1")
-        sent = st["links"][str(W.SRV)]["sent"]
-        assert sent["by_cmd"][str(C.CMD_COPYIN_DATA)] == len(frames)
     finally:
         if hop is not None:
             hop.close()
