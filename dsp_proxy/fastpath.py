@@ -226,7 +226,9 @@ class Relay:
         self.python = ffi.new("int *")
         self.pos = ffi.new("int[2]")
         self.held = ffi.new("int *", -1)
+        self.held_fd = ffi.new("int *", -1)
         self.sent = ffi.new("int *")
+        self.flush = ffi.new("int *", -1)
         self.last_rx = ffi.new("double *")
 
     def read(self, budget: float = PUMP_BUDGET) -> bool:
@@ -240,7 +242,8 @@ class Relay:
         last_rx[0] = 0.0
         got = lib.rt_pump(self.table, self.peer, reader.sock.fileno(), self.cbuf,
                           len(reader.buf), pos, pos + 1, self.segs, MAX_SEGS, self.nsegs,
-                          self.python, self.held, self.sent, last_rx, budget)
+                          self.python, self.held, self.held_fd, self.sent, self.flush, last_rx,
+                          budget)
         reader.start, reader.end = pos[0], pos[1]
         if last_rx[0] and self.link is not None:
             self.link.last_rx = last_rx[0]
@@ -249,9 +252,14 @@ class Relay:
                 raise ConnectionResetError("the peer closed the connection" + (
                     " inside a frame" if reader.end > reader.start else ""))
             raise OSError(-got, os.strerror(-got))
-        if self.nsegs[0]:
+        if self.nsegs[0] or self.held[0] >= 0:
             cork()      # what a socket does not take stays a view of the buffer until uncork
             self._write()
+        node = self.flush[0]
+        if node >= 0:   # a writer left its frames to the relay, which held the send lock
+            link = self.links.get(node)
+            if link is not None:
+                link.flush()
         return bool(self.python[0])
 
     def __call__(self) -> bool:
@@ -274,11 +282,14 @@ class Relay:
         node = self.held[0]
         if node >= 0:      # the relay wrote part of segs[0] and holds that link's send lock
             self.held[0] = -1
-            seg, link = segs[0], links[node]
+            seg = segs[0]
             try:
-                link.keep_unsent(view[seg.off + self.sent[0]:seg.off + seg.len])
+                link = links.get(node)
+                if link is not None:
+                    link.keep_unsent(view[seg.off + self.sent[0]:seg.off + seg.len],
+                                     self.held_fd[0])
             finally:
-                link.send_lock.release()
+                lib.rt_wire_unlock(self.table, node)
             first = 1
         for i in range(first, self.nsegs[0]):
             seg = segs[i]

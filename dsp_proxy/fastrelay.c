@@ -289,8 +289,16 @@ void rt_wire_settled(relay_table *t, int node, uint64_t seq, int empty)
 {
     if (!node_ok(node))
         return;
-    int q = empty && __atomic_load_n(&t->seq[node], __ATOMIC_SEQ_CST) == seq;
-    __atomic_store_n(&t->quiet[node], q, __ATOMIC_SEQ_CST);
+    if (!empty || __atomic_load_n(&t->seq[node], __ATOMIC_SEQ_CST) != seq) {
+        __atomic_store_n(&t->quiet[node], 0, __ATOMIC_SEQ_CST);
+        return;
+    }
+    /* a writer may queue between the check and the store: look again after it (the relay
+     * reads quiet only under the send lock, which the caller holds, so it never sees the 1
+     * that is taken back) */
+    __atomic_store_n(&t->quiet[node], 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&t->seq[node], __ATOMIC_SEQ_CST) != seq)
+        __atomic_store_n(&t->quiet[node], 0, __ATOMIC_SEQ_CST);
 }
 
 static double monotonic_now(void)
@@ -502,15 +510,19 @@ int rt_relay(relay_table *t, int peer, unsigned char *buf, int start, int end, r
 /* Write the relayed segments whose links are quiet, in order, while each is taken whole.
  * Stops at the first one the relay may not write or the socket does not take whole: that one
  * and the rest stay for the caller (moved to the front of segs).  A segment written in part
- * keeps its link's send lock for the caller (*held = its node, *sent = bytes written), who
- * keeps the rest as the link's unsent bytes and releases it.  Returns the segments left. */
+ * keeps its link's send lock for the caller (*held = its node, *sent = bytes written to
+ * descriptor *held_fd), who keeps the rest as the link's unsent bytes and releases it.  A
+ * writer that queued a frame while the relay held a link's lock left it to the relay: *flush
+ * is then that node, whose queue the caller writes.  Returns the segments left. */
 static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *segs, int n,
-                          int *held, int *sent)
+                          int *held, int *held_fd, int *sent, int *flush)
 {
     int k;
     for (k = 0; k < n; k++) {
         int node = segs[k].node;
-        if (pthread_mutex_trylock(&t->wire[node]) != 0)
+        if (__atomic_load_n(&t->fd[node], __ATOMIC_SEQ_CST) < 0 ||
+            !__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST) ||
+            pthread_mutex_trylock(&t->wire[node]) != 0)
             break;
         int fd = __atomic_load_n(&t->fd[node], __ATOMIC_SEQ_CST);
         if (fd < 0 || !__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST)) {
@@ -523,6 +535,11 @@ static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *s
         while (w < 0 && errno == EINTR);
         if (w == segs[k].len) {
             pthread_mutex_unlock(&t->wire[node]);
+            if (!__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST)) {
+                *flush = node;
+                k++;
+                break;
+            }
             continue;
         }
         if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -531,6 +548,7 @@ static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *s
         }
         __atomic_store_n(&t->quiet[node], 0, __ATOMIC_SEQ_CST);
         *held = node;
+        *held_fd = fd;
         *sent = w < 0 ? 0 : (int)w;
         break;
     }
@@ -541,18 +559,19 @@ static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *s
 
 /* The receiver's loop in C: read the link to `peer` into buf (blocking, as the socket's
  * timeout allows), relay what came and write it (write_segments), and read again, until a
- * frame needs the Python path, a segment is left for the caller, `budget` seconds have passed
- * or a read fails.  The unread frames buf[*start:*end] are moved to the front first when the
+ * frame needs the Python path, a segment or a queue is left for the caller, a read fails, or
+ * `budget` seconds have passed by the end of a read (a read itself may wait up to the
+ * socket's timeout).  The unread frames buf[*start:*end] are moved to the front first when the
  * room after them could not hold a whole frame (no queued frame refers to the buffer then:
  * the caller settled its links, and the relay's own writes were whole).  *last_rx is the time
  * of the last read (CLOCK_MONOTONIC).  Returns the bytes of the last read, 0 when the peer
  * closed the connection, or -errno. */
 int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *start, int *end,
-            relay_seg *segs, int maxsegs, int *nsegs, int *python, int *held, int *sent,
-            double *last_rx, double budget)
+            relay_seg *segs, int maxsegs, int *nsegs, int *python, int *held, int *held_fd,
+            int *sent, int *flush, double *last_rx, double budget)
 {
     double until = budget > 0 ? monotonic_now() + budget : 0;
-    *held = -1;
+    *held = *held_fd = *flush = -1;
     *sent = 0;
     for (;;) {
         int s = *start, e = *end;
@@ -577,8 +596,8 @@ int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *
         *end = e + (int)got;
         *start = rt_relay(t, peer, buf, s, *end, segs, maxsegs, nsegs, python);
         if (*nsegs)
-            *nsegs = write_segments(t, buf, segs, *nsegs, held, sent);
-        if (*nsegs || *python || *last_rx >= until)
+            *nsegs = write_segments(t, buf, segs, *nsegs, held, held_fd, sent, flush);
+        if (*nsegs || *python || *flush >= 0 || *last_rx >= until)
             return (int)got;
     }
 }

@@ -44,8 +44,8 @@ void rt_untally(relay_table *t, int node, const unsigned char *buf, int len);
 int rt_relay(relay_table *t, int peer, unsigned char *buf, int start, int end, relay_seg *segs,
              int maxsegs, int *nsegs, int *python);
 int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *start, int *end,
-            relay_seg *segs, int maxsegs, int *nsegs, int *python, int *held, int *sent,
-            double *last_rx, double budget);
+            relay_seg *segs, int maxsegs, int *nsegs, int *python, int *held, int *held_fd,
+            int *sent, int *flush, double *last_rx, double budget);
 void rt_wire_lock(relay_table *t, int node);
 int rt_wire_trylock(relay_table *t, int node);
 void rt_wire_unlock(relay_table *t, int node);

@@ -683,8 +683,8 @@ class Group:
         error reply the client would have had from the router's path (the frame is turned
         back into the client's request first)."""
         f = ROUTE_STRUCT.unpack_from(hbuf)
-        cmd, dcid, src, dst, _snode, dnode = f[:6]
-        if cmd not in C.REQUEST_CMDS:
+        cmd, dcid, src, dst, snode, dnode = f[:6]
+        if cmd not in C.REQUEST_CMDS or snode != self.local:   # a client's, to a server
             return None
         with self.lock:
             sess = self.by_reverse.get((dcid, src, dnode, dst))

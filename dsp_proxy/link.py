@@ -421,9 +421,13 @@ class Link:
 
     def _enqueue(self, item: tuple) -> int:
         """Queue one entry; write the queue now unless this thread is corked."""
-        self.outq.append(item)
-        if self.wire is not None:
-            self.wire.enqueued()
+        wire = self.wire
+        if wire is None:
+            self.outq.append(item)
+        else:             # busy before the entry is visible, and again after (`Wire.settled`)
+            wire.enqueued()
+            self.outq.append(item)
+            wire.enqueued()
         if not _corked(self):
             self.flush()
         return OK
@@ -439,7 +443,8 @@ class Link:
             outq = self.outq      # a full socket leaves the queue as it was: its views too
             try:                  # (others only append meanwhile, or a link-down empties it)
                 for i, item in enumerate(list(outq)):
-                    if type(item[0]) is memoryview or type(item[1]) is memoryview:
+                    if (type(item[0]) is memoryview or type(item[1]) is memoryview) \
+                            and outq[i] is item:
                         outq[i] = (_own(item[0]), _own(item[1])) + item[2:]
             except IndexError:
                 pass
@@ -463,16 +468,19 @@ class Link:
         """Write what the socket takes now (flat combining: a thread that finds the writer busy
         leaves its frames to it; the writer re-checks the queue after releasing the lock).
         Never blocks on the socket: the rest waits for the monitor's writable event.  True
-        when nothing is left queued or unsent."""
+        when nothing is left queued or unsent, seen under the send lock: a writer that holds it
+        may still be sending frames it took from the queue (views of a receiver's buffer)."""
         outq, lock = self.outq, self.send_lock
-        while (outq or self.unsent) and lock.acquire(blocking=False):
+        while lock.acquire(blocking=False):
             try:
+                if not (outq or self.unsent):
+                    return True
                 blocked = self._write_queued()
             finally:
                 lock.release()
             if blocked:
                 return False
-        return not (outq or self.unsent)
+        return False
 
     def _write_queued(self) -> bool:
         """(send lock held) Write the unsent rest and then the queue, with as few sendmsg calls
@@ -571,12 +579,16 @@ class Link:
                 parts.append(view[base + HEADER_SIZE:base + m * HEADER_SIZE])
             sent.count(cmd, HEADER_SIZE * m, m, dcid, 0)
 
-    def keep_unsent(self, rest) -> None:
-        """(send lock held) The compiled relay wrote part of a span: the rest goes first, and
-        the monitor waits for room."""
+    def keep_unsent(self, rest, fd: int) -> None:
+        """(send lock held) The compiled relay wrote part of a span to descriptor `fd`: the
+        rest goes first, and the monitor waits for room.  When the link went down meanwhile
+        (another socket, or none), the rest is dropped with the connection it belonged to."""
+        sock = self.out_sock
+        if not self.up or sock is None or sock.fileno() != fd:
+            return
         self.unsent = [rest]
-        if self.monitor is not None and self.out_sock is not None:
-            self.monitor.want_write(self.out_sock, self)
+        if self.monitor is not None:
+            self.monitor.want_write(sock, self)
         _corked(self)
 
     def _send(self, sock: socket.socket, parts: list) -> bool:
@@ -601,6 +613,9 @@ class Link:
                 except BlockingIOError:
                     done = 0
                 if done < sum(map(len, chunk)):
+                    if gen != self.generation:   # went down meanwhile: the rest goes with it
+                        self.unsent = []
+                        return False
                     if done:
                         self.last_progress = time.monotonic()
                     self.unsent = _rest(chunk, done) + parts[k + MAX_IOV:]
