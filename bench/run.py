@@ -396,15 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     steps = [
         ("hop", f"1-3. one proxy hop (median of {args.runs} runs)",
-         lambda: summarize_hops(hop_benchmarks(args, tmp)), print_hops),
+         lambda d: summarize_hops(hop_benchmarks(args, d)), print_hops),
         ("local", f"6. local sendrec and its anchor (median of {args.runs} runs)",
-         lambda: local_benchmarks(args), print_local),
+         lambda d: local_benchmarks(args), print_local),
         ("e2e", f"4. end to end on an emulated cluster (median of {args.runs} runs)",
-         lambda: E2E.e2e_benchmarks(args, tmp), E2E.print_e2e),
-        ("demo", "7. the make run demo", lambda: demo_benchmark(args),
+         lambda d: E2E.e2e_benchmarks(args, d), E2E.print_e2e),
+        ("demo", "7. the make run demo", lambda d: demo_benchmark(args),
          lambda r: print(f"demo: {r['clients']} clients x {r['loops']} loops, p50 per client "
                          f"{r['client_p50s_us']} µs", flush=True)),
-        ("scale", "5. scale", lambda: E2E.scale_benchmarks(args, tmp), E2E.print_scale),
+        ("scale", "5. scale", lambda d: E2E.scale_benchmarks(args, d), E2E.print_scale),
     ]
     try:
         for key, title, measure, show in steps:
@@ -412,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"\n== {title}", flush=True)
             for attempt in (1, 2):
-                try:
-                    out[key] = measure()
+                try:      # every attempt in a directory of its own
+                    out[key] = measure(Path(tempfile.mkdtemp(prefix=f"{key}-", dir=tmp)))
                     out[f"{key}_table"] = show(out[key])
                     break
                 except (BenchError, RuntimeError, TimeoutError, OSError,
