@@ -15,8 +15,15 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The compiled relay of established sessions (cffi; the Python path runs without it).
+# The compiled relay of established sessions (cffi; the Python path runs without it, but
+# tests/test_fastpath.py needs it): gcc and the interpreter's headers, from apt when missing.
 $(RELAY): $(STAMP) dsp_proxy/fastrelay.c dsp_proxy/fastrelay_build.py
+	@missing=""; \
+	command -v gcc >/dev/null 2>&1 || missing="gcc"; \
+	inc=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	test -f "$$inc/Python.h" || missing="$$missing python3-dev"; \
+	test -z "$$missing" || apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; } || true
 	$(BIN)/python -m dsp_proxy.fastrelay_build
 	touch $(RELAY)
 
@@ -65,4 +72,4 @@ lint: venv
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache dsp_proxy/_fastrelay*.so
