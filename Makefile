@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 RELAY   := $(VENV)/.fastrelay
 
-.PHONY: venv run test test-deps lint bench clean install fuzz fuzz-config fuzz-frames chaos
+.PHONY: venv run test test-deps lint bench clean install fuzz fuzz-config fuzz-frames fuzz-relay chaos
 
 venv: $(STAMP) $(RELAY)
 
@@ -54,7 +54,7 @@ install:
 	DVS_ROOT="$(DVS_ROOT)" sh init.d/dvs install
 
 # The long fuzzers (bounded versions run in `make test`); each prints its figures.
-fuzz: fuzz-config fuzz-frames
+fuzz: fuzz-config fuzz-frames fuzz-relay
 
 # 10,000 mutated config files (and 1 MB shapes): only Config or ConfigError, figures printed.
 fuzz-config: venv
@@ -63,6 +63,11 @@ fuzz-config: venv
 # 100,000 hostile frames from the peers' own addresses against a 3-node cluster; prints figures.
 fuzz-frames: venv
 	$(BIN)/python -m fuzz.frame_fuzz --frames 100000 --seconds 1500
+
+# 1,000,000 frames through the LB host's compiled relay and the router side by side: every
+# frame and every session compared; prints figures.
+fuzz-relay: venv
+	$(BIN)/python -m fuzz.relay_fuzz --frames 1000000
 
 # Six healed faults under four looping clients through the LB, then 8 clients x 10,000 sendrec.
 chaos: venv

@@ -87,6 +87,12 @@ class FlowTable:
                 raise ValueError("too many session-ending codes for the compiled relay")
         self._take = ffi.new("int64_t[4]")
 
+    def free(self) -> None:
+        """Release a table no receiver uses (tests and fuzzers; a daemon's lives with it)."""
+        if self.table is not None:
+            lib.rt_free(self.table)
+            self.table = None
+
     # ------------------------------------------------------------------ what the DSP sets
     def set_dc(self, dcid: int, rng: tuple[int, int] | None) -> None:
         """The endpoint range of a DC, as the Python check knows it (None: unknown)."""
