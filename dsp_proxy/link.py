@@ -470,10 +470,13 @@ class Link:
         Never blocks on the socket: the rest waits for the monitor's writable event.  True
         when nothing is left queued or unsent, seen under the send lock: a writer that holds it
         may still be sending frames it took from the queue (views of a receiver's buffer)."""
-        outq, lock = self.outq, self.send_lock
+        outq, lock, wire = self.outq, self.send_lock, self.wire
         while lock.acquire(blocking=False):
             try:
+                seq = wire.seq() if wire is not None else 0
                 if not (outq or self.unsent):
+                    if wire is not None:    # the compiled relay may write again
+                        wire.settled(seq, True)
                     return True
                 blocked = self._write_queued()
             finally:
