@@ -156,6 +156,7 @@ class Link:
         self.outq: collections.deque = collections.deque()
         self.queued_bytes = 0
         self.unsent: list = []           # what the socket has not taken yet, in order
+        self.unsent_sock: socket.socket | None = None   # the socket `unsent` belongs to
         self.batch = spec.batch
         self.compress = spec.compress
         self.stopping = False
@@ -285,6 +286,8 @@ class Link:
                 retired, self.retired_in = self.retired_in, []
             else:
                 retired, self.retired_out = self.retired_out, []
+        if self.outq:             # frames a writer left to this one while it held the lock
+            self.flush()
         if not incoming and self.monitor is not None:
             with self.monitor.lock:        # the monitor never touches a closed descriptor
                 for sock in retired:
@@ -448,6 +451,8 @@ class Link:
                         outq[i] = (_own(item[0]), _own(item[1])) + item[2:]
             except IndexError:
                 pass
+        if self.outq:             # frames a writer left to this one while it held the lock
+            self.flush()
 
     def backlogged(self) -> bool:
         """More than half of the queue's bound is used."""
@@ -473,16 +478,23 @@ class Link:
         outq, lock, wire = self.outq, self.send_lock, self.wire
         while lock.acquire(blocking=False):
             try:
+                if not self.up or self.out_sock is None:
+                    return False      # nothing can go now; a link-down empties the queue
                 seq = wire.seq() if wire is not None else 0
-                if not (outq or self.unsent):
+                empty = not (outq or self.unsent)
+                if empty:
                     if wire is not None:    # the compiled relay may write again
                         wire.settled(seq, True)
-                    return True
-                blocked = self._write_queued()
+                else:
+                    blocked = self._write_queued()
             finally:
                 lock.release()
-            if blocked:
+            if empty:
+                if not (outq or self.unsent):
+                    return True
+            elif blocked:
                 return False
+            # else: written, or queued meanwhile by a writer that left it to us: look again
         return False
 
     def _write_queued(self) -> bool:
@@ -491,6 +503,8 @@ class Link:
         sock = self.out_sock
         if sock is None or not self.up:
             return False
+        if self.unsent and self.unsent_sock is not sock:
+            self.unsent = []          # the rest of a connection that is gone
         if self.unsent:
             if self._send(sock, self.unsent):
                 return True
@@ -589,7 +603,7 @@ class Link:
         sock = self.out_sock
         if not self.up or sock is None or sock.fileno() != fd:
             return
-        self.unsent = [rest]
+        self.unsent, self.unsent_sock = [rest], sock
         if self.monitor is not None:
             self.monitor.want_write(sock, self)
         _corked(self)
@@ -616,12 +630,10 @@ class Link:
                 except BlockingIOError:
                     done = 0
                 if done < sum(map(len, chunk)):
-                    if gen != self.generation:   # went down meanwhile: the rest goes with it
-                        self.unsent = []
-                        return False
                     if done:
                         self.last_progress = time.monotonic()
                     self.unsent = _rest(chunk, done) + parts[k + MAX_IOV:]
+                    self.unsent_sock = sock    # a rest is written to its own connection only
                     if self.monitor is not None:
                         self.monitor.want_write(sock, self)
                     return True

@@ -8,7 +8,8 @@ carries must leave it exactly as the router sends it (same node, same bytes), ev
 leaves must get the router's own answer, and the sessions must agree after every frame
 (pending request, counters, last use, the set of sessions).  The frames are the traffic of
 three relayed clients and their servers: valid commands, other commands, endpoints, nodes,
-PIDs, error codes, flags, batch fields and DCs; sessions end (errors, timeouts, new PIDs)
+PIDs, error codes, flags, batch fields, lengths and DCs, alone or several in one read buffer
+(the relay walks them until one needs the router); sessions end (errors, timeouts, new PIDs)
 and start again.  Prints frames compared, relayed, left to the router, refused by the header
 check, sessions started and mismatches; exit status 1 on any mismatch.
 """
@@ -146,14 +147,61 @@ class Twins:
         acts = [] if acts is None else acts if isinstance(acts, list) else [acts]
         return [plain(a) for a in acts]
 
-    def feed(self, frame: bytes, peer: int) -> bool:
-        """One frame from the link to `peer` through both; True when the relay carried it.
-        Mismatch when they disagree."""
-        expected = self._route(self.rb, frame, peer)
+    def _relay(self, peer: int) -> fastpath.Relay:
         relay = self.relays.get(peer)
         if relay is None:
             relay = self.relays[peer] = fastpath.Relay(self.table, self.reader, peer,
                                                        self.links, _no_refusal)
+        return relay
+
+    def feed_run(self, frames: list[bytes], peer: int) -> int:
+        """Whole frames from the link to `peer` in one read buffer, as a receiver gets them:
+        the relay walks them until one needs the router, the router takes that one, the relay
+        walks on.  What each walk wrote must be, frame by frame and in order, what the router
+        alone sends for those frames.  Returns how many the relay carried."""
+        relay = self._relay(peer)
+        reader = self.reader
+        reader.load(b"".join(frames))
+        carried = i = 0
+        while i < len(frames):
+            self.spans.clear()
+            start = reader.start
+            relay()
+            wrote = [(node, out) for node, span, _n in self.spans for out in _split(span)]
+            k, pos, want = i, start, []
+            while pos < reader.start:
+                expected = self._route(self.rb, frames[k], peer)
+                if expected == "refused" or len(expected) != 1 or expected[0][0] != SEND:
+                    raise Mismatch(f"the relay carried what the router answers {expected}")
+                _kind, to, hbuf, data = expected[0]
+                want.append((to, hbuf + (data or b"")))
+                pos += len(frames[k])
+                k += 1
+            if pos != reader.start or wrote != want:
+                raise Mismatch(f"walk over frames {i}..{k - 1} of {len(frames)}: the relay "
+                               f"wrote {[(n, _hdr(o)) for n, o in wrote]}\nthe router "
+                               f"{[(n, _hdr(o)) for n, o in want]}")
+            carried += k - i
+            self.relayed += k - i
+            i = k
+            self.compare()
+            if i < len(frames):          # the frame the walk stopped at: the router's
+                expected = self._route(self.rb, frames[i], peer)
+                got = self._route(self.ra, frames[i], peer)
+                if got != expected:
+                    raise Mismatch(f"router with the relay: {got}\nrouter alone: {expected}")
+                self.python += 1
+                self.refused += expected == "refused"
+                reader.start += len(frames[i])
+                i += 1
+                self.compare()
+        return carried
+
+    def feed(self, frame: bytes, peer: int) -> bool:
+        """One frame from the link to `peer` through both; True when the relay carried it.
+        Mismatch when they disagree."""
+        expected = self._route(self.rb, frame, peer)
+        relay = self._relay(peer)
         self.reader.load(frame)
         self.spans.clear()
         relay()
@@ -211,6 +259,16 @@ class Twins:
 
 def _no_refusal(hbuf: bytes, code: int) -> None:
     raise Mismatch("a sink refused nothing")
+
+
+def _split(span: bytes) -> list[bytes]:
+    """The frames of a span (header and c_len payload bytes each)."""
+    out, off = [], 0
+    while off < len(span):
+        end = off + HEADER_SIZE + ROUTE_STRUCT.unpack_from(span, off)[7]
+        out.append(span[off:end])
+        off = end
+    return out
 
 
 def _hdr(buf: bytes) -> str:
@@ -300,13 +358,26 @@ def run(frames: int, seed: int, seconds: float = 600.0) -> Figures:
     try:
         for src in CLIENT_EPS:
             establish(t, src=src)
-        for i in range(frames):
-            if time.monotonic() - t0 > seconds:
-                break
-            if i % 500 == 499:
+        step = 0
+        while fig.frames < frames and time.monotonic() - t0 <= seconds:
+            step += 1
+            if step % 500 == 0:
                 t.advance(rng.choice((0.5, 5.0)))
-            t.feed(*mutated(t, rng))
-            fig.frames += 1
+            if rng.random() < 0.2:       # several frames of one link in one read
+                peer = rng.choice((CLIENT,) + SERVERS)
+                run = [f for f, p in (mutated(t, rng) for _ in range(8)) if p == peer]
+                if run:
+                    t.feed_run(run, peer)
+                    fig.frames += len(run)
+            else:
+                frame_, peer = mutated(t, rng)
+                if rng.random() < 0.03:  # a length that disagrees with the command or bound
+                    head = bytearray(frame_[:HEADER_SIZE])
+                    n = rng.choice((-1, 3, 120, C.MAXCOPYBUF + 1))
+                    Header(head).c_len = n
+                    frame_ = bytes(head) + (bytes(n) if 0 <= n <= 120 else b"")
+                t.feed(frame_, peer)
+                fig.frames += 1
             for src in CLIENT_EPS:       # a session that ended starts again
                 if (0, CLIENT, src, 10) not in t.gb.sessions and rng.random() < 0.2:
                     for node in SERVERS:  # the service is bound again where it went down

@@ -87,7 +87,7 @@ def test_mutated_session_traffic_agrees_with_the_router(seed):
     of `make fuzz-relay`): every frame compared."""
     fig = relay_fuzz.run(frames=3000, seed=seed)
     assert not fig.mismatches, fig.mismatches
-    assert fig.frames == 3000 and fig.relayed > 300 and fig.python > 300, fig.line()
+    assert fig.frames >= 3000 and fig.relayed > 300 and fig.python > 300, fig.line()
 
 
 def test_a_refused_span_answers_the_clients_requests(twins):

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import lz4.frame
@@ -328,3 +329,82 @@ def test_writer_survives_the_queue_emptied_by_a_link_down_while_it_takes_it():
     uncork()
     assert _cmds(_read_frames(peer, 1)) == [(C.CMD_SEND_MSG, 100)]
     assert not link.outq
+
+
+class _RacingWire:
+    """A compiled relay's wire (its lock and quiet flag) whose `settled` lets another thread
+    queue a frame at that moment, as a writer that finds the lock busy does: it leaves the
+    frame to the lock's holder."""
+
+    def __init__(self, on_settled) -> None:
+        self.lock = threading.Lock()
+        self.on_settled = on_settled
+
+    def acquire(self, blocking=True):
+        return self.lock.acquire(blocking)
+
+    def release(self):
+        self.lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def publish(self, sock):
+        pass
+
+    def enqueued(self):
+        pass
+
+    def seq(self):
+        return 0
+
+    def settled(self, seq, empty):
+        self.on_settled()
+
+
+def test_a_frame_left_to_the_writer_while_it_settles_is_written():
+    """The writer saw the queue empty under the send lock; a frame queued before it released
+    the lock (its writer found the lock busy and left) is written by it all the same."""
+    link, peer = _link()
+    pending = [make_header(c_cmd=C.CMD_SEND_MSG, c_src=77).buf]
+
+    def queue_meanwhile():
+        if pending:
+            link.outq.append((bytes(pending.pop()), None, link.generation, C.CMD_SEND_MSG, 0,
+                              0, 0, 1))
+    link.wire = link.send_lock = _RacingWire(queue_meanwhile)
+    assert link.flush() is True
+    assert _cmds(_read_frames(peer, 1)) == [(C.CMD_SEND_MSG, 77)]
+    assert not link.outq
+
+
+def test_flush_of_a_link_that_is_down_returns_at_once():
+    """A frame queued after the link went down (its queue was just emptied) waits for the
+    generation check of the next connection; flush does not spin on it meanwhile."""
+    link, peer = _link()
+    link.up = False
+    link.outq.append((bytes(make_header(c_cmd=C.CMD_SEND_MSG).buf), None, 1,
+                      C.CMD_SEND_MSG, 0, 0, 0, 1))
+    result = []
+    t = threading.Thread(target=lambda: result.append(link.flush()), daemon=True)
+    t.start()
+    t.join(2)
+    assert result == [False]
+    peer.close()
+
+
+def test_the_unsent_rest_of_a_gone_connection_never_starts_the_next_one():
+    """A frame cut in the middle belongs to its connection: on a new one the rest is dropped,
+    never written as the start of a frame."""
+    link, peer = _link()
+    old = link.out_sock
+    link.unsent, link.unsent_sock = [b"tail of a frame"], old
+    new, new_peer = socket.socketpair()
+    link.out_sock = new
+    link.submit(make_header(c_cmd=C.CMD_SEND_MSG, c_src=5).buf)
+    assert _cmds(_read_frames(new_peer, 1)) == [(C.CMD_SEND_MSG, 5)]
+    for s in (old, peer, new, new_peer):
+        s.close()
