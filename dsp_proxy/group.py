@@ -443,13 +443,7 @@ class Group:
         if sess.relayed:
             set_run_snode(out, n, self.local)
             swap_endpoint_run(out, n, cmd, src, sess.lbsvr_ep, False)
-        nbytes = 120 * n
-        sess.commands += n
-        sess.bytes += nbytes
-        srv = self.servers.get(sess.svr_node)
-        if srv is not None:
-            srv.commands += n
-            srv.bytes += nbytes
+        self._count(sess, n, 120 * n)
         return (SEND, sess.svr_node, out, None, block if cmd in C.REQUEST_CMDS else None,
                 sess.relayed)
 
@@ -517,16 +511,20 @@ class Group:
         swap_endpoint(out, cmd, dst, target, True)
         if relayed:
             swap_endpoint(out, cmd, src, sess.lbsvr_ep, False)
-        n = 120 + length
-        sess.commands += 1
-        sess.bytes += n
-        srv = self.servers.get(sess.svr_node)
-        if srv is not None:
-            srv.commands += 1
-            srv.bytes += n
+        self._count(sess, 1, 120 + length)
         data = (bytes(payload[:length]) if copy else payload[:length]) if length else None
         return (SEND, sess.svr_node, out, data, hbuf if cmd in C.REQUEST_CMDS else None,
                 sess.relayed)
+
+    def _count(self, sess: Session, commands: int, nbytes: int) -> None:
+        """(lock held) Client commands forwarded to the session's server: its figures and
+        the server's."""
+        sess.commands += commands
+        sess.bytes += nbytes
+        srv = self.servers.get(sess.svr_node)
+        if srv is not None:
+            srv.commands += commands
+            srv.bytes += nbytes
 
     def _new_session(self, f: tuple, svc, relayed: bool,
                      exclude: int = -1) -> tuple[Session | None, int]:
@@ -666,12 +664,7 @@ class Group:
         if uses:
             sess.last_used = self.clock()
         if cmds:
-            sess.commands += cmds
-            sess.bytes += nbytes
-            srv = self.servers.get(sess.svr_node)
-            if srv is not None:
-                srv.commands += cmds
-                srv.bytes += nbytes
+            self._count(sess, cmds, nbytes)
 
     def _fast_sync(self) -> None:
         """(lock held) Every session's state from the compiled relay, which keeps them."""
