@@ -15,7 +15,6 @@ stops the walk and takes the Python path.  Without the compiled module (not buil
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterable
 
@@ -30,8 +29,6 @@ try:
     from ._fastrelay import ffi, lib
 except ImportError:           # not built: the Python path only
     ffi = lib = None
-
-log = logging.getLogger("dsp.fastpath")
 
 #: "0" turns the compiled relay off (the Python path then carries every frame).
 ENV = "DSP_FASTPATH"
