@@ -225,13 +225,15 @@ def test_relayed_clients_with_the_same_endpoint(tmp_path, bg, monkeypatch, fast)
                 if len(f) > 5 and f[4] == "5" and 100 <= int(f[1]) <= 150:
                     seen.add(int(f[1]))
         assert len(seen) >= 2, seen
-        st = wait_status(cl, 5, lambda st: st["group"]["sessions_started"] >= 2,
-                         what="2 relayed sessions on the LB host")
+        def requests(st):
+            return sum(st["links"][str(n)]["sent"]["by_cmd"].get(str(C.CMD_SNDREC_MSG), 0)
+                       for n in (1, 2))
+        # the status file is written every tick: wait for the one after the last request
+        st = wait_status(cl, 5, lambda st: st["group"]["sessions_started"] >= 2
+                         and requests(st) >= 60, what="2 relayed sessions, 60 requests")
         assert st["fast_relay"] is (fast == "1")
         assert (st["group"]["fast_sessions"] == 2) is (fast == "1")
-        requests = sum(st["links"][str(n)]["sent"]["by_cmd"].get(str(C.CMD_SNDREC_MSG), 0)
-                       for n in (1, 2))
-        assert requests == 60, st["links"]
+        assert requests(st) == 60, st["links"]
 
 
 def test_error_replies_reach_the_client_fast(tmp_path, bg):
