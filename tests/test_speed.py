@@ -279,7 +279,10 @@ def test_batch_and_compress_yes_between_two_nodes(tmp_path):
                 assert p.returncode == 0, out
                 assert "Total average latency in 40 loops" in out
             batched = _sent(cl, 1, 2, settle=1.5)
-            assert batched["batches"] > 0 and batched["frames"] < batched["commands"]
+            # fewer frames carried commands than there were commands (HELLOs are frames too:
+            # a run with few batches and a few HELLOs once had frames == commands)
+            assert batched["batches"] > 0
+            assert batched["frames"] - batched["hellos"] < batched["commands"], batched
             back = _sent(cl, 2, 1, settle=0)
             before = _sent(cl, 1, 2, settle=0)
             _ftp(cl, 1, tmp_path, srvdir, "text", b"compressible line of text\n" * 160000)
