@@ -386,51 +386,32 @@ class Link:
         """Queue a run of payload-less commands (whole 120-byte headers, all with the routing
         fields of the first) that the caller hands over (no copy): one queue entry, written
         as one buffer (or as batch frames).  Same results as `submit`."""
+        f = ROUTE_STRUCT.unpack_from(block, 0)
+        return self._submit_block(block, f[R_CMD], f[R_DCID], len(block) // HEADER_SIZE)
+
+    def submit_span(self, span, nframes: int) -> int:
+        """Queue whole frames the compiled relay rewrote in a receiver's read buffer and
+        counted itself (dsp_proxy/fastpath.py): one entry, written as it is (the receiver's
+        cork and `settle` keep the buffer valid).  Same results as `submit`."""
+        return self._submit_block(span, -1, -1, 0)
+
+    def _submit_block(self, block, cmd: int, dcid: int, nframes: int) -> int:
+        """Queue frames handed over as one buffer: one entry of `nframes` commands (0: a
+        span of the compiled relay, counted by it)."""
         generation = self.generation
         if not self.up:
             return E.EDVSNOTCONN
         if len(self.outq) >= QUEUE_MAX_FRAMES or self.queued_bytes >= QUEUE_MAX_BYTES:
             return self._refuse_full()
         self._full_episode = False
-        f = ROUTE_STRUCT.unpack_from(block, 0)
         self.queued_bytes += len(block)
-        return self._enqueue((block, None, generation, f[R_CMD], f[R_DCID], 0, 0,
-                              len(block) // HEADER_SIZE))
-
-    def submit_span(self, span, nframes: int) -> int:
-        """Whole frames the compiled relay rewrote in a receiver's read buffer and counted
-        itself (dsp_proxy/fastpath.py), written as they are: at once when nothing waits before
-        them, else queued as one entry (the receiver's cork and `settle` keep the buffer
-        valid).  Same results as `submit`."""
-        if not self.up:
-            return E.EDVSNOTCONN
-        if not (self.outq or self.unsent) and self.send_lock.acquire(blocking=False):
-            try:
-                sock = self.out_sock
-                direct = sock is not None and not (self.outq or self.unsent)
-                if direct and self._send(sock, [span]):
-                    _corked(self)         # the unsent rest is a view: settled by uncork
-            finally:
-                self.send_lock.release()
-            if direct:
-                if self.outq:             # queued meanwhile by a thread that left it to us
-                    self.flush()
-                return OK
-        if len(self.outq) >= QUEUE_MAX_FRAMES or self.queued_bytes >= QUEUE_MAX_BYTES:
-            return self._refuse_full()
-        self._full_episode = False
-        self.queued_bytes += len(span)
-        return self._enqueue((span, None, self.generation, -1, -1, 0, 0, 0))
+        return self._enqueue((block, None, generation, cmd, dcid, 0, 0, nframes))
 
     def _enqueue(self, item: tuple) -> int:
         """Queue one entry; write the queue now unless this thread is corked."""
-        wire = self.wire
-        if wire is None:
-            self.outq.append(item)
-        else:             # busy before the entry is visible, and again after (`Wire.settled`)
-            wire.enqueued()
-            self.outq.append(item)
-            wire.enqueued()
+        self.outq.append(item)
+        if self.wire is not None:   # after the entry is visible (`Wire.settled` looks again)
+            self.wire.enqueued()
         if not _corked(self):
             self.flush()
         return OK
