@@ -23,7 +23,7 @@ from dvk_cffi import errors as E
 from dvk_cffi.wire import HEADER_SIZE, frame_length
 
 from .link import cork
-from .misc import Counters, DcCounters
+from .misc import Counters
 
 try:
     from ._fastrelay import ffi, lib
@@ -131,32 +131,19 @@ class FlowTable:
         return out[0], out[1], out[2], out[3]
 
     # ------------------------------------------------------------------ counters
-    def fold(self, node: int, received: Counters | None, sent: Counters | None) -> None:
+    def fold(self, node: int, received: Counters, sent: Counters) -> None:
         """Add what the relay counted for the link to `node` to its counters."""
         y = ffi.new("relay_tally *")
         for direction, counters in ((0, received), (1, sent)):
-            if counters is None:
-                continue
             lib.rt_fold(self.table, node, direction, y)
             if not (y.frames or y.bytes):
                 continue
-            counters.frames += y.frames
-            counters.commands += y.frames
-            counters.bytes += y.bytes
-            for slot, n in enumerate(ffi.unpack(y.by_cmd, 64)):
-                if n:
-                    cmd = self._slots[slot]
-                    counters.by_cmd[cmd] = counters.by_cmd.get(cmd, 0) + n
+            by_cmd = {self._slots[slot]: n
+                      for slot, n in enumerate(ffi.unpack(y.by_cmd, 64)) if n}
             figures = zip(ffi.unpack(y.dc_cmds, 32), ffi.unpack(y.dc_msgs, 32),
                           ffi.unpack(y.dc_data, 32))
-            for dcid, (cmds, msgs, data) in enumerate(figures):
-                if cmds or msgs or data:
-                    dc = counters.by_dc.get(dcid)
-                    if dc is None:
-                        dc = counters.by_dc[dcid] = DcCounters()
-                    dc.commands += cmds
-                    dc.messages += msgs
-                    dc.data_bytes += data
+            by_dc = {dcid: fig for dcid, fig in enumerate(figures) if any(fig)}
+            counters.add(y.frames, y.bytes, by_cmd, by_dc)
 
     def untally(self, node: int, span) -> None:
         """Frames the relay counted as sent to `node` that its link refused."""

@@ -77,7 +77,7 @@ typedef struct relay_table {
     int32_t quiet[RT_MAX_NODES];                /* the link has nothing queued or unsent */
     uint64_t seq[RT_MAX_NODES];                 /* frames the link queued so far */
     int32_t ncodes, codes[RT_MAX_CODES];       /* ACK rcodes the Python path must see */
-    int32_t nflows, ndeleted, nsess;
+    int32_t nflows, ndeleted;
     flow flows[RT_FLOW_CAP];
     fsess sess[RT_SESS_CAP];
     relay_tally tally[2][RT_MAX_NODES];         /* [0] received from, [1] sent to */
@@ -367,7 +367,6 @@ int rt_give(relay_table *t, int clt_node, int svr_node, int dcid, int clt_ep, in
         s->clt_pid = clt_pid;
         s->svr_pid = svr_pid;
         s->pending = pending;
-        t->nsess++;
     }
     pthread_mutex_unlock(&t->lock);
     return sid;
@@ -411,7 +410,6 @@ int rt_take(relay_table *t, int sid, int drop, int64_t *out)
                     t->ndeleted++;
                 }
             s->used = 0;
-            t->nsess--;
         }
         rc = 0;
     }

@@ -394,8 +394,9 @@ class Dsp:
         """Add what the compiled relay counted to the link counters (of `node`, or all)."""
         if self.fast is None:
             return
-        for peer, link in list(self.links.items()):
-            if node is None or peer == node:
+        links = list(self.links.items()) if node is None else [(node, self.links.get(node))]
+        for peer, link in links:
+            if link is not None:
                 self.fast.fold(peer, link.received, link.sent)
 
     def on_control(self, peer: int, m: Message) -> None:

@@ -245,14 +245,33 @@ class Counters:
         self.bytes += nbytes
         self.by_cmd[cmd] = self.by_cmd.get(cmd, 0) + nframes
         if dcid >= 0:
-            dc = self.by_dc.get(dcid)
-            if dc is None:
-                dc = self.by_dc[dcid] = DcCounters()
+            dc = self._dc(dcid)
             dc.commands += ncmds
             if cmd in C.MESSAGE_CMDS:
                 dc.messages += nframes
             if cmd in C.DATA_CMDS:
                 dc.data_bytes += data
+
+    def add(self, frames: int, nbytes: int, by_cmd: dict[int, int],
+            by_dc: dict[int, tuple[int, int, int]]) -> None:
+        """Figures counted elsewhere (the compiled relay): `frames` single-command frames of
+        `nbytes` in all, frames per command, and per DC (commands, messages, data bytes)."""
+        self.frames += frames
+        self.commands += frames
+        self.bytes += nbytes
+        for cmd, n in by_cmd.items():
+            self.by_cmd[cmd] = self.by_cmd.get(cmd, 0) + n
+        for dcid, (commands, messages, data) in by_dc.items():
+            dc = self._dc(dcid)
+            dc.commands += commands
+            dc.messages += messages
+            dc.data_bytes += data
+
+    def _dc(self, dcid: int) -> DcCounters:
+        dc = self.by_dc.get(dcid)
+        if dc is None:
+            dc = self.by_dc[dcid] = DcCounters()
+        return dc
 
     def as_dict(self) -> dict:
         return {"frames": self.frames, "commands": self.commands, "bytes": self.bytes,
