@@ -117,6 +117,46 @@ def latency(cluster: Cluster, node: int, clt_ep: int, svr_ep: int, loops: int) -
     return {"p50_us": statistics.median(rtts) * 1e6, "msgs_per_s": rate}
 
 
+class CpuMeter:
+    """CPU time of a cluster's node kernels, DSPs and servers over a measured run: where a
+    round trip's time goes, per process.  The total is the scheduler's exact run time of all
+    the process's threads; the system share comes from the coarser tick counts."""
+
+    def __init__(self, cluster: Cluster, servers: dict[str, subprocess.Popen],
+                 roles: dict[int, str]) -> None:
+        procs = {f"kernel {n} ({roles.get(n, 'node')})": p for n, p in cluster.kernels.items()}
+        procs |= {f"DSP {n} ({roles.get(n, 'node')})": p for n, p in cluster.dsps.items()}
+        procs |= servers
+        self.procs = {name: psutil.Process(p.pid) for name, p in procs.items()}
+
+    def sample(self) -> dict[str, tuple[float, float, float]]:
+        """name -> (run time s, user s, system s)."""
+        return {name: (_run_time(p.pid), *p.cpu_times()[:2]) for name, p in self.procs.items()}
+
+    @staticmethod
+    def per_round_trip(before: dict, after: dict, loops: int) -> dict[str, list[float]]:
+        """µs of CPU per round trip, and the user and system seconds behind the share, of
+        each process that ran."""
+        out = {}
+        for name, b in before.items():
+            d = [a - x for a, x in zip(after[name], b)]
+            if d[0] > 0:
+                out[name] = [d[0] / loops * 1e6, d[1], d[2]]
+        return out
+
+
+def _run_time(pid: int) -> float:
+    """Seconds on a CPU of every thread of `pid` (/proc/PID/task/TID/schedstat)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread ended meanwhile
+    return total / 1e9
+
+
 def ftp(cluster: Cluster, node: int, op: str, clt_ep: int, svr_ep: int, rmt: str,
         lcl: Path) -> float:
     res = cluster.run(node, module_argv("dvs_apps.m3ftp", op, 0, clt_ep, svr_ep, rmt,
@@ -177,8 +217,9 @@ def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
     with Cluster(cfg, rundir=str(d), log_level="WARNING") as cl:
         progs = Programs(cl)
         try:
-            for ep in (10, DIRECT_LAT_EP):
-                progs.start(SRV, "dvs_apps.latency", "server", 0, ep)
+            servers = {f"latency server, ep {ep}": progs.start(SRV, "dvs_apps.latency", "server",
+                                                            0, ep)
+                       for ep in (10, DIRECT_LAT_EP)}
             for ep in (20, DIRECT_FTP_EP):
                 progs.start(SRV, "dvs_apps.m3ftp", "server", 0, ep,
                             env={"M3FTPD_DIR": str(srvdir)})
@@ -191,9 +232,13 @@ def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
                      "LB, relayed (node 3 -> lbhost -> node 1)": (CLT, 10, 20)}
             latency(cl, CLT, 50, 10, 20)   # warm-up: sessions, autobinds
             latency(cl, HOST, 51, 10, 20)
+            meter = CpuMeter(cl, servers, {SRV: "server", CLT: "relayed client",
+                                           HOST: "LB host"})
             for _run in range(args.runs):
                 for i, (name, (node, lep, _fep)) in enumerate(paths.items()):
+                    before = meter.sample()
                     r = latency(cl, node, 50 + i, lep, args.e2e_loops)
+                    r["cpu_us"] = meter.per_round_trip(before, meter.sample(), args.e2e_loops)
                     out["latency"].setdefault(name, []).append(r)
             if with_clients and args.clients:
                 out["clients"] = concurrent_clients(cl, CLT, 10, args.clients,
@@ -260,6 +305,8 @@ def print_e2e(res: dict) -> str:
             lines.append(f"| {name} | {label} | {put:,.1f} | {_med(f[name], 'get_MBps'):,.1f} | "
                          f"{put / _med(f[direct], 'put_MBps'):.2f}x |")
     for label, r in res.items():
+        lines += ["", *cpu_table(label, r["latency"])]
+    for label, r in res.items():
         lines.append(f"\n{label}: LB host -> server link: {r['lbhost_to_server']}")
         c = r.get("clients")
         if c:
@@ -269,6 +316,34 @@ def print_e2e(res: dict) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def cpu_table(label: str, lat: dict) -> list[str]:
+    """CPU µs per round trip of every DVS process on each path (medians of the runs), and the
+    share of it spent in the Linux kernel (system time, all runs)."""
+    paths = list(lat)
+    names: list[str] = []
+    for runs in lat.values():
+        for r in runs:
+            names += [n for n in r["cpu_us"] if n not in names]
+    names.sort(key=lambda n: (n.split()[0], n))
+    lines = [f"| CPU µs per round trip ({label}) | "
+             + " | ".join(p.split(" (")[0] for p in paths) + " | system share |",
+             "|---|" + "---|" * (len(paths) + 1)]
+    for n in names:
+        cells = [_med_cpu(lat[p], n) for p in paths]
+        user = sum(r["cpu_us"].get(n, [0, 0, 0])[1] for p in paths for r in lat[p])
+        sys_ = sum(r["cpu_us"].get(n, [0, 0, 0])[2] for p in paths for r in lat[p])
+        share = f"{sys_ / (user + sys_):.0%}" if user + sys_ > 0 else "-"
+        lines.append(f"| {n} | " + " | ".join(f"{c:,.0f}" if c >= 1 else "-" for c in cells)
+                     + f" | {share} |")
+    lines.append("| sum | " + " | ".join(
+        f"{sum(_med_cpu(lat[p], n) for n in names):,.0f}" for p in paths) + " | |")
+    return lines
+
+
+def _med_cpu(runs: list[dict], name: str) -> float:
+    return statistics.median(r["cpu_us"].get(name, [0.0])[0] for r in runs)
 
 
 # ---------------------------------------------------------------------------------- part 5
