@@ -119,8 +119,9 @@ def latency(cluster: Cluster, node: int, clt_ep: int, svr_ep: int, loops: int) -
 
 class CpuMeter:
     """CPU time of a cluster's node kernels, DSPs and servers over a measured run: where a
-    round trip's time goes, per process.  The total is the scheduler's exact run time of all
-    the process's threads; the system share comes from the coarser tick counts."""
+    round trip's time goes, per process.  The total is the scheduler's exact run time of the
+    process's threads (those alive at both samples: the kernels' and DSPs' threads live as long
+    as the cluster); the system share comes from the coarser tick counts."""
 
     def __init__(self, cluster: Cluster, servers: dict[str, subprocess.Popen],
                  roles: dict[int, str]) -> None:
@@ -130,8 +131,15 @@ class CpuMeter:
         self.procs = {name: psutil.Process(p.pid) for name, p in procs.items()}
 
     def sample(self) -> dict[str, tuple[float, float, float]]:
-        """name -> (run time s, user s, system s)."""
-        return {name: (_run_time(p.pid), *p.cpu_times()[:2]) for name, p in self.procs.items()}
+        """name -> (run time s, user s, system s); zeros for a process that has gone (it is
+        then left out of the figures: no run time between two samples)."""
+        out = {}
+        for name, p in self.procs.items():
+            try:
+                out[name] = (_run_time(p.pid), *p.cpu_times()[:2])
+            except (OSError, psutil.Error):
+                out[name] = (0.0, 0.0, 0.0)
+        return out
 
     @staticmethod
     def per_round_trip(before: dict, after: dict, loops: int) -> dict[str, list[float]]:
@@ -148,7 +156,7 @@ class CpuMeter:
 def _run_time(pid: int) -> float:
     """Seconds on a CPU of every thread of `pid` (/proc/PID/task/TID/schedstat)."""
     total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for tid in os.listdir(f"/proc/{pid}/task"):  # OSError when the process has gone
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[0])
