@@ -6,8 +6,9 @@
    m3ftp PUT/GET (compressible text and random data, verified by SHA-256) through the LB, with
    and without `compress YES`, side by side with their anchors in the same cluster: the same
    programs from node 5 to node 1 with no LB (`direct`, one DSP pair), and node 5's own
-   clients through the LB (local-client sessions).
-5. Scale: (a) an N-node cluster (`--full`: 32 = the LB node and 31 real nodes, NR_NODES):
+   clients through the LB (local-client sessions).  For each path, the CPU each node kernel, DSP and
+   latency server used per round trip (CpuMeter): where the round trip's time goes.
+5. Scale: (a) an N-node cluster (by default 32 = the LB node and 31 real nodes, NR_NODES):
    time until every link is up, memory per DSP and node kernel; (b) many concurrent sessions
    through one LB host: node kernels with several DCs (`dvsctl node run --dcs N`), a service
    in every DC, one client process per DC on the relayed client node holding `per_dc` bound
@@ -44,6 +45,9 @@ service m3ftp {{ dcid 0; ext_ep 20; min_ep 20; max_ep 24; bind external; }};
 """
 SRV, CLT, HOST = 1, 3, 5
 DIRECT_LAT_EP, DIRECT_FTP_EP = 25, 27   # system endpoints outside both services
+#: Seconds after a measured client ends before the CPU is sampled, so that the kernels' and
+#: DSPs' work for its exit counts for its own path, not the next one.
+SETTLE = 0.2
 
 
 def _net(offset: int) -> str:
@@ -118,16 +122,13 @@ def latency(cluster: Cluster, node: int, clt_ep: int, svr_ep: int, loops: int) -
 
 
 class CpuMeter:
-    """CPU time of a cluster's node kernels, DSPs and servers over a measured run: where a
-    round trip's time goes, per process.  The total is the scheduler's exact run time of the
-    process's threads (those alive at both samples: the kernels' and DSPs' threads live as long
-    as the cluster); the system share comes from the coarser tick counts."""
+    """CPU time of processes over a measured run: where a round trip's time goes, per
+    process.  The total is the scheduler's exact run time of the process's threads (a thread
+    that ends between two samples takes its whole run time out of the figure: the node
+    kernels' and DSPs' threads live as long as the cluster); the system share comes from the
+    coarser tick counts."""
 
-    def __init__(self, cluster: Cluster, servers: dict[str, subprocess.Popen],
-                 roles: dict[int, str]) -> None:
-        procs = {f"kernel {n} ({roles.get(n, 'node')})": p for n, p in cluster.kernels.items()}
-        procs |= {f"DSP {n} ({roles.get(n, 'node')})": p for n, p in cluster.dsps.items()}
-        procs |= servers
+    def __init__(self, procs: dict[str, subprocess.Popen]) -> None:
         self.procs = {name: psutil.Process(p.pid) for name, p in procs.items()}
 
     def sample(self) -> dict[str, tuple[float, float, float]]:
@@ -137,30 +138,39 @@ class CpuMeter:
         for name, p in self.procs.items():
             try:
                 out[name] = (_run_time(p.pid), *p.cpu_times()[:2])
-            except (OSError, psutil.Error):
+            except (ProcessLookupError, FileNotFoundError, psutil.NoSuchProcess):
                 out[name] = (0.0, 0.0, 0.0)
         return out
 
     @staticmethod
-    def per_round_trip(before: dict, after: dict, loops: int) -> dict[str, list[float]]:
-        """µs of CPU per round trip, and the user and system seconds behind the share, of
-        each process that ran."""
+    def per_round_trip(before: dict, after: dict, loops: int) -> dict[str, dict[str, float]]:
+        """Each process that ran: µs of CPU per round trip (`us_per_rt`), and the user and
+        system seconds behind its system share (`user_s`, `sys_s`)."""
         out = {}
         for name, b in before.items():
-            d = [a - x for a, x in zip(after[name], b)]
-            if d[0] > 0:
-                out[name] = [d[0] / loops * 1e6, d[1], d[2]]
+            run, user, sys_ = (a - x for a, x in zip(after[name], b))
+            if run > 0:
+                out[name] = {"us_per_rt": run / loops * 1e6, "user_s": user, "sys_s": sys_}
         return out
 
 
+def cluster_processes(cluster: Cluster, servers: dict[str, subprocess.Popen],
+                      roles: dict[int, str]) -> dict[str, subprocess.Popen]:
+    """The processes of the DVS a round trip crosses: node kernels, DSPs and `servers`."""
+    procs = {f"kernel {n} ({roles.get(n, 'node')})": p for n, p in cluster.kernels.items()}
+    procs |= {f"DSP {n} ({roles.get(n, 'node')})": p for n, p in cluster.dsps.items()}
+    return procs | servers
+
+
 def _run_time(pid: int) -> float:
-    """Seconds on a CPU of every thread of `pid` (/proc/PID/task/TID/schedstat)."""
+    """Seconds on a CPU of the threads of `pid` (/proc/PID/task/TID/schedstat); raises
+    FileNotFoundError when the process has gone."""
     total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):  # OSError when the process has gone
+    for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
+        except (FileNotFoundError, ProcessLookupError):
             pass  # the thread ended meanwhile
     return total / 1e9
 
@@ -210,7 +220,7 @@ def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
     d.mkdir()
     cfg = d / "e2e.cfg"
     cfg.write_text(E2E_CONFIG.format(net=_net(offset), opts=opts))
-    size = (100 if args.full else args.e2e_mib) << 20
+    size = args.e2e_mib << 20
     files = {"text": d / "text.src", "random": d / "random.src"}
     line = b"compressible line of text for the m3ftp benchmark, 0123456789\n"
     with open(files["text"], "wb") as f:
@@ -238,20 +248,22 @@ def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
             paths = {"direct (node 5 -> node 1, no LB)": (HOST, DIRECT_LAT_EP, DIRECT_FTP_EP),
                      "LB, local client (node 5 -> LB -> node 1)": (HOST, 10, 20),
                      "LB, relayed (node 3 -> lbhost -> node 1)": (CLT, 10, 20)}
-            latency(cl, CLT, 50, 10, 20)   # warm-up: sessions, autobinds
-            latency(cl, HOST, 51, 10, 20)
-            meter = CpuMeter(cl, servers, {SRV: "server", CLT: "relayed client",
-                                           HOST: "LB host"})
+            for i, (node, lep, _fep) in enumerate(paths.values()):
+                latency(cl, node, 50 + i, lep, 20)   # warm-up: sessions, autobinds
+            meter = CpuMeter(cluster_processes(cl, servers, {SRV: "server",
+                                                             CLT: "relayed client",
+                                                             HOST: "LB host"}))
             for _run in range(args.runs):
                 for i, (name, (node, lep, _fep)) in enumerate(paths.items()):
                     before = meter.sample()
                     r = latency(cl, node, 50 + i, lep, args.e2e_loops)
-                    r["cpu_us"] = meter.per_round_trip(before, meter.sample(), args.e2e_loops)
+                    time.sleep(SETTLE)  # the client's exit is part of its run
+                    r["cpu"] = meter.per_round_trip(before, meter.sample(), args.e2e_loops)
                     out["latency"].setdefault(name, []).append(r)
             if with_clients and args.clients:
                 out["clients"] = concurrent_clients(cl, CLT, 10, args.clients,
                                                     args.client_loops)
-            ftp_runs = 1 if args.full or size >= 64 << 20 else max(1, args.runs)
+            ftp_runs = 1 if size >= 64 << 20 else max(1, args.runs)
             for _run in range(ftp_runs):
                 for i, (name, (node, _lep, fep)) in enumerate(paths.items()):
                     for kind, src in files.items():
@@ -327,21 +339,19 @@ def print_e2e(res: dict) -> str:
 
 
 def cpu_table(label: str, lat: dict) -> list[str]:
-    """CPU µs per round trip of every DVS process on each path (medians of the runs), and the
-    share of it spent in the Linux kernel (system time, all runs)."""
+    """CPU µs per round trip of every node kernel, DSP and latency server on each path (medians
+    of the runs; the client programs are not metered), and each one's system (Linux kernel)
+    share over all the paths' runs."""
     paths = list(lat)
-    names: list[str] = []
-    for runs in lat.values():
-        for r in runs:
-            names += [n for n in r["cpu_us"] if n not in names]
-    names.sort(key=lambda n: (n.split()[0], n))
+    names = sorted({n for runs in lat.values() for r in runs for n in r["cpu"]})
     lines = [f"| CPU µs per round trip ({label}) | "
-             + " | ".join(p.split(" (")[0] for p in paths) + " | system share |",
+             + " | ".join(p.split(" (")[0] for p in paths) + " | system share (all paths) |",
              "|---|" + "---|" * (len(paths) + 1)]
     for n in names:
         cells = [_med_cpu(lat[p], n) for p in paths]
-        user = sum(r["cpu_us"].get(n, [0, 0, 0])[1] for p in paths for r in lat[p])
-        sys_ = sum(r["cpu_us"].get(n, [0, 0, 0])[2] for p in paths for r in lat[p])
+        used = [r["cpu"][n] for p in paths for r in lat[p] if n in r["cpu"]]
+        user = sum(u["user_s"] for u in used)
+        sys_ = sum(u["sys_s"] for u in used)
         share = f"{sys_ / (user + sys_):.0%}" if user + sys_ > 0 else "-"
         lines.append(f"| {n} | " + " | ".join(f"{c:,.0f}" if c >= 1 else "-" for c in cells)
                      + f" | {share} |")
@@ -351,7 +361,9 @@ def cpu_table(label: str, lat: dict) -> list[str]:
 
 
 def _med_cpu(runs: list[dict], name: str) -> float:
-    return statistics.median(r["cpu_us"].get(name, [0.0])[0] for r in runs)
+    """Median µs per round trip of `name` over `runs` (0 in a run it did not take part in)."""
+    return statistics.median(r["cpu"].get(name, {"us_per_rt": 0.0})["us_per_rt"]
+                             for r in runs)
 
 
 # ---------------------------------------------------------------------------------- part 5
@@ -494,10 +506,10 @@ def scale_sessions(args, tmp: Path, dcs: int, per_dc: int, rounds: int) -> dict:
 
 
 def scale_benchmarks(args, tmp: Path) -> dict:
-    nodes = 32 if args.full else args.scale_nodes
+    nodes = args.scale_nodes
     print(f"   {nodes}-node cluster start-up ...", flush=True)
     res = {"startup": scale_startup(args, tmp, nodes)}
-    dcs, per_dc = (8, 125) if args.full else (args.sess_dcs, args.sess_per_dc)
+    dcs, per_dc = args.sess_dcs, args.sess_per_dc
     print(f"   {dcs * per_dc} concurrent sessions ({dcs} DCs x {per_dc}) ...", flush=True)
     res["sessions"] = scale_sessions(args, tmp, dcs, per_dc, args.sess_rounds)
     return res

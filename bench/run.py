@@ -11,8 +11,9 @@
      by side.
 4.   End to end on an emulated cluster (bench/e2e.py): latency_client p50 and messages/s,
      m3ftp PUT/GET MB/s (compressible and random files) through the virtual LB in relayed
-     mode, with and without LZ4, beside the same programs with no LB in the same cluster.
-     Also 8 concurrent relayed clients doing sendrec through the LB host.
+     mode, with and without LZ4, beside the same programs with no LB in the same cluster,
+     and the CPU per round trip of every node kernel, DSP and server on each path.  Also 8
+     concurrent relayed clients doing sendrec through the LB host.
 5.   Scale (bench/e2e.py): start-up of an N-node cluster and memory per daemon; many
      concurrent sessions through one LB host (node kernels with several DCs).
 6.   Local: sendrec on one emulated node with no DSP (bench/local_sendrec.py) beside a raw
@@ -379,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     quick = args.quick
-    args.full = False        # the sizes below decide
     if args.e2e_mib is None:
         args.e2e_mib = 16 if quick else 100
     if args.scale_nodes is None:
