@@ -6,8 +6,8 @@
    m3ftp PUT/GET (compressible text and random data, verified by SHA-256) through the LB, with
    and without `compress YES`, side by side with their anchors in the same cluster: the same
    programs from node 5 to node 1 with no LB (`direct`, one DSP pair), and node 5's own
-   clients through the LB (local-client sessions).  For each path, the CPU each node kernel, DSP and
-   latency server used per round trip (CpuMeter): where the round trip's time goes.
+   clients through the LB (local-client sessions).  For each path, the CPU each node kernel,
+   DSP and latency server used per round trip (CpuMeter): where the round trip's time goes.
 5. Scale: (a) an N-node cluster (by default 32 = the LB node and 31 real nodes, NR_NODES):
    time until every link is up, memory per DSP and node kernel; (b) many concurrent sessions
    through one LB host: node kernels with several DCs (`dvsctl node run --dcs N`), a service
