@@ -441,9 +441,12 @@ class Link:
         has no lock: a fold racing a count would lose one of them).  What the relay counted
         as received is folded by the link's receiver thread (`Relay.read`), the only thread
         that counts into `received`."""
-        if self.wire is not None:
-            with self.send_lock:
-                self.wire.fold_sent(self.sent)
+        if self.wire is None:
+            return
+        with self.send_lock:
+            self.wire.fold_sent(self.sent)
+        if self.outq:             # frames a writer left to this one while it held the lock
+            self.flush()
 
     def last_write(self) -> float:
         """When the link's socket last took bytes: the link's own writes or the compiled

@@ -51,10 +51,10 @@ def _request(rng: random.Random) -> bytes:
     return frame(rng, C.CMD_SNDREC_MSG, CLT_EP, EXT_EP, CLIENT, 0, CLT_PID)
 
 
-def _own(marker: int, size: int = 0) -> tuple[bytearray, bytes | None]:
+def _own(marker: int, size: int = 0, cmd: int = C.CMD_SEND_MSG) -> tuple[bytearray, bytes | None]:
     """A frame of the link's own (header, payload), told apart by c_src."""
     if not size:
-        return make_header(c_cmd=C.CMD_SEND_MSG, c_src=marker).buf, None
+        return make_header(c_cmd=cmd, c_dcid=0, c_src=marker).buf, None
     h = make_header(c_cmd=C.CMD_COPYOUT_DATA, c_src=marker, c_len=size, v_bytes=size)
     return h.buf, os.urandom(size)
 
@@ -297,8 +297,9 @@ def test_the_relays_writes_count_as_the_links_for_its_keep_alive(rig):
 def test_folding_the_relays_counts_races_no_count_of_the_link(rig):
     """Receiver, writers and the statistics' fold run on different threads; with a thread
     switch forced almost everywhere, the link counters still come out exact (each direction
-    is changed only by the thread allowed to count it)."""
-    n = 400
+    is changed only by the thread allowed to count it).  The Python path counts the same
+    command as the relay, so a fold racing a count would lose one of them."""
+    n, k = 300, 10
     rng = random.Random(7)
     requests = [_request(rng) for _ in range(n)]
     old = sys.getswitchinterval()
@@ -313,14 +314,16 @@ def test_folding_the_relays_counts_races_no_count_of_the_link(rig):
                 errors.append(exc)
         return run
 
-    def receiver():     # relays a request, then counts a frame of the Python path
+    def receiver():     # relays a request, then counts frames of the Python path
+        count = rig.clink.received.count
         for req in requests:
             rig.pump(req)
-            rig.clink.received.count(C.CMD_SEND_ACK, HEADER_SIZE, 1, 0, 0)
+            for _ in range(k):
+                count(C.CMD_SNDREC_MSG, HEADER_SIZE, 1, 0, 0)
 
     def writer():       # the link's own frames, counted under the send lock
-        for i in range(n):
-            assert rig.link.submit(*_own(i + 1)) == 0
+        for i in range(n * k):
+            assert rig.link.submit(*_own(i + 1, cmd=C.CMD_SNDREC_MSG)) == 0
 
     def reader():       # the server reads everything
         while not done.is_set():
@@ -350,17 +353,78 @@ def test_folding_the_relays_counts_races_no_count_of_the_link(rig):
         sys.setswitchinterval(old)
     assert not errors, errors
     assert not any(t.is_alive() for t in workers + others)
-    got = rig.drain(2 * n)
-    assert len(got) == 2 * n
+    got = rig.drain(n * (k + 1))
+    assert len(got) == n * (k + 1)
     rig.link.fold_relay()
     sent, received = Counters(), Counters()       # the same frames counted on one thread
-    for _ in range(n):
-        sent.count(C.CMD_SEND_MSG, HEADER_SIZE, 1, 0, 0)
+    for _ in range(n * (k + 1)):
         sent.count(C.CMD_SNDREC_MSG, HEADER_SIZE, 1, 0, 0)
         received.count(C.CMD_SNDREC_MSG, HEADER_SIZE, 1, 0, 0)
-        received.count(C.CMD_SEND_ACK, HEADER_SIZE, 1, 0, 0)
     assert rig.link.sent.as_dict() == sent.as_dict()
     assert rig.clink.received.as_dict() == received.as_dict()
+
+
+class _Switching(dict):
+    """`Counters.by_cmd` that hands the GIL to another thread in the middle of a
+    read-modify-write of the thread `racer` (after reading a count, before storing it): that
+    thread runs `other` (bounded) and only then the first goes on."""
+
+    def __init__(self, base: dict, racer: threading.Thread, other) -> None:
+        super().__init__(base)
+        self.racer, self.other = racer, other
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        if threading.current_thread() is self.racer and self.other is not None:
+            other, self.other = self.other, None
+            other()
+        return value
+
+
+def test_a_fold_from_another_thread_loses_no_count_at_the_worst_moment(rig):
+    """The statistics' thread folds the relay's counts (`Link.fold_relay`, what
+    `fold_fast` calls) and is switched out in the middle of its addition, while the link's
+    receiver counts a received frame and a writer queues and counts a sent one.  No count is
+    lost: the fold of what was sent runs under the send lock (the writer leaves its frame to
+    the lock's holder, who writes and counts it after the fold), and what was received is
+    folded by the receiver alone."""
+    rig.pump(_request(random.Random(8)))        # the relay counted a frame each way
+    go = {name: threading.Event() for name in ("received", "sent")}
+    done = {name: threading.Event() for name in ("received", "sent")}
+
+    def meanwhile(name: str):
+        def run():
+            go[name].set()
+            assert done[name].wait(5), f"the {name} side did not run"
+        return run
+
+    def receiver():
+        go["received"].wait(5)
+        rig.clink.received.count(C.CMD_SNDREC_MSG, HEADER_SIZE, 1, 0, 0)
+        done["received"].set()
+
+    def writer():
+        go["sent"].wait(5)
+        assert rig.link.submit(*_own(801, cmd=C.CMD_SNDREC_MSG)) == 0
+        done["sent"].set()
+
+    me = threading.current_thread()
+    rig.clink.received.by_cmd = _Switching(rig.clink.received.by_cmd, me, meanwhile("received"))
+    rig.link.sent.by_cmd = _Switching(rig.link.sent.by_cmd, me, meanwhile("sent"))
+    threads = [threading.Thread(target=f, daemon=True) for f in (receiver, writer)]
+    for t in threads:
+        t.start()
+    rig.clink.fold_relay()
+    rig.link.fold_relay()
+    for name in go:                 # a side the fold did not switch to runs now
+        go[name].set()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(rig.drain(2)) == 2                # the relayed request and the writer's frame
+    rig.link.fold_relay()
+    for counters in (rig.link.sent, rig.clink.received):    # the relay's frame, the other
+        assert (counters.frames, dict(counters.by_cmd)) == (2, {C.CMD_SNDREC_MSG: 2})
 
 
 def test_a_busy_relayed_link_sends_no_hello(tmp_path):
