@@ -20,6 +20,7 @@ import struct
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -217,6 +218,59 @@ def test_the_rest_of_a_frame_the_relay_cut_goes_before_its_next_frames(rig):
         [(C.CMD_COPYIN_DATA, b"\x11"), (C.CMD_COPYIN_DATA, b"\x22")]
     assert got[0][2] == first[HEADER_SIZE:] and got[1][2] == second[HEADER_SIZE:]
     assert (got[2][0], got[2][1]) == (C.CMD_SEND_MSG, 703) and len(got) == 3
+
+
+OTHER_CLIENT, OTHER_EP = 4, 60
+
+
+def _other_client(rig: Rig) -> tuple[fastpath.Relay, socket.socket]:
+    """A second relayed client node with a session to the same server, handed to the table
+    as the router would, and its own receiver's relay: (relay, the client's socket)."""
+    sess = types.SimpleNamespace(clt_node=OTHER_CLIENT, svr_node=rig.svr, dcid=0,
+                                 clt_ep=OTHER_EP, lbsvr_ep=OTHER_EP + 1, clt_pid=CLT_PID,
+                                 svr_pid=900, pending=0, to_server={EXT_EP: EXT_EP})
+    assert rig.table.give(sess) >= 0
+    rig.table.set_raw_ok(OTHER_CLIENT, True)
+    inside, client = rig._pair()
+    inside.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 5, 0))
+    relay = fastpath.Relay(rig.table, FrameReader(inside), OTHER_CLIENT, {rig.svr: rig.link},
+                           rig._refused)
+    return relay, client
+
+
+def test_the_rest_of_a_frame_the_relay_cut_goes_before_another_receivers_frames(rig):
+    """One receiver's relay wrote part of a 64 KiB frame and left the rest to the link; before
+    that receiver wrote anything more, another receiver relays a frame to the same server.
+    The link is not quiet while a rest waits, so that frame goes behind the rest."""
+    rig.small_socket()
+    first = _copy(fill=0x33)
+    rig.client.sendall(first)
+    while rig.reader.start == 0:          # until the relay took the whole frame
+        assert not rig.relay.read(0)      # the first receiver: still corked afterwards
+    assert rig.link.unsent, "the socket took the whole frame: no cut to test"
+    rig.take()
+    relay, client = _other_client(rig)
+    h = make_header(c_cmd=C.CMD_SNDREC_MSG, c_dcid=0, c_src=OTHER_EP, c_dst=EXT_EP,
+                    c_snode=OTHER_CLIENT, c_dnode=0, c_pid=CLT_PID)
+    client.sendall(bytes(h.buf))
+    errors = []
+
+    def other_receiver():
+        try:
+            assert not relay.read(0)
+            for link in uncork():
+                link.settle()
+        except BaseException as exc:    # reported by the test's thread
+            errors.append(exc)
+    t = threading.Thread(target=other_receiver, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and not errors, errors
+    for link in uncork():
+        link.settle()
+    got = rig.drain(2)
+    assert (got[0][0], got[0][2]) == (C.CMD_COPYIN_DATA, first[HEADER_SIZE:])
+    assert (got[1][0], got[1][1]) == (C.CMD_SNDREC_MSG, OTHER_EP + 1) and len(got) == 2
 
 
 class _RacingWire(fastpath.Wire):
