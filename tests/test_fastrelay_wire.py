@@ -273,6 +273,52 @@ def test_the_rest_of_a_frame_the_relay_cut_goes_before_another_receivers_frames(
     assert (got[1][0], got[1][1]) == (C.CMD_SNDREC_MSG, OTHER_EP + 1) and len(got) == 2
 
 
+def test_the_rest_of_a_cut_frame_never_starts_the_links_next_connection(rig):
+    """The relay wrote part of a 64 KiB frame, and before its receiver could leave the rest to
+    the link, the link went down and came up on a new connection.  The rest belongs to the
+    old connection: the new one starts with a whole frame."""
+    rig.small_socket()
+    link = rig.link
+    new, new_server = rig._pair()
+    new.setblocking(False)
+    keep_unsent = link.keep_unsent
+
+    def reconnected_meanwhile(rest, fd):
+        link.out_sock = new                 # what the link-down and the new connection do
+        link.wire.publish(new)
+        keep_unsent(rest, fd)
+    link.keep_unsent = reconnected_meanwhile
+    rig.client.sendall(_copy(fill=0x44))
+    while rig.reader.start == 0:            # until the relay took the whole frame
+        assert not rig.relay.read(0)
+    assert link.out_sock is new, "the socket took the whole frame: no cut to test"
+    for out in uncork():
+        out.settle()
+    hbuf, data = _own(705)
+    assert link.submit(hbuf, data) == 0
+    rig.server = new_server
+    rig.stream = bytearray()
+    got = rig.drain(1)
+    assert (got[0][0], got[0][1]) == (C.CMD_SEND_MSG, 705)
+
+
+def test_the_send_lock_the_relay_held_is_released_when_leaving_the_rest_fails(rig):
+    """The relay returns holding the link's send lock after a partial write; whatever happens
+    while the receiver leaves the rest to the link, the lock is released (else every later
+    write of the link waits for a holder that is gone)."""
+    rig.small_socket()
+
+    def broken(rest, fd):
+        raise RuntimeError("the link failed while taking the rest")
+    rig.link.keep_unsent = broken
+    rig.client.sendall(_copy(fill=0x55))
+    with pytest.raises(RuntimeError):
+        while rig.reader.start == 0:
+            rig.relay.read(0)
+    assert rig.link.send_lock.acquire(blocking=False), "the relay kept the send lock"
+    rig.link.send_lock.release()
+
+
 class _RacingWire(fastpath.Wire):
     """The relay's wire, with a moment of another thread's between a writer's look at the
     queue and its `settled`, and one right after it released the send lock."""
