@@ -66,6 +66,16 @@ def _slot(cmd: int) -> int:
     return (cmd & 0x1F) | (32 if cmd & C.MASK_ACKNOWLEDGE else 0)
 
 
+def _bits(mask: int) -> list[int]:
+    """The positions of the set bits of `mask`, lowest first."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
 class FlowTable:
     """The relay's sessions and flows, and its share of the link counters."""
 
@@ -142,10 +152,15 @@ class FlowTable:
         y = ffi.new("relay_tally *") if tally is None else tally
         if not lib.rt_fold(self.table, node, direction, y):
             return
-        by_cmd = {self._slots[slot]: n for slot, n in enumerate(ffi.unpack(y.by_cmd, 64)) if n}
-        figures = zip(ffi.unpack(y.dc_cmds, 32), ffi.unpack(y.dc_msgs, 32),
-                      ffi.unpack(y.dc_data, 32))
-        by_dc = {dcid: fig for dcid, fig in enumerate(figures) if any(fig)}
+        by_cmd = {}
+        for slot in _bits(y.cmd_mask):
+            if y.by_cmd[slot]:
+                by_cmd[self._slots[slot]] = y.by_cmd[slot]
+        by_dc = {}
+        for dcid in _bits(y.dc_mask):
+            fig = (y.dc_cmds[dcid], y.dc_msgs[dcid], y.dc_data[dcid])
+            if any(fig):
+                by_dc[dcid] = fig
         counters.add(y.frames, y.bytes, by_cmd, by_dc)
 
     def untally(self, node: int, span) -> None:

@@ -50,6 +50,7 @@ typedef struct {
 
 typedef struct {
     int64_t frames, bytes;         /* signed: a refused frame is taken back (rt_untally) */
+    uint64_t cmd_mask, dc_mask;    /* the slots and DCs counted in (the reader visits those) */
     int64_t by_cmd[RT_CMD_SLOTS];
     int64_t dc_cmds[RT_MAX_DCS], dc_msgs[RT_MAX_DCS], dc_data[RT_MAX_DCS];
 } relay_tally;
@@ -436,6 +437,8 @@ static inline void tally_add(relay_tally *y, const relay_table *t, int slot, int
     y->bytes += sign * (RT_HEADER + len);
     y->by_cmd[slot] += sign;
     y->dc_cmds[dcid] += sign;
+    y->cmd_mask |= (uint64_t)1 << slot;
+    y->dc_mask |= (uint64_t)1 << dcid;
     if (c & K_MESSAGE)
         y->dc_msgs[dcid] += sign;
     if (c & K_DATA)

@@ -22,6 +22,7 @@ CDEF = """
 typedef struct { int32_t node, off, len, nframes; } relay_seg;
 typedef struct {
     int64_t frames, bytes;
+    uint64_t cmd_mask, dc_mask;
     int64_t by_cmd[64];
     int64_t dc_cmds[32], dc_msgs[32], dc_data[32];
 } relay_tally;
