@@ -534,7 +534,7 @@ def test_a_busy_relayed_link_sends_no_hello(tmp_path):
     net = fresh_net()
     cfg = tmp_path / "hop.cfg"
     cfg.write_text(W.CONFIG.format(net=net, opts="").replace("fd_interval 1000",
-                                                             "fd_interval 200"))
+                                                             "fd_interval 500"))
     cluster = Cluster(cfg, rundir=str(tmp_path), log_level="WARNING")
     hop = None
     try:
@@ -545,7 +545,7 @@ def test_a_busy_relayed_link_sends_no_hello(tmp_path):
         with hop.quiet():                  # the peers send no HELLOs: only frames
             hop.s_rx.settimeout(5)
             hop.c_rx.settimeout(5)
-            end = time.monotonic() + 2.0   # ten HELLO intervals (0.8 x 200 ms)
+            end = time.monotonic() + 3.0   # over seven HELLO intervals (0.8 x 500 ms)
             while time.monotonic() < end and rounds < 200_000:
                 hop.c_tx.sendall(req)
                 while True:                # the server's side: HELLOs counted, then answers
