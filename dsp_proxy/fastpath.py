@@ -38,6 +38,9 @@ MAX_SEGS = 256
 #: silence and state checks, parked deliveries, the link's last receive time).
 PUMP_BUDGET = 0.02
 
+#: The directions of the relay's link counters (fastrelay.c `tally`).
+RECEIVED, SENT = 0, 1
+
 # Command classes of fastrelay.c.
 K_VALID, K_DATA, K_REQUEST, K_MSG, K_MSG_ACK, K_VCOPY, K_MESSAGE = (1 << i for i in range(7))
 
@@ -61,6 +64,16 @@ def _cmd_class(cmd: int) -> int:
 def _slot(cmd: int) -> int:
     """The index of a command in the relay's per-command counters."""
     return (cmd & 0x1F) | (32 if cmd & C.MASK_ACKNOWLEDGE else 0)
+
+
+def _bits(mask: int) -> list[int]:
+    """The positions of the set bits of `mask`, lowest first."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
 
 
 class FlowTable:
@@ -131,19 +144,24 @@ class FlowTable:
         return out[0], out[1], out[2], out[3]
 
     # ------------------------------------------------------------------ counters
-    def fold(self, node: int, received: Counters, sent: Counters) -> None:
-        """Add what the relay counted for the link to `node` to its counters."""
-        y = ffi.new("relay_tally *")
-        for direction, counters in ((0, received), (1, sent)):
-            lib.rt_fold(self.table, node, direction, y)
-            if not (y.frames or y.bytes):
-                continue
-            by_cmd = {self._slots[slot]: n
-                      for slot, n in enumerate(ffi.unpack(y.by_cmd, 64)) if n}
-            figures = zip(ffi.unpack(y.dc_cmds, 32), ffi.unpack(y.dc_msgs, 32),
-                          ffi.unpack(y.dc_data, 32))
-            by_dc = {dcid: fig for dcid, fig in enumerate(figures) if any(fig)}
-            counters.add(y.frames, y.bytes, by_cmd, by_dc)
+    def fold(self, node: int, direction: int, counters: Counters, tally=None) -> None:
+        """Add what the relay counted for the link to `node` in `direction` (RECEIVED or
+        SENT) to `counters`.  `Counters` has no lock: only the thread that may count into
+        `counters` at that moment may fold (`Link.fold_relay` and `Relay.read` say which);
+        `tally`: a "relay_tally *" to reuse."""
+        y = ffi.new("relay_tally *") if tally is None else tally
+        if not lib.rt_fold(self.table, node, direction, y):
+            return
+        by_cmd = {}
+        for slot in _bits(y.cmd_mask):
+            if y.by_cmd[slot]:
+                by_cmd[self._slots[slot]] = y.by_cmd[slot]
+        by_dc = {}
+        for dcid in _bits(y.dc_mask):
+            fig = (y.dc_cmds[dcid], y.dc_msgs[dcid], y.dc_data[dcid])
+            if any(fig):
+                by_dc[dcid] = fig
+        counters.add(y.frames, y.bytes, by_cmd, by_dc)
 
     def untally(self, node: int, span) -> None:
         """Frames the relay counted as sent to `node` that its link refused."""
@@ -151,7 +169,7 @@ class FlowTable:
 
     def wire(self, node: int) -> Wire:
         """The send lock and socket of the link to `node`, shared with the relay."""
-        return Wire(self.table, node)
+        return Wire(self, node)
 
 
 class Wire:
@@ -160,9 +178,11 @@ class Wire:
     write while the link is up, and says when frames of its own wait (queued or unsent): the
     relay then hands its frames to the link, behind them, instead of writing them itself."""
 
-    def __init__(self, table, node: int) -> None:
-        self.table = table
+    def __init__(self, flows: FlowTable, node: int) -> None:
+        self.flows = flows
+        self.table = flows.table
         self.node = node
+        self._tally = ffi.new("relay_tally *")
 
     def acquire(self, blocking: bool = True) -> bool:
         if blocking:
@@ -197,6 +217,16 @@ class Wire:
         was queued since `seq`: the relay may write again."""
         lib.rt_wire_settled(self.table, self.node, seq, empty)
 
+    def last_tx(self) -> float:
+        """When the relay last wrote frames to this link's socket itself (time.monotonic's
+        clock; 0.0: never)."""
+        return lib.rt_wire_last_tx(self.table, self.node)
+
+    def fold_sent(self, sent: Counters) -> None:
+        """(send lock held: every other count of `sent` runs under it) Add what the relay
+        counted as sent to this link."""
+        self.flows.fold(self.node, SENT, sent, self._tally)
+
 
 class Relay:
     """One receiver's use of the compiled relay on its read buffer."""
@@ -206,7 +236,9 @@ class Relay:
         self.table = table.table
         self.flows = table
         self.reader = reader
-        self.link = link           # the link read (its last receive time is kept)
+        #: the link read: its last receive time is kept, and what the relay counted as
+        #: received from it joins its counters on this (its receiver's) thread
+        self.link = link
         self.cbuf = ffi.from_buffer(reader.buf)    # the buffer is never resized
         self.peer = peer
         self.links = links
@@ -220,6 +252,7 @@ class Relay:
         self.sent = ffi.new("int *")
         self.flush = ffi.new("int *", -1)
         self.last_rx = ffi.new("double *")
+        self.tally = ffi.new("relay_tally *")
 
     def read(self, budget: float = PUMP_BUDGET) -> bool:
         """`FrameReader.fill` done in C with the relay of what comes: reads, relays and
@@ -235,8 +268,13 @@ class Relay:
                           self.python, self.held, self.held_fd, self.sent, self.flush, last_rx,
                           budget)
         reader.start, reader.end = pos[0], pos[1]
-        if last_rx[0] and self.link is not None:
-            self.link.last_rx = last_rx[0]
+        link = self.link
+        if link is not None:
+            if last_rx[0]:
+                link.last_rx = last_rx[0]
+            # this thread is the one that counts what the link receives: the relay's share
+            # (also of the walks of __call__ since the last read) joins it here
+            self.flows.fold(self.peer, RECEIVED, link.received, self.tally)
         if got <= 0:
             if got == 0:
                 raise ConnectionResetError("the peer closed the connection" + (
@@ -247,9 +285,9 @@ class Relay:
             self._write()
         node = self.flush[0]
         if node >= 0:   # a writer left its frames to the relay, which held the send lock
-            link = self.links.get(node)
-            if link is not None:
-                link.flush()
+            out = self.links.get(node)
+            if out is not None:
+                out.flush()
         return bool(self.python[0])
 
     def __call__(self) -> bool:

@@ -50,6 +50,7 @@ typedef struct {
 
 typedef struct {
     int64_t frames, bytes;         /* signed: a refused frame is taken back (rt_untally) */
+    uint64_t cmd_mask, dc_mask;    /* the slots and DCs counted in (the reader visits those) */
     int64_t by_cmd[RT_CMD_SLOTS];
     int64_t dc_cmds[RT_MAX_DCS], dc_msgs[RT_MAX_DCS], dc_data[RT_MAX_DCS];
 } relay_tally;
@@ -76,6 +77,7 @@ typedef struct relay_table {
     int32_t fd[RT_MAX_NODES];                   /* where the relay may write, -1 nowhere */
     int32_t quiet[RT_MAX_NODES];                /* the link has nothing queued or unsent */
     uint64_t seq[RT_MAX_NODES];                 /* frames the link queued so far */
+    double last_tx[RT_MAX_NODES];               /* the relay's last write (CLOCK_MONOTONIC) */
     int32_t ncodes, codes[RT_MAX_CODES];       /* ACK rcodes the Python path must see */
     int32_t nflows, ndeleted;
     flow flows[RT_FLOW_CAP];
@@ -301,6 +303,16 @@ void rt_wire_settled(relay_table *t, int node, uint64_t seq, int empty)
         __atomic_store_n(&t->quiet[node], 0, __ATOMIC_SEQ_CST);
 }
 
+/* When the relay last wrote bytes of its own to the link's socket (0: never): the link's
+ * keep-alive counts them as the link's writes. */
+double rt_wire_last_tx(relay_table *t, int node)
+{
+    double when = 0;
+    if (node_ok(node))
+        __atomic_load(&t->last_tx[node], &when, __ATOMIC_RELAXED);
+    return when;
+}
+
 static double monotonic_now(void)
 {
     struct timespec ts;
@@ -425,6 +437,8 @@ static inline void tally_add(relay_tally *y, const relay_table *t, int slot, int
     y->bytes += sign * (RT_HEADER + len);
     y->by_cmd[slot] += sign;
     y->dc_cmds[dcid] += sign;
+    y->cmd_mask |= (uint64_t)1 << slot;
+    y->dc_mask |= (uint64_t)1 << dcid;
     if (c & K_MESSAGE)
         y->dc_msgs[dcid] += sign;
     if (c & K_DATA)
@@ -432,17 +446,23 @@ static inline void tally_add(relay_tally *y, const relay_table *t, int slot, int
 }
 
 /* The link counters of node `node` (dir 0: received from it, 1: sent to it) since the last
- * call, which zeroes them. */
-void rt_fold(relay_table *t, int node, int dir, relay_tally *out)
+ * call that returned 1, which zeroes them; 0 (and *out not filled) when there are none.  The
+ * caller adds them to counters that only it may change at that moment (the receiver's own
+ * thread for dir 0, the link's send lock held for dir 1): the Python counters have no lock. */
+int rt_fold(relay_table *t, int node, int dir, relay_tally *out)
 {
-    if (node < 0 || node >= RT_MAX_NODES || dir < 0 || dir > 1) {
-        memset(out, 0, sizeof *out);
-        return;
-    }
+    int any = 0;
+    if (node < 0 || node >= RT_MAX_NODES || dir < 0 || dir > 1)
+        return 0;
     pthread_mutex_lock(&t->lock);
-    *out = t->tally[dir][node];
-    memset(&t->tally[dir][node], 0, sizeof t->tally[dir][node]);
+    relay_tally *y = &t->tally[dir][node];
+    if (y->frames || y->bytes) {
+        *out = *y;
+        memset(y, 0, sizeof *y);
+        any = 1;
+    }
     pthread_mutex_unlock(&t->lock);
+    return any;
 }
 
 /* Frames relayed to `node` that its link refused: they were not sent after all. */
@@ -511,9 +531,11 @@ int rt_relay(relay_table *t, int peer, unsigned char *buf, int start, int end, r
  * keeps its link's send lock for the caller (*held = its node, *sent = bytes written to
  * descriptor *held_fd), who keeps the rest as the link's unsent bytes and releases it.  A
  * writer that queued a frame while the relay held a link's lock left it to the relay: *flush
- * is then that node, whose queue the caller writes.  Returns the segments left. */
+ * is then that node, whose queue the caller writes.  A write that took bytes stamps the
+ * node's last_tx with `now` (the time of the read that brought the frames, microseconds
+ * before).  Returns the segments left. */
 static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *segs, int n,
-                          int *held, int *held_fd, int *sent, int *flush)
+                          int *held, int *held_fd, int *sent, int *flush, double now)
 {
     int k;
     for (k = 0; k < n; k++) {
@@ -531,6 +553,8 @@ static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *s
         do
             w = send(fd, buf + segs[k].off, (size_t)segs[k].len, MSG_DONTWAIT | MSG_NOSIGNAL);
         while (w < 0 && errno == EINTR);
+        if (w > 0)
+            __atomic_store(&t->last_tx[node], &now, __ATOMIC_RELAXED);
         if (w == segs[k].len) {
             pthread_mutex_unlock(&t->wire[node]);
             if (!__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST)) {
@@ -594,7 +618,7 @@ int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *
         *end = e + (int)got;
         *start = rt_relay(t, peer, buf, s, *end, segs, maxsegs, nsegs, python);
         if (*nsegs)
-            *nsegs = write_segments(t, buf, segs, *nsegs, held, held_fd, sent, flush);
+            *nsegs = write_segments(t, buf, segs, *nsegs, held, held_fd, sent, flush, *last_rx);
         if (*nsegs || *python || *flush >= 0 || *last_rx >= until)
             return (int)got;
     }

@@ -22,6 +22,7 @@ CDEF = """
 typedef struct { int32_t node, off, len, nframes; } relay_seg;
 typedef struct {
     int64_t frames, bytes;
+    uint64_t cmd_mask, dc_mask;
     int64_t by_cmd[64];
     int64_t dc_cmds[32], dc_msgs[32], dc_data[32];
 } relay_tally;
@@ -39,7 +40,7 @@ int rt_give(relay_table *t, int clt_node, int svr_node, int dcid, int clt_ep, in
             int clt_pid, int svr_pid, int pending);
 int rt_map(relay_table *t, int sid, int client_side, int server_side);
 int rt_take(relay_table *t, int sid, int drop, int64_t *out);
-void rt_fold(relay_table *t, int node, int dir, relay_tally *out);
+int rt_fold(relay_table *t, int node, int dir, relay_tally *out);
 void rt_untally(relay_table *t, int node, const unsigned char *buf, int len);
 int rt_relay(relay_table *t, int peer, unsigned char *buf, int start, int end, relay_seg *segs,
              int maxsegs, int *nsegs, int *python);
@@ -53,6 +54,7 @@ void rt_wire_fd(relay_table *t, int node, int fd);
 void rt_wire_enqueued(relay_table *t, int node);
 uint64_t rt_wire_seq(relay_table *t, int node);
 void rt_wire_settled(relay_table *t, int node, uint64_t seq, int empty);
+double rt_wire_last_tx(relay_table *t, int node);
 """
 
 

@@ -435,6 +435,26 @@ class Link:
         if self.outq:             # frames a writer left to this one while it held the lock
             self.flush()
 
+    def fold_relay(self) -> None:
+        """(any thread) Bring what the compiled relay counted as sent to this link into
+        `sent`, under the send lock that every other count of `sent` runs under (`Counters`
+        has no lock: a fold racing a count would lose one of them).  What the relay counted
+        as received is folded by the link's receiver thread (`Relay.read`), the only thread
+        that counts into `received`."""
+        if self.wire is None:
+            return
+        with self.send_lock:
+            self.wire.fold_sent(self.sent)
+        if self.outq:             # frames a writer left to this one while it held the lock
+            self.flush()
+
+    def last_write(self) -> float:
+        """When the link's socket last took bytes: the link's own writes or the compiled
+        relay's (its keep-alive is due only after both were idle)."""
+        if self.wire is None:
+            return self.last_tx
+        return max(self.last_tx, self.wire.last_tx())
+
     def backlogged(self) -> bool:
         """More than half of the queue's bound is used."""
         return (self.queued_bytes >= QUEUE_MAX_BYTES // 2

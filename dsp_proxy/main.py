@@ -148,7 +148,7 @@ class Dsp:
         self.group: Group | None = None
         self.fast: fastpath.FlowTable | None = None
         if cfg.role(local).lb_pair and not topology.is_relayed_client(cfg, local):
-            self.group = Group(cfg, local, _LinkView(self.links, self.fold_fast),
+            self.group = Group(cfg, local, _LinkView(self.links),
                                self.relay_host, self.node_pids)
             if self.relay_host == local and fastpath.enabled():
                 try:
@@ -390,14 +390,13 @@ class Dsp:
         moved, self._activity_mark = total - self._activity_mark, total
         return max(0, moved)  # a reload that removed a link lowers the total
 
-    def fold_fast(self, node: int | None = None) -> None:
-        """Add what the compiled relay counted to the link counters (of `node`, or all)."""
+    def fold_fast(self) -> None:
+        """Add what the compiled relay counted as sent to the link counters (what it counted
+        as received each receiver adds itself: `Link.fold_relay`)."""
         if self.fast is None:
             return
-        links = list(self.links.items()) if node is None else [(node, self.links.get(node))]
-        for peer, link in links:
-            if link is not None:
-                self.fast.fold(peer, link.received, link.sent)
+        for link in list(self.links.values()):
+            link.fold_relay()
 
     def on_control(self, peer: int, m: Message) -> None:
         """A control message from a peer that announced itself as a DSP of this project."""
@@ -774,16 +773,16 @@ def _connections(link: Link) -> dict:
 class _LinkView:
     """The router's only view of the links: is a node's link up, how many frames came."""
 
-    def __init__(self, links: dict[int, Link], fold: Callable[[int], None]) -> None:
+    def __init__(self, links: dict[int, Link]) -> None:
         self.links = links
-        self.fold = fold
 
     def up(self, node: int) -> bool:
         link = self.links.get(node)
         return link is not None and link.up
 
     def frames(self, node: int) -> int:
-        self.fold(node)
+        """Frames received from `node` (the compiled relay's share is added by the link's
+        receiver itself)."""
         link = self.links.get(node)
         return link.received.frames if link is not None else 0
 

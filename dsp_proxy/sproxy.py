@@ -118,7 +118,7 @@ class SProxy:
                 more = get2rmt(hdr, payload, interval)
             except E.DvkError as err:
                 if err.code == E.EDVSTIMEDOUT:
-                    if monotonic() - link.last_tx >= hello_after:
+                    if monotonic() - link.last_write() >= hello_after:
                         self._hello(gen)
                     continue
                 if err.code == E.EDVSNOTCONN:
