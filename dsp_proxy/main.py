@@ -917,9 +917,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow-any-peer", action="store_true",
                    help="accept a peer's connection from any address (NAT)")
     p.add_argument("--status-file", default=None,
-                   help="write the daemon's figures as JSON to this file every second")
+                   help=f"write the daemon's figures as JSON to this file every {TICK:g} s")
     p.add_argument("--stats", default=None, metavar="[ADDR:]PORT", type=daemon.stats_option,
-                   help="serve statistics over HTTP (/, /stats.json, /metrics); ADDR "
+                   help="serve statistics over HTTP (/, /cluster, /stats.json, /metrics); ADDR "
                         "defaults to 127.0.0.1, port 0 picks a free one; off by default")
     p.add_argument("--pidfile", default=None,
                    help="write the daemon's pid to this file (removed at exit)")

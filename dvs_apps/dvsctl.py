@@ -121,11 +121,13 @@ def _dc_infos(args, dvs: DvsInfo) -> list[DcInfo]:
         raise CtlError(f"--dcs {n}: must be 1..{dvs.d_nr_dcs} (d_nr_dcs)")
     dc0 = _dc0_info(args, dvs)
     out = [dc0]
+    base = "DC" if dc0.dc_name == "DC0" else dc0.dc_name
     for dcid in range(1, n):
-        dc = dataclasses.replace(dc0, dc_dcid=dcid)
-        if dc0.dc_name == "DC0":
-            dc.dc_name = f"DC{dcid}"
-        out.append(dc)
+        name = f"{base}{dcid}"     # a kernel refuses a second DC of the same name
+        if len(name) >= C.MAXDCNAME:
+            raise CtlError(f"--dc-name {dc0.dc_name!r}: DC{dcid}'s name {name!r} would be longer "
+                           f"than {C.MAXDCNAME - 1} characters")
+        out.append(dataclasses.replace(dc0, dc_dcid=dcid, dc_name=name))
     return out
 
 
@@ -426,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_params(np_, DC0_PARAMS, "DC0 parameters (dc_init)")
         np_.add_argument("--no-dc", action="store_true", help="do not create DC0")
         np_.add_argument("--dcs", type=_int, default=1, metavar="N",
-                         help="create DC0..DC(N-1), each with DC0's parameters (default 1)")
+                         help="create DC0..DC(N-1), each with DC0's parameters (default 1); "
+                              "with --dc-name NAME they are named NAME, NAME1, ...")
         np_.add_argument("--log-level", default="INFO",
                          help="DEBUG, INFO, WARNING, ... (default INFO)")
         if action == "run":

@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in ("-p", "-g"):       # `python -m dvs_apps.m3ftp -p ...` = m3ftp
         args = ["client", *args]
     if not args or args[0] not in ("server", "client"):
-        print(f"usage: python -m dvs_apps.m3ftp server|client ARGS...\n  {SERVER_USAGE}\n"
+        print(f"usage: python -m dvs_apps.m3ftp server|client ARGS... | -p|-g ARGS...\n"
+              f"  {SERVER_USAGE}\n"
               f"  {CLIENT_USAGE}", file=sys.stderr)
         return 1
     role, rest = args[0], args[1:]

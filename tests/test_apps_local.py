@@ -258,6 +258,17 @@ def test_dvsctl_views_and_bindings(start_node, apps):
             apps.stop(proc)
 
 
+def test_dvsctl_node_with_several_named_dcs(start_node, apps):
+    """`--dcs N --dc-name NAME`: every DC runs under a name of its own (a kernel refuses a
+    second DC of the same name); a name too long for its numbered siblings is refused."""
+    start_node(1, ["--dcs", "3", "--dc-name", "WEB"])
+    for dcid, name in ((0, "WEB"), (1, "WEB1"), (2, "WEB2")):
+        info = apps.run("dvsctl", "dcinfo", dcid)
+        assert info.returncode == 0 and f"dc_name={name}\n" in info.stdout, info.stderr
+    r = apps.run("dvsctl", "node", "run", 2, "--dcs", "2", "--dc-name", "X" * 15, timeout=15)
+    assert r.returncode != 0 and "longer than 15 characters" in r.stderr, r.stdout + r.stderr
+
+
 def test_dvsctl_errors(start_node, apps):
     start_node(1)
 

@@ -282,6 +282,7 @@ def test_reload_reports_the_daemons_verdict(make_root):
     res = r.run("reload")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "reloaded" in res.stdout and "links removed" in res.stdout
+    assert "reload of" not in res.stdout, res.stdout   # the summary, not the whole log line
     # refused by the daemon (valid for --check, but needs a restart): rc 1 and the reason
     r.cfg.write_text(render_config(LB_CFG, r.net).replace("nodeid 0;", "nodeid 5;"))
     assert r.run("check").returncode == 0
@@ -311,6 +312,9 @@ def test_install_under_dvs_root(tmp_path):
     unit = (root / "lib" / "systemd" / "system" / "dsp_proxy.service").read_text()
     doc = re.search(r"^Documentation=file:(\S+)$", unit, re.M).group(1)
     assert (root / doc.lstrip("/")).is_file()  # the unit points at something installed
+    installed = root / doc.lstrip("/")
+    for image in re.findall(r"\]\((stats-page[^)]*\.png)\)", installed.read_text()):
+        assert (installed.parent / image).is_file(), f"{image}, shown by {installed.name}"
     if shutil.which("update-rc.d"):
         assert "update-rc.d dvs defaults: done" in res.stdout
         for level in "2345":
