@@ -24,7 +24,7 @@ from dsp_proxy import fastpath
 from dsp_proxy.rproxy import FrameError, FrameReader, _recv_timeout, check_header
 from dvk_cffi import consts as C
 from dvk_cffi.wire import HEADER_SIZE
-from fuzz.relay_fuzz import CLIENT, SERVERS, Twins, establish, frame
+from fuzz.relay_fuzz import CLIENT, LB_HOST, SERVERS, Twins, establish, frame, report
 
 pytestmark = pytest.mark.skipif(fastpath.lib is None, reason="the compiled relay is not built")
 
@@ -246,6 +246,53 @@ def test_a_full_read_buffer_of_the_receiver_is_relayed_frame_for_frame(pumped):
     sender.join(10)
     assert b"".join(got) == want
     p.t.compare()
+
+
+_EXTREMES = [0, 1, 2, 3, 5, 31, 32, 63, 64, HEADER_SIZE, C.MASK_ACKNOWLEDGE, 0xFFFF,
+             C.MAXCOPYBUF, C.MAXCOPYBUF + 1, -1, -2, -C.NR_TASKS, -C.NR_TASKS - 1, -HEADER_SIZE,
+             -HEADER_SIZE - 1, INT32_MIN, INT32_MAX]
+
+
+def test_every_header_field_at_its_extremes_agrees_with_the_router():
+    """Each 32-bit word of the header of a client's and a server's frames (requests, ACKs,
+    COPY data), set in turn to the boundary values of ids, counts and lengths: the relay
+    carries the frame exactly as the router sends it or leaves it to the router, whose answer
+    is the same with and without the relay (fuzz/relay_fuzz.py `Twins.feed` compares)."""
+    t = Twins()
+    try:
+        establish(t)
+        rng = random.Random(7)
+
+        def session_frame(cmd: int, server_side: bool) -> tuple[bytes, int]:
+            sess = t.gb.sessions[(0, CLIENT, 50, 10)]
+            if server_side:
+                return (frame(rng, cmd, 10, sess.lbsvr_ep, sess.svr_node, LB_HOST, 900),
+                        sess.svr_node)
+            return frame(rng, cmd, 50, 10, CLIENT, 0, 77), CLIENT
+
+        relayed = 0
+        for cmd, server_side in ((C.CMD_SNDREC_MSG, False), (C.CMD_COPYIN_DATA, False),
+                                 (C.CMD_SEND_ACK, False), (C.CMD_SEND_MSG, True),
+                                 (C.CMD_COPYIN_DATA, True), (C.CMD_SNDREC_ACK, True)):
+            for off in range(0, HEADER_SIZE, 4):
+                for value in _EXTREMES:
+                    if (0, CLIENT, 50, 10) not in t.gb.sessions:   # a mutant ended it
+                        for node in SERVERS:
+                            for group in (t.ga, t.gb):
+                                report(group, node)
+                        establish(t)
+                    # a valid frame first: the router hands the session over again
+                    t.feed(*session_frame(C.CMD_SEND_MSG if server_side else C.CMD_SNDREC_MSG,
+                                          server_side))
+                    data, peer = session_frame(cmd, server_side)
+                    mutant = bytearray(data)
+                    struct.pack_into("<i", mutant, off, value)
+                    if off == _C_LEN:          # the payload as long as c_len says, up to 300
+                        mutant = mutant[:HEADER_SIZE] + bytes(max(0, min(value, 300)))
+                    relayed += t.feed(bytes(mutant), peer)
+        assert relayed > 500 and t.refused > 500, (relayed, t.refused)
+    finally:
+        t.table.free()
 
 
 def _table() -> fastpath.FlowTable:
