@@ -5,7 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 RELAY   := $(VENV)/.fastrelay
 
-.PHONY: venv run test test-deps lint bench clean install fuzz fuzz-config fuzz-frames fuzz-relay chaos
+.PHONY: venv run test test-deps lint bench clean install fuzz fuzz-config fuzz-frames fuzz-relay \
+	fuzz-relay-asan chaos
 
 venv: $(STAMP) $(RELAY)
 
@@ -68,6 +69,22 @@ fuzz-frames: venv
 # frame and every session compared; prints figures.
 fuzz-relay: venv
 	$(BIN)/python -m fuzz.relay_fuzz --frames 1000000
+
+# The same 1,000,000 frames and the relay's tests (its read loop fed by a hostile peer, the
+# cluster test) against dsp_proxy._fastrelay_san: fastrelay.c built with AddressSanitizer and
+# UBSan (the normal module stays as it is; DSP_FASTRELAY_SANITIZED=1 makes the DSP and its
+# children load the other one).  Any sanitizer report ends the run with a failure (pytest
+# captures only sys.stdout/err, so the report reaches the terminal).
+SAN_ENV := DSP_FASTRELAY_SANITIZED=1 PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+fuzz-relay-asan: venv
+	$(BIN)/python -m dsp_proxy.fastrelay_build --sanitize
+	@asan=$$(gcc -print-file-name=libasan.so); test -f "$$asan" || \
+	  { echo "no libasan.so for gcc (apt-get install libasan8)" >&2; exit 1; }; \
+	set -e; \
+	$(SAN_ENV) LD_PRELOAD="$$asan" $(BIN)/python -m fuzz.relay_fuzz --frames 1000000; \
+	$(SAN_ENV) LD_PRELOAD="$$asan" $(BIN)/python -m pytest -q -p no:cacheprovider --capture=sys \
+	  tests/test_fastrelay_hostile.py tests/test_fastpath.py
 
 # Six healed faults under four looping clients through the LB, then 8 clients x 10,000 sendrec.
 chaos: venv

@@ -25,13 +25,20 @@ from dvk_cffi.wire import HEADER_SIZE, frame_length
 from .link import cork
 from .misc import Counters
 
-try:
-    from ._fastrelay import ffi, lib
-except ImportError:           # not built: the Python path only
-    ffi = lib = None
-
 #: "0" turns the compiled relay off (the Python path then carries every frame).
 ENV = "DSP_FASTPATH"
+#: "1" loads the relay built with AddressSanitizer and UBSan (`fastrelay_build --sanitize`,
+#: which needs the ASan runtime preloaded: `make fuzz-relay-asan`) instead of the normal one.
+SANITIZED = "DSP_FASTRELAY_SANITIZED"
+
+if os.environ.get(SANITIZED) == "1":    # asked for: missing is an error, not the Python path
+    from ._fastrelay_san import ffi, lib
+else:
+    try:
+        from ._fastrelay import ffi, lib
+    except ImportError:       # not built: the Python path only
+        ffi = lib = None
+
 #: Segments (runs of frames for one node) one walk may produce.
 MAX_SEGS = 256
 #: How long the relay may read and write in C before the receiver's loop runs again (its

@@ -3,10 +3,16 @@
 `python -m dsp_proxy.fastrelay_build` (the Makefile's `venv` target runs it) compiles the
 module next to this file.  Without it the DSP runs the pure-Python path, which is complete on
 its own (docs/performance.md, "The compiled relay").
+
+`--sanitize` compiles the same source with AddressSanitizer and UndefinedBehaviorSanitizer as
+a second module, `dsp_proxy._fastrelay_san`, which the DSP loads only when
+DSP_FASTRELAY_SANITIZED is "1" (`fastpath.SANITIZED`; the ASan runtime must be preloaded:
+`make fuzz-relay-asan`); the normal module stays as it is.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -17,6 +23,9 @@ from pathlib import Path
 import cffi
 
 HERE = Path(__file__).resolve().parent
+#: The module the sanitizer build produces (dsp_proxy/fastpath.py imports it by this name).
+SANITIZED_MODULE = "_fastrelay_san"
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
 
 CDEF = """
 typedef struct { int32_t node, off, len, nframes; } relay_seg;
@@ -58,22 +67,38 @@ double rt_wire_last_tx(relay_table *t, int node);
 """
 
 
-def builder() -> cffi.FFI:
-    """The cffi builder of the module (source: fastrelay.c)."""
+def builder(sanitize: bool = False) -> cffi.FFI:
+    """The cffi builder of the module (source: fastrelay.c); `sanitize`: the ASan/UBSan
+    module, for the fuzzer and the tests (docs/reliability.md)."""
     ffi = cffi.FFI()
     ffi.cdef(CDEF)
-    ffi.set_source("dsp_proxy._fastrelay", (HERE / "fastrelay.c").read_text(encoding="utf-8"),
-                   extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-                   libraries=["pthread"])
+    warn = ["-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if sanitize:
+        ffi.set_source(f"dsp_proxy.{SANITIZED_MODULE}",
+                       (HERE / "fastrelay.c").read_text(encoding="utf-8"),
+                       extra_compile_args=["-O1", "-g", "-fno-omit-frame-pointer", *warn,
+                                           *_SANITIZE],
+                       extra_link_args=_SANITIZE, libraries=["pthread"])
+    else:
+        ffi.set_source("dsp_proxy._fastrelay", (HERE / "fastrelay.c").read_text(encoding="utf-8"),
+                       extra_compile_args=["-O2", *warn], libraries=["pthread"])
     return ffi
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = argparse.ArgumentParser(prog="python -m dsp_proxy.fastrelay_build",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--sanitize", action="store_true",
+                   help=f"build dsp_proxy.{SANITIZED_MODULE} with ASan and UBSan instead")
+    sanitize = p.parse_args(argv).sanitize
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            built = Path(builder().compile(tmpdir=tmp, verbose=False))
+            built = Path(builder(sanitize).compile(tmpdir=tmp, verbose=False))
         except Exception as exc:   # no compiler: the pure-Python path runs
+            if sanitize:           # asked for explicitly: say so in the exit status
+                logging.error("the sanitizer build failed: %s", exc)
+                return 1
             logging.warning("the compiled relay was not built (%s); the DSP uses the Python "
                             "path", exc)
             return 0
