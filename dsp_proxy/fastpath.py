@@ -276,20 +276,22 @@ class Relay:
                           budget)
         reader.start, reader.end = pos[0], pos[1]
         link = self.link
-        if link is not None:
-            if last_rx[0]:
-                link.last_rx = last_rx[0]
-            # this thread is the one that counts what the link receives: the relay's share
-            # (also of the walks of __call__ since the last read) joins it here
-            self.flows.fold(self.peer, RECEIVED, link.received, self.tally)
-        if got <= 0:
-            if got == 0:
-                raise ConnectionResetError("the peer closed the connection" + (
-                    " inside a frame" if reader.end > reader.start else ""))
-            raise OSError(-got, os.strerror(-got))
-        if self.nsegs[0] or self.held[0] >= 0:
-            cork()      # what a socket does not take stays a view of the buffer until uncork
-            self._write()
+        if link is not None and last_rx[0]:
+            link.last_rx = last_rx[0]
+        try:
+            if got <= 0:
+                if got == 0:
+                    raise ConnectionResetError("the peer closed the connection" + (
+                        " inside a frame" if reader.end > reader.start else ""))
+                raise OSError(-got, os.strerror(-got))
+            if self.nsegs[0] or self.held[0] >= 0:
+                cork()  # what a socket does not take stays a view of the buffer until uncork
+                self._write()   # first: it releases a send lock the relay kept
+        finally:
+            if link is not None:
+                # this thread is the one that counts what the link receives: the relay's
+                # share (also of the walks of __call__ since the last read) joins it here
+                self.flows.fold(self.peer, RECEIVED, link.received, self.tally)
         node = self.flush[0]
         if node >= 0:   # a writer left its frames to the relay, which held the send lock
             out = self.links.get(node)

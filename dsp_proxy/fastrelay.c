@@ -475,6 +475,8 @@ void rt_untally(relay_table *t, int node, const unsigned char *buf, int len)
         const unsigned char *h = buf + off;
         int32_t clen = rd(h, O_LEN), dcid = rd(h, O_DCID);
         int slot = cmd_slot(t, rd(h, O_CMD));
+        if (clen < 0 || clen > t->maxcopybuf)
+            break;          /* not a span the walk produced: nothing more to take back */
         if (slot >= 0 && dcid >= 0 && dcid < t->nr_dcs)
             tally_add(&t->tally[1][node], t, slot, dcid, clen, -1);
         off += RT_HEADER + clen;

@@ -403,3 +403,24 @@ def test_ids_out_of_range_are_refused_everywhere(bad):
         assert n[0] == 0 and python[0] == 1
     finally:
         table.free()
+
+
+@pytest.mark.parametrize("c_len", [-1, -HEADER_SIZE, INT32_MIN, C.MAXCOPYBUF + 1, INT32_MAX])
+def test_a_refused_span_with_a_bad_length_ends_the_take_back(c_len):
+    """Taking back the count of a refused span stops at a header whose length no walk lets
+    through (a negative one would otherwise step back or in place forever, under the table's
+    lock): the frames before it are taken back, nothing after it."""
+    lib, ffi = fastpath.lib, fastpath.ffi
+    table = _table()
+    try:
+        good = bytearray(HEADER_SIZE)
+        struct.pack_into("<i", good, 0, C.CMD_SEND_ACK)
+        bad = bytearray(good)
+        struct.pack_into("<i", bad, _C_LEN, c_len)
+        span = bytes(good + bad + good)
+        lib.rt_untally(table.table, 1, ffi.from_buffer(span), len(span))
+        tally = ffi.new("relay_tally *")
+        assert lib.rt_fold(table.table, 1, fastpath.SENT, tally)
+        assert (tally.frames, tally.bytes) == (-1, -HEADER_SIZE)
+    finally:
+        table.free()
