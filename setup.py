@@ -16,6 +16,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dsp_proxy", "dsp_proxy.*", "dvk_cffi", "dvk_cffi.*",
                                     "dvs_apps", "dvs_apps.*"]),
+    # the compiled relay's source (its build and the check that a module matches it), and
+    # the module when it was built in the tree before installing
+    package_data={"dsp_proxy": ["fastrelay.c", "_fastrelay.*.so"]},
     install_requires=[
         "cffi>=1.16,<3",
         "psutil>=5.9,<8",
@@ -24,7 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.4,<10", "pytest-timeout>=2.2,<3", "ruff>=0.4,<1",
-                 "prometheus_client>=0.17,<1"],  # the /metrics test parses with its parser
+                 "prometheus_client>=0.17,<1",  # the /metrics test parses with its parser
+                 "wheel>=0.41,<1"],  # the install test builds the package without a download
     },
     entry_points={
         "console_scripts": [

@@ -22,6 +22,7 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import HEADER_SIZE, frame_length
 
+from . import fastrelay_build
 from .link import cork
 from .misc import Counters
 
@@ -31,12 +32,37 @@ ENV = "DSP_FASTPATH"
 #: which needs the ASan runtime preloaded: `make fuzz-relay-asan`) instead of the normal one.
 SANITIZED = "DSP_FASTRELAY_SANITIZED"
 
+
+def stale(module_ffi, module_lib) -> str | None:
+    """Why a built module may not be used (None: it may): it must have been compiled from
+    the fastrelay.c and declarations beside it, or its functions may be missing or differ."""
+    try:
+        expected = fastrelay_build.source_id()
+    except OSError as exc:
+        return f"its source cannot be read to check the build ({exc})"
+    built_from = getattr(module_lib, "rt_source_id", None)
+    if built_from is None or module_ffi.string(built_from()).decode() != expected:
+        return ("it was built from another version of fastrelay.c; run `make venv` (or "
+                "`python -m dsp_proxy.fastrelay_build`) to rebuild it")
+    return None
+
+
+#: Why the compiled relay is not used although it is installed (None: it is used, or it is
+#: not built); the LB host logs it.
+UNUSABLE: str | None = None
+
 if os.environ.get(SANITIZED) == "1":    # asked for: missing is an error, not the Python path
     from ._fastrelay_san import ffi, lib
 else:
     try:
         from ._fastrelay import ffi, lib
     except ImportError:       # not built: the Python path only
+        ffi = lib = None
+if lib is not None:
+    UNUSABLE = stale(ffi, lib)
+    if UNUSABLE is not None:
+        if os.environ.get(SANITIZED) == "1":
+            raise ImportError(f"dsp_proxy.{fastrelay_build.SANITIZED_MODULE}: {UNUSABLE}")
         ffi = lib = None
 
 #: Segments (runs of frames for one node) one walk may produce.

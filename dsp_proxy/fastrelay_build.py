@@ -13,6 +13,7 @@ DSP_FASTRELAY_SANITIZED is "1" (`fastpath.SANITIZED`; the ASan runtime must be p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import shutil
@@ -67,20 +68,34 @@ double rt_wire_last_tx(relay_table *t, int node);
 """
 
 
+#: The module's answer to "which source were you built from" (see `source_id`).
+ID_CDEF = "const char *rt_source_id(void);\n"
+
+
+def source_id() -> str:
+    """A digest of the declarations and fastrelay.c as they are on disk.  Built into the
+    module, it lets the DSP refuse a module compiled from another source (an update whose
+    `make venv` did not run yet) instead of calling functions it lacks or that changed.
+    Raises OSError when fastrelay.c cannot be read."""
+    text = (HERE / "fastrelay.c").read_text(encoding="utf-8")
+    return hashlib.sha256((CDEF + "\0" + text).encode()).hexdigest()[:16]
+
+
 def builder(sanitize: bool = False) -> cffi.FFI:
-    """The cffi builder of the module (source: fastrelay.c); `sanitize`: the ASan/UBSan
-    module, for the fuzzer and the tests (docs/reliability.md)."""
+    """The cffi builder of the module (source: fastrelay.c, and the function that names it);
+    `sanitize`: the ASan/UBSan module, for the fuzzer and the tests (docs/reliability.md)."""
     ffi = cffi.FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(CDEF + ID_CDEF)
+    source = ((HERE / "fastrelay.c").read_text(encoding="utf-8")
+              + f'\nconst char *rt_source_id(void) {{ return "{source_id()}"; }}\n')
     warn = ["-Wall", "-Wextra", "-Wno-unused-parameter"]
     if sanitize:
-        ffi.set_source(f"dsp_proxy.{SANITIZED_MODULE}",
-                       (HERE / "fastrelay.c").read_text(encoding="utf-8"),
+        ffi.set_source(f"dsp_proxy.{SANITIZED_MODULE}", source,
                        extra_compile_args=["-O1", "-g", "-fno-omit-frame-pointer", *warn,
                                            *_SANITIZE],
                        extra_link_args=_SANITIZE, libraries=["pthread"])
     else:
-        ffi.set_source("dsp_proxy._fastrelay", (HERE / "fastrelay.c").read_text(encoding="utf-8"),
+        ffi.set_source("dsp_proxy._fastrelay", source,
                        extra_compile_args=["-O2", *warn], libraries=["pthread"])
     return ffi
 

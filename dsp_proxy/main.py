@@ -150,6 +150,9 @@ class Dsp:
         if cfg.role(local).lb_pair and not topology.is_relayed_client(cfg, local):
             self.group = Group(cfg, local, _LinkView(self.links),
                                self.relay_host, self.node_pids)
+            if self.relay_host == local and fastpath.UNUSABLE:
+                log.warning("the compiled relay is not used: %s; the Python path carries "
+                            "every frame", fastpath.UNUSABLE)
             if self.relay_host == local and fastpath.enabled():
                 try:
                     self.fast = fastpath.FlowTable(local, self.lb_nodeid, dvs.d_nr_nodes,

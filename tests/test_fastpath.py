@@ -9,7 +9,11 @@ relays COPY data to a server that reads slowly, every byte checked.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,7 +22,7 @@ import pytest
 from bench import wire_peers as W
 from cluster_helpers import fresh_net
 from dsp_proxy import fastpath
-from dsp_proxy.cluster import Cluster
+from dsp_proxy.cluster import REPO_ROOT, Cluster, python_env
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import HEADER_SIZE, Header
@@ -167,3 +171,59 @@ def test_relayed_copy_data_keeps_every_byte_while_the_server_reads_slowly(tmp_pa
         if hop is not None:
             hop.close()
         cluster.stop()
+
+
+def test_a_module_built_from_another_fastrelay_c_is_not_used(tmp_path):
+    """After an update whose `make venv` did not run, the module beside the new fastrelay.c
+    is the old one's: the LB host must not call it (a function it lacks or that changed would
+    kill its threads), but say so and carry every frame on the Python path."""
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO_ROOT / "dsp_proxy", tree / "dsp_proxy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    source = tree / "dsp_proxy" / "fastrelay.c"
+    source.write_text(source.read_text() + "\n/* the next version */\n")
+    net = fresh_net()
+    cfg = tmp_path / "hop.cfg"
+    cfg.write_text(W.CONFIG.format(net=net, opts=""))
+    cluster = Cluster(cfg, rundir=str(tmp_path), log_level="INFO")
+    log = tmp_path / "dsp-copy.log"
+
+    def start_copy() -> subprocess.Popen:     # the DSP of the copied tree, stopped by cluster
+        env = python_env({"DVK_RUNDIR": cluster.rundir,
+                          "PYTHONPATH": f"{tree}{os.pathsep}{REPO_ROOT}"})
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", str(W.HOST),
+                 "--status-file", cluster.status_path(W.HOST), str(cfg)],
+                env=env, cwd=tree, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL)
+        cluster.dsps[W.HOST] = proc
+        return proc
+
+    hop = None
+    try:
+        cluster.start_kernel(W.HOST)
+        hop = W.DspHop(net, start_copy)
+        assert W.pingpong(hop, 50, 10.0), "no round trip through the LB host"
+        text = log.read_text()
+        assert "the compiled relay is not used: it was built from another version of " \
+            "fastrelay.c; run `make venv`" in text, text
+        assert "died" not in text and "Traceback" not in text, text
+        assert cluster.status(W.HOST)["fast_relay"] is False
+    finally:
+        if hop is not None:
+            hop.close()
+        cluster.stop()
+
+
+def test_a_module_whose_source_cannot_be_checked_is_not_used(monkeypatch):
+    """No fastrelay.c to compare with: the module is not trusted either."""
+    def unreadable() -> str:
+        raise FileNotFoundError("fastrelay.c")
+    monkeypatch.setattr(fastpath.fastrelay_build, "source_id", unreadable)
+    assert "cannot be read" in fastpath.stale(fastpath.ffi, fastpath.lib)
+
+
+def test_the_built_module_names_its_source():
+    assert fastpath.UNUSABLE is None
+    assert fastpath.stale(fastpath.ffi, fastpath.lib) is None

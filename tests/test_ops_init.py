@@ -326,3 +326,29 @@ def test_install_under_dvs_root(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "kept" in res.stdout
     assert (root / "etc" / "default" / "dvs").read_text() == "DSP_OPTS=--mine\n"
+
+
+def test_an_installed_package_builds_and_checks_its_compiled_relay(tmp_path):
+    """`pip install .` then `python -m dsp_proxy.fastrelay_build` against the installed
+    package (docs/operations.md): fastrelay.c is installed with the package, so the module
+    is built there and the DSP finds it matches its source and uses it."""
+    src = tmp_path / "src"
+    for name in ("dsp_proxy", "dvk_cffi", "dvs_apps"):
+        shutil.copytree(REPO_ROOT / name, src / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "_fastrelay*.so"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
+    site = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                          "--no-build-isolation", "--target", str(site), str(src)],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (site / "dsp_proxy" / "fastrelay.c").is_file()
+    env = dict(os.environ, PYTHONPATH=str(site))
+    run = dict(env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    built = subprocess.run([sys.executable, "-m", "dsp_proxy.fastrelay_build"], **run)
+    assert built.returncode == 0 and "built" in built.stderr, built.stdout + built.stderr
+    check = subprocess.run([sys.executable, "-c", "import dsp_proxy.fastpath as f; "
+                            "print(f.__file__, f.enabled(), f.UNUSABLE)"], **run)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.split() == [str(site / "dsp_proxy" / "fastpath.py"), "True", "None"]
