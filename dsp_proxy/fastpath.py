@@ -33,17 +33,18 @@ ENV = "DSP_FASTPATH"
 SANITIZED = "DSP_FASTRELAY_SANITIZED"
 
 
-def stale(module_ffi, module_lib) -> str | None:
+def stale(module_ffi: object, module_lib: object) -> str | None:
     """Why a built module may not be used (None: it may): it must have been compiled from
     the fastrelay.c and declarations beside it, or its functions may be missing or differ."""
     try:
         expected = fastrelay_build.source_id()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:     # missing, unreadable, not UTF-8
         return f"its source cannot be read to check the build ({exc})"
     built_from = getattr(module_lib, "rt_source_id", None)
     if built_from is None or module_ffi.string(built_from()).decode() != expected:
-        return ("it was built from another version of fastrelay.c; run `make venv` (or "
-                "`python -m dsp_proxy.fastrelay_build`) to rebuild it")
+        return (f"the module in {fastrelay_build.HERE} was built from another version of "
+                "fastrelay.c; run `make venv` (or `python -m dsp_proxy.fastrelay_build` "
+                "there) to rebuild it")
     return None
 
 
@@ -51,19 +52,20 @@ def stale(module_ffi, module_lib) -> str | None:
 #: not built); the LB host logs it.
 UNUSABLE: str | None = None
 
-if os.environ.get(SANITIZED) == "1":    # asked for: missing is an error, not the Python path
+if os.environ.get(SANITIZED) == "1":    # asked for: missing or stale is an error
     from ._fastrelay_san import ffi, lib
+    UNUSABLE = stale(ffi, lib)
+    if UNUSABLE is not None:
+        raise ImportError(f"dsp_proxy.{fastrelay_build.SANITIZED_MODULE}: {UNUSABLE}")
 else:
     try:
         from ._fastrelay import ffi, lib
     except ImportError:       # not built: the Python path only
         ffi = lib = None
-if lib is not None:
-    UNUSABLE = stale(ffi, lib)
-    if UNUSABLE is not None:
-        if os.environ.get(SANITIZED) == "1":
-            raise ImportError(f"dsp_proxy.{fastrelay_build.SANITIZED_MODULE}: {UNUSABLE}")
-        ffi = lib = None
+    if lib is not None:
+        UNUSABLE = stale(ffi, lib)
+        if UNUSABLE is not None:
+            ffi = lib = None
 
 #: Segments (runs of frames for one node) one walk may produce.
 MAX_SEGS = 256
@@ -177,12 +179,12 @@ class FlowTable:
         return out[0], out[1], out[2], out[3]
 
     # ------------------------------------------------------------------ counters
-    def fold(self, node: int, direction: int, counters: Counters, tally=None) -> None:
+    def fold(self, node: int, direction: int, counters: Counters, tally: object) -> None:
         """Add what the relay counted for the link to `node` in `direction` (RECEIVED or
-        SENT) to `counters`.  `Counters` has no lock: only the thread that may count into
-        `counters` at that moment may fold (`Link.fold_relay` and `Relay.read` say which);
-        `tally`: a "relay_tally *" to reuse."""
-        y = ffi.new("relay_tally *") if tally is None else tally
+        SENT) to `counters`.  `Counters` has no lock: only the thread that may change the
+        figures the fold adds to may fold (`Link.fold_relay` and `Relay.fold_received` say
+        which); `tally`: the caller's own "relay_tally *", reused."""
+        y = tally
         if not lib.rt_fold(self.table, node, direction, y):
             return
         by_cmd = {}
@@ -256,8 +258,8 @@ class Wire:
         return lib.rt_wire_last_tx(self.table, self.node)
 
     def fold_sent(self, sent: Counters) -> None:
-        """(send lock held: every other count of `sent` runs under it) Add what the relay
-        counted as sent to this link."""
+        """(send lock held: the counts of the figures this adds to run under it) Add what
+        the relay counted as sent to this link."""
         self.flows.fold(self.node, SENT, sent, self._tally)
 
 
@@ -314,16 +316,20 @@ class Relay:
                 cork()  # what a socket does not take stays a view of the buffer until uncork
                 self._write()   # first: it releases a send lock the relay kept
         finally:
-            if link is not None:
-                # this thread is the one that counts what the link receives: the relay's
-                # share (also of the walks of __call__ since the last read) joins it here
-                self.flows.fold(self.peer, RECEIVED, link.received, self.tally)
+            self.fold_received()
         node = self.flush[0]
         if node >= 0:   # a writer left its frames to the relay, which held the send lock
             out = self.links.get(node)
             if out is not None:
                 out.flush()
         return bool(self.python[0])
+
+    def fold_received(self) -> None:
+        """(the link's receiver thread: the only one that counts what the link receives)
+        Add what the relay counted as received since the last fold, by its reads and its
+        walks, to the link's counters."""
+        if self.link is not None:
+            self.flows.fold(self.peer, RECEIVED, self.link.received, self.tally)
 
     def __call__(self) -> bool:
         """Relay the frames at the head of the buffer that belong to handed-over sessions,

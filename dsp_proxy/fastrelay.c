@@ -445,10 +445,25 @@ static inline void tally_add(relay_tally *y, const relay_table *t, int slot, int
         y->dc_data[dcid] += sign * len;
 }
 
+/* Whether a tally holds a figure other than 0: a take-back can bring the frames and bytes
+ * to 0 and leave per-command or per-DC figures (one command taken back, another counted). */
+static int tally_any(const relay_tally *y)
+{
+    if (y->frames || y->bytes)
+        return 1;
+    for (int s = 0; s < RT_CMD_SLOTS; s++)
+        if ((y->cmd_mask >> s & 1) && y->by_cmd[s])
+            return 1;
+    for (int d = 0; d < RT_MAX_DCS; d++)
+        if ((y->dc_mask >> d & 1) && (y->dc_cmds[d] || y->dc_msgs[d] || y->dc_data[d]))
+            return 1;
+    return 0;
+}
+
 /* The link counters of node `node` (dir 0: received from it, 1: sent to it) since the last
- * call that returned 1, which zeroes them; 0 (and *out not filled) when there are none.  The
- * caller adds them to counters that only it may change at that moment (the receiver's own
- * thread for dir 0, the link's send lock held for dir 1): the Python counters have no lock. */
+ * call, which zeroes them: 1 and *out filled, or 0 when every figure is 0.  The caller adds
+ * them to counters that only it may change at that moment (the receiver's own thread for
+ * dir 0, the link's send lock held for dir 1): the Python counters have no lock. */
 int rt_fold(relay_table *t, int node, int dir, relay_tally *out)
 {
     int any = 0;
@@ -456,10 +471,11 @@ int rt_fold(relay_table *t, int node, int dir, relay_tally *out)
         return 0;
     pthread_mutex_lock(&t->lock);
     relay_tally *y = &t->tally[dir][node];
-    if (y->frames || y->bytes) {
-        *out = *y;
+    if (y->cmd_mask | y->dc_mask) {
+        any = tally_any(y);
+        if (any)
+            *out = *y;
         memset(y, 0, sizeof *y);
-        any = 1;
     }
     pthread_mutex_unlock(&t->lock);
     return any;

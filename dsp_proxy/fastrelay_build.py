@@ -76,7 +76,7 @@ def source_id() -> str:
     """A digest of the declarations and fastrelay.c as they are on disk.  Built into the
     module, it lets the DSP refuse a module compiled from another source (an update whose
     `make venv` did not run yet) instead of calling functions it lacks or that changed.
-    Raises OSError when fastrelay.c cannot be read."""
+    Raises OSError when fastrelay.c cannot be read, ValueError when it is not UTF-8."""
     text = (HERE / "fastrelay.c").read_text(encoding="utf-8")
     return hashlib.sha256((CDEF + "\0" + text).encode()).hexdigest()[:16]
 

@@ -437,10 +437,10 @@ class Link:
 
     def fold_relay(self) -> None:
         """(any thread) Bring what the compiled relay counted as sent to this link into
-        `sent`, under the send lock that every other count of `sent` runs under (`Counters`
-        has no lock: a fold racing a count would lose one of them).  What the relay counted
-        as received is folded by the link's receiver thread (`Relay.read`), the only thread
-        that counts into `received`."""
+        `sent`, under the send lock that every count of the figures the fold adds to runs
+        under (`Counters` has no lock: a fold racing a count would lose one of them).  What
+        the relay counted as received is folded by the link's receiver thread
+        (`Relay.fold_received`), the only thread that counts into `received`."""
         if self.wire is None:
             return
         with self.send_lock:

@@ -394,8 +394,9 @@ class Dsp:
         return max(0, moved)  # a reload that removed a link lowers the total
 
     def fold_fast(self) -> None:
-        """Add what the compiled relay counted as sent to the link counters (what it counted
-        as received each receiver adds itself: `Link.fold_relay`)."""
+        """Add what the compiled relay counted as sent to the link counters
+        (`Link.fold_relay`; what it counted as received each receiver adds itself:
+        `Relay.fold_received`)."""
         if self.fast is None:
             return
         for link in list(self.links.values()):

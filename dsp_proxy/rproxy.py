@@ -448,6 +448,8 @@ class RProxy:
             link.down(str(exc) or type(exc).__name__, gen)
         finally:
             uncork()
+            if relay is not None:    # what its last walks counted, before the link ends
+                relay.fold_received()
 
     def _refused(self, hbuf: bytes, code: int) -> None:
         """A frame of the compiled relay that its link refused: the client's error reply."""

@@ -178,8 +178,8 @@ def test_a_module_built_from_another_fastrelay_c_is_not_used(tmp_path):
     is the old one's: the LB host must not call it (a function it lacks or that changed would
     kill its threads), but say so and carry every frame on the Python path."""
     tree = tmp_path / "tree"
-    shutil.copytree(REPO_ROOT / "dsp_proxy", tree / "dsp_proxy",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "dsp_proxy", tree / "dsp_proxy",   # the normal module only
+                    ignore=shutil.ignore_patterns("__pycache__", "_fastrelay_san*"))
     source = tree / "dsp_proxy" / "fastrelay.c"
     source.write_text(source.read_text() + "\n/* the next version */\n")
     net = fresh_net()
@@ -191,6 +191,8 @@ def test_a_module_built_from_another_fastrelay_c_is_not_used(tmp_path):
     def start_copy() -> subprocess.Popen:     # the DSP of the copied tree, stopped by cluster
         env = python_env({"DVK_RUNDIR": cluster.rundir,
                           "PYTHONPATH": f"{tree}{os.pathsep}{REPO_ROOT}"})
+        for name in (fastpath.SANITIZED, "LD_PRELOAD"):   # under make fuzz-relay-asan
+            env.pop(name, None)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", str(W.HOST),
@@ -206,8 +208,8 @@ def test_a_module_built_from_another_fastrelay_c_is_not_used(tmp_path):
         hop = W.DspHop(net, start_copy)
         assert W.pingpong(hop, 50, 10.0), "no round trip through the LB host"
         text = log.read_text()
-        assert "the compiled relay is not used: it was built from another version of " \
-            "fastrelay.c; run `make venv`" in text, text
+        assert f"the compiled relay is not used: the module in {tree / 'dsp_proxy'} was " \
+            "built from another version of fastrelay.c; run `make venv`" in text, text
         assert "died" not in text and "Traceback" not in text, text
         assert cluster.status(W.HOST)["fast_relay"] is False
     finally:

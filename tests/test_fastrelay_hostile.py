@@ -384,8 +384,9 @@ def test_ids_out_of_range_are_refused_everywhere(bad):
         assert lib.rt_give(t, 1, bad, 0, 1, 1, 1, 1, 0) == -1
         assert lib.rt_map(t, bad, 1, 2) == -1
         assert lib.rt_take(t, bad, 1, out) == -1
-        lib.rt_fold(t, bad, 0, tally)
-        lib.rt_fold(t, 0, bad, tally)
+        assert not lib.rt_fold(t, bad, 0, tally)
+        assert not lib.rt_fold(t, 0, bad, tally)
+        assert lib.rt_wire_last_tx(t, bad) == 0.0
         lib.rt_set_dc(t, bad, 1, 0, 0)
         lib.rt_set_raw_ok(t, bad, 1)
         lib.rt_untally(t, bad, ffi.new("unsigned char[]", HEADER_SIZE), HEADER_SIZE)
@@ -424,3 +425,28 @@ def test_a_refused_span_with_a_bad_length_ends_the_take_back(c_len):
         assert (tally.frames, tally.bytes) == (-1, -HEADER_SIZE)
     finally:
         table.free()
+
+
+def test_a_take_back_that_leaves_only_per_command_figures_is_still_folded():
+    """A relayed SEND_ACK counted and a refused SNDREC of the same size taken back: frames
+    and bytes are 0 in all, the per-command figures are not, and the fold hands them over."""
+    lib, ffi = fastpath.lib, fastpath.ffi
+    t = Twins()
+    try:
+        svr, _ = establish(t)
+        links = {svr: SimpleNamespace(submit_span=lambda span, nframes: 0)}
+        relay = fastpath.Relay(t.table, t.reader, CLIENT, links, _no_refusal)
+        rng = random.Random(5)
+        t.reader.load(frame(rng, C.CMD_SEND_ACK, 50, 10, CLIENT, 0, 77))
+        assert relay() is False and t.reader.start == t.reader.end
+        taken = bytearray(HEADER_SIZE)
+        struct.pack_into("<ii", taken, 0, C.CMD_SNDREC_MSG, 0)
+        lib.rt_untally(t.table.table, svr, ffi.from_buffer(bytes(taken)), HEADER_SIZE)
+        tally = ffi.new("relay_tally *")
+        assert lib.rt_fold(t.table.table, svr, fastpath.SENT, tally)
+        by_cmd = {t.table._slots[s]: tally.by_cmd[s] for s in range(64) if tally.by_cmd[s]}
+        assert (tally.frames, tally.bytes) == (0, 0)
+        assert by_cmd == {C.CMD_SEND_ACK: 1, C.CMD_SNDREC_MSG: -1}
+        assert not lib.rt_fold(t.table.table, svr, fastpath.SENT, tally)   # handed over once
+    finally:
+        t.table.free()

@@ -340,7 +340,8 @@ def test_an_installed_package_builds_and_checks_its_compiled_relay(tmp_path):
         shutil.copy(REPO_ROOT / name, src / name)
     site = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                          "--no-build-isolation", "--target", str(site), str(src)],
+                          "--no-build-isolation", "--no-index", "--disable-pip-version-check",
+                          "--target", str(site), str(src)],
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (site / "dsp_proxy" / "fastrelay.c").is_file()
