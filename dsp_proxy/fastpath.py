@@ -184,19 +184,18 @@ class FlowTable:
         SENT) to `counters`.  `Counters` has no lock: only the thread that may change the
         figures the fold adds to may fold (`Link.fold_relay` and `Relay.fold_received` say
         which); `tally`: the caller's own "relay_tally *", reused."""
-        y = tally
-        if not lib.rt_fold(self.table, node, direction, y):
+        if not lib.rt_fold(self.table, node, direction, tally):
             return
         by_cmd = {}
-        for slot in _bits(y.cmd_mask):
-            if y.by_cmd[slot]:
-                by_cmd[self._slots[slot]] = y.by_cmd[slot]
+        for slot in _bits(tally.cmd_mask):
+            if tally.by_cmd[slot]:
+                by_cmd[self._slots[slot]] = tally.by_cmd[slot]
         by_dc = {}
-        for dcid in _bits(y.dc_mask):
-            fig = (y.dc_cmds[dcid], y.dc_msgs[dcid], y.dc_data[dcid])
+        for dcid in _bits(tally.dc_mask):
+            fig = (tally.dc_cmds[dcid], tally.dc_msgs[dcid], tally.dc_data[dcid])
             if any(fig):
                 by_dc[dcid] = fig
-        counters.add(y.frames, y.bytes, by_cmd, by_dc)
+        counters.add(tally.frames, tally.bytes, by_cmd, by_dc)
 
     def untally(self, node: int, span) -> None:
         """Frames the relay counted as sent to `node` that its link refused."""
