@@ -72,12 +72,13 @@ double rt_wire_last_tx(relay_table *t, int node);
 ID_CDEF = "const char *rt_source_id(void);\n"
 
 
-def source_id() -> str:
-    """A digest of the declarations and fastrelay.c as they are on disk.  Built into the
-    module, it lets the DSP refuse a module compiled from another source (an update whose
-    `make venv` did not run yet) instead of calling functions it lacks or that changed.
+def source_id(text: str | None = None) -> str:
+    """A digest of the declarations and fastrelay.c (`text`, else as it is on disk).  Built
+    into the module, it lets the DSP refuse a module compiled from another source (an update
+    whose `make venv` did not run yet) instead of calling functions it lacks or that changed.
     Raises OSError when fastrelay.c cannot be read, ValueError when it is not UTF-8."""
-    text = (HERE / "fastrelay.c").read_text(encoding="utf-8")
+    if text is None:
+        text = (HERE / "fastrelay.c").read_text(encoding="utf-8")
     return hashlib.sha256((CDEF + "\0" + text).encode()).hexdigest()[:16]
 
 
@@ -86,17 +87,15 @@ def builder(sanitize: bool = False) -> cffi.FFI:
     `sanitize`: the ASan/UBSan module, for the fuzzer and the tests (docs/reliability.md)."""
     ffi = cffi.FFI()
     ffi.cdef(CDEF + ID_CDEF)
-    source = ((HERE / "fastrelay.c").read_text(encoding="utf-8")
-              + f'\nconst char *rt_source_id(void) {{ return "{source_id()}"; }}\n')
+    text = (HERE / "fastrelay.c").read_text(encoding="utf-8")
+    source = text + f'\nconst char *rt_source_id(void) {{ return "{source_id(text)}"; }}\n'
     warn = ["-Wall", "-Wextra", "-Wno-unused-parameter"]
     if sanitize:
-        ffi.set_source(f"dsp_proxy.{SANITIZED_MODULE}", source,
-                       extra_compile_args=["-O1", "-g", "-fno-omit-frame-pointer", *warn,
-                                           *_SANITIZE],
-                       extra_link_args=_SANITIZE, libraries=["pthread"])
+        name, flags = SANITIZED_MODULE, ["-O1", "-g", "-fno-omit-frame-pointer", *_SANITIZE]
     else:
-        ffi.set_source("dsp_proxy._fastrelay", source,
-                       extra_compile_args=["-O2", *warn], libraries=["pthread"])
+        name, flags = "_fastrelay", ["-O2"]
+    ffi.set_source(f"dsp_proxy.{name}", source, extra_compile_args=[*flags, *warn],
+                   extra_link_args=_SANITIZE if sanitize else [], libraries=["pthread"])
     return ffi
 
 

@@ -15,6 +15,7 @@ traffic).  A refused frame of a link that is down gets EDVSNOTCONN.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import selectors
 import socket
@@ -281,13 +282,11 @@ class Link:
         thread closes it at a point where it does not use it, because a descriptor closed
         under a thread that is about to read it may already be a new connection's when that
         thread does (writers write under the send lock, which is held here)."""
-        with self.send_lock, self.cond:
+        with self._send_locked(), self.cond:
             if incoming:
                 retired, self.retired_in = self.retired_in, []
             else:
                 retired, self.retired_out = self.retired_out, []
-        if self.outq:             # frames a writer left to this one while it held the lock
-            self.flush()
         if not incoming and self.monitor is not None:
             with self.monitor.lock:        # the monitor never touches a closed descriptor
                 for sock in retired:
@@ -421,7 +420,7 @@ class Link:
         refers to it any more before the buffer is reused.  Writes what the socket takes
         (waiting for a writer that holds the send lock; writers never block on the socket) and
         copies what is left unsent or queued (bounded by the queue's bound)."""
-        with self.send_lock:
+        with self._send_locked():
             self._write_queued()
             self.unsent = [_own(p) for p in self.unsent]
             outq = self.outq      # a full socket leaves the queue as it was: its views too
@@ -432,8 +431,6 @@ class Link:
                         outq[i] = (_own(item[0]), _own(item[1])) + item[2:]
             except IndexError:
                 pass
-        if self.outq:             # frames a writer left to this one while it held the lock
-            self.flush()
 
     def fold_relay(self) -> None:
         """(any thread) Bring what the compiled relay counted as sent to this link into
@@ -443,9 +440,16 @@ class Link:
         (`Relay.fold_received`), the only thread that counts into `received`."""
         if self.wire is None:
             return
-        with self.send_lock:
+        with self._send_locked():
             self.wire.fold_sent(self.sent)
-        if self.outq:             # frames a writer left to this one while it held the lock
+
+    @contextlib.contextmanager
+    def _send_locked(self):
+        """The send lock, waited for; once it is released, the frames that writers left to
+        its holder meanwhile (a writer that finds it taken queues and goes on) are written."""
+        with self.send_lock:
+            yield
+        if self.outq:
             self.flush()
 
     def last_write(self) -> float:

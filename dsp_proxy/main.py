@@ -153,7 +153,7 @@ class Dsp:
             if self.relay_host == local and fastpath.UNUSABLE:
                 log.warning("the compiled relay is not used: %s; the Python path carries "
                             "every frame", fastpath.UNUSABLE)
-            if self.relay_host == local and fastpath.enabled():
+            elif self.relay_host == local and fastpath.enabled():
                 try:
                     self.fast = fastpath.FlowTable(local, self.lb_nodeid, dvs.d_nr_nodes,
                                                    dvs.d_nr_dcs, SERVER_GONE | SERVICE_DOWN)
