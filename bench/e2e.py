@@ -30,6 +30,8 @@ import psutil
 
 from dsp_proxy.cluster import Cluster, module_argv
 
+from . import chain_floor
+
 LAT_RE = re.compile(r"Time total elapsed in loop \d+: ([0-9.]+)")
 RATE_RE = re.compile(r"Message throughput in \d+ loops: ([0-9.]+)")
 FTP_RE = re.compile(r"(\d+) bytes in ([0-9.]+) s, (\d+) bytes/s")
@@ -44,6 +46,7 @@ service latency {{ dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; }};
 service m3ftp {{ dcid 0; ext_ep 20; min_ep 20; max_ep 24; bind external; }};
 """
 SRV, CLT, HOST = 1, 3, 5
+RELAYED = "LB, relayed (node 3 -> lbhost -> node 1)"
 DIRECT_LAT_EP, DIRECT_FTP_EP = 25, 27   # system endpoints outside both services
 #: Seconds after a measured client ends before the CPU is sampled, so that the kernels' and
 #: DSPs' work for its exit counts for its own path, not the next one.
@@ -247,7 +250,7 @@ def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
             _ctl(cl, HOST, "rmtbind", 0, DIRECT_FTP_EP, SRV, "ftpdirect")
             paths = {"direct (node 5 -> node 1, no LB)": (HOST, DIRECT_LAT_EP, DIRECT_FTP_EP),
                      "LB, local client (node 5 -> LB -> node 1)": (HOST, 10, 20),
-                     "LB, relayed (node 3 -> lbhost -> node 1)": (CLT, 10, 20)}
+                     RELAYED: (CLT, 10, 20)}
             for i, (node, lep, _fep) in enumerate(paths.values()):
                 latency(cl, node, 50 + i, lep, 20)   # warm-up: sessions, autobinds
             meter = CpuMeter(cluster_processes(cl, servers, {SRV: "server",
@@ -289,12 +292,18 @@ def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
     return out
 
 
+#: Round trips of each run of the relayed path's floor (bench/chain_floor.py, about 1 s).
+FLOOR_LOOPS = 3000
+
+
 def e2e_benchmarks(args, tmp: Path) -> dict:
     res = {}
     for i, (label, opts) in enumerate((("compress NO", ""), ("compress YES", "compress YES;"))):
         print(f"   cluster with {label} ...", flush=True)
         res[label] = e2e_cluster(tmp, label.replace(" ", "_"), opts, 10 + i, args,
                                  with_clients=not opts)
+    print("   the relayed round trip's message pattern alone ...", flush=True)
+    res["compress NO"]["floor"] = [chain_floor.run(FLOOR_LOOPS) for _run in range(args.runs)]
     return res
 
 
@@ -326,6 +335,16 @@ def print_e2e(res: dict) -> str:
                          f"{put / _med(f[direct], 'put_MBps'):.2f}x |")
     for label, r in res.items():
         lines += ["", *cpu_table(label, r["latency"])]
+    floor = res.get("compress NO", {}).get("floor")
+    if floor:
+        relayed = _med(res["compress NO"]["latency"][RELAYED], "p50_us")
+        base = _med(floor, "p50_us")
+        cpu = ", ".join(f"{name} {statistics.median(f['cpu_us'][name] for f in floor):.0f}"
+                        for name in floor[0]["cpu_us"])
+        lines += ["", f"floor of the relayed round trip (bench/chain_floor.py: its processes, "
+                  f"sockets and messages, no logic): p50 {base:,.0f} µs, p99 "
+                  f"{_med(floor, 'p99_us'):,.0f} µs; CPU µs per round trip: {cpu}; "
+                  f"the relayed path is {relayed - base:,.0f} µs above it"]
     for label, r in res.items():
         lines.append(f"\n{label}: LB host -> server link: {r['lbhost_to_server']}")
         c = r.get("clients")

@@ -13,7 +13,8 @@
      m3ftp PUT/GET MB/s (compressible and random files) through the virtual LB in relayed
      mode, with and without LZ4, beside the same programs with no LB in the same cluster,
      and the CPU per round trip of every node kernel, DSP and server on each path.  Also 8
-     concurrent relayed clients doing sendrec through the LB host.
+     concurrent relayed clients doing sendrec through the LB host, and the relayed round
+     trip's floor: its processes, sockets and messages with no logic (bench/chain_floor.py).
 5.   Scale (bench/e2e.py): start-up of an N-node cluster and memory per daemon; many
      concurrent sessions through one LB host (node kernels with several DCs).
 6.   Local: sendrec on one emulated node with no DSP (bench/local_sendrec.py) beside a raw

@@ -10,10 +10,10 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .e2e import RELAYED
+
 MB = 1e6
 MIB = 1 << 20
-
-RELAYED = "LB, relayed (node 3 -> lbhost -> node 1)"
 
 
 @dataclass
@@ -71,10 +71,13 @@ def _local(out: dict) -> Row:
 
 
 def _e2e_latency(out: dict) -> Row:
-    runs = out["e2e"]["compress NO"]["latency"][RELAYED]
-    p50 = _med(r["p50_us"] for r in runs)
-    return Row("end to end relayed latency p50", f"{p50 / 1000:.2f} ms", "<= 0.5 ms",
-               _cmp(p50, 500, True))
+    r = out["e2e"]["compress NO"]
+    p50 = _med(x["p50_us"] for x in r["latency"][RELAYED])
+    floor = r.get("floor")
+    shown = f"{p50 / 1000:.2f} ms"
+    if floor:
+        shown += f" (its floor {_med(f['p50_us'] for f in floor) / 1000:.2f} ms)"
+    return Row("end to end relayed latency p50", shown, "<= 0.5 ms", _cmp(p50, 500, True))
 
 
 def _e2e_ftp(out: dict) -> Row:
