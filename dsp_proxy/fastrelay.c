@@ -40,6 +40,20 @@
 enum { O_CMD = 0, O_DCID = 4, O_SRC = 8, O_DST = 12, O_SNODE = 16, O_DNODE = 20, O_RCODE = 24,
        O_LEN = 28, O_PID = 32, O_BATCH_NR = 36, O_FLAGS = 40, O_M_SOURCE = 60, O_V = 96 };
 
+/* The moments at which another thread's step decides whether a rule of the wire holds.  A
+ * build with RT_TEST_HOOKS (tests/test_fastrelay_races.py; never fastrelay_build) calls the
+ * test's function there, so that a test can take that step at exactly that moment; in the
+ * DSP's module they are no code at all. */
+enum { RT_AT_SETTLED = 1,      /* rt_wire_settled: nothing queued seen, quiet not yet set */
+       RT_AT_WRITE_DONE = 2,   /* write_segments: a whole write, the send lock still held */
+       RT_AT_LOCKING = 3 };    /* write_segments: the link looked writable, lock not taken */
+#ifdef RT_TEST_HOOKS
+void (*rt_test_hook)(int at, int node);
+#define RT_HOOK(at, node) (rt_test_hook ? rt_test_hook(at, node) : (void)0)
+#else
+#define RT_HOOK(at, node) ((void)0)
+#endif
+
 /* Command classes, filled from the Python sets so the rules have one source. */
 enum { K_VALID = 1, K_DATA = 2, K_REQUEST = 4, K_MSG = 8, K_MSG_ACK = 16, K_VCOPY = 32,
        K_MESSAGE = 64 };
@@ -298,6 +312,7 @@ void rt_wire_settled(relay_table *t, int node, uint64_t seq, int empty)
     /* a writer may queue between the check and the store: look again after it (the relay
      * reads quiet only under the send lock, which the caller holds, so it never sees the 1
      * that is taken back) */
+    RT_HOOK(RT_AT_SETTLED, node);
     __atomic_store_n(&t->quiet[node], 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&t->seq[node], __ATOMIC_SEQ_CST) != seq)
         __atomic_store_n(&t->quiet[node], 0, __ATOMIC_SEQ_CST);
@@ -560,7 +575,7 @@ static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *s
         int node = segs[k].node;
         if (__atomic_load_n(&t->fd[node], __ATOMIC_SEQ_CST) < 0 ||
             !__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST) ||
-            pthread_mutex_trylock(&t->wire[node]) != 0)
+            (RT_HOOK(RT_AT_LOCKING, node), pthread_mutex_trylock(&t->wire[node])) != 0)
             break;
         int fd = __atomic_load_n(&t->fd[node], __ATOMIC_SEQ_CST);
         if (fd < 0 || !__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST)) {
@@ -574,6 +589,7 @@ static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *s
         if (w > 0)
             __atomic_store(&t->last_tx[node], &now, __ATOMIC_RELAXED);
         if (w == segs[k].len) {
+            RT_HOOK(RT_AT_WRITE_DONE, node);
             pthread_mutex_unlock(&t->wire[node]);
             if (!__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST)) {
                 *flush = node;

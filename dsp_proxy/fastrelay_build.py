@@ -82,11 +82,19 @@ def source_id(text: str | None = None) -> str:
     return hashlib.sha256((CDEF + "\0" + text).encode()).hexdigest()[:16]
 
 
-def builder(sanitize: bool = False) -> cffi.FFI:
+#: The module of the race tests' build (`builder(test_hooks=True)`), never the DSP's.
+HOOKED_MODULE = "_fastrelay_hooked"
+
+
+def builder(sanitize: bool = False, test_hooks: bool = False) -> cffi.FFI:
     """The cffi builder of the module (source: fastrelay.c, and the function that names it);
-    `sanitize`: the ASan/UBSan module, for the fuzzer and the tests (docs/reliability.md)."""
+    `sanitize`: the ASan/UBSan module, for the fuzzer and the tests (docs/reliability.md);
+    `test_hooks`: a module of its own, `_fastrelay_hooked`, that calls `lib.rt_test_hook` (a
+    function pointer the test sets) at the moments fastrelay.c names, for the tests that
+    take another thread's step at such a moment."""
     ffi = cffi.FFI()
-    ffi.cdef(CDEF + ID_CDEF)
+    ffi.cdef(CDEF + ID_CDEF
+             + ("extern void (*rt_test_hook)(int at, int node);\n" if test_hooks else ""))
     text = (HERE / "fastrelay.c").read_text(encoding="utf-8")
     source = text + f'\nconst char *rt_source_id(void) {{ return "{source_id(text)}"; }}\n'
     warn = ["-Wall", "-Wextra", "-Wno-unused-parameter"]
@@ -94,6 +102,10 @@ def builder(sanitize: bool = False) -> cffi.FFI:
         name, flags = SANITIZED_MODULE, ["-O1", "-g", "-fno-omit-frame-pointer", *_SANITIZE]
     else:
         name, flags = "_fastrelay", ["-O2"]
+    if test_hooks:
+        ffi.set_source(HOOKED_MODULE, source, extra_compile_args=[*flags, *warn],
+                       define_macros=[("RT_TEST_HOOKS", "1")], libraries=["pthread"])
+        return ffi
     ffi.set_source(f"dsp_proxy.{name}", source, extra_compile_args=[*flags, *warn],
                    extra_link_args=_SANITIZE if sanitize else [], libraries=["pthread"])
     return ffi
