@@ -14,8 +14,7 @@ real path costs above this floor is the work of the node kernels, the DSPs and t
 
 `run(loops)` starts the six other processes on sockets it creates (loopback only), times
 `loops` round trips from the client (after a warm-up), reads each process's CPU time, closes
-its end (every process exits at end of file) and returns the figures; RuntimeError or
-TimeoutError when the chain breaks or stalls.
+its end (every process exits at end of file) and returns the figures.
 """
 
 from __future__ import annotations
@@ -29,6 +28,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+
+from .procstat import run_time
 
 SIZE = 120
 WARMUP = 200
@@ -142,13 +144,16 @@ def server(sock: socket.socket) -> None:
         _rx(sock)
 
 
-def _quiet(fn):
-    def run(*args) -> None:
+def _quiet(fn: Callable[..., None]) -> Callable[..., None]:
+    """`fn` as a process's whole life: the end of the chain (end of file, a closed socket,
+    an interrupt) ends the process without a traceback."""
+    def whole_life(*args) -> None:
         try:
             fn(*args)
-        except (EOFError, OSError):
-            os._exit(0)
-    return run
+        except (EOFError, OSError, KeyboardInterrupt):
+            pass
+        os._exit(0)
+    return whole_life
 
 
 ROLES = {"kernel-client": lambda s: kernel(*s, server_side=False),
@@ -164,52 +169,53 @@ def _tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
     return out, inc
 
 
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run(loops: int = 3000) -> dict:
     """`loops` timed round trips through the chain: p50 and p99 in µs and each process's CPU
-    per round trip in µs."""
+    per round trip in µs.  RuntimeError when a process of the chain ended early or did not
+    end at the end of file, OSError (TimeoutError: stalled for STALL seconds) when the
+    chain broke."""
+    if loops < 1:
+        raise ValueError("at least one round trip")
     unix = {name: socket.socketpair() for name in
             ("client-k3", "k3-sender", "k3-receiver", "k1-sender", "k1-receiver", "server-k1")}
-    listener = socket.create_server(("127.0.0.1", 0))
-    tcp = {name: _tcp_pair(listener) for name in ("3to5", "5to1", "1to5", "5to3")}
-    listener.close()
-    layout = [   # (name, role, sockets: (socket pair, end))
-        ("node kernel 3", "kernel-client",
-         [(unix["client-k3"], 1), (unix["k3-sender"], 0), (unix["k3-receiver"], 0)]),
-        ("DSP 3", "dsp", [(unix["k3-sender"], 1), (unix["k3-receiver"], 1),
-                          (tcp["3to5"], 0), (tcp["5to3"], 1)]),
-        ("LB host", "relay", [(tcp["3to5"], 1), (tcp["5to1"], 0),
-                              (tcp["1to5"], 1), (tcp["5to3"], 0)]),
-        ("DSP 1", "dsp", [(unix["k1-sender"], 1), (unix["k1-receiver"], 1),
-                          (tcp["1to5"], 0), (tcp["5to1"], 1)]),
-        ("node kernel 1", "kernel-server",
-         [(unix["server-k1"], 1), (unix["k1-sender"], 0), (unix["k1-receiver"], 0)]),
-        ("server", "server", [(unix["server-k1"], 0)]),
-    ]
+    tcp: dict[str, tuple[socket.socket, socket.socket]] = {}
     procs: dict[str, subprocess.Popen] = {}
+    ours = [s for pair in unix.values() for s in pair]
     client = unix["client-k3"][0]
+    stuck: list[str] = []
     try:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            for name in ("3to5", "5to1", "1to5", "5to3"):
+                tcp[name] = _tcp_pair(listener)
+                ours += tcp[name]
+        layout = [   # (name, role, sockets: (socket pair, end))
+            ("node kernel 3", "kernel-client",
+             [(unix["client-k3"], 1), (unix["k3-sender"], 0), (unix["k3-receiver"], 0)]),
+            ("DSP 3", "dsp", [(unix["k3-sender"], 1), (unix["k3-receiver"], 1),
+                              (tcp["3to5"], 0), (tcp["5to3"], 1)]),
+            ("LB host", "relay", [(tcp["3to5"], 1), (tcp["5to1"], 0),
+                                  (tcp["1to5"], 1), (tcp["5to3"], 0)]),
+            ("DSP 1", "dsp", [(unix["k1-sender"], 1), (unix["k1-receiver"], 1),
+                              (tcp["1to5"], 0), (tcp["5to1"], 1)]),
+            ("node kernel 1", "kernel-server",
+             [(unix["server-k1"], 1), (unix["k1-sender"], 0), (unix["k1-receiver"], 0)]),
+            ("server", "server", [(unix["server-k1"], 0)]),
+        ]
         for name, role, ends in layout:
             fds = [pair[end].fileno() for pair, end in ends]
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "bench.chain_floor", "--role", role, *map(str, fds)],
                 pass_fds=fds, stdin=subprocess.DEVNULL)
-        for pair in (*unix.values(), *tcp.values()):
-            for s in pair:
-                if s is not client:
-                    s.close()
+        for s in ours:      # each process holds its own ends now; the parent only the client
+            if s is not client:
+                s.close()
         client.settimeout(STALL)
         rtts = []
         request = _msg(REQUEST)
         clock = time.perf_counter
         for i in range(WARMUP + loops):
             if i == WARMUP:
-                before = {name: _cpu(p.pid) for name, p in procs.items()}
+                before = {name: run_time(p.pid) for name, p in procs.items()}
             t0 = clock()
             client.sendall(request)
             try:
@@ -218,15 +224,20 @@ def run(loops: int = 3000) -> dict:
                 raise RuntimeError("a process of the chain ended") from None
             if i >= WARMUP:
                 rtts.append(clock() - t0)
-        cpu = {name: (_cpu(p.pid) - before[name]) / loops * 1e6 for name, p in procs.items()}
+        cpu = {name: (run_time(p.pid) - before[name]) / loops * 1e6
+               for name, p in procs.items()}
     finally:
-        client.close()
-        for p in procs.values():
+        for s in ours:      # the end of file that ends every process of the chain
+            s.close()
+        for name, p in procs.items():
             try:
                 p.wait(5)
             except subprocess.TimeoutExpired:
+                stuck.append(name)
                 p.kill()
                 p.wait()
+    if stuck:
+        raise RuntimeError(f"did not end at the end of file: {', '.join(stuck)}")
     rtts.sort()
     return {"loops": loops, "p50_us": statistics.median(rtts) * 1e6,
             "p99_us": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] * 1e6,
@@ -234,13 +245,11 @@ def run(loops: int = 3000) -> dict:
 
 
 def _child(role: str, fds: list[int]) -> None:
-    socks = [socket.socket(fileno=fd) for fd in fds]
-    _quiet(ROLES[role])(socks)
+    """A process of the chain: its role on the sockets it was given."""
+    _quiet(ROLES[role])([socket.socket(fileno=fd) for fd in fds])
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--role"]:
         _child(sys.argv[2], [int(a) for a in sys.argv[3:]])
-    else:
-        print(json.dumps(run(int(sys.argv[1]) if len(sys.argv) > 1 else 3000)))
-    os._exit(0)
+    print(json.dumps(run(int(sys.argv[1]) if len(sys.argv) > 1 else 3000)))

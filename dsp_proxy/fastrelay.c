@@ -40,10 +40,10 @@
 enum { O_CMD = 0, O_DCID = 4, O_SRC = 8, O_DST = 12, O_SNODE = 16, O_DNODE = 20, O_RCODE = 24,
        O_LEN = 28, O_PID = 32, O_BATCH_NR = 36, O_FLAGS = 40, O_M_SOURCE = 60, O_V = 96 };
 
-/* The moments at which another thread's step decides whether a rule of the wire holds.  A
- * build with RT_TEST_HOOKS (tests/test_fastrelay_races.py; never fastrelay_build) calls the
+/* The moments at which another thread's step decides whether a rule of the wire holds.  The
+ * race tests' build of this file (RT_TEST_HOOKS, tests/test_fastrelay_races.py) calls the
  * test's function there, so that a test can take that step at exactly that moment; in the
- * DSP's module they are no code at all. */
+ * module the DSP loads they are no code at all. */
 enum { RT_AT_SETTLED = 1,      /* rt_wire_settled: nothing queued seen, quiet not yet set */
        RT_AT_WRITE_DONE = 2,   /* write_segments: a whole write, the send lock still held */
        RT_AT_LOCKING = 3 };    /* write_segments: the link looked writable, lock not taken */

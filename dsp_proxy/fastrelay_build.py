@@ -92,6 +92,8 @@ def builder(sanitize: bool = False, test_hooks: bool = False) -> cffi.FFI:
     `test_hooks`: a module of its own, `_fastrelay_hooked`, that calls `lib.rt_test_hook` (a
     function pointer the test sets) at the moments fastrelay.c names, for the tests that
     take another thread's step at such a moment."""
+    if sanitize and test_hooks:
+        raise ValueError("the hooked module is built without the sanitizers")
     ffi = cffi.FFI()
     ffi.cdef(CDEF + ID_CDEF
              + ("extern void (*rt_test_hook)(int at, int node);\n" if test_hooks else ""))
@@ -99,15 +101,15 @@ def builder(sanitize: bool = False, test_hooks: bool = False) -> cffi.FFI:
     source = text + f'\nconst char *rt_source_id(void) {{ return "{source_id(text)}"; }}\n'
     warn = ["-Wall", "-Wextra", "-Wno-unused-parameter"]
     if sanitize:
-        name, flags = SANITIZED_MODULE, ["-O1", "-g", "-fno-omit-frame-pointer", *_SANITIZE]
+        name, flags = f"dsp_proxy.{SANITIZED_MODULE}", \
+            ["-O1", "-g", "-fno-omit-frame-pointer", *_SANITIZE]
+    elif test_hooks:
+        name, flags = HOOKED_MODULE, ["-O2"]
     else:
-        name, flags = "_fastrelay", ["-O2"]
-    if test_hooks:
-        ffi.set_source(HOOKED_MODULE, source, extra_compile_args=[*flags, *warn],
-                       define_macros=[("RT_TEST_HOOKS", "1")], libraries=["pthread"])
-        return ffi
-    ffi.set_source(f"dsp_proxy.{name}", source, extra_compile_args=[*flags, *warn],
-                   extra_link_args=_SANITIZE if sanitize else [], libraries=["pthread"])
+        name, flags = "dsp_proxy._fastrelay", ["-O2"]
+    ffi.set_source(name, source, extra_compile_args=[*flags, *warn],
+                   extra_link_args=_SANITIZE if sanitize else [], libraries=["pthread"],
+                   define_macros=[("RT_TEST_HOOKS", "1")] if test_hooks else [])
     return ffi
 
 

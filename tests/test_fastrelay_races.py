@@ -15,11 +15,13 @@ import os
 import random
 import socket
 import threading
+from collections.abc import Callable
 
 import pytest
-from test_fastrelay_wire import Rig, _frames, _own, _RacingWire, _request
+from test_fastrelay_wire import BIG, Rig, _frames, _own, _RacingWire, _request
 
 from dsp_proxy import fastpath, fastrelay_build
+from dsp_proxy.link import uncork
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 
@@ -40,23 +42,28 @@ def hooked_module(tmp_path_factory):
     return module
 
 
+#: How long a step may take; one that takes longer fails the test (it would have happened
+#: at another moment than the one it was meant for).
+STEP_LIMIT = 10.0
+
+
 class Hooks:
-    """The test's side of the hooked module: `on(at, step)` runs `step` (once) when the relay
-    reaches moment `at`, in another thread, which the relay waits for: the step happens
-    exactly there, as a thread of the DSP could do it."""
+    """The test's side of the hooked module: `on(at, node, step)` runs `step` (once) when the
+    relay reaches moment `at` for link `node`, in another thread, which the relay waits for:
+    the step happens exactly there, as a thread of the DSP could do it."""
 
     def __init__(self, module) -> None:
         self.module = module
-        self.steps: dict[int, object] = {}
+        self.steps: dict[tuple[int, int], Callable[[], None]] = {}
         self.errors: list[BaseException] = []
         self._callback = module.ffi.callback("void(int, int)", self._at)
         module.lib.rt_test_hook = self._callback
 
-    def on(self, at: int, step) -> None:
-        self.steps[at] = step
+    def on(self, at: int, node: int, step: Callable[[], None]) -> None:
+        self.steps[(at, node)] = step
 
     def _at(self, at: int, node: int) -> None:
-        step = self.steps.pop(at, None)
+        step = self.steps.pop((at, node), None)
         if step is None:
             return
 
@@ -66,25 +73,31 @@ class Hooks:
             except BaseException as exc:   # reported by the test, not lost in the thread
                 self.errors.append(exc)
 
-        t = threading.Thread(target=run)
+        t = threading.Thread(target=run, daemon=True)
         t.start()
-        t.join(10)
+        t.join(STEP_LIMIT)
+        if t.is_alive():
+            self.errors.append(TimeoutError(f"the step at moment {at} did not end"))
 
     def close(self) -> None:
         self.module.lib.rt_test_hook = self.module.ffi.NULL
-        assert not self.steps, f"the relay never reached moments {sorted(self.steps)}"
         if self.errors:
             raise self.errors[0]
+        assert not self.steps, f"the relay never reached moments {sorted(self.steps)}"
 
 
 @pytest.fixture
 def hooks(hooked_module, monkeypatch):
-    """The relay's functions from the hooked module for the length of a test."""
+    """The relay's functions from the hooked module for the length of a test (and the
+    receiver's cork, which a relay's read may leave set, taken off after it)."""
     monkeypatch.setattr(fastpath, "lib", hooked_module.lib)
     monkeypatch.setattr(fastpath, "ffi", hooked_module.ffi)
     h = Hooks(hooked_module)
-    yield h
-    h.close()
+    try:
+        yield h
+    finally:
+        uncork()
+        h.close()
 
 
 def test_a_frame_queued_while_the_link_is_told_quiet_is_not_overtaken(hooks):
@@ -96,7 +109,7 @@ def test_a_frame_queued_while_the_link_is_told_quiet_is_not_overtaken(hooks):
     rig = Rig(_RacingWire)
     try:
         rng = random.Random(11)
-        hooks.on(AT_SETTLED, lambda: rig.link.submit(*_own(801)))
+        hooks.on(AT_SETTLED, rig.svr, lambda: rig.link.submit(*_own(801)))
         rig.link.wire.on_released = lambda: rig.pump(_request(rng))
         rig.link.flush()
         got = rig.drain(2)
@@ -115,7 +128,7 @@ def test_a_frame_queued_while_the_relay_writes_goes_out_without_another_write(ho
     rig = Rig()
     try:
         rng = random.Random(12)
-        hooks.on(AT_WRITE_DONE, lambda: rig.link.submit(*_own(802)))
+        hooks.on(AT_WRITE_DONE, rig.svr, lambda: rig.link.submit(*_own(802)))
         rig.client.sendall(_request(rng))
         assert not rig.relay.read(0), "the session's frame went to the Python path"
         rig.server.settimeout(5)
@@ -134,12 +147,39 @@ def test_a_frame_queued_while_the_relay_writes_goes_out_without_another_write(ho
         rig.close()
 
 
-def test_the_relay_never_writes_a_socket_the_link_withdrew_as_it_locked(hooks):
+def test_a_frame_a_writer_cut_as_the_relay_locked_is_not_broken_into(hooks):
+    """The relay finds the link quiet and is about to take the send lock; right then a writer
+    takes it, the socket takes only part of the writer's frame, and the writer releases the
+    lock with the rest left unsent.  The relay looks at quiet again once it holds the lock
+    and hands its frame to the link, behind that rest, instead of writing it into the middle
+    of the cut frame."""
+    rig = Rig()
+    try:
+        rig.small_socket()
+        hbuf, data = _own(804, BIG)
+
+        def writer_cuts_a_frame() -> None:
+            assert rig.link.submit(hbuf, data) == 0
+            assert rig.link.unsent, "the socket took the whole frame: nothing was cut"
+            rig.take()
+
+        hooks.on(AT_LOCKING, rig.svr, writer_cuts_a_frame)
+        rig.client.sendall(_request(random.Random(14)))
+        rig.relay.read(0)
+        got = rig.drain(2)
+        assert got[0] == (C.CMD_COPYOUT_DATA, 804, data)
+        assert got[1][0] == C.CMD_SNDREC_MSG
+    finally:
+        rig.close()
+
+
+def test_the_relay_writes_only_the_socket_it_finds_under_the_lock(hooks):
     """The relay looks at the link's socket, finds it writable, and is about to take the send
     lock; right then the link goes down: under the send lock it withdraws the socket and
-    closes it, and the descriptor's number is taken by another socket.  The relay looks again
-    once it holds the lock and writes nothing: the other socket gets no byte, and the frame
-    goes to the link, which refuses it, so the client gets its error reply."""
+    closes it, and the descriptor's number is taken by another socket.  The relay takes the
+    socket to write from what the link publishes under the lock (none now), not from its look
+    before: the other socket gets no byte, and the frame goes to the link, which refuses it,
+    so the client gets its error reply."""
     rig = Rig()
     refused: list[int] = []
     rig.relay.refused = lambda hbuf, code: refused.append(code)
@@ -154,7 +194,7 @@ def test_the_relay_never_writes_a_socket_the_link_withdrew_as_it_locked(hooks):
                 rig.link.up = False
                 os.dup2(spy_in.fileno(), old.fileno())   # closed; the number taken again
 
-        hooks.on(AT_LOCKING, link_goes_down)
+        hooks.on(AT_LOCKING, rig.svr, link_goes_down)
         rig.client.sendall(_request(rng))
         rig.relay.read(0)
         spy_out.setblocking(False)
