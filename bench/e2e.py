@@ -23,7 +23,6 @@ import os
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -181,32 +180,16 @@ def ftp(cluster: Cluster, node: int, op: str, clt_ep: int, svr_ep: int, rmt: str
 def concurrent_clients(cluster: Cluster, node: int, svr_ep: int, count: int,
                        loops: int) -> dict:
     """`count` latency_client processes on `node` at once, `loops` sendrec each (endpoints 70
-    and up): p50/p99 of every loop time of every client.  Each client writes its lines to a
-    file of its own: a pipe that the benchmark read one client after the other would fill
-    and hold the other clients in their writes, so that they ran one at a time."""
-    outs = [tempfile.TemporaryFile("w+") for _ in range(count)]
-    procs: list[subprocess.Popen] = []
+    and up): p50/p99 of every loop time of every client."""
+    done = cluster.run_together([(node, module_argv("dvs_apps.latency", "client", 0, 70 + i,
+                                                     svr_ep, loops, 0, 0))
+                                 for i in range(count)], timeout=600)
     times: list[float] = []
     failed = 0
-    try:
-        for i, out in enumerate(outs):
-            procs.append(cluster.popen(node, module_argv("dvs_apps.latency", "client", 0, 70 + i,
-                                                         svr_ep, loops, 0, 0),
-                                       stdout=out, stderr=subprocess.STDOUT, text=True))
-        deadline = time.monotonic() + 600
-        for p, out in zip(procs, outs):
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            out.seek(0)
-            got = [float(x) for x in LAT_RE.findall(out.read())]
-            times += got
-            failed += (p.returncode != 0) + (loops - len(got))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for out in outs:
-            out.close()
+    for res in done:
+        got = [float(x) for x in LAT_RE.findall(res.stdout)]
+        times += got
+        failed += (res.returncode != 0) + (loops - len(got))
     times.sort()
     return {"clients": count, "loops": loops, "failed": failed,
             "p50_us": statistics.median(times) * 1e6 if times else float("nan"),

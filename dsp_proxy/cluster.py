@@ -224,6 +224,39 @@ class Cluster:
         return subprocess.run(list(argv), env=self.env(n), stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout, **kw)
 
+    def run_together(self, jobs: Sequence[tuple[int, Sequence[str]]],
+                     timeout: float = 300.0) -> list[subprocess.CompletedProcess]:
+        """Run programs (node, argv) at the same time and wait for all of them.  Each one's
+        output (stdout and stderr) goes to a file of its own: read through pipes one program
+        after the other, the others would wait in their writes once a pipe is full, and run
+        one at a time.  A program still running at `timeout` is killed (its return code is
+        then negative)."""
+        outs = [tempfile.TemporaryFile("w+") for _ in jobs]
+        procs: list[subprocess.Popen] = []
+        try:
+            for (n, argv), out in zip(jobs, outs):
+                procs.append(self.popen(n, argv, stdout=out, stderr=subprocess.STDOUT,
+                                        text=True))
+            deadline = time.monotonic() + timeout
+            for p in procs:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            done = []
+            for p, out in zip(procs, outs):
+                out.seek(0)
+                done.append(subprocess.CompletedProcess(p.args, p.returncode, out.read(), ""))
+            return done
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for out in outs:
+                out.close()
+
 
 def module_argv(module: str, *args: object) -> list[str]:
     """Command line that runs one of the project's programs with this interpreter."""

@@ -80,21 +80,16 @@ def run_demo(config: Path, loops: int, mib: int, keep: bool,
 
         print(f"Running {loops} sendrec round trips from {2 * len(clt_nodes)} clients through "
               f"the virtual LB node {lb} ...", flush=True)
-        clients = []
-        ep = 50
-        for n in clt_nodes:
-            for _ in range(2):
-                clients.append((n, ep, cluster.popen(
-                    n, module_argv("dvs_apps.latency", "client", 0, ep, 10, loops, 0, 0),
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-                ep += 1
+        clients = [(n, 50 + 2 * i + k) for i, n in enumerate(clt_nodes) for k in range(2)]
+        done = cluster.run_together([(n, module_argv("dvs_apps.latency", "client", 0, ep, 10,
+                                                     loops, 0, 0)) for n, ep in clients])
         lat_rows = []
-        for n, ep, proc in clients:
-            out, _ = proc.communicate(timeout=300)
+        for (n, ep), res in zip(clients, done):
+            out = res.stdout
             times = [float(x) for x in LOOP_RE.findall(out)]
             avg = AVG_RE.search(out)
             rate = RATE_RE.search(out)
-            lat_rows.append((n, ep, proc.returncode, len(times), _percentile(times, 0.5),
+            lat_rows.append((n, ep, res.returncode, len(times), _percentile(times, 0.5),
                              _percentile(times, 0.99), float(avg.group(2)) if avg else 0.0,
                              float(rate.group(1)) if rate else 0.0, out.count("ERROR")))
 
