@@ -231,12 +231,12 @@ class Cluster:
         after the other, the others would wait in their writes once a pipe is full, and run
         one at a time.  A program still running at `timeout` is killed (its return code is
         then negative)."""
-        outs = [tempfile.TemporaryFile("w+") for _ in jobs]
+        outs: list = []
         procs: list[subprocess.Popen] = []
         try:
-            for (n, argv), out in zip(jobs, outs):
-                procs.append(self.popen(n, argv, stdout=out, stderr=subprocess.STDOUT,
-                                        text=True))
+            for n, argv in jobs:
+                outs.append(tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace"))
+                procs.append(self.popen(n, argv, stdout=outs[-1], stderr=subprocess.STDOUT))
             deadline = time.monotonic() + timeout
             for p in procs:
                 try:

@@ -82,7 +82,8 @@ def run_demo(config: Path, loops: int, mib: int, keep: bool,
               f"the virtual LB node {lb} ...", flush=True)
         clients = [(n, 50 + 2 * i + k) for i, n in enumerate(clt_nodes) for k in range(2)]
         done = cluster.run_together([(n, module_argv("dvs_apps.latency", "client", 0, ep, 10,
-                                                     loops, 0, 0)) for n, ep in clients])
+                                                     loops, 0, 0)) for n, ep in clients],
+                                    timeout=max(300.0, loops * 0.02))
         lat_rows = []
         for (n, ep), res in zip(clients, done):
             out = res.stdout

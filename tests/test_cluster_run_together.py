@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import sys
 
+import psutil
+import pytest
+
 from dsp_proxy.cluster import REPO_ROOT, Cluster
 
 #: A program that prints a loop line per loop (far more than a pipe's 64 KiB), then says it is
@@ -43,7 +46,16 @@ def test_programs_that_print_more_than_a_pipe_holds_run_at_once(tmp_path):
 def test_a_program_that_outlives_the_timeout_is_killed(tmp_path):
     cluster = Cluster(REPO_ROOT / "examples" / "cluster.cfg", rundir=str(tmp_path))
     quick = [sys.executable, "-c", "print('done')"]
-    stuck = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
-    results = cluster.run_together([(1, quick), (1, stuck)], timeout=2)
+    stuck = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"]
+    results = cluster.run_together([(1, quick), (1, stuck)], timeout=15)
     assert results[0].returncode == 0 and results[0].stdout == "done\n"
     assert results[1].returncode < 0 and results[1].stdout == "started\n"
+
+
+def test_a_program_that_cannot_start_stops_the_others(tmp_path):
+    cluster = Cluster(REPO_ROOT / "examples" / "cluster.cfg", rundir=str(tmp_path))
+    before = {p.pid for p in psutil.Process().children()}
+    long = [sys.executable, "-c", "import time; time.sleep(120)"]
+    with pytest.raises(FileNotFoundError):
+        cluster.run_together([(1, long), (1, [str(tmp_path / "no-such-program")])], timeout=15)
+    assert {p.pid for p in psutil.Process().children()} == before
