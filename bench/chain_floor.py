@@ -23,13 +23,13 @@ import json
 import os
 import select
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 
+from .figures import p50_p99_us
 from .procstat import run_time
 
 SIZE = 120
@@ -238,10 +238,7 @@ def run(loops: int = 3000) -> dict:
                 p.wait()
     if stuck:
         raise RuntimeError(f"did not end at the end of file: {', '.join(stuck)}")
-    rtts.sort()
-    return {"loops": loops, "p50_us": statistics.median(rtts) * 1e6,
-            "p99_us": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] * 1e6,
-            "cpu_us": cpu}
+    return {"loops": loops, **p50_p99_us(rtts), "cpu_us": cpu}
 
 
 def _child(role: str, fds: list[int]) -> None:

@@ -31,6 +31,7 @@ import psutil
 from dsp_proxy.cluster import Cluster, module_argv
 
 from . import chain_floor
+from .figures import p50_p99_us
 from .procstat import run_time
 
 LAT_RE = re.compile(r"Time total elapsed in loop \d+: ([0-9.]+)")
@@ -190,11 +191,8 @@ def concurrent_clients(cluster: Cluster, node: int, svr_ep: int, count: int,
         got = [float(x) for x in LAT_RE.findall(res.stdout)]
         times += got
         failed += (res.returncode != 0) + (loops - len(got))
-    times.sort()
-    return {"clients": count, "loops": loops, "failed": failed,
-            "p50_us": statistics.median(times) * 1e6 if times else float("nan"),
-            "p99_us": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6
-            if times else float("nan")}
+    figures = p50_p99_us(times) if times else {"p50_us": float("nan"), "p99_us": float("nan")}
+    return {"clients": count, "loops": loops, "failed": failed, **figures}
 
 
 def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,

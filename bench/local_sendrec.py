@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 
 from dsp_proxy.cluster import module_argv, python_env
 from dvk_cffi.emu import node as emunode
+
+from .figures import p50_p99_us
 
 LAT_RE = re.compile(r"Time total elapsed in loop \d+: ([0-9.]+)")
 RATE_RE = re.compile(r"Message throughput in \d+ loops: ([0-9.]+)")
@@ -40,13 +41,12 @@ def run(loops: int = 2000) -> dict:
         res = subprocess.run(module_argv("dvs_apps.latency", "client", 0, 50, 10, loops, 0, 0),
                              env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=300)
-        times = sorted(float(x) for x in LAT_RE.findall(res.stdout))
+        times = [float(x) for x in LAT_RE.findall(res.stdout)]
         if res.returncode != 0 or not times:
             raise RuntimeError(f"latency_client on one node: {res.stdout[-500:]}"
                                f"{res.stderr[-500:]}")
         rate = RATE_RE.search(res.stdout)
-        return {"loops": len(times), "p50_us": statistics.median(times) * 1e6,
-                "p99_us": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6,
+        return {"loops": len(times), **p50_p99_us(times),
                 "msgs_per_s": float(rate.group(1)) if rate else 0.0}
     finally:
         if server is not None and server.poll() is None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
+
+from .figures import p50_p99_us
 
 SIZE = 120
 MAX_ROUNDS = 200_000
@@ -65,10 +66,7 @@ def run(seconds: float = 1.0) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    rtts.sort()
-    return {"rounds": len(rtts), "rt_per_s": len(rtts) / sum(rtts),
-            "p50_us": statistics.median(rtts) * 1e6,
-            "p99_us": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] * 1e6}
+    return {"rounds": len(rtts), "rt_per_s": len(rtts) / sum(rtts), **p50_p99_us(rtts)}
 
 
 def _recv(sock: socket.socket, n: int) -> bytes:
