@@ -29,13 +29,12 @@ from pathlib import Path
 import psutil
 
 from dsp_proxy.cluster import Cluster, module_argv
+from dvs_apps.latency import loop_times, throughput
 
 from . import chain_floor
 from .figures import p50_p99_us
 from .procstat import run_time
 
-LAT_RE = re.compile(r"Time total elapsed in loop \d+: ([0-9.]+)")
-RATE_RE = re.compile(r"Message throughput in \d+ loops: ([0-9.]+)")
 FTP_RE = re.compile(r"(\d+) bytes in ([0-9.]+) s, (\d+) bytes/s")
 
 E2E_CONFIG = """
@@ -121,9 +120,8 @@ def latency(cluster: Cluster, node: int, clt_ep: int, svr_ep: int, loops: int) -
     if res.returncode != 0:
         raise RuntimeError(f"latency_client on node {node} -> {svr_ep}: "
                            f"{res.stdout[-500:]}{res.stderr[-500:]}")
-    rtts = [float(x) for x in LAT_RE.findall(res.stdout)]
-    rate = float(RATE_RE.search(res.stdout).group(1))
-    return {"p50_us": statistics.median(rtts) * 1e6, "msgs_per_s": rate}
+    return {"p50_us": statistics.median(loop_times(res.stdout)) * 1e6,
+            "msgs_per_s": throughput(res.stdout) or 0.0}
 
 
 class CpuMeter:
@@ -188,7 +186,7 @@ def concurrent_clients(cluster: Cluster, node: int, svr_ep: int, count: int,
     times: list[float] = []
     failed = 0
     for res in done:
-        got = [float(x) for x in LAT_RE.findall(res.stdout)]
+        got = loop_times(res.stdout)
         times += got
         failed += (res.returncode != 0) + (loops - len(got))
     figures = p50_p99_us(times) if times else {"p50_us": float("nan"), "p99_us": float("nan")}

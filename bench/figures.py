@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable
+
+from dvs_apps.latency import p50_p99
 
 
 def p50_p99_us(seconds: Iterable[float]) -> dict[str, float]:
-    """p50 (the median) and p99 (the sample at the 99th percent of the sorted samples) in µs
-    of round-trip times in seconds; StatisticsError when there are none."""
-    xs = sorted(seconds)
-    return {"p50_us": statistics.median(xs) * 1e6,
-            "p99_us": xs[min(len(xs) - 1, int(len(xs) * 0.99))] * 1e6}
+    """p50 and p99 (`dvs_apps.latency.p50_p99`) in µs of round-trip times in seconds;
+    StatisticsError when there are none."""
+    p50, p99 = p50_p99(list(seconds))
+    return {"p50_us": p50 * 1e6, "p99_us": p99 * 1e6}

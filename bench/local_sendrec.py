@@ -11,7 +11,6 @@ p99 of the client's per-loop times in µs and its message rate; everything is st
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -20,11 +19,10 @@ import time
 
 from dsp_proxy.cluster import module_argv, python_env
 from dvk_cffi.emu import node as emunode
+from dvs_apps.latency import loop_times, throughput
 
 from .figures import p50_p99_us
 
-LAT_RE = re.compile(r"Time total elapsed in loop \d+: ([0-9.]+)")
-RATE_RE = re.compile(r"Message throughput in \d+ loops: ([0-9.]+)")
 NODE = 1
 
 
@@ -41,13 +39,12 @@ def run(loops: int = 2000) -> dict:
         res = subprocess.run(module_argv("dvs_apps.latency", "client", 0, 50, 10, loops, 0, 0),
                              env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=300)
-        times = [float(x) for x in LAT_RE.findall(res.stdout)]
+        times = loop_times(res.stdout)
         if res.returncode != 0 or not times:
             raise RuntimeError(f"latency_client on one node: {res.stdout[-500:]}"
                                f"{res.stderr[-500:]}")
-        rate = RATE_RE.search(res.stdout)
         return {"loops": len(times), **p50_p99_us(times),
-                "msgs_per_s": float(rate.group(1)) if rate else 0.0}
+                "msgs_per_s": throughput(res.stdout) or 0.0}
     finally:
         if server is not None and server.poll() is None:
             server.terminate()

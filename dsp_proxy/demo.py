@@ -26,22 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from dvs_apps.latency import loop_times, p50_p99, throughput
+
 from .cluster import REPO_ROOT, STATS_BASE, Cluster, module_argv
 
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "cluster.cfg"
 AVG_RE = re.compile(r"Total average latency in (\d+) loops: ([0-9.]+)")
-RATE_RE = re.compile(r"Message throughput in \d+ loops: ([0-9.]+)")
-LOOP_RE = re.compile(r"Time total elapsed in loop \d+: ([0-9.]+)")
 SESSION_RE = re.compile(r"session: client \S+ -> service \S+ \(ep \d+\) on server node (\d+)")
 #: Chromium's flags for a screenshot that talks to nothing but the page.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 def run_demo(config: Path, loops: int, mib: int, keep: bool,
@@ -87,12 +82,12 @@ def run_demo(config: Path, loops: int, mib: int, keep: bool,
         lat_rows = []
         for (n, ep), res in zip(clients, done):
             out = res.stdout
-            times = [float(x) for x in LOOP_RE.findall(out)]
+            times = loop_times(out)
             avg = AVG_RE.search(out)
-            rate = RATE_RE.search(out)
-            lat_rows.append((n, ep, res.returncode, len(times), _percentile(times, 0.5),
-                             _percentile(times, 0.99), float(avg.group(2)) if avg else 0.0,
-                             float(rate.group(1)) if rate else 0.0, out.count("ERROR")))
+            p50, p99 = p50_p99(times) if times else (0.0, 0.0)
+            lat_rows.append((n, ep, res.returncode, len(times), p50, p99,
+                             float(avg.group(2)) if avg else 0.0, throughput(out) or 0.0,
+                             out.count("ERROR")))
 
         print(f"Moving a {mib} MiB file with m3ftp through the LB (PUT from node "
               f"{clt_nodes[0]}, GET from node {clt_nodes[-1]}) ...", flush=True)

@@ -21,6 +21,8 @@ and for the client also when any loop failed; SIGTERM/SIGINT end either program 
 from __future__ import annotations
 
 import random
+import re
+import statistics
 import sys
 import time
 
@@ -36,6 +38,10 @@ from .common import (
     print_error,
     run_program,
 )
+
+#: The client's output lines that the benchmarks and the demo read (`loop_times`, `throughput`).
+LOOP_LINE = re.compile(r"Time total elapsed in loop \d+: ([0-9.]+)")
+RATE_LINE = re.compile(r"Message throughput in \d+ loops: ([0-9.]+)")
 
 REQUEST_TYPE = 0x0A
 REPLY_TYPE = 0x0B
@@ -143,6 +149,26 @@ def run_client(dvk, dcid: int, clt_nr: int, svr_ep: int, loops: int, secs: int,
     out.write(STARS + "\n")
     out.flush()
     return 1 if failed else 0
+
+
+def loop_times(output: str) -> list[float]:
+    """Each loop's round-trip time in seconds, from a client's output (the lines it writes
+    above), in loop order."""
+    return [float(x) for x in LOOP_LINE.findall(output)]
+
+
+def throughput(output: str) -> float | None:
+    """The message rate a client printed at its end (msgs/s), None when it did not get there."""
+    m = RATE_LINE.search(output)
+    return float(m.group(1)) if m else None
+
+
+def p50_p99(samples: list[float]) -> tuple[float, float]:
+    """The p50 (the median) and the p99 (the sample at the 99th percent of the sorted samples)
+    of round-trip times, in the samples' unit: how every report of this project summarises
+    them.  StatisticsError when there are none."""
+    xs = sorted(samples)
+    return statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.99))]
 
 
 def _client_args(argv: list[str]) -> tuple[int, int, int, int, int, int]:

@@ -19,6 +19,7 @@ import pytest
 
 from dvk_cffi.emu import node as emu_node
 from dvk_cffi.emu import protocol
+from dvs_apps import latency
 
 MIB = 1 << 20
 LOOP_RE = re.compile(r"^Time total elapsed in loop (\d+): (\d+\.\d{10}) $")
@@ -54,6 +55,9 @@ def test_latency_pair(start_node, apps):
     assert avg.group(1) == rate.group(1) == "20"
     assert float(avg.group(2)) == pytest.approx(sum(times) / 20, rel=1e-3)
     assert float(rate.group(2)) == pytest.approx(40 / sum(times), rel=1e-2)
+    # what the benchmarks and the demo read from this output is exactly what it says
+    assert latency.loop_times(result.stdout) == times
+    assert latency.throughput(result.stdout) == float(rate.group(2))
     print(f"\nlocal latency: average round trip {float(avg.group(2)) * 1e6:.0f} us, "
           f"{rate.group(2)} msg/s")
 
@@ -61,6 +65,16 @@ def test_latency_pair(start_node, apps):
     ub = apps.run("dvsctl", "unbind", 0, 10, timeout=15)
     assert ub.returncode == 0, ub.stderr
     assert server.wait(10) == 0, apps.output(server)
+
+
+def test_latency_figures_are_the_median_and_the_99th_percent_sample():
+    assert latency.p50_p99([3.0, 1.0, 2.0]) == (2.0, 3.0)
+    assert latency.p50_p99([4.0, 1.0, 3.0, 2.0]) == (2.5, 4.0)
+    samples = [float(i) for i in range(1, 201)]        # 200 samples: the 199th is the p99
+    assert latency.p50_p99(samples[::-1]) == (100.5, 199.0)
+    assert latency.throughput("no summary line") is None
+    with pytest.raises(ValueError):                    # StatisticsError: no samples
+        latency.p50_p99([])
 
 
 def test_latency_errors(start_node, apps):
