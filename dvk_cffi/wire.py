@@ -248,6 +248,7 @@ _C_LEN, _C_BATCH_NR, _C_FLAGS = _OFF["c_len"], _OFF["c_batch_nr"], _OFF["c_flags
 _M_SOURCE_IN_MSG = I386_MESSAGE_FIELDS["m_source"][0]
 _M_SOURCE = MSG_OFFSET + _M_SOURCE_IN_MSG
 _V_SRC = _OFF["v_src"]
+_ZERO_HEADER = bytes(HEADER_SIZE)
 assert _C_DNODE == _C_SNODE + 4
 
 def frame_length(buf, offset: int = 0) -> int:
@@ -285,6 +286,32 @@ def set_lz4(buf, length: int) -> None:
     """Mark the header's payload as an LZ4 frame of `length` bytes."""
     _I32.pack_into(buf, _C_LEN, length)
     _U32.pack_into(buf, _C_FLAGS, _U32.unpack_from(buf, _C_FLAGS)[0] | C.FLAG_LZ4)
+
+
+#: c_cmd .. c_pid: the fields a kernel sets when it makes a command.
+_NEW_COMMAND = struct.Struct("<9i")
+#: c_batch_nr, c_flags, c_snd_seq, c_ack_seq, c_tv_sec, c_tv_nsec (adjacent).
+_OUTGOING = struct.Struct("<iIIIii")
+assert _OFF["c_pid"] == 32 and _OFF["c_tv_nsec"] == _C_BATCH_NR + 20
+
+
+def new_command(buf, cmd: int, dcid: int, src: int, dst: int, snode: int, dnode: int,
+                rcode: int, length: int, pid: int) -> None:
+    """Zero the header in `buf` and set the fields of a new command, in two writes (the
+    kernel makes one for every remote request and ACK)."""
+    buf[:] = _ZERO_HEADER
+    _NEW_COMMAND.pack_into(buf, 0, cmd, dcid, src, dst, snode, dnode, rcode, length, pid)
+
+
+def stamp_outgoing(buf, tv_sec: int, tv_nsec: int) -> None:
+    """A command leaving the kernel for its sender proxy: the time of sending, and no
+    batch, flags or sequence numbers (the proxies' own fields)."""
+    _OUTGOING.pack_into(buf, _C_BATCH_NR, 0, 0, 0, 0, tv_sec, tv_nsec)
+
+
+def set_m_source(buf, ep: int) -> None:
+    """The `m_source` of the message inside the header in `buf`."""
+    _I32.pack_into(buf, _M_SOURCE, ep)
 
 
 def message_with_source(msg: bytes, ep: int) -> bytes:

@@ -9,7 +9,7 @@ from collections import deque
 from .. import consts as C
 from .. import errors as E
 from ..info import NodeInfo, ProxiesInfo
-from ..wire import HEADER_SIZE, Header
+from ..wire import Header, new_command, set_m_source, stamp_outgoing
 from .model import (
     DC,
     Desc,
@@ -247,10 +247,8 @@ class Proxies:
     def _rmtcmd(self, desc: Desc, cmd: int, dcid: int, src: int, dst: int, dnode: int,
                 rcode: int = 0, length: int = 0) -> Header:
         h = desc.rmtcmd
-        h.buf[:] = bytes(HEADER_SIZE)
-        h.c_cmd, h.c_dcid, h.c_src, h.c_dst = cmd, dcid, src, dst
-        h.c_snode, h.c_dnode, h.c_rcode, h.c_len = self.local_nodeid, dnode, rcode, length
-        h.c_pid = desc.lpid
+        new_command(h.buf, cmd, dcid, src, dst, self.local_nodeid, dnode, rcode, length,
+                    desc.lpid)
         return h
 
     def _queue_ack(self, rdesc: Desc, cmd: int, src_ep: int, rcode: int, dc: DC,
@@ -303,28 +301,26 @@ class Proxies:
     def _take_command(self, pair: ProxyPair, desc: Desc, task: Task,
                       payload_addr: int) -> bytes | None:
         h = desc.rmtcmd
+        buf = h.buf
         desc.rts &= ~C.RMTOPER
         desc.proxy = C.NONE
         if desc.is_free:
             raise E.DvkError.for_code(E.EDVSNOTBIND)
-        dnode = h.c_dnode
-        if not 0 <= h.c_dcid < self.dvs.d_nr_dcs:
+        cmd, dcid, _src, _dst, _snode, dnode = h.route()[:6]
+        if not 0 <= dcid < self.dvs.d_nr_dcs:
             raise E.DvkError.for_code(E.EDVSBADDCID)
-        if not self.nodes[dnode].n_dcs & (1 << h.c_dcid):
+        if not self.nodes[dnode].n_dcs & (1 << dcid):
             raise E.DvkError.for_code(E.EDVSNODCNODE)
         if not pair.sproxy.nodemap & (1 << dnode):
             raise E.DvkError.for_code(E.EDVSNONODE)
-        dc = self.dcs[h.c_dcid]
+        dc = self.dcs[dcid]
         if not dc.running:
             raise E.DvkError.for_code(E.EDVSDCNOTRUN)
-        now = time.time()
-        h.c_tv_sec, h.c_tv_nsec = int(now), int((now % 1) * 1e9)
-        cmd = h.c_cmd
         data = None
         if not desc.is_remote:
             h.c_pid = desc.lpid
             if cmd in C.MSG_CMDS:
-                h.c_msg.m_source = desc.endpoint
+                set_m_source(buf, desc.endpoint)
             if cmd == C.CMD_SNDREC_MSG:
                 desc.rts &= ~C.SENDING
                 desc.sendto = C.NONE
@@ -354,11 +350,13 @@ class Proxies:
         if data is not None:
             h.c_len = len(data)
             task.space.write(payload_addr, data)
-        h.c_flags = h.c_snd_seq = h.c_ack_seq = h.c_batch_nr = 0
-        out = bytes(h.buf)
+        now = time.time()
+        tv_sec, tv_nsec = int(now), int((now % 1) * 1e9)
+        stamp_outgoing(buf, tv_sec, tv_nsec)
+        out = bytes(buf)
         h.c_cmd = C.CMD_NONE
         node = self.nodes[dnode]
-        node.n_stime_sec, node.n_stime_nsec = h.c_tv_sec, h.c_tv_nsec
+        node.n_stime_sec, node.n_stime_nsec = tv_sec, tv_nsec
         node.n_pxsent += 1
         pair.sproxy.rmtsent += 1
         return out

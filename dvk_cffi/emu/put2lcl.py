@@ -7,7 +7,7 @@ import time
 
 from .. import consts as C
 from .. import errors as E
-from ..wire import MESSAGE_SIZE, Header
+from ..wire import MESSAGE_SIZE, MSG_OFFSET, Header
 from .model import (
     DC,
     Desc,
@@ -27,45 +27,49 @@ class Put2lcl:
         return self._put2lcl(task, h, payload_addr)
 
     def _put2lcl(self, task: Task, h: Header, payload_addr: int) -> int:
-        cmd, dcid = h.c_cmd, h.c_dcid
+        # the routing fields read once: the check table is the hot path of every frame
+        cmd, dcid, src, dst, snode, dnode = h.route()[:6]
         if not 0 <= dcid < self.dvs.d_nr_dcs:                                   # 1
             raise E.DvkError.for_code(E.EDVSBADDCID)
         dc = self.dcs[dcid]
         if not dc.running:                                                      # 2
             raise E.DvkError.for_code(E.EDVSDCNOTRUN)
-        if not (dc.in_range(ep_p(h.c_src)) and dc.in_range(ep_p(h.c_dst))):  # 3
+        src_p, dst_p = ep_p(src), ep_p(dst)
+        if not (dc.in_range(src_p) and dc.in_range(dst_p)):                     # 3
             raise E.DvkError.for_code(E.EDVSRANGE)
-        snode = h.c_snode
         if not (0 <= snode < self.dvs.d_nr_nodes and dc.info.dc_nodes & (1 << snode)):  # 4
             raise E.DvkError.for_code(E.EDVSNODCNODE)
-        if h.c_dnode != self.local_nodeid:                                      # 5
+        if dnode != self.local_nodeid:                                          # 5
             raise E.DvkError.for_code(E.EDVSBADNODEID)
         now = time.time()
         node = self.nodes[snode]
         node.n_rtime_sec, node.n_rtime_nsec = int(now), int((now % 1) * 1e9)
-        rmt = dc.slot(ep_p(h.c_src))
-        lcl = dc.slot(ep_p(h.c_dst))
-        if rmt.is_free:                                                         # 6
+        rmt = dc.slot(src_p)
+        lcl = dc.slot(dst_p)
+        rmt_rts, lcl_rts = rmt.rts, lcl.rts
+        if rmt_rts & C.SLOT_FREE:                                               # 6
             raise E.DvkError.for_code(E.EDVSNOTBIND)
-        if rmt.is_remote:
-            if rmt.endpoint != h.c_src:                                         # 7
+        rmt_remote = rmt_rts & C.REMOTE
+        if rmt_remote:
+            if rmt.endpoint != src:                                             # 7
                 raise E.DvkError.for_code(E.EDVSENDPOINT)
             if rmt.nodeid != snode:                                             # 8
                 raise E.DvkError.for_code(E.EDVSNONODE)
-        if not lcl.is_free and not lcl.is_remote and not dc.is_sys(lcl.nr) \
+        lcl_free, lcl_remote = lcl_rts & C.SLOT_FREE, lcl_rts & C.REMOTE
+        if not lcl_free and not lcl_remote and not dc.is_sys(lcl.nr) \
                 and not dc.is_sys(rmt.nr):                                      # 9
             return self._put_error(dc, h, rmt, lcl, E.EDVSTRAPDENIED)
-        if not rmt.is_remote and not rmt.misc & C.MIS_REPLICATED:               # 10
+        if not rmt_remote and not rmt.misc & C.MIS_REPLICATED:                  # 10
             raise E.DvkError.for_code(E.EDVSLCLPROC)
-        if cmd in C.RQST_CMDS and rmt.rts & (C.RMTOPER | C.SENDING):            # 11
+        if cmd in C.RQST_CMDS and rmt_rts & (C.RMTOPER | C.SENDING):            # 11
             raise E.DvkError.for_code(E.EDVSENQUEUED)
-        if lcl.is_remote:                                                       # 12
+        if lcl_remote:                                                          # 12
             return self._put_error(dc, h, rmt, lcl, E.EDVSRMTPROC)
-        if lcl.is_free:                                                         # 13
+        if lcl_free:                                                            # 13
             return self._put_error(dc, h, rmt, lcl, E.EDVSDSTDIED)
-        if lcl.endpoint != h.c_dst:                                             # 14
+        if lcl.endpoint != dst:                                                 # 14
             raise E.DvkError.for_code(E.EDVSENDPOINT)
-        if lcl.rts & C.MIGRATING or lcl.nodeid != self.local_nodeid:            # 15
+        if lcl_rts & C.MIGRATING or lcl.nodeid != self.local_nodeid:            # 15
             return self._put_error(dc, h, rmt, lcl, E.EDVSMIGRATE)
         if cmd in C.COPY_RQST_CMDS:
             rqtr = dc.slot(ep_p(h.v_rqtr))
@@ -75,7 +79,7 @@ class Put2lcl:
             raise E.DvkError.for_code(E.EDVSBADCALL)                            # 16
         if cmd not in C.PUT2LCL_CMDS:                                           # 17
             raise E.DvkError.for_code(E.EDVSBADREQUEST)
-        rc = self._dispatch(task, dc, h, rmt, lcl, payload_addr)
+        rc = self._dispatch(task, dc, h, cmd, rmt, lcl, payload_addr)
         if rc > 0:
             self.proxies[task.proxy.nr].rproxy.lclsent += 1
             node.n_pxrcvd += 1
@@ -92,11 +96,10 @@ class Put2lcl:
             a.v_saddr, a.v_daddr, a.v_bytes = h.v_saddr, h.v_daddr, 0
         raise E.DvkError.for_code(rc)
 
-    def _dispatch(self, task: Task, dc: DC, h: Header, rmt: Desc, lcl: Desc,
+    def _dispatch(self, task: Task, dc: DC, h: Header, cmd: int, rmt: Desc, lcl: Desc,
                   payload_addr: int) -> int:
-        cmd = h.c_cmd
         if cmd in C.MSG_DELIVER_CMDS:
-            msg = bytes(h.c_msg)
+            msg = bytes(h.buf[MSG_OFFSET:MSG_OFFSET + MESSAGE_SIZE])
             if self._waiting_for(lcl, rmt.endpoint):
                 self._deliver(lcl, msg)
                 if cmd == C.CMD_SNDREC_MSG:
