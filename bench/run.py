@@ -18,7 +18,9 @@
 5.   Scale (bench/e2e.py): start-up of an N-node cluster and memory per daemon; many
      concurrent sessions through one LB host (node kernels with several DCs).
 6.   Local: sendrec on one emulated node with no DSP (bench/local_sendrec.py) beside a raw
-     Unix-socket ping-pong between two Python processes (bench/unix_pingpong.py).
+     Unix-socket ping-pong between two Python processes (bench/unix_pingpong.py), and the
+     server node kernel's five calls of a relayed round trip timed in one process, as kernel
+     logic and through the node server's request path (bench/kernel_calls.py).
 7.   The `make run` demo (dsp_proxy.demo): p50 of its 4 concurrent clients through the LB.
 
 At the end every target of bench/targets.py is printed with its measured figure or ratio and
@@ -49,7 +51,7 @@ from pathlib import Path
 from dsp_proxy.cluster import Cluster, python_env
 
 from . import e2e as E2E
-from . import local_sendrec, unix_pingpong
+from . import kernel_calls, local_sendrec, unix_pingpong
 from . import targets as T
 from . import wire_peers as W
 
@@ -298,13 +300,21 @@ def print_hops(rows: list[dict]) -> str:
     return text
 
 
+#: Round trips of each run of bench/kernel_calls.py (about 2 s).
+KERNEL_CALL_ROUNDS = 20000
+
+
 def local_benchmarks(args) -> dict:
-    """Part 6: the emulator's local sendrec and its anchor, medians of --runs runs."""
-    unix, local = [], []
+    """Part 6: the emulator's local sendrec and its anchor, and a node kernel's calls of a
+    relayed round trip measured apart; medians of --runs runs."""
+    unix, local, calls = [], [], []
     for _run in range(args.runs):
         unix.append(unix_pingpong.run(args.unix_secs))
         local.append(local_sendrec.run(args.local_loops))
-    return {"unix_p50_us": median([u["p50_us"] for u in unix]),
+        calls.append(kernel_calls.run(KERNEL_CALL_ROUNDS))
+    return {"kernel_logic_us": median([c["logic_us"] for c in calls]),
+            "kernel_server_us": median([c["server_us"] for c in calls]),
+            "unix_p50_us": median([u["p50_us"] for u in unix]),
             "unix_rt_per_s": median([u["rt_per_s"] for u in unix]),
             "sendrec_p50_us": median([x["p50_us"] for x in local]),
             "sendrec_p99_us": median([x["p99_us"] for x in local]),
@@ -317,7 +327,10 @@ def print_local(res: dict) -> str:
             f"{res['unix_rt_per_s']:,.0f} round trips/s |\n"
             f"| sendrec on one emulated node (latency_client, no DSP) | "
             f"{res['sendrec_p50_us']:.0f} | {res['sendrec_msgs_per_s']:,.0f} msgs/s |\n\n"
-            f"ratio: {res['sendrec_p50_us'] / res['unix_p50_us']:.1f}x")
+            f"ratio: {res['sendrec_p50_us'] / res['unix_p50_us']:.1f}x\n\n"
+            f"node kernel 1's five calls of a relayed round trip, in this process "
+            f"(bench/kernel_calls.py): kernel logic {res['kernel_logic_us']:.1f} µs, through "
+            f"the node server's request path {res['kernel_server_us']:.1f} µs")
     print(text, flush=True)
     return text
 
