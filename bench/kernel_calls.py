@@ -32,6 +32,7 @@ import time
 from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu.kernel import NodeKernel, Task
+from dvk_cffi.emu.model import unused_tids
 from dvk_cffi.emu.server import NodeServer, _Conn
 from dvk_cffi.info import DcInfo, DvsInfo
 from dvk_cffi.wire import MESSAGE_SIZE, MSG_OFFSET, Header, make_header
@@ -41,16 +42,6 @@ SERVER_EP, CLIENT_EP = 10, 11          # system endpoints: the server here, the 
 WARMUP = 500
 #: How long the benchmark waits for an answer the kernel owes before it fails.
 ANSWER_TIMEOUT = 5.0
-
-
-def _unused_tids(n: int) -> list[int]:
-    """Thread ids no thread of this machine has: the kernel may signal a task's thread."""
-    out, tid = [], 4_000_000
-    while len(out) < n:
-        if not os.path.exists(f"/proc/{tid}"):
-            out.append(tid)
-        tid -= 1
-    return out
 
 
 def _headers() -> tuple[bytes, bytes]:
@@ -109,7 +100,7 @@ def _timed(one, rounds: int) -> float:
 
 def logic(rounds: int) -> float:
     """µs per round trip of the five calls made on a `NodeKernel` directly."""
-    sp_tid, rp_tid, srv_tid = _unused_tids(3)
+    sp_tid, rp_tid, srv_tid = unused_tids(3)
     k, boot = _node()
     sproxy, rproxy = k.attach(os.getpid(), sp_tid, "sproxy"), k.attach(os.getpid(), rp_tid,
                                                                          "rproxy")
@@ -141,7 +132,7 @@ def server_path(rounds: int) -> float:
     """µs per round trip of the five calls as requests handled by the node server's own
     request path, in this process."""
     rundir = tempfile.mkdtemp(prefix="kcalls")
-    sp_tid, rp_tid, srv_tid = _unused_tids(3)
+    sp_tid, rp_tid, srv_tid = unused_tids(3)
     k, boot = _node()
     srv = NodeServer(k, os.path.join(rundir, "node.sock"))
     peers: list[socket.socket] = []

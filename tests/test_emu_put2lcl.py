@@ -20,6 +20,7 @@ import pytest
 from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi import errors as E  # noqa: N812
 from dvk_cffi.emu.kernel import NodeKernel
+from dvk_cffi.emu.model import unused_tids
 from dvk_cffi.info import DcInfo, DvsInfo
 from dvk_cffi.wire import MESSAGE_SIZE, Header, make_header
 from emu_helpers import (
@@ -42,16 +43,6 @@ NO_SLOT_EP = 5000                       # process number with no slot in DC0
 ARENA = 1 << 20
 
 
-def _unused_tids(n: int) -> list[int]:
-    """TIDs that no thread of this machine has (nobody gets a signal meant for them)."""
-    out, tid = [], 4_000_000
-    while len(out) < n:
-        if not os.path.exists(f"/proc/{tid}"):
-            out.append(tid)
-        tid -= 1
-    return out
-
-
 def run(result):
     """The outcome of a kernel call that must not block: a value, or a parked call that
     finishes at once (the kernel may hand back a generator for calls that can block)."""
@@ -70,7 +61,7 @@ def k():
     LSYS, LSYS2, LUSR bound by their own tasks."""
     kern = NodeKernel()
     pid = os.getpid()
-    tids = _unused_tids(6)
+    tids = unused_tids(6)
     boot = kern.attach(pid, tids[0], "boot")
     kern.dvs_init(boot, 1, DvsInfo())
     kern.dc_init(boot, DcInfo(dc_flags=C.DC_RUNNING))

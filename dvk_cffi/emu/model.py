@@ -164,6 +164,17 @@ def thread_alive(tid: int) -> bool:
         return False
 
 
+def unused_tids(n: int) -> list[int]:
+    """`n` thread ids that no thread of this machine has, for tasks a test or a benchmark
+    attaches in its own process: the kernel may signal a task's thread, and nobody gets it."""
+    out, tid = [], 4_000_000
+    while len(out) < n:
+        if not os.path.exists(f"/proc/{tid}"):
+            out.append(tid)
+        tid -= 1
+    return out
+
+
 def signal_thread(tid: int, sig: int) -> None:
     try:
         os.kill(tid, sig)
