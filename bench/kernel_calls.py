@@ -27,6 +27,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 from dvk_cffi import consts as C  # noqa: N812
@@ -89,6 +90,31 @@ def _finish(call):
     raise RuntimeError("a woken call parked again")
 
 
+class _IdleThreads:
+    """Threads of this process that only wait, for the tasks a HELLO names (a node kernel
+    never signals a thread of its own process)."""
+
+    def __init__(self, n: int) -> None:
+        self._done = threading.Event()
+        self._ready = threading.Semaphore(0)
+        self.tids: list[int] = []
+        self._threads = [threading.Thread(target=self._wait, daemon=True) for _ in range(n)]
+        for t in self._threads:
+            t.start()
+        for _ in range(n):
+            self._ready.acquire()
+
+    def _wait(self) -> None:
+        self.tids.append(threading.get_native_id())
+        self._ready.release()
+        self._done.wait()
+
+    def stop(self) -> None:
+        self._done.set()
+        for t in self._threads:
+            t.join()
+
+
 def _timed(one, rounds: int) -> float:
     for _ in range(min(WARMUP, rounds)):
         one()
@@ -132,10 +158,11 @@ def server_path(rounds: int) -> float:
     """µs per round trip of the five calls as requests handled by the node server's own
     request path, in this process."""
     rundir = tempfile.mkdtemp(prefix="kcalls")
-    sp_tid, rp_tid, srv_tid = unused_tids(3)
     k, boot = _node()
     srv = NodeServer(k, os.path.join(rundir, "node.sock"))
     peers: list[socket.socket] = []
+    threads = _IdleThreads(3)         # a HELLO names a thread of the connecting process
+    sp_tid, rp_tid, srv_tid = threads.tids
     try:
         def conn(tid: int) -> tuple[socket.socket, _Conn]:
             mine, theirs = socket.socketpair()
@@ -195,6 +222,7 @@ def server_path(rounds: int) -> float:
         for s in peers:
             s.close()
         srv._close()
+        threads.stop()
         shutil.rmtree(rundir, ignore_errors=True)
 
 
