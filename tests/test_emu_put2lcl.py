@@ -9,6 +9,7 @@ wait).
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import random
@@ -76,9 +77,10 @@ def k():
     kern.dc_init(boot, DcInfo(dc_flags=C.DC_RUNNING))
     sproxy = kern.attach(pid, tids[1], "sproxy")
     rproxy = kern.attach(pid, tids[2], "rproxy")
-    fd = os.memfd_create("test-arena", os.MFD_CLOEXEC)
+    fd = os.memfd_create("test-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, ARENA)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         base = kern.add_arena(boot, fd, ARENA)
         mem = mmap.mmap(fd, ARENA)
     finally:

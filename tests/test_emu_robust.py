@@ -8,8 +8,11 @@ COPYLCL_RQST connection runs a real node kernel process.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import random
+import socket
 import struct
 import time
 
@@ -18,6 +21,8 @@ import pytest
 from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi import errors as E  # noqa: N812
 from dvk_cffi.emu import protocol as P
+from dvk_cffi.emu.memory import ARENA_BASE
+from dvk_cffi.info import ProcInfo
 from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Message
 from emu_helpers import (
     CALL_TIMEOUT,
@@ -219,3 +224,54 @@ def test_fault_in_the_server_loop_costs_one_connection(world, caplog, monkeypatc
     assert any(r.exc_info and "injected fault" in str(r.exc_info[1]) for r in caplog.records)
     assert other.call(d.getdvsinfo)[0] == 1         # the others are still served
     assert node.thread.is_alive()
+
+
+def _arena_request(raw: Raw, fd: int, size: int) -> tuple[int, list]:
+    """ARENA(size) with `fd` as the frame's SCM_RIGHTS descriptor."""
+    body = _op("ARENA") + P.encode_values([size])
+    socket.send_fds(raw.sock, [struct.pack("<I", len(body)) + body], [fd])
+    return P.decode_reply(P.recv_frame(raw.sock))
+
+
+def test_an_arena_its_process_can_shrink_is_refused(world):
+    """A process keeps its arena's memfd and may ftruncate it after passing it: the node
+    kernel's next read of the mapping past the new end of file would be a SIGBUS, which kills
+    the node kernel.  So an arena must be sealed against shrinking (the client library's are);
+    one that is not is refused, its shrinking harms nobody, and a sealed one is served."""
+    node = world.proc_node(1)
+    peer = world.actor("peer")
+    src, dst = Raw(node.path), Raw(node.path)
+    world.cleanup.add(src.close)
+    world.cleanup.add(dst.close)
+    src.hello()
+    assert dst.call("HELLO", P.VERSION, os.getpid(), peer.tid, b"peer")[0] == 0
+    assert src.call("BIND", C.SELF_BIND, DC0, -1, LSYS, C.LOCALNODE, None) == (0, [LSYS])
+    assert dst.call("BIND", C.SELF_BIND, DC0, -1, LSYS + 1, C.LOCALNODE, None)[0] == 0
+    size = 1 << 20
+    loose = os.memfd_create("loose-arena", os.MFD_CLOEXEC)
+    world.cleanup.add(os.close, loose)
+    os.ftruncate(loose, size)
+    rc, got = _arena_request(src, loose, size)
+    os.ftruncate(loose, 0)
+    base = got[0] if rc == 0 else ARENA_BASE
+    dst.sock.sendall(P.encode_request("RECEIVE", [C.ANY, -1]))    # the copy's destination
+    wait_until(lambda: _rts(src, LSYS + 1) & C.RECEIVING, what="receiving")
+    assert src.call("VCOPY", C.SELF, base + 4096, LSYS + 1, base, 8)[0] == E.EDVSFAULT
+    assert node.proc.poll() is None
+    assert rc == E.EDVSBADF
+    sealed = os.memfd_create("sealed-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    world.cleanup.add(os.close, sealed)
+    os.ftruncate(sealed, size)
+    fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    rc, got = _arena_request(src, sealed, size)
+    assert rc == 0
+    with pytest.raises(PermissionError):
+        os.ftruncate(sealed, 0)
+    assert src.call("VCOPY", C.SELF, got[0] + 4096, LSYS + 1, got[0], 8) == (0, [8])
+    assert node.proc.poll() is None
+
+
+def _rts(raw: Raw, ep: int) -> int:
+    rc, vals = raw.call("GETPROCINFO", DC0, ep)
+    assert rc == 0
+    return ProcInfo.unpack(vals[1]).p_rts_flags
