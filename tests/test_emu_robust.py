@@ -22,6 +22,7 @@ from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi import errors as E  # noqa: N812
 from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu.memory import ARENA_BASE
+from dvk_cffi.emu.server import RBUF_LIMIT, READ_SIZE
 from dvk_cffi.info import ProcInfo
 from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Message
 from emu_helpers import (
@@ -275,3 +276,78 @@ def _rts(raw: Raw, ep: int) -> int:
     rc, vals = raw.call("GETPROCINFO", DC0, ep)
     assert rc == 0
     return ProcInfo.unpack(vals[1]).p_rts_flags
+
+
+def test_requests_behind_a_parked_call_are_read_only_up_to_a_limit(world):
+    """A client may send requests while one of its calls waits in the kernel (they are served
+    after it); a client that never stops sending them made the node kernel buffer all of them,
+    without limit.  The kernel stops reading from that connection past `RBUF_LIMIT` and reads
+    again once the call is answered: every request is served in order, the connection kept."""
+    node = world.inproc_node(1)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    assert raw.call("BIND", C.SELF_BIND, DC0, -1, LSYS, C.LOCALNODE, None) == (0, [LSYS])
+    raw.sock.sendall(P.encode_request("RECEIVE", [C.ANY, 1500]))   # parked for 1.5 s
+    pushed = _flood_behind_parked_call(node, raw)
+    rest = (-pushed) % len(JUNK)                   # complete the last request
+    raw.sock.sendall(JUNK[len(JUNK) - rest:])
+    count = (pushed + rest) // len(JUNK)
+    codes = [P.decode_reply(body)[0] for body in _replies(raw.sock, 1 + count)]
+    assert codes == [E.EDVSTIMEDOUT] + [E.EDVSINVAL] * count
+    assert raw.call("GETDVSINFO")[0] == 0
+
+
+def test_a_parked_client_that_floods_and_dies_is_seen_to_exit(world):
+    """While its requests are no longer read, the end of the client is still seen: its task
+    exits and its slot is free again."""
+    node = world.inproc_node(1)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    assert raw.call("BIND", C.SELF_BIND, DC0, -1, LSYS, C.LOCALNODE, None) == (0, [LSYS])
+    raw.sock.sendall(P.encode_request("RECEIVE", [C.ANY, -1]))     # parked for good
+    _flood_behind_parked_call(node, raw)
+    raw.close()
+    wait_until(lambda: node.slot(LSYS).is_free, what="the slot of the closed client freed")
+    with node.kernel.lock:
+        assert not node.server.conns
+
+
+#: A request the kernel answers EDVSINVAL (no such /proc view), 4 KiB long.
+JUNK = P.encode_request("PROCFS", [b"x" * 4096])
+
+
+def _flood_behind_parked_call(node, raw: Raw) -> int:
+    """Send requests on `raw`, whose call is parked, for up to 1 s or 32 MiB without waiting;
+    the bytes the kernel let through (it reads at most RBUF_LIMIT of them)."""
+    raw.sock.setblocking(False)
+    pushed, deadline = 0, time.monotonic() + 1.0
+    while pushed < (32 << 20) and time.monotonic() < deadline:
+        try:
+            pushed += raw.sock.send(JUNK[pushed % len(JUNK):])
+        except BlockingIOError:
+            time.sleep(0.005)
+    with node.kernel.lock:
+        (conn,) = [c for c in node.server.conns if c.task is not None]
+        assert conn.call is not None, "the call is still parked"
+        assert len(conn.rbuf) <= RBUF_LIMIT + READ_SIZE
+    assert pushed < (8 << 20)
+    raw.sock.settimeout(CALL_TIMEOUT)
+    return pushed
+
+
+def _replies(sock, count: int) -> list[bytes]:
+    """The bodies of the next `count` reply frames on `sock`, however they arrive."""
+    buf, out = bytearray(), []
+    while len(out) < count:
+        while len(buf) >= 4 and len(buf) >= 4 + struct.unpack_from("<I", buf)[0]:
+            n = struct.unpack_from("<I", buf)[0]
+            out.append(bytes(buf[4:4 + n]))
+            del buf[:4 + n]
+        if len(out) < count:
+            more = sock.recv(1 << 16)
+            assert more, "the node kernel closed the connection"
+            buf += more
+    assert not buf
+    return out

@@ -47,6 +47,8 @@ ACCEPT_BURST = 64
 TIMER_COMPACT = 4096
 #: Replies a client may leave unread before its requests are no longer read.
 WBUF_LIMIT = 1 << 20
+#: Request bytes a client may send behind its parked call before they are no longer read.
+RBUF_LIMIT = 1 << 20
 _IN = select.EPOLLIN
 _LEN = struct.Struct("<I")
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
@@ -253,6 +255,9 @@ class NodeServer:
                     os.close(fd)
             return
         conn.rbuf += data
+        if conn.call is not None:  # behind a parked call: kept, read only up to RBUF_LIMIT
+            self._update_events(conn)
+            return
         self._serve(conn)
 
     def _serve(self, conn: _Conn) -> None:
@@ -268,7 +273,7 @@ class NodeServer:
                 self._drop(conn)
                 return
             if len(buf) < 4 + n:
-                return
+                break
             body = bytes(buf[4:4 + n])
             del buf[:4 + n]
             fds, conn.fds = conn.fds, []
@@ -280,6 +285,7 @@ class NodeServer:
             finally:
                 for fd in fds:
                     os.close(fd)
+        self._update_events(conn)
 
     def _send(self, conn: _Conn, data: bytes) -> None:
         if conn.closed:
@@ -315,13 +321,18 @@ class NodeServer:
 
     def _update_events(self, conn: _Conn) -> None:
         """Wait for room to write while replies are pending; stop reading from a client that
-        does not read its replies until they are below WBUF_LIMIT."""
-        if not conn.wbuf:
-            events = _IN
-        elif len(conn.wbuf) > WBUF_LIMIT:
-            events = select.EPOLLOUT
+        does not read its replies until they are below WBUF_LIMIT, and from one whose requests
+        behind its parked call are over RBUF_LIMIT until that call is answered (a hang-up is
+        reported all the same, so the end of a parked client is still seen)."""
+        if conn.closed:
+            return
+        if len(conn.wbuf) > WBUF_LIMIT or (conn.call is not None
+                                           and len(conn.rbuf) > RBUF_LIMIT):
+            events = _EPOLLOUT if conn.wbuf else 0
+        elif conn.wbuf:
+            events = _IN | _EPOLLOUT
         else:
-            events = _IN | select.EPOLLOUT
+            events = _IN
         if events != conn.events:
             conn.events = events
             self.epoll.modify(conn.sock.fileno(), events)
