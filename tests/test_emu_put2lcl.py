@@ -331,3 +331,39 @@ def test_random_put2lcl_headers_never_fault(k):
     dst.rts |= C.RECEIVING
     dst.getfrom = C.ANY
     assert put(k, c_cmd=C.CMD_SEND_MSG) == MESSAGE_SIZE
+
+
+@pytest.mark.parametrize("where", ["unmapped", "past_the_arena_end"])
+def test_get2rmt_into_a_bad_payload_buffer_fails_the_copy_at_once(k, where):
+    """A sender proxy whose payload buffer cannot take a COPYIN_DATA's bytes gets EDVSFAULT,
+    and the vcopy whose command it took ends with that code at once (as for the other errors
+    of a taken command).  It was an exception out of get2rmt, logged as a kernel fault and
+    answered EDVSGENERIC, and the copying process slept until its 30 s limit."""
+    payload = {"unmapped": 0x70000000, "past_the_arena_end": k.spay + ARENA - 4}[where]
+    lsys = k.local[LSYS]
+    copy = k.kern.vcopy(lsys, C.SELF, k.spay + 2 * C.MAXCOPYBUF, RSYS, 0x5000, 8)
+    assert next(copy) is not None                   # parked, with its time limit
+    with pytest.raises(E.DvkError) as info:
+        run(k.kern.get2rmt_more(k.sproxy, payload, C.TIMEOUT_NOWAIT))
+    assert info.value.code == E.EDVSFAULT
+    assert lsys.woken and lsys.wake_rc == E.EDVSFAULT
+    with pytest.raises(E.DvkError) as info:
+        next(copy)
+    assert info.value.code == E.EDVSFAULT
+    assert not k.kern.dcs[DC0].slot(LSYS).rts & (C.ONCOPY | C.RMTOPER)
+    assert taken(k) is None
+
+
+def test_copyout_data_into_a_bad_payload_buffer_is_an_error_ack(k):
+    """The bytes of a COPYOUT_DATA that the sender proxy's payload buffer cannot take: the
+    command leaves as an EDVSFAULT ACK without data, so the remote requester's copy fails at
+    once, and the local source is no longer ONCOPY."""
+    receiving = k.kern.receive(k.local[LSYS], C.ANY, -1)
+    assert next(receiving) is None                  # LSYS blocked: it may be copied from
+    assert put(k, c_cmd=C.CMD_COPYOUT_RQST, v_src=LSYS, v_dst=RSYS, v_rqtr=RSYS,
+               v_saddr=k.spay + 2 * C.MAXCOPYBUF, v_daddr=0x5000, v_bytes=8) == 0
+    raw, _more = run(k.kern.get2rmt_more(k.sproxy, 0x70000000, C.TIMEOUT_NOWAIT))
+    h = Header(raw)
+    assert (h.c_cmd, h.c_rcode, h.c_len, h.c_dst) == (C.CMD_COPYOUT_DATA, E.EDVSFAULT, 0, RSYS)
+    assert not k.kern.dcs[DC0].slot(LSYS).rts & C.ONCOPY
+    receiving.close()
