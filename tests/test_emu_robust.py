@@ -14,6 +14,8 @@ import os
 import random
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -22,6 +24,7 @@ from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi import errors as E  # noqa: N812
 from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu.memory import ARENA_BASE
+from dvk_cffi.emu.node import wait_for_socket
 from dvk_cffi.emu.server import RBUF_LIMIT, READ_SIZE
 from dvk_cffi.info import ProcInfo
 from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Message
@@ -31,6 +34,7 @@ from emu_helpers import (
     SHORT,
     FakeProxy,
     Raw,
+    child_env,
     make_world,
     raises_code,
     wait_until,
@@ -351,3 +355,58 @@ def _replies(sock, count: int) -> list[bytes]:
             buf += more
     assert not buf
     return out
+
+
+#: A node kernel process allowed only a few descriptors.
+_FEW_FDS_NODE = ("import resource, sys\n"
+                 "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))\n"
+                 "from dvk_cffi.emu.server import run_node\n"
+                 "sys.exit(run_node(1, sys.argv[1]))\n")
+
+
+def test_connections_past_the_descriptor_limit_wait_without_a_busy_loop(world):
+    """Clients holding every descriptor the node kernel may open: accept fails (EMFILE) while
+    the listener stays readable, and the loop went round at full speed writing an `accept`
+    warning each time (about 100,000 lines a second).  The listener rests instead; the clients
+    already connected are served, and once a connection closes a new one is accepted.  The
+    reaper, which could not open /proc either, took every thread bound without a connection
+    for gone and unbound it; now it keeps it."""
+    path = os.path.join(world.dir, "node1.sock")
+    log_path = os.path.join(world.dir, "node1.log")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _FEW_FDS_NODE, path],
+                                env=child_env(path), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    world.cleanup.add(_kill, proc)
+    wait_for_socket(path, timeout=CALL_TIMEOUT, proc=proc)
+    first = Raw(path)
+    world.cleanup.add(first.close)
+    first.hello()
+    idle = world.actor("idle")                     # a live thread bound by another, never
+    assert first.call("BIND", C.LCL_BIND, DC0, idle.tid, LSYS, C.LOCALNODE, None)[0] == 0
+    crowd = []
+    for _ in range(48):                            # more than the kernel's 40 descriptors
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        world.cleanup.add(s.close)
+        s.connect(path)                            # the backlog takes what accept cannot
+        crowd.append(s)
+    time.sleep(1.5)                                # the reaper looked at least once
+    assert first.call("GETDVSINFO")[1][0] == 1     # the connected client is still served
+    # the reaper cannot open /proc without a descriptor: that thread is not gone for it
+    assert not _rts(first, LSYS) & C.SLOT_FREE
+    with open(log_path, "rb") as f:
+        warnings = f.read().count(b"accept")
+    assert 1 <= warnings <= 10, f"{warnings} accept warnings in about a second"
+    for s in crowd:
+        s.close()
+    late = Raw(path)
+    world.cleanup.add(late.close)
+    late.hello()                                   # accepted again
+    assert late.call("GETDVSINFO")[1][0] == 1
+    assert proc.poll() is None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)

@@ -156,12 +156,16 @@ def priv_bytes(desc: Desc) -> bytes:
 
 
 def thread_alive(tid: int) -> bool:
-    """The thread exists and is not a zombie (a zombie has exited: the kernel unbinds it)."""
+    """The thread exists and is not a zombie (a zombie has exited: the kernel unbinds it).
+    A thread whose /proc entry cannot be opened for another reason than its absence (no
+    descriptor left, EMFILE) is not known to be gone: it counts as alive."""
     try:
         with open(f"/proc/{tid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+    except OSError:
+        return True
 
 
 def signal_thread(tid: int, sig: int) -> None:

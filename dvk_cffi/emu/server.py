@@ -14,6 +14,7 @@ another thread of the same process (the tests) may look at the kernel state unde
 from __future__ import annotations
 
 import array
+import errno
 import heapq
 import itertools
 import logging
@@ -43,6 +44,10 @@ ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 MAX_FRAME = 64 << 20
 #: Connections accepted per readiness of the listener (the next select takes the rest).
 ACCEPT_BURST = 64
+#: How long the listener rests when accept finds no descriptor or memory for a connection (a
+#: connection that closes ends the rest at once); it stays readable meanwhile.
+ACCEPT_PAUSE = 0.5
+_ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: Timer entries kept before the ones of ended calls are swept out.
 TIMER_COMPACT = 4096
 #: Replies a client may leave unread before its requests are no longer read.
@@ -102,6 +107,7 @@ class NodeServer:
         self.backlog: set[_Conn] = set()
         self._compact_at = TIMER_COMPACT
         self._resuming = False
+        self._accept_resume: float | None = None   # when a resting listener is polled again
         self._tick = itertools.count()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
@@ -140,6 +146,8 @@ class NodeServer:
                 wait = next_reap - now
                 if self.timers:
                     wait = min(wait, self.timers[0][0] - now)
+                if self._accept_resume is not None:
+                    wait = min(wait, self._accept_resume - now)
                 events = poll(wait if wait > 0.0 else 0.0)
                 with k.lock:
                     for fd, mask in events:
@@ -160,6 +168,8 @@ class NodeServer:
                         self._guarded(self._run_woken)
                     if self.backlog:
                         self._guarded(self._run_backlog)
+                    if self._accept_resume is not None and now >= self._accept_resume:
+                        self._guarded(self._resume_accept)
         finally:
             self._close()
 
@@ -190,6 +200,7 @@ class NodeServer:
             pass
 
     def _close(self) -> None:
+        self._accept_resume = None  # the listener is gone: nothing to resume
         try:
             self.listener.close()
         finally:
@@ -213,13 +224,29 @@ class NodeServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept: %s", exc)
+                if exc.errno in _ACCEPT_SHORTAGE:
+                    self._pause_accept(exc)
+                else:
+                    log.warning("accept: %s", exc)
                 return
             sock.setblocking(False)
             conn = _Conn(sock)
             self.conns.add(conn)
             self.fdmap[sock.fileno()] = conn
             self.epoll.register(sock.fileno(), _IN)
+
+    def _pause_accept(self, exc: OSError) -> None:
+        """Stop polling the listener for ACCEPT_PAUSE: accept fails while it stays readable,
+        and the loop would go round at full speed (the connections wait in the backlog)."""
+        self._accept_resume = time.monotonic() + ACCEPT_PAUSE
+        self.epoll.modify(self.listener.fileno(), 0)
+        log.warning("accept: %s; new connections wait until one closes or %.1f s passed",
+                    exc, ACCEPT_PAUSE)
+
+    def _resume_accept(self) -> None:
+        if self._accept_resume is not None:
+            self._accept_resume = None
+            self.epoll.modify(self.listener.fileno(), _IN)
 
     def _read(self, conn: _Conn) -> None:
         if conn.closed:
@@ -353,6 +380,7 @@ class NodeServer:
         for fd in conn.fds:
             os.close(fd)
         conn.fds = []
+        self._resume_accept()  # a descriptor is free for a waiting connection
         call, conn.call = conn.call, None
         task = conn.task
         if task is not None:
