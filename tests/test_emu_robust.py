@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -410,3 +411,22 @@ def _kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(10)
+
+
+def test_a_thread_with_two_connections_binds_again_after_closing_one(world):
+    """One thread may open two connections (two `EmuDvk`, or an `EmuDevice` that makes its
+    own).  Closing one is the thread's exit to the node kernel (its slot is unbound); the
+    other connection goes on as a new task.  It went on as the exited task: a bind made
+    through it was never undone, the slot stayed bound after the last connection closed."""
+    node = world.inproc_node(1)
+    one, two = world.dvk(node), world.dvk(node)     # both in this thread
+    assert one.bind(DC0, LSYS) == LSYS
+    assert two.getdvsinfo()[0] == 1
+    two.close()
+    wait_until(lambda: node.slot(LSYS).is_free, what="the exit unbinding the slot")
+    assert one.bind(DC0, LSYS) == LSYS
+    assert one.getprocinfo(DC0, LSYS).p_lpid == threading.get_native_id()
+    one.close()
+    wait_until(lambda: node.slot(LSYS).is_free, what="the slot freed with the last connection")
+    with node.kernel.lock:
+        assert threading.get_native_id() not in node.kernel.tasks

@@ -420,6 +420,8 @@ class NodeServer:
         """Decode and start the call at `pos` of `body`; whatever the bytes were, it is
         answered (or parked)."""
         task = conn.task
+        if task.dead:  # another connection of its thread closed, which was the thread's exit
+            task = conn.task = self.kernel.attach(task.pid, task.tid, task.comm)
         try:
             op, args, ok = P.decode_checked(body, pos)
         except P.UnknownOperation as exc:
