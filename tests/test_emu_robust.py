@@ -430,3 +430,41 @@ def test_a_thread_with_two_connections_binds_again_after_closing_one(world):
     wait_until(lambda: node.slot(LSYS).is_free, what="the slot freed with the last connection")
     with node.kernel.lock:
         assert threading.get_native_id() not in node.kernel.tasks
+
+
+def test_hello_names_a_thread_of_the_connecting_process(world):
+    """The node kernel signals a bound thread by its TID (SIGTERM when another process unbinds
+    it, or at DC end), and the TID is what HELLO says.  A HELLO with TID 0 made the unbind a
+    kill(0, SIGTERM): the node kernel's own process group (-1 would have been every process of
+    the user).  HELLO must name a thread of the connecting process; the node kernel here runs
+    in a session of its own, so the old code killed nothing but it."""
+    path = os.path.join(world.dir, "node1.sock")
+    with open(os.path.join(world.dir, "node1.log"), "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _NODE_ALONE, path], env=child_env(path),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    world.cleanup.add(_kill, proc)
+    wait_for_socket(path, timeout=CALL_TIMEOUT, proc=proc)
+    other = world.actor("other")
+    for tid in (0, -os.getpgid(proc.pid), 1, other.tid + 4_000_000):
+        raw = Raw(path)
+        world.cleanup.add(raw.close)
+        rc, _ = raw.call("HELLO", P.VERSION, os.getpid(), tid, b"liar")
+        if rc == 0:                                # a task of that TID: have it unbound
+            assert raw.call("BIND", C.SELF_BIND, DC0, -1, LSYS, C.LOCALNODE, None)[0] == 0
+            admin = Raw(path)
+            world.cleanup.add(admin.close)
+            admin.hello()
+            admin.call("UNBIND", DC0, LSYS, 0)
+            time.sleep(0.2)
+            assert proc.poll() is None, f"HELLO with TID {tid}: the node kernel was killed"
+        assert rc == E.EDVSBADVALUE, f"HELLO with TID {tid} accepted"
+    honest = Raw(path)
+    world.cleanup.add(honest.close)
+    assert honest.call("HELLO", P.VERSION, os.getpid(), other.tid, b"peer")[0] == 0
+    assert proc.poll() is None
+
+
+_NODE_ALONE = ("import sys\n"
+               "from dvk_cffi.emu.server import run_node\n"
+               "sys.exit(run_node(1, sys.argv[1]))\n")

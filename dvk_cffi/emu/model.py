@@ -169,6 +169,9 @@ def thread_alive(tid: int) -> bool:
 
 
 def signal_thread(tid: int, sig: int) -> None:
+    """Signal the process of thread `tid`; never a process group (kill() of 0 or less)."""
+    if tid <= 0:
+        return
     try:
         os.kill(tid, sig)
     except OSError:

@@ -413,6 +413,10 @@ class NodeServer:
         except OSError:
             self._drop(conn)
             return
+        if not _thread_of(pid, tid):  # the kernel signals tasks by TID: it must be theirs
+            log.warning("HELLO of process %d names TID %d, not one of its threads", pid, tid)
+            self._send(conn, P.encode_reply(E.EDVSBADVALUE))
+            return
         conn.task = self.kernel.attach(pid, tid, (comm or b"").decode(errors="replace"))
         self._send(conn, P.encode_reply(0, [self.kernel.local_nodeid]))
 
@@ -657,6 +661,11 @@ def _reply(op: str, rc: int, results: Sequence) -> bytes:
 def _nosys(task, args, fds):
     """Migration is not emulated (docs/emulator.md)."""
     raise E.DvkError.for_code(E.EDVSNOSYS)
+
+
+def _thread_of(pid: int, tid: int) -> bool:
+    """`tid` is a thread of process `pid` (0 and negative values name process groups)."""
+    return tid > 0 and os.path.exists(f"/proc/{pid}/task/{tid}")
 
 
 def _peer_pid(conn: socket.socket) -> int:
