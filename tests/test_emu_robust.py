@@ -468,3 +468,18 @@ def test_hello_names_a_thread_of_the_connecting_process(world):
 _NODE_ALONE = ("import sys\n"
                "from dvk_cffi.emu.server import run_node\n"
                "sys.exit(run_node(1, sys.argv[1]))\n")
+
+
+def test_unbinding_a_slot_bound_to_the_node_kernel_itself_does_not_stop_it(world):
+    """LCL_BIND may bind any local process, the node kernel's own too; unbinding a slot of
+    another process sends that process SIGTERM (the kernel's way), which here stopped the node
+    kernel.  It never signals itself."""
+    node = world.proc_node(1)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    assert raw.call("BIND", C.LCL_BIND, DC0, node.proc.pid, LSYS, C.LOCALNODE, None)[0] == 0
+    assert raw.call("UNBIND", DC0, LSYS, 0)[0] == E.EDVSAGAIN   # the caller is not bound
+    time.sleep(0.3)
+    assert node.proc.poll() is None
+    assert raw.call("GETDVSINFO")[1][0] == 1

@@ -169,8 +169,9 @@ def thread_alive(tid: int) -> bool:
 
 
 def signal_thread(tid: int, sig: int) -> None:
-    """Signal the process of thread `tid`; never a process group (kill() of 0 or less)."""
-    if tid <= 0:
+    """Signal the process of thread `tid`; never a process group (kill() of 0 or less), nor
+    this process (a task of the node kernel's own process is not sent its SIGTERM)."""
+    if tid <= 0 or os.path.exists(f"/proc/self/task/{tid}"):
         return
     try:
         os.kill(tid, sig)
