@@ -367,3 +367,37 @@ def test_copyout_data_into_a_bad_payload_buffer_is_an_error_ack(k):
     assert (h.c_cmd, h.c_rcode, h.c_len, h.c_dst) == (C.CMD_COPYOUT_DATA, E.EDVSFAULT, 0, RSYS)
     assert not k.kern.dcs[DC0].slot(LSYS).rts & C.ONCOPY
     receiving.close()
+
+
+@pytest.fixture
+def big(k):
+    """A second, 8 MiB arena of this process (sparse, sealed), for copies past d_max_copylen."""
+    size = 8 << 20
+    fd = os.memfd_create("big-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        return k.kern.add_arena(k.local[LSYS], fd, size)
+    finally:
+        os.close(fd)
+
+
+def test_copy_commands_longer_than_the_copy_limit_are_refused(k, big):
+    """A COPYLCL_RQST or COPYOUT_DATA names its length in v_bytes, which a peer sets at will;
+    no chunk of a vcopy is longer than d_max_copylen (1 MiB), and one that says so made the
+    node kernel read and copy that many bytes at once (up to 2 GiB from large enough arenas).
+    EDVS2BIG, ACKed to the remote requester like the other copy errors."""
+    n = k.kern.dvs.d_max_copylen + 1
+    assert put(k, c_cmd=C.CMD_COPYLCL_RQST, v_src=LSYS, v_dst=LSYS2, v_rqtr=RSYS,
+               v_saddr=big, v_daddr=big + n, v_bytes=n) == 0
+    h = taken(k)
+    assert (h.c_cmd, h.c_rcode) == (C.CMD_COPYLCL_ACK, E.EDVS2BIG)
+    lsys = k.local[LSYS]
+    copy = k.kern.vcopy(lsys, RSYS, 0x5000, C.SELF, big, 8)        # LSYS copies from RSYS
+    assert next(copy) is not None
+    assert taken(k).c_cmd == C.CMD_COPYOUT_RQST
+    assert put(k, c_cmd=C.CMD_COPYOUT_DATA, c_src=RSYS, c_dst=LSYS, v_src=RSYS, v_dst=LSYS,
+               v_rqtr=LSYS, v_daddr=big, v_bytes=n, c_len=0) == 0
+    with pytest.raises(E.DvkError) as info:
+        next(copy)
+    assert info.value.code == E.EDVS2BIG
