@@ -483,3 +483,19 @@ def test_unbinding_a_slot_bound_to_the_node_kernel_itself_does_not_stop_it(world
     time.sleep(0.3)
     assert node.proc.poll() is None
     assert raw.call("GETDVSINFO")[1][0] == 1
+
+
+def test_a_request_frame_longer_than_any_request_costs_its_connection_unbuffered(world):
+    """No request is near 1 MiB (the longest carry a name or a 60-byte struct), yet the node
+    kernel buffered a frame of up to 64 MiB per connection while its bytes came in, so a few
+    connections could make it hold gigabytes.  A longer frame is a framing error at once; the
+    other clients are served."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    raw.sock.settimeout(SHORT / 1000 * 10)
+    raw.sock.sendall(struct.pack("<I", 2 << 20) + _op("PROCFS") + b"b" * 4096)   # 2 MiB
+    assert raw.sock.recv(16) == b""                 # closed without waiting for the rest
+    assert d.getdvsinfo()[0] == 1

@@ -41,7 +41,9 @@ REAP_INTERVAL = 1.0
 READ_SIZE = 1 << 16
 MAX_FDS = 16
 ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
-MAX_FRAME = 64 << 20
+#: The longest request frame read: far more than any request (the longest carry a name or a
+#: 60-byte struct), little enough that no connection makes the kernel buffer much.
+MAX_FRAME = 1 << 20
 #: Connections accepted per readiness of the listener (the next select takes the rest).
 ACCEPT_BURST = 64
 #: How long the listener rests when accept finds no descriptor or memory for a connection (a
