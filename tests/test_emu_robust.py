@@ -499,3 +499,30 @@ def test_a_request_frame_longer_than_any_request_costs_its_connection_unbuffered
     raw.sock.sendall(struct.pack("<I", 2 << 20) + _op("PROCFS") + b"b" * 4096)   # 2 MiB
     assert raw.sock.recv(16) == b""                 # closed without waiting for the rest
     assert d.getdvsinfo()[0] == 1
+
+
+def test_names_of_any_bytes_do_not_poison_the_info_calls(world):
+    """The names a client gives (rmtbind, node_up, proxies_bind, HELLO's program name) are C
+    byte strings.  The kernel kept them decoded as UTF-8 (undecodable bytes replaced), and its
+    info structs encode names as latin-1: a name such as "日本" or b"\\xff" made every later
+    GETPROCINFO / GETNODEINFO / GETPROXYINFO of that slot, node or pair a kernel fault
+    (EDVSGENERIC), for every client.  A name comes back as the bytes it was (cut to size)."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)                             # an ordinary client asks
+    sproxy, rproxy = world.actor("sproxy"), world.actor("rproxy")
+    named = Raw(node.path)
+    world.cleanup.add(named.close)
+    assert named.call("HELLO", P.VERSION, os.getpid(), sproxy.tid, "代理".encode())[0] == 0
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    assert raw.call("PROXIES_BIND", b"px\xff", 2, sproxy.tid, rproxy.tid, C.MAXCOPYBUF)[0] == 0
+    assert raw.call("NODE_UP", "節点".encode(), 2, 2)[0] == 0
+    assert raw.call("PROXY_CONN", 2, C.CONNECT_SPROXY)[0] == 0
+    assert raw.call("ADD_NODE", DC0, 2)[0] == 0
+    assert raw.call("BIND", C.RMT_BIND, DC0, -1, 20, 2, "日本".encode()) == (0, [20])
+    assert d.getprocinfo(DC0, 20).p_name.encode("latin-1") == "日本".encode()
+    assert d.getnodeinfo(2).n_name.encode("latin-1") == "節点".encode()
+    sinfo, _rinfo = d.getproxyinfo(2)
+    assert sinfo.p_name.encode("latin-1") == "代理".encode()[:15]
+    assert "px" in d.proc_text("proxies/info")

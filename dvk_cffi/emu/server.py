@@ -419,7 +419,7 @@ class NodeServer:
             log.warning("HELLO of process %d names TID %d, not one of its threads", pid, tid)
             self._send(conn, P.encode_reply(E.EDVSBADVALUE))
             return
-        conn.task = self.kernel.attach(pid, tid, (comm or b"").decode(errors="replace"))
+        conn.task = self.kernel.attach(pid, tid, _text(comm or b""))
         self._send(conn, P.encode_reply(0, [self.kernel.local_nodeid]))
 
     def _request(self, conn: _Conn, body: bytes, pos: int, fds: Sequence[int]) -> None:
@@ -623,7 +623,9 @@ class NodeServer:
         }
 
 def _text(raw: bytes) -> str:
-    return raw.decode(errors="replace")
+    """A C string of a request (a name, a /proc path): its bytes as they are, one character
+    each (latin-1), so the info structs pack a name back into the same bytes."""
+    return raw.decode("latin-1")
 
 
 def _after_status(result):
