@@ -187,6 +187,9 @@ class Server:
         except UnicodeDecodeError:
             self.reply(ftp_ep, m, E.EDVSINVAL)
             return
+        if "\0" in name:               # names no file: open() would raise ValueError
+            self.reply(ftp_ep, m, E.EDVSINVAL)
+            return
         path = os.path.join(self.directory, name) if name else ""
         lpid = -1
         try:

@@ -152,6 +152,29 @@ def test_m3ftp_errors(start_node, apps, tmp_path):
     assert server.poll() is None
 
 
+def test_m3ftpd_answers_a_file_name_with_a_nul_byte(start_node, apps, tmp_path):
+    """The file name of a request is whatever bytes the client put in its memory; one with a
+    NUL byte names no file (Python's open raises ValueError for it, not OSError).  m3ftpd
+    answers EDVSINVAL to each request and goes on serving, instead of dying of it."""
+    from dvk_cffi import errors as E  # noqa: N812
+    from dvk_cffi.emu.client import EmuDvk
+    from dvs_apps import m3ftp
+
+    start_node(1)
+    server = apps.spawn("m3ftp", "server", 0, 20, cwd=tmp_path)
+    apps.wait_bound(0, 20, proc=server)
+    (tmp_path / "ok.dat").write_bytes(b"hello" * 100)
+    dvk = EmuDvk(nodeid=1)
+    try:
+        client = m3ftp.Client(dvk, 0, 21, 20)
+        for op in (m3ftp.FTP_SUM, m3ftp.FTP_GET, m3ftp.FTP_PUT):
+            assert client.first(op, "ok.dat\0x").m_type == E.EDVSINVAL, apps.output(server)
+        assert client.remote_digest("ok.dat") == hashlib.sha256(b"hello" * 100).digest()
+    finally:
+        dvk.close()
+    assert server.poll() is None
+
+
 def test_m3ftp_data_stays_off_the_socket(start_node, tmp_path, monkeypatch):
     """A 10 MiB PUT and GET move (far) less than 1 MiB through the node kernel's socket.
     Client and server run in this process (two threads) so every frame is counted."""

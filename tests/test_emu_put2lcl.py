@@ -9,6 +9,7 @@ wait).
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import random
@@ -67,9 +68,10 @@ def k():
     kern.dc_init(boot, DcInfo(dc_flags=C.DC_RUNNING))
     sproxy = kern.attach(pid, tids[1], "sproxy")
     rproxy = kern.attach(pid, tids[2], "rproxy")
-    fd = os.memfd_create("test-arena", os.MFD_CLOEXEC)
+    fd = os.memfd_create("test-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, ARENA)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         base = kern.add_arena(boot, fd, ARENA)
         mem = mmap.mmap(fd, ARENA)
     finally:
@@ -320,3 +322,73 @@ def test_random_put2lcl_headers_never_fault(k):
     dst.rts |= C.RECEIVING
     dst.getfrom = C.ANY
     assert put(k, c_cmd=C.CMD_SEND_MSG) == MESSAGE_SIZE
+
+
+@pytest.mark.parametrize("where", ["unmapped", "past_the_arena_end"])
+def test_get2rmt_into_a_bad_payload_buffer_fails_the_copy_at_once(k, where):
+    """A sender proxy whose payload buffer cannot take a COPYIN_DATA's bytes gets EDVSFAULT,
+    and the vcopy whose command it took ends with that code at once (as for the other errors
+    of a taken command).  It was an exception out of get2rmt, logged as a kernel fault and
+    answered EDVSGENERIC, and the copying process slept until its 30 s limit."""
+    payload = {"unmapped": 0x70000000, "past_the_arena_end": k.spay + ARENA - 4}[where]
+    lsys = k.local[LSYS]
+    copy = k.kern.vcopy(lsys, C.SELF, k.spay + 2 * C.MAXCOPYBUF, RSYS, 0x5000, 8)
+    assert next(copy) is not None                   # parked, with its time limit
+    with pytest.raises(E.DvkError) as info:
+        run(k.kern.get2rmt_more(k.sproxy, payload, C.TIMEOUT_NOWAIT))
+    assert info.value.code == E.EDVSFAULT
+    assert lsys.woken and lsys.wake_rc == E.EDVSFAULT
+    with pytest.raises(E.DvkError) as info:
+        next(copy)
+    assert info.value.code == E.EDVSFAULT
+    assert not k.kern.dcs[DC0].slot(LSYS).rts & (C.ONCOPY | C.RMTOPER)
+    assert taken(k) is None
+
+
+def test_copyout_data_into_a_bad_payload_buffer_is_an_error_ack(k):
+    """The bytes of a COPYOUT_DATA that the sender proxy's payload buffer cannot take: the
+    command leaves as an EDVSFAULT ACK without data, so the remote requester's copy fails at
+    once, and the local source is no longer ONCOPY."""
+    receiving = k.kern.receive(k.local[LSYS], C.ANY, -1)
+    assert next(receiving) is None                  # LSYS blocked: it may be copied from
+    assert put(k, c_cmd=C.CMD_COPYOUT_RQST, v_src=LSYS, v_dst=RSYS, v_rqtr=RSYS,
+               v_saddr=k.spay + 2 * C.MAXCOPYBUF, v_daddr=0x5000, v_bytes=8) == 0
+    raw, _more = run(k.kern.get2rmt_more(k.sproxy, 0x70000000, C.TIMEOUT_NOWAIT))
+    h = Header(raw)
+    assert (h.c_cmd, h.c_rcode, h.c_len, h.c_dst) == (C.CMD_COPYOUT_DATA, E.EDVSFAULT, 0, RSYS)
+    assert not k.kern.dcs[DC0].slot(LSYS).rts & C.ONCOPY
+    receiving.close()
+
+
+@pytest.fixture
+def big(k):
+    """A second, 8 MiB arena of this process (sparse, sealed), for copies past d_max_copylen."""
+    size = 8 << 20
+    fd = os.memfd_create("big-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        return k.kern.add_arena(k.local[LSYS], fd, size)
+    finally:
+        os.close(fd)
+
+
+def test_copy_commands_longer_than_the_copy_limit_are_refused(k, big):
+    """A COPYLCL_RQST or COPYOUT_DATA names its length in v_bytes, which a peer sets at will;
+    no chunk of a vcopy is longer than d_max_copylen (1 MiB), and one that says so made the
+    node kernel read and copy that many bytes at once (up to 2 GiB from large enough arenas).
+    EDVS2BIG, ACKed to the remote requester like the other copy errors."""
+    n = k.kern.dvs.d_max_copylen + 1
+    assert put(k, c_cmd=C.CMD_COPYLCL_RQST, v_src=LSYS, v_dst=LSYS2, v_rqtr=RSYS,
+               v_saddr=big, v_daddr=big + n, v_bytes=n) == 0
+    h = taken(k)
+    assert (h.c_cmd, h.c_rcode) == (C.CMD_COPYLCL_ACK, E.EDVS2BIG)
+    lsys = k.local[LSYS]
+    copy = k.kern.vcopy(lsys, RSYS, 0x5000, C.SELF, big, 8)        # LSYS copies from RSYS
+    assert next(copy) is not None
+    assert taken(k).c_cmd == C.CMD_COPYOUT_RQST
+    assert put(k, c_cmd=C.CMD_COPYOUT_DATA, c_src=RSYS, c_dst=LSYS, v_src=RSYS, v_dst=LSYS,
+               v_rqtr=LSYS, v_daddr=big, v_bytes=n, c_len=0) == 0
+    with pytest.raises(E.DvkError) as info:
+        next(copy)
+    assert info.value.code == E.EDVS2BIG

@@ -8,9 +8,15 @@ COPYLCL_RQST connection runs a real node kernel process.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import random
+import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -18,6 +24,10 @@ import pytest
 from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi import errors as E  # noqa: N812
 from dvk_cffi.emu import protocol as P
+from dvk_cffi.emu.memory import ARENA_BASE
+from dvk_cffi.emu.node import wait_for_socket
+from dvk_cffi.emu.server import RBUF_LIMIT, READ_SIZE
+from dvk_cffi.info import ProcInfo
 from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Message
 from emu_helpers import (
     CALL_TIMEOUT,
@@ -25,6 +35,7 @@ from emu_helpers import (
     SHORT,
     FakeProxy,
     Raw,
+    child_env,
     make_world,
     raises_code,
     wait_until,
@@ -219,3 +230,299 @@ def test_fault_in_the_server_loop_costs_one_connection(world, caplog, monkeypatc
     assert any(r.exc_info and "injected fault" in str(r.exc_info[1]) for r in caplog.records)
     assert other.call(d.getdvsinfo)[0] == 1         # the others are still served
     assert node.thread.is_alive()
+
+
+def _arena_request(raw: Raw, fd: int, size: int) -> tuple[int, list]:
+    """ARENA(size) with `fd` as the frame's SCM_RIGHTS descriptor."""
+    body = _op("ARENA") + P.encode_values([size])
+    socket.send_fds(raw.sock, [struct.pack("<I", len(body)) + body], [fd])
+    return P.decode_reply(P.recv_frame(raw.sock))
+
+
+def test_an_arena_its_process_can_shrink_is_refused(world):
+    """A process keeps its arena's memfd and may ftruncate it after passing it: the node
+    kernel's next read of the mapping past the new end of file would be a SIGBUS, which kills
+    the node kernel.  So an arena must be sealed against shrinking (the client library's are);
+    one that is not is refused, its shrinking harms nobody, and a sealed one is served."""
+    node = world.proc_node(1)
+    peer = world.actor("peer")
+    src, dst = Raw(node.path), Raw(node.path)
+    world.cleanup.add(src.close)
+    world.cleanup.add(dst.close)
+    src.hello()
+    assert dst.call("HELLO", P.VERSION, os.getpid(), peer.tid, b"peer")[0] == 0
+    assert src.call("BIND", C.SELF_BIND, DC0, -1, LSYS, C.LOCALNODE, None) == (0, [LSYS])
+    assert dst.call("BIND", C.SELF_BIND, DC0, -1, LSYS + 1, C.LOCALNODE, None)[0] == 0
+    size = 1 << 20
+    loose = os.memfd_create("loose-arena", os.MFD_CLOEXEC)
+    world.cleanup.add(os.close, loose)
+    os.ftruncate(loose, size)
+    rc, got = _arena_request(src, loose, size)
+    os.ftruncate(loose, 0)
+    base = got[0] if rc == 0 else ARENA_BASE
+    dst.sock.sendall(P.encode_request("RECEIVE", [C.ANY, -1]))    # the copy's destination
+    wait_until(lambda: _rts(src, LSYS + 1) & C.RECEIVING, what="receiving")
+    assert src.call("VCOPY", C.SELF, base + 4096, LSYS + 1, base, 8)[0] == E.EDVSFAULT
+    assert node.proc.poll() is None
+    assert rc == E.EDVSBADF
+    sealed = os.memfd_create("sealed-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    world.cleanup.add(os.close, sealed)
+    os.ftruncate(sealed, size)
+    fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    rc, got = _arena_request(src, sealed, size)
+    assert rc == 0
+    with pytest.raises(PermissionError):
+        os.ftruncate(sealed, 0)
+    assert src.call("VCOPY", C.SELF, got[0] + 4096, LSYS + 1, got[0], 8) == (0, [8])
+    assert node.proc.poll() is None
+
+
+def _rts(raw: Raw, ep: int) -> int:
+    rc, vals = raw.call("GETPROCINFO", DC0, ep)
+    assert rc == 0
+    return ProcInfo.unpack(vals[1]).p_rts_flags
+
+
+def test_requests_behind_a_parked_call_are_read_only_up_to_a_limit(world):
+    """A client may send requests while one of its calls waits in the kernel (they are served
+    after it); a client that never stops sending them made the node kernel buffer all of them,
+    without limit.  The kernel stops reading from that connection past `RBUF_LIMIT` and reads
+    again once the call is answered: every request is served in order, the connection kept."""
+    node = world.inproc_node(1)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    assert raw.call("BIND", C.SELF_BIND, DC0, -1, LSYS, C.LOCALNODE, None) == (0, [LSYS])
+    raw.sock.sendall(P.encode_request("RECEIVE", [C.ANY, 1500]))   # parked for 1.5 s
+    pushed = _flood_behind_parked_call(node, raw)
+    rest = (-pushed) % len(JUNK)                   # complete the last request
+    raw.sock.sendall(JUNK[len(JUNK) - rest:])
+    count = (pushed + rest) // len(JUNK)
+    codes = [P.decode_reply(body)[0] for body in _replies(raw.sock, 1 + count)]
+    assert codes == [E.EDVSTIMEDOUT] + [E.EDVSINVAL] * count
+    assert raw.call("GETDVSINFO")[0] == 0
+
+
+def test_a_parked_client_that_floods_and_dies_is_seen_to_exit(world):
+    """While its requests are no longer read, the end of the client is still seen: its task
+    exits and its slot is free again."""
+    node = world.inproc_node(1)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    assert raw.call("BIND", C.SELF_BIND, DC0, -1, LSYS, C.LOCALNODE, None) == (0, [LSYS])
+    raw.sock.sendall(P.encode_request("RECEIVE", [C.ANY, -1]))     # parked for good
+    _flood_behind_parked_call(node, raw)
+    raw.close()
+    wait_until(lambda: node.slot(LSYS).is_free, what="the slot of the closed client freed")
+    with node.kernel.lock:
+        assert not node.server.conns
+
+
+#: A request the kernel answers EDVSINVAL (no such /proc view), 4 KiB long.
+JUNK = P.encode_request("PROCFS", [b"x" * 4096])
+
+
+def _flood_behind_parked_call(node, raw: Raw) -> int:
+    """Send requests on `raw`, whose call is parked, for up to 1 s or 32 MiB without waiting;
+    the bytes the kernel let through (it reads at most RBUF_LIMIT of them)."""
+    raw.sock.setblocking(False)
+    pushed, deadline = 0, time.monotonic() + 1.0
+    while pushed < (32 << 20) and time.monotonic() < deadline:
+        try:
+            pushed += raw.sock.send(JUNK[pushed % len(JUNK):])
+        except BlockingIOError:
+            time.sleep(0.005)
+    with node.kernel.lock:
+        (conn,) = [c for c in node.server.conns if c.task is not None]
+        assert conn.call is not None, "the call is still parked"
+        assert len(conn.rbuf) <= RBUF_LIMIT + READ_SIZE
+    assert pushed < (8 << 20)
+    raw.sock.settimeout(CALL_TIMEOUT)
+    return pushed
+
+
+def _replies(sock, count: int) -> list[bytes]:
+    """The bodies of the next `count` reply frames on `sock`, however they arrive."""
+    buf, out = bytearray(), []
+    while len(out) < count:
+        while len(buf) >= 4 and len(buf) >= 4 + struct.unpack_from("<I", buf)[0]:
+            n = struct.unpack_from("<I", buf)[0]
+            out.append(bytes(buf[4:4 + n]))
+            del buf[:4 + n]
+        if len(out) < count:
+            more = sock.recv(1 << 16)
+            assert more, "the node kernel closed the connection"
+            buf += more
+    assert not buf
+    return out
+
+
+#: A node kernel process allowed only a few descriptors.
+_FEW_FDS_NODE = ("import resource, sys\n"
+                 "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))\n"
+                 "from dvk_cffi.emu.server import run_node\n"
+                 "sys.exit(run_node(1, sys.argv[1]))\n")
+
+
+def test_connections_past_the_descriptor_limit_wait_without_a_busy_loop(world):
+    """Clients holding every descriptor the node kernel may open: accept fails (EMFILE) while
+    the listener stays readable, and the loop went round at full speed writing an `accept`
+    warning each time (about 100,000 lines a second).  The listener rests instead; the clients
+    already connected are served, and once a connection closes a new one is accepted.  The
+    reaper, which could not open /proc either, took every thread bound without a connection
+    for gone and unbound it; now it keeps it."""
+    path = os.path.join(world.dir, "node1.sock")
+    log_path = os.path.join(world.dir, "node1.log")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _FEW_FDS_NODE, path],
+                                env=child_env(path), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    world.cleanup.add(_kill, proc)
+    wait_for_socket(path, timeout=CALL_TIMEOUT, proc=proc)
+    first = Raw(path)
+    world.cleanup.add(first.close)
+    first.hello()
+    idle = world.actor("idle")                     # a live thread bound by another, never
+    assert first.call("BIND", C.LCL_BIND, DC0, idle.tid, LSYS, C.LOCALNODE, None)[0] == 0
+    crowd = []
+    for _ in range(48):                            # more than the kernel's 40 descriptors
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        world.cleanup.add(s.close)
+        s.connect(path)                            # the backlog takes what accept cannot
+        crowd.append(s)
+    time.sleep(1.5)                                # the reaper looked at least once
+    assert first.call("GETDVSINFO")[1][0] == 1     # the connected client is still served
+    # the reaper cannot open /proc without a descriptor: that thread is not gone for it
+    assert not _rts(first, LSYS) & C.SLOT_FREE
+    with open(log_path, "rb") as f:
+        warnings = f.read().count(b"accept")
+    assert 1 <= warnings <= 10, f"{warnings} accept warnings in about a second"
+    for s in crowd:
+        s.close()
+    late = Raw(path)
+    world.cleanup.add(late.close)
+    late.hello()                                   # accepted again
+    assert late.call("GETDVSINFO")[1][0] == 1
+    assert proc.poll() is None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def test_a_thread_with_two_connections_binds_again_after_closing_one(world):
+    """One thread may open two connections (two `EmuDvk`, or an `EmuDevice` that makes its
+    own).  Closing one is the thread's exit to the node kernel (its slot is unbound); the
+    other connection goes on as a new task.  It went on as the exited task: a bind made
+    through it was never undone, the slot stayed bound after the last connection closed."""
+    node = world.inproc_node(1)
+    one, two = world.dvk(node), world.dvk(node)     # both in this thread
+    assert one.bind(DC0, LSYS) == LSYS
+    assert two.getdvsinfo()[0] == 1
+    two.close()
+    wait_until(lambda: node.slot(LSYS).is_free, what="the exit unbinding the slot")
+    assert one.bind(DC0, LSYS) == LSYS
+    assert one.getprocinfo(DC0, LSYS).p_lpid == threading.get_native_id()
+    one.close()
+    wait_until(lambda: node.slot(LSYS).is_free, what="the slot freed with the last connection")
+    with node.kernel.lock:
+        assert threading.get_native_id() not in node.kernel.tasks
+
+
+def test_hello_names_a_thread_of_the_connecting_process(world):
+    """The node kernel signals a bound thread by its TID (SIGTERM when another process unbinds
+    it, or at DC end), and the TID is what HELLO says.  A HELLO with TID 0 made the unbind a
+    kill(0, SIGTERM): the node kernel's own process group (-1 would have been every process of
+    the user).  HELLO must name a thread of the connecting process; the node kernel here runs
+    in a session of its own, so the old code killed nothing but it."""
+    path = os.path.join(world.dir, "node1.sock")
+    with open(os.path.join(world.dir, "node1.log"), "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _NODE_ALONE, path], env=child_env(path),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    world.cleanup.add(_kill, proc)
+    wait_for_socket(path, timeout=CALL_TIMEOUT, proc=proc)
+    other = world.actor("other")
+    for tid in (0, -os.getpgid(proc.pid), 1, other.tid + 4_000_000):
+        raw = Raw(path)
+        world.cleanup.add(raw.close)
+        rc, _ = raw.call("HELLO", P.VERSION, os.getpid(), tid, b"liar")
+        if rc == 0:                                # a task of that TID: have it unbound
+            assert raw.call("BIND", C.SELF_BIND, DC0, -1, LSYS, C.LOCALNODE, None)[0] == 0
+            admin = Raw(path)
+            world.cleanup.add(admin.close)
+            admin.hello()
+            admin.call("UNBIND", DC0, LSYS, 0)
+            time.sleep(0.2)
+            assert proc.poll() is None, f"HELLO with TID {tid}: the node kernel was killed"
+        assert rc == E.EDVSBADVALUE, f"HELLO with TID {tid} accepted"
+    honest = Raw(path)
+    world.cleanup.add(honest.close)
+    assert honest.call("HELLO", P.VERSION, os.getpid(), other.tid, b"peer")[0] == 0
+    assert proc.poll() is None
+
+
+_NODE_ALONE = ("import sys\n"
+               "from dvk_cffi.emu.server import run_node\n"
+               "sys.exit(run_node(1, sys.argv[1]))\n")
+
+
+def test_unbinding_a_slot_bound_to_the_node_kernel_itself_does_not_stop_it(world):
+    """LCL_BIND may bind any local process, the node kernel's own too; unbinding a slot of
+    another process sends that process SIGTERM (the kernel's way), which here stopped the node
+    kernel.  It never signals itself."""
+    node = world.proc_node(1)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    assert raw.call("BIND", C.LCL_BIND, DC0, node.proc.pid, LSYS, C.LOCALNODE, None)[0] == 0
+    assert raw.call("UNBIND", DC0, LSYS, 0)[0] == E.EDVSAGAIN   # the caller is not bound
+    time.sleep(0.3)
+    assert node.proc.poll() is None
+    assert raw.call("GETDVSINFO")[1][0] == 1
+
+
+def test_a_request_frame_longer_than_any_request_costs_its_connection_unbuffered(world):
+    """No request is near 1 MiB (the longest carry a name or a 60-byte struct), yet the node
+    kernel buffered a frame of up to 64 MiB per connection while its bytes came in, so a few
+    connections could make it hold gigabytes.  A longer frame is a framing error at once; the
+    other clients are served."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    raw.sock.settimeout(SHORT / 1000 * 10)
+    raw.sock.sendall(struct.pack("<I", 2 << 20) + _op("PROCFS") + b"b" * 4096)   # 2 MiB
+    assert raw.sock.recv(16) == b""                 # closed without waiting for the rest
+    assert d.getdvsinfo()[0] == 1
+
+
+def test_names_of_any_bytes_do_not_poison_the_info_calls(world):
+    """The names a client gives (rmtbind, node_up, proxies_bind, HELLO's program name) are C
+    byte strings.  The kernel kept them decoded as UTF-8 (undecodable bytes replaced), and its
+    info structs encode names as latin-1: a name such as "日本" or b"\\xff" made every later
+    GETPROCINFO / GETNODEINFO / GETPROXYINFO of that slot, node or pair a kernel fault
+    (EDVSGENERIC), for every client.  A name comes back as the bytes it was (cut to size)."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)                             # an ordinary client asks
+    sproxy, rproxy = world.actor("sproxy"), world.actor("rproxy")
+    named = Raw(node.path)
+    world.cleanup.add(named.close)
+    assert named.call("HELLO", P.VERSION, os.getpid(), sproxy.tid, "代理".encode())[0] == 0
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    assert raw.call("PROXIES_BIND", b"px\xff", 2, sproxy.tid, rproxy.tid, C.MAXCOPYBUF)[0] == 0
+    assert raw.call("NODE_UP", "節点".encode(), 2, 2)[0] == 0
+    assert raw.call("PROXY_CONN", 2, C.CONNECT_SPROXY)[0] == 0
+    assert raw.call("ADD_NODE", DC0, 2)[0] == 0
+    assert raw.call("BIND", C.RMT_BIND, DC0, -1, 20, 2, "日本".encode()) == (0, [20])
+    assert d.getprocinfo(DC0, 20).p_name.encode("latin-1") == "日本".encode()
+    assert d.getnodeinfo(2).n_name.encode("latin-1") == "節点".encode()
+    sinfo, _rinfo = d.getproxyinfo(2)
+    assert sinfo.p_name.encode("latin-1") == "代理".encode()[:15]
+    assert "px" in d.proc_text("proxies/info")

@@ -5,10 +5,15 @@ node kernel over the Unix socket (SCM_RIGHTS).  The kernel maps the same memory 
 arena a 32-bit base address in that process's address space, so `vcopy` addresses, message
 pointer fields (`m1_p1`, ...) and proxy payload buffers are plain 32-bit values as on an i386
 DVK node, and bulk data never travels over the socket.
+
+An arena must be sealed against shrinking (`F_SEAL_SHRINK`): the process keeps its descriptor,
+and a read of the kernel's mapping past the end of a file shrunk meanwhile would be a SIGBUS,
+the death of the node kernel; so the kernel maps only memory that cannot shrink.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import threading
@@ -28,7 +33,11 @@ class AddressSpace:
         self.next_base = ARENA_BASE
 
     def add(self, fd: int, size: int) -> int:
-        """Map the arena behind `fd` (the kernel's own copy) and return its base address."""
+        """Map the arena behind `fd` (the kernel's own copy) and return its base address.
+        OSError when `fd` is not a memfd sealed against shrinking, ValueError when it is
+        smaller than `size`."""
+        if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            raise OSError(f"arena of process {self.pid} is not sealed against shrinking")
         base = self.next_base
         if base + size > ADDRESS_LIMIT:
             raise MemoryError("32-bit address space of the process is exhausted")
@@ -79,9 +88,10 @@ class ArenaAllocator:
         self._maps: list[mmap.mmap] = []
 
     def _new_arena(self, size: int) -> tuple[int, mmap.mmap]:
-        fd = os.memfd_create("dvk-arena", os.MFD_CLOEXEC)
+        fd = os.memfd_create("dvk-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             base = self._register(fd, size)
         finally:

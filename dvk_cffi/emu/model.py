@@ -156,12 +156,16 @@ def priv_bytes(desc: Desc) -> bytes:
 
 
 def thread_alive(tid: int) -> bool:
-    """The thread exists and is not a zombie (a zombie has exited: the kernel unbinds it)."""
+    """The thread exists and is not a zombie (a zombie has exited: the kernel unbinds it).
+    A thread whose /proc entry cannot be opened for another reason than its absence (no
+    descriptor left, EMFILE) is not known to be gone: it counts as alive."""
     try:
         with open(f"/proc/{tid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+    except OSError:
+        return True
 
 
 def unused_tids(n: int) -> list[int]:
@@ -176,6 +180,10 @@ def unused_tids(n: int) -> list[int]:
 
 
 def signal_thread(tid: int, sig: int) -> None:
+    """Signal the process of thread `tid`; never a process group (kill() of 0 or less), nor
+    this process (a task of the node kernel's own process is not sent its SIGTERM)."""
+    if tid <= 0 or os.path.exists(f"/proc/self/task/{tid}"):
+        return
     try:
         os.kill(tid, sig)
     except OSError:

@@ -348,8 +348,13 @@ class Proxies:
             elif cmd not in C.MSG_ACK_CMDS:
                 raise E.DvkError.for_code(E.EDVSINVAL)
         if data is not None:
+            try:
+                task.space.write(payload_addr, data)
+            except ValueError:  # the proxy's payload buffer cannot take the bytes
+                if not desc.is_remote:
+                    raise E.DvkError.for_code(E.EDVSFAULT) from None
+                h.c_rcode, data = E.EDVSFAULT, b""  # the remote requester's copy fails
             h.c_len = len(data)
-            task.space.write(payload_addr, data)
         now = time.time()
         tv_sec, tv_nsec = int(now), int((now % 1) * 1e9)
         stamp_outgoing(buf, tv_sec, tv_nsec)

@@ -185,6 +185,8 @@ class Put2lcl:
             if not rqtr.rts & C.ONCOPY:
                 raise E.DvkError.for_code(E.EDVSPROCSTS)
             rc = h.c_rcode
+            if rc == 0 and h.v_bytes > self.dvs.d_max_copylen:
+                rc = E.EDVS2BIG                 # longer than any chunk of a vcopy
             if rc == 0:
                 try:
                     data = task.space.read(payload_addr, h.v_bytes)
@@ -205,10 +207,14 @@ class Put2lcl:
             if src is None or dst is None:  # no slot: nothing to ACK, the proxy answers
                 raise E.DvkError.for_code(E.EDVSRANGE)
             rc = 0
-            try:
-                self._space(dst).write(h.v_daddr, self._space(src).read(h.v_saddr, h.v_bytes))
-            except (ValueError, E.DvkError):
-                rc = E.EDVSFAULT
+            if h.v_bytes > self.dvs.d_max_copylen:
+                rc = E.EDVS2BIG                 # longer than any chunk of a vcopy
+            else:
+                try:
+                    self._space(dst).write(h.v_daddr,
+                                           self._space(src).read(h.v_saddr, h.v_bytes))
+                except (ValueError, E.DvkError):
+                    rc = E.EDVSFAULT
             self._copy_ack(dc, h, rmt, C.CMD_COPYLCL_ACK, rc)
             return h.v_bytes if rc == 0 else 0
         raise E.DvkError.for_code(E.EDVSBADREQUEST)  # COPYRMT/COPYIN_RQST: docs/emulator.md

@@ -14,6 +14,7 @@ another thread of the same process (the tests) may look at the kernel state unde
 from __future__ import annotations
 
 import array
+import errno
 import heapq
 import itertools
 import logging
@@ -40,13 +41,21 @@ REAP_INTERVAL = 1.0
 READ_SIZE = 1 << 16
 MAX_FDS = 16
 ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
-MAX_FRAME = 64 << 20
+#: The longest request frame read: far more than any request (the longest carry a name or a
+#: 60-byte struct), little enough that no connection makes the kernel buffer much.
+MAX_FRAME = 1 << 20
 #: Connections accepted per readiness of the listener (the next select takes the rest).
 ACCEPT_BURST = 64
+#: How long the listener rests when accept finds no descriptor or memory for a connection (a
+#: connection that closes ends the rest at once); it stays readable meanwhile.
+ACCEPT_PAUSE = 0.5
+_ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: Timer entries kept before the ones of ended calls are swept out.
 TIMER_COMPACT = 4096
 #: Replies a client may leave unread before its requests are no longer read.
 WBUF_LIMIT = 1 << 20
+#: Request bytes a client may send behind its parked call before they are no longer read.
+RBUF_LIMIT = 1 << 20
 _IN = select.EPOLLIN
 _LEN = struct.Struct("<I")
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
@@ -100,6 +109,7 @@ class NodeServer:
         self.backlog: set[_Conn] = set()
         self._compact_at = TIMER_COMPACT
         self._resuming = False
+        self._accept_resume: float | None = None   # when a resting listener is polled again
         self._tick = itertools.count()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
@@ -138,6 +148,8 @@ class NodeServer:
                 wait = next_reap - now
                 if self.timers:
                     wait = min(wait, self.timers[0][0] - now)
+                if self._accept_resume is not None:
+                    wait = min(wait, self._accept_resume - now)
                 events = poll(wait if wait > 0.0 else 0.0)
                 with k.lock:
                     for fd, mask in events:
@@ -158,6 +170,8 @@ class NodeServer:
                         self._guarded(self._run_woken)
                     if self.backlog:
                         self._guarded(self._run_backlog)
+                    if self._accept_resume is not None and now >= self._accept_resume:
+                        self._guarded(self._resume_accept)
         finally:
             self._close()
 
@@ -188,6 +202,7 @@ class NodeServer:
             pass
 
     def _close(self) -> None:
+        self._accept_resume = None  # the listener is gone: nothing to resume
         try:
             self.listener.close()
         finally:
@@ -211,13 +226,29 @@ class NodeServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept: %s", exc)
+                if exc.errno in _ACCEPT_SHORTAGE:
+                    self._pause_accept(exc)
+                else:
+                    log.warning("accept: %s", exc)
                 return
             sock.setblocking(False)
             conn = _Conn(sock)
             self.conns.add(conn)
             self.fdmap[sock.fileno()] = conn
             self.epoll.register(sock.fileno(), _IN)
+
+    def _pause_accept(self, exc: OSError) -> None:
+        """Stop polling the listener for ACCEPT_PAUSE: accept fails while it stays readable,
+        and the loop would go round at full speed (the connections wait in the backlog)."""
+        self._accept_resume = time.monotonic() + ACCEPT_PAUSE
+        self.epoll.modify(self.listener.fileno(), 0)
+        log.warning("accept: %s; new connections wait until one closes or %.1f s passed",
+                    exc, ACCEPT_PAUSE)
+
+    def _resume_accept(self) -> None:
+        if self._accept_resume is not None:
+            self._accept_resume = None
+            self.epoll.modify(self.listener.fileno(), _IN)
 
     def _read(self, conn: _Conn) -> None:
         if conn.closed:
@@ -253,6 +284,9 @@ class NodeServer:
                     os.close(fd)
             return
         conn.rbuf += data
+        if conn.call is not None:  # behind a parked call: kept, read only up to RBUF_LIMIT
+            self._update_events(conn)
+            return
         self._serve(conn)
 
     def _serve(self, conn: _Conn) -> None:
@@ -268,7 +302,7 @@ class NodeServer:
                 self._drop(conn)
                 return
             if len(buf) < 4 + n:
-                return
+                break
             body = bytes(buf[4:4 + n])
             del buf[:4 + n]
             fds, conn.fds = conn.fds, []
@@ -280,6 +314,7 @@ class NodeServer:
             finally:
                 for fd in fds:
                     os.close(fd)
+        self._update_events(conn)
 
     def _send(self, conn: _Conn, data: bytes) -> None:
         if conn.closed:
@@ -315,13 +350,18 @@ class NodeServer:
 
     def _update_events(self, conn: _Conn) -> None:
         """Wait for room to write while replies are pending; stop reading from a client that
-        does not read its replies until they are below WBUF_LIMIT."""
-        if not conn.wbuf:
-            events = _IN
-        elif len(conn.wbuf) > WBUF_LIMIT:
-            events = select.EPOLLOUT
+        does not read its replies until they are below WBUF_LIMIT, and from one whose requests
+        behind its parked call are over RBUF_LIMIT until that call is answered (a hang-up is
+        reported all the same, so the end of a parked client is still seen)."""
+        if conn.closed:
+            return
+        if len(conn.wbuf) > WBUF_LIMIT or (conn.call is not None
+                                           and len(conn.rbuf) > RBUF_LIMIT):
+            events = _EPOLLOUT if conn.wbuf else 0
+        elif conn.wbuf:
+            events = _IN | _EPOLLOUT
         else:
-            events = _IN | select.EPOLLOUT
+            events = _IN
         if events != conn.events:
             conn.events = events
             self.epoll.modify(conn.sock.fileno(), events)
@@ -342,6 +382,7 @@ class NodeServer:
         for fd in conn.fds:
             os.close(fd)
         conn.fds = []
+        self._resume_accept()  # a descriptor is free for a waiting connection
         call, conn.call = conn.call, None
         task = conn.task
         if task is not None:
@@ -374,13 +415,19 @@ class NodeServer:
         except OSError:
             self._drop(conn)
             return
-        conn.task = self.kernel.attach(pid, tid, (comm or b"").decode(errors="replace"))
+        if not _thread_of(pid, tid):  # the kernel signals tasks by TID: it must be theirs
+            log.warning("HELLO of process %d names TID %d, not one of its threads", pid, tid)
+            self._send(conn, P.encode_reply(E.EDVSBADVALUE))
+            return
+        conn.task = self.kernel.attach(pid, tid, _text(comm or b""))
         self._send(conn, P.encode_reply(0, [self.kernel.local_nodeid]))
 
     def _request(self, conn: _Conn, body: bytes, pos: int, fds: Sequence[int]) -> None:
         """Decode and start the call at `pos` of `body`; whatever the bytes were, it is
         answered (or parked)."""
         task = conn.task
+        if task.dead:  # another connection of its thread closed, which was the thread's exit
+            task = conn.task = self.kernel.attach(task.pid, task.tid, task.comm)
         try:
             op, args, ok = P.decode_checked(body, pos)
         except P.UnknownOperation as exc:
@@ -576,7 +623,9 @@ class NodeServer:
         }
 
 def _text(raw: bytes) -> str:
-    return raw.decode(errors="replace")
+    """A C string of a request (a name, a /proc path): its bytes as they are, one character
+    each (latin-1), so the info structs pack a name back into the same bytes."""
+    return raw.decode("latin-1")
 
 
 def _after_status(result):
@@ -616,6 +665,11 @@ def _reply(op: str, rc: int, results: Sequence) -> bytes:
 def _nosys(task, args, fds):
     """Migration is not emulated (docs/emulator.md)."""
     raise E.DvkError.for_code(E.EDVSNOSYS)
+
+
+def _thread_of(pid: int, tid: int) -> bool:
+    """`tid` is a thread of process `pid` (0 and negative values name process groups)."""
+    return tid > 0 and os.path.exists(f"/proc/{pid}/task/{tid}")
 
 
 def _peer_pid(conn: socket.socket) -> int:

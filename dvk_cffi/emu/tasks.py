@@ -80,7 +80,8 @@ class Tasks:
         if task.proxy is not None:
             self._proxy_exit(task.proxy)
         self.runnable.add(task)
-        self.tasks.pop(task.tid, None)
+        if self.tasks.get(task.tid) is task:  # not a newer task of that TID
+            del self.tasks[task.tid]
         if not any(t.pid == task.pid for t in self.tasks.values()):
             space = self.spaces.pop(task.pid, None)
             if space is not None:
