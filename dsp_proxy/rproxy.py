@@ -478,13 +478,19 @@ class RProxy:
 
     def _decompress(self, h: Header, payload: memoryview) -> memoryview:
         """An LZ4 frame payload, whatever this node's own `compress` setting (the flag says
-        what the frame is)."""
+        what the frame is).  At most MAXCOPYBUF + 1 bytes are inflated: the size the frame
+        claims is the peer's word (one that claims 2**62 bytes made the one-shot decompress
+        allocate them and fail with MemoryError), and a bomb stops at the bound."""
         if h.c_cmd not in C.COPY_DATA_CMDS:
             raise FrameError(f"LZ4 flag on {C.CMD_NAMES.get(h.c_cmd, h.c_cmd)}")
+        inflater = lz4.frame.LZ4FrameDecompressor()
         try:
-            raw = lz4.frame.decompress(payload)
+            raw = inflater.decompress(payload, max_length=C.MAXCOPYBUF + 1)
         except RuntimeError as exc:
             raise FrameError(f"LZ4 payload does not decompress: {exc}") from None
+        if not inflater.eof or inflater.unused_data:
+            raise FrameError(f"LZ4 payload is not one whole frame of at most {C.MAXCOPYBUF} "
+                             "bytes")
         if len(raw) > C.MAXCOPYBUF or len(raw) != h.v_bytes:
             raise FrameError(f"LZ4 payload of {len(raw)} bytes, v_bytes {h.v_bytes}")
         self.link.received.lz4_frames += 1
