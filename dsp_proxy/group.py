@@ -76,6 +76,12 @@ MT_SVC_STOP = 0x11
 MT_NEED_SERVER = 0x12
 #: How long a session waits for the server's DSP to start its program (5 s bind + slack).
 START_PATIENCE = 8.0
+#: At most this many frames, of at most PARKED_BYTES bytes with their headers, wait for a
+#: session's program to start (a client has one request in flight); a request beyond them
+#: gets EDVSAGAIN, anything else is dropped, so a peer flooding a starting session costs
+#: bounded memory.
+PARKED_MAX = 16
+PARKED_BYTES = 256 << 10
 #: Error ACKs from a server's kernel that mean the server endpoint is gone: the session ends.
 SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSNOTBIND})
 #: Error ACKs to a session's first request that mark the service unavailable on that server
@@ -128,6 +134,7 @@ class Session:
     starting: int = 0        # request id while a prog service is being started for it
     started_at: float = 0.0
     parked: list = field(default_factory=list)      # frames waiting for the program's bind
+    parked_bytes: int = 0    # their bytes, headers included (bounded: PARKED_BYTES)
     prog_ep: int = -1        # endpoint of the program started for this session
     first: tuple | None = None   # the first request (header, payload) until it is answered
     redispatched: bool = False
@@ -483,7 +490,17 @@ class Group:
             if cmd == C.CMD_SNDREC_MSG or cmd == C.CMD_SEND_MSG:
                 sess.pending = cmd
             if sess.starting:
+                if (len(sess.parked) >= PARKED_MAX
+                        or sess.parked_bytes + 120 + length > PARKED_BYTES):
+                    self.counters["refused"] += 1
+                    log.debug("session of client %d@%d: %d frames wait for its program, "
+                              "command %#x refused", src, snode, len(sess.parked), cmd)
+                    if cmd in C.REQUEST_CMDS:
+                        _add(acts, self.error_reply(Header(bytearray(hbuf)), E.EDVSAGAIN,
+                                                    relayed))
+                    return acts or None
                 sess.parked.append((bytes(hbuf), bytes(payload[:length]) if length else b""))
+                sess.parked_bytes += 120 + length
                 if len(sess.parked) == 1 and not sess.started_at:
                     sess.started_at = self.clock()
                     acts.append(self._ask_start(sess))
@@ -877,7 +894,7 @@ class Group:
                 return acts
             sess.prog_ep = result
             self._map(sess, sess.lbclt_ep, result)
-            parked, sess.parked = sess.parked, []
+            parked, sess.parked, sess.parked_bytes = sess.parked, [], 0
             for hbuf, data in parked:
                 acts.append(self._send_forward(sess, hbuf, ROUTE_STRUCT.unpack_from(hbuf), data))
         return acts

@@ -252,6 +252,37 @@ def test_prog_service_asks_the_server_and_parks_until_started():
     assert node == 1 and out.c_dst == 33
 
 
+def test_frames_parked_while_a_program_starts_are_bounded_and_refused_with_an_error():
+    """A client (or a peer posing as one) that floods a session while its program starts:
+    the frames parked for it stay within PARKED_MAX frames and PARKED_BYTES bytes; a request
+    beyond them gets EDVSAGAIN at once, other commands are dropped; what was parked goes to
+    the program once it started, in order."""
+    from dsp_proxy import group as groupmod
+    router, group, _, _ = _router()
+    acts = _acts(_net(router, _req(dst=30)))
+    (ctl,) = [a for a in acts if a[0] == CONTROL]
+    data = bytes(range(256)) * (C.MAXCOPYBUF // 256)
+    replies = []
+    for i in range(groupmod.PARKED_MAX + 40):
+        replies += _acts(_net(router, _req(cmd=C.CMD_COPYIN_DATA, dst=30, c_len=len(data),
+                                           v_bytes=len(data)), data))
+        replies += _acts(_net(router, _req(dst=30, c_tv_sec=i)))
+    sess = group.sessions[(0, 3, 50, 30)]
+    assert len(sess.parked) <= groupmod.PARKED_MAX
+    assert sum(120 + len(d) for _, d in sess.parked) <= groupmod.PARKED_BYTES
+    errors = [Header(bytearray(a[2])) for a in replies if a[0] == SEND]
+    assert errors and all(h.c_rcode == E.EDVSAGAIN and h.c_dnode == 3 for h in errors)
+    parked = list(sess.parked)
+    m = Message()
+    m.load(ctl[2])
+    reply = Message()
+    reply.load(control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=33, m1_p2=m.m1_p2))
+    sent = [a for a in _acts(group.on_control(1, reply)) if a[0] == SEND]
+    assert len(sent) == len(parked)
+    assert [Header(bytearray(a[2])).c_tv_sec for a in sent] == \
+        [Header(bytearray(h)).c_tv_sec for h, _ in parked]
+
+
 def test_relayed_endpoints_are_a_pool_per_dc_and_come_back():
     router, group, _, _ = _router()
     for dcid in (0, 1):
