@@ -55,8 +55,11 @@ ENQUEUED_PATIENCE = 2.0
 MAX_PARKED = 1024
 #: Retry interval of parked deliveries while the socket is quiet.
 PARK_RETRY = 0.002
-#: At most this many frames wait for the put2lcl thread.
+#: At most this many frames, and this many bytes with their headers, wait for the put2lcl
+#: thread (8,192 COPY frames of 64 KiB a peer sends into a local client's session would be
+#: half a gigabyte).
 PUT2LCL_QUEUE_MAX = 8192
+PUT2LCL_QUEUE_BYTES = 16 << 20
 #: How long a thread waits for room in the put2lcl thread's full queue before the frame is
 #: dropped (counted, logged once per episode).
 PUT2LCL_WAIT = 0.5
@@ -548,19 +551,42 @@ class RProxy:
             ctx.execute(act, self.deliverer)
 
 
+class _FrameQueue(queue.Queue):
+    """A queue of (header, payload) that is full at `maxsize` frames or once its frames hold
+    `maxbytes` bytes, headers included (the queue's own waits and wake-ups, one bound more)."""
+
+    def __init__(self, maxsize: int, maxbytes: int) -> None:
+        super().__init__(maxsize)
+        self.maxbytes = maxbytes
+        self.nbytes = 0
+
+    def _qsize(self) -> int:
+        n = len(self.queue)
+        return self.maxsize if n and self.nbytes >= self.maxbytes else n
+
+    def _put(self, item: tuple) -> None:
+        self.queue.append(item)
+        self.nbytes += HEADER_SIZE + len(item[1])
+
+    def _get(self) -> tuple:
+        item = self.queue.popleft()
+        self.nbytes -= HEADER_SIZE + len(item[1])
+        return item
+
+
 class Put2lclThread:
     """The LB pair's receiver: delivers what the router queued for local processes (session
     traffic rewritten to come from the LB node, error replies for local clients).  The queue is
-    bounded: a full queue holds the thread that queues back (the put2lcl thread drains it at the
-    kernel's pace, so the link behind that thread slows down instead of losing frames); a frame
-    that finds no room within PUT2LCL_WAIT is counted and dropped, logged once per episode, and
-    until a frame fits again the others are dropped at once (a stuck queue costs the threads
-    that feed it one wait, not one per frame)."""
+    bounded in frames and in bytes: a full queue holds the thread that queues back (the put2lcl
+    thread drains it at the kernel's pace, so the link behind that thread slows down instead of
+    losing frames); a frame that finds no room within PUT2LCL_WAIT is counted and dropped,
+    logged once per episode, and until a frame fits again the others are dropped at once (a
+    stuck queue costs the threads that feed it one wait, not one per frame)."""
 
     def __init__(self, ctx, gate) -> None:
         self.ctx = ctx
         self.gate = gate
-        self.queue: queue.Queue = queue.Queue(PUT2LCL_QUEUE_MAX)
+        self.queue: queue.Queue = _FrameQueue(PUT2LCL_QUEUE_MAX, PUT2LCL_QUEUE_BYTES)
         self.refused = 0
         self._full = False
 
@@ -575,9 +601,9 @@ class Put2lclThread:
             self.refused += 1
             if not self._full:
                 self._full = True
-                log.warning("put2lcl queue full (%d frames) for %.1f s: frames for local "
-                            "processes are dropped until it drains", PUT2LCL_QUEUE_MAX,
-                            PUT2LCL_WAIT)
+                log.warning("put2lcl queue full (%d frames, %d bytes) for %.1f s: frames for "
+                            "local processes are dropped until it drains", len(self.queue.queue),
+                            self.queue.nbytes, PUT2LCL_WAIT)
             return False
         self._full = False
         return True

@@ -304,6 +304,27 @@ def test_eight_clients_through_the_lb_lose_nothing(tmp_path):
         assert fig["ok"] == fig["expected"], fig
 
 
+def test_the_put2lcl_queue_is_bounded_in_bytes_for_a_peer_that_floods_copy_data():
+    """A peer flooding a local client's session with 64 KiB COPY frames fills the put2lcl
+    queue; it holds at most PUT2LCL_QUEUE_BYTES (a 64 KiB frame over), not PUT2LCL_QUEUE_MAX
+    frames of 64 KiB (half a gigabyte, measured as a DSP's RSS going from 32 to 552 MB); the
+    frames beyond are dropped as for a full queue, and draining makes room again."""
+    from dsp_proxy import rproxy
+    p = rproxy.Put2lclThread(ctx=None, gate=None)
+    h = make_header(c_cmd=C.CMD_COPYIN_DATA, c_len=C.MAXCOPYBUF)
+    data = bytes(C.MAXCOPYBUF)          # one object: the test itself holds no copies
+    queued = 0
+    for _ in range(rproxy.PUT2LCL_QUEUE_MAX):
+        if not p.put(h, data):
+            break
+        queued += 1
+    held = queued * (HEADER_SIZE + C.MAXCOPYBUF)
+    print(f"{queued} frames of 64 KiB queued ({held >> 20} MiB) before the queue refused")
+    assert p.refused == 1 and held <= rproxy.PUT2LCL_QUEUE_BYTES + HEADER_SIZE + C.MAXCOPYBUF
+    p.queue.get()
+    assert p.put(h, data) and not p._full
+
+
 def test_a_full_put2lcl_queue_holds_the_receiver_back_and_drops_only_after_the_bound(
         monkeypatch):
     """Frames for local processes are not dropped while the put2lcl thread drains its queue:
