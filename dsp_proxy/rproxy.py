@@ -51,8 +51,10 @@ log = logging.getLogger("dsp.rproxy")
 READ_BUFFER = 1 << 18
 #: How long a parked delivery (EDVSENQUEUED) is retried before it fails.
 ENQUEUED_PATIENCE = 2.0
-#: At most this many deliveries parked per receiver; more fail at once with EDVSAGAIN.
+#: At most this many deliveries, holding at most MAX_PARKED_BYTES of payload, parked per
+#: receiver; more fail at once with EDVSAGAIN (1,024 COPY frames of 64 KiB were 64 MiB).
 MAX_PARKED = 1024
+MAX_PARKED_BYTES = 16 << 20
 #: Retry interval of parked deliveries while the socket is quiet.
 PARK_RETRY = 0.002
 #: At most this many frames, and this many bytes with their headers, wait for the put2lcl
@@ -234,6 +236,7 @@ class Deliverer:
         # (dcid, c_src) -> deque of (deadline, header, payload) waiting for that descriptor
         self.parked: dict[tuple[int, int], collections.deque] = {}
         self.nparked = 0
+        self.parked_bytes = 0
 
     def deliver(self, h: Header, data, autobind: bool) -> int:
         """put2lcl of one command; 0, or the negative code of a failure it answered (a parked
@@ -279,14 +282,16 @@ class Deliverer:
         return code
 
     def _park(self, key: tuple[int, int], h: Header, data) -> int:
-        if self.nparked >= MAX_PARKED:
+        length = h.c_len
+        if self.nparked >= MAX_PARKED or self.parked_bytes + length > MAX_PARKED_BYTES:
             return self._finish(h, data, E.EDVSAGAIN, False)
         q = self.parked.get(key)
         if q is None:
             q = self.parked[key] = collections.deque()
         q.append((time.monotonic() + ENQUEUED_PATIENCE, Header(bytearray(h.buf)),
-                  bytes(data[:h.c_len]) if h.c_len else b""))
+                  bytes(data[:length]) if length else b""))
         self.nparked += 1
+        self.parked_bytes += length
         return E.EDVSENQUEUED
 
     def retry_parked(self) -> None:
@@ -301,6 +306,7 @@ class Deliverer:
                     break
                 q.popleft()
                 self.nparked -= 1
+                self.parked_bytes -= len(data)
                 self._finish(h, data, code, True)
             if not q:
                 del self.parked[key]
