@@ -67,8 +67,8 @@ class CommandRunner:
         if self.host:
             return self._ssh(shown)
         try:
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout,
-                                 stdin=subprocess.DEVNULL)
+            res = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                                 timeout=self.timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             log.warning("command timed out after %.0f s: %s", self.timeout, shown)
             return CommandResult(-1, "timeout")

@@ -218,3 +218,21 @@ def test_vm_command_timeout_and_failure_are_logged(tmp_path):
     res = runner.run(str(HERE / "status_vm.sh"), [str(tmp_path / "none"), "s", "1"])
     assert res.status != 0
     assert os.path.exists(HERE / "status_vm.sh")
+
+
+def test_vm_command_output_that_is_not_utf8_is_a_result_not_an_exception(caplog):
+    """A VM command (the operator's script) that prints bytes that are not UTF-8, and fails:
+    its status and output come back (undecodable bytes replaced) and the failure is logged;
+    the strict decode raised UnicodeDecodeError on the autoscaler's worker thread, which died
+    with its result unrecorded."""
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import CommandRunner
+    cfg = parse_text('lb l { nodeid 0; vm_start "x"; vm_stop "x"; vm_status "x"; }; '
+                     'server s { nodeid 1; node_image "img"; };')
+    runner = CommandRunner(cfg.lb, timeout=10)
+    with caplog.at_level("WARNING", logger="dsp.elastic"):
+        res = runner.run("sh -c", ["printf 'caf\\351 \\377\\n'; printf '\\377' >&2; exit 3"])
+    assert res.status == 3 and res.output.startswith("caf\ufffd \ufffd"), res
+    assert any("status 3" in r.getMessage() for r in caplog.records), caplog.text
+    res = runner.run("sh -c", ["printf 'up \\377'"])
+    assert res.status == 0 and res.output == "up \ufffd"
