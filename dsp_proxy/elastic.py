@@ -60,7 +60,11 @@ class CommandRunner:
         self.port = int(os.environ.get("DSP_SSH_PORT", "22"))
 
     def run(self, command: str, args: list[str]) -> CommandResult:
-        argv = shlex.split(command) + [str(a) for a in args]
+        try:
+            argv = shlex.split(command) + [str(a) for a in args]
+        except ValueError as exc:      # unbalanced quotes: the config check warned of it
+            log.warning("command cannot be split into words: %s: %s", exc, command)
+            return CommandResult(-1, str(exc))
         shown = " ".join(shlex.quote(a) for a in argv)
         where = f"{self.user}@{self.host}" if self.host else "locally"
         log.info("running %s %s", where, shown)
@@ -334,10 +338,15 @@ class ServiceRunner:
             log.warning("refused to start a program for unknown service ep %d of DC %d",
                         ext_ep, dcid)
             return E.EDVSBADREQUEST
+        try:
+            words = shlex.split(svc.prog)
+        except ValueError as exc:      # unbalanced quotes: the config check warned of it
+            log.warning("service %s: prog cannot be split into words: %s", svc.name, exc)
+            return E.EDVSNOEXEC
         ep = self._reserve(dcid, svc)
         if ep is None:
             return E.EDVSAGAIN
-        argv = shlex.split(svc.prog) + [str(dcid), str(ep), str(clt_node), str(clt_ep)]
+        argv = words + [str(dcid), str(ep), str(clt_node), str(clt_ep)]
         out = os.path.join(tempfile.gettempdir(), f"{svc.name}_{self.host.local}_{ep}.out")
         env = dict(os.environ, DVK_NODE=str(self.host.local))
         try:

@@ -236,3 +236,34 @@ def test_vm_command_output_that_is_not_utf8_is_a_result_not_an_exception(caplog)
     assert any("status 3" in r.getMessage() for r in caplog.records), caplog.text
     res = runner.run("sh -c", ["printf 'up \\377'"])
     assert res.status == 0 and res.output == "up \ufffd"
+
+
+def test_commands_that_cannot_be_split_fail_as_results_and_the_config_warns():
+    """A prog or VM command with unbalanced quotes: the config check warns of it; running it
+    fails as a result (EDVSNOEXEC for the session's start, status -1 for a VM command),
+    logged, and leaves no service endpoint reserved.  shlex's ValueError killed the
+    svc-start thread (the session waited START_PATIENCE for an answer that never came, the
+    endpoint stayed reserved) and the autoscaler's worker thread."""
+    from types import SimpleNamespace
+
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import CommandRunner, ServiceRunner
+    from dvk_cffi import errors as E
+    cfg = parse_text("lb l { nodeid 0; vm_start \"start 'x\"; vm_stop \"x\"; "
+                     "vm_status \"y\"; }; server s { nodeid 1; node_image \"img\"; }; "
+                     "service svc { ext_ep 30; min_ep 30; max_ep 31; bind local; "
+                     "prog \"/bin/run 'x\"; };")
+    warned = [w.message for w in cfg.warnings]
+    assert any(m.startswith("vm_start cannot be split") for m in warned), warned
+    assert any(m.startswith("prog cannot be split") for m in warned), warned
+
+    class NoKernel:
+        def getprocinfo(self, dcid, ep):
+            raise E.DvkError.for_code(E.EDVSNOTBIND)
+
+    host = SimpleNamespace(cfg=cfg, local=1, dvk=NoKernel())
+    runner = ServiceRunner(host)
+    assert runner.start(0, 30, 50, 3) == E.EDVSNOEXEC
+    assert not runner.reserved and not runner.procs
+    res = CommandRunner(cfg.lb, timeout=5).run(cfg.lb.vm_start, ["img", "s", 1])
+    assert res.status == -1
