@@ -306,6 +306,8 @@ class ServiceRunner:
         self.host = host
         self.lock = threading.Lock()
         self.procs: dict[tuple[int, int], subprocess.Popen] = {}
+        #: (dcid, ep) -> the peer whose start request started the program: only it stops it
+        self.owners: dict[tuple[int, int], int] = {}
         self.reserved: set[tuple[int, int]] = set()
 
     def handle(self, peer: int, m: Message) -> None:
@@ -315,7 +317,7 @@ class ServiceRunner:
             threading.Thread(target=self._start, args=args, name="svc-start",
                              daemon=True).start()
         elif m.m_type == MT_SVC_STOP:
-            self.stop(m.m1_i1, m.m1_i2)
+            self.stop(m.m1_i1, m.m1_i2, peer)
 
     def _service(self, dcid: int, ext_ep: int):
         for svc in self.host.cfg.services:
@@ -326,13 +328,15 @@ class ServiceRunner:
 
     def _start(self, peer: int, dcid: int, clt_ep: int, clt_node: int, ext_ep: int,
                req: int) -> None:
-        result = self.start(dcid, ext_ep, clt_ep, clt_node)
+        result = self.start(dcid, ext_ep, clt_ep, clt_node, owner=peer)
         body = control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=result, m1_p2=req,
                                m_source=self.host.local)
         self.host.send_control(peer, body)
 
-    def start(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int) -> int:
-        """Start the service's program for one client; returns its endpoint or an error."""
+    def start(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int,
+              owner: int | None = None) -> int:
+        """Start the service's program for one client (asked by the peer `owner`, the only
+        one that may stop it); returns its endpoint or an error."""
         svc = self._service(dcid, ext_ep)
         if svc is None:
             log.warning("refused to start a program for unknown service ep %d of DC %d",
@@ -360,6 +364,8 @@ class ServiceRunner:
             return E.EDVSNOEXEC
         with self.lock:
             self.procs[(dcid, ep)] = proc
+            if owner is not None:
+                self.owners[(dcid, ep)] = owner
         deadline = time.monotonic() + BIND_WAIT
         while time.monotonic() < deadline:
             if self._bound(dcid, ep):
@@ -396,9 +402,16 @@ class ServiceRunner:
         with self.lock:
             self.reserved.discard((dcid, ep))
 
-    def stop(self, dcid: int, ep: int) -> None:
-        """Stop the program serving endpoint `ep` (its exit unbinds the endpoint)."""
+    def stop(self, dcid: int, ep: int, peer: int | None = None) -> None:
+        """Stop the program serving endpoint `ep` (its exit unbinds the endpoint); asked by
+        `peer`, only when that peer started it."""
         with self.lock:
+            owner = self.owners.get((dcid, ep))
+            if peer is not None and owner is not None and owner != peer:
+                log.warning("node %d asked to stop the program on endpoint %d of DC %d, which "
+                            "node %d started: ignored", peer, ep, dcid, owner)
+                return
+            self.owners.pop((dcid, ep), None)
             proc = self.procs.pop((dcid, ep), None)
         if proc is None:
             return
@@ -408,6 +421,7 @@ class ServiceRunner:
     def stop_all(self) -> None:
         with self.lock:
             procs, self.procs = list(self.procs.values()), {}
+            self.owners = {}
         for proc in procs:
             _terminate(proc)
 
