@@ -308,6 +308,7 @@ class ServiceRunner:
         self.procs: dict[tuple[int, int], subprocess.Popen] = {}
         #: (dcid, ep) -> the peer whose start request started the program: only it stops it
         self.owners: dict[tuple[int, int], int] = {}
+        self.warned: set[int] = set()    # peers whose foreign stop requests were logged
         self.reserved: set[tuple[int, int]] = set()
 
     def handle(self, peer: int, m: Message) -> None:
@@ -408,8 +409,11 @@ class ServiceRunner:
         with self.lock:
             owner = self.owners.get((dcid, ep))
             if peer is not None and owner is not None and owner != peer:
-                log.warning("node %d asked to stop the program on endpoint %d of DC %d, which "
-                            "node %d started: ignored", peer, ep, dcid, owner)
+                level = logging.DEBUG if peer in self.warned else logging.WARNING
+                self.warned.add(peer)
+                log.log(level, "node %d asked to stop the program on endpoint %d of DC %d, "
+                        "which node %d started: ignored (logged once per node)", peer, ep,
+                        dcid, owner)
                 return
             self.owners.pop((dcid, ep), None)
             proc = self.procs.pop((dcid, ep), None)
