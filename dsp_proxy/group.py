@@ -308,7 +308,7 @@ class Router:
         the client whose `request` it was."""
         if request is None or self.group is None:
             return None
-        return self.group.error_reply(Header(bytearray(request)), code, relayed)
+        return self.group.request_failed(request, relayed, code)
 
 
 class Group:
@@ -704,9 +704,34 @@ class Group:
             set_route(out, sess.clt_node, self.lb_id, f[R_FLAGS] & ~C.FLAG_CHECK_HDR)
             swap_endpoint(out, cmd, dst, sess.to_client.get(dst, dst), True)
             swap_endpoint(out, cmd, sess.lbsvr_ep, sess.clt_ep, False)
+            self._settle_pending(sess, cmd)
         return self.error_reply(Header(out), code, True)
 
     # ------------------------------------------------------------------ errors and endings
+    def request_failed(self, request, relayed: bool, code: int):
+        """A client's request (its header as the client sent it) that never reached the
+        server: the error reply, and the request is no longer the session's pending one (a
+        session that ends later owes that client nothing)."""
+        h = Header(bytearray(request))
+        svc = self.service_for(h.c_dcid, h.c_dst)
+        if svc is not None:
+            with self.lock:
+                sess = self.sessions.get((h.c_dcid, h.c_snode, h.c_src, svc.ext_ep))
+                if sess is not None:
+                    self._settle_pending(sess, h.c_cmd)
+        return self.error_reply(h, code, relayed)
+
+    def _settle_pending(self, sess: Session, cmd: int) -> None:
+        """(lock held) A request `cmd` of the session was answered by an error: when it is
+        the pending one, nothing is pending any more (also in the compiled relay, which
+        keeps the session's pending request while it carries the session)."""
+        relayed = sess.fast_sid >= 0
+        self._fast_take(sess)
+        if sess.pending == cmd:
+            sess.pending = 0
+        if relayed:
+            self._fast_give(sess)
+
     def error_reply(self, h: Header, rcode: int, relayed: bool):
         """Every error a client causes comes back to it as an ACK with the code."""
         ack = error_ack(h, rcode)

@@ -201,6 +201,27 @@ def test_refused_send_turns_into_an_error_reply_for_the_client():
     assert node == 3 and ack.c_cmd == C.CMD_SNDREC_ACK and ack.c_rcode == E.EDVSAGAIN
 
 
+def test_a_request_answered_with_a_refusal_gets_no_second_error():
+    """The server's link refuses a client's request (the client gets EDVSNOTCONN), then the
+    server is declared down, or the session times out: the client, no longer waiting for
+    that request, gets no second error.  A second SNDREC_ACK from the LB node would end the
+    client's next sendrec through the LB with an error meant for the last one, and that
+    one's reply would then wait for a receive that expects something else."""
+    for end in ("server_down", "timeout"):
+        router, group, peers, clock = _router()
+        (act,) = _acts(_net(router, _req()))
+        node, ack, _ = _sent(router.send_failed(act[4], act[5], E.EDVSNOTCONN))
+        assert node == 3 and ack.c_rcode == E.EDVSNOTCONN
+        if end == "server_down":
+            peers.up_nodes.discard(1)
+            acts = _acts(group.server_down(1))
+        else:
+            clock[0] += group.session_timeout + 1
+            acts = _acts(group.tick())
+        assert not group.sessions, end
+        assert not [a for a in acts if a[0] == SEND], (end, acts)
+
+
 def test_server_down_ends_its_sessions_with_an_error_for_waiting_clients():
     router, group, peers, _ = _router()
     _net(router, _req())
