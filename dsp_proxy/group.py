@@ -487,18 +487,18 @@ class Group:
                 data = bytes(payload[:length]) if length else b""
                 sess.first = (bytes(hbuf), data)
             sess.last_used = self.clock()
+            if sess.starting and (len(sess.parked) >= PARKED_MAX
+                                  or sess.parked_bytes + 120 + length > PARKED_BYTES):
+                self.counters["refused"] += 1
+                log.debug("session of client %d@%d: %d frames wait for its program, "
+                          "command %#x refused", src, snode, len(sess.parked), cmd)
+                if cmd in C.REQUEST_CMDS:       # answered now: not the pending request
+                    _add(acts, self.error_reply(Header(bytearray(hbuf)), E.EDVSAGAIN,
+                                                relayed))
+                return acts or None
             if cmd == C.CMD_SNDREC_MSG or cmd == C.CMD_SEND_MSG:
                 sess.pending = cmd
             if sess.starting:
-                if (len(sess.parked) >= PARKED_MAX
-                        or sess.parked_bytes + 120 + length > PARKED_BYTES):
-                    self.counters["refused"] += 1
-                    log.debug("session of client %d@%d: %d frames wait for its program, "
-                              "command %#x refused", src, snode, len(sess.parked), cmd)
-                    if cmd in C.REQUEST_CMDS:
-                        _add(acts, self.error_reply(Header(bytearray(hbuf)), E.EDVSAGAIN,
-                                                    relayed))
-                    return acts or None
                 sess.parked.append((bytes(hbuf), bytes(payload[:length]) if length else b""))
                 sess.parked_bytes += 120 + length
                 if len(sess.parked) == 1 and not sess.started_at:
