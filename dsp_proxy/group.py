@@ -603,7 +603,10 @@ class Group:
             self._fast_take(sess)
             sess.last_used = self.clock()
             acts: list = []
-            if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVICE_DOWN and sess.first is not None:
+            if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVICE_DOWN and sess.first is not None \
+                    and sess.lbclt_ep == sess.service.ext_ep:
+                # only a first request to the service's own endpoint tells whether the
+                # service runs there; another endpoint of its range may just be unbound
                 redo = self._redispatch(sess, rcode, acts)
                 if redo:
                     return acts

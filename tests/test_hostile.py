@@ -15,7 +15,7 @@ import time
 import lz4.frame
 import pytest
 
-from cluster_helpers import cluster_from, wait_for
+from cluster_helpers import cluster_from, wait_bound, wait_for
 from dsp_proxy import main as dsp_main
 from dsp_proxy import topology
 from dsp_proxy.cluster import module_argv
@@ -306,6 +306,45 @@ def test_lz4_payloads_claiming_huge_sizes_close_only_the_link(tmp_path, probes_o
         links_carry(probes, [(1, 3), (3, 1)], 10)
         cl.start_dsp(2)
         links_carry(probes, [(1, 2), (2, 1)], 20)
+
+
+# --------------------------------------------------------------------------- service down
+def test_one_request_to_an_unbound_endpoint_of_the_range_takes_no_service_down(tmp_path):
+    """A local process binds endpoint 11 of the service's range (ext_ep 10) to the LB node and
+    sends one request there: no server binds 11, so it fails (an error code), and clients of
+    the service are still served.  That one request used to mark the service down on every
+    server it was re-dispatched to, so every client got EDVSAGAIN until the servers' next
+    load reports, and one such request per report period kept the service from everybody."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        servers = [cl.popen(n, module_argv("dvs_apps.latency", "server", 0, EXT_EP),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for n in (1, 2)]
+        dvk = cl.dvk(3)
+        try:
+            for n in (1, 2):
+                wait_bound(cl, n, 0, EXT_EP)
+            wait_for(lambda: all(s.get("live") for s in cl.status(3)["group"]["servers"]
+                                 .values()), 15, "both servers live")
+            dvk.bind(0, 40)
+            dvk.rmtbind(0, "other", EXT_EP + 1, LB)
+            m = Message()
+            m.m_type = 1
+            with pytest.raises(DvkError) as err:
+                dvk.sendrec(EXT_EP + 1, m, 10000)
+            assert err.value.name != "EDVSTIMEDOUT", err.value
+            res = cl.run(3, module_argv("dvs_apps.latency", "client", 0, 50, EXT_EP, 5, 0, 0),
+                         timeout=60)
+            loops = re.findall(r"Time total elapsed in loop", res.stdout)
+            assert res.returncode == 0 and len(loops) == 5, res.stdout + res.stderr
+        finally:
+            for ep in (40, EXT_EP + 1):
+                try:
+                    dvk.unbind(0, ep)
+                except DvkError:
+                    pass
+            for p in servers:
+                p.kill()
+                p.wait()
 
 
 # --------------------------------------------------------------------------- finding 5

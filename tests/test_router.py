@@ -250,6 +250,24 @@ def test_first_request_answered_service_missing_is_redispatched_once():
     assert not group.servers[1].services_down
 
 
+def test_a_client_addressing_an_unbound_endpoint_of_the_range_marks_no_service_down():
+    """One client's first requests to an endpoint of the service's range that no server
+    binds (11, the service's ext_ep being 10): each server answers EDVSNOTBIND for it, which
+    says nothing of the service.  The client gets the error; the service stays usable on
+    both servers for everybody else.  (Marking it down let one client take a service from
+    every client until the servers' next load reports, again each period.)"""
+    router, group, _, _ = _router()
+    node, _, _ = _sent(_net(router, _req(dst=11)))
+    ack = _req(cmd=C.CMD_SNDREC_ACK, src=11, dst=100, snode=node, dnode=5,
+               c_rcode=E.EDVSNOTBIND)
+    to, out, _ = _sent(_net(router, ack, peer=node))
+    assert to == 3 and out.c_rcode == E.EDVSNOTBIND
+    assert not any(s.services_down for s in group.servers.values())
+    assert group.counters["redispatched"] == 0
+    node, out, _ = _sent(_net(router, _req(src=51)))           # another client: served
+    assert node in (1, 2) and out.c_cmd == C.CMD_SNDREC_MSG
+
+
 def test_error_inside_an_established_session_reaches_the_client():
     router, group, _, _ = _router()
     _net(router, _req())
