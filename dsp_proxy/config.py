@@ -35,6 +35,7 @@ import gc
 import ipaddress
 import logging
 import re
+import shlex
 import socket
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1479,6 +1480,8 @@ class _Checker:
                     "bind" not in rec.seen or bind is not None):
                 self.warn(rec.vtok("prog"), f"service '{rec.name}': prog is never run because "
                           "bind is external (give bind replica, local or backup)")
+            if prog is not None:
+                self._command(rec, "prog")
             ext = rec.get("ext_ep")
             if "ext_ep" not in rec.seen:
                 self.error(rec.kind_tok, f"{rec.desc} has no ext_ep (required: the endpoint "
@@ -1539,7 +1542,24 @@ class _Checker:
             done.append((rec, dcid, lo, hi, ext))
             by_dc.setdefault(dcid, []).append(done[-1])
 
+    def _command(self, rec: _Rec, kw: str) -> None:
+        """A command the DSP runs (a service's prog, a VM command) is split into words as a
+        shell would: say so now when that fails, not only when the command is needed (each
+        run of it then fails, logged)."""
+        try:
+            words = shlex.split(rec.get(kw))
+        except ValueError as exc:
+            self.warn(rec.vtok(kw), f"{kw} cannot be split into words ({exc}: unbalanced "
+                                    "quotes or a trailing backslash); running it will fail")
+            return
+        if not words:
+            self.warn(rec.vtok(kw), f"{kw} names no program; running it will fail")
+
     def _lb(self, lb: _Rec, servers: Sequence[_Rec]) -> None:
+        for kw in ("vm_start", "vm_stop", "vm_status"):
+            if lb.get(kw) is not None:
+                self._command(lb, kw)
+
         def later(*kws: str) -> _Tok:
             toks = [lb.vtok(k) for k in kws if lb.vtok(k) is not None]
             return max(toks, key=lambda t: t.loc) if toks else lb.kind_tok

@@ -60,15 +60,19 @@ class CommandRunner:
         self.port = int(os.environ.get("DSP_SSH_PORT", "22"))
 
     def run(self, command: str, args: list[str]) -> CommandResult:
-        argv = shlex.split(command) + [str(a) for a in args]
+        try:
+            argv = shlex.split(command) + [str(a) for a in args]
+        except ValueError as exc:      # unbalanced quotes: the config check warned of it
+            log.warning("command cannot be split into words: %s: %s", exc, command)
+            return CommandResult(-1, str(exc))
         shown = " ".join(shlex.quote(a) for a in argv)
         where = f"{self.user}@{self.host}" if self.host else "locally"
         log.info("running %s %s", where, shown)
         if self.host:
             return self._ssh(shown)
         try:
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout,
-                                 stdin=subprocess.DEVNULL)
+            res = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                                 timeout=self.timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             log.warning("command timed out after %.0f s: %s", self.timeout, shown)
             return CommandResult(-1, "timeout")
@@ -302,6 +306,9 @@ class ServiceRunner:
         self.host = host
         self.lock = threading.Lock()
         self.procs: dict[tuple[int, int], subprocess.Popen] = {}
+        #: (dcid, ep) -> the peer whose start request started the program: only it stops it
+        self.owners: dict[tuple[int, int], int] = {}
+        self.warned: set[int] = set()    # peers whose foreign stop requests were logged
         self.reserved: set[tuple[int, int]] = set()
 
     def handle(self, peer: int, m: Message) -> None:
@@ -311,7 +318,7 @@ class ServiceRunner:
             threading.Thread(target=self._start, args=args, name="svc-start",
                              daemon=True).start()
         elif m.m_type == MT_SVC_STOP:
-            self.stop(m.m1_i1, m.m1_i2)
+            self.stop(m.m1_i1, m.m1_i2, peer)
 
     def _service(self, dcid: int, ext_ep: int):
         for svc in self.host.cfg.services:
@@ -322,22 +329,29 @@ class ServiceRunner:
 
     def _start(self, peer: int, dcid: int, clt_ep: int, clt_node: int, ext_ep: int,
                req: int) -> None:
-        result = self.start(dcid, ext_ep, clt_ep, clt_node)
+        result = self.start(dcid, ext_ep, clt_ep, clt_node, owner=peer)
         body = control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=result, m1_p2=req,
                                m_source=self.host.local)
         self.host.send_control(peer, body)
 
-    def start(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int) -> int:
-        """Start the service's program for one client; returns its endpoint or an error."""
+    def start(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int,
+              owner: int | None = None) -> int:
+        """Start the service's program for one client (asked by the peer `owner`, the only
+        one that may stop it); returns its endpoint or an error."""
         svc = self._service(dcid, ext_ep)
         if svc is None:
             log.warning("refused to start a program for unknown service ep %d of DC %d",
                         ext_ep, dcid)
             return E.EDVSBADREQUEST
+        try:
+            words = shlex.split(svc.prog)
+        except ValueError as exc:      # unbalanced quotes: the config check warned of it
+            log.warning("service %s: prog cannot be split into words: %s", svc.name, exc)
+            return E.EDVSNOEXEC
         ep = self._reserve(dcid, svc)
         if ep is None:
             return E.EDVSAGAIN
-        argv = shlex.split(svc.prog) + [str(dcid), str(ep), str(clt_node), str(clt_ep)]
+        argv = words + [str(dcid), str(ep), str(clt_node), str(clt_ep)]
         out = os.path.join(tempfile.gettempdir(), f"{svc.name}_{self.host.local}_{ep}.out")
         env = dict(os.environ, DVK_NODE=str(self.host.local))
         try:
@@ -351,6 +365,8 @@ class ServiceRunner:
             return E.EDVSNOEXEC
         with self.lock:
             self.procs[(dcid, ep)] = proc
+            if owner is not None:
+                self.owners[(dcid, ep)] = owner
         deadline = time.monotonic() + BIND_WAIT
         while time.monotonic() < deadline:
             if self._bound(dcid, ep):
@@ -387,9 +403,19 @@ class ServiceRunner:
         with self.lock:
             self.reserved.discard((dcid, ep))
 
-    def stop(self, dcid: int, ep: int) -> None:
-        """Stop the program serving endpoint `ep` (its exit unbinds the endpoint)."""
+    def stop(self, dcid: int, ep: int, peer: int | None = None) -> None:
+        """Stop the program serving endpoint `ep` (its exit unbinds the endpoint); asked by
+        `peer`, only when that peer started it."""
         with self.lock:
+            owner = self.owners.get((dcid, ep))
+            if peer is not None and owner is not None and owner != peer:
+                level = logging.DEBUG if peer in self.warned else logging.WARNING
+                self.warned.add(peer)
+                log.log(level, "node %d asked to stop the program on endpoint %d of DC %d, "
+                        "which node %d started: ignored (logged once per node)", peer, ep,
+                        dcid, owner)
+                return
+            self.owners.pop((dcid, ep), None)
             proc = self.procs.pop((dcid, ep), None)
         if proc is None:
             return
@@ -399,6 +425,7 @@ class ServiceRunner:
     def stop_all(self) -> None:
         with self.lock:
             procs, self.procs = list(self.procs.values()), {}
+            self.owners = {}
         for proc in procs:
             _terminate(proc)
 

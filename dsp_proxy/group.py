@@ -76,6 +76,12 @@ MT_SVC_STOP = 0x11
 MT_NEED_SERVER = 0x12
 #: How long a session waits for the server's DSP to start its program (5 s bind + slack).
 START_PATIENCE = 8.0
+#: At most this many frames, of at most PARKED_BYTES bytes with their headers, wait for a
+#: session's program to start (a client has one request in flight); a request beyond them
+#: gets EDVSAGAIN, anything else is dropped, so a peer flooding a starting session costs
+#: bounded memory.
+PARKED_MAX = 16
+PARKED_BYTES = 256 << 10
 #: Error ACKs from a server's kernel that mean the server endpoint is gone: the session ends.
 SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSNOTBIND})
 #: Error ACKs to a session's first request that mark the service unavailable on that server
@@ -128,6 +134,7 @@ class Session:
     starting: int = 0        # request id while a prog service is being started for it
     started_at: float = 0.0
     parked: list = field(default_factory=list)      # frames waiting for the program's bind
+    parked_bytes: int = 0    # their bytes, headers included (bounded: PARKED_BYTES)
     prog_ep: int = -1        # endpoint of the program started for this session
     first: tuple | None = None   # the first request (header, payload) until it is answered
     redispatched: bool = False
@@ -301,7 +308,7 @@ class Router:
         the client whose `request` it was."""
         if request is None or self.group is None:
             return None
-        return self.group.error_reply(Header(bytearray(request)), code, relayed)
+        return self.group.request_failed(request, relayed, code)
 
 
 class Group:
@@ -480,10 +487,20 @@ class Group:
                 data = bytes(payload[:length]) if length else b""
                 sess.first = (bytes(hbuf), data)
             sess.last_used = self.clock()
+            if sess.starting and (len(sess.parked) >= PARKED_MAX
+                                  or sess.parked_bytes + 120 + length > PARKED_BYTES):
+                self.counters["refused"] += 1
+                log.debug("session of client %d@%d: %d frames wait for its program, "
+                          "command %#x refused", src, snode, len(sess.parked), cmd)
+                if cmd in C.REQUEST_CMDS:       # answered now: not the pending request
+                    _add(acts, self.error_reply(Header(bytearray(hbuf)), E.EDVSAGAIN,
+                                                relayed))
+                return acts or None
             if cmd == C.CMD_SNDREC_MSG or cmd == C.CMD_SEND_MSG:
                 sess.pending = cmd
             if sess.starting:
                 sess.parked.append((bytes(hbuf), bytes(payload[:length]) if length else b""))
+                sess.parked_bytes += 120 + length
                 if len(sess.parked) == 1 and not sess.started_at:
                     sess.started_at = self.clock()
                     acts.append(self._ask_start(sess))
@@ -586,7 +603,10 @@ class Group:
             self._fast_take(sess)
             sess.last_used = self.clock()
             acts: list = []
-            if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVICE_DOWN and sess.first is not None:
+            if cmd & C.MASK_ACKNOWLEDGE and rcode in SERVICE_DOWN and sess.first is not None \
+                    and sess.lbclt_ep == sess.service.ext_ep:
+                # only a first request to the service's own endpoint tells whether the
+                # service runs there; another endpoint of its range may just be unbound
                 redo = self._redispatch(sess, rcode, acts)
                 if redo:
                     return acts
@@ -687,9 +707,34 @@ class Group:
             set_route(out, sess.clt_node, self.lb_id, f[R_FLAGS] & ~C.FLAG_CHECK_HDR)
             swap_endpoint(out, cmd, dst, sess.to_client.get(dst, dst), True)
             swap_endpoint(out, cmd, sess.lbsvr_ep, sess.clt_ep, False)
+            self._settle_pending(sess, cmd)
         return self.error_reply(Header(out), code, True)
 
     # ------------------------------------------------------------------ errors and endings
+    def request_failed(self, request, relayed: bool, code: int):
+        """A client's request (its header as the client sent it) that never reached the
+        server: the error reply, and the request is no longer the session's pending one (a
+        session that ends later owes that client nothing)."""
+        h = Header(bytearray(request))
+        svc = self.service_for(h.c_dcid, h.c_dst)
+        if svc is not None:
+            with self.lock:
+                sess = self.sessions.get((h.c_dcid, h.c_snode, h.c_src, svc.ext_ep))
+                if sess is not None:
+                    self._settle_pending(sess, h.c_cmd)
+        return self.error_reply(h, code, relayed)
+
+    def _settle_pending(self, sess: Session, cmd: int) -> None:
+        """(lock held) A request `cmd` of the session was answered by an error: when it is
+        the pending one, nothing is pending any more (also in the compiled relay, which
+        keeps the session's pending request while it carries the session)."""
+        relayed = sess.fast_sid >= 0
+        self._fast_take(sess)
+        if sess.pending == cmd:
+            sess.pending = 0
+        if relayed:
+            self._fast_give(sess)
+
     def error_reply(self, h: Header, rcode: int, relayed: bool):
         """Every error a client causes comes back to it as an ACK with the code."""
         ack = error_ack(h, rcode)
@@ -877,7 +922,7 @@ class Group:
                 return acts
             sess.prog_ep = result
             self._map(sess, sess.lbclt_ep, result)
-            parked, sess.parked = sess.parked, []
+            parked, sess.parked, sess.parked_bytes = sess.parked, [], 0
             for hbuf, data in parked:
                 acts.append(self._send_forward(sess, hbuf, ROUTE_STRUCT.unpack_from(hbuf), data))
         return acts

@@ -51,12 +51,17 @@ log = logging.getLogger("dsp.rproxy")
 READ_BUFFER = 1 << 18
 #: How long a parked delivery (EDVSENQUEUED) is retried before it fails.
 ENQUEUED_PATIENCE = 2.0
-#: At most this many deliveries parked per receiver; more fail at once with EDVSAGAIN.
+#: At most this many deliveries, holding at most MAX_PARKED_BYTES of payload, parked per
+#: receiver; more fail at once with EDVSAGAIN (1,024 COPY frames of 64 KiB were 64 MiB).
 MAX_PARKED = 1024
+MAX_PARKED_BYTES = 16 << 20
 #: Retry interval of parked deliveries while the socket is quiet.
 PARK_RETRY = 0.002
-#: At most this many frames wait for the put2lcl thread.
+#: At most this many frames, and this many bytes with their headers, wait for the put2lcl
+#: thread (8,192 COPY frames of 64 KiB a peer sends into a local client's session would be
+#: half a gigabyte).
 PUT2LCL_QUEUE_MAX = 8192
+PUT2LCL_QUEUE_BYTES = 16 << 20
 #: How long a thread waits for room in the put2lcl thread's full queue before the frame is
 #: dropped (counted, logged once per episode).
 PUT2LCL_WAIT = 0.5
@@ -231,6 +236,7 @@ class Deliverer:
         # (dcid, c_src) -> deque of (deadline, header, payload) waiting for that descriptor
         self.parked: dict[tuple[int, int], collections.deque] = {}
         self.nparked = 0
+        self.parked_bytes = 0
 
     def deliver(self, h: Header, data, autobind: bool) -> int:
         """put2lcl of one command; 0, or the negative code of a failure it answered (a parked
@@ -276,14 +282,16 @@ class Deliverer:
         return code
 
     def _park(self, key: tuple[int, int], h: Header, data) -> int:
-        if self.nparked >= MAX_PARKED:
+        length = h.c_len
+        if self.nparked >= MAX_PARKED or self.parked_bytes + length > MAX_PARKED_BYTES:
             return self._finish(h, data, E.EDVSAGAIN, False)
         q = self.parked.get(key)
         if q is None:
             q = self.parked[key] = collections.deque()
         q.append((time.monotonic() + ENQUEUED_PATIENCE, Header(bytearray(h.buf)),
-                  bytes(data[:h.c_len]) if h.c_len else b""))
+                  bytes(data[:length]) if length else b""))
         self.nparked += 1
+        self.parked_bytes += length
         return E.EDVSENQUEUED
 
     def retry_parked(self) -> None:
@@ -298,6 +306,7 @@ class Deliverer:
                     break
                 q.popleft()
                 self.nparked -= 1
+                self.parked_bytes -= len(data)
                 self._finish(h, data, code, True)
             if not q:
                 del self.parked[key]
@@ -478,13 +487,19 @@ class RProxy:
 
     def _decompress(self, h: Header, payload: memoryview) -> memoryview:
         """An LZ4 frame payload, whatever this node's own `compress` setting (the flag says
-        what the frame is)."""
+        what the frame is).  At most MAXCOPYBUF + 1 bytes are inflated: the size the frame
+        claims is the peer's word (one that claims 2**62 bytes made the one-shot decompress
+        allocate them and fail with MemoryError), and a bomb stops at the bound."""
         if h.c_cmd not in C.COPY_DATA_CMDS:
             raise FrameError(f"LZ4 flag on {C.CMD_NAMES.get(h.c_cmd, h.c_cmd)}")
+        inflater = lz4.frame.LZ4FrameDecompressor()
         try:
-            raw = lz4.frame.decompress(payload)
+            raw = inflater.decompress(payload, max_length=C.MAXCOPYBUF + 1)
         except RuntimeError as exc:
             raise FrameError(f"LZ4 payload does not decompress: {exc}") from None
+        if not inflater.eof or inflater.unused_data:
+            raise FrameError(f"LZ4 payload is not one whole frame of at most {C.MAXCOPYBUF} "
+                             "bytes")
         if len(raw) > C.MAXCOPYBUF or len(raw) != h.v_bytes:
             raise FrameError(f"LZ4 payload of {len(raw)} bytes, v_bytes {h.v_bytes}")
         self.link.received.lz4_frames += 1
@@ -542,19 +557,42 @@ class RProxy:
             ctx.execute(act, self.deliverer)
 
 
+class _FrameQueue(queue.Queue):
+    """A queue of (header, payload) that is full at `maxsize` frames or once its frames hold
+    `maxbytes` bytes, headers included (the queue's own waits and wake-ups, one bound more)."""
+
+    def __init__(self, maxsize: int, maxbytes: int) -> None:
+        super().__init__(maxsize)
+        self.maxbytes = maxbytes
+        self.nbytes = 0
+
+    def _qsize(self) -> int:
+        n = len(self.queue)
+        return self.maxsize if n and self.nbytes >= self.maxbytes else n
+
+    def _put(self, item: tuple) -> None:
+        self.queue.append(item)
+        self.nbytes += HEADER_SIZE + len(item[1])
+
+    def _get(self) -> tuple:
+        item = self.queue.popleft()
+        self.nbytes -= HEADER_SIZE + len(item[1])
+        return item
+
+
 class Put2lclThread:
     """The LB pair's receiver: delivers what the router queued for local processes (session
     traffic rewritten to come from the LB node, error replies for local clients).  The queue is
-    bounded: a full queue holds the thread that queues back (the put2lcl thread drains it at the
-    kernel's pace, so the link behind that thread slows down instead of losing frames); a frame
-    that finds no room within PUT2LCL_WAIT is counted and dropped, logged once per episode, and
-    until a frame fits again the others are dropped at once (a stuck queue costs the threads
-    that feed it one wait, not one per frame)."""
+    bounded in frames and in bytes: a full queue holds the thread that queues back (the put2lcl
+    thread drains it at the kernel's pace, so the link behind that thread slows down instead of
+    losing frames); a frame that finds no room within PUT2LCL_WAIT is counted and dropped,
+    logged once per episode, and until a frame fits again the others are dropped at once (a
+    stuck queue costs the threads that feed it one wait, not one per frame)."""
 
     def __init__(self, ctx, gate) -> None:
         self.ctx = ctx
         self.gate = gate
-        self.queue: queue.Queue = queue.Queue(PUT2LCL_QUEUE_MAX)
+        self.queue: queue.Queue = _FrameQueue(PUT2LCL_QUEUE_MAX, PUT2LCL_QUEUE_BYTES)
         self.refused = 0
         self._full = False
 
@@ -569,9 +607,9 @@ class Put2lclThread:
             self.refused += 1
             if not self._full:
                 self._full = True
-                log.warning("put2lcl queue full (%d frames) for %.1f s: frames for local "
-                            "processes are dropped until it drains", PUT2LCL_QUEUE_MAX,
-                            PUT2LCL_WAIT)
+                log.warning("put2lcl queue full (%d frames, %d bytes) for %.1f s: frames for "
+                            "local processes are dropped until it drains", len(self.queue.queue),
+                            self.queue.nbytes, PUT2LCL_WAIT)
             return False
         self._full = False
         return True

@@ -16,10 +16,12 @@ requests, replies, copies, ACKs; a batch frame carries several); *messages* are 
 that carry a message (SEND, SNDREC, REPLY: the C `nr_msgs`); a *round trip* is a request and
 its reply; a *session* is one client endpoint pinned to one server.
 
-The server is a bounded pool: one thread accepts, one waits (with a selector, no thread per
-connection) until a connection has sent something, HANDLERS threads answer; at most
-MAX_WAITING connections wait, each at most IDLE_TIMEOUT seconds, and a handler gives a slow
-client at most REQUEST_TIMEOUT seconds per read.
+The server is a bounded pool: one thread accepts, one reads (with a selector, no thread per
+connection) until a connection has sent its whole request head, HANDLERS threads answer; at
+most MAX_WAITING connections wait, each at most IDLE_TIMEOUT seconds from its connect for its
+head (at most MAX_HEAD bytes), and a handler gives a slow reader at most REQUEST_TIMEOUT
+seconds to take the answer.  A handler never waits for a client's bytes, so a few clients
+that trickle their requests a byte at a time cannot hold the handlers.
 
 No output carries a secret: the snapshot holds no ssh_* value of the config at all.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import io
 import json
 import logging
 import os
@@ -58,6 +61,12 @@ HANDLERS = 4
 MAX_WAITING = 64
 IDLE_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 5.0
+#: Bytes of a request head (request line and headers) the server reads before it answers 431.
+MAX_HEAD = 16384
+_HEAD_ENDS = (b"\r\n\r\n", b"\n\n")
+_TOO_LARGE_BODY = f"request head over {MAX_HEAD} bytes\n".encode()
+_TOO_LARGE = (b"HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+              + f"Content-Length: {len(_TOO_LARGE_BODY)}\r\n\r\n".encode() + _TOO_LARGE_BODY)
 DIRECTIONS = (("sent", "out"), ("received", "in"))
 
 
@@ -81,6 +90,12 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "dsp_proxy"
     protocol_version = "HTTP/1.0"
     timeout = REQUEST_TIMEOUT
+
+    def setup(self) -> None:
+        """The request is (socket, head): the head was read whole by the waiting thread."""
+        self.request, head = self.request
+        super().setup()
+        self.rfile = io.BytesIO(head)
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server naming
         url = urllib.parse.urlsplit(self.path)
@@ -117,7 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 class StatsServer(HTTPServer):
     """HTTP with a fixed number of threads however many clients connect (see the module
-    docstring): idle connections wait in a selector and are closed after IDLE_TIMEOUT."""
+    docstring): connections wait in a selector until their request head is complete and are
+    closed when it is not after IDLE_TIMEOUT."""
 
     allow_reuse_address = True
     request_queue_size = 64
@@ -126,7 +142,7 @@ class StatsServer(HTTPServer):
         self.dsp = dsp
         self._stop = threading.Event()
         self._selector = selectors.DefaultSelector()
-        self._waiting: dict[socket.socket, tuple[float, object]] = {}
+        self._waiting: dict[socket.socket, tuple[float, object, bytearray]] = {}
         self._wlock = threading.Lock()
         self._ready: queue.Queue = queue.Queue(maxsize=MAX_WAITING)
         try:
@@ -147,7 +163,8 @@ class StatsServer(HTTPServer):
             if len(self._waiting) >= MAX_WAITING:
                 oldest = min(self._waiting, key=lambda s: self._waiting[s][0])
                 self._drop(oldest)
-            self._waiting[request] = (time.monotonic(), client_address)
+            request.setblocking(False)
+            self._waiting[request] = (time.monotonic(), client_address, bytearray())
             self._selector.register(request, selectors.EVENT_READ)
 
     def _drop(self, sock: socket.socket) -> None:
@@ -170,26 +187,47 @@ class StatsServer(HTTPServer):
             with self._wlock:
                 for key, _ in events:
                     sock = key.fileobj
-                    if sock not in self._waiting:
-                        continue
-                    _, addr = self._waiting.pop(sock)
-                    self._selector.unregister(sock)
-                    try:
-                        self._ready.put_nowait((sock, addr))
-                    except queue.Full:
-                        self.shutdown_request(sock)
-                for sock in [s for s, (t, _) in self._waiting.items()
+                    if sock in self._waiting:
+                        self._read_head(sock)
+                for sock in [s for s, (t, _, _) in self._waiting.items()
                              if now - t > IDLE_TIMEOUT]:
                     self._drop(sock)
+
+    def _read_head(self, sock: socket.socket) -> None:
+        """Waiting thread, under _wlock: take what the client sent; a complete (or oversized)
+        head goes to the handlers, a closed or failed connection is dropped."""
+        _, addr, head = self._waiting[sock]
+        try:
+            data = sock.recv(MAX_HEAD + 1 - len(head))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(sock)
+            return
+        head += data
+        if len(head) <= MAX_HEAD and not any(end in head for end in _HEAD_ENDS):
+            return
+        del self._waiting[sock]
+        self._selector.unregister(sock)
+        try:
+            self._ready.put_nowait((sock, addr, bytes(head)))
+        except queue.Full:
+            self.shutdown_request(sock)
 
     def _handle_loop(self) -> None:
         while True:
             item = self._ready.get()
             if item is None:
                 return
-            sock, addr = item
+            sock, addr, head = item
             try:
-                self.finish_request(sock, addr)
+                sock.settimeout(REQUEST_TIMEOUT)
+                if len(head) > MAX_HEAD:
+                    sock.sendall(_TOO_LARGE)
+                else:
+                    self.finish_request((sock, head), addr)
             except Exception:  # one bad client costs its connection, never the thread
                 log.debug("stats: request from %s failed", addr[0], exc_info=True)
             finally:

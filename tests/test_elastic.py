@@ -218,3 +218,101 @@ def test_vm_command_timeout_and_failure_are_logged(tmp_path):
     res = runner.run(str(HERE / "status_vm.sh"), [str(tmp_path / "none"), "s", "1"])
     assert res.status != 0
     assert os.path.exists(HERE / "status_vm.sh")
+
+
+def test_vm_command_output_that_is_not_utf8_is_a_result_not_an_exception(caplog):
+    """A VM command (the operator's script) that prints bytes that are not UTF-8, and fails:
+    its status and output come back (undecodable bytes replaced) and the failure is logged;
+    the strict decode raised UnicodeDecodeError on the autoscaler's worker thread, which died
+    with its result unrecorded."""
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import CommandRunner
+    cfg = parse_text('lb l { nodeid 0; vm_start "x"; vm_stop "x"; vm_status "x"; }; '
+                     'server s { nodeid 1; node_image "img"; };')
+    runner = CommandRunner(cfg.lb, timeout=10)
+    with caplog.at_level("WARNING", logger="dsp.elastic"):
+        res = runner.run("sh -c", ["printf 'caf\\351 \\377\\n'; printf '\\377' >&2; exit 3"])
+    assert res.status == 3 and res.output.startswith("caf\ufffd \ufffd"), res
+    assert any("status 3" in r.getMessage() for r in caplog.records), caplog.text
+    res = runner.run("sh -c", ["printf 'up \\377'"])
+    assert res.status == 0 and res.output == "up \ufffd"
+
+
+def test_commands_that_cannot_be_split_fail_as_results_and_the_config_warns():
+    """A prog or VM command with unbalanced quotes: the config check warns of it; running it
+    fails as a result (EDVSNOEXEC for the session's start, status -1 for a VM command),
+    logged, and leaves no service endpoint reserved.  shlex's ValueError killed the
+    svc-start thread (the session waited START_PATIENCE for an answer that never came, the
+    endpoint stayed reserved) and the autoscaler's worker thread."""
+    from types import SimpleNamespace
+
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import CommandRunner, ServiceRunner
+    from dvk_cffi import errors as E
+    cfg = parse_text("lb l { nodeid 0; vm_start \"start 'x\"; vm_stop \"x\"; "
+                     "vm_status \"y\"; }; server s { nodeid 1; node_image \"img\"; }; "
+                     "service svc { ext_ep 30; min_ep 30; max_ep 31; bind local; "
+                     "prog \"/bin/run 'x\"; };")
+    warned = [w.message for w in cfg.warnings]
+    assert any(m.startswith("vm_start cannot be split") for m in warned), warned
+    assert any(m.startswith("prog cannot be split") for m in warned), warned
+
+    class NoKernel:
+        def getprocinfo(self, dcid, ep):
+            raise E.DvkError.for_code(E.EDVSNOTBIND)
+
+    host = SimpleNamespace(cfg=cfg, local=1, dvk=NoKernel())
+    runner = ServiceRunner(host)
+    assert runner.start(0, 30, 50, 3) == E.EDVSNOEXEC
+    assert not runner.reserved and not runner.procs
+    res = CommandRunner(cfg.lb, timeout=5).run(cfg.lb.vm_start, ["img", "s", 1])
+    assert res.status == -1
+
+
+def test_only_the_dsp_that_started_a_program_can_stop_it():
+    """MT_SVC_STOP from another peer than the one whose MT_SVC_START started the program is
+    ignored (logged): any announced peer could stop the programs serving other DSPs'
+    sessions on a server, one control frame each."""
+    from types import SimpleNamespace
+
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import ServiceRunner
+    from dsp_proxy.group import MT_SVC_START, MT_SVC_STOP, control_message
+    from dvk_cffi import consts as C
+    from dvk_cffi import errors as E
+    from dvk_cffi.wire import Message
+    cfg = parse_text("lb l { nodeid 0; }; server s { nodeid 1; rname 127.0.0.1; }; "
+                     "service svc { ext_ep 30; min_ep 30; max_ep 31; bind local; "
+                     "prog \"/bin/sh -c 'sleep 30'\"; };")
+    replies: list = []
+
+    class Kernel:       # an endpoint is bound once its program runs
+        def getprocinfo(self, dcid, ep):
+            if (dcid, ep) not in runner.procs:
+                raise E.DvkError.for_code(E.EDVSNOTBIND)
+            return SimpleNamespace(p_rts_flags=0)
+
+    def message(m_type: int, **fields: int) -> Message:
+        m = Message()
+        m.load(control_message(m_type, **fields))
+        return m
+
+    host = SimpleNamespace(cfg=cfg, local=1, dvk=Kernel(),
+                           send_control=lambda node, body: replies.append((node, body)))
+    runner = ServiceRunner(host)
+    try:
+        runner.handle(3, message(MT_SVC_START, m1_i1=0, m1_i2=50, m1_i3=3, m1_p1=30,
+                                 m1_p2=7, m_source=3))
+        wait_for(lambda: replies, 10, "the start's answer")
+        node, body = replies[0]
+        answer = Message()
+        answer.load(body)
+        ep = answer.m1_i1
+        assert node == 3 and answer.m_type == MT_SVC_START | C.MT_ACKNOWLEDGE and ep == 30
+        proc = runner.procs[(0, ep)]
+        runner.handle(2, message(MT_SVC_STOP, m1_i1=0, m1_i2=ep, m1_p1=30, m_source=2))
+        assert (0, ep) in runner.procs and proc.poll() is None
+        runner.handle(3, message(MT_SVC_STOP, m1_i1=0, m1_i2=ep, m1_p1=30, m_source=3))
+        assert (0, ep) not in runner.procs and proc.poll() is not None
+    finally:
+        runner.stop_all()

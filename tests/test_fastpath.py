@@ -23,6 +23,7 @@ from bench import wire_peers as W
 from cluster_helpers import fresh_net
 from dsp_proxy import fastpath
 from dsp_proxy.cluster import REPO_ROOT, Cluster, python_env
+from dsp_proxy.group import SEND
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import HEADER_SIZE, Header
@@ -122,6 +123,12 @@ def test_a_refused_span_answers_the_clients_requests(twins):
     assert (node, bytes(ack)) == (expected[1], bytes(expected[2])) == (CLIENT, bytes(ack))
     sent = fastpath.ffi.new("relay_tally *")
     assert not fastpath.lib.rt_fold(t.table.table, svr, fastpath.SENT, sent)   # nothing left
+    # the refused request was answered: the session (still the relay's) owes its client
+    # nothing when it ends
+    sess = t.ga.sessions[(0, CLIENT, 50, 10)]
+    assert sess.fast_sid >= 0
+    t.advance(t.ga.session_timeout + 1)
+    assert not [a for a in t.ga.tick() if a[0] == SEND] and not t.ga.sessions
 
 
 @pytest.mark.parametrize("fast", ["1", "0"], ids=["compiled-relay", "python-path"])

@@ -304,6 +304,74 @@ def test_eight_clients_through_the_lb_lose_nothing(tmp_path):
         assert fig["ok"] == fig["expected"], fig
 
 
+def test_the_put2lcl_queue_is_bounded_in_bytes_for_a_peer_that_floods_copy_data():
+    """A peer flooding a local client's session with 64 KiB COPY frames fills the put2lcl
+    queue; it holds at most PUT2LCL_QUEUE_BYTES (a 64 KiB frame over), not PUT2LCL_QUEUE_MAX
+    frames of 64 KiB (half a gigabyte, measured as a DSP's RSS going from 32 to 552 MB); the
+    frames beyond are dropped as for a full queue, and draining makes room again."""
+    from dsp_proxy import rproxy
+    p = rproxy.Put2lclThread(ctx=None, gate=None)
+    h = make_header(c_cmd=C.CMD_COPYIN_DATA, c_len=C.MAXCOPYBUF)
+    data = bytes(C.MAXCOPYBUF)          # one object: the test itself holds no copies
+    queued = 0
+    for _ in range(rproxy.PUT2LCL_QUEUE_MAX):
+        if not p.put(h, data):
+            break
+        queued += 1
+    held = queued * (HEADER_SIZE + C.MAXCOPYBUF)
+    print(f"{queued} frames of 64 KiB queued ({held >> 20} MiB) before the queue refused")
+    assert p.refused == 1 and held <= rproxy.PUT2LCL_QUEUE_BYTES + HEADER_SIZE + C.MAXCOPYBUF
+    p.queue.get()
+    assert p.put(h, data) and not p._full
+
+
+class _BusyKernel:
+    """The deliverer's view of a DVK whose remote descriptor of the sender stays busy: every
+    put2lcl is EDVSENQUEUED; the error ACKs the deliverer sends are kept."""
+
+    def __init__(self) -> None:
+        self.dvk = self
+        self.acks: list = []
+
+    def alloc(self, size: int):
+        from types import SimpleNamespace
+        return SimpleNamespace(view=memoryview(bytearray(size)))
+
+    def put2lcl(self, h, payload) -> int:
+        from dvk_cffi import errors as E
+        return E.EDVSENQUEUED
+
+    def count_error(self, code: int) -> None:
+        pass
+
+    def execute(self, act, deliverer=None) -> None:
+        self.acks.append(act)
+
+
+def test_deliveries_parked_behind_a_busy_descriptor_are_bounded_in_bytes():
+    """A peer that keeps one remote descriptor busy and sends 64 KiB COPY frames behind it:
+    a receiver parks at most MAX_PARKED_BYTES of them (MAX_PARKED frames of 64 KiB were
+    64 MiB per link); the frames beyond fail at once with EDVSAGAIN, as beyond MAX_PARKED."""
+    from dsp_proxy import rproxy
+    from dvk_cffi import errors as E
+    from dvk_cffi.wire import Header
+    kernel = _BusyKernel()
+    d = rproxy.Deliverer(kernel, peer=2)
+    h = make_header(c_cmd=C.CMD_SNDREC_MSG, c_dcid=0, c_src=60, c_dst=61, c_snode=2,
+                    c_dnode=1)
+    assert d.deliver(h, b"", False) == E.EDVSENQUEUED
+    data = bytes(C.MAXCOPYBUF)
+    copy = make_header(c_cmd=C.CMD_COPYIN_DATA, c_dcid=0, c_src=60, c_dst=61, c_snode=2,
+                       c_dnode=1, c_len=C.MAXCOPYBUF, v_bytes=C.MAXCOPYBUF)
+    results = [d.deliver(Header(bytearray(copy.buf)), data, False)
+               for _ in range(rproxy.MAX_PARKED_BYTES // C.MAXCOPYBUF + 8)]
+    held = sum(len(p) for q in d.parked.values() for _, _, p in q)
+    print(f"{d.nparked} deliveries parked holding {held >> 20} MiB; "
+          f"{results.count(E.EDVSAGAIN)} refused")
+    assert held <= rproxy.MAX_PARKED_BYTES
+    assert results.count(E.EDVSAGAIN) >= 8 and results[-1] == E.EDVSAGAIN
+
+
 def test_a_full_put2lcl_queue_holds_the_receiver_back_and_drops_only_after_the_bound(
         monkeypatch):
     """Frames for local processes are not dropped while the put2lcl thread drains its queue:

@@ -12,9 +12,11 @@ import subprocess
 import threading
 import time
 
+import lz4.frame
 import pytest
 
-from cluster_helpers import cluster_from, wait_for
+from cluster_helpers import cluster_from, wait_bound, wait_for
+from dsp_proxy import main as dsp_main
 from dsp_proxy import topology
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.misc import resolve
@@ -255,6 +257,91 @@ def test_check_hdr_frame_cannot_steal_the_service_endpoint(tmp_path, probes_of):
             loops = re.findall(r"Time total elapsed in loop", res.stdout)
             assert res.returncode == 0 and len(loops) == 20, res.stdout + res.stderr
         finally:
+            for p in servers:
+                p.kill()
+                p.wait()
+
+
+# --------------------------------------------------------------------------- LZ4 size
+def lz4_claiming(raw: bytes, content_size: int) -> bytes:
+    """A valid LZ4 frame of `raw` whose descriptor claims `content_size` bytes (with the
+    header checksum made to match, so only the claim is false)."""
+    packed = lz4.frame.compress(raw, store_size=True)
+    for hc in range(256):
+        forged = packed[:6] + content_size.to_bytes(8, "little") + bytes([hc]) + packed[15:]
+        try:
+            lz4.frame.get_frame_info(forged)
+            return forged
+        except RuntimeError:
+            continue
+    raise AssertionError("no header checksum fits")
+
+
+def test_lz4_payloads_claiming_huge_sizes_close_only_the_link(tmp_path, probes_of):
+    """COPYIN_DATA frames whose LZ4 payload claims 2**62 bytes (the decompressor would have
+    allocated them at once): each closes the link with a logged reason, no thread dies, and
+    after more of them than a dying pair is restarted for, the real peer's link carries
+    traffic again."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        probes = probes_of(cl, tmp_path, [1, 2, 3])
+        cl.kill_dsp(2, signal.SIGKILL)
+        cl.wait_links_up(15, pairs=[(1, 3), (3, 1)])
+        raw = b"a" * 1000
+        for claim in [1 << 62] * (dsp_main.MAX_RESTARTS + 1):
+            payload = lz4_claiming(raw, claim)
+            h = make_header(c_cmd=C.CMD_COPYIN_DATA, c_dcid=0, c_src=60, c_dst=61, c_snode=2,
+                            c_dnode=1, c_pid=4242, c_len=len(payload), c_flags=C.FLAG_LZ4,
+                            v_bytes=len(raw))
+            fake = FakePeer(cl, 1, 2)
+            try:
+                wait_for(fake.link_up, 15, "the fake peer's link up")
+                before = log_of(cl, 1)
+                fake.send(bytes(h.buf) + payload)
+                wait_for(lambda f=fake: not f.link_up(), SILENCE + SLACK, "the link closed")
+                new = log_of(cl, 1)[len(before):]
+            finally:
+                fake.close()
+            assert "died" not in new, f"a thread died of the LZ4 frame:\n{new}"
+            assert re.search(r"bad frame.*LZ4", new), f"no logged reason:\n{new}"
+        links_carry(probes, [(1, 3), (3, 1)], 10)
+        cl.start_dsp(2)
+        links_carry(probes, [(1, 2), (2, 1)], 20)
+
+
+# --------------------------------------------------------------------------- service down
+def test_one_request_to_an_unbound_endpoint_of_the_range_takes_no_service_down(tmp_path):
+    """A local process binds endpoint 11 of the service's range (ext_ep 10) to the LB node and
+    sends one request there: no server binds 11, so it fails (an error code), and clients of
+    the service are still served.  That one request used to mark the service down on every
+    server it was re-dispatched to, so every client got EDVSAGAIN until the servers' next
+    load reports, and one such request per report period kept the service from everybody."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        servers = [cl.popen(n, module_argv("dvs_apps.latency", "server", 0, EXT_EP),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for n in (1, 2)]
+        dvk = cl.dvk(3)
+        try:
+            for n in (1, 2):
+                wait_bound(cl, n, 0, EXT_EP)
+            wait_for(lambda: all(s.get("live") for s in cl.status(3)["group"]["servers"]
+                                 .values()), 15, "both servers live")
+            dvk.bind(0, 40)
+            dvk.rmtbind(0, "other", EXT_EP + 1, LB)
+            m = Message()
+            m.m_type = 1
+            with pytest.raises(DvkError) as err:
+                dvk.sendrec(EXT_EP + 1, m, 10000)
+            assert err.value.name != "EDVSTIMEDOUT", err.value
+            res = cl.run(3, module_argv("dvs_apps.latency", "client", 0, 50, EXT_EP, 5, 0, 0),
+                         timeout=60)
+            loops = re.findall(r"Time total elapsed in loop", res.stdout)
+            assert res.returncode == 0 and len(loops) == 5, res.stdout + res.stderr
+        finally:
+            for ep in (40, EXT_EP + 1):
+                try:
+                    dvk.unbind(0, ep)
+                except DvkError:
+                    pass
             for p in servers:
                 p.kill()
                 p.wait()

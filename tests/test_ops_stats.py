@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 import urllib.request
 from html.parser import HTMLParser
@@ -265,8 +266,8 @@ def test_live_stats_server_metrics_cluster_view_dead_server_and_idle_connections
                 except (TimeoutError, OSError):
                     pass
             assert closed == 50
-            # every connection has a timeout: the newest idle one is closed after
-            # IDLE_TIMEOUT, one that sent half a request after REQUEST_TIMEOUT per read
+            # every connection has a timeout: the newest idle one and one that sent half a
+            # request are closed IDLE_TIMEOUT after their connect
             slow = socket.create_connection((host, int(port)), timeout=5)
             idle.append(slow)
             slow.sendall(b"GET / HTTP/1.0\r\n")
@@ -298,3 +299,80 @@ def test_live_stats_server_metrics_cluster_view_dead_server_and_idle_connections
         assert dict(zip(head, rows[2]))["link"] == dict(zip(head, rows[2]))["state"] == "DOWN"
         cells = parse_page(get(base + "/cluster")).cells
         assert cells.count(("l down", "DOWN")) == 2, cells  # node 2: link and state
+
+
+class _Snapshots:
+    """What the statistics server needs of a DSP: its figures."""
+
+    stats_address = ""
+
+    def snapshot(self) -> dict:
+        return FULL
+
+
+def test_clients_trickling_their_requests_cannot_hold_the_handlers():
+    """More slow clients than handlers, each sending its request a byte per 0.3 s for longer
+    than REQUEST_TIMEOUT: another client is answered meanwhile (the handlers only ever take
+    complete request heads), a trickled request that completes is answered, a head over
+    MAX_HEAD bytes gets 431, and the trickling connections are closed after IDLE_TIMEOUT."""
+    dsp = _Snapshots()
+    server = statsmod.serve(dsp)
+    host, port = dsp.stats_address.split(":")
+    slow: list[socket.socket] = []
+    stop = threading.Event()
+    request = b"GET /stats.json HTTP/1.0\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n"
+
+    def trickle() -> None:
+        for i in range(len(request) - 1):     # never the last byte
+            for s in slow:
+                try:
+                    s.sendall(request[i:i + 1])
+                except OSError:
+                    pass
+            if stop.wait(0.3):
+                return
+
+    feeder = threading.Thread(target=trickle, name="trickle")
+    try:
+        for _ in range(statsmod.HANDLERS + 2):
+            slow.append(socket.create_connection((host, int(port)), timeout=5))
+        feeder.start()
+        time.sleep(statsmod.REQUEST_TIMEOUT + 1)      # past any per-read timeout
+        t0 = time.monotonic()
+        snap = json.loads(get(f"http://{dsp.stats_address}/stats.json"))
+        print(f"answered in {time.monotonic() - t0:.3f} s beside {len(slow)} trickling clients")
+        assert snap["node"] == FULL["node"]
+
+        # a request trickled in small pieces, then completed, is answered
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            for i in range(0, len(request), 40):
+                s.sendall(request[i:i + 40])
+                time.sleep(0.05)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200 "), answer[:100]
+
+        # a head that never ends within MAX_HEAD bytes is refused with 431
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            try:
+                s.sendall(b"GET / HTTP/1.0\r\nX-Pad: " + b"a" * (statsmod.MAX_HEAD + 10))
+            except OSError:
+                pass
+            assert s.recv(64).startswith(b"HTTP/1.0 431 ")
+
+        # the trickling connections end IDLE_TIMEOUT after their connect, without an answer
+        for s in slow:
+            s.settimeout(statsmod.IDLE_TIMEOUT + 10)
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        stop.set()
+        if feeder.ident is not None:
+            feeder.join(10)
+        for s in slow:
+            s.close()
+        server.shutdown()
+        server.server_close()

@@ -201,6 +201,27 @@ def test_refused_send_turns_into_an_error_reply_for_the_client():
     assert node == 3 and ack.c_cmd == C.CMD_SNDREC_ACK and ack.c_rcode == E.EDVSAGAIN
 
 
+def test_a_request_answered_with_a_refusal_gets_no_second_error():
+    """The server's link refuses a client's request (the client gets EDVSNOTCONN), then the
+    server is declared down, or the session times out: the client, no longer waiting for
+    that request, gets no second error.  A second SNDREC_ACK from the LB node would end the
+    client's next sendrec through the LB with an error meant for the last one, and that
+    one's reply would then wait for a receive that expects something else."""
+    for end in ("server_down", "timeout"):
+        router, group, peers, clock = _router()
+        (act,) = _acts(_net(router, _req()))
+        node, ack, _ = _sent(router.send_failed(act[4], act[5], E.EDVSNOTCONN))
+        assert node == 3 and ack.c_rcode == E.EDVSNOTCONN
+        if end == "server_down":
+            peers.up_nodes.discard(1)
+            acts = _acts(group.server_down(1))
+        else:
+            clock[0] += group.session_timeout + 1
+            acts = _acts(group.tick())
+        assert not group.sessions, end
+        assert not [a for a in acts if a[0] == SEND], (end, acts)
+
+
 def test_server_down_ends_its_sessions_with_an_error_for_waiting_clients():
     router, group, peers, _ = _router()
     _net(router, _req())
@@ -229,6 +250,24 @@ def test_first_request_answered_service_missing_is_redispatched_once():
     assert not group.servers[1].services_down
 
 
+def test_a_client_addressing_an_unbound_endpoint_of_the_range_marks_no_service_down():
+    """One client's first requests to an endpoint of the service's range that no server
+    binds (11, the service's ext_ep being 10): each server answers EDVSNOTBIND for it, which
+    says nothing of the service.  The client gets the error; the service stays usable on
+    both servers for everybody else.  (Marking it down let one client take a service from
+    every client until the servers' next load reports, again each period.)"""
+    router, group, _, _ = _router()
+    node, _, _ = _sent(_net(router, _req(dst=11)))
+    ack = _req(cmd=C.CMD_SNDREC_ACK, src=11, dst=100, snode=node, dnode=5,
+               c_rcode=E.EDVSNOTBIND)
+    to, out, _ = _sent(_net(router, ack, peer=node))
+    assert to == 3 and out.c_rcode == E.EDVSNOTBIND
+    assert not any(s.services_down for s in group.servers.values())
+    assert group.counters["redispatched"] == 0
+    node, out, _ = _sent(_net(router, _req(src=51)))           # another client: served
+    assert node in (1, 2) and out.c_cmd == C.CMD_SNDREC_MSG
+
+
 def test_error_inside_an_established_session_reaches_the_client():
     router, group, _, _ = _router()
     _net(router, _req())
@@ -250,6 +289,37 @@ def test_prog_service_asks_the_server_and_parks_until_started():
     reply.load(control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=33, m1_p2=m.m1_p2))
     node, out, _ = _sent(group.on_control(1, reply))
     assert node == 1 and out.c_dst == 33
+
+
+def test_frames_parked_while_a_program_starts_are_bounded_and_refused_with_an_error():
+    """A client (or a peer posing as one) that floods a session while its program starts:
+    the frames parked for it stay within PARKED_MAX frames and PARKED_BYTES bytes; a request
+    beyond them gets EDVSAGAIN at once, other commands are dropped; what was parked goes to
+    the program once it started, in order."""
+    from dsp_proxy import group as groupmod
+    router, group, _, _ = _router()
+    acts = _acts(_net(router, _req(dst=30)))
+    (ctl,) = [a for a in acts if a[0] == CONTROL]
+    data = bytes(range(256)) * (C.MAXCOPYBUF // 256)
+    replies = []
+    for i in range(groupmod.PARKED_MAX + 40):
+        replies += _acts(_net(router, _req(cmd=C.CMD_COPYIN_DATA, dst=30, c_len=len(data),
+                                           v_bytes=len(data)), data))
+        replies += _acts(_net(router, _req(dst=30, c_tv_sec=i)))
+    sess = group.sessions[(0, 3, 50, 30)]
+    assert len(sess.parked) <= groupmod.PARKED_MAX
+    assert sum(120 + len(d) for _, d in sess.parked) <= groupmod.PARKED_BYTES
+    errors = [Header(bytearray(a[2])) for a in replies if a[0] == SEND]
+    assert errors and all(h.c_rcode == E.EDVSAGAIN and h.c_dnode == 3 for h in errors)
+    parked = list(sess.parked)
+    m = Message()
+    m.load(ctl[2])
+    reply = Message()
+    reply.load(control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=33, m1_p2=m.m1_p2))
+    sent = [a for a in _acts(group.on_control(1, reply)) if a[0] == SEND]
+    assert len(sent) == len(parked)
+    assert [Header(bytearray(a[2])).c_tv_sec for a in sent] == \
+        [Header(bytearray(h)).c_tv_sec for h, _ in parked]
 
 
 def test_relayed_endpoints_are_a_pool_per_dc_and_come_back():
