@@ -182,6 +182,9 @@ def test_dc_init_name_size(d):
     with raises_code(E.EDVSNAMESIZE):
         d._call("DC_INIT", raw)
     assert d.dc_init(DcInfo(dc_dcid=1, dc_name="FIFTEEN_CHARSDC")) == 1
+    # the size is in the struct's bytes, one per character: fifteen non-ASCII ones fit
+    assert d.dc_init(DcInfo(dc_dcid=2, dc_name="\xe9" * 15)) == 1
+    assert d.getdcinfo(2).dc_name == "\xe9" * 15
 
 
 # ================================================================================ nodes

@@ -24,6 +24,7 @@ import pytest
 from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi import errors as E  # noqa: N812
 from dvk_cffi.emu import protocol as P
+from dvk_cffi.emu import server as server_mod
 from dvk_cffi.emu.memory import ARENA_BASE
 from dvk_cffi.emu.node import wait_for_socket
 from dvk_cffi.emu.server import RBUF_LIMIT, READ_SIZE
@@ -526,3 +527,19 @@ def test_names_of_any_bytes_do_not_poison_the_info_calls(world):
     sinfo, _rinfo = d.getproxyinfo(2)
     assert sinfo.p_name.encode("latin-1") == "代理".encode()[:15]
     assert "px" in d.proc_text("proxies/info")
+
+
+def test_a_connection_that_never_says_hello_is_closed(world, monkeypatch):
+    """Connections that never speak would hold the node kernel's descriptors for good: one
+    that has said no HELLO within HELLO_TIMEOUT is closed; one that did is kept."""
+    monkeypatch.setattr(server_mod, "HELLO_TIMEOUT", 0.5)
+    node = world.inproc_node(1)
+    silent, talker = Raw(node.path), Raw(node.path)
+    world.cleanup.add(silent.close)
+    world.cleanup.add(talker.close)
+    talker.hello()
+    assert silent.sock.recv(1) == b""               # closed by the kernel, not by a timeout
+    time.sleep(1.5)                                 # the next look passed
+    assert talker.call("GETDVSINFO")[0] == 0
+    with node.kernel.lock:
+        assert len(node.server.conns) == 1

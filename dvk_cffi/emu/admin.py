@@ -78,7 +78,11 @@ class Admin:
                 and p.dc_nr_sysprocs < p.dc_nr_procs + p.dc_nr_tasks
                 and p.dc_nr_sysprocs > p.dc_nr_tasks):
             raise E.DvkError.for_code(E.EDVSBADRANGE)
-        if len(p.dc_name.encode()) >= C.MAXDCNAME:
+        try:    # a C string of the info struct: one byte per character
+            name_size = len(p.dc_name.encode("latin-1"))
+        except UnicodeEncodeError:
+            raise E.DvkError.for_code(E.EDVSBADVALUE) from None
+        if name_size >= C.MAXDCNAME:
             raise E.DvkError.for_code(E.EDVSNAMESIZE)
         for dc in self.dcs:
             if dc.running and (dc.info.dc_dcid == p.dc_dcid or dc.info.dc_name == p.dc_name):

@@ -37,6 +37,9 @@ from .kernel import NodeKernel, Task, TaskGone
 log = logging.getLogger("dvk.emu.server")
 
 REAP_INTERVAL = 1.0
+#: A connection that has not said HELLO this long after it was accepted is closed: a process
+#: that opens connections and never speaks would otherwise hold descriptors for good.
+HELLO_TIMEOUT = 10.0
 #: Bytes read per recvmsg, and ancillary space for the descriptors an ARENA request carries.
 READ_SIZE = 1 << 16
 MAX_FDS = 16
@@ -81,10 +84,11 @@ class _Conn:
     """One client connection: its buffers, its task and the call it has parked, if any."""
 
     __slots__ = ("sock", "rbuf", "wbuf", "fds", "task", "call", "shape", "op", "seq",
-                 "closed", "events")
+                 "closed", "events", "accepted")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.accepted = time.monotonic()
         self.rbuf = bytearray()
         self.wbuf = bytearray()
         self.fds: list[int] = []
@@ -164,6 +168,7 @@ class NodeServer:
                     if now >= next_reap:
                         next_reap = now + REAP_INTERVAL
                         self._guarded(k.reap)
+                        self._guarded(self._drop_silent, now)
                     if self.timers and self.timers[0][0] <= now:
                         self._guarded(self._expire, now)
                     if k.runnable:
@@ -236,6 +241,13 @@ class NodeServer:
             self.conns.add(conn)
             self.fdmap[sock.fileno()] = conn
             self.epoll.register(sock.fileno(), _IN)
+
+    def _drop_silent(self, now: float) -> None:
+        """Close the connections that have not said HELLO within HELLO_TIMEOUT."""
+        for conn in [c for c in self.conns
+                     if c.task is None and now - c.accepted > HELLO_TIMEOUT]:
+            log.warning("a connection said no HELLO within %.0f s: closed", HELLO_TIMEOUT)
+            self._drop(conn)
 
     def _pause_accept(self, exc: OSError) -> None:
         """Stop polling the listener for ACCEPT_PAUSE: accept fails while it stays readable,
