@@ -100,6 +100,8 @@ class ProxyContext:
     fd_interval_ms: int
     period: float
     fast: fastpath.FlowTable | None = None
+    #: True for (dcid, endpoint) when it is a configured service's ext_ep (the config in force)
+    service_ep: Callable[[int, int], bool] = lambda dcid, ep: False
 
 
 @dataclass
@@ -218,7 +220,12 @@ class Dsp:
             control=self.on_control, count_error=self.count_error,
             hello=self.hello_for, source_addr=self.bind_addr,
             user_timeout_ms=self.user_timeout_ms, fd_interval_ms=self.fd_interval_ms,
-            period=self.period, fast=self.fast)
+            period=self.period, fast=self.fast, service_ep=self._is_service_ep)
+
+    def _is_service_ep(self, dcid: int, ep: int) -> bool:
+        """A configured service's ext_ep in DC `dcid`: only its program (or, on a client node,
+        the binding to the LB node) may hold it, never a binding a peer's frame asks for."""
+        return any(svc.ext_ep == ep and svc.dcid in (-1, dcid) for svc in self.cfg.services)
 
     def _start_peer(self, spec: PeerSpec) -> Link:
         """The link to one peer and its RPROXY/SPROXY pair (at start-up, on a reload and when

@@ -314,9 +314,13 @@ class Deliverer:
     def _bind_remote(self, h: Header) -> bool:
         """Make c_src a REMOTE endpoint on c_snode before delivering a balanced (CHECK_HDR) or
         autobind frame.  Only for the node the link speaks for; never touches a LOCAL slot or
-        a binding this DSP made itself (a service endpoint bound to the LB node)."""
+        a binding this DSP made itself (a service endpoint bound to the LB node), and never
+        binds a configured service's ext_ep (a server's program, down for a moment, could not
+        bind it again)."""
         ctx, dcid, ep, node = self.ctx, h.c_dcid, h.c_src, h.c_snode
         if self.peer is not None and node != self.peer:
+            return False
+        if ctx.service_ep(dcid, ep):
             return False
         dvk = ctx.dvk
         try:

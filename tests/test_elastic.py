@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -316,3 +317,5 @@ def test_only_the_dsp_that_started_a_program_can_stop_it():
         assert (0, ep) not in runner.procs and proc.poll() is not None
     finally:
         runner.stop_all()
+        for ep in (30, 31):       # the programs' output files (ServiceRunner.start)
+            Path(tempfile.gettempdir(), f"svc_1_{ep}.out").unlink(missing_ok=True)

@@ -347,6 +347,42 @@ def test_one_request_to_an_unbound_endpoint_of_the_range_takes_no_service_down(t
                 p.wait()
 
 
+# --------------------------------------------------------------------------- ext_ep claimed
+def test_check_hdr_frame_cannot_claim_a_servers_free_service_endpoint(tmp_path):
+    """While a server's service program is down (crashed, restarting), a peer sends one
+    CHECK_HDR frame whose c_src is the service's ext_ep: the free slot must not become a
+    REMOTE endpoint of that peer, or the program cannot bind it again when it restarts and
+    the service is gone from that server for as long as the binding lasts (remote bindings
+    outlive the peer's link)."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        cl.kill_dsp(3, signal.SIGKILL)
+        fake = FakePeer(cl, 1, 3)
+        dvk = cl.dvk(1)
+        dvk.bind(0, 25)
+        server = None
+        try:
+            wait_for(fake.link_up, 10, "the fake peer's link up")
+            fake.send(request(3, 1, EXT_EP, 25, flags=C.FLAG_CHECK_HDR))
+            fake.send(request(3, 1, 40, 25, flags=C.FLAG_CHECK_HDR))  # read once this came
+            sources = []
+            while 40 not in sources and len(sources) < 2:
+                m = _receive(cl, 1, 25, 3000)
+                assert m is not None, f"the valid frame after never came: {sources}"
+                sources.append(m.m_source)
+            info = dvk.getprocinfo(0, EXT_EP)
+            assert info.p_rts_flags & C.SLOT_FREE, \
+                f"ext_ep {EXT_EP} on server 1: flags {info.p_rts_flags:#x} node {info.p_nodeid}"
+            server = cl.popen(1, module_argv("dvs_apps.latency", "server", 0, EXT_EP),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_bound(cl, 1, 0, EXT_EP)
+        finally:
+            fake.close()
+            if server is not None:
+                server.kill()
+                server.wait()
+            dvk.unbind(0, 25)
+
+
 # --------------------------------------------------------------------------- finding 5
 def _receive(cl, node: int, ep: int, timeout_ms: int):
     """Bind `ep` on `node` in this process and receive once: the message or None."""
