@@ -71,9 +71,12 @@ log = logging.getLogger("dsp")
 SHUTDOWN_GRACE = 1.5
 #: The main loop's periodic work runs this often (seconds).
 TICK = 0.5
-#: A peer whose threads died more than MAX_RESTARTS times in RESTART_WINDOW s is marked failed.
+#: A peer whose threads died more than MAX_RESTARTS times in RESTART_WINDOW s is marked failed,
+#: and its pair is started again with a fresh count after FAILED_RETRY s (a peer that can kill
+#: the pair's threads costs its link a minute, not the link for good).
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+FAILED_RETRY = 60.0
 #: How often the endpoint ranges of the DCs are read again from the DVK (seconds).
 DC_RECHECK = 5.0
 #: First delay before a dead pair is restarted (doubled per recent death, at most 5 s).
@@ -497,9 +500,10 @@ class Dsp:
         if len(pair.deaths) > MAX_RESTARTS:
             pair.failed = True
             log.error("link to node %d: its threads died %d times in %.0f s: marked failed, "
-                      "not restarted (reload the config or restart the DSP)", peer,
-                      len(pair.deaths), RESTART_WINDOW)
+                      "started again in %.0f s (or at a reload or restart of the DSP)", peer,
+                      len(pair.deaths), RESTART_WINDOW, FAILED_RETRY)
             self._remove_peer(peer, keep_pair=True)
+            pair.restart_at = now + FAILED_RETRY
             return
         delay = min(RESTART_BACKOFF * 2 ** (len(pair.deaths) - 1), 5.0)
         pair.restart_at = now + delay
@@ -524,6 +528,8 @@ class Dsp:
                 try:
                     self._start_peer(pair.spec)
                     self._join_dcs()    # unbinding the old pair took the node out of the DCs
+                    if pair.failed:
+                        pair.failed, pair.deaths = False, []
                     log.info("link to node %d: proxy pair restarted", peer)
                 except (E.DvkError, TimeoutError) as exc:
                     log.error("link to node %d: restart failed: %s", peer, exc)

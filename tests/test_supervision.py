@@ -173,3 +173,31 @@ def test_a_lost_dvk_ends_the_daemon_non_zero(node1):
     inproc.thread.join(5)
     assert not inproc.thread.is_alive() and time.monotonic() - t0 < 2.5
     assert inproc.status == 1
+
+
+def test_a_pair_marked_failed_is_started_again_after_a_while(node1, monkeypatch, caplog):
+    """Threads that die again and again mark their pair failed; that costs the link
+    FAILED_RETRY seconds, not the link for good: the pair is then started again with a fresh
+    count, and traffic flows once the fault is gone."""
+    from dsp_proxy import main as dsp_main
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    monkeypatch.setattr(dsp_main, "FAILED_RETRY", 2.0)
+    monkeypatch.setattr(dsp_main, "RESTART_BACKOFF", 0.05)
+    faults = {"left": dsp_main.MAX_RESTARTS + 1}
+    original = Counters.count
+
+    def count(*args, **kw):
+        if threading.current_thread().name == "RPROXY(2)" and faults["left"] > 0:
+            faults["left"] -= 1
+            raise RuntimeError("injected fault")
+        return original(*args, **kw)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(Counters, "count", count)
+    _wait(lambda: "marked failed" in caplog.text, 60, "the pair marked failed")
+    assert faults["left"] == 0
+    _wait(lambda: not inproc.dsp.pairs[2].failed, 20, "the failed pair started again")
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+    assert inproc.thread.is_alive()
