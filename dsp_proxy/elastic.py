@@ -41,6 +41,9 @@ log = logging.getLogger("dsp.elastic")
 COMMAND_TIMEOUT = 30.0
 BIND_WAIT = 5.0          # the dvs_lb contract: wait up to 5 s for the program's bind
 RETRY_AFTER = 10.0       # a failed VM command is tried again after this long
+#: Program starts in progress at once (one thread each); a start request beyond them is
+#: answered EDVSAGAIN at once, so a flood of start requests costs no thread per request.
+MAX_STARTING = 8
 
 # ------------------------------------------------------------------------------ commands
 @dataclass
@@ -310,15 +313,42 @@ class ServiceRunner:
         self.owners: dict[tuple[int, int], int] = {}
         self.warned: set[int] = set()    # peers whose foreign stop requests were logged
         self.reserved: set[tuple[int, int]] = set()
+        self.starting = 0                # start threads running (at most MAX_STARTING)
 
     def handle(self, peer: int, m: Message) -> None:
-        """A control frame from a client's DSP (runs the work on a thread of its own)."""
+        """A control frame from a client's DSP (a start runs on a thread of its own, at most
+        MAX_STARTING at once)."""
         if m.m_type == MT_SVC_START:
+            with self.lock:
+                busy = self.starting >= MAX_STARTING
+                if not busy:
+                    self.starting += 1
+            if busy:
+                log.debug("node %d asked for a program while %d starts run: EDVSAGAIN", peer,
+                          MAX_STARTING)
+                self._answer(peer, E.EDVSAGAIN, m.m1_p2)
+                return
             args = (peer, m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1, m.m1_p2)
             threading.Thread(target=self._start, args=args, name="svc-start",
                              daemon=True).start()
         elif m.m_type == MT_SVC_STOP:
             self.stop(m.m1_i1, m.m1_i2, peer)
+
+    def peer_gone(self, peer: int) -> None:
+        """The link to `peer` went down: its sessions ended with it, so the programs it asked
+        for serve nobody; they are stopped (their endpoints are free again), on a thread of
+        their own (a stop may wait for a program to end)."""
+        with self.lock:
+            eps = [key for key, owner in self.owners.items() if owner == peer]
+        if eps:
+            log.info("node %d is gone: stopping the %d program(s) it asked for", peer,
+                     len(eps))
+            threading.Thread(target=self._stop_each, args=(eps,), name="svc-stop",
+                             daemon=True).start()
+
+    def _stop_each(self, eps: list[tuple[int, int]]) -> None:
+        for dcid, ep in eps:
+            self.stop(dcid, ep)
 
     def _service(self, dcid: int, ext_ep: int):
         for svc in self.host.cfg.services:
@@ -329,7 +359,14 @@ class ServiceRunner:
 
     def _start(self, peer: int, dcid: int, clt_ep: int, clt_node: int, ext_ep: int,
                req: int) -> None:
-        result = self.start(dcid, ext_ep, clt_ep, clt_node, owner=peer)
+        try:
+            result = self.start(dcid, ext_ep, clt_ep, clt_node, owner=peer)
+        finally:
+            with self.lock:
+                self.starting -= 1
+        self._answer(peer, result, req)
+
+    def _answer(self, peer: int, result: int, req: int) -> None:
         body = control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=result, m1_p2=req,
                                m_source=self.host.local)
         self.host.send_control(peer, body)
@@ -390,9 +427,16 @@ class ServiceRunner:
             return False
 
     def _reserve(self, dcid: int, svc) -> int | None:
+        """A free endpoint of the service's range for a new program; a program that has
+        exited frees its endpoint here (nobody may have asked to stop it)."""
         with self.lock:
             for ep in range(svc.min_ep, svc.max_ep + 1):
-                if (dcid, ep) in self.reserved or (dcid, ep) in self.procs:
+                proc = self.procs.get((dcid, ep))
+                if proc is not None and proc.poll() is not None:
+                    del self.procs[(dcid, ep)]
+                    self.owners.pop((dcid, ep), None)
+                    proc = None
+                if (dcid, ep) in self.reserved or proc is not None:
                     continue
                 if not self._bound(dcid, ep):
                     self.reserved.add((dcid, ep))

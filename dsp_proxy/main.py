@@ -480,6 +480,7 @@ class Dsp:
     def handle_link_down(self, peer: int, reason: str) -> None:
         if self.group is not None and peer in self.group.servers:
             self.execute(self.group.server_down(peer))
+        self.services.peer_gone(peer)
 
     def handle_thread_died(self, name: str, peer: int | None, exc: BaseException) -> None:
         if _dvk_lost(exc):

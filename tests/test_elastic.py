@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,11 @@ import pytest
 
 from cluster_helpers import Background, cluster_from, wait_bound, wait_for
 from dsp_proxy.cluster import module_argv
+from dsp_proxy.elastic import MAX_STARTING, ServiceRunner
+from dsp_proxy.group import MT_SVC_START, MT_SVC_STOP, control_message
+from dvk_cffi import consts as C  # noqa: N812
+from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi.wire import Message
 
 HERE = Path(__file__).resolve().parent / "elastic"
 
@@ -274,48 +280,114 @@ def test_only_the_dsp_that_started_a_program_can_stop_it():
     """MT_SVC_STOP from another peer than the one whose MT_SVC_START started the program is
     ignored (logged): any announced peer could stop the programs serving other DSPs'
     sessions on a server, one control frame each."""
-    from types import SimpleNamespace
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        ep = p.start(3)
+        assert ep == 30
+        proc = p.runner.procs[(0, ep)]
+        p.runner.handle(2, p.message(MT_SVC_STOP, m1_i1=0, m1_i2=ep, m1_p1=30, m_source=2))
+        assert (0, ep) in p.runner.procs and proc.poll() is None
+        p.runner.handle(3, p.message(MT_SVC_STOP, m1_i1=0, m1_i2=ep, m1_p1=30, m_source=3))
+        assert (0, ep) not in p.runner.procs and proc.poll() is not None
 
-    from dsp_proxy.config import parse_text
-    from dsp_proxy.elastic import ServiceRunner
-    from dsp_proxy.group import MT_SVC_START, MT_SVC_STOP, control_message
-    from dvk_cffi import consts as C
-    from dvk_cffi import errors as E
-    from dvk_cffi.wire import Message
-    cfg = parse_text("lb l { nodeid 0; }; server s { nodeid 1; rname 127.0.0.1; }; "
-                     "service svc { ext_ep 30; min_ep 30; max_ep 31; bind local; "
-                     "prog \"/bin/sh -c 'sleep 30'\"; };")
-    replies: list = []
 
-    class Kernel:       # an endpoint is bound once its program runs
-        def getprocinfo(self, dcid, ep):
-            if (dcid, ep) not in runner.procs:
-                raise E.DvkError.for_code(E.EDVSNOTBIND)
-            return SimpleNamespace(p_rts_flags=0)
+def test_a_gone_peers_programs_are_stopped_and_an_ended_program_frees_its_endpoint():
+    """Nobody asks to stop a program whose client DSP went away, or one that ended by
+    itself: both kept their endpoint for good, and a service of a few endpoints ran out of
+    them.  The programs of a peer whose link went down are stopped; an ended program's
+    endpoint is taken again."""
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        assert p.start(3) == 30 and p.start(4) == 31
+        assert p.start(4) == E.EDVSAGAIN                  # the range (30-31) is taken
+        mine, theirs = p.runner.procs[(0, 30)], p.runner.procs[(0, 31)]
+        p.runner.peer_gone(4)
+        wait_for(lambda: (0, 31) not in p.runner.procs and theirs.poll() is not None, 10,
+                 "node 4's program stopped")
+        assert mine.poll() is None                         # node 3's program runs on
+        mine.kill()
+        mine.wait()
+        assert sorted([p.start(5), p.start(5)]) == [30, 31]
 
+
+def test_start_requests_beyond_the_running_starts_are_answered_at_once():
+    """Each start runs on a thread of its own while the program binds (up to 5 s): a flood
+    of start requests was a thread each.  Beyond MAX_STARTING starts at once the request is
+    answered EDVSAGAIN without a thread."""
+    with _Programs("/bin/sh -c 'sleep 30'", max_ep=30 + 2 * MAX_STARTING) as p:
+        p.bind_after = 1.0                                 # the programs bind late
+        threads = threading.active_count()
+        for i in range(MAX_STARTING + 3):
+            p.runner.handle(3, p.message(MT_SVC_START, m1_i1=0, m1_i2=50 + i, m1_i3=3,
+                                         m1_p1=30, m1_p2=i, m_source=3))
+        assert threading.active_count() <= threads + MAX_STARTING
+        wait_for(lambda: len(p.replies) == MAX_STARTING + 3, 20, "every start answered")
+        results = [p.answer(body) for _node, body in p.replies]
+        assert results.count(E.EDVSAGAIN) == 3
+        assert sorted(r for r in results if r >= 0) == list(range(30, 30 + MAX_STARTING))
+        assert p.runner.starting == 0
+
+
+class _Programs:
+    """A ServiceRunner of server node 1 for a `prog` service on endpoints 30..max_ep, with a
+    stand-in kernel in which a program's endpoint is bound once its process has run for
+    `bind_after` seconds, and the start answers collected."""
+
+    def __init__(self, prog: str, max_ep: int = 31) -> None:
+        from types import SimpleNamespace
+
+        from dsp_proxy.config import parse_text
+        self.max_ep = max_ep
+        cfg = parse_text("lb l { nodeid 0; }; server s { nodeid 1; rname 127.0.0.1; }; "
+                         f"service svc {{ ext_ep 30; min_ep 30; max_ep {max_ep}; "
+                         f"bind local; prog \"{prog}\"; }};")
+        self.replies: list = []
+        self.bind_after = 0.0
+        self.since: dict[int, float] = {}
+        programs = self
+
+        class Kernel:
+            def getprocinfo(self, dcid, ep):
+                proc = programs.runner.procs.get((dcid, ep))
+                if proc is None or proc.poll() is not None:
+                    raise E.DvkError.for_code(E.EDVSNOTBIND)
+                first = programs.since.setdefault(proc.pid, time.monotonic())
+                if time.monotonic() - first < programs.bind_after:
+                    raise E.DvkError.for_code(E.EDVSNOTBIND)
+                return SimpleNamespace(p_rts_flags=0)
+
+        host = SimpleNamespace(cfg=cfg, local=1, dvk=Kernel(),
+                               send_control=lambda node, body: self.replies.append((node, body)))
+        self.runner = ServiceRunner(host)
+
+    def __enter__(self) -> _Programs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            wait_for(lambda: self.runner.starting == 0, 20, "the starts ended")
+        finally:
+            self.runner.stop_all()
+            for ep in range(30, self.max_ep + 1):    # the programs' output files
+                Path(tempfile.gettempdir(), f"svc_1_{ep}.out").unlink(missing_ok=True)
+
+    @staticmethod
     def message(m_type: int, **fields: int) -> Message:
         m = Message()
         m.load(control_message(m_type, **fields))
         return m
 
-    host = SimpleNamespace(cfg=cfg, local=1, dvk=Kernel(),
-                           send_control=lambda node, body: replies.append((node, body)))
-    runner = ServiceRunner(host)
-    try:
-        runner.handle(3, message(MT_SVC_START, m1_i1=0, m1_i2=50, m1_i3=3, m1_p1=30,
-                                 m1_p2=7, m_source=3))
-        wait_for(lambda: replies, 10, "the start's answer")
-        node, body = replies[0]
-        answer = Message()
-        answer.load(body)
-        ep = answer.m1_i1
-        assert node == 3 and answer.m_type == MT_SVC_START | C.MT_ACKNOWLEDGE and ep == 30
-        proc = runner.procs[(0, ep)]
-        runner.handle(2, message(MT_SVC_STOP, m1_i1=0, m1_i2=ep, m1_p1=30, m_source=2))
-        assert (0, ep) in runner.procs and proc.poll() is None
-        runner.handle(3, message(MT_SVC_STOP, m1_i1=0, m1_i2=ep, m1_p1=30, m_source=3))
-        assert (0, ep) not in runner.procs and proc.poll() is not None
-    finally:
-        runner.stop_all()
-        for ep in (30, 31):       # the programs' output files (ServiceRunner.start)
-            Path(tempfile.gettempdir(), f"svc_1_{ep}.out").unlink(missing_ok=True)
+    @staticmethod
+    def answer(body: bytes) -> int:
+        m = Message()
+        m.load(body)
+        assert m.m_type == MT_SVC_START | C.MT_ACKNOWLEDGE
+        return m.m1_i1
+
+    def start(self, peer: int) -> int:
+        """A start request of `peer`, answered: the program's endpoint or the error."""
+        before = len(self.replies)
+        self.runner.handle(peer, self.message(MT_SVC_START, m1_i1=0, m1_i2=50, m1_i3=peer,
+                                              m1_p1=30, m1_p2=before, m_source=peer))
+        wait_for(lambda: len(self.replies) > before, 10, "the start's answer")
+        node, body = self.replies[before]
+        assert node == peer
+        return self.answer(body)
