@@ -159,11 +159,13 @@ def server_path(rounds: int) -> float:
     request path, in this process."""
     rundir = tempfile.mkdtemp(prefix="kcalls")
     k, boot = _node()
-    srv = NodeServer(k, os.path.join(rundir, "node.sock"))
     peers: list[socket.socket] = []
-    threads = _IdleThreads(3)         # a HELLO names a thread of the connecting process
-    sp_tid, rp_tid, srv_tid = threads.tids
+    srv = threads = None
     try:
+        srv = NodeServer(k, os.path.join(rundir, "node.sock"))
+        threads = _IdleThreads(3)     # a HELLO names a thread of the connecting process
+        sp_tid, rp_tid, srv_tid = threads.tids
+
         def conn(tid: int) -> tuple[socket.socket, _Conn]:
             mine, theirs = socket.socketpair()
             mine.settimeout(ANSWER_TIMEOUT)
@@ -221,8 +223,10 @@ def server_path(rounds: int) -> float:
     finally:
         for s in peers:
             s.close()
-        srv._close()
-        threads.stop()
+        if srv is not None:
+            srv._close()
+        if threads is not None:
+            threads.stop()
         shutil.rmtree(rundir, ignore_errors=True)
 
 

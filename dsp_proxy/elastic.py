@@ -314,6 +314,7 @@ class ServiceRunner:
         self.warned: set[int] = set()    # peers whose foreign stop requests were logged
         self.reserved: set[tuple[int, int]] = set()
         self.starting = 0                # start threads running (at most MAX_STARTING)
+        self.gone: dict[int, int] = {}   # peer -> how often its link went down
 
     def handle(self, peer: int, m: Message) -> None:
         """A control frame from a client's DSP (a start runs on a thread of its own, at most
@@ -323,32 +324,39 @@ class ServiceRunner:
                 busy = self.starting >= MAX_STARTING
                 if not busy:
                     self.starting += 1
-            if busy:
-                log.debug("node %d asked for a program while %d starts run: EDVSAGAIN", peer,
-                          MAX_STARTING)
-                self._answer(peer, E.EDVSAGAIN, m.m1_p2)
-                return
-            args = (peer, m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1, m.m1_p2)
-            threading.Thread(target=self._start, args=args, name="svc-start",
-                             daemon=True).start()
+                    gone = self.gone.get(peer, 0)
+            if not busy:
+                args = (peer, gone, m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1, m.m1_p2)
+                try:
+                    threading.Thread(target=self._start, args=args, name="svc-start",
+                                     daemon=True).start()
+                    return
+                except RuntimeError as exc:         # no thread to be had
+                    log.warning("cannot start a thread for a program start: %s", exc)
+                    with self.lock:
+                        self.starting -= 1
+            log.debug("node %d asked for a program while %d starts run: EDVSAGAIN", peer,
+                      MAX_STARTING)
+            self._answer(peer, E.EDVSAGAIN, m.m1_p2)
         elif m.m_type == MT_SVC_STOP:
             self.stop(m.m1_i1, m.m1_i2, peer)
 
     def peer_gone(self, peer: int) -> None:
         """The link to `peer` went down: its sessions ended with it, so the programs it asked
         for serve nobody; they are stopped (their endpoints are free again), on a thread of
-        their own (a stop may wait for a program to end)."""
+        their own (a stop may wait for a program to end).  A start it asked for that is still
+        running stops its program when it is done."""
         with self.lock:
-            eps = [key for key, owner in self.owners.items() if owner == peer]
-        if eps:
+            self.gone[peer] = self.gone.get(peer, 0) + 1
+            keys = [key for key, owner in self.owners.items() if owner == peer]
+            procs = [self.procs.pop(key) for key in keys if key in self.procs]
+            for key in keys:
+                del self.owners[key]
+        if procs:
             log.info("node %d is gone: stopping the %d program(s) it asked for", peer,
-                     len(eps))
-            threading.Thread(target=self._stop_each, args=(eps,), name="svc-stop",
+                     len(procs))
+            threading.Thread(target=_terminate_each, args=(procs,), name="svc-stop",
                              daemon=True).start()
-
-    def _stop_each(self, eps: list[tuple[int, int]]) -> None:
-        for dcid, ep in eps:
-            self.stop(dcid, ep)
 
     def _service(self, dcid: int, ext_ep: int):
         for svc in self.host.cfg.services:
@@ -357,13 +365,17 @@ class ServiceRunner:
                 return svc
         return None
 
-    def _start(self, peer: int, dcid: int, clt_ep: int, clt_node: int, ext_ep: int,
-               req: int) -> None:
+    def _start(self, peer: int, gone: int, dcid: int, clt_ep: int, clt_node: int,
+               ext_ep: int, req: int) -> None:
         try:
             result = self.start(dcid, ext_ep, clt_ep, clt_node, owner=peer)
         finally:
             with self.lock:
                 self.starting -= 1
+                peer_left = self.gone.get(peer, 0) != gone
+        if result >= 0 and peer_left:       # its session ended with the peer's link
+            log.info("node %d went away while its program started: stopped", peer)
+            self.stop(dcid, result)
         self._answer(peer, result, req)
 
     def _answer(self, peer: int, result: int, req: int) -> None:
@@ -470,8 +482,12 @@ class ServiceRunner:
         with self.lock:
             procs, self.procs = list(self.procs.values()), {}
             self.owners = {}
-        for proc in procs:
-            _terminate(proc)
+        _terminate_each(procs)
+
+
+def _terminate_each(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        _terminate(proc)
 
 
 def _terminate(proc: subprocess.Popen) -> None:

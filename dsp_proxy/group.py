@@ -41,6 +41,7 @@ import psutil
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import (
+    HEADER_SIZE,
     R_CMD,
     R_DNODE,
     R_DST,
@@ -82,6 +83,8 @@ START_PATIENCE = 8.0
 #: bounded memory.
 PARKED_MAX = 16
 PARKED_BYTES = 256 << 10
+#: Starts whose session ended before the answer, kept to stop a program started anyway.
+ABANDONED_MAX = 1024
 #: Error ACKs from a server's kernel that mean the server endpoint is gone: the session ends.
 SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSNOTBIND})
 #: Error ACKs to a session's first request that mark the service unavailable on that server
@@ -287,8 +290,8 @@ class Router:
             if acts is not None:
                 return acts
         acts = []
-        for off in range(0, n * 120, 120):
-            _add(acts, self.from_network(block[off:off + 120], f, b"", peer, autobind))
+        for off in range(0, n * HEADER_SIZE, HEADER_SIZE):
+            _add(acts, self.from_network(block[off:off + HEADER_SIZE], f, b"", peer, autobind))
         return acts
 
     def from_local(self, hbuf, payload):
@@ -340,6 +343,8 @@ class Group:
         self.meter = LoadMeter(self.lb.lowwater, self.lb.highwater, node_pids)
         self.local_services = 0      # bitmap of the configured services bound on this node
         self.starting: dict[int, Session] = {}
+        #: request id -> (server node, dcid, ext_ep) of starts whose session ended first
+        self.abandoned: dict[int, tuple[int, int, int]] = {}
         self._req_id = 0
         self.counters = {"sessions_started": 0, "sessions_ended": 0, "errors": 0,
                          "no_server": 0, "no_service": 0, "table_full": 0,
@@ -450,7 +455,7 @@ class Group:
         if sess.relayed:
             set_run_snode(out, n, self.local)
             swap_endpoint_run(out, n, cmd, src, sess.lbsvr_ep, False)
-        self._count(sess, n, 120 * n)
+        self._count(sess, n, HEADER_SIZE * n)
         return (SEND, sess.svr_node, out, None, block if cmd in C.REQUEST_CMDS else None,
                 sess.relayed)
 
@@ -488,7 +493,7 @@ class Group:
                 sess.first = (bytes(hbuf), data)
             sess.last_used = self.clock()
             if sess.starting and (len(sess.parked) >= PARKED_MAX
-                                  or sess.parked_bytes + 120 + length > PARKED_BYTES):
+                                  or sess.parked_bytes + HEADER_SIZE + length > PARKED_BYTES):
                 self.counters["refused"] += 1
                 log.debug("session of client %d@%d: %d frames wait for its program, "
                           "command %#x refused", src, snode, len(sess.parked), cmd)
@@ -500,7 +505,7 @@ class Group:
                 sess.pending = cmd
             if sess.starting:
                 sess.parked.append((bytes(hbuf), bytes(payload[:length]) if length else b""))
-                sess.parked_bytes += 120 + length
+                sess.parked_bytes += HEADER_SIZE + length
                 if len(sess.parked) == 1 and not sess.started_at:
                     sess.started_at = self.clock()
                     acts.append(self._ask_start(sess))
@@ -528,7 +533,7 @@ class Group:
         swap_endpoint(out, cmd, dst, target, True)
         if relayed:
             swap_endpoint(out, cmd, src, sess.lbsvr_ep, False)
-        self._count(sess, 1, 120 + length)
+        self._count(sess, 1, HEADER_SIZE + length)
         data = (bytes(payload[:length]) if copy else payload[:length]) if length else None
         return (SEND, sess.svr_node, out, data, hbuf if cmd in C.REQUEST_CMDS else None,
                 sess.relayed)
@@ -756,7 +761,10 @@ class Group:
         for key in sess.reverse_keys():
             if self.by_reverse.get(key) is sess:
                 del self.by_reverse[key]
-        self.starting.pop(sess.starting, None)
+        if self.starting.pop(sess.starting, None) is sess:    # its answer may still come
+            self.abandoned[sess.starting] = (sess.svr_node, sess.dcid, sess.service.ext_ep)
+            if len(self.abandoned) > ABANDONED_MAX:
+                del self.abandoned[next(iter(self.abandoned))]
         if sess.prog_ep >= 0:  # the program started for this session stops with it
             stop = control_message(MT_SVC_STOP, m1_i1=sess.dcid, m1_i2=sess.prog_ep,
                                    m1_p1=sess.service.ext_ep, m_source=self.local)
@@ -911,9 +919,17 @@ class Group:
         """The server's answer: forward the parked frames to the program, or fail them."""
         acts: list = []
         with self.lock:
-            sess = self.starting.pop(req, None)
-            if sess is None or sess.svr_node != node:
+            sess = self.starting.get(req)
+            if sess is None or sess.svr_node != node:    # not a start this node was asked for
+                gone = self.abandoned.get(req)
+                if gone is not None and gone[0] == node:
+                    del self.abandoned[req]
+                    if result >= 0:         # a program for a session that ended: stop it
+                        acts.append((CONTROL, node, control_message(
+                            MT_SVC_STOP, m1_i1=gone[1], m1_i2=result, m1_p1=gone[2],
+                            m_source=self.local)))
                 return acts
+            del self.starting[req]
             sess.starting = 0
             if result < 0:
                 log.warning("service %s: node %d could not start a program: %s",

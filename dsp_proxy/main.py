@@ -9,7 +9,8 @@ services name and binds the services' endpoints on client nodes (docs/design.md)
 After start-up the main thread runs one loop (docs/design.md, "Supervision"): signal handlers
 only post an event; thread deaths, link downs and signals are events the loop dispatches to
 `handle_<event>`, and every TICK it runs the periodic work.  A dead proxy thread is logged with
-its traceback and its peer's pair is restarted with backoff (given up after repeated deaths); a
+its traceback and its peer's pair is restarted with backoff (after repeated deaths it rests a
+minute, FAILED_RETRY); a
 lost DVK or a dead LB pair makes the daemon exit non-zero, so init or systemd restarts it.
 """
 

@@ -288,10 +288,10 @@ class Deliverer:
         q = self.parked.get(key)
         if q is None:
             q = self.parked[key] = collections.deque()
-        q.append((time.monotonic() + ENQUEUED_PATIENCE, Header(bytearray(h.buf)),
-                  bytes(data[:length]) if length else b""))
+        stored = bytes(data[:length]) if length else b""
+        q.append((time.monotonic() + ENQUEUED_PATIENCE, Header(bytearray(h.buf)), stored))
         self.nparked += 1
-        self.parked_bytes += length
+        self.parked_bytes += len(stored)     # what retry_parked takes off again
         return E.EDVSENQUEUED
 
     def retry_parked(self) -> None:
@@ -320,8 +320,8 @@ class Deliverer:
         ctx, dcid, ep, node = self.ctx, h.c_dcid, h.c_src, h.c_snode
         if self.peer is not None and node != self.peer:
             return False
-        if ctx.service_ep(dcid, ep):
-            return False
+        if node != ctx.lb_node and ctx.service_ep(dcid, ep):
+            return False        # (the LB node's own service bindings are this DSP's to repair)
         dvk = ctx.dvk
         try:
             info = dvk.getprocinfo(dcid, ep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -308,6 +309,36 @@ def test_a_gone_peers_programs_are_stopped_and_an_ended_program_frees_its_endpoi
         assert sorted([p.start(5), p.start(5)]) == [30, 31]
 
 
+def test_a_program_whose_peer_went_away_while_it_started_is_stopped():
+    """The link to the asking DSP went down while its program was starting (up to 5 s for
+    the bind): the program serves nobody and is stopped once it is up."""
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        p.bind_after = 1.0
+        p.runner.handle(3, p.message(MT_SVC_START, m1_i1=0, m1_i2=50, m1_i3=3, m1_p1=30,
+                                     m1_p2=1, m_source=3))
+        wait_for(lambda: (0, 30) in p.runner.procs, 10, "the program running")
+        proc = p.runner.procs[(0, 30)]
+        p.runner.peer_gone(3)
+        wait_for(lambda: p.replies, 10, "the start's answer")   # (an error, or 30 stopped)
+        wait_for(lambda: proc.poll() is not None, 10, "the program stopped")
+        assert not p.runner.procs and not p.runner.owners and not p.runner.reserved
+
+
+def test_a_program_asked_for_just_before_its_peer_went_away_is_stopped_once_up():
+    """The peer's link went down before its start had run the program: once the program is
+    bound, it is stopped (nobody would ever ask)."""
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        p.bind_after = 0.5
+        p.runner.handle(3, p.message(MT_SVC_START, m1_i1=0, m1_i2=50, m1_i3=3, m1_p1=30,
+                                     m1_p2=1, m_source=3))
+        p.runner.peer_gone(3)
+        wait_for(lambda: p.replies, 10, "the start's answer")
+        assert not p.runner.procs and not p.runner.owners
+        for pid in p.since:                              # every program that ran has ended
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
 def test_start_requests_beyond_the_running_starts_are_answered_at_once():
     """Each start runs on a thread of its own while the program binds (up to 5 s): a flood
     of start requests was a thread each.  Beyond MAX_STARTING starts at once the request is
@@ -357,6 +388,9 @@ class _Programs:
         host = SimpleNamespace(cfg=cfg, local=1, dvk=Kernel(),
                                send_control=lambda node, body: self.replies.append((node, body)))
         self.runner = ServiceRunner(host)
+        # the programs' output files ($TMPDIR/svc_1_<ep>.out) in a directory of this test's
+        self.outdir = tempfile.mkdtemp(prefix="svc-out")
+        self.tempdir, tempfile.tempdir = tempfile.tempdir, self.outdir
 
     def __enter__(self) -> _Programs:
         return self
@@ -366,8 +400,8 @@ class _Programs:
             wait_for(lambda: self.runner.starting == 0, 20, "the starts ended")
         finally:
             self.runner.stop_all()
-            for ep in range(30, self.max_ep + 1):    # the programs' output files
-                Path(tempfile.gettempdir(), f"svc_1_{ep}.out").unlink(missing_ok=True)
+            tempfile.tempdir = self.tempdir
+            shutil.rmtree(self.outdir, ignore_errors=True)
 
     @staticmethod
     def message(m_type: int, **fields: int) -> Message:

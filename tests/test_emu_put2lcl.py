@@ -362,7 +362,7 @@ def test_copyout_data_into_a_bad_payload_buffer_is_an_error_ack(k):
 
 @pytest.fixture
 def big(k):
-    """A second, 8 MiB arena of this process (sparse, sealed), for copies past d_max_copylen."""
+    """A second, 8 MiB arena of this process (sparse, sealed), for copies past the limit."""
     size = 8 << 20
     fd = os.memfd_create("big-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
@@ -375,10 +375,12 @@ def big(k):
 
 def test_copy_commands_longer_than_the_copy_limit_are_refused(k, big):
     """A COPYLCL_RQST or COPYOUT_DATA names its length in v_bytes, which a peer sets at will;
-    no chunk of a vcopy is longer than d_max_copylen (1 MiB), and one that says so made the
-    node kernel read and copy that many bytes at once (up to 2 GiB from large enough arenas).
-    EDVS2BIG, ACKed to the remote requester like the other copy errors."""
-    n = k.kern.dvs.d_max_copylen + 1
+    no chunk a proxy carries is longer than the pair's px_maxbytes (64 KiB here; COPYOUT_DATA
+    is read from the receiver's payload buffer of that size), and one that says so made the
+    node kernel read and copy that many bytes at once (up to 2 GiB from large enough arenas;
+    past the payload buffer, other memory of the receiver's process).  EDVS2BIG, ACKed to the
+    remote requester like the other copy errors."""
+    n = k.kern.proxies[2].info.px_maxbytes + 1
     assert put(k, c_cmd=C.CMD_COPYLCL_RQST, v_src=LSYS, v_dst=LSYS2, v_rqtr=RSYS,
                v_saddr=big, v_daddr=big + n, v_bytes=n) == 0
     h = taken(k)

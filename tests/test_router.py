@@ -11,6 +11,7 @@ from dsp_proxy.group import (
     LOCAL,
     MT_LOAD_REPORT,
     MT_SVC_START,
+    MT_SVC_STOP,
     NO_SERVER,
     SEND,
     Group,
@@ -289,6 +290,27 @@ def test_prog_service_asks_the_server_and_parks_until_started():
     reply.load(control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=33, m1_p2=m.m1_p2))
     node, out, _ = _sent(group.on_control(1, reply))
     assert node == 1 and out.c_dst == 33
+
+
+def test_a_program_started_for_a_session_that_ended_meanwhile_is_stopped():
+    """The session ended (here its server went down and came back) before the server's DSP
+    answered its start: a program it started anyway serves nobody, and nobody else would
+    stop it.  The answer of another node for that start changes nothing."""
+    router, group, _, _ = _router()
+    (ctl,) = [a for a in _acts(_net(router, _req(dst=30))) if a[0] == CONTROL]
+    m = Message()
+    m.load(ctl[2])
+    reply = Message()
+    reply.load(control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=33, m1_p2=m.m1_p2))
+    assert not _acts(group.on_control(2, reply))        # not the node it asked
+    assert group.starting                                 # its start still waits
+    group.server_down(1)
+    assert not group.sessions
+    (stop,) = [a for a in _acts(group.on_control(1, reply)) if a[0] == CONTROL]
+    s = Message()
+    s.load(stop[2])
+    assert stop[1] == 1 and s.m_type == MT_SVC_STOP and (s.m1_i1, s.m1_i2, s.m1_p1) == (0, 33, 30)
+    assert not group.abandoned and not _acts(group.on_control(1, reply))   # once
 
 
 def test_frames_parked_while_a_program_starts_are_bounded_and_refused_with_an_error():

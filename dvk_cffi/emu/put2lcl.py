@@ -185,8 +185,8 @@ class Put2lcl:
             if not rqtr.rts & C.ONCOPY:
                 raise E.DvkError.for_code(E.EDVSPROCSTS)
             rc = h.c_rcode
-            if rc == 0 and h.v_bytes > self.dvs.d_max_copylen:
-                rc = E.EDVS2BIG                 # longer than any chunk of a vcopy
+            if rc == 0 and h.v_bytes > self.proxies[task.proxy.nr].info.px_maxbytes:
+                rc = E.EDVS2BIG                 # longer than any chunk a proxy carries
             if rc == 0:
                 try:
                     data = task.space.read(payload_addr, h.v_bytes)
@@ -207,8 +207,8 @@ class Put2lcl:
             if src is None or dst is None:  # no slot: nothing to ACK, the proxy answers
                 raise E.DvkError.for_code(E.EDVSRANGE)
             rc = 0
-            if h.v_bytes > self.dvs.d_max_copylen:
-                rc = E.EDVS2BIG                 # longer than any chunk of a vcopy
+            if h.v_bytes > self.proxies[task.proxy.nr].info.px_maxbytes:
+                rc = E.EDVS2BIG                 # longer than any chunk a proxy carries
             else:
                 try:
                     self._space(dst).write(h.v_daddr,
