@@ -60,6 +60,7 @@ from .misc import (
     is_local_address,
     name_os_thread,
     reopen_logs,
+    report_suppressed_logs,
     resolve,
     set_log_node,
     setup_logging,
@@ -517,7 +518,8 @@ class Dsp:
 
     def tick(self) -> None:
         """Every TICK: liveness of the DVK, pair restarts, half-open links, the status file,
-        load, sessions, the autoscaler."""
+        load, sessions, the autoscaler, the count of log lines over their limit."""
+        report_suppressed_logs()
         try:
             self.dvk.getdvsinfo()
         except (E.DvkError, OSError) as exc:

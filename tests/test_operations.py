@@ -7,6 +7,7 @@ addresses; the init script runs in a temporary DVS_ROOT, never against /etc.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -421,3 +423,51 @@ def test_init_script_has_the_lsb_header():
     subprocess.run(["/bin/sh", "-n", INIT], check=True)
     unit = Path(REPO_ROOT, "init.d", "dsp_proxy.service").read_text()
     assert "--check" in unit and "kill -HUP $MAINPID" in unit and "Restart=on-failure" in unit
+
+
+def test_log_lines_of_one_kind_over_their_limit_are_counted_not_written(caplog):
+    """A line per event at a rate an outsider sets (every refused frame or connection of a
+    peer) must not fill the log: LOG_BURST lines of a kind per window are written, the rest
+    are counted and reported once the window is over; other kinds are not held back."""
+    from dsp_proxy import misc
+
+    limit = misc.RepeatLimit(burst=3, window=0.3, kinds=4)
+    flood = logging.getLogger("dsp.test-flood")
+    written: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            written.append(record.getMessage())
+
+    keep = Keep()
+    keep.addFilter(limit)
+    flood.addHandler(keep)
+    flood.propagate = False
+    try:
+        for i in range(100):
+            flood.warning("bad frame from node %d: %s", 3, i)
+        flood.warning("another kind of line")
+        assert written == ["bad frame from node 3: 0", "bad frame from node 3: 1",
+                           "bad frame from node 3: 2", "another kind of line"]
+        assert limit.report() == []                      # the window is not over yet
+        time.sleep(0.35)
+        assert limit.report() == [(("dsp.test-flood", logging.WARNING,
+                                    "bad frame from node %d: %s"), 97)]
+        flood.warning("bad frame from node %d: %s", 3, "again")
+        assert written[-1] == "bad frame from node 3: again"   # a new window
+        for i in range(10):                                # more kinds than it tracks
+            flood.error(f"line {i}")
+        assert len([w for w in written if w.startswith("line")]) == 3 + 3  # 3 kinds + shared
+        # the module's own limit reports through the daemon's log
+        monkey = misc.RepeatLimit(burst=1, window=0.0)
+        monkey.seen[("dsp.x", logging.INFO, "m")] = [0.0, 1, 5]
+        saved, misc._repeat_limit = misc._repeat_limit, monkey
+        try:
+            with caplog.at_level(logging.INFO, logger="dsp"):
+                misc.report_suppressed_logs()
+        finally:
+            misc._repeat_limit = saved
+        assert "5 more lines like this were not logged" in caplog.text
+    finally:
+        flood.removeHandler(keep)
+        flood.propagate = True
