@@ -360,7 +360,7 @@ class ServiceRunner:
 
     def _service(self, dcid: int, ext_ep: int):
         for svc in self.host.cfg.services:
-            if svc.ext_ep == ext_ep and svc.dcid in (-1, dcid) and svc.prog \
+            if svc.ext_ep == ext_ep and svc.in_dc(dcid) and svc.prog \
                     and svc.bind != "external":
                 return svc
         return None

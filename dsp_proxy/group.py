@@ -236,16 +236,6 @@ class LoadMeter:
         return max(0, min(100, int(100 * used / (now - last[0]))))
 
 
-def find_service(cfg, dcid: int, ep: int):
-    """The service a client addressing (dcid, ep) at the LB node means (None: no service)."""
-    for svc in cfg.services:
-        if svc.dcid not in (-1, dcid):
-            continue
-        if ep == svc.ext_ep or svc.min_ep <= ep <= svc.max_ep:
-            return svc
-    return None
-
-
 def _add(acts, act):
     """Collect `act` (None, a tuple or a list) into the list `acts`."""
     if act is None:
@@ -362,7 +352,7 @@ class Group:
         if svc is None:
             if len(cache) > SERVICE_CACHE_MAX:
                 cache.clear()
-            svc = cache[(dcid, ep)] = find_service(self.cfg, dcid, ep) or _NO_SERVICE
+            svc = cache[(dcid, ep)] = self.cfg.find_service(dcid, ep) or _NO_SERVICE
         return None if svc is _NO_SERVICE else svc
 
     def lb_eps_pool(self, dcid: int) -> list[int]:

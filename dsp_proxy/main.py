@@ -230,7 +230,7 @@ class Dsp:
     def _is_service_ep(self, dcid: int, ep: int) -> bool:
         """A configured service's ext_ep in DC `dcid`: only its program (or, on a client node,
         the binding to the LB node) may hold it, never a binding a peer's frame asks for."""
-        return any(svc.ext_ep == ep and svc.dcid in (-1, dcid) for svc in self.cfg.services)
+        return any(svc.ext_ep == ep and svc.in_dc(dcid) for svc in self.cfg.services)
 
     def _start_peer(self, spec: PeerSpec) -> Link:
         """The link to one peer and its RPROXY/SPROXY pair (at start-up, on a reload and when
