@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from dsp_proxy import cpu_latency
 from dsp_proxy.cluster import Cluster, module_argv
 from dvs_apps.latency import loop_times, throughput
 
@@ -194,24 +195,28 @@ def concurrent_clients(cluster: Cluster, node: int, svr_ep: int, count: int,
 
 
 def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
-                with_clients: bool = False) -> dict:
+                with_clients: bool = False, dsp_args: tuple[str, ...] = (),
+                latency_only: bool = False) -> dict:
+    """One cluster of part 4: the latency of the three paths with each process's CPU, and
+    (unless `latency_only`) m3ftp on them and, `with_clients`, the concurrent clients."""
     d = tmp / label
     d.mkdir()
     cfg = d / "e2e.cfg"
     cfg.write_text(E2E_CONFIG.format(net=_net(offset), opts=opts))
-    size = args.e2e_mib << 20
-    files = {"text": d / "text.src", "random": d / "random.src"}
+    size = 0 if latency_only else args.e2e_mib << 20
+    files = {} if latency_only else {"text": d / "text.src", "random": d / "random.src"}
     line = b"compressible line of text for the m3ftp benchmark, 0123456789\n"
-    with open(files["text"], "wb") as f:
-        for _ in range(size // (1 << 20)):
-            f.write((line * ((1 << 20) // len(line) + 1))[:1 << 20])
-    with open(files["random"], "wb") as f:
-        for _ in range(size // (1 << 20)):
-            f.write(os.urandom(1 << 20))
+    if files:
+        with open(files["text"], "wb") as f:
+            for _ in range(size // (1 << 20)):
+                f.write((line * ((1 << 20) // len(line) + 1))[:1 << 20])
+        with open(files["random"], "wb") as f:
+            for _ in range(size // (1 << 20)):
+                f.write(os.urandom(1 << 20))
     srvdir = d / "srv"
     srvdir.mkdir()
     out: dict = {"latency": {}, "ftp": {}, "size_mib": size >> 20}
-    with Cluster(cfg, rundir=str(d), log_level="WARNING") as cl:
+    with Cluster(cfg, rundir=str(d), log_level="WARNING", dsp_args=dsp_args) as cl:
         progs = Programs(cl)
         try:
             servers = {f"latency server, ep {ep}": progs.start(SRV, "dvs_apps.latency", "server",
@@ -239,6 +244,8 @@ def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
                     time.sleep(SETTLE)  # the client's exit is part of its run
                     r["cpu"] = meter.per_round_trip(before, meter.sample(), args.e2e_loops)
                     out["latency"].setdefault(name, []).append(r)
+            if latency_only:
+                return out
             if with_clients and args.clients:
                 out["clients"] = concurrent_clients(cl, CLT, 10, args.clients,
                                                     args.client_loops)
@@ -283,7 +290,28 @@ def e2e_benchmarks(args, tmp: Path) -> dict:
         res["compress NO"]["floor"] = [chain_floor.run(FLOOR_LOOPS) for _run in range(args.runs)]
     except (RuntimeError, OSError) as exc:
         res["compress NO"]["floor_error"] = str(exc)
+    res["compress NO"]["cpu_latency_0"] = latency_mode(args, tmp)
     return res
+
+
+def latency_mode(args, tmp: Path) -> dict:
+    """The latency of the three paths again with every DSP started with `--cpu-latency 0`
+    (idle CPUs poll instead of halting, docs/operations.md), and the floor with the same
+    request held by this process: how much of a round trip is waking idle CPUs.  Reported
+    beside the targets, which are measured on the machine as it is."""
+    if not os.access(cpu_latency.DEVICE, os.W_OK):
+        return {"skipped": f"{cpu_latency.DEVICE} is missing or not writable"}
+    print("   the three paths and the floor again with --cpu-latency 0 ...", flush=True)
+    out = e2e_cluster(tmp, "cpu_latency_0", "", 12, args, dsp_args=("--cpu-latency", "0"),
+                      latency_only=True)
+    req = cpu_latency.CpuLatencyRequest(0)
+    try:
+        out["floor"] = [chain_floor.run(FLOOR_LOOPS) for _run in range(args.runs)]
+    except (RuntimeError, OSError) as exc:
+        out["floor_error"] = str(exc)
+    finally:
+        req.close()
+    return out
 
 
 def _med(xs: list[dict], key: str) -> float:
@@ -300,6 +328,7 @@ def print_e2e(res: dict) -> str:
             p50 = _med(runs, "p50_us")
             lines.append(f"| {name} | {label} | {p50:,.0f} | {_med(runs, 'msgs_per_s'):,.0f} | "
                          f"{p50 / direct:.2f}x |")
+    lines += ["", *latency_mode_lines(res.get("compress NO", {}))]
     size = next(iter(res.values()))["size_mib"]
     lines += ["", f"| m3ftp {size} MiB: path, file | compression | PUT MB/s | GET MB/s | "
               "PUT vs direct |", "|---|---|---|---|---|"]
@@ -337,6 +366,26 @@ def print_e2e(res: dict) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def latency_mode_lines(r: dict) -> list[str]:
+    """Part 4's latency with `--cpu-latency 0` beside the default run's (compress NO)."""
+    mode = r.get("cpu_latency_0")
+    if not mode:
+        return []
+    if "skipped" in mode:
+        return [f"with --cpu-latency 0: not measured ({mode['skipped']})"]
+    lines = ["| path, compress NO | p50 µs as the machine is | p50 µs with --cpu-latency 0 |",
+             "|---|---|---|"]
+    for name, runs in mode["latency"].items():
+        lines.append(f"| {name} | {_med(r['latency'][name], 'p50_us'):,.0f} | "
+                     f"{_med(runs, 'p50_us'):,.0f} |")
+    if mode.get("floor") and r.get("floor"):
+        lines.append(f"| floor of the relayed round trip | {_med(r['floor'], 'p50_us'):,.0f} | "
+                     f"{_med(mode['floor'], 'p50_us'):,.0f} |")
+    elif mode.get("floor_error"):
+        lines.append(f"floor with --cpu-latency 0: FAILED: {mode['floor_error']}")
+    return lines
 
 
 def cpu_table(label: str, lat: dict) -> list[str]:

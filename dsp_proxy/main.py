@@ -35,7 +35,7 @@ from dvk_cffi.api import Dvk
 from dvk_cffi.emu.client import DvkUnavailable
 from dvk_cffi.wire import Header, Message, hello_header
 
-from . import __version__, addresses, daemon, fastpath, topology
+from . import __version__, addresses, cpu_latency, daemon, fastpath, topology
 from . import config as cfgmod
 from . import stats as statsmod
 from .acceptor import Acceptor
@@ -944,6 +944,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "defaults to 127.0.0.1, port 0 picks a free one; off by default")
     p.add_argument("--pidfile", default=None,
                    help="write the daemon's pid to this file (removed at exit)")
+    p.add_argument("--cpu-latency", default=None, metavar="USEC", type=cpu_latency.usec_option,
+                   help="while running, ask Linux to keep every CPU out of idle states that "
+                        "take longer than USEC microseconds to leave (/dev/cpu_dma_latency; "
+                        "0 = idle CPUs poll): cheaper wake-ups for more power; off by default")
     return p.parse_args(argv)
 
 
@@ -1027,6 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, lambda signum, _frame: dsp.post(("signal", signum)))
     server = None
+    latency = cpu_latency.hold(args.cpu_latency)
     try:
         if stats_addr is not None:
             server = statsmod.serve(dsp, *stats_addr)
@@ -1036,6 +1041,8 @@ def main(argv: list[str] | None = None) -> int:
         dsp.shutdown()
         if server is not None:
             server.shutdown()
+        if latency is not None:
+            latency.close()
         return 1
     if args.pidfile:
         write_pidfile(args.pidfile)
@@ -1048,6 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.shutdown()
             server.server_close()
+        if latency is not None:
+            latency.close()
         if args.pidfile:
             remove_pidfile(args.pidfile)
     return status
