@@ -385,6 +385,8 @@ def latency_mode_lines(r: dict) -> list[str]:
                      f"{_med(mode['floor'], 'p50_us'):,.0f} |")
     elif mode.get("floor_error"):
         lines.append(f"floor with --cpu-latency 0: FAILED: {mode['floor_error']}")
+    if all(x.get("cpu") for runs in mode["latency"].values() for x in runs):
+        lines += ["", *cpu_table("compress NO, --cpu-latency 0", mode["latency"])]
     return lines
 
 
