@@ -302,8 +302,11 @@ def latency_mode(args, tmp: Path) -> dict:
     if not os.access(cpu_latency.DEVICE, os.W_OK):
         return {"skipped": f"{cpu_latency.DEVICE} is missing or not writable"}
     print("   the three paths and the floor again with --cpu-latency 0 ...", flush=True)
-    out = e2e_cluster(tmp, "cpu_latency_0", "", 12, args, dsp_args=("--cpu-latency", "0"),
-                      latency_only=True)
+    try:      # beside the targets: its failure is reported, the other figures are kept
+        out = e2e_cluster(tmp, "cpu_latency_0", "", 12, args,
+                          dsp_args=("--cpu-latency", "0"), latency_only=True)
+    except (RuntimeError, OSError) as exc:
+        return {"error": str(exc)}
     req = cpu_latency.CpuLatencyRequest(0)
     try:
         out["floor"] = [chain_floor.run(FLOOR_LOOPS) for _run in range(args.runs)]
@@ -375,6 +378,8 @@ def latency_mode_lines(r: dict) -> list[str]:
         return []
     if "skipped" in mode:
         return [f"with --cpu-latency 0: not measured ({mode['skipped']})"]
+    if "error" in mode:
+        return [f"with --cpu-latency 0: FAILED: {mode['error']}"]
     lines = ["| path, compress NO | p50 µs as the machine is | p50 µs with --cpu-latency 0 |",
              "|---|---|---|"]
     for name, runs in mode["latency"].items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_request_writes_the_bound_and_ends_on_close(tmp_path):
     dev = tmp_path / "qos"
     dev.write_bytes(b"")
     req = cpu_latency.CpuLatencyRequest(25, device=str(dev))
-    assert req.held and dev.read_bytes() == (25).to_bytes(4, "little", signed=True)
+    assert req.held and dev.read_bytes() == (25).to_bytes(4, sys.byteorder, signed=True)
     req.close()
     req.close()
     assert not req.held
@@ -97,3 +98,8 @@ def test_bench_reports_the_latency_mode_beside_the_target():
     assert "| floor of the relayed round trip | 280 | 180 |" in lines
     skipped = latency_mode_lines({**r, "cpu_latency_0": {"skipped": "no device"}})
     assert skipped == ["with --cpu-latency 0: not measured (no device)"]
+    failed = latency_mode_lines({**r, "cpu_latency_0": {"error": "a DSP did not start"}})
+    assert failed == ["with --cpu-latency 0: FAILED: a DSP did not start"]
+    row = next(x for x in evaluate({"e2e": {"compress NO": {**r, "cpu_latency_0": {}}}})
+               if x.target == "end to end relayed latency p50")
+    assert row.measured == "0.80 ms (its floor 0.28 ms)"
