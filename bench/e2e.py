@@ -307,13 +307,11 @@ def latency_mode(args, tmp: Path) -> dict:
                           dsp_args=("--cpu-latency", "0"), latency_only=True)
     except (RuntimeError, OSError) as exc:
         return {"error": str(exc)}
-    req = cpu_latency.CpuLatencyRequest(0)
     try:
-        out["floor"] = [chain_floor.run(FLOOR_LOOPS) for _run in range(args.runs)]
+        with cpu_latency.CpuLatencyRequest(0):
+            out["floor"] = [chain_floor.run(FLOOR_LOOPS) for _run in range(args.runs)]
     except (RuntimeError, OSError) as exc:
         out["floor_error"] = str(exc)
-    finally:
-        req.close()
     return out
 
 
@@ -385,8 +383,9 @@ def latency_mode_lines(r: dict) -> list[str]:
     for name, runs in mode["latency"].items():
         lines.append(f"| {name} | {_med(r['latency'][name], 'p50_us'):,.0f} | "
                      f"{_med(runs, 'p50_us'):,.0f} |")
-    if mode.get("floor") and r.get("floor"):
-        lines.append(f"| floor of the relayed round trip | {_med(r['floor'], 'p50_us'):,.0f} | "
+    if mode.get("floor"):
+        base = f"{_med(r['floor'], 'p50_us'):,.0f}" if r.get("floor") else "-"
+        lines.append(f"| floor of the relayed round trip | {base} | "
                      f"{_med(mode['floor'], 'p50_us'):,.0f} |")
     elif mode.get("floor_error"):
         lines.append(f"floor with --cpu-latency 0: FAILED: {mode['floor_error']}")

@@ -77,10 +77,11 @@ def _e2e_latency(out: dict) -> Row:
     shown = f"{p50 / 1000:.2f} ms"
     if floor:
         shown += f" (its floor {_med(f['p50_us'] for f in floor) / 1000:.2f} ms)"
-    mode = r.get("cpu_latency_0", {})
-    if mode.get("latency"):
+    relayed = r.get("cpu_latency_0", {}).get("latency", {}).get(RELAYED)
+    if relayed:
+        mode = r["cpu_latency_0"]
         shown += (f"; with --cpu-latency 0: "
-                  f"{_med(x['p50_us'] for x in mode['latency'][RELAYED]) / 1000:.2f} ms")
+                  f"{_med(x['p50_us'] for x in relayed) / 1000:.2f} ms")
         if mode.get("floor"):
             shown += f" (floor {_med(f['p50_us'] for f in mode['floor']) / 1000:.2f} ms)"
     return Row("end to end relayed latency p50", shown, "<= 0.5 ms", _cmp(p50, 500, True))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import struct
 
 log = logging.getLogger("dsp")
@@ -29,10 +30,7 @@ MAX_USEC = 2_000_000_000
 def usec_option(text: str) -> int:
     """argparse type of `--cpu-latency`: microseconds, 0 (no idle state that takes any time to
     leave) to MAX_USEC."""
-    try:
-        usec = int(text, 10)
-    except ValueError:
-        usec = -1
+    usec = int(text) if re.fullmatch(r"[0-9]{1,10}", text) else -1
     if not 0 <= usec <= MAX_USEC:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds "
                                          f"(0 to {MAX_USEC})")
@@ -40,12 +38,11 @@ def usec_option(text: str) -> int:
 
 
 class CpuLatencyRequest:
-    """A PM QoS CPU latency request, held while the object is open."""
+    """A PM QoS CPU latency request, held until `close` (or the end of a `with` block)."""
 
     def __init__(self, usec: int, device: str = DEVICE) -> None:
-        """Make the request; OSError when the device is missing or not writable (not root)."""
-        self.usec = usec
-        self.device = device
+        """Make the request; OSError when the device is missing or not writable (it is root's,
+        mode 0600)."""
         self._fd: int | None = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.write(self._fd, _VALUE.pack(usec))
@@ -59,9 +56,11 @@ class CpuLatencyRequest:
         if fd is not None:
             os.close(fd)
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
+    def __enter__(self) -> CpuLatencyRequest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def current_limit(device: str = DEVICE) -> int:

@@ -1030,8 +1030,17 @@ def main(argv: list[str] | None = None) -> int:
     dsp = Dsp(dvk, cfg, local, dvs, allow_any_peer=args.allow_any_peer)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, lambda signum, _frame: dsp.post(("signal", signum)))
-    server = None
     latency = cpu_latency.hold(args.cpu_latency)
+    try:
+        return serve(dsp, args, stats_addr)
+    finally:
+        if latency is not None:
+            latency.close()
+
+
+def serve(dsp: Dsp, args: argparse.Namespace, stats_addr: tuple[str, int] | None) -> int:
+    """Start the DSP (and its statistics server), run it until it stops; the exit status."""
+    server = None
     try:
         if stats_addr is not None:
             server = statsmod.serve(dsp, *stats_addr)
@@ -1041,12 +1050,10 @@ def main(argv: list[str] | None = None) -> int:
         dsp.shutdown()
         if server is not None:
             server.shutdown()
-        if latency is not None:
-            latency.close()
         return 1
     if args.pidfile:
         write_pidfile(args.pidfile)
-    log.info("DSP of node %d running: %d peers, LB node %s", local, len(dsp.links),
+    log.info("DSP of node %d running: %d peers, LB node %s", dsp.local, len(dsp.links),
              dsp.lb_nodeid if dsp.lb_nodeid >= 0 else "none")
     try:
         status = dsp.run(args.status_file, os.path.abspath(args.config))
@@ -1055,8 +1062,6 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.shutdown()
             server.server_close()
-        if latency is not None:
-            latency.close()
         if args.pidfile:
             remove_pidfile(args.pidfile)
     return status
