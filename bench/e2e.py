@@ -195,24 +195,22 @@ def concurrent_clients(cluster: Cluster, node: int, svr_ep: int, count: int,
 
 
 def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
-                with_clients: bool = False, dsp_args: tuple[str, ...] = (),
-                latency_only: bool = False) -> dict:
-    """One cluster of part 4: the latency of the three paths with each process's CPU, and
-    (unless `latency_only`) m3ftp on them and, `with_clients`, the concurrent clients."""
+                with_clients: bool = False, dsp_args: tuple[str, ...] = ()) -> dict:
+    """One cluster of part 4: the latency of the three paths with each process's CPU, m3ftp
+    on them and, `with_clients`, the concurrent clients; its DSPs get `dsp_args`."""
     d = tmp / label
     d.mkdir()
     cfg = d / "e2e.cfg"
     cfg.write_text(E2E_CONFIG.format(net=_net(offset), opts=opts))
-    size = 0 if latency_only else args.e2e_mib << 20
-    files = {} if latency_only else {"text": d / "text.src", "random": d / "random.src"}
+    size = args.e2e_mib << 20
+    files = {"text": d / "text.src", "random": d / "random.src"}
     line = b"compressible line of text for the m3ftp benchmark, 0123456789\n"
-    if files:
-        with open(files["text"], "wb") as f:
-            for _ in range(size // (1 << 20)):
-                f.write((line * ((1 << 20) // len(line) + 1))[:1 << 20])
-        with open(files["random"], "wb") as f:
-            for _ in range(size // (1 << 20)):
-                f.write(os.urandom(1 << 20))
+    with open(files["text"], "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write((line * ((1 << 20) // len(line) + 1))[:1 << 20])
+    with open(files["random"], "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
     srvdir = d / "srv"
     srvdir.mkdir()
     out: dict = {"latency": {}, "ftp": {}, "size_mib": size >> 20}
@@ -244,8 +242,6 @@ def e2e_cluster(tmp: Path, label: str, opts: str, offset: int, args,
                     time.sleep(SETTLE)  # the client's exit is part of its run
                     r["cpu"] = meter.per_round_trip(before, meter.sample(), args.e2e_loops)
                     out["latency"].setdefault(name, []).append(r)
-            if latency_only:
-                return out
             if with_clients and args.clients:
                 out["clients"] = concurrent_clients(cl, CLT, 10, args.clients,
                                                     args.client_loops)
@@ -295,16 +291,17 @@ def e2e_benchmarks(args, tmp: Path) -> dict:
 
 
 def latency_mode(args, tmp: Path) -> dict:
-    """The latency of the three paths again with every DSP started with `--cpu-latency 0`
-    (idle CPUs poll instead of halting, docs/operations.md), and the floor with the same
-    request held by this process: how much of a round trip is waking idle CPUs.  Reported
-    beside the targets, which are measured on the machine as it is."""
+    """The `compress NO` cluster again with every DSP started with `--cpu-latency 0` (idle
+    CPUs poll instead of halting, docs/operations.md), and the floor with the same request
+    held by this process: how much of each figure is waking halted CPUs.  Reported beside the
+    targets, which are judged on the machine as it is."""
     if not os.access(cpu_latency.DEVICE, os.W_OK):
         return {"skipped": f"{cpu_latency.DEVICE} is missing or not writable"}
-    print("   the three paths and the floor again with --cpu-latency 0 ...", flush=True)
+    print("   cluster with compress NO and --cpu-latency 0, and the floor with it ...",
+          flush=True)
     try:      # beside the targets: its failure is reported, the other figures are kept
-        out = e2e_cluster(tmp, "cpu_latency_0", "", 12, args,
-                          dsp_args=("--cpu-latency", "0"), latency_only=True)
+        out = e2e_cluster(tmp, "cpu_latency_0", "", 12, args, with_clients=True,
+                          dsp_args=("--cpu-latency", "0"))
     except (RuntimeError, OSError) as exc:
         return {"error": str(exc)}
     try:
@@ -378,11 +375,21 @@ def latency_mode_lines(r: dict) -> list[str]:
         return [f"with --cpu-latency 0: not measured ({mode['skipped']})"]
     if "error" in mode:
         return [f"with --cpu-latency 0: FAILED: {mode['error']}"]
-    lines = ["| path, compress NO | p50 µs as the machine is | p50 µs with --cpu-latency 0 |",
-             "|---|---|---|"]
+    lines = ["| compress NO | as the machine is | with --cpu-latency 0 |", "|---|---|---|"]
     for name, runs in mode["latency"].items():
-        lines.append(f"| {name} | {_med(r['latency'][name], 'p50_us'):,.0f} | "
+        lines.append(f"| latency p50 µs, {name} | {_med(r['latency'][name], 'p50_us'):,.0f} | "
                      f"{_med(runs, 'p50_us'):,.0f} |")
+    for name, runs in mode["ftp"].items():
+        if name in r["ftp"]:
+            lines.append(f"| m3ftp PUT / GET MB/s, {name} | "
+                         f"{_med(r['ftp'][name], 'put_MBps'):,.1f} / "
+                         f"{_med(r['ftp'][name], 'get_MBps'):,.1f} | "
+                         f"{_med(runs, 'put_MBps'):,.1f} / {_med(runs, 'get_MBps'):,.1f} |")
+    if mode.get("clients") and r.get("clients"):
+        c, m = r["clients"], mode["clients"]
+        lines.append(f"| {c['clients']} concurrent relayed clients, p50 / p99 µs | "
+                     f"{c['p50_us']:,.0f} / {c['p99_us']:,.0f} | "
+                     f"{m['p50_us']:,.0f} / {m['p99_us']:,.0f} |")
     if mode.get("floor"):
         base = f"{_med(r['floor'], 'p50_us'):,.0f}" if r.get("floor") else "-"
         lines.append(f"| floor of the relayed round trip | {base} | "

@@ -70,6 +70,12 @@ def _local(out: dict) -> Row:
                "<= 4x", _cmp(ratio, 4.0, True))
 
 
+def _with_request(r: dict) -> dict:
+    """Part 4's `compress NO` cluster run again with `--cpu-latency 0` ({} if it did not run):
+    its figures are shown beside a target's, which is judged without it."""
+    return r.get("cpu_latency_0") or {}
+
+
 def _e2e_latency(out: dict) -> Row:
     r = out["e2e"]["compress NO"]
     p50 = _med(x["p50_us"] for x in r["latency"][RELAYED])
@@ -77,9 +83,9 @@ def _e2e_latency(out: dict) -> Row:
     shown = f"{p50 / 1000:.2f} ms"
     if floor:
         shown += f" (its floor {_med(f['p50_us'] for f in floor) / 1000:.2f} ms)"
-    relayed = r.get("cpu_latency_0", {}).get("latency", {}).get(RELAYED)
+    mode = _with_request(r)
+    relayed = mode.get("latency", {}).get(RELAYED)
     if relayed:
-        mode = r["cpu_latency_0"]
         shown += (f"; with --cpu-latency 0: "
                   f"{_med(x['p50_us'] for x in relayed) / 1000:.2f} ms")
         if mode.get("floor"):
@@ -96,9 +102,13 @@ def _e2e_ftp(out: dict) -> Row:
     result = _cmp(worst, 100, False)
     if size < 100 and result == "PASS":
         result = "FAIL"      # a smaller file does not show the target
+    shown = f"{worst:.1f} MB/s (PUT {put:.1f}, GET {get:.1f})"
+    mode = _with_request(r).get("ftp", {}).get(f"{RELAYED} random")
+    if mode:
+        slower = min(_med(x["put_MBps"] for x in mode), _med(x["get_MBps"] for x in mode))
+        shown += f"; with --cpu-latency 0: {slower:.1f} MB/s"
     return Row(f"m3ftp {size} MiB through the LB host (random data, slower of PUT/GET)",
-               f"{worst:.1f} MB/s (PUT {put:.1f}, GET {get:.1f})",
-               ">= 100 MB/s with 100 MiB", result)
+               shown, ">= 100 MB/s with 100 MiB", result)
 
 
 def _demo(out: dict) -> Row:
@@ -108,11 +118,15 @@ def _demo(out: dict) -> Row:
 
 
 def _clients(out: dict) -> Row:
-    c = out["e2e"]["compress NO"]["clients"]
-    return Row(f"{c['clients']} clients x {c['loops']:,} sendrec through the LB, p50",
-               f"{c['p50_us'] / 1000:.2f} ms (p99 {c['p99_us'] / 1000:.2f} ms, "
-               f"{c['failed']} failed)", "<= 3 ms",
-               "FAIL" if c["failed"] else _cmp(c["p50_us"], 3000, True))
+    r = out["e2e"]["compress NO"]
+    c = r["clients"]
+    shown = (f"{c['p50_us'] / 1000:.2f} ms (p99 {c['p99_us'] / 1000:.2f} ms, "
+             f"{c['failed']} failed)")
+    mode = _with_request(r).get("clients")
+    if mode:
+        shown += f"; with --cpu-latency 0: {mode['p50_us'] / 1000:.2f} ms"
+    return Row(f"{c['clients']} clients x {c['loops']:,} sendrec through the LB, p50", shown,
+               "<= 3 ms", "FAIL" if c["failed"] else _cmp(c["p50_us"], 3000, True))
 
 
 def _memory(out: dict) -> Row:

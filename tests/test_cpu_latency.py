@@ -91,27 +91,48 @@ def test_daemon_holds_the_request_while_running(tmp_path):
     assert cpu_latency.current_limit() > ODD_USEC
 
 
-def test_bench_reports_the_latency_mode_beside_the_target():
+def test_bench_reports_the_request_beside_the_targets():
     from bench.e2e import RELAYED, latency_mode_lines
     from bench.targets import evaluate
 
     def runs(p50):
         return [{"p50_us": p50, "msgs_per_s": 1.0}]
-    r = {"latency": {RELAYED: runs(800.0)}, "floor": [{"p50_us": 280.0}],
-         "cpu_latency_0": {"latency": {RELAYED: runs(530.0)}, "floor": [{"p50_us": 180.0}]}}
-    row = next(x for x in evaluate({"e2e": {"compress NO": r}})
-               if x.target == "end to end relayed latency p50")
-    # the target is judged on the machine as it is; the request's figure is shown beside it
-    assert row.result == "FAIL"
-    assert row.measured == ("0.80 ms (its floor 0.28 ms); with --cpu-latency 0: 0.53 ms "
+
+    def ftp(put, get):
+        return {f"{RELAYED} random": [{"put_MBps": put, "get_MBps": get}]}
+
+    def clients(p50):
+        return {"clients": 8, "loops": 100, "failed": 0, "p50_us": p50, "p99_us": 2 * p50}
+    r = {"latency": {RELAYED: runs(800.0)}, "floor": [{"p50_us": 280.0}], "size_mib": 100,
+         "ftp": ftp(95.0, 90.0), "clients": clients(5400.0),
+         "cpu_latency_0": {"latency": {RELAYED: runs(530.0)}, "floor": [{"p50_us": 180.0}],
+                           "ftp": ftp(120.0, 110.0), "clients": clients(4600.0)}}
+
+    def rows(r):
+        return {x.target.split(" (")[0]: x for x in evaluate({"e2e": {"compress NO": r}})}
+    got = rows(r)
+    # the targets are judged on the machine as it is; the request's figures are shown beside
+    e2e = got["end to end relayed latency p50"]
+    assert e2e.result == "FAIL"
+    assert e2e.measured == ("0.80 ms (its floor 0.28 ms); with --cpu-latency 0: 0.53 ms "
                             "(floor 0.18 ms)")
+    ftp_row = got["m3ftp 100 MiB through the LB host"]
+    assert ftp_row.result == "FAIL"
+    assert ftp_row.measured == "90.0 MB/s (PUT 95.0, GET 90.0); with --cpu-latency 0: 110.0 MB/s"
+    many = got["8 clients x 100 sendrec through the LB, p50"]
+    assert many.result == "FAIL"
+    assert many.measured == "5.40 ms (p99 10.80 ms, 0 failed); with --cpu-latency 0: 4.60 ms"
     lines = latency_mode_lines(r)
-    assert f"| {RELAYED} | 800 | 530 |" in lines
+    assert f"| latency p50 µs, {RELAYED} | 800 | 530 |" in lines
+    assert f"| m3ftp PUT / GET MB/s, {RELAYED} random | 95.0 / 90.0 | 120.0 / 110.0 |" in lines
+    assert "| 8 concurrent relayed clients, p50 / p99 µs | 5,400 / 10,800 | 4,600 / 9,200 |" \
+        in lines
     assert "| floor of the relayed round trip | 280 | 180 |" in lines
     skipped = latency_mode_lines({**r, "cpu_latency_0": {"skipped": "no device"}})
     assert skipped == ["with --cpu-latency 0: not measured (no device)"]
     failed = latency_mode_lines({**r, "cpu_latency_0": {"error": "a DSP did not start"}})
     assert failed == ["with --cpu-latency 0: FAILED: a DSP did not start"]
-    row = next(x for x in evaluate({"e2e": {"compress NO": {**r, "cpu_latency_0": {}}}})
-               if x.target == "end to end relayed latency p50")
-    assert row.measured == "0.80 ms (its floor 0.28 ms)"
+    for mode in ({}, {"error": "a DSP did not start"}):
+        alone = rows({**r, "cpu_latency_0": mode})
+        assert alone["end to end relayed latency p50"].measured == "0.80 ms (its floor 0.28 ms)"
+        assert "cpu-latency" not in alone["m3ftp 100 MiB through the LB host"].measured
