@@ -87,5 +87,5 @@ def hold(usec: int | None, device: str = DEVICE) -> CpuLatencyRequest | None:
         log.warning("--cpu-latency %d: cannot hold a CPU latency request: %s%s", usec,
                     device, f": {exc.strerror}" if exc.strerror else f" ({exc})")
         return None
-    log.info("holding a CPU latency request of %d µs (%s) while running", usec, device)
+    log.info("holding a CPU latency request of %d us (%s) while running", usec, device)
     return req

@@ -179,6 +179,7 @@ class Dsp:
         self.started = time.time()
         self.reloads = {"ok": 0, "failed": 0, "last": None, "last_error": None}
         self.stats_address: str | None = None
+        self.cpu_latency_us: int | None = None   # the CPU latency request held, if any
         self.exit_code = 0
         self.config_path: str | None = None
         self._next_sample = 0.0
@@ -635,6 +636,7 @@ class Dsp:
             "config": config_view(self.cfg),
             "reloads": dict(self.reloads),
             "stats": self.stats_address,
+            "cpu_latency_us": self.cpu_latency_us,
         }
 
     def write_status(self, path: str) -> None:
@@ -1031,6 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, lambda signum, _frame: dsp.post(("signal", signum)))
     latency = cpu_latency.hold(args.cpu_latency)
+    if latency is not None:
+        dsp.cpu_latency_us = args.cpu_latency
     try:
         return serve(dsp, args, stats_addr)
     finally:

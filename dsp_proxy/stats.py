@@ -472,10 +472,12 @@ def _page(title: str, snap: dict, paused: bool, here: str, body: list[str]) -> s
 def render_html(snap: dict, paused: bool = False) -> str:
     e = html.escape
     node = snap.get("node")
+    held = _cpu_latency(snap)
     parts = [f"<p>LB node {e(str(snap.get('lb_node')))} &middot; pid {e(str(snap.get('pid')))}"
              f" &middot; up {e(_duration(snap.get('uptime', 0)))} &middot; version "
              f"{e(str(snap.get('version', '?')))} &middot; config "
-             f"{e(str((snap.get('config') or {}).get('path', '')))}</p>"]
+             f"{e(str((snap.get('config') or {}).get('path', '')))}"
+             f"{f' &middot; {e(held)}' if held else ''}</p>"]
     reloads = snap.get("reloads") or {}
     parts.append(f"<p>reloads: {reloads.get('ok', 0)} ok, {reloads.get('failed', 0)} failed"
                  + (f" (last error: {e(str(reloads['last_error']))})"
@@ -620,12 +622,19 @@ def _text_table(head: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_latency(snap: dict) -> str:
+    """The CPU latency request the daemon holds (`--cpu-latency`), for the page and the text."""
+    usec = snap.get("cpu_latency_us")
+    return "" if usec is None else f"CPU latency request {usec} us held"
+
+
 def format_text(snap: dict) -> str:
     """The figures of one DSP for a terminal (what `dsp_proxy stats` prints)."""
     reloads = snap.get("reloads") or {}
+    held = _cpu_latency(snap)
     out = [f"DSP node {snap.get('node')}  LB node {snap.get('lb_node')}  pid {snap.get('pid')}"
            f"  up {_duration(snap.get('uptime', 0))}  reloads {reloads.get('ok', 0)} ok / "
-           f"{reloads.get('failed', 0)} failed",
+           f"{reloads.get('failed', 0)} failed{f'  {held}' if held else ''}",
            "", "links:", _text_table(*link_rows(snap)),
            "", "traffic per DC:", _text_table(*dc_rows(snap))]
     errors = snap.get("put2lcl_errors") or {}

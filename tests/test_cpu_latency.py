@@ -87,6 +87,8 @@ def test_daemon_holds_the_request_while_running(tmp_path):
         log = tmp_path / "logs" / "dsp1.log"
         wait_for(lambda: f"holding a CPU latency request of {ODD_USEC}" in log.read_text(),
                  10, "the daemon's log line")
+        st = wait_for(lambda: cl.status(1), 10, "node 1's status file")
+        assert st["cpu_latency_us"] == ODD_USEC
     assert procs and all(p.poll() is not None for p in procs)
     assert cpu_latency.current_limit() > ODD_USEC
 
@@ -136,3 +138,13 @@ def test_bench_reports_the_request_beside_the_targets():
         alone = rows({**r, "cpu_latency_0": mode})
         assert alone["end to end relayed latency p50"].measured == "0.80 ms (its floor 0.28 ms)"
         assert "cpu-latency" not in alone["m3ftp 100 MiB through the LB host"].measured
+
+
+def test_stats_show_the_request_only_when_held():
+    from dsp_proxy.stats import format_text, render_html
+    snap = {"node": 1, "lb_node": 0, "pid": 7, "uptime": 3, "version": "x",
+            "config": {"path": "/etc/dvs/dsp_proxy.cfg"}, "links": {}}
+    assert "CPU latency" not in format_text(snap) + render_html(snap)
+    held = {**snap, "cpu_latency_us": 0}
+    assert "CPU latency request 0 us held" in format_text(held).splitlines()[0]
+    assert "&middot; CPU latency request 0 us held</p>" in render_html(held)
