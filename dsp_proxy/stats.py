@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import http.client
 import io
 import json
 import logging
@@ -41,12 +42,11 @@ import os
 import queue
 import selectors
 import socket
+import stat
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 log = logging.getLogger("dsp.stats")
@@ -655,11 +655,85 @@ def format_text(snap: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ the client
+#: Bytes of an answer or a status file the client reads at most (a status of thousands of
+#: sessions is a few MB).
+MAX_SNAPSHOT = 64 * 1024 * 1024
+
+
+class _Answer:
+    """A received answer, handed to http.client's parser as if it were the socket."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, *_args, **_kw) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+
+def _http_get(host: str, port: int, path: str, timeout: float) -> bytes:
+    """The body of a 200 answer to GET `path`, all of it within `timeout` seconds from the
+    connect (a server that trickles its answer cannot hold the client longer) and at most
+    MAX_SNAPSHOT bytes.  Raises OSError or ValueError."""
+    deadline = time.monotonic() + timeout
+    name = f"[{host}]" if ":" in host else host
+    chunks, size = [], 0
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {name}:{port}\r\n\r\n".encode())
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no complete answer within {timeout:g} s")
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise TimeoutError(f"no complete answer within {timeout:g} s") from None
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_SNAPSHOT:
+                raise ValueError(f"answer over {MAX_SNAPSHOT} bytes")
+            chunks.append(chunk)
+    resp = http.client.HTTPResponse(_Answer(b"".join(chunks)))
+    try:
+        resp.begin()
+        body = resp.read()
+    except http.client.HTTPException as exc:   # the text is the peer's: shown escaped
+        raise ValueError(f"not an HTTP answer: {ascii(str(exc))[:100]}") from None
+    if resp.status != 200:
+        raise ValueError(f"HTTP {resp.status} {ascii(resp.reason)[1:-1][:100]}".rstrip())
+    return body
+
+
+def parse_snapshot(data: bytes) -> dict:
+    """The figures of a DSP from the bytes of /stats.json or a status file; ValueError for
+    anything else (not UTF-8, not JSON, nested too deep, not an object)."""
+    try:
+        snap = json.loads(data.decode())
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+    if not isinstance(snap, dict):
+        raise ValueError(f"a JSON {type(snap).__name__}, not the figures of a dsp_proxy")
+    return snap
+
+
 def fetch(address: str, timeout: float = 5.0) -> dict:
+    """The figures of the DSP whose statistics server is at `address`, within `timeout`."""
     host, port = parse_address(address)
-    url = f"http://{host}:{port}/stats.json"
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read().decode())
+    return parse_snapshot(_http_get(host, port, "/stats.json", timeout))
+
+
+def read_status_file(path: str) -> dict:
+    """The figures in a `--status-file`: a regular file (not a directory, FIFO or device,
+    which could block or never end) of at most MAX_SNAPSHOT bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(MAX_SNAPSHOT + 1)
+    if len(data) > MAX_SNAPSHOT:
+        raise ValueError(f"file over {MAX_SNAPSHOT} bytes")
+    return parse_snapshot(data)
 
 
 def client_main(argv: list[str] | None = None) -> int:
@@ -671,21 +745,20 @@ def client_main(argv: list[str] | None = None) -> int:
     p.add_argument("--file", help="read a --status-file instead of asking the daemon")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     args = p.parse_args(argv)
+    where = args.file or args.address
     try:
-        if args.file:
-            with open(args.file) as f:
-                snap = json.load(f)
-        else:
-            snap = fetch(args.address)
-    except (OSError, ValueError, urllib.error.URLError) as exc:
-        where = args.file or args.address
+        snap = read_status_file(args.file) if args.file else fetch(args.address)
+        text = (json.dumps(snap, indent=1, sort_keys=True) if args.json
+                else format_text(snap))
+    except (OSError, ValueError) as exc:
         print(f"dsp_proxy stats: cannot read the statistics of {where}: {exc}",
               file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(snap, indent=1, sort_keys=True))
-    else:
-        print(format_text(snap))
+    except (AttributeError, TypeError, KeyError):   # JSON, but not of the shape of a snapshot
+        print(f"dsp_proxy stats: cannot read the statistics of {where}: not the figures of "
+              "a dsp_proxy", file=sys.stderr)
+        return 1
+    print(text)
     return 0
 
 

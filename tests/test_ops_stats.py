@@ -7,8 +7,10 @@ many idle connections arrive.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -19,7 +21,7 @@ import pytest
 
 from cluster_helpers import cluster_from
 from dsp_proxy import stats as statsmod
-from dsp_proxy.cluster import REPO_ROOT
+from dsp_proxy.cluster import REPO_ROOT, module_argv, python_env
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -376,3 +378,138 @@ def test_clients_trickling_their_requests_cannot_hold_the_handlers():
             s.close()
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------------------ the client
+class _HostileServer:
+    """A loopback server that answers every connection with `answer(conn)` on its own
+    thread; closed (with every connection) at the end of the `with`."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.stop = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.threads: list[threading.Thread] = []
+        self.conns: list[socket.socket] = []
+
+    def __enter__(self) -> _HostileServer:
+        t = threading.Thread(target=self._accept, name="hostile-accept")
+        t.start()
+        self.threads.append(t)
+        return self
+
+    def _accept(self) -> None:
+        while not self.stop.is_set() and len(self.threads) < 20:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), name="hostile")
+            t.start()
+            self.threads.append(t)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.recv(4096)
+            self.answer(conn, self.stop)
+        except OSError:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in list(self.threads):
+            t.join(10)
+        for c in self.conns:
+            c.close()
+        self.listener.close()
+
+
+def _trickle(data: bytes):
+    """An answer sent a byte per 0.5 s: each read of the client gets something in time."""
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        for i in range(len(data)):
+            if stop.wait(0.5):
+                return
+            conn.sendall(data[i:i + 1])
+    return answer
+
+
+def _send(data: bytes):
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        stop.wait(30)
+    return answer
+
+
+def _endless(conn: socket.socket, stop: threading.Event) -> None:
+    """A 200 answer whose body never ends (bounded by the test: at most 64 MiB)."""
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n")
+    chunk = b" " * 65536
+    for _ in range(1024):
+        if stop.is_set():
+            return
+        conn.sendall(chunk)
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess:
+    """`dsp_proxy stats ARGS` as an operator runs it; a hang fails the test (TimeoutExpired)."""
+    return subprocess.run(module_argv("dsp_proxy", "stats", *args), env=python_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def assert_refused(res: subprocess.CompletedProcess, where: str) -> None:
+    assert res.returncode == 1, (res.returncode, res.stdout[-300:], res.stderr[-1500:])
+    assert "Traceback" not in res.stderr, res.stderr[-1500:]
+    assert f"dsp_proxy stats: cannot read the statistics of {where}" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("answer", [
+    _trickle(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + b" " * 200),
+    _trickle(b"HTTP/1.0 200 OK\r\n" + b"X-Pad: a\r\n" * 40),
+    _endless,
+    _send(b"SSH-2.0-OpenSSH_9.6\r\n"),
+    _send(b"HTTP/1.0 200 OK\r\n\r\n[1, 2]"),
+    _send(b"HTTP/1.0 200 OK\r\n\r\n" + b"[" * 100000 + b"]" * 100000),
+    _send(b'HTTP/1.0 200 OK\r\n\r\n{"node": 1, "links": {"1": "up"}}'),
+    _send(b'HTTP/1.0 404 Not Found\r\n\r\nnothing here'),
+], ids=["trickled-body", "trickled-headers", "endless-body", "not-http", "a-list",
+        "deep", "wrong-shape", "not-found"])
+def test_stats_client_ends_with_an_error_on_a_slow_or_hostile_server(answer):
+    """Whatever answers at the address, `dsp_proxy stats` ends within its time limit with one
+    line on stderr and status 1: never a hang, never a traceback."""
+    with _HostileServer(answer) as server:
+        t0 = time.monotonic()
+        res = run_client(server.address)
+        print(f"ended in {time.monotonic() - t0:.1f} s: {res.stderr.strip()[-200:]}")
+    assert_refused(res, server.address)
+
+
+def test_stats_client_refuses_files_that_are_not_a_status_file(tmp_path):
+    """--file: truncated, binary, a directory, a device that never ends, a FIFO nobody writes,
+    JSON of another shape, nesting deeper than the parser goes: status 1 and one line."""
+    good = json.dumps(FULL)
+    cases = {"truncated": good[:len(good) // 2], "list": "[1, 2]", "string": '"x"',
+             "wrong-shape": '{"node": 1, "links": {"a": {}}, "uptime": "x"}',
+             "deep": "[" * 100000 + "]" * 100000}
+    paths = []
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        paths.append(str(tmp_path / name))
+    (tmp_path / "binary").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "a-directory").mkdir()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    paths += [str(tmp_path / "binary"), str(tmp_path / "a-directory"), str(fifo), "/dev/zero",
+              str(tmp_path / "missing")]
+    for path in paths:
+        assert_refused(run_client("--file", path), path)
+    # and the whole file of a real status is still read and shown
+    (tmp_path / "good").write_text(good)
+    res = run_client("--file", str(tmp_path / "good"))
+    assert res.returncode == 0 and "DSP node 3" in res.stdout, res.stderr
