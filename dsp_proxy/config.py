@@ -34,9 +34,11 @@ import difflib
 import gc
 import ipaddress
 import logging
+import os
 import re
 import shlex
 import socket
+import stat
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1777,7 +1779,13 @@ def load(path: str | Path, dvs: DvsInfo | None = None, local_node: int | None = 
     """Read and check the config file `path` (see parse_text); unreadable file -> ConfigError."""
     p = str(path)
     try:
-        with open(path, "rb") as f:
+        # not blocking: a FIFO nobody writes must not hold the caller (the DSP's main loop on a
+        # reload); only a regular file is read
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError([Issue(p, 0, 0, "cannot read the config file: not a regular "
+                                                  "file")])
             raw = f.read(MAX_FILE_SIZE + 1)
     except OSError as exc:
         raise ConfigError([Issue(p, 0, 0, f"cannot read the config file: "

@@ -307,6 +307,32 @@ def test_reload_refuses_changes_that_need_a_restart(tmp_path):
         assert st["lb_node"] == 0 and st["config"]["lb"]["nodeid"] == 0
 
 
+
+def test_reload_of_a_config_that_is_not_a_regular_file_fails_at_once(tmp_path):
+    """A config path that became a FIFO nobody writes (or a device) is refused at once: the
+    main loop that reloads never waits on it, so the DSP still answers its signals."""
+    with cluster_from(OPS, tmp_path) as cl:
+        cfg = Path(cl.config_path)
+        good = cfg.read_text()
+        cfg.unlink()
+        os.mkfifo(cfg)
+        hup(cl, 3)
+        st = status_when(cl, 3, lambda s: s["reloads"]["failed"] == 1, "refused reload")
+        assert "not a regular file" in st["reloads"]["last_error"], st["reloads"]
+        cfg.unlink()
+        cfg.symlink_to("/dev/zero")
+        hup(cl, 3)
+        st = status_when(cl, 3, lambda s: s["reloads"]["failed"] == 2, "second refused reload")
+        assert "not a regular file" in st["reloads"]["last_error"], st["reloads"]
+        cfg.unlink()
+        cfg.write_text(good)
+        hup(cl, 3)
+        st = status_when(cl, 3, lambda s: s["reloads"]["ok"] == 1, "reload")
+        assert all(link["up"] for link in st["links"].values())
+        cl.dsps[3].send_signal(signal.SIGTERM)
+        assert cl.dsps[3].wait(10) == 0
+
+
 # ------------------------------------------------------------------------------ init.d/dvs
 INIT = os.path.join(REPO_ROOT, "init.d", "dvs")
 INIT_CFG = """
