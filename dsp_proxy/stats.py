@@ -158,11 +158,15 @@ class StatsServer(HTTPServer):
             t.start()
 
     def process_request(self, request, client_address) -> None:
-        """Accepting thread: park the connection until it has sent something."""
+        """Accepting thread: park the connection until it has sent its request head.  When
+        MAX_WAITING already wait, the oldest goes: served if its whole head has arrived
+        (the waiting thread may not have read it yet), else closed."""
         with self._wlock:
             if len(self._waiting) >= MAX_WAITING:
                 oldest = min(self._waiting, key=lambda s: self._waiting[s][0])
-                self._drop(oldest)
+                self._read_head(oldest)
+                if oldest in self._waiting:
+                    self._drop(oldest)
             request.setblocking(False)
             self._waiting[request] = (time.monotonic(), client_address, bytearray())
             self._selector.register(request, selectors.EVENT_READ)

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -513,3 +514,50 @@ def test_stats_client_refuses_files_that_are_not_a_status_file(tmp_path):
     (tmp_path / "good").write_text(good)
     res = run_client("--file", str(tmp_path / "good"))
     assert res.returncode == 0 and "DSP node 3" in res.stdout, res.stderr
+
+
+FLOOD = """
+import collections, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+held, made, end = collections.deque(), 0, time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end and made < 20000:
+    try:
+        held.append(socket.create_connection((host, port), timeout=2))
+        made += 1
+    except OSError:
+        time.sleep(0.01)
+    if len(held) > 300:
+        held.popleft().close()
+print(made)
+"""
+
+
+def test_a_complete_request_is_answered_beside_a_flood_of_idle_connections():
+    """Two other processes open idle connections as fast as they can (at most 300 open each)
+    for 5 s: the oldest idle ones are dropped to keep at most MAX_WAITING waiting, but a
+    client whose request has arrived is answered, not dropped with them."""
+    dsp = _Snapshots()
+    server = statsmod.serve(dsp)
+    host, port = dsp.stats_address.split(":")
+    floods = [subprocess.Popen([sys.executable, "-c", FLOOD, host, port, "5"],
+                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    failed, done, made = [], 0, []
+    try:
+        time.sleep(0.5)
+        while done < 300 and any(f.poll() is None for f in floods):
+            try:
+                json.loads(get(f"http://{dsp.stats_address}/stats.json"))
+            except (OSError, ValueError) as exc:
+                failed.append(repr(exc))
+            done += 1
+            time.sleep(0.02)
+        made = [f.communicate(timeout=15)[0].strip() for f in floods]
+    finally:
+        for f in floods:
+            if f.poll() is None:
+                f.kill()
+                f.wait()
+        server.shutdown()
+        server.server_close()
+    print(f"{len(failed)} of {done} requests failed beside the flood ({made} connections)")
+    assert not failed, failed[:3]
