@@ -627,7 +627,7 @@ class Dsp:
             "taken": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "uptime": round(time.time() - self.started, 1), "links": links,
             "put2lcl_errors": {E.error_name(c): n for c, n in list(self.errors.items())},
-            "failed_pairs": sorted(p for p, pair in self.pairs.items() if pair.failed),
+            "failed_pairs": sorted(p for p, pair in list(self.pairs.items()) if pair.failed),
             "refused_connections": self.acceptor.refusals.total,
             "dropped_frames": self.execute.dropped,
             "fast_relay": self.fast is not None,

@@ -344,9 +344,13 @@ class Counters:
         return dc
 
     def as_dict(self) -> dict:
+        """(any thread) The figures as plain data.  The dicts are copied in one step each
+        (`dict`, `list`: atomic under the GIL) before being walked, as the counting thread
+        may add a command or a DC to them meanwhile."""
+        by_dc = list(self.by_dc.items())
         return {"frames": self.frames, "commands": self.commands, "bytes": self.bytes,
                 "errors": self.errors, "hellos": self.hellos, "batches": self.batches,
                 "lz4_frames": self.lz4_frames, "lz4_raw": self.lz4_raw,
                 "lz4_wire": self.lz4_wire, "by_cmd": dict(self.by_cmd),
-                "by_dc": {dc: vars(c).copy() for dc, c in self.by_dc.items()}}
+                "by_dc": {dc: vars(c).copy() for dc, c in by_dc}}
 

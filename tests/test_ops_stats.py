@@ -23,6 +23,8 @@ import pytest
 from cluster_helpers import cluster_from
 from dsp_proxy import stats as statsmod
 from dsp_proxy.cluster import REPO_ROOT, module_argv, python_env
+from dsp_proxy.misc import Counters
+from dvk_cffi import consts as C
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -561,3 +563,37 @@ def test_a_complete_request_is_answered_beside_a_flood_of_idle_connections():
         server.server_close()
     print(f"{len(failed)} of {done} requests failed beside the flood ({made} connections)")
     assert not failed, failed[:3]
+
+
+def test_figures_are_read_while_a_receiver_counts_its_first_frames_of_new_dcs():
+    """The statistics (a handler thread, the status file on the main loop) read a link's
+    counters while its receiver counts: a DC counted for the first time meanwhile must not
+    make the read fail (the snapshot would be lost: no answer, no status file)."""
+    counters = Counters()
+    stop = threading.Event()
+    old = sys.getswitchinterval()
+
+    def receiver() -> None:
+        for dcid in range(200_000):
+            if stop.is_set():
+                return
+            counters.count(C.CMD_COPYIN_DATA, 100, dcid=dcid, data=80)
+
+    t = threading.Thread(target=receiver, name="counting")
+    failures = reads = 0
+    sys.setswitchinterval(1e-6)
+    try:
+        t.start()
+        deadline = time.monotonic() + 10
+        while t.is_alive() and time.monotonic() < deadline:
+            try:
+                counters.as_dict()
+            except RuntimeError:
+                failures += 1
+            reads += 1
+    finally:
+        stop.set()
+        t.join(10)
+        sys.setswitchinterval(old)
+    print(f"{failures} of {reads} reads failed")
+    assert reads and not failures
