@@ -18,8 +18,9 @@ its reply; a *session* is one client endpoint pinned to one server.
 
 The server is a bounded pool: one thread accepts, one reads (with a selector, no thread per
 connection) until a connection has sent its whole request head, HANDLERS threads answer; at
-most MAX_WAITING connections wait, each at most IDLE_TIMEOUT seconds from its connect for its
-head (at most MAX_HEAD bytes), and a handler gives a slow reader at most REQUEST_TIMEOUT
+most MAX_WAITING connections wait (beyond them the oldest goes: answered if its head has
+arrived, else closed), each at most IDLE_TIMEOUT seconds from its connect for its head (at
+most MAX_HEAD bytes), and a handler gives a slow reader at most REQUEST_TIMEOUT
 seconds to take the answer.  A handler never waits for a client's bytes, so a few clients
 that trickle their requests a byte at a time cannot hold the handlers.
 
@@ -27,7 +28,8 @@ No output carries a secret: the snapshot holds no ssh_* value of the config at a
 
 `dsp_proxy stats [ADDR:PORT]` (also `python -m dsp_proxy.stats`) prints the figures of a
 running DSP on the terminal, read from its `/stats.json` (or from a `--status-file` with
-`--file PATH`).
+`--file PATH`); it ends with an error line when the whole answer has not come within 5 s, or
+when what came is not the figures of a DSP.
 """
 
 from __future__ import annotations
