@@ -34,11 +34,9 @@ import difflib
 import gc
 import ipaddress
 import logging
-import os
 import re
 import shlex
 import socket
-import stat
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +45,8 @@ from typing import Any, NamedTuple
 
 from dvk_cffi import consts as C
 from dvk_cffi.info import DvsInfo
+
+from .misc import read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -1779,14 +1779,7 @@ def load(path: str | Path, dvs: DvsInfo | None = None, local_node: int | None = 
     """Read and check the config file `path` (see parse_text); unreadable file -> ConfigError."""
     p = str(path)
     try:
-        # not blocking: a FIFO nobody writes must not hold the caller (the DSP's main loop on a
-        # reload); only a regular file is read
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError([Issue(p, 0, 0, "cannot read the config file: not a regular "
-                                                  "file")])
-            raw = f.read(MAX_FILE_SIZE + 1)
+        raw = read_regular_file(p, MAX_FILE_SIZE + 1)
     except OSError as exc:
         raise ConfigError([Issue(p, 0, 0, f"cannot read the config file: "
                                           f"{exc.strerror or exc}")]) from None

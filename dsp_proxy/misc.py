@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import logging.handlers
 import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -354,3 +356,14 @@ class Counters:
                 "lz4_wire": self.lz4_wire, "by_cmd": dict(self.by_cmd),
                 "by_dc": {dc: vars(c).copy() for dc, c in by_dc}}
 
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of the regular file `path`.  It is opened without blocking, so a
+    FIFO or a device put where a file was expected cannot hold the caller (a reload in the
+    main loop, `dsp_proxy stats --file`): anything but a regular file is OSError "not a
+    regular file"."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read(limit)

@@ -44,12 +44,13 @@ import os
 import queue
 import selectors
 import socket
-import stat
 import sys
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from .misc import read_regular_file
 
 log = logging.getLogger("dsp.stats")
 
@@ -732,11 +733,7 @@ def fetch(address: str, timeout: float = 5.0) -> dict:
 def read_status_file(path: str) -> dict:
     """The figures in a `--status-file`: a regular file (not a directory, FIFO or device,
     which could block or never end) of at most MAX_SNAPSHOT bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
-        data = f.read(MAX_SNAPSHOT + 1)
+    data = read_regular_file(path, MAX_SNAPSHOT + 1)
     if len(data) > MAX_SNAPSHOT:
         raise ValueError(f"file over {MAX_SNAPSHOT} bytes")
     return parse_snapshot(data)
