@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import queue
+import re
 import selectors
 import socket
 import sys
@@ -739,6 +740,11 @@ def read_status_file(path: str) -> dict:
     return parse_snapshot(data)
 
 
+#: Control characters (but the newline) of the figures' text: names in the figures come from a
+#: config or from whatever answered, and must not reach the terminal as escape sequences.
+_TERMINAL_SAFE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
 def client_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dsp_proxy stats",
                                 description="print the figures of a running dsp_proxy")
@@ -761,7 +767,7 @@ def client_main(argv: list[str] | None = None) -> int:
         print(f"dsp_proxy stats: cannot read the statistics of {where}: not the figures of "
               "a dsp_proxy", file=sys.stderr)
         return 1
-    print(text)
+    print(_TERMINAL_SAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
     return 0
 
 

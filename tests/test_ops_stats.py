@@ -597,3 +597,18 @@ def test_figures_are_read_while_a_receiver_counts_its_first_frames_of_new_dcs():
         sys.setswitchinterval(old)
     print(f"{failures} of {reads} reads failed")
     assert reads and not failures
+
+
+def test_stats_client_never_prints_control_characters(tmp_path):
+    """Names in the figures come from a config or from whatever answered: an escape sequence
+    among them is shown escaped, never sent to the operator's terminal."""
+    snap = json.loads(json.dumps(FULL))
+    evil = "node\x1b]0;owned\x07\x1b[2J\x9b31m"
+    for link in snap["links"].values():
+        link["name"] = evil
+    snap["version"] = "1.0\rX"
+    (tmp_path / "evil").write_text(json.dumps(snap))
+    res = run_client("--file", str(tmp_path / "evil"))
+    assert res.returncode == 0, res.stderr
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", res.stdout), repr(res.stdout[:300])
+    assert "node\\x1b]0;owned\\x07\\x1b[2J\\x9b31m" in res.stdout
