@@ -571,9 +571,7 @@ class Link:
                     sent.lz4_raw += raw
                     sent.lz4_wire += length
             if cmd == C.CMD_NONE:
-                sent.hellos += 1
-                sent.frames += 1
-                sent.bytes += HEADER_SIZE
+                sent.hello(HEADER_SIZE + length)
             else:
                 sent.count(cmd, HEADER_SIZE + length, 1, dcid, raw)
         self.queued_bytes = max(0, self.queued_bytes - taken)

@@ -913,7 +913,9 @@ def open_node_dvk(mode: str, node: int | None, cfg_path: str) -> Dvk:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dsp_proxy", description="Distributed Service Proxy")
+    p = argparse.ArgumentParser(prog="dsp_proxy", description="Distributed Service Proxy",
+                                epilog="dsp_proxy stats [[ADDR:]PORT] [--json] [--file PATH]: "
+                                       "the figures of a running dsp_proxy (see its --help)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("config", help="configuration file")
     p.add_argument("--check", action="store_true",

@@ -324,6 +324,13 @@ class Counters:
             if cmd in C.DATA_CMDS:
                 dc.data_bytes += data
 
+    def hello(self, nbytes: int) -> None:
+        """A HELLO or load-report frame of `nbytes`: a frame and its bytes, but no DVK command
+        and no DC (the same count on the sending and the receiving side)."""
+        self.frames += 1
+        self.bytes += nbytes
+        self.hellos += 1
+
     def add(self, frames: int, nbytes: int, by_cmd: dict[int, int],
             by_dc: dict[int, tuple[int, int, int]]) -> None:
         """Figures counted elsewhere (the compiled relay): `frames` single-command frames of

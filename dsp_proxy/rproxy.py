@@ -432,8 +432,11 @@ class RProxy:
                 f = reader.fields
                 length = f[R_LEN]
                 if f[R_CMD] == C.CMD_NONE or f[R_FLAGS] & slow:
-                    received.count(f[R_CMD], HEADER_SIZE + length, 1 + f[R_BATCH_NR],
-                                   f[R_DCID], length)
+                    if f[R_CMD] == C.CMD_NONE:
+                        received.hello(HEADER_SIZE + length)
+                    else:
+                        received.count(f[R_CMD], HEADER_SIZE + length, 1 + f[R_BATCH_NR],
+                                       f[R_DCID], length)
                     dispatch(hview, f, payload)
                     continue
                 if not length and reader.end - reader.start >= HEADER_SIZE:
@@ -519,7 +522,6 @@ class RProxy:
         if f[R_CMD] == C.CMD_NONE:
             if f[R_FLAGS] & C.FLAG_BATCH:
                 raise FrameError("HELLO at the head of a batch")
-            link.received.hellos += 1
             if f[R_FLAGS] & C.FLAG_DSP_PEER:
                 link.announced = True
                 ctx.control(link.peer, Header(bytearray(hview)).c_msg)

@@ -612,3 +612,29 @@ def test_stats_client_never_prints_control_characters(tmp_path):
     assert res.returncode == 0, res.stderr
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", res.stdout), repr(res.stdout[:300])
     assert "node\\x1b]0;owned\\x07\\x1b[2J\\x9b31m" in res.stdout
+
+
+IDLE_PAIR = """
+server node1 { nodeid 1; rname {net}.1; };
+client node2 { nodeid 2; rname {net}.2; };
+"""
+
+
+def test_hellos_are_frames_not_commands_on_both_sides(tmp_path):
+    """An idle link carries only HELLOs: each side counts them as frames and hellos, never as
+    DVK commands or a DC's traffic, whether it sent or received them."""
+    from cluster_helpers import wait_for
+    with cluster_from(IDLE_PAIR, tmp_path) as cl:
+        def both_heard():
+            sts = {n: cl.status(n) for n in (1, 2)}
+            ok = all(st.get("links") and next(iter(st["links"].values()))["received"]["hellos"]
+                     and next(iter(st["links"].values()))["sent"]["hellos"]
+                     for st in sts.values())
+            return sts if ok else None
+        sts = wait_for(both_heard, 20, "HELLOs sent and received on both sides")
+    for n, st in sts.items():
+        (link,) = st["links"].values()
+        for side in ("sent", "received"):
+            c = link[side]
+            assert c["hellos"] >= 1 and c["frames"] >= c["hellos"], (n, side, c)
+            assert c["commands"] == 0 and c["by_dc"] == {}, (n, side, c)
