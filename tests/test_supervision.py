@@ -18,8 +18,7 @@ from dsp_proxy import config as cfgmod
 from dsp_proxy.acceptor import Acceptor
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.main import Dsp
-from dsp_proxy.misc import Counters
-from dsp_proxy.rproxy import Deliverer
+from dsp_proxy.rproxy import Deliverer, FrameReader
 from dsp_proxy.sproxy import SProxy
 from dvk_cffi.emu import node as emunode
 from dvk_cffi.emu.client import EmuDvk
@@ -107,7 +106,7 @@ def _wait(pred, timeout, what):
 
 
 @pytest.mark.parametrize("thread_name, cls, method", [
-    ("RPROXY(2)", Counters, "count"),        # runs for every frame from node 2
+    ("RPROXY(2)", FrameReader, "next"),      # runs for every frame from node 2
     ("SPROXY(2)", SProxy, "_hello"),         # runs for every HELLO to node 2
 ])
 def test_a_dead_proxy_thread_is_logged_and_its_pair_restarted(node1, monkeypatch, caplog,
@@ -185,16 +184,16 @@ def test_a_pair_marked_failed_is_started_again_after_a_while(node1, monkeypatch,
     monkeypatch.setattr(dsp_main, "FAILED_RETRY", 2.0)
     monkeypatch.setattr(dsp_main, "RESTART_BACKOFF", 0.05)
     faults = {"left": dsp_main.MAX_RESTARTS + 1}
-    original = Counters.count
+    original = FrameReader.next
 
-    def count(*args, **kw):
+    def next_frame(*args, **kw):
         if threading.current_thread().name == "RPROXY(2)" and faults["left"] > 0:
             faults["left"] -= 1
             raise RuntimeError("injected fault")
         return original(*args, **kw)
 
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(Counters, "count", count)
+    monkeypatch.setattr(FrameReader, "next", next_frame)
     _wait(lambda: "marked failed" in caplog.text, 60, "the pair marked failed")
     assert faults["left"] == 0
     _wait(lambda: not inproc.dsp.pairs[2].failed, 20, "the failed pair started again")
