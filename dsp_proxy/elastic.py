@@ -298,7 +298,7 @@ class Autoscaler:
                     "stopping": bool(v.stopping_since), "starts": v.starts, "stops": v.stops,
                     "idle_for": round(now - v.idle_since, 1) if v.idle_since else 0,
                     "command_running": self.busy}
-                for n, v in list(self.vms.items())}
+                for n, v in self.vms.copy().items()}
 
 
 # ----------------------------------------------------------------------- service programs

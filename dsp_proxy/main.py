@@ -527,7 +527,7 @@ class Dsp:
             if _dvk_lost(exc):
                 raise DvkLost(f"the DVK does not answer ({exc})") from None
         now = time.monotonic()
-        for peer, pair in list(self.pairs.items()):
+        for peer, pair in self.pairs.copy().items():
             if pair.restart_at and now >= pair.restart_at and not self.stopping.is_set():
                 self._remove_peer(peer, keep_pair=True)
                 try:
@@ -577,7 +577,7 @@ class Dsp:
         if bits == self.group.local_services:
             return
         self.group.local_services = bits
-        for peer, link in list(self.links.items()):
+        for peer, link in self.links.copy().items():
             if link.up:
                 h = self.hello_for(peer, report=True)
                 link.submit(h.buf, None, copy=False)
@@ -609,7 +609,7 @@ class Dsp:
         """Everything an operator (or the demo) wants to see, as plain data."""
         self.fold_fast()
         links = {}
-        for peer, link in sorted(list(self.links.items())):
+        for peer, link in sorted(self.links.copy().items()):
             links[peer] = {
                 "name": link.spec.name, "up": link.up, "state": link.state.value,
                 "downs": link.downs, "generation": link.generation,
@@ -626,8 +626,8 @@ class Dsp:
             "version": __version__,
             "taken": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "uptime": round(time.time() - self.started, 1), "links": links,
-            "put2lcl_errors": {E.error_name(c): n for c, n in list(self.errors.items())},
-            "failed_pairs": sorted(p for p, pair in list(self.pairs.items()) if pair.failed),
+            "put2lcl_errors": {E.error_name(c): n for c, n in self.errors.copy().items()},
+            "failed_pairs": sorted(p for p, pair in self.pairs.copy().items() if pair.failed),
             "refused_connections": self.acceptor.refusals.total,
             "dropped_frames": self.execute.dropped,
             "fast_relay": self.fast is not None,

@@ -353,15 +353,17 @@ class Counters:
         return dc
 
     def as_dict(self) -> dict:
-        """(any thread) The figures as plain data.  The dicts are copied in one step each
-        (`dict`, `list`: atomic under the GIL) before being walked, as the counting thread
-        may add a command or a DC to them meanwhile."""
-        by_dc = list(self.by_dc.items())
+        """(any thread) The figures as plain data.  The counting thread may add a command or
+        a DC meanwhile, so each dict is taken with `dict.copy()` before it is walked: the copy
+        runs no Python code, while `list(d.items())` builds a tuple per entry, and a garbage
+        collection one of them starts can run Python code (a finalizer, a gc callback) that
+        lets the counting thread in: "dictionary changed size during iteration"."""
+        by_dc = self.by_dc.copy()
         return {"frames": self.frames, "commands": self.commands, "bytes": self.bytes,
                 "errors": self.errors, "hellos": self.hellos, "batches": self.batches,
                 "lz4_frames": self.lz4_frames, "lz4_raw": self.lz4_raw,
-                "lz4_wire": self.lz4_wire, "by_cmd": dict(self.by_cmd),
-                "by_dc": {dc: vars(c).copy() for dc, c in by_dc}}
+                "lz4_wire": self.lz4_wire, "by_cmd": self.by_cmd.copy(),
+                "by_dc": {dc: vars(c).copy() for dc, c in by_dc.items()}}
 
 
 def read_regular_file(path: str, limit: int) -> bytes:

@@ -6,6 +6,7 @@ many idle connections arrive.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -568,10 +569,17 @@ def test_a_complete_request_is_answered_beside_a_flood_of_idle_connections():
 def test_figures_are_read_while_a_receiver_counts_its_first_frames_of_new_dcs():
     """The statistics (a handler thread, the status file on the main loop) read a link's
     counters while its receiver counts: a DC counted for the first time meanwhile must not
-    make the read fail (the snapshot would be lost: no answer, no status file)."""
+    make the read fail (the snapshot would be lost: no answer, no status file).  A garbage
+    collection started while a read builds objects can run Python code (a finalizer, here a gc
+    callback) and so hand the GIL to the receiver in the middle of the read: the callback makes
+    that hand-off happen at every collection instead of now and then."""
     counters = Counters()
     stop = threading.Event()
     old = sys.getswitchinterval()
+
+    def yield_gil(phase: str, _info: dict) -> None:
+        if phase == "start":
+            time.sleep(0)
 
     def receiver() -> None:
         for dcid in range(200_000):
@@ -582,6 +590,7 @@ def test_figures_are_read_while_a_receiver_counts_its_first_frames_of_new_dcs():
     t = threading.Thread(target=receiver, name="counting")
     failures = reads = 0
     sys.setswitchinterval(1e-6)
+    gc.callbacks.append(yield_gil)
     try:
         t.start()
         deadline = time.monotonic() + 10
@@ -594,6 +603,7 @@ def test_figures_are_read_while_a_receiver_counts_its_first_frames_of_new_dcs():
     finally:
         stop.set()
         t.join(10)
+        gc.callbacks.remove(yield_gil)
         sys.setswitchinterval(old)
     print(f"{failures} of {reads} reads failed")
     assert reads and not failures
