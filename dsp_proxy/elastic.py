@@ -188,7 +188,7 @@ class Autoscaler:
         if me is not None and me.role == "server":
             out.add(self.host.local)
         if group is not None:
-            out |= {s.nodeid for s in group.servers.values() if group.is_live(s)}
+            out |= {s.nodeid for s in group.servers.copy().values() if group.is_live(s)}
         return out
 
     def tick(self) -> None:

@@ -174,8 +174,9 @@ class Dsp:
         self.services = ServiceRunner(self)
         self.autoscaler: Autoscaler | None = Autoscaler(self) if self.group else None
         self._need_sent = 0.0
-        self._activity_mark = 0
+        self._activity_marks: dict[int, int] = {}
         self.errors: dict[int, int] = {}
+        self._errors_lock = threading.Lock()
         self.started = time.time()
         self.reloads = {"ok": 0, "failed": 0, "last": None, "last_error": None}
         self.stats_address: str | None = None
@@ -356,11 +357,11 @@ class Dsp:
                                 svc.ext_ep, dcid, err)
 
     # ------------------------------------------------------------------ what the threads use
-    def learn_dc(self, dcid: int) -> None:
+    def learn_dc(self, dcid: int) -> tuple[int, int] | None:
         """The endpoint range of a DC, for the checks of received headers: the DC's own when
         it runs on this node, the DVS limits otherwise (put2lcl then refuses the frame)."""
         if not 0 <= dcid < self.dvs.d_nr_dcs:
-            return
+            return None
         rng = (self.dvs.d_nr_tasks, self.dvs.d_nr_procs)
         try:
             info = self.dvk.getdcinfo(dcid)
@@ -371,6 +372,7 @@ class Dsp:
         self.limits.dc_ranges[dcid] = rng
         if self.fast is not None:
             self.fast.set_dc(dcid, rng)
+        return rng
 
     def _put_local(self, h: Header, data) -> bool:
         return self.put2lcl is not None and self.put2lcl.put(h, bytes(data) if data else b"")
@@ -379,7 +381,7 @@ class Dsp:
         """A HELLO for `peer`; with `report`, carrying this node's load report."""
         h = hello_header(self.local, peer, threading.get_native_id())
         if report and self.group is not None:
-            h.c_msg.load(self.group.load_report(self.activity()))
+            h.c_msg.load(self.group.load_report(self.activity(peer)))
         return h
 
     def on_no_server(self) -> None:
@@ -397,13 +399,16 @@ class Dsp:
         """A control frame (a HELLO with a message body) to a peer."""
         return self.execute.control(nodeid, body)
 
-    def activity(self) -> int:
-        """Commands this DSP moved since the last call (carried in load reports)."""
+    def activity(self, peer: int) -> int:
+        """Commands this DSP moved since its last load report to `peer`.  Each peer's report
+        covers its own period: with one mark for all, the first report of a period took the
+        whole figure and the others 0, and a server moving traffic looked quiet there."""
         self.fold_fast()
         total = sum(dc.commands for link in list(self.links.values())
                     for counters in (link.sent, link.received)
                     for dc in list(counters.by_dc.values()))  # DC traffic only: not HELLOs
-        moved, self._activity_mark = total - self._activity_mark, total
+        moved = total - self._activity_marks.get(peer, 0)
+        self._activity_marks[peer] = total
         return max(0, moved)  # a reload that removed a link lowers the total
 
     def fold_fast(self) -> None:
@@ -427,7 +432,9 @@ class Dsp:
             self.execute(self.group.on_control(peer, m))
 
     def count_error(self, code: int) -> None:
-        self.errors[code] = self.errors.get(code, 0) + 1
+        """(every receiver and the put2lcl thread) One more put2lcl error `code`."""
+        with self._errors_lock:
+            self.errors[code] = self.errors.get(code, 0) + 1
 
     # ------------------------------------------------------------------ the main loop
     def run(self, status_file: str | None = None, config_path: str | None = None) -> int:

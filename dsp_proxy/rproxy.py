@@ -90,8 +90,10 @@ class WireLimits:
     nr_nodes: int
     nr_dcs: int
     dc_ranges: dict = field(default_factory=dict)   # dcid -> (nr_tasks, nr_procs) or None
-    #: Reads a DC's range into `dc_ranges` the first time a header names it.
-    learn: Callable[[int], None] | None = None
+    #: Reads a DC's range into `dc_ranges` the first time a header names it and returns it
+    #: (None: not a DC of the DVS).  The caller keeps that answer rather than reading
+    #: `dc_ranges` again: the main loop empties it now and then.
+    learn: Callable[[int], tuple[int, int] | None] | None = None
 
 
 def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = False) -> None:
@@ -130,8 +132,7 @@ def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = F
         raise FrameError(f"dcid {dcid} out of range")
     rng = limits.dc_ranges.get(dcid)
     if rng is None and limits.learn is not None:
-        limits.learn(dcid)
-        rng = limits.dc_ranges.get(dcid)
+        rng = limits.learn(dcid)
     if rng is None:
         raise FrameError(f"DC {dcid} is not running on this node")
     p_src, p_dst = C._ENDPOINT_P(src), C._ENDPOINT_P(dst)
