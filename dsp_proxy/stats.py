@@ -1,6 +1,7 @@
 """Statistics of a running DSP (the C `dsp_pws`, which never ran, made real).
 
-`dsp_proxy --stats [ADDR:]PORT` serves, on 127.0.0.1 unless ADDR says otherwise:
+`dsp_proxy --stats [ADDR:]PORT` serves, on 127.0.0.1 unless ADDR says otherwise (GET, and HEAD
+for the headers alone):
 
 - `/`            a human page: links (state, frames, commands, bytes, errors per direction and
                  per DC), put2lcl errors, LB sessions and servers (load levels), uptime; it
@@ -102,6 +103,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile = io.BytesIO(head)
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+        self._answer(with_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802 - the http.server naming
+        """What GET would answer, without the body (monitors that check a URL with HEAD)."""
+        self._answer(with_body=False)
+
+    def _answer(self, with_body: bool) -> None:
         url = urllib.parse.urlsplit(self.path)
         query = urllib.parse.parse_qs(url.query)
         path = url.path
@@ -128,7 +136,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        self.wfile.write(data)
+        if with_body:
+            self.wfile.write(data)
 
     def log_message(self, fmt: str, *args) -> None:
         log.debug("stats %s: " + fmt, self.client_address[0], *args)
@@ -149,6 +158,12 @@ class StatsServer(HTTPServer):
         self._waiting: dict[socket.socket, tuple[float, object, bytearray]] = {}
         self._wlock = threading.Lock()
         self._ready: queue.Queue = queue.Queue(maxsize=MAX_WAITING)
+        # the accepting thread's nudge: the waiting thread sleeps in select() with no
+        # timeout while no connection waits, and wakes at once for a new one
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         try:
             super().__init__(address, _Handler)
         except OSError as exc:
@@ -174,6 +189,13 @@ class StatsServer(HTTPServer):
             request.setblocking(False)
             self._waiting[request] = (time.monotonic(), client_address, bytearray())
             self._selector.register(request, selectors.EVENT_READ)
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:     # full: a nudge is already pending; closed: shutting down
+            pass
 
     def _drop(self, sock: socket.socket) -> None:
         self._waiting.pop(sock, None)
@@ -186,16 +208,18 @@ class StatsServer(HTTPServer):
     def _wait_loop(self) -> None:
         while not self._stop.is_set():
             with self._wlock:
-                empty = not self._waiting
-            if empty:
-                self._stop.wait(0.05)
-                continue
-            events = self._selector.select(0.2)
+                waiting = bool(self._waiting)
+            events = self._selector.select(0.2 if waiting else None)
             now = time.monotonic()
             with self._wlock:
                 for key, _ in events:
                     sock = key.fileobj
-                    if sock in self._waiting:
+                    if sock is self._wake_r:
+                        try:
+                            sock.recv(4096)
+                        except OSError:
+                            pass
+                    elif sock in self._waiting:
                         self._read_head(sock)
                 for sock in [s for s, (t, _, _) in self._waiting.items()
                              if now - t > IDLE_TIMEOUT]:
@@ -247,6 +271,7 @@ class StatsServer(HTTPServer):
         if self._stop.is_set():
             return
         self._stop.set()
+        self._wake()
         for _ in range(HANDLERS):
             self._ready.put(None)
         for t in self._threads:
@@ -255,6 +280,8 @@ class StatsServer(HTTPServer):
             for sock in list(self._waiting):
                 self._drop(sock)
         self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 def serve(dsp, host: str = DEFAULT_HOST, port: int = 0) -> StatsServer:

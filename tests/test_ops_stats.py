@@ -316,6 +316,39 @@ class _Snapshots:
         return FULL
 
 
+def _wakeups(thread: threading.Thread) -> int:
+    """How often `thread` has gone to sleep and been woken (voluntary context switches)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def test_an_idle_statistics_server_sleeps_until_a_client_comes():
+    """With no connection waiting, the thread that reads request heads sleeps until the next
+    connection instead of polling (a daemon that is idle stays idle), and that connection is
+    answered; HEAD gets GET's headers without the body."""
+    dsp = _Snapshots()
+    server = statsmod.serve(dsp)
+    try:
+        waiter = next(t for t in server._threads if t.name == "stats-wait")
+        url = f"http://{dsp.stats_address}/stats.json"
+        assert json.loads(get(url))["node"] == FULL["node"]
+        time.sleep(0.5)                     # the last connection's idle check is over
+        before = _wakeups(waiter)
+        time.sleep(2)
+        woken = _wakeups(waiter) - before
+        print(f"the waiting thread was woken {woken} times in 2 s of no clients")
+        assert woken <= 1
+        assert json.loads(get(url))["node"] == FULL["node"]
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                    timeout=10) as resp:
+            assert resp.status == 200
+            assert int(resp.headers["Content-Length"]) == len(get(url).encode())
+            assert resp.read() == b""
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_clients_trickling_their_requests_cannot_hold_the_handlers():
     """More slow clients than handlers, each sending its request a byte per 0.3 s for longer
     than REQUEST_TIMEOUT: another client is answered meanwhile (the handlers only ever take
