@@ -543,3 +543,33 @@ def test_a_connection_that_never_says_hello_is_closed(world, monkeypatch):
     assert talker.call("GETDVSINFO")[0] == 0
     with node.kernel.lock:
         assert len(node.server.conns) == 1
+
+
+def _fds(pid: int | str = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_thread_that_ends_closes_its_connection_and_its_task_exits(world):
+    """Every thread that calls the DVK gets its own connection to the kernel (a task).  A
+    daemon starts short-lived threads for ever (a program start, a restarted proxy pair):
+    when such a thread ends, its connection must close on both sides and its task exit, as
+    the DVK's exit hook does, or each leaves a descriptor in the process and in the kernel."""
+    node = world.proc_node(1)
+    dvk = world.dvk(node)
+    dvk.getdvsinfo()
+    tids: list[int] = []
+
+    def call() -> None:
+        tids.append(threading.get_native_id())
+        dvk.getdvsinfo()
+
+    mine, kernel = _fds(), _fds(node.proc.pid)
+    for _ in range(50):
+        t = threading.Thread(target=call)
+        t.start()
+        t.join(CALL_TIMEOUT)
+    wait_until(lambda: _fds() <= mine and _fds(node.proc.pid) <= kernel,
+               what="the ended threads' connections closed on both sides")
+    alive = {int(line.split()[1]) for line in dvk.proc_text("tasks").splitlines()[1:]}
+    assert not alive & set(tids), "tasks of ended threads are still alive in the kernel"
+    assert threading.get_native_id() in alive

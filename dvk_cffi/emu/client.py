@@ -56,6 +56,22 @@ def resolve_socket(path: str | None = None, nodeid: int | None = None) -> str:
                          f"or DVK_SOCKET")
 
 
+class _ThreadConn:
+    """A thread's connection to its node kernel, kept in the thread's local storage only: when
+    the thread ends, its storage goes and the connection is closed, and the kernel sees the
+    thread's exit (a task exit, as the DVK's exit hook).  A strong reference anywhere else would
+    keep the socket, the kernel's task and a descriptor on both sides for the process's life:
+    one more for every short-lived thread that ever made a call."""
+
+    __slots__ = ("sock", "__weakref__")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def __del__(self) -> None:
+        self.sock.close()
+
+
 class EmuDvk(Dvk):
     """A process's view of its emulated node kernel."""
 
@@ -65,7 +81,7 @@ class EmuDvk(Dvk):
         self.path = resolve_socket(path, nodeid)
         self._pid = os.getpid()
         self._local = threading.local()
-        self._conns: list[socket.socket] = []
+        self._conns: weakref.WeakSet[_ThreadConn] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._arena = ArenaAllocator(self._register_arena)
         self._comm = os.path.basename(sys.argv[0] or "python")[:15] or "python"
@@ -77,7 +93,7 @@ class EmuDvk(Dvk):
         """In a forked child: a new process to the kernel, with connections of its own."""
         self._pid = os.getpid()
         self._local = threading.local()
-        self._conns = []
+        self._conns = weakref.WeakSet()
         self._lock = threading.Lock()
         self._arena = ArenaAllocator(self._register_arena)
 
@@ -99,9 +115,10 @@ class EmuDvk(Dvk):
         if status < 0:
             conn.close()
             raise E.DvkError.for_code(status, "node kernel refused the connection")
-        self._local.conn = conn
+        holder = _ThreadConn(conn)
+        self._local.holder, self._local.conn = holder, conn
         with self._lock:
-            self._conns.append(conn)
+            self._conns.add(holder)
         return conn
 
     def _reply(self, conn: socket.socket) -> tuple[int, list]:
@@ -116,7 +133,7 @@ class EmuDvk(Dvk):
 
     def _drop(self, conn: socket.socket) -> None:
         if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
+            self._local.conn = self._local.holder = None
         conn.close()
 
     def _call(self, op: str, *args, fds: list[int] | None = None) -> list:
@@ -151,8 +168,8 @@ class EmuDvk(Dvk):
     def close(self) -> None:
         """Close every connection of this process (the kernel treats it as the tasks' exit)."""
         with self._lock:
-            for conn in self._conns:
-                conn.close()
+            for holder in list(self._conns):
+                holder.sock.close()
             self._conns.clear()
         self._local = threading.local()
 
