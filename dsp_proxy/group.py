@@ -566,7 +566,8 @@ class Group:
                        last_used=self.clock())
         self.sessions[sess.key()] = sess
         if sess.auto_run:
-            self._req_id += 1
+            # the id travels in a 32-bit field: 1..2**32-1, never 0 (no start pending)
+            self._req_id = self._req_id % 0xFFFFFFFF + 1
             sess.starting = self._req_id
             self.starting[sess.starting] = sess
         else:

@@ -177,7 +177,7 @@ class Dsp:
         self._activity_marks: dict[int, int] = {}
         self.errors: dict[int, int] = {}
         self._errors_lock = threading.Lock()
-        self.started = time.time()
+        self.started = time.monotonic()     # uptime: immune to the clock being set
         self.reloads = {"ok": 0, "failed": 0, "last": None, "last_error": None}
         self.stats_address: str | None = None
         self.cpu_latency_us: int | None = None   # the CPU latency request held, if any
@@ -632,7 +632,7 @@ class Dsp:
             "node": self.local, "lb_node": self.lb_nodeid, "pid": os.getpid(),
             "version": __version__,
             "taken": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "uptime": round(time.time() - self.started, 1), "links": links,
+            "uptime": round(time.monotonic() - self.started, 1), "links": links,
             "put2lcl_errors": {E.error_name(c): n for c, n in self.errors.copy().items()},
             "failed_pairs": sorted(p for p, pair in self.pairs.copy().items() if pair.failed),
             "refused_connections": self.acceptor.refusals.total,

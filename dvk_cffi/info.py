@@ -29,10 +29,19 @@ class _Packed:
     STRUCT: ClassVar[struct.Struct]
 
     def pack(self) -> bytes:
+        """The struct's bytes.  Integers take their field's 32 bits as the kernel's C fields
+        do: a counter past 2**32 (a busy endpoint's messages sent, a node's proxied
+        commands) wraps instead of making the whole struct unreadable."""
         values = []
         for f, code in zip(dataclasses.fields(self), self._codes()):
             v = getattr(self, f.name)
-            values.append(_cbytes(v, int(code[:-1])) if code.endswith("s") else v)
+            if code.endswith("s"):
+                v = _cbytes(v, int(code[:-1]))
+            elif code == "I":
+                v %= 2**32
+            elif code == "i":
+                v = (v + 2**31) % 2**32 - 2**31
+            values.append(v)
         return self.STRUCT.pack(*values)
 
     @classmethod

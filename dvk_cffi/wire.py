@@ -192,14 +192,22 @@ def make_header(**fields: int) -> Header:
     return h
 
 
+def timestamp() -> tuple[int, int]:
+    """The time now as the i386 kernel's `struct timespec` holds it (32-bit fields): past
+    January 2038, or with a clock set that far ahead, the seconds wrap as a 32-bit `time_t`
+    does instead of making the header or message unwritable."""
+    now = time.time()
+    return (int(now) + 2**31) % 2**32 - 2**31, int((now % 1) * 1e9)
+
+
 def hello_header(snode: int, dnode: int, pid: int = 0) -> Header:
     """A clean HELLO (CMD_NONE, no payload) as this project's DSP sends it: the C HELLO's
     fields (c_dcid -1, endpoints NONE, the sender thread's id, the time of sending) plus the
     FLAG_DSP_PEER announcement (docs/design.md, "Liveness")."""
-    now = time.time()
+    sec, nsec = timestamp()
     return make_header(c_cmd=C.CMD_NONE, c_dcid=-1, c_src=C.NONE, c_dst=C.NONE,
                        c_snode=snode, c_dnode=dnode, c_pid=pid, c_flags=C.FLAG_DSP_PEER,
-                       c_tv_sec=int(now), c_tv_nsec=int((now % 1) * 1e9))
+                       c_tv_sec=sec, c_tv_nsec=nsec)
 
 
 def error_ack(h: Header, rcode: int) -> Header | None:

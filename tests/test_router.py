@@ -292,6 +292,23 @@ def test_prog_service_asks_the_server_and_parks_until_started():
     assert node == 1 and out.c_dst == 33
 
 
+def test_program_start_ids_wrap_within_their_32_bit_field_and_still_match():
+    """The id of a start request travels in a 32-bit field: after 2**32 - 1 starts the next
+    id must still be one the server's answer can name (never 0, which means no start)."""
+    router, group, _, _ = _router()
+    group._req_id = 2**32 - 1
+    acts = _acts(_net(router, _req(dst=30)))
+    (ctl,) = [a for a in acts if a[0] == CONTROL]
+    m = Message()
+    m.load(ctl[2])
+    assert m.m1_p2 == 1 == group._req_id
+    reply = Message()
+    reply.load(control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=33, m1_p2=m.m1_p2))
+    node, out, _ = _sent(group.on_control(1, reply))
+    assert node == 1 and out.c_dst == 33
+    assert not group.starting
+
+
 def test_a_program_started_for_a_session_that_ended_meanwhile_is_stopped():
     """The session ended (here its server went down and came back) before the server's DSP
     answered its start: a program it started anyway serves nobody, and nobody else would

@@ -14,6 +14,7 @@ import pytest
 from dvk_cffi import consts as C  # noqa: N812
 from dvk_cffi import wire
 from dvk_cffi.cdefs import ffi_i386, ffi_native, header_from_native, header_to_native
+from dvk_cffi.info import NodeInfo, ProcInfo
 
 HOST_64 = ffi_native.sizeof("void *") == 8
 
@@ -245,3 +246,24 @@ def test_native_value_too_wide_for_wire():
     p.c_timestamp.tv_sec = 1 << 40
     with pytest.raises(OverflowError, match="c_tv_sec"):
         header_from_native(p)
+
+
+def test_time_stamps_wrap_like_a_32_bit_time_t(monkeypatch):
+    """Past January 2038 (or with the clock set that far ahead) a HELLO and the kernel's
+    stamps are still written: the seconds wrap as the i386 kernel's 32-bit time_t does."""
+    monkeypatch.setattr(wire.time, "time", lambda: 2**31 + 10.5)
+    assert wire.timestamp() == (-2**31 + 10, 500_000_000)
+    h = wire.hello_header(1, 2)
+    assert (h.c_tv_sec, h.c_tv_nsec) == (-2**31 + 10, 500_000_000)
+
+
+def test_info_counters_wrap_at_32_bits_instead_of_failing():
+    """A busy endpoint's or node's counters pass 2**32 after days: the info structs report
+    them modulo 2**32, as the kernel's unsigned fields do, rather than becoming unreadable."""
+    p = ProcInfo(p_rmtsent=2**32 + 5, p_lclsent=2**33 - 1)
+    back = ProcInfo.unpack(p.pack())
+    assert (back.p_rmtsent, back.p_lclsent) == (5, 2**32 - 1)
+    n = NodeInfo(n_pxsent=2**32, n_pxrcvd=2**32 + 7)
+    back = NodeInfo.unpack(n.pack())
+    assert (back.n_pxsent, back.n_pxrcvd) == (0, 7)
+    assert ProcInfo.unpack(ProcInfo(p_endpoint=-5).pack()).p_endpoint == -5

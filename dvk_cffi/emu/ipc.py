@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from .. import consts as C
 from .. import errors as E
-from ..wire import MESSAGE_SIZE, Message, message_with_source
+from ..wire import MESSAGE_SIZE, Message, message_with_source, timestamp
 from .model import (
     DC,
     Desc,
@@ -170,8 +169,7 @@ class Ipc:
         src = dc.slot(src_nr)
         m.m_source = src.endpoint if src is not None else src_nr
         m.m_type = C.NOTIFY_FROM(src_nr)
-        now = time.time()
-        m.m9_t1_sec, m.m9_t1_nsec = int(now), int((now % 1) * 1e9)
+        m.m9_t1_sec, m.m9_t1_nsec = timestamp()
         m.m9_l1 = dst.update_pending & 0x7FFFFFFF
         dst.update_pending = 0
         return bytes(m)

@@ -9,7 +9,7 @@ from collections import deque
 from .. import consts as C
 from .. import errors as E
 from ..info import NodeInfo, ProxiesInfo
-from ..wire import Header, new_command, set_m_source, stamp_outgoing
+from ..wire import Header, new_command, set_m_source, stamp_outgoing, timestamp
 from .model import (
     DC,
     Desc,
@@ -355,8 +355,7 @@ class Proxies:
                     raise E.DvkError.for_code(E.EDVSFAULT) from None
                 h.c_rcode, data = E.EDVSFAULT, b""  # the remote requester's copy fails
             h.c_len = len(data)
-        now = time.time()
-        tv_sec, tv_nsec = int(now), int((now % 1) * 1e9)
+        tv_sec, tv_nsec = timestamp()
         stamp_outgoing(buf, tv_sec, tv_nsec)
         out = bytes(buf)
         h.c_cmd = C.CMD_NONE

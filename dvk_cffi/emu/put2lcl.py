@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from .. import consts as C
 from .. import errors as E
-from ..wire import MESSAGE_SIZE, MSG_OFFSET, Header
+from ..wire import MESSAGE_SIZE, MSG_OFFSET, Header, timestamp
 from .model import (
     DC,
     Desc,
@@ -41,9 +40,8 @@ class Put2lcl:
             raise E.DvkError.for_code(E.EDVSNODCNODE)
         if dnode != self.local_nodeid:                                          # 5
             raise E.DvkError.for_code(E.EDVSBADNODEID)
-        now = time.time()
         node = self.nodes[snode]
-        node.n_rtime_sec, node.n_rtime_nsec = int(now), int((now % 1) * 1e9)
+        node.n_rtime_sec, node.n_rtime_nsec = timestamp()
         rmt = dc.slot(src_p)
         lcl = dc.slot(dst_p)
         rmt_rts, lcl_rts = rmt.rts, lcl.rts
