@@ -56,6 +56,7 @@ from .link import Link, OutMonitor, PeerSpec
 from .linkstate import HALF_OPEN_LIMIT, Event
 from .misc import (
     SYSLOG_SOCKET,
+    UNLIMITED,
     StartGate,
     is_local_address,
     name_os_thread,
@@ -684,22 +685,22 @@ class Dsp:
         """Re-read and validate the config; on success apply what can change live (services,
         thresholds, timers, peers added or removed) without touching the links that did not
         change; on any error keep the running config and log why."""
-        log.info("reloading %s", path)
+        log.info("reloading %s", path, extra=UNLIMITED)
         try:
             new = cfgmod.load(path, self.dvs, local_node=self.local)
         except cfgmod.ConfigError as err:
             for line in str(err).splitlines():
-                log.error("reload: %s", line)
+                log.error("reload: %s", line, extra=UNLIMITED)
             return self._reload_failed(path, str(err).splitlines()[0] if str(err) else "")
         except OSError as exc:
-            log.error("reload: %s: %s", path, exc.strerror)
+            log.error("reload: %s: %s", path, exc.strerror, extra=UNLIMITED)
             return self._reload_failed(path, f"{path}: {exc.strerror}")
         why = restart_needed(self.cfg, new, self.local)
         if why:
-            log.error("reload: %s needs a restart of dsp_proxy", why)
+            log.error("reload: %s needs a restart of dsp_proxy", why, extra=UNLIMITED)
             return self._reload_failed(path, f"{why} needs a restart")
         for w in new.warnings:
-            log.warning("reload: %s", w)
+            log.warning("reload: %s", w, extra=UNLIMITED)
         old_specs = {s.nodeid: s for s in topology.peer_specs(self.cfg, self.local)}
         new_specs = {s.nodeid: s for s in topology.peer_specs(new, self.local)}
         removed = [p for p, spec in old_specs.items() if new_specs.get(p) != spec]
@@ -722,23 +723,31 @@ class Dsp:
                 self._start_peer(spec)
             except (E.DvkError, TimeoutError) as exc:
                 log.error("reload: link to node %d (%s) could not start: %s", spec.nodeid,
-                          spec.name, exc)
+                          spec.name, exc, extra=UNLIMITED)
                 self._remove_peer(spec.nodeid)
             else:
-                log.info("reload: link to node %d (%s) added", spec.nodeid, spec.name)
+                log.info("reload: link to node %d (%s) added", spec.nodeid, spec.name,
+                         extra=UNLIMITED)
         self._join_dcs()
         self._bind_services()
+        now = time.monotonic()
+        for peer, pair in self.pairs.items():
+            if pair.failed:     # the operator's reload is the retry the failure log promised
+                pair.restart_at = now
+                log.info("reload: link to node %d, marked failed, starts again", peer,
+                         extra=UNLIMITED)
         self.reloads["ok"] += 1
         self.reloads["last"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.reloads["last_error"] = None
         log.info("reload of %s done: %d links removed, %d added, %d unchanged", path,
-                 len(removed), len(added), len(new_specs) - len(added))
+                 len(removed), len(added), len(new_specs) - len(added), extra=UNLIMITED)
         return True
 
     def _reload_failed(self, path: str, why: str) -> bool:
         self.reloads["failed"] += 1
         self.reloads["last_error"] = why
-        log.error("reload of %s failed: the running configuration is kept", path)
+        log.error("reload of %s failed: the running configuration is kept", path,
+                  extra=UNLIMITED)
         return False
 
     def _remove_peer(self, peer: int, keep_pair: bool = False) -> None:

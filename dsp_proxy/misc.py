@@ -55,7 +55,7 @@ class RepeatLimit(logging.Filter):
         self.seen: dict[tuple, list] = {}    # kind -> [window start, lines, suppressed]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "suppressed_report", False):
+        if getattr(record, "unlimited", False):
             return True
         kind = (record.name, record.levelno, str(record.msg))
         now = time.monotonic()
@@ -94,13 +94,17 @@ class RepeatLimit(logging.Filter):
 
 _repeat_limit = RepeatLimit()
 
+#: `extra=` of lines no limit may hold back: the operator's own actions (a reload's verdict,
+#: which the init script waits for, and its reasons) and the counts of lines held back.
+UNLIMITED = {"unlimited": True}
+
 
 def report_suppressed_logs() -> None:
     """One line per kind of log line that went over its limit in a window now over (the main
     loop calls this every tick)."""
     for (name, level, msg), count in _repeat_limit.report():
         log.log(level, "%d more lines like this were not logged in the last %.0f s (%s): %s",
-                count, _repeat_limit.window, name, msg, extra={"suppressed_report": True})
+                count, _repeat_limit.window, name, msg, extra=UNLIMITED)
 
 
 #: prctl option that names the calling thread (linux/prctl.h); the kernel keeps 15 bytes.

@@ -8,6 +8,7 @@ threads); node 2's DSP and every node kernel are real processes."""
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 
@@ -200,3 +201,53 @@ def test_a_pair_marked_failed_is_started_again_after_a_while(node1, monkeypatch,
     cl.wait_links_up(30)
     _traffic(cl, inproc)
     assert inproc.thread.is_alive()
+
+
+def test_a_reload_starts_a_pair_marked_failed_at_once(node1, monkeypatch, caplog):
+    """The failure's log line promises a retry at a reload too: the operator who fixed the
+    cause and sends SIGHUP gets the link back without waiting FAILED_RETRY."""
+    from dsp_proxy import main as dsp_main
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    monkeypatch.setattr(dsp_main, "FAILED_RETRY", 3600.0)
+    monkeypatch.setattr(dsp_main, "RESTART_BACKOFF", 0.05)
+    faults = {"left": dsp_main.MAX_RESTARTS + 1}
+    original = FrameReader.next
+
+    def next_frame(*args, **kw):
+        if threading.current_thread().name == "RPROXY(2)" and faults["left"] > 0:
+            faults["left"] -= 1
+            raise RuntimeError("injected fault")
+        return original(*args, **kw)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(FrameReader, "next", next_frame)
+    _wait(lambda: "marked failed" in caplog.text, 60, "the pair marked failed")
+    inproc.dsp.config_path = cl.cfg_path
+    inproc.dsp.post(("signal", signal.SIGHUP))
+    _wait(lambda: not inproc.dsp.pairs[2].failed, 20, "the failed pair started again")
+    assert "link to node 2, marked failed, starts again" in caplog.text
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+
+
+def test_reload_verdicts_pass_the_log_line_limit(node1, caplog):
+    """The init script's `reload` waits for the daemon's verdict line: reloads past the limit
+    of lines of one kind per minute must still log their verdict (an operator's own action,
+    not an outsider's flood)."""
+    from dsp_proxy.misc import LOG_BURST, RepeatLimit
+    cl, inproc = node1
+    caplog.set_level(logging.INFO)
+    limit = RepeatLimit()          # the daemon's log handlers' filter
+    caplog.handler.addFilter(limit)
+    inproc.dsp.config_path = cl.cfg_path
+    count = LOG_BURST + 5
+    for _ in range(count):
+        inproc.dsp.post(("signal", signal.SIGHUP))
+    try:
+        _wait(lambda: inproc.dsp.reloads["ok"] >= count, 60, f"{count} reloads")
+    finally:
+        caplog.handler.removeFilter(limit)
+    done = [r for r in caplog.records if r.getMessage().startswith("reload of ")
+            and "done" in r.getMessage()]
+    assert len(done) == count
