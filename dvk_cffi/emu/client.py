@@ -178,8 +178,12 @@ class EmuDvk(Dvk):
         return self._call("ARENA", size, fds=[fd])[0]
 
     def alloc(self, size: int) -> Buffer:
+        """Arena memory; given back for reuse when the Buffer is gone (its owner, a thread's
+        proxy object, ended)."""
         view, addr = self._arena.alloc(size)
-        return Buffer(view, addr, self)
+        buf = Buffer(view, addr, self)
+        weakref.finalize(buf, self._arena.free, addr, len(view)).atexit = False
+        return buf
 
     def proc_text(self, path: str) -> str:
         """A /proc/dvs view rendered by the node kernel (e.g. "nodes", "DC0/procs")."""

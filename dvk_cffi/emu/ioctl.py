@@ -73,6 +73,9 @@ class EmuDevice:
         self._lock = threading.Lock()
         # (sorted bases, [(base, view)]) of the memory this process allocated, swapped whole
         self._map: tuple[list[int], list[tuple[int, memoryview]]] = ([], [])
+        # its Buffers: a program addresses device memory by number, as C does its malloc'd
+        # memory, so it lives as long as the device (never given back for reuse)
+        self._held: list[Buffer] = []
         self._fds: set[int] = set()
         self._next_fd = _FIRST_FD
         self._types: dict[str, tuple[Any, int]] = {}
@@ -115,6 +118,7 @@ class EmuDevice:
         """Memory of this process the device (and the node kernel) can address."""
         buf = self.emu.alloc(size)
         with self._lock:
+            self._held.append(buf)
             bases, spans = self._map
             i = bisect.bisect_left(bases, buf.addr)
             self._map = (bases[:i] + [buf.addr] + bases[i:],
@@ -129,6 +133,7 @@ class EmuDevice:
         """In a forked child: a new process to the node kernel, the parent's memory not its."""
         self._lock = threading.Lock()
         self._map = ([], [])
+        self._held = []
 
     def _span(self, addr: int, size: int, code: int = E.EDVSFAULT) -> memoryview:
         """The caller's `size` bytes at `addr` (from `addr` to the end of its allocation when

@@ -74,9 +74,12 @@ class AddressSpace:
 class ArenaAllocator:
     """Client side: hands out `Buffer`-sized pieces of arenas registered with the node kernel.
 
-    Small requests share 4 MiB arenas (bump allocation, never freed: programs allocate their
-    buffers once); large ones get an arena of their own.  `register(fd, size)` is the
-    callback that passes the arena to the kernel and returns its base address.
+    Small requests share 4 MiB arenas (bump allocation); large ones get an arena of their
+    own.  A piece given back (`free`, when its Buffer is gone) goes to a free list of its size
+    that the next request of that size takes: a daemon that starts threads for ever (each
+    with its payload buffers) reuses their memory instead of growing until the kernel's
+    address space is used up.  `register(fd, size)` is the callback that passes the arena
+    to the kernel and returns its base address.
     """
 
     CHUNK = 4 << 20
@@ -86,6 +89,8 @@ class ArenaAllocator:
         self._lock = threading.Lock()
         self._current: tuple[int, mmap.mmap, int, int] | None = None  # base, mem, used, size
         self._maps: list[mmap.mmap] = []
+        self._pieces: dict[int, memoryview] = {}               # addr -> the whole piece
+        self._free: dict[int, list[int]] = {}                  # rounded size -> addrs
 
     def _new_arena(self, size: int) -> tuple[int, mmap.mmap]:
         fd = os.memfd_create("dvk-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -104,12 +109,28 @@ class ArenaAllocator:
         size = max(1, size)
         rounded = (size + 63) & ~63
         with self._lock:
+            spare = self._free.get(rounded)
+            if spare:
+                addr = spare.pop()
+                piece = self._pieces[addr]
+                piece[:] = bytes(rounded)
+                return piece[:size], addr
             if rounded > self.CHUNK // 4:
-                base, mem = self._new_arena(rounded)
-                return memoryview(mem)[:size], base
-            if self._current is None or self._current[2] + rounded > self._current[3]:
-                base, mem = self._new_arena(self.CHUNK)
-                self._current = (base, mem, 0, self.CHUNK)
-            base, mem, used, total = self._current
-            self._current = (base, mem, used + rounded, total)
-            return memoryview(mem)[used:used + size], base + used
+                addr, mem = self._new_arena(rounded)
+                piece = memoryview(mem)[:rounded]
+            else:
+                if self._current is None or self._current[2] + rounded > self._current[3]:
+                    base, mem = self._new_arena(self.CHUNK)
+                    self._current = (base, mem, 0, self.CHUNK)
+                base, mem, used, total = self._current
+                self._current = (base, mem, used + rounded, total)
+                addr, piece = base + used, memoryview(mem)[used:used + rounded]
+            self._pieces[addr] = piece
+            return piece[:size], addr
+
+    def free(self, addr: int, size: int) -> None:
+        """The piece at `addr` (of `size` bytes, as asked) is no longer used."""
+        rounded = (max(1, size) + 63) & ~63
+        with self._lock:
+            if addr in self._pieces:
+                self._free.setdefault(rounded, []).append(addr)
