@@ -40,6 +40,7 @@ log = logging.getLogger("dsp.elastic")
 
 COMMAND_TIMEOUT = 30.0
 BIND_WAIT = 5.0          # the dvs_lb contract: wait up to 5 s for the program's bind
+STOP_GRACE = 2.0         # a program or VM command has this long after SIGTERM, then SIGKILL
 RETRY_AFTER = 10.0       # a failed VM command is tried again after this long
 #: Program starts in progress at once (one thread each); a start request beyond them is
 #: answered EDVSAGAIN at once, so a flood of start requests costs no thread per request.
@@ -485,23 +486,38 @@ class ServiceRunner:
         _terminate_each(procs)
 
 
-def _terminate_each(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        _terminate(proc)
+def _terminate_each(procs: list[subprocess.Popen], grace: float = STOP_GRACE) -> None:
+    """Stop programs all at once: every process group is sent SIGTERM first, then all share
+    one `grace` period, then the groups still running get SIGKILL; so stopping many programs
+    that ignore SIGTERM takes one grace period, not one each (the init script's stop timeout
+    is 10 s)."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in running:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    stubborn = [proc for proc in running if proc.poll() is None]
+    for proc in stubborn:
+        _signal_group(proc, signal.SIGKILL)
+    for proc in stubborn:
+        proc.wait()
 
 
 def _terminate(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
+    _terminate_each([proc])
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the program's process group (it runs in a session of its own), else the
+    program alone."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
     except OSError:
-        proc.terminate()
-    try:
-        proc.wait(2)
-    except subprocess.TimeoutExpired:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.send_signal(sig)
         except OSError:
-            proc.kill()
-        proc.wait()
+            pass

@@ -357,6 +357,32 @@ def test_start_requests_beyond_the_running_starts_are_answered_at_once():
         assert p.runner.starting == 0
 
 
+def _ignores_sigterm(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_programs_that_ignore_sigterm_are_stopped_within_one_grace_period():
+    """The programs were stopped one by one, each given 2 s after SIGTERM: 8 programs that
+    ignore it took 16 s, past the init script's 10 s stop timeout (whose SIGKILL of the
+    daemon then left every program running).  All are signalled first and share one grace
+    period, then the ones left are killed."""
+    with _Programs(str(HERE / "stubborn.sh"), max_ep=37) as p:
+        assert [p.start(3) for _ in range(8)] == list(range(30, 38))
+        procs = list(p.runner.procs.values())
+        wait_for(lambda: all(_ignores_sigterm(proc.pid) for proc in procs), 10,
+                 "the programs ignore SIGTERM")
+        t0 = time.monotonic()
+        p.runner.stop_all()
+        took = time.monotonic() - t0
+        assert all(proc.poll() == -signal.SIGKILL for proc in procs)
+        assert took < 10.0, f"stopping 8 programs took {took:.1f} s"
+
+
 class _Programs:
     """A ServiceRunner of server node 1 for a `prog` service on endpoints 30..max_ep, with a
     stand-in kernel in which a program's endpoint is bound once its process has run for
