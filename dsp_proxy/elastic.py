@@ -316,26 +316,39 @@ class ServiceRunner:
         self.reserved: set[tuple[int, int]] = set()
         self.starting = 0                # start threads running (at most MAX_STARTING)
         self.gone: dict[int, int] = {}   # peer -> how often its link went down
+        #: set by stop_all (the daemon's shutdown): no program is started any more
+        self.closed = False
+        self.start_threads: set[threading.Thread] = set()
 
     def handle(self, peer: int, m: Message) -> None:
         """A control frame from a client's DSP (a start runs on a thread of its own, at most
         MAX_STARTING at once)."""
         if m.m_type == MT_SVC_START:
-            with self.lock:
+            started = False
+            with self.lock:     # started under the lock, so stop_all sees it to wait for
+                closed = self.closed
                 busy = self.starting >= MAX_STARTING
-                if not busy:
+                if not busy and not closed:
+                    args = (peer, self.gone.get(peer, 0), m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1,
+                            m.m1_p2)
+                    thread = threading.Thread(target=self._start, args=args,
+                                              name="svc-start", daemon=True)
                     self.starting += 1
-                    gone = self.gone.get(peer, 0)
-            if not busy:
-                args = (peer, gone, m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1, m.m1_p2)
-                try:
-                    threading.Thread(target=self._start, args=args, name="svc-start",
-                                     daemon=True).start()
-                    return
-                except RuntimeError as exc:         # no thread to be had
-                    log.warning("cannot start a thread for a program start: %s", exc)
-                    with self.lock:
+                    self.start_threads.add(thread)
+                    try:
+                        thread.start()
+                        started = True
+                    except RuntimeError as exc:         # no thread to be had
+                        log.warning("cannot start a thread for a program start: %s", exc)
                         self.starting -= 1
+                        self.start_threads.discard(thread)
+            if started:
+                return
+            if closed:
+                log.info("node %d asked for a program while this DSP stops: EDVSSHUTDOWN",
+                         peer)
+                self._answer(peer, E.EDVSSHUTDOWN, m.m1_p2)
+                return
             log.debug("node %d asked for a program while %d starts run: EDVSAGAIN", peer,
                       MAX_STARTING)
             self._answer(peer, E.EDVSAGAIN, m.m1_p2)
@@ -373,6 +386,7 @@ class ServiceRunner:
         finally:
             with self.lock:
                 self.starting -= 1
+                self.start_threads.discard(threading.current_thread())
                 peer_left = self.gone.get(peer, 0) != gone
         if result >= 0 and peer_left:       # its session ended with the peer's link
             log.info("node %d went away while its program started: stopped", peer)
@@ -388,6 +402,8 @@ class ServiceRunner:
               owner: int | None = None) -> int:
         """Start the service's program for one client (asked by the peer `owner`, the only
         one that may stop it); returns its endpoint or an error."""
+        if self.closed:
+            return E.EDVSSHUTDOWN
         svc = self._service(dcid, ext_ep)
         if svc is None:
             log.warning("refused to start a program for unknown service ep %d of DC %d",
@@ -414,11 +430,21 @@ class ServiceRunner:
             self._release(dcid, ep)
             return E.EDVSNOEXEC
         with self.lock:
-            self.procs[(dcid, ep)] = proc
-            if owner is not None:
-                self.owners[(dcid, ep)] = owner
+            closed = self.closed
+            if not closed:
+                self.procs[(dcid, ep)] = proc
+                if owner is not None:
+                    self.owners[(dcid, ep)] = owner
+        if closed:                      # the daemon stopped while the program was run
+            log.info("service %s: the DSP stops: the program just run is stopped", svc.name)
+            _terminate(proc)
+            self._release(dcid, ep)
+            return E.EDVSSHUTDOWN
         deadline = time.monotonic() + BIND_WAIT
         while time.monotonic() < deadline:
+            if self.closed:             # stop_all stopped the program
+                self._release(dcid, ep)
+                return E.EDVSSHUTDOWN
             if self._bound(dcid, ep):
                 log.info("service %s: program on endpoint %d for client %d@%d", svc.name, ep,
                          clt_ep, clt_node)
@@ -427,6 +453,9 @@ class ServiceRunner:
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
+        if self.closed:                 # stop_all stopped the program: no bind to wait for
+            self._release(dcid, ep)
+            return E.EDVSSHUTDOWN
         log.warning("service %s: the program did not bind endpoint %d within %.0f s",
                     svc.name, ep, BIND_WAIT)
         self.stop(dcid, ep)
@@ -480,10 +509,22 @@ class ServiceRunner:
         _terminate(proc)
 
     def stop_all(self) -> None:
+        """The daemon stops: no program is started from now on (a start request is answered
+        EDVSSHUTDOWN), every program is stopped, and the starts under way are waited for
+        (bounded) so none leaves a program behind; the programs run in sessions of their
+        own and would outlive the daemon."""
         with self.lock:
+            self.closed = True
             procs, self.procs = list(self.procs.values()), {}
             self.owners = {}
+            starts = list(self.start_threads)
         _terminate_each(procs)
+        deadline = time.monotonic() + STOP_GRACE + 1.0
+        for thread in starts:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        late = [t for t in starts if t.is_alive()]
+        if late:
+            log.warning("%d program start(s) still under way at the stop", len(late))
 
 
 def _terminate_each(procs: list[subprocess.Popen], grace: float = STOP_GRACE) -> None:

@@ -357,6 +357,69 @@ def test_start_requests_beyond_the_running_starts_are_answered_at_once():
         assert p.runner.starting == 0
 
 
+def test_no_program_is_started_once_the_runner_stopped():
+    """The daemon's shutdown stops the programs before the links: a start request that came
+    in after that ran a program that nothing stopped (it runs in a session of its own and
+    outlived the DSP).  It is refused with EDVSSHUTDOWN and no program runs."""
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        p.runner.stop_all()
+        assert p.start(3) == E.EDVSSHUTDOWN
+        assert not p.runner.procs and not p.runner.reserved
+        assert not os.listdir(p.outdir)                  # no program was ever run
+
+
+def test_stopping_waits_for_a_start_under_way_without_a_bind_warning(caplog):
+    """A program still waiting for its bind when the daemon stops is stopped with the rest;
+    its start thread is waited for, answers EDVSSHUTDOWN, and does not log that the program
+    failed to bind."""
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        p.bind_after = 30.0                              # it never binds in this test
+        p.runner.handle(3, p.message(MT_SVC_START, m1_i1=0, m1_i2=50, m1_i3=3, m1_p1=30,
+                                     m1_p2=1, m_source=3))
+        wait_for(lambda: (0, 30) in p.runner.procs, 10, "the program running")
+        proc = p.runner.procs[(0, 30)]
+        with caplog.at_level("INFO", logger="dsp.elastic"):
+            p.runner.stop_all()
+            assert p.runner.starting == 0 and not p.runner.start_threads
+        assert proc.poll() is not None
+        assert [p.answer(body) for _node, body in p.replies] == [E.EDVSSHUTDOWN]
+        assert "did not bind" not in caplog.text
+
+
+def test_a_program_run_while_the_runner_stops_is_stopped_at_once(monkeypatch):
+    """The stop came while a start thread was running the program (Popen not yet returned):
+    the program it gets is stopped at once instead of being kept and left running."""
+    import dsp_proxy.elastic as elastic
+    real_popen = subprocess.Popen
+    ran: list[subprocess.Popen] = []
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        stopper = threading.Thread(target=p.runner.stop_all, name="test-stop-all")
+
+        def popen(*args, **kwargs):
+            proc = real_popen(*args, **kwargs)
+            ran.append(proc)
+            stopper.start()                              # the stop comes in meanwhile
+            wait_for(lambda: p.runner.closed, 10, "the runner closed")
+            return proc
+
+        monkeypatch.setattr(elastic.subprocess, "Popen", popen)
+        try:
+            p.runner.handle(3, p.message(MT_SVC_START, m1_i1=0, m1_i2=50, m1_i3=3,
+                                         m1_p1=30, m1_p2=1, m_source=3))
+            wait_for(lambda: p.replies, 10, "the start's answer")
+        finally:
+            if stopper.ident is not None:
+                stopper.join(20)
+            monkeypatch.undo()
+            for proc in ran:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    pytest.fail("the program run during the stop was left running")
+        assert [p.answer(body) for _node, body in p.replies] == [E.EDVSSHUTDOWN]
+        assert len(ran) == 1 and not p.runner.procs and not p.runner.reserved
+
+
 def _ignores_sigterm(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
