@@ -53,10 +53,45 @@ class CommandResult:
     output: str
 
 
+class RunningCommands:
+    """The local VM commands running now.  A command runs in a session of its own on a
+    daemon thread that enforces its timeout; when the daemon stops, that thread dies with
+    it, so the daemon's stop ends the commands still running (`stop_all`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.procs: dict[subprocess.Popen, str] = {}
+        self.closed = False
+
+    def add(self, proc: subprocess.Popen, shown: str) -> bool:
+        """Track a command just run; False once the daemon stops (the caller ends it)."""
+        with self.lock:
+            if not self.closed:
+                self.procs[proc] = shown
+            return not self.closed
+
+    def discard(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.pop(proc, None)
+
+    def stop_all(self, grace: float = STOP_GRACE) -> None:
+        """End every command still running (SIGTERM to its process group, SIGKILL after
+        `grace`); none is run from now on."""
+        with self.lock:
+            self.closed = True
+            procs = dict(self.procs)
+        for proc, shown in procs.items():
+            log.warning("the DSP stops: ending the VM command still running (pid %d): %s",
+                        proc.pid, shown)
+        _terminate_each(list(procs), grace)
+
+
 class CommandRunner:
     """Runs VM commands locally or over ssh, with a timeout, never exposing the password."""
 
-    def __init__(self, lb, timeout: float = COMMAND_TIMEOUT) -> None:
+    def __init__(self, lb, timeout: float = COMMAND_TIMEOUT,
+                 commands: RunningCommands | None = None) -> None:
+        self.commands = commands if commands is not None else RunningCommands()
         self.host = lb.ssh_host
         self.user = lb.ssh_user or os.environ.get("USER", "root")
         self._password = lb.ssh_pass
@@ -75,18 +110,30 @@ class CommandRunner:
         if self.host:
             return self._ssh(shown)
         try:
-            res = subprocess.run(argv, capture_output=True, text=True, errors="replace",
-                                 timeout=self.timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            log.warning("command timed out after %.0f s: %s", self.timeout, shown)
-            return CommandResult(-1, "timeout")
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                    start_new_session=True)
         except OSError as exc:
             log.warning("command failed to run: %s: %s", shown, exc)
             return CommandResult(-1, str(exc))
-        if res.returncode != 0:
-            log.warning("command exited with status %d: %s: %s", res.returncode, shown,
-                        (res.stderr or res.stdout).strip()[-200:])
-        return CommandResult(res.returncode, res.stdout)
+        if not self.commands.add(proc, shown):
+            log.warning("the DSP stops: command ended at once: %s", shown)
+            _terminate(proc)
+            _collect(proc)
+            return CommandResult(-1, "stopped")
+        try:
+            out, err = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("command timed out after %.0f s: %s", self.timeout, shown)
+            _terminate(proc)
+            _collect(proc)
+            return CommandResult(-1, "timeout")
+        finally:
+            self.commands.discard(proc)
+        if proc.returncode != 0:
+            log.warning("command exited with status %d: %s: %s", proc.returncode, shown,
+                        (err or out).strip()[-200:])
+        return CommandResult(proc.returncode, out)
 
     def _ssh(self, command: str) -> CommandResult:
         import paramiko
@@ -154,7 +201,9 @@ class Autoscaler:
     def __init__(self, host: Host, runner: CommandRunner | None = None) -> None:
         self.host = host
         self.lb = host.cfg.lb
-        self.runner = runner or CommandRunner(self.lb)
+        #: the local VM commands running, across reloads (each makes a new CommandRunner)
+        self.commands = getattr(runner, "commands", None) or RunningCommands()
+        self.runner = runner or CommandRunner(self.lb, commands=self.commands)
         self.vms = {n.nodeid: VmState(n.nodeid, n.name, n.node_image)
                     for n in host.cfg.servers}
         self.no_server = False
@@ -164,12 +213,17 @@ class Autoscaler:
     def reload(self, cfg) -> None:
         """SIGHUP: new thresholds, timers, commands and servers apply from the next tick."""
         self.lb = cfg.lb
-        self.runner = CommandRunner(cfg.lb)
+        self.runner = CommandRunner(cfg.lb, commands=self.commands)
         old = self.vms
         self.vms = {n.nodeid: old.get(n.nodeid) or VmState(n.nodeid, n.name, n.node_image)
                     for n in cfg.servers}
         for n in cfg.servers:
             self.vms[n.nodeid].image = n.node_image
+
+    def stop(self) -> None:
+        """The daemon stops: end the VM commands still running, which its threads would
+        no longer time out."""
+        self.commands.stop_all()
 
     def decider(self) -> int | None:
         """The deciding DSP: the node `svrname` names, else the lowest-id live server."""
@@ -550,6 +604,17 @@ def _terminate_each(procs: list[subprocess.Popen], grace: float = STOP_GRACE) ->
 
 def _terminate(proc: subprocess.Popen) -> None:
     _terminate_each([proc])
+
+
+def _collect(proc: subprocess.Popen) -> None:
+    """Read what an ended command left in its pipes (bounded: a process it left behind in
+    another session may hold them open)."""
+    try:
+        proc.communicate(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

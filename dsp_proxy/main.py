@@ -666,6 +666,8 @@ class Dsp:
         callers with EDVSNOTCONN)."""
         self.stop()
         self.services.stop_all()
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
         for link in self.links.values():
             link.stop()
         self.monitor.stop()

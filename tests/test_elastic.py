@@ -215,6 +215,41 @@ def _env_has(pid: str, text: str) -> bool:
         return False
 
 
+def _running_cmd(pid: int, word: str) -> bool:
+    try:
+        return word.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_a_vm_command_running_when_the_dsp_stops_is_ended(tmp_path):
+    """A VM command (a slow hypervisor's vm_start) still running when the deciding DSP got
+    SIGTERM was left behind: the thread that enforced its 30 s timeout died with the daemon.
+    The DSP's stop ends it (its process group), logs it, and still exits 0."""
+    started = tmp_path / "vm_start.pid"
+    slow = tmp_path / "slow_vm_start.sh"
+    slow.write_text(f"#!/bin/sh\necho $$ > {started}\nexec sleep 60\n")
+    slow.chmod(0o755)
+    lb = (f'start 30; min_servers 2; max_servers 2; vm_start "{slow}"; vm_stop "/bin/true"; '
+          'vm_status "/bin/false";')
+    cfg = config(lb=lb, node2=f'node_image "{tmp_path / "node2.image"}";')
+    pid = None
+    try:
+        with cluster_from(cfg, tmp_path, only=[1, 3]) as cl:
+            wait_for(lambda: started.exists() and started.read_text().strip(), 30,
+                     "vm_start of node 2 running")
+            pid = int(started.read_text())
+            assert _running_cmd(pid, "sleep")
+            cl.dsps[1].send_signal(signal.SIGTERM)
+            assert cl.dsps[1].wait(30) == 0
+            wait_for(lambda: not _running_cmd(pid, "sleep"), 10, "the VM command ended")
+            log = Path(cl.log_path("dsp1")).read_text(errors="replace")
+            assert "ending the VM command still running" in log, log[-2000:]
+    finally:
+        if pid is not None and _running_cmd(pid, "sleep"):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_vm_command_timeout_and_failure_are_logged(tmp_path):
     from dsp_proxy.config import parse_text
     from dsp_proxy.elastic import CommandRunner
