@@ -373,6 +373,7 @@ class ServiceRunner:
         #: set by stop_all (the daemon's shutdown): no program is started any more
         self.closed = False
         self.start_threads: set[threading.Thread] = set()
+        self.stopping: set[subprocess.Popen] = set()   # a gone peer's, being stopped
 
     def handle(self, peer: int, m: Message) -> None:
         """A control frame from a client's DSP (a start runs on a thread of its own, at most
@@ -418,13 +419,24 @@ class ServiceRunner:
             self.gone[peer] = self.gone.get(peer, 0) + 1
             keys = [key for key, owner in self.owners.items() if owner == peer]
             procs = [self.procs.pop(key) for key in keys if key in self.procs]
+            self.stopping.update(procs)
             for key in keys:
                 del self.owners[key]
         if procs:
             log.info("node %d is gone: stopping the %d program(s) it asked for", peer,
                      len(procs))
-            threading.Thread(target=_terminate_each, args=(procs,), name="svc-stop",
+            threading.Thread(target=self._stop_gone, args=(procs,), name="svc-stop",
                              daemon=True).start()
+
+    def _stop_gone(self, procs: list[subprocess.Popen]) -> None:
+        """Stop a gone peer's programs; stop_all sees them meanwhile (this daemon thread
+        dies with the daemon, before its SIGKILL if a program ignores SIGTERM; so does a
+        receiver thread that stops a program in `stop`)."""
+        try:
+            _terminate_each(procs)
+        finally:
+            with self.lock:
+                self.stopping.difference_update(procs)
 
     def _service(self, dcid: int, ext_ep: int):
         for svc in self.host.cfg.services:
@@ -557,10 +569,16 @@ class ServiceRunner:
                 return
             self.owners.pop((dcid, ep), None)
             proc = self.procs.pop((dcid, ep), None)
+            if proc is not None:
+                self.stopping.add(proc)
         if proc is None:
             return
         log.info("stopping the program on endpoint %d of DC %d", ep, dcid)
-        _terminate(proc)
+        try:
+            _terminate(proc)
+        finally:
+            with self.lock:
+                self.stopping.discard(proc)
 
     def stop_all(self) -> None:
         """The daemon stops: no program is started from now on (a start request is answered
@@ -569,7 +587,7 @@ class ServiceRunner:
         own and would outlive the daemon."""
         with self.lock:
             self.closed = True
-            procs, self.procs = list(self.procs.values()), {}
+            procs, self.procs = list(self.procs.values()) + list(self.stopping), {}
             self.owners = {}
             starts = list(self.start_threads)
         _terminate_each(procs)

@@ -421,6 +421,20 @@ def test_stopping_waits_for_a_start_under_way_without_a_bind_warning(caplog):
         assert "did not bind" not in caplog.text
 
 
+def test_programs_being_stopped_for_a_gone_peer_are_stopped_by_the_runners_stop():
+    """A gone peer's programs are stopped on a daemon thread (SIGTERM, SIGKILL 2 s later):
+    when the daemon stopped meanwhile, that thread died with it and a program that ignores
+    SIGTERM ran on.  The runner's stop sees the programs being stopped and ends them too."""
+    with _Programs(str(HERE / "stubborn.sh")) as p:
+        assert p.start(3) == 30
+        proc = p.runner.procs[(0, 30)]
+        wait_for(lambda: _ignores_sigterm(proc.pid), 10, "the program ignores SIGTERM")
+        p.runner.peer_gone(3)
+        assert (0, 30) not in p.runner.procs
+        p.runner.stop_all()
+        assert proc.poll() == -signal.SIGKILL
+
+
 def test_a_program_run_while_the_runner_stops_is_stopped_at_once(monkeypatch):
     """The stop came while a start thread was running the program (Popen not yet returned):
     the program it gets is stopped at once instead of being kept and left running."""
