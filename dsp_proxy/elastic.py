@@ -40,6 +40,7 @@ log = logging.getLogger("dsp.elastic")
 
 COMMAND_TIMEOUT = 30.0
 BIND_WAIT = 5.0          # the dvs_lb contract: wait up to 5 s for the program's bind
+STOP_GRACE = 2.0         # a program or VM command has this long after SIGTERM, then SIGKILL
 RETRY_AFTER = 10.0       # a failed VM command is tried again after this long
 #: Program starts in progress at once (one thread each); a start request beyond them is
 #: answered EDVSAGAIN at once, so a flood of start requests costs no thread per request.
@@ -52,10 +53,45 @@ class CommandResult:
     output: str
 
 
+class RunningCommands:
+    """The local VM commands running now.  A command runs in a session of its own on a
+    daemon thread that enforces its timeout; when the daemon stops, that thread dies with
+    it, so the daemon's stop ends the commands still running (`stop_all`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.procs: dict[subprocess.Popen, str] = {}
+        self.closed = False
+
+    def add(self, proc: subprocess.Popen, shown: str) -> bool:
+        """Track a command just run; False once the daemon stops (the caller ends it)."""
+        with self.lock:
+            if not self.closed:
+                self.procs[proc] = shown
+            return not self.closed
+
+    def discard(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.pop(proc, None)
+
+    def stop_all(self, grace: float = STOP_GRACE) -> None:
+        """End every command still running (SIGTERM to its process group, SIGKILL after
+        `grace`); none is run from now on."""
+        with self.lock:
+            self.closed = True
+            procs = dict(self.procs)
+        for proc, shown in procs.items():
+            log.warning("the DSP stops: ending the VM command still running (pid %d): %s",
+                        proc.pid, shown)
+        _terminate_each(list(procs), grace)
+
+
 class CommandRunner:
     """Runs VM commands locally or over ssh, with a timeout, never exposing the password."""
 
-    def __init__(self, lb, timeout: float = COMMAND_TIMEOUT) -> None:
+    def __init__(self, lb, timeout: float = COMMAND_TIMEOUT,
+                 commands: RunningCommands | None = None) -> None:
+        self.commands = commands if commands is not None else RunningCommands()
         self.host = lb.ssh_host
         self.user = lb.ssh_user or os.environ.get("USER", "root")
         self._password = lb.ssh_pass
@@ -74,18 +110,30 @@ class CommandRunner:
         if self.host:
             return self._ssh(shown)
         try:
-            res = subprocess.run(argv, capture_output=True, text=True, errors="replace",
-                                 timeout=self.timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            log.warning("command timed out after %.0f s: %s", self.timeout, shown)
-            return CommandResult(-1, "timeout")
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                    start_new_session=True)
         except OSError as exc:
             log.warning("command failed to run: %s: %s", shown, exc)
             return CommandResult(-1, str(exc))
-        if res.returncode != 0:
-            log.warning("command exited with status %d: %s: %s", res.returncode, shown,
-                        (res.stderr or res.stdout).strip()[-200:])
-        return CommandResult(res.returncode, res.stdout)
+        if not self.commands.add(proc, shown):
+            log.warning("the DSP stops: command ended at once: %s", shown)
+            _terminate(proc)
+            _collect(proc)
+            return CommandResult(-1, "stopped")
+        try:
+            out, err = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("command timed out after %.0f s: %s", self.timeout, shown)
+            _terminate(proc)
+            _collect(proc)
+            return CommandResult(-1, "timeout")
+        finally:
+            self.commands.discard(proc)
+        if proc.returncode != 0:
+            log.warning("command exited with status %d: %s: %s", proc.returncode, shown,
+                        (err or out).strip()[-200:])
+        return CommandResult(proc.returncode, out)
 
     def _ssh(self, command: str) -> CommandResult:
         import paramiko
@@ -153,7 +201,9 @@ class Autoscaler:
     def __init__(self, host: Host, runner: CommandRunner | None = None) -> None:
         self.host = host
         self.lb = host.cfg.lb
-        self.runner = runner or CommandRunner(self.lb)
+        #: the local VM commands running, across reloads (each makes a new CommandRunner)
+        self.commands = getattr(runner, "commands", None) or RunningCommands()
+        self.runner = runner or CommandRunner(self.lb, commands=self.commands)
         self.vms = {n.nodeid: VmState(n.nodeid, n.name, n.node_image)
                     for n in host.cfg.servers}
         self.no_server = False
@@ -163,12 +213,17 @@ class Autoscaler:
     def reload(self, cfg) -> None:
         """SIGHUP: new thresholds, timers, commands and servers apply from the next tick."""
         self.lb = cfg.lb
-        self.runner = CommandRunner(cfg.lb)
+        self.runner = CommandRunner(cfg.lb, commands=self.commands)
         old = self.vms
         self.vms = {n.nodeid: old.get(n.nodeid) or VmState(n.nodeid, n.name, n.node_image)
                     for n in cfg.servers}
         for n in cfg.servers:
             self.vms[n.nodeid].image = n.node_image
+
+    def stop(self) -> None:
+        """The daemon stops: end the VM commands still running, which its threads would
+        no longer time out."""
+        self.commands.stop_all()
 
     def decider(self) -> int | None:
         """The deciding DSP: the node `svrname` names, else the lowest-id live server."""
@@ -315,26 +370,40 @@ class ServiceRunner:
         self.reserved: set[tuple[int, int]] = set()
         self.starting = 0                # start threads running (at most MAX_STARTING)
         self.gone: dict[int, int] = {}   # peer -> how often its link went down
+        #: set by stop_all (the daemon's shutdown): no program is started any more
+        self.closed = False
+        self.start_threads: set[threading.Thread] = set()
+        self.stopping: set[subprocess.Popen] = set()   # a gone peer's, being stopped
 
     def handle(self, peer: int, m: Message) -> None:
         """A control frame from a client's DSP (a start runs on a thread of its own, at most
         MAX_STARTING at once)."""
         if m.m_type == MT_SVC_START:
-            with self.lock:
+            started = False
+            with self.lock:     # started under the lock, so stop_all sees it to wait for
+                closed = self.closed
                 busy = self.starting >= MAX_STARTING
-                if not busy:
+                if not busy and not closed:
+                    args = (peer, self.gone.get(peer, 0), m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1,
+                            m.m1_p2)
+                    thread = threading.Thread(target=self._start, args=args,
+                                              name="svc-start", daemon=True)
                     self.starting += 1
-                    gone = self.gone.get(peer, 0)
-            if not busy:
-                args = (peer, gone, m.m1_i1, m.m1_i2, m.m1_i3, m.m1_p1, m.m1_p2)
-                try:
-                    threading.Thread(target=self._start, args=args, name="svc-start",
-                                     daemon=True).start()
-                    return
-                except RuntimeError as exc:         # no thread to be had
-                    log.warning("cannot start a thread for a program start: %s", exc)
-                    with self.lock:
+                    self.start_threads.add(thread)
+                    try:
+                        thread.start()
+                        started = True
+                    except RuntimeError as exc:         # no thread to be had
+                        log.warning("cannot start a thread for a program start: %s", exc)
                         self.starting -= 1
+                        self.start_threads.discard(thread)
+            if started:
+                return
+            if closed:
+                log.info("node %d asked for a program while this DSP stops: EDVSSHUTDOWN",
+                         peer)
+                self._answer(peer, E.EDVSSHUTDOWN, m.m1_p2)
+                return
             log.debug("node %d asked for a program while %d starts run: EDVSAGAIN", peer,
                       MAX_STARTING)
             self._answer(peer, E.EDVSAGAIN, m.m1_p2)
@@ -350,13 +419,24 @@ class ServiceRunner:
             self.gone[peer] = self.gone.get(peer, 0) + 1
             keys = [key for key, owner in self.owners.items() if owner == peer]
             procs = [self.procs.pop(key) for key in keys if key in self.procs]
+            self.stopping.update(procs)
             for key in keys:
                 del self.owners[key]
         if procs:
             log.info("node %d is gone: stopping the %d program(s) it asked for", peer,
                      len(procs))
-            threading.Thread(target=_terminate_each, args=(procs,), name="svc-stop",
+            threading.Thread(target=self._stop_gone, args=(procs,), name="svc-stop",
                              daemon=True).start()
+
+    def _stop_gone(self, procs: list[subprocess.Popen]) -> None:
+        """Stop a gone peer's programs; stop_all sees them meanwhile (this daemon thread
+        dies with the daemon, before its SIGKILL if a program ignores SIGTERM; so does a
+        receiver thread that stops a program in `stop`)."""
+        try:
+            _terminate_each(procs)
+        finally:
+            with self.lock:
+                self.stopping.difference_update(procs)
 
     def _service(self, dcid: int, ext_ep: int):
         for svc in self.host.cfg.services:
@@ -372,6 +452,7 @@ class ServiceRunner:
         finally:
             with self.lock:
                 self.starting -= 1
+                self.start_threads.discard(threading.current_thread())
                 peer_left = self.gone.get(peer, 0) != gone
         if result >= 0 and peer_left:       # its session ended with the peer's link
             log.info("node %d went away while its program started: stopped", peer)
@@ -387,6 +468,8 @@ class ServiceRunner:
               owner: int | None = None) -> int:
         """Start the service's program for one client (asked by the peer `owner`, the only
         one that may stop it); returns its endpoint or an error."""
+        if self.closed:
+            return E.EDVSSHUTDOWN
         svc = self._service(dcid, ext_ep)
         if svc is None:
             log.warning("refused to start a program for unknown service ep %d of DC %d",
@@ -413,11 +496,21 @@ class ServiceRunner:
             self._release(dcid, ep)
             return E.EDVSNOEXEC
         with self.lock:
-            self.procs[(dcid, ep)] = proc
-            if owner is not None:
-                self.owners[(dcid, ep)] = owner
+            closed = self.closed
+            if not closed:
+                self.procs[(dcid, ep)] = proc
+                if owner is not None:
+                    self.owners[(dcid, ep)] = owner
+        if closed:                      # the daemon stopped while the program was run
+            log.info("service %s: the DSP stops: the program just run is stopped", svc.name)
+            _terminate(proc)
+            self._release(dcid, ep)
+            return E.EDVSSHUTDOWN
         deadline = time.monotonic() + BIND_WAIT
         while time.monotonic() < deadline:
+            if self.closed:             # stop_all stopped the program
+                self._release(dcid, ep)
+                return E.EDVSSHUTDOWN
             if self._bound(dcid, ep):
                 log.info("service %s: program on endpoint %d for client %d@%d", svc.name, ep,
                          clt_ep, clt_node)
@@ -426,6 +519,9 @@ class ServiceRunner:
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
+        if self.closed:                 # stop_all stopped the program: no bind to wait for
+            self._release(dcid, ep)
+            return E.EDVSSHUTDOWN
         log.warning("service %s: the program did not bind endpoint %d within %.0f s",
                     svc.name, ep, BIND_WAIT)
         self.stop(dcid, ep)
@@ -473,35 +569,79 @@ class ServiceRunner:
                 return
             self.owners.pop((dcid, ep), None)
             proc = self.procs.pop((dcid, ep), None)
+            if proc is not None:
+                self.stopping.add(proc)
         if proc is None:
             return
         log.info("stopping the program on endpoint %d of DC %d", ep, dcid)
-        _terminate(proc)
+        try:
+            _terminate(proc)
+        finally:
+            with self.lock:
+                self.stopping.discard(proc)
 
     def stop_all(self) -> None:
+        """The daemon stops: no program is started from now on (a start request is answered
+        EDVSSHUTDOWN), every program is stopped, and the starts under way are waited for
+        (bounded) so none leaves a program behind; the programs run in sessions of their
+        own and would outlive the daemon."""
         with self.lock:
-            procs, self.procs = list(self.procs.values()), {}
+            self.closed = True
+            procs, self.procs = list(self.procs.values()) + list(self.stopping), {}
             self.owners = {}
+            starts = list(self.start_threads)
         _terminate_each(procs)
+        deadline = time.monotonic() + STOP_GRACE + 1.0
+        for thread in starts:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        late = [t for t in starts if t.is_alive()]
+        if late:
+            log.warning("%d program start(s) still under way at the stop", len(late))
 
 
-def _terminate_each(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        _terminate(proc)
+def _terminate_each(procs: list[subprocess.Popen], grace: float = STOP_GRACE) -> None:
+    """Stop programs all at once: every process group is sent SIGTERM first, then all share
+    one `grace` period, then the groups still running get SIGKILL; so stopping many programs
+    that ignore SIGTERM takes one grace period, not one each (the init script's stop timeout
+    is 10 s)."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in running:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    stubborn = [proc for proc in running if proc.poll() is None]
+    for proc in stubborn:
+        _signal_group(proc, signal.SIGKILL)
+    for proc in stubborn:
+        proc.wait()
 
 
 def _terminate(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
+    _terminate_each([proc])
+
+
+def _collect(proc: subprocess.Popen) -> None:
+    """Read what an ended command left in its pipes (bounded: a process it left behind in
+    another session may hold them open)."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except OSError:
-        proc.terminate()
-    try:
-        proc.wait(2)
+        proc.communicate(timeout=1.0)
     except subprocess.TimeoutExpired:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the program's process group (it runs in a session of its own), else the
+    program alone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except OSError:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.send_signal(sig)
         except OSError:
-            proc.kill()
-        proc.wait()
+            pass

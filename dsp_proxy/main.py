@@ -667,6 +667,8 @@ class Dsp:
         callers with EDVSNOTCONN)."""
         self.stop()
         self.services.stop_all()
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
         for link in self.links.values():
             link.stop()
         self.monitor.stop()
@@ -900,9 +902,11 @@ def _find_local_node(cfg_path: str) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
-def open_node_dvk(mode: str, node: int | None, cfg_path: str) -> Dvk:
+def open_node_dvk(mode: str, node: int | None, cfg_path: str,
+                  cancelled: Callable[[], bool] | None = None) -> Dvk:
     """Open the DVK; with the emulator (emu, or emu-ioctl: the kernel backend over the
-    emulator's ioctl device) find this node's kernel, or start one as a process of its own."""
+    emulator's ioctl device) find this node's kernel, or start one as a process of its own
+    (InterruptedError, and the kernel stopped, when `cancelled()` turns true meanwhile)."""
     if mode == "kernel" or (mode == "auto" and os.path.exists(C.DVK_FILE_NAME)):
         return open_dvk("kernel")
     from dvk_cffi.emu import node as emunode
@@ -920,7 +924,7 @@ def open_node_dvk(mode: str, node: int | None, cfg_path: str) -> Dvk:
             raise
         log.info("no DVK node kernel for node %d: starting one (it stops with this daemon)",
                  node)
-        proc = emunode.start_node(node, detach=True)
+        proc = emunode.start_node(node, detach=True, cancelled=cancelled)
         daemon.stop_with_this_process(proc, f"the node kernel of node {node}")
         dvk = open_dvk(backend, path=socket_path(node))
     if backend == "emu-ioctl":
@@ -1002,6 +1006,47 @@ def check(args: argparse.Namespace) -> int:
     return status
 
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+class EarlySignals:
+    """Signals that come before the main loop runs are recorded, not acted on at once (the
+    default actions killed the daemon mid-start and left the node kernel it had started):
+    SIGTERM or SIGINT makes the start-up stop at its next step with exit status 0 (a node
+    kernel the daemon started is stopped on the way out); SIGHUP and SIGUSR1 are handed to
+    the main loop, which applies them once it runs."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, _frame) -> None:
+        self.seen.append(signum)
+
+    def stop_signal(self) -> int | None:
+        """The first SIGTERM or SIGINT received, if any."""
+        return next((s for s in self.seen if s in (signal.SIGTERM, signal.SIGINT)), None)
+
+    def stopping(self) -> bool:
+        """True (and logged) when the start-up must stop."""
+        signum = self.stop_signal()
+        if signum is None:
+            return False
+        log.info("signal %s during start-up: stopping", signal.Signals(signum).name)
+        return True
+
+    def hand_over(self, dsp: Dsp) -> None:
+        """From now on signals are events of `dsp`'s main loop; the ones recorded so far
+        are posted to it, in order."""
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, lambda signum, _frame: dsp.post(("signal", signum)))
+        for signum in list(self.seen):
+            log.info("signal %s during start-up: handled once the DSP runs",
+                     signal.Signals(signum).name)
+            dsp.post(("signal", signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -1010,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.check:
         return check(args)
+    early = EarlySignals()
     stats_addr = args.stats
     try:
         setup_logging(args.log_level, args.log_file, args.syslog)
@@ -1021,11 +1067,16 @@ def main(argv: list[str] | None = None) -> int:
     log.info("dsp_proxy %s (pid %d) starting with %s", __version__, os.getpid(),
              os.path.abspath(args.config))
     try:
-        dvk = open_node_dvk(args.dvk, args.node, args.config)
+        dvk = open_node_dvk(args.dvk, args.node, args.config,
+                            cancelled=lambda: early.stop_signal() is not None)
         local, dvs = dvk.getdvsinfo()
     except (OSError, E.DvkError, TimeoutError, RuntimeError) as exc:
+        if early.stopping():
+            return 0
         log.error("cannot open the DVK: %s", exc)
         return 1
+    if early.stopping():
+        return 0
     if local < 0:
         log.error("the DVS of this node is not initialised")
         return 1
@@ -1047,9 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
     if other is not None:
         log.error("a dsp_proxy of node %d is already running (pid %d)", local, other)
         return 1
+    if early.stopping():
+        return 0
     dsp = Dsp(dvk, cfg, local, dvs, allow_any_peer=args.allow_any_peer)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, _frame: dsp.post(("signal", signum)))
+    early.hand_over(dsp)
     latency = cpu_latency.hold(args.cpu_latency)
     if latency is not None:
         dsp.cpu_latency_us = args.cpu_latency

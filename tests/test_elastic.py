@@ -215,6 +215,41 @@ def _env_has(pid: str, text: str) -> bool:
         return False
 
 
+def _running_cmd(pid: int, word: str) -> bool:
+    try:
+        return word.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_a_vm_command_running_when_the_dsp_stops_is_ended(tmp_path):
+    """A VM command (a slow hypervisor's vm_start) still running when the deciding DSP got
+    SIGTERM was left behind: the thread that enforced its 30 s timeout died with the daemon.
+    The DSP's stop ends it (its process group), logs it, and still exits 0."""
+    started = tmp_path / "vm_start.pid"
+    slow = tmp_path / "slow_vm_start.sh"
+    slow.write_text(f"#!/bin/sh\necho $$ > {started}\nexec sleep 60\n")
+    slow.chmod(0o755)
+    lb = (f'start 30; min_servers 2; max_servers 2; vm_start "{slow}"; vm_stop "/bin/true"; '
+          'vm_status "/bin/false";')
+    cfg = config(lb=lb, node2=f'node_image "{tmp_path / "node2.image"}";')
+    pid = None
+    try:
+        with cluster_from(cfg, tmp_path, only=[1, 3]) as cl:
+            wait_for(lambda: started.exists() and started.read_text().strip(), 30,
+                     "vm_start of node 2 running")
+            pid = int(started.read_text())
+            assert _running_cmd(pid, "sleep")
+            cl.dsps[1].send_signal(signal.SIGTERM)
+            assert cl.dsps[1].wait(30) == 0
+            wait_for(lambda: not _running_cmd(pid, "sleep"), 10, "the VM command ended")
+            log = Path(cl.log_path("dsp1")).read_text(errors="replace")
+            assert "ending the VM command still running" in log, log[-2000:]
+    finally:
+        if pid is not None and _running_cmd(pid, "sleep"):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_vm_command_timeout_and_failure_are_logged(tmp_path):
     from dsp_proxy.config import parse_text
     from dsp_proxy.elastic import CommandRunner
@@ -355,6 +390,109 @@ def test_start_requests_beyond_the_running_starts_are_answered_at_once():
         assert results.count(E.EDVSAGAIN) == 3
         assert sorted(r for r in results if r >= 0) == list(range(30, 30 + MAX_STARTING))
         assert p.runner.starting == 0
+
+
+def test_no_program_is_started_once_the_runner_stopped():
+    """The daemon's shutdown stops the programs before the links: a start request that came
+    in after that ran a program that nothing stopped (it runs in a session of its own and
+    outlived the DSP).  It is refused with EDVSSHUTDOWN and no program runs."""
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        p.runner.stop_all()
+        assert p.start(3) == E.EDVSSHUTDOWN
+        assert not p.runner.procs and not p.runner.reserved
+        assert not os.listdir(p.outdir)                  # no program was ever run
+
+
+def test_stopping_waits_for_a_start_under_way_without_a_bind_warning(caplog):
+    """A program still waiting for its bind when the daemon stops is stopped with the rest;
+    its start thread is waited for, answers EDVSSHUTDOWN, and does not log that the program
+    failed to bind."""
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        p.bind_after = 30.0                              # it never binds in this test
+        p.runner.handle(3, p.message(MT_SVC_START, m1_i1=0, m1_i2=50, m1_i3=3, m1_p1=30,
+                                     m1_p2=1, m_source=3))
+        wait_for(lambda: (0, 30) in p.runner.procs, 10, "the program running")
+        proc = p.runner.procs[(0, 30)]
+        with caplog.at_level("INFO", logger="dsp.elastic"):
+            p.runner.stop_all()
+            assert p.runner.starting == 0 and not p.runner.start_threads
+        assert proc.poll() is not None
+        assert [p.answer(body) for _node, body in p.replies] == [E.EDVSSHUTDOWN]
+        assert "did not bind" not in caplog.text
+
+
+def test_programs_being_stopped_for_a_gone_peer_are_stopped_by_the_runners_stop():
+    """A gone peer's programs are stopped on a daemon thread (SIGTERM, SIGKILL 2 s later):
+    when the daemon stopped meanwhile, that thread died with it and a program that ignores
+    SIGTERM ran on.  The runner's stop sees the programs being stopped and ends them too."""
+    with _Programs(str(HERE / "stubborn.sh")) as p:
+        assert p.start(3) == 30
+        proc = p.runner.procs[(0, 30)]
+        wait_for(lambda: _ignores_sigterm(proc.pid), 10, "the program ignores SIGTERM")
+        p.runner.peer_gone(3)
+        assert (0, 30) not in p.runner.procs
+        p.runner.stop_all()
+        assert proc.poll() == -signal.SIGKILL
+
+
+def test_a_program_run_while_the_runner_stops_is_stopped_at_once(monkeypatch):
+    """The stop came while a start thread was running the program (Popen not yet returned):
+    the program it gets is stopped at once instead of being kept and left running."""
+    import dsp_proxy.elastic as elastic
+    real_popen = subprocess.Popen
+    ran: list[subprocess.Popen] = []
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        stopper = threading.Thread(target=p.runner.stop_all, name="test-stop-all")
+
+        def popen(*args, **kwargs):
+            proc = real_popen(*args, **kwargs)
+            ran.append(proc)
+            stopper.start()                              # the stop comes in meanwhile
+            wait_for(lambda: p.runner.closed, 10, "the runner closed")
+            return proc
+
+        monkeypatch.setattr(elastic.subprocess, "Popen", popen)
+        try:
+            p.runner.handle(3, p.message(MT_SVC_START, m1_i1=0, m1_i2=50, m1_i3=3,
+                                         m1_p1=30, m1_p2=1, m_source=3))
+            wait_for(lambda: p.replies, 10, "the start's answer")
+        finally:
+            if stopper.ident is not None:
+                stopper.join(20)
+            monkeypatch.undo()
+            for proc in ran:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    pytest.fail("the program run during the stop was left running")
+        assert [p.answer(body) for _node, body in p.replies] == [E.EDVSSHUTDOWN]
+        assert len(ran) == 1 and not p.runner.procs and not p.runner.reserved
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_programs_that_ignore_sigterm_are_stopped_within_one_grace_period():
+    """The programs were stopped one by one, each given 2 s after SIGTERM: 8 programs that
+    ignore it took 16 s, past the init script's 10 s stop timeout (whose SIGKILL of the
+    daemon then left every program running).  All are signalled first and share one grace
+    period, then the ones left are killed."""
+    with _Programs(str(HERE / "stubborn.sh"), max_ep=37) as p:
+        assert [p.start(3) for _ in range(8)] == list(range(30, 38))
+        procs = list(p.runner.procs.values())
+        wait_for(lambda: all(_ignores_sigterm(proc.pid) for proc in procs), 10,
+                 "the programs ignore SIGTERM")
+        t0 = time.monotonic()
+        p.runner.stop_all()
+        took = time.monotonic() - t0
+        assert all(proc.poll() == -signal.SIGKILL for proc in procs)
+        assert took < 10.0, f"stopping 8 programs took {took:.1f} s"
 
 
 class _Programs:

@@ -273,6 +273,69 @@ def test_stop_leaves_no_process_also_the_node_kernel_the_daemon_started(make_roo
     assert "DSP of node 1 stopped" in r.log()
 
 
+def _daemon_starting_its_kernel(r: Root, log: Path) -> subprocess.Popen:
+    """A dsp_proxy with no node kernel running, once it has said it starts one."""
+    r.pidfile.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", "1",
+                             "--pidfile", str(r.pidfile), str(r.cfg)], env=r.env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=log.open("wb"))
+    try:
+        wait_for(lambda: "starting one (it stops with this daemon)" in log.read_text(), 30,
+                 "the daemon starting its node kernel")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_start_up_exits_0_and_stops_the_kernel_it_started(make_root,
+                                                                              tmp_path, sig):
+    """SIGTERM or SIGINT while the daemon waits for the node kernel it started: the signal's
+    default action killed it (status -15, or a KeyboardInterrupt traceback) and its kernel
+    ran on.  The start-up stops, the kernel is stopped, the exit status is 0."""
+    r = make_root(kernel=False)
+    log = tmp_path / "dsp.log"
+    proc = _daemon_starting_its_kernel(r, log)
+    try:
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0, log.read_text()
+        wait_for(lambda: not r.project_pids(), 10, "no process left")
+        text = log.read_text()
+        assert f"signal {sig.name} during start-up: stopping" in text, text
+        assert "Traceback" not in text and not r.pidfile.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_sighup_during_start_up_is_applied_once_the_daemon_runs(make_root, tmp_path):
+    """SIGHUP while the daemon waits for the node kernel it started: it killed the daemon
+    (status -1) and left the kernel.  It is applied as a reload once the daemon runs."""
+    r = make_root(kernel=False)
+    log = tmp_path / "dsp.log"
+    proc = _daemon_starting_its_kernel(r, log)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload of" in log.read_text() or proc.poll() is not None, 30,
+                 "the reload")
+        assert proc.poll() is None, log.read_text()
+        text = log.read_text()
+        assert "signal SIGHUP during start-up: handled once the DSP runs" in text, text
+        assert re.search(r"reload of \S+ done", text), text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+        wait_for(lambda: not r.project_pids(), 10, "no process left")
+        assert "stopping the node kernel of node 1" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # ------------------------------------------------------------------------------ reload
 def test_reload_reports_the_daemons_verdict(make_root):
     r = make_root(opts="", cfg=LB_CFG)

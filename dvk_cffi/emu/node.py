@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from .server import default_rundir, socket_path
 
@@ -26,10 +27,14 @@ def node_command(nodeid: int, extra: list[str] | None = None) -> list[str]:
 
 
 def wait_for_socket(path: str, timeout: float = START_TIMEOUT,
-                    proc: subprocess.Popen | None = None) -> None:
-    """Wait until a node kernel accepts connections at `path`."""
+                    proc: subprocess.Popen | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> None:
+    """Wait until a node kernel accepts connections at `path`; InterruptedError as soon as
+    `cancelled()` is true (the starter was asked to stop meanwhile)."""
     deadline = time.monotonic() + timeout
     while True:
+        if cancelled is not None and cancelled():
+            raise InterruptedError(f"the wait for the node kernel at {path} was cancelled")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(path)
@@ -58,9 +63,12 @@ def _answers(path: str) -> bool:
 
 def start_node(nodeid: int, rundir: str | None = None, detach: bool = False,
                log_path: str | None = None, extra: list[str] | None = None,
-               env: dict[str, str] | None = None) -> subprocess.Popen:
+               env: dict[str, str] | None = None,
+               cancelled: Callable[[], bool] | None = None) -> subprocess.Popen:
     """Start node `nodeid`'s kernel and return once it serves; the caller stops it with
-    `stop_node` (a detached kernel is in its own session and survives its starter)."""
+    `stop_node` (a detached kernel is in its own session and survives its starter).  A
+    start that does not complete, for whatever reason (KeyboardInterrupt included, or
+    `cancelled()` turning true), stops the kernel it ran."""
     rundir = rundir or default_rundir()
     os.makedirs(rundir, exist_ok=True)
     path = socket_path(nodeid, rundir)
@@ -77,8 +85,8 @@ def start_node(nodeid: int, rundir: str | None = None, detach: bool = False,
         if log_path:
             out.close()
     try:
-        wait_for_socket(path, proc=proc)
-    except Exception:
+        wait_for_socket(path, proc=proc, cancelled=cancelled)
+    except BaseException:
         stop_node(proc)
         raise
     return proc
