@@ -571,20 +571,27 @@ print(made)
 def test_a_complete_request_is_answered_beside_a_flood_of_idle_connections():
     """Two other processes open idle connections as fast as they can (at most 300 open each)
     for 5 s: the oldest idle ones are dropped to keep at most MAX_WAITING waiting, but a
-    client whose request has arrived is answered, not dropped with them."""
+    client whose request has arrived is answered, not dropped with them.  A client that was
+    descheduled between its connect and its send is, until it sends, one more idle
+    connection and may be dropped: it is answered when it asks again."""
     dsp = _Snapshots()
     server = statsmod.serve(dsp)
     host, port = dsp.stats_address.split(":")
     floods = [subprocess.Popen([sys.executable, "-c", FLOOD, host, port, "5"],
                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    failed, done, made = [], 0, []
+    failed, done, made, retried = [], 0, [], 0
     try:
         time.sleep(0.5)
         while done < 300 and any(f.poll() is None for f in floods):
-            try:
-                json.loads(get(f"http://{dsp.stats_address}/stats.json"))
-            except (OSError, ValueError) as exc:
-                failed.append(repr(exc))
+            for attempt in range(2):
+                try:
+                    json.loads(get(f"http://{dsp.stats_address}/stats.json"))
+                    break
+                except (OSError, ValueError) as exc:
+                    if attempt:
+                        failed.append(repr(exc))
+                    else:
+                        retried += 1
             done += 1
             time.sleep(0.02)
         made = [f.communicate(timeout=15)[0].strip() for f in floods]
@@ -595,7 +602,8 @@ def test_a_complete_request_is_answered_beside_a_flood_of_idle_connections():
                 f.wait()
         server.shutdown()
         server.server_close()
-    print(f"{len(failed)} of {done} requests failed beside the flood ({made} connections)")
+    print(f"{len(failed)} of {done} requests failed beside the flood, {retried} asked twice "
+          f"({made} connections)")
     assert not failed, failed[:3]
 
 
