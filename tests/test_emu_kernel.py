@@ -1337,6 +1337,29 @@ def test_disconnect_rproxy_drops_a_woken_callers_queued_request(env):
     fut.result(5)
 
 
+@pytest.mark.parametrize("cmd", [C.CMD_SEND_MSG, C.CMD_SNDREC_MSG])
+def test_link_down_drops_a_message_parked_from_the_node(env, cmd):
+    """A message from a remote process parked on a local one that was not receiving is
+    dropped when the link to its node goes down (its sender was woken with EDVSNOTCONN by its
+    own node): kept, every later request of that process was refused with EDVSENQUEUED."""
+    d, px, L, node = env.d, env.px, env.L, env.node
+    assert px.put(c_cmd=cmd, m_type=0x41) == 0      # L is not receiving: parked on RSYS
+    assert node.slot(RSYS).rts & (C.REMOTE | C.SENDING) == C.REMOTE | C.SENDING
+    d.proxy_conn(2, C.DISCONNECT_SPROXY)
+    d.proxy_conn(2, C.DISCONNECT_RPROXY)
+    rsys = node.slot(RSYS)
+    assert (rsys.rts, rsys.misc & C.MIS_ATOMIC, rsys.sendto, rsys.getfrom) == \
+        (C.REMOTE, 0, C.NONE, C.NONE)
+    assert not node.slot(LSYS).senders
+    d.proxy_conn(2, C.CONNECT_SPROXY)
+    d.proxy_conn(2, C.CONNECT_RPROXY)
+    assert px.put(m_type=0x42) == 0                 # the next request is accepted, parked
+    m = Message()
+    L.call(d.receive, RSYS, m)
+    assert m.m_type == 0x42                         # the dropped message is never received
+    check_hdr(px.get(), c_cmd=C.CMD_SEND_ACK, c_src=LSYS, c_dst=RSYS, c_rcode=0)
+
+
 def test_unbind_of_other_process_takes_it_out_of_queues(world, d, node):
     """The target of an unbind is woken with EDVSSHUTDOWN; if it survives the SIGTERM its
     interrupted send must not be delivered later (nor wake it again)."""

@@ -187,10 +187,12 @@ class Proxies:
         pair.queue = keep
 
     def _flush_waiting(self, nodeid: int) -> None:
-        """Wake every local process waiting for something from `nodeid` with EDVSNOTCONN."""
+        """Wake every local process waiting for something from `nodeid` with EDVSNOTCONN, and
+        forget what the node's remote processes had in flight here."""
         for dc in self.dcs:
             if not dc.running:
                 continue
+            self._flush_remote(dc, nodeid)
             for desc in dc.slots:
                 if desc.is_free or desc.is_remote or desc.task is None:
                     continue
@@ -202,6 +204,27 @@ class Proxies:
                     desc.misc &= ~C.MIS_ATOMIC
                     desc.getfrom = desc.sendto = C.NONE
                     self._wake(desc, E.EDVSNOTCONN)
+
+    def _flush_remote(self, dc: DC, nodeid: int) -> None:
+        """The link to `nodeid` is gone: its REMOTE descriptors drop the state put2lcl gave them.
+        A parked message (SENDING, in a local receiver's senders FIFO) or a pending sendrec
+        (RECEIVING) belongs to a caller its own node already woke with EDVSNOTCONN; kept, it
+        would refuse the process's every later request (put2lcl row 11) or be received as
+        a stale reply.  An ACK still in the sender FIFO stays: the sender proxy's own
+        disconnect empties that."""
+        gone = [desc for desc in dc.slots if desc.is_remote and desc.nodeid == nodeid]
+        if not gone:
+            return
+        parked = {id(desc) for desc in gone if desc.rts & C.SENDING}
+        if parked:
+            for desc in dc.slots:
+                if desc.senders and any(id(s) in parked for s in desc.senders):
+                    desc.senders = deque(s for s in desc.senders if id(s) not in parked)
+        for desc in gone:
+            desc.rts &= ~(C.SENDING | C.RECEIVING)
+            desc.misc &= ~C.MIS_ATOMIC
+            desc.getfrom = desc.sendto = C.NONE
+            desc.msg = bytes(len(desc.msg))
 
     def _waits_on_node(self, dc: DC, desc: Desc, nodeid: int) -> bool:
         def on_node(ep: int) -> bool:
