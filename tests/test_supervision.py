@@ -175,14 +175,12 @@ def test_a_lost_dvk_ends_the_daemon_non_zero(node1):
     assert inproc.status == 1
 
 
-def test_a_pair_marked_failed_is_started_again_after_a_while(node1, monkeypatch, caplog):
-    """Threads that die again and again mark their pair failed; that costs the link
-    FAILED_RETRY seconds, not the link for good: the pair is then started again with a fresh
-    count, and traffic flows once the fault is gone."""
+def _mark_pair_2_failed(cl, inproc, monkeypatch, caplog, retry: float) -> None:
+    """Node 1's RPROXY(2) dies more than MAX_RESTARTS times in a row: its pair is marked
+    failed (to be retried after `retry` s); the faults end there."""
     from dsp_proxy import main as dsp_main
-    cl, inproc = node1
     _traffic(cl, inproc)
-    monkeypatch.setattr(dsp_main, "FAILED_RETRY", 2.0)
+    monkeypatch.setattr(dsp_main, "FAILED_RETRY", retry)
     monkeypatch.setattr(dsp_main, "RESTART_BACKOFF", 0.05)
     faults = {"left": dsp_main.MAX_RESTARTS + 1}
     original = FrameReader.next
@@ -197,6 +195,14 @@ def test_a_pair_marked_failed_is_started_again_after_a_while(node1, monkeypatch,
     monkeypatch.setattr(FrameReader, "next", next_frame)
     _wait(lambda: "marked failed" in caplog.text, 60, "the pair marked failed")
     assert faults["left"] == 0
+
+
+def test_a_pair_marked_failed_is_started_again_after_a_while(node1, monkeypatch, caplog):
+    """Threads that die again and again mark their pair failed; that costs the link
+    FAILED_RETRY seconds, not the link for good: the pair is then started again with a fresh
+    count, and traffic flows once the fault is gone."""
+    cl, inproc = node1
+    _mark_pair_2_failed(cl, inproc, monkeypatch, caplog, retry=2.0)
     _wait(lambda: not inproc.dsp.pairs[2].failed, 20, "the failed pair started again")
     cl.wait_links_up(30)
     _traffic(cl, inproc)
@@ -206,23 +212,8 @@ def test_a_pair_marked_failed_is_started_again_after_a_while(node1, monkeypatch,
 def test_a_reload_starts_a_pair_marked_failed_at_once(node1, monkeypatch, caplog):
     """The failure's log line promises a retry at a reload too: the operator who fixed the
     cause and sends SIGHUP gets the link back without waiting FAILED_RETRY."""
-    from dsp_proxy import main as dsp_main
     cl, inproc = node1
-    _traffic(cl, inproc)
-    monkeypatch.setattr(dsp_main, "FAILED_RETRY", 3600.0)
-    monkeypatch.setattr(dsp_main, "RESTART_BACKOFF", 0.05)
-    faults = {"left": dsp_main.MAX_RESTARTS + 1}
-    original = FrameReader.next
-
-    def next_frame(*args, **kw):
-        if threading.current_thread().name == "RPROXY(2)" and faults["left"] > 0:
-            faults["left"] -= 1
-            raise RuntimeError("injected fault")
-        return original(*args, **kw)
-
-    caplog.set_level(logging.INFO)
-    monkeypatch.setattr(FrameReader, "next", next_frame)
-    _wait(lambda: "marked failed" in caplog.text, 60, "the pair marked failed")
+    _mark_pair_2_failed(cl, inproc, monkeypatch, caplog, retry=3600.0)
     inproc.dsp.config_path = cl.cfg_path
     inproc.dsp.post(("signal", signal.SIGHUP))
     _wait(lambda: not inproc.dsp.pairs[2].failed, 20, "the failed pair started again")
