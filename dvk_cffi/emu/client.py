@@ -182,7 +182,7 @@ class EmuDvk(Dvk):
         proxy object, ended)."""
         view, addr = self._arena.alloc(size)
         buf = Buffer(view, addr, self)
-        weakref.finalize(buf, self._arena.free, addr, len(view)).atexit = False
+        weakref.finalize(buf, self._arena.free, addr).atexit = False
         return buf
 
     def proc_text(self, path: str) -> str:

@@ -128,9 +128,9 @@ class ArenaAllocator:
             self._pieces[addr] = piece
             return piece[:size], addr
 
-    def free(self, addr: int, size: int) -> None:
-        """The piece at `addr` (of `size` bytes, as asked) is no longer used."""
-        rounded = (max(1, size) + 63) & ~63
+    def free(self, addr: int) -> None:
+        """The piece at `addr` is no longer used (its whole piece knows its rounded size)."""
         with self._lock:
-            if addr in self._pieces:
-                self._free.setdefault(rounded, []).append(addr)
+            piece = self._pieces.get(addr)
+            if piece is not None:
+                self._free.setdefault(len(piece), []).append(addr)
