@@ -321,13 +321,14 @@ def test_rmtbind_name_travels_in_parm_pid(dev, actors):
     assert dev.ioctl("BIND", bad) == E.EDVSFAULT
 
 
-def test_wait4bind(dev):
+def test_wait4bind(dev, actors):
     assert dev.bind(10) == 10
     parm, _ = dev.new("parm_wait4bind_t", parm_cmd=C.WAIT_BIND, parm_ep=12, parm_tout=50)
     assert dev.ioctl("WAIT4BIND", parm) == E.EDVSTIMEDOUT
     assert dev.rec.last("wait4bindep_X") == (C.WAIT_BIND, 12, 50)
-    fut = in_thread(lambda: dev.bind(12))
-    assert fut.result(WAIT) == 12
+    binder = Actor()                # a thread that lives on: a thread's exit unbinds its endpoint
+    actors.append(binder)
+    assert binder.call(lambda: dev.bind(12)) == 12
     parm, _ = dev.new("parm_wait4bind_t", parm_cmd=C.WAIT_BIND, parm_ep=12, parm_tout=FOREVER)
     assert dev.ioctl("WAIT4BIND", parm) == 12
     assert dev.rec.last("wait4bindep_X") == (C.WAIT_BIND, 12, -1)
