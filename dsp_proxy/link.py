@@ -174,6 +174,11 @@ class Link:
         self.retired_in: list[socket.socket] = []    # shut down, to be closed by RPROXY
         self.retired_out: list[socket.socket] = []   # shut down, to be closed by SPROXY
         self.fd_silence = fd_silence     # silence limit for announced peers
+        #: proxy_conn calls the machine decided on and nobody made yet, in order:
+        #: (Effect.CONNECT or Effect.DISCONNECT, serial); made outside `cond` (`_kernel_calls`)
+        self.kernel_todo: collections.deque = collections.deque()
+        self.kernel_serial = 0           # the serial of the newest call decided on
+        self._kernel_turn = threading.Lock()
 
     # ------------------------------------------------------------------ state machine
     @property
@@ -195,6 +200,7 @@ class Link:
             self.cond.notify_all()
         if sock is not None and not kept and event in (Event.OUT_CONNECTED, Event.IN_ACCEPTED):
             _close(sock)
+        self._kernel_calls()
         return kept
 
     def _apply(self, event: Event, sock: socket.socket | None, reason: str) -> bool:
@@ -226,47 +232,87 @@ class Link:
                     self.retired_in.append(_shut(self.in_sock))
                 self.in_sock = None
             elif eff is Effect.CONNECT:
-                self._connect_kernel()
+                self.kernel_serial += 1
+                self.kernel_todo.append((eff, self.kernel_serial))
             elif eff is Effect.DISCONNECT:
-                self._disconnect_kernel(reason)
+                self._went_down(reason)
             elif eff is Effect.REPORT_DOWN and self.post is not None:
                 self.post(("link_down", self.peer, reason))
         if new is not State.UP and was is not State.UP and new is State.DOWN:
             log.debug("link to node %d half-open (%s), closed: %s", self.peer, was.value,
                       reason)
-        if self.wire is not None:
-            self.wire.publish(self.out_sock if self.up else None)
+        self._publish()
         return True
 
-    def _connect_kernel(self) -> None:
-        try:
-            if self.dvk is not None:
-                self.dvk.proxy_conn(self.peer, C.CONNECT_RPROXY)
-                self.dvk.proxy_conn(self.peer, C.CONNECT_SPROXY)
-        except (DvkError, OSError) as err:
-            log.error("link to node %d: kernel refused the connection: %s", self.peer, err)
-            self.up = True   # so that the teardown below disconnects what was connected
-            self._apply(Event.KERNEL_REFUSED, None, f"kernel refused proxy_conn: {err}")
-            return
-        self.up = True
-        self.generation += 1
-        self.announced = False
-        log.info("link to node %d (%s) up", self.peer, self.spec.name)
+    def _publish(self) -> None:
+        if self.wire is not None:
+            self.wire.publish(self.out_sock if self.up else None)
 
-    def _disconnect_kernel(self, reason: str) -> None:
+    def _went_down(self, reason: str) -> None:
+        """(cond held) The link carries nothing from now on; the kernel is told after."""
         self.up = False
         self.generation += 1  # frames queued for the old connections are dropped
         self.downs += 1
         self.outq.clear()
         self.queued_bytes = 0
         self.unsent = []
-        if self.dvk is not None:
-            for status in (C.DISCONNECT_SPROXY, C.DISCONNECT_RPROXY):
-                try:
-                    self.dvk.proxy_conn(self.peer, status)
-                except (DvkError, OSError) as err:   # OSError: the DVK itself is gone
-                    log.debug("proxy_conn(%d, %d): %s", self.peer, status, err)
+        self.kernel_serial += 1
+        self.kernel_todo.append((Effect.DISCONNECT, self.kernel_serial))
         log.info("link to node %d (%s) down: %s", self.peer, self.spec.name, reason)
+
+    def _kernel_calls(self) -> None:
+        """Make the proxy_conn calls the machine decided on, in order and outside `cond`: the
+        node kernel is another process, and one that is stopped or slow must not hold every
+        thread that touches the link (the supervisor's stop among them).  One thread at a
+        time makes them; one that finds the turn taken leaves its calls to the thread that
+        has it, which looks for more once it gives the turn back."""
+        while self.kernel_todo:
+            if not self._kernel_turn.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self.cond:
+                        if not self.kernel_todo:
+                            break
+                        effect, serial = self.kernel_todo.popleft()
+                    if effect is Effect.CONNECT:
+                        self._connect_kernel(serial)
+                    else:
+                        self._disconnect_kernel()
+            finally:
+                self._kernel_turn.release()
+
+    def _connect_kernel(self, serial: int) -> None:
+        """The link is UP in the machine: the kernel is told, and the link carries traffic
+        once it agreed, unless the machine has moved on meanwhile (a later call is due)."""
+        try:
+            if self.dvk is not None:
+                self.dvk.proxy_conn(self.peer, C.CONNECT_RPROXY)
+                self.dvk.proxy_conn(self.peer, C.CONNECT_SPROXY)
+        except (DvkError, OSError) as err:
+            log.error("link to node %d: kernel refused the connection: %s", self.peer, err)
+            with self.cond:
+                if serial == self.kernel_serial:   # its teardown disconnects what connected
+                    self._apply(Event.KERNEL_REFUSED, None, f"kernel refused proxy_conn: {err}")
+                self.cond.notify_all()
+            return
+        with self.cond:
+            if serial == self.kernel_serial and self.state is State.UP:
+                self.up = True
+                self.generation += 1
+                self.announced = False
+                log.info("link to node %d (%s) up", self.peer, self.spec.name)
+                self._publish()
+            self.cond.notify_all()
+
+    def _disconnect_kernel(self) -> None:
+        if self.dvk is None:
+            return
+        for status in (C.DISCONNECT_SPROXY, C.DISCONNECT_RPROXY):
+            try:
+                self.dvk.proxy_conn(self.peer, status)
+            except (DvkError, OSError) as err:   # OSError: the DVK itself is gone
+                log.debug("proxy_conn(%d, %d): %s", self.peer, status, err)
 
     def _close_out(self) -> None:
         sock = self.out_sock
@@ -303,6 +349,7 @@ class Link:
             event = Event.IN_LOST if self.state is not State.OUT_ONLY else Event.OUT_LOST
             self._apply(event, None, reason)
             self.cond.notify_all()
+        self._kernel_calls()
 
     def half_open_for(self) -> float:
         """Seconds the link has been half-open (0 when it is not)."""
@@ -343,6 +390,7 @@ class Link:
             self.stopping = True
             self._apply(Event.STOP, None, "shutting down")
             self.cond.notify_all()
+        self._kernel_calls()
         self.close_retired(incoming=False)
         self.close_retired(incoming=True)
 

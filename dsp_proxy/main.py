@@ -33,6 +33,7 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.api import Dvk
 from dvk_cffi.emu.client import DvkUnavailable
+from dvk_cffi.logs import UNLIMITED
 from dvk_cffi.wire import Header, Message, hello_header
 
 from . import __version__, addresses, cpu_latency, daemon, fastpath, topology
@@ -56,7 +57,6 @@ from .link import Link, OutMonitor, PeerSpec
 from .linkstate import HALF_OPEN_LIMIT, Event
 from .misc import (
     SYSLOG_SOCKET,
-    UNLIMITED,
     StartGate,
     is_local_address,
     name_os_thread,
@@ -72,6 +72,10 @@ from .sproxy import LbSender, SProxy
 log = logging.getLogger("dsp")
 
 SHUTDOWN_GRACE = 1.5
+#: A live node kernel answers the main thread's calls in milliseconds; one that leaves a call
+#: unanswered this long (seconds) is stopped or wedged and counts as lost, so that a stop
+#: signal is acted on within the init script's stop timeout even then.
+KERNEL_ANSWER_LIMIT = 5.0
 #: The main loop's periodic work runs this often (seconds).
 TICK = 0.5
 #: A peer whose threads died more than MAX_RESTARTS times in RESTART_WINDOW s is marked failed,
@@ -183,6 +187,7 @@ class Dsp:
         self.stats_address: str | None = None
         self.cpu_latency_us: int | None = None   # the CPU latency request held, if any
         self.exit_code = 0
+        self.dvk_gone = False        # the DVK stopped answering: shutdown makes no calls to it
         self.config_path: str | None = None
         self._next_sample = 0.0
         self._next_client_check = time.monotonic() + min(self.period, 5)
@@ -443,6 +448,7 @@ class Dsp:
         the LB pair was lost)."""
         self.config_path = config_path
         self.status_file = status_file
+        self.dvk.limit_answers(KERNEL_ANSWER_LIMIT)
         next_tick = 0.0
         while not self.stopping.is_set():
             now = time.monotonic()
@@ -495,6 +501,7 @@ class Dsp:
 
     def handle_thread_died(self, name: str, peer: int | None, exc: BaseException) -> None:
         if _dvk_lost(exc):
+            self.dvk_gone = True
             raise DvkLost(f"thread {name} lost the DVK ({exc})")
         if peer is None:
             target = {"acceptor": self.acceptor.run, "outmon": self.monitor.run}.get(name)
@@ -533,6 +540,7 @@ class Dsp:
             self.dvk.getdvsinfo()
         except (E.DvkError, OSError) as exc:
             if _dvk_lost(exc):
+                self.dvk_gone = True
                 raise DvkLost(f"the DVK does not answer ({exc})") from None
         now = time.monotonic()
         for peer, pair in self.pairs.copy().items():
@@ -672,11 +680,13 @@ class Dsp:
         for link in self.links.values():
             link.stop()
         self.monitor.stop()
-        for pxid in self.registered:
+        for pxid in [] if self.dvk_gone else self.registered:
             try:
                 self.dvk.proxies_unbind(pxid)
             except (E.DvkError, OSError) as err:
                 log.debug("proxies_unbind(%d): %s", pxid, err)
+                if _dvk_lost(err):
+                    break
         deadline = time.monotonic() + SHUTDOWN_GRACE
         for t in self.threads + [t for p in self.pairs.values() for t in p.threads]:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -908,7 +918,7 @@ def open_node_dvk(mode: str, node: int | None, cfg_path: str,
     emulator's ioctl device) find this node's kernel, or start one as a process of its own
     (InterruptedError, and the kernel stopped, when `cancelled()` turns true meanwhile)."""
     if mode == "kernel" or (mode == "auto" and os.path.exists(C.DVK_FILE_NAME)):
-        return open_dvk("kernel")
+        return open_dvk("kernel", answer_limit=KERNEL_ANSWER_LIMIT)
     from dvk_cffi.emu import node as emunode
     from dvk_cffi.emu.client import DvkUnavailable
     from dvk_cffi.emu.server import socket_path
@@ -918,7 +928,7 @@ def open_node_dvk(mode: str, node: int | None, cfg_path: str,
     if node is None and not os.environ.get("DVK_SOCKET"):
         node = _find_local_node(cfg_path)
     try:
-        dvk = open_dvk(backend, node=node)
+        dvk = open_dvk(backend, node=node, answer_limit=KERNEL_ANSWER_LIMIT)
     except DvkUnavailable:
         if node is None:
             raise
@@ -926,7 +936,7 @@ def open_node_dvk(mode: str, node: int | None, cfg_path: str,
                  node)
         proc = emunode.start_node(node, detach=True, cancelled=cancelled)
         daemon.stop_with_this_process(proc, f"the node kernel of node {node}")
-        dvk = open_dvk(backend, path=socket_path(node))
+        dvk = open_dvk(backend, path=socket_path(node), answer_limit=KERNEL_ANSWER_LIMIT)
     if backend == "emu-ioctl":
         log.info("DVK: the kernel backend, through the emulated node's ioctl device")
     return dvk

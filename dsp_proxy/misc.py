@@ -10,10 +10,10 @@ import os
 import socket
 import stat
 import threading
-import time
 from dataclasses import dataclass, field
 
 from dvk_cffi import consts as C
+from dvk_cffi.logs import RepeatLimit, report_suppressed
 
 log = logging.getLogger("dsp")
 
@@ -34,77 +34,13 @@ class _NodeIdFilter(logging.Filter):
 
 _node_filter = _NodeIdFilter()
 
-#: At most LOG_BURST lines of one kind (logger, level and message template) are written per
-#: LOG_WINDOW seconds; the rest are counted, and `report_suppressed_logs` says how many.
-LOG_BURST = 50
-LOG_WINDOW = 60.0
-#: Kinds tracked at once; beyond them every new kind of a level shares one count.
-LOG_KINDS = 1024
-
-
-class RepeatLimit(logging.Filter):
-    """Keeps the log readable, and the disk from filling, when something logs a line per event
-    at a rate an outsider sets (a peer whose every frame or connection is refused with a
-    logged reason): LOG_BURST lines of a kind per LOG_WINDOW pass, the rest are counted."""
-
-    def __init__(self, burst: int = LOG_BURST, window: float = LOG_WINDOW,
-                 kinds: int = LOG_KINDS) -> None:
-        super().__init__()
-        self.burst, self.window, self.kinds = burst, window, kinds
-        self.lock = threading.Lock()
-        self.seen: dict[tuple, list] = {}    # kind -> [window start, lines, suppressed]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "unlimited", False):
-            return True
-        kind = (record.name, record.levelno, str(record.msg))
-        now = time.monotonic()
-        with self.lock:
-            entry = self.seen.get(kind)
-            if entry is None:
-                if len(self.seen) >= self.kinds:
-                    kind = ("*", record.levelno, "(lines of other kinds)")
-                    entry = self.seen.get(kind)
-                if entry is None:
-                    entry = self.seen[kind] = [now, 0, 0]
-            if now - entry[0] >= self.window and not entry[2]:
-                entry[0], entry[1] = now, 0
-            if entry[1] < self.burst:
-                entry[1] += 1
-                return True
-            entry[2] += 1
-            return False
-
-    def report(self) -> list[tuple[tuple, int]]:
-        """The kinds whose window is over with lines suppressed, and how many; their counts
-        start again.  Kinds quiet for a whole window are forgotten."""
-        now = time.monotonic()
-        out = []
-        with self.lock:
-            for kind, entry in list(self.seen.items()):
-                if now - entry[0] < self.window:
-                    continue
-                if entry[2]:
-                    out.append((kind, entry[2]))
-                    entry[0], entry[1], entry[2] = now, 0, 0
-                else:
-                    del self.seen[kind]
-        return out
-
-
 _repeat_limit = RepeatLimit()
-
-#: `extra=` of lines no limit may hold back: the operator's own actions (a reload's verdict,
-#: which the init script waits for, and its reasons) and the counts of lines held back.
-UNLIMITED = {"unlimited": True}
 
 
 def report_suppressed_logs() -> None:
-    """One line per kind of log line that went over its limit in a window now over (the main
-    loop calls this every tick)."""
-    for (name, level, msg), count in _repeat_limit.report():
-        log.log(level, "%d more lines like this were not logged in the last %.0f s (%s): %s",
-                count, _repeat_limit.window, name, msg, extra=UNLIMITED)
+    """The counts of the lines the daemon's limit held back (the main loop calls this every
+    tick)."""
+    report_suppressed(_repeat_limit, log)
 
 
 #: prctl option that names the calling thread (linux/prctl.h); the kernel keeps 15 bytes.

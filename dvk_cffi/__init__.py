@@ -22,10 +22,12 @@ __all__ = ["Buffer", "DcInfo", "Dvk", "DvkError", "DvsInfo", "Header", "Message"
 MODES = ("auto", "kernel", "emu", "emu-ioctl")
 
 
-def open_dvk(mode: str = "auto", node: int | None = None, path: str | None = None) -> Dvk:
+def open_dvk(mode: str = "auto", node: int | None = None, path: str | None = None,
+             answer_limit: float | None = None) -> Dvk:
     """Open this node's DVK.  `mode` auto = the kernel when /dev/dvk exists, else the emulator;
     emu-ioctl = `KernelDvk` over the emulator's ioctl-level device; `node`/`path` choose the
-    emulated node kernel (default: DVK_SOCKET, DVK_NODE, the only one).
+    emulated node kernel (default: DVK_SOCKET, DVK_NODE, the only one); `answer_limit` is
+    `Dvk.limit_answers` of the calling thread, from the first call on.
     """
     if mode not in MODES:
         raise ValueError(f"DVK mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -37,6 +39,6 @@ def open_dvk(mode: str = "auto", node: int | None = None, path: str | None = Non
     if mode == "emu-ioctl":
         from .emu.ioctl import EmuDevice
         from .kernel import KernelDvk
-        return KernelDvk(device=EmuDevice(path=path, nodeid=node))
+        return KernelDvk(device=EmuDevice(path=path, nodeid=node, answer_limit=answer_limit))
     from .emu.client import EmuDvk
-    return EmuDvk(path=path, nodeid=node)
+    return EmuDvk(path=path, nodeid=node, answer_limit=answer_limit)

@@ -57,6 +57,13 @@ class Dvk(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional for backends, a no-op by default
         """Release the connection to the DVK (a process exit does the same)."""
 
+    def limit_answers(self, seconds: float | None) -> None:  # noqa: B027 - a no-op by default
+        """From now on, a call of the calling thread that the DVK leaves unanswered for
+        `seconds` fails with EDVSSHUTDOWN (None: it waits as long as the DVK takes).  A thread
+        that supervises others sets it, so that a wedged DVK cannot hold it for good.  The
+        module's ioctls always return; only an emulated node kernel, a process of its own,
+        can be stopped or wedged, so only that backend has anything to limit."""
+
     # --- DVS, DC, node, proxy administration -----------------------------------------------------
     @abc.abstractmethod
     def dvs_init(self, nodeid: int, params: DvsInfo | None = None) -> int: ...

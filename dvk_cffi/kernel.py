@@ -248,6 +248,8 @@ class IoctlDevice(Protocol):
 
     def proc_text(self, path: str) -> str: ...
 
+    def limit_answers(self, seconds: float | None) -> None: ...
+
 
 class _NativeParams:
     """Parameter memory of a call on the host layout: C memory that cffi owns."""
@@ -546,6 +548,11 @@ class KernelDvk(Dvk):
         """A zeroed message in this DVK's layout (wire.Message on i386 and through a device,
         48 bytes on x86_64)."""
         return self._message_cls()
+
+    def limit_answers(self, seconds: float | None) -> None:
+        """The module always answers; a device (the emulator's) may not."""
+        if self._device is not None:
+            self._device.limit_answers(seconds)
 
     def close(self) -> None:
         if self._own_fd and self.fd >= 0:

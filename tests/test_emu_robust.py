@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import random
+import signal
 import socket
 import struct
 import subprocess
@@ -29,6 +30,7 @@ from dvk_cffi.emu.memory import ARENA_BASE
 from dvk_cffi.emu.node import wait_for_socket
 from dvk_cffi.emu.server import RBUF_LIMIT, READ_SIZE
 from dvk_cffi.info import ProcInfo
+from dvk_cffi.logs import LOG_BURST
 from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Message
 from emu_helpers import (
     CALL_TIMEOUT,
@@ -598,3 +600,52 @@ def test_buffers_of_ended_owners_are_reused_not_leaked(world):
         del b
     assert held.read(4) == b"kept"
     assert (_arena_maps(), _arena_maps(node.proc.pid)) == (mine, kernel)
+
+
+def test_a_limited_thread_is_not_held_by_a_kernel_that_stops_answering(world):
+    """A supervising thread limits how long it waits for its node kernel: a kernel stopped by
+    SIGSTOP (its socket still accepts) fails that thread's calls with EDVSSHUTDOWN once the
+    limit passes, naming the wait, instead of holding it for good; the next call opens a new
+    connection, and the kernel answers it once it runs again.  Other threads keep waiting."""
+    node = world.proc_node(1)
+    dvk = world.dvk(node)
+    dvk.limit_answers(0.5)
+    assert dvk.getdvsinfo()[0] == 1
+    node.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(E.DvkError) as err:
+            dvk.getdvsinfo()
+        assert time.monotonic() - t0 < CALL_TIMEOUT
+        assert err.value.code == E.EDVSSHUTDOWN and "did not answer within 0.5 s" in str(err.value)
+        with pytest.raises(E.DvkError):
+            dvk.getdvsinfo()       # a new connection: its HELLO is held to the limit too
+        unlimited: list = []
+        other = threading.Thread(target=lambda: unlimited.append(dvk.getdvsinfo()[0]))
+        other.start()
+        other.join(1.0)
+        assert other.is_alive(), "a thread without a limit must wait for its kernel"
+    finally:
+        node.proc.send_signal(signal.SIGCONT)
+    other.join(CALL_TIMEOUT)
+    assert unlimited == [1]
+    assert dvk.getdvsinfo()[0] == 1
+
+
+def test_a_program_that_floods_malformed_requests_does_not_flood_the_kernel_log(world):
+    """Every malformed request is answered and its first lines logged, but a program sending
+    them in a loop must not fill the node kernel's log: LOG_BURST lines of a kind per window
+    are written, the rest counted."""
+    node = world.proc_node(1)
+    raw = Raw(node.path)
+    raw.hello()
+    sent = LOG_BURST + 150
+    try:
+        for _ in range(sent):
+            rc, _ = raw.body(_op("GETNODEINFO") + b"x")
+            assert rc == E.EDVSINVAL
+    finally:
+        raw.close()
+    with open(node.log) as f:
+        lines = [line for line in f if "malformed request" in line]
+    assert len(lines) == LOG_BURST, f"{len(lines)} lines for {sent} malformed requests"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import socket
+import threading
 
 import pytest
 
@@ -51,7 +53,7 @@ def test_the_table_has_nothing_else_and_no_state_waits_for_ever():
     for state in (S.OUT_ONLY, S.IN_ONLY):
         assert transition(state, Ev.TIMEOUT)[0] is S.DOWN
     assert transition(S.UP, Ev.IN_LOST)[0] is S.DOWN
-    # sockets are closed before a new one is kept, the kernel told before sockets close
+    # sockets are closed before a new one is kept, the link out of service before they close
     for (_s, _e), (_n, effects) in TABLE.items():
         if F.KEEP_IN in effects and F.CLOSE_IN in effects:
             assert effects.index(F.CLOSE_IN) < effects.index(F.KEEP_IN)
@@ -120,3 +122,58 @@ def test_a_stopping_link_refuses_new_connections():
     s, p = _pair()
     assert not link.event(Ev.IN_ACCEPTED, s) and s.fileno() == -1
     p.close()
+
+
+class StuckKernel(FakeKernel):
+    """A node kernel that does not answer CONNECT_RPROXY until `go` is set (stopped, wedged)."""
+
+    def __init__(self):
+        super().__init__()
+        self.go = threading.Event()
+        self.stuck = threading.Event()
+
+    def proxy_conn(self, peer, status):
+        if status == C.CONNECT_RPROXY:
+            self.stuck.set()
+            assert self.go.wait(20)
+        super().proxy_conn(peer, status)
+
+
+def test_a_kernel_that_does_not_answer_holds_no_other_thread():
+    """The kernel is called outside the link's lock: while a CONNECT waits for a kernel that
+    does not answer, the supervisor's stop and the acceptor's events return at once; the calls
+    are then made in the order decided, and the superseded CONNECT never puts the link up."""
+    kernel = StuckKernel()
+    events = []
+    link = Link(PeerSpec(2, "n2", "127.0.0.1", 1, 1), kernel, post=events.append)
+    out, out_peer = _pair()
+    inn, in_peer = _pair()
+    link.event(Ev.OUT_CONNECTED, out)
+    connecting = threading.Thread(target=link.event, args=(Ev.IN_ACCEPTED, inn))
+    connecting.start()
+    try:
+        assert kernel.stuck.wait(20)
+        assert link.state is S.UP and not link.up     # up only once the kernel agreed
+        newer, newer_peer = _pair()
+        done = threading.Event()
+
+        def other_threads():
+            link.event(Ev.IN_ACCEPTED, newer)    # the acceptor: the peer connected again
+            link.stop()                          # the supervisor stops
+            done.set()
+        helper = threading.Thread(target=other_threads)
+        helper.start()
+        assert done.wait(10), "a thread waited for the kernel through the link's lock"
+        assert link.state is S.DOWN and not link.up
+    finally:
+        kernel.go.set()
+        connecting.join(20)
+        helper.join(20)
+    assert not connecting.is_alive() and not link.up
+    assert kernel.calls == [C.CONNECT_RPROXY, C.CONNECT_SPROXY,
+                            C.DISCONNECT_SPROXY, C.DISCONNECT_RPROXY]
+    assert link.kernel_todo == collections.deque() and link.downs == 1
+    for sock in (out_peer, in_peer, newer_peer):
+        sock.close()
+    link.close_retired(incoming=False)
+    link.close_retired(incoming=True)

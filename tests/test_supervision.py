@@ -18,7 +18,7 @@ from cluster_helpers import Background, cluster_from, wait_bound
 from dsp_proxy import config as cfgmod
 from dsp_proxy.acceptor import Acceptor
 from dsp_proxy.cluster import module_argv
-from dsp_proxy.main import Dsp
+from dsp_proxy.main import KERNEL_ANSWER_LIMIT, TICK, Dsp
 from dsp_proxy.rproxy import Deliverer, FrameReader
 from dsp_proxy.sproxy import SProxy
 from dvk_cffi.emu import node as emunode
@@ -175,6 +175,30 @@ def test_a_lost_dvk_ends_the_daemon_non_zero(node1):
     assert inproc.status == 1
 
 
+def test_a_frozen_node_kernel_cannot_hold_the_daemon(tmp_path):
+    """A node kernel that stops answering (SIGSTOP: its socket still accepts) counts as lost
+    once the main loop's periodic call to it has waited KERNEL_ANSWER_LIMIT: the DSP exits
+    non-zero with the reason logged, and a SIGTERM sent meanwhile is acted on within the init
+    script's stop timeout (10 s by default), its shutdown making no more calls to the kernel."""
+    with cluster_from(CFG, tmp_path) as cl:
+        cl.wait_links_up(30)
+        kernel, dsp = cl.kernels[2], cl.dsps[2]
+        kernel.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(2 * TICK)        # the main loop is waiting for its periodic call now
+            t0 = time.monotonic()
+            dsp.send_signal(signal.SIGTERM)
+            dsp.wait(KERNEL_ANSWER_LIMIT + 15)
+            took = time.monotonic() - t0
+        finally:
+            kernel.send_signal(signal.SIGCONT)
+        with open(cl.log_path("dsp2")) as f:
+            text = f.read()
+        assert dsp.returncode == 1, text
+        assert "did not answer within" in text
+        assert took < 10.0, f"the DSP took {took:.1f} s to stop"
+
+
 def _mark_pair_2_failed(cl, inproc, monkeypatch, caplog, retry: float) -> None:
     """Node 1's RPROXY(2) dies more than MAX_RESTARTS times in a row: its pair is marked
     failed (to be retried after `retry` s); the faults end there."""
@@ -226,7 +250,7 @@ def test_reload_verdicts_pass_the_log_line_limit(node1, caplog):
     """The init script's `reload` waits for the daemon's verdict line: reloads past the limit
     of lines of one kind per minute must still log their verdict (an operator's own action,
     not an outsider's flood)."""
-    from dsp_proxy.misc import LOG_BURST, RepeatLimit
+    from dvk_cffi.logs import LOG_BURST, RepeatLimit
     cl, inproc = node1
     caplog.set_level(logging.INFO)
     limit = RepeatLimit()          # the daemon's log handlers' filter

@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import weakref
+from typing import NoReturn
 
 from .. import consts as C
 from .. import errors as E
@@ -77,7 +78,10 @@ class EmuDvk(Dvk):
 
     backend = "emu"
 
-    def __init__(self, path: str | None = None, nodeid: int | None = None) -> None:
+    def __init__(self, path: str | None = None, nodeid: int | None = None,
+                 answer_limit: float | None = None) -> None:
+        """`answer_limit`: `limit_answers` for the thread that opens it, from its first call
+        on (the HELLO that checks the kernel is there)."""
         self.path = resolve_socket(path, nodeid)
         self._pid = os.getpid()
         self._local = threading.local()
@@ -87,6 +91,7 @@ class EmuDvk(Dvk):
         self._comm = os.path.basename(sys.argv[0] or "python")[:15] or "python"
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (dvk := ref()) and dvk._forked())
+        self._local.limit = answer_limit
         self._conn()  # fail early when no kernel is there
 
     def _forked(self) -> None:
@@ -103,11 +108,13 @@ class EmuDvk(Dvk):
         if conn is not None:
             return conn
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(getattr(self._local, "limit", None))
         try:
             conn.connect(self.path)
         except OSError as exc:
             conn.close()
-            raise DvkUnavailable(f"no DVK node kernel at {self.path}: {exc.strerror}") from None
+            raise DvkUnavailable(f"no DVK node kernel at {self.path}: "
+                                 f"{exc.strerror or exc}") from None
         hello = P.encode_request("HELLO", [P.VERSION, self._pid, threading.get_native_id(),
                                            self._comm.encode()])
         conn.sendall(hello)
@@ -124,12 +131,19 @@ class EmuDvk(Dvk):
     def _reply(self, conn: socket.socket) -> tuple[int, list]:
         try:
             body = P.recv_frame(conn)
-        except (OSError, P.ProtocolError):
-            body = None
+        except (OSError, P.ProtocolError) as exc:
+            self._lost(conn, exc)
         if body is None:
-            self._drop(conn)
-            raise E.DvkError.for_code(E.EDVSSHUTDOWN, "the node kernel stopped")
+            self._lost(conn, None)
         return P.decode_reply(body)
+
+    def _lost(self, conn: socket.socket, exc: BaseException | None) -> NoReturn:
+        """The connection is of no more use (closed, broken, or a reply not read in time
+        would arrive as the next call's): dropped, and the call fails as for a kernel gone."""
+        why = (f"the node kernel did not answer within {conn.gettimeout():g} s"
+               if isinstance(exc, TimeoutError) else "the node kernel stopped")
+        self._drop(conn)
+        raise E.DvkError.for_code(E.EDVSSHUTDOWN, why) from None
 
     def _drop(self, conn: socket.socket) -> None:
         if getattr(self._local, "conn", None) is conn:
@@ -147,9 +161,8 @@ class EmuDvk(Dvk):
                 socket.send_fds(conn, [data], fds)
             else:
                 conn.sendall(data)
-        except OSError:
-            self._drop(conn)
-            raise E.DvkError.for_code(E.EDVSSHUTDOWN, "the node kernel stopped") from None
+        except OSError as exc:
+            self._lost(conn, exc)
         status, values = self._reply(conn)
         if status < 0:
             raise E.DvkError.for_code(status, op.lower())
@@ -164,6 +177,12 @@ class EmuDvk(Dvk):
 
     def _value(self, op: str, *args) -> int:
         return self._call(op, *args)[0]
+
+    def limit_answers(self, seconds: float | None) -> None:
+        self._local.limit = seconds
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.settimeout(seconds)
 
     def close(self) -> None:
         """Close every connection of this process (the kernel treats it as the tasks' exit)."""

@@ -66,10 +66,11 @@ class EmuDevice:
     emulated = True
 
     def __init__(self, emu: EmuDvk | None = None, *, path: str | None = None,
-                 nodeid: int | None = None) -> None:
+                 nodeid: int | None = None, answer_limit: float | None = None) -> None:
         """Use `emu`, or connect to the node kernel chosen by `path`/`nodeid` (as `EmuDvk`)."""
         self._own_emu = emu is None
-        self.emu = emu if emu is not None else EmuDvk(path=path, nodeid=nodeid)
+        self.emu = emu if emu is not None else EmuDvk(path=path, nodeid=nodeid,
+                                                      answer_limit=answer_limit)
         self._lock = threading.Lock()
         # (sorted bases, [(base, view)]) of the memory this process allocated, swapped whole
         self._map: tuple[list[int], list[tuple[int, memoryview]]] = ([], [])
@@ -99,6 +100,10 @@ class EmuDevice:
             last = not self._fds
         if last and self._own_emu:
             self.emu.close()
+
+    def limit_answers(self, seconds: float | None) -> None:
+        """As `Dvk.limit_answers`: the node kernel behind the device may be wedged."""
+        self.emu.limit_answers(seconds)
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
         """One DVK call: the module handler's result (>= 0, or a negative EDVS code)."""

@@ -93,9 +93,11 @@ def start_node(nodeid: int, rundir: str | None = None, detach: bool = False,
 
 
 def stop_node(proc: subprocess.Popen, timeout: float = 5.0) -> int:
-    """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
+    """SIGTERM, then SIGKILL after `timeout`; returns the exit status.  A kernel that is
+    stopped (SIGSTOP) is continued, so that it acts on the SIGTERM at once."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

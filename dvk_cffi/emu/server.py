@@ -31,6 +31,7 @@ from types import GeneratorType
 from .. import consts as C
 from .. import errors as E
 from ..info import DcInfo, DvsInfo
+from ..logs import RepeatLimit, report_suppressed
 from . import protocol as P
 from .kernel import NodeKernel, Task, TaskGone
 
@@ -104,9 +105,13 @@ class _Conn:
 class NodeServer:
     """Serves `kernel` on the Unix socket `path` from one selector loop."""
 
-    def __init__(self, kernel: NodeKernel, path: str) -> None:
+    def __init__(self, kernel: NodeKernel, path: str,
+                 log_limit: RepeatLimit | None = None) -> None:
+        """`log_limit`: the repeat limit of this server's log lines, whose held-back counts
+        the loop reports as each window ends."""
         self.kernel = kernel
         self.path = path
+        self.log_limit = log_limit
         self.stopping = threading.Event()
         self.conns: set[_Conn] = set()
         self.timers: list[tuple[float, int, _Conn, int]] = []
@@ -169,6 +174,8 @@ class NodeServer:
                         next_reap = now + REAP_INTERVAL
                         self._guarded(k.reap)
                         self._guarded(self._drop_silent, now)
+                        if self.log_limit is not None:
+                            self._guarded(report_suppressed, self.log_limit, log)
                     if self.timers and self.timers[0][0] <= now:
                         self._guarded(self._expire, now)
                     if k.runnable:
@@ -698,7 +705,9 @@ def run_node(nodeid: int, path: str | None = None, dvs: DvsInfo | None = None,
     kernel.dvs_init(boot, nodeid, dvs or DvsInfo())
     for dc in dcs if dcs is not None else [DcInfo(dc_flags=C.DC_RUNNING)]:
         kernel.dc_init(boot, dc)
-    server = NodeServer(kernel, path)
+    limit = RepeatLimit()       # a program's every malformed request is a logged line
+    log.addFilter(limit)
+    server = NodeServer(kernel, path, log_limit=limit)
 
     def on_signal(signum, _frame):
         log.info("node %d: signal %d, stopping", nodeid, signum)
@@ -709,6 +718,9 @@ def run_node(nodeid: int, path: str | None = None, dvs: DvsInfo | None = None,
     log.info("node %d kernel serving %s", nodeid, path)
     if ready is not None:
         ready()
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        log.removeFilter(limit)
     log.info("node %d kernel stopped", nodeid)
     return 0
