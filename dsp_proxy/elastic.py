@@ -3,7 +3,8 @@
 - `CommandRunner` runs the lb block's `vm_start` / `vm_stop` / `vm_status` commands, locally
   or on `ssh_host` as `ssh_user` over ssh (paramiko): key authentication first (the key in
   $DSP_SSH_KEY, the agent, ~/.ssh), `ssh_pass` only as a fallback handed to paramiko — never
-  put on a command line, never logged.  Every command has a timeout.
+  put on a command line, never logged.  Every command has a timeout, and one still
+  running when the DSP stops is ended, locally or on the remote host (`RunningCommands`).
 - `Autoscaler` runs on one DSP only (the node `svrname` names, else the lowest-id live
   server) and keeps between `min_servers` and `max_servers` servers running.
 - `ServiceRunner` runs on every server: when a client's DSP asks it (a control frame), it
