@@ -3,7 +3,8 @@
 - `CommandRunner` runs the lb block's `vm_start` / `vm_stop` / `vm_status` commands, locally
   or on `ssh_host` as `ssh_user` over ssh (paramiko): key authentication first (the key in
   $DSP_SSH_KEY, the agent, ~/.ssh), `ssh_pass` only as a fallback handed to paramiko — never
-  put on a command line, never logged.  Every command has a timeout.
+  put on a command line, never logged.  Every command has a timeout, and one still
+  running when the DSP stops is ended, locally or on the remote host (`RunningCommands`).
 - `Autoscaler` runs on one DSP only (the node `svrname` names, else the lowest-id live
   server) and keeps between `min_servers` and `max_servers` servers running.
 - `ServiceRunner` runs on every server: when a client's DSP asks it (a control frame), it
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -26,7 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
@@ -35,6 +37,9 @@ from dvk_cffi.wire import Message
 
 from .config import Config
 from .group import MT_SVC_START, MT_SVC_STOP, Group, control_message
+
+if TYPE_CHECKING:
+    import paramiko
 
 log = logging.getLogger("dsp.elastic")
 
@@ -45,6 +50,10 @@ RETRY_AFTER = 10.0       # a failed VM command is tried again after this long
 #: Program starts in progress at once (one thread each); a start request beyond them is
 #: answered EDVSAGAIN at once, so a flood of start requests costs no thread per request.
 MAX_STARTING = 8
+#: A remote VM command's first line of output, printed by the runner's wrapper: the id of
+#: the command's process group on the remote host (not part of the command's output).
+PGID_MARK = "dsp-vm-command-pgid"
+PGID_LINE = re.compile(re.escape(PGID_MARK.encode()) + rb" (\d+)\r?\n")
 
 # ------------------------------------------------------------------------------ commands
 @dataclass
@@ -53,37 +62,105 @@ class CommandResult:
     output: str
 
 
+class RemoteCommand:
+    """A VM command run on `ssh_host`: its ssh connection and, once it runs, its process
+    group there.  sshd starts a command without a pty in a session of its own, so the remote
+    shell's pid, which the runner's wrapper prints first, is that group's id; closing the
+    connection alone would leave the command running."""
+
+    def __init__(self) -> None:
+        self.conn: paramiko.Transport | None = None
+        self.channel: paramiko.Channel | None = None
+        self.pgid: int | None = None
+        self.ended = False
+
+    def transport(self, sock, **kw) -> paramiko.Transport:
+        """paramiko's transport_factory: `close` reaches the connection as soon as it
+        exists, and one that `close` came before fails at once."""
+        import paramiko
+        self.conn = paramiko.Transport(sock, **kw)
+        if self.ended:
+            sock.close()
+        return self.conn
+
+    def running(self) -> bool:
+        channel = self.channel
+        return channel is not None and not channel.closed and not channel.exit_status_ready()
+
+    def kill(self, name: str) -> None:
+        """Send signal `name` to the command's process group (by `kill` over a channel of its
+        own; the group, else the shell alone on a server that did not make it a group); a
+        connection still being set up is closed instead, so it fails at once."""
+        import paramiko
+        if self.channel is None:
+            self.close()
+        conn = self.conn
+        if self.pgid is None or conn is None or not conn.is_active():
+            return
+        try:
+            channel = conn.open_session(timeout=STOP_GRACE)
+            channel.exec_command(f"kill -s {name} -- -{self.pgid} 2>/dev/null"
+                                 f" || kill -s {name} {self.pgid}")
+            channel.close()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            log.warning("could not signal the remote VM command (%s): %s", name, exc)
+
+    def close(self) -> None:
+        self.ended = True
+        conn = self.conn
+        if conn is not None:
+            conn.close()
+            conn.sock.close()   # close() skips a connection not started yet
+
+
 class RunningCommands:
-    """The local VM commands running now.  A command runs in a session of its own on a
-    daemon thread that enforces its timeout; when the daemon stops, that thread dies with
-    it, so the daemon's stop ends the commands still running (`stop_all`)."""
+    """The VM commands running now: local ones (a process in a session of its own) and
+    remote ones (`RemoteCommand`).  A command runs on a daemon thread that enforces its
+    timeout; when the daemon stops, that thread dies with it, so the daemon's stop ends the
+    commands still running (`stop_all`)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.procs: dict[subprocess.Popen, str] = {}
+        self.procs: dict[subprocess.Popen | RemoteCommand, str] = {}
         self.closed = False
 
-    def add(self, proc: subprocess.Popen, shown: str) -> bool:
-        """Track a command just run; False once the daemon stops (the caller ends it)."""
+    def add(self, proc: subprocess.Popen | RemoteCommand, shown: str) -> bool:
+        """Track a command just run (a remote one from its connection on); False once the
+        daemon stops (the caller ends it, or does not run it)."""
         with self.lock:
             if not self.closed:
                 self.procs[proc] = shown
             return not self.closed
 
-    def discard(self, proc: subprocess.Popen) -> None:
+    def discard(self, proc: subprocess.Popen | RemoteCommand) -> None:
         with self.lock:
             self.procs.pop(proc, None)
 
     def stop_all(self, grace: float = STOP_GRACE) -> None:
-        """End every command still running (SIGTERM to its process group, SIGKILL after
-        `grace`); none is run from now on."""
+        """End every command still running, local or remote alike: SIGTERM to its process
+        group, SIGKILL after the one shared `grace`; none is run from now on.  Returns within
+        `grace` and a second, whatever the remote hosts do."""
         with self.lock:
             self.closed = True
             procs = dict(self.procs)
+        local, remote = [], []
         for proc, shown in procs.items():
-            log.warning("the DSP stops: ending the VM command still running (pid %d): %s",
-                        proc.pid, shown)
-        _terminate_each(list(procs), grace)
+            if isinstance(proc, RemoteCommand):
+                log.warning("the DSP stops: ending the remote VM command still running: %s",
+                            shown)
+                remote.append(proc)
+            else:
+                log.warning("the DSP stops: ending the VM command still running (pid %d): %s",
+                            proc.pid, shown)
+                local.append(proc)
+        deadline = time.monotonic() + grace + 1.0
+        ender = threading.Thread(target=_end_remote, args=(remote, grace),
+                                 name="vm-remote-stop", daemon=True)
+        if remote:
+            ender.start()
+        _terminate_each(local, grace)
+        if remote:
+            ender.join(max(0.0, deadline - time.monotonic()))
 
 
 class CommandRunner:
@@ -146,25 +223,65 @@ class CommandRunner:
             client.load_system_host_keys()
             client.set_missing_host_key_policy(paramiko.WarningPolicy())
         key = os.environ.get("DSP_SSH_KEY")
+        remote = RemoteCommand()
+        if not self.commands.add(remote, command):
+            log.warning("the DSP stops: command not run: %s", command)
+            return CommandResult(-1, "stopped")
         try:
             client.connect(self.host, port=self.port, username=self.user,
                            key_filename=key or None, password=self._password,
                            look_for_keys=key is None, allow_agent=True,
                            timeout=self.timeout, banner_timeout=self.timeout,
-                           auth_timeout=self.timeout)
-            _stdin, stdout, stderr = client.exec_command(command, timeout=self.timeout)
-            out = stdout.read().decode(errors="replace")
-            err = stderr.read().decode(errors="replace")
-            status = stdout.channel.recv_exit_status()
-        except (OSError, paramiko.SSHException) as exc:
+                           auth_timeout=self.timeout, transport_factory=remote.transport)
+            if self.commands.closed:    # the DSP stopped while this connected
+                return CommandResult(-1, "stopped")
+            channel = client.get_transport().open_session(timeout=self.timeout)
+            channel.settimeout(self.timeout)
+            remote.channel = channel
+            channel.exec_command(f"echo {PGID_MARK} $$; exec {command}")
+            lines = []
+            for line in channel.makefile("rb"):
+                mark = remote.pgid is None and PGID_LINE.fullmatch(line)
+                if mark:
+                    remote.pgid = int(mark.group(1))
+                else:
+                    lines.append(line)
+            out = b"".join(lines).decode(errors="replace")
+            err = channel.makefile_stderr("rb").read().decode(errors="replace")
+            status = channel.recv_exit_status()
+        except TimeoutError:
+            log.warning("remote command timed out after %.0f s: %s", self.timeout, command)
+            _end_remote([remote], STOP_GRACE)
+            return CommandResult(-1, "timeout")
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            if self.commands.closed:    # stop_all closed the connection
+                return CommandResult(-1, "stopped")
             log.warning("ssh to %s@%s failed: %s", self.user, self.host, type(exc).__name__
                         if self._password and self._password in str(exc) else exc)
             return CommandResult(-1, "")
         finally:
+            self.commands.discard(remote)
             client.close()
+        if status != 0 and self.commands.closed:     # stop_all ended it
+            return CommandResult(-1, "stopped")
         if status != 0:
             log.warning("remote command exited with status %d: %s", status, err.strip()[-200:])
         return CommandResult(status, out)
+
+
+def _end_remote(commands: list[RemoteCommand], grace: float) -> None:
+    """`_terminate_each` for remote commands: SIGTERM to every process group, one shared
+    `grace`, SIGKILL to those still running, then their connections closed."""
+    for cmd in commands:
+        cmd.kill("TERM")
+    deadline = time.monotonic() + grace
+    while any(cmd.running() for cmd in commands) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for cmd in commands:
+        if cmd.running():
+            cmd.kill("KILL")
+    for cmd in commands:
+        cmd.close()
 
 
 # ---------------------------------------------------------------------------- autoscaler
@@ -201,7 +318,7 @@ class Autoscaler:
     def __init__(self, host: Host, runner: CommandRunner | None = None) -> None:
         self.host = host
         self.lb = host.cfg.lb
-        #: the local VM commands running, across reloads (each makes a new CommandRunner)
+        #: the VM commands running, local or remote, across reloads (each makes a new runner)
         self.commands = getattr(runner, "commands", None) or RunningCommands()
         self.runner = runner or CommandRunner(self.lb, commands=self.commands)
         self.vms = {n.nodeid: VmState(n.nodeid, n.name, n.node_image)

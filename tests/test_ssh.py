@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,9 +17,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from cluster_helpers import cluster_from
+from cluster_helpers import cluster_from, wait_for
 from dsp_proxy.config import parse_text
-from dsp_proxy.elastic import CommandRunner
+from dsp_proxy.elastic import STOP_GRACE, CommandRunner
 
 HERE = Path(__file__).resolve().parent / "elastic"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -118,6 +119,152 @@ def test_vm_start_and_stop_through_a_real_sshd(tmp_path, sshd, monkeypatch):
         assert res.status == 0
         assert runner.run(str(HERE / "status_vm.sh"), [str(image), "node2", 2]).status == 1
         assert vmlog.read_text().splitlines() == ["start node2 2", "stop node2 2"]
+
+
+def use_sshd(monkeypatch, sshd) -> None:
+    """The runner (and the DSPs the test starts) reach the fixture's sshd with its key."""
+    monkeypatch.setenv("DSP_SSH_PORT", str(sshd["port"]))
+    monkeypatch.setenv("DSP_SSH_KEY", sshd["key"])
+    monkeypatch.setenv("DSP_SSH_KNOWN_HOSTS", sshd["known"])
+
+
+def session_of(pid_file: Path) -> int:
+    """The session of the remote command whose shell wrote its pid to `pid_file`."""
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 20,
+             "the remote command running")
+    return os.getsid(int(pid_file.read_text().split()[0]))
+
+
+def in_session(sid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-s", str(sid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def kill_session(sid: int | None) -> None:
+    """Cleanup: whatever of a remote command still runs."""
+    for pid in in_session(sid) if sid else []:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_remote_vm_command_running_when_the_dsp_stops_is_ended(tmp_path, sshd, monkeypatch):
+    """A VM command on `ssh_host` (a slow hypervisor's vm_start) still running when the
+    deciding DSP got SIGTERM ran on there: nothing tracked it, and a command without a
+    terminal outlives its ssh connection.  The DSP's stop ends it, the script and the child
+    it waits for, and still exits 0."""
+    use_sshd(monkeypatch, sshd)
+    started = tmp_path / "vm_start.pid"
+    slow = tmp_path / "slow_vm_start.sh"
+    slow.write_text(f"#!/bin/sh\necho $$ > {started}\nsleep 60\necho finished >> {started}\n")
+    slow.chmod(0o755)
+    cfg = ("lb node0 { nodeid 0; period 1; start 30; min_servers 2; max_servers 2; "
+           f'ssh_host 127.0.0.1; ssh_user root; vm_start "{slow}"; vm_stop "/bin/true"; '
+           'vm_status "/bin/false"; };\n'
+           "server node1 { nodeid 1; rname {net}.1; };\n"
+           f'server node2 {{ nodeid 2; rname {{net}}.2; node_image "{tmp_path / "img"}"; }};\n')
+    sid = None
+    try:
+        with cluster_from(cfg, tmp_path, only=[1]) as cl:
+            sid = session_of(started)
+            assert in_session(sid)
+            cl.dsps[1].send_signal(signal.SIGTERM)
+            assert cl.dsps[1].wait(30) == 0
+            wait_for(lambda: not in_session(sid), 10, "the remote VM command ended")
+            log = Path(cl.log_path("dsp1")).read_text(errors="replace")
+            assert "ending the remote VM command still running" in log, log[-2000:]
+        assert started.read_text().split()[1:] == []    # ended, not finished
+    finally:
+        kill_session(sid)
+
+
+def test_remote_vm_commands_end_at_their_timeout_and_none_runs_after_the_stop(
+        tmp_path, sshd, monkeypatch):
+    """Over a real sshd: a remote command past its timeout is ended there (it ran on), its
+    output comes back as a local command's would (its stdout alone, not the line that tells
+    its process group), and once the DSP stops no remote command is run."""
+    use_sshd(monkeypatch, sshd)
+    runner = CommandRunner(lb_config("ssh_host 127.0.0.1; ssh_user root;"), timeout=3)
+    res = runner.run("sh -c", ["echo out; echo err >&2; exit 3"])
+    assert (res.status, res.output) == (3, "out\n")
+    pid_file = tmp_path / "cmd.pid"
+    sid = None
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        runner.run("sh -c", [f"echo $$ > {pid_file}; sleep 60"])), daemon=True)
+    try:
+        worker.start()
+        sid = session_of(pid_file)
+        worker.join(20)
+        wait_for(lambda: not in_session(sid), 10, "the timed-out remote command ended")
+        assert [(r.status, r.output) for r in results] == [(-1, "timeout")]
+    finally:
+        kill_session(sid)
+        worker.join(20)
+    runner.commands.stop_all()
+    marker = tmp_path / "ran"
+    res = runner.run("touch", [str(marker)])
+    assert (res.status, res.output) == (-1, "stopped")
+    assert not marker.exists()
+
+
+def test_a_remote_vm_command_that_ignores_sigterm_is_killed_after_the_grace(
+        tmp_path, sshd, monkeypatch):
+    """The remote commands' stop follows the local rule: SIGTERM to the process group, then
+    SIGKILL once the grace is over; stop_all returns in about that time, and the runner's
+    call comes back as stopped."""
+    use_sshd(monkeypatch, sshd)
+    runner = CommandRunner(lb_config("ssh_host 127.0.0.1; ssh_user root;"))
+    pid_file = tmp_path / "cmd.pid"
+    results = []
+    worker = threading.Thread(target=lambda: results.append(runner.run(
+        "sh -c", [f"trap '' TERM; echo $$ > {pid_file}; sleep 60; echo finished"])),
+        daemon=True)
+    sid = None
+    try:
+        worker.start()
+        sid = session_of(pid_file)
+        began = time.monotonic()
+        runner.commands.stop_all()
+        assert time.monotonic() - began < STOP_GRACE + 3
+        wait_for(lambda: not in_session(sid), 10, "the remote VM command killed")
+        worker.join(10)
+        assert [(r.status, r.output) for r in results] == [(-1, "stopped")]
+    finally:
+        kill_session(sid)
+        worker.join(20)
+
+
+def test_the_stop_ends_an_ssh_connection_still_being_set_up(monkeypatch):
+    """A host that accepts the connection and never answers: the stop does not wait for
+    the connection's own timeout (30 s), and the command is not run."""
+    monkeypatch.setenv("DSP_SSH_KNOWN_HOSTS", os.devnull)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+    monkeypatch.setenv("DSP_SSH_PORT", str(listener.getsockname()[1]))
+    runner = CommandRunner(lb_config("ssh_host 127.0.0.1; ssh_user root;"))
+    results = []
+    worker = threading.Thread(target=lambda: results.append(runner.run("true", [])),
+                              daemon=True)
+    conn = None
+    try:
+        worker.start()
+        conn, _ = listener.accept()
+        time.sleep(0.3)     # the client waits for the server's banner
+        began = time.monotonic()
+        runner.commands.stop_all()
+        assert time.monotonic() - began < STOP_GRACE + 3
+        worker.join(5)
+        assert not worker.is_alive(), "the runner still waits for the connection"
+        assert [(r.status, r.output) for r in results] == [(-1, "stopped")]
+    finally:
+        if conn is not None:
+            conn.close()
+        listener.close()
+        worker.join(35)
 
 
 class _PasswordServer(paramiko.ServerInterface):
