@@ -408,7 +408,7 @@ class ServiceRunner:
                       MAX_STARTING)
             self._answer(peer, E.EDVSAGAIN, m.m1_p2)
         elif m.m_type == MT_SVC_STOP:
-            self.stop(m.m1_i1, m.m1_i2, peer)
+            self.stop(m.m1_i1, m.m1_i2, peer, wait=False)
 
     def peer_gone(self, peer: int) -> None:
         """The link to `peer` went down: its sessions ended with it, so the programs it asked
@@ -429,9 +429,9 @@ class ServiceRunner:
                              daemon=True).start()
 
     def _stop_gone(self, procs: list[subprocess.Popen]) -> None:
-        """Stop a gone peer's programs; stop_all sees them meanwhile (this daemon thread
-        dies with the daemon, before its SIGKILL if a program ignores SIGTERM; so does a
-        receiver thread that stops a program in `stop`)."""
+        """Stop programs on a thread of their own (a gone peer's, or one a peer's stop
+        request named); stop_all sees them meanwhile (this daemon thread dies with the
+        daemon, before its SIGKILL if a program ignores SIGTERM)."""
         try:
             _terminate_each(procs)
         finally:
@@ -555,9 +555,11 @@ class ServiceRunner:
         with self.lock:
             self.reserved.discard((dcid, ep))
 
-    def stop(self, dcid: int, ep: int, peer: int | None = None) -> None:
+    def stop(self, dcid: int, ep: int, peer: int | None = None, wait: bool = True) -> None:
         """Stop the program serving endpoint `ep` (its exit unbinds the endpoint); asked by
-        `peer`, only when that peer started it."""
+        `peer`, only when that peer started it.  Without `wait` the program is stopped on a
+        thread of its own: a peer's stop request is handled on the receiver thread of its
+        link, which a program ignoring SIGTERM would hold for the whole grace period."""
         with self.lock:
             owner = self.owners.get((dcid, ep))
             if peer is not None and owner is not None and owner != peer:
@@ -574,6 +576,13 @@ class ServiceRunner:
         if proc is None:
             return
         log.info("stopping the program on endpoint %d of DC %d", ep, dcid)
+        if not wait:
+            try:
+                threading.Thread(target=self._stop_gone, args=([proc],), name="svc-stop",
+                                 daemon=True).start()
+                return
+            except RuntimeError as exc:          # no thread to be had: stopped here
+                log.warning("cannot start a thread to stop a program: %s", exc)
         try:
             _terminate(proc)
         finally:
