@@ -242,3 +242,20 @@ def test_reload_verdicts_pass_the_log_line_limit(node1, caplog):
     done = [r for r in caplog.records if r.getMessage().startswith("reload of ")
             and "done" in r.getMessage()]
     assert len(done) == count
+
+
+def test_a_pair_marked_failed_shows_in_the_figures(node1, monkeypatch, caplog):
+    """A pair marked failed has no link for FAILED_RETRY seconds: its peer's row vanished
+    from `dsp_proxy stats`, the page and /metrics (only the JSON's failed_pairs said it).
+    The row stays, as FAILED, and /metrics says the link is down and the pair failed."""
+    from dsp_proxy.stats import format_text, render_html, render_metrics
+    cl, inproc = node1
+    _mark_pair_2_failed(cl, inproc, monkeypatch, caplog, retry=3600.0)
+    snap = inproc.dsp.snapshot()
+    assert 2 not in snap["links"] and snap["failed_pairs"] == [2]
+    rows = [line.split() for line in format_text(snap).splitlines()]
+    assert ["2", "FAILED"] in [r[:2] for r in rows], format_text(snap)
+    assert "FAILED" in render_html(snap)
+    metrics = render_metrics(snap)
+    assert 'dsp_link_up{peer="2",name=""} 0' in metrics
+    assert 'dsp_pair_failed{peer="2"} 1' in metrics
