@@ -522,8 +522,14 @@ class ServiceRunner:
         if self.closed:                 # stop_all stopped the program: no bind to wait for
             self._release(dcid, ep)
             return E.EDVSSHUTDOWN
-        log.warning("service %s: the program did not bind endpoint %d within %.0f s",
-                    svc.name, ep, BIND_WAIT)
+        status = proc.poll()
+        if status is not None:
+            log.warning("service %s: the program for endpoint %d exited with status %d "
+                        "before it bound the endpoint (its output: %s)", svc.name, ep, status,
+                        out)
+        else:
+            log.warning("service %s: the program did not bind endpoint %d within %.0f s",
+                        svc.name, ep, BIND_WAIT)
         self.stop(dcid, ep)
         self._release(dcid, ep)
         return E.EDVSTIMEDOUT

@@ -591,3 +591,17 @@ def test_a_stop_request_does_not_hold_the_receiver_for_the_grace_period():
         p.runner.handle(3, p.message(MT_SVC_STOP, m1_i1=0, m1_i2=31, m1_p1=30, m_source=3))
         p.runner.stop_all()                     # the daemon stops during the grace period
         assert second.poll() == -signal.SIGKILL
+
+
+def test_a_program_that_exits_before_its_bind_is_logged_with_its_status(caplog):
+    """A program that ends at once (a wrong path in `prog`, a crash) was logged as "did not
+    bind endpoint 30 within 5 s", the moment it ended, with its exit status lost: the
+    operator looked for a slow program.  The log says it exited and how, and the start's
+    answer is an error."""
+    with _Programs("/bin/sh -c 'exit 3'") as p:
+        p.bind_after = 30.0                              # it could not bind before it ends
+        with caplog.at_level("WARNING", logger="dsp.elastic"):
+            assert p.start(3) < 0
+        assert "exited with status 3" in caplog.text, caplog.text
+        assert "within" not in caplog.text
+        assert not p.runner.procs and not p.runner.reserved
