@@ -179,6 +179,8 @@ class VmState:
     failed_at: float = 0.0
     starts: int = 0
     stops: int = 0
+    failures: int = 0       # VM commands that failed and starts that did not bring the node
+    last_error: str = ""
 
 
 class Host(Protocol):
@@ -260,6 +262,8 @@ class Autoscaler:
             if vm.starting_since and now - vm.starting_since > lb.start:
                 log.warning("server node %d did not come up within %d s", vm.nodeid, lb.start)
                 vm.starting_since, vm.failed_at = 0.0, now
+                vm.failures += 1
+                vm.last_error = f"did not come up within {lb.start} s"
                 self._check_status(vm)
         starting = [v for v in self.vms.values() if v.starting_since]
         group = self.host.group
@@ -321,6 +325,8 @@ class Autoscaler:
                 res = self.runner.run(command, [vm.image, vm.name, vm.nodeid])
                 if res.status != 0:
                     vm.failed_at = time.monotonic()
+                    vm.failures += 1
+                    vm.last_error = f"vm_{what} failed (status {res.status})"
                     if what == "start":
                         vm.starting_since = 0.0
                     else:
@@ -351,6 +357,7 @@ class Autoscaler:
         now = time.monotonic()
         return {n: {"name": v.name, "starting": bool(v.starting_since),
                     "stopping": bool(v.stopping_since), "starts": v.starts, "stops": v.stops,
+                    "failures": v.failures, "last_error": v.last_error,
                     "idle_for": round(now - v.idle_since, 1) if v.idle_since else 0,
                     "command_running": self.busy}
                 for n, v in self.vms.copy().items()}
@@ -374,6 +381,11 @@ class ServiceRunner:
         self.closed = False
         self.start_threads: set[threading.Thread] = set()
         self.stopping: set[subprocess.Popen] = set()   # a gone peer's, being stopped
+        #: program starts that bound their endpoint, and those that failed (the last one's
+        #: reason), for the status and `dsp_proxy stats`
+        self.started = 0
+        self.failed = 0
+        self.last_error = ""
 
     def handle(self, peer: int, m: Message) -> None:
         """A control frame from a client's DSP (a start runs on a thread of its own, at most
@@ -467,7 +479,25 @@ class ServiceRunner:
     def start(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int,
               owner: int | None = None) -> int:
         """Start the service's program for one client (asked by the peer `owner`, the only
-        one that may stop it); returns its endpoint or an error."""
+        one that may stop it); returns its endpoint or an error (counted for the figures)."""
+        result = self._start_program(dcid, ext_ep, clt_ep, clt_node, owner)
+        with self.lock:
+            if result >= 0:
+                self.started += 1
+            elif result != E.EDVSSHUTDOWN:
+                self.failed += 1
+                self.last_error = (f"{E.error_name(result)} for endpoint {ext_ep} of DC "
+                                   f"{dcid}")
+        return result
+
+    def snapshot(self) -> dict:
+        """The service programs for the status: running, started, failed (and why last)."""
+        with self.lock:
+            return {"running": len(self.procs), "started": self.started,
+                    "failed": self.failed, "last_error": self.last_error}
+
+    def _start_program(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int,
+                       owner: int | None) -> int:
         if self.closed:
             return E.EDVSSHUTDOWN
         svc = self._service(dcid, ext_ep)

@@ -641,6 +641,7 @@ class Dsp:
             "fast_relay": self.fast is not None,
             "group": self.group.snapshot() if self.group is not None else None,
             "autoscaler": self.autoscaler.snapshot() if self.autoscaler is not None else None,
+            "programs": self.services.snapshot(),
             "config": config_view(self.cfg),
             "reloads": dict(self.reloads),
             "stats": self.stats_address,

@@ -702,7 +702,25 @@ def format_text(snap: dict) -> str:
                     f"no server {group.get('no_server', 0)}",
                 "servers:", _text_table(*server_rows(snap)),
                 "sessions:", _text_table(*session_rows(snap))]
-    return "\n".join(out)
+    return "\n".join(out + _elastic_lines(snap))
+
+
+def _elastic_lines(snap: dict) -> list[str]:
+    """Service programs and VM commands, when this DSP ran any (their failures above all)."""
+    out = []
+    progs = snap.get("programs") or {}
+    if progs.get("started") or progs.get("failed") or progs.get("running"):
+        last = progs.get("last_error")
+        out += ["", f"service programs: {progs.get('running', 0)} running, "
+                    f"{progs.get('started', 0)} started, {progs.get('failed', 0)} failed"
+                    + (f" (last: {last})" if last else "")]
+    for nodeid, vm in sorted((snap.get("autoscaler") or {}).items(), key=lambda kv: int(kv[0])):
+        if vm.get("starts") or vm.get("stops") or vm.get("failures"):
+            last = vm.get("last_error")
+            out.append(f"VM of server node {nodeid} ({vm.get('name')}): {vm.get('starts', 0)} "
+                       f"starts, {vm.get('stops', 0)} stops, {vm.get('failures', 0)} failed"
+                       + (f" (last: {last})" if last else ""))
+    return out
 
 
 # ------------------------------------------------------------------------------ the client

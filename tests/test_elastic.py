@@ -605,3 +605,22 @@ def test_a_program_that_exits_before_its_bind_is_logged_with_its_status(caplog):
         assert "exited with status 3" in caplog.text, caplog.text
         assert "within" not in caplog.text
         assert not p.runner.procs and not p.runner.reserved
+
+
+def test_program_starts_and_failures_show_in_the_figures():
+    """Service program starts were only log lines: the status and `dsp_proxy stats` said
+    nothing of a program that never bound.  Starts and failures (with the last reason) are
+    counted there."""
+    from dsp_proxy.stats import format_text
+    with _Programs("/bin/sh -c 'exit 3'") as p:
+        p.bind_after = 30.0
+        assert p.start(3) < 0
+        snap = p.runner.snapshot()
+        assert snap["failed"] == 1 and snap["started"] == 0, snap
+        assert "endpoint 30" in snap["last_error"], snap
+        text = format_text({"programs": snap})
+        assert "service programs: 0 running, 0 started, 1 failed (last: " in text, text
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        assert p.start(3) == 30
+        assert p.runner.snapshot()["started"] == 1
+        assert p.runner.snapshot()["running"] == 1
