@@ -504,6 +504,20 @@ class Dsp:
             return
         if peer == self.lb_nodeid:
             raise DvkLost(f"the LB pair's thread {name} died")
+        self._restart_pair(peer)
+
+    def handle_pair_lost(self, peer: int, link: Link, reason: str) -> None:
+        """The kernel no longer has the proxy pair of `link` (another program unbound it): it
+        is registered again, as when its threads die (each time counts as a death)."""
+        if self.links.get(peer) is not link:
+            return                          # an old link's news: its pair was started again
+        log.warning("link to node %d: the kernel no longer has its proxy pair (%s)", peer,
+                    reason)
+        self._restart_pair(peer)
+
+    def _restart_pair(self, peer: int) -> None:
+        """Start a peer's pair again after a short delay that grows with its recent deaths;
+        too many of them mark it failed for FAILED_RETRY."""
         pair = self.pairs.get(peer)
         if pair is None or pair.failed or pair.restart_at:
             return

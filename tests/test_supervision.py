@@ -259,3 +259,30 @@ def test_a_pair_marked_failed_shows_in_the_figures(node1, monkeypatch, caplog):
     metrics = render_metrics(snap)
     assert 'dsp_link_up{peer="2",name=""} 0' in metrics
     assert 'dsp_pair_failed{peer="2"} 1' in metrics
+
+
+def test_a_proxy_pair_unbound_by_another_program_is_registered_again(node1, caplog):
+    """Another local program unbinds the DSP's proxy pair for node 2 (proxies_unbind is open
+    to any program of the node): the link went down and every connection after that was
+    refused by the kernel (proxy_conn: EDVSPROXYFREE), two log lines each time, for good;
+    caught between two get2rmt calls, SPROXY(2) went round at full speed on EDVSNOTBIND
+    while the link looked up.  The supervisor registers the pair again, traffic flows."""
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    caplog.set_level(logging.INFO)
+    errors = inproc.dsp.links[2].sent.errors
+    EmuDvk(path=socket_path(1, cl.rundir)).proxies_unbind(2)
+    _wait(lambda: "proxy pair restarted" in caplog.text, 20, "the pair registered again")
+    assert inproc.dsp.links[2].sent.errors - errors < 100, "the sender went round in a loop"
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+
+
+def test_the_lb_pair_unbound_by_another_program_ends_the_daemon_non_zero(node1):
+    """The LB pair unbound by another program: its get2rmt thread went round at full speed on
+    EDVSNOTBIND for good (local clients' requests went nowhere).  It is the LB pair's death:
+    the daemon exits non-zero so that init starts it again (and it registers the pair)."""
+    cl, inproc = node1
+    EmuDvk(path=socket_path(1, cl.rundir)).proxies_unbind(inproc.dsp.lb_nodeid)
+    inproc.thread.join(10)
+    assert not inproc.thread.is_alive() and inproc.status == 1
