@@ -357,6 +357,31 @@ class Dsp:
                     log.warning("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
                                 svc.ext_ep, dcid, err)
 
+    def _rebind_services(self) -> None:
+        """On client nodes, a service's ext_ep that another program unbound (any program of
+        the node may) is bound to the LB node again; else every request of the node's clients
+        failed for good.  An ext_ep a local process holds is left alone."""
+        me = self.cfg.nodes_by_id.get(self.local)
+        if me is None or me.role != "client" or self.lb_nodeid < 0:
+            return
+        for svc in self.cfg.services:
+            for dcid in self._service_dcs(svc):
+                try:
+                    free = bool(self.dvk.getprocinfo(dcid, svc.ext_ep).p_rts_flags
+                                & C.SLOT_FREE)
+                except E.DvkError as err:
+                    free = err.code == E.EDVSNOTBIND
+                if not free:
+                    continue
+                try:
+                    self.dvk.rmtbind(dcid, svc.name[:15], svc.ext_ep, self.lb_nodeid)
+                    log.warning("service %s: endpoint %d of DC %d was unbound by another "
+                                "program: bound again to LB node %d", svc.name, svc.ext_ep,
+                                dcid, self.lb_nodeid)
+                except E.DvkError as err:
+                    log.debug("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
+                              svc.ext_ep, dcid, err)
+
     # ------------------------------------------------------------------ what the threads use
     def learn_dc(self, dcid: int) -> tuple[int, int] | None:
         """The endpoint range of a DC, for the checks of received headers: the DC's own when
@@ -590,6 +615,7 @@ class Dsp:
         if now >= self._next_client_check:
             self._next_client_check = now + min(self.period, 5)
             self._check_clients()
+            self._rebind_services()
         self.autoscaler.tick()
 
     def _check_services(self) -> None:

@@ -286,3 +286,16 @@ def test_the_lb_pair_unbound_by_another_program_ends_the_daemon_non_zero(node1):
     EmuDvk(path=socket_path(1, cl.rundir)).proxies_unbind(inproc.dsp.lb_nodeid)
     inproc.thread.join(10)
     assert not inproc.thread.is_alive() and inproc.status == 1
+
+
+def test_a_service_endpoint_unbound_by_another_program_is_bound_again(node1, caplog):
+    """On a client node the DSP binds each service's ext_ep to the LB node, at start and at a
+    reload only: another local program that unbound it (any program may) took the service
+    from every client of the node for good, each request answered EDVSDEADSRCDST.  The DSP
+    binds a free ext_ep again within its client check period."""
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    caplog.set_level(logging.INFO)
+    EmuDvk(path=socket_path(1, cl.rundir)).unbind(0, 10)
+    _wait(lambda: "bound again" in caplog.text, 15, "the service endpoint bound again")
+    _traffic(cl, inproc)
