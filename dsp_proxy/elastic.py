@@ -296,6 +296,8 @@ class VmState:
     failed_at: float = 0.0
     starts: int = 0
     stops: int = 0
+    failures: int = 0       # VM commands that failed and starts that did not bring the node
+    last_error: str = ""
 
 
 class Host(Protocol):
@@ -377,6 +379,8 @@ class Autoscaler:
             if vm.starting_since and now - vm.starting_since > lb.start:
                 log.warning("server node %d did not come up within %d s", vm.nodeid, lb.start)
                 vm.starting_since, vm.failed_at = 0.0, now
+                vm.failures += 1
+                vm.last_error = f"did not come up within {lb.start} s"
                 self._check_status(vm)
         starting = [v for v in self.vms.values() if v.starting_since]
         group = self.host.group
@@ -438,6 +442,8 @@ class Autoscaler:
                 res = self.runner.run(command, [vm.image, vm.name, vm.nodeid])
                 if res.status != 0:
                     vm.failed_at = time.monotonic()
+                    vm.failures += 1
+                    vm.last_error = f"vm_{what} failed (status {res.status})"
                     if what == "start":
                         vm.starting_since = 0.0
                     else:
@@ -468,6 +474,7 @@ class Autoscaler:
         now = time.monotonic()
         return {n: {"name": v.name, "starting": bool(v.starting_since),
                     "stopping": bool(v.stopping_since), "starts": v.starts, "stops": v.stops,
+                    "failures": v.failures, "last_error": v.last_error,
                     "idle_for": round(now - v.idle_since, 1) if v.idle_since else 0,
                     "command_running": self.busy}
                 for n, v in self.vms.copy().items()}
@@ -491,6 +498,11 @@ class ServiceRunner:
         self.closed = False
         self.start_threads: set[threading.Thread] = set()
         self.stopping: set[subprocess.Popen] = set()   # a gone peer's, being stopped
+        #: program starts that bound their endpoint, and those that failed (the last one's
+        #: reason), for the status and `dsp_proxy stats`
+        self.started = 0
+        self.failed = 0
+        self.last_error = ""
 
     def handle(self, peer: int, m: Message) -> None:
         """A control frame from a client's DSP (a start runs on a thread of its own, at most
@@ -525,7 +537,7 @@ class ServiceRunner:
                       MAX_STARTING)
             self._answer(peer, E.EDVSAGAIN, m.m1_p2)
         elif m.m_type == MT_SVC_STOP:
-            self.stop(m.m1_i1, m.m1_i2, peer)
+            self.stop(m.m1_i1, m.m1_i2, peer, wait=False)
 
     def peer_gone(self, peer: int) -> None:
         """The link to `peer` went down: its sessions ended with it, so the programs it asked
@@ -546,9 +558,9 @@ class ServiceRunner:
                              daemon=True).start()
 
     def _stop_gone(self, procs: list[subprocess.Popen]) -> None:
-        """Stop a gone peer's programs; stop_all sees them meanwhile (this daemon thread
-        dies with the daemon, before its SIGKILL if a program ignores SIGTERM; so does a
-        receiver thread that stops a program in `stop`)."""
+        """Stop programs on a thread of their own (a gone peer's, or one a peer's stop
+        request named); stop_all sees them meanwhile (this daemon thread dies with the
+        daemon, before its SIGKILL if a program ignores SIGTERM)."""
         try:
             _terminate_each(procs)
         finally:
@@ -584,7 +596,25 @@ class ServiceRunner:
     def start(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int,
               owner: int | None = None) -> int:
         """Start the service's program for one client (asked by the peer `owner`, the only
-        one that may stop it); returns its endpoint or an error."""
+        one that may stop it); returns its endpoint or an error (counted for the figures)."""
+        result = self._start_program(dcid, ext_ep, clt_ep, clt_node, owner)
+        with self.lock:
+            if result >= 0:
+                self.started += 1
+            elif result != E.EDVSSHUTDOWN:
+                self.failed += 1
+                self.last_error = (f"{E.error_name(result)} for endpoint {ext_ep} of DC "
+                                   f"{dcid}")
+        return result
+
+    def snapshot(self) -> dict:
+        """The service programs for the status: running, started, failed (and why last)."""
+        with self.lock:
+            return {"running": len(self.procs), "started": self.started,
+                    "failed": self.failed, "last_error": self.last_error}
+
+    def _start_program(self, dcid: int, ext_ep: int, clt_ep: int, clt_node: int,
+                       owner: int | None) -> int:
         if self.closed:
             return E.EDVSSHUTDOWN
         svc = self._service(dcid, ext_ep)
@@ -639,8 +669,14 @@ class ServiceRunner:
         if self.closed:                 # stop_all stopped the program: no bind to wait for
             self._release(dcid, ep)
             return E.EDVSSHUTDOWN
-        log.warning("service %s: the program did not bind endpoint %d within %.0f s",
-                    svc.name, ep, BIND_WAIT)
+        status = proc.poll()
+        if status is not None:
+            log.warning("service %s: the program for endpoint %d exited with status %d "
+                        "before it bound the endpoint (its output: %s)", svc.name, ep, status,
+                        out)
+        else:
+            log.warning("service %s: the program did not bind endpoint %d within %.0f s",
+                        svc.name, ep, BIND_WAIT)
         self.stop(dcid, ep)
         self._release(dcid, ep)
         return E.EDVSTIMEDOUT
@@ -672,9 +708,11 @@ class ServiceRunner:
         with self.lock:
             self.reserved.discard((dcid, ep))
 
-    def stop(self, dcid: int, ep: int, peer: int | None = None) -> None:
+    def stop(self, dcid: int, ep: int, peer: int | None = None, wait: bool = True) -> None:
         """Stop the program serving endpoint `ep` (its exit unbinds the endpoint); asked by
-        `peer`, only when that peer started it."""
+        `peer`, only when that peer started it.  Without `wait` the program is stopped on a
+        thread of its own: a peer's stop request is handled on the receiver thread of its
+        link, which a program ignoring SIGTERM would hold for the whole grace period."""
         with self.lock:
             owner = self.owners.get((dcid, ep))
             if peer is not None and owner is not None and owner != peer:
@@ -691,6 +729,13 @@ class ServiceRunner:
         if proc is None:
             return
         log.info("stopping the program on endpoint %d of DC %d", ep, dcid)
+        if not wait:
+            try:
+                threading.Thread(target=self._stop_gone, args=([proc],), name="svc-stop",
+                                 daemon=True).start()
+                return
+            except RuntimeError as exc:          # no thread to be had: stopped here
+                log.warning("cannot start a thread to stop a program: %s", exc)
         try:
             _terminate(proc)
         finally:

@@ -44,6 +44,9 @@ QUEUE_MAX_FRAMES = 4096
 QUEUE_MAX_BYTES = 8 << 20
 #: At most this many buffers in one sendmsg (IOV_MAX is 1024 on Linux).
 MAX_IOV = 1000
+#: What the kernel answers a proxy call of a pair it no longer has (another program unbound it):
+#: the pair must be registered again, no retry of the call can succeed.
+PAIR_GONE = frozenset({E.EDVSNOTBIND, E.EDVSNOPROXY, E.EDVSPROXYFREE})
 #: Silence after which a peer that never announced itself as a DSP of this project (a C DSP,
 #: which HELLOs only after 30 s idle) is declared dead: three of its HELLO periods.
 C_PEER_SILENCE = 95.0
@@ -295,6 +298,8 @@ class Link:
                 if serial == self.kernel_serial:   # its teardown disconnects what connected
                     self._apply(Event.KERNEL_REFUSED, None, f"kernel refused proxy_conn: {err}")
                 self.cond.notify_all()
+            if isinstance(err, DvkError) and err.code in PAIR_GONE:
+                self.pair_lost(f"proxy_conn: {err}")
             return
         with self.cond:
             if serial == self.kernel_serial and self.state is State.UP:
@@ -304,6 +309,12 @@ class Link:
                 log.info("link to node %d (%s) up", self.peer, self.spec.name)
                 self._publish()
             self.cond.notify_all()
+
+    def pair_lost(self, reason: str) -> None:
+        """The kernel no longer has this link's proxy pair: the main loop registers it again
+        (no connection can come up without it)."""
+        if self.post is not None:
+            self.post(("pair_lost", self.peer, self, reason))
 
     def _disconnect_kernel(self) -> None:
         if self.dvk is None:

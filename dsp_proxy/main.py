@@ -362,6 +362,31 @@ class Dsp:
                     log.warning("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
                                 svc.ext_ep, dcid, err)
 
+    def _rebind_services(self) -> None:
+        """On client nodes, a service's ext_ep that another program unbound (any program of
+        the node may) is bound to the LB node again; else every request of the node's clients
+        failed for good.  An ext_ep a local process holds is left alone."""
+        me = self.cfg.nodes_by_id.get(self.local)
+        if me is None or me.role != "client" or self.lb_nodeid < 0:
+            return
+        for svc in self.cfg.services:
+            for dcid in self._service_dcs(svc):
+                try:
+                    free = bool(self.dvk.getprocinfo(dcid, svc.ext_ep).p_rts_flags
+                                & C.SLOT_FREE)
+                except E.DvkError as err:
+                    free = err.code == E.EDVSNOTBIND
+                if not free:
+                    continue
+                try:
+                    self.dvk.rmtbind(dcid, svc.name[:15], svc.ext_ep, self.lb_nodeid)
+                    log.warning("service %s: endpoint %d of DC %d was unbound by another "
+                                "program: bound again to LB node %d", svc.name, svc.ext_ep,
+                                dcid, self.lb_nodeid)
+                except E.DvkError as err:
+                    log.debug("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
+                              svc.ext_ep, dcid, err)
+
     # ------------------------------------------------------------------ what the threads use
     def learn_dc(self, dcid: int) -> tuple[int, int] | None:
         """The endpoint range of a DC, for the checks of received headers: the DC's own when
@@ -511,6 +536,20 @@ class Dsp:
             return
         if peer == self.lb_nodeid:
             raise DvkLost(f"the LB pair's thread {name} died")
+        self._restart_pair(peer)
+
+    def handle_pair_lost(self, peer: int, link: Link, reason: str) -> None:
+        """The kernel no longer has the proxy pair of `link` (another program unbound it): it
+        is registered again, as when its threads die (each time counts as a death)."""
+        if self.links.get(peer) is not link:
+            return                          # an old link's news: its pair was started again
+        log.warning("link to node %d: the kernel no longer has its proxy pair (%s)", peer,
+                    reason)
+        self._restart_pair(peer)
+
+    def _restart_pair(self, peer: int) -> None:
+        """Start a peer's pair again after a short delay that grows with its recent deaths;
+        too many of them mark it failed for FAILED_RETRY."""
         pair = self.pairs.get(peer)
         if pair is None or pair.failed or pair.restart_at:
             return
@@ -584,6 +623,7 @@ class Dsp:
         if now >= self._next_client_check:
             self._next_client_check = now + min(self.period, 5)
             self._check_clients()
+            self._rebind_services()
         self.autoscaler.tick()
 
     def _check_services(self) -> None:
@@ -649,6 +689,7 @@ class Dsp:
             "fast_relay": self.fast is not None,
             "group": self.group.snapshot() if self.group is not None else None,
             "autoscaler": self.autoscaler.snapshot() if self.autoscaler is not None else None,
+            "programs": self.services.snapshot(),
             "config": config_view(self.cfg),
             "reloads": dict(self.reloads),
             "stats": self.stats_address,

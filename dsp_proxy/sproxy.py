@@ -17,7 +17,7 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import Header
 
-from .link import MAXBATCMD, Link, cork, uncork
+from .link import MAXBATCMD, PAIR_GONE, Link, cork, uncork
 from .linkstate import Event, State
 from .misc import Backoff, tune_socket
 
@@ -123,6 +123,10 @@ class SProxy:
                     continue
                 if err.code == E.EDVSNOTCONN:
                     return
+                if err.code in PAIR_GONE:   # every later call fails at once the same way
+                    link.pair_lost(f"get2rmt: {err}")
+                    ctx.stopping.wait(0.5)
+                    return
                 link.sent.errors += 1
                 log.debug("%s get2rmt: %s", self.name, err)
                 continue
@@ -177,6 +181,8 @@ class LbSender:
             try:
                 ctx.dvk.get2rmt(hdr, payload, 500)
             except E.DvkError as err:
+                if err.code in PAIR_GONE:   # only registering it again helps: a restart
+                    raise RuntimeError(f"the kernel no longer has the LB pair: {err}") from None
                 if err.code not in (E.EDVSTIMEDOUT, E.EDVSNOTCONN):
                     log.debug("LB get2rmt: %s", err)
                 if err.code == E.EDVSNOTCONN:

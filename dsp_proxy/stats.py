@@ -374,6 +374,13 @@ def render_metrics(snap: dict) -> str:
     for peer, link in links.items():
         m.add("dsp_link_up", "gauge", "1 when both directions of the link to the peer are up.",
               bool(link.get("up")), peer=peer, name=link.get("name", ""))
+    for peer in _failed_pairs(snap):
+        m.add("dsp_link_up", "gauge", "1 when both directions of the link to the peer are up.",
+              0, peer=peer, name="")
+    for peer in snap.get("failed_pairs") or ():
+        m.add("dsp_pair_failed", "gauge", "1 while the peer's proxy pair is marked failed "
+              "(its threads died too often; started again later or at a reload).", 1,
+              peer=peer)
     for peer, link in links.items():
         m.add("dsp_link_downs_total", "counter", "Times the link to the peer went down.",
               link.get("downs", 0), peer=peer)
@@ -568,7 +575,16 @@ def link_rows(snap: dict) -> tuple[list[str], list[list]]:
                      link.get("downs", 0), s.get("frames", 0), s.get("commands", 0),
                      s.get("bytes", 0), r.get("frames", 0), r.get("commands", 0),
                      r.get("bytes", 0), s.get("errors", 0) + r.get("errors", 0)])
+    for peer in _failed_pairs(snap):   # a failed pair's link is gone: its row says why
+        rows.append([str(peer), "", "FAILED"] + [""] * (len(head) - 3))
     return head, rows
+
+
+def _failed_pairs(snap: dict) -> list[int]:
+    """The peers whose proxy pair the supervisor marked failed and that have no link now
+    (it is started again later, or at a reload)."""
+    links = {str(peer) for peer in snap.get("links") or {}}
+    return [p for p in snap.get("failed_pairs") or () if str(p) not in links]
 
 
 def dc_rows(snap: dict) -> tuple[list[str], list[list]]:
@@ -686,7 +702,25 @@ def format_text(snap: dict) -> str:
                     f"no server {group.get('no_server', 0)}",
                 "servers:", _text_table(*server_rows(snap)),
                 "sessions:", _text_table(*session_rows(snap))]
-    return "\n".join(out)
+    return "\n".join(out + _elastic_lines(snap))
+
+
+def _elastic_lines(snap: dict) -> list[str]:
+    """Service programs and VM commands, when this DSP ran any (their failures above all)."""
+    out = []
+    progs = snap.get("programs") or {}
+    if progs.get("started") or progs.get("failed") or progs.get("running"):
+        last = progs.get("last_error")
+        out += ["", f"service programs: {progs.get('running', 0)} running, "
+                    f"{progs.get('started', 0)} started, {progs.get('failed', 0)} failed"
+                    + (f" (last: {last})" if last else "")]
+    for nodeid, vm in sorted((snap.get("autoscaler") or {}).items(), key=lambda kv: int(kv[0])):
+        if vm.get("starts") or vm.get("stops") or vm.get("failures"):
+            last = vm.get("last_error")
+            out.append(f"VM of server node {nodeid} ({vm.get('name')}): {vm.get('starts', 0)} "
+                       f"starts, {vm.get('stops', 0)} stops, {vm.get('failures', 0)} failed"
+                       + (f" (last: {last})" if last else ""))
+    return out
 
 
 # ------------------------------------------------------------------------------ the client

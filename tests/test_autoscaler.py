@@ -120,3 +120,27 @@ def test_only_the_deciding_node_acts():
     a.tick()  # node 1, the lowest-id live server, decides
     wait_idle(a)
     assert a.decider() == 1 and runner.calls == []
+
+
+def test_failed_vm_commands_and_starts_show_in_the_figures():
+    """A vm_start that failed, or a start whose node never came up, was only a log line: the
+    status said `starting: false` as after a success, and `dsp_proxy stats` showed nothing.
+    Each counts as a failure with its reason, in the status and the text figures."""
+    from dsp_proxy.stats import format_text
+    a, runner, dsp = scaler({}, min_servers=2)
+    runner.run = lambda command, args: CommandResult(3, "")
+    a.tick()
+    wait_idle(a)
+    snap = a.snapshot()
+    assert snap[2]["failures"] == 1 and "status 3" in snap[2]["last_error"], snap[2]
+    runner.run = lambda command, args: CommandResult(0, "")
+    a.vms[2].failed_at = 0.0                         # retry now, not after RETRY_AFTER
+    a.tick()
+    wait_idle(a)
+    a.vms[2].starting_since = time.monotonic() - 5   # `start` (1 s) passed, it never came
+    a.tick()
+    wait_idle(a)
+    snap = a.snapshot()
+    assert snap[2]["failures"] == 2 and "come up" in snap[2]["last_error"], snap[2]
+    text = format_text({"autoscaler": snap})
+    assert "VM of server node 2 (b): 2 starts, 0 stops, 2 failed" in text, text

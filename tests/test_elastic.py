@@ -328,7 +328,8 @@ def test_only_the_dsp_that_started_a_program_can_stop_it():
         p.runner.handle(2, p.message(MT_SVC_STOP, m1_i1=0, m1_i2=ep, m1_p1=30, m_source=2))
         assert (0, ep) in p.runner.procs and proc.poll() is None
         p.runner.handle(3, p.message(MT_SVC_STOP, m1_i1=0, m1_i2=ep, m1_p1=30, m_source=3))
-        assert (0, ep) not in p.runner.procs and proc.poll() is not None
+        assert (0, ep) not in p.runner.procs
+        wait_for(lambda: proc.poll() is not None, 10, "the program stopped")
 
 
 def test_a_gone_peers_programs_are_stopped_and_an_ended_program_frees_its_endpoint():
@@ -568,3 +569,58 @@ class _Programs:
         node, body = self.replies[before]
         assert node == peer
         return self.answer(body)
+
+
+def test_a_stop_request_does_not_hold_the_receiver_for_the_grace_period():
+    """MT_SVC_STOP is handled on the receiver thread of the asking peer's link (the LB host's:
+    every session's traffic to this server): stopping a program that ignores SIGTERM there
+    held that thread for the whole grace period, and nothing the peer sent was read
+    meanwhile.  The request returns at once; the program is stopped on a thread of its own
+    (SIGKILL after the grace period) and the runner's stop sees it until it ended."""
+    with _Programs(str(HERE / "stubborn.sh")) as p:
+        assert p.start(3) == 30 and p.start(3) == 31
+        first, second = p.runner.procs[(0, 30)], p.runner.procs[(0, 31)]
+        wait_for(lambda: _ignores_sigterm(first.pid) and _ignores_sigterm(second.pid), 10,
+                 "the programs ignore SIGTERM")
+        p.runner.handle(3, p.message(MT_SVC_STOP, m1_i1=0, m1_i2=30, m1_p1=30, m_source=3))
+        assert first.poll() is None, "the stop request waited for the program to end"
+        assert (0, 30) not in p.runner.procs and first in p.runner.stopping
+        wait_for(lambda: first.poll() is not None, 10, "the program stopped")
+        assert first.returncode == -signal.SIGKILL
+        wait_for(lambda: first not in p.runner.stopping, 10, "the stop finished")
+        p.runner.handle(3, p.message(MT_SVC_STOP, m1_i1=0, m1_i2=31, m1_p1=30, m_source=3))
+        p.runner.stop_all()                     # the daemon stops during the grace period
+        assert second.poll() == -signal.SIGKILL
+
+
+def test_a_program_that_exits_before_its_bind_is_logged_with_its_status(caplog):
+    """A program that ends at once (a wrong path in `prog`, a crash) was logged as "did not
+    bind endpoint 30 within 5 s", the moment it ended, with its exit status lost: the
+    operator looked for a slow program.  The log says it exited and how, and the start's
+    answer is an error."""
+    with _Programs("/bin/sh -c 'exit 3'") as p:
+        p.bind_after = 30.0                              # it could not bind before it ends
+        with caplog.at_level("WARNING", logger="dsp.elastic"):
+            assert p.start(3) < 0
+        assert "exited with status 3" in caplog.text, caplog.text
+        assert "within" not in caplog.text
+        assert not p.runner.procs and not p.runner.reserved
+
+
+def test_program_starts_and_failures_show_in_the_figures():
+    """Service program starts were only log lines: the status and `dsp_proxy stats` said
+    nothing of a program that never bound.  Starts and failures (with the last reason) are
+    counted there."""
+    from dsp_proxy.stats import format_text
+    with _Programs("/bin/sh -c 'exit 3'") as p:
+        p.bind_after = 30.0
+        assert p.start(3) < 0
+        snap = p.runner.snapshot()
+        assert snap["failed"] == 1 and snap["started"] == 0, snap
+        assert "endpoint 30" in snap["last_error"], snap
+        text = format_text({"programs": snap})
+        assert "service programs: 0 running, 0 started, 1 failed (last: " in text, text
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        assert p.start(3) == 30
+        assert p.runner.snapshot()["started"] == 1
+        assert p.runner.snapshot()["running"] == 1

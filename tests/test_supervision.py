@@ -266,3 +266,60 @@ def test_reload_verdicts_pass_the_log_line_limit(node1, caplog):
     done = [r for r in caplog.records if r.getMessage().startswith("reload of ")
             and "done" in r.getMessage()]
     assert len(done) == count
+
+
+def test_a_pair_marked_failed_shows_in_the_figures(node1, monkeypatch, caplog):
+    """A pair marked failed has no link for FAILED_RETRY seconds: its peer's row vanished
+    from `dsp_proxy stats`, the page and /metrics (only the JSON's failed_pairs said it).
+    The row stays, as FAILED, and /metrics says the link is down and the pair failed."""
+    from dsp_proxy.stats import format_text, render_html, render_metrics
+    cl, inproc = node1
+    _mark_pair_2_failed(cl, inproc, monkeypatch, caplog, retry=3600.0)
+    snap = inproc.dsp.snapshot()
+    assert 2 not in snap["links"] and snap["failed_pairs"] == [2]
+    rows = [line.split() for line in format_text(snap).splitlines()]
+    assert ["2", "FAILED"] in [r[:2] for r in rows], format_text(snap)
+    assert "FAILED" in render_html(snap)
+    metrics = render_metrics(snap)
+    assert 'dsp_link_up{peer="2",name=""} 0' in metrics
+    assert 'dsp_pair_failed{peer="2"} 1' in metrics
+
+
+def test_a_proxy_pair_unbound_by_another_program_is_registered_again(node1, caplog):
+    """Another local program unbinds the DSP's proxy pair for node 2 (proxies_unbind is open
+    to any program of the node): the link went down and every connection after that was
+    refused by the kernel (proxy_conn: EDVSPROXYFREE), two log lines each time, for good;
+    caught between two get2rmt calls, SPROXY(2) went round at full speed on EDVSNOTBIND
+    while the link looked up.  The supervisor registers the pair again, traffic flows."""
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    caplog.set_level(logging.INFO)
+    errors = inproc.dsp.links[2].sent.errors
+    EmuDvk(path=socket_path(1, cl.rundir)).proxies_unbind(2)
+    _wait(lambda: "proxy pair restarted" in caplog.text, 20, "the pair registered again")
+    assert inproc.dsp.links[2].sent.errors - errors < 100, "the sender went round in a loop"
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+
+
+def test_the_lb_pair_unbound_by_another_program_ends_the_daemon_non_zero(node1):
+    """The LB pair unbound by another program: its get2rmt thread went round at full speed on
+    EDVSNOTBIND for good (local clients' requests went nowhere).  It is the LB pair's death:
+    the daemon exits non-zero so that init starts it again (and it registers the pair)."""
+    cl, inproc = node1
+    EmuDvk(path=socket_path(1, cl.rundir)).proxies_unbind(inproc.dsp.lb_nodeid)
+    inproc.thread.join(10)
+    assert not inproc.thread.is_alive() and inproc.status == 1
+
+
+def test_a_service_endpoint_unbound_by_another_program_is_bound_again(node1, caplog):
+    """On a client node the DSP binds each service's ext_ep to the LB node, at start and at a
+    reload only: another local program that unbound it (any program may) took the service
+    from every client of the node for good, each request answered EDVSDEADSRCDST.  The DSP
+    binds a free ext_ep again within its client check period."""
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    caplog.set_level(logging.INFO)
+    EmuDvk(path=socket_path(1, cl.rundir)).unbind(0, 10)
+    _wait(lambda: "bound again" in caplog.text, 15, "the service endpoint bound again")
+    _traffic(cl, inproc)
