@@ -152,7 +152,8 @@ class Link:
         self.generation = 0              # bumped on every link-up and link-down
         self.out_sock: socket.socket | None = None
         self.in_sock: socket.socket | None = None
-        self.in_serial = 0               # bumped for every accepted connection
+        self.in_serial = 0               # bumped for every connection RPROXY is to serve
+        self.in_candidate: socket.socket | None = None   # held aside (HOLD_IN)
         #: The compiled relay's side of the socket (dsp_proxy/fastpath.py `Wire`), whose lock
         #: is then the send lock; None without the relay.
         self.wire = wire
@@ -215,7 +216,7 @@ class Link:
         if event is Event.IN_LOST and sock is not None and sock is not self.in_sock:
             return False
         was = self.state
-        new, effects = transition(was, event)
+        new, effects = transition(was, event, c_peer=not self.announced)
         if new is was and not effects:
             return False
         self.state, self.since = new, time.monotonic()
@@ -234,6 +235,12 @@ class Link:
                 if self.in_sock is not None:
                     self.retired_in.append(_shut(self.in_sock))
                 self.in_sock = None
+            elif eff is Effect.HOLD_IN:
+                if self.in_candidate is not None:
+                    _close(self.in_candidate)
+                self.in_candidate = sock
+                log.info("link to node %d: a new connection from the peer waits until the "
+                         "current one is lost", self.peer)
             elif eff is Effect.CONNECT:
                 self.kernel_serial += 1
                 self.kernel_todo.append((eff, self.kernel_serial))
@@ -245,7 +252,24 @@ class Link:
             log.debug("link to node %d half-open (%s), closed: %s", self.peer, was.value,
                       reason)
         self._publish()
+        if new is State.DOWN and self.in_candidate is not None:
+            self._take_candidate()
         return True
+
+    def _take_candidate(self) -> None:
+        """(cond held, the link DOWN) The connection held aside takes over, unless it has
+        been closed meanwhile."""
+        sock, self.in_candidate = self.in_candidate, None
+        try:
+            closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            closed = False
+        except OSError:
+            closed = True
+        if closed or self.stopping:
+            _close(sock)
+        elif not self._apply(Event.IN_ACCEPTED, sock, ""):
+            _close(sock)
 
     def _publish(self) -> None:
         if self.wire is not None:
@@ -305,6 +329,7 @@ class Link:
             if serial == self.kernel_serial and self.state is State.UP:
                 self.up = True
                 self.generation += 1
+                self.in_serial += 1      # RPROXY serves the incoming connection (again)
                 self.announced = False
                 log.info("link to node %d (%s) up", self.peer, self.spec.name)
                 self._publish()
@@ -352,12 +377,14 @@ class Link:
         for sock in retired:
             sock.close()
 
-    def down(self, reason: str, generation: int | None = None) -> None:
-        """Tear down both directions (no-op for a stale generation)."""
+    def down(self, reason: str, generation: int | None = None, outgoing: bool = False) -> None:
+        """The connection of one direction failed (the incoming one, or the `outgoing`
+        one); no-op for a stale generation."""
         with self.cond:
             if generation is not None and generation != self.generation:
                 return
-            event = Event.IN_LOST if self.state is not State.OUT_ONLY else Event.OUT_LOST
+            outgoing = outgoing or self.state is State.OUT_ONLY
+            event = Event.OUT_LOST if outgoing else Event.IN_LOST
             self._apply(event, None, reason)
             self.cond.notify_all()
         self._kernel_calls()
@@ -400,6 +427,9 @@ class Link:
         with self.cond:
             self.stopping = True
             self._apply(Event.STOP, None, "shutting down")
+            if self.in_candidate is not None:
+                _close(self.in_candidate)
+                self.in_candidate = None
             self.cond.notify_all()
         self._kernel_calls()
         self.close_retired(incoming=False)
@@ -701,7 +731,7 @@ class Link:
                     return True
         except OSError as exc:
             self.unsent = []
-            self.down(f"send failed: {exc}", gen)
+            self.down(f"send failed: {exc}", gen, outgoing=True)
             return False
         if self.unsent:
             self.unsent = []

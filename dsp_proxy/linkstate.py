@@ -5,7 +5,8 @@ A link to a peer carries traffic only when both directions are connected: the ou
 RPROXY).  The machine below is pure: `transition(state, event)` returns the next state and the
 effects to carry out, and `Link` (link.py) carries them out under its Condition.  No state waits
 for ever: a half-open link (one direction only) older than `HALF_OPEN_LIMIT` gets the TIMEOUT
-event from the supervisor and is torn down, so both sides start again.
+event from the supervisor and is torn down, so both sides start again; except with a peer that
+may be a C DSP, which never starts again (`C_PEER_TABLE`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Effect(enum.Enum):
     CONNECT = "connect"               # proxy_conn CONNECT_RPROXY and CONNECT_SPROXY
     DISCONNECT = "disconnect"         # proxy_conn DISCONNECT_SPROXY and DISCONNECT_RPROXY
     REPORT_DOWN = "report-down"       # tell the supervisor the link went down
+    HOLD_IN = "hold-in"               # keep the event's socket aside until the current one goes
 
 
 S, Ev, F = State, Event, Effect
@@ -75,9 +77,28 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Effect, ...]]] = {
                                             F.REPORT_DOWN)),
 }
 
+#: Where a peer that never announced itself as a DSP of this project differs: it may be a C
+#: DSP, whose sender connects once and never again (it goes on with its closed socket), so the
+#: incoming connection it made is never closed while it works.  The outgoing direction's loss
+#: keeps it (our sender connects again), a half-open link waits for our sender instead of
+#: timing out, and a new connection from the peer's address while the link is up is held
+#: aside, taking over only once the current one is lost (`Link` then hands it in as
+#: IN_ACCEPTED in DOWN), so a stray connection cannot end a working link.
+C_PEER_TABLE: dict[tuple[State, Event], tuple[State, tuple[Effect, ...]]] = {
+    (S.UP, Ev.OUT_LOST): (S.IN_ONLY, (F.DISCONNECT, F.CLOSE_OUT, F.REPORT_DOWN)),
+    (S.IN_ONLY, Ev.TIMEOUT): (S.IN_ONLY, ()),
+    (S.UP, Ev.IN_ACCEPTED): (S.UP, (F.HOLD_IN,)),
+    (S.UP, Ev.OUT_CONNECTED): (S.UP, (F.DISCONNECT, F.CLOSE_OUT, F.KEEP_OUT, F.REPORT_DOWN,
+                                      F.CONNECT)),
+}
+
 HALF_OPEN = frozenset({S.OUT_ONLY, S.IN_ONLY})
 
 
-def transition(state: State, event: Event) -> tuple[State, tuple[Effect, ...]]:
-    """The next state and the effects of `event` in `state` (unlisted pairs: no change)."""
+def transition(state: State, event: Event, c_peer: bool = False
+               ) -> tuple[State, tuple[Effect, ...]]:
+    """The next state and the effects of `event` in `state` (unlisted pairs: no change), for
+    a peer that may be a C DSP (`C_PEER_TABLE`) or one of this project's."""
+    if c_peer and (state, event) in C_PEER_TABLE:
+        return C_PEER_TABLE[(state, event)]
     return TABLE.get((state, event), (state, ()))

@@ -363,6 +363,7 @@ class RProxy:
         if not self.gate.enter(ctx.dvk):
             return
         self.deliverer = Deliverer(ctx, self.link.peer)
+        self.reader: FrameReader | None = None
         serial = 0
         while not ctx.stopping.is_set():
             self.link.close_retired(incoming=True)     # this thread uses no socket now
@@ -393,7 +394,11 @@ class RProxy:
 
     def _serve(self, sock: socket.socket, gen: int) -> None:
         ctx, link = self.ctx, self.link
-        reader = FrameReader(sock)
+        reader = self.reader
+        if reader is None or reader.sock is not sock:
+            # one reader per connection: a connection kept while the link was down (a C
+            # peer's) is served again from the byte where its last serving stopped
+            reader = self.reader = FrameReader(sock)
         peer = link.peer
         check = functools.partial(check_header, peer=peer, limits=ctx.limits)
         received = link.received
@@ -425,6 +430,8 @@ class RProxy:
                     whole = self._fill(read, sock, deliverer)
                     link.last_rx = monotonic()
                     cork()
+                    if link.generation != gen or not link.up:
+                        break   # went down meanwhile: what came waits for the next serving
                     if relay is not None and not whole:
                         continue    # the compiled relay carried every whole frame
                 elif relay is not None and not relay():
@@ -464,7 +471,8 @@ class RProxy:
         except OSError as exc:
             link.down(str(exc) or type(exc).__name__, gen)
         finally:
-            uncork()
+            for k in uncork():       # the reader's buffer may be read into again
+                k.settle()
             if relay is not None:    # what its last walks counted, before the link ends
                 relay.fold_received()
 

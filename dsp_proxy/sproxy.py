@@ -53,7 +53,10 @@ class SProxy:
                 if link.stopping:
                     return
                 continue
-            while not ctx.stopping.is_set() and link.state is State.OUT_ONLY:
+            # half-open, or UP with the kernel not told yet (another thread may be making
+            # the link's kernel calls): wait for the link to come up or go down
+            while not ctx.stopping.is_set() and not link.up \
+                    and link.state in (State.OUT_ONLY, State.UP):
                 link.wait_up(0.5)
             if not link.up:
                 ctx.stopping.wait(backoff.next())

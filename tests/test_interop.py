@@ -264,6 +264,51 @@ def test_idle_link_to_c_peer_survives_its_hello_cadence(tmp_path, c_node):
         {C.MT_LOAD_THRESHOLDS, C.MT_RMTBIND}), "a HELLO the C receiver would answer (and hang)"
 
 
+def test_a_message_the_c_peer_cannot_deliver_costs_only_our_outgoing_connection(tmp_path,
+                                                                               c_node):
+    """The C receiver drops its connection on any put2lcl error (here: a request to an
+    endpoint bound to node 3 on node 1 but to nothing on node 3), and the C sender never
+    connects again once its connection is gone.  So the link keeps the C sender's connection,
+    connects out again, and carries traffic both ways once more; the C sender's one
+    connection is the same all along."""
+    from dvk_cffi.errors import DvkError
+    from dvk_cffi.wire import Message
+    cl, peer, _b, _sender = c_node
+    latency_both_ways(cl, 5)
+    accepts, connects = peer.accepts, peer.connects
+    n1 = cl.dvk(1)
+    n1.bind(0, 61)
+    n1.rmtbind(0, "ghost3", 60, 3)
+    with pytest.raises(DvkError):
+        n1.sendrec(60, Message(), 5000)       # an error code, not an endless wait
+    deadline = time.monotonic() + 30
+    while peer.accepts == accepts:
+        assert time.monotonic() < deadline, "node 1 did not connect to the C peer again"
+        time.sleep(0.1)
+    wait_link(cl, peer, 30)
+    latency_both_ways(cl, 5)
+    assert peer.connects == connects and not peer.sender_gone.is_set()
+
+
+def test_a_stray_connection_from_the_c_peers_address_does_not_end_the_link(tmp_path, c_node):
+    """A new connection from the C peer's address while the link is up waits aside: the C
+    sender's working connection is not closed for it (the C sender would never connect
+    again), and it takes over only when the current one is lost."""
+    cl, peer, _b, _sender = c_node
+    latency_both_ways(cl, 5)
+    downs = link3(cl).get("downs")
+    spec = next(s for s in topology.peer_specs(cl.cfg, 1) if s.nodeid == 3)
+    for _ in range(3):
+        stray = socket.create_connection((f"{cl.net}.1", spec.rport), timeout=5,
+                                         source_address=(f"{cl.net}.3", 0))
+        time.sleep(0.3)
+        stray.close()
+    time.sleep(0.5)
+    assert link_up(cl, peer)
+    latency_both_ways(cl, 5)
+    assert link3(cl).get("downs") == downs and not peer.sender_gone.is_set()
+
+
 def test_stale_hello_bodies_are_never_control_frames(tmp_path, c_node):
     """Every body the Python DSP could take for its own: the C peer's HELLO period shortened to
     1 s so that each gets its HELLO quickly (the C cadence is the other test's)."""

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from dsp_proxy.link import Link, PeerSpec
-from dsp_proxy.linkstate import TABLE, Effect, Event, State, transition
+from dsp_proxy.linkstate import C_PEER_TABLE, TABLE, Effect, Event, State, transition
 from dvk_cffi import consts as C
 
 S, Ev, F = State, Event, Effect
@@ -45,6 +45,30 @@ def test_every_transition(state, event):
     new, effects = transition(state, event)
     want_state, want_effects = EXPECTED.get((state, event), (state, set()))
     assert (new, set(effects)) == (want_state, want_effects)
+
+
+#: Where a peer that never announced itself (it may be a C DSP) differs.
+C_PEER = {
+    (S.UP, Ev.OUT_LOST): (S.IN_ONLY, {F.DISCONNECT, F.CLOSE_OUT, F.REPORT_DOWN}),
+    (S.IN_ONLY, Ev.TIMEOUT): (S.IN_ONLY, set()),
+    (S.UP, Ev.IN_ACCEPTED): (S.UP, {F.HOLD_IN}),
+    (S.UP, Ev.OUT_CONNECTED): (S.UP, {F.DISCONNECT, F.CLOSE_OUT, F.KEEP_OUT, F.REPORT_DOWN,
+                                      F.CONNECT}),
+}
+
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("event", list(Event))
+def test_every_transition_with_a_peer_that_may_be_a_c_dsp(state, event):
+    new, effects = transition(state, event, c_peer=True)
+    want_state, want_effects = C_PEER.get((state, event),
+                                          EXPECTED.get((state, event), (state, set())))
+    assert (new, set(effects)) == (want_state, want_effects)
+    assert set(C_PEER_TABLE) == set(C_PEER)
+    # a working link's incoming connection is closed only when it is lost itself, the kernel
+    # refuses the link or we stop: never for the other direction, never for a newcomer
+    if state is S.UP and F.CLOSE_IN in effects:
+        assert event in (Ev.IN_LOST, Ev.STOP, Ev.KERNEL_REFUSED)
 
 
 def test_the_table_has_nothing_else_and_no_state_waits_for_ever():
@@ -177,3 +201,70 @@ def test_a_kernel_that_does_not_answer_holds_no_other_thread():
         sock.close()
     link.close_retired(incoming=False)
     link.close_retired(incoming=True)
+
+
+def _up(link, kernel=None):
+    out, out_peer = _pair()
+    inn, in_peer = _pair()
+    link.event(Ev.OUT_CONNECTED, out)
+    link.event(Ev.IN_ACCEPTED, inn)
+    assert link.up
+    return (out, out_peer), (inn, in_peer)
+
+
+def test_a_c_peers_incoming_connection_outlives_the_outgoing_one():
+    """A peer that never announced itself keeps its incoming connection when ours is lost
+    (the C sender never connects again): the link is IN_ONLY and comes up again with a new
+    outgoing connection, RPROXY being told to serve the same socket again."""
+    events = []
+    link = Link(PeerSpec(3, "c3", "127.0.0.1", 1, 1), FakeKernel(), post=events.append)
+    (out, out_peer), (inn, in_peer) = _up(link)
+    serial = link.in_serial
+    link.down("send failed", link.generation, outgoing=True)
+    assert link.state is S.IN_ONLY and not link.up and link.in_sock is inn
+    assert link.retired_in == [] and link.retired_out == [out]
+    assert events == [("link_down", 3, "send failed")]
+    assert link.half_open_for() >= 0 and not link.event(Ev.TIMEOUT)   # no timeout: it waits
+    out2, out2_peer = _pair()
+    assert link.event(Ev.OUT_CONNECTED, out2) and link.up and link.in_sock is inn
+    assert link.in_serial > serial
+    for sock in (out_peer, in_peer, out2_peer):
+        sock.close()
+    link.stop()
+
+
+def test_an_announced_peer_loses_both_directions_with_one():
+    link = Link(PeerSpec(2, "n2", "127.0.0.1", 1, 1), FakeKernel())
+    (out, out_peer), (inn, in_peer) = _up(link)
+    link.announced = True
+    link.down("send failed", link.generation, outgoing=True)
+    assert link.state is S.DOWN and link.retired_in == [inn] and link.retired_out == [out]
+    for sock in (out_peer, in_peer):
+        sock.close()
+
+
+def test_a_new_connection_waits_aside_until_the_current_one_is_lost():
+    """While a C peer's link is up, a new connection from its address is held aside: the
+    working one stays; once that one is lost the held one takes over (unless it closed
+    meanwhile, then it is dropped)."""
+    link = Link(PeerSpec(3, "c3", "127.0.0.1", 1, 1), FakeKernel())
+    (out, out_peer), (inn, in_peer) = _up(link)
+    first, first_peer = _pair()
+    second, second_peer = _pair()
+    assert link.event(Ev.IN_ACCEPTED, first) and link.up and link.in_sock is inn
+    assert link.event(Ev.IN_ACCEPTED, second) and link.in_candidate is second
+    assert first.fileno() == -1                  # only the newest waits
+    assert link.event(Ev.IN_LOST, inn, "lost")
+    assert link.state is S.IN_ONLY and link.in_sock is second and link.in_candidate is None
+    # a held connection that closed before its turn is dropped
+    (out2, out2_peer) = _pair()
+    link.event(Ev.OUT_CONNECTED, out2)
+    assert link.up
+    third, third_peer = _pair()
+    link.event(Ev.IN_ACCEPTED, third)
+    third_peer.close()
+    link.event(Ev.IN_LOST, second, "lost")
+    assert link.state is S.DOWN and link.in_sock is None and third.fileno() == -1
+    for sock in (out_peer, in_peer, first_peer, second_peer, out2_peer):
+        sock.close()
+    link.stop()
