@@ -101,12 +101,14 @@ def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = F
     no DC, endpoints or nodes; every other command must name a DC of the node, endpoints inside
     that DC's range and `c_snode` = the link's peer (the only node a link may speak for: a
     relayed client's link to the LB host has the LB node's id).  `batched`: a sub-header of a
-    batch, which has no payload of its own."""
+    batch, which has no payload of its own (a data command's `c_len` there counts data that
+    did not come: the C sender batches COPYIN_RQST; `RProxy.dispatch` answers it)."""
     cmd, dcid, src, dst, snode, dnode, _rc, length, _pid, batch_nr, flags = fields
     if cmd not in C.VALID_CMDS:
         raise FrameError(f"unknown command {cmd:#x}")
     if batched:
-        if length or batch_nr or flags & (C.FLAG_BATCH | C.FLAG_LZ4):
+        if (length and cmd not in C.DATA_CMDS) or batch_nr or flags & (C.FLAG_BATCH
+                                                                       | C.FLAG_LZ4):
             raise FrameError(f"batch sub-header with c_len {length}, c_batch_nr {batch_nr}, "
                              f"flags {flags:#x}")
     elif not 0 <= length <= C.MAXCOPYBUF:
@@ -114,8 +116,6 @@ def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = F
     elif flags & C.FLAG_BATCH:
         if batch_nr < 1 or length != batch_nr * HEADER_SIZE:
             raise FrameError(f"batch of {batch_nr} headers with c_len {length}")
-        if cmd in C.DATA_CMDS:
-            raise FrameError(f"{C.CMD_NAMES[cmd]} at the head of a batch")
     elif batch_nr:
         raise FrameError(f"c_batch_nr {batch_nr} without the batch flag")
     elif length and cmd not in C.DATA_CMDS:
@@ -273,6 +273,12 @@ class Deliverer:
             code = self._put(h, data)
             if code >= 0:
                 return code
+        self.refuse(h, code)
+        return code
+
+    def refuse(self, h: Header, code: int) -> None:
+        """A command from the peer that fails with `code`: counted, and its sender answered
+        with the error ACK the DVK would send."""
         self.errors += 1
         self.ctx.count_error(code)
         log.debug("put2lcl %r: %s", h, E.error_name(code))
@@ -280,7 +286,6 @@ class Deliverer:
             ack = error_ack(h, code)
             if ack is not None:
                 self.ctx.execute((SEND, self.peer, ack.buf, None, None, False))
-        return code
 
     def _park(self, key: tuple[int, int], h: Header, data) -> int:
         length = h.c_len
@@ -554,7 +559,9 @@ class RProxy:
                 off += n * HEADER_SIZE
             router, peer, autobind = ctx.router, link.peer, link.spec.autobind
             for block, fields, n in runs:
-                if n == 1:
+                if fields[R_CMD] in C.DATA_CMDS:
+                    self._data_lost(block, n)
+                elif n == 1:
                     self._route_one(block, fields, memoryview(b""))
                 else:
                     ctx.execute(router.from_network_run(block, fields, n, peer, autobind),
@@ -563,6 +570,18 @@ class RProxy:
         h = Header(bytearray(hview))
         payload = self._decompress(h, payload)
         self._route_one(h.buf, h.route(), payload)
+
+    def _data_lost(self, block, n: int) -> None:
+        """Copy commands in a batch, whose data did not come with them: the C sender batches
+        every command but the COPY data ones, COPYIN_RQST included, and sends a batch as
+        headers only.  Each is answered with an error (its requester does not wait for good,
+        and no copy is made of data that is not there); the rest of the batch is delivered."""
+        for i in range(n):
+            h = Header(bytearray(block[i * HEADER_SIZE:(i + 1) * HEADER_SIZE]))
+            log.warning("%s: %s in a batch came without its data: answered %s", self.name,
+                        C.CMD_NAMES.get(h.c_cmd, h.c_cmd), E.error_name(E.EDVSINVAL))
+            h.c_flags, h.c_batch_nr, h.c_len = 0, 0, 0
+            self.deliverer.refuse(h, E.EDVSINVAL)
 
     def _route_one(self, hbuf, f: tuple, payload) -> None:
         ctx = self.ctx

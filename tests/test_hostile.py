@@ -22,8 +22,9 @@ from dsp_proxy.cluster import module_argv
 from dsp_proxy.misc import resolve
 from dvk_cffi import Message
 from dvk_cffi import consts as C
+from dvk_cffi import errors as E  # noqa: N812
 from dvk_cffi.errors import DvkError
-from dvk_cffi.wire import HEADER_SIZE, hello_header, make_header, pack_batch
+from dvk_cffi.wire import HEADER_SIZE, Header, hello_header, make_header, pack_batch
 from fuzz.harness import Probes
 
 CONFIG = """
@@ -177,6 +178,66 @@ def test_connection_bursts_from_the_peer_address_never_wedge_the_link(tmp_path, 
         assert min(delivered) >= 3, f"bursts not delivered: {delivered}"
         print(f"recovery after each burst: {', '.join(f'{t:.2f}' for t in times)} s")
         assert max(times) < 15
+
+
+class RecordingPeer(FakePeer):
+    """A FakePeer that keeps what the target sends it (as headers, HELLOs left out)."""
+
+    def __init__(self, cl, target: int, peer: int) -> None:
+        self.got = bytearray()
+        super().__init__(cl, target, peer)
+
+    def _keepalive(self) -> None:
+        hello = bytes(hello_header(self.peer, self.target, 4242).buf)
+        while not self.stop.wait(0.1):
+            try:
+                with self.lock:
+                    self.out.sendall(hello)
+                while chunk := self.back.recv(1 << 16):
+                    self.got += chunk
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+
+    def frames(self) -> list[Header]:
+        """The frames received so far (every one of them is header-only here)."""
+        got = bytes(self.got)
+        heads = [Header(bytearray(got[i:i + HEADER_SIZE]))
+                 for i in range(0, len(got) - len(got) % HEADER_SIZE, HEADER_SIZE)]
+        return [h for h in heads if h.c_cmd != C.CMD_NONE]
+
+
+def test_a_copy_request_batched_without_its_data_is_answered_and_the_link_kept(tmp_path):
+    """The C sender batches COPYIN_RQST too and sends a batch as headers only, so the
+    request's data never comes: that command is answered with an error ACK (its requester
+    does not wait for good), the rest of the batch is delivered, and the link stays up (with
+    a C peer a closed link never comes back)."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        cl.kill_dsp(2, signal.SIGKILL)
+        cl.wait_links_up(15, pairs=[(1, 3), (3, 1)])
+        fake = RecordingPeer(cl, 1, 2)
+        try:
+            wait_for(fake.link_up, 10, "the fake peer's link up")
+            lost = make_header(c_cmd=C.CMD_COPYIN_RQST, c_dcid=0, c_src=60, c_dst=61,
+                               c_snode=2, c_dnode=1, c_len=4096)
+            for head_cmd in (C.CMD_SNDREC_MSG, C.CMD_COPYIN_RQST):    # inside, then at the head
+                head = make_header(c_cmd=head_cmd, c_dcid=0, c_src=62, c_dst=63, c_snode=2,
+                                   c_dnode=1, c_len=HEADER_SIZE, c_batch_nr=1,
+                                   c_flags=C.FLAG_BATCH)
+                fake.send(bytes(head.buf) + pack_batch([lost]))
+            acks = lambda: [h for h in fake.frames()          # noqa: E731
+                            if h.c_cmd == C.CMD_COPYRMT_ACK and h.c_rcode == E.EDVSINVAL]
+            wait_for(lambda: len(acks()) == 3, 10, "three error ACKs of the copy requests")
+            assert {(h.c_dst, h.c_dnode) for h in acks()} == {(60, 2), (62, 2)}
+            # the batch's message was delivered: its error (nobody is bound to 63) came back
+            wait_for(lambda: any(h.c_cmd == C.CMD_SNDREC_ACK and h.c_dst == 62
+                                 for h in fake.frames()), 10, "the message's answer")
+            time.sleep(2 * SILENCE)
+            assert fake.link_up()
+            assert "in a batch came without its data" in log_of(cl, 1)
+        finally:
+            fake.close()
 
 
 # --------------------------------------------------------------------------- finding 2
