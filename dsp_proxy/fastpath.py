@@ -294,16 +294,15 @@ class Relay:
         `budget` seconds passed (0: one read).  True when a whole frame for the Python path is
         next.  Raises as `recv_into` would (BlockingIOError when the socket's timeout
         passed)."""
-        reader, pos, last_rx = self.reader, self.pos, self.last_rx
+        reader, pos, last_rx, link = self.reader, self.pos, self.last_rx, self.link
         pos[0], pos[1] = reader.start, reader.end
-        last_rx[0] = 0.0
+        last_rx[0] = link.last_rx if link is not None else 0.0
         got = lib.rt_pump(self.table, self.peer, reader.sock.fileno(), self.cbuf,
                           len(reader.buf), pos, pos + 1, self.segs, MAX_SEGS, self.nsegs,
                           self.python, self.held, self.held_fd, self.sent, self.flush, last_rx,
                           budget)
         reader.start, reader.end = pos[0], pos[1]
-        link = self.link
-        if link is not None and last_rx[0]:
+        if link is not None:
             link.last_rx = last_rx[0]
         try:
             if got <= 0:

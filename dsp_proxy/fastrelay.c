@@ -26,6 +26,8 @@
 #include <errno.h>
 #include <sys/types.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <time.h>
 
 #define RT_HEADER 120
@@ -613,6 +615,21 @@ static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *s
     return n - k;
 }
 
+/* A link's connection carries frames one way only, so Linux answers each small frame it
+ * receives with an ACK of its own, sent inside the recv that reads it (a connection that
+ * answers with data carries the ACK on its reply).  TCP_QUICKACK 0 puts the socket in
+ * Linux's interactive mode, in which the ACK waits (every second frame, or the delayed-ACK
+ * timer, still sends one); Linux leaves that mode when that timer fires, at least 40 ms
+ * after the last ACK, so a read that follows a silence of RT_ACK_GAP seconds sets it again.
+ * An error (a socket that is not TCP) changes nothing: the ACKs stay immediate. */
+#define RT_ACK_GAP 1e-3
+
+static void delay_acks(int fd)
+{
+    static const int off = 0;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &off, sizeof off);
+}
+
 /* The receiver's loop in C: read the link to `peer` into buf (blocking, as the socket's
  * timeout allows), relay what came and write it (write_segments), and read again, until a
  * frame needs the Python path, a segment or a queue is left for the caller, a read fails, or
@@ -620,7 +637,9 @@ static int write_segments(relay_table *t, const unsigned char *buf, relay_seg *s
  * socket's timeout).  The unread frames buf[*start:*end] are moved to the front first when the
  * room after them could not hold a whole frame (no queued frame refers to the buffer then:
  * the caller settled its links, and the relay's own writes were whole).  *last_rx is the time
- * of the last read (CLOCK_MONOTONIC).  Returns the bytes of the last read, 0 when the peer
+ * of the link's last read (CLOCK_MONOTONIC): the caller passes the one before the call (0:
+ * unknown), which decides whether the first read delays the socket's ACKs again
+ * (delay_acks).  Returns the bytes of the last read, 0 when the peer
  * closed the connection, or -errno. */
 int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *start, int *end,
             relay_seg *segs, int maxsegs, int *nsegs, int *python, int *held, int *held_fd,
@@ -648,7 +667,10 @@ int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *
         while (got < 0 && errno == EINTR);
         if (got <= 0)
             return got < 0 ? -errno : 0;
-        *last_rx = monotonic_now();
+        double now = monotonic_now();
+        if (now - *last_rx > RT_ACK_GAP)
+            delay_acks(fd);
+        *last_rx = now;
         *end = e + (int)got;
         *start = rt_relay(t, peer, buf, s, *end, segs, maxsegs, nsegs, python);
         if (*nsegs)

@@ -45,6 +45,7 @@ from .fastpath import Relay
 from .group import DELIVER, SEND
 from .link import Link, cork, ease, uncork
 from .linkstate import Event
+from .misc import ACK_GAP, delay_acks
 
 log = logging.getLogger("dsp.rproxy")
 
@@ -420,6 +421,7 @@ class RProxy:
         if ctx.fast is not None:
             relay = Relay(ctx.fast, reader, peer, ctx.execute.links, self._refused, link)
             read = relay.read
+        delay_acks(sock)
         link.last_rx = monotonic()
         self._timeout = None
         try:
@@ -433,7 +435,10 @@ class RProxy:
                             k.settle()
                         ease(kept)
                     whole = self._fill(read, sock, deliverer)
-                    link.last_rx = monotonic()
+                    now = monotonic()
+                    if relay is None and now - link.last_rx > ACK_GAP:
+                        delay_acks(sock)    # (the compiled relay's read does it itself)
+                    link.last_rx = now
                     cork()
                     if link.generation != gen or not link.up:
                         break   # went down meanwhile: what came waits for the next serving

@@ -597,3 +597,44 @@ def test_a_busy_relayed_link_sends_no_hello(tmp_path):
         if hop is not None:
             hop.close()
         cluster.stop()
+
+
+def _tcp_pair(rig: Rig) -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP connection (the receiver's end, the client's end), closed with the rig."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        rig.socks.append(client)
+        inside, _ = listener.accept()
+    rig.socks.append(inside)
+    return inside, client
+
+
+def _acks_at_once(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK))
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux's")
+def test_the_relays_read_after_a_silence_lets_its_connection_hold_the_acks(rig):
+    """A link's connection carries frames one way, so Linux answers each small frame with an
+    ACK of its own unless the socket is in its interactive mode (TCP_QUICKACK 0), which Linux
+    leaves when its delayed-ACK timer fires: the relay's first read after a silence sets the
+    mode again, and a read that follows another at once makes no such call."""
+    inside, client = _tcp_pair(rig)
+    inside.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 5, 0))
+    relay = fastpath.Relay(rig.table, FrameReader(inside), CLIENT, {rig.svr: rig.link},
+                           rig._refused, rig.clink)
+    rng = random.Random(7)
+    inside.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)   # as the timer leaves it
+    assert _acks_at_once(inside)
+    rig.clink.last_rx = time.monotonic() - 1.0                      # a silence of 1 s
+    client.sendall(_request(rng))
+    assert not relay.read(0)
+    assert not _acks_at_once(inside)
+    assert rig.drain(1)[0][0] == C.CMD_SNDREC_MSG
+    assert time.monotonic() - 1.0 < rig.clink.last_rx <= time.monotonic()
+    inside.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    rig.clink.last_rx = time.monotonic() + 60.0                     # no silence before the read
+    client.sendall(_request(rng))
+    assert not relay.read(0)
+    assert _acks_at_once(inside)
+    assert rig.drain(1)[0][0] == C.CMD_SNDREC_MSG
