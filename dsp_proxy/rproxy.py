@@ -51,8 +51,9 @@ from .misc import ACK_GAP, delay_acks
 log = logging.getLogger("dsp.rproxy")
 
 #: A link's read buffer.  1 MiB against 256 KiB: 64 KiB frames through the LB host's relay
-#: 1.3x-1.5x faster (fewer, larger reads and writes; docs/performance.md, "Reads of 1 MiB").
-#: It is an anonymous mapping (`FrameReader`), so only the pages reads reach are memory.
+#: 1.3x-1.5x faster (fewer, larger reads and writes; docs/performance.md, "Pure ACKs and
+#: reads of 1 MiB").  An anonymous mapping (`FrameReader`): only the pages reads reach are
+#: memory.
 READ_BUFFER = 1 << 20
 #: How long a parked delivery (EDVSENQUEUED) is retried before it fails.
 ENQUEUED_PATIENCE = 2.0
