@@ -59,6 +59,7 @@ from .misc import (
     SYSLOG_SOCKET,
     StartGate,
     is_local_address,
+    log_thread_deaths,
     name_os_thread,
     reopen_logs,
     report_suppressed_logs,
@@ -1115,6 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsp_proxy: {where} {exc.filename or args.log_file or args.syslog}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
+    log_thread_deaths()
     log.info("dsp_proxy %s (pid %d) starting with %s", __version__, os.getpid(),
              os.path.abspath(args.config))
     try:

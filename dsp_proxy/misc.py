@@ -99,6 +99,19 @@ def setup_logging(level: str = "INFO", path: str | None = None,
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
+def log_thread_deaths() -> None:
+    """An exception that ends a thread the supervisor does not watch (a program start or stop,
+    a VM command, the statistics server) goes to the daemon's log with its traceback, not only
+    to stderr, which a daemon's operator may never see."""
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        log.error("thread %s died: %s", name, args.exc_value or args.exc_type.__name__,
+                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    threading.excepthook = hook
+
+
 def reopen_logs(*_signal) -> None:
     """Close and reopen the log file (SIGUSR1, as nginx; also SIGHUP), so that after
     logrotate's `mv` the next line goes to a new file of the old name.  Safe in a signal

@@ -497,3 +497,25 @@ def test_log_lines_of_one_kind_over_their_limit_are_counted_not_written(caplog):
     finally:
         flood.removeHandler(keep)
         flood.propagate = True
+
+
+def test_a_thread_outside_the_supervisor_that_dies_is_logged_with_its_traceback(caplog):
+    """Threads the main loop does not supervise (program starts and stops, VM commands, the
+    statistics server) still leave their death in the daemon's log, traceback included."""
+    import threading
+
+    from dsp_proxy import misc
+    saved = threading.excepthook
+    try:
+        misc.log_thread_deaths()
+
+        def boom():
+            raise RuntimeError("injected fault")
+        caplog.set_level(logging.ERROR, logger="dsp")
+        t = threading.Thread(target=boom, name="svc-start")
+        t.start()
+        t.join(10)
+    finally:
+        threading.excepthook = saved
+    died = [r for r in caplog.records if "thread svc-start died: injected fault" in r.getMessage()]
+    assert died and died[0].exc_info and died[0].exc_info[0] is RuntimeError
