@@ -142,18 +142,14 @@ def tune_socket(sock: socket.socket, user_timeout_ms: int | None = None) -> None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-#: A read that follows a silence this long (seconds) delays the socket's ACKs again
-#: (`delay_acks`; the compiled relay's RT_ACK_GAP).
-ACK_GAP = 1e-3
-
-
 def delay_acks(sock: socket.socket) -> None:
     """Let a receive-only link socket hold its ACKs: a link's connection carries frames one
     way, so Linux answers each small frame with an ACK of its own, sent inside the recv that
     reads it; TCP_QUICKACK 0 (Linux's interactive mode) makes the ACK wait for a second frame
     or the delayed-ACK timer.  Linux leaves that mode when the timer fires (after at least 40
-    ms), so the reader calls this again after a silence of ACK_GAP.  Where the option is
-    missing or refused, the ACKs stay immediate."""
+    ms), so the compiled relay's reads set it again after a silence (RT_ACK_GAP).  Only the
+    relay's links use it (docs/performance.md, "Pure ACKs and reads of 1 MiB").  Where the
+    option is missing or refused, the ACKs stay immediate."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
     except (AttributeError, OSError):

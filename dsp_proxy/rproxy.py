@@ -46,7 +46,7 @@ from .fastpath import Relay
 from .group import DELIVER, SEND
 from .link import Link, cork, ease, uncork
 from .linkstate import Event
-from .misc import ACK_GAP, delay_acks
+from .misc import delay_acks
 
 log = logging.getLogger("dsp.rproxy")
 
@@ -428,7 +428,8 @@ class RProxy:
         if ctx.fast is not None:
             relay = Relay(ctx.fast, reader, peer, ctx.execute.links, self._refused, link)
             read = relay.read
-        delay_acks(sock)
+        if relay is not None:        # (its reads set it again after a silence)
+            delay_acks(sock)
         link.last_rx = monotonic()
         self._timeout = None
         try:
@@ -442,10 +443,7 @@ class RProxy:
                             k.settle()
                         ease(kept)
                     whole = self._fill(read, sock, deliverer)
-                    now = monotonic()
-                    if relay is None and now - link.last_rx > ACK_GAP:
-                        delay_acks(sock)    # (the compiled relay's read does it itself)
-                    link.last_rx = now
+                    link.last_rx = monotonic()
                     cork()
                     if link.generation != gen or not link.up:
                         break   # went down meanwhile: what came waits for the next serving
