@@ -344,49 +344,48 @@ class Dsp:
     def _service_dcs(self, svc) -> list[int]:
         return [svc.dcid] if svc.dcid >= 0 else self._target_dcs()
 
-    def _bind_services(self) -> None:
-        """On client nodes, each service's ext_ep is bound to the LB node (no server of the
-        service runs there); on other nodes an operator binds by hand."""
+    def _client_service_slots(self) -> list[tuple]:
+        """(service, DC) of every service ext_ep this DSP binds to the LB node: only on client
+        nodes (no server of the service runs there); on other nodes an operator binds by hand."""
         me = self.cfg.nodes_by_id.get(self.local)
         if me is None or me.role != "client" or self.lb_nodeid < 0:
-            return
-        for svc in self.cfg.services:
-            for dcid in self._service_dcs(svc):
-                try:
-                    info = self.dvk.getprocinfo(dcid, svc.ext_ep)
-                    if (info.p_rts_flags & C.REMOTE and info.p_nodeid == self.lb_nodeid):
-                        continue
-                    self.dvk.rmtbind(dcid, svc.name[:15], svc.ext_ep, self.lb_nodeid)
-                    log.info("service %s: endpoint %d of DC %d bound to LB node %d", svc.name,
-                             svc.ext_ep, dcid, self.lb_nodeid)
-                except E.DvkError as err:
-                    log.warning("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
-                                svc.ext_ep, dcid, err)
+            return []
+        return [(svc, dcid) for svc in self.cfg.services for dcid in self._service_dcs(svc)]
+
+    def _bind_services(self) -> None:
+        """Each service's ext_ep bound to the LB node (`_client_service_slots`)."""
+        for svc, dcid in self._client_service_slots():
+            try:
+                info = self.dvk.getprocinfo(dcid, svc.ext_ep)
+                if (info.p_rts_flags & C.REMOTE and info.p_nodeid == self.lb_nodeid):
+                    continue
+                self.dvk.rmtbind(dcid, svc.name[:15], svc.ext_ep, self.lb_nodeid)
+                log.info("service %s: endpoint %d of DC %d bound to LB node %d", svc.name,
+                         svc.ext_ep, dcid, self.lb_nodeid)
+            except E.DvkError as err:
+                log.warning("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
+                            svc.ext_ep, dcid, err)
 
     def _rebind_services(self) -> None:
-        """On client nodes, a service's ext_ep that another program unbound (any program of
-        the node may) is bound to the LB node again; else every request of the node's clients
-        failed for good.  An ext_ep a local process holds is left alone."""
-        me = self.cfg.nodes_by_id.get(self.local)
-        if me is None or me.role != "client" or self.lb_nodeid < 0:
-            return
-        for svc in self.cfg.services:
-            for dcid in self._service_dcs(svc):
-                try:
-                    free = bool(self.dvk.getprocinfo(dcid, svc.ext_ep).p_rts_flags
-                                & C.SLOT_FREE)
-                except E.DvkError as err:
-                    free = err.code == E.EDVSNOTBIND
-                if not free:
-                    continue
-                try:
-                    self.dvk.rmtbind(dcid, svc.name[:15], svc.ext_ep, self.lb_nodeid)
-                    log.warning("service %s: endpoint %d of DC %d was unbound by another "
-                                "program: bound again to LB node %d", svc.name, svc.ext_ep,
-                                dcid, self.lb_nodeid)
-                except E.DvkError as err:
-                    log.debug("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
-                              svc.ext_ep, dcid, err)
+        """A service's ext_ep that another program unbound (any program of the node may) is
+        bound to the LB node again; else every request of the node's clients failed for
+        good.  An ext_ep a local process holds is left alone."""
+        for svc, dcid in self._client_service_slots():
+            try:
+                free = bool(self.dvk.getprocinfo(dcid, svc.ext_ep).p_rts_flags
+                            & C.SLOT_FREE)
+            except E.DvkError as err:
+                free = err.code == E.EDVSNOTBIND
+            if not free:
+                continue
+            try:
+                self.dvk.rmtbind(dcid, svc.name[:15], svc.ext_ep, self.lb_nodeid)
+                log.warning("service %s: endpoint %d of DC %d was unbound by another "
+                            "program: bound again to LB node %d", svc.name, svc.ext_ep,
+                            dcid, self.lb_nodeid)
+            except E.DvkError as err:
+                log.debug("service %s: rmtbind of endpoint %d in DC %d: %s", svc.name,
+                          svc.ext_ep, dcid, err)
 
     # ------------------------------------------------------------------ what the threads use
     def learn_dc(self, dcid: int) -> tuple[int, int] | None:

@@ -83,12 +83,15 @@ class FakePeer:
             try:
                 with self.lock:
                     self.out.sendall(hello)
-                while self.back.recv(1 << 16):
-                    pass
+                while chunk := self.back.recv(1 << 16):
+                    self.received(chunk)
             except BlockingIOError:
                 continue
             except OSError:
                 return
+
+    def received(self, chunk: bytes) -> None:
+        """What the target sent (dropped here)."""
 
     def send(self, data: bytes) -> None:
         with self.lock:
@@ -187,18 +190,8 @@ class RecordingPeer(FakePeer):
         self.got = bytearray()
         super().__init__(cl, target, peer)
 
-    def _keepalive(self) -> None:
-        hello = bytes(hello_header(self.peer, self.target, 4242).buf)
-        while not self.stop.wait(0.1):
-            try:
-                with self.lock:
-                    self.out.sendall(hello)
-                while chunk := self.back.recv(1 << 16):
-                    self.got += chunk
-            except BlockingIOError:
-                continue
-            except OSError:
-                return
+    def received(self, chunk: bytes) -> None:
+        self.got += chunk
 
     def frames(self) -> list[Header]:
         """The frames received so far (every one of them is header-only here)."""
