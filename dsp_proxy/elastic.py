@@ -554,13 +554,22 @@ class ServiceRunner:
         if procs:
             log.info("node %d is gone: stopping the %d program(s) it asked for", peer,
                      len(procs))
-            threading.Thread(target=self._stop_gone, args=(procs,), name="svc-stop",
-                             daemon=True).start()
+            self._stop_elsewhere(procs)
 
-    def _stop_gone(self, procs: list[subprocess.Popen]) -> None:
-        """Stop programs on a thread of their own (a gone peer's, or one a peer's stop
-        request named); stop_all sees them meanwhile (this daemon thread dies with the
-        daemon, before its SIGKILL if a program ignores SIGTERM)."""
+    def _stop_elsewhere(self, procs: list[subprocess.Popen]) -> None:
+        """Stop programs (already in `stopping`) on a thread of their own, so that the
+        caller, a receiver thread, is not held for the grace period; here when no thread is
+        to be had."""
+        try:
+            threading.Thread(target=self._stop_now, args=(procs,), name="svc-stop",
+                             daemon=True).start()
+        except RuntimeError as exc:
+            log.warning("cannot start a thread to stop a program: %s", exc)
+            self._stop_now(procs)
+
+    def _stop_now(self, procs: list[subprocess.Popen]) -> None:
+        """Stop programs in `stopping`, which stop_all sees meanwhile (a daemon thread doing
+        this dies with the daemon, before its SIGKILL if a program ignores SIGTERM)."""
         try:
             _terminate_each(procs)
         finally:
@@ -729,18 +738,10 @@ class ServiceRunner:
         if proc is None:
             return
         log.info("stopping the program on endpoint %d of DC %d", ep, dcid)
-        if not wait:
-            try:
-                threading.Thread(target=self._stop_gone, args=([proc],), name="svc-stop",
-                                 daemon=True).start()
-                return
-            except RuntimeError as exc:          # no thread to be had: stopped here
-                log.warning("cannot start a thread to stop a program: %s", exc)
-        try:
-            _terminate(proc)
-        finally:
-            with self.lock:
-                self.stopping.discard(proc)
+        if wait:
+            self._stop_now([proc])
+        else:
+            self._stop_elsewhere([proc])
 
     def stop_all(self) -> None:
         """The daemon stops: no program is started from now on (a start request is answered

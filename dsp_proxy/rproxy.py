@@ -38,6 +38,7 @@ from dvk_cffi.wire import (
     ROUTE_STRUCT,
     RUN_KEY,
     Header,
+    cmd_name,
     error_ack,
     frame_length,
 )
@@ -589,7 +590,7 @@ class RProxy:
         for i in range(n):
             h = Header(bytearray(block[i * HEADER_SIZE:(i + 1) * HEADER_SIZE]))
             log.warning("%s: %s in a batch came without its data: answered %s", self.name,
-                        C.CMD_NAMES.get(h.c_cmd, h.c_cmd), E.error_name(E.EDVSINVAL))
+                        cmd_name(h.c_cmd), E.error_name(E.EDVSINVAL))
             h.c_flags, h.c_batch_nr, h.c_len = 0, 0, 0
             self.deliverer.refuse(h, E.EDVSINVAL)
 
