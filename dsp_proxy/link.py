@@ -30,7 +30,17 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.api import Dvk
 from dvk_cffi.errors import DvkError
-from dvk_cffi.wire import HEADER_SIZE, R_CMD, R_DCID, R_LEN, ROUTE_STRUCT, set_batch, set_lz4
+from dvk_cffi.wire import (
+    HEADER_SIZE,
+    R_CMD,
+    R_DCID,
+    R_FLAGS,
+    R_LEN,
+    R_SNODE,
+    ROUTE_STRUCT,
+    set_batch,
+    set_lz4,
+)
 
 from .linkstate import HALF_OPEN, Effect, Event, State, transition
 from .misc import Counters
@@ -50,6 +60,10 @@ PAIR_GONE = frozenset({E.EDVSNOTBIND, E.EDVSNOPROXY, E.EDVSPROXYFREE})
 #: Silence after which a peer that never announced itself as a DSP of this project (a C DSP,
 #: which HELLOs only after 30 s idle) is declared dead: three of its HELLO periods.
 C_PEER_SILENCE = 95.0
+
+#: How much of a connection held aside is looked at for the peer's announcing HELLO (which a
+#: DSP of this project sends first, unless a frame or two queued at link-up went before it).
+CANDIDATE_PEEK = 2 * (HEADER_SIZE + C.MAXCOPYBUF)
 
 OK = 0
 #: Receivers wait (bounded) for a half-full queue whose socket wrote within PROGRESS_WINDOW.
@@ -388,6 +402,37 @@ class Link:
             self._apply(event, None, reason)
             self.cond.notify_all()
         self._kernel_calls()
+
+    def check_candidate(self) -> bool:
+        """(every tick) A connection held aside takes over from an incoming connection that
+        never announced itself once the held one did (a HELLO with FLAG_DSP_PEER among its
+        first frames): the peer is then a DSP of this project, which sends that HELLO first
+        thing, and the current connection is not its (a connection from the peer's address
+        that says nothing held the link one way for the C silence limit, and again after
+        every reconnection).  A held connection that announces nothing changes nothing, so
+        a stray one still cannot end a C peer's link.  True when it took over."""
+        with self.cond:
+            sock = self.in_candidate
+            if sock is None or self.announced or self.state is not State.UP:
+                return False
+            try:
+                head = sock.recv(CANDIDATE_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                head = b""
+            if not head:            # closed: nothing to take over
+                self.in_candidate = None
+                _close(sock)
+                return False
+            if not announces(head, self.peer):
+                return False
+            self._apply(Event.IN_LOST, None, "a new connection from the peer announced itself "
+                                             "as a DSP of this project, the current one had "
+                                             "not: the new one takes over")
+            self.cond.notify_all()
+        self._kernel_calls()
+        return True
 
     def half_open_for(self) -> float:
         """Seconds the link has been half-open (0 when it is not)."""
@@ -755,6 +800,20 @@ def _rest(parts: list, done: int) -> list:
             return [memoryview(p)[done:]] + parts[i + 1:]
         done -= n
     return []
+
+
+def announces(data: bytes, peer: int) -> bool:
+    """Whether the whole frames at the start of `data` include a HELLO by which `peer`
+    announces itself as a DSP of this project (c_snode the peer, FLAG_DSP_PEER)."""
+    off = 0
+    while off + HEADER_SIZE <= len(data):
+        f = ROUTE_STRUCT.unpack_from(data, off)
+        if f[R_CMD] == C.CMD_NONE and f[R_FLAGS] & C.FLAG_DSP_PEER and f[R_SNODE] == peer:
+            return True
+        if not 0 <= f[R_LEN] <= C.MAXCOPYBUF:
+            return False
+        off += HEADER_SIZE + f[R_LEN]
+    return False
 
 
 def _shut(sock: socket.socket) -> socket.socket:

@@ -572,8 +572,9 @@ class Dsp:
         log.warning("link to node %d: restarting its proxy pair in %.1f s", peer, delay)
 
     def tick(self) -> None:
-        """Every TICK: liveness of the DVK, pair restarts, half-open links, the status file,
-        load, sessions, the autoscaler, the count of log lines over their limit."""
+        """Every TICK: liveness of the DVK, pair restarts, half-open links and connections
+        held aside (`Link.check_candidate`), the status file, load, sessions, the
+        autoscaler, the count of log lines over their limit."""
         report_suppressed_logs()
         try:
             self.dvk.getdvsinfo()
@@ -597,6 +598,7 @@ class Dsp:
         for link in list(self.links.values()):
             if link.half_open_for() > HALF_OPEN_LIMIT:
                 link.event(Event.TIMEOUT, None, f"half-open for more than {HALF_OPEN_LIMIT:.0f} s")
+            link.check_candidate()
         if self.status_file:
             try:
                 self.write_status(self.status_file)

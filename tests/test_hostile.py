@@ -183,6 +183,32 @@ def test_connection_bursts_from_the_peer_address_never_wedge_the_link(tmp_path, 
         assert max(times) < 15
 
 
+@pytest.mark.parametrize("sends", [b"", b"\0" * (HEADER_SIZE // 2)], ids=["nothing", "half"])
+def test_a_silent_connection_from_the_peer_address_does_not_hold_the_link(tmp_path, probes_of,
+                                                                         sends):
+    """One connection from the peer's own address that sends nothing (or half a header) and
+    stays open: the link carries traffic both ways again within seconds, while that
+    connection is still open.  It used to take the link over as a connection nobody had
+    announced, so the peer's own connection was held aside for the C peer's silence limit
+    (95 s) and every request both ways timed out meanwhile."""
+    with cluster_from(CONFIG, tmp_path) as cl:
+        probes = probes_of(cl, tmp_path, [1, 2])
+        spec = spec_of(cl, 1, 2)
+        s = socket.socket()
+        try:
+            s.bind((addr(cl, 2), 0))
+            s.settimeout(2)
+            s.connect((addr(cl, 1), spec.rport))
+            s.sendall(sends)
+            took = links_carry(probes, [(1, 2), (2, 1)], 15)
+            time.sleep(2 * SILENCE)
+            again = links_carry(probes, [(1, 2), (2, 1)], 5)
+            print(f"links carry after {took:.2f} s, and {again:.2f} s later")
+            assert "the new one takes over" in log_of(cl, 1)
+        finally:
+            s.close()
+
+
 class RecordingPeer(FakePeer):
     """A FakePeer that keeps what the target sends it (as headers, HELLOs left out)."""
 

@@ -11,6 +11,7 @@ import pytest
 from dsp_proxy.link import Link, PeerSpec
 from dsp_proxy.linkstate import C_PEER_TABLE, TABLE, Effect, Event, State, transition
 from dvk_cffi import consts as C
+from dvk_cffi.wire import hello_header, make_header
 
 S, Ev, F = State, Event, Effect
 
@@ -266,5 +267,49 @@ def test_a_new_connection_waits_aside_until_the_current_one_is_lost():
     link.event(Ev.IN_LOST, second, "lost")
     assert link.state is S.DOWN and link.in_sock is None and third.fileno() == -1
     for sock in (out_peer, in_peer, first_peer, second_peer, out2_peer):
+        sock.close()
+    link.stop()
+
+
+def test_a_held_connection_that_announces_itself_takes_over_from_a_silent_one():
+    """A connection held aside takes over when it announces itself (a HELLO with
+    FLAG_DSP_PEER from the peer, behind other frames) while the current one never did; one
+    that says anything else, or announces another node, or closed, changes nothing, nor does
+    an announcing one once the current connection announced itself."""
+    events = []
+    link = Link(PeerSpec(3, "n3", "127.0.0.1", 1, 1), FakeKernel(), post=events.append)
+    (out, out_peer), (inn, in_peer) = _up(link)
+    held, held_peer = _pair()
+    assert link.event(Ev.IN_ACCEPTED, held) and link.in_candidate is held
+    assert not link.check_candidate()                        # nothing came on it yet
+    request = make_header(c_cmd=C.CMD_SNDREC_MSG, c_dcid=0, c_src=1, c_dst=2, c_snode=3,
+                          c_dnode=1)
+    held_peer.sendall(bytes(request.buf) + bytes(hello_header(3, 1).buf)[:60])
+    assert not link.check_candidate() and link.in_sock is inn    # half a HELLO
+    held_peer.sendall(bytes(hello_header(3, 1).buf)[60:])
+    link.announced = True
+    assert not link.check_candidate() and link.in_sock is inn    # the current one announced
+    link.announced = False
+    assert link.check_candidate()
+    assert link.state is S.IN_ONLY and link.in_sock is held and link.in_candidate is None
+    assert link.retired_in == [inn] and link.retired_out == [out]
+    assert events and events[-1][0] == "link_down" and "takes over" in events[-1][2]
+    out2, out2_peer = _pair()
+    assert link.event(Ev.OUT_CONNECTED, out2) and link.up
+    # a stray that says nothing, another node's HELLO, a plain C HELLO: held, nothing more
+    stray, stray_peer = _pair()
+    link.event(Ev.IN_ACCEPTED, stray)
+    stray_peer.sendall(bytes(hello_header(2, 1).buf))
+    plain = hello_header(3, 1)
+    plain.c_flags = 0
+    stray_peer.sendall(bytes(plain.buf))
+    assert not link.check_candidate() and link.in_sock is held and link.up
+    gone, gone_peer = _pair()                   # one that closed is dropped
+    link.event(Ev.IN_ACCEPTED, gone)
+    assert stray.fileno() == -1
+    gone_peer.close()
+    assert not link.check_candidate() and link.in_candidate is None and gone.fileno() == -1
+    assert link.in_sock is held and link.up
+    for sock in (out_peer, in_peer, held_peer, out2_peer, stray_peer):
         sock.close()
     link.stop()
