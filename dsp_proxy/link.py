@@ -250,11 +250,8 @@ class Link:
                     self.retired_in.append(_shut(self.in_sock))
                 self.in_sock = None
             elif eff is Effect.HOLD_IN:
-                held = self.in_candidate
-                if held is not None and _peek_announces(held, self.peer):
-                    return False    # the held one is the peer's DSP: the newcomer is closed
-                if held is not None:
-                    _close(held)
+                if self.in_candidate is not None:
+                    _close(self.in_candidate)
                 self.in_candidate = sock
                 log.info("link to node %d: a new connection from the peer waits until the "
                          "current one is lost", self.peer)
@@ -410,22 +407,25 @@ class Link:
         """(every tick) A connection held aside takes over from an incoming connection that
         never announced itself once the held one did (a HELLO with FLAG_DSP_PEER among its
         first frames): the peer is then a DSP of this project, which sends that HELLO first
-        thing, and the current connection is not its (one from the peer's address that said
-        nothing held the peer's own connection aside for the C silence limit).  A held
-        connection that announces nothing changes nothing, so a stray one cannot end a C
-        peer's link; nor does one while the current connection announced itself (a peer
-        that really connected again lost that one, found within its silence limit).  A held
-        connection that closed is dropped.  True when it took over."""
+        thing, and the current connection is not its (a connection from the peer's address
+        that says nothing held the link one way for the C silence limit, and again after
+        every reconnection).  A held connection that announces nothing changes nothing, so
+        a stray one still cannot end a C peer's link.  True when it took over."""
         with self.cond:
             sock = self.in_candidate
-            if sock is None or self.state is not State.UP:
+            if sock is None or self.announced or self.state is not State.UP:
                 return False
-            said = _peek_announces(sock, self.peer)
-            if said is None:
+            try:
+                head = sock.recv(CANDIDATE_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                head = b""
+            if not head:            # closed: nothing to take over
                 self.in_candidate = None
                 _close(sock)
                 return False
-            if not said or self.announced:
+            if not announces(head, self.peer):
                 return False
             self._apply(Event.IN_LOST, None, "a new connection from the peer announced itself "
                                              "as a DSP of this project, the current one had "
@@ -814,17 +814,6 @@ def announces(data: bytes, peer: int) -> bool:
             return False
         off += HEADER_SIZE + f[R_LEN]
     return False
-
-
-def _peek_announces(sock: socket.socket, peer: int) -> bool | None:
-    """`announces` of what waits on `sock`, left there (None: the connection is closed)."""
-    try:
-        head = sock.recv(CANDIDATE_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return None
-    return announces(head, peer) if head else None
 
 
 def _shut(sock: socket.socket) -> socket.socket:
