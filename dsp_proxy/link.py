@@ -189,6 +189,9 @@ class Link:
         self.refused_full = 0            # frames refused because the queue was full
         self._full_episode = False
         self.announced = False           # the peer said it is a DSP of this project
+        #: it said so on an earlier connection too (a C DSP never does): only then may a
+        #: connection held aside take over for announcing itself (`check_candidate`)
+        self.dsp_peer = False
         self.retired_in: list[socket.socket] = []    # shut down, to be closed by RPROXY
         self.retired_out: list[socket.socket] = []   # shut down, to be closed by SPROXY
         self.fd_silence = fd_silence     # silence limit for announced peers
@@ -344,6 +347,7 @@ class Link:
                 self.up = True
                 self.generation += 1
                 self.in_serial += 1      # RPROXY serves the incoming connection (again)
+                self.dsp_peer = self.dsp_peer or self.announced
                 self.announced = False
                 log.info("link to node %d (%s) up", self.peer, self.spec.name)
                 self._publish()
@@ -406,14 +410,16 @@ class Link:
     def check_candidate(self) -> bool:
         """(every tick) A connection held aside takes over from an incoming connection that
         never announced itself once the held one did (a HELLO with FLAG_DSP_PEER among its
-        first frames): the peer is then a DSP of this project, which sends that HELLO first
-        thing, and the current connection is not its (a connection from the peer's address
-        that says nothing held the link one way for the C silence limit, and again after
-        every reconnection).  A held connection that announces nothing changes nothing, so
-        a stray one still cannot end a C peer's link.  True when it took over."""
+        first frames), if the peer announced itself on an earlier connection: the peer is a
+        DSP of this project, which sends that HELLO first thing, and the current connection
+        is not its (one from the peer's address that said nothing held the peer's own
+        connection aside for the C silence limit, 95 s).  A peer that never announced itself
+        may be a C DSP, which never connects again: its connection is never ended for a
+        newcomer, whatever that one says.  True when it took over."""
         with self.cond:
             sock = self.in_candidate
-            if sock is None or self.announced or self.state is not State.UP:
+            if sock is None or self.announced or not self.dsp_peer \
+                    or self.state is not State.UP:
                 return False
             try:
                 head = sock.recv(CANDIDATE_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)

@@ -273,9 +273,11 @@ def test_a_new_connection_waits_aside_until_the_current_one_is_lost():
 
 def test_a_held_connection_that_announces_itself_takes_over_from_a_silent_one():
     """A connection held aside takes over when it announces itself (a HELLO with
-    FLAG_DSP_PEER from the peer, behind other frames) while the current one never did; one
-    that says anything else, or announces another node, or closed, changes nothing, nor does
-    an announcing one once the current connection announced itself."""
+    FLAG_DSP_PEER from the peer, behind other frames) while the current one never did, the
+    peer having announced itself on an earlier connection; one that says anything else, or
+    announces another node, or closed, changes nothing, nor does an announcing one once the
+    current connection announced itself, or while the peer never did (a C DSP's connection
+    is never ended for a newcomer)."""
     events = []
     link = Link(PeerSpec(3, "n3", "127.0.0.1", 1, 1), FakeKernel(), post=events.append)
     (out, out_peer), (inn, in_peer) = _up(link)
@@ -287,6 +289,8 @@ def test_a_held_connection_that_announces_itself_takes_over_from_a_silent_one():
     held_peer.sendall(bytes(request.buf) + bytes(hello_header(3, 1).buf)[:60])
     assert not link.check_candidate() and link.in_sock is inn    # half a HELLO
     held_peer.sendall(bytes(hello_header(3, 1).buf)[60:])
+    assert not link.check_candidate() and link.in_sock is inn    # never announced: may be C
+    link.dsp_peer = True                        # it announced itself on an earlier connection
     link.announced = True
     assert not link.check_candidate() and link.in_sock is inn    # the current one announced
     link.announced = False
@@ -311,5 +315,23 @@ def test_a_held_connection_that_announces_itself_takes_over_from_a_silent_one():
     assert not link.check_candidate() and link.in_candidate is None and gone.fileno() == -1
     assert link.in_sock is held and link.up
     for sock in (out_peer, in_peer, held_peer, out2_peer, stray_peer):
+        sock.close()
+    link.stop()
+
+
+def test_a_peer_that_announced_itself_is_known_as_a_dsp_across_connections():
+    """`dsp_peer` is what earlier connections said: set at the next link-up after a
+    connection announced itself, kept while later ones have not (yet)."""
+    link = Link(PeerSpec(3, "n3", "127.0.0.1", 1, 1), FakeKernel())
+    (out, out_peer), (inn, in_peer) = _up(link)
+    assert not link.dsp_peer
+    link.announced = True
+    link.down("lost", link.generation)
+    (out2, out2_peer), (inn2, in2_peer) = _up(link)
+    assert link.dsp_peer and not link.announced
+    link.down("lost", link.generation)
+    (out3, out3_peer), (inn3, in3_peer) = _up(link)
+    assert link.dsp_peer
+    for sock in (out_peer, in_peer, out2_peer, in2_peer, out3_peer, in3_peer):
         sock.close()
     link.stop()
