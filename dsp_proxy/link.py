@@ -253,8 +253,11 @@ class Link:
                     self.retired_in.append(_shut(self.in_sock))
                 self.in_sock = None
             elif eff is Effect.HOLD_IN:
-                if self.in_candidate is not None:
-                    _close(self.in_candidate)
+                held = self.in_candidate
+                if held is not None and _peek_announces(held, self.peer):
+                    return False    # the held one is the peer's DSP: the newcomer is closed
+                if held is not None:
+                    _close(held)
                 self.in_candidate = sock
                 log.info("link to node %d: a new connection from the peer waits until the "
                          "current one is lost", self.peer)
@@ -415,23 +418,19 @@ class Link:
         is not its (one from the peer's address that said nothing held the peer's own
         connection aside for the C silence limit, 95 s).  A peer that never announced itself
         may be a C DSP, which never connects again: its connection is never ended for a
-        newcomer, whatever that one says.  True when it took over."""
+        newcomer, whatever that one says; nor is a connection that announced itself (a peer
+        that really connected again lost that one, found within its silence limit).  A held
+        connection that closed is dropped.  True when it took over."""
         with self.cond:
             sock = self.in_candidate
-            if sock is None or self.announced or not self.dsp_peer \
-                    or self.state is not State.UP:
+            if sock is None or self.state is not State.UP:
                 return False
-            try:
-                head = sock.recv(CANDIDATE_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return False
-            except OSError:
-                head = b""
-            if not head:            # closed: nothing to take over
+            said = _peek_announces(sock, self.peer)
+            if said is None:
                 self.in_candidate = None
                 _close(sock)
                 return False
-            if not announces(head, self.peer):
+            if not said or self.announced or not self.dsp_peer:
                 return False
             self._apply(Event.IN_LOST, None, "a new connection from the peer announced itself "
                                              "as a DSP of this project, the current one had "
@@ -820,6 +819,17 @@ def announces(data: bytes, peer: int) -> bool:
             return False
         off += HEADER_SIZE + f[R_LEN]
     return False
+
+
+def _peek_announces(sock: socket.socket, peer: int) -> bool | None:
+    """`announces` of what waits on `sock`, left there (None: the connection is closed)."""
+    try:
+        head = sock.recv(CANDIDATE_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return None
+    return announces(head, peer) if head else None
 
 
 def _shut(sock: socket.socket) -> socket.socket:

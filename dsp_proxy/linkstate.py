@@ -70,9 +70,10 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Effect, ...]]] = {
     (S.UP, Ev.IN_LOST): (S.DOWN, _TEAR_DOWN_UP),
     (S.UP, Ev.KERNEL_REFUSED): (S.DOWN, _TEAR_DOWN_UP),
     (S.UP, Ev.STOP): (S.DOWN, _TEAR_DOWN_UP),
-    # a new connection from the peer while up: the old link is dead, start again from it
-    (S.UP, Ev.IN_ACCEPTED): (S.IN_ONLY, (F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN, F.KEEP_IN,
-                                         F.REPORT_DOWN)),
+    # a new connection from the peer's address while up is held aside: it takes over once the
+    # current one is lost, or announces itself where the current one never did
+    # (`Link.check_candidate`); a connection from that address alone ends no working link
+    (S.UP, Ev.IN_ACCEPTED): (S.UP, (F.HOLD_IN,)),
     (S.UP, Ev.OUT_CONNECTED): (S.OUT_ONLY, (F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN, F.KEEP_OUT,
                                             F.REPORT_DOWN)),
 }
@@ -80,14 +81,11 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Effect, ...]]] = {
 #: Where a peer that never announced itself as a DSP of this project differs: it may be a C
 #: DSP, whose sender connects once and never again (it goes on with its closed socket), so the
 #: incoming connection it made is never closed while it works.  The outgoing direction's loss
-#: keeps it (our sender connects again), a half-open link waits for our sender instead of
-#: timing out, and a new connection from the peer's address while the link is up is held
-#: aside, taking over only once the current one is lost (`Link` then hands it in as
-#: IN_ACCEPTED in DOWN), so a stray connection cannot end a working link.
+#: keeps it (our sender connects again) and a half-open link waits for our sender instead of
+#: timing out.
 C_PEER_TABLE: dict[tuple[State, Event], tuple[State, tuple[Effect, ...]]] = {
     (S.UP, Ev.OUT_LOST): (S.IN_ONLY, (F.DISCONNECT, F.CLOSE_OUT, F.REPORT_DOWN)),
     (S.IN_ONLY, Ev.TIMEOUT): (S.IN_ONLY, ()),
-    (S.UP, Ev.IN_ACCEPTED): (S.UP, (F.HOLD_IN,)),
     (S.UP, Ev.OUT_CONNECTED): (S.UP, (F.DISCONNECT, F.CLOSE_OUT, F.KEEP_OUT, F.REPORT_DOWN,
                                       F.CONNECT)),
 }

@@ -5,8 +5,11 @@
 A 3-node cluster (two servers and a client of a virtual LB node, every node with `autobind`
 and `batch`) runs as real processes on this run's own loopback addresses.  For every ordered
 pair (target T, peer P) a worker impersonates P's SPROXY: it binds its socket to P's address
-and connects to T's RPROXY port for P, then sends a handful of frames and closes.  The real P
-keeps running and keeps reconnecting, as it would against an attacker on its host.
+and connects to T's RPROXY port for P, then sends a handful of frames and closes.  A link
+whose connection works holds any newcomer aside (docs/design.md, "Links"), so the fuzzing runs
+in one phase per peer P: P's DSP is stopped, a fake P accepts every target's connection to P
+(and drops what comes), the workers for P's links connect over and over, and P's DSP is
+started again before the next phase.
 
 Frames are valid frames of every kind (HELLOs, load reports, messages, ACKs, COPY data with and
 without LZ4, batches) mutated at random: bit flips, header fields set to boundary values
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import random
+import selectors
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -341,26 +346,89 @@ def worker(tg: Target, rng: random.Random, budget: list[int], budget_lock: threa
     total.add(st)
 
 
-def fuzz(cluster: Cluster, frames: int, seconds: float, seed: int) -> tuple[FuzzStats, float]:
-    """Run the workers (one per ordered pair of nodes); returns the figures and elapsed time."""
+class FakePeer:
+    """Peer P's listeners while P's DSP is stopped: accepts each target's connection to P on
+    P's address and drops whatever it sends (the target's link then counts as connected out,
+    so a worker's connection makes it up and its frames are read)."""
+
+    def __init__(self, cluster: Cluster, peer: int) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.stop = threading.Event()
+        host = resolve(cluster.cfg.nodes_by_id[peer].rname)
+        for t in cluster.nodes:
+            for spec in topology.peer_specs(cluster.cfg, t):
+                if spec.nodeid == peer:
+                    ls = socket.socket()
+                    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    ls.bind((host, spec.sport))
+                    ls.listen(16)
+                    ls.setblocking(False)
+                    self.sel.register(ls, selectors.EVENT_READ, "listener")
+        self.thread = threading.Thread(target=self._run, name=f"fake{peer}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for key, _ in self.sel.select(0.1):
+                sock = key.fileobj
+                try:
+                    if key.data == "listener":
+                        conn, _ = sock.accept()
+                        conn.setblocking(False)
+                        self.sel.register(conn, selectors.EVENT_READ, "conn")
+                    elif not sock.recv(1 << 16):
+                        raise ConnectionResetError
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self.sel.unregister(sock)
+                    sock.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()
+        self.sel.close()
+
+
+def fuzz(cluster: Cluster, frames: int, seconds: float, seed: int
+         ) -> tuple[FuzzStats, float, dict[int, tuple[int, tuple[int, int, int]]]]:
+    """Run the workers, one phase per peer (its DSP stopped, a `FakePeer` in its place, one
+    worker per target of its links); returns the figures, the time spent fuzzing and, for
+    each stopped DSP, its link-down count and `dsp_figures` just before it stopped (what it
+    went through as a target in the phases before; its successor starts from 0)."""
     tgs = targets(cluster)
+    peers = sorted({tg.peer for tg in tgs})
     budget, lock = [frames], threading.Lock()
-    stop = threading.Event()
     total = FuzzStats()
-    t0 = time.monotonic()
-    deadline = t0 + seconds
-    threads = [threading.Thread(target=worker, args=(tg, random.Random(seed * 1000 + i), budget,
-                                                     lock, deadline, stop, total),
-                                name=f"fuzz{tg.peer}->{tg.target}", daemon=True)
-               for i, tg in enumerate(tgs)]
-    for t in threads:
-        t.start()
-    try:
+    fuzzing = 0.0
+    stopped = {}
+    for peer in peers:
+        stopped[peer] = (link_downs(cluster).get(peer, 0),
+                         dsp_figures(cluster, samples=1).get(peer, (0, 0, 0)))
+        cluster.kill_dsp(peer, signal.SIGTERM)
+        fake = FakePeer(cluster, peer)
+        stop = threading.Event()
+        t0 = time.monotonic()
+        deadline = t0 + seconds / len(peers)
+        with lock:
+            budget[0] = frames // len(peers)
+        threads = [threading.Thread(target=worker, args=(tg, random.Random(seed * 1000 + i),
+                                                         budget, lock, deadline, stop, total),
+                                    name=f"fuzz{tg.peer}->{tg.target}", daemon=True)
+                   for i, tg in enumerate(tgs) if tg.peer == peer]
         for t in threads:
-            t.join(max(0.1, deadline - time.monotonic() + 10))
-    finally:
-        stop.set()
-    return total, time.monotonic() - t0
+            t.start()
+        try:
+            for t in threads:
+                t.join(max(0.1, deadline - time.monotonic() + 10))
+        finally:
+            stop.set()
+            fuzzing += time.monotonic() - t0
+            fake.close()
+            cluster.start_dsp(peer)
+    return total, fuzzing, stopped
 
 
 # ------------------------------------------------------------------------------ the checks
@@ -444,7 +512,7 @@ def run(cluster: Cluster, out_dir: Path, frames: int, seconds: float, seed: int,
                 raise RuntimeError(f"links do not carry requests before fuzzing: {first}")
         before = dsp_figures(cluster)
         downs0 = link_downs(cluster)
-        stats, elapsed = fuzz(cluster, frames, seconds, seed)
+        stats, elapsed, stopped = fuzz(cluster, frames, seconds, seed)
         t0 = time.monotonic()
         failures = []
         try:
@@ -462,6 +530,10 @@ def run(cluster: Cluster, out_dir: Path, frames: int, seconds: float, seed: int,
         if dead:
             failures.append(f"processes died: {dead}")
         after = dsp_figures(cluster)
+        for n, (_downs, (rs, ts_lo, ts_hi)) in stopped.items():
+            if n in after and rs:   # and what it showed before it stopped for its phase
+                ra, ta_lo, ta_hi = after[n]
+                after[n] = (max(ra, rs), min(ta_lo, ts_lo), max(ta_hi, ts_hi))
         for n, (rb, tb_lo, tb_hi) in before.items():
             if n not in after:
                 continue
@@ -477,7 +549,8 @@ def run(cluster: Cluster, out_dir: Path, frames: int, seconds: float, seed: int,
             failures.append(f"service binding: {binding}")
         downs1 = link_downs(cluster)
         return Report(stats, elapsed, recover, recover_bound, last, dead, before, after,
-                      {n: downs1.get(n, 0) - downs0.get(n, 0) for n in downs1}, binding,
+                      {n: downs1.get(n, 0) + stopped.get(n, (0,))[0] - downs0.get(n, 0)
+                       for n in downs1}, binding,
                       probes.restarts + check.restarts, probes.repairs + check.repairs,
                       failures)
     finally:

@@ -33,8 +33,7 @@ EXPECTED = {
     (S.UP, Ev.KERNEL_REFUSED): (S.DOWN, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN,
                                          F.REPORT_DOWN}),
     (S.UP, Ev.STOP): (S.DOWN, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN, F.REPORT_DOWN}),
-    (S.UP, Ev.IN_ACCEPTED): (S.IN_ONLY, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN, F.KEEP_IN,
-                                         F.REPORT_DOWN}),
+    (S.UP, Ev.IN_ACCEPTED): (S.UP, {F.HOLD_IN}),
     (S.UP, Ev.OUT_CONNECTED): (S.OUT_ONLY, {F.DISCONNECT, F.CLOSE_OUT, F.CLOSE_IN,
                                             F.KEEP_OUT, F.REPORT_DOWN}),
 }
@@ -52,7 +51,6 @@ def test_every_transition(state, event):
 C_PEER = {
     (S.UP, Ev.OUT_LOST): (S.IN_ONLY, {F.DISCONNECT, F.CLOSE_OUT, F.REPORT_DOWN}),
     (S.IN_ONLY, Ev.TIMEOUT): (S.IN_ONLY, set()),
-    (S.UP, Ev.IN_ACCEPTED): (S.UP, {F.HOLD_IN}),
     (S.UP, Ev.OUT_CONNECTED): (S.UP, {F.DISCONNECT, F.CLOSE_OUT, F.KEEP_OUT, F.REPORT_DOWN,
                                       F.CONNECT}),
 }
@@ -70,6 +68,15 @@ def test_every_transition_with_a_peer_that_may_be_a_c_dsp(state, event):
     # refuses the link or we stop: never for the other direction, never for a newcomer
     if state is S.UP and F.CLOSE_IN in effects:
         assert event in (Ev.IN_LOST, Ev.STOP, Ev.KERNEL_REFUSED)
+
+
+@pytest.mark.parametrize("c_peer", [False, True])
+def test_a_newcomer_never_ends_a_working_link(c_peer):
+    """Whatever the peer: a new connection from its address while the link is up is held
+    aside, never closes a working connection (a loop of them stopped a DSP peer's link for
+    as long as it ran)."""
+    new, effects = transition(S.UP, Ev.IN_ACCEPTED, c_peer=c_peer)
+    assert (new, effects) == (S.UP, (F.HOLD_IN,))
 
 
 def test_the_table_has_nothing_else_and_no_state_waits_for_ever():
@@ -333,5 +340,35 @@ def test_a_peer_that_announced_itself_is_known_as_a_dsp_across_connections():
     (out3, out3_peer), (inn3, in3_peer) = _up(link)
     assert link.dsp_peer
     for sock in (out_peer, in_peer, out2_peer, in2_peer, out3_peer, in3_peer):
+        sock.close()
+    link.stop()
+
+
+def test_an_announced_link_holds_newcomers_and_keeps_an_announcing_held_one():
+    """An announced link's working connection outlives any newcomer (held aside, one at a
+    time, taking over once the current one is lost); a held connection that announced
+    itself is kept and a later newcomer closed instead, so a loop of connections from the
+    peer's address cannot push the peer's own one out."""
+    events = []
+    link = Link(PeerSpec(3, "n3", "127.0.0.1", 1, 1), FakeKernel(), post=events.append)
+    (out, out_peer), (inn, in_peer) = _up(link)
+    link.announced = True
+    socks = []
+    for _ in range(3):
+        stray, stray_peer = _pair()
+        socks.append(stray_peer)
+        assert link.event(Ev.IN_ACCEPTED, stray) and link.up and link.in_sock is inn
+        assert link.in_candidate is stray
+    assert events == []
+    peer_own, peer_own_peer = _pair()
+    link.event(Ev.IN_ACCEPTED, peer_own)
+    peer_own_peer.sendall(bytes(hello_header(3, 1).buf))
+    assert not link.check_candidate() and link.in_sock is inn     # the current one announced
+    late, late_peer = _pair()
+    assert not link.event(Ev.IN_ACCEPTED, late) and late.fileno() == -1
+    assert link.in_candidate is peer_own and link.up and events == []
+    assert link.event(Ev.IN_LOST, inn, "lost")
+    assert link.state is S.IN_ONLY and link.in_sock is peer_own
+    for sock in (out_peer, in_peer, peer_own_peer, late_peer, *socks):
         sock.close()
     link.stop()
