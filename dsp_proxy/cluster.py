@@ -186,6 +186,12 @@ class Cluster:
             proc.send_signal(sig)
             proc.wait(10)
 
+    def forget_dvk(self, n: int) -> None:
+        """Close the handle `dvk(n)` gave (node n's kernel stopped; a new one gets a new one)."""
+        dvk = self._dvks.pop(n, None)
+        if dvk is not None:
+            dvk.close()
+
     def stop(self) -> None:
         """Stop every DSP (SIGTERM, then SIGKILL) and every node kernel; remove the run dir."""
         for dvk in self._dvks.values():

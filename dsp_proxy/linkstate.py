@@ -81,13 +81,16 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Effect, ...]]] = {
 #: DSP, whose sender connects once and never again (it goes on with its closed socket), so the
 #: incoming connection it made is never closed while it works.  The outgoing direction's loss
 #: keeps it (our sender connects again), a half-open link waits for our sender instead of
-#: timing out, and a new connection from the peer's address while the link is up is held
-#: aside, taking over only once the current one is lost (`Link` then hands it in as
-#: IN_ACCEPTED in DOWN), so a stray connection cannot end a working link.
+#: timing out, and a new connection from the peer's address while the peer's connection is
+#: kept (UP or IN_ONLY) is held aside, taking over only once the current one is lost (`Link`
+#: then hands it in as IN_ACCEPTED in DOWN), so a stray connection cannot end a working link.
+#: A host that crashed or rebooted never closes its old connection: TCP keep-alive ends it
+#: (docs/design.md, "Liveness"), and the held one, its new DSP's, takes over.
 C_PEER_TABLE: dict[tuple[State, Event], tuple[State, tuple[Effect, ...]]] = {
     (S.UP, Ev.OUT_LOST): (S.IN_ONLY, (F.DISCONNECT, F.CLOSE_OUT, F.REPORT_DOWN)),
     (S.IN_ONLY, Ev.TIMEOUT): (S.IN_ONLY, ()),
     (S.UP, Ev.IN_ACCEPTED): (S.UP, (F.HOLD_IN,)),
+    (S.IN_ONLY, Ev.IN_ACCEPTED): (S.IN_ONLY, (F.HOLD_IN,)),
     (S.UP, Ev.OUT_CONNECTED): (S.UP, (F.DISCONNECT, F.CLOSE_OUT, F.KEEP_OUT, F.REPORT_DOWN,
                                       F.CONNECT)),
 }

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -59,6 +60,7 @@ from .misc import (
     SYSLOG_SOCKET,
     StartGate,
     is_local_address,
+    keepalive_timing,
     log_thread_deaths,
     name_os_thread,
     reopen_logs,
@@ -66,6 +68,7 @@ from .misc import (
     resolve,
     set_log_node,
     setup_logging,
+    tune_socket,
 )
 from .rproxy import Put2lclThread, RProxy, WireLimits
 from .sproxy import LbSender, SProxy
@@ -107,7 +110,7 @@ class ProxyContext:
     count_error: Callable[[int], None]
     hello: Callable[[int, bool], Header]
     source_addr: str
-    user_timeout_ms: int
+    tune_out: Callable[[socket.socket], None]   # socket options of an outgoing connection
     fd_interval_ms: int
     period: float
     fast: fastpath.FlowTable | None = None
@@ -154,7 +157,8 @@ class Dsp:
         self.pairs: dict[int, Pair] = {}
         self.registered: list[int] = []           # proxy pairs registered with the kernel
         self.threads: list[threading.Thread] = []
-        self.acceptor = Acceptor(self.bind_addr, self.stopping, allow_any_peer)
+        self.acceptor = Acceptor(self.bind_addr, self.stopping, allow_any_peer,
+                                 tune=lambda sock: self.tune(sock, outgoing=False))
         self.relay_host = topology.relay_host(cfg)
         self.node_pids = _node_pids(dvk)
         self.limits = WireLimits(dvs.d_nr_nodes, dvs.d_nr_dcs, learn=self.learn_dc)
@@ -201,9 +205,16 @@ class Dsp:
         # talking), so a frozen peer is noticed, not only a closed socket
         self.silence_timeout = self.fd_interval_ms * fall / 1000.0
         self.user_timeout_ms = int(self.silence_timeout * 1000)
+        self.keepalive = keepalive_timing(self.fd_interval_ms, fall)
         self.period = (cfg.lb or cfgmod.LbConfig).period
         for link in self.links.values():
             link.fd_silence = self.silence_timeout
+
+    def tune(self, sock: socket.socket, outgoing: bool) -> None:
+        """The socket options of a link connection, from the liveness settings in force (so a
+        connection made after a reload gets the new ones): TCP_USER_TIMEOUT on outgoing
+        connections, keep-alive on both (docs/design.md, "Liveness")."""
+        tune_socket(sock, self.user_timeout_ms if outgoing else None, self.keepalive)
 
     def post(self, event: tuple) -> None:
         """Hand an event to the main loop (safe from any thread and from signal handlers)."""
@@ -233,7 +244,8 @@ class Dsp:
             limits=self.limits, router=self.router, execute=self.execute,
             control=self.on_control, count_error=self.count_error,
             hello=self.hello_for, source_addr=self.bind_addr,
-            user_timeout_ms=self.user_timeout_ms, fd_interval_ms=self.fd_interval_ms,
+            tune_out=lambda sock: self.tune(sock, outgoing=True),
+            fd_interval_ms=self.fd_interval_ms,
             period=self.period, fast=self.fast, service_ep=self._is_service_ep)
 
     def _is_service_ep(self, dcid: int, ep: int) -> bool:

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import logging
 import logging.handlers
+import math
 import os
 import socket
 import stat
@@ -133,13 +134,30 @@ def set_log_node(nodeid: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ sockets
-def tune_socket(sock: socket.socket, user_timeout_ms: int | None = None) -> None:
-    """TCP_NODELAY always (one small frame must not wait); TCP_USER_TIMEOUT so a dead peer's unacked
-    data fails the link instead of queueing forever."""
+def keepalive_timing(fd_interval_ms: int, fd_fall: int) -> tuple[int, int, int]:
+    """TCP keep-alive (idle seconds, seconds between probes, probes) from the liveness
+    settings: the first probe after the silence limit, one per `fd_interval`, `fd_fall`
+    unanswered ones end the connection.  A peer's host answers probes while it runs, also
+    when its DSP (a C one, which says HELLO only after 30 s) sends nothing, so only a host
+    that crashed, rebooted or was cut off is noticed this way, in about twice the silence
+    limit instead of never (an idle connection) or after the C peers' long silence limit."""
+    idle = max(1, math.ceil(fd_interval_ms * fd_fall / 1000))
+    return idle, max(1, math.ceil(fd_interval_ms / 1000)), max(1, fd_fall)
+
+
+def tune_socket(sock: socket.socket, user_timeout_ms: int | None = None,
+                keepalive: tuple[int, int, int] | None = None) -> None:
+    """TCP_NODELAY always (one small frame must not wait); TCP_USER_TIMEOUT so a dead peer's
+    unacked data fails the link instead of queueing forever; SO_KEEPALIVE, with the timing of
+    `keepalive_timing` when given, so a dead peer's host is noticed on an idle connection."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if user_timeout_ms and hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if keepalive is not None and hasattr(socket, "TCP_KEEPIDLE"):
+        for opt, value in zip((socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT),
+                              keepalive):
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
 
 
 def delay_acks(sock: socket.socket) -> None:
