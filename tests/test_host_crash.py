@@ -3,11 +3,11 @@ ends the dead host's idle connection within seconds, so the connection of its ne
 aside meanwhile, takes over and the link comes up again without waiting out the C peers'
 long silence limit.
 
-The C peer (tests/c_peer.py, the C daemon's wire behaviour) runs in a network namespace of
-this test, joined to the machine by a veth pair; node 1's real `dsp_proxy` runs outside it.
-Deleting the namespace is the crash: every socket in it vanishes without a FIN or a reset, as
-on a host that lost power.  A new namespace with the same address and a new C peer process is
-the host booted again.
+Two network namespaces of this test are the two hosts, joined by a veth pair: node 1's real
+`dsp_proxy` runs in one, the C peer (tests/c_peer.py, the C daemon's wire behaviour) in the
+other.  Deleting the C peer's namespace is the crash: every socket in it vanishes without a
+FIN or a reset, as on a host that lost power.  A new namespace with the same address, a new
+node kernel and a new C peer process is the host booted again.
 """
 
 from __future__ import annotations
@@ -48,48 +48,62 @@ server node3 {{{{ nodeid 3; rname {{peer}}; }}}};
 """
 
 
-class Namespace:
-    """A network namespace joined to this one by a veth pair: `host` here, `peer` inside."""
+def ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=10)
+
+
+class Hosts:
+    """Two hosts joined by a cable: network namespaces `a` (node 1, address `host`) and `b`
+    (node 3, address `peer`), a veth pair between them.  Nothing touches the machine's own
+    network."""
 
     def __init__(self, tag: str, host: str, peer: str) -> None:
-        self.name = f"dka{tag}"
-        self.host_if, self.peer_if = f"dka{tag}h", f"dka{tag}n"
+        self.a, self.b = f"dka{tag}a", f"dka{tag}b"
         self.host, self.peer = host, peer
 
-    def create(self) -> None:
-        self.delete()
-        for argv in (["ip", "netns", "add", self.name],
-                     ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name",
-                      self.peer_if],
-                     ["ip", "link", "set", self.peer_if, "netns", self.name],
-                     ["ip", "addr", "add", f"{self.host}/30", "dev", self.host_if],
-                     ["ip", "link", "set", self.host_if, "up"],
-                     self.inside("ip", "addr", "add", f"{self.peer}/30", "dev", self.peer_if),
-                     self.inside("ip", "link", "set", self.peer_if, "up"),
-                     self.inside("ip", "link", "set", "lo", "up")):
-            subprocess.run(argv, check=True, capture_output=True, timeout=10)
+    def inside(self, ns: str, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", ns, *argv]
 
-    def inside(self, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
+    def create(self) -> None:
+        """Host a; then host b and the cable (`boot_b`)."""
+        self.delete()
+        ip("netns", "add", self.a)
+        ip("-n", self.a, "link", "set", "lo", "up")
+        self.boot_b()
+
+    def boot_b(self) -> None:
+        """Host b, new, and the cable to it: the same addresses as before."""
+        ip("netns", "add", self.b)
+        ip("-n", self.b, "link", "set", "lo", "up")
+        ip("-n", self.a, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1",
+           "netns", self.b)
+        for ns, addr in ((self.a, self.host), (self.b, self.peer)):
+            ip("-n", ns, "addr", "add", f"{addr}/30", "dev", "eth1")
+            ip("-n", ns, "link", "set", "eth1", "up")
+
+    def crash_b(self) -> None:
+        """The cable cut first (nothing more reaches host a from b, not even the resets of
+        b's sockets closing), then host b gone."""
+        ip("-n", self.a, "link", "del", "eth1")
+        subprocess.run(["ip", "netns", "del", self.b], capture_output=True, timeout=10)
 
     def delete(self) -> None:
-        """Gone at once with every socket in it (the veth pair with it)."""
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
+        for ns in (self.b, self.a):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
 class CPeerProcess:
-    """tests/c_peer.py run inside the namespace, as node 3's C DSP."""
+    """tests/c_peer.py run on host b, as node 3's C DSP."""
 
-    def __init__(self, ns: Namespace, kernel_socket: str, sport: int, rport: int,
+    def __init__(self, hosts: Hosts, kernel_socket: str, sport: int, rport: int,
                  log: Path) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-        self.log = log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                ns.inside(sys.executable, str(TESTS / "c_peer.py"), kernel_socket, "1", ns.host,
-                          "--sport", str(sport), "--rport", str(rport), "--listen", ns.peer),
+                hosts.inside(hosts.b, sys.executable, str(TESTS / "c_peer.py"), kernel_socket,
+                             "1", hosts.host, "--sport", str(sport), "--rport", str(rport),
+                             "--listen", hosts.peer),
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
 
     def kill(self) -> None:
@@ -100,26 +114,27 @@ class CPeerProcess:
 
 @pytest.fixture
 def crashable_peer(tmp_path, bg):
-    """Node 1 (its DSP on the machine's side of the veth pair, a latency server at endpoint
-    13) and node 3 as a host in the namespace: its kernel, its C DSP and a latency server at
-    12.  Yields (cluster, crash, boot): `crash` deletes the namespace and ends node 3's
-    processes (its connections vanish unclosed), `boot` starts them all anew."""
+    """Node 1 (its DSP on host a, a latency server at endpoint 13) and node 3 (its kernel,
+    a latency server at 12, its C DSP on host b).  Yields (cluster, crash, boot): `crash`
+    deletes host b and ends node 3's processes (its connections vanish unclosed), `boot`
+    starts them all anew."""
     tag = str(os.getpid() % 100000)
     third = os.getpid() % 250 + 1
-    ns = Namespace(tag, f"10.213.{third}.1", f"10.213.{third}.2")
+    hosts = Hosts(tag, f"10.213.{third}.1", f"10.213.{third}.2")
     peers: list[CPeerProcess] = []
-    config = CONFIG.format(host=ns.host, peer=ns.peer)
+    config = CONFIG.format(host=hosts.host, peer=hosts.peer)
+    hosts.create()
     try:
-        with cluster_from(config, tmp_path, only=[1]) as cl:
+        with cluster_from(config, tmp_path, only=[1],
+                          dsp_prefix=hosts.inside(hosts.a)) as cl:
             spec = next(s for s in topology.peer_specs(cl.cfg, 1) if s.nodeid == 3)
             programs = Background(cl, tmp_path)
             bg.append(programs)
 
             def boot() -> None:
-                ns.create()
                 cl.start_kernel(3)
                 n3 = cl.dvk(3)
-                peers.append(CPeerProcess(ns, socket_path(3, cl.rundir), spec.rport,
+                peers.append(CPeerProcess(hosts, socket_path(3, cl.rundir), spec.rport,
                                           spec.sport, tmp_path / "cpeer.log"))
                 wait_for(lambda: n3.getnodeinfo(1).n_flags != C.NODE_FREE, 15,
                          "the C pair registered")
@@ -130,11 +145,15 @@ def crashable_peer(tmp_path, bg):
                 wait_bound(cl, 3, 0, 12)
 
             def crash() -> None:
-                ns.delete()
+                hosts.crash_b()
                 for peer in peers:
                     peer.kill()
                 stop_node(cl.kernels.pop(3))
                 cl.forget_dvk(3)
+
+            def boot_again() -> None:
+                hosts.boot_b()
+                boot()
 
             try:
                 boot()
@@ -146,12 +165,12 @@ def crashable_peer(tmp_path, bg):
                     n1.rmtbind(0, name, ep, 3)
                 programs.start(1, "dvs_apps.latency", "server", 0, 13)
                 wait_bound(cl, 1, 0, 13)
-                yield cl, crash, boot
+                yield cl, crash, boot_again
             finally:
                 for peer in peers:
                     peer.kill()
     finally:
-        ns.delete()
+        hosts.delete()
 
 
 def link_up(cl) -> bool:
