@@ -949,7 +949,8 @@ def _node_pids(dvk: Dvk):
 
 
 def _find_local_node(cfg_path: str) -> int | None:
-    """The config node whose rname is a local, non-loopback-range-wide address."""
+    """The config node whose rname is an address of this machine outside 127/8 (all of
+    127/8 is local, so it names no node there); None unless exactly one node matches."""
     try:
         cfg = cfgmod.load(cfg_path)
     except cfgmod.ConfigError:
@@ -1009,8 +1010,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="DVK backend (auto: the kernel when /dev/dvk exists; emu-ioctl: the "
                         "kernel backend driving an emulated node through its ioctl device)")
     p.add_argument("--node", type=int, default=None,
-                   help="emulated node kernel to attach to (default DVK_NODE, or the node "
-                        "whose rname is a local address)")
+                   help="emulated node kernel to attach to (default DVK_NODE, else the "
+                        "kernel of DVK_SOCKET, else the node whose rname is a local address "
+                        "outside 127/8, else the only node kernel running)")
     p.add_argument("--log-level", type=daemon.log_level_option,
                    default=os.environ.get("DSP_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING or ERROR (default $DSP_LOG_LEVEL or INFO)")
