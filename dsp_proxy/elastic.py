@@ -47,6 +47,7 @@ COMMAND_TIMEOUT = 30.0
 BIND_WAIT = 5.0          # the dvs_lb contract: wait up to 5 s for the program's bind
 STOP_GRACE = 2.0         # a program or VM command has this long after SIGTERM, then SIGKILL
 RETRY_AFTER = 10.0       # a failed VM command is tried again after this long
+OUTPUT_LIMIT = 64 * 1024  # of a local VM command's output, the last this many bytes are kept
 #: Program starts in progress at once (one thread each); a start request beyond them is
 #: answered EDVSAGAIN at once, so a flood of start requests costs no thread per request.
 MAX_STARTING = 8
@@ -186,31 +187,34 @@ class CommandRunner:
         log.info("running %s %s", where, shown)
         if self.host:
             return self._ssh(shown)
-        try:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, text=True, errors="replace",
-                                    start_new_session=True)
-        except OSError as exc:
-            log.warning("command failed to run: %s: %s", shown, exc)
-            return CommandResult(-1, str(exc))
-        if not self.commands.add(proc, shown):
-            log.warning("the DSP stops: command ended at once: %s", shown)
-            _terminate(proc)
-            _collect(proc)
-            return CommandResult(-1, "stopped")
-        try:
-            out, err = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("command timed out after %.0f s: %s", self.timeout, shown)
-            _terminate(proc)
-            _collect(proc)
-            return CommandResult(-1, "timeout")
-        finally:
-            self.commands.discard(proc)
+        # The output goes to files, not pipes: a command that leaves a process in the
+        # background (`qemu ... &`, the VM itself) ends when it exits, not when every process
+        # holding its output has closed it (that was only at the timeout, a success counted
+        # as a failure), and that process may go on writing after the DSP is gone.
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            except OSError as exc:
+                log.warning("command failed to run: %s: %s", shown, exc)
+                return CommandResult(-1, str(exc))
+            if not self.commands.add(proc, shown):
+                log.warning("the DSP stops: command ended at once: %s", shown)
+                _terminate(proc)
+                return CommandResult(-1, "stopped")
+            try:
+                proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("command timed out after %.0f s: %s", self.timeout, shown)
+                _terminate(proc)
+                return CommandResult(-1, "timeout")
+            finally:
+                self.commands.discard(proc)
+            output, errors = _tail(out), _tail(err)
         if proc.returncode != 0:
             log.warning("command exited with status %d: %s: %s", proc.returncode, shown,
-                        (err or out).strip()[-200:])
-        return CommandResult(proc.returncode, out)
+                        (errors or output).strip()[-200:])
+        return CommandResult(proc.returncode, output)
 
     def _ssh(self, command: str) -> CommandResult:
         import paramiko
@@ -239,15 +243,7 @@ class CommandRunner:
             channel.settimeout(self.timeout)
             remote.channel = channel
             channel.exec_command(f"echo {PGID_MARK} $$; exec {command}")
-            lines = []
-            for line in channel.makefile("rb"):
-                mark = remote.pgid is None and PGID_LINE.fullmatch(line)
-                if mark:
-                    remote.pgid = int(mark.group(1))
-                else:
-                    lines.append(line)
-            out = b"".join(lines).decode(errors="replace")
-            err = channel.makefile_stderr("rb").read().decode(errors="replace")
+            out, err = _remote_output(channel, remote, time.monotonic() + self.timeout)
             status = channel.recv_exit_status()
         except TimeoutError:
             log.warning("remote command timed out after %.0f s: %s", self.timeout, command)
@@ -267,6 +263,52 @@ class CommandRunner:
         if status != 0:
             log.warning("remote command exited with status %d: %s", status, err.strip()[-200:])
         return CommandResult(status, out)
+
+
+def _remote_output(channel: paramiko.Channel, remote: RemoteCommand,
+                   deadline: float) -> tuple[str, str]:
+    """A remote command's stdout (without the line that tells its process group, which
+    sets `remote.pgid`) and stderr, read until it exits (TimeoutError past `deadline`).  The
+    command is over when it exits, not when its output ends: a VM it leaves in the background
+    keeps that open (sshd keeps the channel open for it).  Both streams are read as they
+    come (neither can fill its window while the other is awaited); the last OUTPUT_LIMIT
+    bytes of each are kept."""
+    out, err = bytearray(), bytearray()
+    head: bytearray | None = bytearray()    # stdout until the wrapper's line is complete
+    exited_at = 0.0
+    while True:
+        while channel.recv_ready():
+            data = channel.recv(65536)
+            if head is not None:
+                head += data
+                if b"\n" not in head and len(head) <= 128:
+                    continue
+                mark = PGID_LINE.match(head)
+                if mark:
+                    remote.pgid = int(mark.group(1))
+                data, head = bytes(head[mark.end() if mark else 0:]), None
+            out += data
+            del out[:-OUTPUT_LIMIT]
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+            del err[:-OUTPUT_LIMIT]
+        if channel.closed or (channel.eof_received and channel.exit_status_ready()):
+            break
+        now = time.monotonic()
+        if channel.exit_status_ready():
+            # what it wrote just before it exited may still be on its way; a process it
+            # left behind with the output open gets a moment, then is not waited for
+            exited_at = exited_at or now
+            if now - exited_at > 0.5:
+                break
+            time.sleep(0.02)
+        elif now > deadline:
+            raise TimeoutError
+        else:
+            channel.status_event.wait(0.05)
+    if head:                    # a short last line that was not the wrapper's
+        out += head
+    return out[-OUTPUT_LIMIT:].decode(errors="replace"), err.decode(errors="replace")
 
 
 def _end_remote(commands: list[RemoteCommand], grace: float) -> None:
@@ -787,15 +829,12 @@ def _terminate(proc: subprocess.Popen) -> None:
     _terminate_each([proc])
 
 
-def _collect(proc: subprocess.Popen) -> None:
-    """Read what an ended command left in its pipes (bounded: a process it left behind in
-    another session may hold them open)."""
-    try:
-        proc.communicate(timeout=1.0)
-    except subprocess.TimeoutExpired:
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+def _tail(file) -> str:
+    """The last OUTPUT_LIMIT bytes a command wrote to `file`, decoded (bytes that are not
+    UTF-8 replaced): a command that prints without end costs no memory."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - OUTPUT_LIMIT))
+    return file.read(OUTPUT_LIMIT).decode(errors="replace")
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

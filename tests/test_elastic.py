@@ -268,6 +268,34 @@ def test_vm_command_timeout_and_failure_are_logged(tmp_path):
     assert os.path.exists(HERE / "status_vm.sh")
 
 
+def test_a_vm_command_that_leaves_its_vm_in_the_background_succeeds_when_it_exits(tmp_path):
+    """A vm_start that starts the VM in the background (`hypervisor ... &`, output not
+    redirected) and exits 0: the command was only over when every process holding its output
+    pipe had closed it, so it ran into its timeout, counted as a failed start while the VM
+    ran.  It succeeds as soon as it exits, with its output, and the VM keeps running."""
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import CommandRunner
+    cfg = parse_text('lb l { nodeid 0; vm_start "x"; vm_stop "x"; vm_status "x"; }; '
+                     'server s { nodeid 1; node_image "img"; };')
+    script, pidfile = tmp_path / "start_in_background.sh", tmp_path / "vm.pid"
+    script.write_text(f'#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\necho "vm $2 started"\n')
+    script.chmod(0o755)
+    try:
+        began = time.monotonic()
+        res = CommandRunner(cfg.lb, timeout=20).run(str(script), ["img", "s", 1])
+        took = time.monotonic() - began
+        assert (res.status, res.output) == (0, "vm s started\n"), res
+        assert took < 15, f"the command was over only after {took:.1f} s"
+        time.sleep(0.5)     # the background shell has exec'd sleep by now (or was ended)
+        assert _running_cmd(int(pidfile.read_text()), "sleep"), "the VM was ended"
+    finally:
+        if pidfile.exists() and pidfile.read_text().strip():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_vm_command_output_that_is_not_utf8_is_a_result_not_an_exception(caplog):
     """A VM command (the operator's script) that prints bytes that are not UTF-8, and fails:
     its status and output come back (undecodable bytes replaced) and the failure is logged;
