@@ -257,6 +257,60 @@ def test_syslog_option_sends_to_the_syslog_socket(tmp_path):
         shutil.rmtree(rundir, ignore_errors=True)
 
 
+def test_a_syslog_that_does_not_answer_is_refused_at_start_and_costs_no_traceback_later(
+        tmp_path, capsys):
+    """`--syslog` with no syslog at its socket started anyway (Python's handler takes a
+    missing socket silently) and printed a 20-line 'Logging error' traceback on stderr for
+    every log line, which the init script appends to the log file, for as long as it ran.
+    Now the start is refused at once with the reason, as a log file that cannot be opened
+    is; a syslog that goes away later costs one line on stderr, and once it is back it is
+    told how many lines were lost."""
+    import logging
+
+    missing = tmp_path / "no-syslog.sock"
+    proc = subprocess.run([sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", "1",
+                           "--syslog", str(missing), str(tmp_path / "any.cfg")],
+                          env=python_env({"DVK_RUNDIR": str(tmp_path / "dvk")}),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc
+    assert proc.stderr == f"dsp_proxy: --syslog {missing}: No such file or directory\n"
+
+    from dsp_proxy.misc import SYSLOG_FORMAT, SyslogHandler
+
+    sock_path = str(tmp_path / "log.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    listener.settimeout(10)
+    handler = SyslogHandler(sock_path)
+    handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+    logger = logging.getLogger("test.syslog.outage")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(handler)
+    try:
+        capsys.readouterr()
+        logger.info("before", extra={"nodeid": 1})
+        assert listener.recv(4096).endswith(b"before\x00")
+        listener.close()
+        os.unlink(sock_path)        # the syslog daemon stops
+        for i in range(3):
+            logger.info("during %d", i, extra={"nodeid": 1})
+        err = capsys.readouterr().err
+        assert err == (f"dsp_proxy: the syslog at {sock_path} is unreachable: log lines are "
+                       "lost until it is back\n"), err
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(sock_path)    # ... and is back
+        listener.settimeout(10)
+        logger.info("after", extra={"nodeid": 1})
+        got = [listener.recv(4096), listener.recv(4096)]
+        assert got[0].endswith(b"after\x00"), got
+        assert b"WARNING" in got[1] and b"3 log lines were lost while the syslog" in got[1], got
+        assert capsys.readouterr().err == ""
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        listener.close()
+
+
 # ------------------------------------------------------------------------------ stop
 def test_stop_leaves_no_process_also_the_node_kernel_the_daemon_started(make_root):
     r = make_root(opts="", kernel=False)  # no node kernel: the daemon starts one itself
