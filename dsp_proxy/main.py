@@ -1118,6 +1118,12 @@ def main(argv: list[str] | None = None) -> int:
     log_thread_deaths()
     log.info("dsp_proxy %s (pid %d) starting with %s", __version__, os.getpid(),
              os.path.abspath(args.config))
+    if args.pidfile:    # found out now, not once the links are up
+        try:
+            write_pidfile(args.pidfile, probe=True)
+        except OSError as exc:
+            log.error("cannot write the pidfile %s: %s", args.pidfile, exc.strerror or exc)
+            return 1
     try:
         dvk = open_node_dvk(args.dvk, args.node, args.config,
                             cancelled=lambda: early.stop_signal() is not None)
@@ -1178,7 +1184,15 @@ def serve(dsp: Dsp, args: argparse.Namespace, stats_addr: tuple[str, int] | None
             server.shutdown()
         return 1
     if args.pidfile:
-        write_pidfile(args.pidfile)
+        try:
+            write_pidfile(args.pidfile)
+        except OSError as exc:
+            log.error("cannot write the pidfile %s: %s", args.pidfile, exc.strerror or exc)
+            dsp.shutdown()
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            return 1
     log.info("DSP of node %d running: %d peers, LB node %s", dsp.local, len(dsp.links),
              dsp.lb_nodeid if dsp.lb_nodeid >= 0 else "none")
     try:
@@ -1193,11 +1207,16 @@ def serve(dsp: Dsp, args: argparse.Namespace, stats_addr: tuple[str, int] | None
     return status
 
 
-def write_pidfile(path: str) -> None:
+def write_pidfile(path: str, probe: bool = False) -> None:
+    """Write the pidfile whole (a temporary file renamed); `probe`: only show it can be
+    written (the pidfile itself says the daemon is ready, so it comes last)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    if probe:
+        os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
 
 
 def remove_pidfile(path: str) -> None:

@@ -157,6 +157,25 @@ def test_busy_stats_port_fails_fast_with_its_address(make_root):
         busy.close()
 
 
+def test_a_pidfile_that_cannot_be_written_fails_the_start_with_the_reason(tmp_path):
+    """A pidfile in a directory that does not exist (or is not writable): the daemon
+    registered its proxies, brought its links up, then died with a Python traceback and no
+    ERROR line.  It is refused at once, logged at ERROR with the path and the reason, before
+    a node kernel is started or a link is set up."""
+    pidfile = tmp_path / "missing" / "dsp_proxy.pid"
+    cfg = tmp_path / "one.cfg"
+    cfg.write_text(render_config(CFG, fresh_net()))
+    proc = subprocess.run([sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", "1",
+                           "--pidfile", str(pidfile), str(cfg)],
+                          env=python_env({"DVK_RUNDIR": str(tmp_path / "dvk")}),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"ERROR node? MainThread: cannot write the pidfile {pidfile}: No such file or " \
+        "directory" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "node kernel" not in proc.stderr, proc.stderr
+    assert not pidfile.parent.exists()
+
+
 def test_second_daemon_says_already_running(make_root, tmp_path):
     r = make_root(opts="")
     res = r.run("start")
