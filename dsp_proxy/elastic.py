@@ -714,14 +714,15 @@ class ServiceRunner:
                          clt_ep, clt_node)
                 self._release(dcid, ep)
                 return ep
-            if proc.poll() is not None:
-                break
+            status = proc.poll()
+            if status is not None and (status != 0 or not _alive(proc)):
+                break   # failed, or ended with nothing left to bind (else: what it started)
             time.sleep(0.05)
         if self.closed:                 # stop_all stopped the program: no bind to wait for
             self._release(dcid, ep)
             return E.EDVSSHUTDOWN
         status = proc.poll()
-        if status is not None:
+        if status is not None and (status != 0 or not _alive(proc)):
             log.warning("service %s: the program for endpoint %d exited with status %d "
                         "before it bound the endpoint (its output: %s)", svc.name, ep, status,
                         out)
@@ -744,7 +745,7 @@ class ServiceRunner:
         with self.lock:
             for ep in range(svc.min_ep, svc.max_ep + 1):
                 proc = self.procs.get((dcid, ep))
-                if proc is not None and proc.poll() is not None:
+                if proc is not None and not _alive(proc):
                     del self.procs[(dcid, ep)]
                     self.owners.pop((dcid, ep), None)
                     proc = None
@@ -808,17 +809,15 @@ def _terminate_each(procs: list[subprocess.Popen], grace: float = STOP_GRACE) ->
     """Stop programs all at once: every process group is sent SIGTERM first, then all share
     one `grace` period, then the groups still running get SIGKILL; so stopping many programs
     that ignore SIGTERM takes one grace period, not one each (the init script's stop timeout
-    is 10 s)."""
-    running = [proc for proc in procs if proc.poll() is None]
+    is 10 s).  A program is its process group (`_alive`), also once the program itself has
+    exited."""
+    running = [proc for proc in procs if _alive(proc)]
     for proc in running:
         _signal_group(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    for proc in running:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    stubborn = [proc for proc in running if proc.poll() is None]
+    while any(_alive(proc) for proc in running) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stubborn = [proc for proc in running if _alive(proc)]
     for proc in stubborn:
         _signal_group(proc, signal.SIGKILL)
     for proc in stubborn:
@@ -827,6 +826,19 @@ def _terminate_each(procs: list[subprocess.Popen], grace: float = STOP_GRACE) ->
 
 def _terminate(proc: subprocess.Popen) -> None:
     _terminate_each([proc])
+
+
+def _alive(proc: subprocess.Popen) -> bool:
+    """The program runs, or a process it left in its process group does (it runs in a
+    session of its own): the C project's service scripts start the server in the background
+    (`server &`), wait for its bind and exit, so the server is what runs for the session."""
+    if proc.poll() is None:
+        return True
+    try:
+        os.killpg(proc.pid, 0)
+    except OSError:
+        return False
+    return True
 
 
 def _tail(file) -> str:

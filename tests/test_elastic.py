@@ -181,11 +181,16 @@ def test_second_server_started_when_saturated_and_stopped_when_idle(tmp_path, bg
                            env=cl.env(1), timeout=30)
 
 
-def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkeypatch):
+@pytest.mark.parametrize("prog", ["run_latency.sh", "run_latency_bg.sh"])
+def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkeypatch, prog):
+    """run_latency_bg.sh is the C project's style (the server started in the background,
+    the script exits once it is bound): stopping the script, gone by then, left the server
+    running and its endpoint bound after every session, until the range ran out (and the
+    servers outlived the DSP).  A program is its process group."""
     monkeypatch.setenv("DSP_TEST_PYTHON", sys.executable)
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the DSP puts the programs' output
     svc = (f'service latency {{ dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind replica; '
-           f'prog "{HERE}/run_latency.sh"; }};')
+           f'prog "{HERE}/{prog}"; }};')
     cfg = BASE.format(lb="", node2="", service=svc).replace("{{", "{").replace("}}", "}")
     with cluster_from(cfg.replace("period 1;", "period 1; session_timeout 30;"),
                       tmp_path) as cl:
@@ -203,7 +208,7 @@ def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkey
         wait_for(lambda: all(cl.dvk(node).getprocinfo(0, ep).p_rts_flags & 0x1
                              for ep in range(10, 20)), 15, "the program's endpoint unbound")
         def mine():
-            ps = subprocess.run(["pgrep", "-f", "run_latency.sh|latency server 0 1[0-9]"],
+            ps = subprocess.run(["pgrep", "-f", "run_latency|latency server 0 1[0-9]"],
                                 capture_output=True, text=True)
             return [pid for pid in ps.stdout.split() if _env_has(pid, cl.rundir)]
         # the program's wrapper script may take a moment to exit after the program itself
@@ -218,6 +223,14 @@ def _env_has(pid: str, text: str) -> bool:
         return text.encode() in Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _running_cmd(pid: int, word: str) -> bool:
@@ -373,8 +386,9 @@ def test_a_gone_peers_programs_are_stopped_and_an_ended_program_frees_its_endpoi
         wait_for(lambda: (0, 31) not in p.runner.procs and theirs.poll() is not None, 10,
                  "node 4's program stopped")
         assert mine.poll() is None                         # node 3's program runs on
-        mine.kill()
+        os.killpg(mine.pid, signal.SIGKILL)                # ends, with all it started
         mine.wait()
+        wait_for(lambda: not _group_alive(mine.pid), 10, "node 3's program ended")
         assert sorted([p.start(5), p.start(5)]) == [30, 31]
 
 
