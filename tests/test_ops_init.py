@@ -433,6 +433,22 @@ def test_reload_reports_the_daemons_verdict(make_root):
     assert r.run("stop").returncode == 0
 
 
+def test_reload_verdict_under_a_quieter_log_level(make_root):
+    """With `--log-level WARNING` in DSP_OPTS the daemon's "reload of FILE done" (INFO) was
+    not logged, so `init.d/dvs reload` waited out DSP_RELOAD_TIMEOUT and reported a reload
+    that had been applied as "no verdict", exit status 1.  The start and verdict of a reload
+    are logged whatever the level."""
+    r = make_root(opts="--log-level WARNING", cfg=LB_CFG, extra="DSP_RELOAD_TIMEOUT=5\n")
+    assert r.run("start").returncode == 0, r.log()
+    r.cfg.write_text(render_config(LB_CFG, r.net).replace("period 2;", "period 3;"))
+    res = r.run("reload")
+    assert res.returncode == 0 and "reloaded" in res.stdout, res.stdout + res.stderr
+    others = [line for line in r.log().splitlines()
+              if " INFO " in line and not re.search(r": (reloading|reload of) ", line)]
+    assert others == [], r.log()    # the level still holds for every other line
+    assert r.run("stop").returncode == 0
+
+
 # ------------------------------------------------------------------------------ install
 def test_install_under_dvs_root(tmp_path):
     root = tmp_path / "root"
