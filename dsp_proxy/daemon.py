@@ -62,12 +62,19 @@ def pidfile_owner(path: str | None) -> int | None:
         return None
     if pid == os.getpid() or pid <= 0:
         return None
+    return pid if runs_dsp_proxy(pid) else None
+
+
+def runs_dsp_proxy(pid: int) -> bool:
+    """True when process `pid` runs the dsp_proxy program (`.../dsp_proxy ...`, `python -m
+    dsp_proxy ...`); a stale pidfile's pid may have been reused by a program that merely
+    names a file of it (`tail -f /var/log/dsp_proxy.log`, `vi /etc/dvs/dsp_proxy.cfg`)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            alive = b"dsp_proxy" in f.read()  # a stale pidfile's pid may be reused
+            args = f.read().split(b"\0")
     except OSError:
-        return None
-    return pid if alive else None
+        return False
+    return any(os.path.basename(arg) == b"dsp_proxy" for arg in args)
 
 
 def proxy_holder(dvk, pxids: Iterable[int]) -> int | None:

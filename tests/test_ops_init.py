@@ -202,6 +202,36 @@ def test_second_daemon_says_already_running(make_root, tmp_path):
     assert r.run("stop").returncode == 0
 
 
+def test_a_stale_pidfile_whose_pid_runs_a_program_named_after_a_file_of_it(make_root):
+    """A stale pidfile (the daemon was SIGKILLed or OOM-killed) whose pid now runs `tail -f
+    /var/log/dsp_proxy.log`: the init script and the daemon took any process with
+    'dsp_proxy' in its command line for the daemon, so `status` said running, `start` said
+    "already running" and started nothing, and `stop` sent the operator's tail SIGTERM."""
+    r = make_root(opts="")
+    r.logfile.parent.mkdir(parents=True)
+    r.logfile.touch()
+    r.pidfile.parent.mkdir(parents=True)
+    tail = subprocess.Popen(["tail", "-f", str(r.logfile)], stdout=subprocess.DEVNULL)
+    try:
+        r.pidfile.write_text(f"{tail.pid}\n")
+        assert daemon.pidfile_owner(str(r.pidfile)) is None
+        res = r.run("status")
+        assert res.returncode == 1 and "dead" in res.stdout, res.stdout
+        res = r.run("stop")
+        assert res.returncode == 0 and tail.poll() is None, res.stdout
+        r.pidfile.write_text(f"{tail.pid}\n")
+        res = r.run("start")
+        assert res.returncode == 0 and "started" in res.stdout, res.stdout + r.log()
+        pid = int(r.pidfile.read_text())
+        assert daemon.pidfile_owner(str(r.pidfile)) == pid != tail.pid
+        assert r.run("status").returncode == 0
+        assert r.run("stop").returncode == 0
+        assert tail.poll() is None
+    finally:
+        tail.kill()
+        tail.wait()
+
+
 # ------------------------------------------------------------------------------ logs
 def test_log_rotation_with_sigusr1_and_the_shipped_logrotate_snippet(make_root):
     r = make_root(opts="")
