@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dvk_cffi import errors as E
 
 from . import stats as statsmod
-from .misc import log_level
+from .misc import log_level, runs_dsp_proxy
 
 log = logging.getLogger("dsp")
 
@@ -63,18 +63,6 @@ def pidfile_owner(path: str | None) -> int | None:
     if pid == os.getpid() or pid <= 0:
         return None
     return pid if runs_dsp_proxy(pid) else None
-
-
-def runs_dsp_proxy(pid: int) -> bool:
-    """True when process `pid` runs the dsp_proxy program (`.../dsp_proxy ...`, `python -m
-    dsp_proxy ...`); a stale pidfile's pid may have been reused by a program that merely
-    names a file of it (`tail -f /var/log/dsp_proxy.log`, `vi /etc/dvs/dsp_proxy.cfg`)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except OSError:
-        return False
-    return any(os.path.basename(arg) == b"dsp_proxy" for arg in args)
 
 
 def proxy_holder(dvk, pxids: Iterable[int]) -> int | None:

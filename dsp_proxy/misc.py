@@ -67,6 +67,18 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SYSLOG_SOCKET = "/dev/log"
 
 
+def runs_dsp_proxy(pid: int) -> bool:
+    """True when process `pid` runs the dsp_proxy program (`.../dsp_proxy ...`, `python -m
+    dsp_proxy ...`); a stale pidfile's pid may have been reused by a program that merely
+    names a file of it (`tail -f /var/log/dsp_proxy.log`, `vi /etc/dvs/dsp_proxy.cfg`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(os.path.basename(arg) == b"dsp_proxy" for arg in args)
+
+
 def log_level(text: str) -> str:
     """`--log-level` value check (argparse type): one of LOG_LEVELS, any case."""
     level = text.strip().upper()

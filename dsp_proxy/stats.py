@@ -52,7 +52,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from .misc import read_regular_file
+from .misc import read_regular_file, runs_dsp_proxy
 
 log = logging.getLogger("dsp.stats")
 
@@ -828,8 +828,41 @@ def client_main(argv: list[str] | None = None) -> int:
         print(f"dsp_proxy stats: cannot read the statistics of {where}: not the figures of "
               "a dsp_proxy", file=sys.stderr)
         return 1
-    print(_TERMINAL_SAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+    try:
+        print(_TERMINAL_SAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text), flush=True)
+    except BrokenPipeError:         # `dsp_proxy stats | head`: a reader that stopped early
+        devnull = os.open(os.devnull, os.O_WRONLY)   # no second error when Python exits
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    stale = _stale(args.file, snap) if args.file else None
+    if stale:
+        print(f"dsp_proxy stats: {args.file}: {stale}", file=sys.stderr)
+        return 1
     return 0
+
+
+#: A status file not rewritten for this long (ten ticks of the daemon's main loop, which
+#: rewrites it every tick) no longer tells how the DSP is now.
+STALE_AFTER = 5.0
+
+
+def _stale(path: str, snap: dict) -> str | None:
+    """Why the figures of a status file are not those of a running DSP (None: they are):
+    the daemon writes it while it runs and leaves the last figures behind when it stops or
+    dies, which read as a DSP with its links up."""
+    pid = snap.get("pid")
+    taken = snap.get("taken", "?")
+    if not isinstance(pid, int) or not runs_dsp_proxy(pid):
+        return f"the DSP that wrote these figures (pid {pid}) is not running: they are its " \
+               f"last ones, taken {taken}"
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError:
+        return None
+    if age > STALE_AFTER:
+        return f"not rewritten for {age:.0f} s (its DSP, pid {pid}, is stuck?): these " \
+               f"figures were taken {taken}"
+    return None
 
 
 if __name__ == "__main__":

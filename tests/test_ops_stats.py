@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import cluster_from
+from cluster_helpers import cluster_from, wait_for
 from dsp_proxy import stats as statsmod
 from dsp_proxy.cluster import REPO_ROOT, module_argv, python_env
 from dsp_proxy.misc import Counters
@@ -546,10 +547,44 @@ def test_stats_client_refuses_files_that_are_not_a_status_file(tmp_path):
               str(tmp_path / "missing")]
     for path in paths:
         assert_refused(run_client("--file", path), path)
-    # and the whole file of a real status is still read and shown
+    # and the whole file of a real status is still read and shown (its writer, pid 42, is
+    # not a running DSP: said on stderr, status 1)
     (tmp_path / "good").write_text(good)
     res = run_client("--file", str(tmp_path / "good"))
-    assert res.returncode == 0 and "DSP node 3" in res.stdout, res.stderr
+    assert res.returncode == 1 and "DSP node 3" in res.stdout, res.stderr
+    assert "(pid 42) is not running" in res.stderr, res.stderr
+
+
+def test_stats_of_a_status_file_whose_dsp_stopped_say_so(tmp_path):
+    """A DSP leaves its last figures in its --status-file when it stops or dies, and
+    `dsp_proxy stats --file` showed them as those of a running DSP (links up, exit 0).  They
+    are still shown, with a line on stderr that says whose they are, and exit status 1; a
+    file the running DSP no longer rewrites says so too."""
+    cfg = "server node1 { nodeid 1; rname {net}.1; };\nserver node2 { nodeid 2; rname {net}.2; };"
+    with cluster_from(cfg, tmp_path, only=[1]) as cl:
+        path = cl.status_path(1)
+        pid = cl.dsps[1].pid
+        wait_for(lambda: os.path.exists(path), 20, "the status file written")
+        res = run_client("--file", path)
+        assert res.returncode == 0 and f"pid {pid}" in res.stdout, res.stdout + res.stderr
+        cl.dsps[1].send_signal(signal.SIGSTOP)      # stuck: the file is no longer rewritten
+        try:
+            time.sleep(statsmod.STALE_AFTER + 1)
+            res = run_client("--file", path)
+        finally:
+            cl.dsps[1].send_signal(signal.SIGCONT)
+        assert res.returncode == 1 and "not rewritten for" in res.stderr, res.stderr
+        cl.dsps[1].send_signal(signal.SIGTERM)
+        assert cl.dsps[1].wait(30) == 0
+        res = run_client("--file", path)
+        assert res.returncode == 1 and f"pid {pid}" in res.stdout, res.stdout
+        assert f"(pid {pid}) is not running: they are its last ones" in res.stderr, res.stderr
+        # a reader that stops early costs no traceback
+        piped = subprocess.run(" ".join(module_argv("dsp_proxy", "stats", "--file", path))
+                               + " | head -n 1", shell=True, env=python_env(),
+                               capture_output=True, text=True, timeout=60)
+        assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, \
+            piped.stderr
 
 
 FLOOD = """
@@ -660,7 +695,7 @@ def test_stats_client_never_prints_control_characters(tmp_path):
     snap["version"] = "1.0\rX"
     (tmp_path / "evil").write_text(json.dumps(snap))
     res = run_client("--file", str(tmp_path / "evil"))
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 1 and "(pid 42) is not running" in res.stderr, res.stderr
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", res.stdout), repr(res.stdout[:300])
     assert "node\\x1b]0;owned\\x07\\x1b[2J\\x9b31m" in res.stdout
 
