@@ -61,6 +61,21 @@ PGID_LINE = re.compile(re.escape(PGID_MARK.encode()) + rb" (\d+)\r?\n")
 class CommandResult:
     status: int            # exit status; -1 for a timeout or a failure to run
     output: str
+    #: why it failed, for the log and the figures: the end of what it printed (stderr, else
+    #: stdout) on one line, control characters escaped
+    reason: str = ""
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """The last `limit` characters of a command's output as one line of plain text: its
+    newlines and control characters escaped, so what a command prints cannot break the log's
+    one line per event, make up log lines of its own (the init script reads the reload's
+    verdict from the log) or send escape sequences to a terminal."""
+    tail = text.strip()[-limit:]
+    if tail.isprintable():
+        return tail
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in tail)
 
 
 class RemoteCommand:
@@ -181,7 +196,7 @@ class CommandRunner:
             argv = shlex.split(command) + [str(a) for a in args]
         except ValueError as exc:      # unbalanced quotes: the config check warned of it
             log.warning("command cannot be split into words: %s: %s", exc, command)
-            return CommandResult(-1, str(exc))
+            return CommandResult(-1, str(exc), one_line(str(exc)))
         shown = " ".join(shlex.quote(a) for a in argv)
         where = f"{self.user}@{self.host}" if self.host else "locally"
         log.info("running %s %s", where, shown)
@@ -197,7 +212,7 @@ class CommandRunner:
                                         start_new_session=True)
             except OSError as exc:
                 log.warning("command failed to run: %s: %s", shown, exc)
-                return CommandResult(-1, str(exc))
+                return CommandResult(-1, str(exc), one_line(str(exc)))
             if not self.commands.add(proc, shown):
                 log.warning("the DSP stops: command ended at once: %s", shown)
                 _terminate(proc)
@@ -207,13 +222,15 @@ class CommandRunner:
             except subprocess.TimeoutExpired:
                 log.warning("command timed out after %.0f s: %s", self.timeout, shown)
                 _terminate(proc)
-                return CommandResult(-1, "timeout")
+                return CommandResult(-1, "timeout", f"timed out after {self.timeout:.0f} s")
             finally:
                 self.commands.discard(proc)
             output, errors = _tail(out), _tail(err)
         if proc.returncode != 0:
+            reason = one_line(errors or output)
             log.warning("command exited with status %d: %s: %s", proc.returncode, shown,
-                        (errors or output).strip()[-200:])
+                        reason)
+            return CommandResult(proc.returncode, output, reason)
         return CommandResult(proc.returncode, output)
 
     def _ssh(self, command: str) -> CommandResult:
@@ -248,20 +265,23 @@ class CommandRunner:
         except TimeoutError:
             log.warning("remote command timed out after %.0f s: %s", self.timeout, command)
             _end_remote([remote], STOP_GRACE)
-            return CommandResult(-1, "timeout")
+            return CommandResult(-1, "timeout", f"timed out after {self.timeout:.0f} s")
         except (OSError, EOFError, paramiko.SSHException) as exc:
             if self.commands.closed:    # stop_all closed the connection
                 return CommandResult(-1, "stopped")
-            log.warning("ssh to %s@%s failed: %s", self.user, self.host, type(exc).__name__
-                        if self._password and self._password in str(exc) else exc)
-            return CommandResult(-1, "")
+            why = (type(exc).__name__ if self._password and self._password in str(exc)
+                   else one_line(str(exc)) or type(exc).__name__)
+            log.warning("ssh to %s@%s failed: %s", self.user, self.host, why)
+            return CommandResult(-1, "", f"ssh to {self.host} failed: {why}")
         finally:
             self.commands.discard(remote)
             client.close()
         if status != 0 and self.commands.closed:     # stop_all ended it
             return CommandResult(-1, "stopped")
         if status != 0:
-            log.warning("remote command exited with status %d: %s", status, err.strip()[-200:])
+            reason = one_line(err or out)
+            log.warning("remote command exited with status %d: %s", status, reason)
+            return CommandResult(status, out, reason)
         return CommandResult(status, out)
 
 
@@ -485,7 +505,8 @@ class Autoscaler:
                 if res.status != 0:
                     vm.failed_at = time.monotonic()
                     vm.failures += 1
-                    vm.last_error = f"vm_{what} failed (status {res.status})"
+                    vm.last_error = f"vm_{what} failed (status {res.status})" + (
+                        f": {res.reason}" if res.reason else "")
                     if what == "start":
                         vm.starting_since = 0.0
                     else:

@@ -327,6 +327,26 @@ def test_vm_command_output_that_is_not_utf8_is_a_result_not_an_exception(caplog)
     assert res.status == 0 and res.output == "up \ufffd"
 
 
+def test_what_a_failed_vm_command_printed_is_one_escaped_line_in_the_log_and_figures(caplog):
+    """A failed VM command's output went into its log line as printed: its newlines made
+    lines of their own (one could read as the daemon's, e.g. a reload verdict the init script
+    waits for) and its escape sequences reached the operator's terminal.  It is one line,
+    control characters escaped, and the figures carry it as the failure's reason."""
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import CommandRunner
+    cfg = parse_text('lb l { nodeid 0; vm_start "x"; vm_stop "x"; vm_status "x"; }; '
+                     'server s { nodeid 1; node_image "img"; };')
+    fake = "2026-12-01 00:00:00,000 INFO node1 MainThread: reload of /etc/dvs/x.cfg done"
+    printed = f"virsh: error\\n{fake}\\n\\033[2Jdomain not found"
+    with caplog.at_level("WARNING", logger="dsp.elastic"):
+        res = CommandRunner(cfg.lb, timeout=10).run("sh -c", [f"printf '{printed}' >&2; exit 4"])
+    assert res.status == 4
+    assert res.reason == f"virsh: error\\n{fake}\\n\\x1b[2Jdomain not found", res.reason
+    messages = [r.getMessage() for r in caplog.records if "status 4" in r.getMessage()]
+    assert len(messages) == 1 and res.reason in messages[0], messages
+    assert not any(c in messages[0] for c in "\n\r\x1b"), messages
+
+
 def test_commands_that_cannot_be_split_fail_as_results_and_the_config_warns():
     """A prog or VM command with unbalanced quotes: the config check warns of it; running it
     fails as a result (EDVSNOEXEC for the session's start, status -1 for a VM command),
