@@ -453,7 +453,30 @@ def render_metrics(snap: dict) -> str:
                  "Bytes (headers included) this DSP forwarded to a server.")):
             for sid, srv in servers.items():
                 m.add(name, "counter", help_text, srv.get(key, 0), server=sid)
+    _elastic_metrics(m, snap)
     return m.text()
+
+
+def _elastic_metrics(m: _Metrics, snap: dict) -> None:
+    """Service programs and VM commands: their failures were in the status and the text
+    figures only, out of reach of an alert on the metrics."""
+    progs = snap.get("programs")
+    if progs:
+        m.add("dsp_programs_running", "gauge", "Service programs (prog) running on this "
+              "server for sessions.", progs.get("running", 0))
+        for result, key in (("ok", "started"), ("failed", "failed")):
+            m.add("dsp_program_starts_total", "counter", "Service program starts by result "
+                  "(failed: did not run, exited or did not bind within 5 s).",
+                  progs.get(key, 0), result=result)
+    vms = snap.get("autoscaler") or {}
+    for what in ("starts", "stops"):
+        for sid, vm in vms.items():
+            m.add(f"dsp_vm_{what}_total", "counter", f"VM {what} (vm_{what[:-1]}) this DSP "
+                  "ran for a server.", vm.get(what, 0), server=sid, name=vm.get("name", ""))
+    for sid, vm in vms.items():
+        m.add("dsp_vm_failures_total", "counter", "Failed VM commands of a server, and starts "
+              "whose node never came up.", vm.get("failures", 0), server=sid,
+              name=vm.get("name", ""))
 
 
 # ------------------------------------------------------------------------------ HTML page

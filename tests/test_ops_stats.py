@@ -51,7 +51,9 @@ FAMILIES = {
     "dsp_load_cpu_percent": "gauge", "dsp_load_level": "gauge", "dsp_server_up": "gauge",
     "dsp_server_load_level": "gauge", "dsp_server_cpu_percent": "gauge",
     "dsp_server_sessions": "gauge", "dsp_server_commands": "counter",
-    "dsp_server_bytes": "counter",
+    "dsp_server_bytes": "counter", "dsp_programs_running": "gauge",
+    "dsp_program_starts": "counter", "dsp_vm_starts": "counter", "dsp_vm_stops": "counter",
+    "dsp_vm_failures": "counter",
 }
 
 FULL = {
@@ -77,6 +79,11 @@ FULL = {
         "load": {"cpu": 3, "level": "IDLE"}, "sessions_started": 4, "sessions_ended": 3,
         "errors": 0, "no_server": 1, "no_service": 0, "table_full": 0,
     },
+    "programs": {"running": 1, "started": 4, "failed": 2,
+                 "last_error": "EDVSTIMEDOUT for endpoint 10 of DC 0"},
+    "autoscaler": {"2": {"name": "node2", "starting": False, "stopping": False, "starts": 3,
+                         "stops": 1, "failures": 2, "idle_for": 0, "command_running": False,
+                         "last_error": "vm_start failed (status 3): domain not found"}},
 }
 NODES = [{"node": 0, "name": "node0", "role": "lb", "rname": ""},
          {"node": 1, "name": "node1", "role": "server", "rname": "127.0.0.1"},
@@ -123,6 +130,15 @@ def test_metrics_parse_as_prometheus_families_with_help_and_types():
     assert [s.value for s in fams["dsp_config_last_reload_successful"].samples] == [0]
     info = fams["dsp_info"].samples[0].labels
     assert info == {"node": "3", "lb_node": "0", "version": "0.2.0"}
+    # failed program starts and VM commands were in the status only, out of an alert's reach
+    starts = {s.labels["result"]: s.value for s in fams["dsp_program_starts"].samples}
+    assert starts == {"ok": 4, "failed": 2}
+    assert [s.value for s in fams["dsp_programs_running"].samples] == [1]
+    vm = {name: [(s.labels, s.value) for s in fams[name].samples]
+          for name in ("dsp_vm_starts", "dsp_vm_stops", "dsp_vm_failures")}
+    assert vm == {"dsp_vm_starts": [({"server": "2", "name": "node2"}, 3)],
+                  "dsp_vm_stops": [({"server": "2", "name": "node2"}, 1)],
+                  "dsp_vm_failures": [({"server": "2", "name": "node2"}, 2)]}, vm
     # and an empty DSP (no links, no LB) is valid too
     check_families(statsmod.render_metrics({"node": 1, "lb_node": -1}))
 
