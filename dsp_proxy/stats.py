@@ -567,6 +567,10 @@ def render_html(snap: dict, paused: bool = False) -> str:
                      f", no server {group.get('no_server', 0)}</p>")
         parts.append(_table(*server_rows(snap), caption="Servers as this DSP knows them"))
         parts.append(_table(*session_rows(snap), caption="Active sessions"))
+    elastic = [line for line in _elastic_lines(snap) if line]
+    if elastic:     # failed program starts and VM commands: the text figures had them only
+        parts.append("<h2>Service programs and VMs</h2>")
+        parts.extend(f"<p>{e(line)}</p>" for line in elastic)
     return _page(f"DSP of node {node}", snap, paused, "/", parts)
 
 

@@ -213,6 +213,12 @@ def test_page_structure_refresh_time_colours_and_captions():
     assert all("down" in c.split() or "DOWN" in c.split() for c in classes_of(page, "DOWN"))
     assert classes_of(page, "BUSY") == ["l BUSY"]
     assert not classes_of(page, "NOTINIT")
+    # failed program starts and VM commands, with their reasons (the text figures had them)
+    html_text = statsmod.render_html(FULL)
+    assert "Service programs and VMs" in page.headings
+    assert "1 running, 4 started, 2 failed (last: EDVSTIMEDOUT" in html_text, html_text
+    assert "VM of server node 2 (node2): 3 starts, 1 stops, 2 failed (last: vm_start " \
+        "failed (status 3): domain not found)" in html_text, html_text
     paused = parse_page(statsmod.render_html(FULL, paused=True))
     assert paused.meta_refresh is None and "/" in paused.links
 
