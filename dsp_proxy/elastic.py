@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
@@ -47,7 +47,7 @@ COMMAND_TIMEOUT = 30.0
 BIND_WAIT = 5.0          # the dvs_lb contract: wait up to 5 s for the program's bind
 STOP_GRACE = 2.0         # a program or VM command has this long after SIGTERM, then SIGKILL
 RETRY_AFTER = 10.0       # a failed VM command is tried again after this long
-OUTPUT_LIMIT = 64 * 1024  # of a local VM command's output, the last this many bytes are kept
+OUTPUT_LIMIT = 64 * 1024  # of a VM command's stdout and stderr, the last bytes kept
 #: Program starts in progress at once (one thread each); a start request beyond them is
 #: answered EDVSAGAIN at once, so a flood of start requests costs no thread per request.
 MAX_STARTING = 8
@@ -862,7 +862,7 @@ def _alive(proc: subprocess.Popen) -> bool:
     return True
 
 
-def _tail(file) -> str:
+def _tail(file: IO[bytes]) -> str:
     """The last OUTPUT_LIMIT bytes a command wrote to `file`, decoded (bytes that are not
     UTF-8 replaced): a command that prints without end costs no memory."""
     size = file.seek(0, os.SEEK_END)
