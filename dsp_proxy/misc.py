@@ -10,6 +10,7 @@ import math
 import os
 import socket
 import stat
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -67,12 +68,76 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SYSLOG_SOCKET = "/dev/log"
 
 
+def runs_dsp_proxy(pid: int) -> bool:
+    """True when process `pid` runs the dsp_proxy program (`.../dsp_proxy ...`, `python -m
+    dsp_proxy ...`); a stale pidfile's pid may have been reused by a program that merely
+    names a file of it (`tail -f /var/log/dsp_proxy.log`, `vi /etc/dvs/dsp_proxy.cfg`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(os.path.basename(arg) == b"dsp_proxy" for arg in args)
+
+
 def log_level(text: str) -> str:
     """`--log-level` value check (argparse type): one of LOG_LEVELS, any case."""
     level = text.strip().upper()
     if level not in LOG_LEVELS:
         raise ValueError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
     return level
+
+
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """`--syslog`: the local syslog's socket, facility daemon.  The socket must answer at
+    start-up (Python's handler takes a missing one silently, then printed a traceback on
+    stderr for every line, which the init script appends to the log file, for as long as the
+    daemon ran).  A syslog that goes away later costs lines, not a traceback each: one line
+    on stderr says they are lost, and once the syslog is back it is told how many were."""
+
+    def __init__(self, address: str) -> None:
+        _connectable(address)
+        super().__init__(address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        self.lost = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lost = self.lost
+        super().emit(record)
+        if lost and self.lost == lost:      # this line got through: the syslog is back
+            self.lost = 0
+            note = logging.makeLogRecord(record.__dict__)
+            note.levelname, note.levelno = "WARNING", logging.WARNING
+            note.msg, note.args, note.exc_info, note.exc_text = (
+                f"{lost} log lines were lost while the syslog at {self.address} was "
+                "unreachable", None, None, None)
+            super().emit(note)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if not self.lost and sys.stderr is not None:
+            try:
+                sys.stderr.write(f"dsp_proxy: the syslog at {self.address} is unreachable: "
+                                 "log lines are lost until it is back\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+        self.lost += 1
+
+
+def _connectable(address: str) -> None:
+    """Raise the OSError of connecting to the Unix socket `address` (datagram, else stream,
+    as the syslog handler tries them), if neither works."""
+    first: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.connect(address)
+            return
+        except OSError as exc:
+            first = first or exc
+        finally:
+            sock.close()
+    assert first is not None
+    raise first
 
 
 def setup_logging(level: str = "INFO", path: str | None = None,
@@ -82,8 +147,7 @@ def setup_logging(level: str = "INFO", path: str | None = None,
     Raises OSError when the file or the socket cannot be opened."""
     handler: logging.Handler
     if syslog:
-        handler = logging.handlers.SysLogHandler(
-            address=syslog, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler = SyslogHandler(syslog)
         handler.setFormatter(logging.Formatter(f"dsp_proxy[{os.getpid()}]: {SYSLOG_FORMAT}"))
     elif path:
         handler = logging.FileHandler(path)
