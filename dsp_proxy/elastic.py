@@ -852,9 +852,13 @@ def _terminate(proc: subprocess.Popen) -> None:
 def _alive(proc: subprocess.Popen) -> bool:
     """The program runs, or a process it left in its process group does (it runs in a
     session of its own): the C project's service scripts start the server in the background
-    (`server &`), wait for its bind and exit, so the server is what runs for the session."""
+    (`server &`), wait for its bind and exit, so the server is what runs for the session.
+    Once the program is reaped its pid may be given to another process, but only after its
+    group is gone: a process that has that pid now is not ours, nor is its group."""
     if proc.poll() is None:
         return True
+    if os.path.exists(f"/proc/{proc.pid}"):
+        return False
     try:
         os.killpg(proc.pid, 0)
     except OSError:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster_helpers import Background, cluster_from, wait_bound, wait_for
+from dsp_proxy import elastic
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.elastic import MAX_STARTING, ServiceRunner
 from dsp_proxy.group import MT_SVC_START, MT_SVC_STOP, control_message
@@ -686,3 +687,24 @@ def test_program_starts_and_failures_show_in_the_figures():
         assert p.start(3) == 30
         assert p.runner.snapshot()["started"] == 1
         assert p.runner.snapshot()["running"] == 1
+
+
+def test_a_reaped_programs_pid_given_to_another_group_is_not_the_program():
+    """A program that exited is its process group while a process it left there runs; once
+    that group is gone its pid may go to another process, whose group must not count as the
+    program's (it would hold the endpoint, and a stop would signal it)."""
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)   # a group of its own
+    try:
+        reaped = subprocess.Popen(["true"])
+        reaped.wait()
+        reaped.pid = other.pid              # as if the reaped program's pid were reused
+        assert not elastic._alive(reaped)
+        # a group the program left behind still counts
+        script = subprocess.Popen(["sh", "-c", "sleep 30 & exit 0"], start_new_session=True)
+        script.wait()
+        assert elastic._alive(script)
+        os.killpg(script.pid, signal.SIGKILL)
+        wait_for(lambda: not elastic._alive(script), 10, "the group gone")
+    finally:
+        other.kill()
+        other.wait()
