@@ -372,12 +372,11 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="runs per figure (the median is shown)")
     p.add_argument("--secs", type=float, default=0.6, help="length of each load loop")
     p.add_argument("--rounds", type=int, default=4000, help="max ping-pong rounds per run")
     p.add_argument("--quick", action="store_true",
                    help="small sizes: 16 MiB files, 8 nodes, 200 sessions (sized targets FAIL)")
-    p.add_argument("--full", action="store_true", help="(the default sizes; kept for scripts)")
     p.add_argument("--only", default="hop,local,e2e,demo,scale",
                    help="parts: hop,local,e2e,demo,scale")
     p.add_argument("--e2e-loops", type=int, default=500, help="latency_client loops (part 4)")

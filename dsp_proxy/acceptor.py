@@ -14,6 +14,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from .link import Link
 from .linkstate import Event
@@ -68,10 +69,12 @@ class Acceptor:
     """Listens on every peer's port and hands valid connections to the links."""
 
     def __init__(self, bind_addr: str, stopping: threading.Event,
-                 allow_any_peer: bool = False) -> None:
+                 allow_any_peer: bool = False,
+                 tune: Callable[[socket.socket], None] = tune_socket) -> None:
         self.bind_addr = bind_addr
         self.stopping = stopping
         self.allow_any_peer = allow_any_peer
+        self.tune = tune
         self.sel = selectors.DefaultSelector()
         self.pending: list[Link] = []
         self.lock = threading.Lock()
@@ -144,6 +147,6 @@ class Acceptor:
                 sock.close()
                 continue
             sock.setblocking(True)
-            tune_socket(sock)
+            self.tune(sock)
             link.peer_addr = addr
             link.event(Event.IN_ACCEPTED, sock)

@@ -61,7 +61,7 @@ class Cluster:
                  log_dir: str | None = None, dsp_args: Sequence[str] = (),
                  log_level: str = "INFO", only: Sequence[int] | None = None,
                  kernel_args: Sequence[str] = (), stats_base: int | None = None,
-                 dvk_mode: str = "emu") -> None:
+                 dvk_mode: str = "emu", dsp_prefix: Sequence[str] = ()) -> None:
         self.config_path = str(config_path)
         self.cfg = cfgmod.load(self.config_path)
         self.own_rundir = rundir is None
@@ -70,6 +70,7 @@ class Cluster:
         self.dsp_args = list(dsp_args)
         self.kernel_args = list(kernel_args)   # e.g. ["--dcs", "8"] (dvsctl node run)
         self.dvk_mode = dvk_mode               # the DSPs' --dvk: emu, or emu-ioctl
+        self.dsp_prefix = list(dsp_prefix)     # e.g. ["ip", "netns", "exec", NS]: run there
         self.log_level = log_level
         self.stats_base = stats_base           # node N serves statistics on its rname:base+N
         self.nodes = [n.nodeid for n in self.cfg.nodes
@@ -107,9 +108,10 @@ class Cluster:
                                              env=python_env(), extra=self.kernel_args)
 
     def start_dsp(self, n: int) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "dsp_proxy", "--dvk", self.dvk_mode, "--node", str(n),
-                "--log-level", self.log_level, "--status-file", self.status_path(n),
-                *self.stats_args(n), *self.dsp_args, self.config_path]
+        argv = [*self.dsp_prefix, sys.executable, "-m", "dsp_proxy", "--dvk", self.dvk_mode,
+                "--node", str(n), "--log-level", self.log_level,
+                "--status-file", self.status_path(n), *self.stats_args(n), *self.dsp_args,
+                self.config_path]
         with open(self.log_path(f"dsp{n}"), "ab") as out:
             proc = subprocess.Popen(argv, env=python_env({"DVK_RUNDIR": self.rundir}),
                                     stdout=out, stderr=subprocess.STDOUT,
@@ -185,6 +187,12 @@ class Cluster:
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
             proc.wait(10)
+
+    def forget_dvk(self, n: int) -> None:
+        """Close the handle `dvk(n)` gave (node n's kernel stopped; a new one gets a new one)."""
+        dvk = self._dvks.pop(n, None)
+        if dvk is not None:
+            dvk.close()
 
     def stop(self) -> None:
         """Stop every DSP (SIGTERM, then SIGKILL) and every node kernel; remove the run dir."""

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dvk_cffi import errors as E
 
 from . import stats as statsmod
-from .misc import log_level
+from .misc import log_level, runs_dsp_proxy
 
 log = logging.getLogger("dsp")
 
@@ -62,12 +62,7 @@ def pidfile_owner(path: str | None) -> int | None:
         return None
     if pid == os.getpid() or pid <= 0:
         return None
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            alive = b"dsp_proxy" in f.read()  # a stale pidfile's pid may be reused
-    except OSError:
-        return None
-    return pid if alive else None
+    return pid if runs_dsp_proxy(pid) else None
 
 
 def proxy_holder(dvk, pxids: Iterable[int]) -> int | None:

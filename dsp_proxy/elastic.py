@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
@@ -47,6 +47,7 @@ COMMAND_TIMEOUT = 30.0
 BIND_WAIT = 5.0          # the dvs_lb contract: wait up to 5 s for the program's bind
 STOP_GRACE = 2.0         # a program or VM command has this long after SIGTERM, then SIGKILL
 RETRY_AFTER = 10.0       # a failed VM command is tried again after this long
+OUTPUT_LIMIT = 64 * 1024  # of a VM command's stdout and stderr, the last bytes kept
 #: Program starts in progress at once (one thread each); a start request beyond them is
 #: answered EDVSAGAIN at once, so a flood of start requests costs no thread per request.
 MAX_STARTING = 8
@@ -60,6 +61,21 @@ PGID_LINE = re.compile(re.escape(PGID_MARK.encode()) + rb" (\d+)\r?\n")
 class CommandResult:
     status: int            # exit status; -1 for a timeout or a failure to run
     output: str
+    #: why it failed, for the log and the figures: the end of what it printed (stderr, else
+    #: stdout) on one line, control characters escaped
+    reason: str = ""
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """The last `limit` characters of a command's output as one line of plain text: its
+    newlines and control characters escaped, so what a command prints cannot break the log's
+    one line per event, make up log lines of its own (the init script reads the reload's
+    verdict from the log) or send escape sequences to a terminal."""
+    tail = text.strip()[-limit:]
+    if tail.isprintable():
+        return tail
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in tail)
 
 
 class RemoteCommand:
@@ -180,37 +196,42 @@ class CommandRunner:
             argv = shlex.split(command) + [str(a) for a in args]
         except ValueError as exc:      # unbalanced quotes: the config check warned of it
             log.warning("command cannot be split into words: %s: %s", exc, command)
-            return CommandResult(-1, str(exc))
+            return CommandResult(-1, str(exc), one_line(str(exc)))
         shown = " ".join(shlex.quote(a) for a in argv)
         where = f"{self.user}@{self.host}" if self.host else "locally"
         log.info("running %s %s", where, shown)
         if self.host:
             return self._ssh(shown)
-        try:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, text=True, errors="replace",
-                                    start_new_session=True)
-        except OSError as exc:
-            log.warning("command failed to run: %s: %s", shown, exc)
-            return CommandResult(-1, str(exc))
-        if not self.commands.add(proc, shown):
-            log.warning("the DSP stops: command ended at once: %s", shown)
-            _terminate(proc)
-            _collect(proc)
-            return CommandResult(-1, "stopped")
-        try:
-            out, err = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("command timed out after %.0f s: %s", self.timeout, shown)
-            _terminate(proc)
-            _collect(proc)
-            return CommandResult(-1, "timeout")
-        finally:
-            self.commands.discard(proc)
+        # The output goes to files, not pipes: a command that leaves a process in the
+        # background (`qemu ... &`, the VM itself) ends when it exits, not when every process
+        # holding its output has closed it (that was only at the timeout, a success counted
+        # as a failure), and that process may go on writing after the DSP is gone.
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            except OSError as exc:
+                log.warning("command failed to run: %s: %s", shown, exc)
+                return CommandResult(-1, str(exc), one_line(str(exc)))
+            if not self.commands.add(proc, shown):
+                log.warning("the DSP stops: command ended at once: %s", shown)
+                _terminate(proc)
+                return CommandResult(-1, "stopped")
+            try:
+                proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("command timed out after %.0f s: %s", self.timeout, shown)
+                _terminate(proc)
+                return CommandResult(-1, "timeout", f"timed out after {self.timeout:.0f} s")
+            finally:
+                self.commands.discard(proc)
+            output, errors = _tail(out), _tail(err)
         if proc.returncode != 0:
+            reason = one_line(errors or output)
             log.warning("command exited with status %d: %s: %s", proc.returncode, shown,
-                        (err or out).strip()[-200:])
-        return CommandResult(proc.returncode, out)
+                        reason)
+            return CommandResult(proc.returncode, output, reason)
+        return CommandResult(proc.returncode, output)
 
     def _ssh(self, command: str) -> CommandResult:
         import paramiko
@@ -239,34 +260,75 @@ class CommandRunner:
             channel.settimeout(self.timeout)
             remote.channel = channel
             channel.exec_command(f"echo {PGID_MARK} $$; exec {command}")
-            lines = []
-            for line in channel.makefile("rb"):
-                mark = remote.pgid is None and PGID_LINE.fullmatch(line)
-                if mark:
-                    remote.pgid = int(mark.group(1))
-                else:
-                    lines.append(line)
-            out = b"".join(lines).decode(errors="replace")
-            err = channel.makefile_stderr("rb").read().decode(errors="replace")
+            out, err = _remote_output(channel, remote, time.monotonic() + self.timeout)
             status = channel.recv_exit_status()
         except TimeoutError:
             log.warning("remote command timed out after %.0f s: %s", self.timeout, command)
             _end_remote([remote], STOP_GRACE)
-            return CommandResult(-1, "timeout")
+            return CommandResult(-1, "timeout", f"timed out after {self.timeout:.0f} s")
         except (OSError, EOFError, paramiko.SSHException) as exc:
             if self.commands.closed:    # stop_all closed the connection
                 return CommandResult(-1, "stopped")
-            log.warning("ssh to %s@%s failed: %s", self.user, self.host, type(exc).__name__
-                        if self._password and self._password in str(exc) else exc)
-            return CommandResult(-1, "")
+            why = (type(exc).__name__ if self._password and self._password in str(exc)
+                   else one_line(str(exc)) or type(exc).__name__)
+            log.warning("ssh to %s@%s failed: %s", self.user, self.host, why)
+            return CommandResult(-1, "", f"ssh to {self.host} failed: {why}")
         finally:
             self.commands.discard(remote)
             client.close()
         if status != 0 and self.commands.closed:     # stop_all ended it
             return CommandResult(-1, "stopped")
         if status != 0:
-            log.warning("remote command exited with status %d: %s", status, err.strip()[-200:])
+            reason = one_line(err or out)
+            log.warning("remote command exited with status %d: %s", status, reason)
+            return CommandResult(status, out, reason)
         return CommandResult(status, out)
+
+
+def _remote_output(channel: paramiko.Channel, remote: RemoteCommand,
+                   deadline: float) -> tuple[str, str]:
+    """A remote command's stdout (without the line that tells its process group, which
+    sets `remote.pgid`) and stderr, read until it exits (TimeoutError past `deadline`).  The
+    command is over when it exits, not when its output ends: a VM it leaves in the background
+    keeps that open (sshd keeps the channel open for it).  Both streams are read as they
+    come (neither can fill its window while the other is awaited); the last OUTPUT_LIMIT
+    bytes of each are kept."""
+    out, err = bytearray(), bytearray()
+    head: bytearray | None = bytearray()    # stdout until the wrapper's line is complete
+    exited_at = 0.0
+    while True:
+        while channel.recv_ready():
+            data = channel.recv(65536)
+            if head is not None:
+                head += data
+                if b"\n" not in head and len(head) <= 128:
+                    continue
+                mark = PGID_LINE.match(head)
+                if mark:
+                    remote.pgid = int(mark.group(1))
+                data, head = bytes(head[mark.end() if mark else 0:]), None
+            out += data
+            del out[:-OUTPUT_LIMIT]
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+            del err[:-OUTPUT_LIMIT]
+        if channel.closed or (channel.eof_received and channel.exit_status_ready()):
+            break
+        now = time.monotonic()
+        if channel.exit_status_ready():
+            # what it wrote just before it exited may still be on its way; a process it
+            # left behind with the output open gets a moment, then is not waited for
+            exited_at = exited_at or now
+            if now - exited_at > 0.5:
+                break
+            time.sleep(0.02)
+        elif now > deadline:
+            raise TimeoutError
+        else:
+            channel.status_event.wait(0.05)
+    if head:                    # a short last line that was not the wrapper's
+        out += head
+    return out[-OUTPUT_LIMIT:].decode(errors="replace"), err.decode(errors="replace")
 
 
 def _end_remote(commands: list[RemoteCommand], grace: float) -> None:
@@ -443,7 +505,8 @@ class Autoscaler:
                 if res.status != 0:
                     vm.failed_at = time.monotonic()
                     vm.failures += 1
-                    vm.last_error = f"vm_{what} failed (status {res.status})"
+                    vm.last_error = f"vm_{what} failed (status {res.status})" + (
+                        f": {res.reason}" if res.reason else "")
                     if what == "start":
                         vm.starting_since = 0.0
                     else:
@@ -672,14 +735,15 @@ class ServiceRunner:
                          clt_ep, clt_node)
                 self._release(dcid, ep)
                 return ep
-            if proc.poll() is not None:
-                break
+            status = proc.poll()
+            if status is not None and (status != 0 or not _alive(proc)):
+                break   # failed, or ended with nothing left to bind (else: what it started)
             time.sleep(0.05)
         if self.closed:                 # stop_all stopped the program: no bind to wait for
             self._release(dcid, ep)
             return E.EDVSSHUTDOWN
         status = proc.poll()
-        if status is not None:
+        if status is not None and (status != 0 or not _alive(proc)):
             log.warning("service %s: the program for endpoint %d exited with status %d "
                         "before it bound the endpoint (its output: %s)", svc.name, ep, status,
                         out)
@@ -702,7 +766,7 @@ class ServiceRunner:
         with self.lock:
             for ep in range(svc.min_ep, svc.max_ep + 1):
                 proc = self.procs.get((dcid, ep))
-                if proc is not None and proc.poll() is not None:
+                if proc is not None and not _alive(proc):
                     del self.procs[(dcid, ep)]
                     self.owners.pop((dcid, ep), None)
                     proc = None
@@ -766,17 +830,15 @@ def _terminate_each(procs: list[subprocess.Popen], grace: float = STOP_GRACE) ->
     """Stop programs all at once: every process group is sent SIGTERM first, then all share
     one `grace` period, then the groups still running get SIGKILL; so stopping many programs
     that ignore SIGTERM takes one grace period, not one each (the init script's stop timeout
-    is 10 s)."""
-    running = [proc for proc in procs if proc.poll() is None]
+    is 10 s).  A program is its process group (`_alive`), also once the program itself has
+    exited."""
+    running = [proc for proc in procs if _alive(proc)]
     for proc in running:
         _signal_group(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    for proc in running:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    stubborn = [proc for proc in running if proc.poll() is None]
+    while any(_alive(proc) for proc in running) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stubborn = [proc for proc in running if _alive(proc)]
     for proc in stubborn:
         _signal_group(proc, signal.SIGKILL)
     for proc in stubborn:
@@ -787,15 +849,29 @@ def _terminate(proc: subprocess.Popen) -> None:
     _terminate_each([proc])
 
 
-def _collect(proc: subprocess.Popen) -> None:
-    """Read what an ended command left in its pipes (bounded: a process it left behind in
-    another session may hold them open)."""
+def _alive(proc: subprocess.Popen) -> bool:
+    """The program runs, or a process it left in its process group does (it runs in a
+    session of its own): the C project's service scripts start the server in the background
+    (`server &`), wait for its bind and exit, so the server is what runs for the session.
+    Once the program is reaped its pid may be given to another process, but only after its
+    group is gone: a process that has that pid now is not ours, nor is its group."""
+    if proc.poll() is None:
+        return True
+    if os.path.exists(f"/proc/{proc.pid}"):
+        return False
     try:
-        proc.communicate(timeout=1.0)
-    except subprocess.TimeoutExpired:
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        os.killpg(proc.pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _tail(file: IO[bytes]) -> str:
+    """The last OUTPUT_LIMIT bytes a command wrote to `file`, decoded (bytes that are not
+    UTF-8 replaced): a command that prints without end costs no memory."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - OUTPUT_LIMIT))
+    return file.read(OUTPUT_LIMIT).decode(errors="replace")
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -1,16 +1,17 @@
-"""The compiled relay of established relayed sessions on the LB host (docs/performance.md,
-"The compiled relay").
+"""The compiled relay of established relayed sessions on the LB host (docs/design.md,
+"The compiled relay"; its figures in docs/performance.md).
 
 The router stays the one place of the session rules.  It hands a relayed session to the
 `FlowTable` once the session is established (its first request answered, no program being
-started), and takes it back, with the state the relay kept (pending request, last use,
-counters), before its own path reads or changes the session.  Meanwhile each receiver's
-`Relay` reads its link and walks its read buffer in C: every frame of a handed-over session is
-checked, rewritten in place and written to its output link's socket by the relay itself while
-that link has nothing of its own waiting (`Wire`: the link's send lock is the relay's too),
-else handed to the link as a view of the buffer; the first frame the relay is not sure of
-stops the walk and takes the Python path.  Without the compiled module (not built, or
-`DSP_FASTPATH=0`) every frame takes the Python path, which is complete on its own.
+started, neither of its links with `batch` or `compress`), and takes it back, with the state
+the relay kept (pending request, last use, counters), before its own path reads or changes the
+session.  Meanwhile each receiver's `Relay` reads its link and walks its read buffer in C:
+every frame of a handed-over session is checked, rewritten in place and written to its output
+link's socket by the relay itself while that link has nothing of its own waiting (`Wire`: the
+link's send lock is the relay's too), else handed to the link as a view of the buffer; the
+first frame the relay is not sure of stops the walk and takes the Python path.  Without the
+compiled module (not built, built from another fastrelay.c, or `DSP_FASTPATH=0`) every frame
+takes the Python path, which is complete on its own.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `python -m dsp_proxy.fastrelay_build` (the Makefile's `venv` target runs it) compiles the
 module next to this file.  Without it the DSP runs the pure-Python path, which is complete on
-its own (docs/performance.md, "The compiled relay").
+its own (docs/design.md, "The compiled relay").
 
 `--sanitize` compiles the same source with AddressSanitizer and UndefinedBehaviorSanitizer as
 a second module, `dsp_proxy._fastrelay_san`, which the DSP loads only when

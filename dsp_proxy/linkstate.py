@@ -81,11 +81,15 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Effect, ...]]] = {
 #: Where a peer that never announced itself as a DSP of this project differs: it may be a C
 #: DSP, whose sender connects once and never again (it goes on with its closed socket), so the
 #: incoming connection it made is never closed while it works.  The outgoing direction's loss
-#: keeps it (our sender connects again) and a half-open link waits for our sender instead of
-#: timing out.
+#: keeps it (our sender connects again), a half-open link waits for our sender instead of
+#: timing out, and a new connection from the peer's address while the link is IN_ONLY is held
+#: aside as while it is UP, so a stray connection cannot replace the C sender's.  A host that
+#: crashed or rebooted never closes its old connection: TCP keep-alive ends it (docs/design.md,
+#: "Liveness"), and the held one, its new DSP's, takes over.
 C_PEER_TABLE: dict[tuple[State, Event], tuple[State, tuple[Effect, ...]]] = {
     (S.UP, Ev.OUT_LOST): (S.IN_ONLY, (F.DISCONNECT, F.CLOSE_OUT, F.REPORT_DOWN)),
     (S.IN_ONLY, Ev.TIMEOUT): (S.IN_ONLY, ()),
+    (S.IN_ONLY, Ev.IN_ACCEPTED): (S.IN_ONLY, (F.HOLD_IN,)),
     (S.UP, Ev.OUT_CONNECTED): (S.UP, (F.DISCONNECT, F.CLOSE_OUT, F.KEEP_OUT, F.REPORT_DOWN,
                                       F.CONNECT)),
 }

@@ -6,9 +6,11 @@ import ctypes
 import errno
 import logging
 import logging.handlers
+import math
 import os
 import socket
 import stat
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -66,12 +68,76 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SYSLOG_SOCKET = "/dev/log"
 
 
+def runs_dsp_proxy(pid: int) -> bool:
+    """True when process `pid` runs the dsp_proxy program (`.../dsp_proxy ...`, `python -m
+    dsp_proxy ...`); a stale pidfile's pid may have been reused by a program that merely
+    names a file of it (`tail -f /var/log/dsp_proxy.log`, `vi /etc/dvs/dsp_proxy.cfg`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(os.path.basename(arg) == b"dsp_proxy" for arg in args)
+
+
 def log_level(text: str) -> str:
     """`--log-level` value check (argparse type): one of LOG_LEVELS, any case."""
     level = text.strip().upper()
     if level not in LOG_LEVELS:
         raise ValueError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
     return level
+
+
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """`--syslog`: the local syslog's socket, facility daemon.  The socket must answer at
+    start-up (Python's handler takes a missing one silently, then printed a traceback on
+    stderr for every line, which the init script appends to the log file, for as long as the
+    daemon ran).  A syslog that goes away later costs lines, not a traceback each: one line
+    on stderr says they are lost, and once the syslog is back it is told how many were."""
+
+    def __init__(self, address: str) -> None:
+        _connectable(address)
+        super().__init__(address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        self.lost = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lost = self.lost
+        super().emit(record)
+        if lost and self.lost == lost:      # this line got through: the syslog is back
+            self.lost = 0
+            note = logging.makeLogRecord(record.__dict__)
+            note.levelname, note.levelno = "WARNING", logging.WARNING
+            note.msg, note.args, note.exc_info, note.exc_text = (
+                f"{lost} log lines were lost while the syslog at {self.address} was "
+                "unreachable", None, None, None)
+            super().emit(note)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if not self.lost and sys.stderr is not None:
+            try:
+                sys.stderr.write(f"dsp_proxy: the syslog at {self.address} is unreachable: "
+                                 "log lines are lost until it is back\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+        self.lost += 1
+
+
+def _connectable(address: str) -> None:
+    """Raise the OSError of connecting to the Unix socket `address` (datagram, else stream,
+    as the syslog handler tries them), if neither works."""
+    first: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.connect(address)
+            return
+        except OSError as exc:
+            first = first or exc
+        finally:
+            sock.close()
+    assert first is not None
+    raise first
 
 
 def setup_logging(level: str = "INFO", path: str | None = None,
@@ -81,8 +147,7 @@ def setup_logging(level: str = "INFO", path: str | None = None,
     Raises OSError when the file or the socket cannot be opened."""
     handler: logging.Handler
     if syslog:
-        handler = logging.handlers.SysLogHandler(
-            address=syslog, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler = SyslogHandler(syslog)
         handler.setFormatter(logging.Formatter(f"dsp_proxy[{os.getpid()}]: {SYSLOG_FORMAT}"))
     elif path:
         handler = logging.FileHandler(path)
@@ -133,13 +198,30 @@ def set_log_node(nodeid: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ sockets
-def tune_socket(sock: socket.socket, user_timeout_ms: int | None = None) -> None:
-    """TCP_NODELAY always (one small frame must not wait); TCP_USER_TIMEOUT so a dead peer's unacked
-    data fails the link instead of queueing forever."""
+def keepalive_timing(fd_interval_ms: int, fd_fall: int) -> tuple[int, int, int]:
+    """TCP keep-alive (idle seconds, seconds between probes, probes) from the liveness
+    settings: the first probe after the silence limit, one per `fd_interval`, `fd_fall`
+    unanswered ones end the connection.  A peer's host answers probes while it runs, also
+    when its DSP (a C one, which says HELLO only after 30 s) sends nothing, so only a host
+    that crashed, rebooted or was cut off is noticed this way, in about twice the silence
+    limit instead of never (an idle connection) or after the C peers' long silence limit."""
+    idle = max(1, math.ceil(fd_interval_ms * fd_fall / 1000))
+    return idle, max(1, math.ceil(fd_interval_ms / 1000)), max(1, fd_fall)
+
+
+def tune_socket(sock: socket.socket, user_timeout_ms: int | None = None,
+                keepalive: tuple[int, int, int] | None = None) -> None:
+    """TCP_NODELAY always (one small frame must not wait); TCP_USER_TIMEOUT so a dead peer's
+    unacked data fails the link instead of queueing forever; SO_KEEPALIVE, with the timing of
+    `keepalive_timing` when given, so a dead peer's host is noticed on an idle connection."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if user_timeout_ms and hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if keepalive is not None and hasattr(socket, "TCP_KEEPIDLE"):
+        for opt, value in zip((socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT),
+                              keepalive):
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
 
 
 def delay_acks(sock: socket.socket) -> None:

@@ -19,7 +19,7 @@ from dvk_cffi.wire import Header
 
 from .link import MAXBATCMD, PAIR_GONE, Link, cork, uncork
 from .linkstate import Event, State
-from .misc import Backoff, tune_socket
+from .misc import Backoff
 
 log = logging.getLogger("dsp.sproxy")
 
@@ -75,7 +75,7 @@ class SProxy:
                 sock.settimeout(CONNECT_TIMEOUT)
                 sock.connect((spec.host, spec.sport))
                 sock.settimeout(None)
-                tune_socket(sock, ctx.user_timeout_ms)
+                ctx.tune_out(sock)
                 log.debug("%s connected to %s:%d", self.name, spec.host, spec.sport)
                 return sock
             except OSError as exc:

@@ -52,7 +52,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from .misc import read_regular_file
+from .misc import read_regular_file, runs_dsp_proxy
 
 log = logging.getLogger("dsp.stats")
 
@@ -453,7 +453,30 @@ def render_metrics(snap: dict) -> str:
                  "Bytes (headers included) this DSP forwarded to a server.")):
             for sid, srv in servers.items():
                 m.add(name, "counter", help_text, srv.get(key, 0), server=sid)
+    _elastic_metrics(m, snap)
     return m.text()
+
+
+def _elastic_metrics(m: _Metrics, snap: dict) -> None:
+    """Service programs and VM commands: their failures were in the status and the text
+    figures only, out of reach of an alert on the metrics."""
+    progs = snap.get("programs")
+    if progs:
+        m.add("dsp_programs_running", "gauge", "Service programs (prog) running on this "
+              "server for sessions.", progs.get("running", 0))
+        for result, key in (("ok", "started"), ("failed", "failed")):
+            m.add("dsp_program_starts_total", "counter", "Service program starts by result "
+                  "(failed: did not run, exited or did not bind within 5 s).",
+                  progs.get(key, 0), result=result)
+    vms = snap.get("autoscaler") or {}
+    for what in ("starts", "stops"):
+        for sid, vm in vms.items():
+            m.add(f"dsp_vm_{what}_total", "counter", f"VM {what} (vm_{what[:-1]}) this DSP "
+                  "ran for a server.", vm.get(what, 0), server=sid, name=vm.get("name", ""))
+    for sid, vm in vms.items():
+        m.add("dsp_vm_failures_total", "counter", "Failed VM commands of a server, and starts "
+              "whose node never came up.", vm.get("failures", 0), server=sid,
+              name=vm.get("name", ""))
 
 
 # ------------------------------------------------------------------------------ HTML page
@@ -544,6 +567,10 @@ def render_html(snap: dict, paused: bool = False) -> str:
                      f", no server {group.get('no_server', 0)}</p>")
         parts.append(_table(*server_rows(snap), caption="Servers as this DSP knows them"))
         parts.append(_table(*session_rows(snap), caption="Active sessions"))
+    elastic = [line for line in _elastic_lines(snap) if line]
+    if elastic:     # failed program starts and VM commands: the text figures had them only
+        parts.append("<h2>Service programs and VMs</h2>")
+        parts.extend(f"<p>{e(line)}</p>" for line in elastic)
     return _page(f"DSP of node {node}", snap, paused, "/", parts)
 
 
@@ -828,8 +855,41 @@ def client_main(argv: list[str] | None = None) -> int:
         print(f"dsp_proxy stats: cannot read the statistics of {where}: not the figures of "
               "a dsp_proxy", file=sys.stderr)
         return 1
-    print(_TERMINAL_SAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+    try:
+        print(_TERMINAL_SAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text), flush=True)
+    except BrokenPipeError:         # `dsp_proxy stats | head`: a reader that stopped early
+        devnull = os.open(os.devnull, os.O_WRONLY)   # no second error when Python exits
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    stale = _stale(args.file, snap) if args.file else None
+    if stale:
+        print(f"dsp_proxy stats: {args.file}: {stale}", file=sys.stderr)
+        return 1
     return 0
+
+
+#: A status file not rewritten for this long (ten ticks of the daemon's main loop, which
+#: rewrites it every tick) no longer tells how the DSP is now.
+STALE_AFTER = 5.0
+
+
+def _stale(path: str, snap: dict) -> str | None:
+    """Why the figures of a status file are not those of a running DSP (None: they are):
+    the daemon writes it while it runs and leaves the last figures behind when it stops or
+    dies, which read as a DSP with its links up."""
+    pid = snap.get("pid")
+    taken = snap.get("taken", "?")
+    if not isinstance(pid, int) or not runs_dsp_proxy(pid):
+        return f"the DSP that wrote these figures (pid {pid}) is not running: they are its " \
+               f"last ones, taken {taken}"
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError:
+        return None
+    if age > STALE_AFTER:
+        return f"not rewritten for {age:.0f} s (its DSP, pid {pid}, is stuck?): these " \
+               f"figures were taken {taken}"
+    return None
 
 
 if __name__ == "__main__":

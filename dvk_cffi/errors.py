@@ -278,13 +278,6 @@ ERRORS: dict[int, tuple[str, str]] = {
     EDVSRESTARTSYS: ("EDVSRESTARTSYS", "restart the system call"),
 }
 
-# Linux errnos the kernel may return instead of an EDVS code.
-LINUX_ERRORS: dict[int, tuple[str, str]] = {
-    -4: ("EINTR", "interrupted system call"),
-    -14: ("EFAULT", "bad address"),
-    -25: ("ENOTTY", "inappropriate ioctl for device"),
-}
-
 
 def error_name(code: int) -> str:
     """C name of an EDVS code (`EDVS?` for an unknown one)."""

@@ -264,18 +264,6 @@ def frame_length(buf, offset: int = 0) -> int:
     return _I32.unpack_from(buf, offset + _C_LEN)[0]
 
 
-def set_snode(buf, node: int) -> None:
-    _I32.pack_into(buf, _C_SNODE, node)
-
-
-def set_dnode(buf, node: int) -> None:
-    _I32.pack_into(buf, _C_DNODE, node)
-
-
-def set_flags(buf, flags: int) -> None:
-    _U32.pack_into(buf, _C_FLAGS, flags & 0xFFFFFFFF)
-
-
 def set_route(buf, snode: int, dnode: int, flags: int) -> None:
     """c_snode, c_dnode and c_flags of a header for its next hop, in one call (the routed
     frames' rewrite: two writes instead of three helper calls)."""

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from dvk_cffi import Dvk, DvkError, open_dvk
 
-#: Environment variable that chooses the DVK backend of the programs (auto, kernel, emu).
+#: Environment variable that chooses the DVK backend of the programs (auto, kernel, emu, emu-ioctl).
 MODE_ENV = "DVK_MODE"
 #: Set to a non-empty value other than 0 for the C programs' debug lines on stdout.
 DEBUG_ENV = "DVS_DEBUG"

@@ -1,6 +1,6 @@
 """`dvsctl`: administration of a DVS node through the DVK interface (kernel module or emulator).
 
-    dvsctl [--dvk auto|kernel|emu] [--node N] [--rundir DIR] COMMAND ...
+    dvsctl [--dvk auto|kernel|emu|emu-ioctl] [--node N] [--rundir DIR] COMMAND ...
 
 Emulated node kernels (docs/emulator.md):
     node run N [params]       run node N's kernel in the foreground (log on stderr);

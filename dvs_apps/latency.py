@@ -15,7 +15,8 @@ loops are not interleaved with pipe writes) and then the average latency and the
 
 Exit status: 0, or 1 on a fatal error (bad arguments, bind failure, server receive/send error)
 and for the client also when any loop failed; SIGTERM/SIGINT end either program with 0.
-`DVK_MODE` chooses the backend (auto, kernel, emu), `DVK_NODE`/`DVK_SOCKET` the emulated node.
+`DVK_MODE` chooses the backend (auto, kernel, emu, emu-ioctl), `DVK_NODE`/`DVK_SOCKET` the emulated
+node.
 """
 
 from __future__ import annotations

@@ -537,10 +537,6 @@ class FakeProxy:
             self.rpay.write(payload)
         return self.rproxy.call(self.dvk.put2lcl, h, self.rpay)
 
-    def put_async(self, **fields) -> Future:
-        h = self.header(**fields)
-        return self.rproxy.submit(self.dvk.put2lcl, h, self.rpay)
-
     def get(self, timeout: int = 5000) -> Header:
         h = Header()
         self.sproxy.call(self.dvk.get2rmt, h, self.spay, timeout)

@@ -128,11 +128,12 @@ def test_failed_vm_commands_and_starts_show_in_the_figures():
     Each counts as a failure with its reason, in the status and the text figures."""
     from dsp_proxy.stats import format_text
     a, runner, dsp = scaler({}, min_servers=2)
-    runner.run = lambda command, args: CommandResult(3, "")
+    runner.run = lambda command, args: CommandResult(3, "", "domain 'b' not found")
     a.tick()
     wait_idle(a)
     snap = a.snapshot()
-    assert snap[2]["failures"] == 1 and "status 3" in snap[2]["last_error"], snap[2]
+    assert snap[2]["failures"] == 1, snap[2]
+    assert snap[2]["last_error"] == "vm_start failed (status 3): domain 'b' not found", snap[2]
     runner.run = lambda command, args: CommandResult(0, "")
     a.vms[2].failed_at = 0.0                         # retry now, not after RETRY_AFTER
     a.tick()

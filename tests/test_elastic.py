@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster_helpers import Background, cluster_from, wait_bound, wait_for
+from dsp_proxy import elastic
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.elastic import MAX_STARTING, ServiceRunner
 from dsp_proxy.group import MT_SVC_START, MT_SVC_STOP, control_message
@@ -181,11 +182,16 @@ def test_second_server_started_when_saturated_and_stopped_when_idle(tmp_path, bg
                            env=cl.env(1), timeout=30)
 
 
-def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkeypatch):
+@pytest.mark.parametrize("prog", ["run_latency.sh", "run_latency_bg.sh"])
+def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkeypatch, prog):
+    """run_latency_bg.sh is the C project's style (the server started in the background,
+    the script exits once it is bound): stopping the script, gone by then, left the server
+    running and its endpoint bound after every session, until the range ran out (and the
+    servers outlived the DSP).  A program is its process group."""
     monkeypatch.setenv("DSP_TEST_PYTHON", sys.executable)
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the DSP puts the programs' output
     svc = (f'service latency {{ dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind replica; '
-           f'prog "{HERE}/run_latency.sh"; }};')
+           f'prog "{HERE}/{prog}"; }};')
     cfg = BASE.format(lb="", node2="", service=svc).replace("{{", "{").replace("}}", "}")
     with cluster_from(cfg.replace("period 1;", "period 1; session_timeout 30;"),
                       tmp_path) as cl:
@@ -203,7 +209,7 @@ def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkey
         wait_for(lambda: all(cl.dvk(node).getprocinfo(0, ep).p_rts_flags & 0x1
                              for ep in range(10, 20)), 15, "the program's endpoint unbound")
         def mine():
-            ps = subprocess.run(["pgrep", "-f", "run_latency.sh|latency server 0 1[0-9]"],
+            ps = subprocess.run(["pgrep", "-f", "run_latency|latency server 0 1[0-9]"],
                                 capture_output=True, text=True)
             return [pid for pid in ps.stdout.split() if _env_has(pid, cl.rundir)]
         # the program's wrapper script may take a moment to exit after the program itself
@@ -218,6 +224,14 @@ def _env_has(pid: str, text: str) -> bool:
         return text.encode() in Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _running_cmd(pid: int, word: str) -> bool:
@@ -268,6 +282,34 @@ def test_vm_command_timeout_and_failure_are_logged(tmp_path):
     assert os.path.exists(HERE / "status_vm.sh")
 
 
+def test_a_vm_command_that_leaves_its_vm_in_the_background_succeeds_when_it_exits(tmp_path):
+    """A vm_start that starts the VM in the background (`hypervisor ... &`, output not
+    redirected) and exits 0: the command was only over when every process holding its output
+    pipe had closed it, so it ran into its timeout, counted as a failed start while the VM
+    ran.  It succeeds as soon as it exits, with its output, and the VM keeps running."""
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import CommandRunner
+    cfg = parse_text('lb l { nodeid 0; vm_start "x"; vm_stop "x"; vm_status "x"; }; '
+                     'server s { nodeid 1; node_image "img"; };')
+    script, pidfile = tmp_path / "start_in_background.sh", tmp_path / "vm.pid"
+    script.write_text(f'#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\necho "vm $2 started"\n')
+    script.chmod(0o755)
+    try:
+        began = time.monotonic()
+        res = CommandRunner(cfg.lb, timeout=20).run(str(script), ["img", "s", 1])
+        took = time.monotonic() - began
+        assert (res.status, res.output) == (0, "vm s started\n"), res
+        assert took < 15, f"the command was over only after {took:.1f} s"
+        time.sleep(0.5)     # the background shell has exec'd sleep by now (or was ended)
+        assert _running_cmd(int(pidfile.read_text()), "sleep"), "the VM was ended"
+    finally:
+        if pidfile.exists() and pidfile.read_text().strip():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_vm_command_output_that_is_not_utf8_is_a_result_not_an_exception(caplog):
     """A VM command (the operator's script) that prints bytes that are not UTF-8, and fails:
     its status and output come back (undecodable bytes replaced) and the failure is logged;
@@ -284,6 +326,26 @@ def test_vm_command_output_that_is_not_utf8_is_a_result_not_an_exception(caplog)
     assert any("status 3" in r.getMessage() for r in caplog.records), caplog.text
     res = runner.run("sh -c", ["printf 'up \\377'"])
     assert res.status == 0 and res.output == "up \ufffd"
+
+
+def test_what_a_failed_vm_command_printed_is_one_escaped_line_in_the_log_and_figures(caplog):
+    """A failed VM command's output went into its log line as printed: its newlines made
+    lines of their own (one could read as the daemon's, e.g. a reload verdict the init script
+    waits for) and its escape sequences reached the operator's terminal.  It is one line,
+    control characters escaped, and the figures carry it as the failure's reason."""
+    from dsp_proxy.config import parse_text
+    from dsp_proxy.elastic import CommandRunner
+    cfg = parse_text('lb l { nodeid 0; vm_start "x"; vm_stop "x"; vm_status "x"; }; '
+                     'server s { nodeid 1; node_image "img"; };')
+    fake = "2026-12-01 00:00:00,000 INFO node1 MainThread: reload of /etc/dvs/x.cfg done"
+    printed = f"virsh: error\\n{fake}\\n\\033[2Jdomain not found"
+    with caplog.at_level("WARNING", logger="dsp.elastic"):
+        res = CommandRunner(cfg.lb, timeout=10).run("sh -c", [f"printf '{printed}' >&2; exit 4"])
+    assert res.status == 4
+    assert res.reason == f"virsh: error\\n{fake}\\n\\x1b[2Jdomain not found", res.reason
+    messages = [r.getMessage() for r in caplog.records if "status 4" in r.getMessage()]
+    assert len(messages) == 1 and res.reason in messages[0], messages
+    assert not any(c in messages[0] for c in "\n\r\x1b"), messages
 
 
 def test_commands_that_cannot_be_split_fail_as_results_and_the_config_warns():
@@ -345,8 +407,9 @@ def test_a_gone_peers_programs_are_stopped_and_an_ended_program_frees_its_endpoi
         wait_for(lambda: (0, 31) not in p.runner.procs and theirs.poll() is not None, 10,
                  "node 4's program stopped")
         assert mine.poll() is None                         # node 3's program runs on
-        mine.kill()
+        os.killpg(mine.pid, signal.SIGKILL)                # ends, with all it started
         mine.wait()
+        wait_for(lambda: not _group_alive(mine.pid), 10, "node 3's program ended")
         assert sorted([p.start(5), p.start(5)]) == [30, 31]
 
 
@@ -624,3 +687,24 @@ def test_program_starts_and_failures_show_in_the_figures():
         assert p.start(3) == 30
         assert p.runner.snapshot()["started"] == 1
         assert p.runner.snapshot()["running"] == 1
+
+
+def test_a_reaped_programs_pid_given_to_another_group_is_not_the_program():
+    """A program that exited is its process group while a process it left there runs; once
+    that group is gone its pid may go to another process, whose group must not count as the
+    program's (it would hold the endpoint, and a stop would signal it)."""
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)   # a group of its own
+    try:
+        reaped = subprocess.Popen(["true"])
+        reaped.wait()
+        reaped.pid = other.pid              # as if the reaped program's pid were reused
+        assert not elastic._alive(reaped)
+        # a group the program left behind still counts
+        script = subprocess.Popen(["sh", "-c", "sleep 30 & exit 0"], start_new_session=True)
+        script.wait()
+        assert elastic._alive(script)
+        os.killpg(script.pid, signal.SIGKILL)
+        wait_for(lambda: not elastic._alive(script), 10, "the group gone")
+    finally:
+        other.kill()
+        other.wait()

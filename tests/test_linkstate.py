@@ -51,6 +51,7 @@ def test_every_transition(state, event):
 C_PEER = {
     (S.UP, Ev.OUT_LOST): (S.IN_ONLY, {F.DISCONNECT, F.CLOSE_OUT, F.REPORT_DOWN}),
     (S.IN_ONLY, Ev.TIMEOUT): (S.IN_ONLY, set()),
+    (S.IN_ONLY, Ev.IN_ACCEPTED): (S.IN_ONLY, {F.HOLD_IN}),
     (S.UP, Ev.OUT_CONNECTED): (S.UP, {F.DISCONNECT, F.CLOSE_OUT, F.KEEP_OUT, F.REPORT_DOWN,
                                       F.CONNECT}),
 }
@@ -66,7 +67,7 @@ def test_every_transition_with_a_peer_that_may_be_a_c_dsp(state, event):
     assert set(C_PEER_TABLE) == set(C_PEER)
     # a working link's incoming connection is closed only when it is lost itself, the kernel
     # refuses the link or we stop: never for the other direction, never for a newcomer
-    if state is S.UP and F.CLOSE_IN in effects:
+    if state in (S.UP, S.IN_ONLY) and F.CLOSE_IN in effects:
         assert event in (Ev.IN_LOST, Ev.STOP, Ev.KERNEL_REFUSED)
 
 

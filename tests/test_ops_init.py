@@ -157,6 +157,25 @@ def test_busy_stats_port_fails_fast_with_its_address(make_root):
         busy.close()
 
 
+def test_a_pidfile_that_cannot_be_written_fails_the_start_with_the_reason(tmp_path):
+    """A pidfile in a directory that does not exist (or is not writable): the daemon
+    registered its proxies, brought its links up, then died with a Python traceback and no
+    ERROR line.  It is refused at once, logged at ERROR with the path and the reason, before
+    a node kernel is started or a link is set up."""
+    pidfile = tmp_path / "missing" / "dsp_proxy.pid"
+    cfg = tmp_path / "one.cfg"
+    cfg.write_text(render_config(CFG, fresh_net()))
+    proc = subprocess.run([sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", "1",
+                           "--pidfile", str(pidfile), str(cfg)],
+                          env=python_env({"DVK_RUNDIR": str(tmp_path / "dvk")}),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"ERROR node? MainThread: cannot write the pidfile {pidfile}: No such file or " \
+        "directory" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "node kernel" not in proc.stderr, proc.stderr
+    assert not pidfile.parent.exists()
+
+
 def test_second_daemon_says_already_running(make_root, tmp_path):
     r = make_root(opts="")
     res = r.run("start")
@@ -181,6 +200,36 @@ def test_second_daemon_says_already_running(make_root, tmp_path):
         stale.write_text(f"{other}\n")
         assert daemon.pidfile_owner(str(stale)) is None
     assert r.run("stop").returncode == 0
+
+
+def test_a_stale_pidfile_whose_pid_runs_a_program_named_after_a_file_of_it(make_root):
+    """A stale pidfile (the daemon was SIGKILLed or OOM-killed) whose pid now runs `tail -f
+    /var/log/dsp_proxy.log`: the init script and the daemon took any process with
+    'dsp_proxy' in its command line for the daemon, so `status` said running, `start` said
+    "already running" and started nothing, and `stop` sent the operator's tail SIGTERM."""
+    r = make_root(opts="")
+    r.logfile.parent.mkdir(parents=True)
+    r.logfile.touch()
+    r.pidfile.parent.mkdir(parents=True)
+    tail = subprocess.Popen(["tail", "-f", str(r.logfile)], stdout=subprocess.DEVNULL)
+    try:
+        r.pidfile.write_text(f"{tail.pid}\n")
+        assert daemon.pidfile_owner(str(r.pidfile)) is None
+        res = r.run("status")
+        assert res.returncode == 1 and "dead" in res.stdout, res.stdout
+        res = r.run("stop")
+        assert res.returncode == 0 and tail.poll() is None, res.stdout
+        r.pidfile.write_text(f"{tail.pid}\n")
+        res = r.run("start")
+        assert res.returncode == 0 and "started" in res.stdout, res.stdout + r.log()
+        pid = int(r.pidfile.read_text())
+        assert daemon.pidfile_owner(str(r.pidfile)) == pid != tail.pid
+        assert r.run("status").returncode == 0
+        assert r.run("stop").returncode == 0
+        assert tail.poll() is None
+    finally:
+        tail.kill()
+        tail.wait()
 
 
 # ------------------------------------------------------------------------------ logs
@@ -255,6 +304,60 @@ def test_syslog_option_sends_to_the_syslog_socket(tmp_path):
         listener.close()
         emunode.stop_node(kernel)
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def test_a_syslog_that_does_not_answer_is_refused_at_start_and_costs_no_traceback_later(
+        tmp_path, capsys):
+    """`--syslog` with no syslog at its socket started anyway (Python's handler takes a
+    missing socket silently) and printed a 20-line 'Logging error' traceback on stderr for
+    every log line, which the init script appends to the log file, for as long as it ran.
+    Now the start is refused at once with the reason, as a log file that cannot be opened
+    is; a syslog that goes away later costs one line on stderr, and once it is back it is
+    told how many lines were lost."""
+    import logging
+
+    missing = tmp_path / "no-syslog.sock"
+    proc = subprocess.run([sys.executable, "-m", "dsp_proxy", "--dvk", "emu", "--node", "1",
+                           "--syslog", str(missing), str(tmp_path / "any.cfg")],
+                          env=python_env({"DVK_RUNDIR": str(tmp_path / "dvk")}),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc
+    assert proc.stderr == f"dsp_proxy: --syslog {missing}: No such file or directory\n"
+
+    from dsp_proxy.misc import SYSLOG_FORMAT, SyslogHandler
+
+    sock_path = str(tmp_path / "log.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    listener.settimeout(10)
+    handler = SyslogHandler(sock_path)
+    handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+    logger = logging.getLogger("test.syslog.outage")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(handler)
+    try:
+        capsys.readouterr()
+        logger.info("before", extra={"nodeid": 1})
+        assert listener.recv(4096).endswith(b"before\x00")
+        listener.close()
+        os.unlink(sock_path)        # the syslog daemon stops
+        for i in range(3):
+            logger.info("during %d", i, extra={"nodeid": 1})
+        err = capsys.readouterr().err
+        assert err == (f"dsp_proxy: the syslog at {sock_path} is unreachable: log lines are "
+                       "lost until it is back\n"), err
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(sock_path)    # ... and is back
+        listener.settimeout(10)
+        logger.info("after", extra={"nodeid": 1})
+        got = [listener.recv(4096), listener.recv(4096)]
+        assert got[0].endswith(b"after\x00"), got
+        assert b"WARNING" in got[1] and b"3 log lines were lost while the syslog" in got[1], got
+        assert capsys.readouterr().err == ""
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        listener.close()
 
 
 # ------------------------------------------------------------------------------ stop
@@ -357,6 +460,22 @@ def test_reload_reports_the_daemons_verdict(make_root):
     r.cfg.write_text(render_config(LB_CFG, r.net).replace("period 2;", "period 2; max_sessions 0;"))
     res = r.run("reload")
     assert res.returncode == 6 and "max_sessions" in res.stderr
+    assert r.run("stop").returncode == 0
+
+
+def test_reload_verdict_under_a_quieter_log_level(make_root):
+    """With `--log-level WARNING` in DSP_OPTS the daemon's "reload of FILE done" (INFO) was
+    not logged, so `init.d/dvs reload` waited out DSP_RELOAD_TIMEOUT and reported a reload
+    that had been applied as "no verdict", exit status 1.  The start and verdict of a reload
+    are logged whatever the level."""
+    r = make_root(opts="--log-level WARNING", cfg=LB_CFG, extra="DSP_RELOAD_TIMEOUT=5\n")
+    assert r.run("start").returncode == 0, r.log()
+    r.cfg.write_text(render_config(LB_CFG, r.net).replace("period 2;", "period 3;"))
+    res = r.run("reload")
+    assert res.returncode == 0 and "reloaded" in res.stdout, res.stdout + res.stderr
+    others = [line for line in r.log().splitlines()
+              if " INFO " in line and not re.search(r": (reloading|reload of) ", line)]
+    assert others == [], r.log()    # the level still holds for every other line
     assert r.run("stop").returncode == 0
 
 

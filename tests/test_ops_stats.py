@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import cluster_from
+from cluster_helpers import cluster_from, wait_for
 from dsp_proxy import stats as statsmod
 from dsp_proxy.cluster import REPO_ROOT, module_argv, python_env
 from dsp_proxy.misc import Counters
@@ -50,7 +51,9 @@ FAMILIES = {
     "dsp_load_cpu_percent": "gauge", "dsp_load_level": "gauge", "dsp_server_up": "gauge",
     "dsp_server_load_level": "gauge", "dsp_server_cpu_percent": "gauge",
     "dsp_server_sessions": "gauge", "dsp_server_commands": "counter",
-    "dsp_server_bytes": "counter",
+    "dsp_server_bytes": "counter", "dsp_programs_running": "gauge",
+    "dsp_program_starts": "counter", "dsp_vm_starts": "counter", "dsp_vm_stops": "counter",
+    "dsp_vm_failures": "counter",
 }
 
 FULL = {
@@ -76,6 +79,11 @@ FULL = {
         "load": {"cpu": 3, "level": "IDLE"}, "sessions_started": 4, "sessions_ended": 3,
         "errors": 0, "no_server": 1, "no_service": 0, "table_full": 0,
     },
+    "programs": {"running": 1, "started": 4, "failed": 2,
+                 "last_error": "EDVSTIMEDOUT for endpoint 10 of DC 0"},
+    "autoscaler": {"2": {"name": "node2", "starting": False, "stopping": False, "starts": 3,
+                         "stops": 1, "failures": 2, "idle_for": 0, "command_running": False,
+                         "last_error": "vm_start failed (status 3): domain not found"}},
 }
 NODES = [{"node": 0, "name": "node0", "role": "lb", "rname": ""},
          {"node": 1, "name": "node1", "role": "server", "rname": "127.0.0.1"},
@@ -122,6 +130,15 @@ def test_metrics_parse_as_prometheus_families_with_help_and_types():
     assert [s.value for s in fams["dsp_config_last_reload_successful"].samples] == [0]
     info = fams["dsp_info"].samples[0].labels
     assert info == {"node": "3", "lb_node": "0", "version": "0.2.0"}
+    # failed program starts and VM commands were in the status only, out of an alert's reach
+    starts = {s.labels["result"]: s.value for s in fams["dsp_program_starts"].samples}
+    assert starts == {"ok": 4, "failed": 2}
+    assert [s.value for s in fams["dsp_programs_running"].samples] == [1]
+    vm = {name: [(s.labels, s.value) for s in fams[name].samples]
+          for name in ("dsp_vm_starts", "dsp_vm_stops", "dsp_vm_failures")}
+    assert vm == {"dsp_vm_starts": [({"server": "2", "name": "node2"}, 3)],
+                  "dsp_vm_stops": [({"server": "2", "name": "node2"}, 1)],
+                  "dsp_vm_failures": [({"server": "2", "name": "node2"}, 2)]}, vm
     # and an empty DSP (no links, no LB) is valid too
     check_families(statsmod.render_metrics({"node": 1, "lb_node": -1}))
 
@@ -196,6 +213,12 @@ def test_page_structure_refresh_time_colours_and_captions():
     assert all("down" in c.split() or "DOWN" in c.split() for c in classes_of(page, "DOWN"))
     assert classes_of(page, "BUSY") == ["l BUSY"]
     assert not classes_of(page, "NOTINIT")
+    # failed program starts and VM commands, with their reasons (the text figures had them)
+    html_text = statsmod.render_html(FULL)
+    assert "Service programs and VMs" in page.headings
+    assert "1 running, 4 started, 2 failed (last: EDVSTIMEDOUT" in html_text, html_text
+    assert "VM of server node 2 (node2): 3 starts, 1 stops, 2 failed (last: vm_start " \
+        "failed (status 3): domain not found)" in html_text, html_text
     paused = parse_page(statsmod.render_html(FULL, paused=True))
     assert paused.meta_refresh is None and "/" in paused.links
 
@@ -546,10 +569,44 @@ def test_stats_client_refuses_files_that_are_not_a_status_file(tmp_path):
               str(tmp_path / "missing")]
     for path in paths:
         assert_refused(run_client("--file", path), path)
-    # and the whole file of a real status is still read and shown
+    # and the whole file of a real status is still read and shown (its writer, pid 42, is
+    # not a running DSP: said on stderr, status 1)
     (tmp_path / "good").write_text(good)
     res = run_client("--file", str(tmp_path / "good"))
-    assert res.returncode == 0 and "DSP node 3" in res.stdout, res.stderr
+    assert res.returncode == 1 and "DSP node 3" in res.stdout, res.stderr
+    assert "(pid 42) is not running" in res.stderr, res.stderr
+
+
+def test_stats_of_a_status_file_whose_dsp_stopped_say_so(tmp_path):
+    """A DSP leaves its last figures in its --status-file when it stops or dies, and
+    `dsp_proxy stats --file` showed them as those of a running DSP (links up, exit 0).  They
+    are still shown, with a line on stderr that says whose they are, and exit status 1; a
+    file the running DSP no longer rewrites says so too."""
+    cfg = "server node1 { nodeid 1; rname {net}.1; };\nserver node2 { nodeid 2; rname {net}.2; };"
+    with cluster_from(cfg, tmp_path, only=[1]) as cl:
+        path = cl.status_path(1)
+        pid = cl.dsps[1].pid
+        wait_for(lambda: os.path.exists(path), 20, "the status file written")
+        res = run_client("--file", path)
+        assert res.returncode == 0 and f"pid {pid}" in res.stdout, res.stdout + res.stderr
+        cl.dsps[1].send_signal(signal.SIGSTOP)      # stuck: the file is no longer rewritten
+        try:
+            time.sleep(statsmod.STALE_AFTER + 1)
+            res = run_client("--file", path)
+        finally:
+            cl.dsps[1].send_signal(signal.SIGCONT)
+        assert res.returncode == 1 and "not rewritten for" in res.stderr, res.stderr
+        cl.dsps[1].send_signal(signal.SIGTERM)
+        assert cl.dsps[1].wait(30) == 0
+        res = run_client("--file", path)
+        assert res.returncode == 1 and f"pid {pid}" in res.stdout, res.stdout
+        assert f"(pid {pid}) is not running: they are its last ones" in res.stderr, res.stderr
+        # a reader that stops early costs no traceback
+        piped = subprocess.run(" ".join(module_argv("dsp_proxy", "stats", "--file", path))
+                               + " | head -n 1", shell=True, env=python_env(),
+                               capture_output=True, text=True, timeout=60)
+        assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, \
+            piped.stderr
 
 
 FLOOD = """
@@ -660,7 +717,7 @@ def test_stats_client_never_prints_control_characters(tmp_path):
     snap["version"] = "1.0\rX"
     (tmp_path / "evil").write_text(json.dumps(snap))
     res = run_client("--file", str(tmp_path / "evil"))
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 1 and "(pid 42) is not running" in res.stderr, res.stderr
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", res.stdout), repr(res.stdout[:300])
     assert "node\\x1b]0;owned\\x07\\x1b[2J\\x9b31m" in res.stdout
 

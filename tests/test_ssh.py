@@ -365,3 +365,30 @@ def test_password_fallback_never_shows_the_password(tmp_path, password_server, m
     assert PASSWORD not in caplog.text
     assert PASSWORD not in out + err
     assert PASSWORD not in repr(lb)
+
+
+def test_a_remote_vm_command_that_leaves_its_vm_in_the_background_succeeds_when_it_exits(
+        tmp_path, sshd, monkeypatch):
+    """Over a real sshd: a vm_start that starts the VM in the background (output not
+    redirected) and exits 0.  sshd keeps the channel open while the VM holds the command's
+    output, so reading it to its end ran into the timeout, a failed start, and ending the
+    'timed out' command killed the VM (its process group).  The command is over when it
+    exits: status 0, its output so far, and the VM keeps running."""
+    use_sshd(monkeypatch, sshd)
+    runner = CommandRunner(lb_config("ssh_host 127.0.0.1; ssh_user root;"), timeout=20)
+    script, pidfile = tmp_path / "start_in_background.sh", tmp_path / "vm.pid"
+    script.write_text(f'#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\necho "vm $2 started"\n')
+    script.chmod(0o755)
+    try:
+        began = time.monotonic()
+        res = runner.run(str(script), ["img", "s", "1"])
+        took = time.monotonic() - began
+        assert (res.status, res.output) == (0, "vm s started\n"), res
+        assert took < 15, f"the command was over only after {took:.1f} s"
+        time.sleep(0.5)     # the background shell has exec'd sleep by now (or was ended)
+        vm = int(pidfile.read_text())
+        assert b"sleep" in Path(f"/proc/{vm}/cmdline").read_bytes(), "the VM was ended"
+    finally:
+        if pidfile.exists() and pidfile.read_text().strip():
+            kill_session(os.getsid(int(pidfile.read_text())) if
+                         Path(f"/proc/{int(pidfile.read_text())}").exists() else None)
