@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from dvk_cffi import consts as C  # noqa: N812
+from dvk_cffi import consts as C
 from dvk_cffi.emu import node as emu_node
 from dvk_cffi.emu.client import EmuDvk
 from dvk_cffi.emu.node import wait_for_socket

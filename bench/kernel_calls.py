@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from dvk_cffi import consts as C  # noqa: N812
+from dvk_cffi import consts as C
 from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu.kernel import NodeKernel, Task
 from dvk_cffi.emu.model import unused_tids

@@ -324,7 +324,7 @@ class Dsp:
             name_os_thread(name)
             try:
                 target()
-            except BaseException as exc:  # noqa: BLE001 - every death is reported
+            except BaseException as exc:  # every death is reported
                 if self.stopping.is_set():
                     log.debug("thread %s ended while stopping: %r", name, exc)
                     return
@@ -500,7 +500,7 @@ class Dsp:
                 except DvkLost as exc:
                     self._fatal(str(exc))
                     break
-                except Exception:  # noqa: BLE001 - the loop outlives a bug in the tick
+                except Exception:  # the loop outlives a bug in the tick
                     log.exception("main loop: the periodic work failed")
                 next_tick = now + TICK
             try:
@@ -511,7 +511,7 @@ class Dsp:
                 getattr(self, "handle_" + event[0])(*event[1:])
             except DvkLost as exc:
                 self._fatal(str(exc))
-            except Exception:  # noqa: BLE001 - the loop outlives a bug in one handler
+            except Exception:  # the loop outlives a bug in one handler
                 log.exception("main loop: event %s failed", event[0])
         if status_file:
             try:

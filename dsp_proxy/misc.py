@@ -112,7 +112,7 @@ class SyslogHandler(logging.handlers.SysLogHandler):
                 "unreachable", None, None, None)
             super().emit(note)
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+    def handleError(self, record: logging.LogRecord) -> None:  # logging's name
         if not self.lost and sys.stderr is not None:
             try:
                 sys.stderr.write(f"dsp_proxy: the syslog at {self.address} is unreachable: "

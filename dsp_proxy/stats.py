@@ -102,10 +102,10 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.rfile = io.BytesIO(head)
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+    def do_GET(self) -> None:  # the http.server naming
         self._answer(with_body=True)
 
-    def do_HEAD(self) -> None:  # noqa: N802 - the http.server naming
+    def do_HEAD(self) -> None:  # the http.server naming
         """What GET would answer, without the body (monitors that check a URL with HEAD)."""
         self._answer(with_body=False)
 

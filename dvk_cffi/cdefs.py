@@ -25,7 +25,7 @@ from typing import Any
 
 import cffi
 
-from . import consts as C  # noqa: N812
+from . import consts as C
 from . import wire
 
 #: Structs a proxy or test program passes to the kernel (plus the i386 kernel-size variants).

@@ -37,8 +37,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import consts as C  # noqa: N812
-from . import errors as E  # noqa: N812
+from . import consts as C
+from . import errors as E
 from . import wire
 from .api import Buffer, Dvk
 from .cdefs import (

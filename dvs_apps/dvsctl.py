@@ -34,7 +34,7 @@ import struct
 import sys
 import time
 
-from dvk_cffi import consts as C  # noqa: N812
+from dvk_cffi import consts as C
 from dvk_cffi import open_dvk
 from dvk_cffi.errors import EDVSAGAIN, EDVSDCNOTRUN, EDVSTIMEDOUT, DvkError
 from dvk_cffi.info import DcInfo, DvsInfo

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from dvk_cffi import consts as C  # noqa: N812
+from dvk_cffi import consts as C
 from dvk_cffi.errors import EDVSERRCODE, EDVSTIMEDOUT, DvkError
 
 from .common import (

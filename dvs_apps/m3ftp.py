@@ -50,8 +50,8 @@ import sys
 import time
 
 from dvk_cffi import Message
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.errors import DvkError
 
 from .common import (

@@ -36,8 +36,8 @@ import sys
 import threading
 import time
 
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.emu.client import EmuDvk
 from dvk_cffi.wire import HEADER_SIZE, Header
 

@@ -137,7 +137,7 @@ class Apps:
     def wait_bound(self, dcid: int, ep: int, node: int = 1, timeout: float = 10.0,
                    proc: subprocess.Popen | None = None) -> None:
         """Wait until endpoint `ep` of DC `dcid` is bound on `node` (a program started)."""
-        from dvk_cffi import consts as C  # noqa: N812
+        from dvk_cffi import consts as C
         from dvk_cffi.emu.client import EmuDvk
 
         dvk = EmuDvk(nodeid=node)

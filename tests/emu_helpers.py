@@ -30,8 +30,8 @@ import threading
 import time
 from concurrent.futures import Future
 
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu.client import EmuDvk
 from dvk_cffi.emu.kernel import NodeKernel, Task
@@ -290,7 +290,7 @@ class Actor:
                 continue
             try:
                 fut.set_result(fn(*args, **kwargs))
-            except BaseException as exc:  # noqa: BLE001 - handed to the test
+            except BaseException as exc:  # handed to the test
                 fut.set_exception(exc)
 
     def submit(self, fn, *args, **kwargs) -> Future:
@@ -319,7 +319,7 @@ class Loop:
             ready.set()
             try:
                 body(self)
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
+            except BaseException as exc:  # reported by the test
                 self.error = exc
 
         self.thread = threading.Thread(target=run, name=name, daemon=True)
@@ -427,7 +427,7 @@ class Cleanup:
             fn, args = self._items.pop()
             try:
                 fn(*args)
-            except Exception as exc:  # noqa: BLE001 - keep cleaning
+            except Exception as exc:  # keep cleaning
                 errors.append(exc)
         if errors:
             raise errors[0]

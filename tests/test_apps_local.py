@@ -156,7 +156,7 @@ def test_m3ftpd_answers_a_file_name_with_a_nul_byte(start_node, apps, tmp_path):
     """The file name of a request is whatever bytes the client put in its memory; one with a
     NUL byte names no file (Python's open raises ValueError for it, not OSError).  m3ftpd
     answers EDVSINVAL to each request and goes on serving, instead of dying of it."""
-    from dvk_cffi import errors as E  # noqa: N812
+    from dvk_cffi import errors as E
     from dvk_cffi.emu.client import EmuDvk
     from dvs_apps import m3ftp
 

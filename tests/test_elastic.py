@@ -19,8 +19,8 @@ from dsp_proxy import elastic
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.elastic import MAX_STARTING, ServiceRunner
 from dsp_proxy.group import MT_SVC_START, MT_SVC_STOP, control_message
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.wire import Message
 
 HERE = Path(__file__).resolve().parent / "elastic"

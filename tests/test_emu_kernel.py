@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.info import DcInfo, DvsInfo
 from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Header, Message
 from emu_helpers import (

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.emu import protocol as P
 from dvk_cffi.wire import Message
 from emu_helpers import CALL_TIMEOUT, DC0, Raw, make_world, wait_until

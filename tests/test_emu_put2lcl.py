@@ -18,8 +18,8 @@ from types import GeneratorType, SimpleNamespace
 
 import pytest
 
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.emu.kernel import NodeKernel
 from dvk_cffi.emu.model import unused_tids
 from dvk_cffi.info import DcInfo, DvsInfo

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.wire import MESSAGE_SIZE, Header, Message
 from emu_helpers import (
     DC0,

@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu import server as server_mod
 from dvk_cffi.emu.memory import ARENA_BASE

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import errors as E
 from dvk_cffi.errors import DvkError
 
 # the module's error list, transcribed (name code; ...)

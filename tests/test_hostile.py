@@ -22,7 +22,7 @@ from dsp_proxy.cluster import module_argv
 from dsp_proxy.misc import resolve
 from dvk_cffi import Message
 from dvk_cffi import consts as C
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import errors as E
 from dvk_cffi.errors import DvkError
 from dvk_cffi.wire import HEADER_SIZE, Header, hello_header, make_header, pack_batch
 from fuzz.harness import Probes

@@ -17,8 +17,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi.cdefs import ffi_i386 as ffi
 from dvk_cffi.emu.client import EmuDvk
 from dvk_cffi.emu.ioctl import EmuDevice
@@ -107,7 +107,7 @@ def in_thread(fn) -> Future:
     def run():
         try:
             fut.set_result(fn())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:  # handed to the test
             fut.set_exception(exc)
     threading.Thread(target=run, daemon=True).start()
     return fut
@@ -134,7 +134,7 @@ class Actor:
                 return
             try:
                 fut.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the test
+            except BaseException as exc:  # handed to the test
                 fut.set_exception(exc)
 
     def submit(self, fn) -> Future:

@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from dvk_cffi import consts as C  # noqa: N812
-from dvk_cffi import errors as E  # noqa: N812
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
 from dvk_cffi import kernel, wire
 from dvk_cffi.cdefs import ffi_native as ffi
 from dvk_cffi.cdefs import header_to_native

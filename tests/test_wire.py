@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from dvk_cffi import consts as C  # noqa: N812
+from dvk_cffi import consts as C
 from dvk_cffi import wire
 from dvk_cffi.cdefs import ffi_i386, ffi_native, header_from_native, header_to_native
 from dvk_cffi.info import NodeInfo, ProcInfo

@@ -27,9 +27,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .. import consts as C  # noqa: N812
-from .. import errors as E  # noqa: N812
-from .. import kernel as K  # noqa: N812
+from .. import consts as C
+from .. import errors as E
+from .. import kernel as K
 from ..api import Buffer
 from ..cdefs import NR_DVK_CALLS, ffi_i386
 from ..errors import DvkError
