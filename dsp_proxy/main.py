@@ -773,6 +773,20 @@ class Dsp:
             return self._reload_failed(path, f"{why} needs a restart")
         for w in new.warnings:
             log.warning("reload: %s", w, extra=UNLIMITED)
+        try:
+            return self._apply_reload(path, new)
+        except DvkLost:
+            raise
+        except Exception as exc:  # a verdict for the operator (the init script waits for one)
+            log.exception("reload: applying %s failed partway", path, extra=UNLIMITED)
+            self.reloads["failed"] += 1
+            self.reloads["last_error"] = f"applying it failed partway: {exc}"
+            log.error("reload of %s failed partway: the configuration in force is partly the "
+                      "new one; restart dsp_proxy to be sure of it", path, extra=UNLIMITED)
+            return False
+
+    def _apply_reload(self, path: str, new: cfgmod.Config) -> bool:
+        """What a valid new config changes in the running daemon (`reload`)."""
         old_specs = {s.nodeid: s for s in topology.peer_specs(self.cfg, self.local)}
         new_specs = {s.nodeid: s for s in topology.peer_specs(new, self.local)}
         removed = [p for p, spec in old_specs.items() if new_specs.get(p) != spec]

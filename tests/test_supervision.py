@@ -246,6 +246,32 @@ def test_a_reload_starts_a_pair_marked_failed_at_once(node1, monkeypatch, caplog
     _traffic(cl, inproc)
 
 
+def test_a_reload_that_fails_partway_gives_its_verdict_and_the_daemon_goes_on(node1,
+                                                                              monkeypatch,
+                                                                              caplog):
+    """An unexpected error while a valid config is applied still ends in a verdict line (the
+    init script's `reload` waits for one: without it, "no verdict" after its timeout) that
+    says the configuration is partly applied; the figures carry it, the daemon carries on."""
+    cl, inproc = node1
+    caplog.set_level(logging.INFO)
+
+    def broken(self):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(Dsp, "_bind_services", broken)
+    inproc.dsp.config_path = cl.cfg_path
+    inproc.dsp.post(("signal", signal.SIGHUP))
+    _wait(lambda: inproc.dsp.reloads["failed"] == 1, 20, "the reload's verdict")
+    verdicts = [r for r in caplog.records if r.getMessage().startswith("reload of ")]
+    assert [r.levelname for r in verdicts] == ["ERROR"]
+    assert "failed partway" in verdicts[0].getMessage()
+    assert "injected fault" in inproc.dsp.reloads["last_error"]
+    monkeypatch.undo()
+    inproc.dsp.post(("signal", signal.SIGHUP))
+    _wait(lambda: inproc.dsp.reloads["ok"] == 1, 20, "a reload after it")
+    _traffic(cl, inproc)
+
+
 def test_reload_verdicts_pass_the_log_line_limit(node1, caplog):
     """The init script's `reload` waits for the daemon's verdict line: reloads past the limit
     of lines of one kind per minute must still log their verdict (an operator's own action,
