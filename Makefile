@@ -35,12 +35,15 @@ test: venv test-deps
 	$(BIN)/python -m pytest -q
 
 # Debian packages the tests drive for real: sshd on 127.0.0.1 (the ssh tests, with their own
-# config, keys and port) and logrotate (the shipped logrotate snippet, in a temporary root).
+# config, keys and port), logrotate (the shipped logrotate snippet, in a temporary root) and
+# iproute2 (the host-crash test's two hosts are network namespaces of its own).
 test-deps:
 	@missing=""; \
 	{ command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd; } || missing="openssh-server"; \
 	command -v logrotate >/dev/null 2>&1 || test -x /usr/sbin/logrotate || \
 	  missing="$$missing logrotate"; \
+	command -v ip >/dev/null 2>&1 || test -x /usr/sbin/ip || test -x /sbin/ip || \
+	  missing="$$missing iproute2"; \
 	test -z "$$missing" || apt-get install -y -q $$missing >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; }
 
