@@ -779,11 +779,9 @@ class Dsp:
             raise
         except Exception as exc:  # a verdict for the operator (the init script waits for one)
             log.exception("reload: applying %s failed partway", path, extra=UNLIMITED)
-            self.reloads["failed"] += 1
-            self.reloads["last_error"] = f"applying it failed partway: {exc}"
-            log.error("reload of %s failed partway: the configuration in force is partly the "
-                      "new one; restart dsp_proxy to be sure of it", path, extra=UNLIMITED)
-            return False
+            return self._reload_failed(path, f"applying it failed partway: {exc}",
+                                       "failed partway: the configuration in force is partly "
+                                       "the new one; restart dsp_proxy to be sure of it")
 
     def _apply_reload(self, path: str, new: cfgmod.Config) -> bool:
         """What a valid new config changes in the running daemon (`reload`)."""
@@ -829,11 +827,12 @@ class Dsp:
                         len(removed), len(added), len(new_specs) - len(added), extra=UNLIMITED)
         return True
 
-    def _reload_failed(self, path: str, why: str) -> bool:
+    def _reload_failed(self, path: str, why: str,
+                       verdict: str = "failed: the running configuration is kept") -> bool:
+        """Count a refused reload and log its verdict (the init script waits for it)."""
         self.reloads["failed"] += 1
         self.reloads["last_error"] = why
-        log.error("reload of %s failed: the running configuration is kept", path,
-                  extra=UNLIMITED)
+        log.error("reload of %s %s", path, verdict, extra=UNLIMITED)
         return False
 
     def _remove_peer(self, peer: int, keep_pair: bool = False) -> None:
@@ -1153,12 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
     log_thread_deaths()
     log.info("dsp_proxy %s (pid %d) starting with %s", __version__, os.getpid(),
              os.path.abspath(args.config))
-    if args.pidfile:    # found out now, not once the links are up
-        try:
-            write_pidfile(args.pidfile, probe=True)
-        except OSError as exc:
-            log.error("cannot write the pidfile %s: %s", args.pidfile, exc.strerror or exc)
-            return 1
+    if args.pidfile and not pidfile_written(args.pidfile, probe=True):
+        return 1    # found out now, not once the links are up
     try:
         dvk = open_node_dvk(args.dvk, args.node, args.config,
                             cancelled=lambda: early.stop_signal() is not None)
@@ -1218,16 +1213,12 @@ def serve(dsp: Dsp, args: argparse.Namespace, stats_addr: tuple[str, int] | None
         if server is not None:
             server.shutdown()
         return 1
-    if args.pidfile:
-        try:
-            write_pidfile(args.pidfile)
-        except OSError as exc:
-            log.error("cannot write the pidfile %s: %s", args.pidfile, exc.strerror or exc)
-            dsp.shutdown()
-            if server is not None:
-                server.shutdown()
-                server.server_close()
-            return 1
+    if args.pidfile and not pidfile_written(args.pidfile):
+        dsp.shutdown()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        return 1
     log.info("DSP of node %d running: %d peers, LB node %s", dsp.local, len(dsp.links),
              dsp.lb_nodeid if dsp.lb_nodeid >= 0 else "none")
     try:
@@ -1252,6 +1243,16 @@ def write_pidfile(path: str, probe: bool = False) -> None:
         os.unlink(tmp)
     else:
         os.replace(tmp, path)
+
+
+def pidfile_written(path: str, probe: bool = False) -> bool:
+    """`write_pidfile`; False (logged at ERROR, with the reason) when it cannot be."""
+    try:
+        write_pidfile(path, probe)
+    except OSError as exc:
+        log.error("cannot write the pidfile %s: %s", path, exc.strerror or exc)
+        return False
+    return True
 
 
 def remove_pidfile(path: str) -> None:
