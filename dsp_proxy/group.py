@@ -197,11 +197,16 @@ class LoadMeter:
         self.margin = max(1, (high - low) // 5)
 
     def sample(self) -> tuple[int, int]:
-        """Measure now; returns (cpu %, level)."""
-        if self.pids is None:
-            cpu = int(psutil.cpu_percent(None))
-        else:
-            cpu = self._process_cpu()
+        """Measure now; returns (cpu %, level).  A measurement that fails (no descriptor left
+        to read /proc: EMFILE) keeps the last figures: the periodic work after it must run."""
+        try:
+            if self.pids is None:
+                cpu = int(psutil.cpu_percent(None))
+            else:
+                cpu = self._process_cpu()
+        except OSError as exc:
+            log.warning("cannot measure this node's load (%s): its last figures are kept", exc)
+            return self.cpu, self.level
         self.cpu = cpu
         self.level = self.classify(cpu, self.level)
         return cpu, self.level

@@ -36,6 +36,11 @@ class _NodeIdFilter(logging.Filter):
 
 _node_filter = _NodeIdFilter()
 
+#: Errors of socket(), accept() and connect() that say this process or host is out of
+#: descriptors or memory: the daemon's own trouble, logged as such and retried after a pause
+#: (never a dead thread, never a spin on a listener that stays readable).
+EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 _repeat_limit = RepeatLimit()
 
 

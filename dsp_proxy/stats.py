@@ -52,7 +52,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from .misc import read_regular_file, runs_dsp_proxy
+from .misc import EXHAUSTED, read_regular_file, runs_dsp_proxy
 
 log = logging.getLogger("dsp.stats")
 
@@ -65,6 +65,8 @@ REFRESH = 2
 HANDLERS = 4
 MAX_WAITING = 64
 IDLE_TIMEOUT = 10.0
+#: After accept() failed for want of descriptors or memory, the server waits this long.
+EXHAUSTED_PAUSE = 0.5
 REQUEST_TIMEOUT = 5.0
 #: Bytes of a request head (request line and headers) the server reads before it answers 431.
 MAX_HEAD = 16384
@@ -175,6 +177,19 @@ class StatsServer(HTTPServer):
                                            daemon=True) for i in range(HANDLERS)]
         for t in self._threads:
             t.start()
+
+    def get_request(self):
+        """Accepting thread: accept(); out of descriptors or memory, pause before the next
+        try (the connection stays in the backlog and the socket readable: retrying at once
+        would spin)."""
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in EXHAUSTED:
+                log.error("stats: cannot accept a connection: %s; accepting again in %.1f s",
+                          exc.strerror, EXHAUSTED_PAUSE)
+                self._stop.wait(EXHAUSTED_PAUSE)
+            raise
 
     def process_request(self, request, client_address) -> None:
         """Accepting thread: park the connection until it has sent its request head.  When
