@@ -142,6 +142,68 @@ def test_a_dead_acceptor_is_restarted(node1, monkeypatch, caplog):
     _traffic(cl, inproc)
 
 
+def test_an_acceptor_that_keeps_dying_is_restarted_with_a_growing_delay(node1, monkeypatch,
+                                                                       caplog):
+    """A fault that stays (every accept raises) must not turn the supervisor into a tight
+    loop of deaths and restarts: the delay grows per recent death (the first restart is at
+    once); once the fault is gone the next restart takes the waiting connection."""
+    cl, inproc = node1
+    faulty = threading.Event()
+    faulty.set()
+    original = Acceptor._accept_all
+
+    def accept_all(*args, **kw):
+        if faulty.is_set():
+            raise RuntimeError("injected lasting fault")
+        return original(*args, **kw)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(Acceptor, "_accept_all", accept_all)
+    cl.kill_dsp(2)
+    cl.start_dsp(2)
+    _wait(lambda: "thread acceptor died" in caplog.text, 20, "the first death")
+    time.sleep(3.0)
+    deaths = caplog.text.count("thread acceptor died")
+    # at once, then 0.2, 0.4, 0.8, 1.6 s (rounded up to the 0.5 s tick): a handful in 3 s;
+    # restarted at once, thousands
+    assert 2 <= deaths <= 10, deaths
+    assert "deaths in the last 60 s" in caplog.text
+    faulty.clear()
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+    assert inproc.thread.is_alive()
+
+
+def test_a_pair_restart_that_fails_is_tried_again(node1, monkeypatch, caplog):
+    """The restart of a dead pair can itself fail with any error (out of descriptors, its new
+    threads cannot connect to the node kernel: OSError EMFILE).  It is logged and tried again,
+    never left undone with the link dead for good."""
+    import errno
+
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    wrap, fired = _once("RPROXY(2)")
+    failures = {"left": 1}
+    dsp = inproc.dsp
+    original = dsp._start_pair
+
+    def start_pair(name, nodeid, *args, **kw):
+        if nodeid == 2 and failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return original(name, nodeid, *args, **kw)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(dsp, "_start_pair", start_pair)
+    monkeypatch.setattr(FrameReader, "next", wrap(FrameReader.next))
+    _wait(fired.is_set, 10, "the injected fault")
+    _wait(lambda: "proxy pair restarted" in caplog.text, 20, "the second restart")
+    assert "link to node 2: restart failed: [Errno 24]" in caplog.text
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+    assert inproc.thread.is_alive()
+
+
 @pytest.mark.parametrize("thread_name", ["get2rmt", "put2lcl"])
 def test_the_lb_pair_dying_ends_the_daemon_non_zero(node1, monkeypatch, thread_name):
     cl, inproc = node1
