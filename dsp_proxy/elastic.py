@@ -513,7 +513,19 @@ class Autoscaler:
                         vm.stopping_since = 0.0
             finally:
                 self.busy = False
-        threading.Thread(target=work, name=f"vm-{what}-{vm.nodeid}", daemon=True).start()
+        try:
+            threading.Thread(target=work, name=f"vm-{what}-{vm.nodeid}", daemon=True).start()
+        except RuntimeError as exc:   # no thread to be had: not busy, tried again later
+            self.busy = False
+            vm.failed_at = now
+            vm.failures += 1
+            vm.last_error = f"vm_{what} not run: {exc}"
+            if what == "start":
+                vm.starting_since = 0.0
+            else:
+                vm.stopping_since = 0.0
+            log.warning("autoscaler: cannot run vm_%s for server node %d: %s", what,
+                        vm.nodeid, exc)
 
     def _check_status(self, vm: VmState) -> None:
         """After a start that did not bring the node: ask vm_status why (on a thread)."""
@@ -524,7 +536,11 @@ class Autoscaler:
                             vm.nodeid)
             elif running is False:
                 log.warning("server node %d: its VM is not running", vm.nodeid)
-        threading.Thread(target=work, name=f"vm-status-{vm.nodeid}", daemon=True).start()
+        try:
+            threading.Thread(target=work, name=f"vm-status-{vm.nodeid}", daemon=True).start()
+        except RuntimeError as exc:   # only a diagnosis: the tick goes on without it
+            log.warning("autoscaler: cannot run vm_status for server node %d: %s", vm.nodeid,
+                        exc)
 
     def status(self, vm: VmState) -> bool | None:
         """vm_status: True running, False stopped, None unknown."""

@@ -577,8 +577,15 @@ class Dsp:
         """(main) Start again the daemon-wide threads whose restart is due."""
         for name, due in list(self._restart_due.items()):
             if now >= due and not self.stopping.is_set():
+                try:
+                    thread = self.supervised(name, self._daemon_threads()[name])
+                except RuntimeError as exc:     # no thread to be had: tried again later
+                    log.error("cannot restart the %s thread: %s; retry in %.0f s", name, exc,
+                              RESTART_RETRY)
+                    self._restart_due[name] = now + RESTART_RETRY
+                    continue
                 del self._restart_due[name]
-                self.threads.append(self.supervised(name, self._daemon_threads()[name]))
+                self.threads = [t for t in self.threads if t.is_alive()] + [thread]
 
     def handle_pair_lost(self, peer: int, link: Link, reason: str) -> None:
         """The kernel no longer has the proxy pair of `link` (another program unbound it): it

@@ -174,6 +174,36 @@ def test_an_acceptor_that_keeps_dying_is_restarted_with_a_growing_delay(node1, m
     assert inproc.thread.is_alive()
 
 
+def test_an_acceptor_restart_without_a_thread_to_be_had_is_tried_again(node1, monkeypatch,
+                                                                      caplog):
+    """Out of threads (RLIMIT_NPROC, memory), the restart of a dead acceptor cannot start its
+    thread: logged and tried again after RESTART_RETRY, not forgotten (the node would never
+    accept a peer's connection again)."""
+    from dsp_proxy import main as dsp_main
+
+    cl, inproc = node1
+    monkeypatch.setattr(dsp_main, "RESTART_RETRY", 0.5)
+    wrap, fired = _once("acceptor")
+    refused = threading.Event()
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "acceptor" and not refused.is_set():
+            refused.set()
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(Acceptor, "_accept_all", wrap(Acceptor._accept_all))
+    monkeypatch.setattr(threading.Thread, "start", start)
+    cl.kill_dsp(2)
+    cl.start_dsp(2)
+    _wait(refused.is_set, 20, "the refused thread")
+    _wait(lambda: "cannot restart the acceptor thread" in caplog.text, 10, "the log line")
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+
+
 def test_a_pair_restart_that_fails_is_tried_again(node1, monkeypatch, caplog):
     """The restart of a dead pair can itself fail with any error (out of descriptors, its new
     threads cannot connect to the node kernel: OSError EMFILE).  It is logged and tried again,
