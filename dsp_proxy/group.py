@@ -83,6 +83,9 @@ START_PATIENCE = 8.0
 #: bounded memory.
 PARKED_MAX = 16
 PARKED_BYTES = 256 << 10
+#: Bytes parked for all starting sessions together, beyond each one's first frame (sessions
+#: are many: max_sessions in every DC a service covers, 157 x 32 x PARKED_BYTES is 1.2 GiB).
+PARKED_TOTAL = 16 << 20
 #: Starts whose session ended before the answer, kept to stop a program started anyway.
 ABANDONED_MAX = 1024
 #: Error ACKs from a server's kernel that mean the server endpoint is gone: the session ends.
@@ -488,7 +491,9 @@ class Group:
                 sess.first = (bytes(hbuf), data)
             sess.last_used = self.clock()
             if sess.starting and (len(sess.parked) >= PARKED_MAX
-                                  or sess.parked_bytes + HEADER_SIZE + length > PARKED_BYTES):
+                                  or sess.parked_bytes + HEADER_SIZE + length > PARKED_BYTES
+                                  or sess.parked and self._parked_total() + HEADER_SIZE
+                                  + length > PARKED_TOTAL):
                 self.counters["refused"] += 1
                 log.debug("session of client %d@%d: %d frames wait for its program, "
                           "command %#x refused", src, snode, len(sess.parked), cmd)
@@ -511,6 +516,10 @@ class Group:
                 return act
             acts.append(act)
         return acts
+
+    def _parked_total(self) -> int:
+        """(lock held) Bytes parked for every starting session (only those park frames)."""
+        return sum(s.parked_bytes for s in self.starting.values())
 
     def _send_forward(self, sess: Session, hbuf, f: tuple, payload, copy: bool = True):
         """(lock held) The SEND action of one client command in session `sess` (`f`: its
