@@ -301,10 +301,10 @@ class Dsp:
         the kernel, then lets them run."""
         started = []
         threads = []
-        for tname, obj in (receiver, sender):
-            threads.append(self.supervised(tname, obj.run, peer))
-            started.append(obj)
-        try:
+        try:   # the second thread may not start (no thread to be had): the first is let go
+            for tname, obj in (receiver, sender):
+                threads.append(self.supervised(tname, obj.run, peer))
+                started.append(obj)
             rtid = started[0].gate.wait_tid()
             stid = started[1].gate.wait_tid()
             self.dvk.proxies_bind(name, nodeid, stid, rtid, C.MAXCOPYBUF)
@@ -580,7 +580,7 @@ class Dsp:
                 try:
                     thread = self.supervised(name, self._daemon_threads()[name])
                 except RuntimeError as exc:     # no thread to be had: tried again later
-                    log.error("cannot restart the %s thread: %s; retry in %.0f s", name, exc,
+                    log.error("cannot restart the %s thread: %s; retry in %g s", name, exc,
                               RESTART_RETRY)
                     self._restart_due[name] = now + RESTART_RETRY
                     continue
@@ -643,7 +643,7 @@ class Dsp:
                         pair.failed, pair.deaths = False, []
                     log.info("link to node %d: proxy pair restarted", peer)
                 except Exception as exc:  # any failure (EMFILE too) is retried, never the end
-                    log.error("link to node %d: restart failed: %s; retry in %.0f s", peer,
+                    log.error("link to node %d: restart failed: %s; retry in %g s", peer,
                               exc, RESTART_RETRY)
                     pair.restart_at = now + RESTART_RETRY
         for link in list(self.links.values()):

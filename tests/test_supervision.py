@@ -204,6 +204,39 @@ def test_an_acceptor_restart_without_a_thread_to_be_had_is_tried_again(node1, mo
     _traffic(cl, inproc)
 
 
+def test_a_pair_restart_whose_second_thread_cannot_start_leaves_no_thread_behind(
+        node1, monkeypatch, caplog):
+    """Out of threads, a pair restart may start its receiver and not its sender: the receiver,
+    waiting at its start gate, must be let go (each retry left one more thread, and its
+    node-kernel connection, waiting for ever: the shortage it ran into grew with every
+    retry).  The restart is tried again and the link comes back."""
+    from dsp_proxy import main as dsp_main
+
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    monkeypatch.setattr(dsp_main, "RESTART_RETRY", 0.5)
+    wrap, fired = _once("RPROXY(2)")
+    refused = {"left": 3}
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "SPROXY(2)" and refused["left"]:
+            refused["left"] -= 1
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(FrameReader, "next", wrap(FrameReader.next))
+    _wait(fired.is_set, 10, "the injected fault")
+    _wait(lambda: "proxy pair restarted" in caplog.text, 30, "the restart")
+    assert refused["left"] == 0
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+    _wait(lambda: [t.name for t in threading.enumerate()].count("RPROXY(2)") == 1, 5,
+          "one RPROXY(2) thread")
+
+
 def test_a_pair_restart_that_fails_is_tried_again(node1, monkeypatch, caplog):
     """The restart of a dead pair can itself fail with any error (out of descriptors, its new
     threads cannot connect to the node kernel: OSError EMFILE).  It is logged and tried again,
