@@ -9,6 +9,7 @@ traffic waits (the kernel holds the rest).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -24,6 +25,11 @@ from .misc import EXHAUSTED, Backoff
 log = logging.getLogger("dsp.sproxy")
 
 CONNECT_TIMEOUT = 2.0
+#: Connect errors that are this host's trouble, not the peer's (which the link's state
+#: shows): out of descriptors or memory, no local port or source address to be had
+#: (EADDRNOTAVAIL: the ephemeral ports are used up, or the source address is gone from this
+#: host).  Logged at ERROR, where a peer that is down is logged at DEBUG.
+LOCAL_TROUBLE = EXHAUSTED | {errno.EADDRNOTAVAIL, errno.EADDRINUSE}
 #: At most this many commands fetched without waiting after one get2rmt (one batch's worth).
 MAX_DRAIN = MAXBATCMD
 
@@ -83,7 +89,7 @@ class SProxy:
                 if sock is not None:
                     sock.close()
                 delay = backoff.next()
-                if exc.errno in EXHAUSTED:    # this host's trouble, not the peer's: say so
+                if exc.errno in LOCAL_TROUBLE:    # this host's, not the peer's: say so
                     log.error("%s cannot connect to %s:%d: %s; retry in %.2f s", self.name,
                               spec.host, spec.sport, exc.strerror, delay)
                     ctx.stopping.wait(delay)

@@ -128,5 +128,47 @@ def test_a_load_measure_without_descriptors_keeps_the_last_figures(monkeypatch, 
     assert "cannot measure this node's load" in caplog.text
 
 
+@pytest.mark.parametrize("code", ["EADDRNOTAVAIL", "EMFILE"])
+def test_a_sender_that_cannot_connect_for_this_hosts_reason_says_why(monkeypatch, caplog, code):
+    """No local port to be had (the ephemeral ports used up: EADDRNOTAVAIL) or no descriptor:
+    the link never comes up, and the reason is this host's, so it is logged at ERROR (a peer
+    that is down only at DEBUG: its link's state shows it); the sender retries with its
+    backoff."""
+    import errno
+    import logging
+    import threading
+    from types import SimpleNamespace
+
+    from dsp_proxy.misc import Backoff
+    from dsp_proxy.sproxy import SProxy
+
+    attempts = []
+
+    def connect(self, address):
+        attempts.append(address)
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    stopping = threading.Event()
+    ctx = SimpleNamespace(stopping=stopping, source_addr="127.0.0.1", tune_out=lambda s: None)
+    link = SimpleNamespace(peer=2, spec=SimpleNamespace(host="127.0.0.2", sport=3001))
+    sender = SProxy(ctx, link, gate=None)
+    caplog.set_level(logging.DEBUG)
+    worker = threading.Thread(target=sender._connect, args=(Backoff(0.01, 0.05),),
+                              daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(attempts) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stopping.set()
+        worker.join(5)
+    assert len(attempts) >= 3 and not worker.is_alive()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR
+              and "SPROXY(2) cannot connect to 127.0.0.2:3001" in r.getMessage()]
+    assert errors and os.strerror(getattr(errno, code)) in errors[0].getMessage()
+
+
 if __name__ == "__main__":       # pragma: no cover
     pytest.main([__file__, "-q"])
