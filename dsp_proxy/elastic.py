@@ -666,6 +666,9 @@ class ServiceRunner:
                ext_ep: int, req: int) -> None:
         try:
             result = self.start(dcid, ext_ep, clt_ep, clt_node, owner=peer)
+        except Exception:  # the asking DSP gets an answer whatever happened
+            log.exception("program start for node %d failed", peer)
+            result = E.EDVSGENERIC
         finally:
             with self.lock:
                 self.starting -= 1
@@ -774,6 +777,10 @@ class ServiceRunner:
         try:
             return not self.host.dvk.getprocinfo(dcid, ep).p_rts_flags & C.SLOT_FREE
         except E.DvkError:
+            return False
+        except OSError as exc:  # no descriptor for this thread's kernel connection (EMFILE):
+            # unknown counts as not bound (a lost DVK is the main loop's to notice)
+            log.warning("endpoint %d of DC %d: cannot ask the kernel: %s", ep, dcid, exc)
             return False
 
     def _reserve(self, dcid: int, svc) -> int | None:
