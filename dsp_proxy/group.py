@@ -338,7 +338,7 @@ class Group:
         self._req_id = 0
         self.counters = {"sessions_started": 0, "sessions_ended": 0, "errors": 0,
                          "no_server": 0, "no_service": 0, "table_full": 0,
-                         "redispatched": 0, "refused": 0}
+                         "sessions_taken_back": 0, "redispatched": 0, "refused": 0}
         self._last_check = clock()
         #: The compiled relay (dsp_proxy/fastpath.py) of the LB host, None without it.
         self.fast = None
@@ -472,7 +472,7 @@ class Group:
                 if cmd not in C.REQUEST_CMDS:
                     log.debug("no session for command %#x of %d@%d: dropped", cmd, src, snode)
                     return acts or None
-                sess, err = self._new_session(f, svc, relayed)
+                sess, err = self._new_session(f, svc, relayed, acts)
                 if sess is None:
                     self.counters["errors"] += 1
                     if err == E.EDVSAGAIN:
@@ -538,11 +538,13 @@ class Group:
             srv.commands += commands
             srv.bytes += nbytes
 
-    def _new_session(self, f: tuple, svc, relayed: bool,
+    def _new_session(self, f: tuple, svc, relayed: bool, acts: list,
                      exclude: int = -1) -> tuple[Session | None, int]:
-        """Pick a server and create the session (lock held)."""
+        """Pick a server and create the session (lock held); a session taken back from a
+        client node over its share of a full table adds its actions to `acts`."""
         cmd, dcid, src, dst, snode, _dnode, _rcode, _length, pid, _nr, _flags = f
-        if self.per_dc.get(dcid, 0) >= self.max_sessions:
+        room, taken = self._room(dcid, snode, relayed)
+        if not room:
             self.counters["table_full"] += 1
             return None, E.EDVSNOSPC
         srv = self.choose_server(snode if not relayed else -1, svc, exclude)
@@ -554,13 +556,13 @@ class Group:
                                for s in self.servers.values()) or "none configured")
             self.counters["no_server"] += 1
             return None, E.EDVSAGAIN
-        lbsvr_ep = src
-        if relayed:
-            pool = self.lb_eps_pool(dcid)
-            if not pool:
-                self.counters["table_full"] += 1
-                return None, E.EDVSNOSPC
-            lbsvr_ep = pool.pop(0)
+        if taken is not None:
+            log.warning("session table of DC %d full: the session of client %d@%d, whose node "
+                        "holds more than its share, ends for client %d@%d", dcid, taken.clt_ep,
+                        taken.clt_node, src, snode)
+            self.counters["sessions_taken_back"] += 1
+            self._end(taken, E.EDVSNOSPC, acts)
+        lbsvr_ep = self.lb_eps_pool(dcid).pop(0) if relayed else src
         sess = Session(dcid=dcid, clt_node=snode, clt_ep=src, clt_pid=pid, lbclt_ep=dst,
                        lbsvr_ep=lbsvr_ep, svr_node=srv.nodeid, service=svc, relayed=relayed,
                        last_used=self.clock())
@@ -579,6 +581,36 @@ class Group:
                  sess.clt_ep, sess.clt_node, svc.name, sess.lbclt_ep, sess.svr_node,
                  f" as ep {lbsvr_ep}" if relayed else "")
         return sess, 0
+
+    def _room(self, dcid: int, client_node: int, relayed: bool) -> tuple[bool, Session | None]:
+        """(lock held) Whether DC `dcid` has room for one more session of `client_node` (a
+        slot of its table and, for a relayed client, a translated endpoint), and the session
+        to take back for it.  When the table or the endpoints are full, every client node
+        holding some has a fair share (their number over the number of such nodes, the asking
+        one included); a node under its share takes the least recently used session, idle
+        ones first, of the node holding the most, so one client node (a busy one, or one
+        naming endpoints it does not have) cannot keep the others out until its sessions time
+        out.  A node at its share gets no room: EDVSNOSPC."""
+        if relayed and not self.lb_eps_pool(dcid):
+            eps = self.lb_eps_range
+            size, only_relayed = (eps[1] - eps[0] + 1 if eps else 0), True
+        elif self.per_dc.get(dcid, 0) >= self.max_sessions:
+            size, only_relayed = self.max_sessions, False
+        else:
+            return True, None
+        self._fast_sync()
+        held: dict[int, list[Session]] = {}
+        for s in self.sessions.values():
+            if s.dcid == dcid and (s.relayed or not only_relayed):
+                held.setdefault(s.clt_node, []).append(s)
+        share = size // (len(held) + (client_node not in held))
+        if not held or len(held.get(client_node, ())) >= share:
+            return False, None
+        hog = max(held, key=lambda n: len(held[n]))
+        victim = min(held[hog], key=lambda s: (bool(s.pending or s.starting), s.last_used))
+        log.debug("DC %d full: node %d holds %d of %d, over its share of %d", dcid, hog,
+                  len(held[hog]), size, share)
+        return True, victim
 
     def _map(self, sess: Session, client_side: int, server_side: int) -> None:
         """Route `client_side` (an endpoint the client addresses at the LB) to `server_side`
@@ -647,7 +679,8 @@ class Group:
         hbuf, data = sess.first
         f = ROUTE_STRUCT.unpack_from(hbuf)
         self._end(sess, None, acts)
-        new, _err = self._new_session(f, sess.service, sess.relayed, exclude=sess.svr_node)
+        new, _err = self._new_session(f, sess.service, sess.relayed, acts,
+                                      exclude=sess.svr_node)
         if new is None:
             _add(acts, self.error_reply(Header(bytearray(hbuf)), rcode, sess.relayed))
             return True

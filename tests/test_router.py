@@ -376,6 +376,60 @@ def test_relayed_endpoints_are_a_pool_per_dc_and_come_back():
     assert group.sessions[(0, 3, 52, 10)].lbsvr_ep == 100
 
 
+TWO_CLIENT_NODES = RELAYED.replace("client node3", "client node4 { nodeid 4; rname 127.0.0.4; };\n"
+                                    "client node3")
+
+
+def test_a_client_node_over_its_share_of_a_full_table_gives_back_its_idlest_session():
+    """A client node that took every translated endpoint (two, lb_eps 100 101), here with
+    endpoints it may not even have, does not keep another client node out: the newcomer, under
+    its share (one of two), takes the session of node 3 that waits for nothing, although it is
+    the newer one; then each node is at its share and gets EDVSNOSPC."""
+    router, group, _, clock = _router(TWO_CLIENT_NODES)
+    _net(router, _req(src=50))                           # waits for its reply
+    clock[0] += 1
+    _net(router, _req(cmd=C.CMD_NTFY_MSG, src=51))       # waits for nothing
+    clock[0] += 1
+    acts = _acts(_net(router, _req(src=60, snode=4)))
+    assert [a[0] for a in acts] == [SEND] and acts[0][1] in (1, 2)   # node 4's request out
+    assert sorted(group.sessions) == [(0, 3, 50, 10), (0, 4, 60, 10)]
+    assert group.sessions[(0, 4, 60, 10)].lbsvr_ep == 101
+    assert group.counters["sessions_taken_back"] == 1
+    for src, snode in ((61, 4), (52, 3)):
+        node, ack, _ = _sent(_net(router, _req(src=src, snode=snode)))
+        assert (node, ack.c_rcode, ack.c_dst) == (snode, E.EDVSNOSPC, src)
+    assert group.counters["sessions_taken_back"] == 1 and len(group.sessions) == 2
+
+
+def test_a_session_taken_back_while_its_client_waits_answers_it_with_edvsnospc():
+    """Every session of the node over its share waits for a reply: the least recently used
+    one ends, and its client gets EDVSNOSPC instead of waiting for a reply that cannot come."""
+    text = TWO_CLIENT_NODES.replace("lb_eps 100 101; max_sessions 150", "lb_eps 100 109; "
+                                    "max_sessions 3")
+    router, group, _, clock = _router(text)
+    for src in (50, 51, 52):
+        _net(router, _req(src=src))
+        clock[0] += 1
+    _net(router, _req(src=51, cmd=C.CMD_SEND_MSG))       # 50 is now the least recently used
+    acts = _acts(_net(router, _req(src=60, snode=4)))
+    errors = [Header(bytearray(a[2])) for a in acts if a[0] == SEND and a[1] == 3]
+    assert [(h.c_cmd, h.c_dst, h.c_rcode) for h in errors] == \
+        [(C.CMD_SNDREC_ACK, 50, E.EDVSNOSPC)]
+    assert sorted(group.sessions) == [(0, 3, 51, 10), (0, 3, 52, 10), (0, 4, 60, 10)]
+    node, ack, _ = _sent(_net(router, _req(src=61, snode=4)))   # share of 3 over 2: one
+    assert ack.c_rcode == E.EDVSNOSPC and node == 4
+
+
+def test_one_client_node_alone_keeps_its_full_table():
+    """With no other client node asking, a full table stays as it is (EDVSNOSPC)."""
+    text = RELAYED.replace("max_sessions 150", "max_sessions 1")
+    router, group, _, _ = _router(text)
+    _net(router, _req(src=50))
+    node, ack, _ = _sent(_net(router, _req(src=51)))
+    assert ack.c_rcode == E.EDVSNOSPC and list(group.sessions) == [(0, 3, 50, 10)]
+    assert group.counters["sessions_taken_back"] == 0
+
+
 def test_only_the_lb_host_relays_and_only_for_the_link_peer():
     router, _, _, _ = _router(local=2, reports=(1,))
     node, ack, _ = _sent(_net(router, _req()))          # node 2 is not the LB host
