@@ -238,6 +238,42 @@ def test_relayed_clients_with_the_same_endpoint(tmp_path, bg, monkeypatch, fast)
         assert requests(st) == 60, st["links"]
 
 
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["compiled-relay", "python-path"])
+def test_a_client_node_that_holds_every_relayed_endpoint_gives_one_back(tmp_path, bg,
+                                                                          monkeypatch, fast):
+    """The LB host has two translated endpoints (lb_eps 100 101) and node 3's clients hold
+    both sessions (idle: relayed sessions end only by timeout).  A client of node 4 is under
+    its share, so it takes one back and is served; node 3, at its share, is refused with
+    EDVSNOSPC, at once.  Before, node 4 got EDVSNOSPC for the whole session timeout."""
+    monkeypatch.setenv("DSP_FASTPATH", fast)
+    cfg = lb_config(extra="cltname lbhost; lb_eps 100 101;",
+                    more="client lbhost { nodeid 5; rname {net}.5; };")
+    with cluster_from(cfg, tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        start_servers(cl, b)
+
+        def latency_client(node, ep):
+            res = cl.run(node, module_argv("dvs_apps.latency", "client", 0, ep, 10, 3, 0, 0),
+                         timeout=60)
+            assert res.returncode == 0 and len(LOOP_RE.findall(res.stdout)) == 3, \
+                f"client {ep}@{node}: {res.stdout}{res.stderr}"
+        for ep in (50, 51):
+            latency_client(3, ep)
+        wait_status(cl, 5, lambda st: len(st["group"]["sessions"]) == 2, what="2 sessions")
+        latency_client(4, 50)
+        st = wait_status(cl, 5, lambda st: st["group"]["sessions_taken_back"] == 1,
+                         what="one session taken back")
+        assert sorted(s["client"] for s in st["group"]["sessions"]) == ["50@4", "51@3"]
+        c = Client(cl, 3, 52)
+        try:
+            _, err, took = c.call(10)
+            assert err is not None and err.name == "EDVSNOSPC" and took < 1.0, err
+        finally:
+            c.close()
+        assert "whose node holds more than its share" in open(cl.log_path("dsp5")).read()
+
+
 def test_error_replies_reach_the_client_fast(tmp_path, bg):
     with cluster_from(lb_config(maxs=2), tmp_path) as cl:
         b = Background(cl, tmp_path)
