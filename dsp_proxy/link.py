@@ -439,6 +439,14 @@ class Link:
         self._kernel_calls()
         return True
 
+    def c_peer(self) -> bool:
+        """The link is up and its peer has not announced itself within the announced silence
+        limit: a DSP of this project sends its announcing HELLO first thing and then every
+        `fd_interval`, so this peer is a C DSP (which never does, and never reports its
+        load)."""
+        return (self.state is State.UP and not self.announced
+                and time.monotonic() - self.since >= self.fd_silence)
+
     def half_open_for(self) -> float:
         """Seconds the link has been half-open (0 when it is not)."""
         if self.state in HALF_OPEN:

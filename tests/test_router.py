@@ -47,6 +47,9 @@ class Peers:
     def frames(self, node):
         return self.heard.get(node, 0)
 
+    def c_peer(self, node):
+        return False
+
 
 def _router(text=RELAYED, local=5, up=(1, 2), reports=(1, 2)):
     cfg = cfgmod.parse_text(text)
