@@ -368,14 +368,17 @@ class Group:
         return pool
 
     def usable_servers(self, client_node: int, svc=None, exclude: int = -1) -> list[ServerState]:
-        """Servers with the link up both ways, a load report received, not SATURATED, and the
-        service not known to be missing there; never the client's own node (its kernel would
-        refuse a server on the client's node)."""
+        """Servers with the link up both ways, a load report received (a C server: none),
+        not SATURATED, and the service not known to be missing there; never the client's own
+        node (its kernel would refuse a server on the client's node); for a `prog` service
+        never a C server (the program is started by the server's DSP through a control
+        frame, which a C DSP neither gets nor knows)."""
         name = svc.name if svc is not None else None
+        prog = svc is not None and bool(svc.prog) and svc.bind != "external"
         return [s for s in self.servers.values()
                 if s.nodeid != client_node and s.nodeid != exclude
                 and s.level != C.LVL_SATURATED and name not in s.services_down
-                and self.is_live(s)]
+                and self.is_live(s) and not (prog and self.is_c_server(s))]
 
     def is_live(self, s: ServerState) -> bool:
         """A server is running when both link directions are up and its first load report
