@@ -438,7 +438,6 @@ service lat {{ dcid 0; ext_ep 12; min_ep 12; max_ep 12; bind external; }};
 """.replace("{{", "{").replace("}}", "}")
 
 
-@pytest.mark.slow
 def test_clients_of_our_lb_are_served_by_a_c_server(tmp_path, bg):
     """A C cluster whose client node's DSP is replaced by ours: the servers are C DSPs, which
     never send a load report (the C daemon is built without GET_METRICS) and never announce
