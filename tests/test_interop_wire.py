@@ -101,3 +101,31 @@ def test_a_compressed_batch_whose_inflated_size_disagrees_closes_only_the_link(t
             assert acks_to(fake, 60) == 0
         finally:
             fake.close()
+
+
+def test_wrapped_sequence_numbers_and_clock_of_a_c_peer_change_nothing(tmp_path):
+    """The C proxies count `c_snd_seq` / `c_ack_seq` in 32 bits and stamp `c_timestamp` with a
+    32-bit `time_t`: after a wrap (or with a clock set far off) its frames and HELLOs carry
+    any values there.  This DSP reads none of them: such frames are delivered and the link
+    stays up."""
+    from dvk_cffi.wire import hello_header
+    with cluster_from(CONFIG, tmp_path) as cl:
+        cl.kill_dsp(2, signal.SIGKILL)
+        cl.wait_links_up(15, pairs=[(1, 3), (3, 1)])
+        fake = RecordingPeer(cl, 1, 2)
+        try:
+            wait_for(fake.link_up, 10, "the fake peer's link up")
+            for seq, sec, nsec in ((0xFFFFFFFF, -2**31, 999_999_999), (0, 2**31 - 1, 0),
+                                   (0x80000000, -1, -1)):
+                hello = hello_header(2, 1)
+                hello.c_flags = 0                  # a C HELLO: no announcement
+                h = make_header(c_cmd=C.CMD_SNDREC_MSG, c_dcid=0, c_src=60, c_dst=61,
+                                c_snode=2, c_dnode=1, c_pid=4242)
+                for x in (hello, h):
+                    x.c_snd_seq, x.c_ack_seq, x.c_tv_sec, x.c_tv_nsec = seq, seq, sec, nsec
+                fake.send(bytes(hello.buf) + bytes(h.buf))
+            wait_for(lambda: acks_to(fake, 60) == 3, 10, "the three frames delivered")
+            time.sleep(2 * SILENCE)
+            assert fake.link_up() and "bad frame" not in log_of(cl, 1)
+        finally:
+            fake.close()
