@@ -308,6 +308,8 @@ def test_a_stray_connection_from_the_c_peers_address_does_not_end_the_link(tmp_p
         stray.close()
     time.sleep(0.5)
     assert link_up(cl, peer)
+    # the C server still counts as running (not taken for a peer that just came up)
+    assert wait_status(cl)["group"]["servers"]["3"]["live"]
     latency_both_ways(cl, 5)
     assert link3(cl).get("downs") == downs and not peer.sender_gone.is_set()
 
