@@ -407,17 +407,21 @@ class Autoscaler:
         self.commands.stop_all()
 
     def decider(self) -> int | None:
-        """The deciding DSP: the node `svrname` names, else the lowest-id live server."""
+        """The deciding DSP: the node `svrname` names, else the lowest-id live server that
+        runs a DSP of this project (a C DSP does not decide)."""
         lb = self.lb
         named = self.host.cfg.node_by_name(lb.svrname) if lb.svrname else None
         if named is not None:
             return named.nodeid
         live = self.running()
+        group = self.host.group
+        if group is not None:
+            live -= {s.nodeid for s in group.servers.copy().values() if group.is_c_server(s)}
         return min(live) if live else None
 
     def running(self) -> set[int]:
-        """Servers that count as running: links up both ways and reporting; this node
-        counts itself when it is a server."""
+        """Servers that count as running: links up both ways and reporting (a C DSP: its
+        link up); this node counts itself when it is a server."""
         group = self.host.group
         out = set()
         me = self.host.cfg.nodes_by_id.get(self.host.local)

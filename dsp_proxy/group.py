@@ -107,11 +107,15 @@ def control_message(m_type: int, **fields: int) -> bytes:
 
 
 class PeerView(Protocol):
-    """What the router may know of the links: nothing but these two queries."""
+    """What the router may know of the links: nothing but these three queries."""
 
     def up(self, node: int) -> bool: ...
 
     def frames(self, node: int) -> int: ...
+
+    def c_peer(self, node: int) -> bool:
+        """The link is up and its peer is a C DSP (`Link.c_peer`)."""
+        ...
 
 
 @dataclass
@@ -364,22 +368,33 @@ class Group:
         return pool
 
     def usable_servers(self, client_node: int, svc=None, exclude: int = -1) -> list[ServerState]:
-        """Servers with the link up both ways, a load report received, not SATURATED, and the
-        service not known to be missing there; never the client's own node (its kernel would
-        refuse a server on the client's node)."""
+        """Servers with the link up both ways, a load report received (a C server: none),
+        not SATURATED, and the service not known to be missing there; never the client's own
+        node (its kernel would refuse a server on the client's node); for a `prog` service
+        never a C server (the program is started by the server's DSP through a control
+        frame, which a C DSP neither gets nor knows)."""
         name = svc.name if svc is not None else None
+        prog = svc is not None and bool(svc.prog) and svc.bind != "external"
         return [s for s in self.servers.values()
                 if s.nodeid != client_node and s.nodeid != exclude
                 and s.level != C.LVL_SATURATED and name not in s.services_down
-                and self.is_live(s)]
+                and self.is_live(s) and not (prog and self.is_c_server(s))]
 
     def is_live(self, s: ServerState) -> bool:
         """A server is running when both link directions are up and its first load report
         arrived; one that went DOWN must also be heard `fd_rise` times again.  At start-up
-        servers are UP at once."""
-        if not s.reported or s.level == C.LVL_NOTINIT or not self.peers.up(s.nodeid):
+        servers are UP at once.  A C DSP never reports its load (the C daemon is built
+        without GET_METRICS): it runs while its link is up (`PeerView.c_peer`), at a load
+        nobody knows."""
+        if not self.peers.up(s.nodeid):
             return False
+        if not s.reported or s.level == C.LVL_NOTINIT:
+            return self.peers.c_peer(s.nodeid)
         return not s.failed or self.peers.frames(s.nodeid) - s.rise_base >= self.lb.fd_rise - 1
+
+    def is_c_server(self, s: ServerState) -> bool:
+        """A running server whose DSP is a C DSP (never reports, never decides)."""
+        return s.level == C.LVL_NOTINIT and self.is_live(s)
 
     def levels(self) -> dict[int, int]:
         return {n: s.level for n, s in self.servers.items() if self.is_live(s)}
@@ -393,7 +408,9 @@ class Group:
         candidates = self.usable_servers(client_node, svc, exclude)
         if not candidates:
             return None
-        return min(candidates, key=lambda s: (s.level, s.sessions, s.cpu, s.nodeid))
+        # a C server's unknown load counts as IDLE: the session count decides
+        return min(candidates, key=lambda s: (max(s.level, C.LVL_IDLE), s.sessions, s.cpu,
+                                              s.nodeid))
 
     # ------------------------------------------------------------------ client -> server
     def from_local(self, hbuf, payload):

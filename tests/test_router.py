@@ -40,12 +40,16 @@ class Peers:
     def __init__(self, up=(1, 2)):
         self.up_nodes = set(up)
         self.heard = {}
+        self.c_nodes: set[int] = set()     # peers that are C DSPs
 
     def up(self, node):
         return node in self.up_nodes
 
     def frames(self, node):
         return self.heard.get(node, 0)
+
+    def c_peer(self, node):
+        return node in self.c_nodes and node in self.up_nodes
 
 
 def _router(text=RELAYED, local=5, up=(1, 2), reports=(1, 2)):
@@ -453,3 +457,23 @@ def test_group_module_does_no_io():
     for name in ("import socket", "import selectors", "from .link", "from .rproxy",
                  "from .sproxy", "from .main", "import dsp_proxy.link"):
         assert name not in src
+
+
+def test_a_c_server_serves_sessions_without_a_load_report_but_no_prog_service():
+    """A C DSP never reports its load nor gets control frames: its server runs while its link
+    is up (its unknown load counts as IDLE, the session count decides), but a `prog` service
+    never goes to it (nobody would start the program there)."""
+    router, group, peers, _ = _router(RELAYED.replace("lb_eps 100 101", "lb_eps 100 119"),
+                                      reports=(2,))
+    peers.c_nodes.add(1)
+    assert group.is_live(group.servers[1]) and group.is_c_server(group.servers[1])
+    chosen = {_sent(_net(router, _req(src=50 + i)))[0] for i in range(4)}
+    assert chosen == {1, 2}, "sessions spread over the C server and ours by their count"
+    for i in range(4):
+        acts = _acts(_net(router, _req(dst=30, src=60 + i)))
+        assert [a[1] for a in acts if a[0] == CONTROL] == [2], acts
+    peers.up_nodes.discard(2)           # only the C server left: a prog service has none
+    (act,) = [a for a in _acts(_net(router, _req(dst=30, src=70))) if a[0] == SEND]
+    assert Header(bytearray(act[2])).c_rcode == E.EDVSAGAIN
+    peers.up_nodes.discard(1)           # its link lost: not running any more
+    assert not group.is_live(group.servers[1])
