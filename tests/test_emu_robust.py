@@ -649,3 +649,87 @@ def test_a_program_that_floods_malformed_requests_does_not_flood_the_kernel_log(
     with open(node.log) as f:
         lines = [line for line in f if "malformed request" in line]
     assert len(lines) == LOG_BURST, f"{len(lines)} lines for {sent} malformed requests"
+
+
+#: How long a lingering socket's last close waits for its peer: far longer than any call of
+#: the tests waits (CALL_TIMEOUT), so a node kernel that makes that close on its loop fails.
+LINGER = 120
+
+
+def _lingering_socket(world) -> socket.socket:
+    """A loopback TCP socket whose last close blocks for LINGER seconds: SO_LINGER set, its
+    peer reads nothing and megabytes wait in its send queue.  The peer is closed by the
+    cleanup (a reset ends the wait), so a node kernel caught in that close stops at once."""
+    lst = socket.socket()
+    world.cleanup.add(lst.close)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    sock = socket.create_connection(lst.getsockname())
+    world.cleanup.add(sock.close)
+    peer, _ = lst.accept()
+    world.cleanup.add(peer.close)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    queued = 0
+    try:
+        while True:
+            queued += sock.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    assert queued > 0
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, LINGER))
+    return sock
+
+
+@pytest.mark.parametrize("how", ["request", "past_the_limit", "unread_at_close"])
+def test_a_lingering_socket_passed_to_the_node_kernel_does_not_stop_it(world, how):
+    """Any local process may pass descriptors to its node kernel (SCM_RIGHTS, as ARENA does)
+    and close its own copy: the node kernel's close is then the last one, and a TCP socket
+    with SO_LINGER whose peer reads nothing blocks that close for its linger time, which its
+    owner chooses.  The node kernel closed such descriptors on its loop and stopped serving
+    every process of the node for that long.  Each way a descriptor reaches it: with a
+    request; past the descriptors a connection keeps (one message may carry 253, and the
+    ones beyond the receive buffer were dropped by the kernel, on the loop); still queued on a
+    connection the node kernel closes (here: for a frame over MAX_FRAME, read while the
+    descriptor waits behind it)."""
+    node = world.proc_node(1)
+    other = Raw(node.path)
+    world.cleanup.add(other.close)
+    other.hello()
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    linger = _lingering_socket(world)
+    arena = _op("ARENA") + P.encode_values([4096])
+    if how == "request":
+        socket.send_fds(raw.sock, [struct.pack("<I", len(arena)) + arena], [linger.fileno()])
+        linger.close()
+        assert P.decode_reply(P.recv_frame(raw.sock))[0] == E.EDVSBADF
+    elif how == "past_the_limit":
+        spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(24)]
+        try:
+            socket.send_fds(raw.sock, [struct.pack("<I", len(arena)) + arena],
+                            [*spare, linger.fileno()])
+        finally:
+            for fd in spare:
+                os.close(fd)
+        linger.close()
+        assert P.decode_reply(P.recv_frame(raw.sock))[0] == E.EDVSBADF
+    else:
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)   # room for it all
+        node.proc.send_signal(signal.SIGSTOP)      # everything queued before a byte is read
+        try:
+            raw.sock.sendall(struct.pack("<I", 2 << 20))
+            for _ in range(READ_SIZE // 4096 + 1):  # more than the first read takes
+                raw.sock.sendall(bytes(4096))
+            socket.send_fds(raw.sock, [b"\0"], [linger.fileno()])
+            linger.close()
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+        assert raw.sock.recv(16) == b""             # closed for the frame's length
+    rc, values = other.call("GETDVSINFO")           # the node kernel still serves the others
+    assert rc == 0 and values[0] == 1
+    late = Raw(node.path)
+    world.cleanup.add(late.close)
+    late.hello()
+    assert node.proc.poll() is None

@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -41,10 +42,19 @@ REAP_INTERVAL = 1.0
 #: A connection that has not said HELLO this long after it was accepted is closed: a process
 #: that opens connections and never speaks would otherwise hold descriptors for good.
 HELLO_TIMEOUT = 10.0
-#: Bytes read per recvmsg, and ancillary space for the descriptors an ARENA request carries.
+#: Bytes read per recvmsg; descriptors a connection may have waiting for its next request.
 READ_SIZE = 1 << 16
 MAX_FDS = 16
-ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+#: Ancillary space for as many descriptors as one message can carry (the kernel's
+#: SCM_MAX_FD): descriptors that do not fit are dropped by the kernel, which closes them on
+#: this thread where `_release_fd` cannot make their close harmless.
+SCM_MAX_FD = 253
+ANC_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+#: A socket's linger turned off: its close returns at once and sends what is queued later.
+_NO_LINGER = struct.pack("ii", 0, 0)
+#: Reads a closing connection is drained with, at most (what its peer had queued, which is
+#: bounded by the peer's send buffer once the connection is shut down).
+DRAIN_READS = 1024
 #: The longest request frame read: far more than any request (the longest carry a name or a
 #: 60-byte struct), little enough that no connection makes the kernel buffer much.
 MAX_FRAME = 1 << 20
@@ -280,13 +290,10 @@ class NodeServer:
             log.debug("connection of task %s: %s", conn.task and conn.task.tid, exc)
             self._drop(conn)
             return
-        for level, kind, raw in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
-                conn.fds.extend(fds)
+        if anc:
+            conn.fds.extend(_passed_fds(anc))
         while len(conn.fds) > MAX_FDS:  # more than any request carries: not kept open
-            os.close(conn.fds.pop())
+            _release_fd(conn.fds.pop())
         if not data:
             self._drop(conn)  # the thread exited (or closed its connection)
             return
@@ -300,7 +307,7 @@ class NodeServer:
                 self._request(conn, data, 4, fds)
             finally:
                 for fd in fds:
-                    os.close(fd)
+                    _release_fd(fd)
             return
         conn.rbuf += data
         if conn.call is not None:  # behind a parked call: kept, read only up to RBUF_LIMIT
@@ -332,7 +339,7 @@ class NodeServer:
                     self._request(conn, body, 0, fds)
             finally:
                 for fd in fds:
-                    os.close(fd)
+                    _release_fd(fd)
         self._update_events(conn)
 
     def _send(self, conn: _Conn, data: bytes) -> None:
@@ -397,9 +404,9 @@ class NodeServer:
             self.epoll.unregister(fd)
         except (OSError, ValueError):
             pass
-        conn.sock.close()
+        _close_connection(conn.sock)
         for fd in conn.fds:
-            os.close(fd)
+            _release_fd(fd)
         conn.fds = []
         self._resume_accept()  # a descriptor is free for a waiting connection
         call, conn.call = conn.call, None
@@ -663,6 +670,67 @@ def _drain(sock: socket.socket) -> None:
             pass
     except (BlockingIOError, InterruptedError):
         pass
+
+
+def _release_fd(fd: int) -> None:
+    """Close a descriptor a client passed (SCM_RIGHTS).  The client may have closed its own
+    copy, so this close can be the last one and its release runs here, on the loop: a TCP
+    socket with SO_LINGER waits there until its peer took the queued bytes or the linger time
+    (any length its owner chose) passed, and every call of the node stopped meanwhile.  A
+    socket's linger is turned off before the close, which then returns at once."""
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        is_socket = False
+    if is_socket:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            pass
+        else:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+            except OSError:
+                pass
+            sock.close()
+            return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _close_connection(sock: socket.socket) -> None:
+    """Close a client connection without letting a descriptor still queued on it (sent with
+    bytes the loop had not read yet) be released on the loop: the connection is shut down,
+    which ends the client's sends, and what it had queued is read and its descriptors are
+    released by `_release_fd`."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        for _ in range(DRAIN_READS):
+            data, anc, _flags, _addr = sock.recvmsg(READ_SIZE, ANC_SPACE)
+            _release_passed(anc)
+            if not data and not anc:
+                break
+    except OSError:
+        pass
+    sock.close()
+
+
+def _passed_fds(anc) -> list[int]:
+    """The descriptors in the ancillary data of a recvmsg."""
+    out: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+            out.extend(fds)
+    return out
+
+
+def _release_passed(anc) -> None:
+    for fd in _passed_fds(anc):
+        _release_fd(fd)
 
 
 def _unpack(cls, raw: bytes):
