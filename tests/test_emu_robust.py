@@ -40,6 +40,7 @@ from emu_helpers import (
     Raw,
     child_env,
     make_world,
+    msg,
     raises_code,
     wait_until,
 )
@@ -733,3 +734,31 @@ def test_a_lingering_socket_passed_to_the_node_kernel_does_not_stop_it(world, ho
     world.cleanup.add(late.close)
     late.hello()
     assert node.proc.poll() is None
+
+
+@pytest.mark.parametrize("cmd", [C.REPLICA_BIND, C.BKUP_BIND], ids=["replica", "backup"])
+def test_a_bound_endpoint_cannot_be_taken_by_a_replica_or_backup_bind(world, cmd):
+    """The module refuses every bind of a slot in use (EDVSSLOTUSED: its second check, on
+    the local path that REPLICA_BIND and BKUP_BIND take too).  The emulator let these two
+    rebind a slot another process held: any local process took a server's endpoint, the
+    server's receive waited for ever (its messages went to the thief) and the server's exit
+    later unbound the thief's binding.  Refused now; the owner keeps its endpoint."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    FakeProxy(world, node, d, 2)
+    d.add_node(DC0, 2)
+    server, thief, client = world.actor("server"), world.actor("thief"), world.actor("client")
+    assert server.call(d.bind, DC0, LSYS) == LSYS
+    m = Message()
+    got = server.submit(d.receive, C.ANY, m)
+    wait_until(lambda: d.getprocinfo(DC0, LSYS).p_rts_flags & C.RECEIVING, what="receiving")
+    node_arg = C.LOCALNODE if cmd == C.REPLICA_BIND else 2
+    thief.call(d.getdvsinfo)
+    with raises_code(E.EDVSSLOTUSED):
+        thief.call(d.bind_X, cmd, DC0, thief.tid, LSYS, node_arg)
+    info = d.getprocinfo(DC0, LSYS)
+    assert (info.p_lpid, info.p_rts_flags) == (server.tid, C.RECEIVING)
+    assert client.call(d.bind, DC0, LSYS + 1) == LSYS + 1
+    client.call(d.send, LSYS, msg(m_type=5), 5000)
+    got.result(CALL_TIMEOUT)
+    assert (m.m_type, m.m_source) == (5, LSYS + 1)
