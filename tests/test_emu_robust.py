@@ -762,3 +762,33 @@ def test_a_bound_endpoint_cannot_be_taken_by_a_replica_or_backup_bind(world, cmd
     client.call(d.send, LSYS, msg(m_type=5), 5000)
     got.result(CALL_TIMEOUT)
     assert (m.m_type, m.m_source) == (5, LSYS + 1)
+
+
+def _idle_thread(world) -> int:
+    """The TID of a live thread of this process that makes no call of its own."""
+    done = threading.Event()
+    world.cleanup.add(done.set)
+    tids: list[int] = []
+    t = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), done.wait()),
+                         daemon=True)
+    t.start()
+    wait_until(lambda: tids, what="the thread started")
+    return tids[0]
+
+
+def test_a_program_name_is_kept_at_the_length_of_a_linux_one(world):
+    """HELLO names the calling thread's program; the node kernel kept the name whole, up to
+    a frame (1 MiB) per thread, so one process with a hundred threads made it hold 100 MB and
+    its `tasks` view a 100 MB reply (past what a client reads: the view failed for everyone,
+    the DSP's load sampling too).  A name is kept as Linux keeps a thread's, 15 bytes."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    tid = _idle_thread(world)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    assert raw.call("HELLO", P.VERSION, os.getpid(), tid, b"n" * (64 << 10))[0] == 0
+    assert d.lclbind(DC0, tid, LSYS) == LSYS
+    assert d.getprocinfo(DC0, LSYS).p_name == "n" * 15
+    (line,) = [ln for ln in d.proc_text("tasks").splitlines() if f" {tid} " in ln]
+    assert line.endswith(" " + "n" * 15)
+
