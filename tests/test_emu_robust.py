@@ -792,3 +792,21 @@ def test_a_program_name_is_kept_at_the_length_of_a_linux_one(world):
     (line,) = [ln for ln in d.proc_text("tasks").splitlines() if f" {tid} " in ln]
     assert line.endswith(" " + "n" * 15)
 
+
+def test_a_program_name_cannot_add_lines_to_the_tasks_view(world):
+    """The DSP of an emulated node reads its node's processes from the `tasks` view, one
+    line each, to measure the node's load.  A program name with a newline (HELLO says what
+    it likes, and Linux lets a thread call itself so) added lines of its own: one that was
+    not a PID made every load sample fail, and with it the rest of the DSP's periodic work
+    (session expiry, service checks, the autoscaler); one that was a PID counted that
+    process's CPU as the node's.  The view shows such a character as '?'."""
+    from dsp_proxy.main import _node_pids
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    tid = _idle_thread(world)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    assert raw.call("HELLO", P.VERSION, os.getpid(), tid, b"x\n1 1 - boom\r")[0] == 0
+    lines = d.proc_text("tasks").splitlines()
+    assert f"{os.getpid()} {tid} - x?1 1 - boom?" in lines
+    assert _node_pids(d)() == {os.getpid()}
