@@ -810,3 +810,40 @@ def test_a_program_name_cannot_add_lines_to_the_tasks_view(world):
     lines = d.proc_text("tasks").splitlines()
     assert f"{os.getpid()} {tid} - x?1 1 - boom?" in lines
     assert _node_pids(d)() == {os.getpid()}
+
+
+def test_a_thread_has_one_call_in_the_kernel_at_a_time(world):
+    """A Linux thread is in one DVK call at a time; over two connections of one thread a
+    client made two at once.  Two sends of one thread to a server put its descriptor twice in
+    the server's senders FIFO, the exit took out one, and the server then received a message
+    from a freed slot (source 0, type 0) and woke whatever task held that slot next.  A call
+    on a connection of a thread whose other connection has a call waiting in the kernel is
+    refused with EDVSBUSY; the first call is not disturbed."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    server = world.actor("server")
+    assert server.call(d.bind, DC0, LSYS) == LSYS
+    one, two = Raw(node.path), Raw(node.path)
+    world.cleanup.add(one.close)
+    world.cleanup.add(two.close)
+    tid = _idle_thread(world)
+    for raw in (one, two):                           # the same thread
+        assert raw.call("HELLO", P.VERSION, os.getpid(), tid, b"twice")[0] == 0
+    assert one.call("BIND", C.SELF_BIND, DC0, -1, LSYS + 1, C.LOCALNODE, None)[0] == 0
+    sent = bytes(msg(m_type=42))
+    one.sock.sendall(P.encode_request("SEND", [LSYS, sent, -1]))
+    wait_until(lambda: d.getprocinfo(DC0, LSYS + 1).p_rts_flags & C.SENDING, what="sending")
+    assert two.call("SEND", LSYS, sent, -1) == (E.EDVSBUSY, [])
+    assert two.call("GETDVSINFO") == (E.EDVSBUSY, [])
+    m = Message()
+    server.call(d.receive, C.ANY, m, 5000)
+    assert (m.m_source, m.m_type) == (LSYS + 1, 42)
+    assert P.decode_reply(P.recv_frame(one.sock)) == (0, [0])    # the send is answered
+    assert two.call("GETDVSINFO")[0] == 0            # nothing waits now: served again
+    one.close()
+    two.close()
+    wait_until(lambda: node.slot(LSYS + 1).is_free, what="the exit unbinding the slot")
+    with node.kernel.lock:
+        assert not node.slot(LSYS).senders
+    with raises_code(E.EDVSTIMEDOUT):
+        server.call(d.receive, C.ANY, m, SHORT)

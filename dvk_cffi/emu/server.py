@@ -454,6 +454,13 @@ class NodeServer:
         task = conn.task
         if task.dead:  # another connection of its thread closed, which was the thread's exit
             task = conn.task = self.kernel.attach(task.pid, task.tid, task.comm)
+        if task.parked:
+            # A thread is in one call at a time; another connection of it has one waiting in
+            # the kernel.  Two at once would put its descriptor twice in the queues (a
+            # senders FIFO) that the kernel code keeps it in once.
+            log.warning("task %d: a call while another of its calls waits; refused", task.tid)
+            self._answer(conn, "", E.EDVSBUSY, [])
+            return
         try:
             op, args, ok = P.decode_checked(body, pos)
         except P.UnknownOperation as exc:
