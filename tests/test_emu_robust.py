@@ -28,7 +28,7 @@ from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu import server as server_mod
 from dvk_cffi.emu.memory import ARENA_BASE
 from dvk_cffi.emu.node import wait_for_socket
-from dvk_cffi.emu.server import RBUF_LIMIT, READ_SIZE
+from dvk_cffi.emu.server import MAX_FRAME, RBUF_LIMIT, READ_SIZE, SMALL_READ
 from dvk_cffi.info import ProcInfo
 from dvk_cffi.logs import LOG_BURST
 from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Message
@@ -847,3 +847,54 @@ def test_a_thread_has_one_call_in_the_kernel_at_a_time(world):
         assert not node.slot(LSYS).senders
     with raises_code(E.EDVSTIMEDOUT):
         server.call(d.receive, C.ANY, m, SHORT)
+
+
+def _held(node) -> int:
+    """The bytes the node kernel holds for its connections (unserved requests, untaken
+    replies), counted from the buffers themselves."""
+    with node.kernel.lock:
+        return sum(len(c.rbuf) + len(c.wbuf) for c in node.server.conns)
+
+
+def test_connections_together_make_the_node_kernel_hold_a_bounded_amount(world, monkeypatch):
+    """Each connection may make the node kernel hold about a MiB (a frame still coming in,
+    requests behind a parked call, replies its client does not take), and one process may
+    open as many connections as the kernel has descriptors (20,000 here): 300 connections
+    each sending most of a frame made it hold 300 MiB, 20,000 would hold 20 GB, more than
+    this machine has.  Past BUFFER_BUDGET for all connections together, a connection that
+    holds bytes is no longer read, until the total falls again; the other clients are
+    served meanwhile, and the held bytes go with the connections.  (Budget made small here.)"""
+    budget = 1 << 20
+    monkeypatch.setattr(server_mod, "BUFFER_BUDGET", budget)
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    tid = _idle_thread(world)
+    frame = struct.pack("<I", MAX_FRAME) + bytes(MAX_FRAME // 2)   # never completed
+    flood = []
+    for _ in range(16):
+        raw = Raw(node.path)
+        world.cleanup.add(raw.close)
+        assert raw.call("HELLO", P.VERSION, os.getpid(), tid, b"hog")[0] == 0
+        raw.sock.setblocking(False)
+        flood.append([raw, 0])
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        for item in flood:                           # push what each connection takes
+            raw, sent = item
+            try:
+                item[1] += raw.sock.send(frame[sent:])
+            except BlockingIOError:
+                pass
+        time.sleep(0.05)
+    assert sum(sent for _raw, sent in flood) > 4 * budget   # far more than the budget sent
+    assert _held(node) <= budget + READ_SIZE + 16 * SMALL_READ
+    assert d.getdvsinfo()[0] == 1                    # another client is served meanwhile
+    m = Message()
+    assert d.bind(DC0, LSYS) == LSYS
+    with raises_code(E.EDVSTIMEDOUT):
+        d.receive(C.ANY, m, SHORT)                   # a parked call ends by its timeout
+    for raw, _sent in flood:
+        raw.close()
+    wait_until(lambda: _held(node) == 0, what="the held bytes gone with their connections")
+    with node.kernel.lock:
+        assert node.server.held == 0 and not node.server.starved

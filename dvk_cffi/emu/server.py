@@ -70,6 +70,12 @@ TIMER_COMPACT = 4096
 WBUF_LIMIT = 1 << 20
 #: Request bytes a client may send behind its parked call before they are no longer read.
 RBUF_LIMIT = 1 << 20
+#: Bytes all connections together may hold (requests not yet served, replies not yet taken).
+#: The limits above are per connection, and one process may open thousands: past this, a
+#: connection that holds bytes is not read until the total is below it again, and the others
+#: are read SMALL_READ bytes at a time (more than any whole request).
+BUFFER_BUDGET = 64 << 20
+SMALL_READ = 4096
 _IN = select.EPOLLIN
 _LEN = struct.Struct("<I")
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
@@ -95,7 +101,7 @@ class _Conn:
     """One client connection: its buffers, its task and the call it has parked, if any."""
 
     __slots__ = ("sock", "rbuf", "wbuf", "fds", "task", "call", "shape", "op", "seq",
-                 "closed", "events", "accepted")
+                 "closed", "events", "accepted", "held")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -110,6 +116,7 @@ class _Conn:
         self.seq = 0                     # which park a timer entry belongs to
         self.closed = False
         self.events = _IN
+        self.held = 0                    # its bytes counted in NodeServer.held
 
 
 class NodeServer:
@@ -126,6 +133,8 @@ class NodeServer:
         self.conns: set[_Conn] = set()
         self.timers: list[tuple[float, int, _Conn, int]] = []
         self.backlog: set[_Conn] = set()
+        self.held = 0                    # bytes in every connection's rbuf and wbuf
+        self.starved: set[_Conn] = set()   # not read while `held` is over BUFFER_BUDGET
         self._compact_at = TIMER_COMPACT
         self._resuming = False
         self._accept_resume: float | None = None   # when a resting listener is polled again
@@ -283,7 +292,8 @@ class NodeServer:
         if conn.closed:
             return
         try:
-            data, anc, _flags, _addr = conn.sock.recvmsg(READ_SIZE, ANC_SPACE)
+            size = READ_SIZE if self.held <= BUFFER_BUDGET else SMALL_READ
+            data, anc, _flags, _addr = conn.sock.recvmsg(size, ANC_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -378,11 +388,21 @@ class NodeServer:
         """Wait for room to write while replies are pending; stop reading from a client that
         does not read its replies until they are below WBUF_LIMIT, and from one whose requests
         behind its parked call are over RBUF_LIMIT until that call is answered (a hang-up is
-        reported all the same, so the end of a parked client is still seen)."""
+        reported all the same, so the end of a parked client is still seen); and while all
+        connections together hold more than BUFFER_BUDGET, from every one that holds bytes."""
         if conn.closed:
             return
-        if len(conn.wbuf) > WBUF_LIMIT or (conn.call is not None
-                                           and len(conn.rbuf) > RBUF_LIMIT):
+        held = len(conn.rbuf) + len(conn.wbuf)
+        if held != conn.held:
+            self.held += held - conn.held
+            conn.held = held
+        starved = held > 0 and self.held > BUFFER_BUDGET
+        if starved:
+            self.starved.add(conn)
+        elif self.starved:
+            self.starved.discard(conn)
+        if starved or len(conn.wbuf) > WBUF_LIMIT or (conn.call is not None
+                                                      and len(conn.rbuf) > RBUF_LIMIT):
             events = _EPOLLOUT if conn.wbuf else 0
         elif conn.wbuf:
             events = _IN | _EPOLLOUT
@@ -391,6 +411,14 @@ class NodeServer:
         if events != conn.events:
             conn.events = events
             self.epoll.modify(conn.sock.fileno(), events)
+        if self.starved and self.held <= BUFFER_BUDGET:
+            self._feed_starved()
+
+    def _feed_starved(self) -> None:
+        """The total is below BUFFER_BUDGET again: read the connections it had stopped."""
+        starved, self.starved = self.starved, set()
+        for conn in starved:
+            self._update_events(conn)
 
     def _drop(self, conn: _Conn) -> None:
         """Close a connection: its thread is gone, so is its task (the kernel's exit hook)."""
@@ -398,6 +426,9 @@ class NodeServer:
             return
         conn.closed = True
         self.conns.discard(conn)
+        self.held -= conn.held
+        conn.held = 0
+        self.starved.discard(conn)
         fd = conn.sock.fileno()
         self.fdmap.pop(fd, None)
         try:
@@ -409,6 +440,8 @@ class NodeServer:
             _release_fd(fd)
         conn.fds = []
         self._resume_accept()  # a descriptor is free for a waiting connection
+        if self.starved and self.held <= BUFFER_BUDGET:
+            self._feed_starved()
         call, conn.call = conn.call, None
         task = conn.task
         if task is not None:
