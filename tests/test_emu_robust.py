@@ -898,3 +898,22 @@ def test_connections_together_make_the_node_kernel_hold_a_bounded_amount(world, 
     wait_until(lambda: _held(node) == 0, what="the held bytes gone with their connections")
     with node.kernel.lock:
         assert node.server.held == 0 and not node.server.starved
+
+
+def test_an_arena_of_no_bytes_is_refused(world):
+    """ARENA(0) mapped the whole memfd (a length of 0 is "all of it" to mmap) and took no
+    address space, so a process was no longer held to the arenas its 32-bit address space
+    has room for: every such request kept a mapping and a descriptor in the node kernel.
+    An arena of no bytes is refused (EDVSBADF, as an arena that does not fit its file)."""
+    node = world.inproc_node(1)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    fd = os.memfd_create("empty-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    world.cleanup.add(os.close, fd)
+    os.ftruncate(fd, 1 << 20)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    assert _arena_request(raw, fd, 0) == (E.EDVSBADF, [])
+    with node.kernel.lock:
+        assert not node.kernel.spaces[os.getpid()].arenas
+    assert _arena_request(raw, fd, 4096) == (0, [ARENA_BASE])
