@@ -856,7 +856,8 @@ def _held(node) -> int:
         return sum(len(c.rbuf) + len(c.wbuf) for c in node.server.conns)
 
 
-def test_connections_together_make_the_node_kernel_hold_a_bounded_amount(world, monkeypatch):
+def test_connections_together_make_the_node_kernel_hold_a_bounded_amount(world, monkeypatch,
+                                                                        caplog):
     """Each connection may make the node kernel hold about a MiB (a frame still coming in,
     requests behind a parked call, replies its client does not take), and one process may
     open as many connections as the kernel has descriptors (20,000 here): 300 connections
@@ -864,6 +865,7 @@ def test_connections_together_make_the_node_kernel_hold_a_bounded_amount(world, 
     this machine has.  Past BUFFER_BUDGET for all connections together, a connection that
     holds bytes is no longer read, until the total falls again; the other clients are
     served meanwhile, and the held bytes go with the connections.  (Budget made small here.)"""
+    caplog.set_level(logging.WARNING, logger="dvk.emu.server")
     budget = 1 << 20
     monkeypatch.setattr(server_mod, "BUFFER_BUDGET", budget)
     node = world.inproc_node(1)
@@ -888,6 +890,7 @@ def test_connections_together_make_the_node_kernel_hold_a_bounded_amount(world, 
         time.sleep(0.05)
     assert sum(sent for _raw, sent in flood) > 2 * budget   # far more than the budget sent
     assert _held(node) <= budget + READ_SIZE + 16 * SMALL_READ
+    assert any("over the budget" in r.getMessage() for r in caplog.records)
     assert d.getdvsinfo()[0] == 1                    # another client is served meanwhile
     m = Message()
     assert d.bind(DC0, LSYS) == LSYS

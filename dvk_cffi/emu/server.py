@@ -398,7 +398,11 @@ class NodeServer:
             conn.held = held
         starved = held > 0 and self.held > BUFFER_BUDGET
         if starved:
-            self.starved.add(conn)
+            if conn not in self.starved:
+                self.starved.add(conn)
+                log.warning("connections hold %d bytes, over the budget of %d: the one of "
+                            "task %s (%d bytes) is not read until they hold less", self.held,
+                            BUFFER_BUDGET, conn.task and conn.task.tid, held)
         elif self.starved:
             self.starved.discard(conn)
         if starved or len(conn.wbuf) > WBUF_LIMIT or (conn.call is not None
