@@ -920,3 +920,49 @@ def test_an_arena_of_no_bytes_is_refused(world):
     with node.kernel.lock:
         assert not node.kernel.spaces[os.getpid()].arenas
     assert _arena_request(raw, fd, 4096) == (0, [ARENA_BASE])
+
+
+#: A node kernel process allowed a few hundred descriptors (FAIR_SHARE and some).
+_SOME_FDS_NODE = ("import resource, sys\n"
+                  "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))\n"
+                  "from dvk_cffi.emu.server import run_node\n"
+                  "sys.exit(run_node(1, sys.argv[1]))\n")
+_ONE_CALL = ("import os, sys\n"
+             "from dvk_cffi.emu.client import EmuDvk\n"
+             "print(EmuDvk(os.environ['DVK_SOCKET'], answer_limit=float(sys.argv[1]))"
+             ".getdvsinfo()[0], flush=True)\n")
+
+
+def test_a_process_holding_every_descriptor_gives_one_up_to_another(world):
+    """One process may open as many connections as the node kernel has descriptors (20,000
+    here, a few seconds' work); then no other process of the node could connect, a DSP
+    restarting a proxy thread included, for as long as that process liked.  When accept
+    finds no descriptor, the newest connection of the process holding the most (connections
+    and arenas), past FAIR_SHARE, is closed with a logged reason; its older ones are kept,
+    and the other process is served."""
+    path = os.path.join(world.dir, "node1.sock")
+    log_path = os.path.join(world.dir, "node1.log")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _SOME_FDS_NODE, path],
+                                env=child_env(path), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    world.cleanup.add(_kill, proc)
+    wait_for_socket(path, timeout=CALL_TIMEOUT, proc=proc)
+    first = Raw(path)
+    world.cleanup.add(first.close)
+    first.hello()
+    hello = P.encode_request("HELLO", [P.VERSION, os.getpid(), threading.get_native_id(),
+                                       b"hog"])
+    for _ in range(server_mod.FAIR_SHARE + 60):     # more than the kernel's 300 descriptors
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        world.cleanup.add(s.close)
+        s.connect(path)
+        s.sendall(hello)                            # kept: not closed for silence
+    other = subprocess.run([sys.executable, "-c", _ONE_CALL, str(CALL_TIMEOUT)],
+                           env=child_env(path), stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=CALL_TIMEOUT * 2)
+    assert (other.returncode, other.stdout.strip()) == (0, "1"), other.stderr[-2000:]
+    assert first.call("GETDVSINFO")[1][0] == 1      # the hog's oldest connection is kept
+    with open(log_path, "rb") as f:
+        assert b"closed the newest connection of process %d" % os.getpid() in f.read()
+    assert proc.poll() is None

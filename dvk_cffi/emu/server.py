@@ -64,6 +64,10 @@ ACCEPT_BURST = 64
 #: connection that closes ends the rest at once); it stays readable meanwhile.
 ACCEPT_PAUSE = 0.5
 _ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_NO_DESCRIPTOR = frozenset({errno.EMFILE, errno.ENFILE})
+#: Descriptors (connections and arenas) a process may hold in the node kernel and keep when
+#: they run out: past this, its newest connection is closed for a process waiting to connect.
+FAIR_SHARE = 256
 #: Timer entries kept before the ones of ended calls are swept out.
 TIMER_COMPACT = 4096
 #: Replies a client may leave unread before its requests are no longer read.
@@ -101,10 +105,11 @@ class _Conn:
     """One client connection: its buffers, its task and the call it has parked, if any."""
 
     __slots__ = ("sock", "rbuf", "wbuf", "fds", "task", "call", "shape", "op", "seq",
-                 "closed", "events", "accepted", "held")
+                 "closed", "events", "accepted", "held", "pid")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
+        self.pid = pid                   # the connecting process (SO_PEERCRED)
         self.accepted = time.monotonic()
         self.rbuf = bytearray()
         self.wbuf = bytearray()
@@ -257,13 +262,20 @@ class NodeServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in _NO_DESCRIPTOR and self._evict_hog(exc):
+                    continue
                 if exc.errno in _ACCEPT_SHORTAGE:
                     self._pause_accept(exc)
                 else:
                     log.warning("accept: %s", exc)
                 return
             sock.setblocking(False)
-            conn = _Conn(sock)
+            try:
+                pid = _peer_pid(sock)
+            except OSError:
+                sock.close()
+                continue
+            conn = _Conn(sock, pid)
             self.conns.add(conn)
             self.fdmap[sock.fileno()] = conn
             self.epoll.register(sock.fileno(), _IN)
@@ -274,6 +286,30 @@ class NodeServer:
                      if c.task is None and now - c.accepted > HELLO_TIMEOUT]:
             log.warning("a connection said no HELLO within %.0f s: closed", HELLO_TIMEOUT)
             self._drop(conn)
+
+    def _evict_hog(self, exc: OSError) -> bool:
+        """Descriptors ran out: close the newest connection of the process that holds the
+        most of them (connections and arenas), when that is more than FAIR_SHARE, so that a
+        process waiting to connect gets one; True when one was closed.  Otherwise one process
+        opening thousands of connections kept every other one of the node from connecting
+        for as long as it held them."""
+        held: dict[int, int] = {}
+        for c in self.conns:
+            held[c.pid] = held.get(c.pid, 0) + 1
+        if not held:
+            return False
+        for pid in held:
+            space = self.kernel.spaces.get(pid)
+            if space is not None:
+                held[pid] += len(space.arenas)
+        hog = max(held, key=held.__getitem__)
+        if held[hog] <= FAIR_SHARE:
+            return False
+        newest = max((c for c in self.conns if c.pid == hog), key=lambda c: c.accepted)
+        log.warning("accept: %s; closed the newest connection of process %d, which holds %d "
+                    "descriptors (connections and arenas)", exc, hog, held[hog])
+        self._drop(newest)
+        return True
 
     def _pause_accept(self, exc: OSError) -> None:
         """Stop polling the listener for ACCEPT_PAUSE: accept fails while it stays readable,
@@ -473,11 +509,7 @@ class NodeServer:
             self._send(conn, P.encode_reply(E.EDVSBADVALUE))
             return
         _version, _pid, tid, comm = args
-        try:
-            pid = _peer_pid(conn.sock)
-        except OSError:
-            self._drop(conn)
-            return
+        pid = conn.pid
         if not _thread_of(pid, tid):  # the kernel signals tasks by TID: it must be theirs
             log.warning("HELLO of process %d names TID %d, not one of its threads", pid, tid)
             self._send(conn, P.encode_reply(E.EDVSBADVALUE))
