@@ -966,3 +966,41 @@ def test_a_process_holding_every_descriptor_gives_one_up_to_another(world):
     with open(log_path, "rb") as f:
         assert b"closed the newest connection of process %d" % os.getpid() in f.read()
     assert proc.poll() is None
+
+
+def test_a_client_pipelining_requests_takes_turns_with_the_others(world, monkeypatch):
+    """The loop served every complete request a read brought (64 KiB: 10,000 small ones)
+    before it looked at another connection, so a process pipelining requests on fifty
+    connections held another process's sendrec for seconds (7.7 s measured), more with more
+    connections.  A connection is served SERVE_BURST requests a turn; the rest wait for the
+    next turn, after the other connections had theirs.  Here the loop is held (the kernel
+    lock) while a flood and then one request arrive: when that request is answered, most of
+    the flood must still be waiting."""
+    node = world.inproc_node(1)
+    flood_tid, other_tid = _idle_thread(world), _idle_thread(world)
+    flood, other = Raw(node.path), Raw(node.path)
+    world.cleanup.add(flood.close)
+    world.cleanup.add(other.close)
+    assert flood.call("HELLO", P.VERSION, os.getpid(), flood_tid, b"flood")[0] == 0
+    assert other.call("HELLO", P.VERSION, os.getpid(), other_tid, b"other")[0] == 0
+    count = 10000
+    request = P.encode_request("GETDVSINFO", [])
+    left_when_answered: list[int] = []
+    send = node.server._send
+
+    def watching(conn, data):
+        if conn.task is not None and conn.task.tid == other_tid:
+            (fconn,) = [c for c in node.server.conns if c.task and c.task.tid == flood_tid]
+            left_when_answered.append(len(fconn.rbuf) // len(request))
+        send(conn, data)
+
+    monkeypatch.setattr(node.server, "_send", watching)
+    flood.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    with node.kernel.lock:                           # the loop waits: both arrive meanwhile
+        flood.sock.sendall(request * count)
+        other.sock.sendall(request)
+    reply = P.recv_frame(other.sock)
+    assert P.decode_reply(reply)[1][0] == 1
+    assert left_when_answered and left_when_answered[0] > count // 2
+    flood.sock.settimeout(CALL_TIMEOUT)
+    assert len(_replies(flood.sock, count)) == count     # and every one is answered

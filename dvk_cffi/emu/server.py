@@ -72,7 +72,8 @@ FAIR_SHARE = 256
 TIMER_COMPACT = 4096
 #: Replies a client may leave unread before its requests are no longer read.
 WBUF_LIMIT = 1 << 20
-#: Request bytes a client may send behind its parked call before they are no longer read.
+#: Request bytes a client may have waiting (behind its parked call, or for their turn) before
+#: its connection is no longer read.
 RBUF_LIMIT = 1 << 20
 #: Bytes all connections together may hold (requests not yet served, replies not yet taken).
 #: The limits above are per connection, and one process may open thousands: past this, a
@@ -80,6 +81,9 @@ RBUF_LIMIT = 1 << 20
 #: are read SMALL_READ bytes at a time (more than any whole request).
 BUFFER_BUDGET = 64 << 20
 SMALL_READ = 4096
+#: Requests of one connection served in a turn; the rest wait until every other connection
+#: ready meanwhile had its turn (a read may bring thousands of pipelined requests).
+SERVE_BURST = 16
 _IN = select.EPOLLIN
 _LEN = struct.Struct("<I")
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
@@ -183,6 +187,8 @@ class NodeServer:
                     wait = min(wait, self.timers[0][0] - now)
                 if self._accept_resume is not None:
                     wait = min(wait, self._accept_resume - now)
+                if self.backlog:
+                    wait = 0.0   # requests wait for their turn: look for others, go on
                 events = poll(wait if wait > 0.0 else 0.0)
                 with k.lock:
                     for fd, mask in events:
@@ -363,10 +369,16 @@ class NodeServer:
 
     def _serve(self, conn: _Conn) -> None:
         """Run the complete requests in the connection's buffer, one at a time: a parked call
-        holds the ones behind it until it is answered."""
+        holds the ones behind it until it is answered.  SERVE_BURST of them a turn; the
+        connection goes to the backlog for the rest."""
         buf = conn.rbuf
+        turn = SERVE_BURST
         while conn.call is None and not conn.closed and len(buf) >= 4 \
                 and len(conn.wbuf) <= WBUF_LIMIT:
+            if turn == 0:
+                self.backlog.add(conn)
+                break
+            turn -= 1
             (n,) = _LEN.unpack_from(buf, 0)
             if n > MAX_FRAME:
                 log.warning("connection of task %s: frame of %d bytes",
@@ -423,7 +435,7 @@ class NodeServer:
     def _update_events(self, conn: _Conn) -> None:
         """Wait for room to write while replies are pending; stop reading from a client that
         does not read its replies until they are below WBUF_LIMIT, and from one whose requests
-        behind its parked call are over RBUF_LIMIT until that call is answered (a hang-up is
+        waiting (behind its parked call, or for their turns) are over RBUF_LIMIT (a hang-up is
         reported all the same, so the end of a parked client is still seen); and while all
         connections together hold more than BUFFER_BUDGET, from every one that holds bytes."""
         if conn.closed:
@@ -441,8 +453,7 @@ class NodeServer:
                             BUFFER_BUDGET, conn.task and conn.task.tid, held)
         elif self.starved:
             self.starved.discard(conn)
-        if starved or len(conn.wbuf) > WBUF_LIMIT or (conn.call is not None
-                                                      and len(conn.rbuf) > RBUF_LIMIT):
+        if starved or len(conn.wbuf) > WBUF_LIMIT or len(conn.rbuf) > RBUF_LIMIT:
             events = _EPOLLOUT if conn.wbuf else 0
         elif conn.wbuf:
             events = _IN | _EPOLLOUT
@@ -656,9 +667,10 @@ class NodeServer:
             self._resuming = False
 
     def _run_backlog(self) -> None:
-        """Serve the requests that waited behind calls which have ended."""
-        while self.backlog:
-            conn = self.backlog.pop()
+        """Serve the requests that waited behind calls which have ended, or for their turn:
+        a turn each (a connection with more goes back for the next one)."""
+        backlog, self.backlog = self.backlog, set()
+        for conn in backlog:
             if not conn.closed:
                 self._serve(conn)
             self._run_woken()
