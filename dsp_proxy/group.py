@@ -154,6 +154,13 @@ class Session:
         """A `prog` service: the LB starts one program per session."""
         return bool(self.service.prog) and self.service.bind != "external"
 
+    def reaches(self, dst: int) -> bool:
+        """Whether the client may address `dst` (at the LB node) in this session.  A session
+        of a `prog` service reaches its own program only (the endpoint its first request
+        named): the other endpoints of the service's range are the programs of other
+        clients' sessions on the same server."""
+        return dst == self.lbclt_ep or not self.auto_run
+
 
 @dataclass
 class ServerState:
@@ -419,8 +426,9 @@ class Group:
             return None
         with self.lock:
             sess = self.sessions.get((dcid, snode, src, svc.ext_ep))
-            if sess is None or sess.starting or (cmd in C.REQUEST_CMDS and pid != sess.clt_pid
-                                                 and pid > 0 and sess.clt_pid > 0):
+            if sess is None or sess.starting or not sess.reaches(dst) or (
+                    cmd in C.REQUEST_CMDS and pid != sess.clt_pid and pid > 0
+                    and sess.clt_pid > 0):
                 return None
             self._fast_take(sess)
             sess.last_used = self.clock()
@@ -481,6 +489,13 @@ class Group:
                     return acts
                 data = bytes(payload[:length]) if length else b""
                 sess.first = (bytes(hbuf), data)
+            if not sess.reaches(dst):
+                self.counters["refused"] += 1
+                log.debug("session of client %d@%d: endpoint %d is not its program's, "
+                          "command %#x refused", src, snode, dst, cmd)
+                _add(acts, self.error_reply(Header(bytearray(hbuf)), E.EDVSDSTDIED, relayed))
+                self._fast_give(sess)
+                return acts or None
             sess.last_used = self.clock()
             if sess.starting and (len(sess.parked) >= PARKED_MAX
                                   or sess.parked_bytes + HEADER_SIZE + length > PARKED_BYTES):

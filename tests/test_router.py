@@ -361,6 +361,44 @@ def test_frames_parked_while_a_program_starts_are_bounded_and_refused_with_an_er
         [Header(bytearray(h)).c_tv_sec for h, _ in parked]
 
 
+def _started_program(router, group, src, snode, ep, node=1):
+    """A session of client src@snode for the prog service, its program started at `ep`."""
+    acts = _acts(_net(router, _req(dst=30, src=src, snode=snode)))
+    (ctl,) = [a for a in acts if a[0] == CONTROL]
+    m = Message()
+    m.load(ctl[2])
+    reply = Message()
+    reply.load(control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=ep, m1_p2=m.m1_p2))
+    to, out, _ = _sent(group.on_control(node, reply))
+    assert (to, out.c_dst) == (node, ep)
+
+
+def test_a_client_reaches_only_its_own_program_not_another_sessions():
+    """Two client nodes' sessions of a `prog` service on one server, their programs on
+    endpoints 33 and 34 of the service's range.  Client 50@3 addressing 34 at the LB node
+    (a request, a run of them, a copy) would reach the program started for client 60@4's
+    session: it gets EDVSDSTDIED instead, nothing goes to the server, and both sessions go
+    on (each still reaches its own program)."""
+    router, group, _, _ = _router(TWO_CLIENT_NODES, up=(1,), reports=(1,))
+    _started_program(router, group, 50, 3, 33)
+    _started_program(router, group, 60, 4, 34)
+    for dst in (34, 31):
+        node, ack, _ = _sent(_net(router, _req(dst=dst, src=50, snode=3)))
+        assert (node, ack.c_cmd, ack.c_rcode, ack.c_dst, ack.c_src) == \
+            (3, C.CMD_SNDREC_ACK, E.EDVSDSTDIED, 50, dst)
+    h = _req(cmd=C.CMD_SEND_MSG, dst=34, src=50, snode=3)
+    acts = router.from_network_run(memoryview(bytes(h.buf) * 3), h.route(), 3, 3, False)
+    assert acts and all(a[0] == SEND and a[1] == 3 and
+                        Header(bytearray(a[2])).c_rcode == E.EDVSDSTDIED for a in acts)
+    cp = _req(cmd=C.CMD_COPYIN_DATA, dst=34, src=50, snode=3, c_len=5, v_src=50, v_dst=34,
+              v_rqtr=50, v_bytes=5)
+    assert not [a for a in _acts(_net(router, cp, b"hello")) if a[0] == SEND and a[1] == 1]
+    assert sorted(group.sessions) == [(0, 3, 50, 30), (0, 4, 60, 30)]
+    for src, snode, ep in ((50, 3, 33), (60, 4, 34)):
+        node, out, _ = _sent(_net(router, _req(dst=30, src=src, snode=snode)))
+        assert (node, out.c_dst) == (1, ep)
+
+
 def test_relayed_endpoints_are_a_pool_per_dc_and_come_back():
     router, group, _, _ = _router()
     for dcid in (0, 1):
