@@ -35,6 +35,7 @@ from dvk_cffi import errors as E
 from dvk_cffi.api import Dvk
 from dvk_cffi.wire import Message
 
+from . import topology
 from .config import Config
 from .group import MT_SVC_START, MT_SVC_STOP, Group, control_message
 
@@ -554,6 +555,7 @@ class ServiceRunner:
         #: (dcid, ep) -> the peer whose start request started the program: only it stops it
         self.owners: dict[tuple[int, int], int] = {}
         self.warned: set[int] = set()    # peers whose foreign stop requests were logged
+        self.refused: set[int] = set()   # peers whose refused start requests were logged
         self.reserved: set[tuple[int, int]] = set()
         self.starting = 0                # start threads running (at most MAX_STARTING)
         self.gone: dict[int, int] = {}   # peer -> how often its link went down
@@ -571,6 +573,14 @@ class ServiceRunner:
         """A control frame from a client's DSP (a start runs on a thread of its own, at most
         MAX_STARTING at once)."""
         if m.m_type == MT_SVC_START:
+            why = self._refusal(peer)
+            if why is not None:
+                level = logging.DEBUG if peer in self.refused else logging.WARNING
+                self.refused.add(peer)
+                log.log(level, "node %d asked for a program: refused, %s (logged once per "
+                        "node)", peer, why)
+                self._answer(peer, E.EDVSPERM, m.m1_p2)
+                return
             started = False
             with self.lock:     # started under the lock, so stop_all sees it to wait for
                 closed = self.closed
@@ -601,6 +611,19 @@ class ServiceRunner:
             self._answer(peer, E.EDVSAGAIN, m.m1_p2)
         elif m.m_type == MT_SVC_STOP:
             self.stop(m.m1_i1, m.m1_i2, peer, wait=False)
+
+    def _refusal(self, peer: int) -> str | None:
+        """Why `peer` may not have a program started here (None: it may).  Only a server
+        node of the config runs programs, and only for a DSP that balances sessions: a
+        relayed client node has no LB of its own (the LB host asks for its sessions), so a
+        start it asks for serves no session and nothing would ever stop it."""
+        cfg = self.host.cfg
+        me = cfg.nodes_by_id.get(self.host.local)
+        if me is None or not me.is_server:
+            return "this node is not a server of the config"
+        if topology.is_relayed_client(cfg, peer):
+            return "it is a relayed client node, which asks no server for anything"
+        return None
 
     def peer_gone(self, peer: int) -> None:
         """The link to `peer` went down: its sessions ended with it, so the programs it asked

@@ -394,6 +394,23 @@ def test_only_the_dsp_that_started_a_program_can_stop_it():
         wait_for(lambda: proc.poll() is not None, 10, "the program stopped")
 
 
+def test_only_a_server_runs_programs_and_never_for_a_relayed_client_node():
+    """MT_SVC_START was obeyed from any announced peer on any node: a relayed client node
+    (or a process speaking from its address) had the LB host, a client node, run the
+    service's program on endpoints of its range, up to the whole range, and nothing stopped
+    them while its link stayed up (any client node could do the same to another).  A node
+    that is not a server refuses every start with EDVSPERM, a server refuses a relayed client
+    node's (it has no LB of its own), and no program runs; the LB host's starts still run."""
+    lb = "cltname h; lb_eps 100 101;"
+    nodes = "client h { nodeid 5; rname 127.0.0.5; }; client c { nodeid 3; rname 127.0.0.3; };"
+    for local, peer in ((5, 3), (1, 3)):     # on the LB host, on a server: node 3 asks
+        with _Programs("/bin/sh -c 'sleep 30'", lb=lb, nodes=nodes, local=local) as p:
+            assert p.start(peer) == E.EDVSPERM, (local, peer)
+            assert not p.runner.procs and not p.runner.reserved and not p.since
+    with _Programs("/bin/sh -c 'sleep 30'", lb=lb, nodes=nodes) as p:
+        assert p.start(5) == 30                          # the LB host's start, on a server
+
+
 def test_a_gone_peers_programs_are_stopped_and_an_ended_program_frees_its_endpoint():
     """Nobody asks to stop a program whose client DSP went away, or one that ended by
     itself: both kept their endpoint for good, and a service of a few endpoints ran out of
@@ -569,13 +586,14 @@ class _Programs:
     stand-in kernel in which a program's endpoint is bound once its process has run for
     `bind_after` seconds, and the start answers collected."""
 
-    def __init__(self, prog: str, max_ep: int = 31) -> None:
+    def __init__(self, prog: str, max_ep: int = 31, lb: str = "", nodes: str = "",
+                 local: int = 1) -> None:
         from types import SimpleNamespace
 
         from dsp_proxy.config import parse_text
         self.max_ep = max_ep
-        cfg = parse_text("lb l { nodeid 0; }; server s { nodeid 1; rname 127.0.0.1; }; "
-                         f"service svc {{ ext_ep 30; min_ep 30; max_ep {max_ep}; "
+        cfg = parse_text(f"lb l {{ nodeid 0; {lb} }}; server s {{ nodeid 1; rname 127.0.0.1; "
+                         f"}}; {nodes} service svc {{ ext_ep 30; min_ep 30; max_ep {max_ep}; "
                          f"bind local; prog \"{prog}\"; }};")
         self.replies: list = []
         self.bind_after = 0.0
@@ -592,7 +610,7 @@ class _Programs:
                     raise E.DvkError.for_code(E.EDVSNOTBIND)
                 return SimpleNamespace(p_rts_flags=0)
 
-        host = SimpleNamespace(cfg=cfg, local=1, dvk=Kernel(),
+        host = SimpleNamespace(cfg=cfg, local=local, dvk=Kernel(),
                                send_control=lambda node, body: self.replies.append((node, body)))
         self.runner = ServiceRunner(host)
         # the programs' output files ($TMPDIR/svc_1_<ep>.out) in a directory of this test's
