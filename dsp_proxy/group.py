@@ -92,6 +92,9 @@ SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSN
 SERVICE_DOWN = frozenset({E.EDVSDSTDIED, E.EDVSNOTBIND, E.EDVSNOTREADY})
 LEVEL_NAMES = {C.LVL_NOTINIT: "NOTINIT", C.LVL_IDLE: "IDLE", C.LVL_BUSY: "BUSY",
                C.LVL_SATURATED: "SATURATED"}
+#: Generations of a translated endpoint (relayed mode) before they start again at 0: the
+#: largest for which every endpoint of the DC range still fits a signed 32-bit field.
+LB_EP_GENERATIONS = (2**31 - 1) // C._ENDPOINT_GEN_SIZE - 1
 #: Entries of the (dcid, endpoint) -> service cache before it is cleared (bounded memory).
 SERVICE_CACHE_MAX = 4096
 _NO_SERVICE = object()
@@ -336,6 +339,8 @@ class Group:
         # names a process of one DC only (the same number in two DCs is two processes)
         self.lb_eps_range = self.lb.lb_eps
         self.free_lb_eps: dict[int, list[int]] = {}
+        #: (dcid, slot) -> the generation the slot's next session gets (`_new_session`)
+        self.lb_eps_gen: dict[tuple[int, int], int] = {}
         self._svc_cache: dict[tuple[int, int], object] = {}
         self.meter = LoadMeter(self.lb.lowwater, self.lb.highwater, node_pids)
         self.local_services = 0      # bitmap of the configured services bound on this node
@@ -363,7 +368,8 @@ class Group:
         return None if svc is _NO_SERVICE else svc
 
     def lb_eps_pool(self, dcid: int) -> list[int]:
-        """The free translated endpoints of DC `dcid` (lock held)."""
+        """The free translated endpoints of DC `dcid`, as process numbers (slots) of the
+        `lb_eps` range (lock held); a session gets one with the slot's next generation."""
         pool = self.free_lb_eps.get(dcid)
         if pool is None:
             eps = self.lb_eps_range
@@ -577,7 +583,15 @@ class Group:
                         taken.clt_node, src, snode)
             self.counters["sessions_taken_back"] += 1
             self._end(taken, E.EDVSNOSPC, acts)
-        lbsvr_ep = self.lb_eps_pool(dcid).pop(0) if relayed else src
+        if relayed:
+            # a slot given to a new session gets a new generation (DVS endpoints carry one
+            # for this): what the server still sends to the slot's last session (a reply
+            # to a request of a session that ended or was taken back) names an endpoint no
+            # session has, instead of reaching this session's client as its reply
+            slot = self.lb_eps_pool(dcid).pop(0)
+            lbsvr_ep = C._ENDPOINT(self.lb_eps_gen.get((dcid, slot), 0), slot)
+        else:
+            lbsvr_ep = src
         sess = Session(dcid=dcid, clt_node=snode, clt_ep=src, clt_pid=pid, lbclt_ep=dst,
                        lbsvr_ep=lbsvr_ep, svr_node=srv.nodeid, service=svc, relayed=relayed,
                        last_used=self.clock())
@@ -814,7 +828,10 @@ class Group:
         if srv is not None:
             srv.sessions = max(0, srv.sessions - 1)
         if sess.relayed:
-            self.lb_eps_pool(sess.dcid).append(sess.lbsvr_ep)
+            slot = C._ENDPOINT_P(sess.lbsvr_ep)
+            gen = (sess.lbsvr_ep - slot) // C._ENDPOINT_GEN_SIZE
+            self.lb_eps_gen[(sess.dcid, slot)] = (gen + 1) % LB_EP_GENERATIONS
+            self.lb_eps_pool(sess.dcid).append(slot)
         self.counters["sessions_ended"] += 1
         if rcode is not None and sess.pending:
             req = Header()

@@ -410,8 +410,8 @@ def test_relayed_endpoints_are_a_pool_per_dc_and_come_back():
     assert ack.c_rcode == E.EDVSNOSPC
     with group.lock:
         group._end(group.sessions[(0, 3, 50, 10)], None, [])
-    _net(router, _req(dcid=0, src=52))
-    assert group.sessions[(0, 3, 52, 10)].lbsvr_ep == 100
+    _net(router, _req(dcid=0, src=52))          # slot 100 again, in its next generation
+    assert group.sessions[(0, 3, 52, 10)].lbsvr_ep == C._ENDPOINT(1, 100)
 
 
 TWO_CLIENT_NODES = RELAYED.replace("client node3", "client node4 { nodeid 4; rname 127.0.0.4; };\n"
@@ -431,12 +431,49 @@ def test_a_client_node_over_its_share_of_a_full_table_gives_back_its_idlest_sess
     acts = _acts(_net(router, _req(src=60, snode=4)))
     assert [a[0] for a in acts] == [SEND] and acts[0][1] in (1, 2)   # node 4's request out
     assert sorted(group.sessions) == [(0, 3, 50, 10), (0, 4, 60, 10)]
-    assert group.sessions[(0, 4, 60, 10)].lbsvr_ep == 101
+    assert group.sessions[(0, 4, 60, 10)].lbsvr_ep == C._ENDPOINT(1, 101)
     assert group.counters["sessions_taken_back"] == 1
     for src, snode in ((61, 4), (52, 3)):
         node, ack, _ = _sent(_net(router, _req(src=src, snode=snode)))
         assert (node, ack.c_rcode, ack.c_dst) == (snode, E.EDVSNOSPC, src)
     assert group.counters["sessions_taken_back"] == 1 and len(group.sessions) == 2
+
+
+def test_a_late_reply_to_a_session_that_ended_never_reaches_the_next_client_of_its_slot():
+    """Node 3's clients hold both translated endpoints (lb_eps 100 101), each waiting for
+    server 1's reply; a client of node 4 takes one back.  Its session used to get the very
+    endpoint, so server 1's reply to node 3's request (sent to 100 before or after) reached
+    node 4's client as the reply to its own request: one node could have its requests
+    answered into another node's sessions.  The slot comes back in a new generation; the
+    stale reply names no session and is left to this node's kernel (which refuses it), the
+    new session's own reply reaches its client; the compiled relay's flows use the same
+    endpoints.  Generations wrap within a 32-bit endpoint."""
+    from dsp_proxy import group as groupmod
+    router, group, _, clock = _router(TWO_CLIENT_NODES, up=(1,), reports=(1,))
+    _net(router, _req(src=50))
+    clock[0] += 1
+    _net(router, _req(src=51))
+    clock[0] += 1
+    acts = _acts(_net(router, _req(src=60, snode=4)))
+    (out,) = [Header(bytearray(a[2])) for a in acts if a[0] == SEND and a[1] == 1]
+    new_ep = group.sessions[(0, 4, 60, 10)].lbsvr_ep
+    assert out.c_src == new_ep and C._ENDPOINT_P(new_ep) == 100 and new_ep != 100
+    stale = _req(cmd=C.CMD_SEND_MSG, src=10, dst=100, snode=1, dnode=5, pid=88)
+    (act,) = _acts(_net(router, stale, peer=1))
+    assert act[0] == DELIVER                       # not SEND to node 4
+    mine = _req(cmd=C.CMD_SEND_MSG, src=10, dst=new_ep, snode=1, dnode=5, pid=88)
+    node, out, _ = _sent(_net(router, mine, peer=1))
+    assert (node, out.c_dst, out.c_src, out.c_snode) == (4, 60, 10, 0)
+    with group.lock:
+        group._end(group.sessions[(0, 4, 60, 10)], None, [])
+        group.lb_eps_gen[(0, 100)] = groupmod.LB_EP_GENERATIONS - 1
+    _net(router, _req(src=61, snode=4))
+    last = group.sessions[(0, 4, 61, 10)].lbsvr_ep
+    assert C._ENDPOINT_P(last) == 100 and 0 < last + C._ENDPOINT_GEN_SIZE < 2**31
+    with group.lock:
+        group._end(group.sessions[(0, 4, 61, 10)], None, [])
+    _net(router, _req(src=62, snode=4))
+    assert group.sessions[(0, 4, 62, 10)].lbsvr_ep == 100      # wrapped
 
 
 def test_a_session_taken_back_while_its_client_waits_answers_it_with_edvsnospc():
