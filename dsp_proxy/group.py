@@ -59,6 +59,7 @@ from dvk_cffi.wire import (
     set_run_snode,
     swap_endpoint,
     swap_endpoint_run,
+    vcopy_endpoints,
 )
 
 log = logging.getLogger("dsp.group")
@@ -157,12 +158,26 @@ class Session:
         """A `prog` service: the LB starts one program per session."""
         return bool(self.service.prog) and self.service.bind != "external"
 
-    def reaches(self, dst: int) -> bool:
-        """Whether the client may address `dst` (at the LB node) in this session.  A session
-        of a `prog` service reaches its own program only (the endpoint its first request
-        named): the other endpoints of the service's range are the programs of other
-        clients' sessions on the same server."""
-        return dst == self.lbclt_ep or not self.auto_run
+    def reaches(self, ep: int) -> bool:
+        """Whether the client may name `ep` (an endpoint at the LB node) in this session: an
+        endpoint of its service's range; for a `prog` service its own program only (the
+        endpoint its first request named): the other endpoints of the range are the programs
+        of other clients' sessions on the same server."""
+        if ep == self.lbclt_ep:
+            return True
+        return not self.auto_run and self.service.contains(ep)
+
+    def may_send(self, cmd: int, src: int, dst: int, hbuf, off: int = 0) -> bool:
+        """Whether the client's command (`src` -> `dst`, its header at `off` of `hbuf`) stays
+        in this session: it addresses an endpoint the session reaches, and a copy command's
+        endpoints (v_src, v_dst, v_rqtr) are each the client or such an endpoint.  The
+        server's kernel copies between the endpoints a copy names and trusts v_rqtr as the
+        requester: anything else in them would reach another client's program or any process
+        of the server, or borrow a privileged requester."""
+        if not self.reaches(dst):
+            return False
+        return cmd not in C.VCOPY_CMDS or all(
+            v == src or self.reaches(v) for v in vcopy_endpoints(hbuf, off))
 
 
 @dataclass
@@ -432,9 +447,11 @@ class Group:
             return None
         with self.lock:
             sess = self.sessions.get((dcid, snode, src, svc.ext_ep))
-            if sess is None or sess.starting or not sess.reaches(dst) or (
-                    cmd in C.REQUEST_CMDS and pid != sess.clt_pid and pid > 0
-                    and sess.clt_pid > 0):
+            if sess is None or sess.starting or (cmd in C.REQUEST_CMDS and pid != sess.clt_pid
+                                                 and pid > 0 and sess.clt_pid > 0) or not all(
+                    sess.may_send(cmd, src, dst, block, off)
+                    for off in range(0, n * HEADER_SIZE if cmd in C.VCOPY_CMDS else 1,
+                                     HEADER_SIZE)):
                 return None
             self._fast_take(sess)
             sess.last_used = self.clock()
@@ -495,10 +512,10 @@ class Group:
                     return acts
                 data = bytes(payload[:length]) if length else b""
                 sess.first = (bytes(hbuf), data)
-            if not sess.reaches(dst):
+            if not sess.may_send(cmd, src, dst, hbuf):
                 self.counters["refused"] += 1
-                log.debug("session of client %d@%d: endpoint %d is not its program's, "
-                          "command %#x refused", src, snode, dst, cmd)
+                log.debug("session of client %d@%d: command %#x to %d names an endpoint "
+                          "outside the session: refused", src, snode, cmd, dst)
                 _add(acts, self.error_reply(Header(bytearray(hbuf)), E.EDVSDSTDIED, relayed))
                 self._fast_give(sess)
                 return acts or None

@@ -128,8 +128,14 @@ def test_seed_scenario_sessions_spread_over_two_servers(tmp_path, bg):
             c.close()
 
 
-def test_m3ftp_through_the_lb(tmp_path, bg):
-    with cluster_from(lb_config(), tmp_path) as cl:
+@pytest.mark.parametrize("mode", ["local", "relayed"])
+def test_m3ftp_through_the_lb(tmp_path, bg, mode):
+    """Also through the LB host (relayed mode): the servers' copies from and to the client,
+    whose answers name the client and the service's endpoint, pass the LB host's rule for a
+    client's copies (Session.may_send)."""
+    cfg = lb_config() if mode == "local" else lb_config(
+        extra="cltname lbhost; lb_eps 100 150;", more="client lbhost { nodeid 5; rname {net}.5; };")
+    with cluster_from(cfg, tmp_path) as cl:
         b = Background(cl, tmp_path)
         bg.append(b)
         shared = tmp_path / "export"  # both servers serve one directory (shared storage)

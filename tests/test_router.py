@@ -343,6 +343,7 @@ def test_frames_parked_while_a_program_starts_are_bounded_and_refused_with_an_er
     replies = []
     for i in range(groupmod.PARKED_MAX + 40):
         replies += _acts(_net(router, _req(cmd=C.CMD_COPYIN_DATA, dst=30, c_len=len(data),
+                                           v_src=50, v_dst=30, v_rqtr=50,
                                            v_bytes=len(data)), data))
         replies += _acts(_net(router, _req(dst=30, c_tv_sec=i)))
     sess = group.sessions[(0, 3, 50, 30)]
@@ -393,10 +394,48 @@ def test_a_client_reaches_only_its_own_program_not_another_sessions():
     cp = _req(cmd=C.CMD_COPYIN_DATA, dst=34, src=50, snode=3, c_len=5, v_src=50, v_dst=34,
               v_rqtr=50, v_bytes=5)
     assert not [a for a in _acts(_net(router, cp, b"hello")) if a[0] == SEND and a[1] == 1]
+    # a copy addressed to its own program that names the other one (the server's kernel
+    # copies between the endpoints named, here from its program into 60@4's): the copy's
+    # error ACK, nothing to the server; the same copy within the session goes out mapped
+    for v in ((30, 34, 50), (34, 30, 50), (30, 30, 34)):
+        lcl = _req(cmd=C.CMD_COPYLCL_RQST, dst=30, src=50, snode=3, v_src=v[0], v_dst=v[1],
+                   v_rqtr=v[2], v_bytes=5)
+        node, ack, _ = _sent(_net(router, lcl))
+        assert (node, ack.c_cmd, ack.c_rcode) == (3, C.CMD_COPYLCL_ACK, E.EDVSDSTDIED), v
+    lcl = _req(cmd=C.CMD_COPYLCL_RQST, dst=30, src=50, snode=3, v_src=30, v_dst=30, v_rqtr=50,
+               v_bytes=5)
+    node, out, _ = _sent(_net(router, lcl))
+    assert (node, out.c_dst, out.v_src, out.v_dst, out.v_rqtr) == (1, 33, 33, 33, 100)
     assert sorted(group.sessions) == [(0, 3, 50, 30), (0, 4, 60, 30)]
     for src, snode, ep in ((50, 3, 33), (60, 4, 34)):
         node, out, _ = _sent(_net(router, _req(dst=30, src=src, snode=snode)))
         assert (node, out.c_dst) == (1, ep)
+
+
+def test_a_clients_copy_names_only_itself_and_its_services_endpoints():
+    """A relayed client's copy commands went to the server with their vcopy endpoints as
+    the client wrote them: a COPYLCL_RQST in its session had the server's kernel copy
+    between any two processes of the server (another service's, a system process), with a
+    requester (v_rqtr) of the client's choosing, whose privilege the kernel checks.  Each
+    endpoint a copy names must be the client or one of the service's range; anything else
+    gets the copy's error ACK and nothing goes to the server.  The client's ordinary copies
+    (answering the server's, naming both ends) go out, runs of them too."""
+    router, group, _, _ = _router()
+    _net(router, _req())                                      # 50@3 -> latency (10..19)
+    for v in ((10, 5, 50), (30, 11, 50), (10, 11, 2), (10, 50, 100)):
+        cp = _req(cmd=C.CMD_COPYLCL_RQST, v_src=v[0], v_dst=v[1], v_rqtr=v[2], v_bytes=8)
+        node, ack, _ = _sent(_net(router, cp))
+        assert (node, ack.c_cmd, ack.c_rcode, ack.c_dst) == \
+            (3, C.CMD_COPYLCL_ACK, E.EDVSDSTDIED, 50), v
+        h = _req(cmd=C.CMD_COPYOUT_RQST, v_src=v[0], v_dst=v[1], v_rqtr=v[2], v_bytes=8)
+        acts = router.from_network_run(memoryview(bytes(h.buf) * 2), h.route(), 2, 3, False)
+        assert acts and not [a for a in acts if a[0] == SEND and a[1] != 3], v
+    for v in ((10, 11, 50), (50, 10, 10), (10, 50, 50)):
+        cp = _req(cmd=C.CMD_COPYOUT_RQST, v_src=v[0], v_dst=v[1], v_rqtr=v[2], v_bytes=8)
+        node, out, _ = _sent(_net(router, cp))
+        assert node == 1 and 100 in (out.v_src, out.v_dst, out.v_rqtr), v
+        acts = router.from_network_run(memoryview(bytes(cp.buf) * 2), cp.route(), 2, 3, False)
+        assert [a[1] for a in acts] == [1], v
 
 
 def test_relayed_endpoints_are_a_pool_per_dc_and_come_back():
