@@ -563,6 +563,8 @@ class ServiceRunner:
         self.closed = False
         self.start_threads: set[threading.Thread] = set()
         self.stopping: set[subprocess.Popen] = set()   # a gone peer's, being stopped
+        #: when a program was last asked to stop: its endpoint is free once it has exited
+        self.last_stop = 0.0
         #: program starts that bound their endpoint, and those that failed (the last one's
         #: reason), for the status and `dsp_proxy stats`
         self.started = 0
@@ -635,6 +637,8 @@ class ServiceRunner:
             keys = [key for key, owner in self.owners.items() if owner == peer]
             procs = [self.procs.pop(key) for key in keys if key in self.procs]
             self.stopping.update(procs)
+            if procs:
+                self.last_stop = time.monotonic()
             for key in keys:
                 del self.owners[key]
         if procs:
@@ -723,6 +727,13 @@ class ServiceRunner:
             log.warning("service %s: prog cannot be split into words: %s", svc.name, exc)
             return E.EDVSNOEXEC
         ep = self._reserve(dcid, svc)
+        # every endpoint taken, one of them by a program just asked to stop (the LB took a
+        # session back for this one, and asks for its start right after the stop): its
+        # endpoint is free once it has exited, within the stop's grace period
+        until = self.last_stop + STOP_GRACE + 1.0
+        while ep is None and time.monotonic() < until and not self.closed:
+            time.sleep(0.05)
+            ep = self._reserve(dcid, svc)
         if ep is None:
             return E.EDVSAGAIN
         argv = words + [str(dcid), str(ep), str(clt_node), str(clt_ep)]
@@ -822,6 +833,7 @@ class ServiceRunner:
             proc = self.procs.pop((dcid, ep), None)
             if proc is not None:
                 self.stopping.add(proc)
+                self.last_stop = time.monotonic()
         if proc is None:
             return
         log.info("stopping the program on endpoint %d of DC %d", ep, dcid)

@@ -585,7 +585,11 @@ class Group:
         if not room:
             self.counters["table_full"] += 1
             return None, E.EDVSNOSPC
-        srv = self.choose_server(snode if not relayed else -1, svc, exclude)
+        client = snode if not relayed else -1
+        if svc.prog and svc.bind != "external":
+            srv, evicted = self._program_room(dcid, snode, client, svc, exclude)
+        else:
+            srv, evicted = self.choose_server(client, svc, exclude), None
         if srv is None:
             log.info("no usable server for client %d@%d: %s", src, snode,
                      ", ".join(f"node {s.nodeid} {LEVEL_NAMES[s.level]}"
@@ -600,6 +604,13 @@ class Group:
                         taken.clt_node, src, snode)
             self.counters["sessions_taken_back"] += 1
             self._end(taken, E.EDVSNOSPC, acts)
+        if evicted is not None and self.sessions.get(evicted.key()) is evicted:
+            log.warning("every program of service %s on the usable servers serves a session "
+                        "of DC %d: the session of client %d@%d, whose node holds more than its "
+                        "share, ends for client %d@%d", svc.name, dcid, evicted.clt_ep,
+                        evicted.clt_node, src, snode)
+            self.counters["sessions_taken_back"] += 1
+            self._end(evicted, E.EDVSNOSPC, acts)     # its program stops: room for this one
         if relayed:
             # a slot given to a new session gets a new generation (DVS endpoints carry one
             # for this): what the server still sends to the slot's last session (a reply
@@ -657,6 +668,39 @@ class Group:
         log.debug("DC %d full: node %d holds %d of %d, over its share of %d", dcid, hog,
                   len(held[hog]), size, share)
         return True, victim
+
+    def _program_room(self, dcid: int, client_node: int, client: int, svc,
+                      exclude: int) -> tuple[ServerState | None, Session | None]:
+        """(lock held) The server for a new session of `prog` service `svc` in DC `dcid`, and
+        the session whose program must stop first.  A server runs at most one program per
+        endpoint of the service's range, so its range is a table shared like the session
+        table (`_room`): servers whose range this DSP's sessions fill are skipped; when every
+        usable server's is full, a client node under its share (the programs over the client
+        nodes holding them, the asking one included) takes the least recently used session,
+        idle ones first, of the node holding the most, on that session's server.  Without
+        this one client node's idle sessions kept a `prog` service from everybody else."""
+        candidates = self.usable_servers(client, svc, exclude)
+        if not candidates:
+            return None, None
+        size = svc.max_ep - svc.min_ep + 1
+        on: dict[int, list[Session]] = {s.nodeid: [] for s in candidates}
+        for sess in self.sessions.values():
+            if sess.dcid == dcid and sess.service.name == svc.name and sess.svr_node in on:
+                on[sess.svr_node].append(sess)
+        free = [s for s in candidates if len(on[s.nodeid]) < size]
+        if free:
+            return min(free, key=lambda s: (s.level, s.sessions, s.cpu, s.nodeid)), None
+        self._fast_sync()
+        held: dict[int, list[Session]] = {}
+        for sessions in on.values():
+            for sess in sessions:
+                held.setdefault(sess.clt_node, []).append(sess)
+        share = size * len(candidates) // (len(held) + (client_node not in held))
+        if len(held.get(client_node, ())) >= share:
+            return None, None
+        hog = max(held, key=lambda n: len(held[n]))
+        victim = min(held[hog], key=lambda s: (bool(s.pending or s.starting), s.last_used))
+        return self.servers[victim.svr_node], victim
 
     def _map(self, sess: Session, client_side: int, server_side: int) -> None:
         """Route `client_side` (an endpoint the client addresses at the LB) to `server_side`

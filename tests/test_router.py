@@ -412,6 +412,41 @@ def test_a_client_reaches_only_its_own_program_not_another_sessions():
         assert (node, out.c_dst) == (1, ep)
 
 
+def test_a_client_node_over_its_share_of_a_services_programs_gives_one_back():
+    """A `prog` service of two endpoints (30-31) on the one usable server: node 3's two
+    idle sessions have its two programs, and every new session of another node was answered
+    EDVSAGAIN by the server (no free endpoint) for as long as they lasted.  Node 4, under its
+    share (one of two), takes node 3's least recently used session: that one's program is
+    stopped, then node 4's is asked for, on the same server.  Then both nodes are at their
+    share and get EDVSAGAIN without asking the server."""
+    text = TWO_CLIENT_NODES.replace("min_ep 30; max_ep 39;", "min_ep 30; max_ep 31;") \
+        .replace("lb_eps 100 101", "lb_eps 100 109")
+    router, group, _, clock = _router(text, up=(1,), reports=(1,))
+    _started_program(router, group, 50, 3, 30)
+    clock[0] += 1
+    _started_program(router, group, 51, 3, 31)
+    clock[0] += 1
+    _net(router, _req(dst=30, src=51, snode=3, cmd=C.CMD_SEND_MSG))   # 50: least recent
+    acts = _acts(_net(router, _req(dst=30, src=60, snode=4)))
+    controls = []
+    for a in acts:
+        if a[0] == CONTROL:
+            m = Message()
+            m.load(a[2])
+            controls.append((a[1], m.m_type, m.m1_i2))
+    assert controls[0] == (1, MT_SVC_STOP, 30) and controls[1][:2] == (1, MT_SVC_START)
+    errors = [Header(bytearray(a[2])) for a in acts if a[0] == SEND]
+    assert [(h.c_dnode, h.c_dst, h.c_rcode) for h in errors] == [(3, 50, E.EDVSNOSPC)]
+    assert sorted(group.sessions) == [(0, 3, 51, 30), (0, 4, 60, 30)]
+    assert group.counters["sessions_taken_back"] == 1
+    for src, snode in ((61, 4), (52, 3)):
+        acts = _acts(_net(router, _req(dst=30, src=src, snode=snode)))
+        assert not [a for a in acts if a[0] == CONTROL]
+        node, ack, _ = _sent(acts)
+        assert (node, ack.c_dst, ack.c_rcode) == (snode, src, E.EDVSAGAIN)
+    assert sorted(group.sessions) == [(0, 3, 51, 30), (0, 4, 60, 30)]
+
+
 def test_a_clients_copy_names_only_itself_and_its_services_endpoints():
     """A relayed client's copy commands went to the server with their vcopy endpoints as
     the client wrote them: a COPYLCL_RQST in its session had the server's kernel copy
