@@ -59,6 +59,7 @@ from dvk_cffi.wire import (
     set_run_snode,
     swap_endpoint,
     swap_endpoint_run,
+    vcopy_endpoints,
 )
 
 log = logging.getLogger("dsp.group")
@@ -92,6 +93,9 @@ SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSN
 SERVICE_DOWN = frozenset({E.EDVSDSTDIED, E.EDVSNOTBIND, E.EDVSNOTREADY})
 LEVEL_NAMES = {C.LVL_NOTINIT: "NOTINIT", C.LVL_IDLE: "IDLE", C.LVL_BUSY: "BUSY",
                C.LVL_SATURATED: "SATURATED"}
+#: Generations of a translated endpoint (relayed mode) before they start again at 0: the
+#: largest for which every endpoint of the DC range still fits a signed 32-bit field.
+LB_EP_GENERATIONS = (2**31 - 1) // C._ENDPOINT_GEN_SIZE - 1
 #: Entries of the (dcid, endpoint) -> service cache before it is cleared (bounded memory).
 SERVICE_CACHE_MAX = 4096
 _NO_SERVICE = object()
@@ -157,6 +161,27 @@ class Session:
     def auto_run(self) -> bool:
         """A `prog` service: the LB starts one program per session."""
         return bool(self.service.prog) and self.service.bind != "external"
+
+    def reaches(self, ep: int) -> bool:
+        """Whether the client may name `ep` (an endpoint at the LB node) in this session: an
+        endpoint of its service's range; for a `prog` service its own program only (the
+        endpoint its first request named): the other endpoints of the range are the programs
+        of other clients' sessions on the same server."""
+        if ep == self.lbclt_ep:
+            return True
+        return not self.auto_run and self.service.contains(ep)
+
+    def may_send(self, cmd: int, src: int, dst: int, hbuf, off: int = 0) -> bool:
+        """Whether the client's command (`src` -> `dst`, its header at `off` of `hbuf`) stays
+        in this session: it addresses an endpoint the session reaches, and a copy command's
+        endpoints (v_src, v_dst, v_rqtr) are each the client or such an endpoint.  The
+        server's kernel copies between the endpoints a copy names and trusts v_rqtr as the
+        requester: anything else in them would reach another client's program or any process
+        of the server, or borrow a privileged requester."""
+        if not self.reaches(dst):
+            return False
+        return cmd not in C.VCOPY_CMDS or all(
+            v == src or self.reaches(v) for v in vcopy_endpoints(hbuf, off))
 
 
 @dataclass
@@ -333,6 +358,8 @@ class Group:
         # names a process of one DC only (the same number in two DCs is two processes)
         self.lb_eps_range = self.lb.lb_eps
         self.free_lb_eps: dict[int, list[int]] = {}
+        #: (dcid, slot) -> the generation the slot's next session gets (`_new_session`)
+        self.lb_eps_gen: dict[tuple[int, int], int] = {}
         self._svc_cache: dict[tuple[int, int], object] = {}
         self.meter = LoadMeter(self.lb.lowwater, self.lb.highwater, node_pids)
         self.local_services = 0      # bitmap of the configured services bound on this node
@@ -360,7 +387,8 @@ class Group:
         return None if svc is _NO_SERVICE else svc
 
     def lb_eps_pool(self, dcid: int) -> list[int]:
-        """The free translated endpoints of DC `dcid` (lock held)."""
+        """The free translated endpoints of DC `dcid`, as process numbers (slots) of the
+        `lb_eps` range (lock held); a session gets one with the slot's next generation."""
         pool = self.free_lb_eps.get(dcid)
         if pool is None:
             eps = self.lb_eps_range
@@ -437,7 +465,10 @@ class Group:
         with self.lock:
             sess = self.sessions.get((dcid, snode, src, svc.ext_ep))
             if sess is None or sess.starting or (cmd in C.REQUEST_CMDS and pid != sess.clt_pid
-                                                 and pid > 0 and sess.clt_pid > 0):
+                                                 and pid > 0 and sess.clt_pid > 0) or not all(
+                    sess.may_send(cmd, src, dst, block, off)
+                    for off in range(0, n * HEADER_SIZE if cmd in C.VCOPY_CMDS else 1,
+                                     HEADER_SIZE)):
                 return None
             self._fast_take(sess)
             sess.last_used = self.clock()
@@ -498,6 +529,13 @@ class Group:
                     return acts
                 data = bytes(payload[:length]) if length else b""
                 sess.first = (bytes(hbuf), data)
+            if not sess.may_send(cmd, src, dst, hbuf):
+                self.counters["refused"] += 1
+                log.debug("session of client %d@%d: command %#x to %d names an endpoint "
+                          "outside the session: refused", src, snode, cmd, dst)
+                _add(acts, self.error_reply(Header(bytearray(hbuf)), E.EDVSDSTDIED, relayed))
+                self._fast_give(sess)
+                return acts or None
             sess.last_used = self.clock()
             if sess.starting and (len(sess.parked) >= PARKED_MAX
                                   or sess.parked_bytes + HEADER_SIZE + length > PARKED_BYTES):
@@ -564,7 +602,11 @@ class Group:
         if not room:
             self.counters["table_full"] += 1
             return None, E.EDVSNOSPC
-        srv = self.choose_server(snode if not relayed else -1, svc, exclude)
+        client = snode if not relayed else -1
+        if svc.prog and svc.bind != "external":
+            srv, evicted = self._program_room(dcid, snode, client, svc, exclude)
+        else:
+            srv, evicted = self.choose_server(client, svc, exclude), None
         if srv is None:
             log.info("no usable server for client %d@%d: %s", src, snode,
                      ", ".join(f"node {s.nodeid} {LEVEL_NAMES[s.level]}"
@@ -579,7 +621,22 @@ class Group:
                         taken.clt_node, src, snode)
             self.counters["sessions_taken_back"] += 1
             self._end(taken, E.EDVSNOSPC, acts)
-        lbsvr_ep = self.lb_eps_pool(dcid).pop(0) if relayed else src
+        if evicted is not None and self.sessions.get(evicted.key()) is evicted:
+            log.warning("every program of service %s on the usable servers serves a session "
+                        "of DC %d: the session of client %d@%d, whose node holds more than its "
+                        "share, ends for client %d@%d", svc.name, dcid, evicted.clt_ep,
+                        evicted.clt_node, src, snode)
+            self.counters["sessions_taken_back"] += 1
+            self._end(evicted, E.EDVSNOSPC, acts)     # its program stops: room for this one
+        if relayed:
+            # a slot given to a new session gets a new generation (DVS endpoints carry one
+            # for this): what the server still sends to the slot's last session (a reply
+            # to a request of a session that ended or was taken back) names an endpoint no
+            # session has, instead of reaching this session's client as its reply
+            slot = self.lb_eps_pool(dcid).pop(0)
+            lbsvr_ep = C._ENDPOINT(self.lb_eps_gen.get((dcid, slot), 0), slot)
+        else:
+            lbsvr_ep = src
         sess = Session(dcid=dcid, clt_node=snode, clt_ep=src, clt_pid=pid, lbclt_ep=dst,
                        lbsvr_ep=lbsvr_ep, svr_node=srv.nodeid, service=svc, relayed=relayed,
                        last_used=self.clock())
@@ -628,6 +685,39 @@ class Group:
         log.debug("DC %d full: node %d holds %d of %d, over its share of %d", dcid, hog,
                   len(held[hog]), size, share)
         return True, victim
+
+    def _program_room(self, dcid: int, client_node: int, client: int, svc,
+                      exclude: int) -> tuple[ServerState | None, Session | None]:
+        """(lock held) The server for a new session of `prog` service `svc` in DC `dcid`, and
+        the session whose program must stop first.  A server runs at most one program per
+        endpoint of the service's range, so its range is a table shared like the session
+        table (`_room`): servers whose range this DSP's sessions fill are skipped; when every
+        usable server's is full, a client node under its share (the programs over the client
+        nodes holding them, the asking one included) takes the least recently used session,
+        idle ones first, of the node holding the most, on that session's server.  Without
+        this one client node's idle sessions kept a `prog` service from everybody else."""
+        candidates = self.usable_servers(client, svc, exclude)
+        if not candidates:
+            return None, None
+        size = svc.max_ep - svc.min_ep + 1
+        on: dict[int, list[Session]] = {s.nodeid: [] for s in candidates}
+        for sess in self.sessions.values():
+            if sess.dcid == dcid and sess.service.name == svc.name and sess.svr_node in on:
+                on[sess.svr_node].append(sess)
+        free = [s for s in candidates if len(on[s.nodeid]) < size]
+        if free:
+            return min(free, key=lambda s: (s.level, s.sessions, s.cpu, s.nodeid)), None
+        self._fast_sync()
+        held: dict[int, list[Session]] = {}
+        for sessions in on.values():
+            for sess in sessions:
+                held.setdefault(sess.clt_node, []).append(sess)
+        share = size * len(candidates) // (len(held) + (client_node not in held))
+        if len(held.get(client_node, ())) >= share:
+            return None, None
+        hog = max(held, key=lambda n: len(held[n]))
+        victim = min(held[hog], key=lambda s: (bool(s.pending or s.starting), s.last_used))
+        return self.servers[victim.svr_node], victim
 
     def _map(self, sess: Session, client_side: int, server_side: int) -> None:
         """Route `client_side` (an endpoint the client addresses at the LB) to `server_side`
@@ -816,7 +906,10 @@ class Group:
         if srv is not None:
             srv.sessions = max(0, srv.sessions - 1)
         if sess.relayed:
-            self.lb_eps_pool(sess.dcid).append(sess.lbsvr_ep)
+            slot = C._ENDPOINT_P(sess.lbsvr_ep)
+            gen = (sess.lbsvr_ep - slot) // C._ENDPOINT_GEN_SIZE
+            self.lb_eps_gen[(sess.dcid, slot)] = (gen + 1) % LB_EP_GENERATIONS
+            self.lb_eps_pool(sess.dcid).append(slot)
         self.counters["sessions_ended"] += 1
         if rcode is not None and sess.pending:
             req = Header()

@@ -336,19 +336,22 @@ class Deliverer:
         binds a configured service's ext_ep (a server's program, down for a moment, could not
         bind it again)."""
         ctx, dcid, ep, node = self.ctx, h.c_dcid, h.c_src, h.c_snode
+        # the slot of `ep`, which may carry a generation (the LB host gives a translated
+        # endpoint a new one for each session): what is bound there may be another one
+        slot = C._ENDPOINT_P(ep)
         if self.peer is not None and node != self.peer:
             return False
-        if node != ctx.lb_node and ctx.service_ep(dcid, ep):
+        if node != ctx.lb_node and ctx.service_ep(dcid, slot):
             return False        # (the LB node's own service bindings are this DSP's to repair)
         dvk = ctx.dvk
         try:
-            info = dvk.getprocinfo(dcid, ep)
+            info = dvk.getprocinfo(dcid, slot)
             if not info.p_rts_flags & C.SLOT_FREE:
                 if not info.p_rts_flags & C.REMOTE or info.p_nodeid == ctx.lb_node:
                     return False
                 if info.p_nodeid == node and info.p_endpoint == ep:
                     return True
-                dvk.unbind(dcid, ep)
+                dvk.unbind(dcid, info.p_endpoint)
             dvk.rmtbind(dcid, "rclient", ep, node)
             log.debug("bound endpoint %d of DC %d to node %d", ep, dcid, node)
             return True
