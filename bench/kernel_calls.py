@@ -170,7 +170,7 @@ def server_path(rounds: int) -> float:
             mine, theirs = socket.socketpair()
             mine.settimeout(ANSWER_TIMEOUT)
             theirs.setblocking(False)
-            c = _Conn(theirs)
+            c = _Conn(theirs, os.getpid())   # its peer is this process
             srv.conns.add(c)
             srv.fdmap[theirs.fileno()] = c
             peers.append(mine)

@@ -35,6 +35,7 @@ from dvk_cffi import errors as E
 from dvk_cffi.api import Dvk
 from dvk_cffi.wire import Message
 
+from . import topology
 from .config import Config
 from .group import MT_SVC_START, MT_SVC_STOP, Group, control_message
 
@@ -407,17 +408,21 @@ class Autoscaler:
         self.commands.stop_all()
 
     def decider(self) -> int | None:
-        """The deciding DSP: the node `svrname` names, else the lowest-id live server."""
+        """The deciding DSP: the node `svrname` names, else the lowest-id live server that
+        runs a DSP of this project (a C DSP does not decide)."""
         lb = self.lb
         named = self.host.cfg.node_by_name(lb.svrname) if lb.svrname else None
         if named is not None:
             return named.nodeid
         live = self.running()
+        group = self.host.group
+        if group is not None:
+            live -= {s.nodeid for s in group.servers.copy().values() if group.is_c_server(s)}
         return min(live) if live else None
 
     def running(self) -> set[int]:
-        """Servers that count as running: links up both ways and reporting; this node
-        counts itself when it is a server."""
+        """Servers that count as running: links up both ways and reporting (a C DSP: its
+        link up); this node counts itself when it is a server."""
         group = self.host.group
         out = set()
         me = self.host.cfg.nodes_by_id.get(self.host.local)
@@ -570,6 +575,7 @@ class ServiceRunner:
         #: (dcid, ep) -> the peer whose start request started the program: only it stops it
         self.owners: dict[tuple[int, int], int] = {}
         self.warned: set[int] = set()    # peers whose foreign stop requests were logged
+        self.refused: set[int] = set()   # peers whose refused start requests were logged
         self.reserved: set[tuple[int, int]] = set()
         self.starting = 0                # start threads running (at most MAX_STARTING)
         self.gone: dict[int, int] = {}   # peer -> how often its link went down
@@ -577,6 +583,8 @@ class ServiceRunner:
         self.closed = False
         self.start_threads: set[threading.Thread] = set()
         self.stopping: set[subprocess.Popen] = set()   # a gone peer's, being stopped
+        #: when a program was last asked to stop: its endpoint is free once it has exited
+        self.last_stop = 0.0
         #: program starts that bound their endpoint, and those that failed (the last one's
         #: reason), for the status and `dsp_proxy stats`
         self.started = 0
@@ -587,6 +595,14 @@ class ServiceRunner:
         """A control frame from a client's DSP (a start runs on a thread of its own, at most
         MAX_STARTING at once)."""
         if m.m_type == MT_SVC_START:
+            why = self._refusal(peer)
+            if why is not None:
+                level = logging.DEBUG if peer in self.refused else logging.WARNING
+                self.refused.add(peer)
+                log.log(level, "node %d asked for a program: refused, %s (logged once per "
+                        "node)", peer, why)
+                self._answer(peer, E.EDVSPERM, m.m1_p2)
+                return
             started = False
             with self.lock:     # started under the lock, so stop_all sees it to wait for
                 closed = self.closed
@@ -618,6 +634,19 @@ class ServiceRunner:
         elif m.m_type == MT_SVC_STOP:
             self.stop(m.m1_i1, m.m1_i2, peer, wait=False)
 
+    def _refusal(self, peer: int) -> str | None:
+        """Why `peer` may not have a program started here (None: it may).  Only a server
+        node of the config runs programs, and only for a DSP that balances sessions: a
+        relayed client node has no LB of its own (the LB host asks for its sessions), so a
+        start it asks for serves no session and nothing would ever stop it."""
+        cfg = self.host.cfg
+        me = cfg.nodes_by_id.get(self.host.local)
+        if me is None or not me.is_server:
+            return "this node is not a server of the config"
+        if topology.is_relayed_client(cfg, peer):
+            return "it is a relayed client node, which asks no server for anything"
+        return None
+
     def peer_gone(self, peer: int) -> None:
         """The link to `peer` went down: its sessions ended with it, so the programs it asked
         for serve nobody; they are stopped (their endpoints are free again), on a thread of
@@ -628,6 +657,8 @@ class ServiceRunner:
             keys = [key for key, owner in self.owners.items() if owner == peer]
             procs = [self.procs.pop(key) for key in keys if key in self.procs]
             self.stopping.update(procs)
+            if procs:
+                self.last_stop = time.monotonic()
             for key in keys:
                 del self.owners[key]
         if procs:
@@ -719,6 +750,13 @@ class ServiceRunner:
             log.warning("service %s: prog cannot be split into words: %s", svc.name, exc)
             return E.EDVSNOEXEC
         ep = self._reserve(dcid, svc)
+        # every endpoint taken, one of them by a program just asked to stop (the LB took a
+        # session back for this one, and asks for its start right after the stop): its
+        # endpoint is free once it has exited, within the stop's grace period
+        until = self.last_stop + STOP_GRACE + 1.0
+        while ep is None and time.monotonic() < until and not self.closed:
+            time.sleep(0.05)
+            ep = self._reserve(dcid, svc)
         if ep is None:
             return E.EDVSAGAIN
         argv = words + [str(dcid), str(ep), str(clt_node), str(clt_ep)]
@@ -822,6 +860,7 @@ class ServiceRunner:
             proc = self.procs.pop((dcid, ep), None)
             if proc is not None:
                 self.stopping.add(proc)
+                self.last_stop = time.monotonic()
         if proc is None:
             return
         log.info("stopping the program on endpoint %d of DC %d", ep, dcid)

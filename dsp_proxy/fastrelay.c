@@ -519,6 +519,17 @@ void rt_untally(relay_table *t, int node, const unsigned char *buf, int len)
 
 /* Rewrite endpoint `old` as `new` where a header of command class `c` names it: c_dst
  * (dst_side) or c_src and the message's m_source, and the vcopy endpoints. */
+/* Each endpoint a copy command names (v_src, v_dst, v_rqtr) is `a` or `b`. */
+static inline int vcopy_between(const unsigned char *h, int32_t a, int32_t b)
+{
+    for (int k = 0; k < 3; k++) {
+        int32_t v = rd(h, O_V + 4 * k);
+        if (v != a && v != b)
+            return 0;
+    }
+    return 1;
+}
+
 static inline void swap_ep(unsigned char *h, uint8_t c, int32_t old, int32_t new, int dst_side)
 {
     if (old == new)
@@ -727,6 +738,10 @@ static int relay_walk(relay_table *t, int peer, unsigned char *buf, int start, i
         int32_t out;
         if (dir == 0) {
             if ((c & K_REQUEST) && pid > 0 && s->clt_pid > 0 && pid != s->clt_pid)
+                break;
+            /* a client's copy naming any endpoint but its own and the one it addresses:
+             * the router decides whether the session reaches it (Session.may_send) */
+            if ((c & K_VCOPY) && !vcopy_between(h, src, dst))
                 break;
             out = s->svr_node;
         } else {

@@ -59,6 +59,7 @@ from dvk_cffi.wire import (
     set_run_snode,
     swap_endpoint,
     swap_endpoint_run,
+    vcopy_endpoints,
 )
 
 log = logging.getLogger("dsp.group")
@@ -95,6 +96,9 @@ SERVER_GONE = frozenset({E.EDVSDSTDIED, E.EDVSSRCDIED, E.EDVSDEADSRCDST, E.EDVSN
 SERVICE_DOWN = frozenset({E.EDVSDSTDIED, E.EDVSNOTBIND, E.EDVSNOTREADY})
 LEVEL_NAMES = {C.LVL_NOTINIT: "NOTINIT", C.LVL_IDLE: "IDLE", C.LVL_BUSY: "BUSY",
                C.LVL_SATURATED: "SATURATED"}
+#: Generations of a translated endpoint (relayed mode) before they start again at 0: the
+#: largest for which every endpoint of the DC range still fits a signed 32-bit field.
+LB_EP_GENERATIONS = (2**31 - 1) // C._ENDPOINT_GEN_SIZE - 1
 #: Entries of the (dcid, endpoint) -> service cache before it is cleared (bounded memory).
 SERVICE_CACHE_MAX = 4096
 _NO_SERVICE = object()
@@ -110,11 +114,15 @@ def control_message(m_type: int, **fields: int) -> bytes:
 
 
 class PeerView(Protocol):
-    """What the router may know of the links: nothing but these two queries."""
+    """What the router may know of the links: nothing but these three queries."""
 
     def up(self, node: int) -> bool: ...
 
     def frames(self, node: int) -> int: ...
+
+    def c_peer(self, node: int) -> bool:
+        """The link is up and its peer is a C DSP (`Link.c_peer`)."""
+        ...
 
 
 @dataclass
@@ -156,6 +164,27 @@ class Session:
     def auto_run(self) -> bool:
         """A `prog` service: the LB starts one program per session."""
         return bool(self.service.prog) and self.service.bind != "external"
+
+    def reaches(self, ep: int) -> bool:
+        """Whether the client may name `ep` (an endpoint at the LB node) in this session: an
+        endpoint of its service's range; for a `prog` service its own program only (the
+        endpoint its first request named): the other endpoints of the range are the programs
+        of other clients' sessions on the same server."""
+        if ep == self.lbclt_ep:
+            return True
+        return not self.auto_run and self.service.contains(ep)
+
+    def may_send(self, cmd: int, src: int, dst: int, hbuf, off: int = 0) -> bool:
+        """Whether the client's command (`src` -> `dst`, its header at `off` of `hbuf`) stays
+        in this session: it addresses an endpoint the session reaches, and a copy command's
+        endpoints (v_src, v_dst, v_rqtr) are each the client or such an endpoint.  The
+        server's kernel copies between the endpoints a copy names and trusts v_rqtr as the
+        requester: anything else in them would reach another client's program or any process
+        of the server, or borrow a privileged requester."""
+        if not self.reaches(dst):
+            return False
+        return cmd not in C.VCOPY_CMDS or all(
+            v == src or self.reaches(v) for v in vcopy_endpoints(hbuf, off))
 
 
 @dataclass
@@ -337,6 +366,8 @@ class Group:
         # names a process of one DC only (the same number in two DCs is two processes)
         self.lb_eps_range = self.lb.lb_eps
         self.free_lb_eps: dict[int, list[int]] = {}
+        #: (dcid, slot) -> the generation the slot's next session gets (`_new_session`)
+        self.lb_eps_gen: dict[tuple[int, int], int] = {}
         self._svc_cache: dict[tuple[int, int], object] = {}
         self.meter = LoadMeter(self.lb.lowwater, self.lb.highwater, node_pids)
         self.local_services = 0      # bitmap of the configured services bound on this node
@@ -346,7 +377,7 @@ class Group:
         self._req_id = 0
         self.counters = {"sessions_started": 0, "sessions_ended": 0, "errors": 0,
                          "no_server": 0, "no_service": 0, "table_full": 0,
-                         "redispatched": 0, "refused": 0}
+                         "sessions_taken_back": 0, "redispatched": 0, "refused": 0}
         self._last_check = clock()
         #: The compiled relay (dsp_proxy/fastpath.py) of the LB host, None without it.
         self.fast = None
@@ -364,7 +395,8 @@ class Group:
         return None if svc is _NO_SERVICE else svc
 
     def lb_eps_pool(self, dcid: int) -> list[int]:
-        """The free translated endpoints of DC `dcid` (lock held)."""
+        """The free translated endpoints of DC `dcid`, as process numbers (slots) of the
+        `lb_eps` range (lock held); a session gets one with the slot's next generation."""
         pool = self.free_lb_eps.get(dcid)
         if pool is None:
             eps = self.lb_eps_range
@@ -372,22 +404,33 @@ class Group:
         return pool
 
     def usable_servers(self, client_node: int, svc=None, exclude: int = -1) -> list[ServerState]:
-        """Servers with the link up both ways, a load report received, not SATURATED, and the
-        service not known to be missing there; never the client's own node (its kernel would
-        refuse a server on the client's node)."""
+        """Servers with the link up both ways, a load report received (a C server: none),
+        not SATURATED, and the service not known to be missing there; never the client's own
+        node (its kernel would refuse a server on the client's node); for a `prog` service
+        never a C server (the program is started by the server's DSP through a control
+        frame, which a C DSP neither gets nor knows)."""
         name = svc.name if svc is not None else None
+        prog = svc is not None and bool(svc.prog) and svc.bind != "external"
         return [s for s in self.servers.values()
                 if s.nodeid != client_node and s.nodeid != exclude
                 and s.level != C.LVL_SATURATED and name not in s.services_down
-                and self.is_live(s)]
+                and self.is_live(s) and not (prog and self.is_c_server(s))]
 
     def is_live(self, s: ServerState) -> bool:
         """A server is running when both link directions are up and its first load report
         arrived; one that went DOWN must also be heard `fd_rise` times again.  At start-up
-        servers are UP at once."""
-        if not s.reported or s.level == C.LVL_NOTINIT or not self.peers.up(s.nodeid):
+        servers are UP at once.  A C DSP never reports its load (the C daemon is built
+        without GET_METRICS): it runs while its link is up (`PeerView.c_peer`), at a load
+        nobody knows."""
+        if not self.peers.up(s.nodeid):
             return False
+        if not s.reported or s.level == C.LVL_NOTINIT:
+            return self.peers.c_peer(s.nodeid)
         return not s.failed or self.peers.frames(s.nodeid) - s.rise_base >= self.lb.fd_rise - 1
+
+    def is_c_server(self, s: ServerState) -> bool:
+        """A running server whose DSP is a C DSP (never reports, never decides)."""
+        return s.level == C.LVL_NOTINIT and self.is_live(s)
 
     def levels(self) -> dict[int, int]:
         return {n: s.level for n, s in self.servers.items() if self.is_live(s)}
@@ -401,7 +444,9 @@ class Group:
         candidates = self.usable_servers(client_node, svc, exclude)
         if not candidates:
             return None
-        return min(candidates, key=lambda s: (s.level, s.sessions, s.cpu, s.nodeid))
+        # a C server's unknown load counts as IDLE: the session count decides
+        return min(candidates, key=lambda s: (max(s.level, C.LVL_IDLE), s.sessions, s.cpu,
+                                              s.nodeid))
 
     # ------------------------------------------------------------------ client -> server
     def from_local(self, hbuf, payload):
@@ -428,7 +473,10 @@ class Group:
         with self.lock:
             sess = self.sessions.get((dcid, snode, src, svc.ext_ep))
             if sess is None or sess.starting or (cmd in C.REQUEST_CMDS and pid != sess.clt_pid
-                                                 and pid > 0 and sess.clt_pid > 0):
+                                                 and pid > 0 and sess.clt_pid > 0) or not all(
+                    sess.may_send(cmd, src, dst, block, off)
+                    for off in range(0, n * HEADER_SIZE if cmd in C.VCOPY_CMDS else 1,
+                                     HEADER_SIZE)):
                 return None
             self._fast_take(sess)
             sess.last_used = self.clock()
@@ -480,7 +528,7 @@ class Group:
                 if cmd not in C.REQUEST_CMDS:
                     log.debug("no session for command %#x of %d@%d: dropped", cmd, src, snode)
                     return acts or None
-                sess, err = self._new_session(f, svc, relayed)
+                sess, err = self._new_session(f, svc, relayed, acts)
                 if sess is None:
                     self.counters["errors"] += 1
                     if err == E.EDVSAGAIN:
@@ -489,6 +537,13 @@ class Group:
                     return acts
                 data = bytes(payload[:length]) if length else b""
                 sess.first = (bytes(hbuf), data)
+            if not sess.may_send(cmd, src, dst, hbuf):
+                self.counters["refused"] += 1
+                log.debug("session of client %d@%d: command %#x to %d names an endpoint "
+                          "outside the session: refused", src, snode, cmd, dst)
+                _add(acts, self.error_reply(Header(bytearray(hbuf)), E.EDVSDSTDIED, relayed))
+                self._fast_give(sess)
+                return acts or None
             sess.last_used = self.clock()
             if sess.starting and (len(sess.parked) >= PARKED_MAX
                                   or sess.parked_bytes + HEADER_SIZE + length > PARKED_BYTES
@@ -552,14 +607,20 @@ class Group:
             srv.commands += commands
             srv.bytes += nbytes
 
-    def _new_session(self, f: tuple, svc, relayed: bool,
+    def _new_session(self, f: tuple, svc, relayed: bool, acts: list,
                      exclude: int = -1) -> tuple[Session | None, int]:
-        """Pick a server and create the session (lock held)."""
+        """Pick a server and create the session (lock held); a session taken back from a
+        client node over its share of a full table adds its actions to `acts`."""
         cmd, dcid, src, dst, snode, _dnode, _rcode, _length, pid, _nr, _flags = f
-        if self.per_dc.get(dcid, 0) >= self.max_sessions:
+        room, taken = self._room(dcid, snode, relayed)
+        if not room:
             self.counters["table_full"] += 1
             return None, E.EDVSNOSPC
-        srv = self.choose_server(snode if not relayed else -1, svc, exclude)
+        client = snode if not relayed else -1
+        if svc.prog and svc.bind != "external":
+            srv, evicted = self._program_room(dcid, snode, client, svc, exclude)
+        else:
+            srv, evicted = self.choose_server(client, svc, exclude), None
         if srv is None:
             log.info("no usable server for client %d@%d: %s", src, snode,
                      ", ".join(f"node {s.nodeid} {LEVEL_NAMES[s.level]}"
@@ -568,13 +629,28 @@ class Group:
                                for s in self.servers.values()) or "none configured")
             self.counters["no_server"] += 1
             return None, E.EDVSAGAIN
-        lbsvr_ep = src
+        if taken is not None:
+            log.warning("session table of DC %d full: the session of client %d@%d, whose node "
+                        "holds more than its share, ends for client %d@%d", dcid, taken.clt_ep,
+                        taken.clt_node, src, snode)
+            self.counters["sessions_taken_back"] += 1
+            self._end(taken, E.EDVSNOSPC, acts)
+        if evicted is not None and self.sessions.get(evicted.key()) is evicted:
+            log.warning("every program of service %s on the usable servers serves a session "
+                        "of DC %d: the session of client %d@%d, whose node holds more than its "
+                        "share, ends for client %d@%d", svc.name, dcid, evicted.clt_ep,
+                        evicted.clt_node, src, snode)
+            self.counters["sessions_taken_back"] += 1
+            self._end(evicted, E.EDVSNOSPC, acts)     # its program stops: room for this one
         if relayed:
-            pool = self.lb_eps_pool(dcid)
-            if not pool:
-                self.counters["table_full"] += 1
-                return None, E.EDVSNOSPC
-            lbsvr_ep = pool.pop(0)
+            # a slot given to a new session gets a new generation (DVS endpoints carry one
+            # for this): what the server still sends to the slot's last session (a reply
+            # to a request of a session that ended or was taken back) names an endpoint no
+            # session has, instead of reaching this session's client as its reply
+            slot = self.lb_eps_pool(dcid).pop(0)
+            lbsvr_ep = C._ENDPOINT(self.lb_eps_gen.get((dcid, slot), 0), slot)
+        else:
+            lbsvr_ep = src
         sess = Session(dcid=dcid, clt_node=snode, clt_ep=src, clt_pid=pid, lbclt_ep=dst,
                        lbsvr_ep=lbsvr_ep, svr_node=srv.nodeid, service=svc, relayed=relayed,
                        last_used=self.clock())
@@ -593,6 +669,69 @@ class Group:
                  sess.clt_ep, sess.clt_node, svc.name, sess.lbclt_ep, sess.svr_node,
                  f" as ep {lbsvr_ep}" if relayed else "")
         return sess, 0
+
+    def _room(self, dcid: int, client_node: int, relayed: bool) -> tuple[bool, Session | None]:
+        """(lock held) Whether DC `dcid` has room for one more session of `client_node` (a
+        slot of its table and, for a relayed client, a translated endpoint), and the session
+        to take back for it.  When the table or the endpoints are full, every client node
+        holding some has a fair share (their number over the number of such nodes, the asking
+        one included); a node under its share takes the least recently used session, idle
+        ones first, of the node holding the most, so one client node (a busy one, or one
+        naming endpoints it does not have) cannot keep the others out until its sessions time
+        out.  A node at its share gets no room: EDVSNOSPC."""
+        if relayed and not self.lb_eps_pool(dcid):
+            eps = self.lb_eps_range
+            size, only_relayed = (eps[1] - eps[0] + 1 if eps else 0), True
+        elif self.per_dc.get(dcid, 0) >= self.max_sessions:
+            size, only_relayed = self.max_sessions, False
+        else:
+            return True, None
+        self._fast_sync()
+        held: dict[int, list[Session]] = {}
+        for s in self.sessions.values():
+            if s.dcid == dcid and (s.relayed or not only_relayed):
+                held.setdefault(s.clt_node, []).append(s)
+        share = size // (len(held) + (client_node not in held))
+        if not held or len(held.get(client_node, ())) >= share:
+            return False, None
+        hog = max(held, key=lambda n: len(held[n]))
+        victim = min(held[hog], key=lambda s: (bool(s.pending or s.starting), s.last_used))
+        log.debug("DC %d full: node %d holds %d of %d, over its share of %d", dcid, hog,
+                  len(held[hog]), size, share)
+        return True, victim
+
+    def _program_room(self, dcid: int, client_node: int, client: int, svc,
+                      exclude: int) -> tuple[ServerState | None, Session | None]:
+        """(lock held) The server for a new session of `prog` service `svc` in DC `dcid`, and
+        the session whose program must stop first.  A server runs at most one program per
+        endpoint of the service's range, so its range is a table shared like the session
+        table (`_room`): servers whose range this DSP's sessions fill are skipped; when every
+        usable server's is full, a client node under its share (the programs over the client
+        nodes holding them, the asking one included) takes the least recently used session,
+        idle ones first, of the node holding the most, on that session's server.  Without
+        this one client node's idle sessions kept a `prog` service from everybody else."""
+        candidates = self.usable_servers(client, svc, exclude)
+        if not candidates:
+            return None, None
+        size = svc.max_ep - svc.min_ep + 1
+        on: dict[int, list[Session]] = {s.nodeid: [] for s in candidates}
+        for sess in self.sessions.values():
+            if sess.dcid == dcid and sess.service.name == svc.name and sess.svr_node in on:
+                on[sess.svr_node].append(sess)
+        free = [s for s in candidates if len(on[s.nodeid]) < size]
+        if free:
+            return min(free, key=lambda s: (s.level, s.sessions, s.cpu, s.nodeid)), None
+        self._fast_sync()
+        held: dict[int, list[Session]] = {}
+        for sessions in on.values():
+            for sess in sessions:
+                held.setdefault(sess.clt_node, []).append(sess)
+        share = size * len(candidates) // (len(held) + (client_node not in held))
+        if len(held.get(client_node, ())) >= share:
+            return None, None
+        hog = max(held, key=lambda n: len(held[n]))
+        victim = min(held[hog], key=lambda s: (bool(s.pending or s.starting), s.last_used))
+        return self.servers[victim.svr_node], victim
 
     def _map(self, sess: Session, client_side: int, server_side: int) -> None:
         """Route `client_side` (an endpoint the client addresses at the LB) to `server_side`
@@ -661,7 +800,8 @@ class Group:
         hbuf, data = sess.first
         f = ROUTE_STRUCT.unpack_from(hbuf)
         self._end(sess, None, acts)
-        new, _err = self._new_session(f, sess.service, sess.relayed, exclude=sess.svr_node)
+        new, _err = self._new_session(f, sess.service, sess.relayed, acts,
+                                      exclude=sess.svr_node)
         if new is None:
             _add(acts, self.error_reply(Header(bytearray(hbuf)), rcode, sess.relayed))
             return True
@@ -780,7 +920,10 @@ class Group:
         if srv is not None:
             srv.sessions = max(0, srv.sessions - 1)
         if sess.relayed:
-            self.lb_eps_pool(sess.dcid).append(sess.lbsvr_ep)
+            slot = C._ENDPOINT_P(sess.lbsvr_ep)
+            gen = (sess.lbsvr_ep - slot) // C._ENDPOINT_GEN_SIZE
+            self.lb_eps_gen[(sess.dcid, slot)] = (gen + 1) % LB_EP_GENERATIONS
+            self.lb_eps_pool(sess.dcid).append(slot)
         self.counters["sessions_ended"] += 1
         if rcode is not None and sess.pending:
             req = Header()

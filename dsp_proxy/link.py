@@ -163,6 +163,7 @@ class Link:
         self.state = State.DOWN
         self.since = time.monotonic()    # when the state last changed
         self.up = False
+        self.up_at = 0.0                 # when the link last came up (carries traffic)
         self.generation = 0              # bumped on every link-up and link-down
         self.out_sock: socket.socket | None = None
         self.in_sock: socket.socket | None = None
@@ -347,7 +348,7 @@ class Link:
             return
         with self.cond:
             if serial == self.kernel_serial and self.state is State.UP:
-                self.up = True
+                self.up, self.up_at = True, time.monotonic()
                 self.generation += 1
                 self.in_serial += 1      # RPROXY serves the incoming connection (again)
                 self.dsp_peer = self.dsp_peer or self.announced
@@ -438,6 +439,15 @@ class Link:
             self.cond.notify_all()
         self._kernel_calls()
         return True
+
+    def c_peer(self) -> bool:
+        """The link is up and its peer has not announced itself within the announced silence
+        limit: a DSP of this project sends its announcing HELLO first thing and then every
+        `fd_interval`, so this peer is a C DSP (which never does, and never reports its
+        load).  Counted from the link-up, not from the last event of the machine: a
+        connection held aside does not make a C peer look new."""
+        return (self.up and not self.announced
+                and time.monotonic() - self.up_at >= self.fd_silence)
 
     def half_open_for(self) -> float:
         """Seconds the link has been half-open (0 when it is not)."""

@@ -944,6 +944,10 @@ class _LinkView:
         link = self.links.get(node)
         return link.received.frames if link is not None else 0
 
+    def c_peer(self, node: int) -> bool:
+        link = self.links.get(node)
+        return link is not None and link.c_peer()
+
 
 def _dvk_lost(exc: BaseException) -> bool:
     """An exception that means the DVK itself is gone."""

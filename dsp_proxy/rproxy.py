@@ -45,7 +45,7 @@ from dvk_cffi.wire import (
 
 from .fastpath import Relay
 from .group import DELIVER, SEND
-from .link import Link, cork, ease, uncork
+from .link import MAXBATCMD, Link, cork, ease, uncork
 from .linkstate import Event
 from .misc import delay_acks
 
@@ -121,7 +121,10 @@ def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = F
     elif not 0 <= length <= C.MAXCOPYBUF:
         raise FrameError(f"c_len {length} outside 0..{C.MAXCOPYBUF}")
     elif flags & C.FLAG_BATCH:
-        if batch_nr < 1 or length != batch_nr * HEADER_SIZE:
+        # with the LZ4 flag c_len is the compressed length (the C sender compresses batches
+        # too): the count is checked against the inflated payload (`RProxy._decompress`)
+        if (not 1 <= batch_nr <= MAXBATCMD
+                or (length != batch_nr * HEADER_SIZE and not flags & C.FLAG_LZ4)):
             raise FrameError(f"batch of {batch_nr} headers with c_len {length}")
     elif batch_nr:
         raise FrameError(f"c_batch_nr {batch_nr} without the batch flag")
@@ -333,19 +336,22 @@ class Deliverer:
         binds a configured service's ext_ep (a server's program, down for a moment, could not
         bind it again)."""
         ctx, dcid, ep, node = self.ctx, h.c_dcid, h.c_src, h.c_snode
+        # the slot of `ep`, which may carry a generation (the LB host gives a translated
+        # endpoint a new one for each session): what is bound there may be another one
+        slot = C._ENDPOINT_P(ep)
         if self.peer is not None and node != self.peer:
             return False
-        if node != ctx.lb_node and ctx.service_ep(dcid, ep):
+        if node != ctx.lb_node and ctx.service_ep(dcid, slot):
             return False        # (the LB node's own service bindings are this DSP's to repair)
         dvk = ctx.dvk
         try:
-            info = dvk.getprocinfo(dcid, ep)
+            info = dvk.getprocinfo(dcid, slot)
             if not info.p_rts_flags & C.SLOT_FREE:
                 if not info.p_rts_flags & C.REMOTE or info.p_nodeid == ctx.lb_node:
                     return False
                 if info.p_nodeid == node and info.p_endpoint == ep:
                     return True
-                dvk.unbind(dcid, ep)
+                dvk.unbind(dcid, info.p_endpoint)
             dvk.rmtbind(dcid, "rclient", ep, node)
             log.debug("bound endpoint %d of DC %d to node %d", ep, dcid, node)
             return True
@@ -519,10 +525,17 @@ class RProxy:
 
     def _decompress(self, h: Header, payload: memoryview) -> memoryview:
         """An LZ4 frame payload, whatever this node's own `compress` setting (the flag says
-        what the frame is).  At most MAXCOPYBUF + 1 bytes are inflated: the size the frame
-        claims is the peer's word (one that claims 2**62 bytes made the one-shot decompress
-        allocate them and fail with MemoryError), and a bomb stops at the bound."""
-        if h.c_cmd not in C.COPY_DATA_CMDS:
+        what the frame is): COPY data of `v_bytes` bytes, or the further headers of a batch
+        (a C sender with `compress YES` and `batch YES` compresses those too), exactly
+        `c_batch_nr` of them, as the C receiver checks.  At most MAXCOPYBUF + 1 bytes are
+        inflated: the size the frame claims is the peer's word (one that claims 2**62 bytes
+        made the one-shot decompress allocate them and fail with MemoryError), and a bomb
+        stops at the bound."""
+        if h.c_flags & C.FLAG_BATCH:
+            expected, what = h.c_batch_nr * HEADER_SIZE, f"c_batch_nr {h.c_batch_nr}"
+        elif h.c_cmd in C.COPY_DATA_CMDS:
+            expected, what = h.v_bytes, f"v_bytes {h.v_bytes}"
+        else:
             raise FrameError(f"LZ4 flag on {C.CMD_NAMES.get(h.c_cmd, h.c_cmd)}")
         inflater = lz4.frame.LZ4FrameDecompressor()
         try:
@@ -532,8 +545,8 @@ class RProxy:
         if not inflater.eof or inflater.unused_data:
             raise FrameError(f"LZ4 payload is not one whole frame of at most {C.MAXCOPYBUF} "
                              "bytes")
-        if len(raw) > C.MAXCOPYBUF or len(raw) != h.v_bytes:
-            raise FrameError(f"LZ4 payload of {len(raw)} bytes, v_bytes {h.v_bytes}")
+        if len(raw) > C.MAXCOPYBUF or len(raw) != expected:
+            raise FrameError(f"LZ4 payload of {len(raw)} bytes, {what}")
         self.link.received.lz4_frames += 1
         self.link.received.lz4_raw += len(raw)
         self.link.received.lz4_wire += len(payload)
@@ -552,9 +565,11 @@ class RProxy:
                 ctx.control(link.peer, Header(bytearray(hview)).c_msg)
             return
         if f[R_FLAGS] & C.FLAG_BATCH:
-            extra = memoryview(bytes(payload))
             first = bytearray(hview)
             h = Header(first)
+            if f[R_FLAGS] & C.FLAG_LZ4:
+                payload = self._decompress(h, payload)
+            extra = memoryview(bytes(payload))
             h.c_flags &= ~C.FLAG_BATCH
             h.c_batch_nr, h.c_len = 0, 0
             # the sub-headers in runs of equal routing fields: each run checked once

@@ -470,7 +470,7 @@ def render_metrics(snap: dict) -> str:
     if group:
         m.add("dsp_sessions", "gauge", "Active LB sessions held by this DSP.",
               len(group.get("sessions") or ()))
-        for key in ("sessions_started", "sessions_ended"):
+        for key in ("sessions_started", "sessions_ended", "sessions_taken_back"):
             m.add(f"dsp_{key}_total", "counter", f"LB {key.replace('_', ' ')}.",
                   group.get(key, 0))
         for kind in ("errors", "no_server", "no_service", "table_full"):

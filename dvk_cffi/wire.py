@@ -316,6 +316,11 @@ def message_with_source(msg: bytes, ep: int) -> bytes:
     return msg[:_M_SOURCE_IN_MSG] + _I32.pack(ep) + msg[_M_SOURCE_IN_MSG + 4:]
 
 
+def vcopy_endpoints(buf, off: int = 0) -> tuple[int, int, int]:
+    """(v_src, v_dst, v_rqtr) of the header at `off` in `buf` (a copy command's)."""
+    return _V3.unpack_from(buf, off + _V_SRC)
+
+
 def swap_endpoint(buf, cmd: int, old: int, new: int, dst_field: bool) -> None:
     """Rewrite endpoint `old` as `new` everywhere a header of command `cmd` names it: `c_dst`
     (with `dst_field`) or `c_src` and the message's `m_source`, and the vcopy endpoints."""

@@ -65,6 +65,9 @@ class Peers:
     def frames(self, node: int) -> int:
         return 0
 
+    def c_peer(self, node: int) -> bool:
+        return False
+
 
 def report(group: Group, node: int) -> None:
     """A load report of server `node`: idle, every service bound."""

@@ -24,7 +24,13 @@ emulated kernel (`EmuDvk`) as the C threads drive the DVK:
 
 Not reproduced: the receiver's self-deadlock when a HELLO asks it for a reply (MT_LOAD_THRESHOLDS,
 MT_RMTBIND: recorded, not answered), the loss of a partly read frame at a receive timeout,
-batching, LZ4, the LB redirection hack.  `python tests/c_peer.py --help` runs one on its own.
+batching, LZ4 (tests/test_interop_wire.py sends a C sender's batch and LZ4 frames from a fake
+peer instead), the LB redirection hack, autobind YES.  Also different: the C receiver keeps
+its connection when `put2lcl` fails with EDVSAGAIN (this one drops it on any error); the C
+sender sends with MSG_DONTWAIT and does not retry a header that meets a full socket buffer
+(EAGAIN), so a receiver that falls a socket buffer behind can get a cut header and a stream out
+of step (this one sends blocking, whole frames); a peer name that does not resolve ends the
+C daemon (this one retries).  `python tests/c_peer.py --help` runs one on its own.
 """
 
 from __future__ import annotations

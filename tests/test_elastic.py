@@ -219,6 +219,49 @@ def test_prog_service_started_per_session_and_stopped_after(tmp_path, bg, monkey
             raise AssertionError(f"service programs still running: {mine()}") from None
 
 
+RELAYED_PROG = """
+lb node0 {{ nodeid 0; period 1; cltname lbhost; lb_eps 100 109; }};
+server node1 {{ nodeid 1; rname {{net}}.1; }};
+server node2 {{ nodeid 2; rname {{net}}.2; }};
+client node3 {{ nodeid 3; rname {{net}}.3; }};
+client node4 {{ nodeid 4; rname {{net}}.4; }};
+client lbhost {{ nodeid 5; rname {{net}}.5; }};
+service latency {{ dcid 0; ext_ep 10; min_ep 10; max_ep 10; bind replica; prog "{prog}"; }};
+"""
+
+
+def test_a_relayed_client_node_over_its_share_of_programs_gives_one_back(tmp_path, bg,
+                                                                         monkeypatch):
+    """A `prog` service of one endpoint per server, two servers: node 3's two clients (their
+    relayed sessions idle, ending only by timeout) hold both programs, and node 4's client
+    got EDVSAGAIN from the server (no free endpoint) until they timed out.  Node 4 is under
+    its share (one of two): the LB host stops the program of node 3's least recently used
+    session, then asks for node 4's on that server, which waits for the endpoint to be
+    free; node 4's client is served."""
+    monkeypatch.setenv("DSP_TEST_PYTHON", sys.executable)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    cfg = RELAYED_PROG.format(prog=HERE / "run_latency.sh").replace("{{", "{") \
+        .replace("}}", "}")
+    with cluster_from(cfg, tmp_path) as cl:
+        def latency_client(node, ep):
+            res = cl.run(node, module_argv("dvs_apps.latency", "client", 0, ep, 10, 3, 0, 0),
+                         timeout=60)
+            assert res.returncode == 0 and res.stdout.count("Time total elapsed") == 3, \
+                f"client {ep}@{node}: {res.stdout}{res.stderr}"
+
+        def sessions():
+            st = cl.status(5) or {}
+            return sorted(s["client"] for s in (st.get("group") or {}).get("sessions", []))
+        wait_for(lambda: all(s.get("live") for s in servers_of(cl, 5).values())
+                 and len(servers_of(cl, 5)) == 2, 20, "both servers live")
+        for ep in (50, 51):
+            latency_client(3, ep)
+        wait_for(lambda: sessions() == ["50@3", "51@3"], 10, "node 3's two sessions")
+        latency_client(4, 60)
+        wait_for(lambda: sessions() == ["51@3", "60@4"], 10, "one session taken back")
+        assert (cl.status(5) or {})["group"]["sessions_taken_back"] == 1
+
+
 def _env_has(pid: str, text: str) -> bool:
     try:
         return text.encode() in Path(f"/proc/{pid}/environ").read_bytes()
@@ -392,6 +435,38 @@ def test_only_the_dsp_that_started_a_program_can_stop_it():
         p.runner.handle(3, p.message(MT_SVC_STOP, m1_i1=0, m1_i2=ep, m1_p1=30, m_source=3))
         assert (0, ep) not in p.runner.procs
         wait_for(lambda: proc.poll() is not None, 10, "the program stopped")
+
+
+def test_only_a_server_runs_programs_and_never_for_a_relayed_client_node():
+    """MT_SVC_START was obeyed from any announced peer on any node: a relayed client node
+    (or a process speaking from its address) had the LB host, a client node, run the
+    service's program on endpoints of its range, up to the whole range, and nothing stopped
+    them while its link stayed up (any client node could do the same to another).  A node
+    that is not a server refuses every start with EDVSPERM, a server refuses a relayed client
+    node's (it has no LB of its own), and no program runs; the LB host's starts still run."""
+    lb = "cltname h; lb_eps 100 101;"
+    nodes = "client h { nodeid 5; rname 127.0.0.5; }; client c { nodeid 3; rname 127.0.0.3; };"
+    for local, peer in ((5, 3), (1, 3)):     # on the LB host, on a server: node 3 asks
+        with _Programs("/bin/sh -c 'sleep 30'", lb=lb, nodes=nodes, local=local) as p:
+            assert p.start(peer) == E.EDVSPERM, (local, peer)
+            assert not p.runner.procs and not p.runner.reserved and not p.since
+    with _Programs("/bin/sh -c 'sleep 30'", lb=lb, nodes=nodes) as p:
+        assert p.start(5) == 30                          # the LB host's start, on a server
+
+
+def test_a_start_right_after_a_stop_waits_for_the_stopped_programs_endpoint():
+    """The LB takes a session back to give its program's endpoint to another client's: it
+    asks to stop the program, then for a start.  The start came while the stopped program
+    still held the endpoint (it exits within the stop's grace period) and was answered
+    EDVSAGAIN; it now waits for the endpoint and gets it."""
+    slow_exit = (f"{sys.executable} -c 'import signal, sys, time; signal.signal(15, lambda *a:"
+                 f" (time.sleep(0.5), sys.exit(0))); time.sleep(30)'")
+    with _Programs(slow_exit, max_ep=30) as p:
+        assert p.start(3) == 30
+        proc = p.runner.procs[(0, 30)]
+        p.runner.handle(3, p.message(MT_SVC_STOP, m1_i1=0, m1_i2=30, m1_p1=30, m_source=3))
+        assert p.start(3) == 30
+        assert proc.poll() is not None and p.runner.procs[(0, 30)] is not proc
 
 
 def test_a_gone_peers_programs_are_stopped_and_an_ended_program_frees_its_endpoint():
@@ -569,22 +644,32 @@ class _Programs:
     stand-in kernel in which a program's endpoint is bound once its process has run for
     `bind_after` seconds, and the start answers collected."""
 
-    def __init__(self, prog: str, max_ep: int = 31) -> None:
+    def __init__(self, prog: str, max_ep: int = 31, lb: str = "", nodes: str = "",
+                 local: int = 1) -> None:
         from types import SimpleNamespace
 
         from dsp_proxy.config import parse_text
         self.max_ep = max_ep
-        cfg = parse_text("lb l { nodeid 0; }; server s { nodeid 1; rname 127.0.0.1; }; "
-                         f"service svc {{ ext_ep 30; min_ep 30; max_ep {max_ep}; "
+        cfg = parse_text(f"lb l {{ nodeid 0; {lb} }}; server s {{ nodeid 1; rname 127.0.0.1; "
+                         f"}}; {nodes} service svc {{ ext_ep 30; min_ep 30; max_ep {max_ep}; "
                          f"bind local; prog \"{prog}\"; }};")
         self.replies: list = []
         self.bind_after = 0.0
         self.since: dict[int, float] = {}
         programs = self
 
+        self.ran: dict[tuple[int, int], subprocess.Popen] = {}
+
         class Kernel:
             def getprocinfo(self, dcid, ep):
                 proc = programs.runner.procs.get((dcid, ep))
+                if proc is not None:
+                    programs.ran[(dcid, ep)] = proc
+                else:       # one being stopped holds its endpoint until its group ended
+                    proc = programs.ran.get((dcid, ep))
+                    if proc is not None and proc.poll() is not None and \
+                            _group_alive(proc.pid):
+                        return SimpleNamespace(p_rts_flags=0)
                 if proc is None or proc.poll() is not None:
                     raise E.DvkError.for_code(E.EDVSNOTBIND)
                 first = programs.since.setdefault(proc.pid, time.monotonic())
@@ -592,7 +677,7 @@ class _Programs:
                     raise E.DvkError.for_code(E.EDVSNOTBIND)
                 return SimpleNamespace(p_rts_flags=0)
 
-        host = SimpleNamespace(cfg=cfg, local=1, dvk=Kernel(),
+        host = SimpleNamespace(cfg=cfg, local=local, dvk=Kernel(),
                                send_control=lambda node, body: self.replies.append((node, body)))
         self.runner = ServiceRunner(host)
         # the programs' output files ($TMPDIR/svc_1_<ep>.out) in a directory of this test's

@@ -135,7 +135,9 @@ def test_parked_caller_that_hangs_up_is_unbound(world):
     node = world.proc_node(1)
     d = world.dvk(node)
     raw = Raw(node.path)
-    raw.hello()
+    other = world.actor("raw")       # not this thread: it asks while the raw one is parked
+    rc, _ = raw.call("HELLO", P.VERSION, os.getpid(), other.tid, b"raw")
+    assert rc == 0
     rc, _ = raw.call("BIND", C.SELF_BIND, DC0, -1, 10, C.LOCALNODE, b"raw")
     assert rc == 0
     body = struct.pack("<H", P.OP["RECEIVE"]) + P.encode_values([C.ANY, -1])

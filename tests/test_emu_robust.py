@@ -28,7 +28,7 @@ from dvk_cffi.emu import protocol as P
 from dvk_cffi.emu import server as server_mod
 from dvk_cffi.emu.memory import ARENA_BASE
 from dvk_cffi.emu.node import wait_for_socket
-from dvk_cffi.emu.server import RBUF_LIMIT, READ_SIZE
+from dvk_cffi.emu.server import MAX_FRAME, RBUF_LIMIT, READ_SIZE, SMALL_READ
 from dvk_cffi.info import ProcInfo
 from dvk_cffi.logs import LOG_BURST
 from dvk_cffi.wire import HEADER_SIZE, MESSAGE_SIZE, Message
@@ -40,6 +40,7 @@ from emu_helpers import (
     Raw,
     child_env,
     make_world,
+    msg,
     raises_code,
     wait_until,
 )
@@ -649,3 +650,357 @@ def test_a_program_that_floods_malformed_requests_does_not_flood_the_kernel_log(
     with open(node.log) as f:
         lines = [line for line in f if "malformed request" in line]
     assert len(lines) == LOG_BURST, f"{len(lines)} lines for {sent} malformed requests"
+
+
+#: How long a lingering socket's last close waits for its peer: far longer than any call of
+#: the tests waits (CALL_TIMEOUT), so a node kernel that makes that close on its loop fails.
+LINGER = 120
+
+
+def _lingering_socket(world) -> socket.socket:
+    """A loopback TCP socket whose last close blocks for LINGER seconds: SO_LINGER set, its
+    peer reads nothing and megabytes wait in its send queue.  The peer is closed by the
+    cleanup (a reset ends the wait), so a node kernel caught in that close stops at once."""
+    lst = socket.socket()
+    world.cleanup.add(lst.close)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    sock = socket.create_connection(lst.getsockname())
+    world.cleanup.add(sock.close)
+    peer, _ = lst.accept()
+    world.cleanup.add(peer.close)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    queued = 0
+    try:
+        while True:
+            queued += sock.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    assert queued > 0
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, LINGER))
+    return sock
+
+
+@pytest.mark.parametrize("how", ["request", "past_the_limit", "unread_at_close"])
+def test_a_lingering_socket_passed_to_the_node_kernel_does_not_stop_it(world, how):
+    """Any local process may pass descriptors to its node kernel (SCM_RIGHTS, as ARENA does)
+    and close its own copy: the node kernel's close is then the last one, and a TCP socket
+    with SO_LINGER whose peer reads nothing blocks that close for its linger time, which its
+    owner chooses.  The node kernel closed such descriptors on its loop and stopped serving
+    every process of the node for that long.  Each way a descriptor reaches it: with a
+    request; past the descriptors a connection keeps (one message may carry 253, and the
+    ones beyond the receive buffer were dropped by the kernel, on the loop); still queued on a
+    connection the node kernel closes (here: for a frame over MAX_FRAME, read while the
+    descriptor waits behind it)."""
+    node = world.proc_node(1)
+    other = Raw(node.path)
+    world.cleanup.add(other.close)
+    other.hello()
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    linger = _lingering_socket(world)
+    arena = _op("ARENA") + P.encode_values([4096])
+    if how == "request":
+        socket.send_fds(raw.sock, [struct.pack("<I", len(arena)) + arena], [linger.fileno()])
+        linger.close()
+        assert P.decode_reply(P.recv_frame(raw.sock))[0] == E.EDVSBADF
+    elif how == "past_the_limit":
+        spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(24)]
+        try:
+            socket.send_fds(raw.sock, [struct.pack("<I", len(arena)) + arena],
+                            [*spare, linger.fileno()])
+        finally:
+            for fd in spare:
+                os.close(fd)
+        linger.close()
+        assert P.decode_reply(P.recv_frame(raw.sock))[0] == E.EDVSBADF
+    else:
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)   # room for it all
+        node.proc.send_signal(signal.SIGSTOP)      # everything queued before a byte is read
+        try:
+            raw.sock.sendall(struct.pack("<I", 2 << 20))
+            for _ in range(READ_SIZE // 4096 + 1):  # more than the first read takes
+                raw.sock.sendall(bytes(4096))
+            socket.send_fds(raw.sock, [b"\0"], [linger.fileno()])
+            linger.close()
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+        assert raw.sock.recv(16) == b""             # closed for the frame's length
+    rc, values = other.call("GETDVSINFO")           # the node kernel still serves the others
+    assert rc == 0 and values[0] == 1
+    late = Raw(node.path)
+    world.cleanup.add(late.close)
+    late.hello()
+    assert node.proc.poll() is None
+
+
+@pytest.mark.parametrize("cmd", [C.REPLICA_BIND, C.BKUP_BIND], ids=["replica", "backup"])
+def test_a_bound_endpoint_cannot_be_taken_by_a_replica_or_backup_bind(world, cmd):
+    """The module refuses every bind of a slot in use (EDVSSLOTUSED: its second check, on
+    the local path that REPLICA_BIND and BKUP_BIND take too).  The emulator let these two
+    rebind a slot another process held: any local process took a server's endpoint, the
+    server's receive waited for ever (its messages went to the thief) and the server's exit
+    later unbound the thief's binding.  Refused now; the owner keeps its endpoint."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    FakeProxy(world, node, d, 2)
+    d.add_node(DC0, 2)
+    server, thief, client = world.actor("server"), world.actor("thief"), world.actor("client")
+    assert server.call(d.bind, DC0, LSYS) == LSYS
+    m = Message()
+    got = server.submit(d.receive, C.ANY, m)
+    wait_until(lambda: d.getprocinfo(DC0, LSYS).p_rts_flags & C.RECEIVING, what="receiving")
+    node_arg = C.LOCALNODE if cmd == C.REPLICA_BIND else 2
+    thief.call(d.getdvsinfo)
+    with raises_code(E.EDVSSLOTUSED):
+        thief.call(d.bind_X, cmd, DC0, thief.tid, LSYS, node_arg)
+    info = d.getprocinfo(DC0, LSYS)
+    assert (info.p_lpid, info.p_rts_flags) == (server.tid, C.RECEIVING)
+    assert client.call(d.bind, DC0, LSYS + 1) == LSYS + 1
+    client.call(d.send, LSYS, msg(m_type=5), 5000)
+    got.result(CALL_TIMEOUT)
+    assert (m.m_type, m.m_source) == (5, LSYS + 1)
+
+
+def _idle_thread(world) -> int:
+    """The TID of a live thread of this process that makes no call of its own."""
+    done = threading.Event()
+    world.cleanup.add(done.set)
+    tids: list[int] = []
+    t = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), done.wait()),
+                         daemon=True)
+    t.start()
+    wait_until(lambda: tids, what="the thread started")
+    return tids[0]
+
+
+def test_a_program_name_is_kept_at_the_length_of_a_linux_one(world):
+    """HELLO names the calling thread's program; the node kernel kept the name whole, up to
+    a frame (1 MiB) per thread, so one process with a hundred threads made it hold 100 MB and
+    its `tasks` view a 100 MB reply (past what a client reads: the view failed for everyone,
+    the DSP's load sampling too).  A name is kept as Linux keeps a thread's, 15 bytes."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    tid = _idle_thread(world)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    assert raw.call("HELLO", P.VERSION, os.getpid(), tid, b"n" * (64 << 10))[0] == 0
+    assert d.lclbind(DC0, tid, LSYS) == LSYS
+    assert d.getprocinfo(DC0, LSYS).p_name == "n" * 15
+    (line,) = [ln for ln in d.proc_text("tasks").splitlines() if f" {tid} " in ln]
+    assert line.endswith(" " + "n" * 15)
+
+
+def test_a_program_name_cannot_add_lines_to_the_tasks_view(world):
+    """The DSP of an emulated node reads its node's processes from the `tasks` view, one
+    line each, to measure the node's load.  A program name with a newline (HELLO says what
+    it likes, and Linux lets a thread call itself so) added lines of its own: one that was
+    not a PID made every load sample fail, and with it the rest of the DSP's periodic work
+    (session expiry, service checks, the autoscaler); one that was a PID counted that
+    process's CPU as the node's.  The view shows such a character as '?'."""
+    from dsp_proxy.main import _node_pids
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    tid = _idle_thread(world)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    assert raw.call("HELLO", P.VERSION, os.getpid(), tid, b"x\n1 1 - boom\r")[0] == 0
+    lines = d.proc_text("tasks").splitlines()
+    assert f"{os.getpid()} {tid} - x?1 1 - boom?" in lines
+    assert _node_pids(d)() == {os.getpid()}
+
+
+def test_a_thread_has_one_call_in_the_kernel_at_a_time(world):
+    """A Linux thread is in one DVK call at a time; over two connections of one thread a
+    client made two at once.  Two sends of one thread to a server put its descriptor twice in
+    the server's senders FIFO, the exit took out one, and the server then received a message
+    from a freed slot (source 0, type 0) and woke whatever task held that slot next.  A call
+    on a connection of a thread whose other connection has a call waiting in the kernel is
+    refused with EDVSBUSY; the first call is not disturbed."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    server = world.actor("server")
+    assert server.call(d.bind, DC0, LSYS) == LSYS
+    one, two = Raw(node.path), Raw(node.path)
+    world.cleanup.add(one.close)
+    world.cleanup.add(two.close)
+    tid = _idle_thread(world)
+    for raw in (one, two):                           # the same thread
+        assert raw.call("HELLO", P.VERSION, os.getpid(), tid, b"twice")[0] == 0
+    assert one.call("BIND", C.SELF_BIND, DC0, -1, LSYS + 1, C.LOCALNODE, None)[0] == 0
+    sent = bytes(msg(m_type=42))
+    one.sock.sendall(P.encode_request("SEND", [LSYS, sent, -1]))
+    wait_until(lambda: d.getprocinfo(DC0, LSYS + 1).p_rts_flags & C.SENDING, what="sending")
+    assert two.call("SEND", LSYS, sent, -1) == (E.EDVSBUSY, [])
+    assert two.call("GETDVSINFO") == (E.EDVSBUSY, [])
+    m = Message()
+    server.call(d.receive, C.ANY, m, 5000)
+    assert (m.m_source, m.m_type) == (LSYS + 1, 42)
+    assert P.decode_reply(P.recv_frame(one.sock)) == (0, [0])    # the send is answered
+    assert two.call("GETDVSINFO")[0] == 0            # nothing waits now: served again
+    one.close()
+    two.close()
+    wait_until(lambda: node.slot(LSYS + 1).is_free, what="the exit unbinding the slot")
+    with node.kernel.lock:
+        assert not node.slot(LSYS).senders
+    with raises_code(E.EDVSTIMEDOUT):
+        server.call(d.receive, C.ANY, m, SHORT)
+
+
+def _held(node) -> int:
+    """The bytes the node kernel holds for its connections (unserved requests, untaken
+    replies), counted from the buffers themselves."""
+    with node.kernel.lock:
+        return sum(len(c.rbuf) + len(c.wbuf) for c in node.server.conns)
+
+
+def test_connections_together_make_the_node_kernel_hold_a_bounded_amount(world, monkeypatch,
+                                                                        caplog):
+    """Each connection may make the node kernel hold about a MiB (a frame still coming in,
+    requests behind a parked call, replies its client does not take), and one process may
+    open as many connections as the kernel has descriptors (20,000 here): 300 connections
+    each sending most of a frame made it hold 300 MiB, 20,000 would hold 20 GB, more than
+    this machine has.  Past BUFFER_BUDGET for all connections together, a connection that
+    holds bytes is no longer read, until the total falls again; the other clients are
+    served meanwhile, and the held bytes go with the connections.  (Budget made small here.)"""
+    caplog.set_level(logging.WARNING, logger="dvk.emu.server")
+    budget = 1 << 20
+    monkeypatch.setattr(server_mod, "BUFFER_BUDGET", budget)
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    tid = _idle_thread(world)
+    frame = struct.pack("<I", MAX_FRAME) + bytes(MAX_FRAME // 2)   # never completed
+    flood = []
+    for _ in range(16):
+        raw = Raw(node.path)
+        world.cleanup.add(raw.close)
+        assert raw.call("HELLO", P.VERSION, os.getpid(), tid, b"hog")[0] == 0
+        raw.sock.setblocking(False)
+        flood.append([raw, 0])
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        for item in flood:                           # push what each connection takes
+            raw, sent = item
+            try:
+                item[1] += raw.sock.send(frame[sent:])
+            except BlockingIOError:
+                pass
+        time.sleep(0.05)
+    assert sum(sent for _raw, sent in flood) > 2 * budget   # far more than the budget sent
+    assert _held(node) <= budget + READ_SIZE + 16 * SMALL_READ
+    assert any("over the budget" in r.getMessage() for r in caplog.records)
+    assert d.getdvsinfo()[0] == 1                    # another client is served meanwhile
+    m = Message()
+    assert d.bind(DC0, LSYS) == LSYS
+    with raises_code(E.EDVSTIMEDOUT):
+        d.receive(C.ANY, m, SHORT)                   # a parked call ends by its timeout
+    for raw, _sent in flood:
+        raw.close()
+    wait_until(lambda: _held(node) == 0, what="the held bytes gone with their connections")
+    with node.kernel.lock:
+        assert node.server.held == 0 and not node.server.starved
+
+
+def test_an_arena_of_no_bytes_is_refused(world):
+    """ARENA(0) mapped the whole memfd (a length of 0 is "all of it" to mmap) and took no
+    address space, so a process was no longer held to the arenas its 32-bit address space
+    has room for: every such request kept a mapping and a descriptor in the node kernel.
+    An arena of no bytes is refused (EDVSBADF, as an arena that does not fit its file)."""
+    node = world.inproc_node(1)
+    raw = Raw(node.path)
+    world.cleanup.add(raw.close)
+    raw.hello()
+    fd = os.memfd_create("empty-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    world.cleanup.add(os.close, fd)
+    os.ftruncate(fd, 1 << 20)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    assert _arena_request(raw, fd, 0) == (E.EDVSBADF, [])
+    with node.kernel.lock:
+        assert not node.kernel.spaces[os.getpid()].arenas
+    assert _arena_request(raw, fd, 4096) == (0, [ARENA_BASE])
+
+
+#: A node kernel process allowed a few hundred descriptors (FAIR_SHARE and some).
+_SOME_FDS_NODE = ("import resource, sys\n"
+                  "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))\n"
+                  "from dvk_cffi.emu.server import run_node\n"
+                  "sys.exit(run_node(1, sys.argv[1]))\n")
+_ONE_CALL = ("import os, sys\n"
+             "from dvk_cffi.emu.client import EmuDvk\n"
+             "print(EmuDvk(os.environ['DVK_SOCKET'], answer_limit=float(sys.argv[1]))"
+             ".getdvsinfo()[0], flush=True)\n")
+
+
+def test_a_process_holding_every_descriptor_gives_one_up_to_another(world):
+    """One process may open as many connections as the node kernel has descriptors (20,000
+    here, a few seconds' work); then no other process of the node could connect, a DSP
+    restarting a proxy thread included, for as long as that process liked.  When accept
+    finds no descriptor, the newest connection of the process holding the most (connections
+    and arenas), past FAIR_SHARE, is closed with a logged reason; its older ones are kept,
+    and the other process is served."""
+    path = os.path.join(world.dir, "node1.sock")
+    log_path = os.path.join(world.dir, "node1.log")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _SOME_FDS_NODE, path],
+                                env=child_env(path), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    world.cleanup.add(_kill, proc)
+    wait_for_socket(path, timeout=CALL_TIMEOUT, proc=proc)
+    first = Raw(path)
+    world.cleanup.add(first.close)
+    first.hello()
+    hello = P.encode_request("HELLO", [P.VERSION, os.getpid(), threading.get_native_id(),
+                                       b"hog"])
+    for _ in range(server_mod.FAIR_SHARE + 60):     # more than the kernel's 300 descriptors
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        world.cleanup.add(s.close)
+        s.connect(path)
+        s.sendall(hello)                            # kept: not closed for silence
+    other = subprocess.run([sys.executable, "-c", _ONE_CALL, str(CALL_TIMEOUT)],
+                           env=child_env(path), stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=CALL_TIMEOUT * 2)
+    assert (other.returncode, other.stdout.strip()) == (0, "1"), other.stderr[-2000:]
+    assert first.call("GETDVSINFO")[1][0] == 1      # the hog's oldest connection is kept
+    with open(log_path, "rb") as f:
+        assert b"closed the newest connection of process %d" % os.getpid() in f.read()
+    assert proc.poll() is None
+
+
+def test_a_client_pipelining_requests_takes_turns_with_the_others(world, monkeypatch):
+    """The loop served every complete request a read brought (64 KiB: 10,000 small ones)
+    before it looked at another connection, so a process pipelining requests on fifty
+    connections held another process's sendrec for seconds (7.7 s measured), more with more
+    connections.  A connection is served SERVE_BURST requests a turn; the rest wait for the
+    next turn, after the other connections had theirs.  Here the loop is held (the kernel
+    lock) while a flood and then one request arrive: when that request is answered, most of
+    the flood must still be waiting."""
+    node = world.inproc_node(1)
+    flood_tid, other_tid = _idle_thread(world), _idle_thread(world)
+    flood, other = Raw(node.path), Raw(node.path)
+    world.cleanup.add(flood.close)
+    world.cleanup.add(other.close)
+    assert flood.call("HELLO", P.VERSION, os.getpid(), flood_tid, b"flood")[0] == 0
+    assert other.call("HELLO", P.VERSION, os.getpid(), other_tid, b"other")[0] == 0
+    count = 10000
+    request = P.encode_request("GETDVSINFO", [])
+    left_when_answered: list[int] = []
+    send = node.server._send
+
+    def watching(conn, data):
+        if conn.task is not None and conn.task.tid == other_tid:
+            (fconn,) = [c for c in node.server.conns if c.task and c.task.tid == flood_tid]
+            left_when_answered.append(len(fconn.rbuf) // len(request))
+        send(conn, data)
+
+    monkeypatch.setattr(node.server, "_send", watching)
+    flood.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    with node.kernel.lock:                           # the loop waits: both arrive meanwhile
+        flood.sock.sendall(request * count)
+        other.sock.sendall(request)
+    reply = P.recv_frame(other.sock)
+    assert P.decode_reply(reply)[1][0] == 1
+    assert left_when_answered and left_when_answered[0] > count // 2
+    flood.sock.settimeout(CALL_TIMEOUT)
+    assert len(_replies(flood.sock, count)) == count     # and every one is answered

@@ -75,6 +75,21 @@ def test_what_the_relay_cannot_decide_goes_to_the_router(twins):
     assert t.refused == 1
 
 
+def test_a_copy_naming_a_third_endpoint_goes_to_the_router(twins):
+    """The relay carried a client's copy commands whatever endpoints they named; the router
+    refuses those naming anything but the client and its service's endpoints (Session.
+    may_send).  A copy that names only the client and the endpoint it addresses stays on
+    the relay; one that names a third endpoint leaves it and gets the router's answer, the
+    copy's error ACK."""
+    t = twins
+    establish(t)
+    rng = random.Random(3)
+    assert t.feed(frame(rng, C.CMD_COPYOUT_RQST, 50, 10, CLIENT, 0, 77, eps=(50, 10)), CLIENT)
+    for third in (11, 100, 5):
+        assert not t.feed(frame(rng, C.CMD_COPYLCL_RQST, 50, 10, CLIENT, 0, 77,
+                                eps=(third,)), CLIENT), third
+
+
 def test_idle_sessions_expire_as_with_the_router(twins):
     t = twins
     svr, lbsvr = establish(t)

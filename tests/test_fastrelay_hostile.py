@@ -30,6 +30,14 @@ pytestmark = pytest.mark.skipif(fastpath.lib is None, reason="the compiled relay
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 MAX_FRAME = HEADER_SIZE + C.MAXCOPYBUF
+#: The endpoints a client's copy commands name: itself and the service it addresses (one
+#: naming any other goes to the router, which refuses it).
+CLIENT_EPS = (50, 10)
+
+
+def _client(rng: random.Random, cmd: int) -> bytes:
+    """A frame of the established session's client (50 -> 10)."""
+    return frame(rng, cmd, 50, 10, CLIENT, 0, 77, eps=CLIENT_EPS)
 _C_LEN = 28          # offset of c_len in the header (dvk_cffi/wire.py)
 
 
@@ -62,7 +70,7 @@ class Pumped:
     def session_frames(self, rng: random.Random, n: int) -> list[bytes]:
         """Requests, ACKs and COPY data of the established session, as its client sends."""
         cmds = (C.CMD_SNDREC_MSG, C.CMD_COPYIN_DATA, C.CMD_SEND_ACK)
-        return [frame(rng, rng.choice(cmds), 50, 10, CLIENT, 0, 77) for _ in range(n)]
+        return [_client(rng, rng.choice(cmds)) for _ in range(n)]
 
     def router_sends(self, frames: list[bytes]) -> bytes:
         """What the router alone sends for `frames` (each one frame to the server)."""
@@ -113,9 +121,9 @@ def test_frames_cut_at_every_byte_are_relayed_whole(pumped):
     whatever is whole is relayed, the rest waits for the next read."""
     p = pumped()
     rng = random.Random(1)
-    frames = [frame(rng, C.CMD_SNDREC_MSG, 50, 10, CLIENT, 0, 77),
-              frame(rng, C.CMD_COPYIN_DATA, 50, 10, CLIENT, 0, 77),
-              frame(rng, C.CMD_SEND_ACK, 50, 10, CLIENT, 0, 77)]
+    frames = [_client(rng, C.CMD_SNDREC_MSG),
+              _client(rng, C.CMD_COPYIN_DATA),
+              _client(rng, C.CMD_SEND_ACK)]
     data = b"".join(frames)
     assert len(data) > 3 * HEADER_SIZE
     for cut in range(1, len(data)):
@@ -164,7 +172,7 @@ def test_a_bad_c_len_stops_the_relay_at_that_header(pumped, cmd, c_len, payload)
     rng = random.Random(2)
     good = p.session_frames(rng, 3)
     want = p.router_sends(good)
-    bad = bytearray(frame(rng, cmd, 50, 10, CLIENT, 0, 77)[:HEADER_SIZE])
+    bad = bytearray(_client(rng, cmd)[:HEADER_SIZE])
     struct.pack_into("<i", bad, _C_LEN, c_len)
     head = b"".join(good)
     p.tx.sendall(head + bytes(bad) + bytes(payload))
@@ -181,7 +189,7 @@ def test_a_bad_c_len_stops_the_relay_at_that_header(pumped, cmd, c_len, payload)
 def test_a_payload_of_maxcopybuf_waits_for_its_last_byte(pumped):
     p = pumped()
     rng = random.Random(3)
-    big = bytearray(frame(rng, C.CMD_COPYIN_DATA, 50, 10, CLIENT, 0, 77)[:HEADER_SIZE])
+    big = bytearray(_client(rng, C.CMD_COPYIN_DATA)[:HEADER_SIZE])
     struct.pack_into("<i", big, _C_LEN, C.MAXCOPYBUF)
     big += bytes(rng.randrange(256) for _ in range(C.MAXCOPYBUF))
     want = p.router_sends([bytes(big)])
@@ -202,7 +210,7 @@ def test_reads_that_fill_the_buffer_to_its_last_byte(pumped):
     rng = random.Random(4)
 
     def copy_frame() -> bytes:
-        h = bytearray(frame(rng, C.CMD_COPYIN_DATA, 50, 10, CLIENT, 0, 77)[:HEADER_SIZE])
+        h = bytearray(_client(rng, C.CMD_COPYIN_DATA)[:HEADER_SIZE])
         struct.pack_into("<i", h, _C_LEN, C.MAXCOPYBUF)
         return bytes(h) + rng.randbytes(C.MAXCOPYBUF)
 
@@ -214,7 +222,7 @@ def test_reads_that_fill_the_buffer_to_its_last_byte(pumped):
         assert p.reader.start == p.reader.end == MAX_FRAME
     assert p.relayed() == want
 
-    small = frame(rng, C.CMD_SNDREC_MSG, 50, 10, CLIENT, 0, 77)
+    small = _client(rng, C.CMD_SNDREC_MSG)
     big = copy_frame()
     want = p.router_sends([small, big])
     p.tx.sendall(small + big[:-600])
@@ -268,7 +276,7 @@ def test_every_header_field_at_its_extremes_agrees_with_the_router():
             if server_side:
                 return (frame(rng, cmd, 10, sess.lbsvr_ep, sess.svr_node, LB_HOST, 900),
                         sess.svr_node)
-            return frame(rng, cmd, 50, 10, CLIENT, 0, 77), CLIENT
+            return _client(rng, cmd), CLIENT
 
         relayed = 0
         for cmd, server_side in ((C.CMD_SNDREC_MSG, False), (C.CMD_COPYIN_DATA, False),
@@ -437,7 +445,7 @@ def test_a_take_back_that_leaves_only_per_command_figures_is_still_folded():
         links = {svr: SimpleNamespace(submit_span=lambda span, nframes: 0)}
         relay = fastpath.Relay(t.table, t.reader, CLIENT, links, _no_refusal)
         rng = random.Random(5)
-        t.reader.load(frame(rng, C.CMD_SEND_ACK, 50, 10, CLIENT, 0, 77))
+        t.reader.load(_client(rng, C.CMD_SEND_ACK))
         assert relay() is False and t.reader.start == t.reader.end
         taken = bytearray(HEADER_SIZE)
         struct.pack_into("<ii", taken, 0, C.CMD_SNDREC_MSG, 0)

@@ -490,9 +490,11 @@ def test_check_hdr_frame_cannot_claim_a_servers_free_service_endpoint(tmp_path):
         try:
             wait_for(fake.link_up, 10, "the fake peer's link up")
             fake.send(request(3, 1, EXT_EP, 25, flags=C.FLAG_CHECK_HDR))
+            # the same slot in another generation (translated endpoints carry one)
+            fake.send(request(3, 1, C._ENDPOINT(1, EXT_EP), 25, flags=C.FLAG_CHECK_HDR))
             fake.send(request(3, 1, 40, 25, flags=C.FLAG_CHECK_HDR))  # read once this came
             sources = []
-            while 40 not in sources and len(sources) < 2:
+            while 40 not in sources and len(sources) < 3:
                 m = _receive(cl, 1, 25, 3000)
                 assert m is not None, f"the valid frame after never came: {sources}"
                 sources.append(m.m_source)

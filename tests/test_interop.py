@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from c_peer import CPeer
 
-from cluster_helpers import Background, cluster_from, wait_bound
+from cluster_helpers import Background, cluster_from, wait_bound, wait_for
 from dsp_proxy import topology
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.elastic import MT_SVC_START, MT_SVC_STOP
@@ -146,6 +146,9 @@ def c_node(tmp_path, bg):
             n1, n3 = cl.dvk(1), cl.dvk(3)
             n3.add_node(0, 1)                 # the C operator's test_add_node
             wait_link(cl, peer, 30)
+            # fd_interval x fd_fall after link-up without an announcing HELLO: a C server
+            wait_for(lambda: (((cl.status(1).get("group") or {}).get("servers") or {})
+                              .get("3") or {}).get("live"), 10, "node 3 counted as running")
             for ep, name in ((12, "latsrv3"), (53, "latclt3"), (3, "stale3")):
                 n1.rmtbind(0, name, ep, 3)
             for ep, name in ((13, "latsrv1"), (52, "latclt1"), (14, "sink1")):
@@ -305,6 +308,8 @@ def test_a_stray_connection_from_the_c_peers_address_does_not_end_the_link(tmp_p
         stray.close()
     time.sleep(0.5)
     assert link_up(cl, peer)
+    # the C server still counts as running (not taken for a peer that just came up)
+    assert wait_status(cl)["group"]["servers"]["3"]["live"]
     latency_both_ways(cl, 5)
     assert link3(cl).get("downs") == downs and not peer.sender_gone.is_set()
 
@@ -424,3 +429,67 @@ def test_c_peer_itself_behaves_as_the_c_dsp(start_node, dvk_rundir):
     finally:
         peer.stop()
         lst.close()
+
+
+#: Our DSP on client node 1 balances its clients; the only server, node 3, is a C DSP.
+MIXED_LB = f"""
+lb node0 {{ nodeid 0; period 1; fd_interval {FD_INTERVAL_MS}; fd_fall {FD_FALL}; }};
+client node1 {{ nodeid 1; rname {{net}}.1; }};
+server node3 {{ nodeid 3; rname {{net}}.3; }};
+service lat {{ dcid 0; ext_ep 12; min_ep 12; max_ep 12; bind external; }};
+""".replace("{{", "{").replace("}}", "}")
+
+
+def test_clients_of_our_lb_are_served_by_a_c_server(tmp_path, bg):
+    """A C cluster whose client node's DSP is replaced by ours: the servers are C DSPs, which
+    never send a load report (the C daemon is built without GET_METRICS) and never announce
+    themselves.  Our LB must still send its clients' sessions to them (as the C DSP of the
+    client node did), not answer every request 'no server'; and once the C server's link is
+    lost, new sessions fail with an error, not a wait."""
+    with cluster_from(MIXED_LB, tmp_path, only=[1], dsp_args=["--allow-any-peer"]) as cl:
+        cl.start_kernel(3)
+        spec = next(s for s in topology.peer_specs(cl.cfg, 1) if s.nodeid == 3)
+        peer = CPeer(socket_path(3, cl.rundir), 1, "node1", f"{cl.net}.1",
+                     sport=spec.rport, rport=spec.sport, listen_host=f"{cl.net}.3")
+        try:
+            peer.start()
+            n3 = cl.dvk(3)
+            n3.add_node(0, 1)
+            wait_link(cl, peer, 30)
+            n3.rmtbind(0, "latclt1", 52, 1)       # the C operator binds the client by hand
+            b = Background(cl, tmp_path)
+            bg.append(b)
+            b.start(3, "dvs_apps.latency", "server", 0, 12)
+            wait_bound(cl, 3, 0, 12)
+            # a peer that has not announced itself within fd_interval x fd_fall of link-up
+            servers = lambda: ((cl.status(1).get("group") or {}).get("servers")  # noqa: E731
+                               or {})
+            wait_for(lambda: servers().get("3", {}).get("live"), 10,
+                     f"the C server counted as running: {servers()}")
+            res = cl.run(1, module_argv("dvs_apps.latency", "client", 0, 52, 12, 5, 0, 0),
+                         timeout=60)
+            assert res.returncode == 0 and "Total average latency in 5 loops" in res.stdout, \
+                f"a client of our LB through the C server:\n{res.stdout}{res.stderr}"
+            assert peer.frames_received >= 5 and peer.frames_sent >= 5
+            peer.stop()                          # the C DSP's connections are gone
+            wait_for(lambda: not servers().get("3", {}).get("live"), 10,
+                     "the C server no longer running")
+            t0 = time.monotonic()
+            res = cl.run(1, module_argv("dvs_apps.latency", "client", 0, 52, 12, 1, 0, 0),
+                         timeout=60)
+            assert res.returncode != 0 and "EDVS" in res.stdout + res.stderr, res.stdout
+            assert time.monotonic() - t0 < 30, "the client waited instead of getting an error"
+            # the C DSP restarted (a new process, the same ports): served again
+            peer = CPeer(socket_path(3, cl.rundir), 1, "node1", f"{cl.net}.1",
+                         sport=spec.rport, rport=spec.sport, listen_host=f"{cl.net}.3")
+            peer.start()
+            wait_link(cl, peer, 30)
+            n3.add_node(0, 1)                     # the pair's end took node 1 out of the DC
+            n3.rmtbind(0, "latclt1", 52, 1)
+            wait_for(lambda: servers().get("3", {}).get("live"), 10,
+                     f"the restarted C server counted as running: {servers()}")
+            res = cl.run(1, module_argv("dvs_apps.latency", "client", 0, 52, 12, 5, 0, 0),
+                         timeout=60)
+            assert res.returncode == 0, f"after the C DSP's restart:\n{res.stdout}{res.stderr}"
+        finally:
+            peer.stop()

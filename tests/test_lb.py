@@ -128,8 +128,14 @@ def test_seed_scenario_sessions_spread_over_two_servers(tmp_path, bg):
             c.close()
 
 
-def test_m3ftp_through_the_lb(tmp_path, bg):
-    with cluster_from(lb_config(), tmp_path) as cl:
+@pytest.mark.parametrize("mode", ["local", "relayed"])
+def test_m3ftp_through_the_lb(tmp_path, bg, mode):
+    """Also through the LB host (relayed mode): the servers' copies from and to the client,
+    whose answers name the client and the service's endpoint, pass the LB host's rule for a
+    client's copies (Session.may_send)."""
+    cfg = lb_config() if mode == "local" else lb_config(
+        extra="cltname lbhost; lb_eps 100 150;", more="client lbhost { nodeid 5; rname {net}.5; };")
+    with cluster_from(cfg, tmp_path) as cl:
         b = Background(cl, tmp_path)
         bg.append(b)
         shared = tmp_path / "export"  # both servers serve one directory (shared storage)
@@ -236,6 +242,152 @@ def test_relayed_clients_with_the_same_endpoint(tmp_path, bg, monkeypatch, fast)
         assert st["fast_relay"] is (fast == "1")
         assert (st["group"]["fast_sessions"] == 2) is (fast == "1")
         assert requests(st) == 60, st["links"]
+
+
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["compiled-relay", "python-path"])
+def test_a_client_node_that_holds_every_relayed_endpoint_gives_one_back(tmp_path, bg,
+                                                                          monkeypatch, fast):
+    """The LB host has two translated endpoints (lb_eps 100 101) and node 3's clients hold
+    both sessions (idle: relayed sessions end only by timeout).  A client of node 4 is under
+    its share, so it takes one back and is served; node 3, at its share, is refused with
+    EDVSNOSPC, at once.  Before, node 4 got EDVSNOSPC for the whole session timeout."""
+    monkeypatch.setenv("DSP_FASTPATH", fast)
+    cfg = lb_config(extra="cltname lbhost; lb_eps 100 101;",
+                    more="client lbhost { nodeid 5; rname {net}.5; };")
+    with cluster_from(cfg, tmp_path) as cl:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        start_servers(cl, b)
+
+        def latency_client(node, ep):
+            res = cl.run(node, module_argv("dvs_apps.latency", "client", 0, ep, 10, 3, 0, 0),
+                         timeout=60)
+            assert res.returncode == 0 and len(LOOP_RE.findall(res.stdout)) == 3, \
+                f"client {ep}@{node}: {res.stdout}{res.stderr}"
+        for ep in (50, 51):
+            latency_client(3, ep)
+        wait_status(cl, 5, lambda st: len(st["group"]["sessions"]) == 2, what="2 sessions")
+        latency_client(4, 50)
+        st = wait_status(cl, 5, lambda st: st["group"]["sessions_taken_back"] == 1,
+                         what="one session taken back")
+        assert sorted(s["client"] for s in st["group"]["sessions"]) == ["50@4", "51@3"]
+        c = Client(cl, 3, 52)
+        try:
+            _, err, took = c.call(10)
+            assert err is not None and err.name == "EDVSNOSPC" and took < 1.0, err
+        finally:
+            c.close()
+        assert "whose node holds more than its share" in open(cl.log_path("dsp5")).read()
+
+
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["compiled-relay", "python-path"])
+def test_a_late_reply_for_a_session_taken_back_never_reaches_the_new_client(tmp_path,
+                                                                           monkeypatch, fast):
+    """Node 3's clients 50 and 51 hold both translated endpoints (lb_eps 100 101), each
+    waiting for its reply, which the servers (this test, bound at ep 10) hold back.  Client
+    60 of node 4 takes back 50's session and lands on the same server.  The server then
+    answers 50's request, to the endpoint 50 had: that reply reached client 60 as the answer
+    to its own request (one node's requests answered into another node's session).  Now 60
+    has the slot in a new generation: the stale reply is refused to the server, and 60 gets
+    the answer to its own request."""
+    import queue
+    import threading
+
+    from cluster_helpers import wait_for
+    monkeypatch.setenv("DSP_FASTPATH", fast)
+    cfg = lb_config(extra="cltname lbhost; lb_eps 100 101;",
+                    more="client lbhost { nodeid 5; rname {net}.5; };")
+    with cluster_from(cfg, tmp_path) as cl:
+        held: dict[int, list] = {1: [], 2: []}      # server -> [(source, value)] received
+        todo: dict[int, queue.Queue] = {1: queue.Queue(), 2: queue.Queue()}
+        stop = threading.Event()
+        failures: list = []
+
+        def hold(node):
+            """The service on `node`: receive every request, answer one when told to."""
+            dvk = cl.dvk(node)
+            dvk.bind(0, 10)
+            try:
+                while not stop.is_set():
+                    try:
+                        dst, value, result = todo[node].get_nowait()
+                        m = Message()
+                        m.m_type, m.m1_i1 = 0x0A, value
+                        try:
+                            dvk.send(dst, m, 2000)
+                            result.put(None)
+                        except DvkError as err:
+                            result.put(err.name)
+                    except queue.Empty:
+                        pass
+                    m = Message()
+                    try:
+                        dvk.receive(C.ANY, m, 100)
+                    except DvkError as err:
+                        if err.name != "EDVSTIMEDOUT":
+                            failures.append(err)
+                        continue
+                    held[node].append((m.m_source, m.m1_i1))
+            finally:
+                dvk.unbind(0, 10)
+
+        def answer(node, dst, value):
+            """What sending `value` to `dst` from the service on `node` gave (None: sent)."""
+            result: queue.Queue = queue.Queue()
+            todo[node].put((dst, value, result))
+            return result.get(timeout=10)
+
+        replies: dict[int, tuple] = {}
+
+        def call(node, ep, value):
+            dvk = cl.dvk(node)
+            dvk.bind(0, ep)
+            m = Message()
+            m.m_type, m.m1_i1 = 0x0A, value
+            try:
+                dvk.sendrec(10, m, 20000)
+                replies[ep] = (m.m1_i1, None)
+            except DvkError as err:
+                replies[ep] = (None, err.name)
+            finally:
+                dvk.unbind(0, ep)
+
+        servers = [threading.Thread(target=hold, args=(n,), daemon=True) for n in (1, 2)]
+        clients = []
+        try:
+            for t in servers:
+                t.start()
+            for n in (1, 2):
+                wait_bound(cl, n, 0, 10)
+            wait_status(cl, 5, lambda st: all(s["live"] for s in
+                                              st["group"]["servers"].values()),
+                        what="both servers live")
+            for count, (node, ep, value) in enumerate(((3, 50, 1), (3, 51, 2), (4, 60, 3)), 1):
+                clients.append(threading.Thread(target=call, args=(node, ep, value),
+                                                daemon=True))
+                clients[-1].start()
+                wait_for(lambda count=count: sum(map(len, held.values())) == count, 20,
+                         f"{count} requests at the servers")
+            wait_for(lambda: 50 in replies, 10, "client 50's error")
+            assert replies[50] == (None, "EDVSNOSPC")
+            (server,) = [n for n, got in held.items() if len(got) == 2]
+            (old_src, old_value), (new_src, new_value) = held[server]
+            assert (old_value, new_value) == (1, 3)
+            late = answer(server, old_src, old_value)   # the late reply to client 50
+            sent = answer(server, new_src, new_value)
+            (other,) = held[3 - server]
+            assert answer(3 - server, *other) is None
+            for t in clients:
+                t.join(20)
+            assert replies[60] == (3, None), (replies, late)      # (1: client 50's reply)
+            assert sent is None, sent
+            assert replies[51] == (2, None), replies
+            assert late == "EDVSENDPOINT", late         # refused to the server at once
+        finally:
+            stop.set()
+            for t in servers + clients:
+                t.join(25)
+        assert not failures, failures
 
 
 def test_error_replies_reach_the_client_fast(tmp_path, bg):

@@ -511,6 +511,26 @@ def test_reload_reports_the_daemons_verdict(make_root):
     assert r.run("stop").returncode == 0
 
 
+def test_restart_with_a_config_that_does_not_check_keeps_the_daemon_running(make_root):
+    """An operator edits the config and runs `restart`, as with the C daemon: when the new
+    config does not pass `--check`, restart refuses (rc 6, the reason) before stopping, so
+    the running daemon keeps the node's links instead of the node losing its DSP."""
+    r = make_root(opts="", cfg=LB_CFG)
+    assert r.run("start").returncode == 0, r.log()
+    pid = int(r.pidfile.read_text())
+    r.cfg.write_text(render_config(LB_CFG, r.net).replace("period 2;", "period 2; max_sessions 0;"))
+    res = r.run("restart")
+    assert res.returncode == 6 and "max_sessions" in res.stderr, res.stdout + res.stderr
+    assert r.run("status").returncode == 0 and int(r.pidfile.read_text()) == pid
+    os.kill(pid, 0)
+    # a valid config: restarted (a new daemon)
+    r.cfg.write_text(render_config(LB_CFG, r.net))
+    res = r.run("restart")
+    assert res.returncode == 0, res.stdout + res.stderr + r.log()
+    assert int(r.pidfile.read_text()) != pid
+    assert r.run("stop").returncode == 0
+
+
 def test_reload_verdict_under_a_quieter_log_level(make_root):
     """With `--log-level WARNING` in DSP_OPTS the daemon's "reload of FILE done" (INFO) was
     not logged, so `init.d/dvs reload` waited out DSP_RELOAD_TIMEOUT and reported a reload

@@ -40,12 +40,16 @@ class Peers:
     def __init__(self, up=(1, 2)):
         self.up_nodes = set(up)
         self.heard = {}
+        self.c_nodes: set[int] = set()     # peers that are C DSPs
 
     def up(self, node):
         return node in self.up_nodes
 
     def frames(self, node):
         return self.heard.get(node, 0)
+
+    def c_peer(self, node):
+        return node in self.c_nodes and node in self.up_nodes
 
 
 def _router(text=RELAYED, local=5, up=(1, 2), reports=(1, 2)):
@@ -343,6 +347,7 @@ def test_frames_parked_while_a_program_starts_are_bounded_and_refused_with_an_er
     replies = []
     for i in range(groupmod.PARKED_MAX + 40):
         replies += _acts(_net(router, _req(cmd=C.CMD_COPYIN_DATA, dst=30, c_len=len(data),
+                                           v_src=50, v_dst=30, v_rqtr=50,
                                            v_bytes=len(data)), data))
         replies += _acts(_net(router, _req(dst=30, c_tv_sec=i)))
     sess = group.sessions[(0, 3, 50, 30)]
@@ -377,7 +382,8 @@ def test_frames_parked_for_all_starting_sessions_together_are_bounded(monkeypatc
             _net(router, _req(dcid=dcid, src=src, dst=30))
             for i in range(groupmod.PARKED_MAX):
                 replies += _acts(_net(router, _req(cmd=C.CMD_COPYIN_DATA, dcid=dcid, src=src,
-                                                   dst=30, c_len=len(data),
+                                                   dst=30, c_len=len(data), v_src=src,
+                                                   v_dst=30, v_rqtr=src,
                                                    v_bytes=len(data)), data))
                 replies += _acts(_net(router, _req(dcid=dcid, src=src, dst=30, c_tv_sec=i)))
     assert len(group.starting) == 6
@@ -386,6 +392,117 @@ def test_frames_parked_for_all_starting_sessions_together_are_bounded(monkeypatc
     assert total <= groupmod.PARKED_TOTAL + 6 * 120
     errors = [Header(bytearray(a[2])) for a in replies if a[0] == SEND]
     assert errors and all(h.c_rcode == E.EDVSAGAIN for h in errors)
+
+
+def _started_program(router, group, src, snode, ep, node=1):
+    """A session of client src@snode for the prog service, its program started at `ep`."""
+    acts = _acts(_net(router, _req(dst=30, src=src, snode=snode)))
+    (ctl,) = [a for a in acts if a[0] == CONTROL]
+    m = Message()
+    m.load(ctl[2])
+    reply = Message()
+    reply.load(control_message(MT_SVC_START | C.MT_ACKNOWLEDGE, m1_i1=ep, m1_p2=m.m1_p2))
+    to, out, _ = _sent(group.on_control(node, reply))
+    assert (to, out.c_dst) == (node, ep)
+
+
+def test_a_client_reaches_only_its_own_program_not_another_sessions():
+    """Two client nodes' sessions of a `prog` service on one server, their programs on
+    endpoints 33 and 34 of the service's range.  Client 50@3 addressing 34 at the LB node
+    (a request, a run of them, a copy) would reach the program started for client 60@4's
+    session: it gets EDVSDSTDIED instead, nothing goes to the server, and both sessions go
+    on (each still reaches its own program)."""
+    router, group, _, _ = _router(TWO_CLIENT_NODES, up=(1,), reports=(1,))
+    _started_program(router, group, 50, 3, 33)
+    _started_program(router, group, 60, 4, 34)
+    for dst in (34, 31):
+        node, ack, _ = _sent(_net(router, _req(dst=dst, src=50, snode=3)))
+        assert (node, ack.c_cmd, ack.c_rcode, ack.c_dst, ack.c_src) == \
+            (3, C.CMD_SNDREC_ACK, E.EDVSDSTDIED, 50, dst)
+    h = _req(cmd=C.CMD_SEND_MSG, dst=34, src=50, snode=3)
+    acts = router.from_network_run(memoryview(bytes(h.buf) * 3), h.route(), 3, 3, False)
+    assert acts and all(a[0] == SEND and a[1] == 3 and
+                        Header(bytearray(a[2])).c_rcode == E.EDVSDSTDIED for a in acts)
+    cp = _req(cmd=C.CMD_COPYIN_DATA, dst=34, src=50, snode=3, c_len=5, v_src=50, v_dst=34,
+              v_rqtr=50, v_bytes=5)
+    assert not [a for a in _acts(_net(router, cp, b"hello")) if a[0] == SEND and a[1] == 1]
+    # a copy addressed to its own program that names the other one (the server's kernel
+    # copies between the endpoints named, here from its program into 60@4's): the copy's
+    # error ACK, nothing to the server; the same copy within the session goes out mapped
+    for v in ((30, 34, 50), (34, 30, 50), (30, 30, 34)):
+        lcl = _req(cmd=C.CMD_COPYLCL_RQST, dst=30, src=50, snode=3, v_src=v[0], v_dst=v[1],
+                   v_rqtr=v[2], v_bytes=5)
+        node, ack, _ = _sent(_net(router, lcl))
+        assert (node, ack.c_cmd, ack.c_rcode) == (3, C.CMD_COPYLCL_ACK, E.EDVSDSTDIED), v
+    lcl = _req(cmd=C.CMD_COPYLCL_RQST, dst=30, src=50, snode=3, v_src=30, v_dst=30, v_rqtr=50,
+               v_bytes=5)
+    node, out, _ = _sent(_net(router, lcl))
+    assert (node, out.c_dst, out.v_src, out.v_dst, out.v_rqtr) == (1, 33, 33, 33, 100)
+    assert sorted(group.sessions) == [(0, 3, 50, 30), (0, 4, 60, 30)]
+    for src, snode, ep in ((50, 3, 33), (60, 4, 34)):
+        node, out, _ = _sent(_net(router, _req(dst=30, src=src, snode=snode)))
+        assert (node, out.c_dst) == (1, ep)
+
+
+def test_a_client_node_over_its_share_of_a_services_programs_gives_one_back():
+    """A `prog` service of two endpoints (30-31) on the one usable server: node 3's two
+    idle sessions have its two programs, and every new session of another node was answered
+    EDVSAGAIN by the server (no free endpoint) for as long as they lasted.  Node 4, under its
+    share (one of two), takes node 3's least recently used session: that one's program is
+    stopped, then node 4's is asked for, on the same server.  Then both nodes are at their
+    share and get EDVSAGAIN without asking the server."""
+    text = TWO_CLIENT_NODES.replace("min_ep 30; max_ep 39;", "min_ep 30; max_ep 31;") \
+        .replace("lb_eps 100 101", "lb_eps 100 109")
+    router, group, _, clock = _router(text, up=(1,), reports=(1,))
+    _started_program(router, group, 50, 3, 30)
+    clock[0] += 1
+    _started_program(router, group, 51, 3, 31)
+    clock[0] += 1
+    _net(router, _req(dst=30, src=51, snode=3, cmd=C.CMD_SEND_MSG))   # 50: least recent
+    acts = _acts(_net(router, _req(dst=30, src=60, snode=4)))
+    controls = []
+    for a in acts:
+        if a[0] == CONTROL:
+            m = Message()
+            m.load(a[2])
+            controls.append((a[1], m.m_type, m.m1_i2))
+    assert controls[0] == (1, MT_SVC_STOP, 30) and controls[1][:2] == (1, MT_SVC_START)
+    errors = [Header(bytearray(a[2])) for a in acts if a[0] == SEND]
+    assert [(h.c_dnode, h.c_dst, h.c_rcode) for h in errors] == [(3, 50, E.EDVSNOSPC)]
+    assert sorted(group.sessions) == [(0, 3, 51, 30), (0, 4, 60, 30)]
+    assert group.counters["sessions_taken_back"] == 1
+    for src, snode in ((61, 4), (52, 3)):
+        acts = _acts(_net(router, _req(dst=30, src=src, snode=snode)))
+        assert not [a for a in acts if a[0] == CONTROL]
+        node, ack, _ = _sent(acts)
+        assert (node, ack.c_dst, ack.c_rcode) == (snode, src, E.EDVSAGAIN)
+    assert sorted(group.sessions) == [(0, 3, 51, 30), (0, 4, 60, 30)]
+
+
+def test_a_clients_copy_names_only_itself_and_its_services_endpoints():
+    """A relayed client's copy commands went to the server with their vcopy endpoints as
+    the client wrote them: a COPYLCL_RQST in its session had the server's kernel copy
+    between any two processes of the server (another service's, a system process), with a
+    requester (v_rqtr) of the client's choosing, whose privilege the kernel checks.  Each
+    endpoint a copy names must be the client or one of the service's range; anything else
+    gets the copy's error ACK and nothing goes to the server.  The client's ordinary copies
+    (answering the server's, naming both ends) go out, runs of them too."""
+    router, group, _, _ = _router()
+    _net(router, _req())                                      # 50@3 -> latency (10..19)
+    for v in ((10, 5, 50), (30, 11, 50), (10, 11, 2), (10, 50, 100)):
+        cp = _req(cmd=C.CMD_COPYLCL_RQST, v_src=v[0], v_dst=v[1], v_rqtr=v[2], v_bytes=8)
+        node, ack, _ = _sent(_net(router, cp))
+        assert (node, ack.c_cmd, ack.c_rcode, ack.c_dst) == \
+            (3, C.CMD_COPYLCL_ACK, E.EDVSDSTDIED, 50), v
+        h = _req(cmd=C.CMD_COPYOUT_RQST, v_src=v[0], v_dst=v[1], v_rqtr=v[2], v_bytes=8)
+        acts = router.from_network_run(memoryview(bytes(h.buf) * 2), h.route(), 2, 3, False)
+        assert acts and not [a for a in acts if a[0] == SEND and a[1] != 3], v
+    for v in ((10, 11, 50), (50, 10, 10), (10, 50, 50)):
+        cp = _req(cmd=C.CMD_COPYOUT_RQST, v_src=v[0], v_dst=v[1], v_rqtr=v[2], v_bytes=8)
+        node, out, _ = _sent(_net(router, cp))
+        assert node == 1 and 100 in (out.v_src, out.v_dst, out.v_rqtr), v
+        acts = router.from_network_run(memoryview(bytes(cp.buf) * 2), cp.route(), 2, 3, False)
+        assert [a[1] for a in acts] == [1], v
 
 
 def test_relayed_endpoints_are_a_pool_per_dc_and_come_back():
@@ -399,8 +516,99 @@ def test_relayed_endpoints_are_a_pool_per_dc_and_come_back():
     assert ack.c_rcode == E.EDVSNOSPC
     with group.lock:
         group._end(group.sessions[(0, 3, 50, 10)], None, [])
-    _net(router, _req(dcid=0, src=52))
-    assert group.sessions[(0, 3, 52, 10)].lbsvr_ep == 100
+    _net(router, _req(dcid=0, src=52))          # slot 100 again, in its next generation
+    assert group.sessions[(0, 3, 52, 10)].lbsvr_ep == C._ENDPOINT(1, 100)
+
+
+TWO_CLIENT_NODES = RELAYED.replace("client node3", "client node4 { nodeid 4; rname 127.0.0.4; };\n"
+                                    "client node3")
+
+
+def test_a_client_node_over_its_share_of_a_full_table_gives_back_its_idlest_session():
+    """A client node that took every translated endpoint (two, lb_eps 100 101), here with
+    endpoints it may not even have, does not keep another client node out: the newcomer, under
+    its share (one of two), takes the session of node 3 that waits for nothing, although it is
+    the newer one; then each node is at its share and gets EDVSNOSPC."""
+    router, group, _, clock = _router(TWO_CLIENT_NODES)
+    _net(router, _req(src=50))                           # waits for its reply
+    clock[0] += 1
+    _net(router, _req(cmd=C.CMD_NTFY_MSG, src=51))       # waits for nothing
+    clock[0] += 1
+    acts = _acts(_net(router, _req(src=60, snode=4)))
+    assert [a[0] for a in acts] == [SEND] and acts[0][1] in (1, 2)   # node 4's request out
+    assert sorted(group.sessions) == [(0, 3, 50, 10), (0, 4, 60, 10)]
+    assert group.sessions[(0, 4, 60, 10)].lbsvr_ep == C._ENDPOINT(1, 101)
+    assert group.counters["sessions_taken_back"] == 1
+    for src, snode in ((61, 4), (52, 3)):
+        node, ack, _ = _sent(_net(router, _req(src=src, snode=snode)))
+        assert (node, ack.c_rcode, ack.c_dst) == (snode, E.EDVSNOSPC, src)
+    assert group.counters["sessions_taken_back"] == 1 and len(group.sessions) == 2
+
+
+def test_a_late_reply_to_a_session_that_ended_never_reaches_the_next_client_of_its_slot():
+    """Node 3's clients hold both translated endpoints (lb_eps 100 101), each waiting for
+    server 1's reply; a client of node 4 takes one back.  Its session used to get the very
+    endpoint, so server 1's reply to node 3's request (sent to 100 before or after) reached
+    node 4's client as the reply to its own request: one node could have its requests
+    answered into another node's sessions.  The slot comes back in a new generation; the
+    stale reply names no session and is left to this node's kernel (which refuses it), the
+    new session's own reply reaches its client; the compiled relay's flows use the same
+    endpoints.  Generations wrap within a 32-bit endpoint."""
+    from dsp_proxy import group as groupmod
+    router, group, _, clock = _router(TWO_CLIENT_NODES, up=(1,), reports=(1,))
+    _net(router, _req(src=50))
+    clock[0] += 1
+    _net(router, _req(src=51))
+    clock[0] += 1
+    acts = _acts(_net(router, _req(src=60, snode=4)))
+    (out,) = [Header(bytearray(a[2])) for a in acts if a[0] == SEND and a[1] == 1]
+    new_ep = group.sessions[(0, 4, 60, 10)].lbsvr_ep
+    assert out.c_src == new_ep and C._ENDPOINT_P(new_ep) == 100 and new_ep != 100
+    stale = _req(cmd=C.CMD_SEND_MSG, src=10, dst=100, snode=1, dnode=5, pid=88)
+    (act,) = _acts(_net(router, stale, peer=1))
+    assert act[0] == DELIVER                       # not SEND to node 4
+    mine = _req(cmd=C.CMD_SEND_MSG, src=10, dst=new_ep, snode=1, dnode=5, pid=88)
+    node, out, _ = _sent(_net(router, mine, peer=1))
+    assert (node, out.c_dst, out.c_src, out.c_snode) == (4, 60, 10, 0)
+    with group.lock:
+        group._end(group.sessions[(0, 4, 60, 10)], None, [])
+        group.lb_eps_gen[(0, 100)] = groupmod.LB_EP_GENERATIONS - 1
+    _net(router, _req(src=61, snode=4))
+    last = group.sessions[(0, 4, 61, 10)].lbsvr_ep
+    assert C._ENDPOINT_P(last) == 100 and 0 < last + C._ENDPOINT_GEN_SIZE < 2**31
+    with group.lock:
+        group._end(group.sessions[(0, 4, 61, 10)], None, [])
+    _net(router, _req(src=62, snode=4))
+    assert group.sessions[(0, 4, 62, 10)].lbsvr_ep == 100      # wrapped
+
+
+def test_a_session_taken_back_while_its_client_waits_answers_it_with_edvsnospc():
+    """Every session of the node over its share waits for a reply: the least recently used
+    one ends, and its client gets EDVSNOSPC instead of waiting for a reply that cannot come."""
+    text = TWO_CLIENT_NODES.replace("lb_eps 100 101; max_sessions 150", "lb_eps 100 109; "
+                                    "max_sessions 3")
+    router, group, _, clock = _router(text)
+    for src in (50, 51, 52):
+        _net(router, _req(src=src))
+        clock[0] += 1
+    _net(router, _req(src=51, cmd=C.CMD_SEND_MSG))       # 50 is now the least recently used
+    acts = _acts(_net(router, _req(src=60, snode=4)))
+    errors = [Header(bytearray(a[2])) for a in acts if a[0] == SEND and a[1] == 3]
+    assert [(h.c_cmd, h.c_dst, h.c_rcode) for h in errors] == \
+        [(C.CMD_SNDREC_ACK, 50, E.EDVSNOSPC)]
+    assert sorted(group.sessions) == [(0, 3, 51, 10), (0, 3, 52, 10), (0, 4, 60, 10)]
+    node, ack, _ = _sent(_net(router, _req(src=61, snode=4)))   # share of 3 over 2: one
+    assert ack.c_rcode == E.EDVSNOSPC and node == 4
+
+
+def test_one_client_node_alone_keeps_its_full_table():
+    """With no other client node asking, a full table stays as it is (EDVSNOSPC)."""
+    text = RELAYED.replace("max_sessions 150", "max_sessions 1")
+    router, group, _, _ = _router(text)
+    _net(router, _req(src=50))
+    node, ack, _ = _sent(_net(router, _req(src=51)))
+    assert ack.c_rcode == E.EDVSNOSPC and list(group.sessions) == [(0, 3, 50, 10)]
+    assert group.counters["sessions_taken_back"] == 0
 
 
 def test_only_the_lb_host_relays_and_only_for_the_link_peer():
@@ -426,3 +634,23 @@ def test_group_module_does_no_io():
     for name in ("import socket", "import selectors", "from .link", "from .rproxy",
                  "from .sproxy", "from .main", "import dsp_proxy.link"):
         assert name not in src
+
+
+def test_a_c_server_serves_sessions_without_a_load_report_but_no_prog_service():
+    """A C DSP never reports its load nor gets control frames: its server runs while its link
+    is up (its unknown load counts as IDLE, the session count decides), but a `prog` service
+    never goes to it (nobody would start the program there)."""
+    router, group, peers, _ = _router(RELAYED.replace("lb_eps 100 101", "lb_eps 100 119"),
+                                      reports=(2,))
+    peers.c_nodes.add(1)
+    assert group.is_live(group.servers[1]) and group.is_c_server(group.servers[1])
+    chosen = {_sent(_net(router, _req(src=50 + i)))[0] for i in range(4)}
+    assert chosen == {1, 2}, "sessions spread over the C server and ours by their count"
+    for i in range(4):
+        acts = _acts(_net(router, _req(dst=30, src=60 + i)))
+        assert [a[1] for a in acts if a[0] == CONTROL] == [2], acts
+    peers.up_nodes.discard(2)           # only the C server left: a prog service has none
+    (act,) = [a for a in _acts(_net(router, _req(dst=30, src=70))) if a[0] == SEND]
+    assert Header(bytearray(act[2])).c_rcode == E.EDVSAGAIN
+    peers.up_nodes.discard(1)           # its link lost: not running any more
+    assert not group.is_live(group.servers[1])

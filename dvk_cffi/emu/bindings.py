@@ -51,8 +51,8 @@ class Bindings:
         if not dc.info.dc_nodes & (1 << nodeid):
             raise E.DvkError.for_code(E.EDVSNODCNODE)
         desc = dc.slot(p_nr)
-        if not desc.is_free and cmd not in (C.BKUP_BIND, C.REPLICA_BIND):
-            raise E.DvkError.for_code(E.EDVSSLOTUSED)
+        if not desc.is_free:  # every bind type (the module's second check covers the two
+            raise E.DvkError.for_code(E.EDVSSLOTUSED)  # its first one lets through)
         if target is not None and (target.desc is not None or target.proxy is not None):
             raise E.DvkError.for_code(E.EDVSBADDCID if target.desc is not None
                                       and target.desc.dcid != dcid else E.EDVSSLOTUSED)

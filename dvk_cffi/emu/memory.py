@@ -35,7 +35,10 @@ class AddressSpace:
     def add(self, fd: int, size: int) -> int:
         """Map the arena behind `fd` (the kernel's own copy) and return its base address.
         OSError when `fd` is not a memfd sealed against shrinking, ValueError when it is
-        smaller than `size`."""
+        smaller than `size` or `size` is 0 (to mmap, all of the file: an arena that would
+        take no address space, and so no bound on how many a process registers)."""
+        if size <= 0:
+            raise ValueError(f"arena of {size} bytes")
         if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
             raise OSError(f"arena of process {self.pid} is not sealed against shrinking")
         base = self.next_base

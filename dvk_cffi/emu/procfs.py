@@ -6,6 +6,11 @@ Same columns and formats as the module, so an operator's scripts and eyes keep w
 
 from __future__ import annotations
 
+#: Control characters of a program name shown as '?': a name is what its program says (and
+#: Linux lets a thread take any bytes), and one with a newline would add lines to a table
+#: that a reader takes line by line (the DSP counts a node's processes from `tasks`).
+_ONE_LINE = {c: "?" for c in (*range(32), 127)}
+
 
 def bitmap32(mask: int) -> str:
     """32 columns, bit 31 first, X for a set bit (the module's node/DC bitmaps)."""
@@ -52,7 +57,7 @@ def _tasks(k) -> str:
         if t.dead:
             continue
         bound = "proxy" if t.proxy else (f"{t.desc.dcid}:{t.desc.endpoint}" if t.desc else "-")
-        out.append(f"{t.pid} {t.tid} {bound} {t.comm}\n")
+        out.append(f"{t.pid} {t.tid} {bound} {t.comm.translate(_ONE_LINE)}\n")
     return "".join(out)
 
 

@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -41,10 +42,19 @@ REAP_INTERVAL = 1.0
 #: A connection that has not said HELLO this long after it was accepted is closed: a process
 #: that opens connections and never speaks would otherwise hold descriptors for good.
 HELLO_TIMEOUT = 10.0
-#: Bytes read per recvmsg, and ancillary space for the descriptors an ARENA request carries.
+#: Bytes read per recvmsg; descriptors a connection may have waiting for its next request.
 READ_SIZE = 1 << 16
 MAX_FDS = 16
-ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+#: Ancillary space for as many descriptors as one message can carry (the kernel's
+#: SCM_MAX_FD): descriptors that do not fit are dropped by the kernel, which closes them on
+#: this thread where `_release_fd` cannot make their close harmless.
+SCM_MAX_FD = 253
+ANC_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+#: A socket's linger turned off: its close returns at once and sends what is queued later.
+_NO_LINGER = struct.pack("ii", 0, 0)
+#: Reads a closing connection is drained with, at most (what its peer had queued, which is
+#: bounded by the peer's send buffer once the connection is shut down).
+DRAIN_READS = 1024
 #: The longest request frame read: far more than any request (the longest carry a name or a
 #: 60-byte struct), little enough that no connection makes the kernel buffer much.
 MAX_FRAME = 1 << 20
@@ -54,12 +64,26 @@ ACCEPT_BURST = 64
 #: connection that closes ends the rest at once); it stays readable meanwhile.
 ACCEPT_PAUSE = 0.5
 _ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_NO_DESCRIPTOR = frozenset({errno.EMFILE, errno.ENFILE})
+#: Descriptors (connections and arenas) a process may hold in the node kernel and keep when
+#: they run out: past this, its newest connection is closed for a process waiting to connect.
+FAIR_SHARE = 256
 #: Timer entries kept before the ones of ended calls are swept out.
 TIMER_COMPACT = 4096
 #: Replies a client may leave unread before its requests are no longer read.
 WBUF_LIMIT = 1 << 20
-#: Request bytes a client may send behind its parked call before they are no longer read.
+#: Request bytes a client may have waiting (behind its parked call, or for their turn) before
+#: its connection is no longer read.
 RBUF_LIMIT = 1 << 20
+#: Bytes all connections together may hold (requests not yet served, replies not yet taken).
+#: The limits above are per connection, and one process may open thousands: past this, a
+#: connection that holds bytes is not read until the total is below it again, and the others
+#: are read SMALL_READ bytes at a time (more than any whole request).
+BUFFER_BUDGET = 64 << 20
+SMALL_READ = 4096
+#: Requests of one connection served in a turn; the rest wait until every other connection
+#: ready meanwhile had its turn (a read may bring thousands of pipelined requests).
+SERVE_BURST = 16
 _IN = select.EPOLLIN
 _LEN = struct.Struct("<I")
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
@@ -85,10 +109,11 @@ class _Conn:
     """One client connection: its buffers, its task and the call it has parked, if any."""
 
     __slots__ = ("sock", "rbuf", "wbuf", "fds", "task", "call", "shape", "op", "seq",
-                 "closed", "events", "accepted")
+                 "closed", "events", "accepted", "held", "pid")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
+        self.pid = pid                   # the connecting process (SO_PEERCRED)
         self.accepted = time.monotonic()
         self.rbuf = bytearray()
         self.wbuf = bytearray()
@@ -100,6 +125,7 @@ class _Conn:
         self.seq = 0                     # which park a timer entry belongs to
         self.closed = False
         self.events = _IN
+        self.held = 0                    # its bytes counted in NodeServer.held
 
 
 class NodeServer:
@@ -116,6 +142,8 @@ class NodeServer:
         self.conns: set[_Conn] = set()
         self.timers: list[tuple[float, int, _Conn, int]] = []
         self.backlog: set[_Conn] = set()
+        self.held = 0                    # bytes in every connection's rbuf and wbuf
+        self.starved: set[_Conn] = set()   # not read while `held` is over BUFFER_BUDGET
         self._compact_at = TIMER_COMPACT
         self._resuming = False
         self._accept_resume: float | None = None   # when a resting listener is polled again
@@ -159,6 +187,8 @@ class NodeServer:
                     wait = min(wait, self.timers[0][0] - now)
                 if self._accept_resume is not None:
                     wait = min(wait, self._accept_resume - now)
+                if self.backlog:
+                    wait = 0.0   # requests wait for their turn: look for others, go on
                 events = poll(wait if wait > 0.0 else 0.0)
                 with k.lock:
                     for fd, mask in events:
@@ -238,13 +268,20 @@ class NodeServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in _NO_DESCRIPTOR and self._evict_hog(exc):
+                    continue
                 if exc.errno in _ACCEPT_SHORTAGE:
                     self._pause_accept(exc)
                 else:
                     log.warning("accept: %s", exc)
                 return
             sock.setblocking(False)
-            conn = _Conn(sock)
+            try:
+                pid = _peer_pid(sock)
+            except OSError:
+                sock.close()
+                continue
+            conn = _Conn(sock, pid)
             self.conns.add(conn)
             self.fdmap[sock.fileno()] = conn
             self.epoll.register(sock.fileno(), _IN)
@@ -255,6 +292,30 @@ class NodeServer:
                      if c.task is None and now - c.accepted > HELLO_TIMEOUT]:
             log.warning("a connection said no HELLO within %.0f s: closed", HELLO_TIMEOUT)
             self._drop(conn)
+
+    def _evict_hog(self, exc: OSError) -> bool:
+        """Descriptors ran out: close the newest connection of the process that holds the
+        most of them (connections and arenas), when that is more than FAIR_SHARE, so that a
+        process waiting to connect gets one; True when one was closed.  Otherwise one process
+        opening thousands of connections kept every other one of the node from connecting
+        for as long as it held them."""
+        held: dict[int, int] = {}
+        for c in self.conns:
+            held[c.pid] = held.get(c.pid, 0) + 1
+        if not held:
+            return False
+        for pid in held:
+            space = self.kernel.spaces.get(pid)
+            if space is not None:
+                held[pid] += len(space.arenas)
+        hog = max(held, key=held.__getitem__)
+        if held[hog] <= FAIR_SHARE:
+            return False
+        newest = max((c for c in self.conns if c.pid == hog), key=lambda c: c.accepted)
+        log.warning("accept: %s; closed the newest connection of process %d, which holds %d "
+                    "descriptors (connections and arenas)", exc, hog, held[hog])
+        self._drop(newest)
+        return True
 
     def _pause_accept(self, exc: OSError) -> None:
         """Stop polling the listener for ACCEPT_PAUSE: accept fails while it stays readable,
@@ -273,20 +334,18 @@ class NodeServer:
         if conn.closed:
             return
         try:
-            data, anc, _flags, _addr = conn.sock.recvmsg(READ_SIZE, ANC_SPACE)
+            size = READ_SIZE if self.held <= BUFFER_BUDGET else SMALL_READ
+            data, anc, _flags, _addr = conn.sock.recvmsg(size, ANC_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             log.debug("connection of task %s: %s", conn.task and conn.task.tid, exc)
             self._drop(conn)
             return
-        for level, kind, raw in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
-                conn.fds.extend(fds)
+        if anc:
+            conn.fds.extend(_passed_fds(anc))
         while len(conn.fds) > MAX_FDS:  # more than any request carries: not kept open
-            os.close(conn.fds.pop())
+            _release_fd(conn.fds.pop())
         if not data:
             self._drop(conn)  # the thread exited (or closed its connection)
             return
@@ -300,7 +359,7 @@ class NodeServer:
                 self._request(conn, data, 4, fds)
             finally:
                 for fd in fds:
-                    os.close(fd)
+                    _release_fd(fd)
             return
         conn.rbuf += data
         if conn.call is not None:  # behind a parked call: kept, read only up to RBUF_LIMIT
@@ -310,10 +369,16 @@ class NodeServer:
 
     def _serve(self, conn: _Conn) -> None:
         """Run the complete requests in the connection's buffer, one at a time: a parked call
-        holds the ones behind it until it is answered."""
+        holds the ones behind it until it is answered.  SERVE_BURST of them a turn; the
+        connection goes to the backlog for the rest."""
         buf = conn.rbuf
+        turn = SERVE_BURST
         while conn.call is None and not conn.closed and len(buf) >= 4 \
                 and len(conn.wbuf) <= WBUF_LIMIT:
+            if turn == 0:
+                self.backlog.add(conn)
+                break
+            turn -= 1
             (n,) = _LEN.unpack_from(buf, 0)
             if n > MAX_FRAME:
                 log.warning("connection of task %s: frame of %d bytes",
@@ -332,7 +397,7 @@ class NodeServer:
                     self._request(conn, body, 0, fds)
             finally:
                 for fd in fds:
-                    os.close(fd)
+                    _release_fd(fd)
         self._update_events(conn)
 
     def _send(self, conn: _Conn, data: bytes) -> None:
@@ -370,12 +435,25 @@ class NodeServer:
     def _update_events(self, conn: _Conn) -> None:
         """Wait for room to write while replies are pending; stop reading from a client that
         does not read its replies until they are below WBUF_LIMIT, and from one whose requests
-        behind its parked call are over RBUF_LIMIT until that call is answered (a hang-up is
-        reported all the same, so the end of a parked client is still seen)."""
+        waiting (behind its parked call, or for their turns) are over RBUF_LIMIT (a hang-up is
+        reported all the same, so the end of a parked client is still seen); and while all
+        connections together hold more than BUFFER_BUDGET, from every one that holds bytes."""
         if conn.closed:
             return
-        if len(conn.wbuf) > WBUF_LIMIT or (conn.call is not None
-                                           and len(conn.rbuf) > RBUF_LIMIT):
+        held = len(conn.rbuf) + len(conn.wbuf)
+        if held != conn.held:
+            self.held += held - conn.held
+            conn.held = held
+        starved = held > 0 and self.held > BUFFER_BUDGET
+        if starved:
+            if conn not in self.starved:
+                self.starved.add(conn)
+                log.warning("connections hold %d bytes, over the budget of %d: the one of "
+                            "task %s (%d bytes) is not read until they hold less", self.held,
+                            BUFFER_BUDGET, conn.task and conn.task.tid, held)
+        elif self.starved:
+            self.starved.discard(conn)
+        if starved or len(conn.wbuf) > WBUF_LIMIT or len(conn.rbuf) > RBUF_LIMIT:
             events = _EPOLLOUT if conn.wbuf else 0
         elif conn.wbuf:
             events = _IN | _EPOLLOUT
@@ -384,6 +462,14 @@ class NodeServer:
         if events != conn.events:
             conn.events = events
             self.epoll.modify(conn.sock.fileno(), events)
+        if self.starved and self.held <= BUFFER_BUDGET:
+            self._feed_starved()
+
+    def _feed_starved(self) -> None:
+        """The total is below BUFFER_BUDGET again: read the connections it had stopped."""
+        starved, self.starved = self.starved, set()
+        for conn in starved:
+            self._update_events(conn)
 
     def _drop(self, conn: _Conn) -> None:
         """Close a connection: its thread is gone, so is its task (the kernel's exit hook)."""
@@ -391,17 +477,22 @@ class NodeServer:
             return
         conn.closed = True
         self.conns.discard(conn)
+        self.held -= conn.held
+        conn.held = 0
+        self.starved.discard(conn)
         fd = conn.sock.fileno()
         self.fdmap.pop(fd, None)
         try:
             self.epoll.unregister(fd)
         except (OSError, ValueError):
             pass
-        conn.sock.close()
+        _close_connection(conn.sock)
         for fd in conn.fds:
-            os.close(fd)
+            _release_fd(fd)
         conn.fds = []
         self._resume_accept()  # a descriptor is free for a waiting connection
+        if self.starved and self.held <= BUFFER_BUDGET:
+            self._feed_starved()
         call, conn.call = conn.call, None
         task = conn.task
         if task is not None:
@@ -429,11 +520,7 @@ class NodeServer:
             self._send(conn, P.encode_reply(E.EDVSBADVALUE))
             return
         _version, _pid, tid, comm = args
-        try:
-            pid = _peer_pid(conn.sock)
-        except OSError:
-            self._drop(conn)
-            return
+        pid = conn.pid
         if not _thread_of(pid, tid):  # the kernel signals tasks by TID: it must be theirs
             log.warning("HELLO of process %d names TID %d, not one of its threads", pid, tid)
             self._send(conn, P.encode_reply(E.EDVSBADVALUE))
@@ -447,6 +534,13 @@ class NodeServer:
         task = conn.task
         if task.dead:  # another connection of its thread closed, which was the thread's exit
             task = conn.task = self.kernel.attach(task.pid, task.tid, task.comm)
+        if task.parked:
+            # A thread is in one call at a time; another connection of it has one waiting in
+            # the kernel.  Two at once would put its descriptor twice in the queues (a
+            # senders FIFO) that the kernel code keeps it in once.
+            log.warning("task %d: a call while another of its calls waits; refused", task.tid)
+            self._answer(conn, "", E.EDVSBUSY, [])
+            return
         try:
             op, args, ok = P.decode_checked(body, pos)
         except P.UnknownOperation as exc:
@@ -573,9 +667,10 @@ class NodeServer:
             self._resuming = False
 
     def _run_backlog(self) -> None:
-        """Serve the requests that waited behind calls which have ended."""
-        while self.backlog:
-            conn = self.backlog.pop()
+        """Serve the requests that waited behind calls which have ended, or for their turn:
+        a turn each (a connection with more goes back for the next one)."""
+        backlog, self.backlog = self.backlog, set()
+        for conn in backlog:
             if not conn.closed:
                 self._serve(conn)
             self._run_woken()
@@ -663,6 +758,67 @@ def _drain(sock: socket.socket) -> None:
             pass
     except (BlockingIOError, InterruptedError):
         pass
+
+
+def _release_fd(fd: int) -> None:
+    """Close a descriptor a client passed (SCM_RIGHTS).  The client may have closed its own
+    copy, so this close can be the last one and its release runs here, on the loop: a TCP
+    socket with SO_LINGER waits there until its peer took the queued bytes or the linger time
+    (any length its owner chose) passed, and every call of the node stopped meanwhile.  A
+    socket's linger is turned off before the close, which then returns at once."""
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        is_socket = False
+    if is_socket:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            pass
+        else:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+            except OSError:
+                pass
+            sock.close()
+            return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _close_connection(sock: socket.socket) -> None:
+    """Close a client connection without letting a descriptor still queued on it (sent with
+    bytes the loop had not read yet) be released on the loop: the connection is shut down,
+    which ends the client's sends, and what it had queued is read and its descriptors are
+    released by `_release_fd`."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        for _ in range(DRAIN_READS):
+            data, anc, _flags, _addr = sock.recvmsg(READ_SIZE, ANC_SPACE)
+            _release_passed(anc)
+            if not data and not anc:
+                break
+    except OSError:
+        pass
+    sock.close()
+
+
+def _passed_fds(anc) -> list[int]:
+    """The descriptors in the ancillary data of a recvmsg."""
+    out: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+            out.extend(fds)
+    return out
+
+
+def _release_passed(anc) -> None:
+    for fd in _passed_fds(anc):
+        _release_fd(fd)
 
 
 def _unpack(cls, raw: bytes):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from .. import consts as C
 from .. import errors as E
 from .memory import AddressSpace
 from .model import (
@@ -28,7 +29,10 @@ class Tasks:
     """Mixin of `NodeKernel`; the kernel state lives on the kernel object (see kernel.py)."""
 
     def attach(self, pid: int, tid: int, comm: str) -> Task:
-        """A thread opened a connection: find or create its task."""
+        """A thread opened a connection: find or create its task.  `comm` is what the client
+        says its program is called; it is kept as Linux keeps a thread's name (15 bytes), not
+        at whatever length a request frame allows."""
+        comm = comm[:C.MAXPROCNAME - 1]
         task = self.tasks.get(tid)
         if task is None or task.dead or task.pid != pid:
             task = self._new_task(tid, pid, comm)
