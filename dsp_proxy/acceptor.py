@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from .link import Link
 from .linkstate import Event
-from .misc import tune_socket
+from .misc import EXHAUSTED, tune_socket
 
 log = logging.getLogger("dsp.rproxy")
 
@@ -28,6 +28,11 @@ BACKLOG = 128
 REFUSAL_LOG_INTERVAL = 60.0
 #: At most this many source addresses are remembered for the refusal log.
 REFUSAL_SOURCES_MAX = 1024
+#: After accept() failed for want of descriptors or memory (`misc.EXHAUSTED`) the acceptor
+#: pauses this long: the waiting connection stays in the backlog and the listener stays
+#: readable, so accepting again at once would spin (the peers' connects wait in the backlog,
+#: or are retried by their senders).
+EXHAUSTED_PAUSE = 0.5
 
 
 class RefusalLog:
@@ -108,38 +113,50 @@ class Acceptor:
                 events = self.sel.select(0.5)
             except (OSError, ValueError):
                 continue
+            exhausted = False
             for key, _ in events:
-                self._accept_all(key.fileobj, key.data)
+                exhausted |= self._accept_all(key.fileobj, key.data)
+            if exhausted:
+                self.stopping.wait(EXHAUSTED_PAUSE)
         for key in list(self.sel.get_map().values()):
             key.fileobj.close()
 
     def _listen(self, link: Link) -> bool:
         spec, addr = link.spec, self.bind_addr
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+        s = None
+        try:   # the socket itself may fail too: no descriptor left (EMFILE) is retried
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((addr or "", spec.rport))
             s.listen(BACKLOG)
         except OSError as exc:
             log.error("RPROXY(%d) cannot listen on %s:%d: %s (retrying)", link.peer,
                       addr or "*", spec.rport, exc)
-            s.close()
+            if s is not None:
+                s.close()
             return False
         s.setblocking(False)
         self.sel.register(s, selectors.EVENT_READ, link)
         log.debug("RPROXY(%d) listening on %s:%d", link.peer, addr or "*", spec.rport)
         return True
 
-    def _accept_all(self, listener: socket.socket, link: Link) -> None:
-        """Accept every connection waiting on `listener` (a burst drains at once)."""
+    def _accept_all(self, listener: socket.socket, link: Link) -> bool:
+        """Accept every connection waiting on `listener` (a burst drains at once).  True when
+        accept() failed for want of descriptors or memory (the caller pauses: the connection
+        stays in the backlog, and accepting again at once would spin)."""
         while True:
             try:
                 sock, (addr, _port) = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as exc:
+                if exc.errno in EXHAUSTED:
+                    log.error("RPROXY(%d) cannot accept a connection on port %d: %s; "
+                              "accepting again in %.1f s", link.peer, link.spec.rport,
+                              exc.strerror, EXHAUSTED_PAUSE)
+                    return True
                 log.debug("RPROXY(%d) accept: %s", link.peer, exc)
-                return
+                return False
             if not self.allow_any_peer and addr not in link.spec.addresses:
                 self.refusals.refused(addr, f"port {link.spec.rport} is node {link.peer}'s, "
                                             f"which connects from "

@@ -518,7 +518,19 @@ class Autoscaler:
                         vm.stopping_since = 0.0
             finally:
                 self.busy = False
-        threading.Thread(target=work, name=f"vm-{what}-{vm.nodeid}", daemon=True).start()
+        try:
+            threading.Thread(target=work, name=f"vm-{what}-{vm.nodeid}", daemon=True).start()
+        except RuntimeError as exc:   # no thread to be had: not busy, tried again later
+            self.busy = False
+            vm.failed_at = now
+            vm.failures += 1
+            vm.last_error = f"vm_{what} not run: {exc}"
+            if what == "start":
+                vm.starting_since = 0.0
+            else:
+                vm.stopping_since = 0.0
+            log.warning("autoscaler: cannot run vm_%s for server node %d: %s", what,
+                        vm.nodeid, exc)
 
     def _check_status(self, vm: VmState) -> None:
         """After a start that did not bring the node: ask vm_status why (on a thread)."""
@@ -529,7 +541,11 @@ class Autoscaler:
                             vm.nodeid)
             elif running is False:
                 log.warning("server node %d: its VM is not running", vm.nodeid)
-        threading.Thread(target=work, name=f"vm-status-{vm.nodeid}", daemon=True).start()
+        try:
+            threading.Thread(target=work, name=f"vm-status-{vm.nodeid}", daemon=True).start()
+        except RuntimeError as exc:   # only a diagnosis: the tick goes on without it
+            log.warning("autoscaler: cannot run vm_status for server node %d: %s", vm.nodeid,
+                        exc)
 
     def status(self, vm: VmState) -> bool | None:
         """vm_status: True running, False stopped, None unknown."""
@@ -681,6 +697,9 @@ class ServiceRunner:
                ext_ep: int, req: int) -> None:
         try:
             result = self.start(dcid, ext_ep, clt_ep, clt_node, owner=peer)
+        except Exception:  # the asking DSP gets an answer whatever happened
+            log.exception("program start for node %d failed", peer)
+            result = E.EDVSGENERIC
         finally:
             with self.lock:
                 self.starting -= 1
@@ -796,6 +815,10 @@ class ServiceRunner:
         try:
             return not self.host.dvk.getprocinfo(dcid, ep).p_rts_flags & C.SLOT_FREE
         except E.DvkError:
+            return False
+        except OSError as exc:  # no descriptor for this thread's kernel connection (EMFILE):
+            # unknown counts as not bound (a lost DVK is the main loop's to notice)
+            log.warning("endpoint %d of DC %d: cannot ask the kernel: %s", ep, dcid, exc)
             return False
 
     def _reserve(self, dcid: int, svc) -> int | None:

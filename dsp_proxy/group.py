@@ -84,6 +84,9 @@ START_PATIENCE = 8.0
 #: bounded memory.
 PARKED_MAX = 16
 PARKED_BYTES = 256 << 10
+#: Bytes parked for all starting sessions together, beyond each one's first frame (sessions
+#: are many: max_sessions in every DC a service covers, 157 x 32 x PARKED_BYTES is 1.2 GiB).
+PARKED_TOTAL = 16 << 20
 #: Starts whose session ended before the answer, kept to stop a program started anyway.
 ABANDONED_MAX = 1024
 #: Error ACKs from a server's kernel that mean the server endpoint is gone: the session ends.
@@ -226,11 +229,16 @@ class LoadMeter:
         self.margin = max(1, (high - low) // 5)
 
     def sample(self) -> tuple[int, int]:
-        """Measure now; returns (cpu %, level)."""
-        if self.pids is None:
-            cpu = int(psutil.cpu_percent(None))
-        else:
-            cpu = self._process_cpu()
+        """Measure now; returns (cpu %, level).  A measurement that fails (no descriptor left
+        to read /proc: EMFILE) keeps the last figures: the periodic work after it must run."""
+        try:
+            if self.pids is None:
+                cpu = int(psutil.cpu_percent(None))
+            else:
+                cpu = self._process_cpu()
+        except OSError as exc:
+            log.warning("cannot measure this node's load (%s): its last figures are kept", exc)
+            return self.cpu, self.level
         self.cpu = cpu
         self.level = self.classify(cpu, self.level)
         return cpu, self.level
@@ -538,7 +546,9 @@ class Group:
                 return acts or None
             sess.last_used = self.clock()
             if sess.starting and (len(sess.parked) >= PARKED_MAX
-                                  or sess.parked_bytes + HEADER_SIZE + length > PARKED_BYTES):
+                                  or sess.parked_bytes + HEADER_SIZE + length > PARKED_BYTES
+                                  or sess.parked and self._parked_total() + HEADER_SIZE
+                                  + length > PARKED_TOTAL):
                 self.counters["refused"] += 1
                 log.debug("session of client %d@%d: %d frames wait for its program, "
                           "command %#x refused", src, snode, len(sess.parked), cmd)
@@ -561,6 +571,10 @@ class Group:
                 return act
             acts.append(act)
         return acts
+
+    def _parked_total(self) -> int:
+        """(lock held) Bytes parked for every starting session (only those park frames)."""
+        return sum(s.parked_bytes for s in self.starting.values())
 
     def _send_forward(self, sess: Session, hbuf, f: tuple, payload, copy: bool = True):
         """(lock held) The SEND action of one client command in session `sess` (`f`: its

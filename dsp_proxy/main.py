@@ -97,6 +97,9 @@ FAILED_RETRY = 60.0
 DC_RECHECK = 5.0
 #: First delay before a dead pair is restarted (doubled per recent death, at most 5 s).
 RESTART_BACKOFF = 0.2
+#: A restart of a pair (or of a daemon-wide thread) that itself failed is tried again after this
+#: many seconds.
+RESTART_RETRY = 5.0
 
 
 @dataclass
@@ -202,6 +205,8 @@ class Dsp:
         self._next_sample = 0.0
         self._next_client_check = time.monotonic() + min(self.period, 5)
         self._next_dc_check = 0.0
+        self._deaths: dict[str, list[float]] = {}     # daemon-wide thread -> recent deaths
+        self._restart_due: dict[str, float] = {}      # daemon-wide thread -> restart time
 
     def _set_timers(self, cfg) -> None:
         """Liveness and load timers (at start and on a reload)."""
@@ -296,10 +301,10 @@ class Dsp:
         the kernel, then lets them run."""
         started = []
         threads = []
-        for tname, obj in (receiver, sender):
-            threads.append(self.supervised(tname, obj.run, peer))
-            started.append(obj)
-        try:
+        try:   # the second thread may not start (no thread to be had): the first is let go
+            for tname, obj in (receiver, sender):
+                threads.append(self.supervised(tname, obj.run, peer))
+                started.append(obj)
             rtid = started[0].gate.wait_tid()
             stid = started[1].gate.wait_tid()
             self.dvk.proxies_bind(name, nodeid, stid, rtid, C.MAXCOPYBUF)
@@ -546,14 +551,41 @@ class Dsp:
             self.dvk_gone = True
             raise DvkLost(f"thread {name} lost the DVK ({exc})")
         if peer is None:
-            target = {"acceptor": self.acceptor.run, "outmon": self.monitor.run}.get(name)
-            if target is not None:
-                log.warning("restarting the %s thread", name)
-                self.threads.append(self.supervised(name, target))
+            if name in self._daemon_threads():
+                now = time.monotonic()
+                deaths = [t for t in self._deaths.get(name, []) if now - t < RESTART_WINDOW]
+                self._deaths[name] = deaths = deaths + [now]
+                # at once the first time; a thread that dies again and again (a fault that
+                # stays) is restarted with a growing delay, never in a tight loop
+                delay = min(RESTART_BACKOFF * 2 ** (len(deaths) - 2), 5.0) \
+                    if len(deaths) > 1 else 0.0
+                log.warning("restarting the %s thread%s", name,
+                            f" in {delay:.1f} s ({len(deaths)} deaths in the last "
+                            f"{RESTART_WINDOW:.0f} s)" if delay else "")
+                self._restart_due[name] = now + delay
+                self._restart_threads(now)
             return
         if peer == self.lb_nodeid:
             raise DvkLost(f"the LB pair's thread {name} died")
         self._restart_pair(peer)
+
+    def _daemon_threads(self) -> dict[str, Callable[[], None]]:
+        """The daemon-wide threads the supervisor restarts when they die."""
+        return {"acceptor": self.acceptor.run, "outmon": self.monitor.run}
+
+    def _restart_threads(self, now: float) -> None:
+        """(main) Start again the daemon-wide threads whose restart is due."""
+        for name, due in list(self._restart_due.items()):
+            if now >= due and not self.stopping.is_set():
+                try:
+                    thread = self.supervised(name, self._daemon_threads()[name])
+                except RuntimeError as exc:     # no thread to be had: tried again later
+                    log.error("cannot restart the %s thread: %s; retry in %g s", name, exc,
+                              RESTART_RETRY)
+                    self._restart_due[name] = now + RESTART_RETRY
+                    continue
+                del self._restart_due[name]
+                self.threads = [t for t in self.threads if t.is_alive()] + [thread]
 
     def handle_pair_lost(self, peer: int, link: Link, reason: str) -> None:
         """The kernel no longer has the proxy pair of `link` (another program unbound it): it
@@ -600,6 +632,7 @@ class Dsp:
                 self.dvk_gone = True
                 raise DvkLost(f"the DVK does not answer ({exc})") from None
         now = time.monotonic()
+        self._restart_threads(now)
         for peer, pair in self.pairs.copy().items():
             if pair.restart_at and now >= pair.restart_at and not self.stopping.is_set():
                 self._remove_peer(peer, keep_pair=True)
@@ -609,9 +642,10 @@ class Dsp:
                     if pair.failed:
                         pair.failed, pair.deaths = False, []
                     log.info("link to node %d: proxy pair restarted", peer)
-                except (E.DvkError, TimeoutError) as exc:
-                    log.error("link to node %d: restart failed: %s", peer, exc)
-                    pair.restart_at = now + 5.0
+                except Exception as exc:  # any failure (EMFILE too) is retried, never the end
+                    log.error("link to node %d: restart failed: %s; retry in %g s", peer,
+                              exc, RESTART_RETRY)
+                    pair.restart_at = now + RESTART_RETRY
         for link in list(self.links.values()):
             if link.half_open_for() > HALF_OPEN_LIMIT:
                 link.event(Event.TIMEOUT, None, f"half-open for more than {HALF_OPEN_LIMIT:.0f} s")

@@ -36,6 +36,11 @@ class _NodeIdFilter(logging.Filter):
 
 _node_filter = _NodeIdFilter()
 
+#: Errors of socket(), accept() and connect() that say this process or host is out of
+#: descriptors or memory: the daemon's own trouble, logged as such and retried after a pause
+#: (never a dead thread, never a spin on a listener that stays readable).
+EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 _repeat_limit = RepeatLimit()
 
 
@@ -88,20 +93,42 @@ def log_level(text: str) -> str:
     return level
 
 
+#: How long a line waits for room at a syslog that does not read (its socket's queue is full:
+#: 10 datagrams by default, net.unix.max_dgram_qlen) before it counts as lost; while lines are
+#: being lost, the next ones do not wait at all.
+SYSLOG_WAIT = 0.1
+
+
 class SyslogHandler(logging.handlers.SysLogHandler):
     """`--syslog`: the local syslog's socket, facility daemon.  The socket must answer at
     start-up (Python's handler takes a missing one silently, then printed a traceback on
     stderr for every line, which the init script appends to the log file, for as long as the
     daemon ran).  A syslog that goes away later costs lines, not a traceback each: one line
-    on stderr says they are lost, and once the syslog is back it is told how many were."""
+    on stderr says they are lost, and once the syslog is back it is told how many were.
+    A syslog that is there but stops reading costs lines too, never a wait: Python's socket
+    blocks on a full queue, and every thread that logged then waited for ever (the daemon
+    hung, deaf to SIGTERM)."""
 
     def __init__(self, address: str) -> None:
         _connectable(address)
-        super().__init__(address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         self.lost = 0
+        super().__init__(address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+
+    def _connect_unixsocket(self, address) -> None:  # logging's name
+        super()._connect_unixsocket(address)
+        self._set_wait()
+
+    def _set_wait(self) -> None:
+        """A bounded wait for room on the socket; none while lines are being lost."""
+        try:
+            if self.socket is not None:
+                self.socket.settimeout(0.0 if self.lost else SYSLOG_WAIT)
+        except OSError:     # closed after a failed reconnect: emit tries to connect again
+            pass
 
     def emit(self, record: logging.LogRecord) -> None:
         lost = self.lost
+        self._set_wait()
         super().emit(record)
         if lost and self.lost == lost:      # this line got through: the syslog is back
             self.lost = 0

@@ -9,6 +9,7 @@ traffic waits (the kernel holds the rest).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -19,11 +20,16 @@ from dvk_cffi.wire import Header
 
 from .link import MAXBATCMD, PAIR_GONE, Link, cork, uncork
 from .linkstate import Event, State
-from .misc import Backoff
+from .misc import EXHAUSTED, Backoff
 
 log = logging.getLogger("dsp.sproxy")
 
 CONNECT_TIMEOUT = 2.0
+#: Connect errors that are this host's trouble, not the peer's (which the link's state
+#: shows): out of descriptors or memory, no local port or source address to be had
+#: (EADDRNOTAVAIL: the ephemeral ports are used up, or the source address is gone from this
+#: host).  Logged at ERROR, where a peer that is down is logged at DEBUG.
+LOCAL_TROUBLE = EXHAUSTED | {errno.EADDRNOTAVAIL, errno.EADDRINUSE}
 #: At most this many commands fetched without waiting after one get2rmt (one batch's worth).
 MAX_DRAIN = MAXBATCMD
 
@@ -68,8 +74,9 @@ class SProxy:
         spec = self.link.spec
         ctx = self.ctx
         while not ctx.stopping.is_set():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
+            sock = None
+            try:   # the socket itself may fail too: no descriptor left (EMFILE) is retried
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 if ctx.source_addr:
                     sock.bind((ctx.source_addr, 0))  # leave from our own address
                 sock.settimeout(CONNECT_TIMEOUT)
@@ -79,8 +86,14 @@ class SProxy:
                 log.debug("%s connected to %s:%d", self.name, spec.host, spec.sport)
                 return sock
             except OSError as exc:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 delay = backoff.next()
+                if exc.errno in LOCAL_TROUBLE:    # this host's, not the peer's: say so
+                    log.error("%s cannot connect to %s:%d: %s; retry in %.2f s", self.name,
+                              spec.host, spec.sport, exc.strerror, delay)
+                    ctx.stopping.wait(delay)
+                    continue
                 log.debug("%s connect to %s:%d failed (%s), retry in %.2f s", self.name,
                           spec.host, spec.sport, exc, delay)
                 ctx.stopping.wait(delay)

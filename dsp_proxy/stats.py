@@ -23,7 +23,9 @@ most MAX_WAITING connections wait (beyond them the oldest goes: answered if its 
 arrived, else closed), each at most IDLE_TIMEOUT seconds from its connect for its head (at
 most MAX_HEAD bytes), and a handler gives a slow reader at most REQUEST_TIMEOUT
 seconds to take the answer.  A handler never waits for a client's bytes, so a few clients
-that trickle their requests a byte at a time cannot hold the handlers.
+that trickle their requests a byte at a time cannot hold the handlers.  A failure in any of
+these threads' work (a bug, out of descriptors or memory) is logged and costs the connection
+it hit; the thread goes on after a pause.
 
 No output carries a secret: the snapshot holds no ssh_* value of the config at all.
 
@@ -52,7 +54,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from .misc import read_regular_file, runs_dsp_proxy
+from .misc import EXHAUSTED, read_regular_file, runs_dsp_proxy
 
 log = logging.getLogger("dsp.stats")
 
@@ -65,6 +67,10 @@ REFRESH = 2
 HANDLERS = 4
 MAX_WAITING = 64
 IDLE_TIMEOUT = 10.0
+#: After accept() failed for want of descriptors or memory, the server waits this long.
+EXHAUSTED_PAUSE = 0.5
+#: After a failure of a server thread's own work (a bug), it goes on after this long.
+FAILURE_PAUSE = 0.5
 REQUEST_TIMEOUT = 5.0
 #: Bytes of a request head (request line and headers) the server reads before it answers 431.
 MAX_HEAD = 16384
@@ -176,6 +182,19 @@ class StatsServer(HTTPServer):
         for t in self._threads:
             t.start()
 
+    def get_request(self):
+        """Accepting thread: accept(); out of descriptors or memory, pause before the next
+        try (the connection stays in the backlog and the socket readable: retrying at once
+        would spin)."""
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in EXHAUSTED:
+                log.error("stats: cannot accept a connection: %s; accepting again in %.1f s",
+                          exc.strerror, EXHAUSTED_PAUSE)
+                self._stop.wait(EXHAUSTED_PAUSE)
+            raise
+
     def process_request(self, request, client_address) -> None:
         """Accepting thread: park the connection until it has sent its request head.  When
         MAX_WAITING already wait, the oldest goes: served if its whole head has arrived
@@ -206,24 +225,56 @@ class StatsServer(HTTPServer):
         self.shutdown_request(sock)
 
     def _wait_loop(self) -> None:
+        """Waiting thread: read request heads until stopped.  A failure of one pass (a bug,
+        ENOMEM from the selector) is logged and the loop goes on after a pause: a dead waiting
+        thread would leave a server that accepts connections and never answers them."""
         while not self._stop.is_set():
-            with self._wlock:
-                waiting = bool(self._waiting)
-            events = self._selector.select(0.2 if waiting else None)
-            now = time.monotonic()
-            with self._wlock:
-                for key, _ in events:
-                    sock = key.fileobj
-                    if sock is self._wake_r:
-                        try:
-                            sock.recv(4096)
-                        except OSError:
-                            pass
-                    elif sock in self._waiting:
+            try:
+                self._wait_once()
+            except Exception:  # the server outlives a bug in one pass
+                log.exception("stats: reading request heads failed; going on in %.1f s",
+                              FAILURE_PAUSE)
+                self._stop.wait(FAILURE_PAUSE)
+
+    def _wait_once(self) -> None:
+        with self._wlock:
+            waiting = bool(self._waiting)
+        events = self._selector.select(0.2 if waiting else None)
+        now = time.monotonic()
+        with self._wlock:
+            for key, _ in events:
+                sock = key.fileobj
+                if sock is self._wake_r:
+                    try:
+                        sock.recv(4096)
+                    except OSError:
+                        pass
+                elif sock in self._waiting:
+                    try:
                         self._read_head(sock)
-                for sock in [s for s, (t, _, _) in self._waiting.items()
-                             if now - t > IDLE_TIMEOUT]:
-                    self._drop(sock)
+                    except Exception:   # that connection goes, the others stay
+                        self._drop(sock)
+                        raise
+            for sock in [s for s, (t, _, _) in self._waiting.items()
+                         if now - t > IDLE_TIMEOUT]:
+                self._drop(sock)
+
+    def serve(self) -> None:
+        """Accepting thread: `serve_forever` until `shutdown`; a failure of it is logged and
+        it starts again after a pause (a dead accepting thread would leave the port taking
+        connections into its backlog for ever)."""
+        while not self._stop.is_set():
+            try:
+                self.serve_forever(poll_interval=0.5)
+                return
+            except Exception:  # the server outlives a bug in one pass
+                log.exception("stats: accepting failed; going on in %.1f s", FAILURE_PAUSE)
+                self._stop.wait(FAILURE_PAUSE)
+
+    def handle_error(self, request, client_address) -> None:
+        """process_request failed: that connection is closed (socketserver's default prints
+        to stderr, which a daemon's operator may never see)."""
+        log.error("stats: a connection from %s failed", client_address[0], exc_info=True)
 
     def _read_head(self, sock: socket.socket) -> None:
         """Waiting thread, under _wlock: take what the client sent; a complete (or oversized)
@@ -290,8 +341,7 @@ def serve(dsp, host: str = DEFAULT_HOST, port: int = 0) -> StatsServer:
     server = StatsServer(dsp, (host, port))
     addr = f"{server.server_address[0]}:{server.server_address[1]}"
     dsp.stats_address = addr
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                     name="stats", daemon=True).start()
+    threading.Thread(target=server.serve, name="stats", daemon=True).start()
     log.info("statistics on http://%s/ (/cluster, /stats.json, /metrics)", addr)
     return server
 

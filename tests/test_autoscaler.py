@@ -145,3 +145,33 @@ def test_failed_vm_commands_and_starts_show_in_the_figures():
     assert snap[2]["failures"] == 2 and "come up" in snap[2]["last_error"], snap[2]
     text = format_text({"autoscaler": snap})
     assert "VM of server node 2 (b): 2 starts, 0 stops, 2 failed" in text, text
+
+
+def test_no_thread_for_a_vm_command_is_a_failed_command_tried_again(monkeypatch):
+    """Out of threads (RLIMIT_NPROC, memory), the VM command's thread cannot start: that is
+    logged and counted as a failed command, retried after RETRY_AFTER; the autoscaler must not
+    stay 'busy' with a command that never ran (it then never started a server again)."""
+    import threading
+
+    from dsp_proxy import elastic
+
+    a, runner, dsp = scaler({1: C.LVL_SATURATED})
+    dsp.group.meter.level = C.LVL_SATURATED
+    real_start = threading.Thread.start
+
+    def no_thread(self):
+        if self.name.startswith("vm-"):
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    a.tick()
+    assert not a.busy
+    vm = a.vms[2]
+    assert vm.failures == 1 and "can't start new thread" in vm.last_error
+    assert not vm.starting_since
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    monkeypatch.setattr(elastic, "RETRY_AFTER", 0.0)
+    a.tick()
+    wait_idle(a)
+    assert ("vmstart", ["img-b", "b", "2"]) in runner.calls

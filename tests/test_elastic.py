@@ -793,3 +793,38 @@ def test_a_reaped_programs_pid_given_to_another_group_is_not_the_program():
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_program_start_that_fails_unexpectedly_is_answered_at_once(monkeypatch):
+    """Anything a start raises (a bug, no descriptor for the thread's kernel connection) ended
+    the svc-start thread without an answer: the asking DSP's session waited START_PATIENCE
+    for it.  It is answered EDVSGENERIC at once, and no endpoint stays reserved."""
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        def broken(*args, **kw):
+            raise RuntimeError("injected fault")
+
+        monkeypatch.setattr(p.runner, "_reserve", broken)
+        assert p.start(3) == E.EDVSGENERIC
+        monkeypatch.undo()
+        assert not p.runner.reserved
+        assert p.start(3) == 30
+
+
+def test_a_kernel_that_cannot_be_asked_costs_the_start_not_its_endpoint(monkeypatch):
+    """The start's thread cannot reach the kernel (OSError EMFILE on its first call): the
+    endpoint counts as not bound, the program gets its bind time and the start fails with an
+    answer; the reservation is released and the next start, with the kernel back, works."""
+    import errno
+
+    with _Programs("/bin/sh -c 'sleep 30'") as p:
+        kernel = p.runner.host.dvk
+        real = kernel.getprocinfo
+
+        def exhausted(dcid, ep):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(kernel, "getprocinfo", exhausted)
+        assert p.start(3) < 0
+        assert not p.runner.reserved
+        monkeypatch.setattr(kernel, "getprocinfo", real)
+        assert p.start(3) == 30

@@ -360,6 +360,54 @@ def test_a_syslog_that_does_not_answer_is_refused_at_start_and_costs_no_tracebac
         listener.close()
 
 
+def test_a_syslog_that_stops_reading_costs_lines_never_a_hung_daemon(tmp_path, capsys):
+    """A syslog whose socket is there but no longer read (a stopped or wedged syslog daemon):
+    its queue fills after a few datagrams and Python's blocking socket then held every thread
+    that logged, for ever (the whole daemon hung, SIGTERM included).  Now the lines are lost
+    and counted, and once the syslog reads again it is told how many."""
+    import logging
+    import threading
+
+    from dsp_proxy.misc import SYSLOG_FORMAT, SyslogHandler
+
+    sock_path = str(tmp_path / "log.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    handler = SyslogHandler(sock_path)
+    handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+    logger = logging.getLogger("test.syslog.stuck")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(handler)
+    lines = 200
+    try:
+        capsys.readouterr()
+        writer = threading.Thread(target=lambda: [logger.info("line %d", i, extra={"nodeid": 1})
+                                                  for i in range(lines)], daemon=True)
+        writer.start()
+        writer.join(30)      # a wait per line would be 0.1 s: 20 s; none for ever
+        assert not writer.is_alive(), "logging is blocked by a syslog that does not read"
+        lost = handler.lost
+        assert 0 < lost < lines
+        assert "log lines are lost until it is back" in capsys.readouterr().err
+        listener.settimeout(0)
+        got = []
+        while True:                 # the syslog reads again
+            try:
+                got.append(listener.recv(4096))
+            except BlockingIOError:
+                break
+        assert len(got) == lines - lost
+        listener.settimeout(10)
+        logger.info("after", extra={"nodeid": 1})
+        after = [listener.recv(4096), listener.recv(4096)]
+        assert after[0].endswith(b"after\x00"), after
+        assert f"{lost} log lines were lost".encode() in after[1], after
+    finally:
+        listener.close()            # first: a writer blocked on the socket is let go
+        logger.removeHandler(handler)
+        handler.close()
+
+
 # ------------------------------------------------------------------------------ stop
 def test_stop_leaves_no_process_also_the_node_kernel_the_daemon_started(make_root):
     r = make_root(opts="", kernel=False)  # no node kernel: the daemon starts one itself

@@ -373,6 +373,44 @@ def test_an_idle_statistics_server_sleeps_until_a_client_comes():
         server.server_close()
 
 
+@pytest.mark.parametrize("thread_name, method, logged", [
+    ("stats-wait", "_read_head", "reading request heads failed"),   # every request head
+    ("stats", "process_request", "a connection from 127.0.0.1 failed"),   # parks each one
+    ("stats", "get_request", "accepting failed"),                   # accepts each one
+])
+def test_a_fault_in_a_server_thread_costs_one_connection_never_the_server(
+        monkeypatch, caplog, thread_name, method, logged):
+    """An exception in the work of the accepting or the waiting thread (a bug, ENOMEM) is
+    logged with its traceback (not printed to a stderr the operator may never see) and the
+    thread goes on: without that, one exception left a server that took connections into
+    its backlog (or parked them) and never answered again."""
+    fired = threading.Event()
+    original = getattr(statsmod.StatsServer, method)
+
+    def faulty(*args, **kw):
+        if threading.current_thread().name == thread_name and not fired.is_set():
+            fired.set()
+            raise RuntimeError("injected fault")
+        return original(*args, **kw)
+
+    monkeypatch.setattr(statsmod.StatsServer, method, faulty)
+    dsp = _Snapshots()
+    server = statsmod.serve(dsp)
+    try:
+        url = f"http://{dsp.stats_address}/stats.json"
+        try:
+            get(url)                    # the connection the fault hit may be lost
+        except OSError:
+            pass
+        assert fired.is_set()
+        for _ in range(3):
+            assert json.loads(get(url))["node"] == FULL["node"]
+        assert any(logged in r.getMessage() and r.exc_info for r in caplog.records)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_clients_trickling_their_requests_cannot_hold_the_handlers():
     """More slow clients than handlers, each sending its request a byte per 0.3 s for longer
     than REQUEST_TIMEOUT: another client is answered meanwhile (the handlers only ever take

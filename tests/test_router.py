@@ -366,6 +366,34 @@ def test_frames_parked_while_a_program_starts_are_bounded_and_refused_with_an_er
         [Header(bytearray(h)).c_tv_sec for h, _ in parked]
 
 
+def test_frames_parked_for_all_starting_sessions_together_are_bounded(monkeypatch):
+    """Each starting session parks at most PARKED_BYTES, but sessions are many (max_sessions
+    per DC, in every DC a service covers: 157 x 32 x 256 KiB is 1.2 GiB): together they park
+    at most PARKED_TOTAL beyond each one's first request (which always gets in: it asks for
+    the program); a request beyond that gets EDVSAGAIN at once, as beyond a session's own
+    bound."""
+    from dsp_proxy import group as groupmod
+    monkeypatch.setattr(groupmod, "PARKED_TOTAL", 2 * groupmod.PARKED_BYTES, raising=False)
+    router, group, _, _ = _router()
+    data = bytes(range(256)) * (C.MAXCOPYBUF // 256)
+    replies = []
+    for dcid in (0, 1, 2):
+        for src in (50, 51):
+            _net(router, _req(dcid=dcid, src=src, dst=30))
+            for i in range(groupmod.PARKED_MAX):
+                replies += _acts(_net(router, _req(cmd=C.CMD_COPYIN_DATA, dcid=dcid, src=src,
+                                                   dst=30, c_len=len(data), v_src=src,
+                                                   v_dst=30, v_rqtr=src,
+                                                   v_bytes=len(data)), data))
+                replies += _acts(_net(router, _req(dcid=dcid, src=src, dst=30, c_tv_sec=i)))
+    assert len(group.starting) == 6
+    total = sum(s.parked_bytes for s in group.starting.values())
+    assert all(s.parked for s in group.starting.values())    # every first request got in
+    assert total <= groupmod.PARKED_TOTAL + 6 * 120
+    errors = [Header(bytearray(a[2])) for a in replies if a[0] == SEND]
+    assert errors and all(h.c_rcode == E.EDVSAGAIN for h in errors)
+
+
 def _started_program(router, group, src, snode, ep, node=1):
     """A session of client src@snode for the prog service, its program started at `ep`."""
     acts = _acts(_net(router, _req(dst=30, src=src, snode=snode)))

@@ -142,6 +142,131 @@ def test_a_dead_acceptor_is_restarted(node1, monkeypatch, caplog):
     _traffic(cl, inproc)
 
 
+def test_an_acceptor_that_keeps_dying_is_restarted_with_a_growing_delay(node1, monkeypatch,
+                                                                       caplog):
+    """A fault that stays (every accept raises) must not turn the supervisor into a tight
+    loop of deaths and restarts: the delay grows per recent death (the first restart is at
+    once); once the fault is gone the next restart takes the waiting connection."""
+    cl, inproc = node1
+    faulty = threading.Event()
+    faulty.set()
+    original = Acceptor._accept_all
+
+    def accept_all(*args, **kw):
+        if faulty.is_set():
+            raise RuntimeError("injected lasting fault")
+        return original(*args, **kw)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(Acceptor, "_accept_all", accept_all)
+    cl.kill_dsp(2)
+    cl.start_dsp(2)
+    _wait(lambda: "thread acceptor died" in caplog.text, 20, "the first death")
+    time.sleep(3.0)
+    deaths = caplog.text.count("thread acceptor died")
+    # at once, then 0.2, 0.4, 0.8, 1.6 s (rounded up to the 0.5 s tick): a handful in 3 s;
+    # restarted at once, thousands
+    assert 2 <= deaths <= 10, deaths
+    assert "deaths in the last 60 s" in caplog.text
+    faulty.clear()
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+    assert inproc.thread.is_alive()
+
+
+def test_an_acceptor_restart_without_a_thread_to_be_had_is_tried_again(node1, monkeypatch,
+                                                                      caplog):
+    """Out of threads (RLIMIT_NPROC, memory), the restart of a dead acceptor cannot start its
+    thread: logged and tried again after RESTART_RETRY, not forgotten (the node would never
+    accept a peer's connection again)."""
+    from dsp_proxy import main as dsp_main
+
+    cl, inproc = node1
+    monkeypatch.setattr(dsp_main, "RESTART_RETRY", 0.5)
+    wrap, fired = _once("acceptor")
+    refused = threading.Event()
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "acceptor" and not refused.is_set():
+            refused.set()
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(Acceptor, "_accept_all", wrap(Acceptor._accept_all))
+    monkeypatch.setattr(threading.Thread, "start", start)
+    cl.kill_dsp(2)
+    cl.start_dsp(2)
+    _wait(refused.is_set, 20, "the refused thread")
+    _wait(lambda: "cannot restart the acceptor thread" in caplog.text, 10, "the log line")
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+
+
+def test_a_pair_restart_whose_second_thread_cannot_start_leaves_no_thread_behind(
+        node1, monkeypatch, caplog):
+    """Out of threads, a pair restart may start its receiver and not its sender: the receiver,
+    waiting at its start gate, must be let go (each retry left one more thread, and its
+    node-kernel connection, waiting for ever: the shortage it ran into grew with every
+    retry).  The restart is tried again and the link comes back."""
+    from dsp_proxy import main as dsp_main
+
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    monkeypatch.setattr(dsp_main, "RESTART_RETRY", 0.5)
+    wrap, fired = _once("RPROXY(2)")
+    refused = {"left": 3}
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "SPROXY(2)" and refused["left"]:
+            refused["left"] -= 1
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(FrameReader, "next", wrap(FrameReader.next))
+    _wait(fired.is_set, 10, "the injected fault")
+    _wait(lambda: "proxy pair restarted" in caplog.text, 30, "the restart")
+    assert refused["left"] == 0
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+    _wait(lambda: [t.name for t in threading.enumerate()].count("RPROXY(2)") == 1, 5,
+          "one RPROXY(2) thread")
+
+
+def test_a_pair_restart_that_fails_is_tried_again(node1, monkeypatch, caplog):
+    """The restart of a dead pair can itself fail with any error (out of descriptors, its new
+    threads cannot connect to the node kernel: OSError EMFILE).  It is logged and tried again,
+    never left undone with the link dead for good."""
+    import errno
+
+    cl, inproc = node1
+    _traffic(cl, inproc)
+    wrap, fired = _once("RPROXY(2)")
+    failures = {"left": 1}
+    dsp = inproc.dsp
+    original = dsp._start_pair
+
+    def start_pair(name, nodeid, *args, **kw):
+        if nodeid == 2 and failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return original(name, nodeid, *args, **kw)
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(dsp, "_start_pair", start_pair)
+    monkeypatch.setattr(FrameReader, "next", wrap(FrameReader.next))
+    _wait(fired.is_set, 10, "the injected fault")
+    _wait(lambda: "proxy pair restarted" in caplog.text, 20, "the second restart")
+    assert "link to node 2: restart failed: [Errno 24]" in caplog.text
+    cl.wait_links_up(30)
+    _traffic(cl, inproc)
+    assert inproc.thread.is_alive()
+
+
 @pytest.mark.parametrize("thread_name", ["get2rmt", "put2lcl"])
 def test_the_lb_pair_dying_ends_the_daemon_non_zero(node1, monkeypatch, thread_name):
     cl, inproc = node1
