@@ -1,7 +1,7 @@
 """A peer that behaves on the wire as the C DSP does, for the interop tests.
 
-Written from the behaviour of the C daemon (dvk-proxies/dsp of the DVS sources), not from its
-code.  `CPeer` is the proxy pair of one emulated node for one peer node, driven through the
+Written from the behaviour of the C daemon (docs/design.md, "The wire" and "Liveness"), not
+from its code.  `CPeer` is the proxy pair of one emulated node for one peer node, driven through the
 emulated kernel (`EmuDvk`) as the C threads drive the DVK:
 
 - the receiver listens on all interfaces at `rport` (unless told an address), accepts whoever

@@ -1,7 +1,7 @@
 """Frames a C DSP sends that the other interop tests do not: a C peer's link configured
 `compress YES; batch YES;`, posed by a fake peer from the peer's own address.
 
-What the C sender does (dvk-proxies/dsp/dsp_sproxy.c, facts only): a batch frame is the first
+What the C sender does (docs/design.md, "The wire"): a batch frame is the first
 command's header with `c_flags` = the batch flag, `c_batch_nr` = the number of further headers
 (at most MAXBATCMD = 546) and `c_len` = that number x 120, the further headers as the payload;
 with `compress YES` the payload of a batch frame is LZ4-frame compressed like COPY data
