@@ -4,6 +4,7 @@ a binding this node owns, or the daemon."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -274,36 +275,44 @@ class RecordingPeer(FakePeer):
         return [h for h in heads if h.c_cmd != C.CMD_NONE]
 
 
+@contextlib.contextmanager
+def recording_peer(cl, target: int = 1, peer: int = 2):
+    """Node `peer`'s DSP killed and a RecordingPeer in its place towards node `target`, once
+    the other nodes' links are up again and the fake one is up too; closed at the end."""
+    cl.kill_dsp(peer, signal.SIGKILL)
+    others = [n for n in cl.dsps if n != peer]
+    cl.wait_links_up(15, pairs=[(a, b) for a in others for b in others if a != b])
+    fake = RecordingPeer(cl, target, peer)
+    try:
+        wait_for(fake.link_up, 10, "the fake peer's link up")
+        yield fake
+    finally:
+        fake.close()
+
+
 def test_a_copy_request_batched_without_its_data_is_answered_and_the_link_kept(tmp_path):
     """The C sender batches COPYIN_RQST too and sends a batch as headers only, so the
     request's data never comes: that command is answered with an error ACK (its requester
     does not wait for good), the rest of the batch is delivered, and the link stays up (with
     a C peer a closed link never comes back)."""
-    with cluster_from(CONFIG, tmp_path) as cl:
-        cl.kill_dsp(2, signal.SIGKILL)
-        cl.wait_links_up(15, pairs=[(1, 3), (3, 1)])
-        fake = RecordingPeer(cl, 1, 2)
-        try:
-            wait_for(fake.link_up, 10, "the fake peer's link up")
-            lost = make_header(c_cmd=C.CMD_COPYIN_RQST, c_dcid=0, c_src=60, c_dst=61,
-                               c_snode=2, c_dnode=1, c_len=4096)
-            for head_cmd in (C.CMD_SNDREC_MSG, C.CMD_COPYIN_RQST):    # inside, then at the head
-                head = make_header(c_cmd=head_cmd, c_dcid=0, c_src=62, c_dst=63, c_snode=2,
-                                   c_dnode=1, c_len=HEADER_SIZE, c_batch_nr=1,
-                                   c_flags=C.FLAG_BATCH)
-                fake.send(bytes(head.buf) + pack_batch([lost]))
-            acks = lambda: [h for h in fake.frames()          # noqa: E731
-                            if h.c_cmd == C.CMD_COPYRMT_ACK and h.c_rcode == E.EDVSINVAL]
-            wait_for(lambda: len(acks()) == 3, 10, "three error ACKs of the copy requests")
-            assert {(h.c_dst, h.c_dnode) for h in acks()} == {(60, 2), (62, 2)}
-            # the batch's message was delivered: its error (nobody is bound to 63) came back
-            wait_for(lambda: any(h.c_cmd == C.CMD_SNDREC_ACK and h.c_dst == 62
-                                 for h in fake.frames()), 10, "the message's answer")
-            time.sleep(2 * SILENCE)
-            assert fake.link_up()
-            assert "in a batch came without its data" in log_of(cl, 1)
-        finally:
-            fake.close()
+    with cluster_from(CONFIG, tmp_path) as cl, recording_peer(cl) as fake:
+        lost = make_header(c_cmd=C.CMD_COPYIN_RQST, c_dcid=0, c_src=60, c_dst=61,
+                           c_snode=2, c_dnode=1, c_len=4096)
+        for head_cmd in (C.CMD_SNDREC_MSG, C.CMD_COPYIN_RQST):    # inside, then at the head
+            head = make_header(c_cmd=head_cmd, c_dcid=0, c_src=62, c_dst=63, c_snode=2,
+                               c_dnode=1, c_len=HEADER_SIZE, c_batch_nr=1,
+                               c_flags=C.FLAG_BATCH)
+            fake.send(bytes(head.buf) + pack_batch([lost]))
+        acks = lambda: [h for h in fake.frames()          # noqa: E731
+                        if h.c_cmd == C.CMD_COPYRMT_ACK and h.c_rcode == E.EDVSINVAL]
+        wait_for(lambda: len(acks()) == 3, 10, "three error ACKs of the copy requests")
+        assert {(h.c_dst, h.c_dnode) for h in acks()} == {(60, 2), (62, 2)}
+        # the batch's message was delivered: its error (nobody is bound to 63) came back
+        wait_for(lambda: any(h.c_cmd == C.CMD_SNDREC_ACK and h.c_dst == 62
+                             for h in fake.frames()), 10, "the message's answer")
+        time.sleep(2 * SILENCE)
+        assert fake.link_up()
+        assert "in a batch came without its data" in log_of(cl, 1)
 
 
 # --------------------------------------------------------------------------- finding 2

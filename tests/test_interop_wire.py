@@ -12,16 +12,15 @@ against the inflated length.
 
 from __future__ import annotations
 
-import signal
 import time
 
 import lz4.frame
 import pytest
-from test_hostile import CONFIG, SILENCE, RecordingPeer, log_of
+from test_hostile import CONFIG, SILENCE, RecordingPeer, log_of, recording_peer
 
 from cluster_helpers import cluster_from, wait_for
 from dvk_cffi import consts as C
-from dvk_cffi.wire import HEADER_SIZE, make_header, pack_batch
+from dvk_cffi.wire import HEADER_SIZE, hello_header, make_header, pack_batch
 
 #: The C sender's most further headers in one batch frame (MAXCOPYBUF / sizeof(cmd_t)).
 C_MAXBATCMD = C.MAXCOPYBUF // HEADER_SIZE
@@ -66,20 +65,13 @@ def test_c_batch_frames_of_the_maximum_size_are_delivered_and_the_link_kept(tmp_
     """Batches of 1 + 2 and of 1 + MAXBATCMD commands, as a C sender with `batch YES` (and
     `compress YES`) sends them: every command is delivered (here: each answered with its own
     error ACK, nobody is bound to the destination), and the link stays up."""
-    with cluster_from(CONFIG, tmp_path) as cl:
-        cl.kill_dsp(2, signal.SIGKILL)
-        cl.wait_links_up(15, pairs=[(1, 3), (3, 1)])
-        fake = RecordingPeer(cl, 1, 2)
-        try:
-            wait_for(fake.link_up, 10, "the fake peer's link up")
-            fake.send(c_batch(2, 60, 61, compress) + c_batch(C_MAXBATCMD, 62, 61, compress))
-            wait_for(lambda: (acks_to(fake, 60), acks_to(fake, 62)) == (3, 1 + C_MAXBATCMD),
-                     20, "an error ACK for every command of both batches")
-            time.sleep(2 * SILENCE)
-            assert fake.link_up(), "the link went down:\n" + log_of(cl, 1)[-2000:]
-            assert "bad frame" not in log_of(cl, 1)
-        finally:
-            fake.close()
+    with cluster_from(CONFIG, tmp_path) as cl, recording_peer(cl) as fake:
+        fake.send(c_batch(2, 60, 61, compress) + c_batch(C_MAXBATCMD, 62, 61, compress))
+        wait_for(lambda: (acks_to(fake, 60), acks_to(fake, 62)) == (3, 1 + C_MAXBATCMD),
+                 20, "an error ACK for every command of both batches")
+        time.sleep(2 * SILENCE)
+        assert fake.link_up(), "the link went down:\n" + log_of(cl, 1)[-2000:]
+        assert "bad frame" not in log_of(cl, 1)
 
 
 @pytest.mark.parametrize("claim", [1, 3, C_MAXBATCMD + 1], ids=["short", "long", "over-max"])
@@ -87,20 +79,13 @@ def test_a_compressed_batch_whose_inflated_size_disagrees_closes_only_the_link(t
     """An LZ4 batch whose inflated payload is not c_batch_nr headers (as the C receiver, which
     returns EDVSBADVALUE and drops the connection): the link closes with the reason logged and
     nothing of the frame is delivered."""
-    with cluster_from(CONFIG, tmp_path) as cl:
-        cl.kill_dsp(2, signal.SIGKILL)
-        cl.wait_links_up(15, pairs=[(1, 3), (3, 1)])
-        fake = RecordingPeer(cl, 1, 2)
-        try:
-            wait_for(fake.link_up, 10, "the fake peer's link up")
-            before = log_of(cl, 1)
-            fake.send(c_batch(2, 60, 61, True, claim=claim))
-            wait_for(lambda: not fake.link_up(), SILENCE + 5, "the link closed")
-            new = log_of(cl, 1)[len(before):]
-            assert "bad frame" in new and "batch" in new, new
-            assert acks_to(fake, 60) == 0
-        finally:
-            fake.close()
+    with cluster_from(CONFIG, tmp_path) as cl, recording_peer(cl) as fake:
+        before = log_of(cl, 1)
+        fake.send(c_batch(2, 60, 61, True, claim=claim))
+        wait_for(lambda: not fake.link_up(), SILENCE + 5, "the link closed")
+        new = log_of(cl, 1)[len(before):]
+        assert "bad frame" in new and "batch" in new, new
+        assert acks_to(fake, 60) == 0
 
 
 def test_wrapped_sequence_numbers_and_clock_of_a_c_peer_change_nothing(tmp_path):
@@ -108,24 +93,16 @@ def test_wrapped_sequence_numbers_and_clock_of_a_c_peer_change_nothing(tmp_path)
     32-bit `time_t`: after a wrap (or with a clock set far off) its frames and HELLOs carry
     any values there.  This DSP reads none of them: such frames are delivered and the link
     stays up."""
-    from dvk_cffi.wire import hello_header
-    with cluster_from(CONFIG, tmp_path) as cl:
-        cl.kill_dsp(2, signal.SIGKILL)
-        cl.wait_links_up(15, pairs=[(1, 3), (3, 1)])
-        fake = RecordingPeer(cl, 1, 2)
-        try:
-            wait_for(fake.link_up, 10, "the fake peer's link up")
-            for seq, sec, nsec in ((0xFFFFFFFF, -2**31, 999_999_999), (0, 2**31 - 1, 0),
-                                   (0x80000000, -1, -1)):
-                hello = hello_header(2, 1)
-                hello.c_flags = 0                  # a C HELLO: no announcement
-                h = make_header(c_cmd=C.CMD_SNDREC_MSG, c_dcid=0, c_src=60, c_dst=61,
-                                c_snode=2, c_dnode=1, c_pid=4242)
-                for x in (hello, h):
-                    x.c_snd_seq, x.c_ack_seq, x.c_tv_sec, x.c_tv_nsec = seq, seq, sec, nsec
-                fake.send(bytes(hello.buf) + bytes(h.buf))
-            wait_for(lambda: acks_to(fake, 60) == 3, 10, "the three frames delivered")
-            time.sleep(2 * SILENCE)
-            assert fake.link_up() and "bad frame" not in log_of(cl, 1)
-        finally:
-            fake.close()
+    with cluster_from(CONFIG, tmp_path) as cl, recording_peer(cl) as fake:
+        for seq, sec, nsec in ((0xFFFFFFFF, -2**31, 999_999_999), (0, 2**31 - 1, 0),
+                               (0x80000000, -1, -1)):
+            hello = hello_header(2, 1)
+            hello.c_flags = 0                  # a C HELLO: no announcement
+            h = make_header(c_cmd=C.CMD_SNDREC_MSG, c_dcid=0, c_src=60, c_dst=61,
+                            c_snode=2, c_dnode=1, c_pid=4242)
+            for x in (hello, h):
+                x.c_snd_seq, x.c_ack_seq, x.c_tv_sec, x.c_tv_nsec = seq, seq, sec, nsec
+            fake.send(bytes(hello.buf) + bytes(h.buf))
+        wait_for(lambda: acks_to(fake, 60) == 3, 10, "the three frames delivered")
+        time.sleep(2 * SILENCE)
+        assert fake.link_up() and "bad frame" not in log_of(cl, 1)
