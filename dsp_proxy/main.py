@@ -621,9 +621,11 @@ class Dsp:
         log.warning("link to node %d: restarting its proxy pair in %.1f s", peer, delay)
 
     def tick(self) -> None:
-        """Every TICK: liveness of the DVK, pair restarts, half-open links and connections
-        held aside (`Link.check_candidate`), the status file, load, sessions, the
-        autoscaler, the count of log lines over their limit."""
+        """Every TICK: liveness of the DVK, then each periodic step (`_tick_steps`) on its
+        own: a step that fails is logged and the others still run, so one fault (a bug, a
+        resource gone for a moment) cannot keep sessions from expiring or the autoscaler
+        from deciding for as long as it lasts.  Only a lost DVK ends the tick (and the
+        daemon)."""
         report_suppressed_logs()
         try:
             self.dvk.getdvsinfo()
@@ -632,7 +634,27 @@ class Dsp:
                 self.dvk_gone = True
                 raise DvkLost(f"the DVK does not answer ({exc})") from None
         now = time.monotonic()
-        self._restart_threads(now)
+        for step in self._tick_steps():
+            try:
+                step(now)
+            except DvkLost:
+                raise
+            except Exception:
+                log.exception("main loop: %s failed; the tick's other steps go on",
+                              step.__name__.strip("_").replace("_", " "))
+
+    def _tick_steps(self) -> list[Callable[[float], None]]:
+        """The periodic steps, in order: thread and pair restarts, half-open links and
+        connections held aside (`Link.check_candidate`), the status file, the DC ranges;
+        with an LB: load, services, sessions, local clients, the autoscaler."""
+        steps = [self._restart_threads, self._restart_pairs, self._check_links,
+                 self._write_status_file, self._recheck_dcs]
+        if self.group is not None:
+            steps += [self._sample_load, self._tick_services, self._tick_sessions,
+                      self._tick_clients, self._tick_autoscaler]
+        return steps
+
+    def _restart_pairs(self, now: float) -> None:
         for peer, pair in self.pairs.copy().items():
             if pair.restart_at and now >= pair.restart_at and not self.stopping.is_set():
                 self._remove_peer(peer, keep_pair=True)
@@ -646,23 +668,30 @@ class Dsp:
                     log.error("link to node %d: restart failed: %s; retry in %g s", peer,
                               exc, RESTART_RETRY)
                     pair.restart_at = now + RESTART_RETRY
+
+    def _check_links(self, _now: float) -> None:
         for link in list(self.links.values()):
             if link.half_open_for() > HALF_OPEN_LIMIT:
                 link.event(Event.TIMEOUT, None, f"half-open for more than {HALF_OPEN_LIMIT:.0f} s")
             link.check_candidate()
+
+    def _write_status_file(self, _now: float) -> None:
         if self.status_file:
             try:
                 self.write_status(self.status_file)
             except OSError as exc:
                 log.warning("cannot write %s: %s", self.status_file, exc)
+
+    def _recheck_dcs(self, now: float) -> None:
         if now >= self._next_dc_check:
             if self.fast is not None:        # first: it learns again from the Python check
                 self.fast.forget_dcs()
             self.limits.dc_ranges.clear()    # a DC may have started or stopped
             self._next_dc_check = now + DC_RECHECK
-        if self.group is None:
-            return
+
+    def _sample_load(self, now: float) -> None:
         if now >= self._next_sample:
+            self._next_sample = now + self.period
             before = self.group.meter.level
             self.group.sample_load()
             after = self.group.meter.level
@@ -670,13 +699,20 @@ class Dsp:
                 log.info("this node's load level %s -> %s (cpu %d%%)",
                          LEVEL_NAMES.get(before, before), LEVEL_NAMES.get(after, after),
                          self.group.meter.cpu)
-            self._next_sample = now + self.period
+
+    def _tick_services(self, _now: float) -> None:
         self._check_services()
+
+    def _tick_sessions(self, _now: float) -> None:
         self.execute(self.group.tick())
+
+    def _tick_clients(self, now: float) -> None:
         if now >= self._next_client_check:
             self._next_client_check = now + min(self.period, 5)
             self._check_clients()
             self._rebind_services()
+
+    def _tick_autoscaler(self, _now: float) -> None:
         self.autoscaler.tick()
 
     def _check_services(self) -> None:

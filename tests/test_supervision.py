@@ -18,6 +18,8 @@ from cluster_helpers import Background, cluster_from, wait_bound
 from dsp_proxy import config as cfgmod
 from dsp_proxy.acceptor import Acceptor
 from dsp_proxy.cluster import module_argv
+from dsp_proxy.group import Group
+from dsp_proxy.link import Link
 from dsp_proxy.main import KERNEL_ANSWER_LIMIT, TICK, Dsp
 from dsp_proxy.rproxy import Deliverer, FrameReader
 from dsp_proxy.sproxy import SProxy
@@ -395,6 +397,31 @@ def test_a_reload_that_fails_partway_gives_its_verdict_and_the_daemon_goes_on(no
     inproc.dsp.post(("signal", signal.SIGHUP))
     _wait(lambda: inproc.dsp.reloads["ok"] == 1, 20, "a reload after it")
     _traffic(cl, inproc)
+
+
+def test_a_tick_step_that_keeps_failing_holds_none_of_the_others(node1, monkeypatch, caplog):
+    """A fault that stays in one periodic step (here every link's check of its held
+    connections; a program name with a newline did it to the load sampling) is logged, and
+    the steps after it still run every tick: sessions expire, the autoscaler decides.  It
+    used to end the tick at that step, every tick, for as long as the fault lasted."""
+    cl, inproc = node1
+    ticks = []
+    group_tick = Group.tick
+
+    def counted(self):
+        ticks.append(time.monotonic())
+        return group_tick(self)
+
+    def broken(self):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(Group, "tick", counted)
+    monkeypatch.setattr(Link, "check_candidate", broken)
+    _wait(lambda: len(ticks) >= 3, 10 * TICK + 5, "three session ticks with the fault")
+    assert "check links failed; the tick's other steps go on" in caplog.text
+    monkeypatch.undo()
+    _traffic(cl, inproc)
+    assert inproc.thread.is_alive()
 
 
 def test_reload_verdicts_pass_the_log_line_limit(node1, caplog):
