@@ -442,9 +442,13 @@ class Group:
 
     def choose_server(self, client_node: int, svc=None, exclude: int = -1) -> ServerState | None:
         candidates = self.usable_servers(client_node, svc, exclude)
-        if not candidates:
-            return None
-        # a C server's unknown load counts as IDLE: the session count decides
+        return self._best(candidates) if candidates else None
+
+    @staticmethod
+    def _best(candidates: list[ServerState]) -> ServerState:
+        """The server a new session goes to: the lowest load level, then the fewest
+        sessions, the lowest CPU, the lowest id.  A C server's unknown load counts as IDLE:
+        the session count decides."""
         return min(candidates, key=lambda s: (max(s.level, C.LVL_IDLE), s.sessions, s.cpu,
                                               s.nodeid))
 
@@ -629,19 +633,14 @@ class Group:
                                for s in self.servers.values()) or "none configured")
             self.counters["no_server"] += 1
             return None, E.EDVSAGAIN
-        if taken is not None:
-            log.warning("session table of DC %d full: the session of client %d@%d, whose node "
-                        "holds more than its share, ends for client %d@%d", dcid, taken.clt_ep,
-                        taken.clt_node, src, snode)
-            self.counters["sessions_taken_back"] += 1
-            self._end(taken, E.EDVSNOSPC, acts)
-        if evicted is not None and self.sessions.get(evicted.key()) is evicted:
-            log.warning("every program of service %s on the usable servers serves a session "
-                        "of DC %d: the session of client %d@%d, whose node holds more than its "
-                        "share, ends for client %d@%d", svc.name, dcid, evicted.clt_ep,
-                        evicted.clt_node, src, snode)
-            self.counters["sessions_taken_back"] += 1
-            self._end(evicted, E.EDVSNOSPC, acts)     # its program stops: room for this one
+        for victim, full in ((taken, f"the session table of DC {dcid}"),
+                             (evicted, f"every program of service {svc.name} of DC {dcid}")):
+            if victim is not None and self.sessions.get(victim.key()) is victim:
+                log.warning("%s is taken: the session of client %d@%d, whose node holds more "
+                            "than its share, ends for client %d@%d", full, victim.clt_ep,
+                            victim.clt_node, src, snode)
+                self.counters["sessions_taken_back"] += 1
+                self._end(victim, E.EDVSNOSPC, acts)    # (a program stops with it)
         if relayed:
             # a slot given to a new session gets a new generation (DVS endpoints carry one
             # for this): what the server still sends to the slot's last session (a reply
@@ -673,12 +672,10 @@ class Group:
     def _room(self, dcid: int, client_node: int, relayed: bool) -> tuple[bool, Session | None]:
         """(lock held) Whether DC `dcid` has room for one more session of `client_node` (a
         slot of its table and, for a relayed client, a translated endpoint), and the session
-        to take back for it.  When the table or the endpoints are full, every client node
-        holding some has a fair share (their number over the number of such nodes, the asking
-        one included); a node under its share takes the least recently used session, idle
-        ones first, of the node holding the most, so one client node (a busy one, or one
-        naming endpoints it does not have) cannot keep the others out until its sessions time
-        out.  A node at its share gets no room: EDVSNOSPC."""
+        to take back for it when the table or the endpoints are full (`_share_victim`: one
+        client node, a busy one or one naming endpoints it does not have, cannot keep the
+        others out until its sessions time out).  A node at its share gets no room:
+        EDVSNOSPC."""
         if relayed and not self.lb_eps_pool(dcid):
             eps = self.lb_eps_range
             size, only_relayed = (eps[1] - eps[0] + 1 if eps else 0), True
@@ -686,30 +683,20 @@ class Group:
             size, only_relayed = self.max_sessions, False
         else:
             return True, None
-        self._fast_sync()
-        held: dict[int, list[Session]] = {}
-        for s in self.sessions.values():
-            if s.dcid == dcid and (s.relayed or not only_relayed):
-                held.setdefault(s.clt_node, []).append(s)
-        share = size // (len(held) + (client_node not in held))
-        if not held or len(held.get(client_node, ())) >= share:
-            return False, None
-        hog = max(held, key=lambda n: len(held[n]))
-        victim = min(held[hog], key=lambda s: (bool(s.pending or s.starting), s.last_used))
-        log.debug("DC %d full: node %d holds %d of %d, over its share of %d", dcid, hog,
-                  len(held[hog]), size, share)
-        return True, victim
+        victim = self._share_victim([s for s in self.sessions.values() if s.dcid == dcid
+                                     and (s.relayed or not only_relayed)], size, client_node)
+        return victim is not None, victim
 
     def _program_room(self, dcid: int, client_node: int, client: int, svc,
                       exclude: int) -> tuple[ServerState | None, Session | None]:
         """(lock held) The server for a new session of `prog` service `svc` in DC `dcid`, and
         the session whose program must stop first.  A server runs at most one program per
         endpoint of the service's range, so its range is a table shared like the session
-        table (`_room`): servers whose range this DSP's sessions fill are skipped; when every
-        usable server's is full, a client node under its share (the programs over the client
-        nodes holding them, the asking one included) takes the least recently used session,
-        idle ones first, of the node holding the most, on that session's server.  Without
-        this one client node's idle sessions kept a `prog` service from everybody else."""
+        table: servers whose range this DSP's sessions fill are skipped; when every usable
+        server's is full, the programs of all of them are shared among the client nodes
+        (`_share_victim`), and the session taken back frees its program on its server.
+        Without this one client node's idle sessions kept a `prog` service from everybody
+        else."""
         candidates = self.usable_servers(client, svc, exclude)
         if not candidates:
             return None, None
@@ -720,18 +707,31 @@ class Group:
                 on[sess.svr_node].append(sess)
         free = [s for s in candidates if len(on[s.nodeid]) < size]
         if free:
-            return min(free, key=lambda s: (s.level, s.sessions, s.cpu, s.nodeid)), None
+            return self._best(free), None
+        victim = self._share_victim([sess for held in on.values() for sess in held],
+                                    size * len(candidates), client_node)
+        if victim is None:
+            return None, None
+        return self.servers[victim.svr_node], victim
+
+    def _share_victim(self, sessions: list[Session], size: int,
+                      client_node: int) -> Session | None:
+        """(lock held) A full table of `size` entries, held by `sessions`: the session that
+        `client_node` takes back for a new one of its own, or None when it holds its share
+        already.  Each client node holding some has a fair share, the size over the number
+        of such nodes (the asking one included); a node under its share takes the least
+        recently used session, idle ones first, of the node holding the most."""
         self._fast_sync()
         held: dict[int, list[Session]] = {}
-        for sessions in on.values():
-            for sess in sessions:
-                held.setdefault(sess.clt_node, []).append(sess)
-        share = size * len(candidates) // (len(held) + (client_node not in held))
-        if len(held.get(client_node, ())) >= share:
-            return None, None
+        for sess in sessions:
+            held.setdefault(sess.clt_node, []).append(sess)
+        share = size // (len(held) + (client_node not in held))
+        if not held or len(held.get(client_node, ())) >= share:
+            return None
         hog = max(held, key=lambda n: len(held[n]))
-        victim = min(held[hog], key=lambda s: (bool(s.pending or s.starting), s.last_used))
-        return self.servers[victim.svr_node], victim
+        log.debug("client node %d holds %d of %d, over its share of %d", hog,
+                  len(held[hog]), size, share)
+        return min(held[hog], key=lambda s: (bool(s.pending or s.starting), s.last_used))
 
     def _map(self, sess: Session, client_side: int, server_side: int) -> None:
         """Route `client_side` (an endpoint the client addresses at the LB) to `server_side`
