@@ -362,11 +362,29 @@ def _replies(sock, count: int) -> list[bytes]:
     return out
 
 
-#: A node kernel process allowed only a few descriptors.
-_FEW_FDS_NODE = ("import resource, sys\n"
-                 "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))\n"
-                 "from dvk_cffi.emu.server import run_node\n"
-                 "sys.exit(run_node(1, sys.argv[1]))\n")
+#: A node kernel process allowed only argv[2] descriptors.
+_FDS_LIMITED_NODE = ("import resource, sys\n"
+                     "limit = int(sys.argv[2])\n"
+                     "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))\n"
+                     "from dvk_cffi.emu.server import run_node\n"
+                     "sys.exit(run_node(1, sys.argv[1]))\n")
+
+
+def _fds_limited_node(world, limit: int) -> tuple[str, str, subprocess.Popen, Raw]:
+    """Node 1's kernel as a process allowed `limit` descriptors, and a first client that
+    said HELLO: (socket path, log path, process, client); all cleaned up by `world`."""
+    path = os.path.join(world.dir, "node1.sock")
+    log_path = os.path.join(world.dir, "node1.log")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _FDS_LIMITED_NODE, path, str(limit)],
+                                env=child_env(path), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    world.cleanup.add(_kill, proc)
+    wait_for_socket(path, timeout=CALL_TIMEOUT, proc=proc)
+    first = Raw(path)
+    world.cleanup.add(first.close)
+    first.hello()
+    return path, log_path, proc, first
 
 
 def test_connections_past_the_descriptor_limit_wait_without_a_busy_loop(world):
@@ -376,17 +394,7 @@ def test_connections_past_the_descriptor_limit_wait_without_a_busy_loop(world):
     already connected are served, and once a connection closes a new one is accepted.  The
     reaper, which could not open /proc either, took every thread bound without a connection
     for gone and unbound it; now it keeps it."""
-    path = os.path.join(world.dir, "node1.sock")
-    log_path = os.path.join(world.dir, "node1.log")
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _FEW_FDS_NODE, path],
-                                env=child_env(path), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
-    world.cleanup.add(_kill, proc)
-    wait_for_socket(path, timeout=CALL_TIMEOUT, proc=proc)
-    first = Raw(path)
-    world.cleanup.add(first.close)
-    first.hello()
+    path, log_path, proc, first = _fds_limited_node(world, 40)
     idle = world.actor("idle")                     # a live thread bound by another, never
     assert first.call("BIND", C.LCL_BIND, DC0, idle.tid, LSYS, C.LOCALNODE, None)[0] == 0
     crowd = []
@@ -922,11 +930,6 @@ def test_an_arena_of_no_bytes_is_refused(world):
     assert _arena_request(raw, fd, 4096) == (0, [ARENA_BASE])
 
 
-#: A node kernel process allowed a few hundred descriptors (FAIR_SHARE and some).
-_SOME_FDS_NODE = ("import resource, sys\n"
-                  "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))\n"
-                  "from dvk_cffi.emu.server import run_node\n"
-                  "sys.exit(run_node(1, sys.argv[1]))\n")
 _ONE_CALL = ("import os, sys\n"
              "from dvk_cffi.emu.client import EmuDvk\n"
              "print(EmuDvk(os.environ['DVK_SOCKET'], answer_limit=float(sys.argv[1]))"
@@ -940,17 +943,7 @@ def test_a_process_holding_every_descriptor_gives_one_up_to_another(world):
     finds no descriptor, the newest connection of the process holding the most (connections
     and arenas), past FAIR_SHARE, is closed with a logged reason; its older ones are kept,
     and the other process is served."""
-    path = os.path.join(world.dir, "node1.sock")
-    log_path = os.path.join(world.dir, "node1.log")
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _SOME_FDS_NODE, path],
-                                env=child_env(path), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
-    world.cleanup.add(_kill, proc)
-    wait_for_socket(path, timeout=CALL_TIMEOUT, proc=proc)
-    first = Raw(path)
-    world.cleanup.add(first.close)
-    first.hello()
+    path, log_path, proc, first = _fds_limited_node(world, 300)   # FAIR_SHARE and some
     hello = P.encode_request("HELLO", [P.VERSION, os.getpid(), threading.get_native_id(),
                                        b"hog"])
     for _ in range(server_mod.FAIR_SHARE + 60):     # more than the kernel's 300 descriptors
