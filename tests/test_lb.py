@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from cluster_helpers import Background, cluster_from, dvsctl, wait_bound
+from cluster_helpers import Background, cluster_from, dvsctl, wait_bound, wait_for
 from dsp_proxy.cluster import module_argv
 from dvk_cffi import Message
 from dvk_cffi import consts as C
@@ -34,6 +34,13 @@ service m3ftp {{ dcid 0; ext_ep 20; min_ep 20; max_ep 28; bind external; }};
 def lb_config(period=30, low=30, high=70, maxs=157, extra="", more=""):
     return LB.format(period=period, low=low, high=high, maxs=maxs, extra=extra, more=more) \
         .replace("{{", "{").replace("}}", "}")
+
+
+def relayed_lb_config(lb_eps: tuple[int, int] = (100, 150)) -> str:
+    """`lb_config` with node 5 as the LB host (`cltname lbhost`): it relays the other client
+    nodes' sessions as its translated endpoints `lb_eps`."""
+    return lb_config(extra=f"cltname lbhost; lb_eps {lb_eps[0]} {lb_eps[1]};",
+                     more="client lbhost { nodeid 5; rname {net}.5; };")
 
 
 LOOP_RE = re.compile(r"Time total elapsed in loop (\d+): ([0-9.]+)")
@@ -133,8 +140,7 @@ def test_m3ftp_through_the_lb(tmp_path, bg, mode):
     """Also through the LB host (relayed mode): the servers' copies from and to the client,
     whose answers name the client and the service's endpoint, pass the LB host's rule for a
     client's copies (Session.may_send)."""
-    cfg = lb_config() if mode == "local" else lb_config(
-        extra="cltname lbhost; lb_eps 100 150;", more="client lbhost { nodeid 5; rname {net}.5; };")
+    cfg = lb_config() if mode == "local" else relayed_lb_config()
     with cluster_from(cfg, tmp_path) as cl:
         b = Background(cl, tmp_path)
         bg.append(b)
@@ -213,8 +219,7 @@ def test_relayed_clients_with_the_same_endpoint(tmp_path, bg, monkeypatch, fast)
     """Also the LB host's two paths: with the compiled relay carrying the established
     sessions (counted in the link figures like the router's frames) and without it."""
     monkeypatch.setenv("DSP_FASTPATH", fast)
-    cfg = lb_config(extra="cltname lbhost; lb_eps 100 150;",
-                    more="client lbhost { nodeid 5; rname {net}.5; };")
+    cfg = relayed_lb_config()
     with cluster_from(cfg, tmp_path) as cl:
         b = Background(cl, tmp_path)
         bg.append(b)
@@ -252,8 +257,7 @@ def test_a_client_node_that_holds_every_relayed_endpoint_gives_one_back(tmp_path
     its share, so it takes one back and is served; node 3, at its share, is refused with
     EDVSNOSPC, at once.  Before, node 4 got EDVSNOSPC for the whole session timeout."""
     monkeypatch.setenv("DSP_FASTPATH", fast)
-    cfg = lb_config(extra="cltname lbhost; lb_eps 100 101;",
-                    more="client lbhost { nodeid 5; rname {net}.5; };")
+    cfg = relayed_lb_config((100, 101))
     with cluster_from(cfg, tmp_path) as cl:
         b = Background(cl, tmp_path)
         bg.append(b)
@@ -293,10 +297,8 @@ def test_a_late_reply_for_a_session_taken_back_never_reaches_the_new_client(tmp_
     import queue
     import threading
 
-    from cluster_helpers import wait_for
     monkeypatch.setenv("DSP_FASTPATH", fast)
-    cfg = lb_config(extra="cltname lbhost; lb_eps 100 101;",
-                    more="client lbhost { nodeid 5; rname {net}.5; };")
+    cfg = relayed_lb_config((100, 101))
     with cluster_from(cfg, tmp_path) as cl:
         held: dict[int, list] = {1: [], 2: []}      # server -> [(source, value)] received
         todo: dict[int, queue.Queue] = {1: queue.Queue(), 2: queue.Queue()}
