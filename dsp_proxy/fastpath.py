@@ -16,12 +16,14 @@ takes the Python path, which is complete on its own.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterable
 
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
-from dvk_cffi.wire import HEADER_SIZE, frame_length
+from dvk_cffi.emu import protocol as P
+from dvk_cffi.wire import HEADER_SIZE, Header, frame_length
 
 from . import fastrelay_build
 from .link import cork
@@ -76,6 +78,12 @@ PUMP_BUDGET = 0.02
 
 #: The directions of the relay's link counters (fastrelay.c `tally`).
 RECEIVED, SENT = 0, 1
+
+#: What the compiled sender's loop returns (fastrelay.c `rt_send_pump`): `until` came, a reply
+#: is for the Python path, a command was written in part.
+RS_DUE, RS_REPLY, RS_HELD = 0, 1, 2
+#: Room for a get2rmt reply's body in the compiled sender (a successful one is 147 bytes).
+REPLY_ROOM = 4096
 
 # Command classes of fastrelay.c.
 K_VALID, K_DATA, K_REQUEST, K_MSG, K_MSG_ACK, K_VCOPY, K_MESSAGE = (1 << i for i in range(7))
@@ -151,6 +159,11 @@ class FlowTable:
         """Every DC unknown again: their frames take the Python path until it learned them."""
         for dcid in range(self.nr_dcs):
             lib.rt_set_dc(self.table, dcid, 0, 0, 0)
+
+    def set_reverse(self, node: int, on: bool) -> None:
+        """Whether frames from `node` may be a server's traffic in a session the router
+        rewrites (`Group.reverse`): the compiled deliverer leaves them to the Python path."""
+        lib.rt_set_reverse(self.table, node, on)
 
     def set_raw_ok(self, node: int, ok: bool) -> None:
         """Whether the link to `node` takes frames as they are (no batching, no LZ4)."""
@@ -375,3 +388,206 @@ class Relay:
             header = bytes(span[off:off + HEADER_SIZE])
             self.refused(header, code)
             off += HEADER_SIZE + frame_length(header)
+
+
+class Sender:
+    """One SPROXY thread's use of the compiled sender (fastrelay.c `rt_send_pump`): on the
+    emulated DVK, a node DSP's get2rmt calls and the writes of what they fetch, in C while
+    the link is quiet.  What the loop does not handle itself comes back as the result of a
+    `get2rmt`, for the Python path to queue on the link."""
+
+    def __init__(self, table: FlowTable, link, dvk, payload, timeout: int) -> None:
+        self.table = table.table
+        self.link = link
+        self.dvk = dvk
+        self.payload = payload
+        self.request = dvk.get2rmt_request(payload, timeout)
+        self.reply = bytearray(4 + REPLY_ROOM)
+        s = self.s = ffi.new("rt_sender *")
+        self._keep = (ffi.from_buffer(self.request), ffi.from_buffer(self.reply),
+                      ffi.from_buffer(payload.view))
+        s.node = link.peer
+        s.req, s.req_len = self._keep[0], len(self.request)
+        s.reply, s.reply_cap = self._keep[1], REPLY_ROOM
+        s.payload, s.payload_cap = self._keep[2], len(payload.view)
+        ok_len, hdr_off, more_off, fixed = P.get2rmt_reply_layout()
+        s.ok_len, s.hdr_off, s.more_off, s.nfixed = ok_len, hdr_off, more_off, len(fixed)
+        for i, (off, val) in enumerate(fixed):
+            s.fixed_off[i], s.fixed_val[i] = off, val
+
+    @staticmethod
+    def backend_ok(dvk) -> bool:
+        """A DVK whose get2rmt calls a caller can make itself (the emulator's client)."""
+        return hasattr(dvk, "thread_channel")
+
+    @staticmethod
+    def usable(table: FlowTable | None, link, dvk) -> bool:
+        """Whether the link's sender may use it: the table, a link that writes frames as they
+        are (no batches, no LZ4) and such a DVK."""
+        return (table is not None and link.wire is not None
+                and not (link.batch or link.compress) and Sender.backend_ok(dvk))
+
+    def start(self) -> None:
+        """(the link up, its `cond` held) The socket this serving writes to: the one the link
+        published when it came up."""
+        self.s.pubs = lib.rt_wire_pubs(self.table, self.link.peer)
+
+    def get2rmt(self, hdr, until: float) -> int | None:
+        """get2rmt calls, each fetched command written by the loop, until one is for the
+        Python path: its hint (`get2rmt`'s result, the command in `hdr` and the payload),
+        raised as `get2rmt` raises; None when `until` (time.monotonic) came or a command was
+        written in part (the link writes the rest)."""
+        s, dvk = self.s, self.dvk
+        s.kfd, limit = dvk.thread_channel()
+        s.answer_ms = -1 if limit is None else max(1, int(limit * 1000))
+        code = lib.rt_send_pump(self.table, s, until)
+        if code == RS_REPLY:
+            return dvk.get2rmt_reply(hdr, bytes(self.reply[4:4 + s.reply_len]))
+        if code == RS_DUE:
+            return None
+        if code == RS_HELD:
+            self._keep_rest()
+            return None
+        dvk.channel_failed(TimeoutError() if -code == errno.ETIMEDOUT
+                           else OSError(-code, os.strerror(-code)))
+
+    def _keep_rest(self) -> None:
+        """(the send lock held by the loop) The rest of a command written in part goes
+        first on the link; then the lock is released."""
+        s = self.s
+        try:
+            start = 4 + s.hdr_off
+            head = bytes(self.reply[start:start + HEADER_SIZE])
+            frame = head + bytes(self.payload.view[:frame_length(head)])
+            self.link.keep_unsent(frame[s.sent:], s.held_fd)
+        finally:
+            lib.rt_wire_unlock(self.table, self.link.peer)
+
+
+#: Why the compiled deliverer stopped (fastrelay.c `rt_deliver`): the frames ran out (or the
+#: budget), a frame is for the Python path, a put2lcl reply is, the kernel connection failed.
+RD_BUDGET, RD_PYTHON, RD_REPLY, RD_KERNEL = 0, 1, 2, 3
+
+
+class Receiver:
+    """One RPROXY's use of the compiled deliverer (fastrelay.c `rt_deliver_pump`): on a node
+    DSP other than the LB host, with the emulated DVK, the reads of the link and the put2lcl
+    calls of the frames for this node that pass the receiver's checks and that the router
+    would not rewrite (`FlowTable.set_reverse`), in C.  The same contract as `Relay` for the
+    receiver's loop; every frame it is not sure of, and every put2lcl reply other than a
+    plain success, goes to the Python path (`Deliverer.put_done` with the code)."""
+
+    def __init__(self, table: FlowTable, reader, link, dvk, deliverer) -> None:
+        self.table = table.table
+        self.flows = table
+        self.reader = reader
+        self.link = link
+        self.peer = link.peer
+        self.dvk = dvk
+        self.deliverer = deliverer
+        self.autobind = link.spec.autobind
+        payload = deliverer.payload
+        request, hdr_off, ok_len, value_off, fixed = P.put2lcl_layout(payload.addr)
+        self.request = bytearray(request)
+        self.reply = bytearray(4 + REPLY_ROOM)
+        r = self.r = ffi.new("rt_receiver *")
+        self._keep = (ffi.from_buffer(self.request), ffi.from_buffer(self.reply),
+                      ffi.from_buffer(payload.view))
+        r.peer = self.peer
+        r.req, r.req_len, r.req_hdr_off = self._keep[0], len(request), hdr_off
+        r.reply, r.reply_cap = self._keep[1], REPLY_ROOM
+        r.payload, r.payload_cap = self._keep[2], len(payload.view)
+        r.ok_len, r.value_off, r.nfixed = ok_len, value_off, len(fixed)
+        for i, (off, val) in enumerate(fixed):
+            r.fixed_off[i], r.fixed_val[i] = off, val
+        r.python_flags = C.FLAG_BATCH | C.FLAG_LZ4
+        self.cbuf = ffi.from_buffer(reader.buf)    # the buffer is never resized
+        self.pos = ffi.new("int[2]")
+        self.got = ffi.new("int *")
+        self.last_rx = ffi.new("double *")
+        self.tally = ffi.new("relay_tally *")
+
+    @staticmethod
+    def usable(table: FlowTable | None, dvk) -> bool:
+        """Whether a node's receivers may use it: the table, and a DVK whose calls a caller
+        can make itself."""
+        return table is not None and Sender.backend_ok(dvk)
+
+    def _channel(self) -> None:
+        r = self.r
+        r.deliver = not self.deliverer.parked   # parked: the Python path keeps their order
+        r.kfd, limit = self.dvk.thread_channel()
+        r.answer_ms = -1 if limit is None else max(1, int(limit * 1000))
+
+    def read(self, budget: float = PUMP_BUDGET) -> bool:
+        """`FrameReader.fill` done in C with the delivery of what comes, until a frame is for
+        the Python path or `budget` seconds passed.  True when a whole frame for the Python
+        path is next.  Raises as `recv_into` would."""
+        reader, pos, last_rx, link = self.reader, self.pos, self.last_rx, self.link
+        self._channel()
+        if not self.r.deliver:    # one read: parked deliveries are retried between reads
+            budget = 0.0
+        pos[0], pos[1] = reader.start, reader.end
+        last_rx[0] = link.last_rx
+        try:
+            why = lib.rt_deliver_pump(self.table, self.r, reader.sock.fileno(), self.cbuf,
+                                      len(reader.buf), pos, pos + 1, last_rx, budget, self.got)
+        finally:
+            reader.start, reader.end = pos[0], pos[1]
+            link.last_rx = last_rx[0]
+            self.fold_received()
+        got = self.got[0]
+        if got <= 0:
+            if got == 0:
+                raise ConnectionResetError("the peer closed the connection" + (
+                    " inside a frame" if reader.end > reader.start else ""))
+            raise OSError(-got, os.strerror(-got))
+        return self._after(why)
+
+    def __call__(self) -> bool:
+        """Deliver the whole frames at the head of the buffer; True when a whole frame for
+        the Python path is next."""
+        return self._after(self._walk())
+
+    def _walk(self) -> int:
+        reader, pos = self.reader, self.pos
+        self._channel()
+        pos[0] = reader.start
+        try:
+            return lib.rt_deliver(self.table, self.r, self.cbuf, pos, reader.end)
+        finally:
+            reader.start = pos[0]
+            self.fold_received()
+
+    def _after(self, why: int) -> bool:
+        """The Python path's part of what stopped the loop, and the walk on after a reply;
+        True when a whole frame for the Python path is next."""
+        while why == RD_REPLY:
+            self._reply()
+            if not self.reader.has_frame():
+                return False
+            why = self._walk()
+        if why == RD_KERNEL:      # the frame stays: the Python path delivers it, or fails
+            try:
+                self.dvk.channel_failed(OSError(self.r.kerr, os.strerror(self.r.kerr)))
+            except E.DvkError:
+                pass
+            return True
+        return why == RD_PYTHON
+
+    def _reply(self) -> None:
+        """A put2lcl reply other than a plain success, for the frame the loop delivered."""
+        r, view = self.r, self.reader.view
+        off = r.done_off
+        h = Header(bytearray(view[off:off + HEADER_SIZE]))
+        try:
+            code = self.dvk.put2lcl_reply(bytes(self.reply[4:4 + r.reply_len]))
+        except E.DvkError as err:
+            code = err.code
+        payload = view[off + HEADER_SIZE:off + HEADER_SIZE + h.c_len]
+        self.deliverer.put_done(h, payload, code, self.autobind)
+
+    def fold_received(self) -> None:
+        """(the link's receiver thread) Add what the loop counted as received to the link's
+        counters."""
+        self.flows.fold(self.peer, RECEIVED, self.link.received, self.tally)

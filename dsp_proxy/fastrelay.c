@@ -29,6 +29,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <time.h>
+#include <poll.h>
+#include <sys/uio.h>
 
 #define RT_HEADER 120
 #define RT_MAX_NODES 64
@@ -89,8 +91,10 @@ typedef struct relay_table {
     uint8_t cls[RT_CMD_SLOTS];
     int32_t dc_known[RT_MAX_DCS], dc_lo[RT_MAX_DCS], dc_hi[RT_MAX_DCS];
     uint8_t raw_ok[RT_MAX_NODES];
+    int32_t reverse[RT_MAX_NODES];              /* the node serves sessions this DSP balances */
     pthread_mutex_t wire[RT_MAX_NODES];         /* the links' send locks */
     int32_t fd[RT_MAX_NODES];                   /* where the relay may write, -1 nowhere */
+    uint32_t pubs[RT_MAX_NODES];                /* changes of fd[] so far */
     int32_t quiet[RT_MAX_NODES];                /* the link has nothing queued or unsent */
     uint64_t seq[RT_MAX_NODES];                 /* frames the link queued so far */
     double last_tx[RT_MAX_NODES];               /* the relay's last write (CLOCK_MONOTONIC) */
@@ -283,8 +287,15 @@ void rt_wire_unlock(relay_table *t, int node)
 
 void rt_wire_fd(relay_table *t, int node, int fd)
 {
-    if (node_ok(node))
-        __atomic_store_n(&t->fd[node], fd, __ATOMIC_SEQ_CST);
+    if (node_ok(node) && __atomic_exchange_n(&t->fd[node], fd, __ATOMIC_SEQ_CST) != fd)
+        __atomic_add_fetch(&t->pubs[node], 1, __ATOMIC_SEQ_CST);
+}
+
+/* How many times the socket of the link to `node` changed (published or withdrawn): a
+ * sender that read it while its link was up writes only while it is the same. */
+uint32_t rt_wire_pubs(relay_table *t, int node)
+{
+    return node_ok(node) ? __atomic_load_n(&t->pubs[node], __ATOMIC_SEQ_CST) : 0;
 }
 
 /* A writer queued a frame: the relay hands its own to the link until the link is quiet. */
@@ -369,6 +380,14 @@ void rt_set_raw_ok(relay_table *t, int node, int ok)
 {
     if (node >= 0 && node < RT_MAX_NODES)
         t->raw_ok[node] = (uint8_t)(ok != 0);
+}
+
+/* Whether frames from `node` may be a server's traffic in a session this DSP balances, which
+ * the router rewrites (the deliverer leaves them to it). */
+void rt_set_reverse(relay_table *t, int node, int on)
+{
+    if (node_ok(node))
+        __atomic_store_n(&t->reverse[node], on != 0, __ATOMIC_SEQ_CST);
 }
 
 int rt_give(relay_table *t, int clt_node, int svr_node, int dcid, int clt_ep, int lbsvr_ep,
@@ -641,6 +660,36 @@ static void delay_acks(int fd)
     (void)setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &off, sizeof off);
 }
 
+/* One read of a link's socket into buf[*end:cap], after moving the unread frames
+ * buf[*start:*end] to the front when the room after them could not hold a whole frame (see
+ * rt_pump).  Returns the bytes read, 0 when the peer closed the connection, or -errno. */
+static int link_read(relay_table *t, int fd, unsigned char *buf, int cap, int *start, int *end,
+                     double *last_rx)
+{
+    int s = *start, e = *end;
+    if (s == e) {
+        s = e = 0;
+    } else if (cap - e < RT_HEADER + t->maxcopybuf) {
+        memmove(buf, buf + s, (size_t)(e - s));
+        e -= s;
+        s = 0;
+    }
+    *start = s;
+    *end = e;
+    ssize_t got;
+    do
+        got = recv(fd, buf + e, (size_t)(cap - e), 0);
+    while (got < 0 && errno == EINTR);
+    if (got <= 0)
+        return got < 0 ? -errno : 0;
+    double now = monotonic_now();
+    if (now - *last_rx > RT_ACK_GAP)
+        delay_acks(fd);
+    *last_rx = now;
+    *end = e + (int)got;
+    return (int)got;
+}
+
 /* The receiver's loop in C: read the link to `peer` into buf (blocking, as the socket's
  * timeout allows), relay what came and write it (write_segments), and read again, until a
  * frame needs the Python path, a segment or a queue is left for the caller, a read fails, or
@@ -660,30 +709,12 @@ int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *
     *held = *held_fd = *flush = -1;
     *sent = 0;
     for (;;) {
-        int s = *start, e = *end;
         *nsegs = 0;
         *python = 0;
-        if (s == e) {
-            s = e = 0;
-        } else if (cap - e < RT_HEADER + t->maxcopybuf) {
-            memmove(buf, buf + s, (size_t)(e - s));
-            e -= s;
-            s = 0;
-        }
-        *start = s;
-        *end = e;
-        ssize_t got;
-        do
-            got = recv(fd, buf + e, (size_t)(cap - e), 0);
-        while (got < 0 && errno == EINTR);
+        int got = link_read(t, fd, buf, cap, start, end, last_rx);
         if (got <= 0)
-            return got < 0 ? -errno : 0;
-        double now = monotonic_now();
-        if (now - *last_rx > RT_ACK_GAP)
-            delay_acks(fd);
-        *last_rx = now;
-        *end = e + (int)got;
-        *start = rt_relay(t, peer, buf, s, *end, segs, maxsegs, nsegs, python);
+            return got;
+        *start = rt_relay(t, peer, buf, *start, *end, segs, maxsegs, nsegs, python);
         if (*nsegs)
             *nsegs = write_segments(t, buf, segs, *nsegs, held, held_fd, sent, flush, *last_rx);
         if (*nsegs || *python || *flush >= 0 || *last_rx >= until)
@@ -800,4 +831,328 @@ static int relay_walk(relay_table *t, int peer, unsigned char *buf, int start, i
     }
     *nsegs = n;
     return off;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The sender's loop: a node DSP's SPROXY on the emulated DVK (docs/performance.md, "The
+ * compiled sender").  It makes the thread's get2rmt calls on its own connection to the node
+ * kernel and writes each command it fetches to the link's socket itself, as the link would,
+ * while the link is quiet.  Python keeps every rule: the request and the layout of a
+ * successful reply come from the protocol module, and any other reply, a command it is not
+ * sure of, a link with frames of its own waiting or a socket that changed go back to the
+ * Python path with what was read.
+ */
+typedef struct {
+    int32_t node, kfd, answer_ms;        /* link peer; kernel connection; answer limit, -1 none */
+    const unsigned char *req;            /* the GET2RMT request frame */
+    int32_t req_len;
+    unsigned char *reply;                /* u32 length, then the last reply's body */
+    int32_t reply_cap, reply_len;        /* the body's room and length */
+    const unsigned char *payload;        /* the buffer the kernel fills */
+    int32_t payload_cap;
+    int32_t ok_len, hdr_off, more_off;   /* a successful reply: its length, header, hint */
+    int32_t nfixed;                      /* ... and its bytes that never change */
+    int32_t fixed_off[24];
+    uint8_t fixed_val[24];
+    uint32_t pubs;                       /* the socket publication this serving writes to */
+    int32_t held_fd, sent;               /* RS_HELD: the socket and the bytes it took */
+} rt_sender;
+
+enum { RS_DUE = 0, RS_REPLY = 1, RS_HELD = 2 };
+
+/* Wait until `fd` is ready for `events` within the answer limit: 0, or -errno. */
+static int wait_fd(int fd, short events, int ms)
+{
+    struct pollfd p = { .fd = fd, .events = events };
+    int r;
+    do
+        r = poll(&p, 1, ms);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return -errno;
+    return r == 0 ? -ETIMEDOUT : 0;
+}
+
+static int send_all(int fd, const unsigned char *p, int n, int ms)
+{
+    while (n > 0) {
+        ssize_t w = send(fd, p, (size_t)n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return -errno;
+            int r = wait_fd(fd, POLLOUT, ms);
+            if (r < 0)
+                return r;
+            continue;
+        }
+        p += w;
+        n -= (int)w;
+    }
+    return 0;
+}
+
+/* Read `n` bytes; -ECONNRESET when the kernel closed the connection. */
+static int recv_all(int fd, unsigned char *p, int n, int ms)
+{
+    while (n > 0) {
+        ssize_t got = recv(fd, p, (size_t)n, 0);
+        if (got == 0)
+            return -ECONNRESET;
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return -errno;
+            int r = wait_fd(fd, POLLIN, ms);
+            if (r < 0)
+                return r;
+            continue;
+        }
+        p += got;
+        n -= (int)got;
+    }
+    return 0;
+}
+
+/* One get2rmt call: the request, then its reply's body in s->reply + 4. */
+static int get2rmt_call(rt_sender *s)
+{
+    int r = send_all(s->kfd, s->req, s->req_len, s->answer_ms);
+    if (r < 0)
+        return r;
+    r = recv_all(s->kfd, s->reply, 4, s->answer_ms);
+    if (r < 0)
+        return r;
+    uint32_t n;
+    memcpy(&n, s->reply, 4);
+    if (n > (uint32_t)s->reply_cap)
+        return -EPROTO;
+    s->reply_len = (int32_t)n;
+    return recv_all(s->kfd, s->reply + 4, (int)n, s->answer_ms);
+}
+
+/* Whether the last reply is a successful get2rmt of a command this loop may write. */
+static int plain_command(const relay_table *t, const rt_sender *s)
+{
+    const unsigned char *b = s->reply + 4;
+    if (s->reply_len != s->ok_len)
+        return 0;
+    for (int i = 0; i < s->nfixed; i++)
+        if (b[s->fixed_off[i]] != s->fixed_val[i])
+            return 0;
+    const unsigned char *h = b + s->hdr_off;
+    int32_t len = rd(h, O_LEN), dcid = rd(h, O_DCID);
+    return cmd_slot(t, rd(h, O_CMD)) >= 0 && len >= 0 && len <= s->payload_cap &&
+           dcid >= 0 && dcid < t->nr_dcs && !(rd(h, O_FLAGS) & (t->flag_batch | t->flag_lz4));
+}
+
+/* Write the command of the last reply to the link while it is quiet and its socket is the one
+ * this serving started with.  1: written whole (counted as sent), 0: not written (the caller
+ * queues it), RS_HELD: written in part (counted as sent: the link writes the rest), the send
+ * lock held for the caller. */
+static int write_command(relay_table *t, rt_sender *s)
+{
+    int node = s->node;
+    const unsigned char *h = s->reply + 4 + s->hdr_off;
+    if (!t->raw_ok[node] || __atomic_load_n(&t->fd[node], __ATOMIC_SEQ_CST) < 0 ||
+        !__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST) ||
+        pthread_mutex_trylock(&t->wire[node]) != 0)
+        return 0;
+    int fd = __atomic_load_n(&t->fd[node], __ATOMIC_SEQ_CST);
+    if (fd < 0 || !__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST) ||
+        __atomic_load_n(&t->pubs[node], __ATOMIC_SEQ_CST) != s->pubs) {
+        pthread_mutex_unlock(&t->wire[node]);
+        return 0;
+    }
+    int32_t len = rd(h, O_LEN);
+    struct iovec iov[2] = { { (void *)h, RT_HEADER }, { (void *)s->payload, (size_t)len } };
+    struct msghdr m = { .msg_iov = iov, .msg_iovlen = len ? 2 : 1 };
+    ssize_t w;
+    do
+        w = sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        pthread_mutex_unlock(&t->wire[node]);   /* the link's own write reports it */
+        return 0;
+    }
+    double now = monotonic_now();
+    if (w > 0)
+        __atomic_store(&t->last_tx[node], &now, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&t->lock);
+    tally_add(&t->tally[1][node], t, cmd_slot(t, rd(h, O_CMD)), rd(h, O_DCID), len, 1);
+    pthread_mutex_unlock(&t->lock);
+    if (w == RT_HEADER + len) {
+        pthread_mutex_unlock(&t->wire[node]);
+        return 1;
+    }
+    __atomic_store_n(&t->quiet[node], 0, __ATOMIC_SEQ_CST);
+    s->held_fd = fd;
+    s->sent = w < 0 ? 0 : (int)w;
+    return RS_HELD;
+}
+
+/* The loop: get2rmt, write, again, until `until` (CLOCK_MONOTONIC seconds; 0: none) has come
+ * before a call (RS_DUE), a reply is for the caller (RS_REPLY: one that is not a plain
+ * command of the fixed layout, for the protocol module to decode, or a command this loop did
+ * not write, to be queued on the link), or a command was written in part (RS_HELD: the send
+ * lock is held, the rest is for the link).  -errno when the kernel connection failed
+ * (-ETIMEDOUT: no answer within the limit, -EPROTO: a reply longer than the room for it). */
+int rt_send_pump(relay_table *t, rt_sender *s, double until)
+{
+    if (!node_ok(s->node) || s->reply_cap < s->ok_len || s->nfixed > 24 ||
+        s->hdr_off < 0 || s->hdr_off + RT_HEADER > s->ok_len)
+        return -EINVAL;
+    s->held_fd = -1;
+    s->sent = 0;
+    for (;;) {
+        if (until > 0 && monotonic_now() >= until)
+            return RS_DUE;
+        int r = get2rmt_call(s);
+        if (r < 0)
+            return r;
+        if (!plain_command(t, s))
+            return RS_REPLY;
+        r = write_command(t, s);
+        if (r != 1)
+            return r == 0 ? RS_REPLY : r;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The deliverer's loop: a node DSP's RPROXY on the emulated DVK (docs/performance.md, "The
+ * compiled sender and deliverer").  It reads the link and makes the put2lcl call of every
+ * frame for this node that passes the receiver's header checks and needs no repair, on the
+ * thread's own connection to the node kernel; the first frame it is not sure of, and a
+ * put2lcl reply other than a plain success, go back to the Python path.
+ */
+typedef struct {
+    int32_t peer, kfd, answer_ms;        /* link peer; kernel connection; answer limit, -1 none */
+    unsigned char *req;                  /* the PUT2LCL request: the header goes at req_hdr_off */
+    int32_t req_len, req_hdr_off;
+    unsigned char *reply;                /* u32 length, then the last reply's body */
+    int32_t reply_cap, reply_len;
+    unsigned char *payload;              /* the buffer put2lcl reads the payload from */
+    int32_t payload_cap;
+    int32_t ok_len, value_off;           /* a successful reply: its length, its value */
+    int32_t nfixed;                      /* ... and its bytes that never change */
+    int32_t fixed_off[24];
+    uint8_t fixed_val[24];
+    int32_t python_flags;                /* header flags whose frames take the Python path */
+    int32_t deliver;                     /* 0: only read (the Python path delivers meanwhile) */
+    int32_t done_off;                    /* RD_REPLY: where the frame the reply is for starts */
+    int32_t kerr;                        /* RD_KERNEL: errno of the kernel connection */
+} rt_receiver;
+
+enum { RD_BUDGET = 0, RD_PYTHON = 1, RD_REPLY = 2, RD_KERNEL = 3 };
+
+/* Whether the whole frame at h is one the loop delivers: the checks of the Python receiver
+ * (a valid command, its payload, no batch, its node, DC and endpoints) passed, for this node,
+ * from a node whose frames the router does not rewrite, and no flag for the Python path. */
+static int deliverable(const relay_table *t, const rt_receiver *r, const unsigned char *h)
+{
+    int32_t cmd = rd(h, O_CMD), dcid = rd(h, O_DCID), len = rd(h, O_LEN);
+    int slot = cmd_slot(t, cmd);
+    if (cmd == 0 || slot < 0 || !(t->cls[slot] & K_VALID) || len < 0 || len > t->maxcopybuf ||
+        (len && !(t->cls[slot] & K_DATA)) || rd(h, O_BATCH_NR) != 0 ||
+        (rd(h, O_FLAGS) & r->python_flags))
+        return 0;
+    if (rd(h, O_SNODE) != r->peer || __atomic_load_n(&t->reverse[r->peer], __ATOMIC_SEQ_CST) ||
+        rd(h, O_DNODE) != t->local || t->local < 0 ||
+        t->local >= t->nr_nodes || dcid < 0 || dcid >= t->nr_dcs || !t->dc_known[dcid])
+        return 0;
+    return endpoint_ok(t, rd(h, O_SRC), t->dc_lo[dcid], t->dc_hi[dcid]) &&
+           endpoint_ok(t, rd(h, O_DST), t->dc_lo[dcid], t->dc_hi[dcid]);
+}
+
+/* The put2lcl of the frame at h: 1 a plain success, 0 another reply (for the Python path),
+ * -errno when the kernel connection failed. */
+static int put2lcl_call(rt_receiver *r, const unsigned char *h)
+{
+    int32_t len = rd(h, O_LEN);
+    if (len > r->payload_cap)
+        return 0;
+    if (len)
+        memcpy(r->payload, h + RT_HEADER, (size_t)len);
+    memcpy(r->req + r->req_hdr_off, h, RT_HEADER);
+    int rc = send_all(r->kfd, r->req, r->req_len, r->answer_ms);
+    if (rc < 0)
+        return rc;
+    rc = recv_all(r->kfd, r->reply, 4, r->answer_ms);
+    if (rc < 0)
+        return rc;
+    uint32_t n;
+    memcpy(&n, r->reply, 4);
+    if (n > (uint32_t)r->reply_cap)
+        return -EPROTO;
+    r->reply_len = (int32_t)n;
+    rc = recv_all(r->kfd, r->reply + 4, (int)n, r->answer_ms);
+    if (rc < 0)
+        return rc;
+    const unsigned char *b = r->reply + 4;
+    if (r->reply_len != r->ok_len)
+        return 0;
+    for (int i = 0; i < r->nfixed; i++)
+        if (b[r->fixed_off[i]] != r->fixed_val[i])
+            return 0;
+    int64_t value;
+    memcpy(&value, b + r->value_off, sizeof value);
+    return value >= 0;
+}
+
+/* Deliver the whole frames of buf[*start:end] until one is for the Python path (RD_PYTHON),
+ * a reply is (RD_REPLY: *start is past its frame, which starts at r->done_off), the kernel
+ * connection failed (RD_KERNEL) or the frames run out (RD_BUDGET).  Each delivered frame
+ * counts as received from the peer. */
+int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, int end)
+{
+    int off = *start;
+    if (!node_ok(r->peer) || r->req_hdr_off < 0 || r->req_hdr_off + RT_HEADER > r->req_len ||
+        r->reply_cap < r->ok_len || r->nfixed > 24 || r->value_off < 0 ||
+        r->value_off + 8 > r->ok_len)
+        return RD_PYTHON;
+    while (end - off >= RT_HEADER) {
+        const unsigned char *h = buf + off;
+        int32_t len = rd(h, O_LEN);
+        if (len < 0 || len > t->maxcopybuf)
+            return RD_PYTHON;     /* the Python check says what is wrong with it */
+        if (end - off < RT_HEADER + len)
+            return RD_BUDGET;
+        if (!r->deliver || !deliverable(t, r, h))
+            return RD_PYTHON;
+        int rc = put2lcl_call(r, h);
+        if (rc < 0) {
+            r->kerr = -rc;
+            return RD_KERNEL;      /* not delivered: the frame stays for the Python path */
+        }
+        pthread_mutex_lock(&t->lock);
+        tally_add(&t->tally[0][r->peer], t, cmd_slot(t, rd(h, O_CMD)), rd(h, O_DCID), len, 1);
+        pthread_mutex_unlock(&t->lock);
+        *start = off += RT_HEADER + len;
+        if (rc == 0) {
+            r->done_off = off - RT_HEADER - len;
+            return RD_REPLY;
+        }
+    }
+    return RD_BUDGET;
+}
+
+/* The deliverer's loop: read the link to r->peer (blocking, as the socket's timeout allows)
+ * and deliver what came (rt_deliver), until rt_deliver stops for the Python path, a read
+ * fails, or `budget` seconds have passed by the end of a read.  Returns rt_deliver's answer
+ * and, through *got, the bytes of the last read (0: the peer closed the connection; -errno:
+ * the read failed, and then the answer is RD_BUDGET).  *last_rx as for rt_pump. */
+int rt_deliver_pump(relay_table *t, rt_receiver *r, int fd, unsigned char *buf, int cap,
+                    int *start, int *end, double *last_rx, double budget, int *got)
+{
+    double until = budget > 0 ? monotonic_now() + budget : 0;
+    for (;;) {
+        *got = link_read(t, fd, buf, cap, start, end, last_rx);
+        if (*got <= 0)
+            return RD_BUDGET;
+        int why = rt_deliver(t, r, buf, start, *end);
+        if (why != RD_BUDGET || *last_rx >= until)
+            return why;
+    }
 }

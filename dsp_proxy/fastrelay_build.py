@@ -46,6 +46,7 @@ int rt_set_cmd(relay_table *t, int cmd, int cls);
 int rt_set_code(relay_table *t, int code);
 void rt_set_dc(relay_table *t, int dcid, int known, int lo, int hi);
 void rt_set_raw_ok(relay_table *t, int node, int ok);
+void rt_set_reverse(relay_table *t, int node, int on);
 int rt_give(relay_table *t, int clt_node, int svr_node, int dcid, int clt_ep, int lbsvr_ep,
             int clt_pid, int svr_pid, int pending);
 int rt_map(relay_table *t, int sid, int client_side, int server_side);
@@ -65,6 +66,43 @@ void rt_wire_enqueued(relay_table *t, int node);
 uint64_t rt_wire_seq(relay_table *t, int node);
 void rt_wire_settled(relay_table *t, int node, uint64_t seq, int empty);
 double rt_wire_last_tx(relay_table *t, int node);
+uint32_t rt_wire_pubs(relay_table *t, int node);
+typedef struct {
+    int32_t node, kfd, answer_ms;
+    const unsigned char *req;
+    int32_t req_len;
+    unsigned char *reply;
+    int32_t reply_cap, reply_len;
+    const unsigned char *payload;
+    int32_t payload_cap;
+    int32_t ok_len, hdr_off, more_off;
+    int32_t nfixed;
+    int32_t fixed_off[24];
+    uint8_t fixed_val[24];
+    uint32_t pubs;
+    int32_t held_fd, sent;
+} rt_sender;
+int rt_send_pump(relay_table *t, rt_sender *s, double until);
+typedef struct {
+    int32_t peer, kfd, answer_ms;
+    unsigned char *req;
+    int32_t req_len, req_hdr_off;
+    unsigned char *reply;
+    int32_t reply_cap, reply_len;
+    unsigned char *payload;
+    int32_t payload_cap;
+    int32_t ok_len, value_off;
+    int32_t nfixed;
+    int32_t fixed_off[24];
+    uint8_t fixed_val[24];
+    int32_t python_flags;
+    int32_t deliver;
+    int32_t done_off;
+    int32_t kerr;
+} rt_receiver;
+int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, int end);
+int rt_deliver_pump(relay_table *t, rt_receiver *r, int fd, unsigned char *buf, int cap,
+                    int *start, int *end, double *last_rx, double budget, int *got);
 """
 
 

@@ -381,6 +381,11 @@ class Group:
         self._last_check = clock()
         #: The compiled relay (dsp_proxy/fastpath.py) of the LB host, None without it.
         self.fast = None
+        #: Server node -> how many reverse keys name it; `on_reverse(node, any)` is told when
+        #: a node gets its first or loses its last (the compiled deliverer leaves the frames
+        #: of such a node to `reverse`).
+        self.reverse_from: dict[int, int] = {}
+        self.on_reverse: Callable[[int, bool], None] | None = None
 
     # ------------------------------------------------------------------ services and servers
     def service_for(self, dcid: int, ep: int):
@@ -738,7 +743,20 @@ class Group:
         on the session's server, and replies from it back (lock held)."""
         sess.to_server[client_side] = server_side
         sess.to_client[server_side] = client_side
-        self.by_reverse[(sess.dcid, sess.lbsvr_ep, sess.svr_node, server_side)] = sess
+        key = (sess.dcid, sess.lbsvr_ep, sess.svr_node, server_side)
+        if key not in self.by_reverse:
+            self._count_reverse(sess.svr_node, 1)
+        self.by_reverse[key] = sess
+
+    def _count_reverse(self, node: int, delta: int) -> None:
+        """(lock held) One reverse key more or less for server `node`."""
+        n = self.reverse_from.get(node, 0) + delta
+        if n > 0:
+            self.reverse_from[node] = n
+        else:
+            self.reverse_from.pop(node, None)
+        if (n == 1 and delta > 0 or n <= 0) and self.on_reverse is not None:
+            self.on_reverse(node, n > 0)
 
     # ------------------------------------------------------------------ server -> client
     def reverse(self, hbuf, f: tuple, payload):
@@ -906,6 +924,7 @@ class Group:
         for key in sess.reverse_keys():
             if self.by_reverse.get(key) is sess:
                 del self.by_reverse[key]
+                self._count_reverse(key[2], -1)
         if self.starting.pop(sess.starting, None) is sess:    # its answer may still come
             self.abandoned[sess.starting] = (sess.svr_node, sess.dcid, sess.service.ext_ep)
             if len(self.abandoned) > ABANDONED_MAX:

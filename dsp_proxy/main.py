@@ -122,6 +122,8 @@ class ProxyContext:
     fd_interval_ms: int
     period: float
     fast: fastpath.FlowTable | None = None
+    #: the links' side of the compiled code (the relay's table, or the senders' own)
+    wires: fastpath.FlowTable | None = None
     #: True for (dcid, endpoint) when it is a configured service's ext_ep (the config in force)
     service_ep: Callable[[int, int], bool] = lambda dcid, ep: False
 
@@ -185,6 +187,17 @@ class Dsp:
                 except ValueError as exc:
                     log.info("the compiled relay is not used: %s", exc)
                 self.group.fast = self.fast
+        #: The links' side of the compiled code: the relay's table on the LB host; on the
+        #: other nodes a table of its own for the compiled senders (`fastpath.Sender`).
+        self.wires: fastpath.FlowTable | None = self.fast
+        if self.wires is None and fastpath.enabled() and fastpath.Sender.backend_ok(dvk):
+            try:
+                self.wires = fastpath.FlowTable(local, self.lb_nodeid, dvs.d_nr_nodes,
+                                                dvs.d_nr_dcs, ())
+            except ValueError as exc:
+                log.info("the compiled sender is not used: %s", exc)
+        if self.group is not None and self.wires is not None:
+            self.group.on_reverse = self.wires.set_reverse
         self.router = Router(local, self.lb_nodeid, self.group)
         self.put2lcl: Put2lclThread | None = None
         self.execute = Executor(local, self.links, self.router, self._put_local,
@@ -256,7 +269,8 @@ class Dsp:
             hello=self.hello_for, source_addr=self.bind_addr,
             tune_out=lambda sock: self.tune(sock, outgoing=True),
             fd_interval_ms=self.fd_interval_ms,
-            period=self.period, fast=self.fast, service_ep=self._is_service_ep)
+            period=self.period, fast=self.fast, wires=self.wires,
+            service_ep=self._is_service_ep)
 
     def _is_service_ep(self, dcid: int, ep: int) -> bool:
         """A configured service's ext_ep in DC `dcid`: only its program (or, on a client node,
@@ -267,7 +281,7 @@ class Dsp:
         """The link to one peer and its RPROXY/SPROXY pair (at start-up, on a reload and when
         the supervisor restarts the pair)."""
         spec = replace(spec, addresses=self._peer_addresses(spec))
-        wire = self.fast.wire(spec.nodeid) if self.fast is not None else None
+        wire = self.wires.wire(spec.nodeid) if self.wires is not None else None
         link = Link(spec, self.dvk, self.monitor, self.post, self.silence_timeout, wire)
         pair = self.pairs.get(spec.nodeid)
         stopping = threading.Event()
@@ -277,8 +291,8 @@ class Dsp:
         if self.stopping.is_set():
             stopping.set()
         self.links[spec.nodeid] = link
-        if self.fast is not None:
-            self.fast.set_raw_ok(spec.nodeid, not (spec.batch or spec.compress))
+        if self.wires is not None:
+            self.wires.set_raw_ok(spec.nodeid, not (spec.batch or spec.compress))
         ctx = self._context(stopping)
         rproxy = RProxy(ctx, link, StartGate())
         sproxy = SProxy(ctx, link, StartGate())
@@ -423,8 +437,8 @@ class Dsp:
         except E.DvkError:
             pass
         self.limits.dc_ranges[dcid] = rng
-        if self.fast is not None:
-            self.fast.set_dc(dcid, rng)
+        if self.wires is not None:
+            self.wires.set_dc(dcid, rng)
         return rng
 
     def _put_local(self, h: Header, data) -> bool:
@@ -465,10 +479,10 @@ class Dsp:
         return max(0, moved)  # a reload that removed a link lowers the total
 
     def fold_fast(self) -> None:
-        """Add what the compiled relay counted as sent to the link counters
-        (`Link.fold_relay`; what it counted as received each receiver adds itself:
+        """Add what the compiled relay and senders counted as sent to the link counters
+        (`Link.fold_relay`; what the relay counted as received each receiver adds itself:
         `Relay.fold_received`)."""
-        if self.fast is None:
+        if self.wires is None:
             return
         for link in list(self.links.values()):
             link.fold_relay()
@@ -684,8 +698,8 @@ class Dsp:
 
     def _recheck_dcs(self, now: float) -> None:
         if now >= self._next_dc_check:
-            if self.fast is not None:        # first: it learns again from the Python check
-                self.fast.forget_dcs()
+            if self.wires is not None:       # first: it learns again from the Python check
+                self.wires.forget_dcs()
             self.limits.dc_ranges.clear()    # a DC may have started or stopped
             self._next_dc_check = now + DC_RECHECK
 

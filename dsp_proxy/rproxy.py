@@ -43,7 +43,7 @@ from dvk_cffi.wire import (
     frame_length,
 )
 
-from .fastpath import Relay
+from .fastpath import Receiver, Relay
 from .group import DELIVER, SEND
 from .link import MAXBATCMD, Link, cork, ease, uncork
 from .linkstate import Event
@@ -257,9 +257,13 @@ class Deliverer:
         key = (h.c_dcid, h.c_src)
         if key in self.parked:      # keep the order of the commands of one descriptor
             return self._park(key, h, data)
-        code = self._put(h, data)
+        return self.put_done(h, data, self._put(h, data), autobind)
+
+    def put_done(self, h: Header, data, code: int, autobind: bool) -> int:
+        """After the put2lcl of a command returned `code` (here, or in the compiled receiver):
+        parked when the kernel said EDVSENQUEUED, else `deliver`'s result and repairs."""
         if code == E.EDVSENQUEUED:
-            return self._park(key, h, data)
+            return self._park((h.c_dcid, h.c_src), h, data)
         return self._finish(h, data, code, autobind)
 
     def _put(self, h: Header, data) -> int:
@@ -434,6 +438,9 @@ class RProxy:
         read = reader.fill
         if ctx.fast is not None:
             relay = Relay(ctx.fast, reader, peer, ctx.execute.links, self._refused, link)
+            read = relay.read
+        elif Receiver.usable(ctx.wires, ctx.dvk):   # a node's frames delivered in C
+            relay = Receiver(ctx.wires, reader, link, ctx.dvk, deliverer)
             read = relay.read
         if relay is not None:        # (its reads set it again after a silence)
             delay_acks(sock)

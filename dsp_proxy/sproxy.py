@@ -18,6 +18,7 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import Header
 
+from .fastpath import Sender
 from .link import MAXBATCMD, PAIR_GONE, Link, cork, uncork
 from .linkstate import Event, State
 from .misc import EXHAUSTED, Backoff
@@ -125,13 +126,25 @@ class SProxy:
         # The emulator tells how many commands wait; on a real DVK, drain like the C sender.
         hinted = getattr(ctx.dvk, "backend", "") == "emu"
         monotonic = time.monotonic
+        sender = None
+        if Sender.usable(ctx.wires, link, ctx.dvk):   # fetches and writes in C while it can
+            sender = Sender(ctx.wires, link, ctx.dvk, payload, interval)
+            with link.cond:
+                if not link.up or link.generation != gen:
+                    return
+                sender.start()
         while link.up and link.generation == gen and not ctx.stopping.is_set():
             now = monotonic()
             if now >= next_report:  # at link start and every period, busy or idle
                 self._hello(gen, report=True)
                 next_report = now + ctx.period
             try:
-                more = get2rmt(hdr, payload, interval)
+                if sender is None:
+                    more = get2rmt(hdr, payload, interval)
+                else:
+                    more = sender.get2rmt(hdr, next_report)
+                    if more is None:    # the report is due, or the link writes a rest
+                        continue
             except E.DvkError as err:
                 if err.code == E.EDVSTIMEDOUT:
                     if monotonic() - link.last_write() >= hello_after:

@@ -325,9 +325,49 @@ class EmuDvk(Dvk):
     def get2rmt(self, hdr: Header, payload: Buffer, timeout: int = C.HELLO_PERIOD) -> int:
         """Returns how many more commands were queued for this proxy (a hint for batching;
         0 when the kernel did not say)."""
-        values = self._rpc(P.encode_ii(_GET2RMT, payload.addr, timeout), "GET2RMT")
-        hdr.load(values[1])
-        return values[2] if len(values) > 2 else 0
+        return _command(hdr, self._rpc(P.encode_ii(_GET2RMT, payload.addr, timeout), "GET2RMT"))
+
+    # For a caller that makes this thread's get2rmt calls itself, outside Python (the DSP's
+    # compiled sender): it writes the request on the thread's connection, reads the reply,
+    # and hands back what it does not handle itself.
+    def get2rmt_request(self, payload: Buffer, timeout: int = C.HELLO_PERIOD) -> bytes:
+        """The request frame of `get2rmt(hdr, payload, timeout)`."""
+        return P.encode_ii(_GET2RMT, payload.addr, timeout)
+
+    def thread_channel(self) -> tuple[int, float | None]:
+        """The calling thread's connection to the node kernel (opened when it has none): its
+        descriptor and how long the kernel may take to answer (None: no limit).  Valid until
+        a call of this thread fails (`channel_failed`)."""
+        conn = getattr(self._local, "conn", None) or self._conn()
+        return conn.fileno(), conn.gettimeout()
+
+    def get2rmt_reply(self, hdr: Header, body: bytes) -> int:
+        """The result of a get2rmt whose reply `body` such a caller read: as `get2rmt`."""
+        try:
+            status, values = P.decode_reply(body)
+        except P.ProtocolError as exc:
+            self.channel_failed(exc)
+        if status < 0:
+            raise E.DvkError.for_code(status, "get2rmt")
+        return _command(hdr, values)
+
+    def put2lcl_reply(self, body: bytes) -> int:
+        """The result of a put2lcl whose reply `body` such a caller read: as `put2lcl`."""
+        try:
+            status, values = P.decode_reply(body)
+        except P.ProtocolError as exc:
+            self.channel_failed(exc)
+        if status < 0:
+            raise E.DvkError.for_code(status, "put2lcl")
+        return values[0]
+
+    def channel_failed(self, exc: BaseException) -> NoReturn:
+        """Such a caller's call failed on the thread's connection (`exc`: TimeoutError when
+        the kernel did not answer in time): dropped, and DvkError as for a kernel gone."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            raise E.DvkError.for_code(E.EDVSSHUTDOWN, "the node kernel stopped")
+        self._lost(conn, exc)
 
     def put2lcl(self, hdr: Header, payload: Buffer | None) -> int:
         raw = bytes(hdr.buf)
@@ -335,3 +375,9 @@ class EmuDvk(Dvk):
         if len(raw) != HEADER_SIZE:
             return self._value("PUT2LCL", raw, addr)
         return self._rpc(P.encode_hu(_PUT2LCL, raw, addr), "PUT2LCL")[0]
+
+
+def _command(hdr: Header, values: list) -> int:
+    """A get2rmt's command into `hdr`; how many more wait (0 when the kernel did not say)."""
+    hdr.load(values[1])
+    return values[2] if len(values) > 2 else 0

@@ -344,6 +344,39 @@ def decode_reply(body: bytes) -> tuple[int, list[Value]]:
     return _RC.unpack_from(body, 0)[0], decode_values(body, 4)
 
 
+def _header_offset(layout: struct.Struct) -> int:
+    """Where the cmd_t header of a fixed layout starts."""
+    fmt = layout.format
+    return struct.calcsize(fmt[:fmt.index(f"{HEADER_SIZE}s")])
+
+
+def _fixed(a: bytes, b: bytes) -> list[tuple[int, int]]:
+    """The (offset, byte) pairs where two encodings of different values agree."""
+    return [(i, x) for i, (x, y) in enumerate(zip(a, b)) if x == y]
+
+
+# For readers and writers of these frames outside Python (the DSP's compiled sender and
+# deliverer), so that the layouts have one source: this module's.
+def get2rmt_reply_layout() -> tuple[int, int, int, list[tuple[int, int]]]:
+    """Where a successful GET2RMT reply (status 0; a value, the command's header and the
+    hint of how many more wait) holds what, as `encode_reply` makes it: (body length, offset
+    of the header, offset of the hint, the (offset, byte) pairs every such body has: the
+    status, the values' tags, the header's length)."""
+    zero = encode_reply(0, [0, bytes(HEADER_SIZE), 0])[4:]
+    ones = encode_reply(0, [-1, b"\xff" * HEADER_SIZE, -1])[4:]
+    return (len(zero), _header_offset(_INT_HDR_INT_BODY), _INT_HDR_INT_BODY.size - _INT.size,
+            _fixed(zero, ones))
+
+
+def put2lcl_layout(addr: int) -> tuple[bytes, int, int, int, list[tuple[int, int]]]:
+    """A PUT2LCL request for payload address `addr` with a zeroed header and where its header
+    goes, and where a reply with status 0 and one value holds it: (request, offset of the
+    header in it, reply body length, offset of the value, the reply's fixed bytes)."""
+    request = encode_hu(OP["PUT2LCL"], bytes(HEADER_SIZE), addr)
+    zero, ones = encode_reply(0, [0])[4:], encode_reply(0, [-1])[4:]
+    return request, _header_offset(_REQ_HU), len(zero), len(zero) - _INT.size, _fixed(zero, ones)
+
+
 def recv_frame(sock: socket.socket, fds: list[int] | None = None) -> bytes | None:
     """One frame body from a peer that sends one frame and then waits (a reply, or a request
     of a client): read with as few calls as it takes, usually one.  File descriptors sent
