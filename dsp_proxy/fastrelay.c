@@ -1059,7 +1059,7 @@ static int deliverable(const relay_table *t, const rt_receiver *r, const unsigne
         (rd(h, O_FLAGS) & r->python_flags))
         return 0;
     if (rd(h, O_SNODE) != r->peer || __atomic_load_n(&t->reverse[r->peer], __ATOMIC_SEQ_CST) ||
-        rd(h, O_DNODE) != t->local || t->local < 0 ||
+        r->peer >= t->nr_nodes || rd(h, O_DNODE) != t->local || t->local < 0 ||
         t->local >= t->nr_nodes || dcid < 0 || dcid >= t->nr_dcs || !t->dc_known[dcid])
         return 0;
     return endpoint_ok(t, rd(h, O_SRC), t->dc_lo[dcid], t->dc_hi[dcid]) &&
