@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
@@ -390,6 +391,38 @@ class Relay:
             off += HEADER_SIZE + frame_length(header)
 
 
+class _Channel:
+    """A thread's connection to its node kernel as the compiled sender and deliverer use it
+    (fastrelay.c `rt_channel`): the request they send, the room for the reply, and what a
+    plain successful reply looks like (from the protocol module)."""
+
+    def __init__(self, ch, request: bytes, ok_len: int, fixed: list[tuple[int, int]]) -> None:
+        self.ch = ch
+        self.request = bytearray(request)
+        self.reply = bytearray(4 + REPLY_ROOM)
+        self._keep = (ffi.from_buffer(self.request), ffi.from_buffer(self.reply))
+        ch.req, ch.req_len = self._keep[0], len(request)
+        ch.reply, ch.reply_cap = self._keep[1], REPLY_ROOM
+        ch.ok_len, ch.nfixed = ok_len, len(fixed)
+        for i, (off, val) in enumerate(fixed):
+            ch.fixed_off[i], ch.fixed_val[i] = off, val
+
+    def attach(self, dvk) -> None:
+        """Use the calling thread's connection (opened again after a failure)."""
+        self.ch.kfd, limit = dvk.thread_channel()
+        self.ch.answer_ms = -1 if limit is None else max(1, int(limit * 1000))
+
+    def body(self) -> bytes:
+        """The last reply's body."""
+        return bytes(self.reply[4:4 + self.ch.reply_len])
+
+    @staticmethod
+    def failed(dvk, err: int) -> NoReturn:
+        """The connection failed with errno `err`: dropped, DvkError as for any call."""
+        dvk.channel_failed(TimeoutError() if err == errno.ETIMEDOUT
+                           else OSError(err, os.strerror(err)))
+
+
 class Sender:
     """One SPROXY thread's use of the compiled sender (fastrelay.c `rt_send_pump`): on the
     emulated DVK, a node DSP's get2rmt calls and the writes of what they fetch, in C while
@@ -401,23 +434,18 @@ class Sender:
         self.link = link
         self.dvk = dvk
         self.payload = payload
-        self.request = dvk.get2rmt_request(payload, timeout)
-        self.reply = bytearray(4 + REPLY_ROOM)
         s = self.s = ffi.new("rt_sender *")
-        self._keep = (ffi.from_buffer(self.request), ffi.from_buffer(self.reply),
-                      ffi.from_buffer(payload.view))
+        ok_len, hdr_off, fixed = P.get2rmt_reply_layout()
+        self.channel = _Channel(s.ch, dvk.get2rmt_request(payload, timeout), ok_len, fixed)
+        self._payload = ffi.from_buffer(payload.view)
         s.node = link.peer
-        s.req, s.req_len = self._keep[0], len(self.request)
-        s.reply, s.reply_cap = self._keep[1], REPLY_ROOM
-        s.payload, s.payload_cap = self._keep[2], len(payload.view)
-        ok_len, hdr_off, more_off, fixed = P.get2rmt_reply_layout()
-        s.ok_len, s.hdr_off, s.more_off, s.nfixed = ok_len, hdr_off, more_off, len(fixed)
-        for i, (off, val) in enumerate(fixed):
-            s.fixed_off[i], s.fixed_val[i] = off, val
+        s.payload, s.payload_cap = self._payload, len(payload.view)
+        s.hdr_off = hdr_off
 
     @staticmethod
     def backend_ok(dvk) -> bool:
-        """A DVK whose get2rmt calls a caller can make itself (the emulator's client)."""
+        """A DVK whose get2rmt and put2lcl calls a caller can make itself (the emulator's
+        client)."""
         return hasattr(dvk, "thread_channel")
 
     @staticmethod
@@ -437,19 +465,16 @@ class Sender:
         Python path: its hint (`get2rmt`'s result, the command in `hdr` and the payload),
         raised as `get2rmt` raises; None when `until` (time.monotonic) came or a command was
         written in part (the link writes the rest)."""
-        s, dvk = self.s, self.dvk
-        s.kfd, limit = dvk.thread_channel()
-        s.answer_ms = -1 if limit is None else max(1, int(limit * 1000))
-        code = lib.rt_send_pump(self.table, s, until)
+        channel = self.channel
+        channel.attach(self.dvk)
+        code = lib.rt_send_pump(self.table, self.s, until)
         if code == RS_REPLY:
-            return dvk.get2rmt_reply(hdr, bytes(self.reply[4:4 + s.reply_len]))
-        if code == RS_DUE:
-            return None
+            return self.dvk.get2rmt_reply(hdr, channel.body())
         if code == RS_HELD:
             self._keep_rest()
-            return None
-        dvk.channel_failed(TimeoutError() if -code == errno.ETIMEDOUT
-                           else OSError(-code, os.strerror(-code)))
+        elif code < 0:
+            channel.failed(self.dvk, -code)
+        return None
 
     def _keep_rest(self) -> None:
         """(the send lock held by the loop) The rest of a command written in part goes
@@ -457,7 +482,7 @@ class Sender:
         s = self.s
         try:
             start = 4 + s.hdr_off
-            head = bytes(self.reply[start:start + HEADER_SIZE])
+            head = bytes(self.channel.reply[start:start + HEADER_SIZE])
             frame = head + bytes(self.payload.view[:frame_length(head)])
             self.link.keep_unsent(frame[s.sent:], s.held_fd)
         finally:
@@ -488,18 +513,11 @@ class Receiver:
         self.autobind = link.spec.autobind
         payload = deliverer.payload
         request, hdr_off, ok_len, value_off, fixed = P.put2lcl_layout(payload.addr)
-        self.request = bytearray(request)
-        self.reply = bytearray(4 + REPLY_ROOM)
         r = self.r = ffi.new("rt_receiver *")
-        self._keep = (ffi.from_buffer(self.request), ffi.from_buffer(self.reply),
-                      ffi.from_buffer(payload.view))
-        r.peer = self.peer
-        r.req, r.req_len, r.req_hdr_off = self._keep[0], len(request), hdr_off
-        r.reply, r.reply_cap = self._keep[1], REPLY_ROOM
-        r.payload, r.payload_cap = self._keep[2], len(payload.view)
-        r.ok_len, r.value_off, r.nfixed = ok_len, value_off, len(fixed)
-        for i, (off, val) in enumerate(fixed):
-            r.fixed_off[i], r.fixed_val[i] = off, val
+        self.channel = _Channel(r.ch, request, ok_len, fixed)
+        self._payload = ffi.from_buffer(payload.view)
+        r.peer, r.req_hdr_off, r.value_off = self.peer, hdr_off, value_off
+        r.payload, r.payload_cap = self._payload, len(payload.view)
         r.python_flags = C.FLAG_BATCH | C.FLAG_LZ4
         self.cbuf = ffi.from_buffer(reader.buf)    # the buffer is never resized
         self.pos = ffi.new("int[2]")
@@ -513,18 +531,15 @@ class Receiver:
         can make itself."""
         return table is not None and Sender.backend_ok(dvk)
 
-    def _channel(self) -> None:
-        r = self.r
-        r.deliver = not self.deliverer.parked   # parked: the Python path keeps their order
-        r.kfd, limit = self.dvk.thread_channel()
-        r.answer_ms = -1 if limit is None else max(1, int(limit * 1000))
-
+    def _attach(self) -> None:
+        self.r.deliver = not self.deliverer.parked   # parked: the Python path keeps the order
+        self.channel.attach(self.dvk)
     def read(self, budget: float = PUMP_BUDGET) -> bool:
         """`FrameReader.fill` done in C with the delivery of what comes, until a frame is for
         the Python path or `budget` seconds passed.  True when a whole frame for the Python
         path is next.  Raises as `recv_into` would."""
         reader, pos, last_rx, link = self.reader, self.pos, self.last_rx, self.link
-        self._channel()
+        self._attach()
         if not self.r.deliver:    # one read: parked deliveries are retried between reads
             budget = 0.0
         pos[0], pos[1] = reader.start, reader.end
@@ -551,7 +566,7 @@ class Receiver:
 
     def _walk(self) -> int:
         reader, pos = self.reader, self.pos
-        self._channel()
+        self._attach()
         pos[0] = reader.start
         try:
             return lib.rt_deliver(self.table, self.r, self.cbuf, pos, reader.end)
@@ -569,7 +584,7 @@ class Receiver:
             why = self._walk()
         if why == RD_KERNEL:      # the frame stays: the Python path delivers it, or fails
             try:
-                self.dvk.channel_failed(OSError(self.r.kerr, os.strerror(self.r.kerr)))
+                self.channel.failed(self.dvk, self.r.kerr)
             except E.DvkError:
                 pass
             return True
@@ -581,7 +596,7 @@ class Receiver:
         off = r.done_off
         h = Header(bytearray(view[off:off + HEADER_SIZE]))
         try:
-            code = self.dvk.put2lcl_reply(bytes(self.reply[4:4 + r.reply_len]))
+            code = self.dvk.put2lcl_reply(self.channel.body())
         except E.DvkError as err:
             code = err.code
         payload = view[off + HEADER_SIZE:off + HEADER_SIZE + h.c_len]

@@ -834,31 +834,27 @@ static int relay_walk(relay_table *t, int peer, unsigned char *buf, int start, i
 }
 
 /* ------------------------------------------------------------------------------------------
- * The sender's loop: a node DSP's SPROXY on the emulated DVK (docs/performance.md, "The
- * compiled sender").  It makes the thread's get2rmt calls on its own connection to the node
- * kernel and writes each command it fetches to the link's socket itself, as the link would,
- * while the link is quiet.  Python keeps every rule: the request and the layout of a
- * successful reply come from the protocol module, and any other reply, a command it is not
- * sure of, a link with frames of its own waiting or a socket that changed go back to the
- * Python path with what was read.
+ * The node DSPs' compiled sender and deliverer (docs/design.md, "The compiled sender and
+ * deliverer"): on the emulated DVK, SPROXY's get2rmt calls and the writes of what they
+ * fetch, and RPROXY's reads and the put2lcl calls of the frames for its node, each on the
+ * thread's own connection to the node kernel.  Python keeps every rule: the requests and the
+ * layouts of plain successful replies come from the protocol module, and anything else (a
+ * reply of another kind, a frame or command the loop is not sure of, a link with frames of
+ * its own waiting, a socket that changed) goes back to the Python path with what was read.
  */
+
+/* A thread's connection to its node kernel, as the loops use it. */
 typedef struct {
-    int32_t node, kfd, answer_ms;        /* link peer; kernel connection; answer limit, -1 none */
-    const unsigned char *req;            /* the GET2RMT request frame */
+    int32_t kfd, answer_ms;              /* the connection; answer limit in ms, -1 none */
+    unsigned char *req;                  /* the request frame */
     int32_t req_len;
     unsigned char *reply;                /* u32 length, then the last reply's body */
     int32_t reply_cap, reply_len;        /* the body's room and length */
-    const unsigned char *payload;        /* the buffer the kernel fills */
-    int32_t payload_cap;
-    int32_t ok_len, hdr_off, more_off;   /* a successful reply: its length, header, hint */
+    int32_t ok_len;                      /* a plain success: its body's length ... */
     int32_t nfixed;                      /* ... and its bytes that never change */
     int32_t fixed_off[24];
     uint8_t fixed_val[24];
-    uint32_t pubs;                       /* the socket publication this serving writes to */
-    int32_t held_fd, sent;               /* RS_HELD: the socket and the bytes it took */
-} rt_sender;
-
-enum { RS_DUE = 0, RS_REPLY = 1, RS_HELD = 2 };
+} rt_channel;
 
 /* Wait until `fd` is ready for `events` within the answer limit: 0, or -errno. */
 static int wait_fd(int fd, short events, int ms)
@@ -916,33 +912,62 @@ static int recv_all(int fd, unsigned char *p, int n, int ms)
     return 0;
 }
 
-/* One get2rmt call: the request, then its reply's body in s->reply + 4. */
-static int get2rmt_call(rt_sender *s)
+/* Whether the channel's fields can be used: the room for a plain success, its fixed bytes. */
+static int channel_sane(const rt_channel *c)
 {
-    int r = send_all(s->kfd, s->req, s->req_len, s->answer_ms);
+    if (c->nfixed < 0 || c->nfixed > 24 || c->ok_len < 0 || c->reply_cap < c->ok_len ||
+        c->req_len < 0)
+        return 0;
+    for (int i = 0; i < c->nfixed; i++)
+        if (c->fixed_off[i] < 0 || c->fixed_off[i] >= c->ok_len)
+            return 0;
+    return 1;
+}
+
+/* One call: the request, then its reply's body at c->reply + 4.  1 when the reply is a plain
+ * success, 0 when it is another, -errno when the connection failed (-ETIMEDOUT: no answer
+ * within the limit, -EPROTO: a reply longer than the room for it). */
+static int channel_call(rt_channel *c)
+{
+    int r = send_all(c->kfd, c->req, c->req_len, c->answer_ms);
     if (r < 0)
         return r;
-    r = recv_all(s->kfd, s->reply, 4, s->answer_ms);
+    r = recv_all(c->kfd, c->reply, 4, c->answer_ms);
     if (r < 0)
         return r;
     uint32_t n;
-    memcpy(&n, s->reply, 4);
-    if (n > (uint32_t)s->reply_cap)
+    memcpy(&n, c->reply, 4);
+    if (n > (uint32_t)c->reply_cap)
         return -EPROTO;
-    s->reply_len = (int32_t)n;
-    return recv_all(s->kfd, s->reply + 4, (int)n, s->answer_ms);
+    c->reply_len = (int32_t)n;
+    r = recv_all(c->kfd, c->reply + 4, (int)n, c->answer_ms);
+    if (r < 0)
+        return r;
+    if (c->reply_len != c->ok_len)
+        return 0;
+    for (int i = 0; i < c->nfixed; i++)
+        if (c->reply[4 + c->fixed_off[i]] != c->fixed_val[i])
+            return 0;
+    return 1;
 }
 
-/* Whether the last reply is a successful get2rmt of a command this loop may write. */
+/* ---- the sender */
+typedef struct {
+    rt_channel ch;                       /* req: the GET2RMT request */
+    int32_t node;                        /* the link's peer */
+    const unsigned char *payload;        /* the buffer the kernel fills */
+    int32_t payload_cap;
+    int32_t hdr_off;                     /* the command's header in a plain success */
+    uint32_t pubs;                       /* the socket publication this serving writes to */
+    int32_t held_fd, sent;               /* RS_HELD: the socket and the bytes it took */
+} rt_sender;
+
+enum { RS_DUE = 0, RS_REPLY = 1, RS_HELD = 2 };
+
+/* Whether the command of the last (plain successful) reply is one this loop may write. */
 static int plain_command(const relay_table *t, const rt_sender *s)
 {
-    const unsigned char *b = s->reply + 4;
-    if (s->reply_len != s->ok_len)
-        return 0;
-    for (int i = 0; i < s->nfixed; i++)
-        if (b[s->fixed_off[i]] != s->fixed_val[i])
-            return 0;
-    const unsigned char *h = b + s->hdr_off;
+    const unsigned char *h = s->ch.reply + 4 + s->hdr_off;
     int32_t len = rd(h, O_LEN), dcid = rd(h, O_DCID);
     return cmd_slot(t, rd(h, O_CMD)) >= 0 && len >= 0 && len <= s->payload_cap &&
            dcid >= 0 && dcid < t->nr_dcs && !(rd(h, O_FLAGS) & (t->flag_batch | t->flag_lz4));
@@ -955,7 +980,7 @@ static int plain_command(const relay_table *t, const rt_sender *s)
 static int write_command(relay_table *t, rt_sender *s)
 {
     int node = s->node;
-    const unsigned char *h = s->reply + 4 + s->hdr_off;
+    const unsigned char *h = s->ch.reply + 4 + s->hdr_off;
     if (!t->raw_ok[node] || __atomic_load_n(&t->fd[node], __ATOMIC_SEQ_CST) < 0 ||
         !__atomic_load_n(&t->quiet[node], __ATOMIC_SEQ_CST) ||
         pthread_mutex_trylock(&t->wire[node]) != 0)
@@ -993,26 +1018,25 @@ static int write_command(relay_table *t, rt_sender *s)
     return RS_HELD;
 }
 
-/* The loop: get2rmt, write, again, until `until` (CLOCK_MONOTONIC seconds; 0: none) has come
- * before a call (RS_DUE), a reply is for the caller (RS_REPLY: one that is not a plain
- * command of the fixed layout, for the protocol module to decode, or a command this loop did
- * not write, to be queued on the link), or a command was written in part (RS_HELD: the send
- * lock is held, the rest is for the link).  -errno when the kernel connection failed
- * (-ETIMEDOUT: no answer within the limit, -EPROTO: a reply longer than the room for it). */
+/* The sender's loop: get2rmt, write, again, until `until` (CLOCK_MONOTONIC seconds; 0: none)
+ * has come before a call (RS_DUE), a reply is for the caller (RS_REPLY: one that is not a
+ * plain command, for the protocol module to decode, or a command this loop did not write, to
+ * be queued on the link), or a command was written in part (RS_HELD: the send lock is held,
+ * the rest is for the link).  -errno when the kernel connection failed (see channel_call). */
 int rt_send_pump(relay_table *t, rt_sender *s, double until)
 {
-    if (!node_ok(s->node) || s->reply_cap < s->ok_len || s->nfixed > 24 ||
-        s->hdr_off < 0 || s->hdr_off + RT_HEADER > s->ok_len)
+    if (!node_ok(s->node) || !channel_sane(&s->ch) || s->hdr_off < 0 ||
+        s->hdr_off + RT_HEADER > s->ch.ok_len)
         return -EINVAL;
     s->held_fd = -1;
     s->sent = 0;
     for (;;) {
         if (until > 0 && monotonic_now() >= until)
             return RS_DUE;
-        int r = get2rmt_call(s);
+        int r = channel_call(&s->ch);
         if (r < 0)
             return r;
-        if (!plain_command(t, s))
+        if (r == 0 || !plain_command(t, s))
             return RS_REPLY;
         r = write_command(t, s);
         if (r != 1)
@@ -1020,25 +1044,14 @@ int rt_send_pump(relay_table *t, rt_sender *s, double until)
     }
 }
 
-/* ------------------------------------------------------------------------------------------
- * The deliverer's loop: a node DSP's RPROXY on the emulated DVK (docs/performance.md, "The
- * compiled sender and deliverer").  It reads the link and makes the put2lcl call of every
- * frame for this node that passes the receiver's header checks and needs no repair, on the
- * thread's own connection to the node kernel; the first frame it is not sure of, and a
- * put2lcl reply other than a plain success, go back to the Python path.
- */
+/* ---- the deliverer */
 typedef struct {
-    int32_t peer, kfd, answer_ms;        /* link peer; kernel connection; answer limit, -1 none */
-    unsigned char *req;                  /* the PUT2LCL request: the header goes at req_hdr_off */
-    int32_t req_len, req_hdr_off;
-    unsigned char *reply;                /* u32 length, then the last reply's body */
-    int32_t reply_cap, reply_len;
+    rt_channel ch;                       /* req: a PUT2LCL request, the header at req_hdr_off */
+    int32_t peer;                        /* the link's peer */
+    int32_t req_hdr_off;
     unsigned char *payload;              /* the buffer put2lcl reads the payload from */
     int32_t payload_cap;
-    int32_t ok_len, value_off;           /* a successful reply: its length, its value */
-    int32_t nfixed;                      /* ... and its bytes that never change */
-    int32_t fixed_off[24];
-    uint8_t fixed_val[24];
+    int32_t value_off;                   /* put2lcl's result in a plain success */
     int32_t python_flags;                /* header flags whose frames take the Python path */
     int32_t deliver;                     /* 0: only read (the Python path delivers meanwhile) */
     int32_t done_off;                    /* RD_REPLY: where the frame the reply is for starts */
@@ -1066,8 +1079,8 @@ static int deliverable(const relay_table *t, const rt_receiver *r, const unsigne
            endpoint_ok(t, rd(h, O_DST), t->dc_lo[dcid], t->dc_hi[dcid]);
 }
 
-/* The put2lcl of the frame at h: 1 a plain success, 0 another reply (for the Python path),
- * -errno when the kernel connection failed. */
+/* The put2lcl of the frame at h: 1 a plain success (a result of 0 or more), 0 another reply
+ * (for the Python path), -errno when the kernel connection failed. */
 static int put2lcl_call(rt_receiver *r, const unsigned char *h)
 {
     int32_t len = rd(h, O_LEN);
@@ -1075,42 +1088,25 @@ static int put2lcl_call(rt_receiver *r, const unsigned char *h)
         return 0;
     if (len)
         memcpy(r->payload, h + RT_HEADER, (size_t)len);
-    memcpy(r->req + r->req_hdr_off, h, RT_HEADER);
-    int rc = send_all(r->kfd, r->req, r->req_len, r->answer_ms);
-    if (rc < 0)
+    memcpy(r->ch.req + r->req_hdr_off, h, RT_HEADER);
+    int rc = channel_call(&r->ch);
+    if (rc <= 0)
         return rc;
-    rc = recv_all(r->kfd, r->reply, 4, r->answer_ms);
-    if (rc < 0)
-        return rc;
-    uint32_t n;
-    memcpy(&n, r->reply, 4);
-    if (n > (uint32_t)r->reply_cap)
-        return -EPROTO;
-    r->reply_len = (int32_t)n;
-    rc = recv_all(r->kfd, r->reply + 4, (int)n, r->answer_ms);
-    if (rc < 0)
-        return rc;
-    const unsigned char *b = r->reply + 4;
-    if (r->reply_len != r->ok_len)
-        return 0;
-    for (int i = 0; i < r->nfixed; i++)
-        if (b[r->fixed_off[i]] != r->fixed_val[i])
-            return 0;
     int64_t value;
-    memcpy(&value, b + r->value_off, sizeof value);
+    memcpy(&value, r->ch.reply + 4 + r->value_off, sizeof value);
     return value >= 0;
 }
 
 /* Deliver the whole frames of buf[*start:end] until one is for the Python path (RD_PYTHON),
  * a reply is (RD_REPLY: *start is past its frame, which starts at r->done_off), the kernel
- * connection failed (RD_KERNEL) or the frames run out (RD_BUDGET).  Each delivered frame
- * counts as received from the peer. */
+ * connection failed (RD_KERNEL: the frame stays at *start) or the frames run out
+ * (RD_BUDGET).  Each delivered frame counts as received from the peer. */
 int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, int end)
 {
     int off = *start;
-    if (!node_ok(r->peer) || r->req_hdr_off < 0 || r->req_hdr_off + RT_HEADER > r->req_len ||
-        r->reply_cap < r->ok_len || r->nfixed > 24 || r->value_off < 0 ||
-        r->value_off + 8 > r->ok_len)
+    if (!node_ok(r->peer) || !channel_sane(&r->ch) || r->req_hdr_off < 0 ||
+        r->req_hdr_off + RT_HEADER > r->ch.req_len || r->value_off < 0 ||
+        r->value_off + 8 > r->ch.ok_len)
         return RD_PYTHON;
     while (end - off >= RT_HEADER) {
         const unsigned char *h = buf + off;
@@ -1124,7 +1120,7 @@ int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, i
         int rc = put2lcl_call(r, h);
         if (rc < 0) {
             r->kerr = -rc;
-            return RD_KERNEL;      /* not delivered: the frame stays for the Python path */
+            return RD_KERNEL;
         }
         pthread_mutex_lock(&t->lock);
         tally_add(&t->tally[0][r->peer], t, cmd_slot(t, rd(h, O_CMD)), rd(h, O_DCID), len, 1);

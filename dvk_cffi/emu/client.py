@@ -343,23 +343,21 @@ class EmuDvk(Dvk):
 
     def get2rmt_reply(self, hdr: Header, body: bytes) -> int:
         """The result of a get2rmt whose reply `body` such a caller read: as `get2rmt`."""
-        try:
-            status, values = P.decode_reply(body)
-        except P.ProtocolError as exc:
-            self.channel_failed(exc)
-        if status < 0:
-            raise E.DvkError.for_code(status, "get2rmt")
-        return _command(hdr, values)
+        return _command(hdr, self._reply_values(body, "get2rmt"))
 
     def put2lcl_reply(self, body: bytes) -> int:
         """The result of a put2lcl whose reply `body` such a caller read: as `put2lcl`."""
+        return self._reply_values(body, "put2lcl")[0]
+
+    def _reply_values(self, body: bytes, op: str) -> list:
+        """The values of such a reply (DvkError for a failure, as `_rpc` raises)."""
         try:
             status, values = P.decode_reply(body)
         except P.ProtocolError as exc:
             self.channel_failed(exc)
         if status < 0:
-            raise E.DvkError.for_code(status, "put2lcl")
-        return values[0]
+            raise E.DvkError.for_code(status, op)
+        return values
 
     def channel_failed(self, exc: BaseException) -> NoReturn:
         """Such a caller's call failed on the thread's connection (`exc`: TimeoutError when

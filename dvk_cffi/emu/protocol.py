@@ -357,15 +357,14 @@ def _fixed(a: bytes, b: bytes) -> list[tuple[int, int]]:
 
 # For readers and writers of these frames outside Python (the DSP's compiled sender and
 # deliverer), so that the layouts have one source: this module's.
-def get2rmt_reply_layout() -> tuple[int, int, int, list[tuple[int, int]]]:
+def get2rmt_reply_layout() -> tuple[int, int, list[tuple[int, int]]]:
     """Where a successful GET2RMT reply (status 0; a value, the command's header and the
-    hint of how many more wait) holds what, as `encode_reply` makes it: (body length, offset
-    of the header, offset of the hint, the (offset, byte) pairs every such body has: the
-    status, the values' tags, the header's length)."""
+    hint of how many more wait) holds the header, as `encode_reply` makes it: (body length,
+    offset of the header, the (offset, byte) pairs every such body has: the status, the
+    values' tags, the header's length)."""
     zero = encode_reply(0, [0, bytes(HEADER_SIZE), 0])[4:]
     ones = encode_reply(0, [-1, b"\xff" * HEADER_SIZE, -1])[4:]
-    return (len(zero), _header_offset(_INT_HDR_INT_BODY), _INT_HDR_INT_BODY.size - _INT.size,
-            _fixed(zero, ones))
+    return len(zero), _header_offset(_INT_HDR_INT_BODY), _fixed(zero, ones)
 
 
 def put2lcl_layout(addr: int) -> tuple[bytes, int, int, int, list[tuple[int, int]]]:
