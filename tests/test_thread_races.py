@@ -93,7 +93,7 @@ def test_a_header_is_checked_against_the_range_just_learned():
     host = SimpleNamespace(dvs=SimpleNamespace(d_nr_dcs=4, d_nr_tasks=C.NR_TASKS,
                                                d_nr_procs=C.NR_PROCS),
                            dvk=SimpleNamespace(getdcinfo=lambda dcid: info),
-                           fast=None, limits=limits)
+                           wires=None, limits=limits)
 
     def learn_then_forget(dcid: int):
         rng = Dsp.learn_dc(host, dcid)
