@@ -177,10 +177,7 @@ class Dsp:
         if cfg.role(local).lb_pair and not topology.is_relayed_client(cfg, local):
             self.group = Group(cfg, local, _LinkView(self.links),
                                self.relay_host, self.node_pids)
-            if self.relay_host == local and fastpath.UNUSABLE:
-                log.warning("the compiled relay is not used: %s; the Python path carries "
-                            "every frame", fastpath.UNUSABLE)
-            elif self.relay_host == local and fastpath.enabled():
+            if self.relay_host == local and fastpath.enabled():
                 try:
                     self.fast = fastpath.FlowTable(local, self.lb_nodeid, dvs.d_nr_nodes,
                                                    dvs.d_nr_dcs, SERVER_GONE | SERVICE_DOWN)
@@ -188,8 +185,12 @@ class Dsp:
                     log.info("the compiled relay is not used: %s", exc)
                 self.group.fast = self.fast
         #: The links' side of the compiled code: the relay's table on the LB host; on the
-        #: other nodes a table of its own for the compiled senders (`fastpath.Sender`).
+        #: other nodes a table of its own for the compiled sender and deliverer (emulated
+        #: DVK only: `fastpath.Sender`, `fastpath.Receiver`).
         self.wires: fastpath.FlowTable | None = self.fast
+        if fastpath.UNUSABLE and (self.relay_host == local or fastpath.Sender.backend_ok(dvk)):
+            log.warning("the compiled relay is not used: %s; the Python path carries every "
+                        "frame", fastpath.UNUSABLE)
         if self.wires is None and fastpath.enabled() and fastpath.Sender.backend_ok(dvk):
             try:
                 self.wires = fastpath.FlowTable(local, self.lb_nodeid, dvs.d_nr_nodes,
@@ -790,6 +791,7 @@ class Dsp:
             "refused_connections": self.acceptor.refusals.total,
             "dropped_frames": self.execute.dropped,
             "fast_relay": self.fast is not None,
+            "fast_node_frames": self.fast is None and self.wires is not None,
             "group": self.group.snapshot() if self.group is not None else None,
             "autoscaler": self.autoscaler.snapshot() if self.autoscaler is not None else None,
             "programs": self.services.snapshot(),

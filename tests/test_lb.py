@@ -245,8 +245,21 @@ def test_relayed_clients_with_the_same_endpoint(tmp_path, bg, monkeypatch, fast)
         st = wait_status(cl, 5, lambda st: st["group"]["sessions_started"] >= 2
                          and requests(st) >= 60, what="2 relayed sessions, 60 requests")
         assert st["fast_relay"] is (fast == "1")
+        assert st["fast_node_frames"] is False
         assert (st["group"]["fast_sessions"] == 2) is (fast == "1")
         assert requests(st) == 60, st["links"]
+
+        # a relayed client node's own frames (on its link to the LB host, which has the LB
+        # node's id): on the compiled sender and deliverer, counted in its link figures as
+        # the Python path counts them (the deliverer's folds lag a read at most)
+        def own(st, way, cmd):
+            return st["links"]["0"][way]["by_cmd"].get(str(cmd), 0)
+        st = wait_status(cl, 3, lambda st: own(st, "sent", C.CMD_SNDREC_MSG) >= 30
+                         and own(st, "received", C.CMD_SEND_MSG) >= 30,
+                         what="node 3's 30 requests and replies counted")
+        assert st["fast_node_frames"] is (fast == "1")
+        assert (own(st, "sent", C.CMD_SNDREC_MSG), own(st, "received", C.CMD_SEND_MSG)) \
+            == (30, 30), st["links"]["0"]
 
 
 @pytest.mark.parametrize("fast", ["1", "0"], ids=["compiled-relay", "python-path"])
