@@ -1,0 +1,584 @@
+"""The compiled sender and deliverer of a node DSP on the emulated DVK (dsp_proxy/fastpath.py
+`Sender` and `Receiver`, fastrelay.c `rt_send_pump` and `rt_deliver_pump`) against the Python
+path they stand in for.
+
+The sender tests drive a real node kernel (served by a thread of the test process): the test
+process is node 2's proxy pair, local programs are actor threads, and a real `Link` with the
+compiled code's `Wire` writes to one end of a socketpair whose other end plays the peer.  The
+receiver tests run the real `RProxy._serve` on such a link, with and without the compiled
+deliverer, and compare what the local programs get, the link's counters and the repairs of the
+`Deliverer`.  The last test runs the same programs through a DSP pair twice, with the compiled
+code and with DSP_FASTPATH=0, and compares the link counters.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from dsp_proxy import fastpath
+from dsp_proxy.executor import Executor
+from dsp_proxy.group import Router
+from dsp_proxy.link import Link, PeerSpec
+from dsp_proxy.misc import Counters
+from dsp_proxy.rproxy import Deliverer, RProxy, WireLimits
+from dvk_cffi import consts as C
+from dvk_cffi import errors as E
+from dvk_cffi.wire import HEADER_SIZE, Header, Message, frame_length
+from emu_helpers import DC0, LSYS, LSYS2, LUSR, RSYS, SHORT, FakeProxy, make_world, wait_until
+
+pytestmark = pytest.mark.skipif(fastpath.lib is None, reason="the compiled code is not built")
+
+PEER = 2                   # the remote node whose proxy pair the test process is
+GET_TIMEOUT = SHORT        # ms, the get2rmt timeout of the sender (the DSP's fd_interval)
+FAR = 60.0                 # s, an `until` that does not come during a test
+
+
+def _attempt(fn, *args):
+    """("ok", result) or ("err", class name, code, message) of a DVK call."""
+    try:
+        return ("ok", fn(*args))
+    except E.DvkError as err:
+        return ("err", type(err).__name__, err.code, str(err))
+
+
+def _frames(stream: bytes) -> list[tuple]:
+    """The whole frames of `stream` as (c_cmd, c_src, c_dst, c_snode, c_dnode, c_len, payload),
+    the fields a get2rmt of the same command gives alike (no time stamps); a frame whose bytes
+    cannot be one (two frames mixed) fails the test."""
+    out, off = [], 0
+    while len(stream) - off >= HEADER_SIZE:
+        h = Header(bytearray(stream[off:off + HEADER_SIZE]))
+        n = frame_length(stream, off)
+        assert h.c_cmd in C.VALID_CMDS and 0 <= n <= C.MAXCOPYBUF, \
+            f"bytes of two frames mixed at offset {off}: {h!r}"
+        if len(stream) - off < HEADER_SIZE + n:
+            break
+        out.append((h.c_cmd, h.c_src, h.c_dst, h.c_snode, h.c_dnode, h.c_len,
+                    bytes(stream[off + HEADER_SIZE:off + HEADER_SIZE + n])))
+        off += HEADER_SIZE + n
+    assert off == len(stream), f"{len(stream) - off} bytes of a frame cut short"
+    return out
+
+
+class Node:
+    """Node 1's kernel with the test process as node 2's proxy pair, node 2 in DC0 with RSYS
+    bound there, and local programs (actor threads) bound to `eps`."""
+
+    def __init__(self, world, eps=(LSYS, LSYS2, LUSR, 12, 13)) -> None:
+        self.world = world
+        self.node = world.inproc_node(1)
+        self.d = d = world.dvk(self.node)
+        self.px = FakeProxy(world, self.node, d, PEER)
+        d.add_node(DC0, PEER)
+        d.rmtbind(DC0, "rsys", RSYS, PEER)
+        self.progs = {}
+        for ep in eps:
+            a = world.actor(f"ep{ep}")
+            assert a.call(d.bind, DC0, ep) == ep
+            self.progs[ep] = a
+        dvs = d.getdvsinfo()[1]
+        self.table = fastpath.FlowTable(1, -1, dvs.d_nr_nodes, dvs.d_nr_dcs, ())
+        self.table.set_raw_ok(PEER, True)
+        self.socks: list[socket.socket] = []
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair()
+        self.socks += [a, b]
+        return a, b
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+class SendRig(Node):
+    """A node with a link to node 2 whose socket is one end of a socketpair (`peer` the other
+    end), the compiled sender on it, and a link without the compiled code (`pylink`, its
+    socket's other end `pypeer`) for what the Python path does with the same commands."""
+
+    def __init__(self, world) -> None:
+        super().__init__(world)
+        spec = PeerSpec(nodeid=PEER, name="n2", host="127.0.0.1", sport=1, rport=1)
+        self.link = Link(spec, dvk=None, wire=self.table.wire(PEER))
+        self.out, self.peer = self.pair()
+        self._up(self.link, self.out)
+        self.pylink = Link(spec, dvk=None)
+        pyout, self.pypeer = self.pair()
+        self._up(self.pylink, pyout)
+        self.sender = fastpath.Sender(self.table, self.link, self.d, self.px.spay, GET_TIMEOUT)
+        self.sender.start()
+        self.stream = bytearray()
+        self.pystream = bytearray()
+
+    @staticmethod
+    def _up(link: Link, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        link.out_sock, link.up, link.generation = sock, True, 1
+        if link.wire is not None:
+            link.wire.publish(sock)
+        assert link.flush()            # nothing waits: the compiled sender may write
+
+    def get(self, hdr: Header, until: float = FAR):
+        """One `Sender.get2rmt` on the sender proxy's thread: its result, or the DvkError."""
+        return _attempt(self.px.sproxy.call, self.sender.get2rmt, hdr, time.monotonic() + until)
+
+    def pyget(self, hdr: Header):
+        """One get2rmt of the Python path on the sender proxy's thread."""
+        return _attempt(self.px.sproxy.call, self.d.get2rmt, hdr, self.px.spay, GET_TIMEOUT)
+
+    def read(self, sock: socket.socket, into: bytearray) -> None:
+        sock.setblocking(False)
+        try:
+            while True:
+                into += sock.recv(1 << 20)
+        except BlockingIOError:
+            pass
+
+    def queue_commands(self) -> list:
+        """Commands for node 2 from the local programs: notifies (the proxy's pick-up ends
+        them) and a COPYIN_DATA of 3000 bytes (ended by `copy_done`)."""
+        d, progs = self.d, self.progs
+        data = bytes((i * 7 + 1) & 0xFF for i in range(3000))
+        buf = d.alloc(3000)
+        buf.write(data)
+        futs = [progs[ep].submit(d.notify, RSYS) for ep in (LSYS, LSYS2, 12)]
+        futs.append(progs[13].submit(d.vcopy, C.SELF, buf.addr, RSYS, 0x20000000, 3000))
+        self._keep = buf
+        return futs
+
+    def copy_done(self, fut) -> None:
+        """node 2's COPYIN_ACK for the copy of `queue_commands` (RSYS takes one at a time)."""
+        assert self.px.put(c_cmd=C.CMD_COPYIN_ACK, c_src=RSYS, c_dst=13, v_dst=RSYS,
+                           v_rqtr=13) == 0
+        assert fut.result(5) == 0
+
+
+@pytest.fixture
+def srig():
+    with make_world() as world:
+        rig = SendRig(world)
+        try:
+            yield rig
+        finally:
+            rig.link.wire.publish(None)
+            rig.close()
+
+
+N_COMMANDS = 4
+
+
+def _fetch_all(rig: SendRig, fetch, stream: bytearray, sock: socket.socket) -> None:
+    """Call `fetch` until the peer got every command of `queue_commands` (they reach the
+    kernel from other threads: a call may come before some of them)."""
+    deadline = time.monotonic() + 10
+    while len(_frames(bytes(stream))) < N_COMMANDS:
+        assert time.monotonic() < deadline, f"{_frames(bytes(stream))} came"
+        fetch()
+        rig.read(sock, stream)
+
+
+def test_the_sender_writes_what_get2rmt_fetches_and_counts_it_as_the_python_path(srig):
+    """Commands queued for node 2 are fetched and written by the C loop itself (the link's
+    own path writes nothing: its last write stays 0 and the wire's is recent); the peer gets
+    the frames the Python path writes for the same commands, and the link counters, once
+    the loop's are folded in, are the Python path's."""
+    rig = srig
+    hdr = Header()
+    before = time.monotonic()
+    copy = rig.queue_commands()[-1]
+
+    def fast():
+        got = rig.get(hdr)
+        assert got[:3] == ("err", "EDVSTIMEDOUT_Error", E.EDVSTIMEDOUT), \
+            f"a command went to the Python path: {got} {hdr!r}"
+    _fetch_all(rig, fast, rig.stream, rig.peer)
+    assert rig.link.last_tx == 0.0 and not rig.link.outq, "the link's own path wrote"
+    assert before <= rig.link.wire.last_tx() <= time.monotonic()
+    assert rig.link.sent.frames == 0, "counted before the fold"
+    rig.link.fold_relay()
+
+    rig.copy_done(copy)
+    rig.queue_commands()                       # the same commands, the Python path
+
+    def python():
+        got = rig.pyget(hdr)
+        if got[0] == "ok":
+            assert rig.pylink.submit(hdr.buf, rig.px.spay.view) == 0
+        else:
+            assert got[2] == E.EDVSTIMEDOUT, got
+    _fetch_all(rig, python, rig.pystream, rig.pypeer)
+
+    def key(f):
+        return (f[0], f[1])
+    fast_frames = sorted(_frames(bytes(rig.stream)), key=key)
+    py_frames = sorted(_frames(bytes(rig.pystream)), key=key)
+    assert fast_frames == py_frames
+    assert [f[0] for f in fast_frames].count(C.CMD_COPYIN_DATA) == 1
+    assert rig.link.sent.as_dict() == rig.pylink.sent.as_dict()
+    assert rig.link.sent.frames == N_COMMANDS
+
+
+def test_a_reply_other_than_a_command_is_raised_as_get2rmt_raises_it(srig):
+    """Nothing queued: the kernel's EDVSTIMEDOUT comes back as the DvkError `get2rmt` raises
+    (same class, code and text); with the sender proxy disconnected, its EDVSNOTCONN too."""
+    rig = srig
+    hdr = Header()
+    fast, py = rig.get(hdr), rig.pyget(hdr)
+    assert fast == py and fast[2] == E.EDVSTIMEDOUT, (fast, py)
+    rig.d.proxy_conn(PEER, C.DISCONNECT_SPROXY)
+    fast, py = rig.get(hdr), rig.pyget(hdr)
+    assert fast == py and fast[2] == E.EDVSNOTCONN, (fast, py)
+    rig.read(rig.peer, rig.stream)
+    assert not rig.stream
+
+
+def test_a_command_written_in_part_leaves_its_rest_first_on_the_link(srig):
+    """The link's socket takes only part of a 64 KiB COPYIN_DATA: the rest is the link's
+    unsent bytes (the send lock given back), the loop stops, and the command fetched next
+    goes to the Python path behind the rest; the peer gets every byte of both in order."""
+    rig = srig
+    rig.out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    rig.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    d, progs = rig.d, rig.progs
+    data = bytes((i * 13 + 5) & 0xFF for i in range(C.MAXCOPYBUF))
+    buf = d.alloc(C.MAXCOPYBUF)
+    buf.write(data)
+    progs[LSYS].submit(d.vcopy, C.SELF, buf.addr, RSYS, 0x20000000, C.MAXCOPYBUF)
+    hdr = Header()
+    deadline = time.monotonic() + 10
+    while True:
+        got = rig.get(hdr)
+        if got == ("ok", None):
+            break
+        assert got[2] == E.EDVSTIMEDOUT and time.monotonic() < deadline, got
+    assert rig.link.unsent, "the socket took the whole frame: no cut to test"
+    assert rig.link.send_lock.acquire(blocking=False), "the loop kept the send lock"
+    rig.link.send_lock.release()
+    progs[LSYS2].submit(d.notify, RSYS)
+    while True:                         # the link is not quiet: the Python path's command
+        got = rig.get(hdr)
+        if got[0] == "ok":
+            break
+        assert got[2] == E.EDVSTIMEDOUT and time.monotonic() < deadline, got
+    assert (hdr.c_cmd, hdr.c_src) == (C.CMD_NTFY_MSG, LSYS2)
+    assert rig.link.submit(hdr.buf, rig.px.spay.view) == 0
+    while len(rig.stream) < 2 * HEADER_SIZE + C.MAXCOPYBUF:
+        assert time.monotonic() < deadline, f"{len(rig.stream)} bytes came"
+        rig.link.flush()                # what the monitor does when the socket has room
+        rig.read(rig.peer, rig.stream)
+    got = _frames(bytes(rig.stream))
+    assert [(f[0], f[1], f[5]) for f in got] == \
+        [(C.CMD_COPYIN_DATA, LSYS, C.MAXCOPYBUF), (C.CMD_NTFY_MSG, LSYS2, 0)]
+    assert got[0][6] == data
+    rig.link.fold_relay()
+    want = Counters()
+    want.count(C.CMD_COPYIN_DATA, HEADER_SIZE + C.MAXCOPYBUF, 1, DC0, C.MAXCOPYBUF)
+    want.count(C.CMD_NTFY_MSG, HEADER_SIZE, 1, DC0, 0)
+    assert rig.link.sent.as_dict() == want.as_dict()
+
+
+def test_a_socket_published_after_the_serving_started_is_not_written(srig):
+    """The link went down and came up on a new connection after the sender's serving
+    started (the serving is over: SPROXY's next look at the generation ends it).  The loop
+    does not write the command it fetched to the new socket, although the link is quiet
+    there: it hands it to the Python path, which drops it with the old generation."""
+    rig = srig
+    link = rig.link
+    old_fd = rig.out.fileno()
+    with link.send_lock:                # what a link-down and a new connection do
+        link.wire.publish(None)
+        link.out_sock = None
+    rig.out.close()
+    new, new_peer = rig.pair()
+    SendRig._up(link, new)              # quiet on the new socket
+    link.generation = 2
+    rig.progs[LSYS].submit(rig.d.notify, RSYS)
+    hdr = Header()
+    deadline = time.monotonic() + 10
+    while True:
+        got = rig.get(hdr)
+        if got[0] == "ok":
+            break
+        assert got[2] == E.EDVSTIMEDOUT and time.monotonic() < deadline, got
+    assert got[1] is not None and (hdr.c_cmd, hdr.c_src) == (C.CMD_NTFY_MSG, LSYS)
+    stream = bytearray()
+    rig.read(new_peer, stream)
+    assert not stream, f"written to the new connection (fd {new.fileno()}, old {old_fd})"
+    assert link.wire.last_tx() == 0.0
+    link.fold_relay()
+    assert link.sent.frames == 0
+
+
+def test_a_lost_kernel_connection_fails_the_call_and_the_next_call_opens_another(srig):
+    """The thread's connection to the node kernel breaks: the call fails with EDVSSHUTDOWN
+    as `get2rmt` does, the connection is dropped, and the next call opens a new one and
+    gets the kernel's answer (the kernel took the closed connection for the thread's exit:
+    EDVSNOTBIND), the same answers as the Python path's."""
+    rig = srig
+    d, sproxy = rig.d, rig.px.sproxy
+    hdr = Header()
+    answers = {}
+    for name, get in (("fast", rig.get), ("python", rig.pyget)):
+        conn = sproxy.call(lambda: d._local.conn)
+        assert conn is not None
+        conn.shutdown(socket.SHUT_RDWR)
+        first = get(hdr)
+        assert sproxy.call(lambda: d._local.conn) is None, "the broken connection was kept"
+        second = get(hdr)
+        new = sproxy.call(lambda: d._local.conn)
+        assert new is not None and new is not conn
+        answers[name] = (first, second)
+    assert answers["fast"] == answers["python"]
+    first, second = answers["fast"]
+    assert first[2] == E.EDVSSHUTDOWN and second[2] == E.EDVSNOTBIND, answers
+
+
+def test_a_kernel_that_does_not_answer_in_time_fails_the_call_as_get2rmt(srig):
+    """A thread with an answer limit (the DSP's main thread has one) whose get2rmt waits
+    longer than the limit: EDVSSHUTDOWN with the text of `get2rmt`'s (`EmuDvk._lost`), the
+    connection dropped."""
+    rig = srig
+    d, sproxy = rig.d, rig.px.sproxy
+    sproxy.call(d.limit_answers, 0.1)
+    slow = fastpath.Sender(rig.table, rig.link, d, rig.px.spay, 2000)
+    slow.start()
+    hdr = Header()
+    fast = _attempt(sproxy.call, slow.get2rmt, hdr, time.monotonic() + FAR)
+    assert sproxy.call(lambda: d._local.conn) is None
+    assert fast[:3] == ("err", "EDVSSHUTDOWN_Error", E.EDVSSHUTDOWN), fast
+    assert fast[3].startswith("the node kernel did not answer within 0.1 s"), fast
+
+
+# ================================================================================ receiver
+R21, R22, R23 = 21, 22, 23    # more endpoints of node 2: R21, R23 bound there, R22 nowhere
+
+
+class SpyDvk:
+    """The node's DVK as the DSP's threads see it, with the put2lcl calls of the Python path
+    recorded (the compiled deliverer makes its own on the thread's connection)."""
+
+    def __init__(self, dvk) -> None:
+        self._dvk = dvk
+        self.puts: list[tuple[int, int]] = []
+
+    def put2lcl(self, h: Header, payload) -> int:
+        self.puts.append((h.c_cmd, h.c_src))
+        return self._dvk.put2lcl(h, payload)
+
+    def __getattr__(self, name: str):
+        return getattr(self._dvk, name)
+
+
+class RecvRig(Node):
+    """A node whose link to node 2 is served by the real `RProxy._serve` on the receiver
+    proxy's thread: with the compiled deliverer (`fast`) or the Python path alone.  The test
+    writes node 2's frames to `feed`; what the link sends back to node 2 arrives at `back`."""
+
+    def __init__(self, world, fast: bool, autobind: bool = True, reverse: bool = False) -> None:
+        super().__init__(world)
+        d = self.d
+        d.rmtbind(DC0, "r21", R21, PEER)
+        d.rmtbind(DC0, "r23", R23, PEER)
+        self.spy = SpyDvk(d)
+        spec = PeerSpec(nodeid=PEER, name="n2", host="127.0.0.1", sport=1, rport=1,
+                        autobind=autobind)
+        self.link = link = Link(spec, dvk=None, wire=self.table.wire(PEER) if fast else None)
+        out, self.back = self.pair()
+        self.inside, self.feed = self.pair()
+        out.setblocking(False)
+        link.out_sock, link.in_sock, link.up, link.generation = out, self.inside, True, 1
+        if fast:
+            link.wire.publish(out)
+            self.table.set_reverse(PEER, reverse)
+        self.downs: list[str] = []
+        link.down = lambda reason, generation=None, outgoing=False: self.downs.append(reason)
+        dvs = d.getdvsinfo()[1]
+        self.ranges = (dvs.d_nr_tasks, dvs.d_nr_procs)
+        self.limits = WireLimits(dvs.d_nr_nodes, dvs.d_nr_dcs, learn=self._learn)
+        self._learn(DC0)                      # as after the first frame of DC0
+        router = Router(1, -1, None)
+        self.errors: list[int] = []
+        self.ctx = SimpleNamespace(
+            dvk=self.spy, fast=None, wires=self.table if fast else None, router=router,
+            execute=Executor(1, {PEER: link}, router, None, lambda: None), limits=self.limits,
+            lb_node=-1, service_ep=lambda dcid, ep: False, count_error=self.errors.append,
+            stopping=threading.Event())
+        self.rp = RProxy(self.ctx, link, None)
+        self.rp.deliverer = self.px.rproxy.call(Deliverer, self.ctx, PEER)
+        self.rp.reader = None
+        self.serving = self.px.rproxy.submit(self.rp._serve, self.inside, 1)
+
+    def _learn(self, dcid: int):
+        """`Dsp.learn_dc`: the range for the header checks, the compiled code told too."""
+        if not 0 <= dcid < self.limits.nr_dcs:
+            return None
+        self.limits.dc_ranges[dcid] = self.ranges
+        self.table.set_dc(dcid, self.ranges)
+        return self.ranges
+
+    def frame(self, payload: bytes = b"", **fields) -> bytes:
+        """A frame of node 2 for this node (`FakeProxy.header`'s defaults: RSYS to LSYS)."""
+        h = self.px.header(c_len=len(payload), **fields)
+        return bytes(h.buf) + payload
+
+    def end(self) -> None:
+        """Node 2 closes the connection: the serving ends (its link-down recorded)."""
+        self.feed.shutdown(socket.SHUT_WR)
+        self.serving.result(10)
+
+    def got(self, ep: int) -> tuple:
+        """What the local program `ep` receives next: (m_source, m_type), or the error."""
+        m = Message()
+        res = _attempt(self.progs[ep].call, self.d.receive, C.ANY, m, SHORT)
+        return (m.m_source, m.m_type) if res[0] == "ok" else res[2]
+
+    def sent_back(self) -> list[tuple]:
+        """The frames the link sent to node 2: (c_cmd, c_src, c_dst, c_rcode)."""
+        stream = bytearray()
+        self.back.setblocking(False)
+        try:
+            while True:
+                stream += self.back.recv(1 << 20)
+        except BlockingIOError:
+            pass
+        out = []
+        for off in range(0, len(stream), HEADER_SIZE):
+            h = Header(bytearray(stream[off:off + HEADER_SIZE]))
+            out.append((h.c_cmd, h.c_src, h.c_dst, h.c_rcode))
+        return out
+
+    def outcome(self, eps=(LSYS, LSYS2, 12)) -> dict:
+        """What the serving did, for the comparison of both paths."""
+        r21 = self.d.getprocinfo(DC0, R22)
+        return {"downs": self.downs, "received": self.link.received.as_dict(),
+                "programs": {ep: [self.got(ep), self.got(ep)] for ep in eps},
+                "sent_back": self.sent_back(), "errors": self.errors,
+                "deliverer_errors": self.rp.deliverer.errors,
+                "r22": (r21.p_rts_flags & (C.SLOT_FREE | C.REMOTE), r21.p_nodeid)}
+
+
+def _run(fast: bool, frames, **kw) -> tuple[dict, list]:
+    """Serve `frames` from node 2 on a new node: (outcome, the Python path's put2lcl calls)."""
+    with make_world() as world:
+        rig = RecvRig(world, fast, **kw)
+        try:
+            rig.feed.sendall(b"".join(frames(rig)))
+            if not rig.serving.done():
+                rig.end()
+            return rig.outcome(), rig.spy.puts
+        finally:
+            rig.close()
+
+
+def _three(rig: RecvRig) -> list[bytes]:
+    """Three messages of three senders of node 2 to three local programs, a notify among
+    them."""
+    return [rig.frame(c_src=RSYS, c_dst=LSYS, m_type=1),
+            rig.frame(c_src=R21, c_dst=LSYS2, m_type=2, m1_i1=7),
+            rig.frame(c_cmd=C.CMD_NTFY_MSG, c_src=R23, c_dst=12, m_type=3)]
+
+
+def test_frames_for_the_node_are_delivered_in_c_as_the_python_path_delivers_them():
+    """Frames for the node's programs: the compiled deliverer makes every put2lcl itself (no
+    put2lcl of the Python path), and the programs, the link's received counters (folded by
+    the receiver) and what goes back to node 2 are the Python path's."""
+    fast, fast_puts = _run(True, _three)
+    py, py_puts = _run(False, _three)
+    assert fast_puts == [] and len(py_puts) == 3, (fast_puts, py_puts)
+    assert fast == py
+    assert fast["received"]["frames"] == 3 and fast["downs"] == \
+        ["the peer closed the connection"]
+    assert fast["programs"][LSYS][0] == (RSYS, 1)
+
+
+@pytest.mark.parametrize("autobind", [True, False])
+def test_a_put2lcl_failure_gets_the_python_paths_repairs(autobind):
+    """A sender of node 2 whose endpoint is bound nowhere here (EDVSNOTBIND): with autobind
+    the deliverer binds it to node 2 and delivers again, without it node 2 gets the error
+    ACK; the compiled deliverer's failed put2lcl goes through `Deliverer.put_done` alike."""
+    def frames(rig):
+        return [rig.frame(c_src=R22, c_dst=LSYS, m_type=5),
+                rig.frame(c_src=R21, c_dst=LSYS2, m_type=6)]
+    fast, fast_puts = _run(True, frames, autobind=autobind)
+    py, py_puts = _run(False, frames, autobind=autobind)
+    assert fast == py
+    # the compiled deliverer made the first put2lcl of every frame; the repair made the retry
+    assert fast_puts == ([(C.CMD_SEND_MSG, R22)] if autobind else []), fast_puts
+    assert len(py_puts) == (3 if autobind else 2)
+    if autobind:
+        assert fast["programs"][LSYS][0] == (R22, 5) and not fast["sent_back"]
+        assert fast["r22"] == (C.REMOTE, PEER)
+    else:
+        assert fast["sent_back"] == [(C.CMD_SEND_ACK, LSYS, R22, E.EDVSNOTBIND)]
+        assert fast["programs"][LSYS][0] == E.EDVSTIMEDOUT
+    assert fast["programs"][LSYS2][0] == (R21, 6)
+
+
+BAD_HEADERS = [dict(c_snode=3), dict(c_dst=100000), dict(c_cmd=0x1234), dict(c_batch_nr=1),
+               dict(c_dcid=40), dict(c_cmd=C.CMD_SEND_MSG, c_len=8)]
+
+
+@pytest.mark.parametrize("bad", BAD_HEADERS, ids=[next(iter(b)) + str(len(b)) for b in
+                                                 BAD_HEADERS])
+def test_a_frame_that_fails_the_header_checks_closes_the_link_as_in_python(bad):
+    """A good frame, one the receiver's checks refuse, another good one: the first is
+    delivered, then the link is closed with the Python path's FrameError reason and the
+    third is never delivered."""
+    def frames(rig):
+        fields = dict(c_src=R21, c_dst=LSYS2, m_type=8)
+        fields.update(bad)
+        payload = bytes(fields.pop("c_len", 0))
+        return [rig.frame(c_src=RSYS, c_dst=LSYS, m_type=7), rig.frame(payload, **fields),
+                rig.frame(c_src=RSYS, c_dst=12, m_type=9)]
+    fast, fast_puts = _run(True, frames)
+    py, _ = _run(False, frames)
+    assert fast == py
+    assert fast_puts == []
+    assert len(fast["downs"]) == 1 and fast["downs"][0].startswith("bad frame: "), fast["downs"]
+    assert fast["programs"][LSYS][0] == (RSYS, 7)
+    assert fast["programs"][12][0] == E.EDVSTIMEDOUT
+
+
+def test_frames_of_a_node_with_reverse_sessions_are_left_to_python():
+    """`set_reverse(2, True)` (node 2 serves sessions the router rewrites): its frames take
+    the Python path, every one of them, with the same outcome."""
+    fast, fast_puts = _run(True, _three, reverse=True)
+    py, py_puts = _run(False, _three)
+    assert fast == py
+    assert fast_puts == py_puts and len(fast_puts) == 3
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["compiled", "python"])
+def test_a_parked_delivery_keeps_the_order_of_its_senders_commands(fast):
+    """node 2's RSYS sends three messages to LSYS, which receives only later: the first is
+    queued, the second gets EDVSENQUEUED and is parked.  LSYS takes the first and node 2's
+    proxy its ACK, which frees RSYS; the third, arriving while the second is still parked,
+    must wait behind it (it takes the Python path, which parks it), not be delivered first
+    by the compiled deliverer."""
+    with make_world() as world:
+        rig = RecvRig(world, fast)
+        try:
+            dl = rig.rp.deliverer
+            allowed = threading.Event()
+            retry = dl.retry_parked
+            dl.retry_parked = lambda: allowed.is_set() and retry()
+            rig.feed.sendall(rig.frame(m_type=1) + rig.frame(m_type=2))
+            wait_until(lambda: dl.nparked == 1, 10, what="the second message parked")
+            assert rig.got(LSYS) == (RSYS, 1)
+            assert rig.px.get().c_cmd == C.CMD_SEND_ACK     # RSYS is free again
+            rig.feed.sendall(rig.frame(m_type=3))
+            wait_until(lambda: dl.nparked == 2, 10, what="the third message parked")
+            allowed.set()
+            assert rig.got(LSYS) == (RSYS, 2)
+            assert rig.px.get().c_cmd == C.CMD_SEND_ACK
+            assert rig.got(LSYS) == (RSYS, 3)
+            rig.end()
+            assert rig.link.received.frames == 3 and not dl.parked
+            assert not rig.errors and rig.downs == ["the peer closed the connection"]
+        finally:
+            rig.close()
