@@ -19,8 +19,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from test_dsp_cluster import LOOP_RE, TWO, latency, sha
 
+from cluster_helpers import Background, cluster_from, start_latency_and_m3ftp
 from dsp_proxy import fastpath
+from dsp_proxy.cluster import module_argv
 from dsp_proxy.executor import Executor
 from dsp_proxy.group import Router
 from dsp_proxy.link import Link, PeerSpec
@@ -582,3 +585,77 @@ def test_a_parked_delivery_keeps_the_order_of_its_senders_commands(fast):
             assert not rig.errors and rig.downs == ["the peer closed the connection"]
         finally:
             rig.close()
+
+
+# ================================================================================ a cluster
+def _traffic_figures(counters: dict) -> dict:
+    """A link direction's figures without its HELLOs (their number follows the clock): every
+    command frame, command, byte and DC figure."""
+    keep = {k: counters[k] for k in ("commands", "errors", "batches", "lz4_frames", "by_cmd",
+                                     "by_dc")}
+    keep["frames"] = counters["frames"] - counters["hellos"]
+    keep["bytes"] = counters["bytes"] - counters["hellos"] * HEADER_SIZE
+    return keep
+
+
+def _settled_links(cl, nodes=(1, 2), timeout: float = 15.0) -> dict:
+    """The link figures of every node once two status files in a row agree on them (the
+    DSPs write one every tick, with what their compiled code counted folded in)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        figures = {}
+        for n in nodes:
+            links = cl.status(n).get("links") or {}
+            figures[n] = {peer: (_traffic_figures(link["sent"]),
+                                 _traffic_figures(link["received"]))
+                          for peer, link in links.items()}
+        if figures == last and all(figures.values()):
+            return figures
+        assert time.monotonic() < deadline, f"the link figures did not settle: {figures}"
+        last = figures
+        time.sleep(1.2)
+
+
+def _latency_and_m3ftp(tmp_path, bg, tag: str) -> tuple[dict, list[str]]:
+    """A latency loop and an m3ftp put and get through a DSP pair: (the settled link figures
+    of both nodes, what the programs said that does not depend on timing)."""
+    work = tmp_path / tag
+    work.mkdir()
+    with cluster_from(TWO, work) as cl:
+        b = Background(cl, work)
+        bg.append(b)
+        srvdir = start_latency_and_m3ftp(cl, b, work)
+        res = latency(cl, 1, 50, 10, 40)
+        assert res.returncode == 0, res.stdout + res.stderr
+        said = [f"latency loops {[int(i) for i, _ in LOOP_RE.findall(res.stdout)]}"]
+        src = work / "put.dat"
+        src.write_bytes(bytes((i * 31 + 7) & 0xFF for i in range(1 << 20)))
+        put = cl.run(1, module_argv("dvs_apps.m3ftp", "-p", 0, 11, 20, "remote.dat", str(src)),
+                     timeout=120)
+        assert put.returncode == 0, put.stdout + put.stderr
+        back = work / "get.dat"
+        get = cl.run(1, module_argv("dvs_apps.m3ftp", "-g", 0, 11, 20, "remote.dat",
+                                    str(back)), timeout=120)
+        assert get.returncode == 0, get.stdout + get.stderr
+        said += [f"put {sha(srvdir / 'remote.dat') == sha(src)}",
+                 f"get {sha(back) == sha(src)}", f"verified {'verified' in get.stdout}"]
+        return _settled_links(cl), said
+
+
+def test_a_dsp_pair_counts_the_same_traffic_with_and_without_the_compiled_code(
+        tmp_path, bg, monkeypatch):
+    """The same latency loop and m3ftp transfers through a DSP pair, once with the compiled
+    sender and deliverer and once with DSP_FASTPATH=0: the programs get the same results and
+    both nodes' links count the same command frames, commands, bytes and DC figures each
+    way."""
+    monkeypatch.delenv(fastpath.ENV, raising=False)
+    fast, fast_said = _latency_and_m3ftp(tmp_path, bg, "fast")
+    monkeypatch.setenv(fastpath.ENV, "0")
+    py, py_said = _latency_and_m3ftp(tmp_path, bg, "python")
+    assert fast_said == py_said
+    assert fast_said == ["latency loops " + str(list(range(40))), "put True", "get True",
+                         "verified True"]
+    assert fast == py
+    sent = fast[1]["2"][0]
+    assert sent["by_cmd"] and sent["by_dc"]["0"]["data_bytes"] >= 1 << 20, sent
