@@ -20,12 +20,13 @@ from types import SimpleNamespace
 
 import pytest
 from test_dsp_cluster import LOOP_RE, TWO, latency, sha
+from test_router import LOCAL_CLIENTS, _acts, _net, _report, _req, _router, _sent
 
 from cluster_helpers import Background, cluster_from, start_latency_and_m3ftp
 from dsp_proxy import fastpath
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.executor import Executor
-from dsp_proxy.group import Router
+from dsp_proxy.group import DELIVER, LOCAL, Router
 from dsp_proxy.link import Link, PeerSpec
 from dsp_proxy.misc import Counters
 from dsp_proxy.rproxy import Deliverer, RProxy, WireLimits
@@ -659,3 +660,32 @@ def test_a_dsp_pair_counts_the_same_traffic_with_and_without_the_compiled_code(
     assert fast == py
     sent = fast[1]["2"][0]
     assert sent["by_cmd"] and sent["by_dc"]["0"]["data_bytes"] >= 1 << 20, sent
+
+
+# ================================================================================ the group
+def test_the_group_tells_which_server_nodes_have_reverse_sessions():
+    """A client node's router rewrites its servers' replies (`Group.reverse`), so the
+    compiled deliverer must leave their frames to it: the group says when a server node gets
+    its first session and when it loses its last (`on_reverse`, `FlowTable.set_reverse` in
+    the DSP), once each, and the frames of that server are then rewritten by the router."""
+    router, group, _, clock = _router(LOCAL_CLIENTS, local=3)
+    _report(group, 2, cpu=95, level=C.LVL_SATURATED)        # every session goes to node 1
+    calls: list[tuple[int, bool]] = []
+    group.on_reverse = lambda node, on: calls.append((node, on))
+    for clt in (50, 51):
+        node, _, _ = _sent(router.from_local(bytes(_req(src=clt).buf), memoryview(b"")))
+        assert node == 1
+    assert calls == [(1, True)]
+    reply = _req(cmd=C.CMD_SEND_MSG, src=10, dst=50, snode=1, dnode=3)
+    (act,) = _acts(_net(router, reply, peer=1))
+    assert act[0] == LOCAL                     # rewritten by the router, not delivered as is
+    group.client_gone(0, 50)
+    assert calls == [(1, True)]                # node 1 still serves client 51
+    group.client_gone(0, 51)
+    assert calls == [(1, True), (1, False)]
+    (act,) = _acts(_net(router, reply, peer=1))
+    assert act[0] == DELIVER
+    _sent(router.from_local(bytes(_req(src=52).buf), memoryview(b"")))
+    clock[0] += group.session_timeout + 1      # the session expires
+    group.tick()
+    assert calls == [(1, True), (1, False), (1, True), (1, False)]
