@@ -14,6 +14,7 @@ code and with DSP_FASTPATH=0, and compares the link counters.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from types import SimpleNamespace
@@ -29,10 +30,11 @@ from dsp_proxy.executor import Executor
 from dsp_proxy.group import DELIVER, LOCAL, Router
 from dsp_proxy.link import Link, PeerSpec
 from dsp_proxy.misc import Counters
-from dsp_proxy.rproxy import Deliverer, RProxy, WireLimits
+from dsp_proxy.rproxy import Deliverer, FrameError, RProxy, WireLimits, check_header
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
-from dvk_cffi.wire import HEADER_SIZE, Header, Message, frame_length
+from dvk_cffi.emu import protocol as P
+from dvk_cffi.wire import HEADER_SIZE, ROUTE_STRUCT, Header, Message, frame_length, make_header
 from emu_helpers import DC0, LSYS, LSYS2, LUSR, RSYS, SHORT, FakeProxy, make_world, wait_until
 
 pytestmark = pytest.mark.skipif(fastpath.lib is None, reason="the compiled code is not built")
@@ -689,3 +691,117 @@ def test_the_group_tells_which_server_nodes_have_reverse_sessions():
     clock[0] += group.session_timeout + 1      # the session expires
     group.tick()
     assert calls == [(1, True), (1, False), (1, True), (1, False)]
+
+
+# ================================================================================ hostile headers
+_EXTREMES = [0, 1, 2, 3, 5, 31, 32, 63, 64, HEADER_SIZE, C.MASK_ACKNOWLEDGE, 0xFFFF,
+             C.MAXCOPYBUF, C.MAXCOPYBUF + 1, -1, -2, -C.NR_TASKS, -C.NR_TASKS - 1, -HEADER_SIZE,
+             -(1 << 31), (1 << 31) - 1, C._ENDPOINT_GEN_SIZE + 10, -C._ENDPOINT_GEN_SIZE + 10]
+
+
+class _Kernel:
+    """A node kernel that answers every put2lcl of the compiled deliverer with success and
+    keeps the header and payload bytes each one carried."""
+
+    def __init__(self, payload) -> None:
+        self.payload = payload
+        self.mine, self.theirs = socket.socketpair()
+        self.mine.settimeout(10)
+        self.hdr_off = P.put2lcl_layout(payload.addr)[1]
+        self.calls: list[tuple[bytes, bytes]] = []
+
+    def thread_channel(self):
+        return self.theirs.fileno(), 10.0
+
+    def answer(self) -> None:
+        """(another thread) Answer calls until the connection closes."""
+        while True:
+            head = self._exact(4)
+            if not head:
+                return
+            body = self._exact(struct.unpack("<I", head)[0])
+            hdr = (head + body)[self.hdr_off:self.hdr_off + HEADER_SIZE]
+            n = Header(bytearray(hdr)).c_len
+            self.calls.append((hdr, bytes(self.payload.view[:max(0, n)])))
+            self.mine.sendall(P.encode_reply(0, [0]))
+
+    def _exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            got = self.mine.recv(n - len(out))
+            if not got:
+                return b""
+            out += got
+        return bytes(out)
+
+    def put2lcl_reply(self, body: bytes) -> int:
+        raise AssertionError("only plain successes are answered")
+
+    def channel_failed(self, exc):
+        raise AssertionError(f"the kernel connection failed: {exc}")
+
+
+def test_every_header_field_at_its_extremes_is_delivered_only_when_python_would():
+    """Each 32-bit word of the header of frames for this node (messages, ACKs, COPY data),
+    set in turn to boundary values: the compiled deliverer makes the put2lcl of a frame,
+    with the frame's bytes as they came, only when the receiver's checks pass and the router
+    would deliver it as it is; every other frame is left to the Python path."""
+    table = fastpath.FlowTable(1, -1, C.NR_NODES, C.NR_DCS, ())
+    try:
+        table.set_dc(DC0, (C.NR_TASKS, C.NR_PROCS))
+        limits = WireLimits(C.NR_NODES, C.NR_DCS, {DC0: (C.NR_TASKS, C.NR_PROCS)})
+        router = Router(1, -1, None)
+        payload = SimpleNamespace(addr=1 << 20, view=memoryview(bytearray(C.MAXCOPYBUF)))
+        kernel = _Kernel(payload)
+        answering = threading.Thread(target=kernel.answer, daemon=True)
+        answering.start()
+        buf = bytearray(HEADER_SIZE + C.MAXCOPYBUF)
+        reader = SimpleNamespace(buf=buf, view=memoryview(buf), start=0, end=0)
+        link = SimpleNamespace(peer=PEER, spec=SimpleNamespace(autobind=True),
+                               received=Counters(), last_rx=0.0)
+        deliverer = SimpleNamespace(payload=payload, parked={})
+        receiver = fastpath.Receiver(table, reader, link, kernel, deliverer)
+        delivered = left = 0
+        for cmd in (C.CMD_SEND_MSG, C.CMD_SNDREC_MSG, C.CMD_SEND_ACK, C.CMD_NTFY_MSG,
+                    C.CMD_COPYIN_DATA, C.CMD_COPYOUT_DATA):
+            size = 200 if cmd in C.DATA_CMDS else 0
+            base = make_header(c_cmd=cmd, c_dcid=DC0, c_src=RSYS, c_dst=LSYS, c_snode=PEER,
+                               c_dnode=1, c_len=size, v_bytes=size)
+            for off in range(0, HEADER_SIZE, 4):
+                for value in _EXTREMES:
+                    mutant = bytearray(base.buf)
+                    struct.pack_into("<i", mutant, off, value)
+                    n = frame_length(mutant)
+                    data = bytes((i * 7 + off) & 0xFF for i in range(n)) \
+                        if 0 <= n <= C.MAXCOPYBUF else b""
+                    whole = bytes(mutant) + data
+                    buf[:len(whole)] = whole
+                    reader.start, reader.end = 0, len(whole)
+                    calls = len(kernel.calls)
+                    to_python = receiver()
+                    fields = ROUTE_STRUCT.unpack_from(mutant)
+                    try:
+                        check_header(fields, PEER, limits)
+                        act = router.from_network(bytes(mutant), fields, memoryview(data),
+                                                  PEER, True)
+                        python_delivers = act is not None and act[0] == DELIVER and \
+                            not fields[10] & (C.FLAG_BATCH | C.FLAG_LZ4)
+                    except FrameError:
+                        python_delivers = False
+                    what = f"{C.CMD_NAMES[cmd]} word {off // 4} = {value}"
+                    if len(kernel.calls) > calls:
+                        assert python_delivers, f"delivered in C: {what}"
+                        assert kernel.calls[-1] == (bytes(mutant), data), what
+                        assert reader.start == len(whole) and not to_python, what
+                        delivered += 1
+                    else:
+                        assert reader.start == 0 and to_python, what
+                        left += 1
+        assert delivered > 300 and left > 300, (delivered, left)
+        receiver.fold_received()
+        assert link.received.frames == delivered
+    finally:
+        kernel.theirs.close()
+        answering.join(10)
+        kernel.mine.close()
+        table.free()
