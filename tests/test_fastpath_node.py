@@ -643,22 +643,24 @@ def _latency_and_m3ftp(tmp_path, bg, tag: str) -> tuple[dict, list[str]]:
         assert get.returncode == 0, get.stdout + get.stderr
         said += [f"put {sha(srvdir / 'remote.dat') == sha(src)}",
                  f"get {sha(back) == sha(src)}", f"verified {'verified' in get.stdout}"]
-        return _settled_links(cl), said
+        figures = _settled_links(cl)
+        said += [f"node {n} fast_links {cl.status(n).get('fast_links')}" for n in (1, 2)]
+        return figures, said
 
 
 def test_a_dsp_pair_counts_the_same_traffic_with_and_without_the_compiled_code(
         tmp_path, bg, monkeypatch):
     """The same latency loop and m3ftp transfers through a DSP pair, once with the compiled
-    sender and deliverer and once with DSP_FASTPATH=0: the programs get the same results and
-    both nodes' links count the same command frames, commands, bytes and DC figures each
-    way."""
+    sender and deliverer and once with DSP_FASTPATH=0 (the status says which, `fast_links`):
+    the programs get the same results and both nodes' links count the same command frames,
+    commands, bytes and DC figures each way."""
     monkeypatch.delenv(fastpath.ENV, raising=False)
     fast, fast_said = _latency_and_m3ftp(tmp_path, bg, "fast")
     monkeypatch.setenv(fastpath.ENV, "0")
     py, py_said = _latency_and_m3ftp(tmp_path, bg, "python")
-    assert fast_said == py_said
-    assert fast_said == ["latency loops " + str(list(range(40))), "put True", "get True",
-                         "verified True"]
+    common = ["latency loops " + str(list(range(40))), "put True", "get True", "verified True"]
+    assert fast_said == common + ["node 1 fast_links True", "node 2 fast_links True"]
+    assert py_said == common + ["node 1 fast_links False", "node 2 fast_links False"]
     assert fast == py
     sent = fast[1]["2"][0]
     assert sent["by_cmd"] and sent["by_dc"]["0"]["data_bytes"] >= 1 << 20, sent
