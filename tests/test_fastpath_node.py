@@ -437,6 +437,14 @@ class RecvRig(Node):
         self.feed.shutdown(socket.SHUT_WR)
         self.serving.result(10)
 
+    def close(self) -> None:
+        """Also when the test failed: the serving ends before its sockets are closed (a
+        descriptor closed under a blocked read does not wake it)."""
+        if not self.serving.done():
+            self.inside.shutdown(socket.SHUT_RDWR)
+            self.serving.exception(10)
+        super().close()
+
     def got(self, ep: int) -> tuple:
         """What the local program `ep` receives next: (m_source, m_type), or the error."""
         m = Message()
