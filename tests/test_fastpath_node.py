@@ -324,7 +324,8 @@ def test_a_lost_kernel_connection_fails_the_call_and_the_next_call_opens_another
     """The thread's connection to the node kernel breaks: the call fails with EDVSSHUTDOWN
     as `get2rmt` does, the connection is dropped, and the next call opens a new one and
     gets the kernel's answer (the kernel took the closed connection for the thread's exit:
-    EDVSNOTBIND), the same answers as the Python path's."""
+    EDVSNOTBIND), the same answers as the Python path's; once the pair is registered again,
+    the loop fetches and writes commands on the new connection."""
     rig = srig
     d, sproxy = rig.d, rig.px.sproxy
     hdr = Header()
@@ -342,6 +343,22 @@ def test_a_lost_kernel_connection_fails_the_call_and_the_next_call_opens_another
     assert answers["fast"] == answers["python"]
     first, second = answers["fast"]
     assert first[2] == E.EDVSSHUTDOWN and second[2] == E.EDVSNOTBIND, answers
+    # the pair registered again (what the DSP does when the kernel lost it): the same
+    # serving's loop fetches and writes on the thread's new connection
+    d.proxies_bind(f"node{PEER}", PEER, sproxy.tid, rig.px.rproxy.tid, C.MAXCOPYBUF)
+    d.node_up(f"node{PEER}", PEER, PEER)
+    for status in (C.CONNECT_SPROXY, C.CONNECT_RPROXY):
+        d.proxy_conn(PEER, status)
+    d.add_node(DC0, PEER)
+    d.rmtbind(DC0, "rsys", RSYS, PEER)
+    rig.progs[LSYS].submit(d.notify, RSYS)
+    deadline = time.monotonic() + 10
+    while not rig.stream:
+        assert time.monotonic() < deadline, "nothing written on the new connection"
+        got = rig.get(hdr)
+        assert got[2] == E.EDVSTIMEDOUT, got
+        rig.read(rig.peer, rig.stream)
+    assert [f[:2] for f in _frames(bytes(rig.stream))] == [(C.CMD_NTFY_MSG, LSYS)]
 
 
 def test_a_kernel_that_does_not_answer_in_time_fails_the_call_as_get2rmt(srig):
