@@ -28,13 +28,22 @@ from dsp_proxy import fastpath
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.executor import Executor
 from dsp_proxy.group import DELIVER, LOCAL, Router
-from dsp_proxy.link import Link, PeerSpec
+from dsp_proxy.link import Link, OutMonitor, PeerSpec
 from dsp_proxy.misc import Counters
 from dsp_proxy.rproxy import Deliverer, FrameError, RProxy, WireLimits, check_header
+from dsp_proxy.sproxy import SProxy
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.emu import protocol as P
-from dvk_cffi.wire import HEADER_SIZE, ROUTE_STRUCT, Header, Message, frame_length, make_header
+from dvk_cffi.wire import (
+    HEADER_SIZE,
+    ROUTE_STRUCT,
+    Header,
+    Message,
+    frame_length,
+    hello_header,
+    make_header,
+)
 from emu_helpers import DC0, LSYS, LSYS2, LUSR, RSYS, SHORT, FakeProxy, make_world, wait_until
 
 pytestmark = pytest.mark.skipif(fastpath.lib is None, reason="the compiled code is not built")
@@ -832,3 +841,77 @@ def test_every_header_field_at_its_extremes_is_delivered_only_when_python_would(
         answering.join(10)
         kernel.mine.close()
         table.free()
+
+
+# ================================================================================ SPROXY
+def test_sproxys_serving_with_the_compiled_sender_keeps_its_reports_and_hellos():
+    """SPROXY's own loop with the compiled sender on a real node kernel: the serving's first
+    frame is its report HELLO; while commands keep coming (the C loop never waits out a
+    get2rmt) every command goes out once, a report still follows every period (the loop
+    comes back when it is due) and no keep-alive HELLO is sent; an idle link gets HELLOs;
+    the serving ends when the link goes down."""
+    with make_world() as world:
+        rig = SendRig(world)
+        monitor = OutMonitor()          # writes what a full socket left, as in the DSP
+        watching = threading.Thread(target=monitor.run, daemon=True)
+        watching.start()
+        monitor.watch(rig.out, rig.link)
+        rig.link.monitor = monitor
+        stream = bytearray()            # node 2 reads all the time
+
+        def read():
+            while True:
+                got = rig.peer.recv(1 << 20)
+                if not got:
+                    return
+                stream.extend(got)
+        rig.peer.settimeout(None)
+        reading = threading.Thread(target=read, daemon=True)
+        reading.start()
+        try:
+            link, d = rig.link, rig.d
+            hellos: list[tuple[float, bool]] = []
+
+            def hello(peer: int, report: bool = False) -> Header:
+                hellos.append((time.monotonic(), report))
+                return hello_header(1, peer)
+            ctx = SimpleNamespace(wires=rig.table, dvk=d, fd_interval_ms=100, period=0.4,
+                                  hello=hello, stopping=threading.Event())
+            sp = SProxy(ctx, link, None)
+            sp.hdr, sp.payload = Header(), rig.px.spay
+            serving = rig.px.sproxy.submit(sp._serve, link.generation)
+            wait_until(lambda: hellos, 10, what="the first report")
+
+            def busy(seconds: float) -> tuple[float, float, int]:
+                start = time.monotonic()
+                n = 0
+                while time.monotonic() - start < seconds:
+                    d.notify(RSYS)
+                    n += 1
+                return start, time.monotonic(), n
+            start, end, n = rig.progs[LSYS].submit(busy, 1.5).result(30)
+            wait_until(lambda: sum(1 for _, r in hellos if not r and _ > end) >= 2, 10,
+                       what=f"HELLOs of an idle link ({hellos})")
+            with link.cond:                      # the link goes down
+                link.up = False
+                link.generation += 1
+                link.wire.publish(None)
+            serving.result(10)
+            rig.out.shutdown(socket.SHUT_WR)           # node 2 reads to the end
+            reading.join(10)
+            frames = _frames(bytes(stream))
+            assert frames[0][0] == C.CMD_NONE and hellos[0][1] is True
+            assert [f[:2] for f in frames if f[0] != C.CMD_NONE] == [(C.CMD_NTFY_MSG, LSYS)] * n
+            written = sum(1 for f in frames if f[0] == C.CMD_NONE)
+            assert len(hellos) - 1 <= written <= len(hellos)   # the last: maybe refused
+            during = [r for t, r in hellos if start + 0.1 < t < end - 0.1]
+            assert during.count(True) >= 2 and False not in during, (hellos, start, end)
+            assert link.wire.last_tx() >= start         # the commands went out by the C loop
+        finally:
+            rig.link.wire.publish(None)
+            monitor.forget(rig.out)
+            monitor.stop()
+            watching.join(10)
+            rig.peer.shutdown(socket.SHUT_RDWR)
+            reading.join(10)
+            rig.close()
