@@ -62,9 +62,9 @@ def _attempt(fn, *args):
 
 
 def _frames(stream: bytes) -> list[tuple]:
-    """The whole frames of `stream` as (c_cmd, c_src, c_dst, c_snode, c_dnode, c_len, payload),
-    the fields a get2rmt of the same command gives alike (no time stamps); a frame whose bytes
-    cannot be one (two frames mixed) fails the test."""
+    """The whole frames of `stream` as (c_cmd, c_src, c_dst, c_snode, c_dnode, c_len, payload,
+    c_rcode), the fields a get2rmt of the same command gives alike (no time stamps); a frame
+    whose bytes cannot be one (two frames mixed) fails the test."""
     out, off = [], 0
     while len(stream) - off >= HEADER_SIZE:
         h = Header(bytearray(stream[off:off + HEADER_SIZE]))
@@ -74,7 +74,7 @@ def _frames(stream: bytes) -> list[tuple]:
         if len(stream) - off < HEADER_SIZE + n:
             break
         out.append((h.c_cmd, h.c_src, h.c_dst, h.c_snode, h.c_dnode, h.c_len,
-                    bytes(stream[off + HEADER_SIZE:off + HEADER_SIZE + n])))
+                    bytes(stream[off + HEADER_SIZE:off + HEADER_SIZE + n]), h.c_rcode))
         off += HEADER_SIZE + n
     assert off == len(stream), f"{len(stream) - off} bytes of a frame cut short"
     return out
@@ -847,7 +847,9 @@ def test_every_header_field_at_its_extremes_is_delivered_only_when_python_would(
 def test_sproxys_serving_with_the_compiled_sender_keeps_its_reports_and_hellos():
     """SPROXY's own loop with the compiled sender on a real node kernel: the serving's first
     frame is its report HELLO; while commands keep coming (the C loop never waits out a
-    get2rmt) every command goes out once, a report still follows every period (the loop
+    get2rmt) to a peer that reads slowly (the loop's writes are cut, the link writes the
+    rests and the commands fetched meanwhile, the loop takes over again once it is quiet),
+    every command goes out once and in order, a report still follows every period (the loop
     comes back when it is due) and no keep-alive HELLO is sent; an idle link gets HELLOs;
     the serving ends when the link goes down."""
     with make_world() as world:
@@ -857,14 +859,17 @@ def test_sproxys_serving_with_the_compiled_sender_keeps_its_reports_and_hellos()
         watching.start()
         monitor.watch(rig.out, rig.link)
         rig.link.monitor = monitor
-        stream = bytearray()            # node 2 reads all the time
+        stream = bytearray()            # node 2 reads all the time, slowly: the sockets
+        rig.out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # take frames in part
+        rig.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 
         def read():
             while True:
-                got = rig.peer.recv(1 << 20)
+                got = rig.peer.recv(1000)
                 if not got:
                     return
                 stream.extend(got)
+                time.sleep(0.0005)
         rig.peer.settimeout(None)
         reading = threading.Thread(target=read, daemon=True)
         reading.start()
@@ -886,7 +891,7 @@ def test_sproxys_serving_with_the_compiled_sender_keeps_its_reports_and_hellos()
                 start = time.monotonic()
                 n = 0
                 while time.monotonic() - start < seconds:
-                    d.notify(RSYS)
+                    d.ntfy_value(LSYS, RSYS, n % 32)  # numbered: their order is checked
                     n += 1
                 return start, time.monotonic(), n
             start, end, n = rig.progs[LSYS].submit(busy, 1.5).result(30)
@@ -901,7 +906,8 @@ def test_sproxys_serving_with_the_compiled_sender_keeps_its_reports_and_hellos()
             reading.join(10)
             frames = _frames(bytes(stream))
             assert frames[0][0] == C.CMD_NONE and hellos[0][1] is True
-            assert [f[:2] for f in frames if f[0] != C.CMD_NONE] == [(C.CMD_NTFY_MSG, LSYS)] * n
+            assert [(f[0], f[1], f[7]) for f in frames if f[0] != C.CMD_NONE] == \
+                [(C.CMD_NTFY_MSG, LSYS, i % 32) for i in range(n)]
             written = sum(1 for f in frames if f[0] == C.CMD_NONE)
             assert len(hellos) - 1 <= written <= len(hellos)   # the last: maybe refused
             during = [r for t, r in hellos if start + 0.1 < t < end - 0.1]
