@@ -387,7 +387,7 @@ def test_a_kernel_that_does_not_answer_in_time_fails_the_call_as_get2rmt(srig):
 
 
 # ================================================================================ receiver
-R21, R22, R23 = 21, 22, 23    # more endpoints of node 2: R21, R23 bound there, R22 nowhere
+R21, R22, R23, R24 = 21, 22, 23, 24   # node 2's endpoints: R22 bound nowhere, others there
 
 
 class SpyDvk:
@@ -416,6 +416,7 @@ class RecvRig(Node):
         d = self.d
         d.rmtbind(DC0, "r21", R21, PEER)
         d.rmtbind(DC0, "r23", R23, PEER)
+        d.rmtbind(DC0, "r24", R24, PEER)
         self.spy = SpyDvk(d)
         spec = PeerSpec(nodeid=PEER, name="n2", host="127.0.0.1", sport=1, rport=1,
                         autobind=autobind)
@@ -439,7 +440,7 @@ class RecvRig(Node):
             dvk=self.spy, fast=None, wires=self.table if fast else None, router=router,
             execute=Executor(1, {PEER: link}, router, None, lambda: None), limits=self.limits,
             lb_node=-1, service_ep=lambda dcid, ep: False, count_error=self.errors.append,
-            stopping=threading.Event())
+            stopping=threading.Event(), control=lambda peer, m: None)
         self.rp = RProxy(self.ctx, link, None)
         self.rp.deliverer = self.px.rproxy.call(Deliverer, self.ctx, PEER)
         self.rp.reader = None
@@ -495,19 +496,29 @@ class RecvRig(Node):
     def outcome(self, eps=(LSYS, LSYS2, 12)) -> dict:
         """What the serving did, for the comparison of both paths."""
         r21 = self.d.getprocinfo(DC0, R22)
-        return {"downs": self.downs, "received": self.link.received.as_dict(),
+        copy = getattr(self, "copy", None)
+        if copy is not None:        # a vcopy the frames answer: its result and the bytes
+            fut, into, data = copy
+            copy = (_attempt(fut.result, 10), into.read(len(data)) == data)
+        return {"downs": self.downs, "received": self.link.received.as_dict(), "copy": copy,
                 "programs": {ep: [self.got(ep), self.got(ep)] for ep in eps},
                 "sent_back": self.sent_back(), "errors": self.errors,
                 "deliverer_errors": self.rp.deliverer.errors,
                 "r22": (r21.p_rts_flags & (C.SLOT_FREE | C.REMOTE), r21.p_nodeid)}
 
 
-def _run(fast: bool, frames, **kw) -> tuple[dict, list]:
-    """Serve `frames` from node 2 on a new node: (outcome, the Python path's put2lcl calls)."""
+def _run(fast: bool, frames, chunk: int = 0, **kw) -> tuple[dict, list]:
+    """Serve `frames` from node 2 on a new node, at once or in pieces of `chunk` bytes:
+    (outcome, the Python path's put2lcl calls)."""
     with make_world() as world:
         rig = RecvRig(world, fast, **kw)
         try:
-            rig.feed.sendall(b"".join(frames(rig)))
+            data = b"".join(frames(rig))
+            step = chunk or len(data)
+            for n, off in enumerate(range(0, len(data), step)):
+                rig.feed.sendall(data[off:off + step])
+                if chunk and n % max(1, 37 // chunk) == 0:
+                    time.sleep(0.001)       # the receiver reads what came so far
             if not rig.serving.done():
                 rig.end()
             return rig.outcome(), rig.spy.puts
@@ -557,6 +568,37 @@ def test_a_put2lcl_failure_gets_the_python_paths_repairs(autobind):
         assert fast["sent_back"] == [(C.CMD_SEND_ACK, LSYS, R22, E.EDVSNOTBIND)]
         assert fast["programs"][LSYS][0] == E.EDVSTIMEDOUT
     assert fast["programs"][LSYS2][0] == (R21, 6)
+
+
+def _mixed(rig: RecvRig) -> list[bytes]:
+    """HELLOs (the Python path's) between frames of four senders, among them the 3000 bytes
+    of COPYOUT_DATA a local vcopy from node 2's R21 asked for (the vcopy started here)."""
+    data = bytes((i * 11 + 3) & 0xFF for i in range(3000))
+    into = rig.d.alloc(3000)
+    fut = rig.progs[LSYS2].submit(rig.d.vcopy, R21, 0x2000, C.SELF, into.addr, 3000)
+    assert rig.px.get().c_cmd == C.CMD_COPYOUT_RQST
+    rig.copy = (fut, into, data)
+    hello = bytes(hello_header(PEER, 1).buf)
+    copy = rig.frame(data, c_cmd=C.CMD_COPYOUT_DATA, c_src=R21, c_dst=LSYS2, v_src=R21,
+                     v_dst=LSYS2, v_rqtr=LSYS2, v_daddr=into.addr, v_bytes=3000)
+    return [hello, rig.frame(c_src=RSYS, c_dst=LSYS, m_type=1), copy, hello,
+            rig.frame(c_cmd=C.CMD_NTFY_MSG, c_src=R23, c_dst=12, m_type=3), hello,
+            rig.frame(c_src=R24, c_dst=LSYS2, m_type=2)]
+
+
+@pytest.mark.parametrize("chunk", [1, 119, 1000])
+def test_frames_cut_anywhere_are_delivered_whole_as_in_python(chunk):
+    """node 2's frames arrive in pieces of `chunk` bytes, HELLOs among them: every frame is
+    delivered once, whole (the copied bytes land), in order, and the counters, the programs
+    and what goes back to node 2 are the Python path's."""
+    fast, fast_puts = _run(True, _mixed, chunk)
+    py, _ = _run(False, _mixed, chunk)
+    assert fast == py
+    assert fast["received"]["hellos"] == 3 and fast["received"]["frames"] == 7
+    assert fast["programs"][LSYS][0] == (RSYS, 1) and fast["programs"][LSYS2][0] == (R24, 2)
+    assert fast["programs"][12][0] != E.EDVSTIMEDOUT
+    assert fast["copy"] == (("ok", 0), True)
+    assert len(fast_puts) < 4, fast_puts      # the compiled deliverer made (most of) them
 
 
 BAD_HEADERS = [dict(c_snode=3), dict(c_dst=100000), dict(c_cmd=0x1234), dict(c_batch_nr=1),
