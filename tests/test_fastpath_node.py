@@ -411,7 +411,8 @@ class RecvRig(Node):
     proxy's thread: with the compiled deliverer (`fast`) or the Python path alone.  The test
     writes node 2's frames to `feed`; what the link sends back to node 2 arrives at `back`."""
 
-    def __init__(self, world, fast: bool, autobind: bool = True, reverse: bool = False) -> None:
+    def __init__(self, world, fast: bool, autobind: bool = True, reverse: bool = False,
+                 serve: bool = True) -> None:
         super().__init__(world)
         d = self.d
         d.rmtbind(DC0, "r21", R21, PEER)
@@ -444,6 +445,12 @@ class RecvRig(Node):
         self.rp = RProxy(self.ctx, link, None)
         self.rp.deliverer = self.px.rproxy.call(Deliverer, self.ctx, PEER)
         self.rp.reader = None
+        self.serving = None
+        if serve:
+            self.serve()
+
+    def serve(self) -> None:
+        """The receiver proxy's thread serves the connection from now on."""
         self.serving = self.px.rproxy.submit(self.rp._serve, self.inside, 1)
 
     def _learn(self, dcid: int):
@@ -467,7 +474,7 @@ class RecvRig(Node):
     def close(self) -> None:
         """Also when the test failed: the serving ends before its sockets are closed (a
         descriptor closed under a blocked read does not wake it)."""
-        if not self.serving.done():
+        if self.serving is not None and not self.serving.done():
             self.inside.shutdown(socket.SHUT_RDWR)
             self.serving.exception(10)
         super().close()
@@ -599,6 +606,42 @@ def test_frames_cut_anywhere_are_delivered_whole_as_in_python(chunk):
     assert fast["programs"][12][0] != E.EDVSTIMEDOUT
     assert fast["copy"] == (("ok", 0), True)
     assert len(fast_puts) < 4, fast_puts      # the compiled deliverer made (most of) them
+
+
+def _broken_channel(fast: bool) -> tuple[dict, list]:
+    """The receiver proxy thread's connection to the node kernel breaks while it waits for
+    frames; then two frames come: (outcome, the Python path's put2lcl calls)."""
+    with make_world() as world:
+        rig = RecvRig(world, fast, serve=False)
+        try:
+            d = rig.d
+
+            def channel():
+                d.getdvsinfo()              # the thread's connection, opened now
+                return d._local.conn
+            conn = rig.px.rproxy.call(channel)
+            rig.serve()
+            conn.shutdown(socket.SHUT_RDWR)
+            rig.feed.sendall(rig.frame(c_src=RSYS, c_dst=LSYS, m_type=1)
+                             + rig.frame(c_src=R21, c_dst=LSYS2, m_type=2))
+            rig.end()
+            return rig.outcome(), rig.spy.puts
+        finally:
+            rig.close()
+
+
+def test_a_put2lcl_on_a_broken_kernel_connection_fails_as_in_python():
+    """A put2lcl of the compiled deliverer whose kernel connection broke: the frame gets the
+    Python path's answer (EDVSSHUTDOWN, as `put2lcl` fails then: the error ACK to node 2),
+    not a second put2lcl on a new connection (a request the kernel may have carried out
+    before the connection broke would be delivered twice); the next frame goes on a new
+    connection, on which the kernel no longer knows the thread as node 2's receiver."""
+    fast, _ = _broken_channel(True)
+    py, _ = _broken_channel(False)
+    assert fast == py
+    assert fast["sent_back"] == [(C.CMD_SEND_ACK, LSYS, RSYS, E.EDVSSHUTDOWN),
+                                 (C.CMD_SEND_ACK, LSYS2, R21, E.EDVSNOTBIND)], fast
+    assert fast["received"]["frames"] == 2
 
 
 BAD_HEADERS = [dict(c_snode=3), dict(c_dst=100000), dict(c_cmd=0x1234), dict(c_batch_nr=1),
