@@ -28,7 +28,7 @@ from dsp_proxy import fastpath
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.executor import Executor
 from dsp_proxy.group import DELIVER, LOCAL, Router
-from dsp_proxy.link import Link, OutMonitor, PeerSpec
+from dsp_proxy.link import Link, OutMonitor, PeerSpec, uncork
 from dsp_proxy.misc import Counters
 from dsp_proxy.rproxy import Deliverer, FrameError, RProxy, WireLimits, check_header
 from dsp_proxy.sproxy import SProxy
@@ -47,6 +47,15 @@ from dvk_cffi.wire import (
 from emu_helpers import DC0, LSYS, LSYS2, LUSR, RSYS, SHORT, FakeProxy, make_world, wait_until
 
 pytestmark = pytest.mark.skipif(fastpath.lib is None, reason="the compiled code is not built")
+
+@pytest.fixture(autouse=True)
+def _uncorked():
+    """The test's thread starts uncorked: a test of another module may leave it corked (a
+    relay's reads cork their thread), and the links' own writes here are made at once."""
+    uncork()
+    yield
+    uncork()
+
 
 PEER = 2                   # the remote node whose proxy pair the test process is
 GET_TIMEOUT = SHORT        # ms, the get2rmt timeout of the sender (the DSP's fd_interval)
