@@ -7,8 +7,10 @@ process is node 2's proxy pair, local programs are actor threads, and a real `Li
 compiled code's `Wire` writes to one end of a socketpair whose other end plays the peer.  The
 receiver tests run the real `RProxy._serve` on such a link, with and without the compiled
 deliverer, and compare what the local programs get, the link's counters and the repairs of the
-`Deliverer`.  The last test runs the same programs through a DSP pair twice, with the compiled
-code and with DSP_FASTPATH=0, and compares the link counters.
+`Deliverer`.  A DSP pair runs the same programs twice, with the compiled code and with
+DSP_FASTPATH=0, and the link counters are compared.  Then: the group's word on which server
+nodes the router rewrites, header words at their extremes against the receiver's checks, and
+SPROXY's own loop with the compiled sender.
 """
 
 from __future__ import annotations
@@ -511,7 +513,7 @@ class RecvRig(Node):
 
     def outcome(self, eps=(LSYS, LSYS2, 12)) -> dict:
         """What the serving did, for the comparison of both paths."""
-        r21 = self.d.getprocinfo(DC0, R22)
+        r22 = self.d.getprocinfo(DC0, R22)
         copy = getattr(self, "copy", None)
         if copy is not None:        # a vcopy the frames answer: its result and the bytes
             fut, into, data = copy
@@ -520,7 +522,7 @@ class RecvRig(Node):
                 "programs": {ep: [self.got(ep), self.got(ep)] for ep in eps},
                 "sent_back": self.sent_back(), "errors": self.errors,
                 "deliverer_errors": self.rp.deliverer.errors,
-                "r22": (r21.p_rts_flags & (C.SLOT_FREE | C.REMOTE), r21.p_nodeid)}
+                "r22": (r22.p_rts_flags & (C.SLOT_FREE | C.REMOTE), r22.p_nodeid)}
 
 
 def _run(fast: bool, frames, chunk: int = 0, **kw) -> tuple[dict, list]:
