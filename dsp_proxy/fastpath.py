@@ -490,7 +490,8 @@ class Sender:
 
 
 #: Why the compiled deliverer stopped (fastrelay.c `rt_deliver`): the frames ran out (or the
-#: budget), a frame is for the Python path, a put2lcl reply is, the kernel connection failed.
+#: budget), a frame is for the Python path, a put2lcl reply is, the kernel connection failed
+#: during a put2lcl (that frame's answer is the failure's, as for `put2lcl`).
 RD_BUDGET, RD_PYTHON, RD_REPLY, RD_KERNEL = 0, 1, 2, 3
 
 
@@ -577,25 +578,23 @@ class Receiver:
     def _after(self, why: int) -> bool:
         """The Python path's part of what stopped the loop, and the walk on after a reply;
         True when a whole frame for the Python path is next."""
-        while why == RD_REPLY:
-            self._reply()
+        while why == RD_REPLY or why == RD_KERNEL:
+            self._reply(why)
             if not self.reader.has_frame():
                 return False
             why = self._walk()
-        if why == RD_KERNEL:      # the frame stays: the Python path delivers it, or fails
-            try:
-                self.channel.failed(self.dvk, self.r.kerr)
-            except E.DvkError:
-                pass
-            return True
         return why == RD_PYTHON
 
-    def _reply(self) -> None:
-        """A put2lcl reply other than a plain success, for the frame the loop delivered."""
+    def _reply(self, why: int) -> None:
+        """A put2lcl reply other than a plain success, or a kernel connection that failed
+        during the put2lcl (RD_KERNEL: dropped, and the frame's answer is EDVSSHUTDOWN, as
+        `put2lcl` fails then), for the frame the loop took."""
         r, view = self.r, self.reader.view
         off = r.done_off
         h = Header(bytearray(view[off:off + HEADER_SIZE]))
         try:
+            if why == RD_KERNEL:
+                self.channel.failed(self.dvk, r.kerr)
             code = self.dvk.put2lcl_reply(self.channel.body())
         except E.DvkError as err:
             code = err.code

@@ -1099,8 +1099,10 @@ static int put2lcl_call(rt_receiver *r, const unsigned char *h)
 
 /* Deliver the whole frames of buf[*start:end] until one is for the Python path (RD_PYTHON),
  * a reply is (RD_REPLY: *start is past its frame, which starts at r->done_off), the kernel
- * connection failed (RD_KERNEL: the frame stays at *start) or the frames run out
- * (RD_BUDGET).  Each delivered frame counts as received from the peer. */
+ * connection failed during a put2lcl (RD_KERNEL, errno in r->kerr: that frame's answer is the
+ * failure's, as for the Python path's put2lcl; *start and r->done_off as for RD_REPLY) or the
+ * frames run out (RD_BUDGET).  Each frame a put2lcl was made for counts as received from the
+ * peer. */
 int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, int end)
 {
     int off = *start;
@@ -1118,17 +1120,18 @@ int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, i
         if (!r->deliver || !deliverable(t, r, h))
             return RD_PYTHON;
         int rc = put2lcl_call(r, h);
-        if (rc < 0) {
-            r->kerr = -rc;
-            return RD_KERNEL;
-        }
         pthread_mutex_lock(&t->lock);
         tally_add(&t->tally[0][r->peer], t, cmd_slot(t, rd(h, O_CMD)), rd(h, O_DCID), len, 1);
         pthread_mutex_unlock(&t->lock);
         *start = off += RT_HEADER + len;
-        if (rc == 0) {
+        if (rc <= 0) {
             r->done_off = off - RT_HEADER - len;
-            return RD_REPLY;
+            if (rc == 0)
+                return RD_REPLY;
+            /* never made again on another connection: the kernel may have carried out the
+             * request before the connection broke (the frame would be delivered twice) */
+            r->kerr = -rc;
+            return RD_KERNEL;
         }
     }
     return RD_BUDGET;

@@ -791,7 +791,9 @@ class Dsp:
             "refused_connections": self.acceptor.refusals.total,
             "dropped_frames": self.execute.dropped,
             "fast_relay": self.fast is not None,
-            "fast_node_frames": self.fast is None and self.wires is not None,
+            # the links' compiled code: SPROXY's get2rmt calls and writes (links without
+            # batch or compress) and, off the LB host, RPROXY's reads and put2lcl calls
+            "fast_links": self.wires is not None,
             "group": self.group.snapshot() if self.group is not None else None,
             "autoscaler": self.autoscaler.snapshot() if self.autoscaler is not None else None,
             "programs": self.services.snapshot(),

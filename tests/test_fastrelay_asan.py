@@ -4,7 +4,8 @@ long run).
 fastrelay.c is built with the sanitizers (`fastrelay_build --sanitize`) in a copy of the
 package, so the source tree is left as it is; then, with the ASan runtime preloaded and
 `DSP_FASTRELAY_SANITIZED=1`, the relay fuzzer compares the relay with the router on 50,000
-frames and the hostile-peer tests feed its read loop.  Any sanitizer report (an out-of-bounds
+frames, the hostile-peer tests feed its read loop, and the node tests drive the compiled
+sender and deliverer (tests/test_fastpath_node.py).  Any sanitizer report (an out-of-bounds
 access, an overflow, a shift too far) aborts the process and fails the test.
 """
 
@@ -54,7 +55,10 @@ def test_the_relay_under_sanitizers(tmp_path):
     # process reaches the output here (pytest's own capture of the descriptor would lose it)
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             "--capture=sys", "-o", f"rootdir={REPO_ROOT}",
-                            str(REPO_ROOT / "tests" / "test_fastrelay_hostile.py")],
+                            str(REPO_ROOT / "tests" / "test_fastrelay_hostile.py"),
+                            # the node's compiled sender and deliverer (not the cluster run)
+                            str(REPO_ROOT / "tests" / "test_fastpath_node.py"),
+                            "-k", "not same_traffic"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = tests.stdout + tests.stderr
     assert tests.returncode == 0 and " passed" in out, out[-4000:]
