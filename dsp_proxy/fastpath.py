@@ -111,6 +111,27 @@ def _slot(cmd: int) -> int:
     return (cmd & 0x1F) | (32 if cmd & C.MASK_ACKNOWLEDGE else 0)
 
 
+def _pin(buf) -> tuple[object, object]:
+    """A pointer to the memory of `buf` for the compiled code to keep, and the cdata that
+    keeps that memory valid (hold both).  Of a memoryview (the DVK's payload buffers), the
+    buffer is taken from the object that owns the memory, not from the view: cffi's hold on
+    a memoryview crashes the interpreter (SIGSEGV) when the collector clears a cycle that
+    holds both."""
+    owner = buf.obj if isinstance(buf, memoryview) else buf
+    whole = ffi.from_buffer(owner)
+    if owner is buf:
+        return whole, whole
+    part = ffi.from_buffer(buf)
+    try:
+        off = int(ffi.cast("uintptr_t", part)) - int(ffi.cast("uintptr_t", whole))
+        size = len(part)
+    finally:
+        ffi.release(part)
+    if not 0 <= off <= len(whole) - size:
+        raise ValueError("a buffer outside the memory of its owner")
+    return ffi.cast("unsigned char *", whole) + off, whole
+
+
 def _bits(mask: int) -> list[int]:
     """The positions of the set bits of `mask`, lowest first."""
     out = []
@@ -437,9 +458,9 @@ class Sender:
         s = self.s = ffi.new("rt_sender *")
         ok_len, hdr_off, fixed = P.get2rmt_reply_layout()
         self.channel = _Channel(s.ch, dvk.get2rmt_request(payload, timeout), ok_len, fixed)
-        self._payload = ffi.from_buffer(payload.view)
+        pointer, self._payload = _pin(payload.view)
         s.node = link.peer
-        s.payload, s.payload_cap = self._payload, len(payload.view)
+        s.payload, s.payload_cap = pointer, len(payload.view)
         s.hdr_off = hdr_off
 
     @staticmethod
@@ -515,9 +536,9 @@ class Receiver:
         request, hdr_off, ok_len, value_off, fixed = P.put2lcl_layout(payload.addr)
         r = self.r = ffi.new("rt_receiver *")
         self.channel = _Channel(r.ch, request, ok_len, fixed)
-        self._payload = ffi.from_buffer(payload.view)
+        pointer, self._payload = _pin(payload.view)
         r.peer, r.req_hdr_off, r.value_off = self.peer, hdr_off, value_off
-        r.payload, r.payload_cap = self._payload, len(payload.view)
+        r.payload, r.payload_cap = pointer, len(payload.view)
         r.python_flags = C.FLAG_BATCH | C.FLAG_LZ4
         self.cbuf = ffi.from_buffer(reader.buf)    # the buffer is never resized
         self.pos = ffi.new("int[2]")
