@@ -553,8 +553,21 @@ class Receiver:
         return table is not None and Sender.backend_ok(dvk)
 
     def _attach(self) -> None:
-        self.r.deliver = not self.deliverer.parked   # parked: the Python path keeps the order
-        self.channel.attach(self.dvk)
+        """The thread's kernel connection for the loop, and whether the loop delivers at
+        all: not while deliveries are parked (the Python path keeps their order), nor when
+        no connection can be had (the kernel wedged or gone: the Python path makes the call
+        and answers its failure as for any frame; reading never fails for the kernel's
+        sake, where a DvkError here ended the RPROXY thread)."""
+        r = self.r
+        r.deliver = 0
+        if self.deliverer.parked:
+            return
+        try:
+            self.channel.attach(self.dvk)
+        except (E.DvkError, OSError):
+            return
+        r.deliver = 1
+
     def read(self, budget: float = PUMP_BUDGET) -> bool:
         """`FrameReader.fill` done in C with the delivery of what comes, until a frame is for
         the Python path or `budget` seconds passed.  True when a whole frame for the Python

@@ -11,6 +11,8 @@ against the module built with AddressSanitizer.
 
 from __future__ import annotations
 
+import errno
+import functools
 import random
 import socket
 import struct
@@ -197,6 +199,23 @@ def test_frames_for_this_node_are_delivered_in_c_once_each(node):
     assert n.reader.start == n.reader.end and not n.dvk.python_puts
     n.receiver.fold_received()
     assert n.link.received.frames == len(frames)
+
+
+def test_a_kernel_connection_that_cannot_be_had_leaves_the_frames_to_the_python_path(node):
+    """When the thread's kernel connection cannot be opened (the kernel wedged: its HELLO
+    times out, DvkError; or gone: DvkUnavailable), the receiver reads on and the frames go to
+    the Python path, which answers its own failure; the read never raises the DVK's error
+    (which killed the RPROXY thread: a pair restart, the link down)."""
+    n = node()
+    for err in (E.DvkError.for_code(E.EDVSSHUTDOWN, "the node kernel stopped"),
+                OSError(errno.ECONNREFUSED, "no kernel")):
+        n.dvk.channel_error = err
+        n.tx.sendall(_frame())
+        assert n.receiver.read(0)
+        assert n.receiver() is True
+        n.reader.next(functools.partial(check_header, peer=PEER,
+                                        limits=WireLimits(NR_NODES, NR_DCS, {0: RANGE})))
+    assert not n.kernel.puts()
 
 
 # ------------------------------------------------------------------ what C may deliver
