@@ -521,7 +521,9 @@ class Receiver:
     calls of the frames for this node that pass the receiver's checks and that the router
     would not rewrite (`FlowTable.set_reverse`), in C.  The same contract as `Relay` for the
     receiver's loop; every frame it is not sure of, and every put2lcl reply other than a
-    plain success, goes to the Python path (`Deliverer.put_done` with the code)."""
+    plain success, goes to the Python path (`Deliverer.put_done` with the code), as does a
+    frame whose put2lcl the kernel connection failed (with the code the Python path's call
+    fails with; never put again)."""
 
     def __init__(self, table: FlowTable, reader, link, dvk, deliverer) -> None:
         self.table = table.table
@@ -609,30 +611,41 @@ class Receiver:
             self.fold_received()
 
     def _after(self, why: int) -> bool:
-        """The Python path's part of what stopped the loop, and the walk on after a reply;
-        True when a whole frame for the Python path is next."""
-        while why == RD_REPLY:
-            self._reply()
+        """The Python path's part of what stopped the loop, and the walk on after it; True
+        when a whole frame for the Python path is next."""
+        while why == RD_REPLY or why == RD_KERNEL:
+            if why == RD_REPLY:
+                self._reply()
+            else:
+                self._kernel_failed()
             if not self.reader.has_frame():
                 return False
             why = self._walk()
-        if why == RD_KERNEL:      # the frame stays: the Python path delivers it, or fails
-            try:
-                self.channel.failed(self.dvk, self.r.kerr)
-            except E.DvkError:
-                pass
-            return True
         return why == RD_PYTHON
 
     def _reply(self) -> None:
         """A put2lcl reply other than a plain success, for the frame the loop delivered."""
-        r, view = self.r, self.reader.view
-        off = r.done_off
-        h = Header(bytearray(view[off:off + HEADER_SIZE]))
         try:
             code = self.dvk.put2lcl_reply(self.channel.body())
         except E.DvkError as err:
             code = err.code
+        self._done(code)
+
+    def _kernel_failed(self) -> None:
+        """The kernel connection failed during the put2lcl of a frame (no answer within the
+        limit, closed, a reply longer than the room for it): the connection is dropped, and
+        the frame, which the kernel may have delivered, is answered as the Python path
+        answers a put2lcl that failed so, and never put again."""
+        try:
+            self.channel.failed(self.dvk, self.r.kerr)
+        except E.DvkError as err:
+            self._done(err.code)
+
+    def _done(self, code: int) -> None:
+        """`Deliverer.put_done` for the frame the loop put (at done_off): parking, repairs
+        and error replies as on the Python path."""
+        off, view = self.r.done_off, self.reader.view
+        h = Header(bytearray(view[off:off + HEADER_SIZE]))
         payload = view[off + HEADER_SIZE:off + HEADER_SIZE + h.c_len]
         self.deliverer.put_done(h, payload, code, self.autobind)
 

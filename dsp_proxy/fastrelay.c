@@ -1054,7 +1054,7 @@ typedef struct {
     int32_t value_off;                   /* put2lcl's result in a plain success */
     int32_t python_flags;                /* header flags whose frames take the Python path */
     int32_t deliver;                     /* 0: only read (the Python path delivers meanwhile) */
-    int32_t done_off;                    /* RD_REPLY: where the frame the reply is for starts */
+    int32_t done_off;                    /* RD_REPLY, RD_KERNEL: where that frame starts */
     int32_t kerr;                        /* RD_KERNEL: errno of the kernel connection */
 } rt_receiver;
 
@@ -1068,6 +1068,7 @@ static int deliverable(const relay_table *t, const rt_receiver *r, const unsigne
     int32_t cmd = rd(h, O_CMD), dcid = rd(h, O_DCID), len = rd(h, O_LEN);
     int slot = cmd_slot(t, cmd);
     if (cmd == 0 || slot < 0 || !(t->cls[slot] & K_VALID) || len < 0 || len > t->maxcopybuf ||
+        len > r->payload_cap ||
         (len && !(t->cls[slot] & K_DATA)) || rd(h, O_BATCH_NR) != 0 ||
         (rd(h, O_FLAGS) & r->python_flags))
         return 0;
@@ -1084,8 +1085,6 @@ static int deliverable(const relay_table *t, const rt_receiver *r, const unsigne
 static int put2lcl_call(rt_receiver *r, const unsigned char *h)
 {
     int32_t len = rd(h, O_LEN);
-    if (len > r->payload_cap)
-        return 0;
     if (len)
         memcpy(r->payload, h + RT_HEADER, (size_t)len);
     memcpy(r->ch.req + r->req_hdr_off, h, RT_HEADER);
@@ -1098,9 +1097,10 @@ static int put2lcl_call(rt_receiver *r, const unsigned char *h)
 }
 
 /* Deliver the whole frames of buf[*start:end] until one is for the Python path (RD_PYTHON),
- * a reply is (RD_REPLY: *start is past its frame, which starts at r->done_off), the kernel
- * connection failed (RD_KERNEL: the frame stays at *start) or the frames run out
- * (RD_BUDGET).  Each delivered frame counts as received from the peer. */
+ * a reply is (RD_REPLY), the kernel connection failed (RD_KERNEL, its errno in r->kerr) or
+ * the frames run out (RD_BUDGET).  After RD_REPLY and RD_KERNEL *start is past the frame
+ * concerned, which starts at r->done_off, for the Python path to answer.  Each frame put to
+ * the kernel counts as received from the peer. */
 int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, int end)
 {
     int off = *start;
@@ -1118,17 +1118,17 @@ int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, i
         if (!r->deliver || !deliverable(t, r, h))
             return RD_PYTHON;
         int rc = put2lcl_call(r, h);
-        if (rc < 0) {
-            r->kerr = -rc;
-            return RD_KERNEL;
-        }
         pthread_mutex_lock(&t->lock);
         tally_add(&t->tally[0][r->peer], t, cmd_slot(t, rd(h, O_CMD)), rd(h, O_DCID), len, 1);
         pthread_mutex_unlock(&t->lock);
         *start = off += RT_HEADER + len;
-        if (rc == 0) {
+        if (rc <= 0) {
+            /* A failed connection takes the frame too: the kernel may have read the request
+             * and delivered it, so it is answered as a failed call and never made again, as
+             * the Python path's put2lcl is. */
             r->done_off = off - RT_HEADER - len;
-            return RD_REPLY;
+            r->kerr = -rc;
+            return rc < 0 ? RD_KERNEL : RD_REPLY;
         }
     }
     return RD_BUDGET;

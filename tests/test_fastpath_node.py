@@ -201,6 +201,42 @@ def test_frames_for_this_node_are_delivered_in_c_once_each(node):
     assert n.link.received.frames == len(frames)
 
 
+def test_a_put2lcl_the_kernel_does_not_answer_is_not_delivered_again(node):
+    """A node kernel that took the PUT2LCL request and did not answer within the answer limit
+    (wedged, or killed after it read it) may have delivered the frame: the Python path then
+    counts the call as failed (EDVSSHUTDOWN, the error ACK where the kernel sends none) and
+    never makes it again.  The compiled deliverer left the frame in the buffer for the Python
+    path, which delivered it a second time on a new connection."""
+    n = node(answer=lambda op, values: None, limit=0.2)
+    first, second = _frame(dst=7), _frame(dst=8)
+    n.tx.sendall(first + second)
+    python = n.receiver.read(0)
+    assert len(n.kernel.puts()) == 1 and len(n.dvk.failed) == 1
+    assert isinstance(n.dvk.failed[0], TimeoutError)
+    # the frame is taken, and answered as the Python path answers a failed call
+    assert n.deliverer.done and n.deliverer.done[0][0] == first[:HEADER_SIZE]
+    assert n.deliverer.done[0][2] == E.EDVSSHUTDOWN
+    # the next frame is for the Python path (no kernel connection now), not the first again
+    assert python and n.reader.has_frame()
+    assert bytes(n.reader.view[n.reader.start:n.reader.start + HEADER_SIZE]) == \
+        second[:HEADER_SIZE]
+    n.receiver.fold_received()
+    assert n.link.received.frames == 1
+
+
+def test_a_kernel_that_closes_the_connection_costs_the_frame_once(node):
+    """The kernel closes the connection after reading the request (killed): the frame is
+    answered EDVSSHUTDOWN once, as on the Python path; the kernel saw it once."""
+    n = node(answer=lambda op, values: (_ for _ in ()).throw(OSError("gone")))
+    frame = _frame(C.CMD_COPYIN_DATA, length=64, v_bytes=64)
+    n.tx.sendall(frame)
+    n.receiver.read(0)
+    assert len(n.kernel.puts()) == 1
+    assert [d[2] for d in n.deliverer.done] == [E.EDVSSHUTDOWN]
+    assert n.deliverer.done[0][1] == frame[HEADER_SIZE:]
+    assert n.reader.start == n.reader.end
+
+
 def test_a_kernel_connection_that_cannot_be_had_leaves_the_frames_to_the_python_path(node):
     """When the thread's kernel connection cannot be opened (the kernel wedged: its HELLO
     times out, DvkError; or gone: DvkUnavailable), the receiver reads on and the frames go to
@@ -216,6 +252,36 @@ def test_a_kernel_connection_that_cannot_be_had_leaves_the_frames_to_the_python_
         n.reader.next(functools.partial(check_header, peer=PEER,
                                         limits=WireLimits(NR_NODES, NR_DCS, {0: RANGE})))
     assert not n.kernel.puts()
+
+
+@pytest.mark.parametrize("reply", [
+    b"\xff\xff\xff\xff",                         # a length past any room
+    struct.pack("<I", fastpath.REPLY_ROOM + 1) + bytes(8),
+    struct.pack("<I", 3) + b"abc",               # shorter than a status
+    struct.pack("<I", 13) + bytes(13),           # the success length, wrong tags
+    P.encode_reply(E.EDVSENQUEUED),
+    P.encode_reply(0, [-1 << 63]),
+    P.encode_reply(0, [1, b"x" * 4000]),
+])
+def test_replies_no_kernel_sends_end_as_failures_of_that_frame(node, reply):
+    """Whatever the kernel connection answers, each frame is put to the kernel at most once
+    and each non-plain answer reaches the Python path's repairs once, for its own frame: a
+    reply the loop cannot hold fails the connection (EDVSSHUTDOWN for that frame), any other
+    goes to the Python path's decoding; nothing is read or written out of bounds (ASan run)."""
+    n = node(answer=lambda op, values: reply)
+    frames = [_frame(), _frame(dst=9)]
+    n.tx.sendall(b"".join(frames))
+    for _ in range(3):      # until each frame was put, or the rest is the Python path's
+        try:
+            n.receiver.read(0)
+        except (E.DvkError, BlockingIOError):
+            pass
+        if len(n.kernel.puts()) == len(frames) or n.reader.has_frame():
+            break
+    puts = n.kernel.puts()
+    assert puts and puts[0] == frames[0][:HEADER_SIZE]
+    assert len(set(puts)) == len(puts) and not n.dvk.python_puts
+    assert [d[0] for d in n.deliverer.done] == puts
 
 
 # ------------------------------------------------------------------ what C may deliver
