@@ -4,8 +4,10 @@ long run).
 fastrelay.c is built with the sanitizers (`fastrelay_build --sanitize`) in a copy of the
 package, so the source tree is left as it is; then, with the ASan runtime preloaded and
 `DSP_FASTRELAY_SANITIZED=1`, the relay fuzzer compares the relay with the router on 50,000
-frames and the hostile-peer tests feed its read loop.  Any sanitizer report (an out-of-bounds
-access, an overflow, a shift too far) aborts the process and fails the test.
+frames, the hostile-peer tests feed its read loop, and the node DSPs' deliverer and sender
+meet a hostile peer and a failing node kernel (tests/test_fastpath_node.py).  Any sanitizer
+report (an out-of-bounds access, an overflow, a shift too far) aborts the process and fails
+the test.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def test_the_relay_under_sanitizers(tmp_path):
     # process reaches the output here (pytest's own capture of the descriptor would lose it)
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             "--capture=sys", "-o", f"rootdir={REPO_ROOT}",
-                            str(REPO_ROOT / "tests" / "test_fastrelay_hostile.py")],
+                            str(REPO_ROOT / "tests" / "test_fastrelay_hostile.py"),
+                            str(REPO_ROOT / "tests" / "test_fastpath_node.py")],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = tests.stdout + tests.stderr
     assert tests.returncode == 0 and " passed" in out, out[-4000:]
