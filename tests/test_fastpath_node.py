@@ -17,6 +17,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -406,3 +407,162 @@ def test_a_sender_or_receiver_in_a_garbage_cycle_is_collected_without_a_crash():
                           text=True, timeout=60)
     assert done.returncode == 0 and "collected" in done.stdout, (done.returncode,
                                                                  done.stderr[-2000:])
+
+
+# ------------------------------------------------------------------ the sender
+class Sending:
+    """A node DSP's compiled sender for the link to PEER: the link's socket a socket pair
+    published on the link's Wire, the kernel a FakeKernel that answers GET2RMT with the
+    commands of `commands` (header, payload) in turn, then EDVSTIMEDOUT."""
+
+    def __init__(self, replies: list) -> None:
+        self.table = fastpath.FlowTable(LOCAL, LB, NR_NODES, NR_DCS, ())
+        self.table.set_dc(0, RANGE)
+        self.table.set_raw_ok(PEER, True)
+        self.wire = self.table.wire(PEER)
+        self.out, self.peer_end = socket.socketpair()
+        self.out.setblocking(False)
+        self.wire.publish(self.out)
+        with self.wire:
+            self.wire.settled(self.wire.seq(), True)
+        self.payload = Buffer(memoryview(bytearray(C.MAXCOPYBUF)), 0x2000)
+        self.replies = list(replies)
+        self.kernel = FakeKernel(self._answer)
+        self.dvk = FakeDvk(self.kernel, 1.0)
+        self.kept: list[tuple[bytes, int]] = []
+        self.link = SimpleNamespace(peer=PEER, wire=self.wire, batch=False, compress=False,
+                                    keep_unsent=lambda rest, fd: self.kept.append((rest, fd)))
+        self.sender = fastpath.Sender(self.table, self.link, self.dvk, self.payload, 500)
+        self.sender.start()
+
+    def _answer(self, op: str, values: list) -> bytes:
+        if not self.replies:
+            return P.encode_reply(E.EDVSTIMEDOUT)
+        reply = self.replies.pop(0)
+        if isinstance(reply, bytes):
+            return reply
+        hbuf, data = reply
+        self.payload.view[:len(data)] = data
+        return P.encode_reply(0, [0, hbuf, len(self.replies)])
+
+    def written(self) -> bytes:
+        out = b""
+        self.peer_end.setblocking(False)
+        try:
+            while chunk := self.peer_end.recv(1 << 20):
+                out += chunk
+        except BlockingIOError:
+            pass
+        return out
+
+    def close(self) -> None:
+        self.out.close()
+        self.peer_end.close()
+        self.kernel.close()
+        self.table.free()
+
+
+@pytest.fixture
+def sending():
+    made: list[Sending] = []
+
+    def make(replies: list) -> Sending:
+        made.append(Sending(replies))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close()
+
+
+def _command(cmd: int = C.CMD_SEND_MSG, length: int = 0, **fields: int) -> tuple[bytes, bytes]:
+    """A command local process 5 addresses to endpoint 7 on PEER (header, payload)."""
+    base = dict(c_cmd=cmd, c_dcid=0, c_src=5, c_dst=7, c_snode=LOCAL, c_dnode=PEER,
+                c_len=length, c_pid=77)
+    base.update(fields)
+    return bytes(make_header(**base).buf), bytes((i * 3) & 0xFF for i in range(length))
+
+
+def test_the_sender_writes_each_plain_command_once_in_order(sending):
+    cmds = [_command(), _command(C.CMD_COPYIN_DATA, 300, v_bytes=300), _command(c_dst=8)]
+    s = sending(cmds)
+    with pytest.raises(E.DvkError) as err:
+        s.sender.get2rmt(Header(), time.monotonic() + 30)
+    assert err.value.code == E.EDVSTIMEDOUT
+    assert s.written() == b"".join(h + d for h, d in cmds)
+    sent = Counters()
+    s.table.fold(PEER, fastpath.SENT, sent, fastpath.ffi.new("relay_tally *"))
+    assert sent.frames == 3 and not s.kept
+
+
+@pytest.mark.parametrize("reply", [
+    _command(length=C.MAXCOPYBUF + 1)[0],
+    _command(length=-1)[0],
+    _command(c_flags=C.FLAG_BATCH, c_batch_nr=1)[0],
+    _command(c_cmd=0x7FFF)[0],
+    _command(c_dcid=NR_DCS)[0],
+])
+def test_a_command_the_sender_is_not_sure_of_goes_to_the_python_path(sending, reply):
+    """Lengths past the payload buffer or negative, a batch flag, an unknown command or DC:
+    handed to the Python path as get2rmt's result, nothing written."""
+    s = sending([(reply, b"")])
+    hdr = Header()
+    assert s.sender.get2rmt(hdr, time.monotonic() + 30) == 0
+    assert bytes(hdr.buf) == reply and s.written() == b""
+
+
+@pytest.mark.parametrize("reply", [
+    b"\xff\xff\xff\xff",
+    struct.pack("<I", fastpath.REPLY_ROOM + 1) + bytes(16),
+])
+def test_a_reply_past_its_room_fails_the_kernel_connection(sending, reply):
+    s = sending([reply])
+    with pytest.raises(E.DvkError) as err:
+        s.sender.get2rmt(Header(), time.monotonic() + 30)
+    assert err.value.code == E.EDVSSHUTDOWN and s.dvk.failed and s.written() == b""
+
+
+def test_the_sender_never_writes_to_a_socket_published_after_its_start(sending):
+    """The link went down and up while the sender waited in get2rmt: the new socket is not
+    its serving's; the command goes to the Python path (which drops it with the old
+    generation), not onto the new connection."""
+    cmd = _command()
+    s = sending([cmd])
+    other, other_peer = socket.socketpair()
+    try:
+        s.wire.publish(None)
+        s.wire.publish(other)
+        with s.wire:
+            s.wire.settled(s.wire.seq(), True)
+        hdr = Header()
+        assert s.sender.get2rmt(hdr, time.monotonic() + 30) == 0
+        assert bytes(hdr.buf) == cmd[0]
+        other_peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other_peer.recv(1)
+    finally:
+        other.close()
+        other_peer.close()
+
+
+def test_a_command_the_socket_takes_in_part_leaves_its_rest_to_the_link(sending):
+    """The link's socket fills: the command written in part is counted once, its rest goes
+    to the link (`keep_unsent`, with the socket it belongs to) and the send lock is free
+    again; the bytes written and the rest make the command exactly."""
+    cmds = [_command(C.CMD_COPYIN_DATA, C.MAXCOPYBUF, v_bytes=C.MAXCOPYBUF)
+            for _ in range(64)]
+    s = sending(cmds)
+    s.out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    assert s.sender.get2rmt(Header(), time.monotonic() + 30) is None
+    assert len(s.kept) == 1 and s.kept[0][1] == s.out.fileno()
+    assert s.wire.acquire(blocking=False)
+    s.wire.release()
+    out = s.written()
+    whole, part = divmod(len(out), HEADER_SIZE + C.MAXCOPYBUF)
+    frame = cmds[whole][0] + cmds[whole][1]
+    assert out[whole * len(frame):] + s.kept[0][0] == frame
+    sent = Counters()
+    s.table.fold(PEER, fastpath.SENT, sent, fastpath.ffi.new("relay_tally *"))
+    assert sent.frames == whole + 1
