@@ -111,6 +111,27 @@ def _slot(cmd: int) -> int:
     return (cmd & 0x1F) | (32 if cmd & C.MASK_ACKNOWLEDGE else 0)
 
 
+def _pin(buf) -> tuple[object, object]:
+    """A pointer to the memory of `buf` for the compiled code to keep, and the cdata that
+    keeps that memory valid (hold both).  Of a memoryview (the DVK's payload buffers), the
+    buffer is taken from the object that owns the memory, not from the view: cffi's hold on
+    a memoryview crashes the interpreter (SIGSEGV) when the collector clears a cycle that
+    holds both."""
+    owner = buf.obj if isinstance(buf, memoryview) else buf
+    whole = ffi.from_buffer(owner)
+    if owner is buf:
+        return whole, whole
+    part = ffi.from_buffer(buf)
+    try:
+        off = int(ffi.cast("uintptr_t", part)) - int(ffi.cast("uintptr_t", whole))
+        size = len(part)
+    finally:
+        ffi.release(part)
+    if not 0 <= off <= len(whole) - size:
+        raise ValueError("a buffer outside the memory of its owner")
+    return ffi.cast("unsigned char *", whole) + off, whole
+
+
 def _bits(mask: int) -> list[int]:
     """The positions of the set bits of `mask`, lowest first."""
     out = []
@@ -437,9 +458,9 @@ class Sender:
         s = self.s = ffi.new("rt_sender *")
         ok_len, hdr_off, fixed = P.get2rmt_reply_layout()
         self.channel = _Channel(s.ch, dvk.get2rmt_request(payload, timeout), ok_len, fixed)
-        self._payload = ffi.from_buffer(payload.view)
+        pointer, self._payload = _pin(payload.view)
         s.node = link.peer
-        s.payload, s.payload_cap = self._payload, len(payload.view)
+        s.payload, s.payload_cap = pointer, len(payload.view)
         s.hdr_off = hdr_off
 
     @staticmethod
@@ -501,7 +522,9 @@ class Receiver:
     calls of the frames for this node that pass the receiver's checks and that the router
     would not rewrite (`FlowTable.set_reverse`), in C.  The same contract as `Relay` for the
     receiver's loop; every frame it is not sure of, and every put2lcl reply other than a
-    plain success, goes to the Python path (`Deliverer.put_done` with the code)."""
+    plain success, goes to the Python path (`Deliverer.put_done` with the code), as does a
+    frame whose put2lcl the kernel connection failed (with the code the Python path's call
+    fails with; never put again)."""
 
     def __init__(self, table: FlowTable, reader, link, dvk, deliverer) -> None:
         self.table = table.table
@@ -516,9 +539,9 @@ class Receiver:
         request, hdr_off, ok_len, value_off, fixed = P.put2lcl_layout(payload.addr)
         r = self.r = ffi.new("rt_receiver *")
         self.channel = _Channel(r.ch, request, ok_len, fixed)
-        self._payload = ffi.from_buffer(payload.view)
+        pointer, self._payload = _pin(payload.view)
         r.peer, r.req_hdr_off, r.value_off = self.peer, hdr_off, value_off
-        r.payload, r.payload_cap = self._payload, len(payload.view)
+        r.payload, r.payload_cap = pointer, len(payload.view)
         r.python_flags = C.FLAG_BATCH | C.FLAG_LZ4
         self.cbuf = ffi.from_buffer(reader.buf)    # the buffer is never resized
         self.pos = ffi.new("int[2]")
@@ -533,8 +556,21 @@ class Receiver:
         return table is not None and Sender.backend_ok(dvk)
 
     def _attach(self) -> None:
-        self.r.deliver = not self.deliverer.parked   # parked: the Python path keeps the order
-        self.channel.attach(self.dvk)
+        """The thread's kernel connection for the loop, and whether the loop delivers at
+        all: not while deliveries are parked (the Python path keeps their order), nor when
+        no connection can be had (the kernel wedged or gone: the Python path makes the call
+        and answers its failure as for any frame; reading never fails for the kernel's
+        sake, where a DvkError here ended the RPROXY thread)."""
+        r = self.r
+        r.deliver = 0
+        if self.deliverer.parked:
+            return
+        try:
+            self.channel.attach(self.dvk)
+        except (E.DvkError, OSError):
+            return
+        r.deliver = 1
+
     def read(self, budget: float = PUMP_BUDGET) -> bool:
         """`FrameReader.fill` done in C with the delivery of what comes, until a frame is for
         the Python path or `budget` seconds passed.  True when a whole frame for the Python
@@ -576,28 +612,41 @@ class Receiver:
             self.fold_received()
 
     def _after(self, why: int) -> bool:
-        """The Python path's part of what stopped the loop, and the walk on after a reply;
-        True when a whole frame for the Python path is next."""
+        """The Python path's part of what stopped the loop, and the walk on after it; True
+        when a whole frame for the Python path is next."""
         while why == RD_REPLY or why == RD_KERNEL:
-            self._reply(why)
+            if why == RD_REPLY:
+                self._reply()
+            else:
+                self._kernel_failed()
             if not self.reader.has_frame():
                 return False
             why = self._walk()
         return why == RD_PYTHON
 
-    def _reply(self, why: int) -> None:
-        """A put2lcl reply other than a plain success, or a kernel connection that failed
-        during the put2lcl (RD_KERNEL: dropped, and the frame's answer is EDVSSHUTDOWN, as
-        `put2lcl` fails then), for the frame the loop took."""
-        r, view = self.r, self.reader.view
-        off = r.done_off
-        h = Header(bytearray(view[off:off + HEADER_SIZE]))
+    def _reply(self) -> None:
+        """A put2lcl reply other than a plain success, for the frame the loop delivered."""
         try:
-            if why == RD_KERNEL:
-                self.channel.failed(self.dvk, r.kerr)
             code = self.dvk.put2lcl_reply(self.channel.body())
         except E.DvkError as err:
             code = err.code
+        self._done(code)
+
+    def _kernel_failed(self) -> None:
+        """The kernel connection failed during the put2lcl of a frame (no answer within the
+        limit, closed, a reply longer than the room for it): the connection is dropped, and
+        the frame, which the kernel may have delivered, is answered as the Python path
+        answers a put2lcl that failed so, and never put again."""
+        try:
+            self.channel.failed(self.dvk, self.r.kerr)
+        except E.DvkError as err:
+            self._done(err.code)
+
+    def _done(self, code: int) -> None:
+        """`Deliverer.put_done` for the frame the loop put (at done_off): parking, repairs
+        and error replies as on the Python path."""
+        off, view = self.r.done_off, self.reader.view
+        h = Header(bytearray(view[off:off + HEADER_SIZE]))
         payload = view[off + HEADER_SIZE:off + HEADER_SIZE + h.c_len]
         self.deliverer.put_done(h, payload, code, self.autobind)
 

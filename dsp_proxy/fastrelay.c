@@ -1054,7 +1054,7 @@ typedef struct {
     int32_t value_off;                   /* put2lcl's result in a plain success */
     int32_t python_flags;                /* header flags whose frames take the Python path */
     int32_t deliver;                     /* 0: only read (the Python path delivers meanwhile) */
-    int32_t done_off;                    /* RD_REPLY: where the frame the reply is for starts */
+    int32_t done_off;                    /* RD_REPLY, RD_KERNEL: where that frame starts */
     int32_t kerr;                        /* RD_KERNEL: errno of the kernel connection */
 } rt_receiver;
 
@@ -1068,6 +1068,7 @@ static int deliverable(const relay_table *t, const rt_receiver *r, const unsigne
     int32_t cmd = rd(h, O_CMD), dcid = rd(h, O_DCID), len = rd(h, O_LEN);
     int slot = cmd_slot(t, cmd);
     if (cmd == 0 || slot < 0 || !(t->cls[slot] & K_VALID) || len < 0 || len > t->maxcopybuf ||
+        len > r->payload_cap ||
         (len && !(t->cls[slot] & K_DATA)) || rd(h, O_BATCH_NR) != 0 ||
         (rd(h, O_FLAGS) & r->python_flags))
         return 0;
@@ -1084,8 +1085,6 @@ static int deliverable(const relay_table *t, const rt_receiver *r, const unsigne
 static int put2lcl_call(rt_receiver *r, const unsigned char *h)
 {
     int32_t len = rd(h, O_LEN);
-    if (len > r->payload_cap)
-        return 0;
     if (len)
         memcpy(r->payload, h + RT_HEADER, (size_t)len);
     memcpy(r->ch.req + r->req_hdr_off, h, RT_HEADER);
