@@ -12,6 +12,12 @@ link's send lock is the relay's too), else handed to the link as a view of the b
 first frame the relay is not sure of stops the walk and takes the Python path.  Without the
 compiled module (not built, built from another fastrelay.c, or `DSP_FASTPATH=0`) every frame
 takes the Python path, which is complete on its own.
+
+On the other nodes, with the emulated DVK, the same module carries a node DSP's own frames
+(docs/design.md, "The compiled sender and deliverer"): `Sender` makes SPROXY's get2rmt calls
+and writes what they fetch, `Receiver` reads RPROXY's link and makes the put2lcl calls of the
+frames for the node, each on its thread's connection to the node kernel (`_Channel`), and
+hands everything else to the Python path.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 /*
  * The LB host's compiled relay for established relayed sessions (docs/performance.md,
- * "The compiled relay").
+ * "The compiled relay"), and, at the end of this file, the node DSPs' compiled sender and
+ * deliverer.
  *
  * The Python router decides every rule; this file only repeats, for frames of sessions the
  * router handed over, the rewrite the router would do, so that the steady state of a session
