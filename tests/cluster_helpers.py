@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dsp_proxy.cluster import Cluster, module_argv, render_config
+from dvk_cffi import consts as C
+from dvk_cffi.wire import HEADER_SIZE, Header, frame_length
 
 _counter = itertools.count()
 
@@ -21,6 +23,23 @@ def fresh_net() -> str:
     """A 127.X.Y prefix of this test alone (runs isolate themselves by address)."""
     n = next(_counter)
     return f"127.{100 + os.getpid() % 100}.{(os.getpid() // 100 + 7 * n) % 250 + 1}"
+
+
+def wire_frames(stream: bytes) -> tuple[list[tuple[Header, bytes]], int]:
+    """The whole frames at the head of `stream` that a peer's socket received, as (header,
+    payload), and the offset after the last of them.  A frame that could not be one (a bad
+    command or length: the bytes of two frames mixed) fails the test."""
+    out, off = [], 0
+    while len(stream) - off >= HEADER_SIZE:
+        h = Header(bytearray(stream[off:off + HEADER_SIZE]))
+        n = frame_length(stream, off)
+        assert h.c_cmd in C.VALID_CMDS and 0 <= n <= C.MAXCOPYBUF, \
+            f"bytes of two frames mixed at offset {off}: {h!r}"
+        if len(stream) - off < HEADER_SIZE + n:
+            break
+        out.append((h, bytes(stream[off + HEADER_SIZE:off + HEADER_SIZE + n])))
+        off += HEADER_SIZE + n
+    return out, off
 
 
 @contextmanager

@@ -25,7 +25,7 @@ import pytest
 from test_dsp_cluster import LOOP_RE, TWO, latency, sha
 from test_router import LOCAL_CLIENTS, _acts, _net, _report, _req, _router, _sent
 
-from cluster_helpers import Background, cluster_from, start_latency_and_m3ftp
+from cluster_helpers import Background, cluster_from, start_latency_and_m3ftp, wire_frames
 from dsp_proxy import fastpath
 from dsp_proxy.cluster import module_argv
 from dsp_proxy.executor import Executor
@@ -76,19 +76,10 @@ def _frames(stream: bytes) -> list[tuple]:
     """The whole frames of `stream` as (c_cmd, c_src, c_dst, c_snode, c_dnode, c_len, payload,
     c_rcode), the fields a get2rmt of the same command gives alike (no time stamps); a frame
     whose bytes cannot be one (two frames mixed) fails the test."""
-    out, off = [], 0
-    while len(stream) - off >= HEADER_SIZE:
-        h = Header(bytearray(stream[off:off + HEADER_SIZE]))
-        n = frame_length(stream, off)
-        assert h.c_cmd in C.VALID_CMDS and 0 <= n <= C.MAXCOPYBUF, \
-            f"bytes of two frames mixed at offset {off}: {h!r}"
-        if len(stream) - off < HEADER_SIZE + n:
-            break
-        out.append((h.c_cmd, h.c_src, h.c_dst, h.c_snode, h.c_dnode, h.c_len,
-                    bytes(stream[off + HEADER_SIZE:off + HEADER_SIZE + n]), h.c_rcode))
-        off += HEADER_SIZE + n
+    frames, off = wire_frames(stream)
     assert off == len(stream), f"{len(stream) - off} bytes of a frame cut short"
-    return out
+    return [(h.c_cmd, h.c_src, h.c_dst, h.c_snode, h.c_dnode, h.c_len, data, h.c_rcode)
+            for h, data in frames]
 
 
 class Node:

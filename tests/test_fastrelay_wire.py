@@ -25,14 +25,14 @@ import types
 import pytest
 
 from bench import wire_peers as W
-from cluster_helpers import fresh_net
+from cluster_helpers import fresh_net, wire_frames
 from dsp_proxy import fastpath
 from dsp_proxy.cluster import Cluster
 from dsp_proxy.link import Link, PeerSpec, cork, uncork
 from dsp_proxy.misc import Counters
 from dsp_proxy.rproxy import FrameReader
 from dvk_cffi import consts as C
-from dvk_cffi.wire import HEADER_SIZE, Header, frame_length, make_header
+from dvk_cffi.wire import HEADER_SIZE, make_header
 from fuzz.relay_fuzz import CLIENT, Twins, establish, frame
 
 pytestmark = pytest.mark.skipif(fastpath.lib is None, reason="the compiled relay is not built")
@@ -166,19 +166,8 @@ class Rig:
 
 
 def _frames(stream: bytes) -> list[tuple[int, int, bytes]]:
-    """The whole frames at the head of `stream`; a frame that could not be one (a bad
-    command or length: bytes of two frames mixed) fails the test."""
-    out, off = [], 0
-    while len(stream) - off >= HEADER_SIZE:
-        h = Header(bytearray(stream[off:off + HEADER_SIZE]))
-        n = frame_length(stream, off)
-        assert h.c_cmd in C.VALID_CMDS and 0 <= n <= C.MAXCOPYBUF, \
-            f"bytes of two frames mixed at offset {off}: {h!r}"
-        if len(stream) - off < HEADER_SIZE + n:
-            break
-        out.append((h.c_cmd, h.c_src, bytes(stream[off + HEADER_SIZE:off + HEADER_SIZE + n])))
-        off += HEADER_SIZE + n
-    return out
+    """The whole frames at the head of `stream` as (c_cmd, c_src, payload)."""
+    return [(h.c_cmd, h.c_src, data) for h, data in wire_frames(stream)[0]]
 
 
 @pytest.fixture
