@@ -167,6 +167,7 @@ class FlowTable:
         for code in sorted(set(session_ending_codes)):
             if lib.rt_set_code(table, code):
                 raise ValueError("too many session-ending codes for the compiled relay")
+        lib.rt_set_raw_ok(table, local, True)   # a local client's session ends here
         self._take = ffi.new("int64_t[4]")
 
     def free(self) -> None:
@@ -193,14 +194,22 @@ class FlowTable:
         rewrites (`Group.reverse`): the compiled deliverer leaves them to the Python path."""
         lib.rt_set_reverse(self.table, node, on)
 
+    def lb_backlog(self, delta: int) -> int:
+        """The put2lcl thread holds `delta` frames more (queued, being put or parked): while
+        it holds any, the deliverers leave the LB node's traffic to it.  Returns how many it
+        holds now."""
+        return lib.rt_lb_backlog(self.table, delta)
+
     def set_raw_ok(self, node: int, ok: bool) -> None:
         """Whether the link to `node` takes frames as they are (no batching, no LZ4)."""
         lib.rt_set_raw_ok(self.table, node, ok)
 
     # ------------------------------------------------------------------ what the router does
     def give(self, sess) -> int:
-        """Hand an established relayed session over (router lock held): its id, or -1 when
-        the table is full or a link of the session does not take raw frames."""
+        """Hand an established session over (router lock held): a relayed one, or a local
+        client's (whose client node is this one and lbsvr_ep its own endpoint, so that the
+        rewrite leaves its source as it is).  Its id, or -1 when the table is full or a link
+        of the session does not take raw frames."""
         t = self.table
         sid = lib.rt_give(t, sess.clt_node, sess.svr_node, sess.dcid, sess.clt_ep,
                           sess.lbsvr_ep, sess.clt_pid, sess.svr_pid, sess.pending)
@@ -498,22 +507,61 @@ class Sender:
         if code == RS_REPLY:
             return self.dvk.get2rmt_reply(hdr, channel.body())
         if code == RS_HELD:
-            self._keep_rest()
+            _keep_rest(self.s, channel, self.payload, self.link, self.table)
         elif code < 0:
             channel.failed(self.dvk, -code)
         return None
 
-    def _keep_rest(self) -> None:
-        """(the send lock held by the loop) The rest of a command written in part goes
-        first on the link; then the lock is released."""
-        s = self.s
-        try:
+
+class LbPump:
+    """The LB pair's get2rmt thread's use of the compiled code (fastrelay.c
+    `rt_lb_send_pump`): on the emulated DVK, the get2rmt calls on the LB pair, and each
+    command of a local client's session handed over (`Group.fast_local`) rewritten for its
+    server and written to that server's link while the link is quiet.  Everything else comes
+    back as the result of a `get2rmt`, as the client sent it, for the router."""
+
+    def __init__(self, table: FlowTable, links: dict, dvk, payload, timeout: int) -> None:
+        self.table = table.table
+        self.links = links
+        self.dvk = dvk
+        self.payload = payload
+        s = self.s = ffi.new("rt_sender *")
+        ok_len, hdr_off, fixed = P.get2rmt_reply_layout()
+        self.channel = _Channel(s.ch, dvk.get2rmt_request(payload, timeout), ok_len, fixed)
+        pointer, self._payload = _pin(payload.view)
+        s.node = -1
+        s.payload, s.payload_cap = pointer, len(payload.view)
+        s.hdr_off = hdr_off
+
+    def get2rmt(self, hdr) -> bool:
+        """get2rmt calls until one is for the router: then True, with the command in `hdr`
+        and the payload (raised as `get2rmt` raises); False after a command written in part
+        (its link writes the rest)."""
+        channel = self.channel
+        channel.attach(self.dvk)
+        code = lib.rt_lb_send_pump(self.table, self.s, 0.0)
+        if code == RS_REPLY:
+            self.dvk.get2rmt_reply(hdr, channel.body())
+            return True
+        if code == RS_HELD:
+            _keep_rest(self.s, self.channel, self.payload, self.links.get(self.s.node),
+                       self.table)
+        elif code < 0:
+            channel.failed(self.dvk, -code)
+        return False
+
+
+def _keep_rest(s, channel: _Channel, payload, link, table) -> None:
+    """(the send lock of the link to `s.node` held by the loop) The rest of a command
+    written in part goes first on that link; then the lock is released."""
+    try:
+        if link is not None:
             start = 4 + s.hdr_off
-            head = bytes(self.channel.reply[start:start + HEADER_SIZE])
-            frame = head + bytes(self.payload.view[:frame_length(head)])
-            self.link.keep_unsent(frame[s.sent:], s.held_fd)
-        finally:
-            lib.rt_wire_unlock(self.table, self.link.peer)
+            head = bytes(channel.reply[start:start + HEADER_SIZE])
+            frame = head + bytes(payload.view[:frame_length(head)])
+            link.keep_unsent(frame[s.sent:], s.held_fd)
+    finally:
+        lib.rt_wire_unlock(table, s.node)
 
 
 #: Why the compiled deliverer stopped (fastrelay.c `rt_deliver`): the frames ran out (or the
@@ -532,7 +580,7 @@ class Receiver:
     frame whose put2lcl the kernel connection failed (with the code the Python path's call
     fails with; never put again)."""
 
-    def __init__(self, table: FlowTable, reader, link, dvk, deliverer) -> None:
+    def __init__(self, table: FlowTable, reader, link, dvk, deliverer, lb_put=None) -> None:
         self.table = table.table
         self.flows = table
         self.reader = reader
@@ -549,6 +597,10 @@ class Receiver:
         r.peer, r.req_hdr_off, r.value_off = self.peer, hdr_off, value_off
         r.payload, r.payload_cap = pointer, len(payload.view)
         r.python_flags = C.FLAG_BATCH | C.FLAG_LZ4
+        #: where the LB node's traffic goes after a put2lcl that did not plainly succeed:
+        #: the put2lcl thread's `put_done` (None: the loop leaves that traffic to the router)
+        self.lb_put = lb_put
+        r.lb = lb_put is not None
         self.cbuf = ffi.from_buffer(reader.buf)    # the buffer is never resized
         self.pos = ffi.new("int[2]")
         self.got = ffi.new("int *")
@@ -650,11 +702,15 @@ class Receiver:
 
     def _done(self, code: int) -> None:
         """`Deliverer.put_done` for the frame the loop put (at done_off): parking, repairs
-        and error replies as on the Python path."""
+        and error replies as on the Python path; for the LB node's traffic, those of the
+        put2lcl thread, which delivers that traffic on the Python path."""
         off, view = self.r.done_off, self.reader.view
         h = Header(bytearray(view[off:off + HEADER_SIZE]))
         payload = view[off + HEADER_SIZE:off + HEADER_SIZE + h.c_len]
-        self.deliverer.put_done(h, payload, code, self.autobind)
+        if self.r.done_lb:
+            self.lb_put(h, bytes(payload), code)
+        else:
+            self.deliverer.put_done(h, payload, code, self.autobind)
 
     def fold_received(self) -> None:
         """(the link's receiver thread) Add what the loop counted as received to the link's

@@ -93,6 +93,7 @@ typedef struct relay_table {
     int32_t dc_known[RT_MAX_DCS], dc_lo[RT_MAX_DCS], dc_hi[RT_MAX_DCS];
     uint8_t raw_ok[RT_MAX_NODES];
     int32_t reverse[RT_MAX_NODES];              /* the node serves sessions this DSP balances */
+    int32_t lb_backlog;                         /* frames the put2lcl thread holds (rt_lb_backlog) */
     pthread_mutex_t wire[RT_MAX_NODES];         /* the links' send locks */
     int32_t fd[RT_MAX_NODES];                   /* where the relay may write, -1 nowhere */
     uint32_t pubs[RT_MAX_NODES];                /* changes of fd[] so far */
@@ -389,6 +390,14 @@ void rt_set_reverse(relay_table *t, int node, int on)
 {
     if (node_ok(node))
         __atomic_store_n(&t->reverse[node], on != 0, __ATOMIC_SEQ_CST);
+}
+
+/* The put2lcl thread holds `delta` frames more (queued, being put or parked): while it holds
+ * any, the deliverers leave the LB node's traffic to it, so that none overtakes another.
+ * Returns how many it holds now. */
+int rt_lb_backlog(relay_table *t, int delta)
+{
+    return __atomic_add_fetch(&t->lb_backlog, delta, __ATOMIC_SEQ_CST);
 }
 
 int rt_give(relay_table *t, int clt_node, int svr_node, int dcid, int clt_ep, int lbsvr_ep,
@@ -723,7 +732,95 @@ int rt_pump(relay_table *t, int peer, int fd, unsigned char *buf, int cap, int *
     }
 }
 
-/* (lock held) The walk of rt_relay; *nsegs is the number of segments filled. */
+/* (lock held) The flow of the whole frame at h that came from `peer` (a link's peer, or the
+ * local node for a command of a local client), after the checks of a received header and the
+ * session's: NULL when anything is doubtful (the Python path decides).  *dir: 0 a client's
+ * command, 1 a server's traffic for a client; *out: the node the frame goes to. */
+static flow *frame_flow(relay_table *t, int peer, const unsigned char *h, int *dir, int *out)
+{
+    int32_t cmd = rd(h, O_CMD), dcid = rd(h, O_DCID), src = rd(h, O_SRC),
+            dst = rd(h, O_DST), snode = rd(h, O_SNODE), dnode = rd(h, O_DNODE),
+            rcode = rd(h, O_RCODE), len = rd(h, O_LEN), pid = rd(h, O_PID),
+            batch_nr = rd(h, O_BATCH_NR);
+    uint32_t flags = (uint32_t)rd(h, O_FLAGS);
+    int slot = cmd_slot(t, cmd);
+    if (slot < 0 || cmd == 0 || len < 0 || len > t->maxcopybuf)
+        return NULL;
+    uint8_t c = t->cls[slot];
+    if (!(c & K_VALID) || batch_nr || (flags & (uint32_t)(t->flag_batch | t->flag_lz4)) ||
+        (len && !(c & K_DATA)))
+        return NULL;
+    if (snode != peer || dnode < 0 || dnode >= t->nr_nodes || dcid < 0 ||
+        dcid >= t->nr_dcs || !t->dc_known[dcid] ||
+        !endpoint_ok(t, src, t->dc_lo[dcid], t->dc_hi[dcid]) ||
+        !endpoint_ok(t, dst, t->dc_lo[dcid], t->dc_hi[dcid]))
+        return NULL;
+    if (dnode == t->lb_id && t->lb_id != t->local)
+        *dir = 0;
+    else if (dnode == t->local)
+        *dir = 1;
+    else
+        return NULL;
+    flow *f = flow_find(t, *dir, peer, dcid, src, dst);
+    if (f == NULL)
+        return NULL;
+    fsess *s = &t->sess[f->sid];
+    if (*dir == 0) {
+        if ((c & K_REQUEST) && pid > 0 && s->clt_pid > 0 && pid != s->clt_pid)
+            return NULL;
+        /* a client's copy naming any endpoint but its own and the one it addresses: the
+         * router decides whether the session reaches it (Session.may_send) */
+        if ((c & K_VCOPY) && !vcopy_between(h, src, dst))
+            return NULL;
+        *out = s->svr_node;
+    } else {
+        if ((cmd >> t->ack_bit) & 1)
+            for (int k = 0; k < t->ncodes; k++)
+                if (rcode == t->codes[k])
+                    return NULL;
+        if ((c & K_MSG) && pid > 0 && pid != s->svr_pid)
+            return NULL;
+        *out = s->clt_node;
+    }
+    return t->raw_ok[*out] ? f : NULL;
+}
+
+/* (lock held) The rewrite of a frame of flow f in direction dir, and the session's
+ * bookkeeping, as the router does them.  A local client's session has its own endpoint as
+ * lbsvr_ep and the local node as clt_node: its source stays as it is. */
+static void flow_rewrite(relay_table *t, const flow *f, int dir, unsigned char *h)
+{
+    fsess *s = &t->sess[f->sid];
+    int32_t cmd = rd(h, O_CMD), len = rd(h, O_LEN);
+    uint32_t flags = (uint32_t)rd(h, O_FLAGS);
+    uint8_t c = t->cls[cmd_slot(t, cmd)];
+    if (dir == 0) {
+        int32_t src = rd(h, O_SRC), dst = rd(h, O_DST);
+        wr(h, O_SNODE, t->local);
+        wr(h, O_DNODE, s->svr_node);
+        wr(h, O_FLAGS, (int32_t)(flags | (uint32_t)t->flag_check));
+        swap_ep(h, c, dst, f->new_ep, 1);
+        swap_ep(h, c, src, s->lbsvr_ep, 0);
+        if (cmd == t->cmd_sndrec || cmd == t->cmd_send)
+            s->pending = cmd;
+        s->cmds++;
+        s->bytes += RT_HEADER + len;
+    } else {
+        wr(h, O_SNODE, t->lb_id);
+        wr(h, O_DNODE, s->clt_node);
+        wr(h, O_FLAGS, (int32_t)(flags & ~(uint32_t)t->flag_check));
+        swap_ep(h, c, rd(h, O_SRC), f->new_ep, 0);
+        swap_ep(h, c, s->lbsvr_ep, s->clt_ep, 1);
+        if ((cmd == t->cmd_send || cmd == t->cmd_reply) && s->pending == t->cmd_sndrec)
+            s->pending = 0;
+        else if (c & K_MSG_ACK)
+            s->pending = 0;
+    }
+    s->uses++;
+}
+
+/* (lock held) The walk of rt_relay; *nsegs is the number of segments filled.  A server's
+ * traffic for a client of this node is the deliverer's (rt_deliver), not the relay's. */
 static int relay_walk(relay_table *t, int peer, unsigned char *buf, int start, int end,
                       relay_seg *segs, int maxsegs, int *nsegs, int *python)
 {
@@ -731,64 +828,16 @@ static int relay_walk(relay_table *t, int peer, unsigned char *buf, int start, i
     while (end - off >= RT_HEADER) {
         *python = 1;
         unsigned char *h = buf + off;
-        int32_t cmd = rd(h, O_CMD), dcid = rd(h, O_DCID), src = rd(h, O_SRC),
-                dst = rd(h, O_DST), snode = rd(h, O_SNODE), dnode = rd(h, O_DNODE),
-                rcode = rd(h, O_RCODE), len = rd(h, O_LEN), pid = rd(h, O_PID),
-                batch_nr = rd(h, O_BATCH_NR);
-        uint32_t flags = (uint32_t)rd(h, O_FLAGS);
-        /* the checks of a received header; anything doubtful goes to the Python path */
+        int32_t len = rd(h, O_LEN);
         if (len < 0 || len > t->maxcopybuf)
             break;
         if (end - off < RT_HEADER + len) {
             *python = 0;
             break;
         }
-        int slot = cmd_slot(t, cmd);
-        if (slot < 0 || cmd == 0)
-            break;
-        uint8_t c = t->cls[slot];
-        if (!(c & K_VALID) || batch_nr || (flags & (uint32_t)(t->flag_batch | t->flag_lz4)) ||
-            (len && !(c & K_DATA)))
-            break;
-        if (snode != peer || dnode < 0 || dnode >= t->nr_nodes || dcid < 0 ||
-            dcid >= t->nr_dcs || !t->dc_known[dcid] ||
-            !endpoint_ok(t, src, t->dc_lo[dcid], t->dc_hi[dcid]) ||
-            !endpoint_ok(t, dst, t->dc_lo[dcid], t->dc_hi[dcid]))
-            break;
-        /* the session's flow */
-        int dir;
-        if (dnode == t->lb_id && t->lb_id != t->local)
-            dir = 0;
-        else if (dnode == t->local)
-            dir = 1;
-        else
-            break;
-        flow *f = flow_find(t, dir, peer, dcid, src, dst);
-        if (f == NULL)
-            break;
-        fsess *s = &t->sess[f->sid];
-        int32_t out;
-        if (dir == 0) {
-            if ((c & K_REQUEST) && pid > 0 && s->clt_pid > 0 && pid != s->clt_pid)
-                break;
-            /* a client's copy naming any endpoint but its own and the one it addresses:
-             * the router decides whether the session reaches it (Session.may_send) */
-            if ((c & K_VCOPY) && !vcopy_between(h, src, dst))
-                break;
-            out = s->svr_node;
-        } else {
-            if ((cmd >> t->ack_bit) & 1) {
-                int gone = 0;
-                for (int k = 0; k < t->ncodes; k++)
-                    gone |= rcode == t->codes[k];
-                if (gone)
-                    break;
-            }
-            if ((c & K_MSG) && pid > 0 && pid != s->svr_pid)
-                break;
-            out = s->clt_node;
-        }
-        if (!t->raw_ok[out])
+        int dir, out;
+        flow *f = frame_flow(t, peer, h, &dir, &out);
+        if (f == NULL || out == t->local)
             break;
         if (n > 0 && segs[n - 1].node == out && segs[n - 1].off + segs[n - 1].len == off) {
             segs[n - 1].len += RT_HEADER + len;
@@ -802,29 +851,8 @@ static int relay_walk(relay_table *t, int peer, unsigned char *buf, int start, i
         } else {
             break;
         }
-        /* the rewrite and the session's bookkeeping, as the router does them */
-        if (dir == 0) {
-            wr(h, O_SNODE, t->local);
-            wr(h, O_DNODE, s->svr_node);
-            wr(h, O_FLAGS, (int32_t)(flags | (uint32_t)t->flag_check));
-            swap_ep(h, c, dst, f->new_ep, 1);
-            swap_ep(h, c, src, s->lbsvr_ep, 0);
-            if (cmd == t->cmd_sndrec || cmd == t->cmd_send)
-                s->pending = cmd;
-            s->cmds++;
-            s->bytes += RT_HEADER + len;
-        } else {
-            wr(h, O_SNODE, t->lb_id);
-            wr(h, O_DNODE, s->clt_node);
-            wr(h, O_FLAGS, (int32_t)(flags & ~(uint32_t)t->flag_check));
-            swap_ep(h, c, src, f->new_ep, 0);
-            swap_ep(h, c, s->lbsvr_ep, s->clt_ep, 1);
-            if ((cmd == t->cmd_send || cmd == t->cmd_reply) && s->pending == t->cmd_sndrec)
-                s->pending = 0;
-            else if (c & K_MSG_ACK)
-                s->pending = 0;
-        }
-        s->uses++;
+        flow_rewrite(t, f, dir, h);
+        int slot = cmd_slot(t, rd(h, O_CMD)), dcid = rd(h, O_DCID);
         tally_add(&t->tally[0][peer], t, slot, dcid, len, 1);
         tally_add(&t->tally[1][out], t, slot, dcid, len, 1);
         off += RT_HEADER + len;
@@ -1045,6 +1073,72 @@ int rt_send_pump(relay_table *t, rt_sender *s, double until)
     }
 }
 
+/* The LB pair's sender loop: get2rmt on the LB pair, and each command of a local client's
+ * session handed over (frame_flow from the local node) rewritten for its server and written
+ * to that server's link while the link is quiet, until `until` came (RS_DUE), a reply is for
+ * the Python path (RS_REPLY: another reply, or a command this loop did not rewrite: the router
+ * takes it as it came), or a rewritten command was written in part or not at all (RS_HELD:
+ * s->node is its server, the send lock held, s->sent bytes taken; the link keeps the rest).
+ * -errno when the kernel connection failed. */
+int rt_lb_send_pump(relay_table *t, rt_sender *s, double until)
+{
+    if (!channel_sane(&s->ch) || s->hdr_off < 0 || s->hdr_off + RT_HEADER > s->ch.ok_len)
+        return -EINVAL;
+    s->held_fd = -1;
+    s->sent = 0;
+    for (;;) {
+        if (until > 0 && monotonic_now() >= until)
+            return RS_DUE;
+        int r = channel_call(&s->ch);
+        if (r < 0)
+            return r;
+        if (r == 0 || !plain_command(t, s))
+            return RS_REPLY;
+        unsigned char *h = s->ch.reply + 4 + s->hdr_off;
+        int32_t len = rd(h, O_LEN);
+        int dir, out = -1;
+        pthread_mutex_lock(&t->lock);
+        flow *f = frame_flow(t, t->local, h, &dir, &out);
+        int fd = -1;
+        if (f != NULL && dir == 0 && out != t->local &&
+            __atomic_load_n(&t->quiet[out], __ATOMIC_SEQ_CST) &&
+            pthread_mutex_trylock(&t->wire[out]) == 0) {
+            fd = __atomic_load_n(&t->fd[out], __ATOMIC_SEQ_CST);
+            if (fd < 0 || !__atomic_load_n(&t->quiet[out], __ATOMIC_SEQ_CST)) {
+                pthread_mutex_unlock(&t->wire[out]);
+                fd = -1;
+            }
+        }
+        if (fd < 0) {
+            pthread_mutex_unlock(&t->lock);
+            return RS_REPLY;
+        }
+        flow_rewrite(t, f, dir, h);
+        tally_add(&t->tally[1][out], t, cmd_slot(t, rd(h, O_CMD)), rd(h, O_DCID), len, 1);
+        pthread_mutex_unlock(&t->lock);
+        struct iovec iov[2] = { { h, RT_HEADER }, { (void *)s->payload, (size_t)len } };
+        struct msghdr m = { .msg_iov = iov, .msg_iovlen = len ? 2 : 1 };
+        ssize_t w;
+        do
+            w = sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+        while (w < 0 && errno == EINTR);
+        if (w > 0) {
+            double now = monotonic_now();
+            __atomic_store(&t->last_tx[out], &now, __ATOMIC_RELAXED);
+        }
+        if (w == RT_HEADER + len) {
+            pthread_mutex_unlock(&t->wire[out]);
+            continue;
+        }
+        /* the rest (all of it after an error, which the link's own write then meets) */
+        __atomic_store_n(&t->quiet[out], 0, __ATOMIC_SEQ_CST);
+        s->node = out;
+        s->held_fd = fd;
+        s->sent = w < 0 ? 0 : (int)w;
+        return RS_HELD;
+    }
+}
+
 /* ---- the deliverer */
 typedef struct {
     rt_channel ch;                       /* req: a PUT2LCL request, the header at req_hdr_off */
@@ -1055,7 +1149,9 @@ typedef struct {
     int32_t value_off;                   /* put2lcl's result in a plain success */
     int32_t python_flags;                /* header flags whose frames take the Python path */
     int32_t deliver;                     /* 0: only read (the Python path delivers meanwhile) */
+    int32_t lb;                          /* 1: may put the LB node's traffic (see rt_deliver) */
     int32_t done_off;                    /* RD_REPLY, RD_KERNEL: where that frame starts */
+    int32_t done_lb;                     /* ... and whether it is the LB node's (rewritten) */
     int32_t kerr;                        /* RD_KERNEL: errno of the kernel connection */
 } rt_receiver;
 
@@ -1063,7 +1159,8 @@ enum { RD_BUDGET = 0, RD_PYTHON = 1, RD_REPLY = 2, RD_KERNEL = 3 };
 
 /* Whether the whole frame at h is one the loop delivers: the checks of the Python receiver
  * (a valid command, its payload, no batch, its node, DC and endpoints) passed, for this node,
- * from a node whose frames the router does not rewrite, and no flag for the Python path. */
+ * and no flag for the Python path.  2 when it comes from a node that serves sessions this DSP
+ * balances: it may be a server's traffic for a local client, which is rewritten first. */
 static int deliverable(const relay_table *t, const rt_receiver *r, const unsigned char *h)
 {
     int32_t cmd = rd(h, O_CMD), dcid = rd(h, O_DCID), len = rd(h, O_LEN);
@@ -1073,12 +1170,32 @@ static int deliverable(const relay_table *t, const rt_receiver *r, const unsigne
         (len && !(t->cls[slot] & K_DATA)) || rd(h, O_BATCH_NR) != 0 ||
         (rd(h, O_FLAGS) & r->python_flags))
         return 0;
-    if (rd(h, O_SNODE) != r->peer || __atomic_load_n(&t->reverse[r->peer], __ATOMIC_SEQ_CST) ||
-        r->peer >= t->nr_nodes || rd(h, O_DNODE) != t->local || t->local < 0 ||
-        t->local >= t->nr_nodes || dcid < 0 || dcid >= t->nr_dcs || !t->dc_known[dcid])
+    if (rd(h, O_SNODE) != r->peer || r->peer >= t->nr_nodes || rd(h, O_DNODE) != t->local ||
+        t->local < 0 || t->local >= t->nr_nodes || dcid < 0 || dcid >= t->nr_dcs ||
+        !t->dc_known[dcid])
         return 0;
-    return endpoint_ok(t, rd(h, O_SRC), t->dc_lo[dcid], t->dc_hi[dcid]) &&
-           endpoint_ok(t, rd(h, O_DST), t->dc_lo[dcid], t->dc_hi[dcid]);
+    if (!endpoint_ok(t, rd(h, O_SRC), t->dc_lo[dcid], t->dc_hi[dcid]) ||
+        !endpoint_ok(t, rd(h, O_DST), t->dc_lo[dcid], t->dc_hi[dcid]))
+        return 0;
+    return __atomic_load_n(&t->reverse[r->peer], __ATOMIC_SEQ_CST) ? 2 : 1;
+}
+
+/* A server's traffic for a local client (deliverable's 2): rewritten to come from the LB node
+ * when its session is handed over and the put2lcl thread holds no frame of the LB node's
+ * traffic (which this one would overtake).  0: the Python path routes it. */
+static int lb_rewrite(relay_table *t, const rt_receiver *r, unsigned char *h)
+{
+    if (!r->lb || __atomic_load_n(&t->lb_backlog, __ATOMIC_SEQ_CST) != 0)
+        return 0;
+    int dir, out, ok = 0;
+    pthread_mutex_lock(&t->lock);
+    flow *f = frame_flow(t, r->peer, h, &dir, &out);
+    if (f != NULL && dir == 1 && out == t->local) {
+        flow_rewrite(t, f, dir, h);
+        ok = 1;
+    }
+    pthread_mutex_unlock(&t->lock);
+    return ok;
 }
 
 /* The put2lcl of the frame at h: 1 a plain success (a result of 0 or more), 0 another reply
@@ -1117,7 +1234,8 @@ int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, i
             return RD_PYTHON;     /* the Python check says what is wrong with it */
         if (end - off < RT_HEADER + len)
             return RD_BUDGET;
-        if (!r->deliver || !deliverable(t, r, h))
+        int kind = r->deliver ? deliverable(t, r, buf + off) : 0;
+        if (kind == 0 || (kind == 2 && !lb_rewrite(t, r, buf + off)))
             return RD_PYTHON;
         int rc = put2lcl_call(r, h);
         pthread_mutex_lock(&t->lock);
@@ -1126,6 +1244,7 @@ int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, i
         *start = off += RT_HEADER + len;
         if (rc <= 0) {
             r->done_off = off - RT_HEADER - len;
+            r->done_lb = kind == 2;
             if (rc == 0)
                 return RD_REPLY;
             /* never made again on another connection: the kernel may have carried out the

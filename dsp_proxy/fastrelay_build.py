@@ -47,6 +47,7 @@ int rt_set_code(relay_table *t, int code);
 void rt_set_dc(relay_table *t, int dcid, int known, int lo, int hi);
 void rt_set_raw_ok(relay_table *t, int node, int ok);
 void rt_set_reverse(relay_table *t, int node, int on);
+int rt_lb_backlog(relay_table *t, int delta);
 int rt_give(relay_table *t, int clt_node, int svr_node, int dcid, int clt_ep, int lbsvr_ep,
             int clt_pid, int svr_pid, int pending);
 int rt_map(relay_table *t, int sid, int client_side, int server_side);
@@ -88,6 +89,7 @@ typedef struct {
     int32_t held_fd, sent;
 } rt_sender;
 int rt_send_pump(relay_table *t, rt_sender *s, double until);
+int rt_lb_send_pump(relay_table *t, rt_sender *s, double until);
 typedef struct {
     rt_channel ch;
     int32_t peer;
@@ -97,7 +99,9 @@ typedef struct {
     int32_t value_off;
     int32_t python_flags;
     int32_t deliver;
+    int32_t lb;
     int32_t done_off;
+    int32_t done_lb;
     int32_t kerr;
 } rt_receiver;
 int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, int end);

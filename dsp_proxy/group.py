@@ -379,8 +379,13 @@ class Group:
                          "no_server": 0, "no_service": 0, "table_full": 0,
                          "sessions_taken_back": 0, "redispatched": 0, "refused": 0}
         self._last_check = clock()
-        #: The compiled relay (dsp_proxy/fastpath.py) of the LB host, None without it.
+        #: The compiled code's table (dsp_proxy/fastpath.py): the relay's on the LB host,
+        #: the node's own elsewhere; None without it.
         self.fast = None
+        #: Local clients' sessions are handed to it too: set where the receivers put a
+        #: server's session traffic themselves (the compiled deliverer) and the get2rmt
+        #: thread writes the commands (`fastpath.LbPump`).
+        self.fast_local = False
         #: Server node -> how many reverse keys name it; `on_reverse(node, any)` is told when
         #: a node gets its first or loses its last (the compiled deliverer leaves the frames
         #: of such a node to `reverse`).
@@ -834,9 +839,11 @@ class Group:
 
     # ------------------------------------------------------------------ the compiled relay
     def _fast_give(self, sess: Session) -> None:
-        """(lock held) Hand an established relayed session to the compiled relay, which then
-        carries its frames while they need no decision of the router."""
-        if (self.fast is not None and sess.fast_sid < 0 and sess.relayed and sess.first is None
+        """(lock held) Hand an established session to the compiled code, which then carries
+        its frames while they need no decision of the router: a relayed one to the LB host's
+        relay, a local client's where `fast_local`."""
+        if (self.fast is not None and sess.fast_sid < 0
+                and (sess.relayed or self.fast_local) and sess.first is None
                 and not sess.starting and self.sessions.get(sess.key()) is sess):
             sess.fast_sid = self.fast.give(sess)
 

@@ -126,6 +126,9 @@ class ProxyContext:
     wires: fastpath.FlowTable | None = None
     #: True for (dcid, endpoint) when it is a configured service's ext_ep (the config in force)
     service_ep: Callable[[int, int], bool] = lambda dcid, ep: False
+    #: the put2lcl thread's `put_done`, for the compiled deliverers that put the LB node's
+    #: traffic themselves (None: they leave it to the router)
+    lb_put: Callable[[Header, bytes, int], None] | None = None
 
 
 @dataclass
@@ -194,11 +197,14 @@ class Dsp:
         if self.wires is None and fastpath.enabled() and fastpath.Sender.backend_ok(dvk):
             try:
                 self.wires = fastpath.FlowTable(local, self.lb_nodeid, dvs.d_nr_nodes,
-                                                dvs.d_nr_dcs, ())
+                                                dvs.d_nr_dcs, SERVER_GONE | SERVICE_DOWN)
             except ValueError as exc:
                 log.info("the compiled sender is not used: %s", exc)
         if self.group is not None and self.wires is not None:
             self.group.on_reverse = self.wires.set_reverse
+            if self.fast is None:   # the receivers deliver in C: local clients' sessions too
+                self.group.fast = self.wires
+                self.group.fast_local = True
         self.router = Router(local, self.lb_nodeid, self.group)
         self.put2lcl: Put2lclThread | None = None
         self.execute = Executor(local, self.links, self.router, self._put_local,
@@ -271,7 +277,18 @@ class Dsp:
             tune_out=lambda sock: self.tune(sock, outgoing=True),
             fd_interval_ms=self.fd_interval_ms,
             period=self.period, fast=self.fast, wires=self.wires,
-            service_ep=self._is_service_ep)
+            service_ep=self._is_service_ep,
+            lb_put=self._lb_put_done if self.group is not None and self.group.fast_local
+            else None)
+
+    def _lb_put_done(self, h: Header, data: bytes, code: int) -> None:
+        """A receiver's put2lcl of the LB node's traffic that did not plainly succeed: the
+        put2lcl thread answers it (a frame that comes before that thread exists is counted
+        as a put2lcl error)."""
+        if self.put2lcl is not None:
+            self.put2lcl.put_done(h, data, code)
+        else:
+            self.count_error(code)
 
     def _is_service_ep(self, dcid: int, ep: int) -> bool:
         """A configured service's ext_ep in DC `dcid`: only its program (or, on a client node,

@@ -440,7 +440,7 @@ class RProxy:
             relay = Relay(ctx.fast, reader, peer, ctx.execute.links, self._refused, link)
             read = relay.read
         elif Receiver.usable(ctx.wires, ctx.dvk):   # a node's frames delivered in C
-            relay = Receiver(ctx.wires, reader, link, ctx.dvk, deliverer)
+            relay = Receiver(ctx.wires, reader, link, ctx.dvk, deliverer, ctx.lb_put)
             read = relay.read
         if relay is not None:        # (its reads set it again after a silence)
             delay_acks(sock)
@@ -654,7 +654,13 @@ class Put2lclThread:
     thread drains it at the kernel's pace, so the link behind that thread slows down instead of
     losing frames); a frame that finds no room within PUT2LCL_WAIT is counted and dropped,
     logged once per episode, and until a frame fits again the others are dropped at once (a
-    stuck queue costs the threads that feed it one wait, not one per frame)."""
+    stuck queue costs the threads that feed it one wait, not one per frame).
+
+    With the compiled deliverer, a receiver puts a server's session traffic itself while this
+    thread holds no frame of the LB node's traffic (`backlog`: every frame it holds is counted
+    in the table, queued, being put or parked), and hands it here only when that put2lcl did
+    not plainly succeed (`put_done`): every parking and repair of the LB node's traffic stays
+    in this thread's one deliverer, in order."""
 
     def __init__(self, ctx, gate) -> None:
         self.ctx = ctx
@@ -662,15 +668,31 @@ class Put2lclThread:
         self.queue: queue.Queue = _FrameQueue(PUT2LCL_QUEUE_MAX, PUT2LCL_QUEUE_BYTES)
         self.refused = 0
         self._full = False
+        #: the table the compiled deliverers read the backlog from (None: no such deliverers)
+        self.backlog = ctx.wires.lb_backlog if getattr(ctx, "wires", None) is not None \
+            else None
 
     def put(self, h: Header, data=b"") -> bool:
         """Queue a frame for a local process; False when it was dropped."""
+        return self._queue((h, data, None))
+
+    def put_done(self, h: Header, data, code: int) -> None:
+        """A frame whose put2lcl a receiver made and that returned `code`: this thread
+        parks, repairs or answers it as if it had made the call itself."""
+        self._queue((h, data, code))
+
+    def _queue(self, item: tuple) -> bool:
+        backlog = self.backlog
+        if backlog is not None:
+            backlog(1)
         try:
             if self._full:
-                self.queue.put_nowait((h, data))
+                self.queue.put_nowait(item)
             else:
-                self.queue.put((h, data), timeout=PUT2LCL_WAIT)
+                self.queue.put(item, timeout=PUT2LCL_WAIT)
         except queue.Full:
+            if backlog is not None:
+                backlog(-1)
             self.refused += 1
             if not self._full:
                 self._full = True
@@ -687,14 +709,22 @@ class Put2lclThread:
             return
         deliverer = Deliverer(ctx, None)
         get = self.queue.get
+        backlog = self.backlog
+        held = 0       # parked frames counted in the backlog
         while not ctx.stopping.is_set():
+            taken = 0
             try:
-                h, data = get(timeout=PARK_RETRY if deliverer.parked else 0.5)
+                h, data, code = get(timeout=PARK_RETRY if deliverer.parked else 0.5)
             except queue.Empty:
-                if deliverer.parked:
-                    deliverer.retry_parked()
-                continue
-            deliverer.deliver(h, data, autobind=True)
+                pass
+            else:
+                taken = 1
+                if code is None:
+                    deliverer.deliver(h, data, autobind=True)
+                else:
+                    deliverer.put_done(h, data, code, True)
             if deliverer.parked:
                 deliverer.retry_parked()
-
+            if backlog is not None and (taken or held != deliverer.nparked):
+                backlog(deliverer.nparked - held - taken)
+                held = deliverer.nparked

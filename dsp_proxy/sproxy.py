@@ -18,7 +18,7 @@ from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.wire import Header
 
-from .fastpath import Sender
+from .fastpath import LbPump, Sender
 from .link import MAXBATCMD, PAIR_GONE, Link, cork, uncork
 from .linkstate import Event, State
 from .misc import EXHAUSTED, Backoff
@@ -33,6 +33,8 @@ CONNECT_TIMEOUT = 2.0
 LOCAL_TROUBLE = EXHAUSTED | {errno.EADDRNOTAVAIL, errno.EADDRINUSE}
 #: At most this many commands fetched without waiting after one get2rmt (one batch's worth).
 MAX_DRAIN = MAXBATCMD
+#: How long the get2rmt thread's call waits (ms) before it looks at `stopping` again.
+LB_WAIT_MS = 500
 
 
 class SProxy:
@@ -192,7 +194,9 @@ class SProxy:
 
 class LbSender:
     """The LB pair's sender (the get2rmt thread): every command local processes address to the
-    virtual LB node goes to the router; it writes to no socket itself."""
+    virtual LB node goes to the router.  Where local clients' sessions are handed to the
+    compiled code (`Group.fast_local`), their commands are rewritten and written to their
+    servers' links in C (`LbPump`) and only the rest comes to the router."""
 
     def __init__(self, ctx, gate) -> None:
         self.ctx = ctx
@@ -206,9 +210,16 @@ class LbSender:
         payload = ctx.dvk.alloc(C.MAXCOPYBUF)
         view = payload.view
         route, execute = ctx.router.from_local, ctx.execute
+        group = ctx.router.group
+        pump = None
+        if group is not None and group.fast_local and Sender.backend_ok(ctx.dvk):
+            pump = LbPump(group.fast, execute.links, ctx.dvk, payload, LB_WAIT_MS)
         while not ctx.stopping.is_set():
             try:
-                ctx.dvk.get2rmt(hdr, payload, 500)
+                if pump is None:
+                    ctx.dvk.get2rmt(hdr, payload, LB_WAIT_MS)
+                elif not pump.get2rmt(hdr):
+                    continue
             except E.DvkError as err:
                 if err.code in PAIR_GONE:   # only registering it again helps: a restart
                     raise RuntimeError(f"the kernel no longer has the LB pair: {err}") from None

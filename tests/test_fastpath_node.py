@@ -440,10 +440,11 @@ class RecvRig(Node):
         router = Router(1, -1, None)
         self.errors: list[int] = []
         self.ctx = SimpleNamespace(
-            dvk=self.spy, fast=None, wires=self.table if fast else None, router=router,
-            execute=Executor(1, {PEER: link}, router, None, lambda: None), limits=self.limits,
-            lb_node=-1, service_ep=lambda dcid, ep: False, count_error=self.errors.append,
-            stopping=threading.Event(), control=lambda peer, m: None)
+            dvk=self.spy, fast=None, wires=self.table if fast else None, lb_put=None,
+            router=router, execute=Executor(1, {PEER: link}, router, None, lambda: None),
+            limits=self.limits, lb_node=-1, service_ep=lambda dcid, ep: False,
+            count_error=self.errors.append, stopping=threading.Event(),
+            control=lambda peer, m: None)
         self.rp = RProxy(self.ctx, link, None)
         self.rp.deliverer = self.px.rproxy.call(Deliverer, self.ctx, PEER)
         self.rp.reader = None
