@@ -18,6 +18,7 @@ from cluster_helpers import Background, cluster_from, wait_bound
 from dsp_proxy import config as cfgmod
 from dsp_proxy.acceptor import Acceptor
 from dsp_proxy.cluster import module_argv
+from dsp_proxy.fastpath import LbPump
 from dsp_proxy.group import Group
 from dsp_proxy.link import Link
 from dsp_proxy.main import KERNEL_ANSWER_LIMIT, TICK, Dsp
@@ -275,9 +276,10 @@ def test_the_lb_pair_dying_ends_the_daemon_non_zero(node1, monkeypatch, thread_n
     wrap, fired = _once(thread_name)
     client = None
     try:
-        if thread_name == "get2rmt":
+        if thread_name == "get2rmt":   # its get2rmt calls, made in C or in Python
             dvk = inproc.dsp.dvk
             monkeypatch.setattr(dvk, "get2rmt", wrap(dvk.get2rmt))
+            monkeypatch.setattr(LbPump, "get2rmt", wrap(LbPump.get2rmt))
         else:
             # the put2lcl thread delivers the server's replies to the client
             monkeypatch.setattr(Deliverer, "deliver", wrap(Deliverer.deliver))
