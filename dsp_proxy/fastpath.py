@@ -673,10 +673,15 @@ class Receiver:
         """The Python path's part of what stopped the loop, and the walk on after it; True
         when a whole frame for the Python path is next."""
         while why == RD_REPLY or why == RD_KERNEL:
-            if why == RD_REPLY:
-                self._reply()
-            else:
-                self._kernel_failed()
+            try:
+                if why == RD_REPLY:
+                    self._reply()
+                else:
+                    self._kernel_failed()
+            finally:
+                if self.r.done_lb:  # the loop counted the frame in the backlog until now:
+                    self.r.done_lb = 0      # the put2lcl thread counts it (or dropped it)
+                    self.flows.lb_backlog(-1)
             if not self.reader.has_frame():
                 return False
             why = self._walk()
@@ -703,7 +708,10 @@ class Receiver:
     def _done(self, code: int) -> None:
         """`Deliverer.put_done` for the frame the loop put (at done_off): parking, repairs
         and error replies as on the Python path; for the LB node's traffic, those of the
-        put2lcl thread, which delivers that traffic on the Python path."""
+        put2lcl thread, which delivers that traffic on the Python path (the loop counted
+        such a frame in the backlog when its put2lcl came back, so that no other receiver
+        puts the LB node's traffic past it meanwhile; `_after` releases that count once
+        `lb_put` returned)."""
         off, view = self.r.done_off, self.reader.view
         h = Header(bytearray(view[off:off + HEADER_SIZE]))
         payload = view[off + HEADER_SIZE:off + HEADER_SIZE + h.c_len]

@@ -1151,7 +1151,9 @@ typedef struct {
     int32_t deliver;                     /* 0: only read (the Python path delivers meanwhile) */
     int32_t lb;                          /* 1: may put the LB node's traffic (see rt_deliver) */
     int32_t done_off;                    /* RD_REPLY, RD_KERNEL: where that frame starts */
-    int32_t done_lb;                     /* ... and whether it is the LB node's (rewritten) */
+    int32_t done_lb;                     /* ... and whether it is the LB node's (rewritten:
+                                          * counted in lb_backlog until the Python side has
+                                          * handed it to the put2lcl thread) */
     int32_t kerr;                        /* RD_KERNEL: errno of the kernel connection */
 } rt_receiver;
 
@@ -1245,6 +1247,11 @@ int rt_deliver(relay_table *t, rt_receiver *r, unsigned char *buf, int *start, i
         if (rc <= 0) {
             r->done_off = off - RT_HEADER - len;
             r->done_lb = kind == 2;
+            /* the frame is the put2lcl thread's from now on: counted at once, so that no
+             * other receiver's frame of the LB node's traffic passes it while the Python
+             * side hands it over (which releases this count once that thread holds it) */
+            if (kind == 2)
+                __atomic_add_fetch(&t->lb_backlog, 1, __ATOMIC_SEQ_CST);
             if (rc == 0)
                 return RD_REPLY;
             /* never made again on another connection: the kernel may have carried out the
