@@ -88,7 +88,8 @@ fuzz-relay-asan: venv
 	$(SAN_ENV) LD_PRELOAD="$$asan" $(BIN)/python -m fuzz.relay_fuzz --frames 1000000; \
 	$(SAN_ENV) LD_PRELOAD="$$asan" $(BIN)/python -m pytest -q -p no:cacheprovider --capture=sys \
 	  tests/test_fastrelay_hostile.py tests/test_fastpath.py tests/test_fastpath_node.py \
-	  tests/test_fastpath_node_hostile.py tests/test_fastpath_lb.py
+	  tests/test_fastpath_node_hostile.py tests/test_fastpath_lb.py \
+	  tests/test_fastpath_lb_hostile.py
 
 # Six healed faults under four looping clients through the LB, then 8 clients x 10,000 sendrec.
 chaos: venv

@@ -7,8 +7,9 @@ package, so the source tree is left as it is; then, with the ASan runtime preloa
 frames, the hostile-peer tests feed its read loop, and the node tests drive the compiled
 sender and deliverer, also against a hostile peer and a failing node kernel
 (tests/test_fastpath_node.py, tests/test_fastpath_node_hostile.py), and local clients'
-sessions in them (tests/test_fastpath_lb.py).  Any sanitizer report (an
-out-of-bounds access, an overflow, a shift too far) aborts the process and fails the test.
+sessions in them (tests/test_fastpath_lb.py, tests/test_fastpath_lb_hostile.py).  Any
+sanitizer report (an out-of-bounds access, an overflow, a shift too far) aborts the process
+and fails the test.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def test_the_relay_under_sanitizers(tmp_path):
                             str(REPO_ROOT / "tests" / "test_fastpath_node.py"),
                             str(REPO_ROOT / "tests" / "test_fastpath_node_hostile.py"),
                             str(REPO_ROOT / "tests" / "test_fastpath_lb.py"),
+                            str(REPO_ROOT / "tests" / "test_fastpath_lb_hostile.py"),
                             "-k", "not same_traffic"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = tests.stdout + tests.stderr
