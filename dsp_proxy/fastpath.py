@@ -459,24 +459,54 @@ class _Channel:
                            else OSError(err, os.strerror(err)))
 
 
-class Sender:
-    """One SPROXY thread's use of the compiled sender (fastrelay.c `rt_send_pump`): on the
-    emulated DVK, a node DSP's get2rmt calls and the writes of what they fetch, in C while
-    the link is quiet.  What the loop does not handle itself comes back as the result of a
-    `get2rmt`, for the Python path to queue on the link."""
+class _Get2rmtLoop:
+    """What the compiled sender loops share (fastrelay.c `rt_sender`): the thread's get2rmt
+    request on its kernel connection, the DVK's payload buffer the kernel fills, and what to
+    do with the loop's answer."""
 
-    def __init__(self, table: FlowTable, link, dvk, payload, timeout: int) -> None:
+    def __init__(self, table: FlowTable, dvk, payload, timeout: int, node: int) -> None:
         self.table = table.table
-        self.link = link
         self.dvk = dvk
         self.payload = payload
         s = self.s = ffi.new("rt_sender *")
         ok_len, hdr_off, fixed = P.get2rmt_reply_layout()
         self.channel = _Channel(s.ch, dvk.get2rmt_request(payload, timeout), ok_len, fixed)
         pointer, self._payload = _pin(payload.view)
-        s.node = link.peer
+        s.node = node
         s.payload, s.payload_cap = pointer, len(payload.view)
         s.hdr_off = hdr_off
+
+    def _after(self, code: int, hdr, link) -> int | None:
+        """The loop's answer `code`: a reply for the Python path decoded into `hdr` (its
+        `get2rmt` result, or raised as `get2rmt` raises); None after a command written in
+        part (its rest goes first on `link`, then the send lock the loop kept is released)
+        or when `until` came."""
+        s = self.s
+        if code == RS_REPLY:
+            return self.dvk.get2rmt_reply(hdr, self.channel.body())
+        if code == RS_HELD:
+            try:
+                if link is not None:
+                    start = 4 + s.hdr_off
+                    head = bytes(self.channel.reply[start:start + HEADER_SIZE])
+                    frame = head + bytes(self.payload.view[:frame_length(head)])
+                    link.keep_unsent(frame[s.sent:], s.held_fd)
+            finally:
+                lib.rt_wire_unlock(self.table, s.node)
+        elif code < 0:
+            self.channel.failed(self.dvk, -code)
+        return None
+
+
+class Sender(_Get2rmtLoop):
+    """One SPROXY thread's use of the compiled sender (fastrelay.c `rt_send_pump`): on the
+    emulated DVK, a node DSP's get2rmt calls and the writes of what they fetch, in C while
+    the link is quiet.  What the loop does not handle itself comes back as the result of a
+    `get2rmt`, for the Python path to queue on the link."""
+
+    def __init__(self, table: FlowTable, link, dvk, payload, timeout: int) -> None:
+        super().__init__(table, dvk, payload, timeout, link.peer)
+        self.link = link
 
     @staticmethod
     def backend_ok(dvk) -> bool:
@@ -501,19 +531,11 @@ class Sender:
         Python path: its hint (`get2rmt`'s result, the command in `hdr` and the payload),
         raised as `get2rmt` raises; None when `until` (time.monotonic) came or a command was
         written in part (the link writes the rest)."""
-        channel = self.channel
-        channel.attach(self.dvk)
-        code = lib.rt_send_pump(self.table, self.s, until)
-        if code == RS_REPLY:
-            return self.dvk.get2rmt_reply(hdr, channel.body())
-        if code == RS_HELD:
-            _keep_rest(self.s, channel, self.payload, self.link, self.table)
-        elif code < 0:
-            channel.failed(self.dvk, -code)
-        return None
+        self.channel.attach(self.dvk)
+        return self._after(lib.rt_send_pump(self.table, self.s, until), hdr, self.link)
 
 
-class LbPump:
+class LbPump(_Get2rmtLoop):
     """The LB pair's get2rmt thread's use of the compiled code (fastrelay.c
     `rt_lb_send_pump`): on the emulated DVK, the get2rmt calls on the LB pair, and each
     command of a local client's session handed over (`Group.fast_local`) rewritten for its
@@ -521,47 +543,17 @@ class LbPump:
     back as the result of a `get2rmt`, as the client sent it, for the router."""
 
     def __init__(self, table: FlowTable, links: dict, dvk, payload, timeout: int) -> None:
-        self.table = table.table
+        super().__init__(table, dvk, payload, timeout, -1)
         self.links = links
-        self.dvk = dvk
-        self.payload = payload
-        s = self.s = ffi.new("rt_sender *")
-        ok_len, hdr_off, fixed = P.get2rmt_reply_layout()
-        self.channel = _Channel(s.ch, dvk.get2rmt_request(payload, timeout), ok_len, fixed)
-        pointer, self._payload = _pin(payload.view)
-        s.node = -1
-        s.payload, s.payload_cap = pointer, len(payload.view)
-        s.hdr_off = hdr_off
 
     def get2rmt(self, hdr) -> bool:
         """get2rmt calls until one is for the router: then True, with the command in `hdr`
         and the payload (raised as `get2rmt` raises); False after a command written in part
         (its link writes the rest)."""
-        channel = self.channel
-        channel.attach(self.dvk)
+        self.channel.attach(self.dvk)
         code = lib.rt_lb_send_pump(self.table, self.s, 0.0)
-        if code == RS_REPLY:
-            self.dvk.get2rmt_reply(hdr, channel.body())
-            return True
-        if code == RS_HELD:
-            _keep_rest(self.s, self.channel, self.payload, self.links.get(self.s.node),
-                       self.table)
-        elif code < 0:
-            channel.failed(self.dvk, -code)
-        return False
-
-
-def _keep_rest(s, channel: _Channel, payload, link, table) -> None:
-    """(the send lock of the link to `s.node` held by the loop) The rest of a command
-    written in part goes first on that link; then the lock is released."""
-    try:
-        if link is not None:
-            start = 4 + s.hdr_off
-            head = bytes(channel.reply[start:start + HEADER_SIZE])
-            frame = head + bytes(payload.view[:frame_length(head)])
-            link.keep_unsent(frame[s.sent:], s.held_fd)
-    finally:
-        lib.rt_wire_unlock(table, s.node)
+        self._after(code, hdr, self.links.get(self.s.node) if code == RS_HELD else None)
+        return code == RS_REPLY
 
 
 #: Why the compiled deliverer stopped (fastrelay.c `rt_deliver`): the frames ran out (or the

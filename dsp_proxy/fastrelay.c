@@ -991,7 +991,7 @@ typedef struct {
     int32_t held_fd, sent;               /* RS_HELD: the socket and the bytes it took */
 } rt_sender;
 
-enum { RS_DUE = 0, RS_REPLY = 1, RS_HELD = 2 };
+enum { RS_DUE = 0, RS_REPLY = 1, RS_HELD = 2, RS_COMMAND = 3 /* (next_command only) */ };
 
 /* Whether the command of the last (plain successful) reply is one this loop may write. */
 static int plain_command(const relay_table *t, const rt_sender *s)
@@ -1047,96 +1047,107 @@ static int write_command(relay_table *t, rt_sender *s)
     return RS_HELD;
 }
 
-/* The sender's loop: get2rmt, write, again, until `until` (CLOCK_MONOTONIC seconds; 0: none)
- * has come before a call (RS_DUE), a reply is for the caller (RS_REPLY: one that is not a
- * plain command, for the protocol module to decode, or a command this loop did not write, to
- * be queued on the link), or a command was written in part (RS_HELD: the send lock is held,
- * the rest is for the link).  -errno when the kernel connection failed (see channel_call). */
-int rt_send_pump(relay_table *t, rt_sender *s, double until)
+/* One turn of a sender loop: RS_DUE when `until` (CLOCK_MONOTONIC seconds; 0: none) has come,
+ * else a get2rmt call: RS_COMMAND when it fetched a plain command the loop may write,
+ * RS_REPLY when the reply is another (for the protocol module to decode), -errno when the
+ * kernel connection failed (see channel_call). */
+static int next_command(const relay_table *t, rt_sender *s, double until)
 {
-    if (!node_ok(s->node) || !channel_sane(&s->ch) || s->hdr_off < 0 ||
-        s->hdr_off + RT_HEADER > s->ch.ok_len)
-        return -EINVAL;
+    if (until > 0 && monotonic_now() >= until)
+        return RS_DUE;
+    int r = channel_call(&s->ch);
+    if (r < 0)
+        return r;
+    return r == 0 || !plain_command(t, s) ? RS_REPLY : RS_COMMAND;
+}
+
+/* get2rmt, `write` what it fetched, again, until `until` came before a call (RS_DUE), a reply
+ * is for the caller (RS_REPLY: one that is not a plain command, for the protocol module to
+ * decode, or a command `write` left as it was: 0), or `write` kept the send lock of a command
+ * written in part (RS_HELD).  -errno when the kernel connection failed (see channel_call). */
+static int send_loop(relay_table *t, rt_sender *s, double until,
+                     int (*write)(relay_table *, rt_sender *))
+{
     s->held_fd = -1;
     s->sent = 0;
     for (;;) {
-        if (until > 0 && monotonic_now() >= until)
-            return RS_DUE;
-        int r = channel_call(&s->ch);
-        if (r < 0)
+        int r = next_command(t, s, until);
+        if (r != RS_COMMAND)
             return r;
-        if (r == 0 || !plain_command(t, s))
-            return RS_REPLY;
-        r = write_command(t, s);
+        r = write(t, s);
         if (r != 1)
             return r == 0 ? RS_REPLY : r;
     }
 }
 
-/* The LB pair's sender loop: get2rmt on the LB pair, and each command of a local client's
- * session handed over (frame_flow from the local node) rewritten for its server and written
- * to that server's link while the link is quiet, until `until` came (RS_DUE), a reply is for
- * the Python path (RS_REPLY: another reply, or a command this loop did not rewrite: the router
- * takes it as it came), or a rewritten command was written in part or not at all (RS_HELD:
- * s->node is its server, the send lock held, s->sent bytes taken; the link keeps the rest).
- * -errno when the kernel connection failed. */
+/* The sender's loop (send_loop, write_command): a command this loop did not write is queued
+ * on the link by the caller; RS_HELD: the send lock is held, the rest is for the link. */
+int rt_send_pump(relay_table *t, rt_sender *s, double until)
+{
+    if (!node_ok(s->node) || !channel_sane(&s->ch) || s->hdr_off < 0 ||
+        s->hdr_off + RT_HEADER > s->ch.ok_len)
+        return -EINVAL;
+    return send_loop(t, s, until, write_command);
+}
+
+/* A command fetched on the LB pair: when it belongs to a local client's session handed over
+ * (frame_flow from the local node) and that server's link is quiet, rewritten for the server
+ * and written to its link.  1: written whole, 0: not rewritten (the router takes it as it
+ * came), RS_HELD: written in part or not at all after the rewrite (s->node is its server, the
+ * send lock held, s->sent bytes taken; the link keeps the rest). */
+static int lb_write_command(relay_table *t, rt_sender *s)
+{
+    unsigned char *h = s->ch.reply + 4 + s->hdr_off;
+    int32_t len = rd(h, O_LEN);
+    int dir, out = -1;
+    pthread_mutex_lock(&t->lock);
+    flow *f = frame_flow(t, t->local, h, &dir, &out);
+    int fd = -1;
+    if (f != NULL && dir == 0 && out != t->local &&
+        __atomic_load_n(&t->quiet[out], __ATOMIC_SEQ_CST) &&
+        pthread_mutex_trylock(&t->wire[out]) == 0) {
+        fd = __atomic_load_n(&t->fd[out], __ATOMIC_SEQ_CST);
+        if (fd < 0 || !__atomic_load_n(&t->quiet[out], __ATOMIC_SEQ_CST)) {
+            pthread_mutex_unlock(&t->wire[out]);
+            fd = -1;
+        }
+    }
+    if (fd < 0) {
+        pthread_mutex_unlock(&t->lock);
+        return 0;
+    }
+    flow_rewrite(t, f, dir, h);
+    tally_add(&t->tally[1][out], t, cmd_slot(t, rd(h, O_CMD)), rd(h, O_DCID), len, 1);
+    pthread_mutex_unlock(&t->lock);
+    struct iovec iov[2] = { { h, RT_HEADER }, { (void *)s->payload, (size_t)len } };
+    struct msghdr m = { .msg_iov = iov, .msg_iovlen = len ? 2 : 1 };
+    ssize_t w;
+    do
+        w = sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    if (w > 0) {
+        double now = monotonic_now();
+        __atomic_store(&t->last_tx[out], &now, __ATOMIC_RELAXED);
+    }
+    if (w == RT_HEADER + len) {
+        pthread_mutex_unlock(&t->wire[out]);
+        return 1;
+    }
+    /* the rest (all of it after an error, which the link's own write then meets) */
+    __atomic_store_n(&t->quiet[out], 0, __ATOMIC_SEQ_CST);
+    s->node = out;
+    s->held_fd = fd;
+    s->sent = w < 0 ? 0 : (int)w;
+    return RS_HELD;
+}
+
+/* The LB pair's sender loop (send_loop, lb_write_command): a command it did not rewrite comes
+ * back as RS_REPLY for the router; RS_HELD as lb_write_command says. */
 int rt_lb_send_pump(relay_table *t, rt_sender *s, double until)
 {
     if (!channel_sane(&s->ch) || s->hdr_off < 0 || s->hdr_off + RT_HEADER > s->ch.ok_len)
         return -EINVAL;
-    s->held_fd = -1;
-    s->sent = 0;
-    for (;;) {
-        if (until > 0 && monotonic_now() >= until)
-            return RS_DUE;
-        int r = channel_call(&s->ch);
-        if (r < 0)
-            return r;
-        if (r == 0 || !plain_command(t, s))
-            return RS_REPLY;
-        unsigned char *h = s->ch.reply + 4 + s->hdr_off;
-        int32_t len = rd(h, O_LEN);
-        int dir, out = -1;
-        pthread_mutex_lock(&t->lock);
-        flow *f = frame_flow(t, t->local, h, &dir, &out);
-        int fd = -1;
-        if (f != NULL && dir == 0 && out != t->local &&
-            __atomic_load_n(&t->quiet[out], __ATOMIC_SEQ_CST) &&
-            pthread_mutex_trylock(&t->wire[out]) == 0) {
-            fd = __atomic_load_n(&t->fd[out], __ATOMIC_SEQ_CST);
-            if (fd < 0 || !__atomic_load_n(&t->quiet[out], __ATOMIC_SEQ_CST)) {
-                pthread_mutex_unlock(&t->wire[out]);
-                fd = -1;
-            }
-        }
-        if (fd < 0) {
-            pthread_mutex_unlock(&t->lock);
-            return RS_REPLY;
-        }
-        flow_rewrite(t, f, dir, h);
-        tally_add(&t->tally[1][out], t, cmd_slot(t, rd(h, O_CMD)), rd(h, O_DCID), len, 1);
-        pthread_mutex_unlock(&t->lock);
-        struct iovec iov[2] = { { h, RT_HEADER }, { (void *)s->payload, (size_t)len } };
-        struct msghdr m = { .msg_iov = iov, .msg_iovlen = len ? 2 : 1 };
-        ssize_t w;
-        do
-            w = sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
-        while (w < 0 && errno == EINTR);
-        if (w > 0) {
-            double now = monotonic_now();
-            __atomic_store(&t->last_tx[out], &now, __ATOMIC_RELAXED);
-        }
-        if (w == RT_HEADER + len) {
-            pthread_mutex_unlock(&t->wire[out]);
-            continue;
-        }
-        /* the rest (all of it after an error, which the link's own write then meets) */
-        __atomic_store_n(&t->quiet[out], 0, __ATOMIC_SEQ_CST);
-        s->node = out;
-        s->held_fd = fd;
-        s->sent = w < 0 ? 0 : (int)w;
-        return RS_HELD;
-    }
+    return send_loop(t, s, until, lb_write_command);
 }
 
 /* ---- the deliverer */

@@ -15,13 +15,12 @@ put2lcl that does not plainly succeed goes to the put2lcl thread, rewritten, wit
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 from types import SimpleNamespace
 
 import pytest
-from test_fastpath_node import LOOP_RE, _settled_links, latency, sha
+from test_fastpath_node import LOOP_RE, _Kernel, _settled_links, latency, sha
 from test_lb import wait_status
 
 from cluster_helpers import Background, cluster_from, wait_bound
@@ -33,7 +32,6 @@ from dsp_proxy.misc import Counters
 from dsp_proxy.rproxy import Put2lclThread
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
-from dvk_cffi.emu import protocol as P
 from dvk_cffi.wire import HEADER_SIZE, Header, Message, make_header
 from emu_helpers import DC0, SHORT, FakeProxy, make_world, wait_until
 
@@ -134,48 +132,6 @@ PEER, LOCAL, LB_ID = 2, 1, 0
 CLIENT, SERVICE, SERVER_EP = 50, 10, 12      # the server's endpoint of the client's session
 
 
-class _Kernel:
-    """A node kernel that records the header of every put2lcl of the compiled deliverer and
-    answers it with `result` (a plain success for 0 or more, else the error)."""
-
-    def __init__(self, payload) -> None:
-        self.mine, self.theirs = socket.socketpair()
-        self.mine.settimeout(10)
-        self.hdr_off = P.put2lcl_layout(payload.addr)[1]
-        self.calls: list[Header] = []
-        self.result = 0
-
-    def thread_channel(self):
-        return self.theirs.fileno(), 10.0
-
-    def answer(self) -> None:
-        """(another thread) Answer calls until the connection closes."""
-        while True:
-            head = self._exact(4)
-            if not head:
-                return
-            body = self._exact(struct.unpack("<I", head)[0])
-            self.calls.append(Header(bytearray((head + body)[self.hdr_off:
-                                                             self.hdr_off + HEADER_SIZE])))
-            self.mine.sendall(P.encode_reply(0, [self.result]) if self.result >= 0
-                              else P.encode_reply(self.result))
-
-    def _exact(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            got = self.mine.recv(n - len(out))
-            if not got:
-                return b""
-            out += got
-        return bytes(out)
-
-    def put2lcl_reply(self, body: bytes) -> int:
-        return self.result
-
-    def channel_failed(self, exc):
-        raise AssertionError(f"the kernel connection failed: {exc}")
-
-
 @pytest.fixture
 def lb_rig():
     """A node-1 table with client 50's session handed over (server node 2, SERVICE addressed
@@ -234,7 +190,9 @@ def test_a_servers_reply_is_rewritten_to_come_from_the_lb_node_and_put(lb_rig):
     addressed as its source (also in the message), CHECK_HDR cleared; the session's pending
     sendrec is answered, and the frame counts as received from the server."""
     assert not lb_rig.feed(_reply(c_flags=C.FLAG_CHECK_HDR))
-    (h,) = lb_rig.kernel.calls
+    ((put, data),) = lb_rig.kernel.calls
+    h = Header(bytearray(put))
+    assert data == b""
     assert (h.c_snode, h.c_dnode, h.c_src, h.c_dst) == (LB_ID, LOCAL, SERVICE, CLIENT)
     assert h.c_msg.m_source == SERVICE
     assert not h.c_flags & C.FLAG_CHECK_HDR

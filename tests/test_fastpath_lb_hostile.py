@@ -65,7 +65,7 @@ def two_servers():
                                lbsvr_ep=client, clt_pid=0, svr_pid=0, pending=C.CMD_SNDREC_MSG,
                                to_server={SERVICE: SERVER_EP})
         assert table.give(sess) >= 0
-    kernel = _Kernel(SimpleNamespace(addr=1 << 20))
+    kernel = _Kernel(SimpleNamespace(addr=1 << 20, view=memoryview(bytearray(C.MAXCOPYBUF))))
     answering = threading.Thread(target=kernel.answer, daemon=True)
     answering.start()
     try:

@@ -824,8 +824,9 @@ _EXTREMES = [0, 1, 2, 3, 5, 31, 32, 63, 64, HEADER_SIZE, C.MASK_ACKNOWLEDGE, 0xF
 
 
 class _Kernel:
-    """A node kernel that answers every put2lcl of the compiled deliverer with success and
-    keeps the header and payload bytes each one carried."""
+    """A node kernel that answers every put2lcl of the compiled deliverer with `result` (0, a
+    plain success, unless a test sets an error code) and keeps the header and payload bytes
+    each one carried."""
 
     def __init__(self, payload) -> None:
         self.payload = payload
@@ -833,6 +834,7 @@ class _Kernel:
         self.mine.settimeout(10)
         self.hdr_off = P.put2lcl_layout(payload.addr)[1]
         self.calls: list[tuple[bytes, bytes]] = []
+        self.result = 0
 
     def thread_channel(self):
         return self.theirs.fileno(), 10.0
@@ -847,7 +849,8 @@ class _Kernel:
             hdr = (head + body)[self.hdr_off:self.hdr_off + HEADER_SIZE]
             n = Header(bytearray(hdr)).c_len
             self.calls.append((hdr, bytes(self.payload.view[:max(0, n)])))
-            self.mine.sendall(P.encode_reply(0, [0]))
+            self.mine.sendall(P.encode_reply(0, [self.result]) if self.result >= 0
+                              else P.encode_reply(self.result))
 
     def _exact(self, n: int) -> bytes:
         out = bytearray()
@@ -859,7 +862,8 @@ class _Kernel:
         return bytes(out)
 
     def put2lcl_reply(self, body: bytes) -> int:
-        raise AssertionError("only plain successes are answered")
+        assert self.result < 0, "a plain success came back to the Python path"
+        return self.result
 
     def channel_failed(self, exc):
         raise AssertionError(f"the kernel connection failed: {exc}")
