@@ -90,6 +90,8 @@ class FaultResult:
     during: tuple[int, int] | None = None     # (sessions ok, sessions tried) while down
     after: tuple[int, int] = (0, 0)           # (sessions ok, sessions tried) after healing
     redispatched: int | None = None
+    fast: int = 0                             # sessions in the compiled code at the start
+    programs_restarted: int = 0
     notes: list[str] = field(default_factory=list)
     # filled from the client records
     requests: int = 0
@@ -117,7 +119,7 @@ class FaultResult:
                        f"{self.during[0]}/{self.during[1]}")
         if self.after[0] != self.after[1] or not self.after[1]:
             out.append(f"{self.name}: new sessions after healing {self.after[0]}/{self.after[1]}")
-        if self.bystander_errors:
+        if self.bystander_errors and not self.programs_restarted:
             out.append(f"{self.name}: clients of the other client nodes got errors "
                        f"{dict(self.bystander_errors)}")
         return out
@@ -343,6 +345,7 @@ class Chaos:
             if prog.poll() is not None:
                 self.current.notes.append(f"server program on node {n} exited "
                                           f"({prog.returncode}): restarted")
+                self.current.programs_restarted += 1
                 self.start_server(n)
                 return False
         return all(self.server_bound(n) and self.server_live(n) for n in SERVERS)
@@ -351,6 +354,7 @@ class Chaos:
         v = v or self.busiest_server()
         r = self.current = FaultResult(name, v, time.monotonic())
         r0 = self.redispatch_count()
+        r.fast = sum(int(g.get("fast_sessions", 0)) for g in self.groups())
         self.say(f"-- {name} (node {v})")
         inject(v)
         hold = (self.hold_stop if "SIGSTOP" in name else 0.0 if "restart" in name
@@ -442,6 +446,8 @@ class Chaos:
                              f"{dict(r.bystander_errors) or 'none'}")
             for note in r.notes:
                 lines.append(f"{'':28} note: {note}")
+        lines.append("sessions handed over to the compiled code at each fault's start: "
+                     + " ".join(str(r.fast) for r in self.results))
         return lines
 
     def failures(self, wait_bound: float = DETECTION_BOUND) -> list[str]:
