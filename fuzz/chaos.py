@@ -1,25 +1,37 @@
 """Chaos run: clients in loops through the virtual LB while server nodes fail one way after another.
 
-    python -m fuzz.chaos [--hold-stop 5] [--hold-kill 3] [--sessions 20] [--soak N]
-                         [--workdir DIR]
+    python -m fuzz.chaos [--mode relayed|local] [--hold-stop 5] [--hold-kill 3] [--sessions 20]
+                         [--soak N] [--workdir DIR]
 
-Cluster (real processes on this run's own loopback addresses): LB host node 5 balances the
-virtual LB node 0 for the relayed client nodes 3 and 4; servers 1 and 2 run the latency server on
-the service's ext_ep.  Four load clients (two threads on node 3, two on node 4, see
-`fuzz.loadclient`) loop `sendrec` through the LB for the whole run.  One fault after another,
+Cluster (real processes on this run's own loopback addresses): servers 1 and 2 run the latency
+server on the service's ext_ep; client nodes 3 and 4 reach it through the virtual LB node 0.
+`--mode relayed` (the default): the LB host node 5 balances node 0 for the relayed client nodes
+3 and 4 (`cltname lbhost`).  `--mode local`: no LB host; nodes 3 and 4 balance their own
+clients (their established sessions carried by the compiled code: the LB pair's get2rmt thread
+writes the commands to the servers' links, the server links' receivers put the replies,
+docs/design.md "Local clients' sessions").  Four load clients (two threads on node 3, two on
+node 4, see `fuzz.loadclient`; in local mode on endpoints unique across the nodes, as the
+servers see them) loop `sendrec` through the LB for the whole run.  One fault after another,
 each healed before the next (whatever was killed is started again):
 
 1. kill -9 of a server's DSP;                 4. kill of the server program;
 2. SIGSTOP of a server's DSP for 5 s;         5. SIGSTOP of a whole server node (kernel, DSP
 3. kill of a server's node kernel;               and program) for 5 s;
-                                              6. restart of the LB host's DSP.
+                                              6. restart of the LB host's DSP (relayed), or
+                                                 of client node 3's DSP (local).
 
-Per fault it prints: the longest client wait, errors by code, requests re-dispatched (the LB
-host's counter, when its DSP has one), misrouted replies (must be 0), lost requests (must be 0:
-every request got a reply or an error), the time to recover after the heal, and the success
-rate of new sessions (while the victim is down, when one healthy server remains, and after
-healing; both must be 100 %).  `--soak N` then runs 8 clients x N sendrec through the LB and
-prints p50/p99 and the lost count.  Exit status 0 when every rule held.
+Per fault it prints: the longest client wait, errors by code, requests re-dispatched (the
+balancing nodes' counters, when their DSPs have them), misrouted replies (must be 0), lost
+requests (must be 0: every request got a reply or an error), the time to recover after the heal,
+and the success rate of new sessions (while the victim is down, when one healthy server remains,
+and after healing; both must be 100 %).  A restarted client node's sessions are lost with its
+DSP: its own clients must get error codes (no lost request, no wait above the detection bound)
+and new sessions from it must all succeed once it is back; the other client node's clients must
+get no error at all (unless a server program exited meanwhile and had to be restarted: it exits
+when a reply cannot be sent, as the C one does).  Then the number of sessions the balancing
+nodes had handed over to the compiled code at each fault's start.  `--soak N` then runs 8
+clients x N sendrec through the LB and prints p50/p99 and the lost count.  Exit status 0 when
+every rule held.
 """
 
 from __future__ import annotations
