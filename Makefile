@@ -94,6 +94,7 @@ fuzz-relay-asan: venv
 # Six healed faults under four looping clients through the LB, then 8 clients x 10,000 sendrec.
 chaos: venv
 	$(BIN)/python -m fuzz.chaos --sessions 20 --soak 10000
+	$(BIN)/python -m fuzz.chaos --mode local --sessions 20 --soak 10000
 
 lint: venv
 	$(BIN)/ruff check .

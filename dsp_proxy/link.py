@@ -933,7 +933,8 @@ class OutMonitor:
 
     def _readable(self, sock: socket.socket, link: Link) -> None:
         with self.lock:      # still watched: not closed (closing takes this lock)
-            if self.sel.get_map().get(sock.fileno()) is None:
+            fd = sock.fileno()   # -1 once closed: an event select returned before the close
+            if fd < 0 or self.sel.get_map().get(fd) is None:
                 return
             try:
                 data = sock.recv(1, socket.MSG_DONTWAIT)

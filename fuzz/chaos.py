@@ -1,25 +1,37 @@
 """Chaos run: clients in loops through the virtual LB while server nodes fail one way after another.
 
-    python -m fuzz.chaos [--hold-stop 5] [--hold-kill 3] [--sessions 20] [--soak N]
-                         [--workdir DIR]
+    python -m fuzz.chaos [--mode relayed|local] [--hold-stop 5] [--hold-kill 3] [--sessions 20]
+                         [--soak N] [--workdir DIR]
 
-Cluster (real processes on this run's own loopback addresses): LB host node 5 balances the
-virtual LB node 0 for the relayed client nodes 3 and 4; servers 1 and 2 run the latency server on
-the service's ext_ep.  Four load clients (two threads on node 3, two on node 4, see
-`fuzz.loadclient`) loop `sendrec` through the LB for the whole run.  One fault after another,
+Cluster (real processes on this run's own loopback addresses): servers 1 and 2 run the latency
+server on the service's ext_ep; client nodes 3 and 4 reach it through the virtual LB node 0.
+`--mode relayed` (the default): the LB host node 5 balances node 0 for the relayed client nodes
+3 and 4 (`cltname lbhost`).  `--mode local`: no LB host; nodes 3 and 4 balance their own
+clients (their established sessions carried by the compiled code: the LB pair's get2rmt thread
+writes the commands to the servers' links, the server links' receivers put the replies,
+docs/design.md "Local clients' sessions").  Four load clients (two threads on node 3, two on
+node 4, see `fuzz.loadclient`; in local mode on endpoints unique across the nodes, as the
+servers see them) loop `sendrec` through the LB for the whole run.  One fault after another,
 each healed before the next (whatever was killed is started again):
 
 1. kill -9 of a server's DSP;                 4. kill of the server program;
 2. SIGSTOP of a server's DSP for 5 s;         5. SIGSTOP of a whole server node (kernel, DSP
 3. kill of a server's node kernel;               and program) for 5 s;
-                                              6. restart of the LB host's DSP.
+                                              6. restart of the LB host's DSP (relayed), or
+                                                 of client node 3's DSP (local).
 
-Per fault it prints: the longest client wait, errors by code, requests re-dispatched (the LB
-host's counter, when its DSP has one), misrouted replies (must be 0), lost requests (must be 0:
-every request got a reply or an error), the time to recover after the heal, and the success
-rate of new sessions (while the victim is down, when one healthy server remains, and after
-healing; both must be 100 %).  `--soak N` then runs 8 clients x N sendrec through the LB and
-prints p50/p99 and the lost count.  Exit status 0 when every rule held.
+Per fault it prints: the longest client wait, errors by code, requests re-dispatched (the
+balancing nodes' counters, when their DSPs have them), misrouted replies (must be 0), lost
+requests (must be 0: every request got a reply or an error), the time to recover after the heal,
+and the success rate of new sessions (while the victim is down, when one healthy server remains,
+and after healing; both must be 100 %).  A restarted client node's sessions are lost with its
+DSP: its own clients must get error codes (no lost request, no wait above the detection bound)
+and new sessions from it must all succeed once it is back; the other client node's clients must
+get no error at all (unless a server program exited meanwhile and had to be restarted: it exits
+when a reply cannot be sent, as the C one does).  Then the number of sessions the balancing
+nodes had handed over to the compiled code at each fault's start.  `--soak N` then runs 8
+clients x N sendrec through the LB and prints p50/p99 and the lost count.  Exit status 0 when
+every rule held.
 """
 
 from __future__ import annotations
@@ -53,10 +65,25 @@ client node4 { nodeid 4; rname {net}.4; };
 client lbhost { nodeid 5; rname {net}.5; };
 service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
 """
+#: Local mode: no LB host; client nodes 3 and 4 balance their own clients (the LB pair's
+#: get2rmt thread and the server links' receivers carry established sessions in C).
+LOCAL_CONFIG = """
+lb node0 { nodeid 0; period 1; fd_interval 500; fd_fall 3; fd_rise 2; session_timeout 15;
+           max_sessions 150; };
+server node1 { nodeid 1; rname {net}.1; };
+server node2 { nodeid 2; rname {net}.2; };
+client node3 { nodeid 3; rname {net}.3; };
+client node4 { nodeid 4; rname {net}.4; };
+service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
+"""
 SERVERS = (1, 2)
 CLIENT_NODES = (3, 4)
 LB_HOST = 5
+#: mode -> (config, the nodes whose DSPs balance the LB node, the victim of fault 6)
+MODES = {"relayed": (CONFIG, (LB_HOST,), LB_HOST),
+         "local": (LOCAL_CONFIG, CLIENT_NODES, CLIENT_NODES[0])}
 EXT_EP = 10
+LOOP_EP = 50    # the loop clients' first endpoint (probes use 60..99, the soak 60..73)
 FD_INTERVAL, FD_FALL = 0.5, 3
 #: No client may wait longer than this for a reply or an error (fd_interval x fd_fall + 1 s).
 DETECTION_BOUND = FD_INTERVAL * FD_FALL + 1.0
@@ -75,6 +102,8 @@ class FaultResult:
     during: tuple[int, int] | None = None     # (sessions ok, sessions tried) while down
     after: tuple[int, int] = (0, 0)           # (sessions ok, sessions tried) after healing
     redispatched: int | None = None
+    fast: int = 0                             # sessions in the compiled code at the start
+    programs_restarted: int = 0
     notes: list[str] = field(default_factory=list)
     # filled from the client records
     requests: int = 0
@@ -82,6 +111,7 @@ class FaultResult:
     errors: Counter = field(default_factory=Counter)
     misrouted: int = 0
     lost: int = 0
+    bystander_errors: Counter | None = None   # a client node's restart: the other nodes' errors
 
     def failures(self, wait_bound: float = DETECTION_BOUND) -> list[str]:
         out = []
@@ -101,6 +131,9 @@ class FaultResult:
                        f"{self.during[0]}/{self.during[1]}")
         if self.after[0] != self.after[1] or not self.after[1]:
             out.append(f"{self.name}: new sessions after healing {self.after[0]}/{self.after[1]}")
+        if self.bystander_errors and not self.programs_restarted:
+            out.append(f"{self.name}: clients of the other client nodes got errors "
+                       f"{dict(self.bystander_errors)}")
         return out
 
 
@@ -112,12 +145,14 @@ def pct(ok_tried: tuple[int, int] | None) -> str:
 
 
 class Chaos:
-    """Runs the faults against a started cluster of CONFIG."""
+    """Runs the faults against a started cluster of MODES[mode]'s config."""
 
     def __init__(self, cluster: Cluster, workdir: Path, hold_stop: float = 5.0,
                  hold_kill: float = 3.0, sessions: int = 10, pause: float = 0.01,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, mode: str = "relayed") -> None:
         self.cl = cluster
+        self.mode = mode
+        _cfg, self.balancers, self.balancer_victim = MODES[mode]
         self.dir = workdir
         self.hold_stop = hold_stop
         self.hold_kill = hold_kill
@@ -125,7 +160,8 @@ class Chaos:
         self.pause = pause  # between a loop client's requests: the machine is not saturated
         self.say = say
         self.servers: dict[int, subprocess.Popen] = {}
-        self.clients: list[tuple[subprocess.Popen, Path]] = []
+        self.clients: list[tuple[subprocess.Popen, Path, int]] = []
+        self.loop_eps: set[int] = set()
         self.other: list[subprocess.Popen] = []
         self.until = workdir / "stop-clients"
         self.results: list[FaultResult] = []
@@ -165,20 +201,25 @@ class Chaos:
         return False
 
     def start_clients(self, threads_per_node: int = 2) -> None:
+        """Loop clients on endpoints 50...  In local mode the servers see the clients' real
+        endpoints, which must then be unique across client nodes (README, "Two session
+        modes"); relayed mode translates them, so every node uses the same ones."""
         self.until.unlink(missing_ok=True)
-        for n in CLIENT_NODES:
+        for i, n in enumerate(CLIENT_NODES):
+            base = LOOP_EP + (i * threads_per_node if self.mode == "local" else 0)
+            self.loop_eps.update(range(base, base + threads_per_node))
             out = self.dir / f"loop{n}.rec"
             proc = self._popen(n, module_argv("fuzz.loadclient", "--out", out, "--threads",
-                                              threads_per_node, "--ep-base", 50, "--until",
+                                              threads_per_node, "--ep-base", base, "--until",
                                               self.until, "--seconds", 1800, "--pause",
                                               self.pause), f"loop{n}")
-            self.clients.append((proc, out))
+            self.clients.append((proc, out, n))
 
     def stop_clients(self) -> int:
         """Stop the loops; returns how many clients had to be killed (their waits are lost)."""
         self.until.touch()
         killed = 0
-        for proc, out in self.clients:
+        for proc, out, _n in self.clients:
             try:
                 proc.wait(25)
             except subprocess.TimeoutExpired:
@@ -209,18 +250,26 @@ class Chaos:
             self.say(f"    new sessions: {ok}/{k} ok; errors {dict(bad)} {res.stderr[-300:]}")
         return ok, k
 
+    def groups(self) -> list[dict]:
+        """The group figures of every node that balances the LB node (the LB host, or in
+        local mode each client node)."""
+        return [(self.cl.status(b) or {}).get("group") or {} for b in self.balancers]
+
     def redispatch_count(self) -> int | None:
-        group = (self.cl.status(LB_HOST) or {}).get("group") or {}
-        keys = [k for k in group if "redispatch" in k]
-        return sum(int(group[k]) for k in keys) if keys else None
+        counts = [int(g[k]) for g in self.groups() for k in g if "redispatch" in k]
+        return sum(counts) if counts else None
 
     def server_live(self, n: int) -> bool:
-        """Server n is live at the LB host, as its current DSP (not an earlier one) says."""
-        st = self.cl.status(LB_HOST) or {}
-        if st.get("pid") != self.cl.dsps[LB_HOST].pid:
-            return False
-        group = st.get("group") or {}
-        return bool(group.get("servers", {}).get(str(n), {}).get("live"))
+        """Server n is live at every node that balances the LB node, as its current DSP (not
+        an earlier one) says."""
+        for b in self.balancers:
+            st = self.cl.status(b) or {}
+            if st.get("pid") != self.cl.dsps[b].pid:
+                return False
+            group = st.get("group") or {}
+            if not group.get("servers", {}).get(str(n), {}).get("live"):
+                return False
+        return True
 
     # ------------------------------------------------------------------ faults
     def faults(self) -> list[tuple[str, int, Callable, Callable, bool]]:
@@ -274,7 +323,7 @@ class Chaos:
             for p in (cl.kernels[v], cl.dsps[v], self.servers[v]):
                 p.send_signal(signal.SIGCONT)
 
-        def restart_lb_host(v):
+        def restart_balancer(v):
             cl.kill_dsp(v, signal.SIGTERM)
             Path(cl.status_path(v)).unlink(missing_ok=True)  # no stale figures
             cl.start_dsp(v)
@@ -285,21 +334,22 @@ class Chaos:
                 ("kill server node kernel", 0, kill_kernel, restart_kernel, True),
                 ("kill server program", 0, kill_program, restart_program, True),
                 ("SIGSTOP whole server node", 0, stop_node, cont_node, False),
-                ("restart LB host DSP", LB_HOST, restart_lb_host, noop, False)]
+                (f"restart {'LB host' if self.mode == 'relayed' else 'client node'} DSP",
+                 self.balancer_victim, restart_balancer, noop, False)]
 
     def busiest_server(self) -> int:
-        """The server with most sessions of the loop clients at the LB host (ties: the one
-        that was not the last victim)."""
-        group = (self.cl.status(LB_HOST) or {}).get("group") or {}
-        count = Counter(int(s["server"].split("@")[1]) for s in group.get("sessions", [])
-                        if int(s["client"].split("@")[0]) in (50, 51))
+        """The server with most sessions of the loop clients at the nodes that balance them
+        (ties: the one that was not the last victim)."""
+        count = Counter(int(s["server"].split("@")[1]) for g in self.groups()
+                        for s in g.get("sessions", [])
+                        if int(s["client"].split("@")[0]) in self.loop_eps)
         last = self.results[-1].victim if self.results else 0
         return max(SERVERS, key=lambda n: (count.get(n, 0), n != last))
 
     def recovered(self, v: int) -> bool:
         """The victim is back: links up; every server program running (one that exited, as
         latency_server does when a reply fails, is started again and noted), bound and live
-        at the LB host, as the LB host's current DSP reports."""
+        at every balancing node, as its current DSP reports."""
         if not _links_up(self.cl, v):
             return False
         for n in SERVERS:
@@ -307,6 +357,7 @@ class Chaos:
             if prog.poll() is not None:
                 self.current.notes.append(f"server program on node {n} exited "
                                           f"({prog.returncode}): restarted")
+                self.current.programs_restarted += 1
                 self.start_server(n)
                 return False
         return all(self.server_bound(n) and self.server_live(n) for n in SERVERS)
@@ -315,6 +366,7 @@ class Chaos:
         v = v or self.busiest_server()
         r = self.current = FaultResult(name, v, time.monotonic())
         r0 = self.redispatch_count()
+        r.fast = sum(int(g.get("fast_sessions", 0)) for g in self.groups())
         self.say(f"-- {name} (node {v})")
         inject(v)
         hold = (self.hold_stop if "SIGSTOP" in name else 0.0 if "restart" in name
@@ -341,12 +393,16 @@ class Chaos:
     def account(self) -> None:
         """Attribute the loop clients' requests to the fault windows."""
         recs = []
-        for _proc, out in self.clients:
-            recs.extend(read_records(str(out)))
+        for _proc, out, n in self.clients:
+            recs.extend((n, *rec) for rec in read_records(str(out)))
         for r in self.results:
-            for _who, _seq, t0, t1, result in recs:
+            if r.victim in CLIENT_NODES:
+                r.bystander_errors = Counter()
+            for node, _who, _seq, t0, t1, result in recs:
                 if t1 < r.start or t0 >= r.end:
                     continue
+                if r.bystander_errors is not None and node != r.victim and result != "ok":
+                    r.bystander_errors[result] += 1
                 r.requests += 1
                 r.longest = max(r.longest, t1 - t0)
                 if result == "misrouted":
@@ -363,7 +419,8 @@ class Chaos:
             if not self.wait(lambda n=n: self.server_bound(n), 15):
                 raise RuntimeError(f"latency server on node {n} did not bind")
         if not self.wait(lambda: all(self.server_live(s) for s in SERVERS), 20):
-            raise RuntimeError(f"servers not live at the LB host: {self.cl.status(LB_HOST)}")
+            raise RuntimeError(f"servers not live at the nodes {self.balancers}: "
+                               f"{self.groups()}")
         self.start_clients()
         time.sleep(2.0)
         try:
@@ -380,7 +437,7 @@ class Chaos:
 
     def close(self) -> None:
         self.until.touch()
-        for p in [*self.servers.values(), *(c for c, _ in self.clients), *self.other]:
+        for p in [*self.servers.values(), *(c for c, _o, _n in self.clients), *self.other]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -396,8 +453,13 @@ class Chaos:
                 f"{'FAIL' if r.recover is None else f'{r.recover:.2f}s':>8} "
                 f"{pct(r.during):>12} {pct(r.after):>12}  "
                 f"{dict(r.errors) if r.errors else '-'}")
+            if r.bystander_errors is not None:
+                lines.append(f"{'':28} the other client nodes' clients: errors "
+                             f"{dict(r.bystander_errors) or 'none'}")
             for note in r.notes:
                 lines.append(f"{'':28} note: {note}")
+        lines.append("sessions handed over to the compiled code at each fault's start: "
+                     + " ".join(str(r.fast) for r in self.results))
         return lines
 
     def failures(self, wait_bound: float = DETECTION_BOUND) -> list[str]:
@@ -466,14 +528,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hold-kill", type=float, default=3.0, help="before a kill is healed")
     p.add_argument("--sessions", type=int, default=20, help="new sessions tried after healing")
     p.add_argument("--soak", type=int, default=0, help="then 8 clients x N sendrec")
+    p.add_argument("--mode", choices=sorted(MODES), default="relayed",
+                   help="relayed: the LB host node 5 balances for client nodes 3 and 4; "
+                        "local: nodes 3 and 4 balance their own clients")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     failures: list[str] = []
     try:
-        with local_cluster(CONFIG, args.workdir) as cl:
+        with local_cluster(MODES[args.mode][0], args.workdir) as cl:
             workdir = Path(cl.log_dir)
-            print(f"cluster up: nodes {cl.nodes} on {cl.net}.x, logs in {workdir}")
-            chaos = Chaos(cl, workdir, args.hold_stop, args.hold_kill, args.sessions)
+            print(f"cluster up ({args.mode} mode): nodes {cl.nodes} on {cl.net}.x, logs in "
+                  f"{workdir}")
+            chaos = Chaos(cl, workdir, args.hold_stop, args.hold_kill, args.sessions,
+                          mode=args.mode)
             try:
                 chaos.run()
                 for line in chaos.table():
@@ -490,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for f in failures:
         print(f"FAIL: {f}")
-    print("chaos: all rules held" if not failures else f"chaos: {len(failures)} rules broken; "
-          f"logs kept in {workdir}")
+    print(f"chaos ({args.mode}): all rules held" if not failures else
+          f"chaos ({args.mode}): {len(failures)} rules broken; logs kept in {workdir}")
     if not failures and args.workdir is None:
         shutil.rmtree(workdir.parent, ignore_errors=True)
     return 1 if failures else 0

@@ -6,6 +6,7 @@ read-modify-write, so each race is forced with such a callback and a tiny switch
 from __future__ import annotations
 
 import gc
+import socket
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 from dsp_proxy.config import parse_text
 from dsp_proxy.elastic import Autoscaler
 from dsp_proxy.group import Group
+from dsp_proxy.link import OutMonitor
 from dsp_proxy.main import Dsp
 from dsp_proxy.misc import Counters
 from dsp_proxy.rproxy import WireLimits, check_header
@@ -139,3 +141,58 @@ def test_each_peers_load_report_carries_the_traffic_of_its_own_period():
     link.received.count(C.CMD_SEND_MSG, 100, dcid=0)
     assert Dsp.activity(host, 2) == 1
     assert Dsp.activity(host, 1) == 1
+
+
+def test_the_outgoing_monitor_ignores_an_event_for_a_socket_closed_after_select():
+    """The chaos run in local mode (`python -m fuzz.chaos --mode local`): after a server node
+    was frozen and thawed, its outmon thread died with ValueError('Invalid file descriptor:
+    -1'): a link's thread retired and closed an outgoing socket (under the monitor's lock)
+    between the monitor's select and its handling of that socket's event, and the monitor
+    looked the closed socket's descriptor (-1) up.  Such an event is stale: the monitor skips
+    it and goes on watching the other sockets."""
+    monitor = OutMonitor()
+    lost: list[tuple[object, str]] = []
+    link = SimpleNamespace(event=lambda _ev, sock, reason: lost.append((sock, reason)))
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    select = monitor.sel.select
+
+    def select_then_close(timeout=None):
+        """The race, forced: the socket is retired and closed once select has reported it."""
+        events = select(timeout)
+        for key, _mask in events:
+            if key.fileobj is a and a.fileno() >= 0:
+                monitor.forget(a)
+                with monitor.lock:
+                    a.close()
+        return events
+
+    monitor.sel.select = select_then_close
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            monitor.run()
+        except BaseException as exc:  # the thread's death is the failure
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    try:
+        monitor.watch(a, link)
+        monitor.watch(b, link)
+        thread.start()
+        a_peer.close()                    # a becomes readable (EOF) and is closed meanwhile
+        deadline = time.monotonic() + 5
+        while a.fileno() >= 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        b_peer.close()                    # the monitor still watches the other socket
+        while not lost and not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not errors, errors
+        assert lost == [(b, "the peer closed the connection")]
+    finally:
+        monitor.stop()
+        thread.join(5)
+        for s in (a, a_peer, b, b_peer):
+            s.close()
