@@ -668,8 +668,9 @@ class Put2lclThread:
         self.queue: queue.Queue = _FrameQueue(PUT2LCL_QUEUE_MAX, PUT2LCL_QUEUE_BYTES)
         self.refused = 0
         self._full = False
-        #: the table the compiled deliverers read the backlog from (None: no such deliverers)
-        self.backlog = ctx.wires.lb_backlog if getattr(ctx, "wires", None) is not None \
+        #: the backlog the compiled deliverers read before they put the LB node's traffic
+        #: (None: no deliverer does, `ProxyContext.lb_put`)
+        self.backlog = ctx.wires.lb_backlog if ctx is not None and ctx.lb_put is not None \
             else None
 
     def put(self, h: Header, data=b"") -> bool:

@@ -267,7 +267,8 @@ def test_the_put2lcl_thread_counts_every_frame_it_holds_in_the_backlog():
     parked, and a frame queued behind it too; none once the kernel took both, in order."""
     table = fastpath.FlowTable(LOCAL, LB_ID, C.NR_NODES, C.NR_DCS, ())
     kernel = _LbKernel()
-    ctx = SimpleNamespace(dvk=kernel, wires=table, stopping=threading.Event(),
+    ctx = SimpleNamespace(dvk=kernel, wires=table, lb_put=lambda h, data, code: None,
+                          stopping=threading.Event(),
                           count_error=lambda code: None, lb_node=LB_ID,
                           service_ep=lambda dcid, ep: False, execute=lambda act: None)
     thread = Put2lclThread(ctx, SimpleNamespace(enter=lambda dvk: True))
