@@ -991,7 +991,7 @@ typedef struct {
     int32_t held_fd, sent;               /* RS_HELD: the socket and the bytes it took */
 } rt_sender;
 
-enum { RS_DUE = 0, RS_REPLY = 1, RS_HELD = 2, RS_COMMAND = 3 /* (next_command only) */ };
+enum { RS_DUE = 0, RS_REPLY = 1, RS_HELD = 2 };
 
 /* Whether the command of the last (plain successful) reply is one this loop may write. */
 static int plain_command(const relay_table *t, const rt_sender *s)
@@ -1047,33 +1047,26 @@ static int write_command(relay_table *t, rt_sender *s)
     return RS_HELD;
 }
 
-/* One turn of a sender loop: RS_DUE when `until` (CLOCK_MONOTONIC seconds; 0: none) has come,
- * else a get2rmt call: RS_COMMAND when it fetched a plain command the loop may write,
- * RS_REPLY when the reply is another (for the protocol module to decode), -errno when the
- * kernel connection failed (see channel_call). */
-static int next_command(const relay_table *t, rt_sender *s, double until)
-{
-    if (until > 0 && monotonic_now() >= until)
-        return RS_DUE;
-    int r = channel_call(&s->ch);
-    if (r < 0)
-        return r;
-    return r == 0 || !plain_command(t, s) ? RS_REPLY : RS_COMMAND;
-}
-
 /* get2rmt, `write` what it fetched, again, until `until` came before a call (RS_DUE), a reply
  * is for the caller (RS_REPLY: one that is not a plain command, for the protocol module to
  * decode, or a command `write` left as it was: 0), or `write` kept the send lock of a command
- * written in part (RS_HELD).  -errno when the kernel connection failed (see channel_call). */
+ * written in part (RS_HELD).  -errno when the kernel connection failed (see channel_call),
+ * -EINVAL when the sender's fields cannot be used. */
 static int send_loop(relay_table *t, rt_sender *s, double until,
                      int (*write)(relay_table *, rt_sender *))
 {
+    if (!channel_sane(&s->ch) || s->hdr_off < 0 || s->hdr_off + RT_HEADER > s->ch.ok_len)
+        return -EINVAL;
     s->held_fd = -1;
     s->sent = 0;
     for (;;) {
-        int r = next_command(t, s, until);
-        if (r != RS_COMMAND)
+        if (until > 0 && monotonic_now() >= until)
+            return RS_DUE;
+        int r = channel_call(&s->ch);
+        if (r < 0)
             return r;
+        if (r == 0 || !plain_command(t, s))
+            return RS_REPLY;
         r = write(t, s);
         if (r != 1)
             return r == 0 ? RS_REPLY : r;
@@ -1084,10 +1077,7 @@ static int send_loop(relay_table *t, rt_sender *s, double until,
  * on the link by the caller; RS_HELD: the send lock is held, the rest is for the link. */
 int rt_send_pump(relay_table *t, rt_sender *s, double until)
 {
-    if (!node_ok(s->node) || !channel_sane(&s->ch) || s->hdr_off < 0 ||
-        s->hdr_off + RT_HEADER > s->ch.ok_len)
-        return -EINVAL;
-    return send_loop(t, s, until, write_command);
+    return node_ok(s->node) ? send_loop(t, s, until, write_command) : -EINVAL;
 }
 
 /* A command fetched on the LB pair: when it belongs to a local client's session handed over
@@ -1145,8 +1135,6 @@ static int lb_write_command(relay_table *t, rt_sender *s)
  * back as RS_REPLY for the router; RS_HELD as lb_write_command says. */
 int rt_lb_send_pump(relay_table *t, rt_sender *s, double until)
 {
-    if (!channel_sane(&s->ch) || s->hdr_off < 0 || s->hdr_off + RT_HEADER > s->ch.ok_len)
-        return -EINVAL;
     return send_loop(t, s, until, lb_write_command);
 }
 
