@@ -918,25 +918,36 @@ static int send_all(int fd, const unsigned char *p, int n, int ms)
     return 0;
 }
 
-/* Read `n` bytes; -ECONNRESET when the kernel closed the connection. */
+/* Read between 1 and `cap` bytes: the count, or -errno (-ECONNRESET when the kernel closed
+ * the connection).  It waits in poll, never in a blocking recv: Linux wakes a task blocked in
+ * recv on a Unix stream socket each time the peer reads what the task sent (the write-space
+ * wake-up), so every call would cost a wake-up for nothing; poll's wait answers only the
+ * readiness it asked for. */
+static int recv_some(int fd, unsigned char *p, int cap, int ms)
+{
+    for (;;) {
+        int r = wait_fd(fd, POLLIN, ms);
+        if (r < 0)
+            return r;
+        ssize_t got = recv(fd, p, (size_t)cap, MSG_DONTWAIT);
+        if (got > 0)
+            return (int)got;
+        if (got == 0)
+            return -ECONNRESET;
+        if (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)
+            return -errno;
+    }
+}
+
+/* Read `n` bytes (as recv_some). */
 static int recv_all(int fd, unsigned char *p, int n, int ms)
 {
     while (n > 0) {
-        ssize_t got = recv(fd, p, (size_t)n, 0);
-        if (got == 0)
-            return -ECONNRESET;
-        if (got < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                return -errno;
-            int r = wait_fd(fd, POLLIN, ms);
-            if (r < 0)
-                return r;
-            continue;
-        }
+        int got = recv_some(fd, p, n, ms);
+        if (got < 0)
+            return got;
         p += got;
-        n -= (int)got;
+        n -= got;
     }
     return 0;
 }
@@ -955,21 +966,27 @@ static int channel_sane(const rt_channel *c)
 
 /* One call: the request, then its reply's body at c->reply + 4.  1 when the reply is a plain
  * success, 0 when it is another, -errno when the connection failed (-ETIMEDOUT: no answer
- * within the limit, -EPROTO: a reply longer than the room for it). */
+ * within the limit, -EPROTO: a reply longer than the room for it, or bytes after it). */
 static int channel_call(rt_channel *c)
 {
     int r = send_all(c->kfd, c->req, c->req_len, c->answer_ms);
     if (r < 0)
         return r;
-    r = recv_all(c->kfd, c->reply, 4, c->answer_ms);
-    if (r < 0)
-        return r;
+    int got = recv_some(c->kfd, c->reply, c->reply_cap + 4, c->answer_ms);  /* usually all */
+    if (got < 0)
+        return got;
+    if (got < 4) {
+        r = recv_all(c->kfd, c->reply + got, 4 - got, c->answer_ms);
+        if (r < 0)
+            return r;
+        got = 4;
+    }
     uint32_t n;
     memcpy(&n, c->reply, 4);
-    if (n > (uint32_t)c->reply_cap)
+    if (n > (uint32_t)c->reply_cap || (uint32_t)got > n + 4)
         return -EPROTO;
     c->reply_len = (int32_t)n;
-    r = recv_all(c->kfd, c->reply + 4, (int)n, c->answer_ms);
+    r = recv_all(c->kfd, c->reply + got, (int)(n + 4) - got, c->answer_ms);
     if (r < 0)
         return r;
     if (c->reply_len != c->ok_len)

@@ -16,6 +16,7 @@ carries a memfd in SCM_RIGHTS ancillary data.
 from __future__ import annotations
 
 import operator
+import select
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -376,10 +377,26 @@ def put2lcl_layout(addr: int) -> tuple[bytes, int, int, int, list[tuple[int, int
     return request, _header_offset(_REQ_HU), len(zero), len(zero) - _INT.size, _fixed(zero, ones)
 
 
+def wait_readable(sock: socket.socket) -> None:
+    """Wait in poll until `sock` has something to read.  A caller waiting for the answer to
+    what it sent waits here rather than in a blocking recv: Linux wakes every task blocked in
+    recv on a Unix stream socket each time the peer reads what was sent on it (the write-space
+    wake-up), which would cost each call a wake-up for nothing; poll's wait answers only the
+    readiness it asked for.  (A socket with a timeout already polls before its recv.)"""
+    fd = sock.fileno()
+    if fd < 0:
+        return      # closed (by another thread): the recv that follows fails as it always did
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.poll()
+
+
 def recv_frame(sock: socket.socket, fds: list[int] | None = None) -> bytes | None:
     """One frame body from a peer that sends one frame and then waits (a reply, or a request
     of a client): read with as few calls as it takes, usually one.  File descriptors sent
     along with it are appended to `fds`.  None on EOF before the first byte."""
+    if sock.gettimeout() is None:
+        wait_readable(sock)
     if fds is None:
         data = sock.recv(65536)
     else:
