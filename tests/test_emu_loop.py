@@ -13,8 +13,9 @@ import pytest
 from dvk_cffi import consts as C
 from dvk_cffi import errors as E
 from dvk_cffi.emu import protocol as P
+from dvk_cffi.emu.server import _Conn
 from dvk_cffi.wire import Message
-from emu_helpers import CALL_TIMEOUT, DC0, Raw, make_world, wait_until
+from emu_helpers import CALL_TIMEOUT, DC0, RSYS, FakeProxy, Raw, make_world, wait_until
 
 SYS_EPS = range(10, 30)
 
@@ -225,3 +226,47 @@ def test_forked_child_is_a_new_process_to_the_kernel(world):
     with pytest.raises(E.DvkError) as exc:                    # and its connection still works
         d.receive(C.ANY, m, 0)
     assert exc.value.code == E.EDVSAGAIN
+
+
+def _parked(node, op: str) -> bool:
+    """A call `op` waits in the in-process node kernel's loop."""
+    with node.kernel.lock:
+        return any(c.op == op and c.call is not None for c in node.server.fdmap.values()
+                   if isinstance(c, _Conn))
+
+
+def test_a_proxys_command_is_answered_before_the_local_calls_woken_with_it(world):
+    """A put2lcl of a remote SEND to a local receiver wakes two calls: the receiver's RECEIVE
+    and the sender proxy's GET2RMT, which takes the SEND_ACK.  The proxy is answered first: its
+    command goes on to another node, where a process waits for it (the remote sender, held in
+    its SEND until the ACK is back), and the receiver's wake-up would otherwise delay it.  Eight
+    receivers, each woken with the proxy: the kernel's set of woken tasks has no order, so a
+    loop that did not choose would answer a receiver first in some of them."""
+    node = world.inproc_node(1)
+    d = world.dvk(node)
+    px = FakeProxy(world, node, d, 2)
+    d.add_node(DC0, 2)
+    d.rmtbind(DC0, "rsys", RSYS, 2)
+    px.rproxy.call(d.getdvsinfo)        # its connection is open: no HELLO among the answers
+    answered: list[str] = []
+    real_send = node.server._send
+
+    def send(conn, data):
+        answered.append(conn.op)
+        real_send(conn, data)
+
+    node.server._send = send
+    for ep in range(10, 18):
+        receiver = world.actor(f"ep{ep}")
+        assert receiver.call(d.bind, DC0, ep) == ep
+        m = Message()
+        got = receiver.submit(d.receive, C.ANY, m, int(CALL_TIMEOUT * 1000))
+        hdr, ack = px.get_async()
+        wait_until(lambda: _parked(node, "RECEIVE"), what="the receive parked")
+        wait_until(lambda: _parked(node, "GET2RMT"), what="the get2rmt parked")
+        del answered[:]
+        assert px.put(c_src=RSYS, c_dst=ep, m_type=ep) >= 0
+        assert got.result(CALL_TIMEOUT) == 0 and m.m_type == ep
+        ack.result(CALL_TIMEOUT)
+        assert hdr.c_cmd == C.CMD_SEND_ACK
+        assert answered == ["GET2RMT", "RECEIVE", "PUT2LCL"]

@@ -91,6 +91,11 @@ _EPOLLOUT = select.EPOLLOUT
 _NO_FDS: tuple[int, ...] = ()
 
 
+def _not_get2rmt(conn: _Conn) -> bool:
+    """Sort key that puts parked GET2RMT calls first (`NodeServer._run_woken`)."""
+    return conn.op != "GET2RMT"
+
+
 def default_rundir() -> str:
     """Where node kernel sockets live: $DVK_RUNDIR, else /run/dvk for root, else /tmp."""
     env = os.environ.get("DVK_RUNDIR")
@@ -650,19 +655,23 @@ class NodeServer:
 
     def _run_woken(self) -> None:
         """Resume the parked calls of the tasks that calls woke, until none is left (one level:
-        a call answered meanwhile leaves its wake-ups to the loop already running)."""
+        a call answered meanwhile leaves its wake-ups to the loop already running).  A sender
+        proxy's GET2RMT goes first: the command it takes goes on to another node, where a
+        process waits for it (the SEND_ACK that ends a remote SEND, a request), while a local
+        caller woken with it has only its own answer to take."""
         if self._resuming:
             return
         self._resuming = True
         try:
             runnable = self.kernel.runnable
             while runnable:
-                tasks = list(runnable)
+                conns = [conn for task in runnable for conn in task.parked]
                 runnable.clear()
-                for task in tasks:
-                    for conn in list(task.parked):
-                        if conn.call is not None and not conn.closed:
-                            self._step(conn, conn.call)
+                if len(conns) > 1:
+                    conns.sort(key=_not_get2rmt)
+                for conn in conns:
+                    if conn.call is not None and not conn.closed:
+                        self._step(conn, conn.call)
         finally:
             self._resuming = False
 
