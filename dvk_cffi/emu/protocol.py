@@ -393,8 +393,9 @@ def wait_readable(sock: socket.socket) -> None:
 
 def recv_frame(sock: socket.socket, fds: list[int] | None = None) -> bytes | None:
     """One frame body from a peer that sends one frame and then waits (a reply, or a request
-    of a client): read with as few calls as it takes, usually one.  File descriptors sent
-    along with it are appended to `fds`.  None on EOF before the first byte."""
+    of a client): read with as few calls as it takes, usually one (after `wait_readable` on a
+    socket without a timeout).  File descriptors sent along with it are appended to `fds`.
+    None on EOF before the first byte."""
     if sock.gettimeout() is None:
         wait_readable(sock)
     if fds is None:
