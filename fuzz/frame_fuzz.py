@@ -69,9 +69,14 @@ client node3 { nodeid 3; rname {net}.3; autobind YES; batch YES; };
 service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
 """
 LB_NODE, CLIENT_NODE, EXT_EP = 0, 3, 10
+#: Endpoints nothing binds on any node: below the probe servers of nodes 1..3, between them
+#: and the check servers, above the check servers, and a user endpoint.
+UNBOUND_EPS = [PROBE_SERVER_BASE, CHECK_SERVER_BASE, CHECK_SERVER_BASE + 4, 200]
 
-#: How long after the fuzzing every link must carry a request again.
-RECOVER_BOUND = 30.0
+#: How long after the fuzzing every link must carry a request again: longer than the latency
+#: server's own 30 s send timeout, since a fuzzed request whose `m_source` names a local
+#: endpoint that is bound but never receives holds a check server that long.
+RECOVER_BOUND = 40.0
 #: RSS growth and thread count change a DSP may show after the run.
 RSS_GROWTH_KIB = 64 * 1024
 THREADS_SLACK = 8
@@ -267,7 +272,7 @@ class FrameFactory:
     def _check_hdr_steal(self, f: bytearray) -> bytes:
         """CHECK_HDR with c_src = the service's ext_ep, to an unbound endpoint (finding 3)."""
         h = self._hdr(C.CMD_SNDREC_MSG, c_flags=C.FLAG_CHECK_HDR, c_src=EXT_EP,
-                      c_dst=self.rng.choice([25, 26, 27, 200]))
+                      c_dst=self.rng.choice(UNBOUND_EPS))
         return bytes(h.buf)
 
 

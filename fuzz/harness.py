@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 from dsp_proxy.cluster import Cluster, module_argv, render_config
 from dvk_cffi import Message
 from dvk_cffi import consts as C
@@ -28,14 +30,20 @@ from dvk_cffi.errors import DvkError
 PROBE_SERVER_BASE = 20
 #: Endpoint the harness process binds on node n to send probes from.
 PROBE_CLIENT_BASE = 90
-#: The probes that check the links after a fuzzing run use endpoints no fuzzed frame names.  A
-#: well-formed fuzzed frame from a peer speaks for a process of that peer (the probe endpoints
-#: above), and the kernel takes it as such: it may leave that process's descriptor waiting for an
-#: answer that never comes.  What must hold is that every link carries requests again, which
-#: these fresh endpoints show.  (Servers must be system endpoints: 0..28.)
+#: The probes that check the links after a fuzzing run use endpoints the fuzzer never names on
+#: purpose (only a random bit flip reaches them).  A well-formed fuzzed frame from a peer speaks
+#: for a process of that peer (the probe endpoints above), and the kernel takes it as such: it
+#: may leave that process's descriptor waiting for an answer that never comes.  What must hold
+#: is that every link carries requests again, which these fresh endpoints show.  (Servers must
+#: be system endpoints: 0..28.)
 CHECK_SERVER_BASE = 24
 CHECK_CLIENT_BASE = 100
 REQUEST_TYPE, REPLY_TYPE = 0x0A, 0x0B
+#: A probe server that spent more than this share of a CPU since the harness last looked is
+#: spinning: the latency server busy-loops `m1_i2` seconds when a request asks it to, and a
+#: fuzzed request may ask for years.  Answering probes costs it about 1 %; a spinning one
+#: gets half a CPU or more even when four busy processes share two CPUs.
+SPINNING_CPU_SHARE = 0.25
 
 
 def run_net() -> str:
@@ -124,6 +132,7 @@ class Probes:
         self.servers: dict[int, subprocess.Popen] = {}
         self.restarts = 0
         self.repairs = 0
+        self.cpu_seen: dict[int, tuple[float, float]] = {}  # server pid -> (when, CPU seconds)
         self.bound: set[int] = set()
         self.seq = 0
 
@@ -158,15 +167,36 @@ class Probes:
             time.sleep(0.05)
         raise TimeoutError(f"probe server of node {n} not bound")
 
-    def restart_dead_servers(self) -> int:
-        """Start again the probe servers that exited (a failed reply ends the program)."""
-        dead = [n for n, p in self.servers.items() if p.poll() is not None]
-        for n in dead:
+    def restart_stuck_servers(self) -> int:
+        """Start again the probe servers that exited (a failed reply ends the program) or that
+        spin (a request may ask the latency server to busy-loop for as long as it likes):
+        the harness measures links, not a server a fuzzed request was allowed to keep busy."""
+        stuck = [n for n, p in self.servers.items() if p.poll() is not None or self._spinning(n)]
+        for n in stuck:
+            p = self.servers[n]
+            if p.poll() is None:
+                p.kill()
+                p.wait()
             self._start_server(n)
             self.restarts += 1
-        for n in dead:
+        for n in stuck:
             self._wait_server(n)
-        return len(dead)
+        return len(stuck)
+
+    def _spinning(self, n: int) -> bool:
+        """Whether server n used more than SPINNING_CPU_SHARE of a CPU since the last look at
+        least 0.5 s ago (the first look only takes the sample)."""
+        pid = self.servers[n].pid
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return False
+        now, cpu = time.monotonic(), t.user + t.system
+        then, cpu0 = self.cpu_seen.get(pid, (None, 0.0))
+        if then is None or now - then >= 0.5:
+            self.cpu_seen[pid] = (now, cpu)
+        return then is not None and now - then >= 0.5 and \
+            (cpu - cpu0) / (now - then) > SPINNING_CPU_SHARE
 
     def _ensure_remote(self, node: int, ep: int, where: int) -> None:
         dvk = self.cluster.dvk(node)
@@ -211,7 +241,7 @@ class Probes:
         last: dict[tuple[int, int], str] = {}
         pending = [(a, b) for a in self.nodes for b in self.nodes if a != b]
         while pending and time.monotonic() < deadline:
-            self.restart_dead_servers()
+            self.restart_stuck_servers()
             self.fix_bindings()
             for pair in list(pending):
                 last[pair] = self.probe(*pair, timeout_ms=2000)

@@ -139,7 +139,7 @@ def links_carry(probes: Probes, pairs, timeout: float) -> float:
     pending = list(pairs)
     last = {}
     while pending and time.monotonic() - t0 < timeout:
-        probes.restart_dead_servers()
+        probes.restart_stuck_servers()
         probes.fix_bindings()
         for pair in list(pending):
             last[pair] = probes.probe(*pair, timeout_ms=1500)
