@@ -11,6 +11,7 @@ server).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -107,12 +108,16 @@ class Cluster:
                                              log_path=self.log_path(f"kernel{n}"),
                                              env=python_env(), extra=self.kernel_args)
 
-    def start_dsp(self, n: int) -> subprocess.Popen:
+    def start_dsp(self, n: int, output: int | None = None) -> subprocess.Popen:
+        """Start node n's DSP; its stdout and stderr go to its log file, or to the descriptor
+        `output` (a pipe, say)."""
         argv = [*self.dsp_prefix, sys.executable, "-m", "dsp_proxy", "--dvk", self.dvk_mode,
                 "--node", str(n), "--log-level", self.log_level,
                 "--status-file", self.status_path(n), *self.stats_args(n), *self.dsp_args,
                 self.config_path]
-        with open(self.log_path(f"dsp{n}"), "ab") as out:
+        with contextlib.ExitStack() as stack:
+            out = output if output is not None else \
+                stack.enter_context(open(self.log_path(f"dsp{n}"), "ab"))
             proc = subprocess.Popen(argv, env=python_env({"DVK_RUNDIR": self.rundir}),
                                     stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
