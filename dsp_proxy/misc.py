@@ -8,7 +8,6 @@ import logging
 import logging.handlers
 import math
 import os
-import select
 import socket
 import stat
 import sys
@@ -16,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 
 from dvk_cffi import consts as C
-from dvk_cffi.logs import RepeatLimit, report_suppressed
+from dvk_cffi.logs import LOG_WAIT, RepeatLimit, StderrHandler, lost_note, report_suppressed
 
 log = logging.getLogger("dsp")
 
@@ -94,61 +93,6 @@ def log_level(text: str) -> str:
     return level
 
 
-#: How long a line waits for room at a log that does not read (a syslog whose socket's queue
-#: is full: 10 datagrams by default, net.unix.max_dgram_qlen; a pipe or a journal socket on
-#: stderr that nobody drains) before it counts as lost; while lines are being lost, the next
-#: ones do not wait at all.
-LOG_WAIT = 0.1
-
-
-def _lost_note(record: logging.LogRecord, text: str) -> logging.LogRecord:
-    """The WARNING, stamped like `record`, that says how many lines were lost before it."""
-    note = logging.makeLogRecord(record.__dict__)
-    note.levelname, note.levelno = "WARNING", logging.WARNING
-    note.msg, note.args, note.exc_info, note.exc_text = text, None, None, None
-    return note
-
-
-class StderrHandler(logging.StreamHandler):
-    """The default log, stderr, which a pipe, the journal's socket or a terminal may take.
-    One that stops reading (a reader that hangs, a stalled journald, a terminal held by
-    Ctrl-S) costs lines, never a wait: each line first waits at most LOG_WAIT for room, none
-    while lines are being lost, and the first line that gets through again is followed by a
-    WARNING with how many were lost.  Before, the first thread to log into a full pipe held
-    the handler's lock for ever and every thread that logged after it stopped: links, the
-    main loop, SIGTERM.  (A regular file always has room: a disk that is slow is waited for.)"""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-        self.lost = 0
-
-    def _room(self) -> bool:
-        """Whether a line can be written without blocking (at least one line's room in a pipe
-        or socket: poll's POLLOUT); a reader that is gone (POLLERR, POLLHUP) has none."""
-        try:
-            fd = self.stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            return True     # not a file (tests swap sys.stderr): nothing can block
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        try:
-            events = poller.poll(0 if self.lost else LOG_WAIT * 1000)
-        except OSError:
-            return True
-        return any(ev & select.POLLOUT and not ev & (select.POLLERR | select.POLLHUP)
-                   for _fd, ev in events)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self._room():
-            self.lost += 1
-            return
-        super().emit(record)
-        if self.lost:
-            lost, self.lost = self.lost, 0
-            super().emit(_lost_note(record, f"{lost} log lines were lost while stderr could "
-                                            "not take them (its reader did not read)"))
-
-
 class SyslogHandler(logging.handlers.SysLogHandler):
     """`--syslog`: the local syslog's socket, facility daemon.  The socket must answer at
     start-up (Python's handler takes a missing one silently, then printed a traceback on
@@ -182,7 +126,7 @@ class SyslogHandler(logging.handlers.SysLogHandler):
         super().emit(record)
         if lost and self.lost == lost:      # this line got through: the syslog is back
             self.lost = 0
-            super().emit(_lost_note(record, f"{lost} log lines were lost while the syslog at "
+            super().emit(lost_note(record, f"{lost} log lines were lost while the syslog at "
                                             f"{self.address} was unreachable"))
 
     def handleError(self, record: logging.LogRecord) -> None:  # logging's name

@@ -198,8 +198,9 @@ def _peer_pid(path: str) -> int | None:
 def cmd_node_run(args) -> int:
     _emu_only(args, "node run")
     from dvk_cffi.emu.server import run_node, socket_path
+    from dvk_cffi.logs import StderrHandler
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO), stream=sys.stderr,
+        level=getattr(logging, args.log_level.upper(), logging.INFO), handlers=[StderrHandler()],
         format=f"%(asctime)s node{args.nodeid} %(name)s %(levelname)s: %(message)s")
     dvs = _dvs_info(args)
     dcs = [] if args.no_dc else _dc_infos(args, dvs)

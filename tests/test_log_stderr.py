@@ -8,9 +8,14 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import subprocess
 import threading
 
 from cluster_helpers import cluster_from
+from dsp_proxy.cluster import python_env
+from dvk_cffi import open_dvk
+from dvk_cffi.emu import node as emunode
+from dvk_cffi.emu.server import socket_path
 from fuzz.harness import Probes
 
 CONFIG = """
@@ -67,3 +72,32 @@ def test_a_dsp_whose_stderr_is_not_read_keeps_its_links_and_stops_on_sigterm(tmp
             cl.kill_dsp(2)
             drainer.join(10)
             os.close(r)
+
+
+def test_a_node_kernel_whose_stderr_is_not_read_serves_and_stops_on_sigterm(tmp_path):
+    """`dvsctl node run` logs to stderr too: a node kernel whose first line found the pipe
+    full served nobody (every process of its node waited)."""
+    rundir = str(tmp_path / "dvk")
+    r, w = os.pipe()
+    proc = None
+    try:
+        assert fill(w) > 0
+        proc = subprocess.Popen(emunode.node_command(7), stdout=w, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=python_env({"DVK_RUNDIR": rundir}))
+        os.close(w)
+        w = -1
+        emunode.wait_for_socket(socket_path(7, rundir), proc=proc)
+        dvk = open_dvk("emu", path=socket_path(7, rundir))
+        try:
+            assert dvk.getdvsinfo()[0] == 7
+        finally:
+            dvk.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if w >= 0:
+            os.close(w)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(r)
