@@ -280,7 +280,8 @@ class Deliverer:
         if code >= 0:
             return code
         if code in BINDING_ERRORS and (autobind or h.c_flags & C.FLAG_CHECK_HDR):
-            if self._bind_remote(h):
+            code = self._bind_remote(h, code)
+            if code == 0:
                 code = self._put(h, data)
                 if code >= 0:
                     return code
@@ -333,35 +334,46 @@ class Deliverer:
             if not q:
                 del self.parked[key]
 
-    def _bind_remote(self, h: Header) -> bool:
+    def _bind_remote(self, h: Header, code: int) -> int:
         """Make c_src a REMOTE endpoint on c_snode before delivering a balanced (CHECK_HDR) or
-        autobind frame.  Only for the node the link speaks for; never touches a LOCAL slot or
-        a binding this DSP made itself (a service endpoint bound to the LB node), and never
-        binds a configured service's ext_ep (a server's program, down for a moment, could not
-        bind it again)."""
+        autobind frame whose put2lcl failed with `code`; 0 when it is bound so, else the code
+        to answer the frame with.  Only for the node the link speaks for; never touches a
+        LOCAL slot or a binding this DSP made itself (a service endpoint bound to the LB
+        node), and never binds a configured service's ext_ep (a server's program, down for a
+        moment, could not bind it again).  Never moves an endpoint that another node's
+        process is using (a request of it waits here for its reply, until the reply, the
+        server's end or the loss of that node's link): the reply would go to the newcomer's
+        node, into its process's wait (EDVSAGAIN to the newcomer instead).  The same node's
+        endpoint of another generation is moved: the LB host gave the slot to a new session."""
         ctx, dcid, ep, node = self.ctx, h.c_dcid, h.c_src, h.c_snode
         # the slot of `ep`, which may carry a generation (the LB host gives a translated
         # endpoint a new one for each session): what is bound there may be another one
         slot = C._ENDPOINT_P(ep)
         if self.peer is not None and node != self.peer:
-            return False
+            return code
         if node != ctx.lb_node and ctx.service_ep(dcid, slot):
-            return False        # (the LB node's own service bindings are this DSP's to repair)
+            return code         # (the LB node's own service bindings are this DSP's to repair)
         dvk = ctx.dvk
         try:
             info = dvk.getprocinfo(dcid, slot)
             if not info.p_rts_flags & C.SLOT_FREE:
                 if not info.p_rts_flags & C.REMOTE or info.p_nodeid == ctx.lb_node:
-                    return False
+                    return code
                 if info.p_nodeid == node and info.p_endpoint == ep:
-                    return True
+                    return 0
+                if info.p_nodeid != node and info.p_rts_flags & (C.SENDING | C.RECEIVING):
+                    log.warning("endpoint %d of DC %d is in use by node %d's process: a "
+                                "request from node %d for that endpoint is refused "
+                                "(EDVSAGAIN); client endpoints must differ across client "
+                                "nodes", info.p_endpoint, dcid, info.p_nodeid, node)
+                    return E.EDVSAGAIN
                 dvk.unbind(dcid, info.p_endpoint)
             dvk.rmtbind(dcid, "rclient", ep, node)
             log.debug("bound endpoint %d of DC %d to node %d", ep, dcid, node)
-            return True
+            return 0
         except E.DvkError as err:
             log.debug("autobind of %d@%d in DC %d: %s", ep, node, dcid, err)
-            return False
+            return code
 
 
 def _recv_timeout(sock: socket.socket, timeout: float) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -133,6 +134,57 @@ def test_seed_scenario_sessions_spread_over_two_servers(tmp_path, bg):
             assert (m.m_source, m.m_type, m.m1_i1) == (10, 0x0B, 1)
         finally:
             c.close()
+
+
+ONE_SERVER = """
+lb node0 { nodeid 0; period 1; };
+server node1 { nodeid 1; rname {net}.1; };
+client node3 { nodeid 3; rname {net}.3; };
+client node4 { nodeid 4; rname {net}.4; };
+service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
+"""
+
+
+def test_local_mode_an_endpoint_on_two_client_nodes_never_gets_the_others_reply(tmp_path, bg):
+    """Local mode: a server sees its clients' own endpoints, which should differ across client
+    nodes.  When two client nodes' processes share one anyway, the server's binding repair
+    moved the endpoint to whichever node used it last, also while the other node's request
+    was being served: that reply went to the newcomer, into its process's wait (misrouted),
+    and the first client waited for ever.  Now the newcomer gets EDVSAGAIN while the
+    endpoint is busy, each gets its own reply, and taking turns works."""
+    def call(c, marker, busy=0):
+        m = Message()
+        m.m_type, m.m1_i1, m.m1_i2 = 0x0A, marker, busy
+        try:
+            c.dvk.sendrec(10, m, 10000)
+        except DvkError as err:
+            return err.name
+        return m.m1_i1 if m.m_type == 0x0B else f"type {m.m_type:#x}"
+
+    with cluster_from(ONE_SERVER, tmp_path) as cl, \
+            ThreadPoolExecutor(1) as on3, ThreadPoolExecutor(1) as on4:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        start_servers(cl, b, nodes=(1,))
+        # a thread is one process of each node: its endpoint is bound and used there
+        c3 = on3.submit(Client, cl, 3, 50).result()
+        c4 = on4.submit(Client, cl, 4, 50).result()
+        try:
+            for marker in (31, 41, 32, 42):     # taking turns: the binding follows the user
+                c, on = (c3, on3) if marker < 40 else (c4, on4)
+                assert on.submit(call, c, marker).result() == marker
+            first = on3.submit(call, c3, 33, 2)     # the server is busy with it for 2 s
+            srv = cl.dvk(1)
+            wait_for(lambda: srv.getprocinfo(0, 50).p_nodeid == 3 and
+                     srv.getprocinfo(0, 50).p_rts_flags & C.RECEIVING, timeout=10,
+                     what="node 3's request at the server")
+            assert on4.submit(call, c4, 43).result() == "EDVSAGAIN"
+            assert first.result(30) == 33
+            assert on4.submit(call, c4, 44).result() == 44
+            assert "is in use by node 3's process" in open(cl.log_path("dsp1")).read()
+        finally:
+            on3.submit(c3.close).result()
+            on4.submit(c4.close).result()
 
 
 @pytest.mark.parametrize("mode", ["local", "relayed"])
