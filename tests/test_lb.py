@@ -173,7 +173,7 @@ def test_local_mode_an_endpoint_on_two_client_nodes_never_gets_the_others_reply(
             for marker in (31, 41, 32, 42):     # taking turns: the binding follows the user
                 c, on = (c3, on3) if marker < 40 else (c4, on4)
                 assert on.submit(call, c, marker).result() == marker
-            first = on3.submit(call, c3, 33, 2)     # the server is busy with it for 2 s
+            first = on3.submit(call, c3, 33, 4)     # the server is busy with it for 4 s
             srv = cl.dvk(1)
             wait_for(lambda: srv.getprocinfo(0, 50).p_nodeid == 3 and
                      srv.getprocinfo(0, 50).p_rts_flags & C.RECEIVING, timeout=10,

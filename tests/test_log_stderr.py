@@ -11,7 +11,7 @@ import signal
 import subprocess
 import threading
 
-from cluster_helpers import cluster_from
+from cluster_helpers import cluster_from, wait_for
 from dsp_proxy.cluster import python_env
 from dvk_cffi import open_dvk
 from dvk_cffi.emu import node as emunode
@@ -48,7 +48,8 @@ def test_a_dsp_whose_stderr_is_not_read_keeps_its_links_and_stops_on_sigterm(tmp
                                    daemon=True)
         probes = Probes(cl, [1, 2], tmp_path)
         try:
-            assert fill(w) > 0
+            prefilled = fill(w)
+            assert prefilled > 0
             dsp = cl.start_dsp(2, output=w)     # its first line finds the pipe full
             os.close(w)
             w = -1
@@ -57,6 +58,7 @@ def test_a_dsp_whose_stderr_is_not_read_keeps_its_links_and_stops_on_sigterm(tmp
             took, last = probes.all_links(20)
             assert took is not None, f"no request over the links: {last}"
             drainer.start()                     # the reader reads again
+            wait_for(lambda: len(drained) >= prefilled, timeout=10, what="the pipe drained")
             cl.kill_dsp(2, signal.SIGTERM)      # waits at most 10 s
             assert dsp.returncode == 0
             drainer.join(10)
