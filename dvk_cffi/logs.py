@@ -5,11 +5,15 @@ reads."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import select
+import stat
 import sys
 import threading
 import time
+import traceback
 
 #: At most LOG_BURST lines of one kind (logger, level and message template) are written per
 #: LOG_WINDOW seconds; the rest are counted, and `report_suppressed` says how many.
@@ -100,38 +104,88 @@ def lost_note(record: logging.LogRecord, text: str) -> logging.LogRecord:
 class StderrHandler(logging.StreamHandler):
     """The default log, stderr, which a pipe, the journal's socket or a terminal may take.
     One that stops reading (a reader that hangs, a stalled journald, a terminal held by
-    Ctrl-S) costs lines, never a wait: each line first waits at most LOG_WAIT for room, none
-    while lines are being lost, and the first line that gets through again is followed by a
+    Ctrl-S) costs lines, never a wait: each line waits at most LOG_WAIT for room, none while
+    lines are being lost, and the first line that gets through again is followed by a
     WARNING with how many were lost.  Before, the first thread to log into a full pipe held
     the handler's lock for ever and every thread that logged after it stopped: links, the
-    main loop, SIGTERM.  (A regular file always has room: a disk that is slow is waited for.)"""
+    main loop, SIGTERM.  (A regular file always has room: a disk that is slow is waited for.)
+
+    Room for a line is not room for the next one: a pipe says it has room (POLLOUT) while
+    one page (PIPE_BUF bytes) is free, a terminal while one byte is, and a line may be longer
+    (a traceback), and the loss note follows a line.  So a pipe or a socket is written to
+    without waiting at all (RWF_NOWAIT: only this write, never the descriptor the daemon
+    shares with its parent), and waited for between partial writes; anything else polled
+    for room before each PIPE_BUF bytes.  A line cut short by the wait counts as lost, and
+    the next text starts on a line of its own."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.lost = 0
+        self.cut = False        # the last line was cut short: the next text starts a line
 
-    def _room(self) -> bool:
-        """Whether a line can be written without blocking (at least one line's room in a pipe
-        or socket: poll's POLLOUT); a reader that is gone (POLLERR, POLLHUP) has none."""
+    def emit(self, record: logging.LogRecord) -> None:
         try:
             fd = self.stream.fileno()
         except (AttributeError, OSError, ValueError):
-            return True     # not a file (tests swap sys.stderr): nothing can block
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
+            super().emit(record)    # not a file (tests swap sys.stderr): nothing can block
+            return
         try:
-            events = poller.poll(0 if self.lost else LOG_WAIT * 1000)
-        except OSError:
-            return True
-        return any(ev & select.POLLOUT and not ev & (select.POLLERR | select.POLLHUP)
-                   for _fd, ev in events)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self._room():
+            text = self.format(record) + self.terminator
+        except Exception:   # a bad log call: said here, as Handler.handleError would, unblocked
+            text = f"--- Logging error ---\n{traceback.format_exc()}Message: {record.msg!r}\n"
+        deadline = time.monotonic() + (0.0 if self.lost else LOG_WAIT)
+        if not self._write(fd, text, deadline):
             self.lost += 1
             return
-        super().emit(record)
         if self.lost:
-            lost, self.lost = self.lost, 0
-            super().emit(lost_note(record, f"{lost} log lines were lost while stderr could "
-                                            "not take them (its reader did not read)"))
+            note = lost_note(record, f"{self.lost} log lines were lost while stderr could "
+                                     "not take them (its reader did not read)")
+            if self._write(fd, self.format(note) + self.terminator, deadline):
+                self.lost = 0
+
+    def _write(self, fd: int, text: str, deadline: float) -> bool:
+        """Write `text` whole, waiting for room until `deadline`; False when it was not
+        (its start may have been: the next text then starts with a newline)."""
+        data = text.encode(getattr(self.stream, "encoding", None) or "utf-8", "backslashreplace")
+        if self.cut:
+            data = b"\n" + data
+        view = memoryview(data)
+        try:
+            mode = os.fstat(fd).st_mode
+            nowait = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+            while view:
+                if nowait:
+                    try:
+                        n = os.pwritev(fd, [view], -1, os.RWF_NOWAIT)
+                    except BlockingIOError:
+                        n = 0
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        nowait = False      # a kernel without it for this descriptor
+                        continue
+                    if n == 0 and not _wait_room(fd, deadline):
+                        break
+                else:
+                    if not _wait_room(fd, deadline):
+                        break
+                    n = os.write(fd, view[:select.PIPE_BUF])
+                view = view[n:]
+        except OSError:         # a reader that is gone (EPIPE), a descriptor closed under us
+            pass
+        if len(view) < len(data):       # its start went out, the newline before it too
+            self.cut = bool(view)
+        return not view
+
+
+def _wait_room(fd: int, deadline: float) -> bool:
+    """Whether `fd` has room (poll's POLLOUT) before `deadline`; a reader that is gone
+    (POLLERR, POLLHUP) leaves none."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        events = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
+    except OSError:
+        return False
+    return any(ev & select.POLLOUT and not ev & (select.POLLERR | select.POLLHUP)
+               for _fd, ev in events)

@@ -5,17 +5,22 @@ lock, and every thread that logged after it stopped (links, main loop, SIGTERM).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 
 from cluster_helpers import cluster_from, wait_for
 from dsp_proxy.cluster import python_env
 from dvk_cffi import open_dvk
 from dvk_cffi.emu import node as emunode
 from dvk_cffi.emu.server import socket_path
+from dvk_cffi.logs import StderrHandler
 from fuzz.harness import Probes
 
 CONFIG = """
@@ -103,3 +108,111 @@ def test_a_node_kernel_whose_stderr_is_not_read_serves_and_stops_on_sigterm(tmp_
             proc.kill()
             proc.wait()
         os.close(r)
+
+
+@contextlib.contextmanager
+def handler_on(fd: int) -> Iterator[StderrHandler]:
+    """A StderrHandler writing to `fd` as it would to a daemon's stderr."""
+    stream = open(fd, "w", buffering=1, closefd=False)
+    handler = StderrHandler()
+    handler.setStream(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        yield handler
+    finally:
+        handler.close()
+        stream.close()
+
+
+def emit_returns(handler: StderrHandler, text: str, drain: Callable[[], None]) -> bool:
+    """Whether logging `text` returns (within a bound far above LOG_WAIT); one that blocks
+    is released by draining its reader, so that no thread is left behind."""
+    t = threading.Thread(target=handler.handle, args=(logging.makeLogRecord({"msg": text}),),
+                         daemon=True)
+    t.start()
+    t.join(5)
+    returned = not t.is_alive()
+    while t.is_alive():
+        drain()
+        t.join(0.05)
+    return returned
+
+
+def drain_all(fd: int) -> bytes:
+    """What the reader `fd` holds now, without waiting."""
+    out = bytearray()
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            out += chunk
+    except BlockingIOError:
+        pass
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return bytes(out)
+
+
+def test_a_traceback_into_a_pipe_with_a_page_of_room_is_cut_never_waited_for():
+    """A pipe says it has room while one page (4 KiB) is free: a traceback longer than that,
+    logged when its reader had stopped, blocked for ever (every thread after it too)."""
+    r, w = os.pipe()
+    try:
+        with handler_on(w) as handler:
+            fill(w)
+            os.read(r, 4096)                # the reader takes one page, then hangs
+            assert emit_returns(handler, "T" * 20000, lambda: drain_all(r))
+            assert handler.lost == 1
+            drain_all(r)                    # it reads again
+            handler.handle(logging.makeLogRecord({"msg": "back"}))
+            tail = drain_all(r).decode()
+            assert tail.startswith("\nback\n"), tail[:200]     # a line of its own
+            assert "1 log lines were lost while stderr could not take them" in tail
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_loss_note_after_a_line_that_takes_the_last_room_never_waits():
+    """The first line through after a loss is followed by the note of the lines lost: a line
+    that took the pipe's last room left the note blocked for ever."""
+    r, w = os.pipe()
+    try:
+        with handler_on(w) as handler:
+            fill(w)
+            handler.handle(logging.makeLogRecord({"msg": "lost"}))
+            assert handler.lost == 1
+            os.read(r, 4096)
+            assert emit_returns(handler, "L" * 4050, lambda: drain_all(r))
+            assert handler.lost == 1        # the note did not fit: it comes with a later line
+            drain_all(r)
+            handler.handle(logging.makeLogRecord({"msg": "next"}))
+            assert handler.lost == 0
+            assert "1 log lines were lost" in drain_all(r).decode()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_line_longer_than_an_unread_sockets_buffer_is_cut_never_waited_for():
+    """The journal's stream socket, unread: a socket says it has room while three quarters of
+    its buffer is free, and a line may be longer."""
+    a, b = socket.socketpair()
+    try:
+        size = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) * 2
+
+        def drain() -> None:
+            b.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while b.recv(1 << 20):
+                    pass
+
+        with handler_on(a.fileno()) as handler:
+            assert emit_returns(handler, "S" * size, drain)
+            assert handler.lost == 1
+    finally:
+        a.close()
+        b.close()
