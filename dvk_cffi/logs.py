@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 #: At most LOG_BURST lines of one kind (logger, level and message template) are written per
 #: LOG_WINDOW seconds; the rest are counted, and `report_suppressed` says how many.
@@ -114,14 +115,16 @@ class StderrHandler(logging.StreamHandler):
     one page (PIPE_BUF bytes) is free, a terminal while one byte is, and a line may be longer
     (a traceback), and the loss note follows a line.  So a pipe or a socket is written to
     without waiting at all (RWF_NOWAIT: only this write, never the descriptor the daemon
-    shares with its parent), and waited for between partial writes; anything else polled
-    for room before each PIPE_BUF bytes.  A line cut short by the wait counts as lost, and
+    shares with its parent), a terminal through a description of its own opened O_NONBLOCK,
+    and either is waited for between partial writes; anything else is polled for room
+    before each PIPE_BUF bytes.  A line cut short by the wait counts as lost, and
     the next text starts on a line of its own."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.lost = 0
         self.cut = False        # the last line was cut short: the next text starts a line
+        self.tty: tuple[tuple[int, int], int] | None = None  # (fd, device), its own description
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -151,18 +154,17 @@ class StderrHandler(logging.StreamHandler):
             data = b"\n" + data
         view = memoryview(data)
         try:
-            mode = os.fstat(fd).st_mode
-            nowait = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+            write = self._nowait_writer(fd)
             while view:
-                if nowait:
+                if write is not None:
                     try:
-                        n = os.pwritev(fd, [view], -1, os.RWF_NOWAIT)
+                        n = write(view)
                     except BlockingIOError:
                         n = 0
                     except OSError as exc:
                         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                             raise
-                        nowait = False      # a kernel without it for this descriptor
+                        write = None        # a kernel without it for this descriptor
                         continue
                     if n == 0 and not _wait_room(fd, deadline):
                         break
@@ -176,6 +178,40 @@ class StderrHandler(logging.StreamHandler):
         if len(view) < len(data):       # its start went out, the newline before it too
             self.cut = bool(view)
         return not view
+
+    def _nowait_writer(self, fd: int) -> Callable[[memoryview], int] | None:
+        """A write to `fd` that never blocks (BlockingIOError instead), or None: a pipe's or
+        a socket's with RWF_NOWAIT; a terminal's through a description of its own opened
+        O_NONBLOCK (its poll says room while one byte is free: a terminal whose reader stalls,
+        sshd behind a stalled network, is no more read than a pipe)."""
+        st = os.fstat(fd)
+        if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+            return lambda view: os.pwritev(fd, [view], -1, os.RWF_NOWAIT)
+        if not stat.S_ISCHR(st.st_mode) or not os.isatty(fd):
+            return None
+        if self.tty is None or self.tty[0] != (fd, st.st_rdev):
+            self._close_tty()
+            try:
+                own = os.open(f"/proc/self/fd/{fd}",
+                              os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            self.tty = ((fd, st.st_rdev), own)
+        own = self.tty[1]
+        return lambda view: os.write(own, view)
+
+    def _close_tty(self) -> None:
+        if self.tty is not None:
+            os.close(self.tty[1])
+            self.tty = None
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self._close_tty()
+        finally:
+            self.release()
+        super().close()
 
 
 def _wait_room(fd: int, deadline: float) -> bool:

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -216,3 +217,21 @@ def test_a_line_longer_than_an_unread_sockets_buffer_is_cut_never_waited_for():
     finally:
         a.close()
         b.close()
+
+
+def test_a_terminal_whose_reader_stalls_costs_lines_never_a_wait():
+    """A terminal's poll says room while one byte is free, and a write waits for room for
+    all of it: a terminal whose reader stalls without Ctrl-S (sshd behind a stalled network,
+    a hung terminal emulator) blocked the line that found it nearly full, for ever."""
+    master, slave = pty.openpty()
+    try:
+        with handler_on(slave) as handler:
+            for _ in range(100):            # far past what the terminal's buffer holds
+                assert emit_returns(handler, "P" * 3000, lambda: drain_all(master))
+            assert handler.lost > 0
+            drain_all(master)
+            handler.handle(logging.makeLogRecord({"msg": "back"}))
+            assert "log lines were lost while stderr" in drain_all(master).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
