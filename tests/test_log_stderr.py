@@ -226,8 +226,10 @@ def test_a_terminal_whose_reader_stalls_costs_lines_never_a_wait():
     master, slave = pty.openpty()
     try:
         with handler_on(slave) as handler:
-            for _ in range(100):            # far past what the terminal's buffer holds
-                assert emit_returns(handler, "P" * 3000, lambda: drain_all(master))
+            for _ in range(1000):           # until the terminal's buffer is full (4 MB at most)
+                assert emit_returns(handler, "P" * 4000, lambda: drain_all(master))
+                if handler.lost:
+                    break
             assert handler.lost > 0
             drain_all(master)
             handler.handle(logging.makeLogRecord({"msg": "back"}))
