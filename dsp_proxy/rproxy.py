@@ -342,8 +342,9 @@ class Deliverer:
         node), and never binds a configured service's ext_ep (a server's program, down for a
         moment, could not bind it again).  Never moves an endpoint that another node's
         process is using (a request of it waits here for its reply, until the reply, the
-        server's end or the loss of that node's link): the reply would go to the newcomer's
-        node, into its process's wait (EDVSAGAIN to the newcomer instead).  The same node's
+        server's end or the loss of that node's link; or a local process's reply to it waits
+        for that node's ACK): the reply would go to the newcomer's node, into its process's
+        wait, or its ACK be refused (EDVSAGAIN to the newcomer instead).  The same node's
         endpoint of another generation is moved: the LB host gave the slot to a new session."""
         ctx, dcid, ep, node = self.ctx, h.c_dcid, h.c_src, h.c_snode
         # the slot of `ep`, which may carry a generation (the LB host gives a translated
@@ -361,7 +362,8 @@ class Deliverer:
                     return code
                 if info.p_nodeid == node and info.p_endpoint == ep:
                     return 0
-                if info.p_nodeid != node and info.p_rts_flags & (C.SENDING | C.RECEIVING):
+                if info.p_nodeid != node and (info.p_rts_flags & (C.SENDING | C.RECEIVING)
+                                              or self._awaited(dcid, info.p_endpoint)):
                     log.warning("endpoint %d of DC %d is in use by node %d's process: a "
                                 "request from node %d for that endpoint is refused "
                                 "(EDVSAGAIN); client endpoints must differ across client "
@@ -374,6 +376,31 @@ class Deliverer:
         except E.DvkError as err:
             log.debug("autobind of %d@%d in DC %d: %s", ep, node, dcid, err)
             return code
+
+
+    def _awaited(self, dcid: int, ep: int) -> bool:
+        """Whether a local process sends to the REMOTE endpoint `ep` or receives from it alone:
+        a reply on its way (its descriptor shows nothing then: the reply cleared the request)
+        waits for the ACK of ep's node, which a move would refuse, and a receive would get the
+        newcomer's message.  Read on the rare move only (every slot of the DC)."""
+        ctx = self.ctx
+        rng = ctx.limits.dc_ranges.get(dcid)
+        if rng is None and ctx.limits.learn is not None:
+            rng = ctx.limits.learn(dcid)
+        if rng is None:
+            return False
+        for slot in range(-rng[0], rng[1]):
+            try:
+                info = ctx.dvk.getprocinfo(dcid, slot)
+            except E.DvkError:
+                continue
+            flags = info.p_rts_flags
+            if flags & (C.SLOT_FREE | C.REMOTE):
+                continue
+            if (flags & C.SENDING and info.p_sendto == ep) or \
+                    (flags & C.RECEIVING and info.p_getfrom == ep):
+                return True
+        return False
 
 
 def _recv_timeout(sock: socket.socket, timeout: float) -> None:

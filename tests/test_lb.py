@@ -187,6 +187,56 @@ def test_local_mode_an_endpoint_on_two_client_nodes_never_gets_the_others_reply(
             on4.submit(c4.close).result()
 
 
+def test_local_mode_a_reply_on_its_way_keeps_the_endpoint_on_its_node(tmp_path, bg):
+    """A client that gave up (its sendrec timed out) leaves the server's reply waiting at the
+    client's node until that process receives; meanwhile the endpoint's descriptor at the
+    server shows no request (the reply cleared it), and a request of the same endpoint from
+    another node's process moved it there: the first node's ACK of the reply was then
+    refused, the server waited for it until its send timed out (for ever without a timeout),
+    and the first node's every request was refused behind the newcomer's.  Now the
+    endpoint stays while a local process sends to it (or receives from it alone)."""
+    def call(c, marker, busy=0, timeout=10000):
+        m = Message()
+        m.m_type, m.m1_i1, m.m1_i2 = 0x0A, marker, busy
+        try:
+            c.dvk.sendrec(10, m, timeout)
+        except DvkError as err:
+            return err.name
+        return m.m1_i1 if m.m_type == 0x0B else f"type {m.m_type:#x}"
+
+    def late_reply(c):
+        m = Message()
+        c.dvk.receive(C.ANY, m, 10000)
+        return m.m1_i1
+
+    with cluster_from(ONE_SERVER, tmp_path) as cl, \
+            ThreadPoolExecutor(1) as on3, ThreadPoolExecutor(1) as on4:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        start_servers(cl, b, nodes=(1,))
+        # system endpoints (27): a user process may not receive, and node 3's must
+        c3 = on3.submit(Client, cl, 3, 27).result()
+        c4 = on4.submit(Client, cl, 4, 27).result()
+        try:
+            assert on3.submit(call, c3, 31).result() == 31
+            # the server is busy 1 s with it; node 3's process gives up before
+            assert on3.submit(call, c3, 33, 1, 300).result() == "EDVSTIMEDOUT"
+            srv = cl.dvk(1)
+
+            def replying() -> bool:
+                info = srv.getprocinfo(0, 10)
+                return bool(info.p_rts_flags & C.SENDING) and info.p_sendto == 27
+            wait_for(replying, timeout=10, what="the server's reply waiting at node 3")
+            assert srv.getprocinfo(0, 27).p_nodeid == 3
+            assert on4.submit(call, c4, 43, 0, 2000).result() == "EDVSAGAIN"
+            assert on3.submit(late_reply, c3).result() == 33    # node 3 ACKs the reply
+            assert on3.submit(call, c3, 34).result() == 34
+            assert on4.submit(call, c4, 44).result() == 44
+        finally:
+            on3.submit(c3.close).result()
+            on4.submit(c4.close).result()
+
+
 @pytest.mark.parametrize("mode", ["local", "relayed"])
 def test_m3ftp_through_the_lb(tmp_path, bg, mode):
     """Also through the LB host (relayed mode): the servers' copies from and to the client,
