@@ -93,6 +93,10 @@ def report_suppressed(limit: RepeatLimit, logger: logging.Logger) -> None:
 #: ones do not wait at all.
 LOG_WAIT = 0.1
 
+#: pwritev2's flag for a write that never blocks (Linux 4.14; None where Python lacks it: such
+#: descriptors are then polled for room before each PIPE_BUF bytes).
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
 
 def lost_note(record: logging.LogRecord, text: str) -> logging.LogRecord:
     """The WARNING, stamped like `record`, that says how many lines were lost before it."""
@@ -186,7 +190,9 @@ class StderrHandler(logging.StreamHandler):
         sshd behind a stalled network, is no more read than a pipe)."""
         st = os.fstat(fd)
         if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
-            return lambda view: os.pwritev(fd, [view], -1, os.RWF_NOWAIT)
+            if _RWF_NOWAIT is None:
+                return None
+            return lambda view: os.pwritev(fd, [view], -1, _RWF_NOWAIT)
         if not stat.S_ISCHR(st.st_mode) or not os.isatty(fd):
             return None
         if self.tty is None or self.tty[0] != (fd, st.st_rdev):
