@@ -377,7 +377,6 @@ class Deliverer:
             log.debug("autobind of %d@%d in DC %d: %s", ep, node, dcid, err)
             return code
 
-
     def _awaited(self, dcid: int, ep: int) -> bool:
         """Whether a local process sends to the REMOTE endpoint `ep` or receives from it alone:
         a reply on its way (its descriptor shows nothing then: the reply cleared the request)
