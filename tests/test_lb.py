@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -145,6 +146,36 @@ service latency { dcid 0; ext_ep 10; min_ep 10; max_ep 19; bind external; };
 """
 
 
+def marked_call(c, marker, busy=0, timeout=10000):
+    """sendrec to the service with `marker` in m1_i1 (the server echoes it, after `busy` s):
+    the marker of the reply, or the error's name."""
+    m = Message()
+    m.m_type, m.m1_i1, m.m1_i2 = 0x0A, marker, busy
+    try:
+        c.dvk.sendrec(10, m, timeout)
+    except DvkError as err:
+        return err.name
+    return m.m1_i1 if m.m_type == 0x0B else f"type {m.m_type:#x}"
+
+
+@contextlib.contextmanager
+def one_endpoint_on_two_client_nodes(tmp_path, bg, ep):
+    """ONE_SERVER running its server program, and a process on each client node (a thread
+    each: its endpoint is bound and used there) bound to `ep`: (cluster, {node: (client,
+    its thread)})."""
+    with cluster_from(ONE_SERVER, tmp_path) as cl, \
+            ThreadPoolExecutor(1) as on3, ThreadPoolExecutor(1) as on4:
+        b = Background(cl, tmp_path)
+        bg.append(b)
+        start_servers(cl, b, nodes=(1,))
+        procs = {n: (on.submit(Client, cl, n, ep).result(), on) for n, on in ((3, on3), (4, on4))}
+        try:
+            yield cl, procs
+        finally:
+            for c, on in procs.values():
+                on.submit(c.close).result()
+
+
 def test_local_mode_an_endpoint_on_two_client_nodes_never_gets_the_others_reply(tmp_path, bg):
     """Local mode: a server sees its clients' own endpoints, which should differ across client
     nodes.  When two client nodes' processes share one anyway, the server's binding repair
@@ -152,39 +183,20 @@ def test_local_mode_an_endpoint_on_two_client_nodes_never_gets_the_others_reply(
     was being served: that reply went to the newcomer, into its process's wait (misrouted),
     and the first client waited for ever.  Now the newcomer gets EDVSAGAIN while the
     endpoint is busy, each gets its own reply, and taking turns works."""
-    def call(c, marker, busy=0):
-        m = Message()
-        m.m_type, m.m1_i1, m.m1_i2 = 0x0A, marker, busy
-        try:
-            c.dvk.sendrec(10, m, 10000)
-        except DvkError as err:
-            return err.name
-        return m.m1_i1 if m.m_type == 0x0B else f"type {m.m_type:#x}"
-
-    with cluster_from(ONE_SERVER, tmp_path) as cl, \
-            ThreadPoolExecutor(1) as on3, ThreadPoolExecutor(1) as on4:
-        b = Background(cl, tmp_path)
-        bg.append(b)
-        start_servers(cl, b, nodes=(1,))
-        # a thread is one process of each node: its endpoint is bound and used there
-        c3 = on3.submit(Client, cl, 3, 50).result()
-        c4 = on4.submit(Client, cl, 4, 50).result()
-        try:
-            for marker in (31, 41, 32, 42):     # taking turns: the binding follows the user
-                c, on = (c3, on3) if marker < 40 else (c4, on4)
-                assert on.submit(call, c, marker).result() == marker
-            first = on3.submit(call, c3, 33, 4)     # the server is busy with it for 4 s
-            srv = cl.dvk(1)
-            wait_for(lambda: srv.getprocinfo(0, 50).p_nodeid == 3 and
-                     srv.getprocinfo(0, 50).p_rts_flags & C.RECEIVING, timeout=10,
-                     what="node 3's request at the server")
-            assert on4.submit(call, c4, 43).result() == "EDVSAGAIN"
-            assert first.result(30) == 33
-            assert on4.submit(call, c4, 44).result() == 44
-            assert "is in use by node 3's process" in open(cl.log_path("dsp1")).read()
-        finally:
-            on3.submit(c3.close).result()
-            on4.submit(c4.close).result()
+    with one_endpoint_on_two_client_nodes(tmp_path, bg, 50) as (cl, procs):
+        (c3, on3), (c4, on4) = procs[3], procs[4]
+        for marker in (31, 41, 32, 42):     # taking turns: the binding follows the user
+            c, on = procs[3] if marker < 40 else procs[4]
+            assert on.submit(marked_call, c, marker).result() == marker
+        first = on3.submit(marked_call, c3, 33, 4)     # the server is busy with it for 4 s
+        srv = cl.dvk(1)
+        wait_for(lambda: srv.getprocinfo(0, 50).p_nodeid == 3 and
+                 srv.getprocinfo(0, 50).p_rts_flags & C.RECEIVING, timeout=10,
+                 what="node 3's request at the server")
+        assert on4.submit(marked_call, c4, 43).result() == "EDVSAGAIN"
+        assert first.result(30) == 33
+        assert on4.submit(marked_call, c4, 44).result() == 44
+        assert "is in use by node 3's process" in open(cl.log_path("dsp1")).read()
 
 
 def test_local_mode_a_reply_on_its_way_keeps_the_endpoint_on_its_node(tmp_path, bg):
@@ -195,46 +207,28 @@ def test_local_mode_a_reply_on_its_way_keeps_the_endpoint_on_its_node(tmp_path, 
     refused, the server waited for it until its send timed out (for ever without a timeout),
     and the first node's every request was refused behind the newcomer's.  Now the
     endpoint stays while a local process sends to it (or receives from it alone)."""
-    def call(c, marker, busy=0, timeout=10000):
-        m = Message()
-        m.m_type, m.m1_i1, m.m1_i2 = 0x0A, marker, busy
-        try:
-            c.dvk.sendrec(10, m, timeout)
-        except DvkError as err:
-            return err.name
-        return m.m1_i1 if m.m_type == 0x0B else f"type {m.m_type:#x}"
-
     def late_reply(c):
         m = Message()
         c.dvk.receive(C.ANY, m, 10000)
         return m.m1_i1
 
-    with cluster_from(ONE_SERVER, tmp_path) as cl, \
-            ThreadPoolExecutor(1) as on3, ThreadPoolExecutor(1) as on4:
-        b = Background(cl, tmp_path)
-        bg.append(b)
-        start_servers(cl, b, nodes=(1,))
-        # system endpoints (27): a user process may not receive, and node 3's must
-        c3 = on3.submit(Client, cl, 3, 27).result()
-        c4 = on4.submit(Client, cl, 4, 27).result()
-        try:
-            assert on3.submit(call, c3, 31).result() == 31
-            # the server is busy 1 s with it; node 3's process gives up before
-            assert on3.submit(call, c3, 33, 1, 300).result() == "EDVSTIMEDOUT"
-            srv = cl.dvk(1)
+    # system endpoints (27): a user process may not receive, and node 3's must
+    with one_endpoint_on_two_client_nodes(tmp_path, bg, 27) as (cl, procs):
+        (c3, on3), (c4, on4) = procs[3], procs[4]
+        assert on3.submit(marked_call, c3, 31).result() == 31
+        # the server is busy 1 s with it; node 3's process gives up before
+        assert on3.submit(marked_call, c3, 33, 1, 300).result() == "EDVSTIMEDOUT"
+        srv = cl.dvk(1)
 
-            def replying() -> bool:
-                info = srv.getprocinfo(0, 10)
-                return bool(info.p_rts_flags & C.SENDING) and info.p_sendto == 27
-            wait_for(replying, timeout=10, what="the server's reply waiting at node 3")
-            assert srv.getprocinfo(0, 27).p_nodeid == 3
-            assert on4.submit(call, c4, 43, 0, 2000).result() == "EDVSAGAIN"
-            assert on3.submit(late_reply, c3).result() == 33    # node 3 ACKs the reply
-            assert on3.submit(call, c3, 34).result() == 34
-            assert on4.submit(call, c4, 44).result() == 44
-        finally:
-            on3.submit(c3.close).result()
-            on4.submit(c4.close).result()
+        def replying() -> bool:
+            info = srv.getprocinfo(0, 10)
+            return bool(info.p_rts_flags & C.SENDING) and info.p_sendto == 27
+        wait_for(replying, timeout=10, what="the server's reply waiting at node 3")
+        assert srv.getprocinfo(0, 27).p_nodeid == 3
+        assert on4.submit(marked_call, c4, 43, 0, 2000).result() == "EDVSAGAIN"
+        assert on3.submit(late_reply, c3).result() == 33    # node 3 ACKs the reply
+        assert on3.submit(marked_call, c3, 34).result() == 34
+        assert on4.submit(marked_call, c4, 44).result() == 44
 
 
 @pytest.mark.parametrize("mode", ["local", "relayed"])
