@@ -102,6 +102,14 @@ class WireLimits:
     #: `dc_ranges` again: the main loop empties it now and then.
     learn: Callable[[int], tuple[int, int] | None] | None = None
 
+    def dc_range(self, dcid: int) -> tuple[int, int] | None:
+        """(nr_tasks, nr_procs) of DC `dcid`, read from the DVK the first time; None when it
+        is not a DC of the DVS."""
+        rng = self.dc_ranges.get(dcid)
+        if rng is None and self.learn is not None:
+            rng = self.learn(dcid)
+        return rng
+
 
 def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = False) -> None:
     """Check a received header before anything uses it.  HELLO/control frames (c_cmd 0) carry
@@ -140,9 +148,7 @@ def check_header(fields: tuple, peer: int, limits: WireLimits, batched: bool = F
         raise FrameError(f"c_snode {snode} is not the peer {peer}")
     if not 0 <= dcid < limits.nr_dcs:
         raise FrameError(f"dcid {dcid} out of range")
-    rng = limits.dc_ranges.get(dcid)
-    if rng is None and limits.learn is not None:
-        rng = limits.learn(dcid)
+    rng = limits.dc_range(dcid)
     if rng is None:
         raise FrameError(f"DC {dcid} is not running on this node")
     p_src, p_dst = C._ENDPOINT_P(src), C._ENDPOINT_P(dst)
@@ -382,15 +388,12 @@ class Deliverer:
         a reply on its way (its descriptor shows nothing then: the reply cleared the request)
         waits for the ACK of ep's node, which a move would refuse, and a receive would get the
         newcomer's message.  Read on the rare move only (every slot of the DC)."""
-        ctx = self.ctx
-        rng = ctx.limits.dc_ranges.get(dcid)
-        if rng is None and ctx.limits.learn is not None:
-            rng = ctx.limits.learn(dcid)
+        rng = self.ctx.limits.dc_range(dcid)
         if rng is None:
             return False
         for slot in range(-rng[0], rng[1]):
             try:
-                info = ctx.dvk.getprocinfo(dcid, slot)
+                info = self.ctx.dvk.getprocinfo(dcid, slot)
             except E.DvkError:
                 continue
             flags = info.p_rts_flags

@@ -193,11 +193,11 @@ class Probes:
         except psutil.Error:
             return False
         now, cpu = time.monotonic(), t.user + t.system
-        then, cpu0 = self.cpu_seen.get(pid, (None, 0.0))
-        if then is None or now - then >= 0.5:
-            self.cpu_seen[pid] = (now, cpu)
-        return then is not None and now - then >= 0.5 and \
-            (cpu - cpu0) / (now - then) > SPINNING_CPU_SHARE
+        seen = self.cpu_seen.get(pid)
+        if seen is not None and now - seen[0] < 0.5:
+            return False
+        self.cpu_seen[pid] = (now, cpu)
+        return seen is not None and (cpu - seen[1]) / (now - seen[0]) > SPINNING_CPU_SHARE
 
     def _ensure_remote(self, node: int, ep: int, where: int) -> None:
         dvk = self.cluster.dvk(node)

@@ -6,7 +6,6 @@ lock, and every thread that logged after it stopped (links, main loop, SIGTERM).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import pty
@@ -30,18 +29,24 @@ server node2 { nodeid 2; rname {net}.2; };
 """
 
 
+@contextlib.contextmanager
+def nonblocking(fd: int) -> Iterator[None]:
+    """`fd` with O_NONBLOCK for the block, as it was after it."""
+    was = os.get_blocking(fd)
+    os.set_blocking(fd, False)
+    try:
+        yield
+    finally:
+        os.set_blocking(fd, was)
+
+
 def fill(fd: int) -> int:
     """Write into the pipe `fd` until it has no room left; the bytes written."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
     n = 0
-    try:
+    with nonblocking(fd), contextlib.suppress(BlockingIOError):
         while True:
             n += os.write(fd, b"x" * 4096)
-    except BlockingIOError:
-        return n
-    finally:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return n
 
 
 def test_a_dsp_whose_stderr_is_not_read_keeps_its_links_and_stops_on_sigterm(tmp_path):
@@ -142,18 +147,9 @@ def emit_returns(handler: StderrHandler, text: str, drain: Callable[[], None]) -
 def drain_all(fd: int) -> bytes:
     """What the reader `fd` holds now, without waiting."""
     out = bytearray()
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-    try:
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
+    with nonblocking(fd), contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
             out += chunk
-    except BlockingIOError:
-        pass
-    finally:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     return bytes(out)
 
 
